@@ -1,0 +1,91 @@
+"""The ASGI app: ``uvicorn server.app:app``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from arq.connections import RedisSettings, create_pool
+from redis.asyncio import Redis
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.responses import FileResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from server import events, health, jobs
+from server.errors import ApiError, api_error_handler, http_error_handler, server_error_handler
+from server.hub import Hub
+from server.state import AppState
+from tasks.registry import load_tasks
+from tasks.settings import Settings, get_settings
+from tasks.store import JobStore
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+logger = logging.getLogger("stepstream.web")
+
+
+async def index(request: object) -> Response:
+    return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or get_settings()
+    load_tasks(settings.task_module_list)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        redis = Redis.from_url(settings.redis_url, decode_responses=True)
+        pubsub_redis = Redis.from_url(settings.redis_url, decode_responses=True)
+        arq = await create_pool(RedisSettings.from_dsn(settings.redis_url))
+        store = JobStore(redis, settings)
+        hub = Hub(
+            pubsub_redis,
+            store.keys.channel,
+            queue_size=settings.subscriber_queue,
+            heartbeat_seconds=settings.heartbeat_seconds,
+        )
+        await hub.start()
+        app.state.stepstream = AppState(settings, redis, store, hub, arq)
+        try:
+            yield
+        finally:
+            await hub.stop()
+            await arq.aclose()
+            await pubsub_redis.aclose()
+            await redis.aclose()
+
+    routes = [
+        Route("/api/jobs", jobs.submit_job, methods=["POST"]),
+        Route("/api/jobs", jobs.list_jobs, methods=["GET"]),
+        Route("/api/jobs/{job_id}", jobs.get_job, methods=["GET"]),
+        Route("/api/jobs/{job_id}/events", events.job_events, methods=["GET"]),
+        Route("/api/jobs/{job_id}/cancel", jobs.cancel_job, methods=["POST"]),
+        Route("/api/jobs/{job_id}/retry", jobs.retry_job, methods=["POST"]),
+        Route("/api/events", events.firehose, methods=["GET"]),
+        Route("/api/tasks", jobs.list_tasks, methods=["GET"]),
+        Route("/api/stats", health.stats, methods=["GET"]),
+        Route("/healthz", health.healthz, methods=["GET"]),
+        Route("/readyz", health.readyz, methods=["GET"]),
+        Route("/", index, methods=["GET"]),
+        Mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static"),
+    ]
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            ApiError: api_error_handler,
+            HTTPException: http_error_handler,
+            Exception: server_error_handler,
+        },
+    )
+
+
+def __getattr__(name: str) -> Starlette:
+    # ``uvicorn server.app:app`` builds the app on first access, so importing this module for
+    # its helpers does not read the environment.
+    if name == "app":
+        return create_app()
+    raise AttributeError(name)

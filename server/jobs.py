@@ -1,0 +1,255 @@
+"""The job endpoints: submit, read, list, cancel, retry; and the task catalogue."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import secrets
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from server.errors import ApiError
+from server.state import AppState
+from tasks.models import JobRecord, JobState, utcnow
+from tasks.registry import all_tasks, get_task
+from tasks.store import new_event
+
+JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def new_job_id() -> str:
+    return secrets.token_urlsafe(15)  # 120 random bits: ids cannot be guessed
+
+
+async def read_json(request: Request, max_bytes: int) -> Any:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ApiError(400, "bad_request", "Content-Length is not a number")
+        if int(declared) > max_bytes:
+            raise _too_large(max_bytes)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise _too_large(max_bytes)
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(400, "malformed_json", f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "malformed_json", "the body is nested too deeply") from None
+
+
+def _too_large(max_bytes: int) -> ApiError:
+    return ApiError(
+        413, "body_too_large", f"the body is larger than {max_bytes} bytes", {"limit": max_bytes}
+    )
+
+
+def job_links(job_id: str) -> dict[str, str]:
+    return {"self": f"/api/jobs/{job_id}", "events": f"/api/jobs/{job_id}/events"}
+
+
+def job_json(record: JobRecord) -> dict[str, Any]:
+    data = record.model_dump(mode="json")
+    data["links"] = job_links(record.id)
+    return data
+
+
+async def submit_job(request: Request) -> Response:
+    state: AppState = request.app.state.stepstream
+    body = await read_json(request, state.settings.max_body_bytes)
+    if not isinstance(body, dict):
+        raise ApiError(422, "invalid_body", "the body must be a JSON object {task, input}")
+    unknown_fields = sorted(set(body) - {"task", "input"})
+    if unknown_fields:
+        raise ApiError(
+            422,
+            "invalid_body",
+            f"unknown field(s): {', '.join(unknown_fields)}",
+            {"fields": unknown_fields},
+        )
+    task_name = body.get("task")
+    if not isinstance(task_name, str):
+        raise ApiError(422, "invalid_body", "`task` must be a string naming a task")
+    spec = get_task(task_name)
+    if spec is None:
+        known = [t.name for t in all_tasks()]
+        raise ApiError(
+            422, "unknown_task", f"no task named {task_name!r}", {"known_tasks": known}
+        )
+    raw_input = body.get("input", {})
+    if not isinstance(raw_input, dict):
+        raise ApiError(422, "invalid_input", "`input` must be a JSON object")
+    try:
+        spec.input_model.model_validate(raw_input)
+    except ValidationError as exc:
+        raise ApiError(
+            422,
+            "invalid_input",
+            f"the input does not fit task {task_name!r}",
+            [
+                {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
+                for e in exc.errors(include_url=False, include_context=False)
+            ],
+        ) from None
+
+    job_id = new_job_id()
+    record = JobRecord(
+        id=job_id,
+        task=task_name,
+        owner=None,
+        state=JobState.queued,
+        input=raw_input,
+        max_attempts=spec.max_attempts,
+        created_at=utcnow(),
+        steps=[],
+    )
+    appended = await state.store.create(
+        record, new_event(job_id, "queued", 0, input=raw_input)
+    )
+    if not appended.ok:  # a 120-bit id collided: not a client mistake, and never expected
+        raise RuntimeError(f"job id {job_id} exists already")
+    record.last_event_id = appended.job_event_id
+    await state.enqueue(job_id)
+    return JSONResponse(
+        job_json(record), status_code=202, headers={"Location": f"/api/jobs/{job_id}"}
+    )
+
+
+async def load_job(request: Request) -> JobRecord:
+    state: AppState = request.app.state.stepstream
+    job_id = request.path_params["job_id"]
+    record = await state.store.get(job_id) if JOB_ID.fullmatch(job_id) else None
+    if record is None:
+        raise ApiError(404, "job_not_found", f"no job with id {job_id!r}")
+    return record
+
+
+async def get_job(request: Request) -> Response:
+    return JSONResponse(job_json(await load_job(request)))
+
+
+def _decode_cursor(raw: str) -> tuple[float, str]:
+    try:
+        text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
+        score, job_id = text.split(":", 1)
+        if not JOB_ID.fullmatch(job_id):
+            raise ValueError(job_id)
+        return float(int(score)), job_id
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise ApiError(400, "bad_cursor", "`cursor` is not one this server gave out") from None
+
+
+def _encode_cursor(cursor: tuple[float, str]) -> str:
+    text = f"{int(cursor[0])}:{cursor[1]}"
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+async def list_jobs(request: Request) -> Response:
+    state: AppState = request.app.state.stepstream
+    params = request.query_params
+    states: frozenset[JobState] | None = None
+    if params.get("status"):
+        names = [s.strip() for s in params["status"].split(",") if s.strip()]
+        unknown = [n for n in names if n not in JobState.__members__]
+        if unknown:
+            raise ApiError(
+                400,
+                "bad_status",
+                f"unknown status {', '.join(unknown)}",
+                {"known": [s.value for s in JobState]},
+            )
+        states = frozenset(JobState(n) for n in names)
+    raw_limit = params.get("limit", "50")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= state.settings.list_limit_max:
+        raise ApiError(
+            400,
+            "bad_limit",
+            f"`limit` must be a whole number from 1 to {state.settings.list_limit_max}",
+        )
+    cursor = _decode_cursor(params["cursor"]) if params.get("cursor") else None
+    records, next_cursor = await state.store.list_jobs(
+        states=states, task=params.get("task") or None, limit=int(raw_limit), cursor=cursor
+    )
+    return JSONResponse(
+        {
+            "jobs": [job_json(r) for r in records],
+            "next_cursor": _encode_cursor(next_cursor) if next_cursor else None,
+        }
+    )
+
+
+async def cancel_job(request: Request) -> Response:
+    state: AppState = request.app.state.stepstream
+    record = await load_job(request)
+    if record.state.terminal:
+        raise _conflict(record, "cancel")
+    # A job that has not started is cancelled here; compare-and-set against the worker.
+    appended = await state.store.append(
+        record.id,
+        new_event(record.id, "cancelled", record.attempt, reason="cancelled before it started"),
+        {"state": JobState.cancelled.value, "finished_at": utcnow(), "retry_at": None},
+        owner=record.owner,
+        expect=(JobState.queued, JobState.retrying),
+    )
+    if appended.ok:
+        return JSONResponse(job_json(await load_job(request)))
+    if appended.refused == '"running"':
+        # Only the worker writes a running job's events: raise the flag it watches.
+        await state.store.request_cancel(record.id)
+        return JSONResponse(
+            {**job_json(record), "cancel_requested": True}, status_code=202
+        )
+    raise _conflict(await load_job(request), "cancel")
+
+
+async def retry_job(request: Request) -> Response:
+    state: AppState = request.app.state.stepstream
+    record = await load_job(request)
+    if record.state not in (JobState.failed, JobState.cancelled):
+        raise _conflict(record, "retry")
+    spec = get_task(record.task)
+    if spec is None:
+        raise ApiError(422, "unknown_task", f"task {record.task!r} is no longer declared")
+    await state.store.clear_cancel(record.id)
+    appended = await state.store.append(
+        record.id,
+        new_event(record.id, "queued", record.attempt, input=record.input, reason="retry"),
+        {
+            "state": JobState.queued.value,
+            "error": None,
+            "result": None,
+            "finished_at": None,
+            "retry_at": None,
+            "message": None,
+            # A retry by hand gets a fresh budget of attempts on top of those already made.
+            "max_attempts": record.attempt + spec.max_attempts,
+        },
+        owner=record.owner,
+        expect=(JobState.failed, JobState.cancelled),
+    )
+    if not appended.ok:
+        raise _conflict(await load_job(request), "retry")
+    await state.enqueue(record.id)
+    return JSONResponse(job_json(await load_job(request)), status_code=202)
+
+
+def _conflict(record: JobRecord, action: str) -> ApiError:
+    return ApiError(
+        409,
+        "conflict",
+        f"cannot {action} a job that is {record.state.value}",
+        {"state": record.state.value},
+    )
+
+
+async def list_tasks(request: Request) -> Response:
+    return JSONResponse({"tasks": [spec.describe() for spec in all_tasks()]})
+

@@ -1,0 +1,192 @@
+"""The two kinds of SSE stream: one job's log, and the firehose of every job.
+
+Resume without gaps or duplicates: (1) register with the hub, buffering live frames; (2) read the
+backlog from the log after the cursor; (3) send it; (4) drain the buffered live frames, skipping
+ids already sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from server.hub import RESYNC, Frame, Hub, Subscriber
+from server.sse import HEARTBEAT, firehose_data, frame, json_data
+from tasks.models import TERMINAL_EVENTS, JobRecord, parse_stream_id
+from tasks.settings import Settings
+from tasks.store import JobStore
+
+StreamId = tuple[int, int]
+
+
+class JobStream:
+    """One job's events, from a cursor (or a snapshot) to the terminal event."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        hub: Hub,
+        settings: Settings,
+        record: JobRecord,
+        cursor: str | None,
+    ) -> None:
+        self.store = store
+        self.hub = hub
+        self.settings = settings
+        self.record = record
+        self.cursor = cursor
+        self.last: StreamId = (-1, -1)
+        self.ended = False
+        self.subscriber: Subscriber
+
+    async def frames(self) -> AsyncIterator[bytes]:
+        self.subscriber = self.hub.subscribe(self.record.id)
+        try:
+            yield f"retry: {self.settings.sse_retry_ms}\n\n".encode()
+            async for chunk in self._start():
+                yield chunk
+            while not self.ended:
+                item = await self.subscriber.queue.get()
+                if self.subscriber.overflowed:
+                    return
+                if isinstance(item, Frame):
+                    if item.job_event_id > self.last:
+                        self.last = item.job_event_id
+                        self.ended = item.terminal
+                        yield item.job_bytes
+                elif item is RESYNC:
+                    async for chunk in self._replay():
+                        yield chunk
+                elif item is HEARTBEAT:
+                    yield HEARTBEAT
+        finally:
+            self.hub.unsubscribe(self.subscriber)
+
+    async def _start(self) -> AsyncIterator[bytes]:
+        job_id = self.record.id
+        if self.settings.resume_delay_seconds:
+            await asyncio.sleep(self.settings.resume_delay_seconds)  # tests widen the window
+        if self.cursor is None:
+            async for chunk in self._snapshot():
+                yield chunk
+            return
+        self.last = parse_stream_id(self.cursor)
+        if self.cursor != "0":
+            info = await self.store.stream_info(self.store.keys.job_events(job_id))
+            if info is not None and self.last < parse_stream_id(info.max_deleted_id):
+                yield frame("reset", json_data({"reason": "events after the cursor expired"}))
+                async for chunk in self._snapshot():
+                    yield chunk
+                return
+        async for chunk in self._replay():
+            yield chunk
+
+    async def _snapshot(self) -> AsyncIterator[bytes]:
+        record = await self.store.get(self.record.id)
+        if record is None:
+            self.ended = True
+            return
+        snapshot_id = record.last_event_id
+        if snapshot_id is not None:
+            self.last = parse_stream_id(snapshot_id)
+        self.ended = record.state.terminal
+        yield frame("snapshot", record.model_dump_json(), snapshot_id)
+
+    async def _replay(self) -> AsyncIterator[bytes]:
+        batch = self.settings.replay_batch
+        after = "%d-%d" % self.last if self.last >= (0, 0) else "0"
+        while not self.ended:
+            rows = await self.store.read_events(self.record.id, after, batch)
+            chunks: list[bytes] = []
+            for event_id, event_json in rows:
+                type_ = _event_type(event_json)
+                chunks.append(frame(type_, event_json, event_id))
+                after = event_id
+                if type_ in TERMINAL_EVENTS:
+                    self.ended = True
+                    break
+            if rows:
+                self.last = parse_stream_id(after)
+                # One write per batch: a replay of thousands of events is one syscall per batch.
+                yield b"".join(chunks)
+            if len(rows) < batch:
+                return
+
+
+class FirehoseStream:
+    """Every job's events (those the caller may see), live or from a firehose cursor."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        hub: Hub,
+        settings: Settings,
+        cursor: str | None,
+        owner: str | None = None,
+    ) -> None:
+        self.store = store
+        self.hub = hub
+        self.settings = settings
+        self.owner = owner
+        self.last: StreamId = (-1, -1)
+        self.cursor = cursor
+        self.subscriber: Subscriber
+
+    async def frames(self) -> AsyncIterator[bytes]:
+        if self.cursor is None:
+            # A fresh connect starts live: everything after the newest entry at this moment.
+            info = await self.store.stream_info(self.store.keys.firehose)
+            self.last = parse_stream_id(info.last_id) if info else (0, 0)
+        self.subscriber = self.hub.subscribe(None, self.owner)
+        try:
+            yield f"retry: {self.settings.sse_retry_ms}\n\n".encode()
+            if self.cursor is not None:
+                if self.settings.resume_delay_seconds:
+                    await asyncio.sleep(self.settings.resume_delay_seconds)
+                self.last = parse_stream_id(self.cursor)
+                async for chunk in self._replay(check_trim=self.cursor != "0"):
+                    yield chunk
+            while True:
+                item = await self.subscriber.queue.get()
+                if self.subscriber.overflowed:
+                    return
+                if isinstance(item, Frame):
+                    if item.firehose_id > self.last:
+                        self.last = item.firehose_id
+                        yield item.firehose_bytes
+                elif item is RESYNC:
+                    async for chunk in self._replay(check_trim=True):
+                        yield chunk
+                elif item is HEARTBEAT:
+                    yield HEARTBEAT
+        finally:
+            self.hub.unsubscribe(self.subscriber)
+
+    async def _replay(self, *, check_trim: bool) -> AsyncIterator[bytes]:
+        if check_trim:
+            info = await self.store.stream_info(self.store.keys.firehose)
+            if info is not None and self.last < parse_stream_id(info.max_deleted_id):
+                yield frame("reset", json_data({"reason": "events after the cursor expired"}))
+                # Continue from the oldest entry kept; the client refetches GET /api/jobs.
+                self.last = (0, 0)
+        batch = self.settings.replay_batch
+        after = "%d-%d" % self.last
+        while True:
+            rows = await self.store.read_firehose(after, batch)
+            chunks: list[bytes] = []
+            for entry_id, job_event_id, event_json in rows:
+                after = entry_id
+                type_ = _event_type(event_json)
+                chunks.append(frame(type_, firehose_data(event_json, job_event_id), entry_id))
+            if rows:
+                self.last = parse_stream_id(after)
+            if chunks:
+                yield b"".join(chunks)
+            if len(rows) < batch:
+                return
+
+
+def _event_type(event_json: str) -> str:
+    # Events are written by us with "type" right after "job_id": find it without a full parse.
+    start = event_json.index('"type":"') + 8
+    return event_json[start : event_json.index('"', start)]

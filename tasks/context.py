@@ -1,0 +1,175 @@
+"""What a running task sees: ``step()``, ``run_step()``, ``progress()``, ``log()``, ``attempt``.
+
+Every call appends one event through the store's atomic append. Each append also checks the
+job's cancel flag, so a cancelled job stops at its next event.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+from tasks.errors import JobCancelled
+from tasks.models import EventType, JobRecord, JobState, StepRecord, StepRef, utcnow
+from tasks.registry import TaskSpec
+from tasks.store import JobStore, new_event
+
+T = TypeVar("T")
+
+
+class StepHandle:
+    """Yielded by ``step()``: set ``output`` to attach a partial result to ``step_completed``."""
+
+    def __init__(self, ref: StepRef) -> None:
+        self.ref = ref
+        self.output: Any = None
+
+
+class TaskContext:
+    def __init__(self, store: JobStore, spec: TaskSpec, record: JobRecord) -> None:
+        self.store = store
+        self.spec = spec
+        self.job_id = record.id
+        self.attempt = record.attempt
+        self.max_attempts = spec.max_attempts
+        self.owner = record.owner
+        self.current_step: StepRef | None = None
+        self.steps: list[StepRecord] = self._initial_steps(record)
+
+    def _initial_steps(self, record: JobRecord) -> list[StepRecord]:
+        by_name = {s.name: s for s in record.steps}
+        return [
+            by_name.get(name) or StepRecord(index=i, name=name)
+            for i, name in enumerate(self.spec.steps, start=1)
+        ]
+
+    # -- the task's API -------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def step(self, name: str) -> AsyncIterator[StepHandle]:
+        """Run a block as the declared step ``name``: emits ``step``, then ``step_completed``."""
+        ref = self._ref(name)
+        started = time.perf_counter()
+        await self._begin_step(ref)
+        handle = StepHandle(ref)
+        yield handle
+        await self._complete_step(ref, started, handle.output)
+
+    async def run_step(self, name: str, fn: Callable[[], Awaitable[T]]) -> T | Any:
+        """Run ``fn`` as a checkpointed step.
+
+        Its return value (JSON-serialisable) is stored with the step; when the job runs again
+        (a retry, a crash, a deploy) a step that already completed is not executed again: the
+        stored value is returned and the log says the step was restored.
+        """
+        ref = self._ref(name)
+        done = self.steps[ref.index - 1]
+        if done.state in ("completed", "restored"):
+            await self._restore_step(ref, done)
+            return done.output
+        started = time.perf_counter()
+        await self._begin_step(ref)
+        output = await fn()
+        await self._complete_step(ref, started, output)
+        return output
+
+    async def progress(self, current: float, total: float, message: str | None = None) -> None:
+        """Progress inside the current step: "Analysed 23 of 50 documents"."""
+        fraction = 0.0 if total <= 0 else max(0.0, min(1.0, current / total))
+        index = self.current_step.index if self.current_step else 1
+        overall = ((index - 1) + fraction) / len(self.spec.steps)
+        await self._emit(
+            EventType.progress,
+            {"current": current, "total": total, "message": message},
+            {"progress": round(overall, 4), "message": message},
+        )
+
+    async def log(self, message: str, level: str = "info") -> None:
+        await self._emit(EventType.log, {"level": level, "message": message}, {})
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _ref(self, name: str) -> StepRef:
+        return StepRef(index=self.spec.step_index(name), count=len(self.spec.steps), name=name)
+
+    async def _begin_step(self, ref: StepRef) -> None:
+        self.current_step = ref
+        self.steps[ref.index - 1] = StepRecord(
+            index=ref.index, name=ref.name, state="running", started_at=utcnow()
+        )
+        await self._emit(
+            EventType.step,
+            {"step": ref.model_dump()},
+            {
+                "step": ref.model_dump(),
+                "steps": self._steps_json(),
+                "progress": round((ref.index - 1) / ref.count, 4),
+                "message": None,
+            },
+        )
+
+    async def _complete_step(self, ref: StepRef, started: float, output: Any) -> None:
+        duration_ms = round((time.perf_counter() - started) * 1000, 3)
+        record = self.steps[ref.index - 1]
+        record.state = "completed"
+        record.finished_at = utcnow()
+        record.duration_ms = duration_ms
+        record.output = output
+        data: dict[str, Any] = {"step": ref.model_dump(), "duration_ms": duration_ms}
+        if output is not None:
+            data["output"] = output
+        await self._emit(
+            EventType.step_completed,
+            data,
+            {"steps": self._steps_json(), "progress": round(ref.index / ref.count, 4)},
+        )
+
+    async def _restore_step(self, ref: StepRef, done: StepRecord) -> None:
+        self.current_step = ref
+        done.state = "restored"
+        data: dict[str, Any] = {
+            "step": ref.model_dump(),
+            "duration_ms": 0.0,
+            "restored": True,
+        }
+        if done.output is not None:
+            data["output"] = done.output
+        await self._emit(
+            EventType.step_completed,
+            data,
+            {
+                "step": ref.model_dump(),
+                "steps": self._steps_json(),
+                "progress": round(ref.index / ref.count, 4),
+            },
+        )
+
+    def mark_interrupted_step(self, state: str) -> dict[str, Any]:
+        """Record fields that mark the running step as failed or cancelled (for the runtime)."""
+        if self.current_step is not None:
+            record = self.steps[self.current_step.index - 1]
+            if record.state == "running":
+                record.state = state
+                record.finished_at = utcnow()
+        return {"steps": self._steps_json()}
+
+    def _steps_json(self) -> list[dict[str, Any]]:
+        return [s.model_dump(mode="json") for s in self.steps]
+
+    async def _emit(
+        self, type_: EventType, data: dict[str, Any], fields: dict[str, Any]
+    ) -> None:
+        event = new_event(self.job_id, type_.value, self.attempt, **data)
+        appended = await self.store.append(
+            self.job_id,
+            event,
+            fields,
+            owner=self.owner,
+            mode="update+cancel",
+            expect=(JobState.running,),
+        )
+        if not appended.ok:
+            # A cancel request, or the job left "running" under us (cancelled or taken over).
+            raise JobCancelled()

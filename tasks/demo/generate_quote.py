@@ -1,0 +1,170 @@
+"""A staffing quote in six steps: roles, salary bands, contributions, tier, workspace, breakdown."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from importlib import resources
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from tasks.context import TaskContext
+from tasks.demo.options import DemoOptions, checkpoint, paced_progress
+from tasks.errors import PermanentError
+from tasks.registry import task
+
+STEPS = [
+    "Parsing roles",
+    "Looking up salary bands",
+    "Computing contributions",
+    "Applying tier multiplier",
+    "Adding workspace cost",
+    "Formatting breakdown",
+]
+Level = Literal["junior", "mid", "senior"]
+
+
+@lru_cache(maxsize=1)
+def salary_table() -> dict[str, Any]:
+    text = resources.files("tasks.demo").joinpath("salary_bands.json").read_text()
+    table: dict[str, Any] = json.loads(text)
+    return table
+
+
+class Role(BaseModel):
+    role: str = Field(min_length=1, max_length=100, examples=["ml_engineer"])
+    level: Level = "mid"
+    count: int = Field(default=1, ge=1, le=100)
+    allocation: float = Field(default=1.0, gt=0, le=1.0, description="Share of full time")
+
+
+class QuoteInput(DemoOptions):
+    client: str = Field(default="Acme", min_length=1, max_length=200)
+    roles: list[Role] = Field(min_length=1, max_length=50)
+    weeks: int = Field(ge=1, le=260)
+    tier: Literal["standard", "priority", "enterprise"] = "standard"
+    workspace: Literal["remote", "hybrid", "office"] = "remote"
+
+
+class LineItem(BaseModel):
+    role: str
+    level: Level
+    count: int
+    salary_cost: float
+    contributions: float
+    subtotal: float
+
+
+class QuoteOutput(BaseModel):
+    client: str
+    currency: str
+    weeks: int
+    line_items: list[LineItem]
+    people_cost: float
+    tier: str
+    tier_multiplier: float
+    workspace_cost: float
+    total: float
+    breakdown: list[str]
+
+
+@task(
+    "generate_quote",
+    title="Generate a staffing quote",
+    description="Prices a team from salary bands, employer contributions, a service tier and "
+    "workspace costs, and formats the breakdown.",
+    steps=STEPS,
+    input=QuoteInput,
+    output=QuoteOutput,
+    max_attempts=3,
+    timeout=300,
+    sample_input={
+        "client": "Acme Analytics",
+        "roles": [
+            {"role": "ml_engineer", "level": "senior", "count": 2},
+            {"role": "data_scientist", "level": "mid", "count": 1},
+            {"role": "product_designer", "level": "mid", "count": 1, "allocation": 0.5},
+        ],
+        "weeks": 12,
+        "tier": "priority",
+        "workspace": "hybrid",
+        "pace": 0.5,
+    },
+)
+async def generate_quote(ctx: TaskContext, data: QuoteInput) -> QuoteOutput:
+    """Quote the cost of a team for a number of weeks."""
+    table = salary_table()
+    bands: dict[str, dict[str, float]] = table["bands"]
+    week_share = data.weeks / table["working_weeks_per_year"]
+
+    await checkpoint(ctx, data, STEPS[0])
+    async with ctx.step(STEPS[0]) as step:
+        unknown = sorted({r.role for r in data.roles} - bands.keys())
+        if unknown:
+            raise PermanentError(
+                f"unknown role(s) {', '.join(unknown)}; known: {', '.join(sorted(bands))}"
+            )
+        headcount = sum(r.count for r in data.roles)
+        step.output = {"roles": len(data.roles), "headcount": headcount}
+
+    await checkpoint(ctx, data, STEPS[1])
+    async with ctx.step(STEPS[1]):
+        salaries: list[float] = []
+        for i, r in enumerate(data.roles, start=1):
+            salaries.append(bands[r.role][r.level] * week_share * r.count * r.allocation)
+            await paced_progress(ctx, data, i, len(data.roles), f"Priced {i} of {len(data.roles)}")
+
+    await checkpoint(ctx, data, STEPS[2])
+    async with ctx.step(STEPS[2]) as step:
+        rate = table["employer_contribution_rate"]
+        items = [
+            LineItem(
+                role=r.role,
+                level=r.level,
+                count=r.count,
+                salary_cost=round(s, 2),
+                contributions=round(s * rate, 2),
+                subtotal=round(s * (1 + rate), 2),
+            )
+            for r, s in zip(data.roles, salaries, strict=True)
+        ]
+        people_cost = round(sum(i.subtotal for i in items), 2)
+        step.output = {"people_cost": people_cost}
+
+    await checkpoint(ctx, data, STEPS[3])
+    async with ctx.step(STEPS[3]) as step:
+        multiplier = table["tiers"][data.tier]
+        tiered = round(people_cost * multiplier, 2)
+        step.output = {"multiplier": multiplier}
+
+    await checkpoint(ctx, data, STEPS[4])
+    async with ctx.step(STEPS[4]) as step:
+        per_week = table["workspace_per_person_week"][data.workspace]
+        workspace_cost = round(
+            sum(r.count * r.allocation for r in data.roles) * data.weeks * per_week, 2
+        )
+        step.output = {"workspace_cost": workspace_cost}
+
+    await checkpoint(ctx, data, STEPS[5])
+    async with ctx.step(STEPS[5]):
+        currency = table["currency"]
+        total = round(tiered + workspace_cost, 2)
+        lines = [
+            f"{i.count} × {i.level} {i.role}: {i.subtotal:,.2f} {currency}" for i in items
+        ]
+        lines.append(f"Tier {data.tier} × {multiplier}: {tiered:,.2f} {currency}")
+        lines.append(f"Workspace ({data.workspace}): {workspace_cost:,.2f} {currency}")
+        lines.append(f"Total for {data.weeks} weeks: {total:,.2f} {currency}")
+        return QuoteOutput(
+            client=data.client,
+            currency=currency,
+            weeks=data.weeks,
+            line_items=items,
+            people_cost=people_cost,
+            tier=data.tier,
+            tier_multiplier=multiplier,
+            workspace_cost=workspace_cost,
+            total=total,
+            breakdown=lines,
+        )

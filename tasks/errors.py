@@ -1,0 +1,31 @@
+"""Exceptions a task raises to say how its failure should be treated."""
+
+from __future__ import annotations
+
+
+class TaskError(Exception):
+    """Base of the errors a task may raise on purpose."""
+
+
+class TransientError(TaskError):
+    """A failure worth retrying after the task's backoff (a timeout, a dropped connection)."""
+
+
+class RetryAfter(TransientError):
+    """Retry after exactly ``seconds`` (for example after an HTTP 429 with Retry-After)."""
+
+    def __init__(self, seconds: float, message: str = "") -> None:
+        super().__init__(message or f"retry after {seconds:g}s")
+        self.seconds = seconds
+
+
+class PermanentError(TaskError):
+    """A failure that no retry can fix (invalid input, a content-policy refusal)."""
+
+
+class JobCancelled(Exception):  # noqa: N818 - it is a signal, not an error
+    """Raised inside a task when its job was cancelled; the runtime records ``cancelled``."""
+
+    def __init__(self, reason: str = "cancelled by request") -> None:
+        super().__init__(reason)
+        self.reason = reason

@@ -1,0 +1,108 @@
+"""The job record, its states and the event types, as ``DESIGN.md`` defines them."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class JobState(StrEnum):
+    queued = "queued"
+    running = "running"
+    retrying = "retrying"
+    completed = "completed"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset({JobState.completed, JobState.failed, JobState.cancelled})
+
+
+class EventType(StrEnum):
+    queued = "queued"
+    started = "started"
+    step = "step"
+    progress = "progress"
+    step_completed = "step_completed"
+    log = "log"
+    retrying = "retrying"
+    completed = "completed"
+    failed = "failed"
+    cancelled = "cancelled"
+    # Made by the server, never stored.
+    snapshot = "snapshot"
+    reset = "reset"
+
+
+TERMINAL_EVENTS = frozenset({EventType.completed, EventType.failed, EventType.cancelled})
+
+
+class StepRef(BaseModel):
+    index: int = Field(description="1-based: step 3 of 7")
+    count: int
+    name: str
+
+
+class StepRecord(BaseModel):
+    index: int
+    name: str
+    state: str = "pending"  # pending | running | completed | failed | restored
+    started_at: str | None = None
+    finished_at: str | None = None
+    duration_ms: float | None = None
+    output: Any = None
+
+
+class JobError(BaseModel):
+    type: str
+    message: str
+    step: str | None = None
+    retryable: bool = False
+    traceback: str | None = None
+
+
+class JobRecord(BaseModel):
+    id: str
+    task: str
+    owner: str | None = None
+    state: JobState
+    input: dict[str, Any]
+    step: StepRef | None = None
+    progress: float = 0.0
+    message: str | None = None
+    steps: list[StepRecord] = Field(default_factory=list)
+    attempt: int = 0
+    max_attempts: int = 1
+    error: JobError | None = None
+    result: Any = None
+    retry_at: str | None = None
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    last_event_id: str | None = None
+
+
+def utcnow() -> str:
+    """RFC 3339 UTC with microseconds, the format of every ``at`` field."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_stream_id(value: str) -> tuple[int, int]:
+    """``<ms>-<seq>`` (or ``0``) as a comparable pair; ValueError for anything else."""
+    if value == "0":
+        return 0, 0
+    match = _STREAM_ID.fullmatch(value)
+    if match is None:
+        raise ValueError(f"not a stream id: {value!r}")
+    return int(match[1]), int(match[2])
+
+
+_STREAM_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")

@@ -1,0 +1,120 @@
+"""The ``@task`` decorator and the registry of declared tasks."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from tasks.context import TaskContext
+
+TaskFunction = Callable[["TaskContext", Any], Awaitable[Any]]
+
+BUILTIN_TASK_MODULES = ("tasks.demo",)
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff between attempts: ``min * 2**(attempt-1)``, capped, with jitter."""
+
+    min_seconds: float = 1.0
+    max_seconds: float = 60.0
+    jitter: float = 0.5  # the delay is scaled by a random factor in [1 - jitter, 1]
+
+    def base_delay(self, attempt: int) -> float:
+        return float(min(self.max_seconds, self.min_seconds * 2 ** max(attempt - 1, 0)))
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    fn: TaskFunction
+    steps: tuple[str, ...]
+    input_model: type[BaseModel]
+    output_model: type[BaseModel]
+    title: str
+    description: str
+    max_attempts: int = 3
+    timeout: float = 600.0
+    backoff: Backoff = field(default_factory=Backoff)
+    sample_input: dict[str, Any] | None = None
+
+    def step_index(self, name: str) -> int:
+        """1-based index of a declared step."""
+        try:
+            return self.steps.index(name) + 1
+        except ValueError:
+            raise KeyError(f"task {self.name!r} declares no step {name!r}") from None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "title": self.title,
+            "description": self.description,
+            "steps": list(self.steps),
+            "max_attempts": self.max_attempts,
+            "timeout": self.timeout,
+            "input_schema": self.input_model.model_json_schema(),
+            "sample_input": self.sample_input,
+        }
+
+
+_registry: dict[str, TaskSpec] = {}
+
+
+def task(
+    name: str,
+    *,
+    steps: list[str] | tuple[str, ...],
+    input: type[BaseModel],  # noqa: A002 - the contract's own word
+    output: type[BaseModel],
+    title: str | None = None,
+    description: str = "",
+    max_attempts: int = 3,
+    timeout: float = 600.0,
+    backoff: Backoff | None = None,
+    sample_input: dict[str, Any] | None = None,
+) -> Callable[[TaskFunction], TaskFunction]:
+    """Declare a task: a typed async function run step by step by the worker."""
+    if not steps:
+        raise ValueError(f"task {name!r} declares no steps")
+    if len(set(steps)) != len(steps):
+        raise ValueError(f"task {name!r} declares a step twice")
+
+    def register(fn: TaskFunction) -> TaskFunction:
+        if name in _registry and _registry[name].fn is not fn:
+            raise ValueError(f"task {name!r} is declared twice")
+        _registry[name] = TaskSpec(
+            name=name,
+            fn=fn,
+            steps=tuple(steps),
+            input_model=input,
+            output_model=output,
+            title=title or name.replace("_", " ").capitalize(),
+            description=description or (fn.__doc__ or "").strip(),
+            max_attempts=max_attempts,
+            timeout=timeout,
+            backoff=backoff or Backoff(),
+            sample_input=sample_input,
+        )
+        return fn
+
+    return register
+
+
+def get_task(name: str) -> TaskSpec | None:
+    return _registry.get(name)
+
+
+def all_tasks() -> list[TaskSpec]:
+    return sorted(_registry.values(), key=lambda spec: spec.name)
+
+
+def load_tasks(extra_modules: list[str]) -> None:
+    """Import the modules whose ``@task`` declarations fill the registry."""
+    for module in (*BUILTIN_TASK_MODULES, *extra_modules):
+        importlib.import_module(module)

@@ -1,0 +1,51 @@
+"""Configuration, read from the environment (documented in the README)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STEPSTREAM_", extra="ignore")
+
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        validation_alias=AliasChoices("REDIS_URL", "STEPSTREAM_REDIS_URL"),
+    )
+    prefix: str = "stepstream:"
+    # Extra modules whose @task definitions are loaded next to the demo tasks (comma separated).
+    task_modules: str = ""
+
+    retention_seconds: int = 7 * 24 * 3600
+    job_log_maxlen: int = 10_000
+    firehose_maxlen: int = 100_000
+
+    max_body_bytes: int = 1_048_576
+    list_limit_max: int = 200
+
+    # Delivery
+    subscriber_queue: int = 1_000
+    heartbeat_seconds: float = 15.0
+    sse_retry_ms: int = 2_000
+    send_timeout_seconds: float = 10.0
+    replay_batch: int = 1_000
+    # Test hook: a pause between registering with the hub and reading the backlog, so tests can
+    # write events into that window and prove each arrives exactly once.
+    resume_delay_seconds: float = 0.0
+
+    # Worker
+    max_jobs: int = 10
+    poll_delay_seconds: float = 0.01
+    job_timeout_seconds: int = 3_600
+
+    @property
+    def task_module_list(self) -> list[str]:
+        return [m.strip() for m in self.task_modules.split(",") if m.strip()]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,248 @@
+"""The job store and event log in Redis.
+
+Every event goes through ONE atomic append (a Lua script): it adds the event to the job's stream
+and to the firehose, updates the record, refreshes the expiry and publishes the stored event, so
+the record and the log can never disagree. A precondition on the record's state makes the append
+a compare-and-set, which is how the web process and a worker race safely over a queued job.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from tasks.keys import Keys
+from tasks.models import JobRecord, JobState, parse_stream_id, utcnow
+from tasks.settings import Settings
+
+# KEYS: record, job stream, firehose, cancel flag, job index
+# ARGV: event json, job maxlen, firehose maxlen, channel, ttl, mode, expected states, owner json,
+#       job id, index score (create only), then field/value pairs for the record.
+# mode: "create" (the record must not exist), "update" (it must), "update+cancel" (and no
+# cancel was requested). Expected states is ",<json state>,<json state>," or "" for any.
+_APPEND_LUA = """
+local state = redis.call('HGET', KEYS[1], 'state')
+local mode = ARGV[6]
+if mode == 'create' then
+  if state then return {'', 'exists'} end
+else
+  if not state then return {'', 'missing'} end
+  if ARGV[7] ~= '' and not string.find(ARGV[7], ',' .. state .. ',', 1, true) then
+    return {'', state}
+  end
+  if mode == 'update+cancel' and redis.call('EXISTS', KEYS[4]) == 1 then
+    return {'', 'cancel'}
+  end
+end
+local ttl = tonumber(ARGV[5])
+local jid = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[1])
+local fid = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'i', jid, 'e', ARGV[1])
+local n = #ARGV
+if n > 10 then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 11, n))
+end
+if mode == 'create' then
+  redis.call('ZADD', KEYS[5], ARGV[10], ARGV[9])
+end
+redis.call('HSET', KEYS[1], 'last_event_id', '"' .. jid .. '"')
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('EXPIRE', KEYS[2], ttl)
+redis.call('PUBLISH', ARGV[4], '{"job_event_id":"' .. jid .. '","firehose_id":"' .. fid ..
+  '","owner":' .. ARGV[8] .. ',"event":' .. ARGV[1] .. '}')
+return {jid, fid}
+"""
+
+
+@dataclass(frozen=True)
+class Appended:
+    """The outcome of an append: the ids it got, or why the precondition refused it."""
+
+    job_event_id: str | None
+    firehose_id: str | None
+    refused: str | None = None  # the record's state (JSON), "exists", "missing" or "cancel"
+
+    @property
+    def ok(self) -> bool:
+        return self.refused is None
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    last_id: str
+    first_id: str | None
+    max_deleted_id: str
+
+
+class JobStore:
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.keys = Keys(settings.prefix)
+        self._append = redis.register_script(_APPEND_LUA)
+
+    # -- writes ---------------------------------------------------------------------------
+
+    async def append(
+        self,
+        job_id: str,
+        event: Mapping[str, Any],
+        fields: Mapping[str, Any],
+        *,
+        owner: str | None = None,
+        mode: str = "update",
+        expect: Sequence[JobState] = (),
+    ) -> Appended:
+        """Append one event and apply ``fields`` to the record, atomically."""
+        args: list[Any] = [
+            json.dumps(event, separators=(",", ":")),
+            self.settings.job_log_maxlen,
+            self.settings.firehose_maxlen,
+            self.keys.channel,
+            self.settings.retention_seconds,
+            mode,
+            "".join(f',"{s.value}"' for s in expect) + "," if expect else "",
+            json.dumps(owner),
+            job_id,
+            f"{time.time() * 1_000_000:.0f}",
+        ]
+        for name, value in fields.items():
+            args.append(name)
+            args.append(json.dumps(value, separators=(",", ":")))
+        keys = [
+            self.keys.job(job_id),
+            self.keys.job_events(job_id),
+            self.keys.firehose,
+            self.keys.job_cancel(job_id),
+            self.keys.jobs,
+        ]
+        jid, second = await self._append(keys=keys, args=args)
+        if jid == "":
+            return Appended(None, None, refused=second)
+        return Appended(jid, second)
+
+    async def create(self, record: JobRecord, event: Mapping[str, Any]) -> Appended:
+        fields = record.model_dump(mode="json", exclude={"last_event_id"})
+        appended = await self.append(
+            record.id, event, fields, owner=record.owner, mode="create"
+        )
+        if appended.ok:
+            # The index outlives nothing: entries older than the retention point at expired jobs.
+            horizon = (time.time() - self.settings.retention_seconds) * 1_000_000
+            await self.redis.zremrangebyscore(self.keys.jobs, 0, horizon)
+        return appended
+
+    async def request_cancel(self, job_id: str) -> None:
+        await self.redis.set(
+            self.keys.job_cancel(job_id), "1", ex=self.settings.retention_seconds
+        )
+
+    async def clear_cancel(self, job_id: str) -> None:
+        await self.redis.delete(self.keys.job_cancel(job_id))
+
+    async def cancel_requested(self, job_id: str) -> bool:
+        return bool(await self.redis.exists(self.keys.job_cancel(job_id)))
+
+    # -- reads ----------------------------------------------------------------------------
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        raw = await self.redis.hgetall(self.keys.job(job_id))  # type: ignore[misc]
+        return decode_record(raw)
+
+    async def get_many(self, job_ids: Sequence[str]) -> list[JobRecord | None]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hgetall(self.keys.job(job_id))
+            raws = await pipe.execute()
+        return [decode_record(raw) for raw in raws]
+
+    async def read_events(
+        self, job_id: str, after: str, count: int
+    ) -> list[tuple[str, str]]:
+        """Up to ``count`` events of one job after ``after`` as (id, event json)."""
+        rows = await self.redis.xrange(
+            self.keys.job_events(job_id), min=f"({after}", max="+", count=count
+        )
+        return [(entry_id, fields["e"]) for entry_id, fields in rows]
+
+    async def read_firehose(
+        self, after: str, count: int
+    ) -> list[tuple[str, str, str]]:
+        """Up to ``count`` firehose entries after ``after`` as (id, job event id, event json)."""
+        rows = await self.redis.xrange(
+            self.keys.firehose, min=f"({after}", max="+", count=count
+        )
+        return [(entry_id, fields["i"], fields["e"]) for entry_id, fields in rows]
+
+    async def stream_info(self, key: str) -> StreamInfo | None:
+        try:
+            info = await self.redis.xinfo_stream(key)
+        except ResponseError:
+            return None  # no such stream
+        first = info.get("first-entry")
+        return StreamInfo(
+            last_id=info["last-generated-id"],
+            first_id=first[0] if first else None,
+            max_deleted_id=info.get("max-deleted-entry-id", "0-0"),
+        )
+
+    async def list_jobs(
+        self,
+        *,
+        states: frozenset[JobState] | None,
+        task: str | None,
+        limit: int,
+        cursor: tuple[float, str] | None,
+    ) -> tuple[list[JobRecord], tuple[float, str] | None]:
+        """Newest first. The cursor is the (score, id) of the last job of the previous page."""
+        found: list[JobRecord] = []
+        max_score: float | str = "+inf" if cursor is None else cursor[0]
+        skip_until = cursor
+        scanned = 0
+        batch = max(limit * 2, 50)
+        # Filters are applied while scanning; a bounded scan keeps one request cheap even when
+        # few jobs match, and the cursor lets the caller go on from where it stopped.
+        while scanned < 5_000:
+            rows = await self.redis.zrevrangebyscore(
+                self.keys.jobs, max_score, "-inf", start=0, num=batch, withscores=True
+            )
+            if skip_until is not None:
+                score, last_id = skip_until
+                # Equal scores come in descending member order: drop what the last page had.
+                rows = [r for r in rows if r[1] < score or (r[1] == score and r[0] < last_id)]
+            if not rows:
+                return found, None
+            records = await self.get_many([job_id for job_id, _ in rows])
+            for (job_id, score), record in zip(rows, records, strict=True):
+                skip_until = (score, job_id)
+                scanned += 1
+                if record is None:
+                    continue
+                if states is not None and record.state not in states:
+                    continue
+                if task is not None and record.task != task:
+                    continue
+                found.append(record)
+                if len(found) == limit:
+                    return found, skip_until
+            max_score = skip_until[0]
+        return found, skip_until
+
+
+def decode_record(raw: Mapping[str, str]) -> JobRecord | None:
+    if not raw:
+        return None
+    return JobRecord.model_validate({name: json.loads(value) for name, value in raw.items()})
+
+
+def new_event(job_id: str, type_: str, attempt: int, **data: Any) -> dict[str, Any]:
+    return {"job_id": job_id, "type": type_, "at": utcnow(), "attempt": attempt, **data}
+
+
+def stream_id_after(a: str, b: str) -> bool:
+    return parse_stream_id(a) > parse_stream_id(b)
