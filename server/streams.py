@@ -73,7 +73,7 @@ class JobStream:
         self.last = parse_stream_id(self.cursor)
         if self.cursor != "0":
             info = await self.store.stream_info(self.store.keys.job_events(job_id))
-            if info is not None and self.last < parse_stream_id(info.max_deleted_id):
+            if info is not None and info.trimmed_after(self.last):
                 yield frame("reset", json_data({"reason": "events after the cursor expired"}))
                 async for chunk in self._snapshot():
                     yield chunk
@@ -165,7 +165,7 @@ class FirehoseStream:
     async def _replay(self, *, check_trim: bool) -> AsyncIterator[bytes]:
         if check_trim:
             info = await self.store.stream_info(self.store.keys.firehose)
-            if info is not None and self.last < parse_stream_id(info.max_deleted_id):
+            if info is not None and info.trimmed_after(self.last):
                 yield frame("reset", json_data({"reason": "events after the cursor expired"}))
                 # Continue from the oldest entry kept; the client refetches GET /api/jobs.
                 self.last = (0, 0)

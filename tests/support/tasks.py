@@ -1,0 +1,90 @@
+"""Tasks that exist only for tests: they count their executions and wait on gates in Redis,
+so a test can interleave its own actions with a running job exactly."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from tasks import PermanentError, TaskContext, TransientError, task
+from tasks.registry import Backoff
+
+COUNTED_STEPS = ["one", "two", "three", "four", "five"]
+
+
+class CountedInput(BaseModel):
+    transient_failures: int = Field(default=0, description="fail this many attempts at `fail_at`")
+    permanent_failure: bool = False
+    fail_at: str = "three"
+    gate_at: str | None = Field(default=None, description="wait for a push to the gate here")
+
+
+class CountedOutput(BaseModel):
+    steps: list[str]
+
+
+def executions_key(job_id: str) -> str:
+    return f"test:executions:{job_id}"
+
+
+def gate_key(job_id: str) -> str:
+    return f"test:gate:{job_id}"
+
+
+@task(
+    "counted",
+    steps=COUNTED_STEPS,
+    input=CountedInput,
+    output=CountedOutput,
+    max_attempts=3,
+    backoff=Backoff(min_seconds=0.2, max_seconds=1.0, jitter=0.0),
+)
+async def counted(ctx: TaskContext, data: CountedInput) -> CountedOutput:
+    """Five checkpointed steps that count how often each one really ran."""
+    redis = ctx.store.redis
+    done: list[str] = []
+    for name in COUNTED_STEPS:
+
+        async def body(name: str = name) -> str:
+            await redis.hincrby(executions_key(ctx.job_id), name, 1)  # type: ignore[misc]
+            if data.gate_at == name:
+                await redis.blpop([gate_key(ctx.job_id)], timeout=60)  # type: ignore[misc]
+            if name == data.fail_at and data.permanent_failure:
+                raise PermanentError(f"refused at {name}")
+            if name == data.fail_at and ctx.attempt <= data.transient_failures:
+                raise TransientError(f"flaky at {name} on attempt {ctx.attempt}")
+            return name
+
+        done.append(await ctx.run_step(name, body))
+    return CountedOutput(steps=done)
+
+
+class GatedInput(BaseModel):
+    events: int = Field(default=5, ge=1, le=10_000)
+
+
+class GatedOutput(BaseModel):
+    events: int
+
+
+@task("gated", steps=["emit"], input=GatedInput, output=GatedOutput, max_attempts=1)
+async def gated(ctx: TaskContext, data: GatedInput) -> GatedOutput:
+    """Emits one progress event each time the test pushes to the job's gate."""
+    redis = ctx.store.redis
+    async with ctx.step("emit"):
+        for i in range(1, data.events + 1):
+            await redis.blpop([gate_key(ctx.job_id)], timeout=60)  # type: ignore[misc]
+            await ctx.progress(i, data.events, f"event {i}")
+    return GatedOutput(events=data.events)
+
+
+class BurstInput(BaseModel):
+    events: int = Field(default=100, ge=1, le=100_000)
+
+
+@task("burst", steps=["emit"], input=BurstInput, output=GatedOutput, max_attempts=1)
+async def burst(ctx: TaskContext, data: BurstInput) -> GatedOutput:
+    """Emits many progress events as fast as the store takes them."""
+    async with ctx.step("emit"):
+        for i in range(1, data.events + 1):
+            await ctx.progress(i, data.events, f"event {i}")
+    return GatedOutput(events=data.events)

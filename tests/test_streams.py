@@ -1,0 +1,172 @@
+"""One job's SSE stream: order, resume from every cursor, snapshot, reset, end of stream."""
+
+from __future__ import annotations
+
+import httpx
+import redis
+
+from tests.conftest import Stack, StackFactory
+from tests.support.api import DOC, get_job, submit, wait_state
+from tests.support.sse import StreamReader, read_stream
+from tests.support.tasks import gate_key
+
+ANALYZE_STEPS = 7
+
+
+def events_url(base: str, job_id: str) -> str:
+    return f"{base}/api/jobs/{job_id}/events"
+
+
+def test_a_job_streams_every_step_in_order_and_ends(stack: Stack) -> None:
+    job = submit(stack.url, "analyze_document", {"text": DOC, "pace": 0.02})
+    status, events = read_stream(events_url(stack.url, job["id"]))
+    assert status == 200
+    assert events[0].type == "snapshot"
+    types = [e.type for e in events]
+    assert types[-1] == "completed"
+    # Every step that was not already in the snapshot arrives, in order, with no gap.
+    snapshot = events[0].data
+    seen_steps = [e.data["step"]["index"] for e in events if e.type == "step"]
+    first = snapshot["step"]["index"] + 1 if snapshot["step"] else 1
+    if snapshot["state"] == "queued":
+        assert "started" in types
+        first = 1
+    assert seen_steps == list(range(first, ANALYZE_STEPS + 1))
+    ids = [e.id for e in events[1:]]
+    assert len(ids) == len(set(ids)), "an event arrived twice"
+    record = get_job(stack.url, job["id"])
+    assert record["state"] == "completed"
+    assert record["result"] == events[-1].data["result"]
+    assert record["result"]["keywords"], "the analysis found no keywords"
+    assert [s["state"] for s in record["steps"]] == ["completed"] * ANALYZE_STEPS
+    assert all(s["duration_ms"] is not None for s in record["steps"])
+
+
+def test_resume_from_every_position_of_a_finished_log(stack: Stack) -> None:
+    job = submit(stack.url, "analyze_document", {"text": DOC})
+    wait_state(stack.url, job["id"], {"completed"})
+    status, full = read_stream(events_url(stack.url, job["id"]) + "?after=0")
+    assert status == 200
+    assert full[0].type == "queued" and full[-1].type == "completed"
+    assert "snapshot" not in [e.type for e in full]
+    for position, event in enumerate(full[:-1]):
+        assert event.id is not None
+        status, rest = read_stream(
+            events_url(stack.url, job["id"]), headers={"Last-Event-ID": event.id}
+        )
+        assert status == 200
+        assert [e.id for e in rest] == [e.id for e in full[position + 1 :]]
+    # At the terminal event there is nothing more: 204 tells EventSource to stop reconnecting.
+    status, rest = read_stream(
+        events_url(stack.url, job["id"]), headers={"Last-Event-ID": full[-1].id or ""}
+    )
+    assert status == 204 and rest == []
+
+
+def test_a_fresh_connect_to_a_finished_job_gets_its_snapshot_then_the_end(stack: Stack) -> None:
+    job = submit(stack.url, "generate_quote", {"roles": [{"role": "ml_engineer"}], "weeks": 4})
+    done = wait_state(stack.url, job["id"], {"completed"})
+    status, events = read_stream(events_url(stack.url, job["id"]))
+    assert status == 200
+    assert [e.type for e in events] == ["snapshot"]
+    assert events[0].data["state"] == "completed"
+    assert events[0].id == done["last_event_id"]
+    assert events[0].data["result"]["total"] > 0
+
+
+def test_resume_in_the_middle_of_a_running_job(stack: Stack) -> None:
+    job = submit(stack.url, "gated", {"events": 6})
+    r = stack.redis()
+    first = StreamReader(events_url(stack.url, job["id"])).start()
+    first.wait_for(lambda evs: len(evs) >= 1)  # subscribed: what follows arrives live
+    for _ in range(3):
+        r.rpush(gate_key(job["id"]), "go")
+    first.wait_for(lambda evs: sum(e.type == "progress" for e in evs) == 3)
+    first.close()
+    cursor = [e for e in first.events if e.type == "progress"][-1].id
+    second = StreamReader(
+        events_url(stack.url, job["id"]), headers={"Last-Event-ID": cursor or ""}
+    ).start()
+    for _ in range(3):
+        r.rpush(gate_key(job["id"]), "go")
+    rest = second.wait_closed()
+    _, full = read_stream(events_url(stack.url, job["id"]) + "?after=0")
+    index = [e.id for e in full].index(cursor)
+    assert [e.id for e in rest] == [e.id for e in full[index + 1 :]]
+    assert [e.data["current"] for e in rest if e.type == "progress"] == [4, 5, 6]
+    assert rest[-1].type == "completed"
+
+
+def test_a_stream_opened_before_the_job_starts_sees_it_start(make_stack: StackFactory) -> None:
+    s = make_stack(webs=1, workers=0)
+    job = submit(s.url, "analyze_document", {"text": DOC})
+    reader = StreamReader(events_url(s.url, job["id"])).start()
+    reader.wait_for(lambda evs: len(evs) >= 1)
+    assert reader.events[0].type == "snapshot"
+    assert reader.events[0].data["state"] == "queued"
+    s.add_worker()
+    events = reader.wait_closed()
+    types = [e.type for e in events]
+    assert types[1] == "started"
+    assert types.count("step") == ANALYZE_STEPS
+    assert types[-1] == "completed"
+
+
+def test_an_event_written_between_registering_and_reading_arrives_once(
+    make_stack: StackFactory,
+) -> None:
+    # The server pauses 1 s between registering with the hub and reading the backlog.
+    s = make_stack(webs=1, workers=1, STEPSTREAM_RESUME_DELAY_SECONDS="1.0")
+    job = submit(s.url, "gated", {"events": 3})
+    r = s.redis()
+    r.rpush(gate_key(job["id"]), "go")
+    wait_until_progress(s.url, job["id"], 1)
+    cursor = get_job(s.url, job["id"])["last_event_id"]
+    reader = StreamReader(events_url(s.url, job["id"]), {"Last-Event-ID": cursor}).start()
+    # These land inside the window: in the hub's buffer AND in the log the server reads.
+    r.rpush(gate_key(job["id"]), "go")
+    r.rpush(gate_key(job["id"]), "go")
+    events = reader.wait_closed()
+    currents = [e.data["current"] for e in events if e.type == "progress"]
+    assert currents == [2, 3]
+    ids = [e.id for e in events]
+    assert len(ids) == len(set(ids))
+
+
+def wait_until_progress(base: str, job_id: str, current: int) -> None:
+    import time
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        job = get_job(base, job_id)
+        if job["message"] == f"event {current}":
+            return
+        time.sleep(0.02)
+    raise TimeoutError("progress did not arrive")
+
+
+def test_a_trimmed_cursor_gets_reset_then_snapshot(stack: Stack) -> None:
+    job = submit(stack.url, "analyze_document", {"text": DOC})
+    wait_state(stack.url, job["id"], {"completed"})
+    _, full = read_stream(events_url(stack.url, job["id"]) + "?after=0")
+    r: redis.Redis = stack.redis()
+    key = f"{stack.prefix}job:{{{job['id']}}}:events"
+    r.xtrim(key, maxlen=3, approximate=False)
+    status, events = read_stream(
+        events_url(stack.url, job["id"]), headers={"Last-Event-ID": full[1].id or ""}
+    )
+    assert status == 200
+    assert [e.type for e in events] == ["reset", "snapshot"]
+    assert events[0].id is None
+    assert events[1].data["state"] == "completed"
+
+
+def test_bad_cursors_and_unknown_jobs_are_client_errors(stack: Stack) -> None:
+    job = submit(stack.url, "analyze_document", {"text": DOC})
+    for bad in ["abc", "1-", "-1", "1-2-3", "12", " 1-1"]:
+        response = httpx.get(events_url(stack.url, job["id"]), params={"after": bad})
+        assert response.status_code == 400, bad
+        assert response.json()["error"]["code"] == "bad_cursor"
+    response = httpx.get(events_url(stack.url, "nope"))
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "job_not_found"
