@@ -7,7 +7,6 @@ be enqueued again for a manual retry, see arq#432).
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from arq.connections import RedisSettings
@@ -22,7 +21,6 @@ from tasks.store import JobStore
 
 settings = get_settings()
 load_tasks(settings.task_module_list)
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
 
 async def startup(ctx: dict[str, Any]) -> None:
