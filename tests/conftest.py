@@ -87,6 +87,20 @@ def make_stack(
         stack.stop()
 
 
+@pytest.fixture(scope="module")
+def make_stack_module(
+    valkey: Valkey, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """A stack of the module's own (one web, one worker), for tests that inspect the store."""
+    own = Stack(valkey, f"m{next(_prefixes)}:", tmp_path_factory.mktemp("module-logs"))
+    try:
+        own.add_web()
+        own.add_worker()
+        yield own
+    finally:
+        own.stop()
+
+
 @pytest.fixture(scope="session")
 def stack(valkey: Valkey, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """One web process and one worker shared by the tests that only submit and watch jobs."""

@@ -79,12 +79,14 @@ async def gated(ctx: TaskContext, data: GatedInput) -> GatedOutput:
 
 class BurstInput(BaseModel):
     events: int = Field(default=100, ge=1, le=100_000)
+    padding: int = Field(default=0, ge=0, le=100_000, description="extra bytes per message")
 
 
 @task("burst", steps=["emit"], input=BurstInput, output=GatedOutput, max_attempts=1)
 async def burst(ctx: TaskContext, data: BurstInput) -> GatedOutput:
     """Emits many progress events as fast as the store takes them."""
+    pad = "x" * data.padding
     async with ctx.step("emit"):
         for i in range(1, data.events + 1):
-            await ctx.progress(i, data.events, f"event {i}")
+            await ctx.progress(i, data.events, f"event {i} {pad}")
     return GatedOutput(events=data.events)

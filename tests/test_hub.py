@@ -1,0 +1,153 @@
+"""Delivery across processes and faults: scale-out, a Valkey restart, a slow consumer."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import Stack, StackFactory
+from tests.support.api import DOC, submit, wait_state
+from tests.support.processes import Valkey
+from tests.support.sse import StreamReader, read_stream
+
+
+def events_url(base: str, job_id: str) -> str:
+    return f"{base}/api/jobs/{job_id}/events"
+
+
+def test_two_webs_and_two_workers_deliver_everything_everywhere(
+    make_stack: StackFactory,
+) -> None:
+    s = make_stack(webs=2, workers=2)
+    a, b = s.webs
+    jobs = [
+        submit(a.url if i % 2 else b.url, "analyze_document", {"text": DOC, "pace": 0.05})
+        for i in range(6)
+    ]
+    readers = [
+        StreamReader(events_url(web.url, job["id"]), {"Last-Event-ID": "0"}).start()
+        for job in jobs
+        for web in (a, b)
+    ]
+    logs = [r.wait_closed(timeout=60) for r in readers]
+    for first, second in zip(logs[::2], logs[1::2], strict=True):
+        assert [e.type for e in first][-1] == "completed"
+        assert [e.id for e in first] == [e.id for e in second]
+    ran = [sum(job["id"] in w.log() for job in jobs) for w in s.workers]
+    assert sum(ran) == 6 and all(ran), f"both workers should have run jobs: {ran}"
+
+
+def test_a_client_resumes_on_another_web_process(make_stack: StackFactory) -> None:
+    s = make_stack(webs=2, workers=1)
+    a, b = s.webs
+    job = submit(a.url, "analyze_document", {"text": DOC, "pace": 0.1})
+    first = StreamReader(events_url(a.url, job["id"])).start()
+    first.wait_for(lambda evs: any(e.type == "step" and e.data["step"]["index"] >= 3 for e in evs))
+    first.close()
+    cursor = first.events[-1].id
+    assert cursor
+    status, rest = read_stream(events_url(b.url, job["id"]), {"Last-Event-ID": cursor})
+    assert status == 200 and rest[-1].type == "completed"
+    _, full = read_stream(events_url(a.url, job["id"]) + "?after=0")
+    ids = [e.id for e in full]
+    assert [e.id for e in rest] == ids[ids.index(cursor) + 1 :]
+
+
+@pytest.fixture
+def own_valkey(tmp_path: Path) -> Iterator[Valkey]:
+    server = Valkey(tmp_path / "valkey").start()
+    yield server
+    server.stop()
+
+
+def test_the_hub_survives_a_valkey_restart(own_valkey: Valkey, tmp_path: Path) -> None:
+    s = Stack(own_valkey, "restart:", tmp_path)
+    try:
+        s.add_web()
+        queued = submit(s.url, "analyze_document", {"text": DOC})
+        job_stream = StreamReader(events_url(s.url, queued["id"])).start()
+        firehose = StreamReader(f"{s.url}/api/events").start()
+        job_stream.wait_for(lambda evs: [e.type for e in evs] == ["snapshot"])
+        time.sleep(0.3)  # the firehose reader is connected too (it shows nothing until events)
+
+        own_valkey.restart()
+        # A worker started now writes while the web process's hub is still reconnecting.
+        s.add_worker()
+        later = submit(s.url, "generate_quote", {"roles": [{"role": "qa_engineer"}], "weeks": 2})
+        wait_state(s.url, later["id"], {"completed"})
+
+        events = job_stream.wait_closed(timeout=30)
+        types = [e.type for e in events]
+        assert types[0] == "snapshot" and types[1] == "started" and types[-1] == "completed"
+        assert types.count("step") == 7
+        firehose.wait_for(
+            lambda evs: any(e.type == "completed" and e.data["job_id"] == later["id"] for e in evs)
+        )
+        ids = [e.id for e in firehose.events]
+        assert len(ids) == len(set(ids)), "the firehose repeated an event"
+        firehose.close()
+        firehose_jobs = {e.data["job_id"] for e in firehose.events}
+        assert firehose_jobs == {queued["id"], later["id"]}
+    finally:
+        s.stop()
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def test_a_slow_consumer_is_cut_off_and_memory_stays_bounded(make_stack: StackFactory) -> None:
+    s = make_stack(
+        webs=1,
+        workers=1,
+        STEPSTREAM_SUBSCRIBER_QUEUE="200",
+        STEPSTREAM_SEND_TIMEOUT_SECONDS="2",
+    )
+    web = s.webs[0]
+    assert web.proc is not None
+    # A client that never reads, with a tiny receive buffer so the server's writes back up.
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.connect(("127.0.0.1", web.port))
+    slow.sendall(
+        f"GET /api/events?after=0 HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n".encode()
+    )
+    healthy = StreamReader(f"{s.url}/api/events", timeout=120).start()
+    time.sleep(0.5)
+    rss_before = rss_kib(web.proc.pid)
+
+    # 3,000 events of ~4 KB: 12 MB, more than the kernel buffers between the two can hold.
+    burst = submit(s.url, "burst", {"events": 3_000, "padding": 4_000})
+    healthy.wait_for(
+        lambda evs: any(e.type == "completed" and e.data["job_id"] == burst["id"] for e in evs),
+        timeout=60,
+    )
+    progress = [e for e in healthy.events if e.type == "progress" and e.data["job_id"] == burst["id"]]
+    assert [e.data["current"] for e in progress] == list(range(1, 3_001))
+    healthy.close()
+
+    # The slow client is disconnected: draining its socket ends in EOF.
+    slow.settimeout(20)
+    received = 0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        chunk = slow.recv(65536)
+        if not chunk:
+            break
+        received += len(chunk)
+    else:
+        pytest.fail("the slow consumer was never disconnected")
+    slow.close()
+    assert received < 3_000 * 4_000, "the slow consumer got everything: it was not cut off"
+    growth_kib = rss_kib(web.proc.pid) - rss_before
+    assert growth_kib < 30_000, f"web process grew by {growth_kib} KiB"
+    stats = httpx.get(f"{s.url}/api/stats").json()
+    assert stats["streams_open"] == 1, "only the healthy reader (idle now) is still attached"

@@ -1,0 +1,206 @@
+"""The job API: submit, read, list, tasks; every client mistake is a JSON 4xx and stores nothing."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import Stack, StackFactory
+from tests.support.api import DOC, submit, wait_state
+
+
+def store_snapshot(stack: Stack) -> dict[str, str]:
+    """Every key under the stack's prefix with a digest of its value."""
+    r = stack.redis()
+    out: dict[str, str] = {}
+    for key in sorted(r.scan_iter(f"{stack.prefix}*")):
+        kind = r.type(key)
+        if kind == "hash":
+            out[key] = json.dumps(r.hgetall(key), sort_keys=True)
+        elif kind == "stream":
+            out[key] = str(r.xinfo_stream(key)["last-generated-id"])
+        elif kind == "zset":
+            out[key] = json.dumps(r.zrange(key, 0, -1, withscores=True))
+        else:
+            out[key] = str(r.get(key)) if kind == "string" else kind
+    return out
+
+
+def test_submit_answers_202_with_record_location_and_links(stack: Stack) -> None:
+    response = httpx.post(
+        f"{stack.url}/api/jobs", json={"task": "analyze_document", "input": {"text": DOC}}
+    )
+    assert response.status_code == 202
+    job = response.json()
+    assert response.headers["location"] == f"/api/jobs/{job['id']}"
+    assert job["links"] == {
+        "self": f"/api/jobs/{job['id']}",
+        "events": f"/api/jobs/{job['id']}/events",
+    }
+    assert job["state"] == "queued" and job["task"] == "analyze_document"
+    assert len(job["id"]) >= 20, "ids must be unguessable"
+    done = wait_state(stack.url, job["id"], {"completed"})
+    assert done["step"] == {"index": 7, "count": 7, "name": "Validating output"}
+    assert done["progress"] == 1.0
+    assert done["started_at"] and done["finished_at"]
+    assert done["result"]["stats"]["sentences"] == 5
+
+
+def test_the_quote_task_prices_a_team(stack: Stack) -> None:
+    job = submit(
+        stack.url,
+        "generate_quote",
+        {"roles": [{"role": "ml_engineer", "level": "senior", "count": 2}], "weeks": 46},
+    )
+    done = wait_state(stack.url, job["id"], {"completed"})
+    result = done["result"]
+    # Two senior ML engineers for a full working year: 2 × 104,000 plus 21% contributions.
+    assert result["people_cost"] == pytest.approx(2 * 104_000 * 1.21)
+    assert result["total"] == pytest.approx(result["people_cost"] + 2 * 46 * 35)
+    assert len(done["steps"]) == 6
+
+
+def test_tasks_lists_steps_and_input_schema(stack: Stack) -> None:
+    tasks = {t["name"]: t for t in httpx.get(f"{stack.url}/api/tasks").json()["tasks"]}
+    analyze = tasks["analyze_document"]
+    assert len(analyze["steps"]) == 7 and analyze["steps"][1] == "Chunking document"
+    assert "text" in analyze["input_schema"]["properties"]
+    assert analyze["input_schema"]["required"] == ["text"]
+    assert len(tasks["generate_quote"]["steps"]) == 6
+
+
+def test_list_is_newest_first_with_filters_and_cursor_paging(make_stack: StackFactory) -> None:
+    s = make_stack(webs=1, workers=1)
+    ids = [submit(s.url, "analyze_document", {"text": DOC})["id"] for _ in range(5)]
+    failing = submit(s.url, "generate_quote", {"roles": [{"role": "x"}], "weeks": 1})["id"]
+    for job_id in ids:
+        wait_state(s.url, job_id, {"completed"})
+    wait_state(s.url, failing, {"failed"})
+    everything = httpx.get(f"{s.url}/api/jobs").json()
+    assert [j["id"] for j in everything["jobs"]] == [failing, *reversed(ids)]
+    pages: list[str] = []
+    cursor = None
+    for _ in range(10):
+        params = {"limit": "2", "task": "analyze_document"}
+        if cursor:
+            params["cursor"] = cursor
+        page = httpx.get(f"{s.url}/api/jobs", params=params).json()
+        pages.extend(j["id"] for j in page["jobs"])
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert pages == list(reversed(ids))
+    failed = httpx.get(f"{s.url}/api/jobs", params={"status": "failed,cancelled"}).json()
+    assert [j["id"] for j in failed["jobs"]] == [failing]
+    assert failed["jobs"][0]["error"]["type"] == "PermanentError"
+    assert "unknown role" in failed["jobs"][0]["error"]["message"]
+
+
+def test_health_and_readiness(stack: Stack) -> None:
+    assert httpx.get(f"{stack.url}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{stack.url}/readyz")
+    assert ready.status_code == 200 and ready.json()["redis"] == "ok"
+
+
+BAD_SUBMISSIONS = [
+    pytest.param(b"{not json", 400, "malformed_json", id="malformed-json"),
+    pytest.param(b"\xff\xfe", 400, "malformed_json", id="not-utf8"),
+    pytest.param(b"[1, 2]", 422, "invalid_body", id="not-an-object"),
+    pytest.param(b'{"input": {}}', 422, "invalid_body", id="no-task"),
+    pytest.param(b'{"task": "nope", "input": {}}', 422, "unknown_task", id="unknown-task"),
+    pytest.param(
+        b'{"task": "analyze_document", "input": []}', 422, "invalid_input", id="input-not-object"
+    ),
+    pytest.param(
+        b'{"task": "analyze_document", "input": {"text": ""}}', 422, "invalid_input", id="empty"
+    ),
+    pytest.param(
+        b'{"task": "analyze_document", "input": {"text": "x", "pace": -1}}',
+        422,
+        "invalid_input",
+        id="bad-field",
+    ),
+    pytest.param(
+        b'{"task": "analyze_document", "input": {"text": "x"}, "extra": 1}',
+        422,
+        "invalid_body",
+        id="unknown-field",
+    ),
+    pytest.param(b"[" * 100_000 + b"]" * 100_000, 400, "malformed_json", id="nested-too-deep"),
+    pytest.param(b'{"a": "' + b"x" * 1_100_000 + b'"}', 413, "body_too_large", id="too-large"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "code"), BAD_SUBMISSIONS)
+def test_bad_submissions_are_4xx_and_store_nothing(
+    make_stack_module: Stack, body: bytes, status: int, code: str
+) -> None:
+    s = make_stack_module
+    before = store_snapshot(s)
+    response = httpx.post(
+        f"{s.url}/api/jobs", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code
+    assert error["message"]
+    assert store_snapshot(s) == before
+
+
+def test_error_details_name_the_fields_and_known_tasks(stack: Stack) -> None:
+    unknown = httpx.post(f"{stack.url}/api/jobs", json={"task": "nope", "input": {}}).json()
+    assert set(unknown["error"]["details"]["known_tasks"]) >= {"analyze_document", "generate_quote"}
+    invalid = httpx.post(
+        f"{stack.url}/api/jobs",
+        json={"task": "generate_quote", "input": {"roles": [], "weeks": 0}},
+    ).json()
+    fields = {tuple(d["loc"]) for d in invalid["error"]["details"]}
+    assert fields == {("roles",), ("weeks",)}
+
+
+def test_a_body_without_content_length_is_limited_while_reading(
+    make_stack_module: Stack,
+) -> None:
+    s = make_stack_module
+    before = store_snapshot(s)
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"task": "analyze_document", "input": {"text": "'
+        for _ in range(200):
+            yield b"x" * 10_000
+        yield b'"}}'
+
+    response = httpx.post(f"{s.url}/api/jobs", content=chunks())
+    assert response.status_code == 413
+    assert store_snapshot(s) == before
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "status", "code"),
+    [
+        ("/api/jobs/does-not-exist", {}, 404, "job_not_found"),
+        ("/api/jobs/../../etc", {}, 404, "not_found"),
+        ("/api/jobs/%7Bx%7D", {}, 404, "job_not_found"),
+        ("/api/jobs", {"status": "done"}, 400, "bad_status"),
+        ("/api/jobs", {"limit": "0"}, 400, "bad_limit"),
+        ("/api/jobs", {"limit": "abc"}, 400, "bad_limit"),
+        ("/api/jobs", {"cursor": "!!!"}, 400, "bad_cursor"),
+        ("/api/jobs", {"cursor": "bm9jb2xvbg"}, 400, "bad_cursor"),
+        ("/api/events", {"after": "yesterday"}, 400, "bad_cursor"),
+        ("/api/nothing", {}, 404, "not_found"),
+    ],
+)
+def test_bad_reads_are_json_4xx(stack: Stack, path: str, params: dict[str, str], status: int,
+                                code: str) -> None:
+    response = httpx.get(f"{stack.url}{path}", params=params)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == code
+
+
+def test_wrong_method_is_405_json(stack: Stack) -> None:
+    response = httpx.delete(f"{stack.url}/api/jobs")
+    assert response.status_code == 405
+    assert response.json()["error"]["code"] == "method_not_allowed"
