@@ -9,6 +9,8 @@ from pathlib import Path
 
 from arq.connections import RedisSettings, create_pool
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.responses import FileResponse, Response
@@ -16,9 +18,16 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from server import events, health, jobs
-from server.errors import ApiError, api_error_handler, http_error_handler, server_error_handler
+from server.errors import (
+    ApiError,
+    api_error_handler,
+    http_error_handler,
+    redis_error_handler,
+    server_error_handler,
+)
 from server.hub import Hub
 from server.state import AppState
+from tasks.connection import connect
 from tasks.registry import load_tasks
 from tasks.settings import Settings, get_settings
 from tasks.store import JobStore
@@ -37,7 +46,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        redis = Redis.from_url(settings.redis_url, decode_responses=True)
+        # Patient: a request waits out a short Redis outage instead of failing.
+        redis = connect(settings.redis_url, attempts=10)
         pubsub_redis = Redis.from_url(settings.redis_url, decode_responses=True)
         arq = await create_pool(RedisSettings.from_dsn(settings.redis_url))
         store = JobStore(redis, settings)
@@ -78,6 +88,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         exception_handlers={
             ApiError: api_error_handler,
             HTTPException: http_error_handler,
+            RedisConnectionError: redis_error_handler,
+            RedisTimeoutError: redis_error_handler,
             Exception: server_error_handler,
         },
     )

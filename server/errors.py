@@ -51,7 +51,18 @@ _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 async def http_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
-    return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
+    headers = dict(exc.headers) if exc.headers else None
+    return error_response(exc.status_code, code, str(exc.detail), headers=headers)
+
+
+async def redis_error_handler(request: Request, exc: Exception) -> Response:
+    logger.warning("Redis unavailable on %s %s: %s", request.method, request.url.path, exc)
+    return error_response(
+        503,
+        "unavailable",
+        "the job store is unreachable; try again shortly",
+        headers={"Retry-After": "2"},
+    )
 
 
 async def server_error_handler(request: Request, exc: Exception) -> Response:

@@ -24,7 +24,7 @@ async def healthz(request: Request) -> Response:
 async def readyz(request: Request) -> Response:
     state: AppState = request.app.state.stepstream
     try:
-        await state.redis.ping()  # type: ignore[misc]
+        await state.redis.ping()
     except Exception as exc:
         return JSONResponse(
             {"status": "unavailable", "redis": f"unreachable: {type(exc).__name__}"},
@@ -85,8 +85,7 @@ async def stats(request: Request) -> Response:
     return JSONResponse(
         {
             "tasks": {
-                spec.name: summary(counts[spec.name], durations[spec.name])
-                for spec in all_tasks()
+                spec.name: summary(counts[spec.name], durations[spec.name]) for spec in all_tasks()
             },
             "total": summary(all_counts, all_durations),
             "queue_depth": queue_depth,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import hashlib
 import json
 import re
 import secrets
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
@@ -81,9 +84,7 @@ async def submit_job(request: Request) -> Response:
     spec = get_task(task_name)
     if spec is None:
         known = [t.name for t in all_tasks()]
-        raise ApiError(
-            422, "unknown_task", f"no task named {task_name!r}", {"known_tasks": known}
-        )
+        raise ApiError(422, "unknown_task", f"no task named {task_name!r}", {"known_tasks": known})
     raw_input = body.get("input", {})
     if not isinstance(raw_input, dict):
         raise ApiError(422, "invalid_input", "`input` must be a JSON object")
@@ -100,27 +101,109 @@ async def submit_job(request: Request) -> Response:
             ],
         ) from None
 
-    job_id = new_job_id()
+    idempotency_key = request.headers.get("idempotency-key")
+    if idempotency_key is None:
+        record = await _create_job(state, spec.max_attempts, task_name, raw_input, new_job_id())
+        return _accepted(record, 202)
+    claim = await _claim_idempotency_key(state, idempotency_key, task_name, raw_input)
+    if claim.existing is not None:
+        return _accepted(claim.existing, 200)
+    try:
+        record = await _create_job(state, spec.max_attempts, task_name, raw_input, claim.job_id)
+    except BaseException:
+        await state.redis.delete(claim.redis_key)  # let the client's retry create the job
+        raise
+    return _accepted(record, 202)
+
+
+def _accepted(record: JobRecord, status: int) -> JSONResponse:
+    return JSONResponse(
+        job_json(record), status_code=status, headers={"Location": f"/api/jobs/{record.id}"}
+    )
+
+
+async def _create_job(
+    state: AppState, max_attempts: int, task_name: str, raw_input: dict[str, Any], job_id: str
+) -> JobRecord:
     record = JobRecord(
         id=job_id,
         task=task_name,
         owner=None,
         state=JobState.queued,
         input=raw_input,
-        max_attempts=spec.max_attempts,
+        max_attempts=max_attempts,
         created_at=utcnow(),
         steps=[],
     )
-    appended = await state.store.create(
-        record, new_event(job_id, "queued", 0, input=raw_input)
-    )
+    appended = await state.store.create(record, new_event(job_id, "queued", 0, input=raw_input))
     if not appended.ok:  # a 120-bit id collided: not a client mistake, and never expected
         raise RuntimeError(f"job id {job_id} exists already")
     record.last_event_id = appended.job_event_id
     await state.enqueue(job_id)
-    return JSONResponse(
-        job_json(record), status_code=202, headers={"Location": f"/api/jobs/{job_id}"}
+    return record
+
+
+@dataclass(frozen=True)
+class _Claim:
+    job_id: str
+    redis_key: str
+    existing: JobRecord | None = None
+
+
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,200}")
+
+
+async def _claim_idempotency_key(
+    state: AppState, key: str, task_name: str, raw_input: dict[str, Any]
+) -> _Claim:
+    """Claim ``key`` for a new job, or find the job an earlier identical request created.
+
+    ``SET NX`` makes the claim atomic: of two concurrent identical requests one creates the
+    job and the other waits for its record.
+    """
+    if not _IDEMPOTENCY_KEY.fullmatch(key):
+        raise ApiError(
+            400,
+            "bad_idempotency_key",
+            "Idempotency-Key must be 1 to 200 printable ASCII characters without spaces",
+        )
+    body = json.dumps(
+        {"task": task_name, "input": raw_input}, sort_keys=True, separators=(",", ":")
     )
+    fingerprint = hashlib.sha256(body.encode()).hexdigest()
+    scope = hashlib.sha256(f"{None}\n{key}".encode()).hexdigest()
+    redis_key = state.store.keys.idempotency(scope)
+    job_id = new_job_id()
+    ttl = state.settings.idempotency_ttl_seconds
+    for _ in range(3):
+        if await state.redis.set(redis_key, f"{job_id} {fingerprint}", nx=True, ex=ttl):
+            return _Claim(job_id, redis_key)
+        held = await state.redis.get(redis_key)
+        if held is None:
+            continue  # expired between the two calls: claim it again
+        other_id, other_fingerprint = held.split(" ", 1)
+        if other_fingerprint != fingerprint:
+            raise ApiError(
+                409,
+                "idempotency_conflict",
+                "this Idempotency-Key was used with a different body",
+                {"job_id": other_id},
+            )
+        record = await _wait_for_record(state, other_id)
+        if record is not None:
+            return _Claim(other_id, redis_key, existing=record)
+    raise ApiError(
+        409, "idempotency_conflict", "a request with this Idempotency-Key is still in flight"
+    )
+
+
+async def _wait_for_record(state: AppState, job_id: str) -> JobRecord | None:
+    for _ in range(100):  # the first request is between its claim and its create: 5 s at most
+        record = await state.store.get(job_id)
+        if record is not None:
+            return record
+        await asyncio.sleep(0.05)
+    return None
 
 
 async def load_job(request: Request) -> JobRecord:
@@ -204,9 +287,7 @@ async def cancel_job(request: Request) -> Response:
     if appended.refused == '"running"':
         # Only the worker writes a running job's events: raise the flag it watches.
         await state.store.request_cancel(record.id)
-        return JSONResponse(
-            {**job_json(record), "cancel_requested": True}, status_code=202
-        )
+        return JSONResponse({**job_json(record), "cancel_requested": True}, status_code=202)
     raise _conflict(await load_job(request), "cancel")
 
 
@@ -252,4 +333,3 @@ def _conflict(record: JobRecord, action: str) -> ApiError:
 
 async def list_tasks(request: Request) -> Response:
     return JSONResponse({"tasks": [spec.describe() for spec in all_tasks()]})
-

@@ -6,12 +6,13 @@ job's cancel flag, so a cancelled job stops at its next event.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
-from tasks.errors import JobCancelled
+from tasks.errors import JobCancelled, StepTimeout
 from tasks.models import EventType, JobRecord, JobState, StepRecord, StepRef, utcnow
 from tasks.registry import TaskSpec
 from tasks.store import JobStore, new_event
@@ -48,16 +49,42 @@ class TaskContext:
     # -- the task's API -------------------------------------------------------------------
 
     @asynccontextmanager
-    async def step(self, name: str) -> AsyncIterator[StepHandle]:
-        """Run a block as the declared step ``name``: emits ``step``, then ``step_completed``."""
+    async def step(
+        self, name: str, *, timeout: float | None = None, retry_timeout: bool = True
+    ) -> AsyncIterator[StepHandle]:
+        """Run a block as the declared step ``name``: emits ``step``, then ``step_completed``.
+
+        With ``timeout`` the block is interrupted after that many seconds with a
+        ``StepTimeout``, a transient error unless ``retry_timeout`` is false.
+        """
         ref = self._ref(name)
         started = time.perf_counter()
         await self._begin_step(ref)
         handle = StepHandle(ref)
-        yield handle
+        async with self._deadline(name, timeout, retry_timeout):
+            yield handle
         await self._complete_step(ref, started, handle.output)
 
-    async def run_step(self, name: str, fn: Callable[[], Awaitable[T]]) -> T | Any:
+    @asynccontextmanager
+    async def _deadline(
+        self, name: str, timeout: float | None, retryable: bool
+    ) -> AsyncIterator[None]:
+        try:
+            async with asyncio.timeout(timeout) as deadline:
+                yield
+        except TimeoutError as exc:
+            if deadline.expired():
+                raise StepTimeout(f"step {name!r} timed out after {timeout:g}s", retryable) from exc
+            raise
+
+    async def run_step(
+        self,
+        name: str,
+        fn: Callable[[], Awaitable[T]],
+        *,
+        timeout: float | None = None,
+        retry_timeout: bool = True,
+    ) -> T | Any:
         """Run ``fn`` as a checkpointed step.
 
         Its return value (JSON-serialisable) is stored with the step; when the job runs again
@@ -71,7 +98,8 @@ class TaskContext:
             return done.output
         started = time.perf_counter()
         await self._begin_step(ref)
-        output = await fn()
+        async with self._deadline(name, timeout, retry_timeout):
+            output = await fn()
         await self._complete_step(ref, started, output)
         return output
 
@@ -158,9 +186,7 @@ class TaskContext:
     def _steps_json(self) -> list[dict[str, Any]]:
         return [s.model_dump(mode="json") for s in self.steps]
 
-    async def _emit(
-        self, type_: EventType, data: dict[str, Any], fields: dict[str, Any]
-    ) -> None:
+    async def _emit(self, type_: EventType, data: dict[str, Any], fields: dict[str, Any]) -> None:
         event = new_event(self.job_id, type_.value, self.attempt, **data)
         appended = await self.store.append(
             self.job_id,

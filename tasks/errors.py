@@ -19,11 +19,27 @@ class RetryAfter(TransientError):
         self.seconds = seconds
 
 
+class StepTimeout(TransientError):
+    """A step ran past its ``timeout``; retried unless the step says ``retry_timeout=False``."""
+
+    def __init__(self, message: str, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class TaskTimeout(TransientError):
+    """The whole task ran past its ``timeout``; retried unless the task says otherwise."""
+
+    def __init__(self, message: str, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
 class PermanentError(TaskError):
     """A failure that no retry can fix (invalid input, a content-policy refusal)."""
 
 
-class JobCancelled(Exception):  # noqa: N818 - it is a signal, not an error
+class JobCancelled(Exception):
     """Raised inside a task when its job was cancelled; the runtime records ``cancelled``."""
 
     def __init__(self, reason: str = "cancelled by request") -> None:

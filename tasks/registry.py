@@ -40,6 +40,7 @@ class TaskSpec:
     description: str
     max_attempts: int = 3
     timeout: float = 600.0
+    retry_timeouts: bool = True
     backoff: Backoff = field(default_factory=Backoff)
     sample_input: dict[str, Any] | None = None
 
@@ -70,12 +71,13 @@ def task(
     name: str,
     *,
     steps: list[str] | tuple[str, ...],
-    input: type[BaseModel],  # noqa: A002 - the contract's own word
+    input: type[BaseModel],
     output: type[BaseModel],
     title: str | None = None,
     description: str = "",
     max_attempts: int = 3,
     timeout: float = 600.0,
+    retry_timeouts: bool = True,
     backoff: Backoff | None = None,
     sample_input: dict[str, Any] | None = None,
 ) -> Callable[[TaskFunction], TaskFunction]:
@@ -98,6 +100,7 @@ def task(
             description=description or (fn.__doc__ or "").strip(),
             max_attempts=max_attempts,
             timeout=timeout,
+            retry_timeouts=retry_timeouts,
             backoff=backoff or Backoff(),
             sample_input=sample_input,
         )

@@ -13,11 +13,18 @@ import traceback
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from arq.constants import in_progress_key_prefix
 from arq.worker import Retry
 from pydantic import BaseModel, ValidationError
 
 from tasks.context import TaskContext
-from tasks.errors import JobCancelled, PermanentError, RetryAfter, TransientError
+from tasks.errors import (
+    JobCancelled,
+    PermanentError,
+    RetryAfter,
+    StepTimeout,
+    TaskTimeout,
+)
 from tasks.models import JobRecord, JobState, utcnow
 from tasks.registry import TaskSpec, get_task
 from tasks.store import JobStore, new_event
@@ -29,15 +36,18 @@ RUN_JOB = "stepstream.run_job"
 ACTIVE_STATES = (JobState.queued, JobState.retrying, JobState.running)
 
 
-class CancelWatcher:
-    """One loop per worker that interrupts running jobs whose cancel flag was raised.
+class JobMonitor:
+    """One loop per worker over the jobs it is running.
 
-    The task context also checks the flag at every event; this catches a task that is busy in a
-    long await and emits nothing, so cancellation lands within ``interval`` seconds.
+    It interrupts jobs whose cancel flag was raised (the task context also checks the flag at
+    every event; this catches a task busy in a long await, within ``interval`` seconds), and it
+    renews each running job's lease: arq's in-progress key, which it shortens from arq's "job
+    timeout + 10 s" to ``lease_seconds``, so a killed worker's jobs are taken over quickly.
     """
 
-    def __init__(self, store: JobStore, interval: float = 0.25) -> None:
+    def __init__(self, store: JobStore, lease_seconds: float, interval: float = 0.25) -> None:
         self.store = store
+        self.lease_ms = int(lease_seconds * 1000)
         self.interval = interval
         self.running: dict[str, asyncio.Task[Any]] = {}
         self.cancelled: set[str] = set()
@@ -51,18 +61,27 @@ class CancelWatcher:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
 
+    async def take_lease(self, job_id: str) -> None:
+        await self.store.redis.pexpire(in_progress_key_prefix + job_id, self.lease_ms)
+
     async def _loop(self) -> None:
+        renew_every = max(1, int(self.lease_ms / 1000 / 3 / self.interval))
+        tick = 0
         while True:
             await asyncio.sleep(self.interval)
+            tick += 1
             if not self.running:
                 continue
             job_ids = list(self.running)
             try:
-                flags = await self.store.redis.mget(
-                    [self.store.keys.job_cancel(job_id) for job_id in job_ids]
-                )
+                async with self.store.redis.pipeline(transaction=False) as pipe:
+                    pipe.mget([self.store.keys.job_cancel(job_id) for job_id in job_ids])
+                    if tick % renew_every == 0:
+                        for job_id in job_ids:
+                            pipe.pexpire(in_progress_key_prefix + job_id, self.lease_ms)
+                    flags = (await pipe.execute())[0]
             except Exception:  # a Redis blip: the next round tries again
-                logger.warning("cancel watcher could not read flags", exc_info=True)
+                logger.warning("job monitor could not reach Redis", exc_info=True)
                 continue
             for job_id, flag in zip(job_ids, flags, strict=True):
                 task = self.running.get(job_id)
@@ -73,7 +92,7 @@ class CancelWatcher:
 
 async def run_job(ctx: dict[str, Any], job_id: str) -> None:
     store: JobStore = ctx["store"]
-    watcher: CancelWatcher = ctx["cancel_watcher"]
+    monitor: JobMonitor = ctx["job_monitor"]
     record = await store.get(job_id)
     if record is None or record.state.terminal:
         return  # expired, or cancelled while queued: nothing to run
@@ -85,9 +104,7 @@ async def run_job(ctx: dict[str, Any], job_id: str) -> None:
     attempt = record.attempt + 1
     started = await store.append(
         job_id,
-        new_event(
-            job_id, "started", attempt, max_attempts=record.max_attempts
-        ),
+        new_event(job_id, "started", attempt, max_attempts=record.max_attempts),
         {
             "state": JobState.running.value,
             "attempt": attempt,
@@ -109,18 +126,21 @@ async def run_job(ctx: dict[str, Any], job_id: str) -> None:
 
     current = asyncio.current_task()
     assert current is not None
-    watcher.running[job_id] = current
+    monitor.running[job_id] = current
     try:
+        await monitor.take_lease(job_id)
         result = await _execute(spec, context, record.input)
     except JobCancelled as exc:
         await _cancelled(store, record, attempt, exc.reason, context)
     except asyncio.CancelledError:
-        if job_id in watcher.cancelled:
-            # Our watcher interrupted the task: the job is cancelled, the worker goes on.
+        if job_id in monitor.cancelled:
+            # Our monitor interrupted the task: the job is cancelled, the worker goes on.
             current.uncancel()
             await _cancelled(store, record, attempt, "cancelled by request", context)
         else:
-            raise  # the worker is shutting down or arq timed the job out
+            # The worker is shutting down: arq puts the job back in the queue; say so in the log.
+            await _handed_back(store, record, context)
+            raise
     except Exception as exc:
         await _handle_failure(store, spec, record, context, exc)
     else:
@@ -138,8 +158,8 @@ async def run_job(ctx: dict[str, Any], job_id: str) -> None:
             expect=(JobState.running,),
         )
     finally:
-        watcher.running.pop(job_id, None)
-        watcher.cancelled.discard(job_id)
+        monitor.running.pop(job_id, None)
+        monitor.cancelled.discard(job_id)
 
 
 async def _execute(spec: TaskSpec, context: TaskContext, raw_input: dict[str, Any]) -> Any:
@@ -148,12 +168,17 @@ async def _execute(spec: TaskSpec, context: TaskContext, raw_input: dict[str, An
     except ValidationError as exc:
         raise PermanentError(f"input is not valid for {spec.name}: {exc}") from exc
     try:
-        value = await asyncio.wait_for(spec.fn(context, data), timeout=spec.timeout)
+        async with asyncio.timeout(spec.timeout) as deadline:
+            value = await spec.fn(context, data)
     except TimeoutError as exc:
-        raise TransientError(f"task timed out after {spec.timeout:g}s") from exc
+        if not deadline.expired():
+            raise  # a timeout of the task's own (a step's, a client's): classified as it is
+        raise TaskTimeout(f"task timed out after {spec.timeout:g}s", spec.retry_timeouts) from exc
     try:
         output = (
-            value if isinstance(value, spec.output_model) else spec.output_model.model_validate(value)
+            value
+            if isinstance(value, spec.output_model)
+            else spec.output_model.model_validate(value)
         )
     except ValidationError as exc:
         raise PermanentError(f"output is not valid for {spec.name}: {exc}") from exc
@@ -165,6 +190,8 @@ def classify(exc: BaseException) -> bool:
     """True when another attempt may succeed."""
     if isinstance(exc, PermanentError | ValidationError):
         return False
+    if isinstance(exc, TaskTimeout | StepTimeout):
+        return exc.retryable
     # TransientError, RetryAfter, timeouts and connection errors, and anything unexpected:
     # an unknown failure is worth another attempt within the task's max_attempts.
     return True
@@ -194,9 +221,7 @@ async def _handle_failure(
         else:
             jitter = 1 - random.random() * spec.backoff.jitter
             delay = spec.backoff.base_delay(attempt) * jitter
-        retry_at = (datetime.now(UTC) + timedelta(seconds=delay)).strftime(
-            "%Y-%m-%dT%H:%M:%S.%fZ"
-        )
+        retry_at = (datetime.now(UTC) + timedelta(seconds=delay)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         public_error = {k: v for k, v in error.items() if k != "traceback"}
         appended = await store.append(
             record.id,
@@ -222,7 +247,9 @@ async def _handle_failure(
             logger.info("job %s attempt %d failed, retrying in %.2fs", record.id, attempt, delay)
             raise Retry(defer=timedelta(seconds=delay))
         return
-    await _fail(store, record, attempt, error["type"], error["message"], error, step_fields)
+    await _fail(
+        store, record, attempt, type(exc).__name__, str(error["message"]), error, step_fields
+    )
 
 
 async def _fail(
@@ -250,6 +277,39 @@ async def _fail(
         owner=record.owner,
         expect=ACTIVE_STATES,
     )
+
+
+async def _handed_back(store: JobStore, record: JobRecord, context: TaskContext) -> None:
+    error = {
+        "type": "WorkerShutdown",
+        "message": "the worker stopped; another worker resumes the job from its checkpoints",
+        "step": context.current_step.name if context.current_step else None,
+        "retryable": True,
+    }
+    try:
+        await store.append(
+            record.id,
+            new_event(
+                record.id,
+                "retrying",
+                record.attempt,
+                error=error,
+                max_attempts=record.max_attempts + 1,
+                retry_at=utcnow(),
+            ),
+            {
+                "state": JobState.retrying.value,
+                "error": error,
+                "retry_at": utcnow(),
+                # A deploy is not the job's failure: it costs no attempt.
+                "max_attempts": record.max_attempts + 1,
+                **context.mark_interrupted_step("failed"),
+            },
+            owner=record.owner,
+            expect=(JobState.running,),
+        )
+    except Exception:
+        logger.warning("could not record the hand-back of job %s", record.id, exc_info=True)
 
 
 async def _cancelled(

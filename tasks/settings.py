@@ -36,10 +36,18 @@ class Settings(BaseSettings):
     # write events into that window and prove each arrives exactly once.
     resume_delay_seconds: float = 0.0
 
+    idempotency_ttl_seconds: int = 24 * 3600
+
     # Worker
     max_jobs: int = 10
     poll_delay_seconds: float = 0.01
     job_timeout_seconds: int = 3_600
+    # A running job holds a lease its worker renews; a killed worker's jobs are taken over by
+    # another worker once the lease lapses (arq alone would wait the whole job timeout).
+    lease_seconds: float = 8.0
+    # On SIGTERM a worker takes no new jobs and lets running ones finish for this long; the
+    # rest are handed back to the queue for another worker.
+    shutdown_grace_seconds: int = 20
 
     @property
     def task_module_list(self) -> list[str]:

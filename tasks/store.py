@@ -143,9 +143,7 @@ class JobStore:
 
     async def create(self, record: JobRecord, event: Mapping[str, Any]) -> Appended:
         fields = record.model_dump(mode="json", exclude={"last_event_id"})
-        appended = await self.append(
-            record.id, event, fields, owner=record.owner, mode="create"
-        )
+        appended = await self.append(record.id, event, fields, owner=record.owner, mode="create")
         if appended.ok:
             # The index outlives nothing: entries older than the retention point at expired jobs.
             horizon = (time.time() - self.settings.retention_seconds) * 1_000_000
@@ -153,9 +151,7 @@ class JobStore:
         return appended
 
     async def request_cancel(self, job_id: str) -> None:
-        await self.redis.set(
-            self.keys.job_cancel(job_id), "1", ex=self.settings.retention_seconds
-        )
+        await self.redis.set(self.keys.job_cancel(job_id), "1", ex=self.settings.retention_seconds)
 
     async def clear_cancel(self, job_id: str) -> None:
         await self.redis.delete(self.keys.job_cancel(job_id))
@@ -176,22 +172,16 @@ class JobStore:
             raws = await pipe.execute()
         return [decode_record(raw) for raw in raws]
 
-    async def read_events(
-        self, job_id: str, after: str, count: int
-    ) -> list[tuple[str, str]]:
+    async def read_events(self, job_id: str, after: str, count: int) -> list[tuple[str, str]]:
         """Up to ``count`` events of one job after ``after`` as (id, event json)."""
         rows = await self.redis.xrange(
             self.keys.job_events(job_id), min=f"({after}", max="+", count=count
         )
         return [(entry_id, fields["e"]) for entry_id, fields in rows]
 
-    async def read_firehose(
-        self, after: str, count: int
-    ) -> list[tuple[str, str, str]]:
+    async def read_firehose(self, after: str, count: int) -> list[tuple[str, str, str]]:
         """Up to ``count`` firehose entries after ``after`` as (id, job event id, event json)."""
-        rows = await self.redis.xrange(
-            self.keys.firehose, min=f"({after}", max="+", count=count
-        )
+        rows = await self.redis.xrange(self.keys.firehose, min=f"({after}", max="+", count=count)
         return [(entry_id, fields["i"], fields["e"]) for entry_id, fields in rows]
 
     async def stream_info(self, key: str) -> StreamInfo | None:
@@ -247,6 +237,8 @@ class JobStore:
                 found.append(record)
                 if len(found) == limit:
                     return found, skip_until
+            if skip_until is None:
+                break
             max_score = skip_until[0]
         return found, skip_until
 

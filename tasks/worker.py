@@ -11,11 +11,12 @@ from typing import Any
 
 from arq.connections import RedisSettings
 from arq.worker import func
-from redis.asyncio import Redis
+from redis.exceptions import ConnectionError, TimeoutError
 
+from tasks.connection import connect, patient_retry
 from tasks.keys import Keys
 from tasks.registry import load_tasks
-from tasks.runtime import RUN_JOB, CancelWatcher, run_job
+from tasks.runtime import RUN_JOB, JobMonitor, run_job
 from tasks.settings import get_settings
 from tasks.store import JobStore
 
@@ -24,16 +25,16 @@ load_tasks(settings.task_module_list)
 
 
 async def startup(ctx: dict[str, Any]) -> None:
-    redis = Redis.from_url(settings.redis_url, decode_responses=True)
+    redis = connect(settings.redis_url)
     store = JobStore(redis, settings)
-    watcher = CancelWatcher(store)
-    watcher.start()
-    ctx.update(store=store, cancel_watcher=watcher, store_redis=redis)
+    monitor = JobMonitor(store, settings.lease_seconds)
+    monitor.start()
+    ctx.update(store=store, job_monitor=monitor, store_redis=redis)
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
-    if "cancel_watcher" in ctx:
-        await ctx["cancel_watcher"].stop()
+    if "job_monitor" in ctx:
+        await ctx["job_monitor"].stop()
     if "store_redis" in ctx:
         await ctx["store_redis"].aclose()
 
@@ -46,6 +47,8 @@ class WorkerSettings:
     ]
     queue_name = Keys(settings.prefix).queue
     redis_settings = RedisSettings.from_dsn(settings.redis_url)
+    redis_settings.retry_on_error = [ConnectionError, TimeoutError, OSError]
+    redis_settings.retry = patient_retry()
     on_startup = startup
     on_shutdown = shutdown
     max_jobs = settings.max_jobs
@@ -53,4 +56,5 @@ class WorkerSettings:
     # job starts.
     poll_delay = settings.poll_delay_seconds
     keep_result = 0
+    job_completion_wait = settings.shutdown_grace_seconds
     health_check_key = f"{settings.prefix}worker-health"

@@ -150,9 +150,7 @@ async def generate_quote(ctx: TaskContext, data: QuoteInput) -> QuoteOutput:
     async with ctx.step(STEPS[5]):
         currency = table["currency"]
         total = round(tiered + workspace_cost, 2)
-        lines = [
-            f"{i.count} × {i.level} {i.role}: {i.subtotal:,.2f} {currency}" for i in items
-        ]
+        lines = [f"{i.count} × {i.level} {i.role}: {i.subtotal:,.2f} {currency}" for i in items]
         lines.append(f"Tier {data.tier} × {multiplier}: {tiered:,.2f} {currency}")
         lines.append(f"Workspace ({data.workspace}): {workspace_cost:,.2f} {currency}")
         lines.append(f"Total for {data.weeks} weeks: {total:,.2f} {currency}")
