@@ -3,6 +3,8 @@ so a test can interleave its own actions with a running job exactly."""
 
 from __future__ import annotations
 
+import asyncio
+
 from pydantic import BaseModel, Field
 
 from tasks import PermanentError, TaskContext, TransientError, task
@@ -90,3 +92,27 @@ async def burst(ctx: TaskContext, data: BurstInput) -> GatedOutput:
         for i in range(1, data.events + 1):
             await ctx.progress(i, data.events, f"event {i} {pad}")
     return GatedOutput(events=data.events)
+
+
+class SlowStepInput(BaseModel):
+    sleep: float = Field(default=1.0, ge=0, le=60)
+    timeout: float = Field(default=0.5, gt=0, le=60)
+
+
+class Done(BaseModel):
+    ok: bool = True
+
+
+@task(
+    "slow_step",
+    steps=["wait"],
+    input=SlowStepInput,
+    output=Done,
+    max_attempts=2,
+    backoff=Backoff(min_seconds=0.1, max_seconds=0.1, jitter=0.0),
+)
+async def slow_step(ctx: TaskContext, data: SlowStepInput) -> Done:
+    """A step that outlives its timeout."""
+    async with ctx.step("wait", timeout=data.timeout):
+        await asyncio.sleep(data.sleep)
+    return Done()

@@ -1,0 +1,117 @@
+"""Real faults: a worker killed mid-step, a worker stopped for a deploy, Valkey restarting."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Stack, StackFactory
+from tests.support.api import DOC, get_job, submit, wait_state
+from tests.support.processes import Valkey, wait_until
+from tests.support.sse import Event, read_stream
+from tests.support.tasks import executions_key, gate_key
+
+
+def full_log(base: str, job_id: str) -> list[Event]:
+    status, events = read_stream(f"{base}/api/jobs/{job_id}/events?after=0")
+    assert status == 200
+    return events
+
+
+def assert_coherent(log: list[Event]) -> None:
+    """Steps complete in order within each attempt; no step is completed for real twice."""
+    real = [
+        e.data["step"]["name"]
+        for e in log
+        if e.type == "step_completed" and not e.data.get("restored")
+    ]
+    assert len(real) == len(set(real)), f"a step completed twice: {real}"
+    ids = [e.id for e in log]
+    assert len(ids) == len(set(ids))
+    assert [e.type for e in log].count("completed") == 1 and log[-1].type == "completed"
+
+
+def test_a_killed_worker_s_job_is_taken_over_and_resumes_from_checkpoints(
+    make_stack: StackFactory,
+) -> None:
+    s = make_stack(webs=1, workers=1)
+    job = submit(s.url, "counted", {"gate_at": "four"})
+    r = s.redis()
+    wait_until(lambda: r.hget(executions_key(job["id"]), "four") == "1", 20, what="step four")
+    s.workers[0].kill()  # SIGKILL mid-step: no cleanup, no hand-back
+    killed_at = time.monotonic()
+    s.add_worker()
+    r.rpush(gate_key(job["id"]), "go")  # lets the new attempt through step four
+    done = wait_state(s.url, job["id"], {"completed", "failed"}, timeout=30)
+    took = time.monotonic() - killed_at
+    assert done["state"] == "completed"
+    assert took < 15, f"takeover took {took:.1f}s"
+    assert r.hgetall(executions_key(job["id"])) == {
+        "one": "1",
+        "two": "1",
+        "three": "1",
+        "four": "2",
+        "five": "1",
+    }
+    log = full_log(s.url, job["id"])
+    starts = [e.data["attempt"] for e in log if e.type == "started"]
+    assert starts == [1, 2]
+    assert_coherent(log)
+    restored = [e.data["step"]["name"] for e in log if e.data.get("restored")]
+    assert restored == ["one", "two", "three"]
+
+
+def test_sigterm_hands_running_jobs_back_and_loses_none(make_stack: StackFactory) -> None:
+    s = make_stack(webs=1, workers=1, STEPSTREAM_SHUTDOWN_GRACE_SECONDS="1")
+    quick = submit(s.url, "analyze_document", {"text": DOC, "pace": 0.05})
+    held = submit(s.url, "counted", {"gate_at": "two"})
+    r = s.redis()
+    wait_until(lambda: r.hget(executions_key(held["id"]), "two") == "1", 20, what="step two")
+    s.workers[0].signal(signal.SIGTERM)
+    # The quick job finishes inside the grace period; the held one is handed back.
+    assert wait_state(s.url, quick["id"], {"completed"}, timeout=20)["attempt"] == 1
+    handed = wait_state(s.url, held["id"], {"retrying"}, timeout=20)
+    assert handed["error"]["type"] == "WorkerShutdown"
+    wait_until(lambda: not s.workers[0].alive, 20, what="the worker to exit")
+    s.add_worker()
+    r.rpush(gate_key(held["id"]), "go")
+    done = wait_state(s.url, held["id"], {"completed", "failed"}, timeout=30)
+    assert done["state"] == "completed"
+    assert done["attempt"] == 2
+    assert done["max_attempts"] == 4, "a deploy costs no attempt"
+    log = full_log(s.url, held["id"])
+    assert_coherent(log)
+    assert r.hget(executions_key(held["id"]), "one") == "1"
+
+
+@pytest.fixture
+def own_valkey(tmp_path: Path) -> Iterator[Valkey]:
+    server = Valkey(tmp_path / "valkey").start()
+    yield server
+    server.stop()
+
+
+def test_a_valkey_restart_during_a_job_loses_nothing(own_valkey: Valkey, tmp_path: Path) -> None:
+    s = Stack(own_valkey, "vk:", tmp_path)
+    try:
+        s.add_web()
+        s.add_worker()
+        job = submit(s.url, "analyze_document", {"text": DOC, "pace": 0.15})
+        wait_until(lambda: (get_job(s.url, job["id"])["step"] or {}).get("index", 0) >= 2, 20)
+        own_valkey.restart(down_for=0.5)
+        done = wait_state(s.url, job["id"], {"completed", "failed"}, timeout=60)
+        assert done["state"] == "completed", done["error"]
+        log = full_log(s.url, job["id"])
+        assert_coherent(log)
+        steps = [e.data["step"]["index"] for e in log if e.type == "step"]
+        assert steps == list(range(1, 8)), "every step once, in order: no gap in the log"
+        # The finished result survives another restart (append-only file on).
+        own_valkey.restart()
+        wait_until(lambda: get_job(s.url, job["id"])["state"] == "completed", 20)
+        assert get_job(s.url, job["id"])["result"] == done["result"]
+    finally:
+        s.stop()

@@ -1,0 +1,104 @@
+"""Retries with rules, checkpoints and timeouts, run by a real worker."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from tests.conftest import Stack
+from tests.support.api import submit, wait_state
+from tests.support.sse import Event, read_stream
+from tests.support.tasks import executions_key
+
+
+def full_log(base: str, job_id: str) -> list[Event]:
+    status, events = read_stream(f"{base}/api/jobs/{job_id}/events?after=0")
+    assert status == 200
+    return events
+
+
+def at(event: Event) -> datetime:
+    return datetime.fromisoformat(event.data["at"])
+
+
+def test_a_transient_failure_retries_with_backoff_and_completed_steps_do_not_rerun(
+    stack: Stack,
+) -> None:
+    job = submit(stack.url, "counted", {"transient_failures": 2, "fail_at": "three"})
+    done = wait_state(stack.url, job["id"], {"completed", "failed"})
+    assert done["state"] == "completed"
+    assert done["attempt"] == 3
+    assert stack.redis().hgetall(executions_key(job["id"])) == {
+        "one": "1",
+        "two": "1",
+        "three": "3",
+        "four": "1",
+        "five": "1",
+    }
+    log = full_log(stack.url, job["id"])
+    types = [e.type for e in log]
+    assert types.count("started") == 3 and types.count("retrying") == 2
+    retrying = [e for e in log if e.type == "retrying"]
+    assert [e.data["attempt"] for e in retrying] == [1, 2]
+    assert all(e.data["max_attempts"] == 3 for e in retrying)
+    assert retrying[0].data["error"]["type"] == "TransientError"
+    assert retrying[0].data["error"]["step"] == "three"
+    # Backoff 0.2 s then 0.4 s (this task has no jitter): the next start waits for retry_at.
+    starts = [e for e in log if e.type == "started"]
+    for retry, start, wait in zip(retrying, starts[1:], (0.2, 0.4), strict=True):
+        assert (at(start) - at(retry)).total_seconds() >= wait * 0.9
+        assert datetime.fromisoformat(retry.data["retry_at"]) <= at(start)
+    # Steps one and two ran once; later attempts restored them from their checkpoints.
+    restored = [e.data["step"]["name"] for e in log if e.data.get("restored")]
+    assert restored == ["one", "two", "one", "two"]
+    completed_for_real = [
+        e.data["step"]["name"]
+        for e in log
+        if e.type == "step_completed" and not e.data.get("restored")
+    ]
+    assert completed_for_real == ["one", "two", "three", "four", "five"]
+
+
+def test_a_permanent_failure_fails_at_once_with_the_step_and_a_traceback(stack: Stack) -> None:
+    job = submit(stack.url, "counted", {"permanent_failure": True, "fail_at": "two"})
+    done = wait_state(stack.url, job["id"], {"completed", "failed"})
+    assert done["state"] == "failed"
+    assert done["attempt"] == 1
+    error = done["error"]
+    assert error["type"] == "PermanentError" and error["step"] == "two"
+    assert error["retryable"] is False
+    assert "refused at two" in error["message"]
+    assert "Traceback" in error["traceback"] and "PermanentError" in error["traceback"]
+    assert done["input"] == {"permanent_failure": True, "fail_at": "two"}
+    assert [s["state"] for s in done["steps"]][:2] == ["completed", "failed"]
+    log = full_log(stack.url, job["id"])
+    assert log[-1].type == "failed" and "retrying" not in [e.type for e in log]
+    assert "traceback" not in log[-1].data["error"], "tracebacks stay in the record"
+
+
+def test_invalid_output_is_a_permanent_failure(stack: Stack) -> None:
+    # The demo's own validation step: an unknown role is refused without retrying.
+    job = submit(stack.url, "generate_quote", {"roles": [{"role": "wizard"}], "weeks": 2})
+    done = wait_state(stack.url, job["id"], {"failed"})
+    assert done["attempt"] == 1
+    assert "wizard" in done["error"]["message"]
+
+
+def test_a_flaky_demo_job_recovers_on_its_own(stack: Stack) -> None:
+    job = submit(
+        stack.url,
+        "analyze_document",
+        {"text": "One sentence. Two sentences.", "flaky_attempts": 1, "fail_at": "Ranking chunks"},
+    )
+    done = wait_state(stack.url, job["id"], {"completed", "failed"}, timeout=60)
+    assert done["state"] == "completed" and done["attempt"] == 2
+
+
+def test_a_step_timeout_is_transient_then_fails_when_attempts_run_out(stack: Stack) -> None:
+    job = submit(stack.url, "slow_step", {"sleep": 5, "timeout": 0.2})
+    done = wait_state(stack.url, job["id"], {"completed", "failed"}, timeout=30)
+    assert done["state"] == "failed"
+    assert done["attempt"] == 2
+    assert done["error"]["type"] == "StepTimeout"
+    assert "timed out after 0.2s" in done["error"]["message"]
+    log = full_log(stack.url, job["id"])
+    assert [e.type for e in log].count("retrying") == 1
