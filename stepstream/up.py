@@ -65,8 +65,16 @@ def run_up(host: str, port: int, workers: int, data_dir: Path) -> int:
     signal.signal(signal.SIGTERM, stop)
     try:
         web_args = [
-            sys.executable, "-m", "uvicorn", "server.app:app",
-            "--host", host, "--port", str(port), "--timeout-graceful-shutdown", "5",
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "server.app:app",
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--timeout-graceful-shutdown",
+            "5",
         ]
         # Own sessions: Ctrl-C reaches only us, and we stop the children in order.
         children.append(subprocess.Popen(web_args, env=env, start_new_session=True))

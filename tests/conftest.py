@@ -63,9 +63,7 @@ StackFactory = Callable[..., Stack]
 
 
 @pytest.fixture
-def make_stack(
-    valkey: Valkey, tmp_path: Path
-) -> Iterator[StackFactory]:
+def make_stack(valkey: Valkey, tmp_path: Path) -> Iterator[StackFactory]:
     """Build a stack of its own for a test: ``make_stack(webs=2, workers=2, **env)``."""
     stacks: list[Stack] = []
 
@@ -88,9 +86,7 @@ def make_stack(
 
 
 @pytest.fixture(scope="module")
-def make_stack_module(
-    valkey: Valkey, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Stack]:
+def make_stack_module(valkey: Valkey, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A stack of the module's own (one web, one worker), for tests that inspect the store."""
     own = Stack(valkey, f"m{next(_prefixes)}:", tmp_path_factory.mktemp("module-logs"))
     try:

@@ -118,7 +118,7 @@ def test_a_slow_consumer_is_cut_off_and_memory_stays_bounded(make_stack: StackFa
     slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     slow.connect(("127.0.0.1", web.port))
     slow.sendall(
-        f"GET /api/events?after=0 HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n".encode()
+        b"GET /api/events?after=0 HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"
     )
     healthy = StreamReader(f"{s.url}/api/events", timeout=120).start()
     time.sleep(0.5)
@@ -130,7 +130,9 @@ def test_a_slow_consumer_is_cut_off_and_memory_stays_bounded(make_stack: StackFa
         lambda evs: any(e.type == "completed" and e.data["job_id"] == burst["id"] for e in evs),
         timeout=60,
     )
-    progress = [e for e in healthy.events if e.type == "progress" and e.data["job_id"] == burst["id"]]
+    progress = [
+        e for e in healthy.events if e.type == "progress" and e.data["job_id"] == burst["id"]
+    ]
     assert [e.data["current"] for e in progress] == list(range(1, 3_001))
     healthy.close()
 

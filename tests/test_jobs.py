@@ -193,8 +193,9 @@ def test_a_body_without_content_length_is_limited_while_reading(
         ("/api/nothing", {}, 404, "not_found"),
     ],
 )
-def test_bad_reads_are_json_4xx(stack: Stack, path: str, params: dict[str, str], status: int,
-                                code: str) -> None:
+def test_bad_reads_are_json_4xx(
+    stack: Stack, path: str, params: dict[str, str], status: int, code: str
+) -> None:
     response = httpx.get(f"{stack.url}{path}", params=params)
     assert response.status_code == status, response.text
     assert response.json()["error"]["code"] == code

@@ -127,9 +127,18 @@ class Web(Process):
     def __init__(self, env: dict[str, str], log_dir: Path, port: int | None = None) -> None:
         self.port = port or free_port()
         args = [
-            sys.executable, "-m", "uvicorn", "server.app:app",
-            "--host", "127.0.0.1", "--port", str(self.port),
-            "--log-level", "warning", "--timeout-graceful-shutdown", "3",
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "server.app:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+            "--timeout-graceful-shutdown",
+            "3",
         ]
         super().__init__(f"web-{self.port}", args, env, log_dir)
 
