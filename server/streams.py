@@ -172,17 +172,17 @@ class FirehoseStream:
         batch = self.settings.replay_batch
         after = "%d-%d" % self.last
         while True:
-            rows = await self.store.read_firehose(after, batch)
+            rows, after, more = await self.store.read_firehose(
+                after, batch, self.subscriber.owner
+            )
             chunks: list[bytes] = []
             for entry_id, job_event_id, event_json in rows:
-                after = entry_id
                 type_ = _event_type(event_json)
                 chunks.append(frame(type_, firehose_data(event_json, job_event_id), entry_id))
-            if rows:
-                self.last = parse_stream_id(after)
+            self.last = max(self.last, parse_stream_id(after))
             if chunks:
                 yield b"".join(chunks)
-            if len(rows) < batch:
+            if not more:
                 return
 
 

@@ -21,7 +21,7 @@ from tasks.keys import Keys
 from tasks.models import JobRecord, JobState, parse_stream_id, utcnow
 from tasks.settings import Settings
 
-# KEYS: record, job stream, firehose, cancel flag, job index
+# KEYS: record, job stream, firehose, cancel flag, job index, the owner's unfinished jobs
 # ARGV: event json, job maxlen, firehose maxlen, channel, ttl, mode, expected states, owner json,
 #       job id, index score (create only), then field/value pairs for the record.
 # mode: "create" (the record must not exist), "update" (it must), "update+cancel" (and no
@@ -42,8 +42,19 @@ else
 end
 local ttl = tonumber(ARGV[5])
 local jid = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[1])
-local fid = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'i', jid, 'e', ARGV[1])
+local fid = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*',
+  'i', jid, 'o', ARGV[8], 'e', ARGV[1])
 local n = #ARGV
+for i = 11, n - 1, 2 do
+  if ARGV[i] == 'state' then
+    local new_state = ARGV[i + 1]
+    if new_state == '"queued"' then
+      redis.call('ZADD', KEYS[6], ARGV[10], ARGV[9])
+    elseif new_state == '"completed"' or new_state == '"failed"' or new_state == '"cancelled"' then
+      redis.call('ZREM', KEYS[6], ARGV[9])
+    end
+  end
+end
 if n > 10 then
   redis.call('HSET', KEYS[1], unpack(ARGV, 11, n))
 end
@@ -135,6 +146,7 @@ class JobStore:
             self.keys.firehose,
             self.keys.job_cancel(job_id),
             self.keys.jobs,
+            self.keys.owner_unfinished(owner),
         ]
         jid, second = await self._append(keys=keys, args=args)
         if jid == "":
@@ -179,10 +191,26 @@ class JobStore:
         )
         return [(entry_id, fields["e"]) for entry_id, fields in rows]
 
-    async def read_firehose(self, after: str, count: int) -> list[tuple[str, str, str]]:
-        """Up to ``count`` firehose entries after ``after`` as (id, job event id, event json)."""
-        rows = await self.redis.xrange(self.keys.firehose, min=f"({after}", max="+", count=count)
-        return [(entry_id, fields["i"], fields["e"]) for entry_id, fields in rows]
+    async def read_firehose(
+        self, after: str, count: int, owner: str | None = None
+    ) -> tuple[list[tuple[str, str, str]], str, bool]:
+        """A page of firehose entries after ``after``: (rows, last id read, whether more follow).
+
+        Rows are (id, job event id, event json). With ``owner`` only that owner's entries are
+        returned, so a page may be short, or empty, and still not be the last.
+        """
+        rows = await self.redis.xrange(
+            self.keys.firehose, min=f"({after}", max="+", count=count
+        )
+        last = rows[-1][0] if rows else after
+        more = len(rows) == count
+        owner_json = json.dumps(owner) if owner is not None else None
+        page = [
+            (entry_id, fields["i"], fields["e"])
+            for entry_id, fields in rows
+            if owner_json is None or fields.get("o") == owner_json
+        ]
+        return page, last, more
 
     async def stream_info(self, key: str) -> StreamInfo | None:
         try:
