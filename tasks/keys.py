@@ -44,5 +44,23 @@ class Keys:
         """The arq queue (a sorted set owned by arq)."""
         return f"{self.prefix}queue"
 
-    def idempotency(self, key: str) -> str:
-        return f"{self.prefix}idem:{key}"
+    def idempotency(self, scope: str) -> str:
+        """String: the job an Idempotency-Key (hashed with its owner) created, and its body."""
+        return f"{self.prefix}idem:{scope}"
+
+    @property
+    def api_keys(self) -> str:
+        """Hash: SHA-256 of an API key → its owner."""
+        return f"{self.prefix}apikeys"
+
+    def owner_unfinished(self, owner: str | None) -> str:
+        """Sorted set: an owner's jobs that have not finished (for the per-owner limit)."""
+        return f"{self.prefix}unfinished:{owner or '-'}"
+
+    def submissions(self, owner: str | None, second: int) -> str:
+        """Counter: an owner's submissions in one second (rate limit)."""
+        return f"{self.prefix}rate:{owner or '-'}:{second}"
+
+    def task_slots(self, task: str) -> str:
+        """Sorted set: jobs holding one of a task's global concurrency slots, by lease expiry."""
+        return f"{self.prefix}slots:{task}"

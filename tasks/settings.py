@@ -38,6 +38,20 @@ class Settings(BaseSettings):
 
     idempotency_ttl_seconds: int = 24 * 3600
 
+    # Access (see README, "Owners, keys and tokens")
+    mode: str = "auto"  # development | production | auto (production unless bound to loopback)
+    secret: str | None = None  # signs stream tokens; required in production
+    api_keys: str = ""  # "owner:key,owner2:key2"; more with `stepstream keys create OWNER`
+    token_ttl_seconds: float = 900.0
+    cors_origins: str = ""  # comma separated; empty = CORS off
+
+    # Limits
+    max_input_depth: int = 32
+    max_string_length: int = 200_000
+    max_unfinished_per_owner: int = 1_000
+    submissions_per_second: int = 50
+    max_streams_per_owner: int = 100  # per web process
+
     # Worker
     max_jobs: int = 10
     poll_delay_seconds: float = 0.01
