@@ -1,0 +1,213 @@
+"""The asynchronous client: the same API as ``Client``, awaited (asyncio or trio)."""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from contextlib import aclosing
+from typing import Any
+
+import anyio
+import httpx
+from httpx_sse import EventSource
+
+from stepstream._base import (
+    ClientConfig,
+    RequestSpec,
+    RetryableStatus,
+    check_event_stream,
+    check_response,
+    job_path,
+    list_request,
+    make_config,
+    parse_job,
+    parse_page,
+    retry_delay,
+    should_retry,
+    submit_request,
+    unreachable,
+)
+from stepstream._exceptions import ServerUnavailable, WaitTimeout, error_from_response
+from stepstream._models import Event, Job, JobPage, JobState, SnapshotEvent
+from stepstream._sse import Reconnector, StreamFollower
+
+
+class AsyncClient:
+    """A Stepstream server, seen from async code; see ``Client`` for the parameters.
+
+    Use ``async with AsyncClient() as client:``, or call ``await client.aclose()``. Close the
+    iterators of ``events()`` you leave early with ``contextlib.aclosing``.
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        api_key: str | None = None,
+        timeout: float = 10.0,
+        retries: int = 2,
+        reconnect_timeout: float = 60.0,
+        stream_read_timeout: float = 45.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._config: ClientConfig = make_config(
+            base_url, api_key, timeout, retries, reconnect_timeout, stream_read_timeout
+        )
+        self._http = httpx.AsyncClient(
+            base_url=self._config.base_url,
+            headers=self._config.headers,
+            timeout=self._config.request_timeout,
+            transport=transport,
+        )
+
+    @property
+    def base_url(self) -> str:
+        return self._config.base_url
+
+    # -- jobs ------------------------------------------------------------------------------
+
+    async def submit(
+        self, task: str, input: dict[str, Any] | None = None, *, idempotency_key: str | None = None
+    ) -> Job:
+        """Start a job; returns its record (state ``queued``) at once."""
+        return parse_job(await self._send(submit_request(task, input, idempotency_key)))
+
+    async def get(self, job_id: str) -> Job:
+        return parse_job(await self._send(RequestSpec("GET", job_path(job_id))))
+
+    async def cancel(self, job_id: str) -> Job:
+        """Cancel a queued or running job (see ``Client.cancel``)."""
+        spec = RequestSpec("POST", job_path(job_id, "/cancel"), idempotent=False)
+        return parse_job(await self._send(spec))
+
+    async def retry(self, job_id: str) -> Job:
+        """Run a failed or cancelled job again."""
+        spec = RequestSpec("POST", job_path(job_id, "/retry"), idempotent=False)
+        return parse_job(await self._send(spec))
+
+    async def list(
+        self,
+        *,
+        status: str | JobState | Iterable[str | JobState] | None = None,
+        task: str | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> JobPage:
+        """One page of jobs, newest first; ``status`` may list several states."""
+        return parse_page(await self._send(list_request(status, task, limit, cursor)))
+
+    async def iter_jobs(
+        self,
+        *,
+        status: str | JobState | Iterable[str | JobState] | None = None,
+        task: str | None = None,
+        page_size: int | None = None,
+    ) -> AsyncIterator[Job]:
+        """Every job that matches, newest first, fetching pages as it goes."""
+        statuses = status if isinstance(status, str) or status is None else builtins.list(status)
+        cursor: str | None = None
+        while True:
+            page = await self.list(status=statuses, task=task, limit=page_size, cursor=cursor)
+            for job in page.jobs:
+                yield job
+            if not page.next_cursor or not page.jobs:
+                return
+            cursor = page.next_cursor
+
+    async def wait(self, job_id: str, timeout: float | None = None) -> Job:
+        """Follow the job's stream until it ends; returns the final record.
+
+        Raises ``WaitTimeout`` after ``timeout`` seconds (the job goes on running).
+        """
+        try:
+            with anyio.fail_after(timeout):
+                async with aclosing(self.events(job_id)) as events:
+                    async for event in events:
+                        if isinstance(event, SnapshotEvent) and event.job.finished:
+                            return event.job
+                return await self.get(job_id)
+        except TimeoutError:
+            raise WaitTimeout(f"job {job_id} had not finished after {timeout:g}s") from None
+
+    # -- streams ---------------------------------------------------------------------------
+
+    def events(self, job_id: str, after: str | None = None) -> AsyncGenerator[Event, None]:
+        """The job's events, live, ending after its terminal event (see ``Client.events``)."""
+        follower = StreamFollower(job_path(job_id, "/events"), after, ends_at_terminal=True)
+        return self._follow(follower)
+
+    def events_all(self, after: str | None = None) -> AsyncGenerator[Event, None]:
+        """Every job's events (the firehose), live and endless (see ``Client.events_all``)."""
+        return self._follow(StreamFollower("/api/events", after, ends_at_terminal=False))
+
+    async def _follow(self, follower: StreamFollower) -> AsyncGenerator[Event, None]:
+        reconnector = Reconnector(self._config.retries, self._config.reconnect_timeout)
+        while not follower.finished:
+            opened = False
+            try:
+                async with self._http.stream(
+                    "GET",
+                    follower.path,
+                    headers={**follower.request_headers(), "Accept": "text/event-stream"},
+                    timeout=self._config.stream_timeout(),
+                ) as response:
+                    if response.status_code == 204:
+                        follower.no_content()
+                        return
+                    if response.status_code >= 400:
+                        await response.aread()
+                        error = error_from_response(response)
+                        if isinstance(error, ServerUnavailable):
+                            raise RetryableStatus(str(error))
+                        raise error
+                    check_event_stream(response)
+                    reconnector.opened()
+                    follower.connection_opened()
+                    opened = True
+                    async with aclosing(EventSource(response).aiter_sse()) as frames:
+                        async for sse in frames:
+                            event = follower.accept(sse)
+                            if event is not None:
+                                yield event
+                            if follower.finished:
+                                return
+                delay = reconnector.dropped(follower)
+            except (httpx.TransportError, RetryableStatus) as exc:
+                if opened:  # it broke mid-stream (server gone, read timeout): resume
+                    delay = reconnector.dropped(follower)
+                else:
+                    reason = (
+                        str(exc)
+                        if isinstance(exc, RetryableStatus)
+                        else str(unreachable(self._config, exc))
+                    )
+                    delay = reconnector.failed(follower, reason)
+            await anyio.sleep(delay)
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    async def _send(self, spec: RequestSpec) -> httpx.Response:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                response = await self._http.request(spec.method, spec.path, **spec.kwargs())
+            except httpx.TransportError as exc:
+                if attempt <= self._config.retries and should_retry(spec, exc, None):
+                    await anyio.sleep(retry_delay(attempt))
+                    continue
+                raise unreachable(self._config, exc) from exc
+            if attempt <= self._config.retries and should_retry(spec, None, response.status_code):
+                await anyio.sleep(retry_delay(attempt))
+                continue
+            check_response(response)
+            return response
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()

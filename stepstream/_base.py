@@ -1,0 +1,175 @@
+"""What the sync and the async client share: configuration, requests, responses, retries."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from stepstream._exceptions import ServerUnavailable, StepstreamError, error_from_response
+from stepstream._models import Job, JobPage, JobState
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+URL_ENV = "STEPSTREAM_URL"
+API_KEY_ENV = "STEPSTREAM_API_KEY"
+USER_AGENT = "stepstream-python/0.1"
+# 502-504 are what a proxy says while the app restarts: worth another try. A 500 is a bug.
+RETRY_STATUSES = frozenset({502, 503, 504})
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    base_url: str
+    headers: dict[str, str]
+    timeout: float
+    retries: int
+    reconnect_timeout: float
+    stream_read_timeout: float
+
+    @property
+    def request_timeout(self) -> httpx.Timeout:
+        return httpx.Timeout(self.timeout)
+
+    def stream_timeout(self, read: float | None = None) -> httpx.Timeout:
+        # The server sends a heartbeat at least every 15 s: a read that waits much longer than
+        # that is a dead connection (a half-open socket, a frozen proxy), so reconnect.
+        return httpx.Timeout(self.timeout, read=read or self.stream_read_timeout)
+
+
+def make_config(
+    base_url: str | None,
+    api_key: str | None,
+    timeout: float,
+    retries: int,
+    reconnect_timeout: float,
+    stream_read_timeout: float,
+) -> ClientConfig:
+    url = (base_url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
+    if "://" not in url:
+        url = f"http://{url}"
+    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+    headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    return ClientConfig(url, headers, timeout, retries, reconnect_timeout, stream_read_timeout)
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """One API call, before it is sent: the same for the sync and the async client."""
+
+    method: str
+    path: str
+    params: dict[str, str] = field(default_factory=dict)
+    json: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+    # Safe to send twice: reads, and submits that carry an idempotency key.
+    idempotent: bool = True
+
+    def kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"params": self.params, "headers": self.headers}
+        if self.json is not None:
+            kwargs["json"] = self.json
+        return kwargs
+
+
+def job_path(job_id: str, suffix: str = "") -> str:
+    if not job_id:
+        raise ValueError("a job id is required")
+    return f"/api/jobs/{quote(job_id, safe='')}{suffix}"
+
+
+def submit_request(
+    task: str, input: dict[str, Any] | None, idempotency_key: str | None
+) -> RequestSpec:
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+    return RequestSpec(
+        "POST",
+        "/api/jobs",
+        json={"task": task, "input": input or {}},
+        headers=headers,
+        idempotent=idempotency_key is not None,
+    )
+
+
+def list_request(
+    status: str | JobState | Iterable[str | JobState] | None,
+    task: str | None,
+    limit: int | None,
+    cursor: str | None,
+) -> RequestSpec:
+    params: dict[str, str] = {}
+    if status is not None:
+        if isinstance(status, str):  # JobState is a str too
+            params["status"] = str(status)
+        else:
+            params["status"] = ",".join(str(s) for s in status)
+    if task:
+        params["task"] = task
+    if limit is not None:
+        params["limit"] = str(limit)
+    if cursor:
+        params["cursor"] = cursor
+    return RequestSpec("GET", "/api/jobs", params=params)
+
+
+class RetryableStatus(Exception):
+    """A 5xx while (re)connecting a stream: try again, as after a refused connection."""
+
+
+def should_retry(spec: RequestSpec, error: Exception | None, status: int | None) -> bool:
+    if isinstance(error, httpx.ConnectError | httpx.ConnectTimeout):
+        return True  # nothing was sent: always safe
+    if error is not None:
+        return spec.idempotent and isinstance(error, httpx.TransportError)
+    return spec.idempotent and status in RETRY_STATUSES
+
+
+def retry_delay(attempt: int) -> float:
+    """The pause before retry number ``attempt`` (1, 2, ...) of a plain request."""
+    return min(2.0, 0.25 * 2.0 ** (attempt - 1))
+
+
+def unreachable(config: ClientConfig, error: Exception) -> ServerUnavailable:
+    if isinstance(error, httpx.ConnectError | httpx.ConnectTimeout):
+        return ServerUnavailable(f"cannot connect to {config.base_url} ({error})")
+    if isinstance(error, httpx.TimeoutException):
+        return ServerUnavailable(f"{config.base_url} did not answer in time ({error!r})")
+    return ServerUnavailable(f"the connection to {config.base_url} failed ({error!r})")
+
+
+def check_response(response: httpx.Response) -> None:
+    """Raise the client's exception for an error status (the body must have been read)."""
+    if response.status_code >= 400:
+        raise error_from_response(response)
+
+
+def parse_job(response: httpx.Response) -> Job:
+    check_response(response)
+    return Job.model_validate(_json(response))
+
+
+def parse_page(response: httpx.Response) -> JobPage:
+    check_response(response)
+    return JobPage.model_validate(_json(response))
+
+
+def _json(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        raise StepstreamError(
+            f"expected JSON from {response.request.url}, got {response.text[:200]!r}"
+        ) from None
+
+
+def check_event_stream(response: httpx.Response) -> None:
+    content_type = response.headers.get("content-type", "")
+    if "text/event-stream" not in content_type:
+        raise StepstreamError(
+            f"expected an event stream from {response.request.url}, got {content_type!r}"
+        )

@@ -1,0 +1,240 @@
+"""The synchronous client."""
+
+from __future__ import annotations
+
+import builtins
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import httpx
+from httpx_sse import EventSource
+
+from stepstream._base import (
+    ClientConfig,
+    RequestSpec,
+    RetryableStatus,
+    check_event_stream,
+    check_response,
+    job_path,
+    list_request,
+    make_config,
+    parse_job,
+    parse_page,
+    retry_delay,
+    should_retry,
+    submit_request,
+    unreachable,
+)
+from stepstream._exceptions import ServerUnavailable, WaitTimeout, error_from_response
+from stepstream._models import Event, Job, JobPage, JobState, SnapshotEvent
+from stepstream._sse import Reconnector, StreamFollower
+
+
+class Client:
+    """A Stepstream server, seen from a script.
+
+    ``base_url`` defaults to ``$STEPSTREAM_URL``, then ``http://127.0.0.1:8000``; ``api_key``
+    (default ``$STEPSTREAM_API_KEY``) is sent as ``Authorization: Bearer``. ``timeout`` bounds
+    each request; plain requests are tried ``retries`` more times when the server cannot be
+    reached; a live stream that drops is resumed for up to ``reconnect_timeout`` seconds.
+    Use it as a context manager, or call ``close()``.
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        api_key: str | None = None,
+        timeout: float = 10.0,
+        retries: int = 2,
+        reconnect_timeout: float = 60.0,
+        stream_read_timeout: float = 45.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self._config: ClientConfig = make_config(
+            base_url, api_key, timeout, retries, reconnect_timeout, stream_read_timeout
+        )
+        self._http = httpx.Client(
+            base_url=self._config.base_url,
+            headers=self._config.headers,
+            timeout=self._config.request_timeout,
+            transport=transport,
+        )
+
+    @property
+    def base_url(self) -> str:
+        return self._config.base_url
+
+    # -- jobs ------------------------------------------------------------------------------
+
+    def submit(
+        self, task: str, input: dict[str, Any] | None = None, *, idempotency_key: str | None = None
+    ) -> Job:
+        """Start a job; returns its record (state ``queued``) at once."""
+        return parse_job(self._send(submit_request(task, input, idempotency_key)))
+
+    def get(self, job_id: str) -> Job:
+        return parse_job(self._send(RequestSpec("GET", job_path(job_id))))
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a queued or running job. A running one stops at its next event: the record
+        says ``cancel_requested`` until the ``cancelled`` event arrives."""
+        return parse_job(
+            self._send(RequestSpec("POST", job_path(job_id, "/cancel"), idempotent=False))
+        )
+
+    def retry(self, job_id: str) -> Job:
+        """Run a failed or cancelled job again (same id, a fresh budget of attempts)."""
+        return parse_job(
+            self._send(RequestSpec("POST", job_path(job_id, "/retry"), idempotent=False))
+        )
+
+    def list(
+        self,
+        *,
+        status: str | JobState | Iterable[str | JobState] | None = None,
+        task: str | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> JobPage:
+        """One page of jobs, newest first; ``status`` may list several states."""
+        return parse_page(self._send(list_request(status, task, limit, cursor)))
+
+    def iter_jobs(
+        self,
+        *,
+        status: str | JobState | Iterable[str | JobState] | None = None,
+        task: str | None = None,
+        page_size: int | None = None,
+    ) -> Iterator[Job]:
+        """Every job that matches, newest first, fetching pages as it goes."""
+        statuses = status if isinstance(status, str) or status is None else builtins.list(status)
+        cursor: str | None = None
+        while True:
+            page = self.list(status=statuses, task=task, limit=page_size, cursor=cursor)
+            yield from page.jobs
+            if not page.next_cursor or not page.jobs:
+                return
+            cursor = page.next_cursor
+
+    def wait(self, job_id: str, timeout: float | None = None) -> Job:
+        """Follow the job's stream until it ends; returns the final record.
+
+        Raises ``WaitTimeout`` after ``timeout`` seconds (the job goes on running).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for event in self._follow(
+            StreamFollower(job_path(job_id, "/events"), None, ends_at_terminal=True), deadline
+        ):
+            if isinstance(event, SnapshotEvent) and event.job.finished:
+                return event.job
+        # The stream ended at a terminal event (or a 204): the record is final now.
+        return self.get(job_id)
+
+    # -- streams ---------------------------------------------------------------------------
+
+    def events(self, job_id: str, after: str | None = None) -> Iterator[Event]:
+        """The job's events, live, ending after its terminal event.
+
+        Without ``after`` the first event is a ``SnapshotEvent`` (the record now); with
+        ``after="0"`` the whole log; with an event id, exactly the events after it. A dropped
+        connection or a server restart is resumed from the last event id.
+        """
+        follower = StreamFollower(job_path(job_id, "/events"), after, ends_at_terminal=True)
+        return self._follow(follower, None)
+
+    def events_all(self, after: str | None = None) -> Iterator[Event]:
+        """Every job's events (the firehose), live and endless; resumes like ``events``.
+
+        Its ids are firehose ids (each event's id in its job's log is ``event_id``). A
+        ``ResetEvent`` means events were missed: refetch ``list()``.
+        """
+        return self._follow(StreamFollower("/api/events", after, ends_at_terminal=False), None)
+
+    def _follow(self, follower: StreamFollower, deadline: float | None) -> Iterator[Event]:
+        reconnector = Reconnector(self._config.retries, self._config.reconnect_timeout)
+        while not follower.finished:
+            read_timeout: float | None = None
+            if deadline is not None:
+                read_timeout = deadline - time.monotonic()
+                if read_timeout <= 0:
+                    raise _wait_timeout(follower)
+                read_timeout = min(read_timeout, self._config.stream_read_timeout)
+            opened = False
+            try:
+                with self._http.stream(
+                    "GET",
+                    follower.path,
+                    headers={**follower.request_headers(), "Accept": "text/event-stream"},
+                    timeout=self._config.stream_timeout(read_timeout),
+                ) as response:
+                    if response.status_code == 204:
+                        follower.no_content()
+                        return
+                    if response.status_code >= 400:
+                        response.read()
+                        error = error_from_response(response)
+                        if isinstance(error, ServerUnavailable):
+                            raise RetryableStatus(str(error))
+                        raise error
+                    check_event_stream(response)
+                    reconnector.opened()
+                    follower.connection_opened()
+                    opened = True
+                    for sse in EventSource(response).iter_sse():
+                        event = follower.accept(sse)
+                        if event is not None:
+                            yield event
+                        if follower.finished:
+                            return
+                        if deadline is not None and time.monotonic() > deadline:
+                            raise _wait_timeout(follower)
+                delay = reconnector.dropped(follower)
+            except (httpx.TransportError, RetryableStatus) as exc:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise _wait_timeout(follower) from None
+                if opened:  # it broke mid-stream (server gone, read timeout): resume
+                    delay = reconnector.dropped(follower)
+                else:
+                    reason = (
+                        str(exc)
+                        if isinstance(exc, RetryableStatus)
+                        else str(unreachable(self._config, exc))
+                    )
+                    delay = reconnector.failed(follower, reason)
+            if deadline is not None:
+                delay = min(delay, max(0.0, deadline - time.monotonic()))
+            time.sleep(delay)
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def _send(self, spec: RequestSpec) -> httpx.Response:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                response = self._http.request(spec.method, spec.path, **spec.kwargs())
+            except httpx.TransportError as exc:
+                if attempt <= self._config.retries and should_retry(spec, exc, None):
+                    time.sleep(retry_delay(attempt))
+                    continue
+                raise unreachable(self._config, exc) from exc
+            if attempt <= self._config.retries and should_retry(spec, None, response.status_code):
+                time.sleep(retry_delay(attempt))
+                continue
+            check_response(response)
+            return response
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _wait_timeout(follower: StreamFollower) -> WaitTimeout:
+    return WaitTimeout(f"{follower.path} had not ended in time (last event {follower.cursor})")

@@ -1,0 +1,275 @@
+"""How ``stepstream watch`` and ``stepstream tail`` show events: a live bar on a terminal,
+one plain line per event in a pipe or a log, or one JSON object per line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from datetime import datetime
+from typing import Any, Protocol, TextIO
+
+from stepstream._models import (
+    CancelledEvent,
+    CompletedEvent,
+    Event,
+    FailedEvent,
+    Job,
+    JobState,
+    LogEvent,
+    ProgressEvent,
+    QueuedEvent,
+    ResetEvent,
+    RetryingEvent,
+    SnapshotEvent,
+    StartedEvent,
+    Step,
+    StepCompletedEvent,
+    StepEvent,
+    event_json,
+)
+
+REDRAW_INTERVAL = 0.05  # seconds: a burst of progress events redraws the bar 20 times a second
+
+
+class Renderer(Protocol):
+    def show(self, event: Event) -> None: ...
+
+    def close(self) -> None:
+        """Leave the output tidy (end a half-drawn bar line) before anything else is printed."""
+
+
+def describe(event: Event) -> str:
+    """One line saying what the event means, without the job id."""
+    if isinstance(event, QueuedEvent):
+        again = " again" if event.data.get("reason") == "retry" else ""
+        return f"Queued{again}"
+    if isinstance(event, StartedEvent):
+        return f"Started attempt {event.attempt} of {event.max_attempts}"
+    if isinstance(event, StepEvent):
+        return str(event.step)
+    if isinstance(event, ProgressEvent):
+        return progress_text(event)
+    if isinstance(event, StepCompletedEvent):
+        how = "restored from an earlier attempt" if event.restored else "done"
+        took = (
+            f" in {format_ms(event.duration_ms)}"
+            if event.duration_ms and not event.restored
+            else ""
+        )
+        return f"✓ {event.step.name} {how}{took}"
+    if isinstance(event, LogEvent):
+        return f"[{event.level}] {event.message}"
+    if isinstance(event, RetryingEvent):
+        error = f": {event.error}" if event.error else ""
+        when = f"; next attempt at {event.retry_at}" if event.retry_at else ""
+        return f"Attempt {event.attempt} failed{error}{when}"
+    if isinstance(event, CompletedEvent):
+        return "Completed"
+    if isinstance(event, FailedEvent):
+        return f"Failed: {event.error}" if event.error else "Failed"
+    if isinstance(event, CancelledEvent):
+        return f"Cancelled: {event.reason}" if event.reason else "Cancelled"
+    if isinstance(event, SnapshotEvent):
+        return describe_job(event.job)
+    if isinstance(event, ResetEvent):
+        return f"Some events were missed ({event.reason}); continuing from the current state"
+    return f"{event.type} {json.dumps(event.data, ensure_ascii=False)}"
+
+
+def describe_job(job: Job) -> str:
+    parts = [f"{job.task} is {job.state.value}"]
+    if job.step is not None and not job.finished:
+        parts.append(str(job.step))
+    if job.message:
+        parts.append(job.message)
+    return " · ".join(parts)
+
+
+def progress_text(event: ProgressEvent) -> str:
+    counts = f"{_number(event.current)} of {_number(event.total)}" if event.total else ""
+    text = event.message or counts
+    fraction = event.fraction
+    return f"{text} ({fraction:.0%})" if fraction is not None and text else text
+
+
+def format_ms(ms: float) -> str:
+    return f"{ms:.0f} ms" if ms < 1000 else f"{ms / 1000:.1f} s"
+
+
+def _number(value: float | None) -> str:
+    return "?" if value is None else f"{value:g}"
+
+
+def _seconds_between(start: str | None, end: str | None) -> float | None:
+    if not start or not end:
+        return None
+    try:
+        return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+    except ValueError:
+        return None
+
+
+def result_text(result: Any) -> str:
+    return json.dumps(result, indent=2, ensure_ascii=False)
+
+
+class JsonLines:
+    """One JSON object per event, ``{"id", "type", "data"}``: for ``jq`` and other programs."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+
+    def show(self, event: Event) -> None:
+        self.out.write(json.dumps(event_json(event), ensure_ascii=False) + "\n")
+        self.out.flush()
+
+    def close(self) -> None:
+        pass
+
+
+class PlainLines:
+    """One line per event, no control characters: for pipes, files and CI logs."""
+
+    def __init__(self, out: TextIO, job_id: str | None = None) -> None:
+        self.out = out
+        self.job_id = job_id  # None: the firehose, where each line names its job
+        self.first_started_at: str | None = None
+
+    def show(self, event: Event) -> None:
+        if self.job_id is None:
+            clock = (event.at or "")[11:19] or "--:--:--"
+            self._line(f"{clock}  {event.job_id or '-'}  {describe(event)}")
+            return
+        if isinstance(event, StartedEvent) and self.first_started_at is None:
+            self.first_started_at = event.at
+        if isinstance(event, QueuedEvent):
+            self._line(f"{describe(event)}: job {event.job_id}")
+        elif isinstance(event, StepEvent):
+            self._line(describe(event))
+        elif isinstance(event, CompletedEvent):
+            took = _seconds_between(self.first_started_at, event.at)
+            self._line("Completed" + (f" in {took:.1f} s" if took is not None else ""))
+            self._line(result_text(event.result))
+        elif isinstance(event, SnapshotEvent) and event.job.state is JobState.completed:
+            self._line(describe(event))
+            self._line(result_text(event.job.result))
+        elif isinstance(event, SnapshotEvent) and event.job.error and event.job.finished:
+            self._line(f"{describe(event)}: {event.job.error}")
+        else:
+            self._line(f"  {describe(event)}")
+
+    def _line(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def close(self) -> None:
+        pass
+
+
+class TerminalBar(PlainLines):
+    """Finished steps as lines, and one live line redrawn in place:
+
+    ``[█████████░░░░░░░░░░░░░░░]  38%  Step 3 of 7 · Embedding chunks — Embedded 12 of 50``
+    """
+
+    BAR_WIDTH = 24
+
+    def __init__(self, out: TextIO, job_id: str) -> None:
+        super().__init__(out, job_id)
+        self.step: Step | None = None
+        self.step_fraction = 0.0
+        self.message = ""
+        self.status = "Waiting for the job to start"
+        self.drawn = False
+        self.last_draw = 0.0
+        encoding = (getattr(out, "encoding", None) or "").lower()
+        self.fill, self.empty = ("█", "░") if "utf" in encoding else ("#", "-")
+
+    def show(self, event: Event) -> None:
+        if isinstance(event, StartedEvent) and self.first_started_at is None:
+            self.first_started_at = event.at
+        if isinstance(event, SnapshotEvent):
+            job = event.job
+            self.step, self.message = job.step, job.message or ""
+            if job.finished:
+                super().show(event)
+                return
+            self.status = describe_job(job)
+            self._draw(force=True)
+        elif isinstance(event, QueuedEvent):
+            self.status = f"Queued: job {event.job_id}"
+            self._draw(force=True)
+        elif isinstance(event, StartedEvent):
+            self.status = describe(event)
+            self._draw(force=True)
+        elif isinstance(event, StepEvent):
+            self.step, self.step_fraction, self.message = event.step, 0.0, ""
+            self._draw(force=True)
+        elif isinstance(event, ProgressEvent):
+            self.step_fraction = event.fraction or self.step_fraction
+            self.message = progress_text(event)
+            self._draw()
+        elif isinstance(event, StepCompletedEvent):
+            self.step, self.step_fraction, self.message = event.step, 1.0, ""
+            if event.restored:
+                took = " · restored from an earlier attempt"
+            else:
+                took = f" · {format_ms(event.duration_ms)}" if event.duration_ms else ""
+            self._print(f"✓ {event.step}{took}")
+            self._draw(force=True)
+        elif isinstance(event, LogEvent | RetryingEvent | ResetEvent):
+            self._print(f"  {describe(event)}")
+            self._draw(force=True)
+        else:  # the end: completed, failed, cancelled
+            self._clear()
+            super().show(event)
+
+    def _overall(self) -> float:
+        if self.step is None or not self.step.count:
+            return 0.0
+        return min(1.0, (self.step.index - 1 + self.step_fraction) / self.step.count)
+
+    def _draw(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last_draw < REDRAW_INTERVAL:
+            return
+        self.last_draw = now
+        overall = self._overall()
+        filled = round(overall * self.BAR_WIDTH)
+        bar = self.fill * filled + self.empty * (self.BAR_WIDTH - filled)
+        what = str(self.step) if self.step else self.status
+        if self.message:
+            what += f" — {self.message}"
+        line = f"[{bar}] {overall:4.0%}  {what}"
+        # Never wrap: a wrapped line cannot be redrawn in place.
+        width = shutil.get_terminal_size((80, 24)).columns - 1
+        if len(line) > width:
+            line = line[: max(0, width - 1)] + "…"
+        self.out.write("\r\033[K" + line)
+        self.out.flush()
+        self.drawn = True
+
+    def _clear(self) -> None:
+        if self.drawn:
+            self.out.write("\r\033[K")
+            self.out.flush()
+            self.drawn = False
+
+    def _print(self, text: str) -> None:
+        self._clear()
+        self._line(text)
+
+    def close(self) -> None:
+        self._clear()
+
+
+def make_renderer(mode: str, job_id: str | None, out: TextIO | None = None) -> Renderer:
+    """``mode``: ``json``, ``plain`` or ``auto`` (a bar when ``out`` is a terminal)."""
+    out = out or sys.stdout
+    if mode == "json":
+        return JsonLines(out)
+    if mode == "auto" and job_id is not None and out.isatty():
+        return TerminalBar(out, job_id)
+    return PlainLines(out, job_id)
