@@ -95,6 +95,8 @@ def progress_text(event: ProgressEvent) -> str:
 
 
 def format_ms(ms: float) -> str:
+    if ms < 10:
+        return f"{ms:.1f} ms"
     return f"{ms:.0f} ms" if ms < 1000 else f"{ms / 1000:.1f} s"
 
 
@@ -146,7 +148,7 @@ class PlainLines:
             self.first_started_at = event.at
         if isinstance(event, QueuedEvent):
             self._line(f"{describe(event)}: job {event.job_id}")
-        elif isinstance(event, StepEvent):
+        elif isinstance(event, StepEvent | FailedEvent | CancelledEvent):
             self._line(describe(event))
         elif isinstance(event, CompletedEvent):
             took = _seconds_between(self.first_started_at, event.at)
