@@ -18,6 +18,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from server import events, health, jobs
+from server.auth import Authenticator
 from server.errors import (
     ApiError,
     api_error_handler,
@@ -26,7 +27,10 @@ from server.errors import (
     server_error_handler,
 )
 from server.hub import Hub
+from server.security import is_production, middleware
 from server.state import AppState
+from tasks import apikeys
+from tasks.apikeys import ApiKeys
 from tasks.connection import connect
 from tasks.registry import load_tasks
 from tasks.settings import Settings, get_settings
@@ -46,6 +50,20 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        production = is_production(settings)
+        if production and not settings.secret:
+            raise RuntimeError(
+                "Stepstream runs in production mode here (STEPSTREAM_MODE, or a non-loopback "
+                "address) and needs STEPSTREAM_SECRET to sign stream tokens. Set it to a long "
+                "random value (for example `python -c 'import secrets; "
+                "print(secrets.token_hex(32))'`), or set STEPSTREAM_MODE=development on a "
+                "trusted machine."
+            )
+        logger.warning(
+            "Stepstream in %s mode%s",
+            "production" if production else "development",
+            "" if production else ": the API is open to anyone who can reach this address",
+        )
         # Patient: a request waits out a short Redis outage instead of failing.
         redis = connect(settings.redis_url, attempts=10)
         pubsub_redis = Redis.from_url(settings.redis_url, decode_responses=True)
@@ -58,7 +76,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
             heartbeat_seconds=settings.heartbeat_seconds,
         )
         await hub.start()
-        app.state.stepstream = AppState(settings, redis, store, hub, arq)
+        auth = Authenticator(
+            production=production,
+            secret=settings.secret,
+            keys=ApiKeys(redis, store.keys, apikeys.parse_configured(settings.api_keys)),
+            token_ttl=settings.token_ttl_seconds,
+        )
+        app.state.stepstream = AppState(settings, redis, store, hub, arq, auth)
         try:
             yield
         finally:
@@ -74,7 +98,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/api/jobs/{job_id}/events", events.job_events, methods=["GET"]),
         Route("/api/jobs/{job_id}/cancel", jobs.cancel_job, methods=["POST"]),
         Route("/api/jobs/{job_id}/retry", jobs.retry_job, methods=["POST"]),
+        Route("/api/jobs/{job_id}/token", jobs.job_token, methods=["POST"]),
         Route("/api/events", events.firehose, methods=["GET"]),
+        Route("/api/events/token", jobs.firehose_token, methods=["POST"]),
         Route("/api/tasks", jobs.list_tasks, methods=["GET"]),
         Route("/api/stats", health.stats, methods=["GET"]),
         Route("/healthz", health.healthz, methods=["GET"]),
@@ -84,6 +110,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     ]
     return Starlette(
         routes=routes,
+        middleware=middleware(settings),
         lifespan=lifespan,
         exception_handlers={
             ApiError: api_error_handler,

@@ -6,7 +6,9 @@ from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
+from server.auth import FIREHOSE_SCOPE
 from server.errors import ApiError
+from server.guards import guarded, open_stream
 from server.jobs import load_job
 from server.state import AppState
 from server.streams import FirehoseStream, JobStream
@@ -40,16 +42,22 @@ def sse_response(state: AppState, body: object) -> Response:
 
 async def job_events(request: Request) -> Response:
     state: AppState = request.app.state.stepstream
+    principal = await state.auth.authenticate(request, allow_token=True)
     cursor = read_cursor(request)
-    record = await load_job(request)
+    record = await load_job(request, principal)
     if cursor is not None and record.state.terminal and cursor == record.last_event_id:
         return Response(status_code=204)  # the standard's "stop reconnecting"
+    open_stream(state, principal)
     stream = JobStream(state.store, state.hub, state.settings, record, cursor)
-    return sse_response(state, stream.frames())
+    return sse_response(state, guarded(state, principal, stream.frames()))
 
 
 async def firehose(request: Request) -> Response:
     state: AppState = request.app.state.stepstream
+    principal = await state.auth.authenticate(request, allow_token=True)
+    if principal.token_scope not in (None, FIREHOSE_SCOPE):
+        raise ApiError(401, "token_scope", "this token opens one job's stream, not the firehose")
     cursor = read_cursor(request)
-    stream = FirehoseStream(state.store, state.hub, state.settings, cursor)
-    return sse_response(state, stream.frames())
+    open_stream(state, principal)
+    stream = FirehoseStream(state.store, state.hub, state.settings, cursor, principal.owner)
+    return sse_response(state, guarded(state, principal, stream.frames()))

@@ -9,6 +9,7 @@ import hashlib
 import json
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,10 +17,12 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from server.auth import FIREHOSE_SCOPE, Principal
 from server.errors import ApiError
 from server.state import AppState
 from tasks.models import JobRecord, JobState, utcnow
 from tasks.registry import all_tasks, get_task
+from tasks.settings import Settings
 from tasks.store import new_event
 
 JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -67,6 +70,7 @@ def job_json(record: JobRecord) -> dict[str, Any]:
 
 async def submit_job(request: Request) -> Response:
     state: AppState = request.app.state.stepstream
+    principal = await state.auth.authenticate(request)
     body = await read_json(request, state.settings.max_body_bytes)
     if not isinstance(body, dict):
         raise ApiError(422, "invalid_body", "the body must be a JSON object {task, input}")
@@ -88,6 +92,7 @@ async def submit_job(request: Request) -> Response:
     raw_input = body.get("input", {})
     if not isinstance(raw_input, dict):
         raise ApiError(422, "invalid_input", "`input` must be a JSON object")
+    check_input_shape(raw_input, state.settings)
     try:
         spec.input_model.model_validate(raw_input)
     except ValidationError as exc:
@@ -101,34 +106,103 @@ async def submit_job(request: Request) -> Response:
             ],
         ) from None
 
+    owner = principal.owner
     idempotency_key = request.headers.get("idempotency-key")
     if idempotency_key is None:
-        record = await _create_job(state, spec.max_attempts, task_name, raw_input, new_job_id())
-        return _accepted(record, 202)
-    claim = await _claim_idempotency_key(state, idempotency_key, task_name, raw_input)
+        await enforce_submission_limits(state, owner)
+        record = await _create_job(
+            state, owner, spec.max_attempts, task_name, raw_input, new_job_id()
+        )
+        return _accepted(state, record, 202)
+    claim = await _claim_idempotency_key(state, owner, idempotency_key, task_name, raw_input)
     if claim.existing is not None:
-        return _accepted(claim.existing, 200)
+        return _accepted(state, claim.existing, 200)
     try:
-        record = await _create_job(state, spec.max_attempts, task_name, raw_input, claim.job_id)
+        await enforce_submission_limits(state, owner)
+        record = await _create_job(
+            state, owner, spec.max_attempts, task_name, raw_input, claim.job_id
+        )
     except BaseException:
         await state.redis.delete(claim.redis_key)  # let the client's retry create the job
         raise
-    return _accepted(record, 202)
+    return _accepted(state, record, 202)
 
 
-def _accepted(record: JobRecord, status: int) -> JSONResponse:
-    return JSONResponse(
-        job_json(record), status_code=status, headers={"Location": f"/api/jobs/{record.id}"}
-    )
+def _accepted(state: AppState, record: JobRecord, status: int) -> JSONResponse:
+    body = job_json(record)
+    # EventSource cannot send headers: the answer carries a token for this job's stream.
+    token, expires_at = state.auth.issue_token(record.owner, f"job:{record.id}")
+    body["stream_token"] = token
+    body["stream_token_expires_at"] = expires_at
+    return JSONResponse(body, status_code=status, headers={"Location": f"/api/jobs/{record.id}"})
+
+
+def check_input_shape(value: Any, settings: Settings) -> None:
+    """Refuse inputs nested too deeply or holding over-long strings, before any model sees them."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > settings.max_input_depth:
+            raise ApiError(
+                422,
+                "input_too_deep",
+                f"the input is nested deeper than {settings.max_input_depth} levels",
+                {"limit": settings.max_input_depth},
+            )
+        if isinstance(item, dict):
+            for key, child in item.items():
+                stack.append((key, depth + 1))
+                stack.append((child, depth + 1))
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+        elif isinstance(item, str) and len(item) > settings.max_string_length:
+            raise ApiError(
+                422,
+                "string_too_long",
+                f"a string in the input is longer than {settings.max_string_length} characters",
+                {"limit": settings.max_string_length},
+            )
+
+
+async def enforce_submission_limits(state: AppState, owner: str | None) -> None:
+    keys = state.store.keys
+    second = int(time.time())
+    async with state.redis.pipeline(transaction=False) as pipe:
+        pipe.incr(keys.submissions(owner, second))
+        pipe.expire(keys.submissions(owner, second), 2)
+        pipe.zcard(keys.owner_unfinished(owner))
+        submitted, _, unfinished = await pipe.execute()
+    if submitted > state.settings.submissions_per_second:
+        raise ApiError(
+            429,
+            "rate_limited",
+            f"more than {state.settings.submissions_per_second} submissions in one second",
+            {"limit": state.settings.submissions_per_second},
+            headers={"Retry-After": "1"},
+        )
+    if unfinished >= state.settings.max_unfinished_per_owner:
+        raise ApiError(
+            429,
+            "too_many_unfinished_jobs",
+            f"{unfinished} jobs have not finished yet; the limit is "
+            f"{state.settings.max_unfinished_per_owner}",
+            {"limit": state.settings.max_unfinished_per_owner},
+            headers={"Retry-After": "5"},
+        )
 
 
 async def _create_job(
-    state: AppState, max_attempts: int, task_name: str, raw_input: dict[str, Any], job_id: str
+    state: AppState,
+    owner: str | None,
+    max_attempts: int,
+    task_name: str,
+    raw_input: dict[str, Any],
+    job_id: str,
 ) -> JobRecord:
     record = JobRecord(
         id=job_id,
         task=task_name,
-        owner=None,
+        owner=owner,
         state=JobState.queued,
         input=raw_input,
         max_attempts=max_attempts,
@@ -154,7 +228,7 @@ _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,200}")
 
 
 async def _claim_idempotency_key(
-    state: AppState, key: str, task_name: str, raw_input: dict[str, Any]
+    state: AppState, owner: str | None, key: str, task_name: str, raw_input: dict[str, Any]
 ) -> _Claim:
     """Claim ``key`` for a new job, or find the job an earlier identical request created.
 
@@ -171,7 +245,8 @@ async def _claim_idempotency_key(
         {"task": task_name, "input": raw_input}, sort_keys=True, separators=(",", ":")
     )
     fingerprint = hashlib.sha256(body.encode()).hexdigest()
-    scope = hashlib.sha256(f"{None}\n{key}".encode()).hexdigest()
+    # Keys are per owner: two owners may use the same key without seeing each other's job.
+    scope = hashlib.sha256(f"{owner}\n{key}".encode()).hexdigest()
     redis_key = state.store.keys.idempotency(scope)
     job_id = new_job_id()
     ttl = state.settings.idempotency_ttl_seconds
@@ -206,17 +281,42 @@ async def _wait_for_record(state: AppState, job_id: str) -> JobRecord | None:
     return None
 
 
-async def load_job(request: Request) -> JobRecord:
+async def load_job(request: Request, principal: Principal) -> JobRecord:
+    """The job in the path, if the caller may see it: another owner's job is 404, like a
+    missing one, so ids cannot be probed."""
     state: AppState = request.app.state.stepstream
     job_id = request.path_params["job_id"]
     record = await state.store.get(job_id) if JOB_ID.fullmatch(job_id) else None
-    if record is None:
+    if record is None or not principal.may_read(record.owner, record.id):
         raise ApiError(404, "job_not_found", f"no job with id {job_id!r}")
     return record
 
 
+async def reload(state: AppState, record: JobRecord) -> JobRecord:
+    return await state.store.get(record.id) or record
+
+
 async def get_job(request: Request) -> Response:
-    return JSONResponse(job_json(await load_job(request)))
+    state: AppState = request.app.state.stepstream
+    principal = await state.auth.authenticate(request)
+    return JSONResponse(job_json(await load_job(request, principal)))
+
+
+async def job_token(request: Request) -> Response:
+    """A short-lived, read-only token for one job's stream (``?token=``)."""
+    state: AppState = request.app.state.stepstream
+    principal = await state.auth.authenticate(request)
+    record = await load_job(request, principal)
+    token, expires_at = state.auth.issue_token(record.owner, f"job:{record.id}")
+    return JSONResponse({"token": token, "expires_at": expires_at, "scope": f"job:{record.id}"})
+
+
+async def firehose_token(request: Request) -> Response:
+    """A short-lived, read-only token for the caller's firehose (``/api/events?token=``)."""
+    state: AppState = request.app.state.stepstream
+    principal = await state.auth.authenticate(request)
+    token, expires_at = state.auth.issue_token(principal.owner, FIREHOSE_SCOPE)
+    return JSONResponse({"token": token, "expires_at": expires_at, "scope": FIREHOSE_SCOPE})
 
 
 def _decode_cursor(raw: str) -> tuple[float, str]:
@@ -237,6 +337,7 @@ def _encode_cursor(cursor: tuple[float, str]) -> str:
 
 async def list_jobs(request: Request) -> Response:
     state: AppState = request.app.state.stepstream
+    principal = await state.auth.authenticate(request)
     params = request.query_params
     states: frozenset[JobState] | None = None
     if params.get("status"):
@@ -259,7 +360,11 @@ async def list_jobs(request: Request) -> Response:
         )
     cursor = _decode_cursor(params["cursor"]) if params.get("cursor") else None
     records, next_cursor = await state.store.list_jobs(
-        states=states, task=params.get("task") or None, limit=int(raw_limit), cursor=cursor
+        states=states,
+        task=params.get("task") or None,
+        owner=principal.owner,
+        limit=int(raw_limit),
+        cursor=cursor,
     )
     return JSONResponse(
         {
@@ -271,7 +376,7 @@ async def list_jobs(request: Request) -> Response:
 
 async def cancel_job(request: Request) -> Response:
     state: AppState = request.app.state.stepstream
-    record = await load_job(request)
+    record = await load_job(request, await state.auth.authenticate(request))
     if record.state.terminal:
         raise _conflict(record, "cancel")
     # A job that has not started is cancelled here; compare-and-set against the worker.
@@ -283,17 +388,17 @@ async def cancel_job(request: Request) -> Response:
         expect=(JobState.queued, JobState.retrying),
     )
     if appended.ok:
-        return JSONResponse(job_json(await load_job(request)))
+        return JSONResponse(job_json(await reload(state, record)))
     if appended.refused == '"running"':
         # Only the worker writes a running job's events: raise the flag it watches.
         await state.store.request_cancel(record.id)
         return JSONResponse({**job_json(record), "cancel_requested": True}, status_code=202)
-    raise _conflict(await load_job(request), "cancel")
+    raise _conflict(await reload(state, record), "cancel")
 
 
 async def retry_job(request: Request) -> Response:
     state: AppState = request.app.state.stepstream
-    record = await load_job(request)
+    record = await load_job(request, await state.auth.authenticate(request))
     if record.state not in (JobState.failed, JobState.cancelled):
         raise _conflict(record, "retry")
     spec = get_task(record.task)
@@ -317,9 +422,9 @@ async def retry_job(request: Request) -> Response:
         expect=(JobState.failed, JobState.cancelled),
     )
     if not appended.ok:
-        raise _conflict(await load_job(request), "retry")
+        raise _conflict(await reload(state, record), "retry")
     await state.enqueue(record.id)
-    return JSONResponse(job_json(await load_job(request)), status_code=202)
+    return JSONResponse(job_json(await reload(state, record)), status_code=202)
 
 
 def _conflict(record: JobRecord, action: str) -> ApiError:
@@ -332,4 +437,6 @@ def _conflict(record: JobRecord, action: str) -> ApiError:
 
 
 async def list_tasks(request: Request) -> Response:
+    state: AppState = request.app.state.stepstream
+    await state.auth.authenticate(request)
     return JSONResponse({"tasks": [spec.describe() for spec in all_tasks()]})

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 from arq.connections import ArqRedis
 from redis.asyncio import Redis
 
+from server.auth import Authenticator
 from server.hub import Hub
 from tasks.runtime import RUN_JOB
 from tasks.settings import Settings
@@ -20,6 +22,8 @@ class AppState:
     store: JobStore
     hub: Hub
     arq: ArqRedis
+    auth: Authenticator
+    streams_by_owner: Counter[str | None] = field(default_factory=Counter)
 
     async def enqueue(self, job_id: str) -> None:
         # The arq job id is the Stepstream job id: enqueueing the same job twice is a no-op.

@@ -199,9 +199,7 @@ class JobStore:
         Rows are (id, job event id, event json). With ``owner`` only that owner's entries are
         returned, so a page may be short, or empty, and still not be the last.
         """
-        rows = await self.redis.xrange(
-            self.keys.firehose, min=f"({after}", max="+", count=count
-        )
+        rows = await self.redis.xrange(self.keys.firehose, min=f"({after}", max="+", count=count)
         last = rows[-1][0] if rows else after
         more = len(rows) == count
         owner_json = json.dumps(owner) if owner is not None else None
@@ -232,6 +230,7 @@ class JobStore:
         states: frozenset[JobState] | None,
         task: str | None,
         limit: int,
+        owner: str | None = None,
         cursor: tuple[float, str] | None,
     ) -> tuple[list[JobRecord], tuple[float, str] | None]:
         """Newest first. The cursor is the (score, id) of the last job of the previous page."""
@@ -261,6 +260,8 @@ class JobStore:
                 if states is not None and record.state not in states:
                     continue
                 if task is not None and record.task != task:
+                    continue
+                if owner is not None and record.owner != owner:
                     continue
                 found.append(record)
                 if len(found) == limit:

@@ -62,13 +62,11 @@ class Stack:
 StackFactory = Callable[..., Stack]
 
 
-@pytest.fixture
-def make_stack(valkey: Valkey, tmp_path: Path) -> Iterator[StackFactory]:
-    """Build a stack of its own for a test: ``make_stack(webs=2, workers=2, **env)``."""
+def _stack_factory(valkey: Valkey, log_dir: Path) -> Iterator[StackFactory]:
     stacks: list[Stack] = []
 
     def build(webs: int = 1, workers: int = 1, **env: str) -> Stack:
-        stack = Stack(valkey, f"t{next(_prefixes)}:", tmp_path, dict(env))
+        stack = Stack(valkey, f"t{next(_prefixes)}:", log_dir, dict(env))
         stacks.append(stack)
         try:
             for _ in range(webs):
@@ -83,6 +81,20 @@ def make_stack(valkey: Valkey, tmp_path: Path) -> Iterator[StackFactory]:
     yield build
     for stack in stacks:
         stack.stop()
+
+
+@pytest.fixture
+def make_stack(valkey: Valkey, tmp_path: Path) -> Iterator[StackFactory]:
+    """Build a stack of its own for a test: ``make_stack(webs=2, workers=2, **env)``."""
+    yield from _stack_factory(valkey, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def module_stacks(
+    valkey: Valkey, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[StackFactory]:
+    """Like ``make_stack``, for stacks shared by the tests of one module."""
+    yield from _stack_factory(valkey, tmp_path_factory.mktemp("module-stacks"))
 
 
 @pytest.fixture(scope="module")

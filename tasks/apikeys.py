@@ -1,0 +1,55 @@
+"""API keys: each maps to an owner. Configured in the environment or created with
+``stepstream keys create OWNER``; only their SHA-256 is kept (keys are 256-bit random, so a
+plain hash cannot be reversed by guessing)."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+from redis.asyncio import Redis
+
+from tasks.keys import Keys
+
+KEY_PREFIX = "sk_"
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def parse_configured(spec: str) -> dict[str, str]:
+    """``"owner:key,owner2:key2"`` → {digest(key): owner}."""
+    configured: dict[str, str] = {}
+    for item in spec.split(","):
+        if not item.strip():
+            continue
+        owner, sep, key = item.strip().partition(":")
+        if not sep or not owner or not key:
+            raise ValueError("STEPSTREAM_API_KEYS takes owner:key pairs separated by commas")
+        configured[digest(key)] = owner
+    return configured
+
+
+class ApiKeys:
+    def __init__(self, redis: Redis, keys: Keys, configured: dict[str, str]) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.configured = configured
+
+    async def owner_of(self, key: str) -> str | None:
+        hashed = digest(key)
+        owner = self.configured.get(hashed)
+        if owner is not None:
+            return owner
+        stored: str | None = await self.redis.hget(self.keys.api_keys, hashed)  # type: ignore[misc]
+        return stored
+
+    async def create(self, owner: str) -> str:
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        await self.redis.hset(self.keys.api_keys, digest(key), owner)  # type: ignore[misc]
+        return key
+
+    async def revoke(self, key: str) -> bool:
+        removed: int = await self.redis.hdel(self.keys.api_keys, digest(key))  # type: ignore[misc]
+        return removed == 1

@@ -1,0 +1,296 @@
+"""Owners, API keys, stream tokens, limits and hostile input, in production mode."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import Stack, StackFactory
+from tests.support.api import DOC
+from tests.support.processes import ROOT, free_port, stack_env
+from tests.support.sse import StreamReader, read_stream
+from tests.test_jobs import store_snapshot
+
+ALICE = {"Authorization": "Bearer key-alice-0123456789"}
+BOB = {"Authorization": "Bearer key-bob-0123456789"}
+PRODUCTION = {
+    "STEPSTREAM_MODE": "production",
+    "STEPSTREAM_SECRET": "s3cret-for-tests-only-0123456789abcdef",
+    "STEPSTREAM_API_KEYS": "alice:key-alice-0123456789,bob:key-bob-0123456789",
+}
+
+
+@pytest.fixture(scope="module")
+def prod(module_stacks: StackFactory) -> Stack:
+    return module_stacks(webs=1, workers=1, **PRODUCTION)
+
+
+def submit_as(s: Stack, who: dict[str, str], input: dict[str, object] | None = None) -> dict:
+    response = httpx.post(
+        f"{s.url}/api/jobs",
+        json={"task": "analyze_document", "input": input or {"text": DOC}},
+        headers=who,
+    )
+    assert response.status_code == 202, response.text
+    return dict(response.json())
+
+
+def finish(s: Stack, job_id: str, who: dict[str, str]) -> None:
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{s.url}/api/jobs/{job_id}", headers=who).json()["state"] != "completed":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_every_api_call_needs_credentials(prod: Stack) -> None:
+    for method, path in [
+        ("GET", "/api/jobs"),
+        ("POST", "/api/jobs"),
+        ("GET", "/api/tasks"),
+        ("GET", "/api/events"),
+        ("GET", "/api/jobs/x/events"),
+    ]:
+        response = httpx.request(method, f"{prod.url}{path}")
+        assert response.status_code == 401, path
+        assert response.json()["error"]["code"] == "unauthorized"
+        assert response.headers["www-authenticate"] == "Bearer"
+    wrong = httpx.get(f"{prod.url}/api/jobs", headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    assert httpx.get(f"{prod.url}/healthz").status_code == 200
+
+
+def test_an_owner_sees_only_their_jobs(prod: Stack) -> None:
+    a = submit_as(prod, ALICE)
+    b = submit_as(prod, BOB)
+    assert a["owner"] == "alice" and b["owner"] == "bob"
+    for path in ["", "/events", "/token"]:
+        method = "POST" if path == "/token" else "GET"
+        response = httpx.request(method, f"{prod.url}/api/jobs/{b['id']}{path}", headers=ALICE)
+        assert response.status_code == 404, path  # not 403: ids cannot be probed
+    for action in ["cancel", "retry"]:
+        response = httpx.post(f"{prod.url}/api/jobs/{b['id']}/{action}", headers=ALICE)
+        assert response.status_code == 404
+    listed = httpx.get(f"{prod.url}/api/jobs", headers=ALICE).json()["jobs"]
+    assert {j["owner"] for j in listed} == {"alice"}
+    assert a["id"] in {j["id"] for j in listed}
+
+
+def test_the_firehose_of_one_owner_never_carries_another_s_events(prod: Stack) -> None:
+    live = StreamReader(f"{prod.url}/api/events", ALICE).start()
+    time.sleep(0.3)
+    mine = submit_as(prod, ALICE)
+    theirs = submit_as(prod, BOB)
+    finish(prod, theirs["id"], BOB)
+    finish(prod, mine["id"], ALICE)
+    live.wait_for(lambda evs: any(e.type == "completed" for e in evs))
+    live.close()
+    assert {e.data["job_id"] for e in live.events} == {mine["id"]}
+    # Replay from the start of the firehose: still only alice's.
+    token = httpx.post(f"{prod.url}/api/events/token", headers=ALICE).json()["token"]
+    reader = StreamReader(f"{prod.url}/api/events?after=0&token={token}").start()
+    reader.wait_for(lambda evs: any(e.data.get("job_id") == mine["id"] for e in evs))
+    reader.close()
+    assert theirs["id"] not in {e.data.get("job_id") for e in reader.events}
+
+
+def test_a_stream_token_opens_one_job_s_stream_and_nothing_else(prod: Stack) -> None:
+    job = submit_as(prod, ALICE)
+    finish(prod, job["id"], ALICE)
+    token = job["stream_token"]
+    status, events = read_stream(f"{prod.url}/api/jobs/{job['id']}/events?after=0&token={token}")
+    assert status == 200 and events[-1].type == "completed"
+    other = submit_as(prod, ALICE)
+    wrong_job = httpx.get(f"{prod.url}/api/jobs/{other['id']}/events?token={token}")
+    assert wrong_job.status_code == 404
+    assert httpx.get(f"{prod.url}/api/events?token={token}").status_code == 401
+    read_only = httpx.get(f"{prod.url}/api/jobs/{job['id']}?token={token}")
+    assert read_only.status_code == 401
+    payload, signature = token.split(".")
+    tampered = payload[:-2] + ("A" if payload[-2] != "A" else "B") + payload[-1] + "." + signature
+    refused = httpx.get(f"{prod.url}/api/jobs/{job['id']}/events?token={tampered}")
+    assert refused.status_code == 401 and b"data:" not in refused.content
+
+
+def test_token_expiry_ends_the_stream_with_a_distinct_event(
+    make_stack: StackFactory,
+) -> None:
+    s = make_stack(webs=1, workers=1, STEPSTREAM_TOKEN_TTL_SECONDS="1.5", **PRODUCTION)
+    job = submit_as(s, ALICE, {"text": DOC, "pace": 2})
+    started = time.monotonic()
+    status, events = read_stream(
+        f"{s.url}/api/jobs/{job['id']}/events?token={job['stream_token']}", timeout=20
+    )
+    assert status == 200
+    assert events[-1].type == "token_expired"
+    # It carries no id of its own: the client's last event id stays that of the event before.
+    assert events[-1].id == events[-2].id
+    assert 1.0 < time.monotonic() - started < 6
+    expired = httpx.get(f"{s.url}/api/jobs/{job['id']}/events?token={job['stream_token']}")
+    assert expired.status_code == 401 and expired.json()["error"]["code"] == "token_expired"
+    fresh = httpx.post(f"{s.url}/api/jobs/{job['id']}/token", headers=ALICE).json()["token"]
+    assert httpx.get(f"{s.url}/api/jobs/{job['id']}?", headers=ALICE).status_code == 200
+    reader = StreamReader(f"{s.url}/api/jobs/{job['id']}/events?token={fresh}").start()
+    reader.wait_for(lambda evs: len(evs) >= 1)
+    reader.close()
+    assert reader.events[0].type == "snapshot"
+
+
+def test_production_without_a_secret_refuses_to_start() -> None:
+    env = stack_env("redis://127.0.0.1:1/0", "nosecret:", STEPSTREAM_MODE="production")
+    port = free_port()
+    result = subprocess.run(
+        [sys.executable, "-m", "uvicorn", "server.app:app", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0
+    assert "needs STEPSTREAM_SECRET" in result.stderr
+
+
+def test_a_non_loopback_bind_defaults_to_production() -> None:
+    env = stack_env("redis://127.0.0.1:1/0", "auto:")
+    args = [sys.executable, "-m", "uvicorn", "server.app:app", "--host", "0.0.0.0"]
+    result = subprocess.run(
+        [*args, "--port", str(free_port())],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0 and "production mode" in result.stderr
+
+
+def test_keys_created_on_the_command_line_work(prod: Stack) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "stepstream.keys", "create", "carol"],
+        cwd=ROOT,
+        env=prod.env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    key = result.stdout.strip().splitlines()[-1]
+    assert key.startswith("sk_")
+    carol = {"Authorization": f"Bearer {key}"}
+    assert submit_as(prod, carol)["owner"] == "carol"
+    stored = prod.redis().hgetall(f"{prod.prefix}apikeys")
+    assert key not in json.dumps(stored), "keys are stored hashed"
+
+
+def test_over_limit_requests_get_429_413_422_and_change_nothing(
+    make_stack: StackFactory,
+) -> None:
+    s = make_stack(
+        webs=1,
+        workers=0,
+        STEPSTREAM_SUBMISSIONS_PER_SECOND="3",
+        STEPSTREAM_MAX_UNFINISHED_PER_OWNER="5",
+        STEPSTREAM_MAX_STREAMS_PER_OWNER="2",
+        STEPSTREAM_MAX_INPUT_DEPTH="5",
+        STEPSTREAM_MAX_STRING_LENGTH="1000",
+        **PRODUCTION,
+    )
+
+    def snapshot() -> dict[str, str]:
+        return {k: v for k, v in store_snapshot(s).items() if ":rate:" not in k}
+
+    # Depth and string length: 422 naming the limit.
+    deep: dict[str, object] = {"text": "x"}
+    for _ in range(6):
+        deep = {"nested": deep}
+    before = snapshot()
+    too_deep = httpx.post(
+        f"{s.url}/api/jobs", json={"task": "analyze_document", "input": deep}, headers=ALICE
+    )
+    assert too_deep.status_code == 422 and too_deep.json()["error"]["code"] == "input_too_deep"
+    too_long = httpx.post(
+        f"{s.url}/api/jobs",
+        json={"task": "analyze_document", "input": {"text": "x" * 1001}},
+        headers=ALICE,
+    )
+    assert too_long.status_code == 422 and too_long.json()["error"]["code"] == "string_too_long"
+    assert snapshot() == before
+
+    # Submissions per second: the fourth in one second is 429 with Retry-After.
+    codes = []
+    while True:
+        second = int(time.time())
+        codes = [
+            httpx.post(
+                f"{s.url}/api/jobs",
+                json={"task": "analyze_document", "input": {"text": DOC}},
+                headers=BOB,
+            )
+            for _ in range(4)
+        ]
+        if int(time.time()) == second:
+            break
+    assert [c.status_code for c in codes[:3]] == [202] * 3
+    assert codes[3].status_code == 429 and codes[3].headers["retry-after"] == "1"
+    assert codes[3].json()["error"]["code"] == "rate_limited"
+
+    # Unfinished jobs per owner (no worker runs them): the sixth is refused.
+    for _ in range(2):
+        time.sleep(1.05)
+        submit_as(s, ALICE)
+        submit_as(s, ALICE)
+    time.sleep(1.05)
+    submit_as(s, ALICE)
+    time.sleep(1.05)
+    before = snapshot()
+    refused = httpx.post(
+        f"{s.url}/api/jobs",
+        json={"task": "analyze_document", "input": {"text": DOC}},
+        headers=ALICE,
+    )
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "too_many_unfinished_jobs"
+    assert snapshot() == before
+
+    # Streams per owner (per web process).
+    jobs = httpx.get(f"{s.url}/api/jobs", headers=ALICE).json()["jobs"]
+    readers = [
+        StreamReader(f"{s.url}/api/jobs/{jobs[i]['id']}/events", ALICE).start() for i in range(2)
+    ]
+    for reader in readers:
+        reader.wait_for(lambda evs: len(evs) >= 1)
+    third = httpx.get(f"{s.url}/api/jobs/{jobs[2]['id']}/events", headers=ALICE)
+    assert third.status_code == 429 and third.json()["error"]["code"] == "too_many_streams"
+    for reader in readers:
+        reader.close()
+
+
+def test_user_text_cannot_inject_sse_fields(stack: Stack) -> None:
+    hostile = "line one\r\nevent: completed\r\ndata: {}\n\nid: 9999999999999-0\r\r"
+    job = httpx.post(
+        f"{stack.url}/api/jobs",
+        json={"task": "analyze_document", "input": {"text": hostile + " More. ", "title": hostile}},
+    ).json()
+    status, events = read_stream(f"{stack.url}/api/jobs/{job['id']}/events?after=0")
+    assert status == 200
+    assert [e.type for e in events].count("completed") == 1 and events[-1].type == "completed"
+    assert events[0].data["input"]["title"] == hostile
+    assert all(e.id is None or (e.id.count("-") == 1 and e.id != "9999999999999-0") for e in events)
+
+
+def test_dashboard_and_api_send_security_headers_and_no_cors(stack: Stack) -> None:
+    page = httpx.get(f"{stack.url}/")
+    csp = page.headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp
+    assert page.headers["x-content-type-options"] == "nosniff"
+    assert page.headers["referrer-policy"] == "no-referrer"
+    preflight = httpx.options(
+        f"{stack.url}/api/jobs",
+        headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+    )
+    assert "access-control-allow-origin" not in preflight.headers
