@@ -21,6 +21,7 @@ from stepstream import (
     NotFound,
     ProgressEvent,
     QueuedEvent,
+    ResetEvent,
     ServerUnavailable,
     SnapshotEvent,
     StepEvent,
@@ -157,6 +158,53 @@ def test_following_a_job_survives_a_web_server_restart(make_stack: StackFactory)
     assert [e.current for e in seen if isinstance(e, ProgressEvent)] == [1, 2, 3, 4, 5, 6]
     assert isinstance(seen[-1], CompletedEvent)
     assert [(e.id, e.type, e.data) for e in seen] == full_log(s.url, job.id)
+
+
+class CountingTransport(httpx.HTTPTransport):
+    """A real transport that counts the stream connections a client opens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stream_connections = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/events"):
+            self.stream_connections += 1
+        return super().handle_request(request)
+
+
+def test_a_slow_reader_is_dropped_by_the_server_and_resumes_without_a_gap(
+    make_stack: StackFactory,
+) -> None:
+    # A tiny per-subscriber queue: a reader that falls behind is disconnected by the server.
+    s = make_stack(webs=1, workers=1, STEPSTREAM_SUBSCRIBER_QUEUE="4")
+    transport = CountingTransport()
+    with Client(s.url, transport=transport) as client:
+        big = client.submit("burst", {"events": 1500, "padding": 20_000})
+        seen = []
+        for event in client.events(big.id):
+            seen.append(event)
+            if len(seen) % 100 == 0:
+                time.sleep(0.2)  # fall behind while the worker writes ~30 MB
+    currents = [e.current for e in seen if isinstance(e, ProgressEvent)]
+    snapshot = seen[0]
+    assert isinstance(snapshot, SnapshotEvent)
+    already = int(snapshot.job.message.split()[1]) if snapshot.job.message else 0
+    assert currents == list(range(already + 1, 1501)), "an event was missed or repeated"
+    assert isinstance(seen[-1], CompletedEvent)
+    assert transport.stream_connections > 1, "the server never dropped the slow reader"
+
+
+def test_a_cursor_whose_events_expired_gets_a_reset_then_the_snapshot(stack: Stack) -> None:
+    with Client(stack.url) as client:
+        job = client.submit("analyze_document", {"text": DOC})
+        done = client.wait(job.id, timeout=30)
+        log = list(client.events(job.id, after="0"))
+        stack.redis().xtrim(f"{stack.prefix}job:{{{job.id}}}:events", maxlen=3, approximate=False)
+        events = list(client.events(job.id, after=log[1].id))
+    assert [type(e) for e in events] == [ResetEvent, SnapshotEvent]
+    assert events[0].id is None
+    assert isinstance(events[1], SnapshotEvent) and events[1].job.result == done.result
 
 
 def test_wait_times_out_and_the_job_goes_on(stack: Stack) -> None:
