@@ -41,6 +41,7 @@ class TaskSpec:
     max_attempts: int = 3
     timeout: float = 600.0
     retry_timeouts: bool = True
+    concurrency: int | None = None  # jobs of this task running at once, across all workers
     backoff: Backoff = field(default_factory=Backoff)
     sample_input: dict[str, Any] | None = None
 
@@ -59,6 +60,7 @@ class TaskSpec:
             "steps": list(self.steps),
             "max_attempts": self.max_attempts,
             "timeout": self.timeout,
+            "concurrency": self.concurrency,
             "input_schema": self.input_model.model_json_schema(),
             "sample_input": self.sample_input,
         }
@@ -78,6 +80,7 @@ def task(
     max_attempts: int = 3,
     timeout: float = 600.0,
     retry_timeouts: bool = True,
+    concurrency: int | None = None,
     backoff: Backoff | None = None,
     sample_input: dict[str, Any] | None = None,
 ) -> Callable[[TaskFunction], TaskFunction]:
@@ -101,6 +104,7 @@ def task(
             max_attempts=max_attempts,
             timeout=timeout,
             retry_timeouts=retry_timeouts,
+            concurrency=concurrency,
             backoff=backoff or Backoff(),
             sample_input=sample_input,
         )

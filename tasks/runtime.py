@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 import traceback
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -17,6 +18,7 @@ from arq.constants import in_progress_key_prefix
 from arq.worker import Retry
 from pydantic import BaseModel, ValidationError
 
+from tasks import alerts, heartbeat, logs
 from tasks.context import TaskContext
 from tasks.errors import (
     JobCancelled,
@@ -36,6 +38,19 @@ RUN_JOB = "stepstream.run_job"
 ACTIVE_STATES = (JobState.queued, JobState.retrying, JobState.running)
 
 
+# A slot of a task's global concurrency limit: a sorted set of job ids scored by lease expiry.
+# KEYS: the task's slots; ARGV: job id, now (ms), lease expiry (ms), limit.
+_ACQUIRE_SLOT_LUA = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[4]) then
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+  return 1
+end
+return 0
+"""
+SLOT_WAIT_SECONDS = 0.5
+
+
 class JobMonitor:
     """One loop per worker over the jobs it is running.
 
@@ -51,7 +66,23 @@ class JobMonitor:
         self.interval = interval
         self.running: dict[str, asyncio.Task[Any]] = {}
         self.cancelled: set[str] = set()
+        self.slots: dict[str, str] = {}  # job id → the slots key it holds a slot in
         self._loop_task: asyncio.Task[None] | None = None
+        self._acquire = store.redis.register_script(_ACQUIRE_SLOT_LUA)
+
+    async def acquire_slot(self, job_id: str, task: str, limit: int) -> bool:
+        """Take one of ``limit`` slots shared by every worker running ``task``."""
+        key = self.store.keys.task_slots(task)
+        now = int(time.time() * 1000)
+        if await self._acquire(keys=[key], args=[job_id, now, now + self.lease_ms, limit]):
+            self.slots[job_id] = key
+            return True
+        return False
+
+    async def release_slot(self, job_id: str) -> None:
+        key = self.slots.pop(job_id, None)
+        if key is not None:
+            await self.store.redis.zrem(key, job_id)
 
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self._loop())
@@ -77,8 +108,11 @@ class JobMonitor:
                 async with self.store.redis.pipeline(transaction=False) as pipe:
                     pipe.mget([self.store.keys.job_cancel(job_id) for job_id in job_ids])
                     if tick % renew_every == 0:
+                        expiry = int(time.time() * 1000) + self.lease_ms
                         for job_id in job_ids:
                             pipe.pexpire(in_progress_key_prefix + job_id, self.lease_ms)
+                            if job_id in self.slots:
+                                pipe.zadd(self.slots[job_id], {job_id: expiry}, xx=True)
                     flags = (await pipe.execute())[0]
             except Exception:  # a Redis blip: the next round tries again
                 logger.warning("job monitor could not reach Redis", exc_info=True)
@@ -101,14 +135,30 @@ async def run_job(ctx: dict[str, Any], job_id: str) -> None:
         await _fail(store, record, None, "UnknownTask", f"no task named {record.task!r}")
         return
 
+    if spec.concurrency is not None and not await monitor.acquire_slot(
+        job_id, spec.name, spec.concurrency
+    ):
+        # Every slot is taken: the job stays queued and arq offers it again shortly.
+        raise Retry(defer=timedelta(seconds=SLOT_WAIT_SECONDS * (0.5 + random.random())))
+    try:
+        await _run_attempt(store, monitor, spec, record)
+    finally:
+        await monitor.release_slot(job_id)
+
+
+async def _run_attempt(
+    store: JobStore, monitor: JobMonitor, spec: TaskSpec, record: JobRecord
+) -> None:
+    job_id = record.id
     attempt = record.attempt + 1
+    started_at = record.started_at or utcnow()
     started = await store.append(
         job_id,
         new_event(job_id, "started", attempt, max_attempts=record.max_attempts),
         {
             "state": JobState.running.value,
             "attempt": attempt,
-            "started_at": record.started_at or utcnow(),
+            "started_at": started_at,
             "error": None,
             "retry_at": None,
         },
@@ -122,7 +172,11 @@ async def run_job(ctx: dict[str, Any], job_id: str) -> None:
     if not started.ok:
         return
     record.attempt = attempt
+    record.started_at = started_at  # job durations in metrics run from the first start
     context = TaskContext(store, spec, record)
+    # Every log line of this job (this asyncio task) now says which job, attempt and step.
+    logs.bind_job(job_id, spec.name, attempt, context)
+    logger.info("job started: attempt %d of %d", attempt, record.max_attempts)
 
     current = asyncio.current_task()
     assert current is not None
@@ -144,7 +198,7 @@ async def run_job(ctx: dict[str, Any], job_id: str) -> None:
     except Exception as exc:
         await _handle_failure(store, spec, record, context, exc)
     else:
-        await store.append(
+        done = await store.append(
             job_id,
             new_event(job_id, "completed", attempt, result=result),
             {
@@ -157,6 +211,8 @@ async def run_job(ctx: dict[str, Any], job_id: str) -> None:
             owner=record.owner,
             expect=(JobState.running,),
         )
+        if done.ok:
+            await heartbeat.job_finished(store, record, "completed")
     finally:
         monitor.running.pop(job_id, None)
         monitor.cancelled.discard(job_id)
@@ -245,6 +301,7 @@ async def _handle_failure(
         )
         if appended.ok:
             logger.info("job %s attempt %d failed, retrying in %.2fs", record.id, attempt, delay)
+            await heartbeat.count_outcome(store.redis, store.keys, record.task, "retried")
             raise Retry(defer=timedelta(seconds=delay))
         return
     await _fail(
@@ -264,7 +321,7 @@ async def _fail(
     error = error or {"type": type_, "message": message, "step": None, "retryable": False}
     public_error = {k: v for k, v in error.items() if k != "traceback"}
     attempt = record.attempt if attempt is None else attempt
-    await store.append(
+    failed = await store.append(
         record.id,
         new_event(record.id, "failed", attempt, error=public_error),
         {
@@ -277,6 +334,9 @@ async def _fail(
         owner=record.owner,
         expect=ACTIVE_STATES,
     )
+    if failed.ok:  # failed for good, once per job: the alert never fires on `retrying`
+        alerts.job_failed(record, attempt, public_error, store.settings.public_url)
+        await heartbeat.job_finished(store, record, "failed", public_error)
 
 
 async def _handed_back(store: JobStore, record: JobRecord, context: TaskContext) -> None:
@@ -320,10 +380,12 @@ async def _cancelled(
     context: TaskContext | None = None,
 ) -> None:
     extra = context.mark_interrupted_step("cancelled") if context else {}
-    await store.append(
+    cancelled = await store.append(
         record.id,
         new_event(record.id, "cancelled", attempt, reason=reason),
         {"state": JobState.cancelled.value, "finished_at": utcnow(), **extra},
         owner=record.owner,
         expect=ACTIVE_STATES,
     )
+    if cancelled.ok:
+        await heartbeat.job_finished(store, record, "cancelled")

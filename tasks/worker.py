@@ -41,9 +41,9 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 
 class WorkerSettings:
     functions = [
-        # Attempts are counted by Stepstream (max_attempts per task); arq's own cap only guards
-        # against a job that crashes its worker forever.
-        func(run_job, name=RUN_JOB, max_tries=1_000, timeout=settings.job_timeout_seconds),
+        # Attempts are counted by Stepstream (max_attempts per task). arq counts every pick-up,
+        # including a job that waits for a task's concurrency slot: its cap is only a backstop.
+        func(run_job, name=RUN_JOB, max_tries=1_000_000, timeout=settings.job_timeout_seconds),
     ]
     queue_name = Keys(settings.prefix).queue
     redis_settings = RedisSettings.from_dsn(settings.redis_url)

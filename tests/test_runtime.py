@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from tests.conftest import Stack
+from tests.conftest import Stack, StackFactory
 from tests.support.api import submit, wait_state
 from tests.support.sse import Event, read_stream
 from tests.support.tasks import executions_key
@@ -102,3 +102,16 @@ def test_a_step_timeout_is_transient_then_fails_when_attempts_run_out(stack: Sta
     assert "timed out after 0.2s" in done["error"]["message"]
     log = full_log(stack.url, job["id"])
     assert [e.type for e in log].count("retrying") == 1
+
+
+def test_a_task_s_concurrency_limit_holds_across_workers(make_stack: StackFactory) -> None:
+    s = make_stack(webs=1, workers=2)
+    r = s.redis()
+    r.delete("test:limited:running", "test:limited:max")
+    jobs = [submit(s.url, "limited", {"hold": 0.4}) for _ in range(4)]
+    for job in jobs:
+        done = wait_state(s.url, job["id"], {"completed", "failed"}, timeout=60)
+        assert done["state"] == "completed" and done["attempt"] == 1
+    assert r.get("test:limited:max") == "1", "two jobs of a limit-1 task ran at once"
+    picked = [sum(job["id"] in w.log() for job in jobs) for w in s.workers]
+    assert all(picked), f"both workers should have competed for the slot: {picked}"

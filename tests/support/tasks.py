@@ -116,3 +116,26 @@ async def slow_step(ctx: TaskContext, data: SlowStepInput) -> Done:
     async with ctx.step("wait", timeout=data.timeout):
         await asyncio.sleep(data.sleep)
     return Done()
+
+
+class LimitedInput(BaseModel):
+    hold: float = Field(default=0.3, ge=0, le=10)
+
+
+@task("limited", steps=["hold"], input=LimitedInput, output=Done, max_attempts=1, concurrency=1)
+async def limited(ctx: TaskContext, data: LimitedInput) -> Done:
+    """At most one runs at a time across all workers; records the most it ever saw at once."""
+    redis = ctx.store.redis
+    async with ctx.step("hold"):
+        now_running = await redis.incr("test:limited:running")
+        await redis.eval(  # keep the maximum atomically
+            "if tonumber(redis.call('GET', KEYS[2]) or '0') < tonumber(ARGV[1]) then "
+            "redis.call('SET', KEYS[2], ARGV[1]) end",
+            2,
+            "test:limited:running",
+            "test:limited:max",
+            now_running,
+        )
+        await asyncio.sleep(data.hold)
+        await redis.decr("test:limited:running")
+    return Done()
