@@ -17,7 +17,7 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from server import events, health, jobs
+from server import events, health, jobs, openapi
 from server.auth import Authenticator
 from server.errors import (
     ApiError,
@@ -103,6 +103,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/api/events/token", jobs.firehose_token, methods=["POST"]),
         Route("/api/tasks", jobs.list_tasks, methods=["GET"]),
         Route("/api/stats", health.stats, methods=["GET"]),
+        Route("/openapi.json", openapi.openapi, methods=["GET"]),
         Route("/healthz", health.healthz, methods=["GET"]),
         Route("/readyz", health.readyz, methods=["GET"]),
         Route("/", index, methods=["GET"]),

@@ -1,0 +1,191 @@
+"""``GET /openapi.json``: the HTTP API as an OpenAPI 3.1 document, with each task's input schema."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from tasks.models import JobRecord, JobState
+from tasks.registry import all_tasks
+
+ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {
+                "code": {"type": "string"},
+                "message": {"type": "string"},
+                "details": {},
+            },
+        }
+    },
+}
+CURSOR = {"type": "string", "pattern": "^(0|[0-9]+-[0-9]+)$"}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+
+
+def _json(description: str, ref: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}},
+    }
+
+
+JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+SSE = {"description": "Server-Sent Events", "content": {"text/event-stream": {}}}
+STREAM_PARAMS = [
+    {"name": "after", "in": "query", "schema": CURSOR},
+    {"name": "Last-Event-ID", "in": "header", "schema": CURSOR},
+    {"name": "token", "in": "query", "schema": {"type": "string"}},
+]
+
+
+def document() -> dict[str, Any]:
+    submissions = [
+        {
+            "type": "object",
+            "title": spec.name,
+            "required": ["task"],
+            "additionalProperties": False,
+            "properties": {
+                "task": {"const": spec.name},
+                "input": spec.input_model.model_json_schema(ref_template="#/$defs/{model}"),
+            },
+        }
+        for spec in all_tasks()
+    ]
+    job = JobRecord.model_json_schema(ref_template="#/components/schemas/{model}")
+    defs = job.pop("$defs", {})
+    paths: dict[str, Any] = {
+        "/api/jobs": {
+            "post": {
+                "summary": "Submit a job",
+                "parameters": [
+                    {"name": "Idempotency-Key", "in": "header", "schema": {"type": "string"}}
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"oneOf": submissions}}},
+                },
+                "responses": {
+                    "202": _json("Accepted; the job is queued", "Job"),
+                    "200": _json(
+                        "The job an earlier request with this Idempotency-Key made", "Job"
+                    ),
+                    "400": _error("Malformed JSON"),
+                    "409": _error("Idempotency-Key reused with another body"),
+                    "413": _error("Body too large"),
+                    "422": _error("Unknown task or invalid input"),
+                    "429": _error("Over a limit"),
+                },
+            },
+            "get": {
+                "summary": "List jobs, newest first",
+                "parameters": [
+                    {
+                        "name": "status",
+                        "in": "query",
+                        "schema": {"type": "string"},
+                        "description": "comma separated: " + ", ".join(s.value for s in JobState),
+                    },
+                    {"name": "task", "in": "query", "schema": {"type": "string"}},
+                    {"name": "limit", "in": "query", "schema": {"type": "integer"}},
+                    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+                ],
+                "responses": {"200": {"description": "{jobs, next_cursor}"}, "400": _error("Bad")},
+            },
+        },
+        "/api/jobs/{job_id}": {
+            "get": {
+                "summary": "One job's record",
+                "parameters": [JOB_ID],
+                "responses": {"200": _json("The record", "Job"), "404": _error("No such job")},
+            }
+        },
+        "/api/jobs/{job_id}/events": {
+            "get": {
+                "summary": "One job's events (SSE)",
+                "parameters": [JOB_ID, *STREAM_PARAMS],
+                "responses": {
+                    "200": SSE,
+                    "204": {"description": "The cursor is at the terminal event"},
+                    "400": _error("Bad cursor"),
+                    "404": _error("No such job"),
+                },
+            }
+        },
+        "/api/jobs/{job_id}/cancel": {
+            "post": {
+                "summary": "Cancel a queued or running job",
+                "parameters": [JOB_ID],
+                "responses": {
+                    "200": _json("Cancelled", "Job"),
+                    "202": _json("Cancel requested from the worker", "Job"),
+                    "409": _error("Already finished"),
+                },
+            }
+        },
+        "/api/jobs/{job_id}/retry": {
+            "post": {
+                "summary": "Run a failed or cancelled job again",
+                "parameters": [JOB_ID],
+                "responses": {"202": _json("Queued again", "Job"), "409": _error("Not failed")},
+            }
+        },
+        "/api/jobs/{job_id}/token": {
+            "post": {
+                "summary": "A short-lived token for this job's stream",
+                "parameters": [JOB_ID],
+                "responses": {"200": {"description": "{token, expires_at, scope}"}},
+            }
+        },
+        "/api/events": {
+            "get": {
+                "summary": "Every job's events (SSE firehose)",
+                "parameters": STREAM_PARAMS,
+                "responses": {"200": SSE, "400": _error("Bad cursor")},
+            }
+        },
+        "/api/events/token": {
+            "post": {
+                "summary": "A short-lived token for the caller's firehose",
+                "responses": {"200": {"description": "{token, expires_at, scope}"}},
+            }
+        },
+        "/api/tasks": {"get": {"summary": "Tasks", "responses": {"200": {"description": "ok"}}}},
+        "/api/stats": {
+            "get": {"summary": "Queue health", "responses": {"200": {"description": "ok"}}}
+        },
+        "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "ok"}}}},
+        "/readyz": {
+            "get": {
+                "summary": "Readiness (Redis reachable)",
+                "responses": {"200": {"description": "ok"}, "503": _error("Not ready")},
+            }
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Stepstream", "version": "0.1.0"},
+        "paths": paths,
+        "components": {
+            "schemas": {"Job": job, "Error": ERROR, **defs},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{}, {"bearer": []}],
+    }
+
+
+async def openapi(request: Request) -> Response:
+    return JSONResponse(document())
