@@ -24,10 +24,11 @@ from stepstream._base import (
     parse_page,
     retry_delay,
     should_retry,
+    stream_error,
     submit_request,
     unreachable,
 )
-from stepstream._exceptions import ServerUnavailable, WaitTimeout, error_from_response
+from stepstream._exceptions import WaitTimeout
 from stepstream._models import Event, Job, JobPage, JobState, SnapshotEvent
 from stepstream._sse import Reconnector, StreamFollower
 
@@ -156,10 +157,7 @@ class AsyncClient:
                         return
                     if response.status_code >= 400:
                         await response.aread()
-                        error = error_from_response(response)
-                        if isinstance(error, ServerUnavailable):
-                            raise RetryableStatus(str(error))
-                        raise error
+                        raise stream_error(response)
                     check_event_stream(response)
                     reconnector.opened()
                     follower.connection_opened()
@@ -175,13 +173,12 @@ class AsyncClient:
             except (httpx.TransportError, RetryableStatus) as exc:
                 if opened:  # it broke mid-stream (server gone, read timeout): resume
                     delay = reconnector.dropped(follower)
-                else:
-                    reason = (
-                        str(exc)
-                        if isinstance(exc, RetryableStatus)
-                        else str(unreachable(self._config, exc))
+                elif isinstance(exc, RetryableStatus):
+                    delay = reconnector.failed(
+                        follower, str(exc), exc.error, retry_after=exc.retry_after
                     )
-                    delay = reconnector.failed(follower, reason)
+                else:
+                    delay = reconnector.failed(follower, str(unreachable(self._config, exc)))
             await anyio.sleep(delay)
 
     # -- plumbing --------------------------------------------------------------------------

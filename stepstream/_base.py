@@ -10,7 +10,12 @@ from urllib.parse import quote
 
 import httpx
 
-from stepstream._exceptions import ServerUnavailable, StepstreamError, error_from_response
+from stepstream._exceptions import (
+    RateLimited,
+    ServerUnavailable,
+    StepstreamError,
+    error_from_response,
+)
 from stepstream._models import Job, JobPage, JobState
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -118,7 +123,27 @@ def list_request(
 
 
 class RetryableStatus(Exception):
-    """A 5xx while (re)connecting a stream: try again, as after a refused connection."""
+    """A 5xx or 429 while (re)connecting a stream: try again, as after a refused connection.
+
+    ``error`` is what to raise when the client gives up; ``retry_after`` the server's hint.
+    """
+
+    def __init__(self, error: StepstreamError, retry_after: float | None = None) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.retry_after = retry_after
+
+
+def stream_error(response: httpx.Response) -> StepstreamError | RetryableStatus:
+    """What an error answer to a stream request means: retry later, or raise."""
+    error = error_from_response(response)
+    if isinstance(error, ServerUnavailable):
+        return RetryableStatus(error)
+    if isinstance(error, RateLimited):
+        # Too many open streams: typically our own previous connection, not yet noticed
+        # closed by the server. It goes away; so does the 429.
+        return RetryableStatus(error, error.retry_after)
+    return error
 
 
 def should_retry(spec: RequestSpec, error: Exception | None, status: int | None) -> bool:

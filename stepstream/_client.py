@@ -23,10 +23,11 @@ from stepstream._base import (
     parse_page,
     retry_delay,
     should_retry,
+    stream_error,
     submit_request,
     unreachable,
 )
-from stepstream._exceptions import ServerUnavailable, WaitTimeout, error_from_response
+from stepstream._exceptions import WaitTimeout
 from stepstream._models import Event, Job, JobPage, JobState, SnapshotEvent
 from stepstream._sse import Reconnector, StreamFollower
 
@@ -174,10 +175,7 @@ class Client:
                         return
                     if response.status_code >= 400:
                         response.read()
-                        error = error_from_response(response)
-                        if isinstance(error, ServerUnavailable):
-                            raise RetryableStatus(str(error))
-                        raise error
+                        raise stream_error(response)
                     check_event_stream(response)
                     reconnector.opened()
                     follower.connection_opened()
@@ -196,13 +194,12 @@ class Client:
                     raise _wait_timeout(follower) from None
                 if opened:  # it broke mid-stream (server gone, read timeout): resume
                     delay = reconnector.dropped(follower)
-                else:
-                    reason = (
-                        str(exc)
-                        if isinstance(exc, RetryableStatus)
-                        else str(unreachable(self._config, exc))
+                elif isinstance(exc, RetryableStatus):
+                    delay = reconnector.failed(
+                        follower, str(exc), exc.error, retry_after=exc.retry_after
                     )
-                    delay = reconnector.failed(follower, reason)
+                else:
+                    delay = reconnector.failed(follower, str(unreachable(self._config, exc)))
             if deadline is not None:
                 delay = min(delay, max(0.0, deadline - time.monotonic()))
             time.sleep(delay)

@@ -95,6 +95,10 @@ class Job(_Model):
     links: dict[str, str] = Field(default_factory=dict)
     # Set by ``cancel`` when the job was running: the worker stops it at its next event.
     cancel_requested: bool = False
+    # On submit: a short-lived token that opens this job's stream with ``?token=`` (for a
+    # browser's EventSource, which cannot send an Authorization header).
+    stream_token: str | None = None
+    stream_token_expires_at: float | None = None
 
     @property
     def finished(self) -> bool:

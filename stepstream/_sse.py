@@ -16,7 +16,7 @@ import time
 
 from httpx_sse import ServerSentEvent
 
-from stepstream._exceptions import ServerUnavailable
+from stepstream._exceptions import RateLimited, ServerUnavailable, StepstreamError
 from stepstream._models import Event, ResetEvent, SnapshotEvent, parse_event
 
 DEFAULT_RETRY_SECONDS = 1.0
@@ -117,20 +117,31 @@ class Reconnector:
         # Opened and closed at once with nothing new: back off, or this would spin.
         return self.failed(follower, "the stream closed without sending anything")
 
-    def failed(self, follower: StreamFollower, reason: str) -> float:
-        """A connection attempt failed (refused, timed out, 5xx): the delay, or raise."""
+    def failed(
+        self,
+        follower: StreamFollower,
+        reason: str,
+        give_up_with: StepstreamError | None = None,
+        retry_after: float | None = None,
+    ) -> float:
+        """A connection attempt failed (refused, timed out, 5xx, 429): the delay, or raise
+        ``give_up_with`` (default ``ServerUnavailable``) when it is time to stop trying."""
         now = time.monotonic()
         self.failures += 1
         if not self.ever_connected:
-            if self.failures > self.retries:
-                raise ServerUnavailable(reason)
+            if self.failures > self.retries or isinstance(give_up_with, RateLimited):
+                # Refused before we ever held a stream: the caller's own limit, say so now.
+                raise give_up_with or ServerUnavailable(reason)
             return min(self.max_delay, 0.25 * 2.0 ** (self.failures - 1))
         if self.down_since is None:
             self.down_since = now
         if now - self.down_since > self.reconnect_timeout:
+            if give_up_with is not None and not isinstance(give_up_with, ServerUnavailable):
+                raise give_up_with
             raise ServerUnavailable(
                 f"{reason}; gave up reconnecting after {self.reconnect_timeout:g}s"
             )
         delay = min(self.max_delay, follower.retry_seconds * 2.0 ** (self.failures - 1))
         # A little jitter, so clients of a restarted server do not all come back at once.
-        return delay * random.uniform(0.8, 1.0)
+        delay *= random.uniform(0.8, 1.0)
+        return max(delay, retry_after or 0.0)

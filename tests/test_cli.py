@@ -226,3 +226,28 @@ def test_tail_follows_every_job(make_stack: StackFactory) -> None:
     events = [json.loads(line) for line in tail.lines]
     assert {e["data"]["job_id"] for e in events} == {first.id, second.id}
     assert all(e["data"]["event_id"] for e in events)
+
+
+def test_the_api_key_option_authenticates_in_production(make_stack: StackFactory) -> None:
+    key = "key-carol-cli-0123456789"
+    s = make_stack(
+        webs=1,
+        workers=1,
+        STEPSTREAM_MODE="production",
+        STEPSTREAM_SECRET="cli-tests-secret-0123456789abcdef",
+        STEPSTREAM_API_KEYS=f"carol:{key}",
+    )
+    refused = run_cli(s.url, "jobs")
+    assert refused.returncode == 4 and "credentials required" in refused.stderr
+    done = run_cli(
+        s.url,
+        "--api-key",
+        key,
+        "submit",
+        "analyze_document",
+        "-i",
+        json.dumps({"text": DOC}),
+        "--watch",
+    )
+    assert done.returncode == 0, done.stderr
+    assert step_lines(done.stdout.splitlines()) == expected_step_lines()

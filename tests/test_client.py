@@ -25,6 +25,7 @@ from stepstream import (
     ServerUnavailable,
     SnapshotEvent,
     StepEvent,
+    Unauthorized,
     WaitTimeout,
 )
 from tests.conftest import Stack, StackFactory
@@ -350,3 +351,35 @@ def test_headers_and_retries_on_the_wire() -> None:
             c.cancel("j1")
         assert sum(r.url.path.endswith("/cancel") for r in seen) == 1
     assert all(r.headers["authorization"] == "Bearer k3y" for r in seen)
+
+
+ALICE_KEY = "key-alice-client-0123456789"
+BOB_KEY = "key-bob-client-0123456789"
+PRODUCTION = {
+    "STEPSTREAM_MODE": "production",
+    "STEPSTREAM_SECRET": "client-tests-secret-0123456789abcdef",
+    "STEPSTREAM_API_KEYS": f"alice:{ALICE_KEY},bob:{BOB_KEY}",
+}
+
+
+def test_in_production_the_api_key_opens_the_callers_own_jobs(
+    make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("STEPSTREAM_API_KEY", raising=False)
+    s = make_stack(webs=1, workers=1, **PRODUCTION)
+    with Client(s.url) as anonymous, pytest.raises(Unauthorized, match="credentials required"):
+        anonymous.submit("analyze_document", {"text": DOC})
+    with Client(s.url, api_key=ALICE_KEY) as alice, Client(s.url, api_key=BOB_KEY) as bob:
+        job = alice.submit("analyze_document", {"text": DOC})
+        assert job.stream_token, "the submit answer carries a token for a browser's stream"
+        events = list(alice.events(job.id, after="0"))
+        assert isinstance(events[-1], CompletedEvent)
+        assert alice.wait(job.id, timeout=30).result == events[-1].result
+        # Another owner's job does not exist, as far as Bob can tell.
+        with pytest.raises(NotFound):
+            bob.get(job.id)
+        with pytest.raises(NotFound):
+            list(bob.events(job.id))
+        monkeypatch.setenv("STEPSTREAM_API_KEY", BOB_KEY)
+        with Client(s.url) as from_env:
+            assert job.id not in {j.id for j in from_env.iter_jobs()}
