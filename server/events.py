@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import Response
@@ -31,7 +33,7 @@ def read_cursor(request: Request) -> str | None:
     return raw
 
 
-def sse_response(state: AppState, body: object) -> Response:
+def sse_response(state: AppState, body: AsyncIterator[bytes]) -> Response:
     return EventSourceResponse(
         body,
         ping=0,  # the hub sends one heartbeat for all streams

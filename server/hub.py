@@ -195,7 +195,7 @@ class Hub:
                 delay = min(delay * 2, 5.0)
             finally:
                 try:
-                    await pubsub.aclose()
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
                 except Exception:
                     logger.debug("hub: closing the pub/sub failed", exc_info=True)
 

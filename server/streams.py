@@ -94,7 +94,7 @@ class JobStream:
 
     async def _replay(self) -> AsyncIterator[bytes]:
         batch = self.settings.replay_batch
-        after = "%d-%d" % self.last if self.last >= (0, 0) else "0"
+        after = f"{self.last[0]}-{self.last[1]}" if self.last >= (0, 0) else "0"
         while not self.ended:
             rows = await self.store.read_events(self.record.id, after, batch)
             chunks: list[bytes] = []
@@ -170,11 +170,9 @@ class FirehoseStream:
                 # Continue from the oldest entry kept; the client refetches GET /api/jobs.
                 self.last = (0, 0)
         batch = self.settings.replay_batch
-        after = "%d-%d" % self.last
+        after = f"{self.last[0]}-{self.last[1]}"
         while True:
-            rows, after, more = await self.store.read_firehose(
-                after, batch, self.subscriber.owner
-            )
+            rows, after, more = await self.store.read_firehose(after, batch, self.subscriber.owner)
             chunks: list[bytes] = []
             for entry_id, job_event_id, event_json in rows:
                 type_ = _event_type(event_json)
