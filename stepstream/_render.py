@@ -152,7 +152,7 @@ class PlainLines:
             self._line(describe(event))
         elif isinstance(event, CompletedEvent):
             took = _seconds_between(self.first_started_at, event.at)
-            self._line("Completed" + (f" in {took:.1f} s" if took is not None else ""))
+            self._line("Completed" + (f" in {format_ms(took * 1000)}" if took is not None else ""))
             self._line(result_text(event.result))
         elif isinstance(event, SnapshotEvent) and event.job.state is JobState.completed:
             self._line(describe(event))

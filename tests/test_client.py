@@ -383,3 +383,49 @@ def test_in_production_the_api_key_opens_the_callers_own_jobs(
         monkeypatch.setenv("STEPSTREAM_API_KEY", BOB_KEY)
         with Client(s.url) as from_env:
             assert job.id not in {j.id for j in from_env.iter_jobs()}
+
+
+def test_the_stream_protocol_on_the_wire() -> None:
+    """A scripted server: heartbeats and ``retry:`` are absorbed, a cut connection resumes
+    from the last id, a 429 on the way back is waited out, a 204 ends the stream."""
+    job = "j1"
+
+    def frame(event_id: str, type_: str, **data: object) -> bytes:
+        body = json.dumps({"job_id": job, "type": type_, "at": "2026-01-01T00:00:00Z", **data})
+        return f"id: {event_id}\nevent: {type_}\ndata: {body}\n\n".encode()
+
+    answers: list[httpx.Response] = [
+        httpx.Response(
+            200,
+            headers={"content-type": "text/event-stream"},
+            content=b"retry: 10\n\n: keep-alive\n\n"
+            + frame("1-0", "queued", input={})
+            + frame("2-0", "started", max_attempts=1),  # then the connection ends early
+        ),
+        httpx.Response(503, json={"error": {"code": "down", "message": "restarting"}}),
+        httpx.Response(
+            429,
+            headers={"retry-after": "0"},
+            json={"error": {"code": "too_many_streams", "message": "too many"}},
+        ),
+        httpx.Response(
+            200,
+            headers={"content-type": "text/event-stream"},
+            content=frame("3-0", "step", step={"index": 1, "count": 1, "name": "emit"})
+            + b": keep-alive\n\n"
+            + frame("4-0", "completed", result={"ok": True}),
+        ),
+    ]
+    cursors: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        cursors.append(request.headers.get("last-event-id"))
+        return answers.pop(0) if answers else httpx.Response(204)
+
+    with Client("http://stepstream.test", transport=httpx.MockTransport(handler)) as client:
+        events = list(client.events(job, after="0"))
+        assert [e.type for e in events] == ["queued", "started", "step", "completed"]
+        assert cursors == ["0", "2-0", "2-0", "2-0"]
+        assert isinstance(events[-1], CompletedEvent) and events[-1].result == {"ok": True}
+        # Coming back at the terminal event: 204, nothing more.
+        assert list(client.events(job, after="4-0")) == []
