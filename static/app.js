@@ -1,0 +1,356 @@
+// Stepstream dashboard: one firehose EventSource for the list, one stream per open detail view.
+
+import { $, h, fill, setText } from "./js/dom.js";
+import { api } from "./js/api.js";
+import { LiveStream } from "./js/live.js";
+import { applyEvent, compareIds, EVENT_TYPES, TERMINAL } from "./js/model.js";
+import { TaskForm } from "./js/form.js";
+import { JobList } from "./js/list.js";
+import { DetailView } from "./js/detail.js";
+import { renderStats } from "./js/stats.js";
+import { shortId } from "./js/format.js";
+
+const OFFLINE_AFTER_MS = 15_000;
+const STATS_EVERY_MS = 5_000;
+const RECONCILE_EVERY_MS = 30_000;
+
+const tasks = new Map();
+const jobs = new Map();
+let nextCursor = null;
+let listLoading = 0;
+let buffered = [];
+const pendingFetch = new Map();
+
+const taskOf = (name) => tasks.get(name);
+
+// -- Connection indicator -------------------------------------------------------------------
+
+const conn = { el: $("#conn"), since: null, state: "connecting" };
+
+function updateConnection() {
+  const statuses = [firehose?.status, detail?.streamStatus].filter(Boolean);
+  let state = "live";
+  if (!navigator.onLine) state = "offline";
+  else if (statuses.includes("reconnecting") || statuses.includes("connecting")) {
+    const everLive = firehose?.everOpened;
+    state = everLive || statuses.includes("reconnecting") ? "reconnecting" : "connecting";
+    conn.since ??= Date.now();
+    if (Date.now() - conn.since > OFFLINE_AFTER_MS) state = "offline";
+  }
+  if (state === "live") conn.since = null;
+  if (state === conn.state) return;
+  conn.state = state;
+  conn.el.dataset.state = state;
+  const labels = {
+    live: "Live",
+    reconnecting: "Reconnecting…",
+    connecting: "Connecting…",
+    offline: "Offline",
+  };
+  setText(conn.el.querySelector(".conn-text"), labels[state]);
+  conn.el.title =
+    state === "offline"
+      ? "The server cannot be reached; the page keeps trying and catches up when it is back."
+      : state === "reconnecting"
+        ? "The connection dropped; reconnecting and catching up on missed events."
+        : "Receiving updates as they happen.";
+}
+
+// -- Toasts ---------------------------------------------------------------------------------
+
+function toast(message, kind = "info") {
+  const el = h("div", { class: `toast toast-${kind}` }, message);
+  $("#toasts").appendChild(el);
+  setTimeout(() => el.remove(), 5000);
+}
+
+// -- Jobs -----------------------------------------------------------------------------------
+
+const list = new JobList($("#jobs"), {
+  taskOf,
+  onAction: act,
+  emptyEl: $("#jobs-empty"),
+  countEl: $("#jobs-count"),
+});
+
+const dirty = new Set();
+let renderQueued = false;
+
+function scheduleRender(id) {
+  dirty.add(id);
+  if (renderQueued) return;
+  renderQueued = true;
+  const run = () => {
+    if (!renderQueued) return;
+    renderQueued = false;
+    for (const jobId of dirty) {
+      const record = jobs.get(jobId);
+      if (record) list.upsert(record);
+    }
+    dirty.clear();
+  };
+  requestAnimationFrame(run);
+  setTimeout(run, 100); // rAF does not run in a hidden tab
+}
+
+/** Keep whichever copy of a record is further along its log. */
+function mergeRecord(record) {
+  const current = jobs.get(record.id);
+  if (current && compareIds(record.last_event_id, current.last_event_id) < 0) return current;
+  jobs.set(record.id, record);
+  scheduleRender(record.id);
+  return record;
+}
+
+async function loadList({ more = false } = {}) {
+  listLoading += 1;
+  try {
+    const query = more && nextCursor ? `?limit=50&cursor=${encodeURIComponent(nextCursor)}` : "?limit=50";
+    const { data } = await api(`/api/jobs${query}`);
+    for (const record of data.jobs) mergeRecord(record);
+    if (!more || nextCursor) nextCursor = data.next_cursor;
+    $("#load-more").hidden = !nextCursor;
+    list.showEmpty();
+  } catch (error) {
+    if (!jobs.size) toast(`Could not load jobs: ${error.message}`, "error");
+  } finally {
+    listLoading -= 1;
+    if (!listLoading) {
+      const events = buffered;
+      buffered = [];
+      for (const event of events) onFirehose(event.type, event);
+    }
+  }
+}
+
+function onFirehose(type, data) {
+  if (type === "reset") {
+    loadList(); // events after our cursor were trimmed: the records are the truth
+    return;
+  }
+  if (listLoading) {
+    buffered.push(data);
+    return;
+  }
+  const id = data.job_id;
+  if (!id) return;
+  detail.noticeEvent(id, data.event_id);
+  const record = jobs.get(id);
+  if (!record) {
+    fetchUnknown(id, data);
+    return;
+  }
+  if (compareIds(data.event_id, record.last_event_id) <= 0) return; // already in the record
+  applyEvent(record, data, data.event_id);
+  scheduleRender(id);
+  if (TERMINAL.has(data.type)) refreshStatsSoon();
+}
+
+/** A job we have no record of (new, or older than the first page): fetch it, then replay. */
+async function fetchUnknown(id, event) {
+  const waiting = pendingFetch.get(id);
+  if (waiting) {
+    waiting.push(event);
+    return;
+  }
+  pendingFetch.set(id, [event]);
+  try {
+    const { data } = await api(`/api/jobs/${encodeURIComponent(id)}`);
+    const record = mergeRecord(data);
+    for (const e of pendingFetch.get(id) || []) {
+      if (compareIds(e.event_id, record.last_event_id) > 0) applyEvent(record, e, e.event_id);
+    }
+    scheduleRender(id);
+    refreshStatsSoon();
+  } catch {
+    // expired or not ours: nothing to show
+  } finally {
+    pendingFetch.delete(id);
+  }
+}
+
+async function act(action, record, button) {
+  if (!action) return;
+  button.disabled = true;
+  button.dataset.pending = "1";
+  try {
+    if (action === "cancel") {
+      button.textContent = "Cancelling…";
+      const { status, data } = await api(`/api/jobs/${encodeURIComponent(record.id)}/cancel`, { method: "POST" });
+      if (status === 200) mergeRecord(data);
+      else toast(`Cancelling job ${shortId(record.id)}: the worker stops it at its next step.`);
+    } else if (action === "retry") {
+      button.textContent = "Retrying…";
+      const { data } = await api(`/api/jobs/${encodeURIComponent(record.id)}/retry`, { method: "POST" });
+      mergeRecord(data);
+      if (detail.openId === record.id) detail.follow();
+    }
+    refreshStatsSoon();
+  } catch (error) {
+    toast(error.status === 409 ? `Job ${shortId(record.id)}: ${error.message}.` : error.message, "error");
+    delete button.dataset.pending;
+    button.disabled = false;
+    const current = jobs.get(record.id);
+    if (current) {
+      list.upsert(current);
+      // A 409 means our copy is behind: fetch the truth.
+      api(`/api/jobs/${encodeURIComponent(record.id)}`).then(({ data }) => mergeRecord(data), () => {});
+    }
+    detail.render();
+  }
+}
+
+$("#load-more").addEventListener("click", () => loadList({ more: true }));
+
+// -- Detail view and routing ----------------------------------------------------------------
+
+const detail = new DetailView({
+  panel: $("#detail"),
+  body: $("#detail-body"),
+  backdrop: $("#detail-backdrop"),
+  taskOf,
+  onAction: act,
+  onClose: () => {
+    const id = detail.openId;
+    history.pushState(null, "", location.pathname + location.search);
+    route();
+    const link = id && document.querySelector(`li.job[data-job-id="${CSS.escape(id)}"] .job-link`);
+    if (link) link.focus({ preventScroll: true });
+  },
+  onStatus: updateConnection,
+});
+
+function route() {
+  const match = location.hash.match(/^#\/jobs\/([A-Za-z0-9_-]{1,64})$/);
+  if (match) detail.open(match[1], jobs.get(match[1]));
+  else detail.close();
+  updateConnection();
+}
+
+window.addEventListener("hashchange", route);
+window.addEventListener("popstate", route);
+
+// -- The form -------------------------------------------------------------------------------
+
+const form = new TaskForm({ fieldsEl: $("#form-fields"), errorsEl: $("#form-errors") });
+const taskSelect = $("#task-select");
+
+function selectTask(name) {
+  const task = tasks.get(name);
+  if (!task) return;
+  form.build(task);
+  setText($("#task-description"), task.description || "");
+  fill(
+    $("#task-steps"),
+    h("span", { class: "muted" }, `${task.steps.length} steps: `),
+    task.steps.join(" → "),
+  );
+  $("#fill-sample").disabled = !task.sample_input;
+  $("#fill-sample").title = task.sample_input ? "Fill the form with this task's sample input" : "This task has no sample input";
+  setText($("#form-status"), "");
+}
+
+async function loadTasks() {
+  const { data } = await api("/api/tasks");
+  tasks.clear();
+  for (const task of data.tasks) tasks.set(task.name, task);
+  const previous = taskSelect.value;
+  // Tasks with a sample first: those are the ones a newcomer can try with one click.
+  const ordered = [...data.tasks].sort((a, b) => Boolean(b.sample_input) - Boolean(a.sample_input));
+  fill(
+    taskSelect,
+    ordered.map((t) => h("option", { value: t.name }, t.title && t.title !== t.name ? `${t.title} (${t.name})` : t.name)),
+  );
+  taskSelect.disabled = false;
+  $("#submit-job").disabled = false;
+  if (tasks.has(previous)) taskSelect.value = previous;
+  selectTask(taskSelect.value);
+  for (const record of jobs.values()) scheduleRender(record.id);
+}
+
+taskSelect.addEventListener("change", () => selectTask(taskSelect.value));
+$("#fill-sample").addEventListener("click", () => form.fillSample());
+
+$("#job-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const task = taskSelect.value;
+  const read = form.read();
+  if (read.errors) {
+    form.showErrors("Some fields need attention.", read.errors);
+    return;
+  }
+  const submit = $("#submit-job");
+  submit.disabled = true;
+  setText($("#form-status"), "Starting…");
+  try {
+    const { data } = await api("/api/jobs", { method: "POST", body: { task, input: read.input } });
+    form.clearErrors();
+    mergeRecord(data);
+    setText($("#form-status"), `Started job ${shortId(data.id)}.`);
+    refreshStatsSoon();
+  } catch (error) {
+    setText($("#form-status"), "");
+    if (error.status === 422 || error.status === 400 || error.status === 413) form.showApiError(error);
+    else form.showErrors(error.message || "The job could not be started.", []);
+  } finally {
+    submit.disabled = false;
+  }
+});
+
+// -- Queue health ---------------------------------------------------------------------------
+
+let statsTimer = null;
+
+async function refreshStats() {
+  clearTimeout(statsTimer);
+  try {
+    const { data } = await api("/api/stats");
+    renderStats($("#stats"), data, taskOf);
+  } catch {
+    // the strip keeps its last numbers; the indicator says why
+  }
+  statsTimer = setTimeout(refreshStats, STATS_EVERY_MS);
+}
+
+let statsSoon = null;
+function refreshStatsSoon() {
+  clearTimeout(statsSoon);
+  statsSoon = setTimeout(refreshStats, 400);
+}
+
+// -- Start ----------------------------------------------------------------------------------
+
+let firehose = null;
+
+function start() {
+  firehose = new LiveStream("/api/events", {
+    types: [...EVENT_TYPES, "reset"],
+    onEvent: (type, data) => onFirehose(type, data),
+    onStatus: updateConnection,
+    // On every (re)connect: the records are fetched again, so an event written while no
+    // connection was listening is still shown (the firehose resumes by id as well).
+    onOpen: () => loadList(),
+  }).start();
+  loadList();
+  loadTasks().catch((error) => {
+    setText($("#form-status"), `Could not load tasks: ${error.message}`);
+  });
+  refreshStats();
+  route();
+  setInterval(() => {
+    list.tick();
+    detail.tick();
+    updateConnection();
+  }, 1000);
+  setInterval(() => {
+    const active = [...jobs.values()].some((r) => !TERMINAL.has(r.state));
+    if (active && document.visibilityState === "visible" && firehose.status === "live") loadList();
+  }, RECONCILE_EVERY_MS);
+  window.addEventListener("online", updateConnection);
+  window.addEventListener("offline", updateConnection);
+  document.addEventListener("visibilitychange", () => {
+    if (document.visibilityState === "visible") refreshStats();
+  });
+}
+
+start();

@@ -1,0 +1,468 @@
+// One job in detail: step timeline, log, result (readable and raw), error, actions.
+//
+// It reads the job's whole log once (`?after=0`, one EventSource), then follows it live; the
+// server ends the stream after the terminal event. Until the replay reaches the record fetched
+// on open, the record is shown, so the view never runs backwards while catching up.
+
+import { h, clear, fill, setText } from "./dom.js";
+import { clockTime, dateTime, duration, parseTime, shortId } from "./format.js";
+import { LiveStream } from "./live.js";
+import { createBar, updateBar } from "./bar.js";
+import {
+  applyEvent,
+  canCancel,
+  canRetry,
+  clone,
+  compareIds,
+  elapsedMs,
+  emptyProjection,
+  EVENT_TYPES,
+  failedStepRef,
+  inputLabel,
+  messageLine,
+  percent,
+  stepLine,
+  TERMINAL,
+} from "./model.js";
+import { inlineValue, rawJson, renderValue } from "./value.js";
+import { STATE_LABELS } from "./list.js";
+import { api } from "./api.js";
+
+const STEP_STATE_LABELS = {
+  pending: "Pending",
+  running: "Running",
+  completed: "Done",
+  restored: "Restored",
+  failed: "Failed",
+  cancelled: "Cancelled",
+};
+
+export class DetailView {
+  constructor({ panel, body, backdrop, taskOf, onAction, onClose, onStatus }) {
+    this.panel = panel;
+    this.body = body;
+    this.backdrop = backdrop;
+    this.taskOf = taskOf;
+    this.onAction = onAction;
+    this.onClose = onClose;
+    this.onStatus = onStatus;
+    this.job = null; // {id, base, proj, caughtUp, ended, stream, lastId, ...}
+    this.renderQueued = false;
+    backdrop.addEventListener("click", () => this.onClose());
+    document.addEventListener("keydown", (event) => {
+      if (event.key === "Escape" && this.job) this.onClose();
+    });
+  }
+
+  get openId() {
+    return this.job?.id ?? null;
+  }
+
+  get streamStatus() {
+    const stream = this.job?.stream;
+    if (!stream || this.job.ended) return null;
+    return stream.status;
+  }
+
+  async open(id, cached) {
+    if (this.job?.id === id) return;
+    this.close(false);
+    const job = {
+      id,
+      base: cached ? clone(cached) : null,
+      proj: null,
+      caughtUp: false,
+      ended: false,
+      stream: null,
+      lastId: null,
+      renderedResult: undefined,
+      renderedError: undefined,
+      logCount: 0,
+    };
+    this.job = job;
+    this._skeleton();
+    this.panel.hidden = false;
+    this.backdrop.hidden = false;
+    document.body.classList.add("detail-open");
+    if (job.base) this.render();
+    this.els.title.focus({ preventScroll: true });
+    try {
+      const { data } = await api(`/api/jobs/${encodeURIComponent(id)}`);
+      if (this.job !== job) return;
+      job.base = data;
+      this.render();
+      this._stream(null);
+    } catch (error) {
+      if (this.job !== job) return;
+      this._notFound(error);
+    }
+  }
+
+  close(notify = true) {
+    if (!this.job) return;
+    this.job.stream?.close();
+    this.job = null;
+    this.panel.hidden = true;
+    this.backdrop.hidden = true;
+    document.body.classList.remove("detail-open");
+    if (notify) this.onStatus();
+  }
+
+  /** The firehose saw an event of this job: if our stream already ended (a retry), follow again. */
+  noticeEvent(jobId, eventId) {
+    const job = this.job;
+    if (!job || job.id !== jobId || !job.ended) return;
+    if (compareIds(eventId, job.lastId) > 0) this._stream(job.lastId);
+  }
+
+  /** After Retry from here: the job's log continues after its terminal event. */
+  follow() {
+    if (this.job?.ended) this._stream(this.job.lastId);
+  }
+
+  _stream(after) {
+    const job = this.job;
+    job.stream?.close();
+    job.ended = false;
+    job.stream = new LiveStream(`/api/jobs/${encodeURIComponent(job.id)}/events`, {
+      types: [...EVENT_TYPES, "snapshot", "reset"],
+      cursor: after || "0",
+      onEvent: (type, data, id) => this._onEvent(job, type, data, id),
+      onStatus: () => this.onStatus(),
+    }).start();
+  }
+
+  _onEvent(job, type, data, id) {
+    if (this.job !== job) return;
+    if (type === "reset") return; // a snapshot follows
+    if (type === "snapshot") {
+      job.proj = data;
+      job.caughtUp = true;
+      job.lastId = data.last_event_id || id;
+    } else {
+      if (job.lastId && id && compareIds(id, job.lastId) <= 0) return;
+      if (!job.proj) {
+        // The whole log from its start, unless its oldest entries were trimmed away.
+        job.proj = type === "queued" ? emptyProjection(job.base) : clone(job.base);
+        if (type !== "queued" && compareIds(id, job.base.last_event_id) <= 0) {
+          job.lastId = id;
+          return;
+        }
+      }
+      applyEvent(job.proj, data, id);
+      job.lastId = id;
+      this._log(type, data);
+      if (!job.caughtUp && compareIds(id, job.base.last_event_id) >= 0) job.caughtUp = true;
+    }
+    if (TERMINAL.has(job.proj?.state) && (TERMINAL.has(type) || type === "snapshot")) {
+      // The server ends the stream here; closing first saves a reconnect that would get 204.
+      job.stream.close();
+      job.ended = true;
+      this.onStatus();
+    }
+    this.scheduleRender();
+  }
+
+  get record() {
+    const job = this.job;
+    if (!job) return null;
+    return job.caughtUp && job.proj ? job.proj : job.base;
+  }
+
+  scheduleRender() {
+    if (this.renderQueued) return;
+    this.renderQueued = true;
+    const run = () => {
+      if (!this.renderQueued) return;
+      this.renderQueued = false;
+      this.render();
+    };
+    requestAnimationFrame(run);
+    setTimeout(run, 100); // rAF does not run in a hidden tab
+  }
+
+  _skeleton() {
+    const title = h("h2", { id: "detail-title", class: "detail-title", tabindex: "-1" }, "Job");
+    const close = h(
+      "button",
+      { type: "button", class: "btn btn-ghost detail-close", "aria-label": "Close job details", on: { click: () => this.onClose() } },
+      "✕",
+    );
+    const badge = h("span", { class: "badge" });
+    const action = h("button", {
+      type: "button",
+      class: "btn btn-secondary detail-action",
+      hidden: true,
+      on: {
+        click: () => {
+          const record = this.record;
+          if (record) this.onAction(action.dataset.action, record, action);
+        },
+      },
+    });
+    const bar = createBar("Job progress");
+    const els = {
+      title,
+      subtitle: h("p", { class: "detail-sub" }),
+      badge,
+      action,
+      bar,
+      pct: h("span", { class: "job-pct" }),
+      stepLine: h("p", { class: "detail-step" }),
+      message: h("p", { class: "detail-message" }),
+      facts: h("dl", { class: "facts" }),
+      error: h("section", { class: "detail-section error-box", hidden: true, "aria-labelledby": "error-title" }),
+      steps: h("ol", { class: "timeline" }),
+      result: h("section", { class: "detail-section", hidden: true, "aria-labelledby": "result-title" }),
+      log: h("ol", { class: "log" }),
+      logEmpty: h("p", { class: "muted log-empty" }, "Nothing logged yet."),
+      input: h("pre", { class: "raw" }),
+    };
+    this.els = els;
+    fill(
+      this.body,
+      h(
+        "header",
+        { class: "detail-head" },
+        h("div", { class: "detail-heading" }, title, els.subtitle),
+        close,
+      ),
+      h(
+        "div",
+        { class: "detail-status" },
+        h("div", { class: "detail-status-row" }, badge, h("span", { class: "grow" }), action),
+        h("div", { class: "job-barline" }, bar.el, els.pct),
+        els.stepLine,
+        els.message,
+      ),
+      els.error,
+      h(
+        "section",
+        { class: "detail-section", "aria-labelledby": "steps-title" },
+        h("h3", { id: "steps-title" }, "Steps"),
+        els.steps,
+      ),
+      els.result,
+      h(
+        "section",
+        { class: "detail-section", "aria-labelledby": "log-title" },
+        h("h3", { id: "log-title" }, "Activity"),
+        els.logEmpty,
+        els.log,
+      ),
+      h(
+        "section",
+        { class: "detail-section", "aria-labelledby": "facts-title" },
+        h("h3", { id: "facts-title" }, "Details"),
+        els.facts,
+        h("details", { class: "raw-details" }, h("summary", null, "Input (JSON)"), els.input),
+      ),
+    );
+  }
+
+  _notFound(error) {
+    fill(
+      this.body,
+      h(
+        "header",
+        { class: "detail-head" },
+        h("div", { class: "detail-heading" }, h("h2", { id: "detail-title", class: "detail-title", tabindex: "-1" }, "Job not found")),
+        h("button", { type: "button", class: "btn btn-ghost detail-close", "aria-label": "Close job details", on: { click: () => this.onClose() } }, "✕"),
+      ),
+      h("p", { class: "detail-section" }, error.status === 404 ? "There is no job with this id. It may have expired." : error.message),
+    );
+  }
+
+  _log(type, data) {
+    const els = this.els;
+    let level = "event";
+    let text;
+    switch (type) {
+      case "log":
+        level = data.level || "info";
+        text = data.message;
+        break;
+      case "queued":
+        text = data.reason === "retry" ? "Queued again (retry)" : "Queued";
+        break;
+      case "started":
+        text = `Attempt ${data.attempt}${data.max_attempts ? ` of ${data.max_attempts}` : ""} started`;
+        break;
+      case "retrying":
+        level = "warning";
+        text = `Attempt ${data.attempt} failed: ${data.error?.message || "error"}. Retrying at ${clockTime(data.retry_at)}`;
+        break;
+      case "failed":
+        level = "error";
+        text = `Failed: ${data.error?.message || "error"}`;
+        break;
+      case "cancelled":
+        level = "warning";
+        text = `Cancelled${data.reason ? `: ${data.reason}` : ""}`;
+        break;
+      case "completed":
+        text = "Completed";
+        break;
+      default:
+        return; // steps and progress have their own places
+    }
+    els.logEmpty.hidden = true;
+    els.log.appendChild(
+      h(
+        "li",
+        { class: `log-line log-${level}` },
+        h("time", { datetime: data.at }, clockTime(data.at)),
+        h("span", { class: "log-level" }, level),
+        h("span", { class: "log-text" }, text),
+      ),
+    );
+  }
+
+  render() {
+    const job = this.job;
+    const record = this.record;
+    if (!job || !record) return;
+    const els = this.els;
+    const task = this.taskOf(record.task);
+    setText(els.title, task?.title || record.task);
+    const label = inputLabel(record);
+    setText(els.subtitle, [label, `Job ${shortId(record.id)}`].filter(Boolean).join(" · "));
+    els.subtitle.title = record.id;
+    setText(els.badge, STATE_LABELS[record.state] || record.state);
+    els.badge.dataset.state = record.state;
+    this.panel.dataset.state = record.state;
+    const value = percent(record);
+    updateBar(els.bar, value, record.state);
+    setText(els.pct, `${value}%`);
+    setText(els.stepLine, stepLine(record, task));
+    setText(els.message, messageLine(record));
+
+    let action = "";
+    if (canCancel(record)) action = "cancel";
+    else if (canRetry(record)) action = "retry";
+    if (els.action.dataset.action !== action || els.action.dataset.pending) {
+      els.action.dataset.action = action;
+      delete els.action.dataset.pending;
+      els.action.disabled = false;
+      els.action.hidden = !action;
+      setText(els.action, action === "cancel" ? "Cancel job" : "Retry job");
+    }
+
+    this._renderError(record, task);
+    this._renderSteps(record, task);
+    this._renderResult(record);
+    this._renderFacts(record);
+  }
+
+  tick() {
+    if (this.job && this.record && !TERMINAL.has(this.record.state)) {
+      this._renderFacts(this.record);
+      this._renderSteps(this.record, this.taskOf(this.record.task));
+    }
+  }
+
+  _renderError(record, task) {
+    const els = this.els;
+    const error = record.state === "failed" || record.state === "retrying" ? record.error : null;
+    const key = error ? JSON.stringify([record.state, error]) : null;
+    if (key === this.job.renderedError) return;
+    this.job.renderedError = key;
+    els.error.hidden = !error;
+    if (!error) return clear(els.error);
+    const where = failedStepRef(record, task);
+    const count = task?.steps?.length || record.step?.count;
+    const place = where ? ` ${where.after ? "after" : "at"} step ${where.index} of ${count} (${where.name})` : "";
+    const headline =
+      record.state === "retrying"
+        ? `Attempt ${record.attempt} failed${place}; it will be retried`
+        : `The job failed${place}`;
+    fill(
+      els.error,
+      h("h3", { id: "error-title" }, headline),
+      h("p", { class: "error-message" }, error.message),
+      h(
+        "p",
+        { class: "muted error-meta" },
+        `${error.type}${error.retryable ? " · may succeed if run again" : " · a permanent error: running it again will likely fail the same way"}`,
+      ),
+    );
+  }
+
+  _renderSteps(record, task) {
+    const els = this.els;
+    const names = task?.steps || [];
+    const count = Math.max(names.length, record.step?.count || 0, ...(record.steps || []).map((s) => s.index));
+    const byIndex = new Map((record.steps || []).map((s) => [s.index, s]));
+    const now = Date.now();
+    while (els.steps.children.length > count) els.steps.lastChild.remove();
+    for (let index = 1; index <= count; index++) {
+      const step = byIndex.get(index) || { index, name: names[index - 1] || `Step ${index}`, state: "pending" };
+      let li = els.steps.children[index - 1];
+      if (!li) {
+        li = h(
+          "li",
+          { class: "tl-step" },
+          h("span", { class: "tl-dot", "aria-hidden": "true" }),
+          h(
+            "div",
+            { class: "tl-main" },
+            h("div", { class: "tl-row" }, h("span", { class: "tl-name" }), h("span", { class: "tl-state" }), h("span", { class: "tl-time" })),
+            h("div", { class: "tl-output" }),
+          ),
+        );
+        els.steps.appendChild(li);
+      }
+      li.dataset.state = step.state;
+      setText(li.querySelector(".tl-name"), `${index}. ${step.name}`);
+      setText(li.querySelector(".tl-state"), STEP_STATE_LABELS[step.state] || step.state);
+      let time = "";
+      if (step.duration_ms !== null && step.duration_ms !== undefined && ["completed", "restored"].includes(step.state)) {
+        time = duration(step.duration_ms);
+      } else if (step.started_at) {
+        const start = parseTime(step.started_at);
+        const end = parseTime(step.finished_at) ?? (TERMINAL.has(record.state) ? null : now);
+        if (start !== null && end !== null) time = duration(end - start);
+      }
+      setText(li.querySelector(".tl-time"), time);
+      const output = inlineValue(step.output);
+      const outEl = li.querySelector(".tl-output");
+      setText(outEl, output);
+      outEl.hidden = !output;
+    }
+  }
+
+  _renderResult(record) {
+    const els = this.els;
+    const show = record.state === "completed" && record.result !== undefined;
+    const key = show ? JSON.stringify(record.result) : null;
+    if (key === this.job.renderedResult) return;
+    this.job.renderedResult = key;
+    els.result.hidden = !show;
+    if (!show) return clear(els.result);
+    fill(
+      els.result,
+      h("h3", { id: "result-title" }, "Result"),
+      h("div", { class: "result" }, renderValue(record.result)),
+      h("details", { class: "raw-details" }, h("summary", null, "Raw JSON"), h("pre", { class: "raw" }, rawJson(record.result))),
+    );
+  }
+
+  _renderFacts(record) {
+    const els = this.els;
+    const facts = [
+      ["Job id", record.id],
+      ["Created", dateTime(record.created_at)],
+      ["Started", record.started_at ? dateTime(record.started_at) : "not yet"],
+      ["Finished", record.finished_at && TERMINAL.has(record.state) ? dateTime(record.finished_at) : "—"],
+      ["Elapsed", duration(elapsedMs(record)) || "—"],
+      ["Attempt", record.attempt ? `${record.attempt} of ${record.max_attempts}` : "not started"],
+    ];
+    const key = JSON.stringify(facts);
+    if (key !== this._factsKey) {
+      this._factsKey = key;
+      fill(els.facts, facts.map(([k, v]) => [h("dt", null, k), h("dd", null, v)]));
+    }
+    const input = rawJson(record.input);
+    if (els.input.textContent !== input) els.input.textContent = input;
+  }
+}

@@ -1,0 +1,278 @@
+// The job record as the browser keeps it: the server's record (GET /api/jobs) plus the events
+// that followed it, applied the same way the worker projects them (DESIGN.md, "Event types").
+
+import { duration, parseTime } from "./format.js";
+
+export const TERMINAL = new Set(["completed", "failed", "cancelled"]);
+export const EVENT_TYPES = [
+  "queued",
+  "started",
+  "step",
+  "progress",
+  "step_completed",
+  "log",
+  "retrying",
+  "completed",
+  "failed",
+  "cancelled",
+];
+
+/** A stream id `<ms>-<seq>` (or `0`) as a comparable pair; missing ids sort first. */
+export function parseId(id) {
+  if (!id) return [-1, -1];
+  if (id === "0") return [0, 0];
+  const [ms, seq] = String(id).split("-");
+  return [Number(ms), Number(seq || 0)];
+}
+
+export function compareIds(a, b) {
+  const [a1, a2] = parseId(a);
+  const [b1, b2] = parseId(b);
+  if (a1 !== b1) return a1 < b1 ? -1 : 1;
+  if (a2 !== b2) return a2 < b2 ? -1 : 1;
+  return 0;
+}
+
+export function clone(value) {
+  return value === undefined ? undefined : structuredClone(value);
+}
+
+function clamp(value, low, high) {
+  return Math.min(high, Math.max(low, value));
+}
+
+function setStep(record, ref, patch) {
+  if (!Array.isArray(record.steps)) record.steps = [];
+  const at = ref.index - 1;
+  const current = record.steps.find((s) => s.index === ref.index);
+  const next = { index: ref.index, name: ref.name, state: "pending", ...(current || {}), ...patch };
+  if (current) record.steps[record.steps.indexOf(current)] = next;
+  else {
+    record.steps.push(next);
+    record.steps.sort((x, y) => x.index - y.index);
+  }
+  return at;
+}
+
+function interruptRunningStep(record, state, at) {
+  for (const step of record.steps || []) {
+    if (step.state === "running") {
+      step.state = state;
+      step.finished_at = at;
+    }
+  }
+}
+
+/** Apply one stored event to a record (mutates it). `eventId` is the event's id in its job's log. */
+export function applyEvent(record, event, eventId) {
+  const at = event.at;
+  switch (event.type) {
+    case "queued":
+      record.state = "queued";
+      if (event.reason === "retry") {
+        record.error = null;
+        record.result = null;
+        record.finished_at = null;
+        record.retry_at = null;
+        record.message = null;
+      }
+      break;
+    case "started":
+      record.state = "running";
+      record.attempt = event.attempt;
+      if (event.max_attempts) record.max_attempts = event.max_attempts;
+      record.started_at = record.started_at || at;
+      record.error = null;
+      record.retry_at = null;
+      break;
+    case "step": {
+      const ref = event.step;
+      record.step = ref;
+      record.progress = (ref.index - 1) / ref.count;
+      record.message = null;
+      setStep(record, ref, {
+        state: "running",
+        started_at: at,
+        finished_at: null,
+        duration_ms: null,
+        output: null,
+      });
+      break;
+    }
+    case "progress": {
+      const count = record.step?.count || 1;
+      const index = record.step?.index || 1;
+      const fraction = event.total > 0 ? clamp(event.current / event.total, 0, 1) : 0;
+      record.progress = (index - 1 + fraction) / count;
+      record.message = event.message ?? null;
+      break;
+    }
+    case "step_completed": {
+      const ref = event.step;
+      setStep(record, ref, {
+        state: event.restored ? "restored" : "completed",
+        finished_at: at,
+        duration_ms: event.duration_ms ?? null,
+        output: event.output ?? null,
+      });
+      if (event.restored) record.step = ref;
+      record.progress = ref.index / ref.count;
+      break;
+    }
+    case "retrying":
+      record.state = "retrying";
+      record.error = event.error || null;
+      record.retry_at = event.retry_at || null;
+      if (event.max_attempts) record.max_attempts = event.max_attempts;
+      record.message = `Attempt ${event.attempt} of ${event.max_attempts} failed; retrying`;
+      interruptRunningStep(record, "failed", at);
+      break;
+    case "completed":
+      record.state = "completed";
+      record.result = event.result ?? null;
+      record.progress = 1;
+      record.message = null;
+      record.finished_at = at;
+      break;
+    case "failed":
+      record.state = "failed";
+      record.error = event.error || null;
+      record.finished_at = at;
+      record.retry_at = null;
+      interruptRunningStep(record, "failed", at);
+      break;
+    case "cancelled":
+      record.state = "cancelled";
+      record.finished_at = at;
+      record.retry_at = null;
+      record.cancel_reason = event.reason || null;
+      interruptRunningStep(record, "cancelled", at);
+      break;
+    default:
+      break;
+  }
+  if (eventId) record.last_event_id = eventId;
+  return record;
+}
+
+/** An empty projection for a job whose whole log is about to be replayed from the start. */
+export function emptyProjection(record) {
+  return {
+    id: record.id,
+    task: record.task,
+    owner: record.owner,
+    input: record.input,
+    created_at: record.created_at,
+    max_attempts: record.max_attempts,
+    state: "queued",
+    step: null,
+    progress: 0,
+    message: null,
+    steps: [],
+    attempt: 0,
+    error: null,
+    result: null,
+    retry_at: null,
+    started_at: null,
+    finished_at: null,
+    last_event_id: null,
+  };
+}
+
+// -- What a person reads ------------------------------------------------------------------
+
+export function percent(record) {
+  const value = record.state === "completed" ? 1 : Number(record.progress) || 0;
+  return Math.round(clamp(value, 0, 1) * 100);
+}
+
+export function stepCount(record, task) {
+  return record.step?.count || task?.steps?.length || record.steps?.length || 0;
+}
+
+/** "Step 3 of 7 · Chunking document", or what the job is doing instead. */
+export function stepLine(record, task, now = Date.now()) {
+  const count = stepCount(record, task);
+  const ref = record.step;
+  switch (record.state) {
+    case "queued":
+      return record.attempt > 0 ? "Queued to run again" : "Waiting in the queue";
+    case "running":
+      return ref ? `Step ${ref.index} of ${ref.count} · ${ref.name}` : "Starting…";
+    case "retrying": {
+      const at = parseTime(record.retry_at);
+      const wait = at === null ? "" : ` in ${duration(Math.max(0, at - now))}`;
+      const failedStep = failedStepRef(record, task);
+      const where = failedStep
+        ? ` · failed ${failedStep.after ? "after" : "at"} step ${failedStep.index} of ${count || "?"}`
+        : "";
+      return `Retrying${wait}${where}`;
+    }
+    case "completed":
+      return count ? `Completed all ${count} steps` : "Completed";
+    case "failed": {
+      const failedStep = failedStepRef(record, task);
+      return failedStep
+        ? `Failed ${failedStep.after ? "after" : "at"} step ${failedStep.index} of ${count || "?"} · ${failedStep.name}`
+        : "Failed";
+    }
+    case "cancelled":
+      return ref ? `Cancelled at step ${ref.index} of ${ref.count} · ${ref.name}` : "Cancelled";
+    default:
+      return record.state;
+  }
+}
+
+/**
+ * The step a failure belongs to: {index, name, after}. `after` is true when that step itself
+ * had completed (the failure came between it and the next step), so we say "after step 3".
+ */
+export function failedStepRef(record, task) {
+  const name = record.error?.step;
+  if (name) {
+    const known = task?.steps?.indexOf(name) ?? -1;
+    const fromSteps = (record.steps || []).find((s) => s.name === name);
+    const index = known >= 0 ? known + 1 : fromSteps?.index;
+    const after = fromSteps ? ["completed", "restored"].includes(fromSteps.state) : false;
+    return { index: index ?? "?", name, after };
+  }
+  return record.step ? { ...record.step, after: false } : null;
+}
+
+/** The live line under the bar. */
+export function messageLine(record) {
+  if (record.state === "failed" || record.state === "retrying") {
+    return record.error?.message || record.message || "";
+  }
+  if (record.state === "cancelled") return record.cancel_reason || "Cancelled by request";
+  if (record.state === "completed") return "";
+  return record.message || "";
+}
+
+/** Elapsed time of the job: running jobs tick, finished ones stay fixed. */
+export function elapsedMs(record, now = Date.now()) {
+  const start = parseTime(record.started_at) ?? parseTime(record.created_at);
+  if (start === null) return null;
+  const end = TERMINAL.has(record.state) ? parseTime(record.finished_at) ?? now : now;
+  return Math.max(0, end - start);
+}
+
+export function canCancel(record) {
+  return record.state === "queued" || record.state === "running" || record.state === "retrying";
+}
+
+export function canRetry(record) {
+  return record.state === "failed" || record.state === "cancelled";
+}
+
+/** A short label from the input, so jobs of one task can be told apart. */
+export function inputLabel(record) {
+  const input = record.input || {};
+  for (const key of ["title", "name", "client", "label", "query", "text"]) {
+    if (typeof input[key] === "string" && input[key].trim()) return input[key].trim();
+  }
+  for (const value of Object.values(input)) {
+    if (typeof value === "string" && value.trim()) return value.trim();
+  }
+  return "";
+}

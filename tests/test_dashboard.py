@@ -1,0 +1,346 @@
+"""The dashboard in real headless Chromium against real web and worker processes.
+
+Each test asserts what a person sees: the badge, the "Step 3 of 7 · ..." line, the bar's
+``aria-valuenow``, the connection indicator, the detail view's timeline, result and error.
+The page runs under a Content-Security-Policy without 'unsafe-inline', and any script error or
+CSP violation fails the test.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from playwright.sync_api import Browser, expect
+
+from tests.conftest import Stack, StackFactory
+from tests.support.api import submit, wait_state
+from tests.support.browser import ARTIFACTS, ROOT, Dashboard, chromium, requires_chromium
+
+pytestmark = [pytest.mark.browser, requires_chromium]
+
+ANALYZE_STEPS = [
+    "Parsing document",
+    "Chunking document",
+    "Embedding chunks",
+    "Ranking chunks",
+    "Extracting keywords",
+    "Writing summary",
+    "Validating output",
+]
+TEXT = (
+    "Stepstream takes long jobs off the request path. Workers record every step in a durable "
+    "log. Browsers watch progress live and resume after a dropped connection. Scripts follow "
+    "the same streams. Nothing is missed and the result is kept."
+)
+QUOTE = {
+    "client": "Initech",
+    "roles": [
+        {"role": "ml_engineer", "level": "senior", "count": 2},
+        {"role": "data_scientist", "level": "mid"},
+        {"role": "product_designer", "level": "junior", "allocation": 0.5},
+    ],
+    "weeks": 8,
+    "tier": "priority",
+}
+
+OpenDashboard = Callable[..., Dashboard]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with chromium() as launched:
+        yield launched
+
+
+@pytest.fixture
+def dashboard(browser: Browser, stack: Stack) -> Iterator[OpenDashboard]:
+    """Open the dashboard in a fresh browser context (``url`` defaults to the shared stack)."""
+    opened: list[Dashboard] = []
+
+    def open_dashboard(url: str | None = None, **size: int) -> Dashboard:
+        page = Dashboard(browser, url or stack.url, **size)
+        opened.append(page)
+        return page.open()
+
+    yield open_dashboard
+    errors = [error for page in opened for error in page.errors]
+    for page in opened:
+        page.close()
+    assert errors == [], "the page logged errors or CSP violations"
+
+
+def analyze(pace: float, **extra: Any) -> dict[str, Any]:
+    return {"title": "Test report", "text": TEXT, "pace": pace, **extra}
+
+
+def test_submit_from_the_form_shows_each_step_then_the_result(
+    dashboard: OpenDashboard,
+) -> None:
+    page = dashboard()
+    page.choose_task("analyze_document")
+
+    # An input the task refuses: the server's 422 is shown next to the form, by field.
+    page.field("Text").fill("")
+    with page.page.expect_response(lambda r: r.url.endswith("/api/jobs")) as info:
+        page.page.get_by_role("button", name="Start job").click()
+    assert info.value.status == 422
+    errors = page.page.locator("#form-errors")
+    expect(errors).to_be_visible()
+    expect(errors).to_contain_text("does not fit task 'analyze_document'")
+    expect(errors).to_contain_text("Text: String should have at least 1 character")
+    expect(page.page.locator('[data-field="text"] .field-error')).to_contain_text(
+        "at least 1 character"
+    )
+
+    # The sample, one click; slowed down so each step is on screen for a while.
+    page.fill_sample()
+    expect(page.field("Title")).to_have_value("Quarterly report")
+    expect(page.field("Text")).to_have_value(re.compile(r"^Revenue grew twelve percent"))
+    page.field("Pace").fill("0.25")
+    job = page.submit()
+    expect(errors).to_be_hidden()
+    job_id = job["id"]
+    row = page.row(job_id)
+    expect(row.locator(".job-title")).to_have_text("Analyse a document")
+
+    # Live: the row moves through the steps while we watch.
+    expect(row.locator(".job-step")).to_have_text("Step 3 of 7 · Embedding chunks", timeout=15_000)
+    page.expect_state(job_id, "Completed", timeout=30_000)
+    expect(page.bar(job_id)).to_have_attribute("aria-valuenow", "100")
+    expect(row.locator(".job-step")).to_have_text("Completed all 7 steps")
+    expect(row.locator(".job-elapsed")).to_have_text(re.compile(r"^\d+(\.\d)? s$"))
+
+    # The row showed the steps in order, and the bar never went backwards. The last step of
+    # the demo lasts about a millisecond (its "step" and "completed" events arrive together),
+    # so it may never be on screen for a whole frame; the detail timeline below shows it.
+    lines = page.step_lines(job_id)
+    expected = [f"Step {i} of 7 · {name}" for i, name in enumerate(ANALYZE_STEPS, start=1)]
+    seen = [line for line in lines if line.startswith("Step ")]
+    assert seen == expected[: len(seen)] and len(seen) >= 6, lines
+    history = page.progress_history(job_id)
+    assert history == sorted(history) and history[-1] == 100, history
+    assert any(0 < value < 100 for value in history), history
+
+    # The detail view: every step done with its duration and partial output, the result.
+    detail = page.open_detail(job_id)
+    steps = detail.locator(".timeline > li")
+    expect(steps).to_have_count(7)
+    for index, name in enumerate(ANALYZE_STEPS):
+        step = steps.nth(index)
+        expect(step.locator(".tl-name")).to_have_text(f"{index + 1}. {name}")
+        expect(step.locator(".tl-state")).to_have_text("Done")
+        expect(step.locator(".tl-time")).not_to_be_empty()
+    expect(steps.nth(0).locator(".tl-output")).to_contain_text("sentences: 6")
+    result = detail.locator("section", has=page.page.locator("#result-title"))
+    expect(result).to_contain_text("Quarterly report")
+    expect(result.locator(".chip").first).to_be_visible()
+    expect(result).to_contain_text("Top chunks")
+    result.get_by_text("Raw JSON").click()
+    expect(result.locator("pre.raw")).to_contain_text('"keywords": [')
+    expect(page.page).to_have_url(f"{page.base_url}/#/jobs/{job_id}")
+    page.screenshot("finished-job-detail.png")
+
+    # Opening by URL shows the same job; closing returns to the list.
+    page.page.goto(f"{page.base_url}/#/jobs/{job_id}")
+    page.page.reload()
+    expect(page.detail.locator(".badge")).to_have_text("Completed")
+    page.page.get_by_role("button", name="Close job details").click()
+    expect(page.detail).to_be_hidden()
+
+
+def test_reload_mid_job_continues_from_where_it_was(stack: Stack, dashboard: OpenDashboard) -> None:
+    page = dashboard()
+    job_id = submit(stack.url, "analyze_document", analyze(0.35, summary_sentences=4))["id"]
+    page.row(job_id).wait_for()
+    page.page.wait_for_function(
+        'id => Number(document.querySelector(`li.job[data-job-id="${id}"] '
+        '[role="progressbar"]`).getAttribute("aria-valuenow")) >= 40',
+        arg=job_id,
+        timeout=15_000,
+    )
+    before = page.progress(job_id)
+
+    page.reload()
+    # At once, from the record GET /api/jobs returned: never back at zero.
+    page.row(job_id).wait_for()
+    after_reload = page.progress_history(job_id)
+    assert after_reload and after_reload[0] >= before, (before, after_reload)
+    expect(page.row(job_id).locator(".badge")).to_have_text("Running")
+
+    page.expect_state(job_id, "Completed", timeout=30_000)
+    history = page.progress_history(job_id)
+    assert history == sorted(history), history  # it moved on, and only forwards
+    assert history[-1] == 100 and min(history) >= before, (before, history)
+
+
+def test_web_restart_shows_reconnecting_then_live_and_misses_no_step(
+    make_stack: StackFactory, dashboard: OpenDashboard
+) -> None:
+    own = make_stack()
+    port = own.webs[0].port
+    job_id = submit(own.url, "analyze_document", analyze(0.6, summary_sentences=5))["id"]
+    page = dashboard(own.url)
+    page.page.goto(f"{own.url}/#/jobs/{job_id}")
+    detail = page.detail
+    expect(detail.locator(".timeline > li").nth(0).locator(".tl-state")).to_have_text(
+        "Done", timeout=10_000
+    )
+
+    own.webs[0].stop()
+    page.expect_connection("Reconnecting", timeout=10_000)
+    own.add_web(port=port)
+    page.expect_connection("Live", timeout=20_000)
+
+    expect(detail.locator(".badge")).to_have_text("Completed", timeout=30_000)
+    page.expect_state(job_id, "Completed", timeout=10_000)
+    steps = detail.locator(".timeline > li")
+    for index, name in enumerate(ANALYZE_STEPS):
+        step = steps.nth(index)
+        expect(step.locator(".tl-name")).to_have_text(f"{index + 1}. {name}")
+        expect(step.locator(".tl-state")).to_have_text("Done")
+        expect(step.locator(".tl-time")).not_to_be_empty()
+    # Each lifecycle event exactly once: nothing missed, nothing doubled by the resume.
+    log = detail.locator(".log .log-text")
+    assert log.all_inner_texts() == ["Queued", "Attempt 1 of 3 started", "Completed"]
+    assert page.progress(job_id) == 100
+    # Still one stream for the list (the browser's own reconnects reuse it).
+    sources = [s["url"] for s in page.event_sources()]
+    assert sum(url.endswith("/api/events") for url in sources) == 1, sources
+
+
+def test_cancel_a_running_job_and_retry_a_failed_one(
+    stack: Stack, dashboard: OpenDashboard
+) -> None:
+    page = dashboard()
+    slow = submit(stack.url, "analyze_document", analyze(0.5))["id"]
+
+    # A job that fails on purpose, started from the form ("More options" › Fail At).
+    page.choose_task("analyze_document")
+    page.fill_sample()
+    page.field("Pace").fill("0.05")
+    page.open_more_options()
+    page.field("Fail At").fill("Chunking document")
+    failing = page.submit()["id"]
+
+    row = page.row(slow)
+    expect(row.locator(".job-step")).to_contain_text("Step 2 of 7", timeout=15_000)
+    row.get_by_role("button", name="Cancel").click()
+    page.expect_state(slow, "Cancelled", timeout=10_000)
+    expect(row.locator(".job-step")).to_contain_text("Cancelled")
+    assert page.progress(slow) < 100
+    expect(row.get_by_role("button", name="Retry")).to_be_visible()
+
+    page.expect_state(failing, "Failed", timeout=15_000)
+    failed_row = page.row(failing)
+    expect(failed_row.locator(".job-message")).to_contain_text(
+        "simulated failure at step 'Chunking document'"
+    )
+    detail = page.open_detail(failing)
+    error = detail.locator(".error-box")
+    expect(error).to_contain_text("The job failed")
+    expect(error).to_contain_text("step 1 of 7 (Parsing document)")
+    expect(error).to_contain_text("simulated failure at step 'Chunking document', as the input")
+    expect(error).to_contain_text("PermanentError")
+    expect(detail.locator(".log")).to_contain_text("Failed: simulated failure")
+
+    detail.get_by_role("button", name="Retry job").click()
+    # It runs again (attempt 2) and, asked to fail, fails again: the view follows it live.
+    expect(failed_row.locator(".job-attempt")).to_contain_text("Attempt 2", timeout=10_000)
+    expect(detail.locator(".log")).to_contain_text("Queued again (retry)", timeout=10_000)
+    expect(detail.locator(".log")).to_contain_text("Attempt 2 of")
+    expect(detail.locator(".badge")).to_have_text("Failed", timeout=15_000)
+    expect(detail.locator(".facts")).to_contain_text("2 of")
+    page.expect_state(failing, "Failed")
+    assert wait_state(stack.url, failing, {"failed"})["attempt"] == 2
+
+
+def test_ten_jobs_at_once_all_update_live_on_one_page(
+    stack: Stack, dashboard: OpenDashboard
+) -> None:
+    page = dashboard()
+    ids = [submit(stack.url, "generate_quote", {**QUOTE, "pace": 0.15})["id"] for _ in range(10)]
+    for job_id in ids:
+        page.row(job_id).wait_for(timeout=10_000)
+    page.page.get_by_role("progressbar").first.wait_for()
+    for job_id in ids:
+        page.expect_state(job_id, "Completed", timeout=30_000)
+        expect(page.bar(job_id)).to_have_attribute("aria-valuenow", "100")
+    for job_id in ids:
+        history = page.progress_history(job_id)
+        # Seen moving, not only at the end; and never backwards.
+        assert any(0 < value < 100 for value in history), (job_id, history)
+        assert history == sorted(history), (job_id, history)
+    # One EventSource for the whole list, whatever the number of jobs.
+    sources = page.event_sources()
+    assert [s["url"].rsplit("/", 2)[-2:] for s in sources] == [["api", "events"]], sources
+
+
+def test_html_in_an_input_is_shown_as_text_and_runs_nothing(
+    dashboard: OpenDashboard,
+) -> None:
+    title = "<img src=x onerror=window.__xss=1>"
+    text = "<script>window.__xss=2</script> Plain words follow here. Another sentence ends."
+    page = dashboard()
+    page.choose_task("analyze_document")
+    page.fill_sample()
+    page.field("Title").fill(title)
+    page.field("Text").fill(text)
+    page.field("Pace").fill("0")
+    job_id = page.submit()["id"]
+
+    row = page.row(job_id)
+    expect(row.locator(".job-label")).to_have_text(title)
+    page.expect_state(job_id, "Completed", timeout=15_000)
+    detail = page.open_detail(job_id)
+    expect(detail.locator(".detail-sub")).to_contain_text(title)
+    result = detail.locator("section", has=page.page.locator("#result-title"))
+    expect(result.get_by_text(title, exact=True)).to_be_visible()
+    expect(result).to_contain_text("<script>window.__xss=2</script>")
+    detail.get_by_text("Input (JSON)").click()
+    expect(detail.locator("pre.raw").last).to_contain_text(title)
+    assert page.page.evaluate("typeof window.__xss") == "undefined"
+    assert page.page.locator("#jobs img, #detail img, #jobs script, #detail script").count() == 0
+
+
+def test_screenshots_of_a_running_and_a_finished_job(
+    stack: Stack, dashboard: OpenDashboard
+) -> None:
+    """Screenshots in test-artifacts/; STEPSTREAM_DOCS_SCREENSHOT=1 also writes docs/."""
+    done = submit(stack.url, "generate_quote", {**QUOTE, "pace": 0})["id"]
+    submit(stack.url, "analyze_document", analyze(0, fail_at="Writing summary"))
+    wait_state(stack.url, done, {"completed"})
+    running = submit(stack.url, "analyze_document", analyze(0.5, summary_sentences=6))["id"]
+    other = submit(stack.url, "generate_quote", {**QUOTE, "pace": 0.7, "client": "Globex"})["id"]
+
+    page = dashboard()
+    expect(page.row(running).locator(".job-step")).to_contain_text("Step 3 of 7", timeout=15_000)
+    expect(page.row(other).locator(".badge")).to_have_text("Running")
+    page.screenshot("dashboard-running.png")
+    if os.environ.get("STEPSTREAM_DOCS_SCREENSHOT") == "1":
+        shutil.copyfile(ARTIFACTS / "dashboard-running.png", ROOT / "docs" / "dashboard.png")
+
+    page.open_detail(running)
+    expect(page.detail.locator(".timeline > li").nth(2).locator(".tl-state")).to_have_text(
+        "Done", timeout=10_000
+    )
+    page.screenshot("running-job-detail.png")
+    page.page.get_by_role("button", name="Close job details").click()
+
+    page.open_detail(done)
+    expect(page.detail.locator(".badge")).to_have_text("Completed")
+    page.screenshot("finished-job-detail.png")
+
+    phone = dashboard(width=375, height=812)
+    expect(phone.row(running).locator(".badge")).to_be_visible()
+    phone.screenshot("phone.png")
+    # Nothing wider than the phone's screen.
+    assert phone.page.evaluate("document.documentElement.scrollWidth") <= 375
+    phone.page.goto(f"{stack.url}/#/jobs/{running}")
+    expect(phone.detail.locator(".badge")).to_be_visible()
+    phone.screenshot("phone-detail.png")
+    assert phone.page.evaluate("document.documentElement.scrollWidth") <= 375
