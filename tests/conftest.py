@@ -22,6 +22,14 @@ def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Valkey]:
     server.stop()
 
 
+@pytest.fixture
+def own_valkey(tmp_path: Path) -> Iterator[Valkey]:
+    """A Valkey of the test's own, for tests that stop or restart it."""
+    server = Valkey(tmp_path / "valkey").start()
+    yield server
+    server.stop()
+
+
 @dataclass
 class Stack:
     """Web processes and workers sharing one Redis and one key prefix."""

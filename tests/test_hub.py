@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -56,13 +55,6 @@ def test_a_client_resumes_on_another_web_process(make_stack: StackFactory) -> No
     _, full = read_stream(events_url(a.url, job["id"]) + "?after=0")
     ids = [e.id for e in full]
     assert [e.id for e in rest] == ids[ids.index(cursor) + 1 :]
-
-
-@pytest.fixture
-def own_valkey(tmp_path: Path) -> Iterator[Valkey]:
-    server = Valkey(tmp_path / "valkey").start()
-    yield server
-    server.stop()
 
 
 def test_the_hub_survives_a_valkey_restart(own_valkey: Valkey, tmp_path: Path) -> None:

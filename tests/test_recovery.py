@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from tests.conftest import Stack, StackFactory
 from tests.support.api import DOC, get_job, submit, wait_state
@@ -86,13 +83,6 @@ def test_sigterm_hands_running_jobs_back_and_loses_none(make_stack: StackFactory
     log = full_log(s.url, held["id"])
     assert_coherent(log)
     assert r.hget(executions_key(held["id"]), "one") == "1"
-
-
-@pytest.fixture
-def own_valkey(tmp_path: Path) -> Iterator[Valkey]:
-    server = Valkey(tmp_path / "valkey").start()
-    yield server
-    server.stop()
 
 
 def test_a_valkey_restart_during_a_job_loses_nothing(own_valkey: Valkey, tmp_path: Path) -> None:
