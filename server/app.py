@@ -27,11 +27,13 @@ from server.errors import (
     server_error_handler,
 )
 from server.hub import Hub
+from server.metrics import WebMetrics
 from server.security import is_production, middleware
 from server.state import AppState
 from tasks import apikeys
 from tasks.apikeys import ApiKeys
 from tasks.connection import connect
+from tasks.logs import setup_logging
 from tasks.registry import load_tasks
 from tasks.settings import Settings, get_settings
 from tasks.store import JobStore
@@ -46,7 +48,10 @@ async def index(request: object) -> Response:
 
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or get_settings()
+    # Here rather than in the lifespan: uvicorn writes its first lines between the two.
+    setup_logging("web", settings)
     load_tasks(settings.task_module_list)
+    web_metrics = WebMetrics()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -103,12 +108,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/api/events/token", jobs.firehose_token, methods=["POST"]),
         Route("/api/tasks", jobs.list_tasks, methods=["GET"]),
         Route("/api/stats", health.stats, methods=["GET"]),
+        Route("/metrics", web_metrics.endpoint, methods=["GET"]),
         Route("/openapi.json", openapi.openapi, methods=["GET"]),
         Route("/healthz", health.healthz, methods=["GET"]),
         Route("/readyz", health.readyz, methods=["GET"]),
         Route("/", index, methods=["GET"]),
         Mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static"),
     ]
+    routes = web_metrics.instrument(routes)  # counts submissions, streamed events; log tags
     return Starlette(
         routes=routes,
         middleware=middleware(settings),

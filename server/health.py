@@ -1,20 +1,34 @@
-"""Liveness, readiness and queue statistics."""
+"""Liveness, readiness and queue statistics.
+
+``/api/stats`` stays cheap however many jobs Redis holds: the jobs that have not finished are
+read from a bounded scan of arq's queue (a running job stays in it until it ends), the ones
+that finished come from counters the workers keep per 15-minute window, the durations from a
+capped list per task, and the workers from their heartbeats (see ``tasks/heartbeat.py``).
+"""
 
 from __future__ import annotations
 
+import json
 import statistics
+import time
 from collections import Counter, defaultdict
-from datetime import datetime
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from server.state import AppState
+from tasks import heartbeat
 from tasks.models import JobState
 from tasks.registry import all_tasks
+from tasks.store import JobStore
 
+# The most queue entries one request reads. Past it, counts by state are of the oldest entries
+# (running jobs and the longest waiting sort first) and ``scan_truncated`` says so.
 STATS_SCAN = 5_000
+ACTIVE = (JobState.queued.value, JobState.running.value, JobState.retrying.value)
+WAITING = (JobState.queued.value, JobState.retrying.value)
 
 
 async def healthz(request: Request) -> Response:
@@ -39,57 +53,151 @@ async def readyz(request: Request) -> Response:
     )
 
 
-def _seconds_between(start: str | None, end: str | None) -> float | None:
-    if not start or not end:
-        return None
-    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
-
-
-def _percentile(values: list[float], q: float) -> float | None:
+def _percentile(values: list[float], q: int) -> float | None:
     if not values:
         return None
     if len(values) == 1:
         return round(values[0], 3)
-    return round(statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1], 3)
+    return round(statistics.quantiles(values, n=100, method="inclusive")[q - 1], 3)
+
+
+@dataclass
+class QueueSnapshot:
+    """The jobs that have not finished, from arq's queue."""
+
+    active: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    oldest_age: dict[str, float] = field(default_factory=dict)  # task → s, runnable jobs only
+    size: int = 0  # entries in arq's queue (waiting and running)
+    scanned: int = 0
+
+    @property
+    def truncated(self) -> bool:
+        return self.scanned < self.size
+
+    @property
+    def depth(self) -> int:
+        """Jobs waiting for a worker (queued or retrying), whether due now or later."""
+        seen = sum(c[s] for c in self.active.values() for s in WAITING)
+        return seen + (self.size - self.scanned)  # entries past the scan are waiting ones
+
+    @property
+    def oldest(self) -> float | None:
+        return max(self.oldest_age.values(), default=None)
+
+
+async def read_queue(store: JobStore, now: float | None = None) -> QueueSnapshot:
+    now_ms = (time.time() if now is None else now) * 1000
+    async with store.redis.pipeline(transaction=False) as pipe:
+        pipe.zcard(store.keys.queue)
+        pipe.zrange(store.keys.queue, 0, STATS_SCAN - 1, withscores=True)
+        size, rows = await pipe.execute()
+    snap = QueueSnapshot(size=size, scanned=len(rows))
+    if not rows:
+        return snap
+    async with store.redis.pipeline(transaction=False) as pipe:
+        for job_id, _ in rows:
+            pipe.hmget(store.keys.job(job_id), ["task", "state"])
+        fields = await pipe.execute()
+    for (_, score), (task_raw, state_raw) in zip(rows, fields, strict=True):
+        if task_raw is None or state_raw is None:
+            continue  # the record expired; arq drops the entry when it next picks it up
+        task, job_state = json.loads(task_raw), json.loads(state_raw)
+        snap.active[task][job_state] += 1
+        # arq scores an entry with the time it may run: a job due in the past is waiting for
+        # a worker, and how long it has waited is the queue's health.
+        if job_state in WAITING and score <= now_ms:
+            age = (now_ms - score) / 1000
+            snap.oldest_age[task] = max(age, snap.oldest_age.get(task, 0.0))
+    return snap
+
+
+async def read_workers(store: JobStore) -> list[dict[str, Any]]:
+    """Live workers with their running jobs (task, state, step and attempt from the records)."""
+    workers = await heartbeat.read_workers(store.redis, store.keys)
+    job_ids = [job_id for w in workers for job_id in w.get("running", [])]
+    details: dict[str, dict[str, Any]] = {}
+    if job_ids:
+        async with store.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hmget(store.keys.job(job_id), ["task", "state", "step", "attempt"])
+            rows = await pipe.execute()
+        for job_id, row in zip(job_ids, rows, strict=True):
+            task, job_state, step, attempt = (json.loads(v) if v is not None else None for v in row)
+            details[job_id] = {
+                "job_id": job_id,
+                "task": task,
+                "state": job_state,
+                "step": step,
+                "attempt": attempt,
+            }
+    for worker in workers:
+        worker["running"] = [
+            details.get(job_id, {"job_id": job_id}) for job_id in worker.get("running", [])
+        ]
+    return workers
 
 
 async def stats(request: Request) -> Response:
-    """Counts by state and durations over the most recent jobs (up to ``STATS_SCAN``)."""
+    """Per task: jobs by state now (queued, running, retrying) and over the last 24 h
+    (completed, failed, cancelled), queue depth and oldest wait, p50/p95 run time and failure
+    rate; the workers alive with their running jobs; this process's open streams."""
     state: AppState = request.app.state.stepstream
     store = state.store
-    job_ids = await store.redis.zrevrange(store.keys.jobs, 0, STATS_SCAN - 1)
-    records = await store.get_many(job_ids)
-    counts: dict[str, Counter[str]] = defaultdict(Counter)
-    durations: dict[str, list[float]] = defaultdict(list)
-    for record in records:
-        if record is None:
-            continue
-        counts[record.task][record.state.value] += 1
-        if record.state == JobState.completed:
-            seconds = _seconds_between(record.started_at, record.finished_at)
-            if seconds is not None:
-                durations[record.task].append(seconds)
-    queue_depth = await store.redis.zcard(store.keys.queue)
+    now = time.time()
+    queue = await read_queue(store, now)
+    registered = [spec.name for spec in all_tasks()]
+    outcomes, durations = await heartbeat.read_day(store.redis, store.keys, registered, now)
+    workers = await read_workers(store)
+    names = list(dict.fromkeys([*registered, *queue.active, *outcomes]))
 
-    def summary(task_counts: Counter[str], task_durations: list[float]) -> dict[str, Any]:
+    def summary(
+        active: Counter[str], done: dict[str, int], ds: list[float], waiting_extra: int = 0
+    ) -> dict[str, Any]:
+        counts = {s.value: active.get(s.value, 0) for s in JobState}
+        for outcome in ("completed", "failed", "cancelled"):
+            counts[outcome] = done.get(outcome, 0)
+        finished = counts["completed"] + counts["failed"]
         return {
-            "counts": {s.value: task_counts.get(s.value, 0) for s in JobState},
-            "duration_p50": _percentile(task_durations, 50),
-            "duration_p95": _percentile(task_durations, 95),
+            "counts": counts,
+            "duration_p50": _percentile(ds, 50),
+            "duration_p95": _percentile(ds, 95),
+            "failure_rate": round(counts["failed"] / finished, 4) if finished else None,
+            "retried": done.get("retried", 0),
+            "queue_depth": sum(active.get(s, 0) for s in WAITING) + waiting_extra,
         }
 
-    all_counts: Counter[str] = Counter()
-    for task_counts in counts.values():
-        all_counts.update(task_counts)
-    all_durations = [d for ds in durations.values() for d in ds]
+    tasks: dict[str, dict[str, Any]] = {}
+    all_active: Counter[str] = Counter()
+    all_done: Counter[str] = Counter()
+    for name in names:
+        active = queue.active.get(name, Counter())
+        done = outcomes.get(name, {})
+        tasks[name] = summary(active, done, durations.get(name, []))
+        tasks[name]["oldest_queued_age"] = _round(queue.oldest_age.get(name))
+        all_active.update(active)
+        all_done.update(done)
+    total = summary(
+        all_active,
+        dict(all_done),
+        [d for ds in durations.values() for d in ds],
+        queue.size - queue.scanned,
+    )
+    total["oldest_queued_age"] = _round(queue.oldest)
     return JSONResponse(
         {
-            "tasks": {
-                spec.name: summary(counts[spec.name], durations[spec.name]) for spec in all_tasks()
-            },
-            "total": summary(all_counts, all_durations),
-            "queue_depth": queue_depth,
+            "tasks": tasks,
+            "total": total,
+            "queue_depth": queue.depth,
+            "oldest_queued_age": _round(queue.oldest),
+            "workers_alive": len(workers),
+            "workers": workers,
             "streams_open": state.hub.subscriber_count,
-            "scanned_jobs": len(job_ids),
+            "window_seconds": heartbeat.DAY_SECONDS,
+            "scanned_jobs": queue.scanned,
+            "scan_truncated": queue.truncated,
         }
     )
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)

@@ -61,6 +61,30 @@ class Keys:
         """Counter: an owner's submissions in one second (rate limit)."""
         return f"{self.prefix}rate:{owner or '-'}:{second}"
 
+    @property
+    def metrics(self) -> str:
+        """Hash: cluster-wide counters by task (submitted, completed, failed, retried,
+        cancelled) and the job duration histogram; what every web's /metrics reports."""
+        return f"{self.prefix}metrics"
+
+    def stats_window(self, bucket: int) -> str:
+        """Hash: outcomes by task in one 15-minute window starting at ``bucket`` (unix s);
+        expires after a day, for /api/stats's "last 24 h"."""
+        return f"{self.prefix}stats:{bucket}"
+
+    def durations(self, task: str) -> str:
+        """List: recent completed jobs of a task, newest first, as "<finished ms> <seconds>"."""
+        return f"{self.prefix}durations:{task}"
+
+    @property
+    def workers(self) -> str:
+        """Sorted set: worker ids by their last heartbeat (unix ms)."""
+        return f"{self.prefix}workers"
+
+    def worker(self, worker_id: str) -> str:
+        """String: a worker's heartbeat (JSON, with its running job ids); a short TTL."""
+        return f"{self.prefix}worker:{worker_id}"
+
     def task_slots(self, task: str) -> str:
         """Sorted set: jobs holding one of a task's global concurrency slots, by lease expiry."""
         return f"{self.prefix}slots:{task}"

@@ -63,6 +63,20 @@ class Settings(BaseSettings):
     # rest are handed back to the queue for another worker.
     shutdown_grace_seconds: int = 20
 
+    # Operations (docs/deploy.md)
+    log_format: str = "auto"  # json | text | auto (JSON unless stderr is a terminal)
+    log_level: str = "INFO"
+    # Each worker writes a heartbeat this often; it expires after three missed beats.
+    worker_heartbeat_seconds: float = 2.0
+    # POSTed (JSON) when a job fails for good; retried with backoff, never blocking a job.
+    alert_webhook_url: str = ""
+    alert_webhook_secret: str = ""  # signs the body: X-Stepstream-Signature: sha256=<hmac>
+    alert_webhook_attempts: int = 5
+    alert_webhook_timeout_seconds: float = 5.0
+    alert_webhook_backoff_seconds: float = 1.0
+    # The address people reach the server at, for links in alerts (e.g. https://jobs.example.com)
+    public_url: str = ""
+
     @property
     def task_module_list(self) -> list[str]:
         return [m.strip() for m in self.task_modules.split(",") if m.strip()]

@@ -13,14 +13,20 @@ from arq.connections import RedisSettings
 from arq.worker import func
 from redis.exceptions import ConnectionError, TimeoutError
 
+from tasks import alerts
+from tasks.alerts import AlertSender
 from tasks.connection import connect, patient_retry
+from tasks.heartbeat import Heartbeat
 from tasks.keys import Keys
+from tasks.logs import setup_logging
 from tasks.registry import load_tasks
 from tasks.runtime import RUN_JOB, JobMonitor, run_job
 from tasks.settings import get_settings
 from tasks.store import JobStore
 
 settings = get_settings()
+# Here, not in startup(): arq logs its first lines before startup() runs.
+setup_logging("worker", settings)
 load_tasks(settings.task_module_list)
 
 
@@ -30,9 +36,27 @@ async def startup(ctx: dict[str, Any]) -> None:
     monitor = JobMonitor(store, settings.lease_seconds)
     monitor.start()
     ctx.update(store=store, job_monitor=monitor, store_redis=redis)
+    beat = Heartbeat(
+        redis,
+        store.keys,
+        lambda: list(monitor.running),
+        interval=settings.worker_heartbeat_seconds,
+        max_jobs=settings.max_jobs,
+    )
+    beat.start()
+    sender = AlertSender.from_settings(settings)
+    if sender is not None:
+        sender.start()
+    alerts.install(sender)
+    ctx.update(heartbeat=beat, alert_sender=sender)
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
+    if "heartbeat" in ctx:
+        await ctx["heartbeat"].stop()  # gone from /api/stats at once, not after its TTL
+    if ctx.get("alert_sender") is not None:
+        alerts.install(None)
+        await ctx["alert_sender"].close(grace=5.0)
     if "job_monitor" in ctx:
         await ctx["job_monitor"].stop()
     if "store_redis" in ctx:

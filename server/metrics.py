@@ -1,0 +1,275 @@
+"""``GET /metrics`` in the Prometheus text format, and the request hooks that feed it.
+
+Two kinds of series, and each scrape of a web process returns both:
+
+- **Cluster-wide** (``stepstream_jobs_*``, ``stepstream_job_duration_seconds``,
+  ``stepstream_queue_*``, ``stepstream_workers_alive``): read from Redis at scrape time. Workers
+  have no HTTP port; they count completions, failures and retries into Redis (see
+  ``tasks/heartbeat.py``) and the web processes count submissions there. Every web process
+  reports the same values: aggregate them with ``max`` (or scrape one), never ``sum``.
+- **Per process** (``stepstream_sse_*``, ``stepstream_redis_reconnects_total``,
+  ``stepstream_hub_connected``, ``process_*``): this web process's streams and hub. Sum them
+  over the web processes.
+
+The hooks wrap single routes rather than the whole app, so no other request pays for them:
+submissions and cancellations are counted from the responses of ``POST /api/jobs`` and
+``POST /api/jobs/{id}/cancel`` (the job code stays untouched), delivered events by counting
+frames as the SSE responses send them, and every request about a job tags its log lines
+with the job id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.health import read_queue
+from server.state import AppState
+from tasks import heartbeat, logs
+from tasks.models import JobState
+
+logger = logging.getLogger("stepstream.web")
+
+COUNTED = ("submitted", "completed", "failed", "retried", "cancelled")
+_HELP = {
+    "submitted": "Jobs accepted by POST /api/jobs (all web processes; read from Redis).",
+    "completed": "Jobs that completed (all workers; read from Redis).",
+    "failed": "Jobs that failed for good, after their last attempt (read from Redis).",
+    "retried": "Failed attempts followed by another attempt (read from Redis).",
+    "cancelled": "Jobs cancelled, before they started or while running (read from Redis).",
+}
+
+
+class _Families(Collector):
+    """Metric families prepared for one scrape (Redis is async, collectors are not)."""
+
+    def __init__(self) -> None:
+        self.families: list[Metric] = []
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.families
+
+
+class WebMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        self.events_delivered = Counter(
+            "stepstream_sse_events_delivered",
+            "SSE events sent to clients by this web process (job streams and the firehose).",
+            ["stream"],
+            registry=self.registry,
+        )
+        self._scrape = _Families()
+        self.registry.register(self._scrape)
+
+    # -- the endpoint ---------------------------------------------------------------------
+
+    async def endpoint(self, request: Request) -> Response:
+        state: AppState = request.app.state.stepstream
+        families = await self._cluster(state) + self._process(state)
+        # No await between these two lines: a concurrent scrape cannot swap the families.
+        self._scrape.families = families
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def _cluster(self, state: AppState) -> list[Metric]:
+        store = state.store
+        counters = await heartbeat.read_counters(store.redis, store.keys)
+        queue = await read_queue(store)
+        workers = await heartbeat.read_workers(store.redis, store.keys)
+        out: list[Metric] = []
+        for kind in COUNTED:
+            family = CounterMetricFamily(f"stepstream_jobs_{kind}", _HELP[kind], labels=["task"])
+            for task in sorted(counters.by_task):
+                if kind in counters.by_task[task]:
+                    family.add_metric([task], counters.by_task[task][kind])
+            out.append(family)
+        hist = HistogramMetricFamily(
+            "stepstream_job_duration_seconds",
+            "Time from a job's first start to its end, by outcome (read from Redis).",
+            labels=["task", "outcome"],
+        )
+        for (task, outcome), h in sorted(counters.durations.items()):
+            hist.add_metric([task, outcome], buckets=h.cumulative(), sum_value=h.sum)
+        out.append(hist)
+        jobs = GaugeMetricFamily(
+            "stepstream_jobs",
+            "Jobs not finished, by task and state (from a bounded scan of the queue).",
+            labels=["task", "state"],
+        )
+        for task, by_state in sorted(queue.active.items()):
+            for job_state in (JobState.queued, JobState.running, JobState.retrying):
+                jobs.add_metric([task, job_state.value], by_state.get(job_state.value, 0))
+        out.append(jobs)
+        out.append(
+            GaugeMetricFamily(
+                "stepstream_queue_depth",
+                "Jobs waiting for a worker (queued or retrying).",
+                value=queue.depth,
+            )
+        )
+        out.append(
+            GaugeMetricFamily(
+                "stepstream_queue_oldest_age_seconds",
+                "How long the longest-waiting runnable job has waited for a worker.",
+                value=queue.oldest or 0.0,
+            )
+        )
+        out.append(
+            GaugeMetricFamily(
+                "stepstream_workers_alive",
+                "Workers whose heartbeat has not expired.",
+                value=len(workers),
+            )
+        )
+        out.append(
+            GaugeMetricFamily(
+                "stepstream_worker_running_jobs",
+                "Jobs running on the live workers, from their heartbeats.",
+                value=sum(len(w.get("running", [])) for w in workers),
+            )
+        )
+        return out
+
+    def _process(self, state: AppState) -> list[Metric]:
+        hub = state.hub
+        return [
+            GaugeMetricFamily(
+                "stepstream_sse_streams_open",
+                "SSE streams open on this web process.",
+                value=hub.subscriber_count,
+            ),
+            CounterMetricFamily(
+                "stepstream_sse_slow_consumers_dropped",
+                "Streams this web process cut off because the client fell behind.",
+                value=hub.dropped_slow,
+            ),
+            CounterMetricFamily(
+                "stepstream_redis_reconnects",
+                "Times this web process's pub/sub connection to Redis came back after a loss.",
+                value=hub.reconnects,
+            ),
+            GaugeMetricFamily(
+                "stepstream_hub_connected",
+                "1 while this web process's pub/sub connection to Redis is up.",
+                value=1 if hub.connected.is_set() else 0,
+            ),
+        ]
+
+    # -- the hooks ------------------------------------------------------------------------
+
+    def instrument(self, routes: Sequence[BaseRoute]) -> list[BaseRoute]:
+        """Wrap the routes whose requests feed the metrics and the logs."""
+        for route in routes:
+            if not isinstance(route, Route):
+                continue
+            methods = route.methods or set()
+            if route.path == "/api/jobs" and "POST" in methods:
+                route.app = _JobResponses(route.app, "submitted")
+            elif route.path == "/api/jobs/{job_id}/cancel":
+                route.app = _JobResponses(route.app, "cancelled")
+            elif route.path == "/api/jobs/{job_id}/events":
+                route.app = _CountFrames(route.app, self.events_delivered.labels("job"))
+            elif route.path == "/api/events":
+                route.app = _CountFrames(route.app, self.events_delivered.labels("firehose"))
+            if "{job_id}" in route.path:
+                route.app = _BindJob(route.app)
+        return list(routes)
+
+
+class _BindJob:
+    """Tags every log line written while serving a request about one job with its id."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        job_id = scope.get("path_params", {}).get("job_id")
+        if not isinstance(job_id, str):
+            await self.app(scope, receive, send)
+            return
+        with logs.bound_job(job_id):
+            await self.app(scope, receive, send)
+
+
+class _JobResponses:
+    """Counts the jobs a response accepted (202 to a submit) or cancelled (200 to a cancel).
+
+    The body is a small JSON job record; it is read after it was sent, so the client does not
+    wait for the count.
+    """
+
+    def __init__(self, app: ASGIApp, outcome: str) -> None:
+        self.app = app
+        self.outcome = outcome
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        status = 0
+        body = bytearray()
+
+        async def capture(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body":
+                body.extend(message.get("body", b""))
+            await send(message)
+
+        await self.app(scope, receive, capture)
+        expected = 202 if self.outcome == "submitted" else 200
+        if status != expected:
+            return
+        try:
+            record: dict[str, Any] = json.loads(body)
+            job_id, task = str(record["id"]), str(record["task"])
+        except (ValueError, KeyError, TypeError):
+            return
+        if self.outcome == "cancelled" and record.get("state") != JobState.cancelled.value:
+            return  # a running job was asked to stop: its worker counts the cancellation
+        state: AppState = scope["app"].state.stepstream
+        fields = {"job_id": job_id, "task": task, "attempt": record.get("attempt", 0)}
+        if self.outcome == "submitted":
+            logger.info("job submitted", extra=fields)
+            await heartbeat.count_submitted(state.redis, state.store.keys, task)
+        else:
+            logger.info("job cancelled before it started", extra=fields)
+            await heartbeat.count_outcome(state.redis, state.store.keys, task, "cancelled")
+
+
+class _CountFrames:
+    """Counts the SSE events a stream sends (not comments, not the ``retry:`` frame).
+
+    Each event frame has exactly one line starting with ``event:``; ``data`` is JSON with its
+    newlines escaped, so no text inside it can start a line.
+    """
+
+    def __init__(self, app: ASGIApp, counter: Any) -> None:
+        self.app = app
+        self.counter = counter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def counting(message: Message) -> None:
+            await send(message)
+            if message["type"] == "http.response.body":
+                chunk: bytes = message.get("body", b"")
+                frames = chunk.count(b"\nevent: ") + chunk.startswith(b"event: ")
+                if frames:
+                    self.counter.inc(frames)
+
+        await self.app(scope, receive, counting)

@@ -1,0 +1,231 @@
+"""``stepstream doctor``: check a deployment's configuration and say what is wrong in plain words.
+
+    python -m stepstream.doctor [--url http://host:8000]
+
+It reads the configuration from the environment (as the web and worker processes do), connects
+to Redis, looks at the settings that lose data when they are wrong (eviction, persistence),
+counts the live workers, and with ``--url`` asks a web process whether it is ready. It changes
+nothing. Exit status 0 when nothing is wrong (warnings allowed), 1 otherwise.
+
+It imports the job side's settings and key names (``tasks``), never the web server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import redis
+from pydantic import ValidationError
+
+OK, WARN, FAIL = "ok", "warn", "FAIL"
+
+
+@dataclass
+class Report:
+    lines: list[tuple[str, str]] = field(default_factory=list)
+    out: Callable[[str], None] = print
+
+    def add(self, level: str, message: str) -> None:
+        self.lines.append((level, message))
+        self.out(f"{level:>4}  {message}")
+
+    @property
+    def failed(self) -> bool:
+        return any(level == FAIL for level, _ in self.lines)
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for printing."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname or ''}"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def check_settings(report: Report) -> Any:
+    from tasks.settings import Settings
+
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False):
+            name = "STEPSTREAM_" + "_".join(str(part) for part in error["loc"]).upper()
+            report.add(FAIL, f"{name} is not valid: {error['msg']}")
+        return None
+    report.add(OK, "configuration read from the environment")
+    if settings.log_format.lower() not in ("auto", "json", "text"):
+        report.add(FAIL, f"STEPSTREAM_LOG_FORMAT={settings.log_format!r}: use json, text or auto")
+    if settings.job_log_maxlen < 100:
+        report.add(
+            WARN,
+            f"STEPSTREAM_JOB_LOG_MAXLEN={settings.job_log_maxlen} keeps very few "
+            "events per job: reconnecting clients will often get a reset",
+        )
+    if settings.retention_seconds < 3600:
+        report.add(
+            WARN,
+            f"STEPSTREAM_RETENTION_SECONDS={settings.retention_seconds}: job records "
+            "and logs vanish within the hour",
+        )
+    if settings.lease_seconds < 3:
+        report.add(
+            WARN,
+            f"STEPSTREAM_LEASE_SECONDS={settings.lease_seconds:g} is short: a busy "
+            "worker may lose a running job to another",
+        )
+    if settings.alert_webhook_url:
+        scheme = urlsplit(settings.alert_webhook_url).scheme
+        if scheme not in ("http", "https"):
+            report.add(FAIL, "STEPSTREAM_ALERT_WEBHOOK_URL must be an http(s) URL")
+        else:
+            report.add(OK, f"failure alerts go to {redact(settings.alert_webhook_url)}")
+    else:
+        report.add(WARN, "STEPSTREAM_ALERT_WEBHOOK_URL is not set: nobody is told when a job fails")
+    mode = str(getattr(settings, "mode", "auto")).lower()
+    if mode == "production" and not getattr(settings, "secret", None):
+        report.add(FAIL, "STEPSTREAM_MODE=production needs STEPSTREAM_SECRET (a long random value)")
+    for module in settings.task_module_list:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:
+            report.add(
+                FAIL,
+                f"task module {module!r} (STEPSTREAM_TASK_MODULES) does not import: "
+                f"{type(exc).__name__}: {exc}",
+            )
+    return settings
+
+
+def check_redis(report: Report, settings: Any) -> None:
+    from tasks.keys import Keys
+
+    url = settings.redis_url
+    try:
+        # Any: redis-py's sync and async clients share type stubs that say "maybe awaitable".
+        client: Any = redis.Redis.from_url(
+            url, decode_responses=True, socket_connect_timeout=3, socket_timeout=3
+        )
+        client.ping()
+    except Exception as exc:
+        report.add(
+            FAIL, f"cannot reach Redis at {redact(url)} (REDIS_URL): {type(exc).__name__}: {exc}"
+        )
+        return
+    with client:
+        info: dict[str, Any] = client.info()
+        version = info.get("valkey_version") or info.get("redis_version", "?")
+        report.add(OK, f"Redis reachable at {redact(url)} (version {version})")
+        if info.get("role") not in (None, "master"):
+            report.add(FAIL, "REDIS_URL points at a replica: Stepstream must write to the primary")
+        _check_config(report, client)
+        used, limit = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
+        if limit and used > 0.8 * limit:
+            report.add(
+                WARN,
+                f"Redis uses {used / 2**20:.0f} MiB of its {limit / 2**20:.0f} MiB "
+                "maxmemory: lower the log caps or the retention, or give it more",
+            )
+        keys = Keys(settings.prefix)
+        workers = client.zrangebyscore(keys.workers, int(time.time() * 1000) - 60_000, "+inf")
+        beats = _mget(client, [keys.worker(w) for w in workers])
+        alive = [w for w, beat in zip(workers, beats, strict=True) if beat]
+        if alive:
+            report.add(OK, f"{len(alive)} worker(s) alive (prefix {settings.prefix!r})")
+        else:
+            report.add(
+                WARN,
+                f"no worker has a live heartbeat under prefix {settings.prefix!r}: "
+                "jobs will wait in the queue until one starts",
+            )
+        queued = client.zcard(keys.queue)
+        report.add(OK, f"{queued} job(s) in the queue (waiting or running)")
+
+
+def _mget(client: Any, names: list[str]) -> list[Any]:
+    return list(client.mget(names)) if names else []
+
+
+def _check_config(report: Report, client: Any) -> None:
+    try:
+        config: dict[str, str] = client.config_get("maxmemory-policy")
+        config.update(client.config_get("appendonly"))
+    except redis.ResponseError:
+        # Managed Redis often forbids CONFIG: say so rather than guess.
+        report.add(
+            WARN,
+            "cannot read Redis's CONFIG (managed service?): make sure "
+            "maxmemory-policy is noeviction and persistence is on",
+        )
+        return
+    policy = config.get("maxmemory-policy", "")
+    if policy and policy != "noeviction":
+        report.add(
+            FAIL,
+            f"Redis maxmemory-policy is {policy!r}: under memory pressure Redis "
+            "would evict job records, logs and queued jobs; set it to noeviction",
+        )
+    if config.get("appendonly") != "yes":
+        report.add(
+            WARN,
+            "Redis appendonly is off: a Redis restart loses the jobs and events "
+            "written since the last snapshot (see docs/deploy.md)",
+        )
+    else:
+        report.add(OK, "Redis persistence: append-only file on")
+
+
+def check_web(report: Report, url: str) -> None:
+    base = url.rstrip("/")
+    try:
+        response = httpx.get(f"{base}/readyz", timeout=5)
+    except httpx.HTTPError as exc:
+        report.add(FAIL, f"cannot reach the web process at {base}: {type(exc).__name__}: {exc}")
+        return
+    try:
+        body: dict[str, Any] = response.json()
+    except (json.JSONDecodeError, ValueError):
+        body = {}
+    if response.status_code != 200:
+        detail = body.get("redis") or response.text[:200]
+        report.add(FAIL, f"{base}/readyz answered {response.status_code}: {detail}")
+        return
+    if body.get("hub") not in (None, "connected"):
+        report.add(WARN, f"{base} is up but its live feed from Redis is {body.get('hub')}")
+    else:
+        report.add(OK, f"web process at {base} is ready")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="stepstream doctor", description=__doc__.split("\n")[0])
+    parser.add_argument("--url", help="a web process to check, e.g. http://127.0.0.1:8000")
+    args = parser.parse_args(argv)
+    report = Report()
+    # The same import path as the processes use (the project's folder, as in the Procfile).
+    sys.path.insert(0, os.getcwd())
+    settings = check_settings(report)
+    if settings is not None:
+        check_redis(report, settings)
+    if args.url:
+        check_web(report, args.url)
+    if report.failed:
+        print("\nSomething is wrong: see the FAIL lines above.")
+        return 1
+    print("\nAll is well." if not any(lv == WARN for lv, _ in report.lines) else "\nNo errors.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
