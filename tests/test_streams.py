@@ -170,3 +170,30 @@ def test_bad_cursors_and_unknown_jobs_are_client_errors(stack: Stack) -> None:
     response = httpx.get(events_url(stack.url, "nope"))
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "job_not_found"
+
+
+def test_the_firehose_resumes_from_any_cursor_and_names_each_job_event_id(
+    make_stack: StackFactory,
+) -> None:
+    s = make_stack(webs=2, workers=1)
+    jobs = [submit(s.url, "analyze_document", {"text": DOC}) for _ in range(3)]
+    for job in jobs:
+        wait_state(s.url, job["id"], {"completed"})
+    status, everything = read_stream(
+        f"{s.url}/api/events?after=0",
+        stop=lambda e: e.type == "completed" and e.data["job_id"] == jobs[-1]["id"],
+    )
+    assert status == 200
+    assert {e.data["job_id"] for e in everything} == {j["id"] for j in jobs}
+    # Each firehose event names its id in its job's log.
+    _, log = read_stream(f"{s.url}/api/jobs/{jobs[0]['id']}/events?after=0")
+    mine = [e for e in everything if e.data["job_id"] == jobs[0]["id"]]
+    assert [e.data["event_id"] for e in mine] == [e.id for e in log]
+    # Resume on the other web process from the middle: exactly the rest.
+    middle = len(everything) // 2
+    _, rest = read_stream(
+        f"{s.webs[1].url}/api/events",
+        {"Last-Event-ID": everything[middle].id or ""},
+        stop=lambda e: e.id == everything[-1].id,
+    )
+    assert [e.id for e in rest] == [e.id for e in everything[middle + 1 :]]
