@@ -1,0 +1,258 @@
+"""Operations with real processes: the failure webhook, worker heartbeats, JSON logs, doctor."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import StackFactory
+from tests.support.api import submit, wait_state
+from tests.support.processes import ROOT, free_port, wait_until
+from tests.support.tasks import gate_key
+
+TERMINAL = {"completed", "failed", "cancelled"}
+
+
+class Receiver:
+    """A local webhook receiver that refuses its first ``fail_first`` requests with 503."""
+
+    def __init__(self, fail_first: int = 0) -> None:
+        self.fail_first = fail_first
+        self.requests: list[tuple[int, dict[str, str], dict[str, Any]]] = []
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with receiver.lock:
+                    status = 503 if len(receiver.requests) < receiver.fail_first else 200
+                    receiver.requests.append((status, dict(self.headers), body))
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def accepted(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [body for status, _, body in self.requests if status == 200]
+
+    def start(self) -> Receiver:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    server = Receiver(fail_first=1).start()
+    yield server
+    server.stop()
+
+
+def stats(base: str) -> dict[str, Any]:
+    response = httpx.get(f"{base}/api/stats", timeout=10)
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def test_the_failure_webhook_is_called_once_per_failed_job_and_never_on_retrying(
+    make_stack: StackFactory, receiver: Receiver
+) -> None:
+    s = make_stack(
+        webs=1,
+        workers=1,
+        STEPSTREAM_ALERT_WEBHOOK_URL=receiver.url,
+        STEPSTREAM_ALERT_WEBHOOK_BACKOFF_SECONDS="0.1",
+        STEPSTREAM_PUBLIC_URL="https://jobs.example.test",
+    )
+    failing = [
+        submit(s.url, "counted", {"permanent_failure": True}),
+        submit(s.url, "counted", {"permanent_failure": True, "fail_at": "one"}),
+    ]
+    retried = submit(s.url, "counted", {"transient_failures": 1})
+    for job in failing:
+        wait_state(s.url, job["id"], {"failed"})
+    assert wait_state(s.url, retried["id"], TERMINAL)["state"] == "completed"
+
+    wait_until(lambda: len(receiver.accepted()) == 2, timeout=20, what="two alerts")
+    time.sleep(1.0)  # nothing else arrives: no duplicate, no alert for the retrying job
+    accepted = receiver.accepted()
+    assert sorted(a["job_id"] for a in accepted) == sorted(j["id"] for j in failing)
+    assert retried["id"] not in {body["job_id"] for _, _, body in receiver.requests}
+    # The first delivery met a 503 and was retried: three requests, two alerts.
+    assert len(receiver.requests) == 3
+
+    by_id = {a["job_id"]: a for a in accepted}
+    first = by_id[failing[0]["id"]]
+    assert first["event"] == "job.failed"
+    assert first["task"] == "counted"
+    assert first["attempt"] == 1
+    assert first["error"]["type"] == "PermanentError"
+    assert first["error"]["message"] == "refused at three"
+    assert first["error"]["step"] == "three"
+    assert "traceback" not in first["error"]
+    assert first["links"]["self"] == f"https://jobs.example.test/api/jobs/{first['job_id']}"
+    assert by_id[failing[1]["id"]]["error"]["step"] == "one"
+    headers = next(h for status, h, _ in receiver.requests if status == 200)
+    assert headers["Content-Type"] == "application/json"
+    assert headers["X-Stepstream-Delivery"].endswith(":1")
+
+
+def test_a_webhook_that_is_down_neither_blocks_nor_crashes_the_worker(
+    make_stack: StackFactory,
+) -> None:
+    s = make_stack(
+        webs=1,
+        workers=1,
+        STEPSTREAM_ALERT_WEBHOOK_URL=f"http://127.0.0.1:{free_port()}/nobody-listens",
+        STEPSTREAM_ALERT_WEBHOOK_ATTEMPTS="3",
+        STEPSTREAM_ALERT_WEBHOOK_BACKOFF_SECONDS="0.2",
+    )
+    (worker,) = s.workers
+    failed = submit(s.url, "counted", {"permanent_failure": True, "fail_at": "one"})
+    wait_state(s.url, failed["id"], {"failed"})
+    # The next job runs at once, while the alert is still being retried.
+    started = time.monotonic()
+    ok = submit(s.url, "counted")
+    assert wait_state(s.url, ok["id"], TERMINAL, timeout=10)["state"] == "completed"
+    assert time.monotonic() - started < 5
+    wait_until(lambda: "alert webhook failed 3 times" in worker.log(), timeout=15, what="give up")
+    assert worker.alive
+    again = submit(s.url, "counted")
+    assert wait_state(s.url, again["id"], TERMINAL, timeout=10)["state"] == "completed"
+
+
+def test_worker_heartbeats_show_running_jobs_and_vanish_when_a_worker_stops(
+    make_stack: StackFactory,
+) -> None:
+    interval = 0.5
+    s = make_stack(webs=1, workers=2, STEPSTREAM_WORKER_HEARTBEAT_SECONDS=str(interval))
+    wait_until(lambda: stats(s.url)["workers_alive"] == 2, timeout=10, what="two workers")
+
+    job = submit(s.url, "counted", {"gate_at": "two"})
+
+    def running() -> list[dict[str, Any]]:
+        return [j for w in stats(s.url)["workers"] for j in w["running"]]
+
+    wait_until(
+        lambda: any(j["job_id"] == job["id"] for j in running()), timeout=10, what="job in a beat"
+    )
+    (shown,) = running()
+    assert shown["task"] == "counted" and shown["state"] == "running"
+    assert shown["step"]["name"] == "two" and shown["attempt"] == 1
+    workers = stats(s.url)["workers"]
+    assert {w["pid"] for w in workers} == {w.proc.pid for w in s.workers if w.proc}
+    with s.redis() as r:
+        r.rpush(gate_key(job["id"]), "go")
+    wait_state(s.url, job["id"], {"completed"})
+    wait_until(lambda: running() == [], timeout=5, what="no running job")
+
+    # A killed worker cannot say goodbye: its heartbeat expires after three missed beats.
+    killed, stopped = s.workers
+    killed.kill()
+    began = time.monotonic()
+    wait_until(lambda: stats(s.url)["workers_alive"] == 1, timeout=10, what="expiry")
+    assert time.monotonic() - began <= 3 * interval + 1.0
+    # A worker stopped with SIGTERM removes its heartbeat on the way out.
+    stopped.stop()
+    assert stats(s.url)["workers_alive"] == 0
+
+
+def test_a_worker_writes_json_lines_with_the_job_id_on_every_line_about_a_job(
+    make_stack: StackFactory,
+) -> None:
+    s = make_stack(webs=1, workers=1, STEPSTREAM_LOG_FORMAT="json")
+    ok = submit(s.url, "counted")
+    bad = submit(s.url, "counted", {"permanent_failure": True})
+    wait_state(s.url, ok["id"], {"completed"})
+    wait_state(s.url, bad["id"], {"failed"})
+    (worker,) = s.workers
+    (web,) = s.webs
+    worker.stop()
+    web.stop()
+
+    def lines(text: str) -> list[tuple[str, dict[str, Any]]]:
+        out = []
+        for raw in text.splitlines():
+            if raw.strip():
+                parsed = json.loads(raw)  # every line is one JSON object
+                assert isinstance(parsed, dict) and {"ts", "level", "msg"} <= set(parsed)
+                out.append((raw, parsed))
+        return out
+
+    worker_lines = lines(worker.log())
+    for job in (ok, bad):
+        about = [parsed for raw, parsed in worker_lines if job["id"] in raw]
+        assert len(about) >= 3, about  # arq's pick-up, started, the end, arq's finish line
+        assert all(p.get("job_id") == job["id"] for p in about), about
+    messages = {(p.get("job_id"), p["msg"]): p for _, p in worker_lines}
+    started = messages[(ok["id"], "job started: attempt 1 of 3")]
+    assert started["task"] == "counted" and started["attempt"] == 1
+    assert started["process"] == "worker"
+    done = messages[(ok["id"], "job completed")]
+    assert done["duration_s"] >= 0
+    failed = messages[(bad["id"], "job failed: refused at three")]
+    assert failed["level"] == "warning" and failed["step"] == "three" and failed["attempt"] == 1
+
+    web_lines = lines(web.log())
+    submitted = [p for _, p in web_lines if p["msg"] == "job submitted"]
+    assert {p["job_id"] for p in submitted} == {ok["id"], bad["id"]}
+    assert all(p["process"] == "web" and p["task"] == "counted" for p in submitted)
+
+
+def doctor(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "stepstream.doctor", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_doctor_says_all_is_well_or_what_is_wrong(make_stack: StackFactory) -> None:
+    s = make_stack(webs=1, workers=1)
+    wait_until(lambda: stats(s.url)["workers_alive"] == 1, timeout=10, what="a heartbeat")
+    good = doctor(s.env, "--url", s.url)
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "Redis reachable" in good.stdout
+    assert "1 worker(s) alive" in good.stdout
+    assert f"web process at {s.url} is ready" in good.stdout
+
+    nowhere = f"redis://127.0.0.1:{free_port()}/0"
+    bad = doctor(
+        {**s.env, "REDIS_URL": nowhere, "STEPSTREAM_LEASE_SECONDS": "soon"},
+        "--url",
+        f"http://127.0.0.1:{free_port()}",
+    )
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "STEPSTREAM_LEASE_SECONDS is not valid" in bad.stdout
+    good_settings = doctor({**s.env, "REDIS_URL": nowhere})
+    assert good_settings.returncode == 1
+    assert "cannot reach Redis at" in good_settings.stdout
+    assert "cannot reach the web process" in bad.stdout
