@@ -48,6 +48,7 @@ from stepstream._models import (
     StepCompletedEvent,
     StepEvent,
     StepRecord,
+    TaskInfo,
     UnknownEvent,
 )
 
@@ -82,6 +83,7 @@ __all__ = [
     "StepEvent",
     "StepRecord",
     "StepstreamError",
+    "TaskInfo",
     "Unauthorized",
     "UnknownEvent",
     "WaitTimeout",

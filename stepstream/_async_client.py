@@ -22,6 +22,7 @@ from stepstream._base import (
     make_config,
     parse_job,
     parse_page,
+    parse_tasks,
     retry_delay,
     should_retry,
     stream_error,
@@ -29,7 +30,7 @@ from stepstream._base import (
     unreachable,
 )
 from stepstream._exceptions import WaitTimeout
-from stepstream._models import Event, Job, JobPage, JobState, SnapshotEvent
+from stepstream._models import Event, Job, JobPage, JobState, SnapshotEvent, TaskInfo
 from stepstream._sse import Reconnector, StreamFollower
 
 
@@ -43,9 +44,9 @@ class AsyncClient:
     def __init__(
         self,
         base_url: str | None = None,
-        *,
         api_key: str | None = None,
         timeout: float = 10.0,
+        *,
         retries: int = 2,
         reconnect_timeout: float = 60.0,
         stream_read_timeout: float = 45.0,
@@ -129,6 +130,10 @@ class AsyncClient:
                 return await self.get(job_id)
         except TimeoutError:
             raise WaitTimeout(f"job {job_id} had not finished after {timeout:g}s") from None
+
+    async def tasks(self) -> builtins.list[TaskInfo]:
+        """The tasks the server runs, with their steps and input schemas."""
+        return parse_tasks(await self._send(RequestSpec("GET", "/api/tasks")))
 
     # -- streams ---------------------------------------------------------------------------
 

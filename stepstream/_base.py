@@ -16,7 +16,7 @@ from stepstream._exceptions import (
     StepstreamError,
     error_from_response,
 )
-from stepstream._models import Job, JobPage, JobState
+from stepstream._models import Job, JobPage, JobState, TaskInfo
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 URL_ENV = "STEPSTREAM_URL"
@@ -181,6 +181,15 @@ def parse_job(response: httpx.Response) -> Job:
 def parse_page(response: httpx.Response) -> JobPage:
     check_response(response)
     return JobPage.model_validate(_json(response))
+
+
+def parse_tasks(response: httpx.Response) -> list[TaskInfo]:
+    check_response(response)
+    body = _json(response)
+    tasks = body.get("tasks") if isinstance(body, dict) else None
+    if not isinstance(tasks, list):
+        raise StepstreamError(f"expected {{tasks: [...]}} from {response.request.url}")
+    return [TaskInfo.model_validate(task) for task in tasks]
 
 
 def _json(response: httpx.Response) -> Any:

@@ -21,6 +21,7 @@ from stepstream._base import (
     make_config,
     parse_job,
     parse_page,
+    parse_tasks,
     retry_delay,
     should_retry,
     stream_error,
@@ -28,7 +29,7 @@ from stepstream._base import (
     unreachable,
 )
 from stepstream._exceptions import WaitTimeout
-from stepstream._models import Event, Job, JobPage, JobState, SnapshotEvent
+from stepstream._models import Event, Job, JobPage, JobState, SnapshotEvent, TaskInfo
 from stepstream._sse import Reconnector, StreamFollower
 
 
@@ -45,9 +46,9 @@ class Client:
     def __init__(
         self,
         base_url: str | None = None,
-        *,
         api_key: str | None = None,
         timeout: float = 10.0,
+        *,
         retries: int = 2,
         reconnect_timeout: float = 60.0,
         stream_read_timeout: float = 45.0,
@@ -132,6 +133,10 @@ class Client:
                 return event.job
         # The stream ended at a terminal event (or a 204): the record is final now.
         return self.get(job_id)
+
+    def tasks(self) -> builtins.list[TaskInfo]:
+        """The tasks the server runs, with their steps and input schemas."""
+        return parse_tasks(self._send(RequestSpec("GET", "/api/tasks")))
 
     # -- streams ---------------------------------------------------------------------------
 

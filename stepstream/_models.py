@@ -112,6 +112,18 @@ class JobPage(_Model):
     next_cursor: str | None = None
 
 
+class TaskInfo(_Model):
+    """A task the server runs (``GET /api/tasks``): its steps and its input's JSON schema."""
+
+    name: str
+    title: str | None = None
+    description: str | None = None
+    steps: list[str] = Field(default_factory=list)
+    max_attempts: int | None = None
+    input_schema: dict[str, Any] = Field(default_factory=dict)
+    sample_input: dict[str, Any] | None = None
+
+
 class _Event(_Model):
     """Fields every event has. ``data`` is the event's JSON exactly as the server sent it."""
 

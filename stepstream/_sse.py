@@ -59,7 +59,11 @@ class StreamFollower:
         if sse.retry is not None:
             self.retry_seconds = max(0.0, sse.retry / 1000)
         if sse.event == "message" and not sse.data:
-            return None  # a frame with only ``retry:``
+            # A frame with only ``retry:``, or only ``id:`` (a position with no event, as
+            # EventSource treats it: the cursor moves, nothing is dispatched).
+            if sse.id and not self._already_seen(sse.id):
+                self.cursor = sse.id
+            return None
         # A ``reset`` carries no id (it moves no cursor); the decoder would repeat the last one.
         event_id = None if sse.event == "reset" else (sse.id or None)
         if event_id is not None and self._already_seen(event_id):

@@ -113,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
     jobs.add_argument("--json", action="store_true", help="one JSON record per line")
 
+    tasks = commands.add_parser(
+        "tasks", parents=[connection], help="list the tasks the server runs"
+    )
+    tasks.add_argument(
+        "--json", action="store_true", help="one JSON task per line, with its schema"
+    )
+
     tail = commands.add_parser(
         "tail", parents=[connection], help="follow every job's events live (the firehose)"
     )
@@ -188,6 +195,17 @@ def cmd_jobs(client: Client, args: argparse.Namespace) -> int:
             f"{job.id:<22}  {job.task:<20}  {job.state.value:<9}  {job.progress:>4.0%}  "
             f"{created:<19}  {step}"
         )
+    return EXIT_COMPLETED
+
+
+def cmd_tasks(client: Client, args: argparse.Namespace) -> int:
+    for task in client.tasks():
+        if args.json:
+            print(task.model_dump_json())
+            continue
+        print(f"{task.name}  ({len(task.steps)} steps)  {task.title or ''}".rstrip())
+        if task.description:
+            print(f"    {task.description}")
     return EXIT_COMPLETED
 
 
@@ -287,6 +305,7 @@ COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "watch": cmd_watch,
     "get": cmd_get,
     "jobs": cmd_jobs,
+    "tasks": cmd_tasks,
     "tail": cmd_tail,
     "cancel": cmd_cancel,
     "retry": cmd_retry,

@@ -267,6 +267,10 @@ def test_the_firehose_replays_then_follows_live(make_stack: StackFactory) -> Non
 
 def test_errors_are_typed_and_carry_the_servers_words(stack: Stack) -> None:
     with Client(stack.url) as client:
+        tasks = {task.name: task for task in client.tasks()}
+        assert tasks["analyze_document"].steps == ANALYZE_STEPS
+        assert "text" in tasks["analyze_document"].input_schema["properties"]
+
         with pytest.raises(NotFound) as not_found:
             client.get("no-such-job")
         assert not_found.value.status == 404 and "no-such-job" in str(not_found.value)
@@ -383,6 +387,27 @@ def test_in_production_the_api_key_opens_the_callers_own_jobs(
         monkeypatch.setenv("STEPSTREAM_API_KEY", BOB_KEY)
         with Client(s.url) as from_env:
             assert job.id not in {j.id for j in from_env.iter_jobs()}
+
+
+def test_the_firehose_keeps_its_position_from_a_frame_with_only_an_id() -> None:
+    """``id:`` alone moves the cursor (as in EventSource) without yielding an event."""
+    cursors: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        cursors.append(request.headers.get("last-event-id"))
+        body = (
+            b"retry: 1\n\nid: 7-0\n\n"
+            if len(cursors) == 1
+            else (
+                b'id: 8-0\nevent: log\ndata: {"job_id": "j", "type": "log", "event_id": "3-0"}\n\n'
+            )
+        )
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body)
+
+    with Client("http://stepstream.test", transport=httpx.MockTransport(handler)) as client:
+        event = next(iter(client.events_all()))
+    assert cursors[0] is None and "7-0" in cursors
+    assert (event.id, event.type, event.event_id) == ("8-0", "log", "3-0")
 
 
 def test_the_stream_protocol_on_the_wire() -> None:
