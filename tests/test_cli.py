@@ -8,7 +8,7 @@ from pathlib import Path
 from stepstream import Client, JobState
 from tests.conftest import Stack, StackFactory
 from tests.support.api import DOC
-from tests.support.cli import LiveCli, run_cli
+from tests.support.cli import LiveCli, run_cli, run_cli_in_terminal
 from tests.support.processes import free_port
 from tests.support.sse import read_stream
 from tests.support.tasks import gate_key
@@ -50,6 +50,22 @@ def test_submit_watch_runs_a_job_to_completion_and_exits_0(stack: Stack, tmp_pat
     result = result_after(lines, "Completed")
     assert isinstance(result, dict)
     assert result["title"] == "From a file" and result["keywords"]
+
+
+def test_on_a_terminal_the_progress_bar_is_redrawn_in_place(stack: Stack) -> None:
+    job_input = json.dumps({"text": DOC, "pace": 0.05})
+    code, screen = run_cli_in_terminal(
+        stack.url, "submit", "analyze_document", "-i", job_input, "--watch"
+    )
+    assert code == 0, screen
+    redraws = screen.split("\r\x1b[K")
+    assert len(redraws) > 10, "the bar line was not redrawn in place"
+    assert any("Step 3 of 7 · Embedding chunks — Embedded 1 of 1" in line for line in redraws)
+    assert any(line.startswith("[") and "100%" in line for line in redraws)
+    # Each finished step stays on screen as a line of its own, once.
+    done_lines = [line for line in screen.splitlines() if line.lstrip("\r\x1b[K").startswith("✓")]
+    assert len(done_lines) == 7
+    assert '"keywords"' in screen.split("Completed in")[-1]
 
 
 def test_a_failing_job_exits_1_and_says_where_it_failed(stack: Stack) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import pty
 import queue
+import select
 import signal
 import subprocess
 import sys
@@ -119,3 +121,42 @@ class LiveCli:
         for stream in (self.proc.stdout, self.proc.stderr):
             if stream is not None:
                 stream.close()
+
+
+def run_cli_in_terminal(url: str, *args: str, timeout: float = 60) -> tuple[int, str]:
+    """Run a command with a pseudo-terminal as its stdout: what a person at a terminal sees."""
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [*COMMAND, *args],
+        cwd=ROOT,
+        env={**cli_env(url), "COLUMNS": "120"},
+        stdin=subprocess.DEVNULL,
+        stdout=terminal,
+        stderr=subprocess.PIPE,
+    )
+    os.close(terminal)
+    output = bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{args} still running after {timeout}s: {output[-500:]!r}")
+            ready, _, _ = select.select([controller], [], [], 0.1)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # the terminal closed: the process has exited
+                break
+            if not chunk:
+                break
+            output.extend(chunk)
+        code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        if proc.stderr is not None:
+            proc.stderr.close()
+        os.close(controller)
+    return code, output.decode(errors="replace")
