@@ -10,14 +10,21 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
+from pydantic import BaseModel
+
+from tasks.cost import BudgetExceeded
 from tasks.errors import JobCancelled, StepTimeout
-from tasks.models import EventType, JobRecord, JobState, StepRecord, StepRef, utcnow
+from tasks.models import EventType, JobRecord, JobState, StepRecord, StepRef, Usage, utcnow
 from tasks.registry import TaskSpec
 from tasks.store import JobStore, new_event
 
+if TYPE_CHECKING:
+    from tasks.llm import Message
+
 T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 
 
 class StepHandle:
@@ -38,6 +45,12 @@ class TaskContext:
         self.owner = record.owner
         self.current_step: StepRef | None = None
         self.steps: list[StepRecord] = self._initial_steps(record)
+        # LLM spending (tasks/llm.py): the totals so far, earlier attempts included.
+        self.usage: Usage = record.usage
+        self.cost: float = record.cost
+        self.budget: float | None = record.budget if record.budget is not None else spec.budget
+        self._reserved = 0.0  # estimates of calls in flight, so concurrent calls share a budget
+        self._step_usage: Usage | None = None
 
     def _initial_steps(self, record: JobRecord) -> list[StepRecord]:
         by_name = {s.name: s for s in record.steps}
@@ -117,6 +130,72 @@ class TaskContext:
     async def log(self, message: str, level: str = "info") -> None:
         await self._emit(EventType.log, {"level": level, "message": message}, {})
 
+    @overload
+    async def llm(
+        self,
+        messages: list[Message],
+        *,
+        response_model: type[M],
+        step: str | None = None,
+        **options: Any,
+    ) -> M: ...
+
+    @overload
+    async def llm(
+        self,
+        messages: list[Message],
+        *,
+        response_model: None = None,
+        step: str | None = None,
+        **options: Any,
+    ) -> str: ...
+
+    async def llm(
+        self,
+        messages: list[Message],
+        *,
+        response_model: type[M] | None = None,
+        step: str | None = None,
+        **options: Any,
+    ) -> M | str:
+        """One LLM call (tasks/llm.py), as the checkpointed step ``step`` when given: a call
+        that succeeded is restored, never made again, when the job runs again. Options:
+        ``model``, ``max_tokens``, ``temperature``, ``pricing``, ``timeout``."""
+        from tasks.llm import llm_step  # tasks.llm needs this module's class for its hints
+
+        return await llm_step(self, messages, response_model=response_model, step=step, **options)
+
+    @asynccontextmanager
+    async def reserve_budget(self, estimate: float) -> AsyncIterator[None]:
+        """Refuse a call whose least cost would take the job past its budget; hold its estimate
+        while it runs, so calls made at once cannot overspend together."""
+        if self.budget is not None and self.cost + self._reserved + estimate > self.budget + 1e-9:
+            raise BudgetExceeded(self.cost + self._reserved, estimate, self.budget)
+        self._reserved += estimate
+        try:
+            yield
+        finally:
+            self._reserved -= estimate
+
+    async def record_llm_usage(self, usage: Usage, cost: float, model: str) -> None:
+        """Account for one answered LLM call: a ``log`` event with its ``usage``, and the job's
+        ``usage`` and ``cost`` totals in the same append (so the record always shows the
+        spending so far, even if the step fails later)."""
+        self.usage = self.usage.plus(usage)
+        self.cost = round(self.cost + cost, 9)
+        if self.current_step is not None:
+            self._step_usage = (self._step_usage or Usage()).plus(usage)
+        await self._emit(
+            EventType.log,
+            {
+                "level": "info",
+                "message": f"LLM call to {model}: {usage.input_tokens} tokens in, "
+                f"{usage.output_tokens} out, {usage.duration_ms / 1000:.2f}s, cost {cost:.6g}",
+                "usage": {**usage.model_dump(), "cost": cost, "model": model},
+            },
+            {"usage": self.usage.model_dump(), "cost": self.cost},
+        )
+
     # -- internals ------------------------------------------------------------------------
 
     def _ref(self, name: str) -> StepRef:
@@ -124,6 +203,7 @@ class TaskContext:
 
     async def _begin_step(self, ref: StepRef) -> None:
         self.current_step = ref
+        self._step_usage = None
         self.steps[ref.index - 1] = StepRecord(
             index=ref.index, name=ref.name, state="running", started_at=utcnow()
         )
@@ -148,6 +228,10 @@ class TaskContext:
         data: dict[str, Any] = {"step": ref.model_dump(), "duration_ms": duration_ms}
         if output is not None:
             data["output"] = output
+        if self._step_usage is not None:  # the LLM calls made inside the step
+            record.usage = self._step_usage
+            data["usage"] = self._step_usage.model_dump()
+            self._step_usage = None
         await self._emit(
             EventType.step_completed,
             data,
@@ -181,6 +265,7 @@ class TaskContext:
             if record.state == "running":
                 record.state = state
                 record.finished_at = utcnow()
+                record.usage = self._step_usage  # what the failed step spent, for the record
         return {"steps": self._steps_json()}
 
     def _steps_json(self) -> list[dict[str, Any]]:

@@ -11,6 +11,8 @@ from pydantic import BaseModel, Field
 
 
 class JobState(StrEnum):
+    # `scheduled`: accepted with a `run_at`/`delay`, waiting for its time (docs/ai-workloads.md)
+    scheduled = "scheduled"
     queued = "queued"
     running = "running"
     retrying = "retrying"
@@ -51,6 +53,23 @@ class StepRef(BaseModel):
     name: str
 
 
+class Usage(BaseModel):
+    """What a job's (or a step's) LLM calls consumed. Additive: old records load with zeros."""
+
+    calls: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    duration_ms: float = 0.0
+
+    def plus(self, other: Usage) -> Usage:
+        return Usage(
+            calls=self.calls + other.calls,
+            input_tokens=self.input_tokens + other.input_tokens,
+            output_tokens=self.output_tokens + other.output_tokens,
+            duration_ms=round(self.duration_ms + other.duration_ms, 3),
+        )
+
+
 class StepRecord(BaseModel):
     index: int
     name: str
@@ -59,6 +78,7 @@ class StepRecord(BaseModel):
     finished_at: str | None = None
     duration_ms: float | None = None
     output: Any = None
+    usage: Usage | None = None  # LLM calls made inside the step (docs/ai-workloads.md)
 
 
 class JobError(BaseModel):
@@ -88,6 +108,15 @@ class JobRecord(BaseModel):
     started_at: str | None = None
     finished_at: str | None = None
     last_event_id: str | None = None
+    # AI workloads (docs/ai-workloads.md); every field has a default so old records still load.
+    usage: Usage = Field(default_factory=Usage)
+    cost: float = 0.0
+    budget: float | None = None  # the most this job may spend on LLM calls
+    run_at: str | None = None  # a scheduled job's start time
+    cached: bool = False  # completed from the task's result cache, without running
+    batch_id: str | None = None  # a batch child: its parent job
+    batch_index: int | None = None  # a batch child: its place in the batch's inputs
+    batch: dict[str, Any] | None = None  # a batch parent: {size, completed, failed, cancelled}
 
 
 def utcnow() -> str:

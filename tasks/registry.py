@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
+from tasks.cost import FREE, Pricing
+
 if TYPE_CHECKING:
     from tasks.context import TaskContext
 
@@ -44,6 +46,11 @@ class TaskSpec:
     concurrency: int | None = None  # jobs of this task running at once, across all workers
     backoff: Backoff = field(default_factory=Backoff)
     sample_input: dict[str, Any] | None = None
+    # AI workloads (docs/ai-workloads.md)
+    pricing: Pricing = FREE  # what one LLM call of this task costs
+    budget: float | None = None  # the default most a job may spend (the submit body may set it)
+    cache_ttl: float | None = None  # seconds a result is reused for the same input
+    model: str | None = None  # the LLM model, when not the configured STEPSTREAM_LLM_MODEL
 
     def step_index(self, name: str) -> int:
         """1-based index of a declared step."""
@@ -63,6 +70,8 @@ class TaskSpec:
             "concurrency": self.concurrency,
             "input_schema": self.input_model.model_json_schema(),
             "sample_input": self.sample_input,
+            "budget": self.budget,
+            "cache_ttl": self.cache_ttl,
         }
 
 
@@ -83,6 +92,10 @@ def task(
     concurrency: int | None = None,
     backoff: Backoff | None = None,
     sample_input: dict[str, Any] | None = None,
+    pricing: Pricing | None = None,
+    budget: float | None = None,
+    cache_ttl: float | None = None,
+    model: str | None = None,
 ) -> Callable[[TaskFunction], TaskFunction]:
     """Declare a task: a typed async function run step by step by the worker."""
     if not steps:
@@ -107,6 +120,10 @@ def task(
             concurrency=concurrency,
             backoff=backoff or Backoff(),
             sample_input=sample_input,
+            pricing=pricing or FREE,
+            budget=budget,
+            cache_ttl=cache_ttl,
+            model=model,
         )
         return fn
 

@@ -77,6 +77,19 @@ class Settings(BaseSettings):
     # The address people reach the server at, for links in alerts (e.g. https://jobs.example.com)
     public_url: str = ""
 
+    # AI workloads (docs/ai-workloads.md)
+    llm_provider: str = "offline"  # offline (deterministic, no network) | openai
+    llm_base_url: str = "https://api.openai.com/v1"  # any OpenAI-compatible server
+    llm_api_key: str = ""
+    llm_model: str = "gpt-4o-mini"
+    llm_timeout_seconds: float = 60.0  # one HTTP request
+    # 429/5xx/timeouts are retried inside the call this many times, waiting Retry-After when it
+    # is at most llm_max_inline_wait_seconds; past either limit the job retries (RetryAfter).
+    llm_max_retries: int = 2
+    llm_max_inline_wait_seconds: float = 10.0
+    max_batch_size: int = 1_000
+    max_delay_seconds: int = 30 * 24 * 3600  # the furthest ahead a job may be scheduled
+
     @property
     def task_module_list(self) -> list[str]:
         return [m.strip() for m in self.task_modules.split(",") if m.strip()]

@@ -1,0 +1,527 @@
+"""LLM calls as job steps: ``await ctx.llm(messages, response_model=Model, step="Summarise")``.
+
+Two providers speak one small interface (:class:`Provider`): :class:`OpenAIProvider` posts to
+``{STEPSTREAM_LLM_BASE_URL}/chat/completions`` of any OpenAI-compatible server, and
+:class:`OfflineProvider` answers deterministically without a network (demos, tests, CI). Pick
+one with ``STEPSTREAM_LLM_PROVIDER=offline|openai``.
+
+Failure rules (docs/ai-workloads.md):
+
+- 429, 5xx, timeouts and dropped connections are transient. They are retried *inside* the call
+  up to ``STEPSTREAM_LLM_MAX_RETRIES`` times, waiting what ``Retry-After`` (or
+  ``retry-after-ms``) asks when that is at most ``STEPSTREAM_LLM_MAX_INLINE_WAIT_SECONDS``, else
+  a short exponential backoff. A short wait inside the call is cheaper than a job retry (no
+  ``retrying``/``started`` events, the step's other work is kept); a long one would hold a
+  worker slot idle, so past that limit, or when the retries run out, the call raises
+  :class:`~tasks.errors.RetryAfter` (or a ``TransientError`` when the server named no delay)
+  and the *job* retries after exactly that delay; its completed steps are restored from their
+  checkpoints, so no succeeded call is made (or paid for) twice.
+- A content-policy refusal (an HTTP 400 whose error code says so, ``finish_reason ==
+  "content_filter"``, or a ``refusal`` in the message) is permanent: :class:`LLMRefused`.
+  Any other 4xx (a bad key, an unknown model) is permanent too: :class:`LLMRequestError`.
+- With ``response_model`` the reply must be a JSON object that validates. An invalid reply is
+  asked again once, with the validation error in the conversation; a second invalid reply is
+  permanent: :class:`LLMInvalidReply`. Both calls are counted and paid for.
+
+Every call that got an answer is accounted for at once: a ``log`` event carries its ``usage``
+and the job record's ``usage`` and ``cost`` totals move in the same atomic append; the step's
+``step_completed`` carries the step's ``usage``. A budget check before each call refuses the
+call (``BudgetExceeded``, permanent) when it would take the job past its budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import hashlib
+import json
+import re
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import httpx
+from pydantic import BaseModel, ValidationError
+
+from tasks.cost import Pricing, estimate_tokens
+from tasks.errors import PermanentError, RetryAfter, TransientError
+from tasks.models import Usage
+from tasks.settings import Settings
+
+if TYPE_CHECKING:
+    from tasks.context import TaskContext
+
+Message = dict[str, Any]
+M = TypeVar("M", bound=BaseModel)
+
+
+class LLMRefused(PermanentError):
+    """The provider refused the request on content-policy grounds: no retry can change that."""
+
+
+class LLMRequestError(PermanentError):
+    """The provider rejected the request itself (4xx other than 429): a key, model or body
+    problem that retrying does not fix."""
+
+
+class LLMInvalidReply(PermanentError):
+    """The reply did not fit the response model, twice (the second ask quoted the error)."""
+
+
+class LLMUnavailable(TransientError):
+    """5xx, a timeout or a dropped connection, after the retries inside the call."""
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One answered chat-completions request."""
+
+    text: str
+    model: str
+    usage: Usage  # calls=1, tokens in and out, the request's duration (retries included)
+    finish_reason: str | None = None
+
+
+class Provider(Protocol):
+    """What a task's LLM calls need from a provider: one chat completion, retries included."""
+
+    name: str
+
+    async def complete(
+        self,
+        messages: Sequence[Message],
+        *,
+        model: str,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        json_mode: bool = False,
+        timeout: float | None = None,
+    ) -> Completion: ...
+
+    async def aclose(self) -> None: ...
+
+
+# -- the OpenAI-compatible provider ---------------------------------------------------------
+
+_POLICY_CODES = frozenset({"content_policy_violation", "content_filter", "content_filtered"})
+
+
+def parse_retry_after(headers: httpx.Headers, now: float | None = None) -> float | None:
+    """Seconds the server asks us to wait: ``retry-after-ms``, or ``Retry-After`` as seconds
+    or an HTTP date; None when it names no delay."""
+    raw_ms = headers.get("retry-after-ms")
+    if raw_ms:
+        try:
+            return max(0.0, float(raw_ms) / 1000)
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if not raw:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    current = datetime.now(UTC).timestamp() if now is None else now
+    return max(0.0, when.timestamp() - current)
+
+
+class OpenAIProvider:
+    """``POST {base_url}/chat/completions`` with ``Authorization: Bearer {api_key}``."""
+
+    name = "openai"
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str = "",
+        *,
+        timeout: float = 60.0,
+        max_retries: int = 2,
+        max_inline_wait: float = 10.0,
+        backoff: float = 0.5,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.timeout = timeout
+        self.max_retries = max(0, max_retries)
+        self.max_inline_wait = max_inline_wait
+        self.backoff = backoff
+        self._sleep = sleep
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.AsyncClient(headers=headers, timeout=timeout)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def complete(
+        self,
+        messages: Sequence[Message],
+        *,
+        model: str,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        json_mode: bool = False,
+        timeout: float | None = None,
+    ) -> Completion:
+        body: dict[str, Any] = {"model": model, "messages": list(messages)}
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
+        if temperature is not None:
+            body["temperature"] = temperature
+        if json_mode:
+            body["response_format"] = {"type": "json_object"}
+        started = time.perf_counter()
+        tries = self.max_retries + 1
+        for number in range(1, tries + 1):
+            backoff = min(self.max_inline_wait, self.backoff * 2 ** (number - 1))
+            failure: TransientError
+            wait: float
+            try:
+                response = await self._client.post(
+                    self.url, json=body, timeout=timeout or self.timeout
+                )
+            except httpx.TimeoutException:
+                failure = LLMUnavailable(
+                    f"the LLM call timed out after {timeout or self.timeout:g}s ({number} of "
+                    f"{tries} tries)"
+                )
+                wait = backoff
+            except httpx.TransportError as exc:
+                failure = LLMUnavailable(f"the LLM server could not be reached: {exc!r}")
+                wait = backoff
+            else:
+                status = response.status_code
+                if status == 429 or status >= 500:
+                    asked = parse_retry_after(response.headers)
+                    message = f"the LLM server answered {status} ({number} of {tries} tries)"
+                    if asked is None:
+                        failure, wait = LLMUnavailable(message), backoff
+                    else:
+                        failure = RetryAfter(asked, f"{message}; retry after {asked:g}s")
+                        wait = asked
+                        if asked > self.max_inline_wait:
+                            raise failure  # too long to hold a worker slot: the job retries
+                elif status >= 400:
+                    raise _request_error(response)
+                else:
+                    completion = _parse_completion(response, model, started)
+                    if completion is not None:
+                        return completion
+                    failure = LLMUnavailable(
+                        "the LLM server sent a reply that is not a chat completion"
+                    )
+                    wait = backoff
+            if number == tries:
+                raise failure
+            await self._sleep(wait)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _request_error(response: httpx.Response) -> PermanentError:
+    try:
+        error = response.json().get("error") or {}
+    except (ValueError, AttributeError):
+        error = {}
+    if not isinstance(error, dict):
+        error = {"message": str(error)}
+    code = str(error.get("code") or error.get("type") or "")
+    message = str(error.get("message") or response.text[:500])
+    if code in _POLICY_CODES or "content policy" in message.lower():
+        return LLMRefused(f"the LLM provider refused the request: {message}")
+    return LLMRequestError(f"the LLM server answered {response.status_code}: {message}")
+
+
+def _parse_completion(response: httpx.Response, model: str, started: float) -> Completion | None:
+    """The completion in a 2xx answer; None when the body is not one (retried as transient)."""
+    try:
+        data = response.json()
+        choice = data["choices"][0]
+        message = choice["message"]
+        finish_reason = choice.get("finish_reason")
+        if message.get("refusal") or finish_reason == "content_filter":
+            raise LLMRefused(
+                "the LLM refused to answer: " + str(message.get("refusal") or finish_reason)
+            )
+        text = message.get("content") or ""
+        usage = data.get("usage") or {}
+        return Completion(
+            text=str(text),
+            model=str(data.get("model") or model),
+            usage=Usage(
+                calls=1,
+                input_tokens=int(usage.get("prompt_tokens") or 0),
+                output_tokens=int(usage.get("completion_tokens") or 0),
+                duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            ),
+            finish_reason=finish_reason,
+        )
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return None
+
+
+# -- the offline provider -------------------------------------------------------------------
+
+_WORD = re.compile(r"[A-Za-z][A-Za-z'-]+")
+
+
+class OfflineProvider:
+    """A deterministic stand-in that needs no network: the same messages give the same reply.
+
+    Plain calls answer with the first sentence of the last user message; in JSON mode the reply
+    fills the JSON schema found in the conversation (the one ``ctx.llm`` adds for a response
+    model) with values drawn from that message. Tokens are counted as words.
+    """
+
+    name = "offline"
+
+    async def aclose(self) -> None:
+        return None
+
+    async def complete(
+        self,
+        messages: Sequence[Message],
+        *,
+        model: str,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        json_mode: bool = False,
+        timeout: float | None = None,
+    ) -> Completion:
+        started = time.perf_counter()
+        prompt = " ".join(str(m.get("content") or "") for m in messages)
+        last_user = next(
+            (str(m.get("content") or "") for m in reversed(messages) if m.get("role") == "user"),
+            "",
+        )
+        words = _WORD.findall(last_user) or ["nothing"]
+        schema = _schema_in(messages) if json_mode else None
+        if schema is not None:
+            text = json.dumps(_fill(schema, schema, words, 0))
+        else:
+            first = re.split(r"(?<=[.!?])\s+", last_user.strip(), maxsplit=1)[0]
+            text = first[:400] or "Nothing to say."
+        if max_tokens is not None:
+            text = " ".join(text.split(" ")[:max_tokens]) if schema is None else text
+        await asyncio.sleep(0)  # a real await, like a network call
+        return Completion(
+            text=text,
+            model=f"offline:{model}",
+            usage=Usage(
+                calls=1,
+                input_tokens=len(prompt.split()),
+                output_tokens=len(text.split()),
+                duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            ),
+            finish_reason="stop",
+        )
+
+
+_SCHEMA_MARK = "JSON schema:\n"
+
+
+def _schema_in(messages: Sequence[Message]) -> dict[str, Any] | None:
+    for message in messages:
+        content = str(message.get("content") or "")
+        if message.get("role") == "system" and _SCHEMA_MARK in content:
+            try:
+                schema = json.loads(content.split(_SCHEMA_MARK, 1)[1])
+            except ValueError:
+                return None
+            return schema if isinstance(schema, dict) else None
+    return None
+
+
+def _fill(node: dict[str, Any], root: dict[str, Any], words: list[str], depth: int) -> Any:
+    """A value that fits ``node`` (a JSON schema), made from ``words`` deterministically."""
+    if "$ref" in node:
+        name = str(node["$ref"]).rsplit("/", 1)[-1]
+        return _fill(root.get("$defs", {}).get(name, {}), root, words, depth + 1)
+    for combined in ("anyOf", "oneOf", "allOf"):
+        if combined in node:
+            options = [o for o in node[combined] if o.get("type") != "null"] or node[combined]
+            return _fill(options[0], root, words, depth + 1)
+    if "const" in node:
+        return node["const"]
+    if "enum" in node:
+        return node["enum"][0]
+    if "default" in node:
+        return node["default"]
+    digest = int(hashlib.sha256(" ".join(words).encode()).hexdigest()[:8], 16)
+    kind = node.get("type", "string")
+    if kind == "object":
+        return {
+            key: _fill(child, root, words, depth + 1)
+            for key, child in node.get("properties", {}).items()
+        }
+    if kind == "array":
+        count = max(1, int(node.get("minItems", 1)))
+        count = min(count, int(node.get("maxItems", count)))
+        item = node.get("items", {"type": "string"})
+        return [_fill(item, root, words[i:] or words, depth + 1) for i in range(count)]
+    if kind == "integer":
+        low = int(node.get("minimum", 0))
+        return max(low, min(int(node.get("maximum", low + 100)), low + digest % 100))
+    if kind == "number":
+        floor = float(node.get("minimum", 0.0))
+        return max(floor, min(float(node.get("maximum", 1.0)), floor + (digest % 100) / 100))
+    if kind == "boolean":
+        return digest % 2 == 0
+    if kind == "null":
+        return None
+    length = int(node.get("maxLength", 200))
+    return " ".join(words[:12])[:length] or "x" * int(node.get("minLength", 1))
+
+
+# -- the provider a worker uses -------------------------------------------------------------
+
+_providers: dict[tuple[Any, ...], Provider] = {}
+
+
+def get_provider(settings: Settings) -> Provider:
+    """The configured provider, one per process (its HTTP client pools connections)."""
+    key = (
+        settings.llm_provider,
+        settings.llm_base_url,
+        settings.llm_api_key,
+        settings.llm_timeout_seconds,
+        settings.llm_max_retries,
+        settings.llm_max_inline_wait_seconds,
+    )
+    provider = _providers.get(key)
+    if provider is None:
+        if settings.llm_provider == "openai":
+            provider = OpenAIProvider(
+                settings.llm_base_url,
+                settings.llm_api_key,
+                timeout=settings.llm_timeout_seconds,
+                max_retries=settings.llm_max_retries,
+                max_inline_wait=settings.llm_max_inline_wait_seconds,
+            )
+        elif settings.llm_provider == "offline":
+            provider = OfflineProvider()
+        else:
+            raise PermanentError(
+                f"STEPSTREAM_LLM_PROVIDER is {settings.llm_provider!r}; use offline or openai"
+            )
+        _providers[key] = provider
+    return provider
+
+
+async def close_providers() -> None:
+    """Close the providers' HTTP clients (the worker's shutdown)."""
+    providers = list(_providers.values())
+    _providers.clear()
+    for provider in providers:
+        await provider.aclose()
+
+
+# -- a call made by a task ------------------------------------------------------------------
+
+
+def schema_message(model: type[BaseModel]) -> Message:
+    """The system message that asks for a JSON object fitting ``model``."""
+    schema = json.dumps(model.model_json_schema(), separators=(",", ":"))
+    return {
+        "role": "system",
+        "content": "Reply with one JSON object and nothing else. It must fit this "
+        + _SCHEMA_MARK
+        + schema,
+    }
+
+
+_FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.DOTALL)
+
+
+def parse_reply(text: str, model: type[M]) -> M:
+    """The reply as ``model``; a reply wrapped in a Markdown code fence is accepted."""
+    fenced = _FENCE.match(text)
+    return model.model_validate_json(fenced.group(1) if fenced else text)
+
+
+async def ask(
+    ctx: TaskContext,
+    messages: Sequence[Message],
+    *,
+    response_model: type[BaseModel] | None = None,
+    model: str | None = None,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    pricing: Pricing | None = None,
+    timeout: float | None = None,
+) -> Any:
+    """One logical LLM call: a JSON-ready value (the reply's text, or the validated model
+    dumped to JSON), with the budget checked before each request and each answered request
+    accounted on the job."""
+    settings = ctx.store.settings
+    provider = get_provider(settings)
+    model_name = model or ctx.spec.model or settings.llm_model
+    price = pricing or ctx.spec.pricing
+    conversation: list[Message] = list(messages)
+    if response_model is not None:
+        conversation.insert(0, schema_message(response_model))
+    for ask_number in (1, 2):
+        prompt = " ".join(str(m.get("content") or "") for m in conversation)
+        estimate = price.estimate(estimate_tokens(prompt), max_tokens)
+        async with ctx.reserve_budget(estimate):
+            completion = await provider.complete(
+                conversation,
+                model=model_name,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                json_mode=response_model is not None,
+                timeout=timeout,
+            )
+        await ctx.record_llm_usage(completion.usage, price.cost(completion.usage), completion.model)
+        if response_model is None:
+            return completion.text
+        try:
+            return parse_reply(completion.text, response_model).model_dump(mode="json")
+        except (ValidationError, ValueError) as exc:
+            problem = str(exc)[:2000]
+            if ask_number == 2:
+                raise LLMInvalidReply(
+                    f"the LLM reply does not fit {response_model.__name__} after asking again: "
+                    f"{problem}"
+                ) from exc
+            await ctx.log(
+                f"the LLM reply does not fit {response_model.__name__}; asking again", "warning"
+            )
+            conversation += [
+                {"role": "assistant", "content": completion.text},
+                {
+                    "role": "user",
+                    "content": "Your reply does not fit the JSON schema: "
+                    + problem
+                    + "\nReply again with only a JSON object that fits it.",
+                },
+            ]
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def llm_step(
+    ctx: TaskContext,
+    messages: Sequence[Message],
+    *,
+    response_model: type[M] | None = None,
+    step: str | None = None,
+    **options: Any,
+) -> M | str:
+    """``ask`` as the checkpointed step ``step`` (when given): a call that succeeded is stored
+    with the step and, when the job runs again, restored instead of made (and paid) again."""
+
+    async def call() -> Any:
+        return await ask(ctx, messages, response_model=response_model, **options)
+
+    value = await (ctx.run_step(step, call) if step is not None else call())
+    if response_model is None:
+        return str(value)
+    return response_model.model_validate(value)
