@@ -12,6 +12,7 @@ import json
 import statistics
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,18 +112,28 @@ async def read_queue(store: JobStore, now: float | None = None) -> QueueSnapshot
     return snap
 
 
-async def read_workers(store: JobStore) -> list[dict[str, Any]]:
-    """Live workers with their running jobs (task, state, step and attempt from the records)."""
+async def read_workers(
+    store: JobStore, may_read: Callable[[str | None, str], bool] | None = None
+) -> list[dict[str, Any]]:
+    """Live workers with their running jobs (task, state, step and attempt from the records).
+
+    A job ``may_read`` refuses (another owner's) shows only its task and state, no id.
+    """
     workers = await heartbeat.read_workers(store.redis, store.keys)
     job_ids = [job_id for w in workers for job_id in w.get("running", [])]
     details: dict[str, dict[str, Any]] = {}
     if job_ids:
         async with store.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
-                pipe.hmget(store.keys.job(job_id), ["task", "state", "step", "attempt"])
+                pipe.hmget(store.keys.job(job_id), ["task", "state", "step", "attempt", "owner"])
             rows = await pipe.execute()
         for job_id, row in zip(job_ids, rows, strict=True):
-            task, job_state, step, attempt = (json.loads(v) if v is not None else None for v in row)
+            task, job_state, step, attempt, owner = (
+                json.loads(v) if v is not None else None for v in row
+            )
+            if may_read is not None and not may_read(owner, job_id):
+                details[job_id] = {"job_id": None, "task": task, "state": job_state}
+                continue
             details[job_id] = {
                 "job_id": job_id,
                 "task": task,
@@ -142,12 +153,14 @@ async def stats(request: Request) -> Response:
     (completed, failed, cancelled), queue depth and oldest wait, p50/p95 run time and failure
     rate; the workers alive with their running jobs; this process's open streams."""
     state: AppState = request.app.state.stepstream
+    # Counts are of the whole deployment; running job ids only of the caller's own jobs.
+    principal = await state.auth.authenticate(request)
     store = state.store
     now = time.time()
     queue = await read_queue(store, now)
     registered = [spec.name for spec in all_tasks()]
     outcomes, durations = await heartbeat.read_day(store.redis, store.keys, registered, now)
-    workers = await read_workers(store)
+    workers = await read_workers(store, principal.may_read)
     names = list(dict.fromkeys([*registered, *queue.active, *outcomes]))
 
     def summary(
