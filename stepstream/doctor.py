@@ -128,7 +128,7 @@ def check_redis(report: Report, settings: Any) -> None:
         info: dict[str, Any] = client.info()
         version = info.get("valkey_version") or info.get("redis_version", "?")
         report.add(OK, f"Redis reachable at {redact(url)} (version {version})")
-        if info.get("role") not in (None, "master"):
+        if info.get("role") not in (None, "master", "primary"):
             report.add(FAIL, "REDIS_URL points at a replica: Stepstream must write to the primary")
         _check_config(report, client)
         used, limit = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
