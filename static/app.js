@@ -13,6 +13,7 @@ import { shortId } from "./js/format.js";
 const OFFLINE_AFTER_MS = 15_000;
 const STATS_EVERY_MS = 5_000;
 const RECONCILE_EVERY_MS = 30_000;
+const MAX_ROWS = 200;
 
 const tasks = new Map();
 const jobs = new Map();
@@ -88,9 +89,22 @@ function scheduleRender(id) {
       if (record) list.upsert(record);
     }
     dirty.clear();
+    prune();
   };
   requestAnimationFrame(run);
   setTimeout(run, 100); // rAF does not run in a hidden tab
+}
+
+/** A long session keeps the newest MAX_ROWS jobs on the page (finished ones go first). */
+function prune() {
+  if (jobs.size <= MAX_ROWS + 50) return;
+  const finished = [...jobs.values()]
+    .filter((r) => TERMINAL.has(r.state) && r.id !== detail.openId)
+    .sort((a, b) => (a.created_at < b.created_at ? -1 : 1));
+  for (const record of finished.slice(0, jobs.size - MAX_ROWS)) {
+    jobs.delete(record.id);
+    list.remove(record.id);
+  }
 }
 
 /** Keep whichever copy of a record is further along its log. */
@@ -189,6 +203,7 @@ async function act(action, record, button) {
   } catch (error) {
     toast(error.status === 409 ? `Job ${shortId(record.id)}: ${error.message}.` : error.message, "error");
     delete button.dataset.pending;
+    button.dataset.action = ""; // drawn again below from the record
     button.disabled = false;
     const current = jobs.get(record.id);
     if (current) {
@@ -259,7 +274,7 @@ async function loadTasks() {
   const ordered = [...data.tasks].sort((a, b) => Boolean(b.sample_input) - Boolean(a.sample_input));
   fill(
     taskSelect,
-    ordered.map((t) => h("option", { value: t.name }, t.title && t.title !== t.name ? `${t.title} (${t.name})` : t.name)),
+    ordered.map((t) => h("option", { value: t.name }, t.title || t.name)),
   );
   taskSelect.disabled = false;
   $("#submit-job").disabled = false;

@@ -96,6 +96,7 @@ def test_submit_from_the_form_shows_each_step_then_the_result(
     expect(page.page.locator('[data-field="text"] .field-error')).to_contain_text(
         "at least 1 character"
     )
+    page.screenshot("form-error.png")
 
     # The sample, one click; slowed down so each step is on screen for a while.
     page.fill_sample()
@@ -155,14 +156,9 @@ def test_submit_from_the_form_shows_each_step_then_the_result(
 
 def test_reload_mid_job_continues_from_where_it_was(stack: Stack, dashboard: OpenDashboard) -> None:
     page = dashboard()
-    job_id = submit(stack.url, "analyze_document", analyze(0.35, summary_sentences=4))["id"]
+    job_id = submit(stack.url, "analyze_document", analyze(0.35, summary_sentences=6))["id"]
     page.row(job_id).wait_for()
-    page.page.wait_for_function(
-        'id => Number(document.querySelector(`li.job[data-job-id="${id}"] '
-        '[role="progressbar"]`).getAttribute("aria-valuenow")) >= 40',
-        arg=job_id,
-        timeout=15_000,
-    )
+    page.wait_progress(job_id, 40)
     before = page.progress(job_id)
 
     page.reload()
@@ -193,6 +189,7 @@ def test_web_restart_shows_reconnecting_then_live_and_misses_no_step(
 
     own.webs[0].stop()
     page.expect_connection("Reconnecting", timeout=10_000)
+    page.screenshot("reconnecting.png")
     own.add_web(port=port)
     page.expect_connection("Live", timeout=20_000)
 
@@ -217,8 +214,6 @@ def test_cancel_a_running_job_and_retry_a_failed_one(
     stack: Stack, dashboard: OpenDashboard
 ) -> None:
     page = dashboard()
-    slow = submit(stack.url, "analyze_document", analyze(0.5))["id"]
-
     # A job that fails on purpose, started from the form ("More options" › Fail At).
     page.choose_task("analyze_document")
     page.fill_sample()
@@ -227,8 +222,9 @@ def test_cancel_a_running_job_and_retry_a_failed_one(
     page.field("Fail At").fill("Chunking document")
     failing = page.submit()["id"]
 
+    slow = submit(stack.url, "analyze_document", analyze(0.5))["id"]
     row = page.row(slow)
-    expect(row.locator(".job-step")).to_contain_text("Step 2 of 7", timeout=15_000)
+    expect(row.locator(".job-step")).to_contain_text("Step 1 of 7", timeout=15_000)
     row.get_by_role("button", name="Cancel").click()
     page.expect_state(slow, "Cancelled", timeout=10_000)
     expect(row.locator(".job-step")).to_contain_text("Cancelled")
@@ -314,11 +310,13 @@ def test_screenshots_of_a_running_and_a_finished_job(
     done = submit(stack.url, "generate_quote", {**QUOTE, "pace": 0})["id"]
     submit(stack.url, "analyze_document", analyze(0, fail_at="Writing summary"))
     wait_state(stack.url, done, {"completed"})
-    running = submit(stack.url, "analyze_document", analyze(0.5, summary_sentences=6))["id"]
-    other = submit(stack.url, "generate_quote", {**QUOTE, "pace": 0.7, "client": "Globex"})["id"]
 
     page = dashboard()
-    expect(page.row(running).locator(".job-step")).to_contain_text("Step 3 of 7", timeout=15_000)
+    page.choose_task("generate_quote")
+    page.fill_sample()
+    running = submit(stack.url, "analyze_document", analyze(0.5, summary_sentences=6))["id"]
+    other = submit(stack.url, "generate_quote", {**QUOTE, "pace": 0.7, "client": "Globex"})["id"]
+    page.wait_progress(running, 30)
     expect(page.row(other).locator(".badge")).to_have_text("Running")
     page.screenshot("dashboard-running.png")
     if os.environ.get("STEPSTREAM_DOCS_SCREENSHOT") == "1":
@@ -338,6 +336,8 @@ def test_screenshots_of_a_running_and_a_finished_job(
     phone = dashboard(width=375, height=812)
     expect(phone.row(running).locator(".badge")).to_be_visible()
     phone.screenshot("phone.png")
+    phone.page.locator("#jobs-title").scroll_into_view_if_needed()
+    phone.screenshot("phone-jobs.png")
     # Nothing wider than the phone's screen.
     assert phone.page.evaluate("document.documentElement.scrollWidth") <= 375
     phone.page.goto(f"{stack.url}/#/jobs/{running}")

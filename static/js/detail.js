@@ -214,7 +214,7 @@ export class DetailView {
       error: h("section", { class: "detail-section error-box", hidden: true, "aria-labelledby": "error-title" }),
       steps: h("ol", { class: "timeline" }),
       result: h("section", { class: "detail-section", hidden: true, "aria-labelledby": "result-title" }),
-      log: h("ol", { class: "log" }),
+      log: h("ol", { class: "log", hidden: true }),
       logEmpty: h("p", { class: "muted log-empty" }, "Nothing logged yet."),
       input: h("pre", { class: "raw" }),
     };
@@ -307,7 +307,10 @@ export class DetailView {
         return; // steps and progress have their own places
     }
     els.logEmpty.hidden = true;
-    els.log.appendChild(
+    els.log.hidden = false;
+    const log = els.log;
+    const atBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 8;
+    log.appendChild(
       h(
         "li",
         { class: `log-line log-${level}` },
@@ -316,6 +319,7 @@ export class DetailView {
         h("span", { class: "log-text" }, text),
       ),
     );
+    if (atBottom) log.scrollTop = log.scrollHeight;
   }
 
   render() {
@@ -335,12 +339,14 @@ export class DetailView {
     updateBar(els.bar, value, record.state);
     setText(els.pct, `${value}%`);
     setText(els.stepLine, stepLine(record, task));
-    setText(els.message, messageLine(record));
+    // The line keeps its height in every state, so nothing below it moves as events arrive.
+    const took = record.state === "completed" ? duration(elapsedMs(record)) : "";
+    setText(els.message, took ? `Finished in ${took}` : messageLine(record));
 
     let action = "";
     if (canCancel(record)) action = "cancel";
     else if (canRetry(record)) action = "retry";
-    if (els.action.dataset.action !== action || els.action.dataset.pending) {
+    if (els.action.dataset.action !== action) {
       els.action.dataset.action = action;
       delete els.action.dataset.pending;
       els.action.disabled = false;

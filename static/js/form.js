@@ -241,9 +241,10 @@ export class TaskForm {
         if (this.moreEl && this.moreEl.contains(field.wrapper)) this.moreEl.open = true;
       }
     }
+    const title = message ? message.charAt(0).toUpperCase() + message.slice(1) : "";
     fill(
       this.errorsEl,
-      h("p", { class: "form-errors-title" }, message),
+      h("p", { class: "form-errors-title" }, title),
       lines.length || extra.length
         ? h("ul", null, [...lines, ...extra].map((line) => h("li", null, line)))
         : null,

@@ -127,7 +127,8 @@ export class JobList {
     let action = "";
     if (canCancel(record)) action = "cancel";
     else if (canRetry(record)) action = "retry";
-    if (row.action.dataset.action !== action || row.action.dataset.pending) {
+    // A pending "Cancelling…" stays until the job's state moves on.
+    if (row.action.dataset.action !== action) {
       row.action.dataset.action = action;
       delete row.action.dataset.pending;
       row.action.disabled = false;
@@ -152,6 +153,14 @@ export class JobList {
     for (const row of this.rows.values()) {
       if (!TERMINAL.has(row.record.state)) this._tick(row, now);
     }
+  }
+
+  remove(id) {
+    const row = this.rows.get(id);
+    if (!row) return;
+    row.el.remove();
+    this.rows.delete(id);
+    this._updateEmpty();
   }
 
   _updateEmpty() {

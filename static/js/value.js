@@ -35,10 +35,14 @@ export function renderValue(value, depth = 0) {
   return h(
     "dl",
     { class: "v-dl" },
-    entries.map(([key, v]) => [
-      h("dt", null, humanize(key)),
-      h("dd", null, renderValue(v, depth + 1)),
-    ]),
+    entries.map(([key, v]) => {
+      // Tables and nested objects get the full width, under their label.
+      const wide = v && typeof v === "object" && !(Array.isArray(v) && v.every(isPlain));
+      return [
+        h("dt", { class: wide ? "wide" : null }, humanize(key)),
+        h("dd", { class: wide ? "wide" : null }, renderValue(v, depth + 1)),
+      ];
+    }),
   );
 }
 
@@ -62,7 +66,14 @@ function table(rows, depth) {
             columns.map((c) =>
               h(
                 "td",
-                { class: typeof row[c] === "number" ? "num" : null },
+                {
+                  class:
+                    typeof row[c] === "number"
+                      ? "num"
+                      : typeof row[c] === "string" && row[c].length > 40
+                        ? "long"
+                        : null,
+                },
                 isPlain(row[c]) || row[c] === undefined ? scalar(row[c]) : renderValue(row[c], depth + 2),
               ),
             ),

@@ -177,6 +177,17 @@ class Dashboard:
     def progress(self, job_id: str) -> int:
         return int(self.bar(job_id).get_attribute("aria-valuenow") or "-1")
 
+    def wait_progress(self, job_id: str, at_least: int, timeout: float = 15_000) -> None:
+        self.page.wait_for_function(
+            """([id, least]) => {
+                const row = document.querySelector(`li.job[data-job-id="${id}"]`);
+                const bar = row && row.querySelector('[role="progressbar"]');
+                return bar && Number(bar.getAttribute("aria-valuenow")) >= least;
+            }""",
+            arg=[job_id, at_least],
+            timeout=timeout,
+        )
+
     def progress_history(self, job_id: str) -> list[int]:
         history: list[int] = self.page.evaluate(f"window.__progress[{job_id!r}] || []")
         return history
