@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import os
 import sys
 import time
@@ -66,6 +67,8 @@ def check_settings(report: Report) -> Any:
             report.add(FAIL, f"{name} is not valid: {error['msg']}")
         return None
     report.add(OK, "configuration read from the environment")
+    if not isinstance(logging.getLevelName(settings.log_level.upper()), int):
+        report.add(FAIL, f"STEPSTREAM_LOG_LEVEL={settings.log_level!r}: use DEBUG, INFO or WARNING")
     if settings.log_format.lower() not in ("auto", "json", "text"):
         report.add(FAIL, f"STEPSTREAM_LOG_FORMAT={settings.log_format!r}: use json, text or auto")
     if settings.job_log_maxlen < 100:

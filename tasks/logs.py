@@ -84,7 +84,13 @@ def current_job() -> JobLogContext | None:
 
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=`` and is kept.
-_STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+# uvicorn adds ``color_message`` (its message with terminal colours) to some lines.
+_STANDARD = set(logging.makeLogRecord({}).__dict__) | {
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",
+}
 _OWN = {"job_id", "task", "attempt", "step", "step_index", "process_kind"}
 
 
@@ -227,6 +233,11 @@ def setup_logging(process_kind: str, settings: Settings) -> logging.Handler:
         logger.propagate = True
 
     # A logger's filters see only the records created on that logger, not its children's.
+    # httpx logs every request at INFO (alert deliveries, LLM calls): our own lines say what
+    # matters, so it speaks only about problems.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+
     arq_filter = _AdoptArq(handler)
     for name in ARQ_LOGGERS:
         arq_logger = logging.getLogger(name)
