@@ -1,0 +1,108 @@
+"""The baseline: the common recipe for progress over SSE, written the way tutorials write it.
+
+One sse-starlette ``EventSourceResponse`` per client, and in its generator one Redis pub/sub
+connection per client, listening to the channel our store publishes to; every client decodes
+every message and encodes its own frame. It reads the same Redis as Stepstream, so both serve
+the same events from the same worker.
+
+``uvicorn bench.baseline_app:app`` (the benchmarks start it themselves).
+
+- ``GET /events/{job_id}``: live events of one job (the common recipe has no replay).
+- ``GET /replay/{job_id}``: the naive replay, for the resume benchmark: ``XRANGE`` after
+  ``Last-Event-ID`` and one ``ServerSentEvent`` (one encode, one send) per event.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from redis.asyncio import Redis
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+PREFIX = os.environ.get("STEPSTREAM_PREFIX", "stepstream:")
+CHANNEL = f"{PREFIX}live"
+TERMINAL = {"completed", "failed", "cancelled"}
+
+redis: Redis
+
+
+@asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    global redis
+    redis = Redis.from_url(REDIS_URL, decode_responses=True)
+    try:
+        yield
+    finally:
+        await redis.aclose()
+
+
+async def job_events(request: Request) -> Response:
+    job_id = request.path_params["job_id"]
+
+    async def events() -> AsyncIterator[Any]:
+        pubsub = redis.pubsub()
+        await pubsub.subscribe(CHANNEL)
+        try:
+            yield ServerSentEvent(retry=2000)
+            async for message in pubsub.listen():
+                if message["type"] != "message":
+                    continue
+                payload = json.loads(message["data"])
+                event = payload["event"]
+                if event["job_id"] != job_id:
+                    continue
+                yield ServerSentEvent(
+                    data=json.dumps(event), event=event["type"], id=payload["job_event_id"]
+                )
+                if event["type"] in TERMINAL:
+                    return
+        finally:
+            await pubsub.aclose()
+
+    return EventSourceResponse(events(), send_timeout=10)
+
+
+async def replay(request: Request) -> Response:
+    job_id = request.path_params["job_id"]
+    after = request.headers.get("last-event-id", "0")
+    key = f"{PREFIX}job:{{{job_id}}}:events"
+
+    async def events() -> AsyncIterator[Any]:
+        cursor = after
+        yield ServerSentEvent(retry=2000)
+        while True:
+            rows = await redis.xrange(key, min=f"({cursor}", max="+", count=1000)
+            for entry_id, fields in rows:
+                event = json.loads(fields["e"])
+                yield ServerSentEvent(data=json.dumps(event), event=event["type"], id=entry_id)
+                cursor = entry_id
+                if event["type"] in TERMINAL:
+                    return
+            if len(rows) < 1000:
+                return
+
+    return EventSourceResponse(events(), send_timeout=10)
+
+
+async def readyz(request: Request) -> Response:
+    await redis.ping()
+    return JSONResponse({"ok": True})
+
+
+app = Starlette(
+    routes=[
+        Route("/events/{job_id}", job_events),
+        Route("/replay/{job_id}", replay),
+        Route("/readyz", readyz),
+    ],
+    lifespan=lifespan,
+)

@@ -1,0 +1,181 @@
+"""Fan-out latency: N clients stream one job; the worker appends 20 progress events at 10/s.
+
+Latency is measured from the event's ``at`` (stamped by the worker just before its append) to the
+moment the client process receives the frame. Ours (``/api/jobs/{id}/events``) and the baseline
+(``bench/baseline_app.py``: sse-starlette + one Redis pub/sub connection per client) run one
+after the other in the same run, each in a fresh web process, against the same Valkey and worker.
+
+    /work/.venv/bin/python -m bench.fanout                 # N = 100, 1,000, 5,000
+    /work/.venv/bin/python -m bench.fanout --n 10000       # the largest (ours only: see below)
+    /work/.venv/bin/python -m bench.fanout --n 1000 --repeat 3
+
+The baseline needs two descriptors per stream (the client's socket and its Redis connection), so
+with ``ulimit -n`` 20,000 it cannot hold 10,000 streams in one process; that row is ours only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import dataclass
+
+from bench.common import (
+    Bench,
+    bench,
+    cpu_seconds,
+    fmt,
+    gate_key,
+    machine,
+    pace,
+    print_table,
+    ratio,
+    rss_kib,
+    split,
+    submit,
+    summary,
+    wait_state,
+)
+from tests.support.processes import Web
+
+FD_LIMIT_BASELINE = 9_000  # streams; two descriptors each, plus Valkey's maxclients
+
+
+@dataclass
+class SideResult:
+    n: int
+    p50: float
+    p99: float
+    max: float
+    delivered: int
+    expected: int
+    kib_per_stream: float
+    cpu_s: float
+    connect_s: float
+
+
+def run_side(run: Bench, control: Web, side: str, n: int, events: int, rate: float) -> SideResult:
+    server = run.web() if side == "ours" else run.baseline()
+    assert server.proc is not None
+    pid = server.proc.pid
+    try:
+        job = submit(control.url, "gated", {"events": events})
+        job_id = job["id"]
+        wait_state(control.url, job_id, {"running"})
+        time.sleep(0.3)  # let the `step` event pass
+        path = f"/api/jobs/{job_id}/events" if side == "ours" else f"/events/{job_id}"
+        rss_before = rss_kib(pid)
+        deadline = events / rate + 30 + n / 1000
+        gens = [
+            run.loadgen(
+                "sse",
+                "--port",
+                str(server.port),
+                "--path",
+                path,
+                "--count",
+                str(k),
+                "--deadline",
+                str(deadline),
+            )
+            for k in split(n, max(1, math.ceil(n / 2500)))
+        ]
+        readies = [g.read() for g in gens]
+        ready = sum(r["ready"] for r in readies)
+        if ready < n:
+            print(f"  {side} N={n}: only {ready} streams ready")
+        time.sleep(1.0)
+        rss_after = rss_kib(pid)
+        cpu_before = cpu_seconds(pid)
+        redis = run.redis()
+        pace(events, rate, lambda i: redis.rpush(gate_key(job_id), "go"))
+        results = [g.read() for g in gens]
+        cpu = cpu_seconds(pid) - cpu_before
+        redis.close()
+        latencies = [x for r in results for x in r["latencies_ms"]]
+        delivered = sum(sum(r["per_stream"]) for r in results)
+        stats = summary(latencies)
+        for gen in gens:
+            gen.stop()
+        return SideResult(
+            n=n,
+            p50=stats["p50"],
+            p99=stats["p99"],
+            max=stats["max"],
+            delivered=delivered,
+            expected=n * events,
+            kib_per_stream=(rss_after - rss_before) / n,
+            cpu_s=cpu,
+            connect_s=max(r["ready_s"] for r in readies),
+        )
+    finally:
+        run.stop(server)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.fanout", description=__doc__)
+    parser.add_argument("--n", default="100,1000,5000", help="client counts, comma separated")
+    parser.add_argument("--events", type=int, default=20)
+    parser.add_argument("--rate", type=float, default=10.0, help="events per second")
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--ours-only", action="store_true")
+    parser.add_argument("--keep-logs", action="store_true")
+    args = parser.parse_args()
+    counts = [int(x) for x in args.n.split(",")]
+
+    print(f"machine: {machine()}")
+    rows: list[list[str]] = []
+    with bench(keep_logs=args.keep_logs) as run:
+        control = run.web()
+        run.worker()
+        for n in counts:
+            for _ in range(args.repeat):
+                ours = run_side(run, control, "ours", n, args.events, args.rate)
+                base = None
+                if not args.ours_only and n <= FD_LIMIT_BASELINE:
+                    base = run_side(run, control, "baseline", n, args.events, args.rate)
+                rows.append(
+                    [
+                        fmt(n),
+                        fmt(ours.p50),
+                        fmt(ours.p99),
+                        fmt(ours.max),
+                        fmt(base.p50) if base else "n/a",
+                        fmt(base.p99) if base else "n/a",
+                        fmt(base.max) if base else "n/a",
+                        ratio(base.p99, ours.p99) if base else "n/a",
+                        f"{ours.delivered}/{ours.expected}",
+                        f"{base.delivered}/{base.expected}" if base else "n/a",
+                        fmt(ours.kib_per_stream),
+                        fmt(base.kib_per_stream) if base else "n/a",
+                        ratio(base.kib_per_stream, ours.kib_per_stream) if base else "n/a",
+                        fmt(ours.cpu_s, 2),
+                        fmt(base.cpu_s, 2) if base else "n/a",
+                    ]
+                )
+                print_table(
+                    f"Fan-out: {args.events} events at {args.rate:g}/s to N clients "
+                    "(latency in ms, worker append -> client receipt)",
+                    [
+                        "N",
+                        "ours p50",
+                        "ours p99",
+                        "ours max",
+                        "base p50",
+                        "base p99",
+                        "base max",
+                        "p99 ratio",
+                        "ours delivered",
+                        "base delivered",
+                        "ours KiB/stream",
+                        "base KiB/stream",
+                        "mem ratio",
+                        "ours CPU s",
+                        "base CPU s",
+                    ],
+                    rows,
+                )
+
+
+if __name__ == "__main__":
+    main()

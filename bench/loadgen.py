@@ -1,0 +1,411 @@
+"""A light load generator: thousands of HTTP/SSE connections per process, no task per connection.
+
+Run by the benchmarks as a separate process (``python -m bench.loadgen MODE ...``); it talks to
+its parent through stdout, one JSON object per line:
+
+- ``sse``: open ``--count`` streams to ``--path`` (``Connection: close``, so a stream that ends
+  closes its socket). Prints ``{"ready": ...}`` once every stream has its first frame (the
+  ``retry:`` field, sent after the stream registered for live events), then reads until every
+  stream closed or ``--deadline`` passed, and prints the result. Each ``data_received`` only
+  records ``(time, bytes)``; frames are parsed after the run, so parsing never delays receipt.
+- ``poll``: ``--count`` keep-alive connections each GET ``--path`` every ``--interval`` seconds
+  (random phase) for ``--duration`` seconds; records ``(time, last_event_id)`` per response.
+- ``post``: ``--concurrency`` keep-alive connections POST ``--body`` to ``--path`` back to back
+  for ``--duration`` seconds; records each request's latency.
+
+Every timestamp is ``time.time()`` (the same clock as the ``at`` field of events, same machine).
+Only 127.0.0.1 is ever contacted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import random
+import resource
+import sys
+import time
+from datetime import datetime
+from typing import Any, cast
+
+import uvloop
+
+HOST = "127.0.0.1"
+
+
+def raise_fd_limit() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def emit(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+# -- SSE -------------------------------------------------------------------------------------
+
+
+class SseClient(asyncio.Protocol):
+    __slots__ = ("chunks", "closed", "on_close", "on_ready", "ready", "transport")
+
+    def __init__(self, on_ready: Any, on_close: Any) -> None:
+        self.chunks: list[tuple[float, bytes]] = []
+        self.ready = False
+        self.closed = False
+        self.on_ready = on_ready
+        self.on_close = on_close
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.chunks.append((time.time(), data))
+        if not self.ready and b"retry:" in data:
+            self.ready = True
+            self.on_ready()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.on_close()
+
+
+_at_cache: dict[bytes, float] = {}
+
+
+def at_epoch(raw: bytes) -> float:
+    value = _at_cache.get(raw)
+    if value is None:
+        value = datetime.fromisoformat(raw.decode().replace("Z", "+00:00")).timestamp()
+        _at_cache[raw] = value
+    return value
+
+
+def parse_frames(
+    chunks: list[tuple[float, bytes]],
+) -> tuple[int, list[tuple[float, str | None, str, bytes]]]:
+    """HTTP status and every SSE frame as (time its last byte arrived, id, event, data)."""
+    raw = b"".join(data for _, data in chunks)
+    head_end = raw.find(b"\r\n\r\n")
+    if head_end < 0:
+        return 0, []
+    status = int(raw[9:12])
+    head = raw[:head_end].lower()
+    body_start = head_end + 4
+    # Map every body byte offset back to the time its chunk arrived.
+    ends: list[tuple[int, float]] = []
+    offset = 0
+    for t, data in chunks:
+        offset += len(data)
+        ends.append((offset, t))
+    body = raw[body_start:]
+    if b"transfer-encoding: chunked" in head:
+        # Keep offsets: decode chunk by chunk, remembering where each payload byte came from.
+        payload = bytearray()
+        origin: list[tuple[int, int]] = []  # (payload offset, raw offset of its end)
+        pos = 0
+        while True:
+            line_end = body.find(b"\r\n", pos)
+            if line_end < 0:
+                break
+            size = int(body[pos:line_end].split(b";")[0] or b"0", 16)
+            if size == 0:
+                break
+            start = line_end + 2
+            piece = body[start : start + size]
+            payload += piece
+            origin.append((len(payload), body_start + start + len(piece)))
+            pos = start + size + 2
+    else:
+        payload = bytearray(body)
+        origin = [(len(payload), body_start + len(body))]
+
+    frames: list[tuple[float, str | None, str, bytes]] = []
+    src = bytes(payload)
+    crlf = b"\r\n" in src  # sse-starlette separates lines with CRLF, we use LF
+    sep = b"\r\n\r\n" if crlf else b"\n\n"
+    pos = 0
+    oi = 0
+    ei = 0
+    while True:
+        end = src.find(sep, pos)
+        if end < 0:
+            break
+        frame_end = end + len(sep)
+        while oi < len(origin) and origin[oi][0] < frame_end:
+            oi += 1
+        raw_end = origin[min(oi, len(origin) - 1)][1]
+        while ei < len(ends) and ends[ei][0] < raw_end:
+            ei += 1
+        t = ends[min(ei, len(ends) - 1)][1]
+        block = src[pos:end].replace(b"\r\n", b"\n")
+        event_id: str | None = None
+        event = "message"
+        data = b""
+        for line in block.split(b"\n"):
+            if line.startswith(b"id: "):
+                event_id = line[4:].decode()
+            elif line.startswith(b"event: "):
+                event = line[7:].decode()
+            elif line.startswith(b"data: "):
+                data = line[6:]
+        if data or event != "message":
+            frames.append((t, event_id, event, data))
+        pos = frame_end
+    return status, frames
+
+
+def event_at(data: bytes) -> float | None:
+    key = data.find(b'"at":')
+    if key < 0:
+        return None
+    start = data.index(b'"', key + 5) + 1  # compact JSON or json.dumps' ": "
+    return at_epoch(data[start : data.index(b'"', start)])
+
+
+async def run_sse(args: argparse.Namespace) -> None:
+    loop = asyncio.get_running_loop()
+    clients: list[SseClient] = []
+    ready = 0
+    open_count = 0
+    all_ready = asyncio.Event()
+    all_closed = asyncio.Event()
+
+    def on_ready() -> None:
+        nonlocal ready
+        ready += 1
+        if ready + failed >= args.count:
+            all_ready.set()
+
+    def on_close() -> None:
+        nonlocal open_count
+        open_count -= 1
+        if open_count <= 0 and len(clients) >= args.count:
+            all_closed.set()
+
+    headers = "".join(f"{h}\r\n" for h in args.header)
+    request = (
+        f"GET {args.path} HTTP/1.1\r\nHost: {HOST}\r\nAccept: text/event-stream\r\n"
+        f"Connection: close\r\n{headers}\r\n"
+    ).encode()
+    gate = asyncio.Semaphore(args.connect_concurrency)
+    failed = 0
+
+    async def connect_one() -> None:
+        nonlocal open_count, failed
+        async with gate:
+            for attempt in range(3):
+                try:
+                    transport, client = await asyncio.wait_for(
+                        loop.create_connection(
+                            lambda: SseClient(on_ready, on_close), HOST, args.port
+                        ),
+                        timeout=10,
+                    )
+                    break
+                except (OSError, TimeoutError):
+                    if attempt == 2:
+                        failed += 1
+                        return
+                    await asyncio.sleep(0.2)
+            open_count += 1
+            clients.append(client)
+            transport.write(request)
+
+    started = time.time()
+    await asyncio.gather(*(connect_one() for _ in range(args.count)))
+    connected = time.time()
+    if failed and ready >= args.count - failed:
+        all_ready.set()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(all_ready.wait(), timeout=args.ready_timeout)
+    emit(
+        {
+            "ready": ready,
+            "failed": failed,
+            "connect_s": connected - started,
+            "ready_s": time.time() - started,
+        }
+    )
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(all_closed.wait(), timeout=args.deadline)
+    still_open = sum(1 for c in clients if not c.closed)
+    for client in clients:
+        if client.transport is not None and not client.closed:
+            client.transport.abort()
+
+    latencies: list[float] = []
+    per_stream: list[int] = []
+    statuses: dict[int, int] = {}
+    for client in clients:
+        status, frames = parse_frames(client.chunks)
+        statuses[status] = statuses.get(status, 0) + 1
+        n = 0
+        for t, _id, event, data in frames:
+            if event == args.expect_type:
+                at = event_at(data)
+                if at is not None:
+                    latencies.append(round((t - at) * 1000, 3))
+                    n += 1
+        per_stream.append(n)
+    emit(
+        {
+            "latencies_ms": latencies,
+            "per_stream": per_stream,
+            "statuses": statuses,
+            "still_open": still_open,
+        }
+    )
+
+
+# -- polling ---------------------------------------------------------------------------------
+
+
+class HttpClient(asyncio.Protocol):
+    """One keep-alive connection, one request at a time, Content-Length responses only."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.waiter: asyncio.Future[bytes] | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        head_end = self.buffer.find(b"\r\n\r\n")
+        if head_end < 0 or self.waiter is None:
+            return
+        head = bytes(self.buffer[:head_end]).lower()
+        at = head.find(b"content-length: ")
+        length = int(head[at + 16 : head.find(b"\r\n", at)]) if at >= 0 else 0
+        total = head_end + 4 + length
+        if len(self.buffer) >= total:
+            response = bytes(self.buffer[:total])
+            del self.buffer[:total]
+            if not self.waiter.done():
+                self.waiter.set_result(response)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionError("closed"))
+
+    async def request(self, raw: bytes) -> bytes:
+        assert self.transport is not None
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(raw)
+        return await asyncio.wait_for(self.waiter, timeout=30)
+
+
+async def open_http(port: int) -> HttpClient:
+    loop = asyncio.get_running_loop()
+    _, client = await loop.create_connection(HttpClient, HOST, port)
+    return client
+
+
+async def run_poll(args: argparse.Namespace) -> None:
+    request = f"GET {args.path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode()
+    gate = asyncio.Semaphore(args.connect_concurrency)
+
+    async def connect() -> HttpClient:
+        async with gate:
+            return await open_http(args.port)
+
+    clients = await asyncio.gather(*(connect() for _ in range(args.count)))
+    emit({"ready": len(clients)})
+    start = time.time()
+    end = start + args.duration
+    observations: list[list[tuple[float, str]]] = [[] for _ in clients]
+    errors = 0
+
+    async def poll(index: int, client: HttpClient) -> None:
+        nonlocal errors
+        next_at = start + random.random() * args.interval
+        while True:
+            delay = next_at - time.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if time.time() >= end:
+                return
+            try:
+                response = await client.request(request)
+            except (ConnectionError, TimeoutError):
+                errors += 1
+                return
+            t = time.time()
+            key = b'"last_event_id":"'
+            at = response.find(key)
+            if at >= 0:
+                at += len(key)
+                observations[index].append((t, response[at : response.index(b'"', at)].decode()))
+            next_at += args.interval
+
+    await asyncio.gather(*(poll(i, c) for i, c in enumerate(clients)))
+    for client in clients:
+        if client.transport is not None:
+            client.transport.close()
+    emit({"observations": observations, "errors": errors, "elapsed_s": time.time() - start})
+
+
+async def run_post(args: argparse.Namespace) -> None:
+    body = args.body.encode()
+    request = (
+        f"POST {args.path} HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    clients = [await open_http(args.port) for _ in range(args.concurrency)]
+    emit({"ready": len(clients)})
+    latencies: list[float] = []
+    statuses: dict[str, int] = {}
+    start = time.time()
+    end = start + args.duration
+
+    async def worker(client: HttpClient) -> None:
+        while time.time() < end:
+            t0 = time.perf_counter()
+            try:
+                response = await client.request(request)
+            except (ConnectionError, TimeoutError):
+                statuses["error"] = statuses.get("error", 0) + 1
+                return
+            latencies.append(round((time.perf_counter() - t0) * 1000, 3))
+            status = response[9:12].decode()
+            statuses[status] = statuses.get(status, 0) + 1
+
+    await asyncio.gather(*(worker(c) for c in clients))
+    elapsed = time.time() - start
+    for client in clients:
+        if client.transport is not None:
+            client.transport.close()
+    emit({"latencies_ms": latencies, "statuses": statuses, "elapsed_s": elapsed})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.loadgen")
+    parser.add_argument("mode", choices=["sse", "poll", "post"])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--path", required=True)
+    parser.add_argument("--count", type=int, default=1)
+    parser.add_argument("--header", action="append", default=[])
+    parser.add_argument("--expect-type", default="progress")
+    parser.add_argument("--deadline", type=float, default=60.0)
+    parser.add_argument("--ready-timeout", type=float, default=120.0)
+    parser.add_argument("--connect-concurrency", type=int, default=256)
+    parser.add_argument("--interval", type=float, default=2.0)
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--body", default="{}")
+    args = parser.parse_args()
+    raise_fd_limit()
+    runner = {"sse": run_sse, "poll": run_poll, "post": run_post}[args.mode]
+    uvloop.run(runner(args))
+
+
+if __name__ == "__main__":
+    main()
