@@ -110,12 +110,13 @@ class WebMetrics:
         out.append(hist)
         jobs = GaugeMetricFamily(
             "stepstream_jobs",
-            "Jobs not finished, by task and state (from a bounded scan of the queue).",
+            "Jobs not finished, by task and state (from a bounded scan of the arq queue).",
             labels=["task", "state"],
         )
         for task, by_state in sorted(queue.active.items()):
-            for job_state in (JobState.queued, JobState.running, JobState.retrying):
-                jobs.add_metric([task, job_state.value], by_state.get(job_state.value, 0))
+            for job_state in JobState:
+                if not job_state.terminal:
+                    jobs.add_metric([task, job_state.value], by_state.get(job_state.value, 0))
         out.append(jobs)
         out.append(
             GaugeMetricFamily(
