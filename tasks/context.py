@@ -237,6 +237,8 @@ class TaskContext:
             data,
             {"steps": self._steps_json(), "progress": round(ref.index / ref.count, 4)},
         )
+        # Between steps no step is current: a failure there must not blame the finished one.
+        self.current_step = None
 
     async def _restore_step(self, ref: StepRef, done: StepRecord) -> None:
         self.current_step = ref

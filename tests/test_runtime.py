@@ -115,3 +115,11 @@ def test_a_task_s_concurrency_limit_holds_across_workers(make_stack: StackFactor
     assert r.get("test:limited:max") == "1", "two jobs of a limit-1 task ran at once"
     picked = [sum(job["id"] in w.log() for job in jobs) for w in s.workers]
     assert all(picked), f"both workers should have competed for the slot: {picked}"
+
+
+def test_a_failure_names_the_step_it_happened_in(stack: Stack) -> None:
+    job = submit(stack.url, "analyze_document", {"text": "One. Two.", "fail_at": "Ranking chunks"})
+    done = wait_state(stack.url, job["id"], {"failed"})
+    assert done["error"]["step"] == "Ranking chunks"
+    states = {s["name"]: s["state"] for s in done["steps"]}
+    assert states["Embedding chunks"] == "completed" and states["Ranking chunks"] == "failed"

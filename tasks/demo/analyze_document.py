@@ -123,15 +123,15 @@ def every(total: int) -> int:
 )
 async def analyze_document(ctx: TaskContext, data: AnalyzeInput) -> AnalyzeOutput:
     """Analyse a document: summary, keywords and the most central passages."""
-    await checkpoint(ctx, data, STEPS[0])
     async with ctx.step(STEPS[0]) as step:
+        await checkpoint(ctx, data, STEPS[0])
         body = " ".join(data.text.split())
         sentences = [s for s in _SENTENCE.split(body) if s]
         words = body.split()
         step.output = {"sentences": len(sentences), "words": len(words)}
 
-    await checkpoint(ctx, data, STEPS[1])
     async with ctx.step(STEPS[1]) as step:
+        await checkpoint(ctx, data, STEPS[1])
         chunks: list[list[str]] = [[]]
         for sentence in sentences:
             if chunks[-1] and sum(len(s.split()) for s in chunks[-1]) >= data.chunk_words:
@@ -140,16 +140,16 @@ async def analyze_document(ctx: TaskContext, data: AnalyzeInput) -> AnalyzeOutpu
         texts = [" ".join(c) for c in chunks]
         step.output = {"chunks": len(texts)}
 
-    await checkpoint(ctx, data, STEPS[2])
     async with ctx.step(STEPS[2]):
+        await checkpoint(ctx, data, STEPS[2])
         vectors: list[list[float]] = []
         for i, text in enumerate(texts, start=1):
             vectors.append(embed(text))
             if i % every(len(texts)) == 0 or i == len(texts):
                 await paced_progress(ctx, data, i, len(texts), f"Embedded {i} of {len(texts)}")
 
-    await checkpoint(ctx, data, STEPS[3])
     async with ctx.step(STEPS[3]) as step:
+        await checkpoint(ctx, data, STEPS[3])
         centroid = [sum(column) / len(vectors) for column in zip(*vectors, strict=True)]
         scores = [cosine(v, centroid) for v in vectors]
         order = sorted(range(len(texts)), key=lambda i: -scores[i])
@@ -159,8 +159,8 @@ async def analyze_document(ctx: TaskContext, data: AnalyzeInput) -> AnalyzeOutpu
         ]
         step.output = {"top_chunk": top[0].index}
 
-    await checkpoint(ctx, data, STEPS[4])
     async with ctx.step(STEPS[4]) as step:
+        await checkpoint(ctx, data, STEPS[4])
         document_frequency: Counter[str] = Counter()
         term_frequency: Counter[str] = Counter()
         for text in texts:
@@ -174,8 +174,8 @@ async def analyze_document(ctx: TaskContext, data: AnalyzeInput) -> AnalyzeOutpu
         keywords = sorted(weight, key=lambda t: (-weight[t], t))[:10]
         step.output = {"keywords": keywords[:5]}
 
-    await checkpoint(ctx, data, STEPS[5])
     async with ctx.step(STEPS[5]):
+        await checkpoint(ctx, data, STEPS[5])
         sentence_scores = [cosine(embed(s), centroid) for s in sentences]
         best = sorted(range(len(sentences)), key=lambda i: -sentence_scores[i])
         chosen = sorted(best[: data.summary_sentences])
@@ -183,8 +183,8 @@ async def analyze_document(ctx: TaskContext, data: AnalyzeInput) -> AnalyzeOutpu
             await paced_progress(ctx, data, n, len(chosen), f"Picked {n} of {len(chosen)}")
         summary = " ".join(sentences[i] for i in chosen)
 
-    await checkpoint(ctx, data, STEPS[6])
     async with ctx.step(STEPS[6]):
+        await checkpoint(ctx, data, STEPS[6])
         return AnalyzeOutput.model_validate(
             {
                 "title": data.title,

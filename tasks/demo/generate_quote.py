@@ -98,8 +98,8 @@ async def generate_quote(ctx: TaskContext, data: QuoteInput) -> QuoteOutput:
     bands: dict[str, dict[str, float]] = table["bands"]
     week_share = data.weeks / table["working_weeks_per_year"]
 
-    await checkpoint(ctx, data, STEPS[0])
     async with ctx.step(STEPS[0]) as step:
+        await checkpoint(ctx, data, STEPS[0])
         unknown = sorted({r.role for r in data.roles} - bands.keys())
         if unknown:
             raise PermanentError(
@@ -108,15 +108,15 @@ async def generate_quote(ctx: TaskContext, data: QuoteInput) -> QuoteOutput:
         headcount = sum(r.count for r in data.roles)
         step.output = {"roles": len(data.roles), "headcount": headcount}
 
-    await checkpoint(ctx, data, STEPS[1])
     async with ctx.step(STEPS[1]):
+        await checkpoint(ctx, data, STEPS[1])
         salaries: list[float] = []
         for i, r in enumerate(data.roles, start=1):
             salaries.append(bands[r.role][r.level] * week_share * r.count * r.allocation)
             await paced_progress(ctx, data, i, len(data.roles), f"Priced {i} of {len(data.roles)}")
 
-    await checkpoint(ctx, data, STEPS[2])
     async with ctx.step(STEPS[2]) as step:
+        await checkpoint(ctx, data, STEPS[2])
         rate = table["employer_contribution_rate"]
         items = [
             LineItem(
@@ -132,22 +132,22 @@ async def generate_quote(ctx: TaskContext, data: QuoteInput) -> QuoteOutput:
         people_cost = round(sum(i.subtotal for i in items), 2)
         step.output = {"people_cost": people_cost}
 
-    await checkpoint(ctx, data, STEPS[3])
     async with ctx.step(STEPS[3]) as step:
+        await checkpoint(ctx, data, STEPS[3])
         multiplier = table["tiers"][data.tier]
         tiered = round(people_cost * multiplier, 2)
         step.output = {"multiplier": multiplier}
 
-    await checkpoint(ctx, data, STEPS[4])
     async with ctx.step(STEPS[4]) as step:
+        await checkpoint(ctx, data, STEPS[4])
         per_week = table["workspace_per_person_week"][data.workspace]
         workspace_cost = round(
             sum(r.count * r.allocation for r in data.roles) * data.weeks * per_week, 2
         )
         step.output = {"workspace_cost": workspace_cost}
 
-    await checkpoint(ctx, data, STEPS[5])
     async with ctx.step(STEPS[5]):
+        await checkpoint(ctx, data, STEPS[5])
         currency = table["currency"]
         total = round(tiered + workspace_cost, 2)
         lines = [f"{i.count} × {i.level} {i.role}: {i.subtotal:,.2f} {currency}" for i in items]

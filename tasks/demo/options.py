@@ -27,7 +27,10 @@ class DemoOptions(BaseModel):
 
 
 async def checkpoint(ctx: TaskContext, options: DemoOptions, step: str) -> None:
-    """Wait ``pace`` seconds, then raise the failure the options ask for at ``step``."""
+    """Wait ``pace`` seconds, then raise the failure the options ask for at ``step``.
+
+    Called inside ``ctx.step(step)``, so a failure is recorded against the step it names.
+    """
     if options.pace:
         await asyncio.sleep(options.pace)
     target = options.fail_at or ctx.spec.steps[0]
