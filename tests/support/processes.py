@@ -118,6 +118,8 @@ def stack_env(redis_url: str, prefix: str, **extra: str) -> dict[str, str]:
         "STEPSTREAM_TASK_MODULES": TEST_TASKS,
         "PYTHONPATH": str(ROOT),
         "PYTHONUNBUFFERED": "1",
+        # Tests stop workers often; a test about the grace period sets its own.
+        "STEPSTREAM_SHUTDOWN_GRACE_SECONDS": "2",
     }
     env.update(extra)
     return env
