@@ -37,7 +37,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from tasks.keys import Keys
-from tasks.models import JobRecord
+from tasks.models import JobRecord, utcnow
 from tasks.store import JobStore
 
 logger = logging.getLogger("stepstream.heartbeat")
@@ -246,7 +246,7 @@ class Heartbeat:
         self.interval = interval
         self.ttl = interval * 3  # three missed beats: gone
         self.worker_id = worker_id or new_worker_id()
-        self.started_at = time.time()
+        self.started_at = utcnow()
         self.max_jobs = max_jobs
         self._task: asyncio.Task[None] | None = None
 
@@ -256,7 +256,7 @@ class Heartbeat:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "started_at": self.started_at,
-            "last_seen": time.time(),
+            "last_seen": utcnow(),  # RFC 3339, like every time in the API
             "max_jobs": self.max_jobs,
             "running": sorted(self.running()),
         }
@@ -302,7 +302,7 @@ async def read_workers(redis: Redis, keys: Keys, limit: int = 1_000) -> list[dic
         return []
     values = await redis.mget([keys.worker(worker_id) for worker_id in ids])
     workers = [json.loads(value) for value in values if value]
-    workers.sort(key=lambda w: (w.get("started_at") or 0, w.get("id") or ""))
+    workers.sort(key=lambda w: (w.get("started_at") or "", w.get("id") or ""))
     return workers
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import subprocess
 import sys
@@ -28,13 +30,16 @@ class Receiver:
     def __init__(self, fail_first: int = 0) -> None:
         self.fail_first = fail_first
         self.requests: list[tuple[int, dict[str, str], dict[str, Any]]] = []
+        self.raw: list[bytes] = []
         self.lock = threading.Lock()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                raw = self.rfile.read(int(self.headers["Content-Length"]))
+                body = json.loads(raw)
                 with receiver.lock:
+                    receiver.raw.append(raw)
                     status = 503 if len(receiver.requests) < receiver.fail_first else 200
                     receiver.requests.append((status, dict(self.headers), body))
                 self.send_response(status)
@@ -88,6 +93,7 @@ def test_the_failure_webhook_is_called_once_per_failed_job_and_never_on_retrying
         STEPSTREAM_ALERT_WEBHOOK_URL=receiver.url,
         STEPSTREAM_ALERT_WEBHOOK_BACKOFF_SECONDS="0.1",
         STEPSTREAM_PUBLIC_URL="https://jobs.example.test",
+        STEPSTREAM_ALERT_WEBHOOK_SECRET="hook-secret",
     )
     failing = [
         submit(s.url, "counted", {"permanent_failure": True}),
@@ -117,9 +123,11 @@ def test_the_failure_webhook_is_called_once_per_failed_job_and_never_on_retrying
     assert "traceback" not in first["error"]
     assert first["links"]["self"] == f"https://jobs.example.test/api/jobs/{first['job_id']}"
     assert by_id[failing[1]["id"]]["error"]["step"] == "one"
-    headers = next(h for status, h, _ in receiver.requests if status == 200)
-    assert headers["Content-Type"] == "application/json"
-    assert headers["X-Stepstream-Delivery"].endswith(":1")
+    for (_, headers, body), raw in zip(receiver.requests, receiver.raw, strict=True):
+        assert headers["Content-Type"] == "application/json"
+        assert headers["X-Stepstream-Delivery"] == f"{body['job_id']}:1"
+        digest = hmac.new(b"hook-secret", raw, hashlib.sha256).hexdigest()
+        assert headers["X-Stepstream-Signature"] == f"sha256={digest}"
 
 
 def test_a_webhook_that_is_down_neither_blocks_nor_crashes_the_worker(
