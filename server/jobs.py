@@ -19,9 +19,12 @@ from starlette.responses import JSONResponse, Response
 
 from server.auth import FIREHOSE_SCOPE, Principal
 from server.errors import ApiError
+from server.options import SUBMIT_FIELDS, SubmitOptions, parse_submit_options
 from server.state import AppState
+from tasks import cache
 from tasks.models import JobRecord, JobState, utcnow
 from tasks.registry import all_tasks, get_task
+from tasks.runtime import RUN_JOB
 from tasks.settings import Settings
 from tasks.store import new_event
 
@@ -74,7 +77,7 @@ async def submit_job(request: Request) -> Response:
     body = await read_json(request, state.settings.max_body_bytes)
     if not isinstance(body, dict):
         raise ApiError(422, "invalid_body", "the body must be a JSON object {task, input}")
-    unknown_fields = sorted(set(body) - {"task", "input"})
+    unknown_fields = sorted(set(body) - SUBMIT_FIELDS)
     if unknown_fields:
         raise ApiError(
             422,
@@ -105,22 +108,25 @@ async def submit_job(request: Request) -> Response:
                 for e in exc.errors(include_url=False, include_context=False)
             ],
         ) from None
+    options = parse_submit_options(body, state.settings)  # budget, run_at / delay
 
     owner = principal.owner
     idempotency_key = request.headers.get("idempotency-key")
     if idempotency_key is None:
         await enforce_submission_limits(state, owner)
         record = await _create_job(
-            state, owner, spec.max_attempts, task_name, raw_input, new_job_id()
+            state, owner, spec.max_attempts, task_name, raw_input, new_job_id(), options
         )
         return _accepted(state, record, 202)
-    claim = await _claim_idempotency_key(state, owner, idempotency_key, task_name, raw_input)
+    claim = await _claim_idempotency_key(
+        state, owner, idempotency_key, task_name, raw_input, options.fingerprint()
+    )
     if claim.existing is not None:
         return _accepted(state, claim.existing, 200)
     try:
         await enforce_submission_limits(state, owner)
         record = await _create_job(
-            state, owner, spec.max_attempts, task_name, raw_input, claim.job_id
+            state, owner, spec.max_attempts, task_name, raw_input, claim.job_id, options
         )
     except BaseException:
         await state.redis.delete(claim.redis_key)  # let the client's retry create the job
@@ -198,7 +204,70 @@ async def _create_job(
     task_name: str,
     raw_input: dict[str, Any],
     job_id: str,
+    options: SubmitOptions | None = None,
+    **fields: Any,
 ) -> JobRecord:
+    options = options or SubmitOptions()
+    spec = get_task(task_name)
+    if spec is not None and spec.cache_ttl and options.run_at is None:
+        hit = await cache.lookup(state.redis, state.store.keys, spec, owner, raw_input)
+        if hit is not None:
+            return await _create_cached(
+                state, owner, max_attempts, task_name, raw_input, job_id, hit, **fields
+            )
+    scheduled = options.run_at is not None
+    record = JobRecord(
+        id=job_id,
+        task=task_name,
+        owner=owner,
+        state=JobState.scheduled if scheduled else JobState.queued,
+        input=raw_input,
+        max_attempts=max_attempts,
+        created_at=utcnow(),
+        steps=[],
+        budget=options.budget,
+        run_at=options.run_at_text,
+        **fields,
+    )
+    event = new_event(job_id, "queued", 0, input=raw_input)
+    if scheduled:
+        event["run_at"] = record.run_at
+        # The append script counts only "queued" jobs as the owner's unfinished ones; a
+        # scheduled job counts too (added first, so a job that ends at once is removed after).
+        await state.redis.zadd(
+            state.store.keys.owner_unfinished(owner), {job_id: time.time() * 1_000_000}
+        )
+    appended = await state.store.create(record, event)
+    if not appended.ok:  # a 120-bit id collided: not a client mistake, and never expected
+        raise RuntimeError(f"job id {job_id} exists already")
+    record.last_event_id = appended.job_event_id
+    if options.run_at is not None:
+        # arq keeps a deferred job in its queue (a sorted set scored by run time): it survives
+        # restarts, and no worker picks it up early.
+        await state.arq.enqueue_job(
+            RUN_JOB,
+            job_id,
+            _job_id=job_id,
+            _queue_name=state.store.keys.queue,
+            _defer_until=options.run_at,
+        )
+    else:
+        await state.enqueue(job_id)
+    return record
+
+
+async def _create_cached(
+    state: AppState,
+    owner: str | None,
+    max_attempts: int,
+    task_name: str,
+    raw_input: dict[str, Any],
+    job_id: str,
+    hit: dict[str, Any],
+    **fields: Any,
+) -> JobRecord:
+    """A job completed at once with a cached result (``cache_ttl``): it never reaches a worker,
+    so the web process writes both its events."""
     record = JobRecord(
         id=job_id,
         task=task_name,
@@ -208,13 +277,30 @@ async def _create_job(
         max_attempts=max_attempts,
         created_at=utcnow(),
         steps=[],
+        cached=True,
+        **fields,
     )
-    appended = await state.store.create(record, new_event(job_id, "queued", 0, input=raw_input))
-    if not appended.ok:  # a 120-bit id collided: not a client mistake, and never expected
+    appended = await state.store.create(
+        record, new_event(job_id, "queued", 0, input=raw_input, cached=True)
+    )
+    if not appended.ok:
         raise RuntimeError(f"job id {job_id} exists already")
-    record.last_event_id = appended.job_event_id
-    await state.enqueue(job_id)
-    return record
+    source = hit.get("job_id")
+    await state.store.append(
+        job_id,
+        new_event(job_id, "completed", 0, result=hit.get("result"), cached=True, source=source),
+        {
+            "state": JobState.completed.value,
+            "result": hit.get("result"),
+            "progress": 1.0,
+            "message": f"cached result of job {source}",
+            "finished_at": utcnow(),
+        },
+        owner=owner,
+        expect=(JobState.queued,),
+    )
+    # Refused only if cancelled in the instant between the two appends: the record says so.
+    return await reload(state, record)
 
 
 @dataclass(frozen=True)
@@ -228,7 +314,12 @@ _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,200}")
 
 
 async def _claim_idempotency_key(
-    state: AppState, owner: str | None, key: str, task_name: str, raw_input: dict[str, Any]
+    state: AppState,
+    owner: str | None,
+    key: str,
+    task_name: str,
+    raw_input: dict[str, Any],
+    extra: dict[str, Any] | None = None,
 ) -> _Claim:
     """Claim ``key`` for a new job, or find the job an earlier identical request created.
 
@@ -242,7 +333,9 @@ async def _claim_idempotency_key(
             "Idempotency-Key must be 1 to 200 printable ASCII characters without spaces",
         )
     body = json.dumps(
-        {"task": task_name, "input": raw_input}, sort_keys=True, separators=(",", ":")
+        {"task": task_name, "input": raw_input, **(extra or {})},
+        sort_keys=True,
+        separators=(",", ":"),
     )
     fingerprint = hashlib.sha256(body.encode()).hexdigest()
     # Keys are per owner: two owners may use the same key without seeing each other's job.
@@ -385,7 +478,7 @@ async def cancel_job(request: Request) -> Response:
         new_event(record.id, "cancelled", record.attempt, reason="cancelled before it started"),
         {"state": JobState.cancelled.value, "finished_at": utcnow(), "retry_at": None},
         owner=record.owner,
-        expect=(JobState.queued, JobState.retrying),
+        expect=(JobState.queued, JobState.retrying, JobState.scheduled),
     )
     if appended.ok:
         return JSONResponse(job_json(await reload(state, record)))

@@ -85,6 +85,19 @@ class Keys:
         """String: a worker's heartbeat (JSON, with its running job ids); a short TTL."""
         return f"{self.prefix}worker:{worker_id}"
 
+    def result_cache(self, task: str, digest: str) -> str:
+        """String: a cached result of ``task`` for one input digest (``cache_ttl``), as JSON
+        ``{job_id, result}``; expires after the task's ``cache_ttl``."""
+        return f"{self.prefix}cache:{task}:{digest}"
+
+    def batch_children(self, batch_id: str) -> str:
+        """List: a batch's child job ids, in the order of its inputs."""
+        return f"{self.prefix}job:{{{batch_id}}}:children"
+
+    def batch_counts(self, batch_id: str) -> str:
+        """Hash: a batch's ended children by outcome (completed, failed, cancelled, done)."""
+        return f"{self.prefix}job:{{{batch_id}}}:counts"
+
     def task_slots(self, task: str) -> str:
         """Sorted set: jobs holding one of a task's global concurrency slots, by lease expiry."""
         return f"{self.prefix}slots:{task}"

@@ -18,7 +18,7 @@ from arq.constants import in_progress_key_prefix
 from arq.worker import Retry
 from pydantic import BaseModel, ValidationError
 
-from tasks import alerts, heartbeat, logs
+from tasks import alerts, cache, heartbeat, logs
 from tasks.context import TaskContext
 from tasks.errors import (
     JobCancelled,
@@ -35,7 +35,7 @@ logger = logging.getLogger("stepstream.worker")
 
 RUN_JOB = "stepstream.run_job"
 
-ACTIVE_STATES = (JobState.queued, JobState.retrying, JobState.running)
+ACTIVE_STATES = (JobState.scheduled, JobState.queued, JobState.retrying, JobState.running)
 
 
 # A slot of a task's global concurrency limit: a sorted set of job ids scored by lease expiry.
@@ -213,6 +213,7 @@ async def _run_attempt(
         )
         if done.ok:
             await heartbeat.job_finished(store, record, "completed")
+            await _after_completed(store, spec, record, result)
     finally:
         monitor.running.pop(job_id, None)
         monitor.cancelled.discard(job_id)
@@ -240,6 +241,17 @@ async def _execute(spec: TaskSpec, context: TaskContext, raw_input: dict[str, An
         raise PermanentError(f"output is not valid for {spec.name}: {exc}") from exc
     assert isinstance(output, BaseModel)
     return output.model_dump(mode="json")
+
+
+async def _after_completed(store: JobStore, spec: TaskSpec, record: JobRecord, result: Any) -> None:
+    """Keep the result for the task's cache (``cache_ttl``). The job is complete whatever
+    happens here: a failure is logged, never raised."""
+    try:
+        await cache.store_result(
+            store.redis, store.keys, spec, record.owner, record.input, record.id, result
+        )
+    except Exception:
+        logger.warning("could not cache the result of job %s", record.id, exc_info=True)
 
 
 def classify(exc: BaseException) -> bool:

@@ -1,0 +1,90 @@
+"""The submit body's optional fields beside ``task`` and ``input`` (docs/ai-workloads.md):
+``budget`` (the most the job may spend on LLM calls), and ``run_at`` (RFC 3339) or ``delay``
+(seconds) to schedule it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from server.errors import ApiError
+from tasks.settings import Settings
+
+SUBMIT_FIELDS = frozenset({"task", "input", "budget", "run_at", "delay"})
+
+
+@dataclass(frozen=True)
+class SubmitOptions:
+    budget: float | None = None
+    run_at: datetime | None = None  # UTC; None = now
+
+    @property
+    def run_at_text(self) -> str | None:
+        if self.run_at is None:
+            return None
+        return self.run_at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What an Idempotency-Key's body fingerprint adds (nothing when no option is set, so
+        fingerprints of plain submissions do not change)."""
+        extra: dict[str, Any] = {}
+        if self.budget is not None:
+            extra["budget"] = self.budget
+        if self.run_at is not None:
+            extra["run_at"] = self.run_at_text
+        return extra
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def parse_submit_options(body: dict[str, Any], settings: Settings) -> SubmitOptions:
+    budget = None
+    if body.get("budget") is not None:
+        budget = _number(body["budget"])
+        if budget is None or budget < 0:
+            raise ApiError(422, "invalid_body", "`budget` must be a number of at least 0")
+    run_at = None
+    if "run_at" in body and "delay" in body:
+        raise ApiError(422, "invalid_body", "give `run_at` or `delay`, not both")
+    now = datetime.now(UTC)
+    if body.get("delay") is not None:
+        delay = _number(body["delay"])
+        if delay is None or delay < 0 or delay > settings.max_delay_seconds:
+            raise ApiError(
+                422,
+                "invalid_body",
+                f"`delay` must be a number of seconds from 0 to {settings.max_delay_seconds}",
+                {"limit": settings.max_delay_seconds},
+            )
+        run_at = now + timedelta(seconds=delay) if delay > 0 else None
+    elif body.get("run_at") is not None:
+        raw = body["run_at"]
+        try:
+            if not isinstance(raw, str) or "T" not in raw.upper():
+                raise ValueError(raw)
+            when = datetime.fromisoformat(raw.replace("z", "Z"))
+        except ValueError:
+            raise ApiError(
+                422,
+                "invalid_body",
+                "`run_at` must be an RFC 3339 time with a zone, e.g. 2030-01-01T09:00:00Z",
+            ) from None
+        if when.tzinfo is None:
+            raise ApiError(422, "invalid_body", "`run_at` needs a zone (Z or +hh:mm)")
+        when = when.astimezone(UTC)
+        if when - now > timedelta(seconds=settings.max_delay_seconds):
+            raise ApiError(
+                422,
+                "invalid_body",
+                f"`run_at` is more than {settings.max_delay_seconds} seconds away",
+                {"limit": settings.max_delay_seconds},
+            )
+        run_at = when if when > now else None  # a time in the past means "now"
+    return SubmitOptions(budget=budget, run_at=run_at)

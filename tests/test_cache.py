@@ -1,0 +1,63 @@
+"""Cached results: the same input within a task's ``cache_ttl`` completes at once, unrun."""
+
+from __future__ import annotations
+
+from typing import cast
+
+import pytest
+
+from tests.conftest import Stack, StackFactory
+from tests.support.ai_tasks import executions_key
+from tests.support.api import submit, wait_state
+from tests.support.sse import read_stream
+
+AI_TASKS = "tests.support.tasks,tests.support.ai_tasks"
+
+
+@pytest.fixture(scope="module")
+def ai_stack(module_stacks: StackFactory) -> Stack:
+    return module_stacks(STEPSTREAM_TASK_MODULES=AI_TASKS)
+
+
+def runs(stack: Stack, counter: str) -> int:
+    value = cast(str | None, stack.redis().get(executions_key(counter)))
+    return int(value or 0)
+
+
+def test_the_same_input_returns_the_cached_result_without_running(ai_stack: Stack) -> None:
+    first = submit(ai_stack.url, "ai_cached", {"value": 21, "counter": "cache-a"})
+    assert first["cached"] is False
+    done = wait_state(ai_stack.url, first["id"], {"completed", "failed"})
+    assert done["state"] == "completed" and done["result"]["value"] == 42
+    assert runs(ai_stack, "cache-a") == 1
+
+    # Keys in another order are the same input.
+    again = submit(ai_stack.url, "ai_cached", {"counter": "cache-a", "value": 21})
+    assert again["id"] != first["id"]
+    assert again["state"] == "completed" and again["cached"] is True
+    assert again["result"] == done["result"]
+    assert first["id"] in again["message"]
+    status, log = read_stream(f"{ai_stack.url}/api/jobs/{again['id']}/events?after=0")
+    assert status == 200
+    assert [e.type for e in log] == ["queued", "completed"]
+    assert log[-1].data["cached"] is True and log[-1].data["source"] == first["id"]
+
+    other = submit(ai_stack.url, "ai_cached", {"value": 22, "counter": "cache-a"})
+    assert other["state"] == "queued" and other["cached"] is False
+    assert wait_state(ai_stack.url, other["id"], {"completed"})["result"]["value"] == 44
+    assert runs(ai_stack, "cache-a") == 2
+
+
+def test_tasks_without_cache_ttl_always_run(ai_stack: Stack) -> None:
+    for _ in range(2):
+        job = submit(ai_stack.url, "ai_echo", {"value": 1, "counter": "cache-b"})
+        assert wait_state(ai_stack.url, job["id"], {"completed"})["cached"] is False
+    assert runs(ai_stack, "cache-b") == 2
+
+
+def test_a_failed_job_is_not_cached(ai_stack: Stack) -> None:
+    body = {"value": 5, "counter": "cache-c", "fail": True}
+    for _ in range(2):
+        job = submit(ai_stack.url, "ai_cached", body)
+        assert wait_state(ai_stack.url, job["id"], {"completed", "failed"})["state"] == "failed"
+    assert runs(ai_stack, "cache-c") == 2
