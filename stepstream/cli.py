@@ -137,6 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("job_id", metavar="ID")
     retry.add_argument("--watch", "-w", action="store_true", help="follow the job to its end")
     _add_output_options(retry)
+
+    doctor = commands.add_parser("doctor", help="check the configuration, Redis and a web process")
+    doctor.add_argument("--url", help="a web process to check, e.g. http://127.0.0.1:8000")
+
+    keys = commands.add_parser("keys", help="create or revoke API keys (stored hashed in Redis)")
+    key_actions = keys.add_subparsers(dest="action", required=True)
+    create = key_actions.add_parser("create", help="create a key for OWNER and print it once")
+    create.add_argument("owner")
+    revoke = key_actions.add_parser("revoke", help="revoke a key")
+    revoke.add_argument("key")
     return parser
 
 
@@ -317,6 +327,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "up":
         return run_up(args.host, args.port, args.workers, args.data_dir)
+    # These two talk to Redis directly (they use the server's settings), so they are imported
+    # only when asked for: the client itself stays free of the job side.
+    if args.command == "doctor":
+        from stepstream.doctor import main as doctor_main
+
+        return doctor_main(["--url", args.url] if args.url else [])
+    if args.command == "keys":
+        from stepstream import keys
+
+        return keys.run(args)
     # A terminal that cannot show "·" or "█" gets a replacement character, not a traceback.
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="replace")

@@ -34,23 +34,14 @@ async def _run(args: argparse.Namespace) -> int:
         await redis.aclose()
 
 
-def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    keys = commands.add_parser("keys", help="create or revoke API keys (stored hashed in Redis)")
-    actions = keys.add_subparsers(dest="action", required=True)
-    create = actions.add_parser("create", help="create a key for OWNER and print it")
-    create.add_argument("owner")
-    revoke = actions.add_parser("revoke", help="revoke a key")
-    revoke.add_argument("key")
-
-
 def run(args: argparse.Namespace) -> int:
     return asyncio.run(_run(args))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="stepstream")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    return run(parser.parse_args(["keys", *(sys.argv[1:] if argv is None else argv)]))
+    from stepstream.cli import main as cli_main
+
+    return cli_main(["keys", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
