@@ -2,21 +2,97 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 
-from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
 
 from server.auth import FIREHOSE_SCOPE
 from server.errors import ApiError
 from server.guards import guarded, open_stream
+from server.hub import Hub
 from server.jobs import load_job
 from server.state import AppState
 from server.streams import FirehoseStream, JobStream
 from tasks.models import parse_stream_id
 
-SSE_HEADERS = {"Cache-Control": "no-cache"}
+logger = logging.getLogger("stepstream.sse")
+
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),  # nginx: do not buffer the stream
+]
+
+
+class EventStream:
+    """A lean ASGI response for SSE: one task per stream plus one that waits for the disconnect.
+
+    sse-starlette runs a task group per connection (the stream, a disconnect listener, a
+    shutdown watcher) and a cancel scope around every send. Here the hub's one timer does the
+    shared work: heartbeats (queued as frames), the send timeout (a send still blocked at its
+    deadline is cancelled) and the end of every stream on shutdown. Bytes are sent as the
+    streams yield them; the first is always ``retry:``.
+    """
+
+    def __init__(self, hub: Hub, body: AsyncIterator[bytes], send_timeout: float) -> None:
+        self.hub = hub
+        self.body = body
+        self.send_timeout = send_timeout
+        self.send_deadline = 0.0
+        self._task: asyncio.Task[object] | None = None
+        self._cancelled_by_us = False
+
+    def send_timed_out(self) -> None:
+        """Called by the hub's timer: the client stopped reading; give up on it."""
+        if self._task is not None and not self._cancelled_by_us:
+            self._cancelled_by_us = True
+            self._task.cancel()
+
+    def _client_gone(self, _: object) -> None:
+        self.send_timed_out()
+
+    async def _wait_disconnect(self, receive: Receive) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        if scope.get("method") == "HEAD":
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        watcher = asyncio.ensure_future(self._wait_disconnect(receive))
+        watcher.add_done_callback(self._client_gone)
+        self.hub.senders.add(self)
+        send_timeout = self.send_timeout
+        try:
+            async for chunk in self.body:
+                message: Message = {"type": "http.response.body", "body": chunk, "more_body": True}
+                self.send_deadline = loop.time() + send_timeout
+                await send(message)
+                self.send_deadline = 0.0
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not self._cancelled_by_us:
+                raise  # not ours: the server is cancelling us
+            task = self._task
+            if task is not None:
+                task.uncancel()
+        finally:
+            self.hub.senders.discard(self)
+            watcher.remove_done_callback(self._client_gone)
+            watcher.cancel()
+            try:
+                await self.body.aclose()  # type: ignore[attr-defined]
+            except Exception:
+                logger.exception("closing a stream failed")
 
 
 def read_cursor(request: Request) -> str | None:
@@ -33,16 +109,11 @@ def read_cursor(request: Request) -> str | None:
     return raw
 
 
-def sse_response(state: AppState, body: AsyncIterator[bytes]) -> Response:
-    return EventSourceResponse(
-        body,
-        ping=0,  # the hub sends one heartbeat for all streams
-        send_timeout=state.settings.send_timeout_seconds,
-        headers=SSE_HEADERS,
-    )
+def sse_response(state: AppState, body: AsyncIterator[bytes]) -> EventStream:
+    return EventStream(state.hub, body, state.settings.send_timeout_seconds)
 
 
-async def job_events(request: Request) -> Response:
+async def job_events(request: Request) -> Response | EventStream:
     state: AppState = request.app.state.stepstream
     principal = await state.auth.authenticate(request, allow_token=True)
     cursor = read_cursor(request)
@@ -54,7 +125,7 @@ async def job_events(request: Request) -> Response:
     return sse_response(state, guarded(state, principal, stream.frames()))
 
 
-async def firehose(request: Request) -> Response:
+async def firehose(request: Request) -> EventStream:
     state: AppState = request.app.state.stepstream
     principal = await state.auth.authenticate(request, allow_token=True)
     if principal.token_scope not in (None, FIREHOSE_SCOPE):

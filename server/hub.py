@@ -1,10 +1,13 @@
-"""The hub: ONE pub/sub connection per web process, fanned out to bounded subscriber queues.
+"""The hub: ONE pub/sub connection per web process, fanned out to bounded subscriber buffers.
 
 Each published event becomes two byte frames (one for job streams, one for the firehose),
-encoded once and shared by every subscriber. A subscriber whose queue is full is dropped at
+encoded once and shared by every subscriber. A subscriber whose buffer is full is dropped at
 once, never buffered without bound; it comes back with ``Last-Event-ID`` and replays the log.
 If the pub/sub connection drops, the hub reconnects with backoff and tells every subscriber to
 catch up from the log (``RESYNC``): a Redis blip loses nothing.
+
+One timer serves every stream: heartbeats, the send timeout of stuck clients, and ending the
+streams when the server shuts down (uvicorn waits for open responses before it stops).
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
+from collections import deque
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from redis.asyncio import Redis
 
@@ -22,12 +27,21 @@ from tasks.models import TERMINAL_EVENTS, parse_stream_id
 
 logger = logging.getLogger("stepstream.hub")
 
-
-class _Resync:
-    """Marker queued to every subscriber after the pub/sub connection came back."""
+TICK_SECONDS = 0.5  # how often the timer looks for stuck sends and for a shutdown
 
 
-RESYNC: Final = _Resync()
+class _Marker:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+RESYNC: Final = _Marker("RESYNC")  # the pub/sub connection came back: catch up from the log
+CLOSE: Final = _Marker("CLOSE")  # the server is shutting down: end the stream
 
 
 @dataclass(slots=True, frozen=True)
@@ -42,17 +56,60 @@ class Frame:
     terminal: bool
 
 
-QueueItem = Frame | bytes | _Resync
+QueueItem = Frame | bytes | _Marker
 
 
 class Subscriber:
-    __slots__ = ("job_id", "overflowed", "owner", "queue")
+    """A bounded buffer of items for one stream, and the one future its reader waits on.
+
+    Lighter than an ``asyncio.Queue`` (no getter/putter deques, no unfinished-task count), and
+    the reader takes everything pending at once, so a burst goes out in one write.
+    """
+
+    __slots__ = ("items", "job_id", "maxsize", "overflowed", "owner", "waiter")
 
     def __init__(self, job_id: str | None, owner: str | None, maxsize: int) -> None:
         self.job_id = job_id  # None: the firehose
         self.owner = owner  # firehose only: None sees every job
-        self.queue: asyncio.Queue[QueueItem] = asyncio.Queue(maxsize)
+        self.maxsize = maxsize
+        self.items: deque[QueueItem] = deque()
+        self.waiter: asyncio.Future[None] | None = None
         self.overflowed = False
+
+    def offer(self, item: QueueItem) -> bool:
+        """Queue ``item``; False (and nothing queued) when the buffer is full."""
+        if len(self.items) >= self.maxsize:
+            return False
+        self.items.append(item)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        return True
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def take(self) -> list[QueueItem]:
+        """Everything pending, waiting for at least one item (or an overflow)."""
+        while not self.items and not self.overflowed:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        items = list(self.items)
+        self.items.clear()
+        return items
+
+
+class Sender(Protocol):
+    """A response writing to a client, as the timer sees it (see ``server.events``)."""
+
+    send_deadline: float  # loop time at which the send in progress is overdue; 0: not sending
+
+    def send_timed_out(self) -> None: ...
 
 
 class Hub:
@@ -70,8 +127,11 @@ class Hub:
         self.heartbeat_seconds = heartbeat_seconds
         self.by_job: dict[str, set[Subscriber]] = {}
         self.firehose: set[Subscriber] = set()
+        self.senders: set[Sender] = set()
         self.connected = asyncio.Event()
+        self.closing = False
         self.dropped_slow = 0
+        self.send_timeouts = 0
         self.reconnects = 0
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -80,7 +140,7 @@ class Hub:
     async def start(self) -> None:
         self._tasks = [
             asyncio.create_task(self._listen(), name="hub-listen"),
-            asyncio.create_task(self._heartbeat(), name="hub-heartbeat"),
+            asyncio.create_task(self._timer(), name="hub-timer"),
         ]
         # Streams opened before the first subscription would miss live events: wait for it.
         try:
@@ -89,14 +149,23 @@ class Hub:
             logger.warning("hub: Redis pub/sub not connected yet; retrying in the background")
 
     async def stop(self) -> None:
+        self.close_streams()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def close_streams(self) -> None:
+        """End every stream (shutdown); clients reconnect elsewhere with their cursor."""
+        if not self.closing:
+            self.closing = True
+            self._broadcast(CLOSE, force=True)
 
     # -- subscribers ----------------------------------------------------------------------
 
     def subscribe(self, job_id: str | None, owner: str | None = None) -> Subscriber:
         subscriber = Subscriber(job_id, owner, self.queue_size)
+        if self.closing:
+            subscriber.items.append(CLOSE)
         if job_id is None:
             self.firehose.add(subscriber)
         else:
@@ -118,19 +187,24 @@ class Hub:
         return len(self.firehose) + sum(len(s) for s in self.by_job.values())
 
     def _offer(self, subscriber: Subscriber, item: QueueItem) -> None:
-        try:
-            subscriber.queue.put_nowait(item)
-        except asyncio.QueueFull:
-            # A consumer this far behind is cut off; it resumes from the log with its cursor.
-            subscriber.overflowed = True
-            self.dropped_slow += 1
-            self.unsubscribe(subscriber)
+        if not subscriber.offer(item):
+            self._drop(subscriber)
 
-    def _broadcast(self, item: QueueItem) -> None:
-        for subscriber in list(self.firehose):
-            self._offer(subscriber, item)
-        for subscribers in list(self.by_job.values()):
-            for subscriber in list(subscribers):
+    def _drop(self, subscriber: Subscriber) -> None:
+        # A consumer this far behind is cut off; it resumes from the log with its cursor.
+        subscriber.overflowed = True
+        subscriber.items.clear()
+        self.dropped_slow += 1
+        self.unsubscribe(subscriber)
+        subscriber.wake()
+
+    def _broadcast(self, item: QueueItem, *, force: bool = False) -> None:
+        subscribers = [*self.firehose, *(s for group in self.by_job.values() for s in group)]
+        for subscriber in subscribers:
+            if force:
+                subscriber.items.append(item)
+                subscriber.wake()
+            else:
                 self._offer(subscriber, item)
 
     # -- the listener ---------------------------------------------------------------------
@@ -154,8 +228,20 @@ class Hub:
             firehose_bytes=frame(type_, firehose_data(event_json, job_event_id), firehose_id),
             terminal=type_ in TERMINAL_EVENTS,
         )
-        for subscriber in list(self.by_job.get(job_id, ())):
-            self._offer(subscriber, item)
+        subscribers = self.by_job.get(job_id)
+        if subscribers:
+            # Subscriber.offer inlined: this loop runs once per subscriber per event.
+            full: list[Subscriber] = []
+            for subscriber in subscribers:
+                if len(subscriber.items) >= subscriber.maxsize:
+                    full.append(subscriber)
+                    continue
+                subscriber.items.append(item)
+                waiter = subscriber.waiter
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
+            for subscriber in full:
+                self._drop(subscriber)
         for subscriber in list(self.firehose):
             if subscriber.owner is None or subscriber.owner == item.owner:
                 self._offer(subscriber, item)
@@ -199,8 +285,30 @@ class Hub:
                 except Exception:
                     logger.debug("hub: closing the pub/sub failed", exc_info=True)
 
-    async def _heartbeat(self) -> None:
-        # One timer for every stream, instead of a ping task per connection.
+    async def _timer(self) -> None:
+        # One timer for every stream, instead of a ping task and a send timeout per connection.
+        loop = asyncio.get_running_loop()
+        next_heartbeat = loop.time() + self.heartbeat_seconds
         while True:
-            await asyncio.sleep(self.heartbeat_seconds)
-            self._broadcast(HEARTBEAT)
+            await asyncio.sleep(min(TICK_SECONDS, self.heartbeat_seconds))
+            now = loop.time()
+            if not self.closing and _server_exiting():
+                logger.info("hub: shutting down; ending %d streams", len(self.senders))
+                self.close_streams()
+            for sender in [s for s in self.senders if 0 < s.send_deadline < now]:
+                self.send_timeouts += 1
+                sender.send_timed_out()
+            if now >= next_heartbeat:
+                next_heartbeat = now + self.heartbeat_seconds
+                self._broadcast(HEARTBEAT)
+
+
+def _server_exiting() -> bool:
+    """Whether uvicorn was told to exit (found through its SIGTERM handler, never patched).
+
+    uvicorn waits for every open response before it runs the lifespan shutdown, so streams have
+    to notice the signal themselves; otherwise a stop takes the whole graceful timeout.
+    """
+    handler: Any = signal.getsignal(signal.SIGTERM)
+    server = getattr(handler, "__self__", None)
+    return bool(getattr(server, "should_exit", False))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from server.hub import RESYNC, Frame, Hub, Subscriber
+from server.hub import CLOSE, RESYNC, Frame, Hub, Subscriber
 from server.sse import HEARTBEAT, firehose_data, frame, json_data
 from tasks.models import TERMINAL_EVENTS, JobRecord, parse_stream_id
 from tasks.settings import Settings
@@ -33,37 +33,49 @@ class JobStream:
         self.store = store
         self.hub = hub
         self.settings = settings
-        self.record = record
+        self.job_id = record.id  # the record itself is not kept: a stream may live for hours
         self.cursor = cursor
         self.last: StreamId = (-1, -1)
         self.ended = False
         self.subscriber: Subscriber
 
     async def frames(self) -> AsyncIterator[bytes]:
-        self.subscriber = self.hub.subscribe(self.record.id)
+        self.subscriber = self.hub.subscribe(self.job_id)
         try:
             yield f"retry: {self.settings.sse_retry_ms}\n\n".encode()
             async for chunk in self._start():
                 yield chunk
             while not self.ended:
-                item = await self.subscriber.queue.get()
+                items = await self.subscriber.take()
                 if self.subscriber.overflowed:
                     return
-                if isinstance(item, Frame):
-                    if item.job_event_id > self.last:
-                        self.last = item.job_event_id
-                        self.ended = item.terminal
-                        yield item.job_bytes
-                elif item is RESYNC:
-                    async for chunk in self._replay():
-                        yield chunk
-                elif item is HEARTBEAT:
-                    yield HEARTBEAT
+                # Everything pending goes out in one write: under load, fewer sends.
+                out: list[bytes] = []
+                for item in items:
+                    if isinstance(item, Frame):
+                        if item.job_event_id > self.last:
+                            self.last = item.job_event_id
+                            out.append(item.job_bytes)
+                            if item.terminal:
+                                self.ended = True
+                                break
+                    elif item is RESYNC:
+                        async for chunk in self._replay():
+                            out.append(chunk)
+                        if self.ended:
+                            break
+                    elif item is CLOSE:
+                        self.ended = True
+                        break
+                    elif item is HEARTBEAT and not out:
+                        out.append(HEARTBEAT)
+                if out:
+                    yield out[0] if len(out) == 1 else b"".join(out)
         finally:
             self.hub.unsubscribe(self.subscriber)
 
     async def _start(self) -> AsyncIterator[bytes]:
-        job_id = self.record.id
+        job_id = self.job_id
         if self.settings.resume_delay_seconds:
             await asyncio.sleep(self.settings.resume_delay_seconds)  # tests widen the window
         if self.cursor is None:
@@ -82,7 +94,7 @@ class JobStream:
             yield chunk
 
     async def _snapshot(self) -> AsyncIterator[bytes]:
-        record = await self.store.get(self.record.id)
+        record = await self.store.get(self.job_id)
         if record is None:
             self.ended = True
             return
@@ -96,7 +108,7 @@ class JobStream:
         batch = self.settings.replay_batch
         after = f"{self.last[0]}-{self.last[1]}" if self.last >= (0, 0) else "0"
         while not self.ended:
-            rows = await self.store.read_events(self.record.id, after, batch)
+            rows = await self.store.read_events(self.job_id, after, batch)
             chunks: list[bytes] = []
             for event_id, event_json in rows:
                 type_ = _event_type(event_json)
@@ -147,18 +159,28 @@ class FirehoseStream:
                 async for chunk in self._replay(check_trim=self.cursor != "0"):
                     yield chunk
             while True:
-                item = await self.subscriber.queue.get()
+                items = await self.subscriber.take()
                 if self.subscriber.overflowed:
                     return
-                if isinstance(item, Frame):
-                    if item.firehose_id > self.last:
-                        self.last = item.firehose_id
-                        yield item.firehose_bytes
-                elif item is RESYNC:
-                    async for chunk in self._replay(check_trim=True):
-                        yield chunk
-                elif item is HEARTBEAT:
-                    yield HEARTBEAT
+                out: list[bytes] = []
+                closing = False
+                for item in items:
+                    if isinstance(item, Frame):
+                        if item.firehose_id > self.last:
+                            self.last = item.firehose_id
+                            out.append(item.firehose_bytes)
+                    elif item is RESYNC:
+                        async for chunk in self._replay(check_trim=True):
+                            out.append(chunk)
+                    elif item is CLOSE:
+                        closing = True
+                        break
+                    elif item is HEARTBEAT and not out:
+                        out.append(HEARTBEAT)
+                if out:
+                    yield out[0] if len(out) == 1 else b"".join(out)
+                if closing:
+                    return
         finally:
             self.hub.unsubscribe(self.subscriber)
 
