@@ -17,7 +17,7 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from server import events, health, jobs, openapi
+from server import batches, events, health, jobs, openapi
 from server.auth import Authenticator
 from server.errors import (
     ApiError,
@@ -104,6 +104,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/api/jobs/{job_id}/cancel", jobs.cancel_job, methods=["POST"]),
         Route("/api/jobs/{job_id}/retry", jobs.retry_job, methods=["POST"]),
         Route("/api/jobs/{job_id}/token", jobs.job_token, methods=["POST"]),
+        Route("/api/batches", batches.submit_batch, methods=["POST"]),
+        Route("/api/batches/{job_id}", batches.get_batch, methods=["GET"]),
+        Route("/api/batches/{job_id}/cancel", jobs.cancel_job, methods=["POST"]),
         Route("/api/events", events.firehose, methods=["GET"]),
         Route("/api/events/token", jobs.firehose_token, methods=["POST"]),
         Route("/api/tasks", jobs.list_tasks, methods=["GET"]),

@@ -21,7 +21,7 @@ from server.auth import FIREHOSE_SCOPE, Principal
 from server.errors import ApiError
 from server.options import SUBMIT_FIELDS, SubmitOptions, parse_submit_options
 from server.state import AppState
-from tasks import cache
+from tasks import batches, cache
 from tasks.models import JobRecord, JobState, utcnow
 from tasks.registry import all_tasks, get_task
 from tasks.runtime import RUN_JOB
@@ -470,6 +470,10 @@ async def list_jobs(request: Request) -> Response:
 async def cancel_job(request: Request) -> Response:
     state: AppState = request.app.state.stepstream
     record = await load_job(request, await state.auth.authenticate(request))
+    if record.batch is not None:  # a batch's parent: cancel its children
+        from server.batches import cancel_batch  # server.batches builds on this module
+
+        return await cancel_batch(state, record)
     if record.state.terminal:
         raise _conflict(record, "cancel")
     # A job that has not started is cancelled here; compare-and-set against the worker.
@@ -481,6 +485,7 @@ async def cancel_job(request: Request) -> Response:
         expect=(JobState.queued, JobState.retrying, JobState.scheduled),
     )
     if appended.ok:
+        await batches.child_finished(state.store, record, "cancelled")  # if in a batch
         return JSONResponse(job_json(await reload(state, record)))
     if appended.refused == '"running"':
         # Only the worker writes a running job's events: raise the flag it watches.

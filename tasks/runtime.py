@@ -18,7 +18,7 @@ from arq.constants import in_progress_key_prefix
 from arq.worker import Retry
 from pydantic import BaseModel, ValidationError
 
-from tasks import alerts, cache, heartbeat, logs
+from tasks import alerts, batches, cache, heartbeat, logs
 from tasks.context import TaskContext
 from tasks.errors import (
     JobCancelled,
@@ -244,14 +244,15 @@ async def _execute(spec: TaskSpec, context: TaskContext, raw_input: dict[str, An
 
 
 async def _after_completed(store: JobStore, spec: TaskSpec, record: JobRecord, result: Any) -> None:
-    """Keep the result for the task's cache (``cache_ttl``). The job is complete whatever
-    happens here: a failure is logged, never raised."""
+    """Keep the result for the task's cache (``cache_ttl``) and report it to its batch. The
+    job is complete whatever happens here: a failure is logged, never raised."""
     try:
         await cache.store_result(
             store.redis, store.keys, spec, record.owner, record.input, record.id, result
         )
     except Exception:
         logger.warning("could not cache the result of job %s", record.id, exc_info=True)
+    await batches.child_finished(store, record, "completed", result=result)
 
 
 def classify(exc: BaseException) -> bool:
@@ -349,6 +350,7 @@ async def _fail(
     if failed.ok:  # failed for good, once per job: the alert never fires on `retrying`
         alerts.job_failed(record, attempt, public_error, store.settings.public_url)
         await heartbeat.job_finished(store, record, "failed", public_error)
+        await batches.child_finished(store, record, "failed", error=public_error)
 
 
 async def _handed_back(store: JobStore, record: JobRecord, context: TaskContext) -> None:
@@ -401,3 +403,4 @@ async def _cancelled(
     )
     if cancelled.ok:
         await heartbeat.job_finished(store, record, "cancelled")
+        await batches.child_finished(store, record, "cancelled")

@@ -1,0 +1,210 @@
+"""The batch endpoints: ``POST /api/batches``, ``GET /api/batches/{id}`` (docs/ai-workloads.md).
+
+A batch is a parent job (task ``batch:<task>``, a ``batch`` field with the counts) over one
+child job per input. The children are ordinary jobs (``batch_id``, ``batch_index``); the parent
+is kept up to date by ``tasks.batches.child_finished`` as they end, and its stream carries each
+child's end. Cancelling the parent cancels the children.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from server.errors import ApiError
+from server.jobs import (
+    _accepted,
+    _create_job,
+    check_input_shape,
+    enforce_submission_limits,
+    job_json,
+    load_job,
+    new_job_id,
+    read_json,
+    reload,
+)
+from server.options import SubmitOptions, parse_submit_options
+from server.state import AppState
+from tasks import batches
+from tasks.models import JobRecord, JobState, utcnow
+from tasks.registry import all_tasks, get_task
+from tasks.store import new_event
+
+BATCH_FIELDS = frozenset({"task", "inputs", "budget"})
+PARENT_PREFIX = "batch:"
+
+
+async def submit_batch(request: Request) -> Response:
+    state: AppState = request.app.state.stepstream
+    principal = await state.auth.authenticate(request)
+    body = await read_json(request, state.settings.max_body_bytes)
+    if not isinstance(body, dict):
+        raise ApiError(422, "invalid_body", "the body must be a JSON object {task, inputs}")
+    unknown = sorted(set(body) - BATCH_FIELDS)
+    if unknown:
+        raise ApiError(
+            422, "invalid_body", f"unknown field(s): {', '.join(unknown)}", {"fields": unknown}
+        )
+    task_name = body.get("task")
+    if not isinstance(task_name, str):
+        raise ApiError(422, "invalid_body", "`task` must be a string naming a task")
+    spec = get_task(task_name)
+    if spec is None:
+        known = [t.name for t in all_tasks()]
+        raise ApiError(422, "unknown_task", f"no task named {task_name!r}", {"known_tasks": known})
+    inputs = body.get("inputs")
+    limit = state.settings.max_batch_size
+    if not isinstance(inputs, list) or not 1 <= len(inputs) <= limit:
+        raise ApiError(
+            422,
+            "invalid_body",
+            f"`inputs` must be a list of 1 to {limit} input objects",
+            {"limit": limit},
+        )
+    problems: list[dict[str, Any]] = []
+    for index, item in enumerate(inputs):
+        if not isinstance(item, dict):
+            problems.append({"index": index, "loc": [], "msg": "must be a JSON object"})
+            continue
+        check_input_shape(item, state.settings)
+        try:
+            spec.input_model.model_validate(item)
+        except ValidationError as exc:
+            problems.extend(
+                {"index": index, "loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
+                for e in exc.errors(include_url=False, include_context=False)
+            )
+        if len(problems) >= 50:
+            break
+    if problems:
+        raise ApiError(422, "invalid_input", f"inputs do not fit task {task_name!r}", problems[:50])
+    options = SubmitOptions(budget=parse_submit_options(body, state.settings).budget)
+    owner = principal.owner
+    await enforce_submission_limits(state, owner)
+
+    size = len(inputs)
+    parent_id = new_job_id()
+    parent = JobRecord(
+        id=parent_id,
+        task=PARENT_PREFIX + task_name,
+        owner=owner,
+        state=JobState.queued,
+        input={"task": task_name, "size": size},
+        max_attempts=1,
+        created_at=utcnow(),
+        batch=batches.empty_counts(size),
+        message=batches.summary_message(batches.empty_counts(size), size),
+    )
+    created = await state.store.create(
+        parent, new_event(parent_id, "queued", 0, input=parent.input)
+    )
+    if not created.ok:
+        raise RuntimeError(f"job id {parent_id} exists already")
+    # The parent runs from now until its last child ends; no worker ever holds it.
+    await state.store.append(
+        parent_id,
+        new_event(parent_id, "started", 1, max_attempts=1),
+        {"state": JobState.running.value, "attempt": 1, "started_at": utcnow()},
+        owner=owner,
+        expect=(JobState.queued,),
+    )
+    child_ids = [new_job_id() for _ in inputs]
+    retention = state.settings.retention_seconds
+    children_key = state.store.keys.batch_children(parent_id)
+    # The list first, so GET /api/batches/{id} sees every child as soon as it exists.
+    async with state.redis.pipeline(transaction=True) as pipe:
+        pipe.rpush(children_key, *child_ids)
+        pipe.expire(children_key, retention)
+        await pipe.execute()
+    for index, (child_id, item) in enumerate(zip(child_ids, inputs, strict=True)):
+        child = await _create_job(
+            state,
+            owner,
+            spec.max_attempts,
+            task_name,
+            item,
+            child_id,
+            options,
+            batch_id=parent_id,
+            batch_index=index,
+        )
+        if child.state is JobState.completed:  # a cached result: it never reaches a worker
+            await batches.child_finished(state.store, child, "completed", result=child.result)
+    record = await reload(state, parent)
+    response = _accepted(state, record, 202)
+    response.headers["Location"] = f"/api/batches/{parent_id}"
+    return response
+
+
+async def get_batch(request: Request) -> Response:
+    """The parent record and every child's id, index, state, result and error so far."""
+    state: AppState = request.app.state.stepstream
+    principal = await state.auth.authenticate(request)
+    parent = await _load_parent(request, principal)
+    child_ids = await state.redis.lrange(  # type: ignore[misc]
+        state.store.keys.batch_children(parent.id), 0, -1
+    )
+    children = await state.store.get_many(child_ids)
+    items = []
+    for index, (child_id, child) in enumerate(zip(child_ids, children, strict=True)):
+        if child is None:
+            items.append({"id": child_id, "index": index, "state": None})
+            continue
+        items.append(
+            {
+                "id": child.id,
+                "index": index,
+                "state": child.state.value,
+                "result": child.result,
+                "error": child.error.model_dump(exclude={"traceback"}) if child.error else None,
+                "cached": child.cached,
+            }
+        )
+    return JSONResponse({**job_json(parent), "children": items})
+
+
+async def _load_parent(request: Request, principal: Any) -> JobRecord:
+    record = await load_job(request, principal)
+    if record.batch is None:
+        raise ApiError(404, "batch_not_found", f"job {record.id!r} is not a batch")
+    return record
+
+
+async def cancel_batch(state: AppState, parent: JobRecord) -> Response:
+    """Cancel every child that has not ended; the parent ends when the last child does."""
+    if parent.state.terminal:
+        raise ApiError(
+            409,
+            "conflict",
+            f"cannot cancel a job that is {parent.state.value}",
+            {"state": parent.state.value},
+        )
+    child_ids = await state.redis.lrange(  # type: ignore[misc]
+        state.store.keys.batch_children(parent.id), 0, -1
+    )
+    for child in await state.store.get_many(child_ids):
+        if child is None or child.state.terminal:
+            continue
+        if await cancel_waiting(state, child, "the batch was cancelled"):
+            continue
+        await state.store.request_cancel(child.id)  # running: the worker stops it
+    body = job_json(await reload(state, parent))
+    return JSONResponse({**body, "cancel_requested": True}, status_code=202)
+
+
+async def cancel_waiting(state: AppState, record: JobRecord, reason: str) -> bool:
+    """Cancel a job that has not started (compare-and-set against a worker starting it);
+    False when it is running or has ended."""
+    appended = await state.store.append(
+        record.id,
+        new_event(record.id, "cancelled", record.attempt, reason=reason),
+        {"state": JobState.cancelled.value, "finished_at": utcnow(), "retry_at": None},
+        owner=record.owner,
+        expect=(JobState.queued, JobState.retrying, JobState.scheduled),
+    )
+    if appended.ok:
+        await batches.child_finished(state.store, record, "cancelled")
+    return appended.ok

@@ -1,0 +1,151 @@
+"""Batches: one parent job over many child jobs of one task (docs/ai-workloads.md).
+
+The parent never reaches a worker. It is ``running`` from its creation; each child that ends
+(whoever ends it: a worker, or the web process cancelling a child that had not started) reports
+here, which counts the outcome atomically and appends a ``progress`` event to the parent ("23 of
+50 done, 2 failed") carrying the child's result or error. The report that makes the count reach
+the batch's size also appends the parent's ``completed`` with the final counts.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from tasks.models import JobRecord, JobState, utcnow
+from tasks.store import JobStore, new_event
+
+logger = logging.getLogger("stepstream.batches")
+
+OUTCOMES = ("completed", "failed", "cancelled")
+
+# Count one child's outcome. KEYS: the batch's counts hash. ARGV: child id, outcome, ttl.
+# The hash maps each ended child to its outcome and keeps "#done" and "#<outcome>" counters, so
+# a child reported twice (a redelivered report) counts once, and a child retried by hand after
+# the batch moved its count from one outcome to the other. Returns done, completed, failed,
+# cancelled, and whether this report changed anything.
+_COUNT_LUA = """
+local prev = redis.call('HGET', KEYS[1], ARGV[1])
+local changed = 1
+if prev == ARGV[2] then
+  changed = 0
+else
+  if prev then
+    redis.call('HINCRBY', KEYS[1], '#' .. prev, -1)
+  else
+    redis.call('HINCRBY', KEYS[1], '#done', 1)
+  end
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('HINCRBY', KEYS[1], '#' .. ARGV[2], 1)
+end
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+local counts = redis.call('HMGET', KEYS[1], '#done', '#completed', '#failed', '#cancelled')
+return {tonumber(counts[1] or 0), tonumber(counts[2] or 0), tonumber(counts[3] or 0),
+        tonumber(counts[4] or 0), changed}
+"""
+
+
+def summary_message(counts: dict[str, int], size: int) -> str:
+    text = f"{counts['done']} of {size} done"
+    extra = [f"{counts[k]} {k}" for k in ("failed", "cancelled") if counts.get(k)]
+    return text + (f" ({', '.join(extra)})" if extra else "")
+
+
+def empty_counts(size: int) -> dict[str, int]:
+    return {"size": size, "done": 0, "completed": 0, "failed": 0, "cancelled": 0}
+
+
+async def child_finished(
+    store: JobStore,
+    child: JobRecord,
+    outcome: str,
+    *,
+    result: Any = None,
+    error: dict[str, Any] | None = None,
+) -> None:
+    """Report a child's end to its batch. Never raises: the child has ended whatever happens
+    here (a failure is logged)."""
+    if child.batch_id is None:
+        return
+    try:
+        await _report(store, child, outcome, result, error)
+    except Exception:
+        logger.warning(
+            "could not report job %s to its batch %s", child.id, child.batch_id, exc_info=True
+        )
+
+
+async def _report(
+    store: JobStore,
+    child: JobRecord,
+    outcome: str,
+    result: Any,
+    error: dict[str, Any] | None,
+) -> None:
+    batch_id = child.batch_id
+    assert batch_id is not None
+    parent = await store.get(batch_id)
+    if parent is None or parent.batch is None:
+        return
+    size = int(parent.batch.get("size", 0))
+    done, completed, failed, cancelled, changed = await store.redis.eval(  # type: ignore[misc]
+        _COUNT_LUA,
+        1,
+        store.keys.batch_counts(batch_id),
+        child.id,
+        outcome,
+        str(store.settings.retention_seconds),
+    )
+    if not changed:
+        return
+    counts = {
+        "size": size,
+        "done": int(done),
+        "completed": int(completed),
+        "failed": int(failed),
+        "cancelled": int(cancelled),
+    }
+    message = summary_message(counts, size)
+    report: dict[str, Any] = {"id": child.id, "index": child.batch_index, "state": outcome}
+    if outcome == "completed":
+        report["result"] = result
+    elif error is not None:
+        report["error"] = {k: v for k, v in error.items() if k != "traceback"}
+    await store.append(
+        batch_id,
+        new_event(
+            batch_id,
+            "progress",
+            parent.attempt,
+            current=counts["done"],
+            total=size,
+            message=message,
+            counts=counts,
+            child=report,
+        ),
+        {
+            "progress": round(counts["done"] / size, 4) if size else 1.0,
+            "message": message,
+            "batch": counts,
+        },
+        owner=parent.owner,
+        expect=(JobState.running,),
+    )
+    if counts["done"] >= size:
+        summary = {k: counts[k] for k in ("size", "completed", "failed", "cancelled")}
+        # Every child has ended. "completed" says the batch ran to its end; the counts say how
+        # its items fared (a batch with failed items still completes).
+        await store.append(
+            batch_id,
+            new_event(batch_id, "completed", parent.attempt, result=summary),
+            {
+                "state": JobState.completed.value,
+                "result": summary,
+                "progress": 1.0,
+                "message": message,
+                "batch": counts,
+                "finished_at": utcnow(),
+            },
+            owner=parent.owner,
+            expect=(JobState.running,),
+        )

@@ -1,0 +1,140 @@
+"""Batches: a parent job over one child job per input, counting them as they end."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import Stack, StackFactory
+from tests.support.api import get_job, wait_state
+from tests.support.sse import Event, read_stream
+
+AI_TASKS = "tests.support.tasks,tests.support.ai_tasks"
+
+
+@pytest.fixture(scope="module")
+def ai_stack(module_stacks: StackFactory) -> Stack:
+    return module_stacks(
+        STEPSTREAM_TASK_MODULES=AI_TASKS, STEPSTREAM_MAX_JOBS="4", STEPSTREAM_MAX_BATCH_SIZE="25"
+    )
+
+
+def post_batch(stack: Stack, body: dict[str, object]) -> httpx.Response:
+    return httpx.post(f"{stack.url}/api/batches", json=body, timeout=30)
+
+
+def test_a_batch_of_20_with_2_failing_items_counts_them_as_they_land(ai_stack: Stack) -> None:
+    inputs = [
+        {"value": i, "counter": "batch-20", "fail": i in (3, 11), "sleep": 0.05} for i in range(20)
+    ]
+    response = post_batch(ai_stack, {"task": "ai_echo", "inputs": inputs})
+    assert response.status_code == 202, response.text
+    parent = response.json()
+    assert response.headers["location"] == f"/api/batches/{parent['id']}"
+    assert parent["task"] == "batch:ai_echo" and parent["batch"]["size"] == 20
+    assert parent["state"] in ("running", "completed")
+
+    # Watch the parent live from the start, as a browser would.
+    live: list[Event] = []
+    watcher = threading.Thread(
+        target=lambda: live.extend(
+            read_stream(f"{ai_stack.url}/api/jobs/{parent['id']}/events?after=0")[1]
+        )
+    )
+    watcher.start()
+    done = wait_state(ai_stack.url, parent["id"], {"completed", "failed", "cancelled"})
+    watcher.join(30)
+    assert done["state"] == "completed"
+    assert done["batch"] == {"size": 20, "done": 20, "completed": 18, "failed": 2, "cancelled": 0}
+    assert done["result"] == {"size": 20, "completed": 18, "failed": 2, "cancelled": 0}
+    assert done["message"] == "20 of 20 done (2 failed)"
+    assert done["progress"] == 1.0
+
+    progress = [e for e in live if e.type == "progress"]
+    assert sorted(e.data["current"] for e in progress) == list(range(1, 21)), "the count rose"
+    assert all(e.data["total"] == 20 for e in progress)
+    assert live[-1].type == "completed"
+    children = {e.data["child"]["index"]: e.data["child"] for e in progress}
+    assert {i for i, c in children.items() if c["state"] == "failed"} == {3, 11}
+    assert children[3]["error"]["message"] == "item 3 refused"
+    assert children[5]["result"]["value"] == 10
+    assert "of 20 done" in progress[0].data["message"]
+
+    batch = httpx.get(f"{ai_stack.url}/api/batches/{parent['id']}", timeout=10).json()
+    items = batch["children"]
+    assert [c["index"] for c in items] == list(range(20))
+    assert [c["state"] for c in items].count("completed") == 18
+    assert items[11]["state"] == "failed" and items[11]["error"]["type"] == "PermanentError"
+    assert items[7]["result"]["value"] == 14
+    child = get_job(ai_stack.url, items[0]["id"])
+    assert child["batch_id"] == parent["id"] and child["batch_index"] == 0
+    assert ai_stack.redis().get("test:ai:executions:batch-20") == "20"
+
+
+def test_results_can_be_read_while_the_batch_runs(ai_stack: Stack) -> None:
+    inputs = [{"value": i, "counter": "batch-slow", "sleep": 0.4} for i in range(8)]
+    parent = post_batch(ai_stack, {"task": "ai_echo", "inputs": inputs}).json()
+    deadline = time.monotonic() + 20
+    partial = None
+    while time.monotonic() < deadline:
+        batch = httpx.get(f"{ai_stack.url}/api/batches/{parent['id']}", timeout=10).json()
+        states = [c["state"] for c in batch["children"]]
+        if 0 < states.count("completed") < 8:
+            partial = batch
+            break
+        time.sleep(0.05)
+    assert partial is not None, "saw a batch part-way through"
+    assert partial["state"] == "running"
+    assert all(c["result"] for c in partial["children"] if c["state"] == "completed")
+    assert wait_state(ai_stack.url, parent["id"], {"completed"})["batch"]["completed"] == 8
+
+
+def test_cancelling_the_parent_cancels_the_children(ai_stack: Stack) -> None:
+    # Four run at once (STEPSTREAM_MAX_JOBS=4): some are running, the rest still queued.
+    inputs = [{"value": i, "counter": "batch-cancel", "sleep": 10} for i in range(8)]
+    parent = post_batch(ai_stack, {"task": "ai_echo", "inputs": inputs}).json()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        batch = httpx.get(f"{ai_stack.url}/api/batches/{parent['id']}", timeout=10).json()
+        if [c["state"] for c in batch["children"]].count("running") >= 2:
+            break
+        time.sleep(0.05)
+    cancel = httpx.post(f"{ai_stack.url}/api/jobs/{parent['id']}/cancel", timeout=10)
+    assert cancel.status_code == 202, cancel.text
+    done = wait_state(ai_stack.url, parent["id"], {"completed", "failed", "cancelled"}, 15)
+    assert done["batch"]["cancelled"] == 8 and done["batch"]["done"] == 8
+    batch = httpx.get(f"{ai_stack.url}/api/batches/{parent['id']}", timeout=10).json()
+    assert {c["state"] for c in batch["children"]} == {"cancelled"}
+    again = httpx.post(f"{ai_stack.url}/api/jobs/{parent['id']}/cancel", timeout=10)
+    assert again.status_code == 409
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({"task": "ai_echo", "inputs": []}, "invalid_body"),
+        ({"task": "ai_echo", "inputs": [{}] * 26}, "invalid_body"),
+        ({"task": "ai_echo", "inputs": {"value": 1}}, "invalid_body"),
+        ({"task": "ai_echo", "inputs": [{}], "extra": 1}, "invalid_body"),
+        ({"task": "nope", "inputs": [{}]}, "unknown_task"),
+        ({"task": "ai_echo", "inputs": [{}, {"value": "x"}, 3]}, "invalid_input"),
+    ],
+)
+def test_bad_batches_are_refused(ai_stack: Stack, body: dict[str, object], code: str) -> None:
+    response = post_batch(ai_stack, body)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == code
+    if code == "invalid_input":
+        assert [d["index"] for d in error["details"]] == [1, 2]
+
+
+def test_a_job_that_is_not_a_batch_is_not_found_as_one(ai_stack: Stack) -> None:
+    job = httpx.post(
+        f"{ai_stack.url}/api/jobs", json={"task": "ai_echo", "input": {}}, timeout=10
+    ).json()
+    response = httpx.get(f"{ai_stack.url}/api/batches/{job['id']}", timeout=10)
+    assert response.status_code == 404
