@@ -13,7 +13,7 @@ from arq.connections import RedisSettings
 from arq.worker import func
 from redis.exceptions import ConnectionError, TimeoutError
 
-from tasks import alerts
+from tasks import alerts, recurring
 from tasks.alerts import AlertSender
 from tasks.connection import connect, patient_retry
 from tasks.heartbeat import Heartbeat
@@ -73,6 +73,8 @@ class WorkerSettings:
     redis_settings = RedisSettings.from_dsn(settings.redis_url)
     redis_settings.retry_on_error = [ConnectionError, TimeoutError, OSError]
     redis_settings.retry = patient_retry()
+    # Recurring jobs declared in the task modules (tasks/recurring.py): one job per tick.
+    cron_jobs = recurring.cron_jobs()
     on_startup = startup
     on_shutdown = shutdown
     max_jobs = settings.max_jobs

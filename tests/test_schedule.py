@@ -1,13 +1,17 @@
-"""Delayed jobs: ``run_at`` or ``delay`` keeps a job ``scheduled`` until its time."""
+"""Delayed jobs (``run_at`` or ``delay`` keeps a job ``scheduled`` until its time) and recurring
+jobs declared in code (cron syntax, arq's cron)."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from datetime import UTC, datetime, timedelta
+from typing import cast
 
 import httpx
 import pytest
 
+from tasks.recurring import parse_cron
 from tests.conftest import Stack, StackFactory
 from tests.support.ai_tasks import executions_key
 from tests.support.api import get_job, wait_state
@@ -96,3 +100,50 @@ def test_bad_schedules_are_refused(ai_stack: Stack, extra: dict[str, object]) ->
     response = post(ai_stack, {"task": "ai_echo", "input": {}, **extra})
     assert response.status_code == 422, response.text
     assert response.json()["error"]["code"] == "invalid_body"
+
+
+# -- recurring jobs -----------------------------------------------------------------------
+
+
+def test_cron_expressions_become_arq_schedules() -> None:
+    assert parse_cron("*/15 9-17 * * 1-5") == {
+        "second": {0},
+        "minute": {0, 15, 30, 45},
+        "hour": set(range(9, 18)),
+        "day": None,
+        "month": None,
+        "weekday": {0, 1, 2, 3, 4},  # Monday to Friday in Python's (arq's) numbering
+    }
+    assert parse_cron("0 3 1,15 * 0")["weekday"] == {6}  # cron's Sunday
+    assert parse_cron("0 3 * * 7")["weekday"] == {6}
+    assert parse_cron("* * * * * */20")["second"] == {0, 20, 40}
+    assert parse_cron("5/20 * * * *")["minute"] == {5, 25, 45}
+    for bad in ("* * * *", "61 * * * *", "a * * * *", "*/0 * * * *", "5-1 * * * *"):
+        with pytest.raises(ValueError):
+            parse_cron(bad)
+
+
+def test_a_recurring_job_creates_ordinary_jobs_once_per_tick(make_stack: StackFactory) -> None:
+    # Two workers: arq's unique cron id lets one of them create each tick's job.
+    stack = make_stack(workers=2, STEPSTREAM_TASK_MODULES=AI_TASKS + ",tests.support.ai_recurring")
+    deadline = time.monotonic() + 20
+    jobs: list[dict[str, object]] = []
+    while time.monotonic() < deadline:
+        listed = httpx.get(f"{stack.url}/api/jobs?task=ai_echo&limit=50", timeout=10).json()
+        jobs = [j for j in listed["jobs"] if j["state"] == "completed"]
+        if len(jobs) >= 3:
+            break
+        time.sleep(0.2)
+    assert len(jobs) >= 3
+    created = sorted(datetime.fromisoformat(str(j["created_at"])) for j in jobs)
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(created)]
+    assert all(gap >= 1.5 for gap in gaps), f"one job per 2-second tick: {gaps}"
+    first = jobs[-1]
+    _, log = read_stream(f"{stack.url}/api/jobs/{first['id']}/events?after=0")
+    assert [e.type for e in log][:2] == ["queued", "started"] and log[-1].type == "completed"
+    assert log[0].data["recurring"] == "tick"
+    time.sleep(0.5)
+    listed = httpx.get(f"{stack.url}/api/jobs?task=ai_echo&limit=50", timeout=10).json()["jobs"]
+    runs = int(cast(str, stack.redis().get(executions_key("tick"))))
+    # Each job ran once (a tick may be mid-flight: between its completed jobs and all of them).
+    assert len([j for j in listed if j["state"] == "completed"]) <= runs <= len(listed)

@@ -1,0 +1,159 @@
+"""Recurring jobs declared in code, on a cron schedule (docs/ai-workloads.md).
+
+    from tasks.recurring import recurring
+    recurring("nightly-report", task="generate_report", cron="0 3 * * *", input={"days": 1})
+
+Each declaration becomes an arq cron job of every worker. At each tick exactly one worker (arq's
+``unique`` cron job id is the name and the tick's time) creates an ordinary Stepstream job of the
+task: its own record, its own log (the ``queued`` event says ``recurring: <name>``), retries and
+cancel like any other job.
+
+Cron syntax: five fields, ``minute hour day-of-month month day-of-week`` (``*``, ``a``, ``a-b``,
+``*/n``, ``a-b/n``, lists with ``,``; day-of-week 0-7 with 0 and 7 Sunday); an optional sixth
+field gives the seconds (croniter's convention), which the tests use to tick every 2 seconds.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from arq.cron import CronJob, cron
+
+from tasks.models import JobRecord, JobState, utcnow
+from tasks.registry import get_task
+from tasks.runtime import RUN_JOB
+from tasks.store import JobStore, new_event
+
+# (name, low, high) of each field in order; the optional sixth is seconds.
+_FIELDS = (
+    ("minute", 0, 59),
+    ("hour", 0, 23),
+    ("day", 1, 31),
+    ("month", 1, 12),
+    ("weekday", 0, 7),
+    ("second", 0, 59),
+)
+
+
+@dataclass(frozen=True)
+class Recurring:
+    name: str
+    task: str
+    cron: str
+    input: dict[str, Any] = field(default_factory=dict)
+    owner: str | None = None
+
+    def schedule(self) -> dict[str, set[int] | None]:
+        return parse_cron(self.cron)
+
+
+_recurring: dict[str, Recurring] = {}
+
+
+def recurring(
+    name: str,
+    *,
+    task: str,
+    cron: str,
+    input: dict[str, Any] | None = None,
+    owner: str | None = None,
+) -> Recurring:
+    """Declare a recurring job (in a task module, next to its ``@task``)."""
+    entry = Recurring(name, task, cron, dict(input or {}), owner)
+    entry.schedule()  # a bad expression fails at import, not at the first tick
+    if name in _recurring and _recurring[name] != entry:
+        raise ValueError(f"recurring job {name!r} is declared twice")
+    _recurring[name] = entry
+    return entry
+
+
+def all_recurring() -> list[Recurring]:
+    return sorted(_recurring.values(), key=lambda r: r.name)
+
+
+def parse_cron(expression: str) -> dict[str, set[int] | None]:
+    """The arq ``cron()`` keyword arguments for a cron expression (None = every value)."""
+    parts = expression.split()
+    if len(parts) not in (5, 6):
+        raise ValueError(f"cron {expression!r}: expected 5 fields (or 6 with seconds)")
+    schedule: dict[str, set[int] | None] = {"second": {0}}
+    for part, (name, low, high) in zip(parts, _FIELDS, strict=False):
+        values = _parse_field(part, low, high, expression)
+        if name == "weekday" and values is not None:
+            # cron counts from Sunday (0 or 7), Python's weekday() (arq's) from Monday.
+            values = {(v + 6) % 7 for v in values}
+        schedule[name] = values
+    return schedule
+
+
+def _parse_field(part: str, low: int, high: int, expression: str) -> set[int] | None:
+    if part == "*":
+        return None
+    values: set[int] = set()
+    for item in part.split(","):
+        spec, _, step_text = item.partition("/")
+        try:
+            step = int(step_text) if step_text else 1
+            if spec == "*":
+                start, end = low, high
+            elif "-" in spec:
+                start_text, end_text = spec.split("-", 1)
+                start, end = int(start_text), int(end_text)
+            else:
+                start = int(spec)
+                end = high if step_text else start
+        except ValueError:
+            raise ValueError(f"cron {expression!r}: cannot read {item!r}") from None
+        if step < 1 or not low <= start <= end <= high:
+            raise ValueError(f"cron {expression!r}: {item!r} is outside {low}-{high}")
+        values.update(range(start, end + 1, step))
+    return values
+
+
+async def create_job(store: JobStore, arq_redis: Any, entry: Recurring) -> JobRecord | None:
+    """Create and enqueue one ordinary job for ``entry`` (the worker side of a submission)."""
+    spec = get_task(entry.task)
+    if spec is None:
+        return None
+    spec.input_model.model_validate(entry.input)
+    job_id = secrets.token_urlsafe(15)
+    record = JobRecord(
+        id=job_id,
+        task=spec.name,
+        owner=entry.owner,
+        state=JobState.queued,
+        input=entry.input,
+        max_attempts=spec.max_attempts,
+        created_at=utcnow(),
+        budget=spec.budget,
+    )
+    event = new_event(job_id, "queued", 0, input=entry.input, recurring=entry.name)
+    appended = await store.create(record, event)
+    if not appended.ok:
+        return None
+    record.last_event_id = appended.job_event_id
+    await arq_redis.enqueue_job(RUN_JOB, job_id, _job_id=job_id, _queue_name=store.keys.queue)
+    return record
+
+
+def cron_jobs() -> list[CronJob]:
+    """One arq cron job per declaration, for ``WorkerSettings.cron_jobs``."""
+    jobs: list[CronJob] = []
+    for entry in all_recurring():
+
+        async def fire(ctx: dict[str, Any], entry: Recurring = entry) -> str | None:
+            record = await create_job(ctx["store"], ctx["redis"], entry)
+            return record.id if record else None
+
+        jobs.append(
+            cron(
+                fire,
+                name=f"stepstream.recurring:{entry.name}",
+                unique=True,  # one job per tick, however many workers run
+                keep_result=0,
+                **entry.schedule(),  # type: ignore[arg-type]
+            )
+        )
+    return jobs
