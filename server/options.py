@@ -19,6 +19,7 @@ SUBMIT_FIELDS = frozenset({"task", "input", "budget", "run_at", "delay"})
 class SubmitOptions:
     budget: float | None = None
     run_at: datetime | None = None  # UTC; None = now
+    delay: float | None = None  # as given: the same request sent again has the same fingerprint
 
     @property
     def run_at_text(self) -> str | None:
@@ -32,7 +33,10 @@ class SubmitOptions:
         extra: dict[str, Any] = {}
         if self.budget is not None:
             extra["budget"] = self.budget
-        if self.run_at is not None:
+        if self.delay is not None:
+            # Not run_at: a client resending the same request later is the same request.
+            extra["delay"] = self.delay
+        elif self.run_at is not None:
             extra["run_at"] = self.run_at_text
         return extra
 
@@ -51,6 +55,7 @@ def parse_submit_options(body: dict[str, Any], settings: Settings) -> SubmitOpti
         if budget is None or budget < 0:
             raise ApiError(422, "invalid_body", "`budget` must be a number of at least 0")
     run_at = None
+    delay = None
     if "run_at" in body and "delay" in body:
         raise ApiError(422, "invalid_body", "give `run_at` or `delay`, not both")
     now = datetime.now(UTC)
@@ -87,4 +92,4 @@ def parse_submit_options(body: dict[str, Any], settings: Settings) -> SubmitOpti
                 {"limit": settings.max_delay_seconds},
             )
         run_at = when if when > now else None  # a time in the past means "now"
-    return SubmitOptions(budget=budget, run_at=run_at)
+    return SubmitOptions(budget=budget, run_at=run_at, delay=delay)

@@ -147,3 +147,21 @@ def test_a_recurring_job_creates_ordinary_jobs_once_per_tick(make_stack: StackFa
     runs = int(cast(str, stack.redis().get(executions_key("tick"))))
     # Each job ran once (a tick may be mid-flight: between its completed jobs and all of them).
     assert len([j for j in listed if j["state"] == "completed"]) <= runs <= len(listed)
+
+
+def test_resending_a_delayed_request_with_its_idempotency_key_finds_the_same_job(
+    ai_stack: Stack,
+) -> None:
+    body = {"task": "ai_echo", "input": {"counter": "idem"}, "delay": 30}
+    headers = {"Idempotency-Key": "delayed-once"}
+    first = httpx.post(f"{ai_stack.url}/api/jobs", json=body, headers=headers, timeout=10)
+    time.sleep(0.3)
+    again = httpx.post(f"{ai_stack.url}/api/jobs", json=body, headers=headers, timeout=10)
+    assert (first.status_code, again.status_code) == (202, 200), again.text
+    assert again.json()["id"] == first.json()["id"]
+    assert again.json()["run_at"] == first.json()["run_at"]
+    other = httpx.post(
+        f"{ai_stack.url}/api/jobs", json={**body, "delay": 31}, headers=headers, timeout=10
+    )
+    assert other.status_code == 409
+    httpx.post(f"{ai_stack.url}/api/jobs/{first.json()['id']}/cancel", timeout=10)
