@@ -17,8 +17,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import signal
+import subprocess
+import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 from bench.common import (
     Bench,
@@ -54,7 +60,35 @@ class SideResult:
     connect_s: float
 
 
-def run_side(run: Bench, control: Web, side: str, n: int, events: int, rate: float) -> SideResult:
+def profile(pid: int, path: str) -> subprocess.Popen[bytes]:
+    """py-spy (pip install py-spy) sampling the server while the events go out."""
+    return subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "py-spy"),
+            "record",
+            "-p",
+            str(pid),
+            "-r",
+            "200",
+            "--format",
+            "raw",
+            "-o",
+            path,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def run_side(
+    run: Bench,
+    control: Web,
+    side: str,
+    n: int,
+    events: int,
+    rate: float,
+    profile_to: str | None = None,
+) -> SideResult:
     server = run.web() if side == "ours" else run.baseline()
     assert server.proc is not None
     pid = server.proc.pid
@@ -64,6 +98,9 @@ def run_side(run: Bench, control: Web, side: str, n: int, events: int, rate: flo
         wait_state(control.url, job_id, {"running"})
         time.sleep(0.3)  # let the `step` event pass
         path = f"/api/jobs/{job_id}/events" if side == "ours" else f"/events/{job_id}"
+        # Ours is live once its snapshot is out (events before it are in the snapshot); the
+        # baseline once its pub/sub subscription is made (it sends `retry:` right after).
+        marker = "event: snapshot" if side == "ours" else "retry:"
         rss_before = rss_kib(pid)
         deadline = events / rate + 30 + n / 1000
         gens = [
@@ -73,6 +110,8 @@ def run_side(run: Bench, control: Web, side: str, n: int, events: int, rate: flo
                 str(server.port),
                 "--path",
                 path,
+                "--ready-marker",
+                marker,
                 "--count",
                 str(k),
                 "--deadline",
@@ -87,14 +126,32 @@ def run_side(run: Bench, control: Web, side: str, n: int, events: int, rate: flo
         time.sleep(1.0)
         rss_after = rss_kib(pid)
         cpu_before = cpu_seconds(pid)
+        spy = profile(pid, f"{profile_to}-{side}-{n}.txt") if profile_to else None
         redis = run.redis()
         pace(events, rate, lambda i: redis.rpush(gate_key(job_id), "go"))
         results = [g.read() for g in gens]
         cpu = cpu_seconds(pid) - cpu_before
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(timeout=30)
         redis.close()
         latencies = [x for r in results for x in r["latencies_ms"]]
         delivered = sum(sum(r["per_stream"]) for r in results)
         stats = summary(latencies)
+        if delivered < n * events:
+            counts = Counter(c for r in results for c in r["per_stream"])
+            statuses = Counter()
+            for r in results:
+                statuses.update(r["statuses"])
+            still_open = sum(r["still_open"] for r in results)
+            print(
+                f"  {side} N={n}: events per stream {dict(counts)}, HTTP statuses "
+                f"{dict(statuses)}, {still_open} streams still open at the deadline"
+            )
+            if os.environ.get("BENCH_DEBUG"):
+                for r in results:
+                    for sample, count in zip(r["samples"], r["per_stream"], strict=False):
+                        print(f"    {count}: {sample}")
         for gen in gens:
             gen.stop()
         return SideResult(
@@ -120,6 +177,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--ours-only", action="store_true")
     parser.add_argument("--keep-logs", action="store_true")
+    parser.add_argument("--profile", metavar="PREFIX", help="py-spy the servers to PREFIX-*.txt")
     args = parser.parse_args()
     counts = [int(x) for x in args.n.split(",")]
 
@@ -130,10 +188,12 @@ def main() -> None:
         run.worker()
         for n in counts:
             for _ in range(args.repeat):
-                ours = run_side(run, control, "ours", n, args.events, args.rate)
+                ours = run_side(run, control, "ours", n, args.events, args.rate, args.profile)
                 base = None
                 if not args.ours_only and n <= FD_LIMIT_BASELINE:
-                    base = run_side(run, control, "baseline", n, args.events, args.rate)
+                    base = run_side(
+                        run, control, "baseline", n, args.events, args.rate, args.profile
+                    )
                 rows.append(
                     [
                         fmt(n),

@@ -5,7 +5,7 @@ its parent through stdout, one JSON object per line:
 
 - ``sse``: open ``--count`` streams to ``--path`` (``Connection: close``, so a stream that ends
   closes its socket). Prints ``{"ready": ...}`` once every stream has its first frame (the
-  ``retry:`` field, sent after the stream registered for live events), then reads until every
+  ``retry:`` field, or ``--ready-marker``), then reads until every
   stream closed or ``--deadline`` passed, and prints the result. Each ``data_received`` only
   records ``(time, bytes)``; frames are parsed after the run, so parsing never delays receipt.
 - ``poll``: ``--count`` keep-alive connections each GET ``--path`` every ``--interval`` seconds
@@ -51,9 +51,10 @@ def emit(obj: dict[str, Any]) -> None:
 
 
 class SseClient(asyncio.Protocol):
-    __slots__ = ("chunks", "closed", "on_close", "on_ready", "ready", "transport")
+    __slots__ = ("chunks", "closed", "marker", "on_close", "on_ready", "ready", "transport")
 
-    def __init__(self, on_ready: Any, on_close: Any) -> None:
+    def __init__(self, on_ready: Any, on_close: Any, marker: bytes) -> None:
+        self.marker = marker
         self.chunks: list[tuple[float, bytes]] = []
         self.ready = False
         self.closed = False
@@ -66,7 +67,7 @@ class SseClient(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.chunks.append((time.time(), data))
-        if not self.ready and b"retry:" in data:
+        if not self.ready and self.marker in data:
             self.ready = True
             self.on_ready()
 
@@ -195,6 +196,7 @@ async def run_sse(args: argparse.Namespace) -> None:
     ).encode()
     gate = asyncio.Semaphore(args.connect_concurrency)
     failed = 0
+    marker = args.ready_marker.encode()
 
     async def connect_one() -> None:
         nonlocal open_count, failed
@@ -203,7 +205,7 @@ async def run_sse(args: argparse.Namespace) -> None:
                 try:
                     transport, client = await asyncio.wait_for(
                         loop.create_connection(
-                            lambda: SseClient(on_ready, on_close), HOST, args.port
+                            lambda: SseClient(on_ready, on_close, marker), HOST, args.port
                         ),
                         timeout=10,
                     )
@@ -241,6 +243,7 @@ async def run_sse(args: argparse.Namespace) -> None:
 
     latencies: list[float] = []
     per_stream: list[int] = []
+    samples: list[list[str]] = []
     statuses: dict[int, int] = {}
     for client in clients:
         status, frames = parse_frames(client.chunks)
@@ -253,12 +256,15 @@ async def run_sse(args: argparse.Namespace) -> None:
                     latencies.append(round((t - at) * 1000, 3))
                     n += 1
         per_stream.append(n)
+        if len(samples) < 4:
+            samples.append([f"{event}:{event_id}" for _, event_id, event, _ in frames])
     emit(
         {
             "latencies_ms": latencies,
             "per_stream": per_stream,
             "statuses": statuses,
             "still_open": still_open,
+            "samples": samples,
         }
     )
 
@@ -394,6 +400,11 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=1)
     parser.add_argument("--header", action="append", default=[])
     parser.add_argument("--expect-type", default="progress")
+    parser.add_argument(
+        "--ready-marker",
+        default="retry:",
+        help="bytes that tell a stream is live (ours: its snapshot, read after registering)",
+    )
     parser.add_argument("--deadline", type=float, default=60.0)
     parser.add_argument("--ready-timeout", type=float, default=120.0)
     parser.add_argument("--connect-concurrency", type=int, default=256)
