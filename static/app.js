@@ -1,7 +1,7 @@
 // Stepstream dashboard: one firehose EventSource for the list, one stream per open detail view.
 
 import { $, h, fill, setText } from "./js/dom.js";
-import { api } from "./js/api.js";
+import { api, auth, streamTokens } from "./js/api.js";
 import { LiveStream } from "./js/live.js";
 import { applyEvent, compareIds, EVENT_TYPES, TERMINAL } from "./js/model.js";
 import { TaskForm } from "./js/form.js";
@@ -29,6 +29,7 @@ const taskOf = (name) => tasks.get(name);
 const conn = { el: $("#conn"), since: null, state: "connecting" };
 
 function updateConnection() {
+  if (signedOut) return;
   const statuses = [firehose?.status, detail?.streamStatus].filter(Boolean);
   let state = "live";
   if (!navigator.onLine) state = "offline";
@@ -318,6 +319,7 @@ let statsTimer = null;
 
 async function refreshStats() {
   clearTimeout(statsTimer);
+  if (signedOut) return;
   try {
     const { data } = await api("/api/stats");
     renderStats($("#stats"), data, taskOf);
@@ -333,29 +335,104 @@ function refreshStatsSoon() {
   statsSoon = setTimeout(refreshStats, 400);
 }
 
+// -- Sign in (production mode) --------------------------------------------------------------
+
+let signedOut = false;
+
+function showSignin(message) {
+  if (signedOut) return;
+  signedOut = true;
+  firehose?.close();
+  detail.close(false);
+  clearTimeout(statsTimer);
+  const panel = $("#signin");
+  panel.hidden = false;
+  const error = $("#signin-error");
+  error.hidden = !message;
+  setText(error, message || "");
+  $("#signin-key").focus();
+  conn.el.dataset.state = "offline";
+  conn.state = "signed-out";
+  setText(conn.el.querySelector(".conn-text"), "Signed out");
+}
+
+auth.onUnauthorized = (error) => {
+  showSignin(auth.key ? `The server refused the stored API key: ${error.message}` : null);
+};
+
+$("#signin-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const key = $("#signin-key").value.trim();
+  const error = $("#signin-error");
+  if (!key) {
+    error.hidden = false;
+    setText(error, "Enter an API key.");
+    return;
+  }
+  try {
+    await api("/api/tasks", { key, quiet: true });
+  } catch (exc) {
+    error.hidden = false;
+    setText(error, exc.status === 401 ? "That API key is not valid." : exc.message);
+    return;
+  }
+  auth.set(key);
+  location.reload();
+});
+
+$("#sign-out").hidden = !auth.key;
+$("#sign-out").addEventListener("click", () => {
+  auth.clear();
+  location.reload();
+});
+
 // -- Start ----------------------------------------------------------------------------------
 
 let firehose = null;
+let tasksLoaded = false;
 
-function start() {
+async function ensureTasks() {
+  if (tasksLoaded) return;
+  try {
+    await loadTasks();
+    tasksLoaded = true;
+  } catch (error) {
+    if (error.status !== 401) setText($("#form-status"), `Could not load tasks: ${error.message}`);
+  }
+}
+
+async function start() {
+  // The task catalogue first: it also tells us whether this server wants an API key.
+  try {
+    await loadTasks();
+    tasksLoaded = true;
+  } catch (error) {
+    if (error.status === 401) return; // the sign-in panel is showing
+    setText($("#form-status"), `Could not load tasks: ${error.message}`);
+  }
   firehose = new LiveStream("/api/events", {
     types: [...EVENT_TYPES, "reset"],
+    token: streamTokens("/api/events/token"),
     onEvent: (type, data) => onFirehose(type, data),
     onStatus: updateConnection,
     // On every (re)connect: the records are fetched again, so an event written while no
     // connection was listening is still shown (the firehose resumes by id as well).
-    onOpen: () => loadList(),
+    onOpen: () => {
+      loadList();
+      ensureTasks();
+    },
   }).start();
   loadList();
-  loadTasks().catch((error) => {
-    setText($("#form-status"), `Could not load tasks: ${error.message}`);
-  });
   refreshStats();
   route();
   setInterval(() => {
-    list.tick();
-    detail.tick();
-    updateConnection();
+    for (const step of [updateConnection, () => list.tick(), () => detail.tick()]) {
+      try {
+        step();
+      } catch (error) {
+        console.warn("tick", error);
+      }
+    }
   }, 1000);
   setInterval(() => {
     const active = [...jobs.values()].some((r) => !TERMINAL.has(r.state));

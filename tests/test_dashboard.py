@@ -238,8 +238,12 @@ def test_cancel_a_running_job_and_retry_a_failed_one(
     )
     detail = page.open_detail(failing)
     error = detail.locator(".error-box")
-    expect(error).to_contain_text("The job failed")
-    expect(error).to_contain_text("step 1 of 7 (Parsing document)")
+    expect(error).to_contain_text("The job failed at step 2 of 7 (Chunking document)")
+    failed_step = detail.locator(".timeline > li").nth(1)
+    expect(failed_step.locator(".tl-state")).to_have_text("Failed")
+    expect(failed_row.locator(".job-step")).to_have_text(
+        "Failed at step 2 of 7 · Chunking document"
+    )
     expect(error).to_contain_text("simulated failure at step 'Chunking document', as the input")
     expect(error).to_contain_text("PermanentError")
     expect(detail.locator(".log")).to_contain_text("Failed: simulated failure")
@@ -259,7 +263,7 @@ def test_ten_jobs_at_once_all_update_live_on_one_page(
     stack: Stack, dashboard: OpenDashboard
 ) -> None:
     page = dashboard()
-    ids = [submit(stack.url, "generate_quote", {**QUOTE, "pace": 0.15})["id"] for _ in range(10)]
+    ids = [submit(stack.url, "generate_quote", {**QUOTE, "pace": 0.3})["id"] for _ in range(10)]
     for job_id in ids:
         page.row(job_id).wait_for(timeout=10_000)
     page.page.get_by_role("progressbar").first.wait_for()
@@ -274,6 +278,60 @@ def test_ten_jobs_at_once_all_update_live_on_one_page(
     # One EventSource for the whole list, whatever the number of jobs.
     sources = page.event_sources()
     assert [s["url"].rsplit("/", 2)[-2:] for s in sources] == [["api", "events"]], sources
+
+
+def test_production_mode_signs_in_with_an_api_key_and_renews_stream_tokens(
+    browser: Browser, make_stack: StackFactory
+) -> None:
+    """Every /api call needs a key; streams use ?token=, here valid for 2 s only, so both of
+    the page's streams outlive their tokens while the job runs and must carry on seamlessly."""
+    own = make_stack(
+        STEPSTREAM_MODE="production",
+        STEPSTREAM_SECRET="dashboard-test-secret-0123456789abcdef",
+        STEPSTREAM_API_KEYS="alice:alice-key-0123456789",
+        STEPSTREAM_TOKEN_TTL_SECONDS="2",
+    )
+    page = Dashboard(browser, own.url).goto()
+    try:
+        signin = page.page.locator("#signin")
+        expect(signin).to_be_visible()
+        expect(page.connection).to_contain_text("Signed out")
+        key = signin.get_by_label("API key")
+        key.fill("not-a-key")
+        signin.get_by_role("button", name="Sign in").click()
+        expect(signin.get_by_role("alert")).to_have_text("That API key is not valid.")
+        key.fill("alice-key-0123456789")
+        signin.get_by_role("button", name="Sign in").click()
+        page.expect_connection("Live")
+        expect(signin).to_be_hidden()
+
+        page.choose_task("analyze_document")
+        page.fill_sample()
+        page.field("Pace").fill("0.4")
+        job_id = page.submit()["id"]
+        detail = page.open_detail(job_id)
+        expect(detail.locator(".badge")).to_have_text("Completed", timeout=30_000)
+        page.expect_state(job_id, "Completed", timeout=10_000)
+        steps = detail.locator(".timeline > li .tl-state")
+        expect(steps).to_have_text(["Done"] * 7)
+        log = detail.locator(".log .log-text")
+        assert log.all_inner_texts() == ["Queued", "Attempt 1 of 3 started", "Completed"]
+        history = page.progress_history(job_id)
+        assert history == sorted(history) and history[-1] == 100, history
+        assert any(0 < value < 100 for value in history), history
+        # Streams were opened with tokens, never with the key.
+        urls = [s["url"] for s in page.event_sources()]
+        assert urls and all("token=" in url and "alice-key" not in url for url in urls), urls
+        # ... and opened again, with a new token, when one ran out.
+        firehoses = [url for url in urls if "/api/events?" in url]
+        assert len(firehoses) >= 2 and len(set(firehoses)) == len(firehoses), urls
+
+        page.page.keyboard.press("Escape")
+        page.page.get_by_role("button", name="Sign out").click()
+        expect(signin).to_be_visible()
+        assert page.errors == [], page.errors
+    finally:
+        page.close()
 
 
 def test_html_in_an_input_is_shown_as_text_and_runs_nothing(
@@ -304,20 +362,30 @@ def test_html_in_an_input_is_shown_as_text_and_runs_nothing(
 
 
 def test_screenshots_of_a_running_and_a_finished_job(
-    stack: Stack, dashboard: OpenDashboard
+    make_stack: StackFactory, dashboard: OpenDashboard
 ) -> None:
     """Screenshots in test-artifacts/; STEPSTREAM_DOCS_SCREENSHOT=1 also writes docs/."""
-    done = submit(stack.url, "generate_quote", {**QUOTE, "pace": 0})["id"]
-    submit(stack.url, "analyze_document", analyze(0, fail_at="Writing summary"))
-    wait_state(stack.url, done, {"completed"})
+    own = make_stack()  # a list of its own, for a tidy picture
+    done = submit(own.url, "generate_quote", {**QUOTE, "pace": 0})["id"]
+    submit(own.url, "analyze_document", analyze(0, title="Quarterly report"))
+    submit(
+        own.url,
+        "analyze_document",
+        analyze(0, title="Incident review", fail_at="Ranking chunks"),
+    )
+    wait_state(own.url, done, {"completed"})
 
-    page = dashboard()
+    page = dashboard(own.url)
     page.choose_task("generate_quote")
     page.fill_sample()
-    running = submit(stack.url, "analyze_document", analyze(0.5, summary_sentences=6))["id"]
-    other = submit(stack.url, "generate_quote", {**QUOTE, "pace": 0.7, "client": "Globex"})["id"]
+    running = submit(
+        own.url, "analyze_document", analyze(0.5, title="Board memo", summary_sentences=6)
+    )["id"]
+    other = submit(own.url, "generate_quote", {**QUOTE, "pace": 0.6, "client": "Globex"})["id"]
+    submit(own.url, "analyze_document", analyze(0.25, title="Customer interviews"))
     page.wait_progress(running, 30)
     expect(page.row(other).locator(".badge")).to_have_text("Running")
+    page.page.evaluate("window.scrollTo(0, 0)")
     page.screenshot("dashboard-running.png")
     if os.environ.get("STEPSTREAM_DOCS_SCREENSHOT") == "1":
         shutil.copyfile(ARTIFACTS / "dashboard-running.png", ROOT / "docs" / "dashboard.png")
@@ -333,14 +401,14 @@ def test_screenshots_of_a_running_and_a_finished_job(
     expect(page.detail.locator(".badge")).to_have_text("Completed")
     page.screenshot("finished-job-detail.png")
 
-    phone = dashboard(width=375, height=812)
+    phone = dashboard(own.url, width=375, height=812)
     expect(phone.row(running).locator(".badge")).to_be_visible()
     phone.screenshot("phone.png")
     phone.page.locator("#jobs-title").scroll_into_view_if_needed()
     phone.screenshot("phone-jobs.png")
     # Nothing wider than the phone's screen.
     assert phone.page.evaluate("document.documentElement.scrollWidth") <= 375
-    phone.page.goto(f"{stack.url}/#/jobs/{running}")
+    phone.page.goto(f"{own.url}/#/jobs/{running}")
     expect(phone.detail.locator(".badge")).to_be_visible()
     phone.screenshot("phone-detail.png")
     assert phone.page.evaluate("document.documentElement.scrollWidth") <= 375

@@ -1,4 +1,25 @@
 // JSON over fetch; errors are {"error": {code, message, details}} (DESIGN.md, "HTTP API").
+// In production every /api call carries `Authorization: Bearer <API key>`; streams take a
+// short-lived `?token=` instead, since EventSource cannot send headers.
+
+const KEY_STORAGE = "stepstream.apiKey";
+
+export const auth = {
+  get key() {
+    try {
+      return localStorage.getItem(KEY_STORAGE) || null;
+    } catch {
+      return null;
+    }
+  },
+  set(key) {
+    localStorage.setItem(KEY_STORAGE, key);
+  },
+  clear() {
+    localStorage.removeItem(KEY_STORAGE);
+  },
+  onUnauthorized: null,
+};
 
 export class ApiError extends Error {
   constructor(status, body) {
@@ -10,8 +31,9 @@ export class ApiError extends Error {
   }
 }
 
-export async function api(path, { method = "GET", body } = {}) {
+export async function api(path, { method = "GET", body, key = auth.key, quiet = false } = {}) {
   const init = { method, headers: { Accept: "application/json" } };
+  if (key) init.headers.Authorization = `Bearer ${key}`;
   if (body !== undefined) {
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
@@ -33,6 +55,25 @@ export async function api(path, { method = "GET", body } = {}) {
       data = null;
     }
   }
-  if (!response.ok) throw new ApiError(response.status, data);
+  if (!response.ok) {
+    const error = new ApiError(response.status, data);
+    if (response.status === 401 && !quiet && auth.onUnauthorized) auth.onUnauthorized(error);
+    throw error;
+  }
   return { status: response.status, data };
+}
+
+/**
+ * Stream tokens for EventSource, from `tokenPath` (POST), reused until a minute before expiry.
+ * Without an API key (development) streams need none.
+ */
+export function streamTokens(tokenPath) {
+  let cached = null;
+  return async (force = false) => {
+    if (!auth.key) return null;
+    if (!force && cached && cached.expires_at * 1000 - Date.now() > 60_000) return cached.token;
+    const { data } = await api(tokenPath, { method: "POST" });
+    cached = data;
+    return data.token;
+  };
 }

@@ -26,7 +26,7 @@ import {
 } from "./model.js";
 import { inlineValue, rawJson, renderValue } from "./value.js";
 import { STATE_LABELS } from "./list.js";
-import { api } from "./api.js";
+import { api, streamTokens } from "./api.js";
 
 const STEP_STATE_LABELS = {
   pending: "Pending",
@@ -124,9 +124,11 @@ export class DetailView {
     const job = this.job;
     job.stream?.close();
     job.ended = false;
+    job.tokens ??= streamTokens(`/api/jobs/${encodeURIComponent(job.id)}/token`);
     job.stream = new LiveStream(`/api/jobs/${encodeURIComponent(job.id)}/events`, {
       types: [...EVENT_TYPES, "snapshot", "reset"],
       cursor: after || "0",
+      token: job.tokens,
       onEvent: (type, data, id) => this._onEvent(job, type, data, id),
       onStatus: () => this.onStatus(),
     }).start();

@@ -16,6 +16,7 @@ import {
 import { createBar, updateBar } from "./bar.js";
 
 export const STATE_LABELS = {
+  scheduled: "Scheduled",
   queued: "Queued",
   running: "Running",
   retrying: "Retrying",
@@ -142,9 +143,13 @@ export class JobList {
     const record = row.record;
     const ms = elapsedMs(record, now);
     let text = ms === null ? "" : duration(ms);
-    if (record.state === "queued" && !record.started_at) text = `queued ${relative(record.created_at, now)}`;
+    if ((record.state === "queued" || record.state === "scheduled") && !record.started_at) {
+      text = relative(record.created_at, now);
+    }
     setText(row.elapsed, text);
-    if (record.state === "retrying") setText(row.step, stepLine(record, this.taskOf(record.task), now));
+    if (record.state === "retrying" || record.state === "scheduled") {
+      setText(row.step, stepLine(record, this.taskOf(record.task), now));
+    }
   }
 
   /** Every second: elapsed times of unfinished jobs, and retry countdowns. */

@@ -195,6 +195,12 @@ export function stepLine(record, task, now = Date.now()) {
   const count = stepCount(record, task);
   const ref = record.step;
   switch (record.state) {
+    case "scheduled": {
+      const at = parseTime(record.run_at);
+      if (at === null) return "Scheduled";
+      const when = new Date(at).toLocaleTimeString();
+      return at > now ? `Scheduled for ${when} (in ${duration(at - now)})` : `Scheduled for ${when}`;
+    }
     case "queued":
       return record.attempt > 0 ? "Queued to run again" : "Waiting in the queue";
     case "running":
@@ -209,6 +215,7 @@ export function stepLine(record, task, now = Date.now()) {
       return `Retrying${wait}${where}`;
     }
     case "completed":
+      if (record.cached) return "Completed from the result cache";
       return count ? `Completed all ${count} steps` : "Completed";
     case "failed": {
       const failedStep = failedStepRef(record, task);
@@ -258,7 +265,7 @@ export function elapsedMs(record, now = Date.now()) {
 }
 
 export function canCancel(record) {
-  return record.state === "queued" || record.state === "running" || record.state === "retrying";
+  return ["scheduled", "queued", "running", "retrying"].includes(record.state);
 }
 
 export function canRetry(record) {

@@ -149,6 +149,10 @@ class Dashboard:
 
     # -- navigation -------------------------------------------------------------------------
 
+    def goto(self, path: str = "/") -> Dashboard:
+        self.page.goto(self.base_url + path)
+        return self
+
     def open(self, path: str = "/") -> Dashboard:
         self.page.goto(self.base_url + path)
         self.expect_connection("Live")
@@ -247,5 +251,5 @@ class Dashboard:
     def screenshot(self, name: str, target: Path | None = None) -> Path:
         ARTIFACTS.mkdir(exist_ok=True)
         path = target or ARTIFACTS / name
-        self.page.screenshot(path=str(path))
+        self.page.screenshot(path=str(path), animations="disabled")
         return path
