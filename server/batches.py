@@ -186,7 +186,15 @@ async def cancel_batch(state: AppState, parent: JobRecord) -> Response:
         state.store.keys.batch_children(parent.id), 0, -1
     )
     for child in await state.store.get_many(child_ids):
-        if child is None or child.state.terminal:
+        if child is None:
+            continue
+        if child.state.terminal:
+            # Counted already, normally (a no-op then); this repairs a report that was lost
+            # (a worker killed between a child's end and its report), so the parent can end.
+            error = child.error.model_dump() if child.error else None
+            await batches.child_finished(
+                state.store, child, child.state.value, result=child.result, error=error
+            )
             continue
         if await cancel_waiting(state, child, "the batch was cancelled"):
             continue

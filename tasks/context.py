@@ -268,7 +268,8 @@ class TaskContext:
                 record.state = state
                 record.finished_at = utcnow()
                 record.usage = self._step_usage  # what the failed step spent, for the record
-        return {"steps": self._steps_json()}
+        # The spending totals too: a call's own append may have been refused (a cancel).
+        return {"steps": self._steps_json(), "usage": self.usage.model_dump(), "cost": self.cost}
 
     def _steps_json(self) -> list[dict[str, Any]]:
         return [s.model_dump(mode="json") for s in self.steps]

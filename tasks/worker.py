@@ -13,7 +13,7 @@ from arq.connections import RedisSettings
 from arq.worker import func
 from redis.exceptions import ConnectionError, TimeoutError
 
-from tasks import alerts, recurring
+from tasks import alerts, llm, recurring
 from tasks.alerts import AlertSender
 from tasks.connection import connect, patient_retry
 from tasks.heartbeat import Heartbeat
@@ -59,6 +59,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         await ctx["alert_sender"].close(grace=5.0)
     if "job_monitor" in ctx:
         await ctx["job_monitor"].stop()
+    await llm.close_providers()  # the LLM providers' HTTP connection pools
     if "store_redis" in ctx:
         await ctx["store_redis"].aclose()
 
