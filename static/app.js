@@ -126,6 +126,7 @@ async function loadList({ more = false } = {}) {
     if (!more || nextCursor) nextCursor = data.next_cursor;
     $("#load-more").hidden = !nextCursor;
     list.showEmpty();
+    foldFormOnPhones();
   } catch (error) {
     if (!jobs.size) toast(`Could not load jobs: ${error.message}`, "error");
   } finally {
@@ -285,6 +286,22 @@ async function loadTasks() {
 }
 
 taskSelect.addEventListener("change", () => selectTask(taskSelect.value));
+
+// On narrow screens the form starts folded when there are jobs to look at.
+const formPanel = $(".form-panel");
+const formToggle = $("#form-toggle");
+function setFormOpen(open) {
+  formPanel.classList.toggle("collapsed", !open);
+  formToggle.setAttribute("aria-expanded", String(open));
+  setText(formToggle, open ? "Hide" : "Show");
+}
+formToggle.addEventListener("click", () => setFormOpen(formPanel.classList.contains("collapsed")));
+let formFolded = false;
+function foldFormOnPhones() {
+  if (formFolded || !matchMedia("(max-width: 960px)").matches) return;
+  formFolded = true;
+  setFormOpen(jobs.size === 0);
+}
 $("#fill-sample").addEventListener("click", () => form.fillSample());
 
 $("#job-form").addEventListener("submit", async (event) => {

@@ -14,6 +14,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import pytest
 from playwright.sync_api import Browser, expect
 
@@ -335,8 +336,11 @@ def test_production_mode_signs_in_with_an_api_key_and_renews_stream_tokens(
 
 
 def test_html_in_an_input_is_shown_as_text_and_runs_nothing(
-    dashboard: OpenDashboard,
+    stack: Stack, dashboard: OpenDashboard
 ) -> None:
+    # The page is served with a policy that forbids inline script and style.
+    policy = httpx.get(f"{stack.url}/", timeout=10).headers["content-security-policy"]
+    assert "script-src 'self'" in policy and "unsafe-inline" not in policy, policy
     title = "<img src=x onerror=window.__xss=1>"
     text = "<script>window.__xss=2</script> Plain words follow here. Another sentence ends."
     page = dashboard()

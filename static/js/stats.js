@@ -99,7 +99,7 @@ export function renderStats(el, stats, taskOf) {
       h(
         "span",
         { class: "stats-note" },
-        [window ? `Finished counts: ${window}` : null, `${number(stats.streams_open ?? 0)} live streams on this web process`]
+        [window ? `Finished counts: ${window}` : null, `${number(stats.streams_open ?? 0)} live ${stats.streams_open === 1 ? "stream" : "streams"} on this web process`]
           .filter(Boolean)
           .join(" · "),
       ),

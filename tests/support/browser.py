@@ -134,8 +134,11 @@ class Dashboard:
 
     @staticmethod
     def _with_csp(route: Route) -> None:
+        """The server sends its own CSP (server/security.py); without one, ours applies."""
         response = route.fetch()
-        headers = {**response.headers, "content-security-policy": CSP}
+        headers = dict(response.headers)
+        if not any(name.lower() == "content-security-policy" for name in headers):
+            headers["content-security-policy"] = CSP
         route.fulfill(response=response, headers=headers)
 
     def _console(self, message: ConsoleMessage) -> None:
