@@ -56,7 +56,7 @@ def parse_submit_options(body: dict[str, Any], settings: Settings) -> SubmitOpti
             raise ApiError(422, "invalid_body", "`budget` must be a number of at least 0")
     run_at = None
     delay = None
-    if "run_at" in body and "delay" in body:
+    if body.get("run_at") is not None and body.get("delay") is not None:
         raise ApiError(422, "invalid_body", "give `run_at` or `delay`, not both")
     now = datetime.now(UTC)
     if body.get("delay") is not None:
@@ -75,7 +75,9 @@ def parse_submit_options(body: dict[str, Any], settings: Settings) -> SubmitOpti
             if not isinstance(raw, str) or "T" not in raw.upper():
                 raise ValueError(raw)
             when = datetime.fromisoformat(raw.replace("z", "Z"))
-        except ValueError:
+            if when.tzinfo is not None:
+                when = when.astimezone(UTC)  # year 1 at +01:00 overflows here
+        except (ValueError, OverflowError):
             raise ApiError(
                 422,
                 "invalid_body",
@@ -83,7 +85,6 @@ def parse_submit_options(body: dict[str, Any], settings: Settings) -> SubmitOpti
             ) from None
         if when.tzinfo is None:
             raise ApiError(422, "invalid_body", "`run_at` needs a zone (Z or +hh:mm)")
-        when = when.astimezone(UTC)
         if when - now > timedelta(seconds=settings.max_delay_seconds):
             raise ApiError(
                 422,

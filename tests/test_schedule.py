@@ -92,6 +92,8 @@ def test_a_cancelled_scheduled_job_never_runs(ai_stack: Stack) -> None:
         {"run_at": "tomorrow"},
         {"run_at": "2030-01-01T09:00:00"},  # no zone
         {"run_at": "2030-01-01"},
+        {"run_at": "0001-01-01T00:00:00+01:00"},  # overflows when turned to UTC
+        {"run_at": "9999-12-31T23:59:59Z"},
         {"run_at": "2030-01-01T09:00:00Z", "delay": 5},
         {"when": 5},
     ],
