@@ -8,6 +8,8 @@ the same events from the same worker.
 ``uvicorn bench.baseline_app:app`` (the benchmarks start it themselves).
 
 - ``GET /events/{job_id}``: live events of one job (the common recipe has no replay).
+- ``POST /jobs``: the common recipe's submit: enqueue an arq job, answer its id (no record,
+  no log), for the throughput benchmark.
 - ``GET /replay/{job_id}``: the naive replay, for the resume benchmark: ``XRANGE`` after
   ``Last-Event-ID`` and one ``ServerSentEvent`` (one encode, one send) per event.
 """
@@ -20,6 +22,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from arq.connections import ArqRedis, RedisSettings, create_pool
 from redis.asyncio import Redis
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.applications import Starlette
@@ -33,16 +36,26 @@ CHANNEL = f"{PREFIX}live"
 TERMINAL = {"completed", "failed", "cancelled"}
 
 redis: Redis
+arq: ArqRedis
 
 
 @asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
-    global redis
+    global redis, arq
     redis = Redis.from_url(REDIS_URL, decode_responses=True)
+    arq = await create_pool(RedisSettings.from_dsn(REDIS_URL))
     try:
         yield
     finally:
+        await arq.aclose()
         await redis.aclose()
+
+
+async def submit(request: Request) -> Response:
+    body = json.loads(await request.body())
+    job = await arq.enqueue_job("baseline_task", body, _queue_name=f"{PREFIX}baseline-queue")
+    assert job is not None
+    return JSONResponse({"id": job.job_id}, status_code=202)
 
 
 async def job_events(request: Request) -> Response:
@@ -102,6 +115,7 @@ app = Starlette(
     routes=[
         Route("/events/{job_id}", job_events),
         Route("/replay/{job_id}", replay),
+        Route("/jobs", submit, methods=["POST"]),
         Route("/readyz", readyz),
     ],
     lifespan=lifespan,

@@ -192,8 +192,13 @@ class Bench:
     loadgens: list[LoadGen] = field(default_factory=list)
 
     def env(self, **extra: str) -> dict[str, str]:
-        # The per-owner stream limit (100 by default) would refuse the benchmark's clients.
-        limits = {"STEPSTREAM_MAX_STREAMS_PER_OWNER": "1000000"}
+        # The per-owner limits (100 streams, 50 submissions/s, 1,000 unfinished jobs by default)
+        # would refuse the benchmark's one anonymous owner.
+        limits = {
+            "STEPSTREAM_MAX_STREAMS_PER_OWNER": "1000000",
+            "STEPSTREAM_SUBMISSIONS_PER_SECOND": "1000000",
+            "STEPSTREAM_MAX_UNFINISHED_PER_OWNER": "100000000",
+        }
         return stack_env(self.valkey.url, PREFIX, **{**limits, **extra})
 
     def web(self, **extra: str) -> Web:

@@ -1,0 +1,343 @@
+"""Throughput: submissions per second, appended events per second, and submit -> started.
+
+- Submissions: ``POST /api/jobs`` from 32 keep-alive connections for a few seconds, against one
+  web process (no worker, so the jobs stay queued). Baseline: the common recipe's submit, a
+  Starlette endpoint that only enqueues an arq job (``POST /jobs`` in ``bench/baseline_app.py``):
+  no record, no event log, no validation.
+- Appends: ``JobStore.append`` (one Lua script per event: both streams, the record, publish)
+  called from this process, one at a time and from 16 coroutines; the same script pipelined
+  100 at a time (what a pipelined ``JobStore.append_many`` would do); and through the task
+  context in a worker (the ``burst`` task). Baseline: a bare ``PUBLISH`` per event, which keeps
+  no log at all.
+- Submit -> started on an idle worker: from just before the POST to the ``at`` of the job's
+  ``started`` event. Ours polls the queue every 10 ms (``STEPSTREAM_POLL_DELAY_SECONDS``);
+  baseline: the same worker at arq's default ``poll_delay`` of 0.5 s.
+
+    /work/.venv/bin/python -m bench.throughput
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from datetime import datetime
+from typing import Any
+
+from redis.asyncio import Redis
+
+from bench.common import (
+    Bench,
+    bench,
+    fmt,
+    machine,
+    percentile,
+    print_table,
+    ratio,
+    submit,
+    wait_state,
+)
+from tasks.models import JobRecord, JobState, utcnow
+from tasks.settings import Settings
+from tasks.store import JobStore, new_event
+
+
+def at_epoch(value: str) -> float:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+# -- submissions -----------------------------------------------------------------------------
+
+
+def submissions(run: Bench, port: int, path: str, body: str, seconds: float) -> tuple[float, Any]:
+    gen = run.loadgen(
+        "post",
+        "--port",
+        str(port),
+        "--path",
+        path,
+        "--body",
+        body,
+        "--concurrency",
+        "32",
+        "--duration",
+        str(seconds),
+    )
+    gen.read()
+    result = gen.read()
+    gen.stop()
+    ok = sum(v for k, v in result["statuses"].items() if k in ("200", "202"))
+    return ok / result["elapsed_s"], result
+
+
+# -- appends ---------------------------------------------------------------------------------
+
+
+async def make_jobs(store: JobStore, count: int) -> list[str]:
+    ids = []
+    for i in range(count):
+        job_id = f"append-bench-{i}-{time.time_ns()}"
+        record = JobRecord(
+            id=job_id,
+            task="burst",
+            owner=None,
+            state=JobState.running,
+            input={},
+            max_attempts=1,
+            created_at=utcnow(),
+            steps=[],
+        )
+        appended = await store.create(record, new_event(job_id, "queued", 0, input={}))
+        assert appended.ok
+        ids.append(job_id)
+    return ids
+
+
+def progress_event(job_id: str, i: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    message = f"event {i}"
+    event = new_event(job_id, "progress", 1, current=i, total=1_000_000, message=message)
+    return event, {"progress": 0.5, "message": message}
+
+
+async def appends_per_second(
+    store: JobStore, ids: list[str], concurrency: int, seconds: float
+) -> float:
+    done = 0
+    end = time.perf_counter() + seconds
+
+    async def writer(job_id: str) -> None:
+        nonlocal done
+        i = 0
+        while time.perf_counter() < end:
+            event, fields = progress_event(job_id, i)
+            appended = await store.append(job_id, event, fields, expect=(JobState.running,))
+            assert appended.ok
+            i += 1
+            done += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(writer(ids[k % len(ids)]) for k in range(concurrency)))
+    return done / (time.perf_counter() - start)
+
+
+async def pipelined_appends_per_second(
+    store: JobStore, redis: Redis, ids: list[str], batch: int, seconds: float
+) -> float:
+    """The same Lua append, ``batch`` per round trip: what a pipelined store method would do."""
+    captured: list[tuple[list[str], list[Any]]] = []
+
+    async def capture(keys: list[str], args: list[Any]) -> list[str]:
+        captured.append((keys, args))
+        return ["1-0", "1-0"]
+
+    script = store._append
+    sha = script.sha
+    done = 0
+    end = time.perf_counter() + seconds
+    start = time.perf_counter()
+    i = 0
+    while time.perf_counter() < end:
+        captured.clear()
+        store._append = capture  # type: ignore[assignment]
+        try:
+            for k in range(batch):
+                job_id = ids[k % len(ids)]
+                event, fields = progress_event(job_id, i)
+                await store.append(job_id, event, fields, expect=(JobState.running,))
+                i += 1
+        finally:
+            store._append = script
+        async with redis.pipeline(transaction=False) as pipe:
+            for keys, args in captured:
+                pipe.evalsha(sha, len(keys), *keys, *args)
+            results = await pipe.execute()
+        assert all(r[0] for r in results)
+        done += len(results)
+    return done / (time.perf_counter() - start)
+
+
+async def publish_per_second(redis: Redis, channel: str, seconds: float) -> float:
+    done = 0
+    end = time.perf_counter() + seconds
+    start = time.perf_counter()
+    payload = json.dumps(progress_event("baseline", 1)[0])
+    while time.perf_counter() < end:
+        await redis.publish(channel, payload)
+        done += 1
+    return done / (time.perf_counter() - start)
+
+
+async def store_figures(url: str, seconds: float) -> dict[str, float]:
+    settings = Settings(redis_url=url, prefix="bench:")
+    redis = Redis.from_url(url, decode_responses=True)
+    store = JobStore(redis, settings)
+    try:
+        ids = await make_jobs(store, 16)
+        return {
+            "sequential": await appends_per_second(store, ids, 1, seconds),
+            "concurrent": await appends_per_second(store, ids, 16, seconds),
+            "pipelined": await pipelined_appends_per_second(store, redis, ids, 100, seconds),
+            "publish": await publish_per_second(redis, "bench:baseline-channel", seconds),
+        }
+    finally:
+        await redis.aclose()
+
+
+def through_context(run: Bench, base: str, events: int) -> float:
+    job = submit(base, "burst", {"events": events})
+    wait_state(base, job["id"], {"completed", "failed"}, timeout=120)
+    redis = run.redis()
+    rows = redis.xrange(f"bench:job:{{{job['id']}}}:events")
+    redis.close()
+    ats = [at_epoch(json.loads(fields["e"])["at"]) for _, fields in rows]
+    types = [json.loads(fields["e"])["type"] for _, fields in rows]
+    first = ats[types.index("progress")]
+    last = ats[len(types) - 1 - types[::-1].index("progress")]
+    return (events - 1) / (last - first)
+
+
+# -- submit -> started -----------------------------------------------------------------------
+
+
+def submit_to_started(run: Bench, base: str, samples: int) -> tuple[list[float], list[float]]:
+    """Submit -> started, and the worker's part of it (the job's queued.at -> started.at)."""
+    redis = run.redis()
+    pubsub = redis.pubsub()
+    pubsub.subscribe("bench:live")
+    pubsub.get_message(timeout=1)
+    latencies = []
+    pickup = []
+    for _ in range(samples):
+        time.sleep(0.05)  # the worker is idle again
+        sent = time.time()
+        job = submit(base, "burst", {"events": 1})
+        deadline = time.monotonic() + 10
+        queued_at = sent
+        while time.monotonic() < deadline:
+            message = pubsub.get_message(timeout=1)
+            if message is None or message["type"] != "message":
+                continue
+            event = json.loads(message["data"])["event"]
+            if event["job_id"] == job["id"] and event["type"] == "queued":
+                queued_at = at_epoch(event["at"])
+            if event["job_id"] == job["id"] and event["type"] == "started":
+                latencies.append((at_epoch(event["at"]) - sent) * 1000)
+                pickup.append((at_epoch(event["at"]) - queued_at) * 1000)
+                break
+    pubsub.close()
+    redis.close()
+    return latencies, pickup
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--samples", type=int, default=40)
+    parser.add_argument("--burst", type=int, default=5_000)
+    parser.add_argument("--keep-logs", action="store_true")
+    args = parser.parse_args()
+
+    print(f"machine: {machine()}")
+    with bench(keep_logs=args.keep_logs) as run:
+        web = run.web()
+        baseline = run.baseline()
+        body = json.dumps({"task": "burst", "input": {"events": 1}})
+        ours_submit, ours_raw = submissions(run, web.port, "/api/jobs", body, args.seconds)
+        base_submit, base_raw = submissions(run, baseline.port, "/jobs", body, args.seconds)
+        run.stop(baseline)
+
+        figures = asyncio.run(store_figures(run.valkey.url, args.seconds))
+
+        worker = run.worker()
+        time.sleep(1)
+        # The queued jobs from the submission test run first; wait for them to drain.
+        context_rate = through_context(run, web.url, args.burst)
+        fast, fast_pickup = submit_to_started(run, web.url, args.samples)
+        run.stop(worker)
+        run.worker(STEPSTREAM_POLL_DELAY_SECONDS="0.5")
+        time.sleep(1)
+        slow, slow_pickup = submit_to_started(run, web.url, args.samples)
+
+    print_table(
+        "Throughput (higher is better)",
+        ["what", "ours", "baseline", "ratio", "baseline is"],
+        [
+            [
+                "submissions/s, one web process",
+                fmt(ours_submit, 0),
+                fmt(base_submit, 0),
+                f"{ours_submit / base_submit:.2f}x",
+                "arq enqueue only, no record/log",
+            ],
+            [
+                "submit p50 latency ms (32 in flight)",
+                fmt(percentile(ours_raw["latencies_ms"], 50)),
+                fmt(percentile(base_raw["latencies_ms"], 50)),
+                "",
+                "",
+            ],
+            [
+                "appends/s, JobStore.append, sequential",
+                fmt(figures["sequential"], 0),
+                fmt(figures["publish"], 0),
+                f"{figures['sequential'] / figures['publish']:.2f}x",
+                "bare PUBLISH, sequential",
+            ],
+            [
+                "appends/s, JobStore.append, 16 concurrent",
+                fmt(figures["concurrent"], 0),
+                "",
+                "",
+                "",
+            ],
+            [
+                "appends/s, same script pipelined x100",
+                fmt(figures["pipelined"], 0),
+                "",
+                "",
+                "(not in the store yet)",
+            ],
+            [
+                f"events/s through the task context ({args.burst:,})",
+                fmt(context_rate, 0),
+                "",
+                "",
+                "",
+            ],
+        ],
+    )
+    print_table(
+        "Submit -> started on an idle worker (ms, lower is better)",
+        ["worker", "p50", "p99", "max", "samples", "queued -> started p50"],
+        [
+            [
+                "ours (poll every 10 ms)",
+                fmt(percentile(fast, 50)),
+                fmt(percentile(fast, 99)),
+                fmt(max(fast)),
+                fmt(len(fast)),
+                fmt(percentile(fast_pickup, 50)),
+            ],
+            [
+                "arq default (poll every 500 ms)",
+                fmt(percentile(slow, 50)),
+                fmt(percentile(slow, 99)),
+                fmt(max(slow)),
+                fmt(len(slow)),
+                fmt(percentile(slow_pickup, 50)),
+            ],
+            [
+                "ratio",
+                ratio(percentile(slow, 50), percentile(fast, 50)),
+                ratio(percentile(slow, 99), percentile(fast, 99)),
+                "",
+                "",
+                "",
+            ],
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()
