@@ -167,3 +167,17 @@ def test_resending_a_delayed_request_with_its_idempotency_key_finds_the_same_job
     )
     assert other.status_code == 409
     httpx.post(f"{ai_stack.url}/api/jobs/{first.json()['id']}/cancel", timeout=10)
+
+
+def test_scheduled_jobs_count_toward_the_owners_unfinished_jobs(make_stack: StackFactory) -> None:
+    stack = make_stack(
+        workers=0, STEPSTREAM_TASK_MODULES=AI_TASKS, STEPSTREAM_MAX_UNFINISHED_PER_OWNER="2"
+    )
+    body = {"task": "ai_echo", "input": {}, "delay": 60}
+    first, second = (post(stack, body).json() for _ in range(2))
+    refused = post(stack, body)
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["error"]["code"] == "too_many_unfinished_jobs"
+    httpx.post(f"{stack.url}/api/jobs/{first['id']}/cancel", timeout=10)
+    assert post(stack, body).status_code == 202, "a cancelled scheduled job no longer counts"
+    assert get_job(stack.url, second["id"])["state"] == "scheduled"
