@@ -5,7 +5,7 @@
 // on open, the record is shown, so the view never runs backwards while catching up.
 
 import { h, clear, fill, setText } from "./dom.js";
-import { clockTime, dateTime, duration, parseTime, shortId } from "./format.js";
+import { clockTime, dateTime, duration, number, parseTime, shortId } from "./format.js";
 import { LiveStream } from "./live.js";
 import { createBar, updateBar } from "./bar.js";
 import {
@@ -22,6 +22,7 @@ import {
   messageLine,
   percent,
   stepLine,
+  taskTitle,
   TERMINAL,
 } from "./model.js";
 import { inlineValue, rawJson, renderValue } from "./value.js";
@@ -303,10 +304,15 @@ export class DetailView {
         text = `Cancelled${data.reason ? `: ${data.reason}` : ""}`;
         break;
       case "completed":
-        text = "Completed";
+        text = data.cached ? `Completed from the result cache (job ${shortId(data.source)})` : "Completed";
+        break;
+      case "progress":
+        if (!data.child) return; // progress has its own place
+        level = data.child.state === "completed" ? "event" : "warning";
+        text = `Item ${(data.child.index ?? 0) + 1} ${data.child.state}${data.child.error ? `: ${data.child.error.message}` : ""} · ${data.message || ""}`;
         break;
       default:
-        return; // steps and progress have their own places
+        return; // steps have their own place
     }
     els.logEmpty.hidden = true;
     els.log.hidden = false;
@@ -330,7 +336,7 @@ export class DetailView {
     if (!job || !record) return;
     const els = this.els;
     const task = this.taskOf(record.task);
-    setText(els.title, task?.title || record.task);
+    setText(els.title, taskTitle(record.task, this.taskOf));
     const label = inputLabel(record);
     setText(els.subtitle, [label, `Job ${shortId(record.id)}`].filter(Boolean).join(" · "));
     els.subtitle.title = record.id;
@@ -432,7 +438,8 @@ export class DetailView {
         if (start !== null && end !== null) time = duration(end - start);
       }
       setText(li.querySelector(".tl-time"), time);
-      const output = inlineValue(step.output);
+      const usage = step.usage?.calls ? `LLM: ${usageText(step.usage)}` : "";
+      const output = [inlineValue(step.output), usage].filter(Boolean).join(" · ");
       const outEl = li.querySelector(".tl-output");
       setText(outEl, output);
       outEl.hidden = !output;
@@ -459,12 +466,19 @@ export class DetailView {
     const els = this.els;
     const facts = [
       ["Job id", record.id],
+      record.batch_id ? ["Batch", `item ${(record.batch_index ?? 0) + 1} of batch ${shortId(record.batch_id)}`] : null,
+      record.batch ? ["Items", `${record.batch.size}: ${record.batch.completed} completed, ${record.batch.failed} failed, ${record.batch.cancelled} cancelled`] : null,
+      record.run_at ? ["Scheduled for", dateTime(record.run_at)] : null,
       ["Created", dateTime(record.created_at)],
       ["Started", record.started_at ? dateTime(record.started_at) : "not yet"],
       ["Finished", record.finished_at && TERMINAL.has(record.state) ? dateTime(record.finished_at) : "—"],
       ["Elapsed", duration(elapsedMs(record)) || "—"],
       ["Attempt", record.attempt ? `${record.attempt} of ${record.max_attempts}` : "not started"],
-    ];
+      record.usage?.calls ? ["LLM usage", usageText(record.usage)] : null,
+      record.usage?.calls || record.budget != null
+        ? ["Cost", `${number(record.cost || 0)}${record.budget != null ? ` of a ${number(record.budget)} budget` : ""}`]
+        : null,
+    ].filter(Boolean);
     const key = JSON.stringify(facts);
     if (key !== this._factsKey) {
       this._factsKey = key;
@@ -473,4 +487,9 @@ export class DetailView {
     const input = rawJson(record.input);
     if (els.input.textContent !== input) els.input.textContent = input;
   }
+}
+
+function usageText(usage) {
+  const calls = `${usage.calls} ${usage.calls === 1 ? "call" : "calls"}`;
+  return `${calls} · ${number(usage.input_tokens)} tokens in, ${number(usage.output_tokens)} out · ${duration(usage.duration_ms)}`;
 }

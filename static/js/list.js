@@ -11,6 +11,7 @@ import {
   messageLine,
   percent,
   stepLine,
+  taskTitle,
   TERMINAL,
 } from "./model.js";
 import { createBar, updateBar } from "./bar.js";
@@ -54,7 +55,7 @@ export class JobList {
 
   _create(record) {
     const task = this.taskOf(record.task);
-    const title = h("span", { class: "job-title" }, task?.title || record.task);
+    const title = h("span", { class: "job-title" }, taskTitle(record.task, this.taskOf));
     const label = h("span", { class: "job-label" });
     const link = h(
       "a",
@@ -77,7 +78,7 @@ export class JobList {
         },
       },
     });
-    const bar = createBar(`Progress of ${task?.title || record.task} ${shortId(record.id)}`);
+    const bar = createBar(`Progress of ${taskTitle(record.task, this.taskOf)} ${shortId(record.id)}`);
     bar.el.dataset.jobId = record.id;
     const step = h("span", { class: "job-step" });
     const message = h("span", { class: "job-message" });
@@ -111,7 +112,7 @@ export class JobList {
     const task = this.taskOf(record.task);
     const value = percent(record);
     row.el.dataset.state = record.state;
-    setText(row.title, task?.title || record.task);
+    setText(row.title, taskTitle(record.task, this.taskOf));
     setText(row.label, inputLabel(record));
     setText(row.badge, STATE_LABELS[record.state] || record.state);
     row.badge.dataset.state = record.state;

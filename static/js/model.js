@@ -68,7 +68,10 @@ export function applyEvent(record, event, eventId) {
   const at = event.at;
   switch (event.type) {
     case "queued":
-      record.state = "queued";
+      // A job submitted with a start time waits as "scheduled" until a worker starts it.
+      record.state = event.run_at ? "scheduled" : "queued";
+      if (event.run_at) record.run_at = event.run_at;
+      if (event.cached) record.cached = true;
       if (event.reason === "retry") {
         record.error = null;
         record.result = null;
@@ -105,8 +108,12 @@ export function applyEvent(record, event, eventId) {
       const fraction = event.total > 0 ? clamp(event.current / event.total, 0, 1) : 0;
       record.progress = (index - 1 + fraction) / count;
       record.message = event.message ?? null;
+      if (event.counts) record.batch = event.counts; // a batch parent: one report per item
       break;
     }
+    case "log":
+      if (event.usage) addUsage(record, event.usage); // one answered LLM call
+      break;
     case "step_completed": {
       const ref = event.step;
       setStep(record, ref, {
@@ -114,6 +121,7 @@ export function applyEvent(record, event, eventId) {
         finished_at: at,
         duration_ms: event.duration_ms ?? null,
         output: event.output ?? null,
+        ...(event.usage ? { usage: event.usage } : {}),
       });
       if (event.restored) record.step = ref;
       record.progress = ref.index / ref.count;
@@ -129,6 +137,7 @@ export function applyEvent(record, event, eventId) {
       break;
     case "completed":
       record.state = "completed";
+      if (event.cached) record.cached = true;
       record.result = event.result ?? null;
       record.progress = 1;
       record.message = null;
@@ -155,6 +164,16 @@ export function applyEvent(record, event, eventId) {
   return record;
 }
 
+function addUsage(record, usage) {
+  const total = { calls: 0, input_tokens: 0, output_tokens: 0, duration_ms: 0, ...(record.usage || {}) };
+  total.calls += usage.calls ?? 1;
+  total.input_tokens += usage.input_tokens || 0;
+  total.output_tokens += usage.output_tokens || 0;
+  total.duration_ms += usage.duration_ms || 0;
+  record.usage = total;
+  if (typeof usage.cost === "number") record.cost = (record.cost || 0) + usage.cost;
+}
+
 /** An empty projection for a job whose whole log is about to be replayed from the start. */
 export function emptyProjection(record) {
   return {
@@ -164,6 +183,14 @@ export function emptyProjection(record) {
     input: record.input,
     created_at: record.created_at,
     max_attempts: record.max_attempts,
+    budget: record.budget ?? null,
+    batch_id: record.batch_id ?? null,
+    batch_index: record.batch_index ?? null,
+    batch: record.batch ? { ...record.batch, done: 0, completed: 0, failed: 0, cancelled: 0 } : null,
+    usage: null,
+    cost: 0,
+    cached: false,
+    run_at: null,
     state: "queued",
     step: null,
     progress: 0,
@@ -204,6 +231,7 @@ export function stepLine(record, task, now = Date.now()) {
     case "queued":
       return record.attempt > 0 ? "Queued to run again" : "Waiting in the queue";
     case "running":
+      if (record.batch) return `${record.batch.done ?? 0} of ${record.batch.size} items done`;
       return ref ? `Step ${ref.index} of ${ref.count} · ${ref.name}` : "Starting…";
     case "retrying": {
       const at = parseTime(record.retry_at);
@@ -216,6 +244,7 @@ export function stepLine(record, task, now = Date.now()) {
     }
     case "completed":
       if (record.cached) return "Completed from the result cache";
+      if (record.batch) return `Completed all ${record.batch.size} items`;
       return count ? `Completed all ${count} steps` : "Completed";
     case "failed": {
       const failedStep = failedStepRef(record, task);
@@ -247,12 +276,23 @@ export function failedStepRef(record, task) {
 }
 
 /** The live line under the bar. */
+export const BATCH_PREFIX = "batch:";
+
+/** A task's title for people; a batch parent is named after its items' task. */
+export function taskTitle(name, taskOf) {
+  if (name?.startsWith(BATCH_PREFIX)) {
+    const inner = name.slice(BATCH_PREFIX.length);
+    return `Batch · ${taskOf(inner)?.title || inner}`;
+  }
+  return taskOf(name)?.title || name;
+}
+
 export function messageLine(record) {
   if (record.state === "failed" || record.state === "retrying") {
     return record.error?.message || record.message || "";
   }
   if (record.state === "cancelled") return record.cancel_reason || "Cancelled by request";
-  if (record.state === "completed") return "";
+  if (record.state === "completed") return record.batch ? record.message || "" : "";
   return record.message || "";
 }
 
