@@ -239,12 +239,12 @@ export class DetailView {
         els.message,
       ),
       els.error,
-      h(
+      (els.stepsSection = h(
         "section",
         { class: "detail-section", "aria-labelledby": "steps-title" },
         h("h3", { id: "steps-title" }, "Steps"),
         els.steps,
-      ),
+      )),
       els.result,
       h(
         "section",
@@ -408,6 +408,7 @@ export class DetailView {
     const count = Math.max(names.length, record.step?.count || 0, ...(record.steps || []).map((s) => s.index));
     const byIndex = new Map((record.steps || []).map((s) => [s.index, s]));
     const now = Date.now();
+    els.stepsSection.hidden = count === 0; // a batch parent has items, not steps
     while (els.steps.children.length > count) els.steps.lastChild.remove();
     for (let index = 1; index <= count; index++) {
       const step = byIndex.get(index) || { index, name: names[index - 1] || `Step ${index}`, state: "pending" };

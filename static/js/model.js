@@ -140,7 +140,7 @@ export function applyEvent(record, event, eventId) {
       if (event.cached) record.cached = true;
       record.result = event.result ?? null;
       record.progress = 1;
-      record.message = null;
+      if (!record.batch) record.message = null; // a batch keeps its "50 of 50 done (2 failed)"
       record.finished_at = at;
       break;
     case "failed":
@@ -245,6 +245,7 @@ export function stepLine(record, task, now = Date.now()) {
     case "completed":
       if (record.cached) return "Completed from the result cache";
       if (record.batch) return `Completed all ${record.batch.size} items`;
+      if (count === 1) return "Completed its one step";
       return count ? `Completed all ${count} steps` : "Completed";
     case "failed": {
       const failedStep = failedStepRef(record, task);
@@ -314,6 +315,7 @@ export function canRetry(record) {
 
 /** A short label from the input, so jobs of one task can be told apart. */
 export function inputLabel(record) {
+  if (record.batch) return `${record.batch.size} ${record.batch.size === 1 ? "item" : "items"}`;
   const input = record.input || {};
   for (const key of ["title", "name", "client", "label", "query", "text"]) {
     if (typeof input[key] === "string" && input[key].trim()) return input[key].trim();
