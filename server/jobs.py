@@ -38,7 +38,7 @@ def new_job_id() -> str:
 async def read_json(request: Request, max_bytes: int) -> Any:
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
+        if not (declared.isascii() and declared.isdigit()):
             raise ApiError(400, "bad_request", "Content-Length is not a number")
         if int(declared) > max_bytes:
             raise _too_large(max_bytes)
@@ -445,7 +445,9 @@ async def list_jobs(request: Request) -> Response:
             )
         states = frozenset(JobState(n) for n in names)
     raw_limit = params.get("limit", "50")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= state.settings.list_limit_max:
+    if not (raw_limit.isascii() and raw_limit.isdigit()) or not (
+        1 <= int(raw_limit) <= state.settings.list_limit_max
+    ):
         raise ApiError(
             400,
             "bad_limit",

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
 class JobState(StrEnum):
+    scheduled = "scheduled"
     queued = "queued"
     running = "running"
     retrying = "retrying"

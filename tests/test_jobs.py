@@ -187,6 +187,7 @@ def test_a_body_without_content_length_is_limited_while_reading(
         ("/api/jobs", {"status": "done"}, 400, "bad_status"),
         ("/api/jobs", {"limit": "0"}, 400, "bad_limit"),
         ("/api/jobs", {"limit": "abc"}, 400, "bad_limit"),
+        ("/api/jobs", {"limit": "²"}, 400, "bad_limit"),
         ("/api/jobs", {"cursor": "!!!"}, 400, "bad_cursor"),
         ("/api/jobs", {"cursor": "bm9jb2xvbg"}, 400, "bad_cursor"),
         ("/api/events", {"after": "yesterday"}, 400, "bad_cursor"),
