@@ -28,7 +28,12 @@ from tasks.store import JobStore
 # The most queue entries one request reads. Past it, counts by state are of the oldest entries
 # (running jobs and the longest waiting sort first) and ``scan_truncated`` says so.
 STATS_SCAN = 5_000
-ACTIVE = (JobState.queued.value, JobState.running.value, JobState.retrying.value)
+ACTIVE = (
+    JobState.scheduled.value,
+    JobState.queued.value,
+    JobState.running.value,
+    JobState.retrying.value,
+)
 WAITING = (JobState.queued.value, JobState.retrying.value)
 
 
