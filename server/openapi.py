@@ -26,6 +26,11 @@ ERROR = {
     },
 }
 CURSOR = {"type": "string", "pattern": "^(0|[0-9]+-[0-9]+)$"}
+SUBMIT_OPTIONS: dict[str, Any] = {
+    "budget": {"type": "number", "minimum": 0, "description": "most this job may spend"},
+    "run_at": {"type": ["string", "null"], "format": "date-time", "description": "start then"},
+    "delay": {"type": "number", "minimum": 0, "description": "start after so many seconds"},
+}
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -61,6 +66,7 @@ def document() -> dict[str, Any]:
             "properties": {
                 "task": {"const": spec.name},
                 "input": spec.input_model.model_json_schema(ref_template="#/$defs/{model}"),
+                **SUBMIT_OPTIONS,
             },
         }
         for spec in all_tasks()
@@ -162,6 +168,48 @@ def document() -> dict[str, Any]:
                 "summary": "A short-lived token for the caller's firehose",
                 "responses": {"200": {"description": "{token, expires_at, scope}"}},
             }
+        },
+        "/api/batches": {
+            "post": {
+                "summary": "One job per input, under a parent job that counts them",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["task", "inputs"],
+                                "properties": {
+                                    "task": {"type": "string"},
+                                    "inputs": {"type": "array", "items": {"type": "object"}},
+                                    "budget": SUBMIT_OPTIONS["budget"],
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "202": _json("The parent job", "Job"),
+                    "422": _error("Unknown task, or an input that does not fit"),
+                },
+            }
+        },
+        "/api/batches/{job_id}": {
+            "get": {
+                "summary": "A batch: the parent and its children so far",
+                "parameters": [JOB_ID],
+                "responses": {"200": {"description": "ok"}, "404": _error("No such batch")},
+            }
+        },
+        "/api/batches/{job_id}/cancel": {
+            "post": {
+                "summary": "Cancel a batch and its children",
+                "parameters": [JOB_ID],
+                "responses": {"200": _json("Cancelled", "Job"), "409": _error("Finished")},
+            }
+        },
+        "/metrics": {
+            "get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "ok"}}}
         },
         "/api/tasks": {"get": {"summary": "Tasks", "responses": {"200": {"description": "ok"}}}},
         "/api/stats": {

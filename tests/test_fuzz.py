@@ -150,3 +150,22 @@ def test_the_openapi_document_describes_every_route(client: httpx.Client) -> Non
     )
     variants = doc["paths"]["/api/jobs"]["post"]["requestBody"]["content"]["application/json"]
     assert {v["title"] for v in variants["schema"]["oneOf"]} >= {"analyze_document"}
+
+
+@FUZZ
+@given(
+    body=st.one_of(
+        json_values,
+        st.builds(
+            lambda t, items, budget: {"task": t, "inputs": items, "budget": budget},
+            task_names,
+            st.lists(inputs, max_size=3),
+            st.none() | st.floats(allow_nan=False) | st.text(max_size=5),
+        ),
+    ),
+    delay=st.none() | st.floats(allow_nan=False) | st.integers() | st.text(max_size=10),
+)
+def test_batches_and_scheduling_options(client: httpx.Client, body: Any, delay: Any) -> None:
+    assert_sane(client.post("/api/batches", content=json.dumps(body)))
+    job = {"task": "analyze_document", "input": {"text": "A."}, "delay": delay}
+    assert_sane(client.post("/api/jobs", content=json.dumps(job)))
