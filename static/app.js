@@ -120,7 +120,7 @@ function mergeRecord(record) {
 async function loadList({ more = false } = {}) {
   listLoading += 1;
   try {
-    const query = more && nextCursor ? `?limit=50&cursor=${encodeURIComponent(nextCursor)}` : "?limit=50";
+    const query = more && nextCursor ? `?limit=100&cursor=${encodeURIComponent(nextCursor)}` : "?limit=100";
     const { data } = await api(`/api/jobs${query}`);
     for (const record of data.jobs) mergeRecord(record);
     if (!more || nextCursor) nextCursor = data.next_cursor;
@@ -153,7 +153,7 @@ function onFirehose(type, data) {
   detail.noticeEvent(id, data.event_id);
   const record = jobs.get(id);
   if (!record) {
-    fetchUnknown(id, data);
+    noteUnknown(id, data);
     return;
   }
   if (compareIds(data.event_id, record.last_event_id) <= 0) return; // already in the record
@@ -162,13 +162,50 @@ function onFirehose(type, data) {
   if (TERMINAL.has(data.type)) refreshStatsSoon();
 }
 
-/** A job we have no record of (new, or older than the first page): fetch it, then replay. */
-async function fetchUnknown(id, event) {
-  const waiting = pendingFetch.get(id);
-  if (waiting) {
-    waiting.push(event);
+// -- Jobs we have no record of ------------------------------------------------------------
+// New jobs (from another tab, a script, a batch of hundreds) are found with ONE list fetch
+// (they are the newest); the few still missing after it are fetched one by one. Their events
+// wait meanwhile and are applied in order before anything that arrived later.
+
+const MAX_SINGLE_FETCHES = 20;
+const OLD_EVENT_MS = 10 * 60_000;
+let unknown = new Map(); // job id -> its events, oldest first
+let unknownTimer = null;
+const listedOnce = new WeakSet(); // events already given a list fetch
+
+function noteUnknown(id, event) {
+  const inFlight = pendingFetch.get(id);
+  if (inFlight) {
+    inFlight.push(event);
     return;
   }
+  if (listedOnce.has(event)) {
+    fetchUnknown(id, event);
+    return;
+  }
+  if (!unknown.has(id)) {
+    // A backlog replay (after a reset) brings old jobs' events: those stay off the page.
+    const at = Date.parse(event.at);
+    if (event.type !== "queued" && Date.now() - at > OLD_EVENT_MS) return;
+    unknown.set(id, []);
+  }
+  unknown.get(id).push(event);
+  unknownTimer ??= setTimeout(resolveUnknown, 150);
+}
+
+function resolveUnknown() {
+  unknownTimer = null;
+  const waiting = [...unknown.values()].flat();
+  unknown = new Map();
+  for (const event of waiting) listedOnce.add(event);
+  // Older than anything buffered from now on: they go first.
+  buffered.unshift(...waiting);
+  loadList();
+}
+
+/** One job we still have no record of: fetch it, then replay what arrived meanwhile. */
+async function fetchUnknown(id, event) {
+  if (pendingFetch.size >= MAX_SINGLE_FETCHES) return; // a flood: "Show older jobs" has them
   pendingFetch.set(id, [event]);
   try {
     const { data } = await api(`/api/jobs/${encodeURIComponent(id)}`);

@@ -281,6 +281,40 @@ def test_ten_jobs_at_once_all_update_live_on_one_page(
     assert [s["url"].rsplit("/", 2)[-2:] for s in sources] == [["api", "events"]], sources
 
 
+def test_a_batch_shows_its_parent_counting_items_and_every_child(
+    stack: Stack, dashboard: OpenDashboard
+) -> None:
+    page = dashboard()
+    single_gets: list[str] = []
+    page.page.on(
+        "request",
+        lambda r: single_gets.append(r.url) if re.search(r"/api/jobs/[^/?]+$", r.url) else None,
+    )
+    inputs = [analyze(0.1, title=f"Chapter {i}") for i in range(1, 13)]
+    response = httpx.post(
+        f"{stack.url}/api/batches", json={"task": "analyze_document", "inputs": inputs}, timeout=10
+    )
+    assert response.status_code == 202, response.text
+    parent = response.json()["id"]
+    row = page.row(parent)
+    expect(row.locator(".job-title")).to_have_text("Batch · Analyse a document")
+    expect(row.locator(".job-label")).to_have_text("12 items")
+    page.expect_state(parent, "Completed", timeout=30_000)
+    expect(row.locator(".job-step")).to_have_text("Completed all 12 items")
+    expect(row.locator(".job-message")).to_have_text("12 of 12 done")
+    children = page.page.locator("li.job", has_text="Chapter")
+    expect(children).to_have_count(12)
+    expect(children.locator(".badge")).to_have_text(["Completed"] * 12)
+    history = page.progress_history(parent)
+    assert history == sorted(history) and any(0 < v < 100 for v in history), history
+    # Thirteen new jobs were found with list fetches, not one request per job.
+    assert len(single_gets) <= 3, single_gets
+
+    detail = page.open_detail(parent)
+    expect(detail.locator(".log")).to_contain_text("Item 12 completed")
+    expect(detail.locator(".facts")).to_contain_text("12: 12 completed, 0 failed, 0 cancelled")
+
+
 def test_production_mode_signs_in_with_an_api_key_and_renews_stream_tokens(
     browser: Browser, make_stack: StackFactory
 ) -> None:
