@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Generator
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -45,6 +46,66 @@ class EventStream:
         self.send_deadline = 0.0
         self._task: asyncio.Task[object] | None = None
         self._cancelled_by_us = False
+        self._send: Send | None = None
+        self._pending: tuple[Generator[Any, None, None], Any] | None = None
+        self._error: BaseException | None = None
+
+    # -- direct writes (see JobStream._direct) --------------------------------------------
+
+    def try_write(self, chunk: bytes) -> bool:
+        """Send ``chunk`` now, from the hub's loop over subscribers, without awaiting.
+
+        uvicorn's ``send`` returns without suspending unless the connection's write buffer is
+        over its high-water mark; the coroutine is stepped once by hand. If it suspends, it is
+        kept for ``flush`` (run by this stream's task, under the send timeout).
+        """
+        if self._send is None or self._pending is not None or self._error is not None:
+            return False
+        message: Message = {"type": "http.response.body", "body": chunk, "more_body": True}
+        coro = self._send(message).__await__()  # works for any awaitable, not only coroutines
+        try:
+            awaiting = coro.send(None)
+        except StopIteration:
+            return True
+        except BaseException as exc:  # raised again by flush(), in the stream's task
+            self._error = exc
+            return False
+        if getattr(awaiting, "_asyncio_future_blocking", False):
+            # What a Task does with a future its coroutine yields; `await` in flush() would
+            # otherwise refuse it ("await wasn't used with future").
+            awaiting._asyncio_future_blocking = False
+        self._pending = (coro, awaiting)
+        self.send_deadline = asyncio.get_running_loop().time() + self.send_timeout
+        return False
+
+    async def flush(self) -> None:
+        """Complete a direct write that could not finish at once."""
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        if self._pending is None:
+            return
+        coro, awaiting = self._pending
+        try:
+            while True:
+                try:
+                    if awaiting is None:
+                        await asyncio.sleep(0)
+                    else:
+                        await awaiting
+                except BaseException as exc:
+                    awaiting = coro.throw(exc)
+                else:
+                    try:
+                        awaiting = coro.send(None)
+                    except StopIteration:
+                        return
+                if getattr(awaiting, "_asyncio_future_blocking", False):
+                    awaiting._asyncio_future_blocking = False
+        finally:
+            self._pending = None
+            self.send_deadline = 0.0
+            coro.close()
 
     def send_timed_out(self) -> None:
         """Called by the hub's timer: the client stopped reading; give up on it."""
@@ -68,6 +129,7 @@ class EventStream:
             return
         loop = asyncio.get_running_loop()
         self._task = asyncio.current_task()
+        self._send = send
         watcher = asyncio.ensure_future(self._wait_disconnect(receive))
         watcher.add_done_callback(self._client_gone)
         self.hub.senders.add(self)
@@ -87,6 +149,10 @@ class EventStream:
                 task.uncancel()
         finally:
             self.hub.senders.discard(self)
+            self._send = None
+            if self._pending is not None:
+                self._pending[0].close()
+                self._pending = None
             watcher.remove_done_callback(self._client_gone)
             watcher.cancel()
             try:
@@ -122,7 +188,9 @@ async def job_events(request: Request) -> Response | EventStream:
         return Response(status_code=204)  # the standard's "stop reconnecting"
     open_stream(state, principal)
     stream = JobStream(state.store, state.hub, state.settings, record, cursor)
-    return sse_response(state, guarded(state, principal, stream.frames()))
+    response = sse_response(state, guarded(state, principal, stream.frames()))
+    stream.writer = response  # live frames may go straight from the hub to the client
+    return response
 
 
 async def firehose(request: Request) -> EventStream:

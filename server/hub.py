@@ -17,6 +17,7 @@ import json
 import logging
 import signal
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -66,7 +67,7 @@ class Subscriber:
     the reader takes everything pending at once, so a burst goes out in one write.
     """
 
-    __slots__ = ("items", "job_id", "maxsize", "overflowed", "owner", "waiter")
+    __slots__ = ("direct", "items", "job_id", "maxsize", "overflowed", "owner", "waiter")
 
     def __init__(self, job_id: str | None, owner: str | None, maxsize: int) -> None:
         self.job_id = job_id  # None: the firehose
@@ -75,6 +76,9 @@ class Subscriber:
         self.items: deque[QueueItem] = deque()
         self.waiter: asyncio.Future[None] | None = None
         self.overflowed = False
+        # Set while the stream waits with nothing queued: writes a frame straight to the
+        # client (True) or declines it (False: queue it). See JobStream._direct.
+        self.direct: Callable[[Frame], bool] | None = None
 
     def offer(self, item: QueueItem) -> bool:
         """Queue ``item``; False (and nothing queued) when the buffer is full."""
@@ -92,8 +96,8 @@ class Subscriber:
             waiter.set_result(None)
 
     async def take(self) -> list[QueueItem]:
-        """Everything pending, waiting for at least one item (or an overflow)."""
-        while not self.items and not self.overflowed:
+        """Everything pending, waiting for an item, an overflow or a ``wake`` (maybe nothing)."""
+        if not self.items and not self.overflowed:
             self.waiter = asyncio.get_running_loop().create_future()
             try:
                 await self.waiter
@@ -233,6 +237,9 @@ class Hub:
             # Subscriber.offer inlined: this loop runs once per subscriber per event.
             full: list[Subscriber] = []
             for subscriber in subscribers:
+                direct = subscriber.direct
+                if direct is not None and not subscriber.items and direct(item):
+                    continue  # written straight to the client
                 if len(subscriber.items) >= subscriber.maxsize:
                     full.append(subscriber)
                     continue

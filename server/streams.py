@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 from server.hub import CLOSE, RESYNC, Frame, Hub, Subscriber
 from server.sse import HEARTBEAT, firehose_data, frame, json_data
@@ -17,6 +18,18 @@ from tasks.settings import Settings
 from tasks.store import JobStore
 
 StreamId = tuple[int, int]
+
+
+class DirectWriter(Protocol):
+    """The response under a stream, letting the hub write a live frame straight to the client.
+
+    ``try_write`` is synchronous: True when the bytes went to the connection at once, False
+    when its write buffer is full (the write is then pending and ``flush`` completes it).
+    """
+
+    def try_write(self, chunk: bytes) -> bool: ...
+
+    async def flush(self) -> None: ...
 
 
 class JobStream:
@@ -38,6 +51,27 @@ class JobStream:
         self.last: StreamId = (-1, -1)
         self.ended = False
         self.subscriber: Subscriber
+        self.writer: DirectWriter | None = None
+
+    def _direct(self, item: Frame) -> bool:
+        """Called by the hub while this stream waits with nothing queued: write ``item`` now.
+
+        This skips waking the stream's task, the generators and the queue for every frame of
+        every subscriber: the fan-out is one loop of writes. False leaves ``item`` to the queue
+        (a terminal frame: the task sends it and ends the response).
+        """
+        if item.terminal:
+            return False
+        if item.job_event_id <= self.last:
+            return True  # already sent (the backlog had it)
+        self.last = item.job_event_id
+        assert self.writer is not None
+        if not self.writer.try_write(item.job_bytes):
+            # The client's buffer is full: the task completes that write (bounded by the send
+            # timeout) and takes every later frame from the queue (bounded by its length).
+            self.subscriber.direct = None
+            self.subscriber.wake()
+        return True
 
     async def frames(self) -> AsyncIterator[bytes]:
         self.subscriber = self.hub.subscribe(self.job_id)
@@ -46,7 +80,14 @@ class JobStream:
             async for chunk in self._start():
                 yield chunk
             while not self.ended:
-                items = await self.subscriber.take()
+                if self.writer is not None:
+                    self.subscriber.direct = self._direct
+                try:
+                    items = await self.subscriber.take()
+                finally:
+                    self.subscriber.direct = None
+                if self.writer is not None:
+                    await self.writer.flush()
                 if self.subscriber.overflowed:
                     return
                 # Everything pending goes out in one write: under load, fewer sends.
