@@ -91,6 +91,9 @@ function scheduleRender(id) {
     }
     dirty.clear();
     prune();
+    const active = [...jobs.values()].filter((r) => !TERMINAL.has(r.state)).length;
+    const title = active ? `(${active}) Stepstream` : "Stepstream";
+    if (document.title !== title) document.title = title;
   };
   requestAnimationFrame(run);
   setTimeout(run, 100); // rAF does not run in a hidden tab
@@ -356,7 +359,11 @@ $("#job-form").addEventListener("submit", async (event) => {
     const { data } = await api("/api/jobs", { method: "POST", body: { task, input: read.input } });
     form.clearErrors();
     mergeRecord(data);
-    setText($("#form-status"), `Started job ${shortId(data.id)}.`);
+    fill(
+      $("#form-status"),
+      `Started job ${shortId(data.id)}. `,
+      h("a", { href: `#/jobs/${encodeURIComponent(data.id)}` }, "Open it"),
+    );
     refreshStatsSoon();
   } catch (error) {
     setText($("#form-status"), "");
