@@ -16,7 +16,6 @@ import asyncio
 import json
 import logging
 import signal
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -73,7 +72,8 @@ class Subscriber:
         self.job_id = job_id  # None: the firehose
         self.owner = owner  # firehose only: None sees every job
         self.maxsize = maxsize
-        self.items: deque[QueueItem] = deque()
+        # A list, drained whole by take(): an empty one is 56 bytes, a deque's first block 600.
+        self.items: list[QueueItem] = []
         self.waiter: asyncio.Future[None] | None = None
         self.overflowed = False
         # Set while the stream waits with nothing queued: writes a frame straight to the
@@ -103,8 +103,9 @@ class Subscriber:
                 await self.waiter
             finally:
                 self.waiter = None
-        items = list(self.items)
-        self.items.clear()
+        items = self.items
+        if items:
+            self.items = []
         return items
 
 
