@@ -43,6 +43,7 @@ function updateConnection() {
   if (state === conn.state) return;
   conn.state = state;
   conn.el.dataset.state = state;
+  document.body.dataset.conn = state; // the queue-health numbers fade while they may be stale
   const labels = {
     live: "Live",
     reconnecting: "Reconnecting…",
@@ -499,6 +500,13 @@ async function start() {
     const active = [...jobs.values()].some((r) => !TERMINAL.has(r.state));
     if (active && document.visibilityState === "visible" && firehose.status === "live") loadList();
   }, RECONCILE_EVERY_MS);
+  // Back to this page from the browser's back/forward cache: catch up at once.
+  window.addEventListener("pageshow", (event) => {
+    if (!event.persisted || signedOut) return;
+    if (!firehose.source || firehose.source.readyState === EventSource.CLOSED) firehose.start();
+    loadList();
+    refreshStats();
+  });
   window.addEventListener("online", updateConnection);
   window.addEventListener("offline", updateConnection);
   document.addEventListener("visibilitychange", () => {

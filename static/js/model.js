@@ -103,6 +103,9 @@ export function applyEvent(record, event, eventId) {
       break;
     }
     case "progress": {
+      // Two items ending together may report out of order ("11 of 12" after "12 of 12"):
+      // a batch's count only goes up.
+      if (event.counts && record.batch && event.counts.done < (record.batch.done ?? 0)) break;
       const count = record.step?.count || 1;
       const index = record.step?.index || 1;
       const fraction = event.total > 0 ? clamp(event.current / event.total, 0, 1) : 0;
@@ -140,7 +143,11 @@ export function applyEvent(record, event, eventId) {
       if (event.cached) record.cached = true;
       record.result = event.result ?? null;
       record.progress = 1;
-      if (!record.batch) record.message = null; // a batch keeps its "50 of 50 done (2 failed)"
+      if (record.batch && event.result && typeof event.result.size === "number") {
+        // A batch ends with its final counts: "50 of 50 done (2 failed)".
+        record.batch = { ...record.batch, ...event.result, done: event.result.size };
+        record.message = batchSummary(record.batch);
+      } else if (!record.batch) record.message = null;
       record.finished_at = at;
       break;
     case "failed":
@@ -162,6 +169,11 @@ export function applyEvent(record, event, eventId) {
   }
   if (eventId) record.last_event_id = eventId;
   return record;
+}
+
+function batchSummary(counts) {
+  const extra = ["failed", "cancelled"].filter((k) => counts[k]).map((k) => `${counts[k]} ${k}`);
+  return `${counts.done} of ${counts.size} done${extra.length ? ` (${extra.join(", ")})` : ""}`;
 }
 
 function addUsage(record, usage) {
