@@ -375,6 +375,7 @@ async def _handed_back(store: JobStore, record: JobRecord, context: TaskContext)
                 "state": JobState.retrying.value,
                 "error": error,
                 "retry_at": utcnow(),
+                "message": "The worker stopped; another worker resumes this job",
                 # A deploy is not the job's failure: it costs no attempt.
                 "max_attempts": record.max_attempts + 1,
                 **context.mark_interrupted_step("failed"),

@@ -129,6 +129,7 @@ async def analyze_document(ctx: TaskContext, data: AnalyzeInput) -> AnalyzeOutpu
         sentences = [s for s in _SENTENCE.split(body) if s]
         words = body.split()
         step.output = {"sentences": len(sentences), "words": len(words)}
+        await ctx.log(f"Parsed {len(sentences)} sentences and {len(words)} words")
 
     async with ctx.step(STEPS[1]) as step:
         await checkpoint(ctx, data, STEPS[1])
@@ -172,6 +173,7 @@ async def analyze_document(ctx: TaskContext, data: AnalyzeInput) -> AnalyzeOutpu
             for term, count in term_frequency.items()
         }
         keywords = sorted(weight, key=lambda t: (-weight[t], t))[:10]
+        await ctx.log(f"Top keywords: {', '.join(keywords[:3]) or 'none'}")
         step.output = {"keywords": keywords[:5]}
 
     async with ctx.step(STEPS[5]):
