@@ -72,8 +72,8 @@ def test_a_failing_job_exits_1_and_says_where_it_failed(stack: Stack) -> None:
     failing = json.dumps({"text": DOC, "fail_at": "Ranking chunks"})
     done = run_cli(stack.url, "submit", "analyze_document", "-i", failing, "--watch")
     assert done.returncode == 1, done.stdout + done.stderr
-    # The demo fails on its way into "Ranking chunks": the three steps before it ran.
-    assert step_lines(done.stdout.splitlines()) == expected_step_lines()[:3]
+    # The demo fails inside "Ranking chunks", step 4: the steps up to it were shown.
+    assert step_lines(done.stdout.splitlines()) == expected_step_lines()[:4]
     last = done.stdout.splitlines()[-1]
     assert last.startswith("Failed: PermanentError")
     assert "simulated failure at step 'Ranking chunks'" in last
