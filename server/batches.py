@@ -23,7 +23,7 @@ from server.jobs import (
     job_json,
     load_job,
     new_job_id,
-    read_json,
+    read_object,
     reload,
 )
 from server.options import SubmitOptions, parse_submit_options
@@ -40,14 +40,7 @@ PARENT_PREFIX = "batch:"
 async def submit_batch(request: Request) -> Response:
     state: AppState = request.app.state.stepstream
     principal = await state.auth.authenticate(request)
-    body = await read_json(request, state.settings.max_body_bytes)
-    if not isinstance(body, dict):
-        raise ApiError(422, "invalid_body", "the body must be a JSON object {task, inputs}")
-    unknown = sorted(set(body) - BATCH_FIELDS)
-    if unknown:
-        raise ApiError(
-            422, "invalid_body", f"unknown field(s): {', '.join(unknown)}", {"fields": unknown}
-        )
+    body = await read_object(request, state, BATCH_FIELDS, "{task, inputs}")
     task_name = body.get("task")
     if not isinstance(task_name, str):
         raise ApiError(422, "invalid_body", "`task` must be a string naming a task")

@@ -55,6 +55,21 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         raise ApiError(400, "malformed_json", "the body is nested too deeply") from None
 
 
+async def read_object(
+    request: Request, state: AppState, fields: frozenset[str], shape: str
+) -> dict[str, Any]:
+    """The body as a JSON object with only ``fields`` (422 otherwise, naming the strays)."""
+    body = await read_json(request, state.settings.max_body_bytes)
+    if not isinstance(body, dict):
+        raise ApiError(422, "invalid_body", f"the body must be a JSON object {shape}")
+    unknown = sorted(set(body) - fields)
+    if unknown:
+        raise ApiError(
+            422, "invalid_body", f"unknown field(s): {', '.join(unknown)}", {"fields": unknown}
+        )
+    return body
+
+
 def _too_large(max_bytes: int) -> ApiError:
     return ApiError(
         413, "body_too_large", f"the body is larger than {max_bytes} bytes", {"limit": max_bytes}
@@ -74,17 +89,7 @@ def job_json(record: JobRecord) -> dict[str, Any]:
 async def submit_job(request: Request) -> Response:
     state: AppState = request.app.state.stepstream
     principal = await state.auth.authenticate(request)
-    body = await read_json(request, state.settings.max_body_bytes)
-    if not isinstance(body, dict):
-        raise ApiError(422, "invalid_body", "the body must be a JSON object {task, input}")
-    unknown_fields = sorted(set(body) - SUBMIT_FIELDS)
-    if unknown_fields:
-        raise ApiError(
-            422,
-            "invalid_body",
-            f"unknown field(s): {', '.join(unknown_fields)}",
-            {"fields": unknown_fields},
-        )
+    body = await read_object(request, state, SUBMIT_FIELDS, "{task, input}")
     task_name = body.get("task")
     if not isinstance(task_name, str):
         raise ApiError(422, "invalid_body", "`task` must be a string naming a task")

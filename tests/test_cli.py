@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from stepstream import Client, JobState
+from tasks.demo.analyze_document import STEPS as ANALYZE_DOCUMENT_STEPS
 from tests.conftest import Stack, StackFactory
 from tests.support.api import DOC
 from tests.support.cli import LiveCli, run_cli, run_cli_in_terminal
@@ -13,15 +14,7 @@ from tests.support.processes import free_port
 from tests.support.sse import read_stream
 from tests.support.tasks import gate_key
 
-ANALYZE_STEPS = [
-    "Parsing document",
-    "Chunking document",
-    "Embedding chunks",
-    "Ranking chunks",
-    "Extracting keywords",
-    "Writing summary",
-    "Validating output",
-]
+ANALYZE_STEPS = list(ANALYZE_DOCUMENT_STEPS)
 
 
 def step_lines(lines: list[str]) -> list[str]:

@@ -28,21 +28,14 @@ from stepstream import (
     Unauthorized,
     WaitTimeout,
 )
+from tasks.demo.analyze_document import STEPS as ANALYZE_DOCUMENT_STEPS
 from tests.conftest import Stack, StackFactory
 from tests.support.api import DOC
 from tests.support.processes import free_port
 from tests.support.sse import read_stream
 from tests.support.tasks import gate_key
 
-ANALYZE_STEPS = [
-    "Parsing document",
-    "Chunking document",
-    "Embedding chunks",
-    "Ranking chunks",
-    "Extracting keywords",
-    "Writing summary",
-    "Validating output",
-]
+ANALYZE_STEPS = list(ANALYZE_DOCUMENT_STEPS)
 
 
 def full_log(base: str, job_id: str) -> list[tuple[str | None, str, dict[str, object]]]:

@@ -18,21 +18,14 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, expect
 
+from tasks.demo.analyze_document import STEPS as ANALYZE_DOCUMENT_STEPS
 from tests.conftest import Stack, StackFactory
 from tests.support.api import submit, wait_state
 from tests.support.browser import ARTIFACTS, ROOT, Dashboard, chromium, requires_chromium
 
 pytestmark = [pytest.mark.browser, requires_chromium]
 
-ANALYZE_STEPS = [
-    "Parsing document",
-    "Chunking document",
-    "Embedding chunks",
-    "Ranking chunks",
-    "Extracting keywords",
-    "Writing summary",
-    "Validating output",
-]
+ANALYZE_STEPS = list(ANALYZE_DOCUMENT_STEPS)
 TEXT = (
     "Stepstream takes long jobs off the request path. Workers record every step in a durable "
     "log. Browsers watch progress live and resume after a dropped connection. Scripts follow "
