@@ -130,7 +130,7 @@ def watch(run: Bench, web: Web, mode: str, n: int, events: int, rate: float) -> 
         rps = answered / max(r["elapsed_s"] for r in results)
     else:
         staleness = [x for r in results for x in r["latencies_ms"]]
-        rps = n / elapsed  # one request per client, held open
+        rps = 0.0  # each client's one request was made before the events began, and held open
     staleness.sort()
     return Watched(
         mode=mode,
