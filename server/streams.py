@@ -186,14 +186,25 @@ class FirehoseStream:
         self.subscriber: Subscriber
 
     async def frames(self) -> AsyncIterator[bytes]:
+        start = "0"
         if self.cursor is None:
-            # A fresh connect starts live: everything after the newest entry at this moment.
+            # A fresh connect starts after the newest entry at this moment. Read before the
+            # hub subscription; what lands in between is read back from the log below.
             info = await self.store.stream_info(self.store.keys.firehose)
-            self.last = parse_stream_id(info.last_id) if info else (0, 0)
+            start = info.last_id if info else "0"
+            if self.settings.resume_delay_seconds:
+                await asyncio.sleep(self.settings.resume_delay_seconds)  # tests widen the window
         self.subscriber = self.hub.subscribe(None, self.owner)
         try:
             yield f"retry: {self.settings.sse_retry_ms}\n\n".encode()
-            if self.cursor is not None:
+            if self.cursor is None:
+                # An id with no data moves the client's cursor without an event, so a client
+                # that drops before the first event resumes from here and misses nothing.
+                yield f"id: {start}\n\n".encode()
+                self.last = parse_stream_id(start)
+                async for chunk in self._replay(check_trim=False):
+                    yield chunk
+            else:
                 if self.settings.resume_delay_seconds:
                     await asyncio.sleep(self.settings.resume_delay_seconds)
                 self.last = parse_stream_id(self.cursor)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import redis
 
@@ -134,8 +136,6 @@ def test_an_event_written_between_registering_and_reading_arrives_once(
 
 
 def wait_until_progress(base: str, job_id: str, current: int) -> None:
-    import time
-
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         job = get_job(base, job_id)
@@ -197,3 +197,19 @@ def test_the_firehose_resumes_from_any_cursor_and_names_each_job_event_id(
         stop=lambda e: e.id == everything[-1].id,
     )
     assert [e.id for e in rest] == [e.id for e in everything[middle + 1 :]]
+
+
+def test_a_fresh_firehose_connect_misses_nothing_written_while_it_connects(
+    make_stack: StackFactory,
+) -> None:
+    # The server pauses 1 s between reading the firehose's newest id and subscribing.
+    s = make_stack(webs=1, workers=0, STEPSTREAM_RESUME_DELAY_SECONDS="1.0")
+    reader = StreamReader(f"{s.url}/api/events").start()
+    time.sleep(0.3)  # inside the window
+    job = submit(s.url, "analyze_document", {"text": DOC})
+    reader.wait_for(lambda evs: any(e.data.get("job_id") == job["id"] for e in evs))
+    later = submit(s.url, "analyze_document", {"text": DOC})
+    reader.wait_for(lambda evs: any(e.data.get("job_id") == later["id"] for e in evs))
+    reader.close()
+    queued = [e.data["job_id"] for e in reader.events if e.type == "queued"]
+    assert queued == [job["id"], later["id"]], "each event exactly once, in order"
