@@ -9,7 +9,12 @@ the batch's size also appends the parent's ``completed`` with the final counts.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from tasks.models import JobRecord, JobState, utcnow
@@ -75,6 +80,28 @@ async def child_finished(
         )
 
 
+_RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+@asynccontextmanager
+async def _batch_lock(store: JobStore, batch_id: str) -> AsyncIterator[None]:
+    key = store.keys.batch_lock(batch_id)
+    token = secrets.token_hex(8)
+    deadline = time.monotonic() + 10
+    # The lock expires by itself (5 s) if its holder dies; a report never waits past 10 s.
+    while not await store.redis.set(key, token, nx=True, px=5_000):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"batch {batch_id} stayed locked")
+        await asyncio.sleep(0.005)
+    try:
+        yield
+    finally:
+        await store.redis.eval(_RELEASE_LUA, 1, key, token)  # type: ignore[misc]
+
+
 async def _report(
     store: JobStore,
     child: JobRecord,
@@ -88,64 +115,67 @@ async def _report(
     if parent is None or parent.batch is None:
         return
     size = int(parent.batch.get("size", 0))
-    done, completed, failed, cancelled, changed = await store.redis.eval(  # type: ignore[misc]
-        _COUNT_LUA,
-        1,
-        store.keys.batch_counts(batch_id),
-        child.id,
-        outcome,
-        str(store.settings.retention_seconds),
-    )
-    if not changed:
-        return
-    counts = {
-        "size": size,
-        "done": int(done),
-        "completed": int(completed),
-        "failed": int(failed),
-        "cancelled": int(cancelled),
-    }
-    message = summary_message(counts, size)
-    report: dict[str, Any] = {"id": child.id, "index": child.batch_index, "state": outcome}
-    if outcome == "completed":
-        report["result"] = result
-    elif error is not None:
-        report["error"] = {k: v for k, v in error.items() if k != "traceback"}
-    await store.append(
-        batch_id,
-        new_event(
-            batch_id,
-            "progress",
-            parent.attempt,
-            current=counts["done"],
-            total=size,
-            message=message,
-            counts=counts,
-            child=report,
-        ),
-        {
-            "progress": round(counts["done"] / size, 4) if size else 1.0,
-            "message": message,
-            "batch": counts,
-        },
-        owner=parent.owner,
-        expect=(JobState.running,),
-    )
-    if counts["done"] >= size:
-        summary = {k: counts[k] for k in ("size", "completed", "failed", "cancelled")}
-        # Every child has ended. "completed" says the batch ran to its end; the counts say how
-        # its items fared (a batch with failed items still completes).
+    # Counting and reporting happen under the batch's lock: two children ending at the same
+    # moment would otherwise append "12 of 12" before "11 of 12".
+    async with _batch_lock(store, batch_id):
+        done, completed, failed, cancelled, changed = await store.redis.eval(  # type: ignore[misc]
+            _COUNT_LUA,
+            1,
+            store.keys.batch_counts(batch_id),
+            child.id,
+            outcome,
+            str(store.settings.retention_seconds),
+        )
+        if not changed:
+            return
+        counts = {
+            "size": size,
+            "done": int(done),
+            "completed": int(completed),
+            "failed": int(failed),
+            "cancelled": int(cancelled),
+        }
+        message = summary_message(counts, size)
+        report: dict[str, Any] = {"id": child.id, "index": child.batch_index, "state": outcome}
+        if outcome == "completed":
+            report["result"] = result
+        elif error is not None:
+            report["error"] = {k: v for k, v in error.items() if k != "traceback"}
         await store.append(
             batch_id,
-            new_event(batch_id, "completed", parent.attempt, result=summary),
+            new_event(
+                batch_id,
+                "progress",
+                parent.attempt,
+                current=counts["done"],
+                total=size,
+                message=message,
+                counts=counts,
+                child=report,
+            ),
             {
-                "state": JobState.completed.value,
-                "result": summary,
-                "progress": 1.0,
+                "progress": round(counts["done"] / size, 4) if size else 1.0,
                 "message": message,
                 "batch": counts,
-                "finished_at": utcnow(),
             },
             owner=parent.owner,
             expect=(JobState.running,),
         )
+        if counts["done"] >= size:
+            summary = {k: counts[k] for k in ("size", "completed", "failed", "cancelled")}
+            # Every child has ended. "completed" says the batch ran to its end; the counts say how
+            # its items fared (a batch with failed items still completes).
+            await store.append(
+                batch_id,
+                new_event(batch_id, "completed", parent.attempt, result=summary),
+                {
+                    "state": JobState.completed.value,
+                    "result": summary,
+                    "progress": 1.0,
+                    "message": message,
+                    "batch": counts,
+                    "finished_at": utcnow(),
+                },
+                owner=parent.owner,
+                expect=(JobState.running,),
+            )

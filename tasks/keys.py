@@ -94,6 +94,10 @@ class Keys:
         """List: a batch's child job ids, in the order of its inputs."""
         return f"{self.prefix}job:{{{batch_id}}}:children"
 
+    def batch_lock(self, batch_id: str) -> str:
+        """String: held while one child's end is counted and reported, so reports go in order."""
+        return f"{self.prefix}job:{{{batch_id}}}:lock"
+
     def batch_counts(self, batch_id: str) -> str:
         """Hash: a batch's ended children by outcome (completed, failed, cancelled, done)."""
         return f"{self.prefix}job:{{{batch_id}}}:counts"
