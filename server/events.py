@@ -39,6 +39,18 @@ class EventStream:
     streams yield them; the first is always ``retry:``.
     """
 
+    __slots__ = (
+        "_cancelled_by_us",
+        "_error",
+        "_pending",
+        "_send",
+        "_task",
+        "body",
+        "hub",
+        "send_deadline",
+        "send_timeout",
+    )
+
     def __init__(self, hub: Hub, body: AsyncIterator[bytes], send_timeout: float) -> None:
         self.hub = hub
         self.body = body

@@ -35,6 +35,18 @@ class DirectWriter(Protocol):
 class JobStream:
     """One job's events, from a cursor (or a snapshot) to the terminal event."""
 
+    __slots__ = (
+        "cursor",
+        "ended",
+        "hub",
+        "job_id",
+        "last",
+        "settings",
+        "store",
+        "subscriber",
+        "writer",
+    )
+
     def __init__(
         self,
         store: JobStore,
@@ -168,6 +180,8 @@ class JobStream:
 
 class FirehoseStream:
     """Every job's events (those the caller may see), live or from a firehose cursor."""
+
+    __slots__ = ("cursor", "hub", "last", "owner", "settings", "store", "subscriber")
 
     def __init__(
         self,
