@@ -28,6 +28,7 @@ from tasks.models import TERMINAL_EVENTS, parse_stream_id
 logger = logging.getLogger("stepstream.hub")
 
 TICK_SECONDS = 0.5  # how often the timer looks for stuck sends and for a shutdown
+MAX_BATCH = 100  # messages already received, fanned out together
 
 
 class _Marker:
@@ -76,9 +77,10 @@ class Subscriber:
         self.items: list[QueueItem] = []
         self.waiter: asyncio.Future[None] | None = None
         self.overflowed = False
-        # Set while the stream waits with nothing queued: writes a frame straight to the
-        # client (True) or declines it (False: queue it). See JobStream._direct.
-        self.direct: Callable[[Frame], bool] | None = None
+        # Set while the stream waits with nothing queued: writes a frame (maybe several as one,
+        # starting at the given id) straight to the client (True) or declines it (False: queue
+        # them). See JobStream._direct.
+        self.direct: Callable[[Frame, tuple[int, int]], bool] | None = None
 
     def offer(self, item: QueueItem) -> bool:
         """Queue ``item``; False (and nothing queued) when the buffer is full."""
@@ -214,17 +216,17 @@ class Hub:
 
     # -- the listener ---------------------------------------------------------------------
 
-    def dispatch(self, payload: str) -> None:
+    def parse(self, payload: str) -> Frame:
+        """One published message as the frames every subscriber shares (encoded once)."""
         message: dict[str, Any] = json.loads(payload)
         event: dict[str, Any] = message["event"]
-        job_id: str = event["job_id"]
         type_: str = event["type"]
         job_event_id: str = message["job_event_id"]
         firehose_id: str = message["firehose_id"]
         # The stored event json, byte for byte as in the log: slice it out rather than re-encode.
         event_json = payload[payload.index(',"event":') + 9 : -1]
-        item = Frame(
-            job_id=job_id,
+        return Frame(
+            job_id=event["job_id"],
             owner=message.get("owner"),
             type=type_,
             job_event_id=parse_stream_id(job_event_id),
@@ -233,26 +235,66 @@ class Hub:
             firehose_bytes=frame(type_, firehose_data(event_json, job_event_id), firehose_id),
             terminal=type_ in TERMINAL_EVENTS,
         )
-        subscribers = self.by_job.get(job_id)
-        if subscribers:
-            # Subscriber.offer inlined: this loop runs once per subscriber per event.
-            full: list[Subscriber] = []
-            for subscriber in subscribers:
-                direct = subscriber.direct
-                if direct is not None and not subscriber.items and direct(item):
-                    continue  # written straight to the client
-                if len(subscriber.items) >= subscriber.maxsize:
-                    full.append(subscriber)
-                    continue
-                subscriber.items.append(item)
-                waiter = subscriber.waiter
-                if waiter is not None and not waiter.done():
-                    waiter.set_result(None)
-            for subscriber in full:
-                self._drop(subscriber)
-        for subscriber in list(self.firehose):
-            if subscriber.owner is None or subscriber.owner == item.owner:
-                self._offer(subscriber, item)
+
+    def dispatch(self, payload: str) -> None:
+        self.dispatch_many([payload])
+
+    def dispatch_many(self, payloads: list[str]) -> None:
+        """Fan out messages read together: under load, one write per subscriber for all."""
+        frames: list[Frame] = []
+        for payload in payloads:
+            try:
+                frames.append(self.parse(payload))
+            except Exception:
+                logger.exception("hub: could not parse a message")
+        by_job: dict[str, list[Frame]] = {}
+        for item in frames:
+            by_job.setdefault(item.job_id, []).append(item)
+        for job_frames in by_job.values():
+            self._fan_out(job_frames)
+        if self.firehose:
+            for item in frames:
+                for subscriber in list(self.firehose):
+                    if subscriber.owner is None or subscriber.owner == item.owner:
+                        self._offer(subscriber, item)
+
+    def _fan_out(self, frames: list[Frame]) -> None:
+        """Frames of one job (in log order) to its streams."""
+        subscribers = self.by_job.get(frames[0].job_id)
+        if not subscribers:
+            return
+        if len(frames) == 1:
+            direct_item = frames[0]
+        else:
+            # The batch as one frame for direct writes: one write per subscriber for all of it.
+            last = frames[-1]
+            direct_item = Frame(
+                job_id=last.job_id,
+                owner=last.owner,
+                type=last.type,
+                job_event_id=last.job_event_id,
+                firehose_id=last.firehose_id,
+                job_bytes=b"".join(f.job_bytes for f in frames),
+                firehose_bytes=b"",
+                terminal=any(f.terminal for f in frames),
+            )
+        first_id = frames[0].job_event_id
+        full: list[Subscriber] = []
+        # Subscriber.offer inlined: this loop runs once per subscriber per event.
+        for subscriber in subscribers:
+            direct = subscriber.direct
+            if direct is not None and not subscriber.items and direct(direct_item, first_id):
+                continue  # written straight to the client
+            items = subscriber.items
+            if len(items) + len(frames) > subscriber.maxsize:
+                full.append(subscriber)
+                continue
+            items.extend(frames)
+            waiter = subscriber.waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        for subscriber in full:
+            self._drop(subscriber)
 
     async def _listen(self) -> None:
         delay = 0.1
@@ -276,8 +318,19 @@ class Hub:
                         delay = 0.1
                         self.connected.set()
                     elif message["type"] == "message":
+                        # Take what else has arrived already: under load the fan-out writes
+                        # several events to each client at once instead of one by one.
+                        payloads = [message["data"]]
+                        while len(payloads) < MAX_BATCH:
+                            more = await pubsub.get_message(timeout=0)
+                            if more is None:
+                                break
+                            if more["type"] != "message":
+                                logger.warning("hub: unexpected %s message", more["type"])
+                                continue
+                            payloads.append(more["data"])
                         try:
-                            self.dispatch(message["data"])
+                            self.dispatch_many(payloads)
                         except Exception:
                             logger.exception("hub: could not dispatch a message")
             except asyncio.CancelledError:

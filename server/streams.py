@@ -65,17 +65,16 @@ class JobStream:
         self.subscriber: Subscriber
         self.writer: DirectWriter | None = None
 
-    def _direct(self, item: Frame) -> bool:
+    def _direct(self, item: Frame, first: StreamId) -> bool:
         """Called by the hub while this stream waits with nothing queued: write ``item`` now.
 
         This skips waking the stream's task, the generators and the queue for every frame of
         every subscriber: the fan-out is one loop of writes. False leaves ``item`` to the queue
-        (a terminal frame: the task sends it and ends the response).
+        (a terminal frame: the task sends it and ends the response). ``item`` may be several
+        frames joined, from ``first`` to ``item.job_event_id``.
         """
-        if item.terminal:
-            return False
-        if item.job_event_id <= self.last:
-            return True  # already sent (the backlog had it)
+        if item.terminal or first <= self.last:
+            return False  # the end of the stream, or frames the backlog had: the task sorts it
         self.last = item.job_event_id
         assert self.writer is not None
         if not self.writer.try_write(item.job_bytes):
