@@ -257,7 +257,7 @@ async def _create_job(
             _defer_until=options.run_at,
         )
     else:
-        await state.enqueue(job_id)
+        await state.enqueue_new(job_id)
     return record
 
 
