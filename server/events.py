@@ -106,7 +106,10 @@ class EventStream:
                     else:
                         await awaiting
                 except BaseException as exc:
-                    awaiting = coro.throw(exc)
+                    try:
+                        awaiting = coro.throw(exc)
+                    except StopIteration:
+                        return  # the send handled it and finished
                 else:
                     try:
                         awaiting = coro.send(None)
@@ -160,6 +163,7 @@ class EventStream:
             if task is not None:
                 task.uncancel()
         finally:
+            self._cancelled_by_us = True  # a late disconnect callback must not cancel cleanup
             self.hub.senders.discard(self)
             self._send = None
             if self._pending is not None:

@@ -78,9 +78,9 @@ class Subscriber:
         self.waiter: asyncio.Future[None] | None = None
         self.overflowed = False
         # Set while the stream waits with nothing queued: writes a frame (maybe several as one,
-        # starting at the given id) straight to the client (True) or declines it (False: queue
-        # them). See JobStream._direct.
-        self.direct: Callable[[Frame, tuple[int, int]], bool] | None = None
+        # starting at the given id) or a heartbeat straight to the client (True), or declines
+        # it (False: queue it). See JobStream._direct.
+        self.direct: Callable[[Frame | bytes, tuple[int, int]], bool] | None = None
 
     def offer(self, item: QueueItem) -> bool:
         """Queue ``item``; False (and nothing queued) when the buffer is full."""
@@ -211,8 +211,16 @@ class Hub:
             if force:
                 subscriber.items.append(item)
                 subscriber.wake()
-            else:
-                self._offer(subscriber, item)
+                continue
+            direct = subscriber.direct
+            if (
+                isinstance(item, bytes)  # a heartbeat: written straight to idle streams
+                and direct is not None
+                and not subscriber.items
+                and direct(item, (0, 0))
+            ):
+                continue
+            self._offer(subscriber, item)
 
     # -- the listener ---------------------------------------------------------------------
 

@@ -65,19 +65,23 @@ class JobStream:
         self.subscriber: Subscriber
         self.writer: DirectWriter | None = None
 
-    def _direct(self, item: Frame, first: StreamId) -> bool:
+    def _direct(self, item: Frame | bytes, first: StreamId) -> bool:
         """Called by the hub while this stream waits with nothing queued: write ``item`` now.
 
         This skips waking the stream's task, the generators and the queue for every frame of
         every subscriber: the fan-out is one loop of writes. False leaves ``item`` to the queue
         (a terminal frame: the task sends it and ends the response). ``item`` may be several
-        frames joined, from ``first`` to ``item.job_event_id``.
+        frames joined, from ``first`` to ``item.job_event_id``, or a heartbeat's bytes.
         """
-        if item.terminal or first <= self.last:
+        if isinstance(item, bytes):
+            chunk = item  # a heartbeat
+        elif item.terminal or first <= self.last:
             return False  # the end of the stream, or frames the backlog had: the task sorts it
-        self.last = item.job_event_id
+        else:
+            self.last = item.job_event_id
+            chunk = item.job_bytes
         assert self.writer is not None
-        if not self.writer.try_write(item.job_bytes):
+        if not self.writer.try_write(chunk):
             # The client's buffer is full: the task completes that write (bounded by the send
             # timeout) and takes every later frame from the queue (bounded by its length).
             self.subscriber.direct = None
