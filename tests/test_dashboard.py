@@ -26,6 +26,16 @@ from tests.support.browser import ARTIFACTS, ROOT, Dashboard, chromium, requires
 pytestmark = [pytest.mark.browser, requires_chromium]
 
 ANALYZE_STEPS = list(ANALYZE_DOCUMENT_STEPS)
+
+
+def assert_log_once_each(lines: list[str]) -> None:
+    """The analysis's activity log: its lifecycle and its two own log lines, each exactly once."""
+    assert len(lines) == 5, lines
+    assert lines[:2] == ["Queued", "Attempt 1 of 3 started"]
+    assert lines[2].startswith("Parsed ") and lines[3].startswith("Top keywords: ")
+    assert lines[4] == "Completed"
+
+
 TEXT = (
     "Stepstream takes long jobs off the request path. Workers record every step in a durable "
     "log. Browsers watch progress live and resume after a dropped connection. Scripts follow "
@@ -197,7 +207,7 @@ def test_web_restart_shows_reconnecting_then_live_and_misses_no_step(
         expect(step.locator(".tl-time")).not_to_be_empty()
     # Each lifecycle event exactly once: nothing missed, nothing doubled by the resume.
     log = detail.locator(".log .log-text")
-    assert log.all_inner_texts() == ["Queued", "Attempt 1 of 3 started", "Completed"]
+    assert_log_once_each(log.all_inner_texts())
     assert page.progress(job_id) == 100
     # Still one stream for the list (the browser's own reconnects reuse it).
     sources = [s["url"] for s in page.event_sources()]
@@ -343,7 +353,7 @@ def test_production_mode_signs_in_with_an_api_key_and_renews_stream_tokens(
         steps = detail.locator(".timeline > li .tl-state")
         expect(steps).to_have_text(["Done"] * 7)
         log = detail.locator(".log .log-text")
-        assert log.all_inner_texts() == ["Queued", "Attempt 1 of 3 started", "Completed"]
+        assert_log_once_each(log.all_inner_texts())
         history = page.progress_history(job_id)
         assert history == sorted(history) and history[-1] == 100, history
         assert any(0 < value < 100 for value in history), history
