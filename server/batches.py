@@ -25,12 +25,12 @@ from server.jobs import (
     new_job_id,
     read_object,
     reload,
+    task_named,
 )
 from server.options import SubmitOptions, parse_submit_options
 from server.state import AppState
 from tasks import batches
 from tasks.models import JobRecord, JobState, utcnow
-from tasks.registry import all_tasks, get_task
 from tasks.store import new_event
 
 BATCH_FIELDS = frozenset({"task", "inputs", "budget"})
@@ -41,13 +41,8 @@ async def submit_batch(request: Request) -> Response:
     state: AppState = request.app.state.stepstream
     principal = await state.auth.authenticate(request)
     body = await read_object(request, state, BATCH_FIELDS, "{task, inputs}")
-    task_name = body.get("task")
-    if not isinstance(task_name, str):
-        raise ApiError(422, "invalid_body", "`task` must be a string naming a task")
-    spec = get_task(task_name)
-    if spec is None:
-        known = [t.name for t in all_tasks()]
-        raise ApiError(422, "unknown_task", f"no task named {task_name!r}", {"known_tasks": known})
+    spec = task_named(body.get("task"))
+    task_name = spec.name
     inputs = body.get("inputs")
     limit = state.settings.max_batch_size
     if not isinstance(inputs, list) or not 1 <= len(inputs) <= limit:

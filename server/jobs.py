@@ -23,7 +23,7 @@ from server.options import SUBMIT_FIELDS, SubmitOptions, parse_submit_options
 from server.state import AppState
 from tasks import batches, cache
 from tasks.models import JobRecord, JobState, utcnow
-from tasks.registry import all_tasks, get_task
+from tasks.registry import TaskSpec, all_tasks, get_task
 from tasks.runtime import RUN_JOB
 from tasks.settings import Settings
 from tasks.store import new_event
@@ -53,6 +53,17 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         raise ApiError(400, "malformed_json", f"the body is not valid JSON: {exc}") from None
     except RecursionError:
         raise ApiError(400, "malformed_json", "the body is nested too deeply") from None
+
+
+def task_named(name: object) -> TaskSpec:
+    """The declared task ``name`` names (422 naming the known tasks otherwise)."""
+    if not isinstance(name, str):
+        raise ApiError(422, "invalid_body", "`task` must be a string naming a task")
+    spec = get_task(name)
+    if spec is None:
+        known = [t.name for t in all_tasks()]
+        raise ApiError(422, "unknown_task", f"no task named {name!r}", {"known_tasks": known})
+    return spec
 
 
 async def read_object(
@@ -90,13 +101,8 @@ async def submit_job(request: Request) -> Response:
     state: AppState = request.app.state.stepstream
     principal = await state.auth.authenticate(request)
     body = await read_object(request, state, SUBMIT_FIELDS, "{task, input}")
-    task_name = body.get("task")
-    if not isinstance(task_name, str):
-        raise ApiError(422, "invalid_body", "`task` must be a string naming a task")
-    spec = get_task(task_name)
-    if spec is None:
-        known = [t.name for t in all_tasks()]
-        raise ApiError(422, "unknown_task", f"no task named {task_name!r}", {"known_tasks": known})
+    spec = task_named(body.get("task"))
+    task_name = spec.name
     raw_input = body.get("input", {})
     if not isinstance(raw_input, dict):
         raise ApiError(422, "invalid_input", "`input` must be a JSON object")
