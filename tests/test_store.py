@@ -1,0 +1,64 @@
+"""The store's one atomic append, called directly against a real Valkey."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from redis.asyncio import Redis
+
+from tasks.models import JobRecord, JobState, utcnow
+from tasks.settings import Settings
+from tasks.store import JobStore, new_event
+from tests.support.processes import Valkey
+
+
+async def _append_many_is_all_or_none(url: str) -> None:
+    redis = Redis.from_url(url, decode_responses=True)
+    store = JobStore(redis, Settings(redis_url=url, prefix="store-test:"))
+    try:
+        record = JobRecord(
+            id="j1",
+            task="burst",
+            owner=None,
+            state=JobState.running,
+            input={},
+            max_attempts=1,
+            created_at=utcnow(),
+            steps=[],
+        )
+        assert (await store.create(record, new_event("j1", "queued", 0))).ok
+        events = [new_event("j1", "progress", 1, current=i, total=3) for i in (1, 2, 3)]
+        appended = await store.append_many(
+            "j1",
+            events,
+            {"progress": 1.0, "message": "third"},
+            expect=(JobState.running,),
+        )
+        assert appended.ok
+        stored = await store.read_events("j1", "0", 100)
+        assert [json.loads(e)["type"] for _, e in stored] == [
+            "queued",
+            "progress",
+            "progress",
+            "progress",
+        ]
+        assert appended.job_event_id == stored[-1][0]
+        kept = await store.get("j1")
+        assert kept is not None
+        assert kept.message == "third" and kept.last_event_id == appended.job_event_id
+
+        # A refused precondition stores none of the batch and leaves the record as it was.
+        refused = await store.append_many(
+            "j1", events, {"message": "never"}, expect=(JobState.queued,)
+        )
+        assert refused.refused == '"running"'
+        assert len(await store.read_events("j1", "0", 100)) == 4
+        again = await store.get("j1")
+        assert again is not None and again.message == "third"
+    finally:
+        await redis.aclose()
+
+
+def test_append_many_stores_every_event_in_order_or_none(valkey: Valkey) -> None:
+    asyncio.run(asyncio.wait_for(_append_many_is_all_or_none(valkey.url), 30))
