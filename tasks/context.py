@@ -1,7 +1,9 @@
 """What a running task sees: ``step()``, ``run_step()``, ``progress()``, ``log()``, ``attempt``.
 
-Every call appends one event through the store's atomic append. Each append also checks the
-job's cancel flag, so a cancelled job stops at its next event.
+Every call appends one event through the store's atomic append, in order, through the job's
+``EventWriter`` (tasks/writer.py): ``progress()`` and ``log()`` do not wait for Redis to answer,
+so a burst of them shares round trips; steps and spending wait until they are stored. Each
+append also checks the job's cancel flag, so a cancelled job stops at its next event.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 from pydantic import BaseModel
 
 from tasks.cost import BudgetExceeded
-from tasks.errors import JobCancelled, StepTimeout
-from tasks.models import EventType, JobRecord, JobState, StepRecord, StepRef, Usage, utcnow
+from tasks.errors import StepTimeout
+from tasks.models import EventType, JobRecord, StepRecord, StepRef, Usage, utcnow
 from tasks.registry import TaskSpec
 from tasks.store import JobStore, new_event
+from tasks.writer import EventWriter
 
 if TYPE_CHECKING:
     from tasks.llm import Message
@@ -51,6 +54,7 @@ class TaskContext:
         self.budget: float | None = record.budget if record.budget is not None else spec.budget
         self._reserved = 0.0  # estimates of calls in flight, so concurrent calls share a budget
         self._step_usage: Usage | None = None
+        self.writer = EventWriter(store, record.id, record.owner)
 
     def _initial_steps(self, record: JobRecord) -> list[StepRecord]:
         by_name = {s.name: s for s in record.steps}
@@ -125,10 +129,11 @@ class TaskContext:
             EventType.progress,
             {"current": current, "total": total, "message": message},
             {"progress": round(overall, 4), "message": message},
+            wait=False,
         )
 
     async def log(self, message: str, level: str = "info") -> None:
-        await self._emit(EventType.log, {"level": level, "message": message}, {})
+        await self._emit(EventType.log, {"level": level, "message": message}, {}, wait=False)
 
     @overload
     async def llm(
@@ -274,16 +279,13 @@ class TaskContext:
     def _steps_json(self) -> list[dict[str, Any]]:
         return [s.model_dump(mode="json") for s in self.steps]
 
-    async def _emit(self, type_: EventType, data: dict[str, Any], fields: dict[str, Any]) -> None:
+    async def _emit(
+        self,
+        type_: EventType,
+        data: dict[str, Any],
+        fields: dict[str, Any],
+        *,
+        wait: bool = True,
+    ) -> None:
         event = new_event(self.job_id, type_.value, self.attempt, **data)
-        appended = await self.store.append(
-            self.job_id,
-            event,
-            fields,
-            owner=self.owner,
-            mode="update+cancel",
-            expect=(JobState.running,),
-        )
-        if not appended.ok:
-            # A cancel request, or the job left "running" under us (cancelled or taken over).
-            raise JobCancelled()
+        await self.writer.write(event, fields, wait=wait)

@@ -184,18 +184,24 @@ async def _run_attempt(
     try:
         await monitor.take_lease(job_id)
         result = await _execute(spec, context, record.input)
+        # The task's last progress and log events are in the log before ``completed``.
+        await context.writer.flush()
     except JobCancelled as exc:
+        await context.writer.settle()
         await _cancelled(store, record, attempt, exc.reason, context)
     except asyncio.CancelledError:
         if job_id in monitor.cancelled:
             # Our monitor interrupted the task: the job is cancelled, the worker goes on.
             current.uncancel()
+            await context.writer.settle()
             await _cancelled(store, record, attempt, "cancelled by request", context)
         else:
             # The worker is shutting down: arq puts the job back in the queue; say so in the log.
+            await context.writer.settle()
             await _handed_back(store, record, context)
             raise
     except Exception as exc:
+        await context.writer.settle()
         await _handle_failure(store, spec, record, context, exc)
     else:
         done = await store.append(
