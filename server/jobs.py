@@ -126,7 +126,14 @@ async def submit_job(request: Request) -> Response:
     if idempotency_key is None:
         await enforce_submission_limits(state, owner)
         record = await _create_job(
-            state, owner, spec.max_attempts, task_name, raw_input, new_job_id(), options
+            state,
+            owner,
+            spec.max_attempts,
+            task_name,
+            raw_input,
+            new_job_id(),
+            options,
+            count_submitted=True,
         )
         return _accepted(state, record, 202)
     claim = await _claim_idempotency_key(
@@ -137,7 +144,14 @@ async def submit_job(request: Request) -> Response:
     try:
         await enforce_submission_limits(state, owner)
         record = await _create_job(
-            state, owner, spec.max_attempts, task_name, raw_input, claim.job_id, options
+            state,
+            owner,
+            spec.max_attempts,
+            task_name,
+            raw_input,
+            claim.job_id,
+            options,
+            count_submitted=True,
         )
     except BaseException:
         await state.redis.delete(claim.redis_key)  # let the client's retry create the job
@@ -216,6 +230,8 @@ async def _create_job(
     raw_input: dict[str, Any],
     job_id: str,
     options: SubmitOptions | None = None,
+    *,
+    count_submitted: bool = False,
     **fields: Any,
 ) -> JobRecord:
     options = options or SubmitOptions()
@@ -224,7 +240,15 @@ async def _create_job(
         hit = await cache.lookup(state.redis, state.store.keys, spec, owner, raw_input)
         if hit is not None:
             return await _create_cached(
-                state, owner, max_attempts, task_name, raw_input, job_id, hit, **fields
+                state,
+                owner,
+                max_attempts,
+                task_name,
+                raw_input,
+                job_id,
+                hit,
+                count_submitted=count_submitted,
+                **fields,
             )
     scheduled = options.run_at is not None
     record = JobRecord(
@@ -248,7 +272,10 @@ async def _create_job(
         await state.redis.zadd(
             state.store.keys.owner_unfinished(owner), {job_id: time.time() * 1_000_000}
         )
-    appended = await state.store.create(record, event)
+    then = [] if scheduled else state.enqueue_commands(job_id)
+    if count_submitted:
+        then.append(_count_submitted(state, task_name))
+    appended = await state.store.create(record, event, then=then)
     if not appended.ok:  # a 120-bit id collided: not a client mistake, and never expected
         raise RuntimeError(f"job id {job_id} exists already")
     record.last_event_id = appended.job_event_id
@@ -262,9 +289,12 @@ async def _create_job(
             _queue_name=state.store.keys.queue,
             _defer_until=options.run_at,
         )
-    else:
-        await state.enqueue_new(job_id)
     return record
+
+
+def _count_submitted(state: AppState, task_name: str) -> list[str | bytes | int]:
+    """The jobs-submitted metric (server/metrics.py), counted by the create script itself."""
+    return ["HINCRBY", state.store.keys.metrics, f"submitted|{task_name}", 1]
 
 
 async def _create_cached(
@@ -275,6 +305,8 @@ async def _create_cached(
     raw_input: dict[str, Any],
     job_id: str,
     hit: dict[str, Any],
+    *,
+    count_submitted: bool = False,
     **fields: Any,
 ) -> JobRecord:
     """A job completed at once with a cached result (``cache_ttl``): it never reaches a worker,
@@ -292,7 +324,9 @@ async def _create_cached(
         **fields,
     )
     appended = await state.store.create(
-        record, new_event(job_id, "queued", 0, input=raw_input, cached=True)
+        record,
+        new_event(job_id, "queued", 0, input=raw_input, cached=True),
+        then=[_count_submitted(state, task_name)] if count_submitted else [],
     )
     if not appended.ok:
         raise RuntimeError(f"job id {job_id} exists already")

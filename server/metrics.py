@@ -246,8 +246,8 @@ class _JobResponses:
         state: AppState = scope["app"].state.stepstream
         fields = {"job_id": job_id, "task": task, "attempt": record.get("attempt", 0)}
         if self.outcome == "submitted":
+            # Counted by the create script (server/jobs.py); here only the log line.
             logger.info("job submitted", extra=fields)
-            await heartbeat.count_submitted(state.redis, state.store.keys, task)
         else:
             logger.info("job cancelled before it started", extra=fields)
             await heartbeat.count_outcome(state.redis, state.store.keys, task, "cancelled")

@@ -28,21 +28,23 @@ class AppState:
     auth: Authenticator
     streams_by_owner: Counter[str | None] = field(default_factory=Counter)
 
-    async def enqueue_new(self, job_id: str) -> None:
-        """Enqueue a job created a moment ago, in one round trip.
+    def enqueue_commands(self, job_id: str) -> list[list[str | bytes | int]]:
+        """The arq enqueue of a job created a moment ago, as commands for the create script.
 
         arq's ``enqueue_job`` spends three round trips (WATCH, EXISTS, MULTI) guarding against
-        an arq job of the same id; a fresh 120-bit id has none, so its two writes go out in one
-        MULTI. The payload and expiry are arq's own (``serialize_job``, ``expires_extra_ms``).
+        an arq job of the same id; a job whose record the same script creates has none, so the
+        two writes ride along with the create: the record, its ``queued`` event and the queue
+        entry appear together or not at all. Payload and expiry are arq's own
+        (``serialize_job``, ``expires_extra_ms``).
         """
         now_ms = int(time.time() * 1000)
         payload = serialize_job(
             RUN_JOB, (job_id,), {}, None, now_ms, serializer=self.arq.job_serializer
         )
-        async with self.arq.pipeline(transaction=True) as pipe:
-            pipe.psetex(job_key_prefix + job_id, self.arq.expires_extra_ms, payload)
-            pipe.zadd(self.store.keys.queue, {job_id: now_ms})
-            await pipe.execute()
+        return [
+            ["PSETEX", job_key_prefix + job_id, self.arq.expires_extra_ms, payload],
+            ["ZADD", self.store.keys.queue, now_ms, job_id],
+        ]
 
     async def enqueue(self, job_id: str) -> None:
         # The arq job id is the Stepstream job id: enqueueing the same job twice is a no-op.

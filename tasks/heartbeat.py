@@ -74,13 +74,6 @@ def _bucket_label(seconds: float) -> str:
 # -- counters -------------------------------------------------------------------------------
 
 
-async def count_submitted(redis: Redis, keys: Keys, task: str) -> None:
-    try:
-        await redis.hincrby(keys.metrics, f"submitted|{task}", 1)  # type: ignore[misc]
-    except Exception:
-        logger.warning("could not count a submission of %s", task, exc_info=True)
-
-
 async def count_outcome(
     redis: Redis,
     keys: Keys,

@@ -25,8 +25,9 @@ from tasks.settings import Settings
 
 # KEYS: record, job stream, firehose, cancel flag, job index, the owner's unfinished jobs
 # ARGV: number of events (k), job maxlen, firehose maxlen, channel, ttl, mode, expected states,
-#       owner json, job id, index score (create only), then k event jsons, then field/value pairs
-#       for the record.
+#       owner json, job id, index score (create only), number of field arguments (2f), then k
+#       event jsons, then f field/value pairs for the record, then commands to run with the
+#       append, each as its argument count followed by its arguments.
 # mode: "create" (the record must not exist), "update" (it must), "update+cancel" (and no
 # cancel was requested). Expected states is ",<json state>,<json state>," or "" for any.
 _APPEND_LUA = """
@@ -44,17 +45,17 @@ else
   end
 end
 local ttl = tonumber(ARGV[5])
-local last_event = 10 + tonumber(ARGV[1])
+local first_field = 12 + tonumber(ARGV[1])
+local last_field = first_field + tonumber(ARGV[11]) - 1
 local jid, fid
-for e = 11, last_event do
+for e = 12, first_field - 1 do
   jid = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[e])
   fid = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*',
     'i', jid, 'o', ARGV[8], 'e', ARGV[e])
   redis.call('PUBLISH', ARGV[4], '{"job_event_id":"' .. jid .. '","firehose_id":"' .. fid ..
     '","owner":' .. ARGV[8] .. ',"event":' .. ARGV[e] .. '}')
 end
-local n = #ARGV
-for i = last_event + 1, n - 1, 2 do
+for i = first_field, last_field - 1, 2 do
   if ARGV[i] == 'state' then
     local new_state = ARGV[i + 1]
     if new_state == '"queued"' then
@@ -64,8 +65,8 @@ for i = last_event + 1, n - 1, 2 do
     end
   end
 end
-if n > last_event then
-  redis.call('HSET', KEYS[1], unpack(ARGV, last_event + 1, n))
+if last_field >= first_field then
+  redis.call('HSET', KEYS[1], unpack(ARGV, first_field, last_field))
 end
 if mode == 'create' then
   redis.call('ZADD', KEYS[5], ARGV[10], ARGV[9])
@@ -73,6 +74,12 @@ end
 redis.call('HSET', KEYS[1], 'last_event_id', '"' .. jid .. '"')
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
+local i = last_field + 1
+while i <= #ARGV do
+  local argc = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + argc))
+  i = i + argc + 1
+end
 return {jid, fid}
 """
 
@@ -131,10 +138,15 @@ class JobStore:
         owner: str | None = None,
         mode: str = "update",
         expect: Sequence[JobState] = (),
+        then: Sequence[Sequence[str | bytes | int]] = (),
     ) -> Appended:
-        """Append one event and apply ``fields`` to the record, atomically."""
+        """Append one event and apply ``fields`` to the record, atomically.
+
+        ``then``: Redis commands to run in the same script when the append succeeds (and only
+        then), such as the arq enqueue of a job just created.
+        """
         return await self.append_many(
-            job_id, [event], fields, owner=owner, mode=mode, expect=expect
+            job_id, [event], fields, owner=owner, mode=mode, expect=expect, then=then
         )
 
     async def append_many(
@@ -146,6 +158,7 @@ class JobStore:
         owner: str | None = None,
         mode: str = "update",
         expect: Sequence[JobState] = (),
+        then: Sequence[Sequence[str | bytes | int]] = (),
     ) -> Appended:
         """Append ``events`` of one job in order and apply ``fields``, all or none.
 
@@ -165,11 +178,15 @@ class JobStore:
             json.dumps(owner),
             job_id,
             f"{time.time() * 1_000_000:.0f}",
+            2 * len(fields),
         ]
         args.extend(json.dumps(event, separators=(",", ":")) for event in events)
         for name, value in fields.items():
             args.append(name)
             args.append(json.dumps(value, separators=(",", ":")))
+        for command in then:
+            args.append(len(command))
+            args.extend(command)
         keys = [
             self.keys.job(job_id),
             self.keys.job_events(job_id),
@@ -183,9 +200,17 @@ class JobStore:
             return Appended(None, None, refused=second)
         return Appended(jid, second)
 
-    async def create(self, record: JobRecord, event: Mapping[str, Any]) -> Appended:
+    async def create(
+        self,
+        record: JobRecord,
+        event: Mapping[str, Any],
+        *,
+        then: Sequence[Sequence[str | bytes | int]] = (),
+    ) -> Appended:
         fields = record.model_dump(mode="json", exclude={"last_event_id"})
-        appended = await self.append(record.id, event, fields, owner=record.owner, mode="create")
+        appended = await self.append(
+            record.id, event, fields, owner=record.owner, mode="create", then=then
+        )
         now = time.time()
         if appended.ok and now - self._index_trimmed_at >= 1.0:
             # Index entries older than the retention point at expired jobs. Trimming once a

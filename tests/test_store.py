@@ -27,7 +27,13 @@ async def _append_many_is_all_or_none(url: str) -> None:
             created_at=utcnow(),
             steps=[],
         )
-        assert (await store.create(record, new_event("j1", "queued", 0))).ok
+        enqueue = [["ZADD", "store-test:queue", 1, "j1"], ["HINCRBY", "store-test:n", "made", 1]]
+        assert (await store.create(record, new_event("j1", "queued", 0), then=enqueue)).ok
+        # A second create of the same id is refused, and its commands do not run.
+        again_created = await store.create(record, new_event("j1", "queued", 0), then=enqueue)
+        assert again_created.refused == "exists"
+        assert await redis.hget("store-test:n", "made") == "1"
+        assert await redis.zscore("store-test:queue", "j1") == 1
         events = [new_event("j1", "progress", 1, current=i, total=3) for i in (1, 2, 3)]
         appended = await store.append_many(
             "j1",
@@ -60,5 +66,7 @@ async def _append_many_is_all_or_none(url: str) -> None:
         await redis.aclose()
 
 
-def test_append_many_stores_every_event_in_order_or_none(valkey: Valkey) -> None:
+def test_append_many_stores_every_event_in_order_or_none_and_runs_its_commands_only_if_stored(
+    valkey: Valkey,
+) -> None:
     asyncio.run(asyncio.wait_for(_append_many_is_all_or_none(valkey.url), 30))
