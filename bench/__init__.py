@@ -1,10 +1,10 @@
 """Benchmarks of the delivery path, each against a baseline in the same run (docs/performance.md).
 
-    /work/.venv/bin/python -m bench.fanout        # N clients stream one job: latency, memory
-    /work/.venv/bin/python -m bench.connections   # idle streams one web process holds
-    /work/.venv/bin/python -m bench.polling       # polling GET /api/jobs/ID vs SSE
-    /work/.venv/bin/python -m bench.throughput    # submissions, appends, submit -> started
-    /work/.venv/bin/python -m bench.resume        # replay of missed events on reconnect
+    .venv/bin/python -m bench.fanout        # N clients stream one job: latency, memory
+    .venv/bin/python -m bench.connections   # idle streams one web process holds
+    .venv/bin/python -m bench.polling       # polling GET /api/jobs/ID vs SSE
+    .venv/bin/python -m bench.throughput    # submissions, appends, submit -> started
+    .venv/bin/python -m bench.resume        # replay of missed events on reconnect
 
 Not part of the test suite. Every process a benchmark starts is stopped when it ends.
 """

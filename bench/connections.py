@@ -1,8 +1,8 @@
 """Connections held: how many idle streams one web process holds, at what memory per stream,
 how fast they connect, and whether every one of them still gets the next event.
 
-    /work/.venv/bin/python -m bench.connections                      # ours 19,000, baseline 9,000
-    /work/.venv/bin/python -m bench.connections --n 10000 --baseline-n 5000
+    .venv/bin/python -m bench.connections                      # ours 19,000, baseline 9,000
+    .venv/bin/python -m bench.connections --n 10000 --baseline-n 5000
 
 ``ulimit -n`` is 20,000 here (hard limit too), which caps one process at a little under 20,000
 sockets; the baseline needs two descriptors per stream (the client's socket and its own Redis

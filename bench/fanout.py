@@ -5,9 +5,9 @@ moment the client process receives the frame. Ours (``/api/jobs/{id}/events``) a
 (``bench/baseline_app.py``: sse-starlette + one Redis pub/sub connection per client) run one
 after the other in the same run, each in a fresh web process, against the same Valkey and worker.
 
-    /work/.venv/bin/python -m bench.fanout                 # N = 100, 1,000, 5,000
-    /work/.venv/bin/python -m bench.fanout --n 10000       # the largest (ours only: see below)
-    /work/.venv/bin/python -m bench.fanout --n 1000 --repeat 3
+    .venv/bin/python -m bench.fanout                 # N = 100, 1,000, 5,000
+    .venv/bin/python -m bench.fanout --n 10000       # the largest (ours only: see below)
+    .venv/bin/python -m bench.fanout --n 1000 --repeat 3
 
 The baseline needs two descriptors per stream (the client's socket and its Redis connection), so
 with ``ulimit -n`` 20,000 it cannot hold 10,000 streams in one process; that row is ours only.

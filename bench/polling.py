@@ -5,8 +5,8 @@ Staleness of an event for a client: from the event's ``at`` to the first moment 
 knows it (an SSE frame arrives, or a poll answers with that event's id or a later one). Polling
 clients skip events between two polls; they count as known at the first poll that is past them.
 
-    /work/.venv/bin/python -m bench.polling                  # 1,000 clients, 10 events at 1/s
-    /work/.venv/bin/python -m bench.polling --n 2000
+    .venv/bin/python -m bench.polling                  # 1,000 clients, 10 events at 1/s
+    .venv/bin/python -m bench.polling --n 2000
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ write. Baseline (``/replay/{id}`` in ``bench/baseline_app.py``): the same ``XRAN
 one ``ServerSentEvent`` encoded and sent per event, as sse-starlette code usually does.
 Time runs from opening the connection to the last byte; each figure is the median of 5.
 
-    /work/.venv/bin/python -m bench.resume
+    .venv/bin/python -m bench.resume
 """
 
 from __future__ import annotations

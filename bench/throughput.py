@@ -14,7 +14,7 @@
   ``started`` event. Ours polls the queue every 10 ms (``STEPSTREAM_POLL_DELAY_SECONDS``);
   baseline: the same worker at arq's default ``poll_delay`` of 0.5 s.
 
-    /work/.venv/bin/python -m bench.throughput
+    .venv/bin/python -m bench.throughput
 """
 
 from __future__ import annotations
