@@ -16,12 +16,14 @@ from starlette.responses import JSONResponse, Response
 
 from server.errors import ApiError
 from server.jobs import (
+    NewJob,
     _accepted,
-    _create_job,
+    _create_cached,
     check_input_shape,
     enforce_submission_limits,
     job_json,
     load_job,
+    new_job,
     new_job_id,
     read_object,
     reload,
@@ -29,9 +31,9 @@ from server.jobs import (
 )
 from server.options import SubmitOptions, parse_submit_options
 from server.state import AppState
-from tasks import batches
+from tasks import batches, cache
 from tasks.models import JobRecord, JobState, utcnow
-from tasks.store import new_event
+from tasks.store import appended_from, new_event
 
 BATCH_FIELDS = frozenset({"task", "inputs", "budget"})
 PARENT_PREFIX = "batch:"
@@ -86,41 +88,70 @@ async def submit_batch(request: Request) -> Response:
         batch=batches.empty_counts(size),
         message=batches.summary_message(batches.empty_counts(size), size),
     )
-    created = await state.store.create(
-        parent, new_event(parent_id, "queued", 0, input=parent.input)
-    )
-    if not created.ok:
-        raise RuntimeError(f"job id {parent_id} exists already")
-    # The parent runs from now until its last child ends; no worker ever holds it.
-    await state.store.append(
-        parent_id,
-        new_event(parent_id, "started", 1, max_attempts=1),
-        {"state": JobState.running.value, "attempt": 1, "started_at": utcnow()},
-        owner=owner,
-        expect=(JobState.queued,),
-    )
     child_ids = [new_job_id() for _ in inputs]
-    retention = state.settings.retention_seconds
-    children_key = state.store.keys.batch_children(parent_id)
-    # The list first, so GET /api/batches/{id} sees every child as soon as it exists.
-    async with state.redis.pipeline(transaction=True) as pipe:
-        pipe.rpush(children_key, *child_ids)
-        pipe.expire(children_key, retention)
-        await pipe.execute()
+    fresh: list[NewJob] = []
+    cached: list[tuple[int, str, dict[str, Any], dict[str, Any]]] = []
     for index, (child_id, item) in enumerate(zip(child_ids, inputs, strict=True)):
-        child = await _create_job(
+        hit = None
+        if spec.cache_ttl:
+            hit = await cache.lookup(state.redis, state.store.keys, spec, owner, item)
+        if hit is not None:
+            cached.append((index, child_id, item, hit))
+            continue
+        fresh.append(
+            new_job(
+                state,
+                owner,
+                spec.max_attempts,
+                task_name,
+                item,
+                child_id,
+                options,
+                batch_id=parent_id,
+                batch_index=index,
+            )
+        )
+    store = state.store
+    children_key = store.keys.batch_children(parent_id)
+    # The whole batch in one MULTI: the parent, its start (it runs from now until its last child
+    # ends; no worker ever holds it), the list of its children and every child with its queue
+    # entry appear together or not at all, so a web process dying here leaves no parent waiting
+    # for children that were never made.
+    async with state.redis.pipeline(transaction=True) as pipe:
+        await store.queue_create(
+            pipe, parent, new_event(parent_id, "queued", 0, input=parent.input)
+        )
+        await store.queue_append_many(
+            pipe,
+            parent_id,
+            [new_event(parent_id, "started", 1, max_attempts=1)],
+            {"state": JobState.running.value, "attempt": 1, "started_at": utcnow()},
+            owner=owner,
+            expect=(JobState.queued,),
+        )
+        pipe.rpush(children_key, *child_ids)
+        pipe.expire(children_key, state.settings.retention_seconds)
+        for child in fresh:
+            await store.queue_create(pipe, child.record, child.event, then=child.then)
+        replies = await pipe.execute()
+    appends = [replies[0], replies[1], *replies[4:]]
+    if not all(appended_from(reply).ok for reply in appends):
+        # 120-bit ids collided: not a client mistake, and never expected.
+        raise RuntimeError(f"batch {parent_id}: a job id exists already")
+    for index, child_id, item, hit in cached:
+        # A cached result: the child completes at once and never reaches a worker.
+        done = await _create_cached(
             state,
             owner,
             spec.max_attempts,
             task_name,
             item,
             child_id,
-            options,
+            hit,
             batch_id=parent_id,
             batch_index=index,
         )
-        if child.state is JobState.completed:  # a cached result: it never reaches a worker
-            await batches.child_finished(state.store, child, "completed", result=child.result)
+        await batches.child_finished(state.store, done, "completed", result=done.result)
     record = await reload(state, parent)
     response = _accepted(state, record, 202)
     response.headers["Location"] = f"/api/batches/{parent_id}"

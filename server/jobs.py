@@ -222,6 +222,52 @@ async def enforce_submission_limits(state: AppState, owner: str | None) -> None:
         )
 
 
+@dataclass
+class NewJob:
+    """A job about to be created: its record, its ``queued`` event, and the commands (the arq
+    enqueue, the submitted counter) the create script runs with it."""
+
+    record: JobRecord
+    event: dict[str, Any]
+    then: list[list[str | bytes | int]]
+
+
+def new_job(
+    state: AppState,
+    owner: str | None,
+    max_attempts: int,
+    task_name: str,
+    raw_input: dict[str, Any],
+    job_id: str,
+    options: SubmitOptions,
+    *,
+    count_submitted: bool = False,
+    **fields: Any,
+) -> NewJob:
+    scheduled = options.run_at is not None
+    record = JobRecord(
+        id=job_id,
+        task=task_name,
+        owner=owner,
+        state=JobState.scheduled if scheduled else JobState.queued,
+        input=raw_input,
+        max_attempts=max_attempts,
+        created_at=utcnow(),
+        steps=[],
+        budget=options.budget,
+        run_at=options.run_at_text,
+        **fields,
+    )
+    event = new_event(job_id, "queued", 0, input=raw_input)
+    if scheduled:
+        event["run_at"] = record.run_at
+    # A scheduled job is enqueued by arq itself (deferred) after the create.
+    then = [] if scheduled else state.enqueue_commands(job_id)
+    if count_submitted:
+        then.append(_count_submitted(state, task_name))
+    return NewJob(record, event, then)
+
+
 async def _create_job(
     state: AppState,
     owner: str | None,
@@ -250,31 +296,24 @@ async def _create_job(
                 count_submitted=count_submitted,
                 **fields,
             )
-    scheduled = options.run_at is not None
-    record = JobRecord(
-        id=job_id,
-        task=task_name,
-        owner=owner,
-        state=JobState.scheduled if scheduled else JobState.queued,
-        input=raw_input,
-        max_attempts=max_attempts,
-        created_at=utcnow(),
-        steps=[],
-        budget=options.budget,
-        run_at=options.run_at_text,
+    new = new_job(
+        state,
+        owner,
+        max_attempts,
+        task_name,
+        raw_input,
+        job_id,
+        options,
+        count_submitted=count_submitted,
         **fields,
     )
-    event = new_event(job_id, "queued", 0, input=raw_input)
-    if scheduled:
-        event["run_at"] = record.run_at
+    record, event, then = new.record, new.event, new.then
+    if options.run_at is not None:
         # The append script counts only "queued" jobs as the owner's unfinished ones; a
         # scheduled job counts too (added first, so a job that ends at once is removed after).
         await state.redis.zadd(
             state.store.keys.owner_unfinished(owner), {job_id: time.time() * 1_000_000}
         )
-    then = [] if scheduled else state.enqueue_commands(job_id)
-    if count_submitted:
-        then.append(_count_submitted(state, task_name))
     appended = await state.store.create(record, event, then=then)
     if not appended.ok:  # a 120-bit id collided: not a client mistake, and never expected
         raise RuntimeError(f"job id {job_id} exists already")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
 from tasks.keys import Keys
@@ -165,8 +166,38 @@ class JobStore:
         The precondition is checked once, before the first event; the ids returned are the
         last event's.
         """
+        keys, args = self._script_call(job_id, events, fields, owner, mode, expect, then)
+        return appended_from(await self._append(keys=keys, args=args))
+
+    async def queue_append_many(
+        self,
+        pipe: Pipeline,
+        job_id: str,
+        events: Sequence[Mapping[str, Any]],
+        fields: Mapping[str, Any],
+        *,
+        owner: str | None = None,
+        mode: str = "update",
+        expect: Sequence[JobState] = (),
+        then: Sequence[Sequence[str | bytes | int]] = (),
+    ) -> None:
+        """``append_many`` queued on ``pipe``: several jobs' appends in one ``MULTI`` are
+        stored together or not at all. Read each outcome with ``appended_from``."""
+        keys, args = self._script_call(job_id, events, fields, owner, mode, expect, then)
+        await self._append(keys=keys, args=args, client=pipe)
+
+    def _script_call(
+        self,
+        job_id: str,
+        events: Sequence[Mapping[str, Any]],
+        fields: Mapping[str, Any],
+        owner: str | None,
+        mode: str,
+        expect: Sequence[JobState],
+        then: Sequence[Sequence[str | bytes | int]],
+    ) -> tuple[list[str], list[Any]]:
         if not events:
-            raise ValueError("append_many needs at least one event")
+            raise ValueError("an append needs at least one event")
         args: list[Any] = [
             len(events),
             self.settings.job_log_maxlen,
@@ -195,10 +226,7 @@ class JobStore:
             self.keys.jobs,
             self.keys.owner_unfinished(owner),
         ]
-        jid, second = await self._append(keys=keys, args=args)
-        if jid == "":
-            return Appended(None, None, refused=second)
-        return Appended(jid, second)
+        return keys, args
 
     async def create(
         self,
@@ -219,6 +247,20 @@ class JobStore:
             horizon = (now - self.settings.retention_seconds) * 1_000_000
             await self.redis.zremrangebyscore(self.keys.jobs, 0, horizon)
         return appended
+
+    async def queue_create(
+        self,
+        pipe: Pipeline,
+        record: JobRecord,
+        event: Mapping[str, Any],
+        *,
+        then: Sequence[Sequence[str | bytes | int]] = (),
+    ) -> None:
+        """``create`` queued on ``pipe`` (a ``MULTI``): see ``queue_append_many``."""
+        fields = record.model_dump(mode="json", exclude={"last_event_id"})
+        await self.queue_append_many(
+            pipe, record.id, [event], fields, owner=record.owner, mode="create", then=then
+        )
 
     async def request_cancel(self, job_id: str) -> None:
         await self.redis.set(self.keys.job_cancel(job_id), "1", ex=self.settings.retention_seconds)
@@ -328,6 +370,14 @@ class JobStore:
                 break
             max_score = skip_until[0]
         return found, skip_until
+
+
+def appended_from(reply: Sequence[str]) -> Appended:
+    """The append script's reply as an ``Appended``."""
+    jid, second = reply
+    if jid == "":
+        return Appended(None, None, refused=second)
+    return Appended(jid, second)
 
 
 def decode_record(raw: Mapping[str, str]) -> JobRecord | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -138,3 +139,45 @@ def test_a_job_that_is_not_a_batch_is_not_found_as_one(ai_stack: Stack) -> None:
     ).json()
     response = httpx.get(f"{ai_stack.url}/api/batches/{job['id']}", timeout=10)
     assert response.status_code == 404
+
+
+def job_records(stack: Stack) -> list[dict[str, str]]:
+    r = stack.redis()
+    keys = [k for k in r.scan_iter(f"{stack.prefix}job:{{*}}", count=1_000) if k.endswith("}")]
+    return [r.hgetall(k) for k in keys]
+
+
+def test_a_web_process_killed_while_creating_a_batch_leaves_all_of_it_or_none(
+    make_stack: StackFactory,
+) -> None:
+    # No worker: what the web process stored stays as it was stored.
+    s = make_stack(
+        workers=0, STEPSTREAM_TASK_MODULES=AI_TASKS, STEPSTREAM_MAX_UNFINISHED_PER_OWNER="100000"
+    )
+    body = {"task": "ai_echo", "inputs": [{"value": str(i)} for i in range(1_000)]}
+    for delay in (0.05, 0.15, 0.3, 0.6):
+        web = s.webs[-1]
+        sender = threading.Thread(target=_post_ignoring_errors, args=(web.url, body))
+        sender.start()
+        time.sleep(delay)
+        web.kill()
+        sender.join(timeout=30)
+        assert not sender.is_alive()
+        s.add_web()
+    records = job_records(s)
+    parents = [r for r in records if r["task"] == '"batch:ai_echo"']
+    children = [r for r in records if r.get("batch_id", "null") != "null"]
+    r = s.redis()
+    for parent in parents:
+        parent_id = parent["id"].strip('"')
+        mine = [c for c in children if c["batch_id"] == f'"{parent_id}"']
+        assert len(mine) == 1_000, "a parent exists only with every one of its children"
+        listed = r.lrange(f"{s.prefix}job:{{{parent_id}}}:children", 0, -1)
+        assert sorted(listed) == sorted(c["id"].strip('"') for c in mine)
+        assert None not in r.zmscore(f"{s.prefix}queue", listed), "each child is in the queue"
+    assert len(children) == 1_000 * len(parents), "no child without its parent"
+
+
+def _post_ignoring_errors(base: str, body: dict[str, object]) -> None:
+    with contextlib.suppress(httpx.HTTPError):  # the server was killed under it
+        httpx.post(f"{base}/api/batches", json=body, timeout=20)
