@@ -15,6 +15,7 @@ from stepstream._base import (
     ClientConfig,
     RequestSpec,
     RetryableStatus,
+    answer_retry_delay,
     check_event_stream,
     check_response,
     job_path,
@@ -195,12 +196,13 @@ class AsyncClient:
             try:
                 response = await self._http.request(spec.method, spec.path, **spec.kwargs())
             except httpx.TransportError as exc:
-                if attempt <= self._config.retries and should_retry(spec, exc, None):
+                if attempt <= self._config.retries and should_retry(spec, exc):
                     await anyio.sleep(retry_delay(attempt))
                     continue
                 raise unreachable(self._config, exc) from exc
-            if attempt <= self._config.retries and should_retry(spec, None, response.status_code):
-                await anyio.sleep(retry_delay(attempt))
+            delay = answer_retry_delay(spec, response, attempt)
+            if attempt <= self._config.retries and delay is not None:
+                await anyio.sleep(delay)
                 continue
             check_response(response)
             return response

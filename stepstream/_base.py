@@ -15,6 +15,7 @@ from stepstream._exceptions import (
     ServerUnavailable,
     StepstreamError,
     error_from_response,
+    retry_after,
 )
 from stepstream._models import Job, JobPage, JobState, TaskInfo
 
@@ -24,6 +25,7 @@ API_KEY_ENV = "STEPSTREAM_API_KEY"
 USER_AGENT = "stepstream-python/0.1"
 # 502-504 are what a proxy says while the app restarts: worth another try. A 500 is a bug.
 RETRY_STATUSES = frozenset({502, 503, 504})
+MAX_RATE_LIMIT_WAIT = 2.0  # seconds: a longer Retry-After on a 429 is raised as RateLimited
 
 
 @dataclass(frozen=True)
@@ -146,12 +148,25 @@ def stream_error(response: httpx.Response) -> StepstreamError | RetryableStatus:
     return error
 
 
-def should_retry(spec: RequestSpec, error: Exception | None, status: int | None) -> bool:
+def should_retry(spec: RequestSpec, error: Exception) -> bool:
+    """Whether to send ``spec`` again after a transport error."""
     if isinstance(error, httpx.ConnectError | httpx.ConnectTimeout):
         return True  # nothing was sent: always safe
-    if error is not None:
-        return spec.idempotent and isinstance(error, httpx.TransportError)
-    return spec.idempotent and status in RETRY_STATUSES
+    return spec.idempotent and isinstance(error, httpx.TransportError)
+
+
+def answer_retry_delay(spec: RequestSpec, response: httpx.Response, attempt: int) -> float | None:
+    """How long to wait before sending ``spec`` again after ``response``; None: do not."""
+    if response.status_code == 429:
+        # A refused request changed nothing on the server, so even a submit without an
+        # idempotency key is safe to repeat. A short wait (the per-second submission limit) is
+        # waited out; a long one (too many unfinished jobs) is the caller's decision.
+        hint = retry_after(response)
+        delay = retry_delay(attempt) if hint is None else hint
+        return delay if delay <= MAX_RATE_LIMIT_WAIT else None
+    if spec.idempotent and response.status_code in RETRY_STATUSES:
+        return retry_delay(attempt)
+    return None
 
 
 def retry_delay(attempt: int) -> float:

@@ -170,11 +170,11 @@ def error_from_response(response: httpx.Response) -> StepstreamError:
         return ServerUnavailable(f"the server failed ({status}): {message}", status)
     error_class = _ERROR_CLASSES.get(status, APIError)
     if error_class is RateLimited:
-        return RateLimited(status, code, message, details, _retry_after(response))
+        return RateLimited(status, code, message, details, retry_after(response))
     return error_class(status, code, message, details)
 
 
-def _retry_after(response: httpx.Response) -> float | None:
+def retry_after(response: httpx.Response) -> float | None:
     value = response.headers.get("retry-after", "")
     try:
         return float(value)

@@ -21,6 +21,7 @@ from stepstream import (
     NotFound,
     ProgressEvent,
     QueuedEvent,
+    RateLimited,
     ResetEvent,
     ServerUnavailable,
     SnapshotEvent,
@@ -447,3 +448,38 @@ def test_the_stream_protocol_on_the_wire() -> None:
         assert isinstance(events[-1], CompletedEvent) and events[-1].result == {"ok": True}
         # Coming back at the terminal event: 204, nothing more.
         assert list(client.events(job, after="4-0")) == []
+
+
+def test_a_short_rate_limit_is_waited_out_and_a_long_one_is_raised(
+    make_stack: StackFactory,
+) -> None:
+    s = make_stack(
+        workers=0,
+        STEPSTREAM_SUBMISSIONS_PER_SECOND="3",
+        STEPSTREAM_MAX_UNFINISHED_PER_OWNER="16",
+    )
+    quote = {"roles": [{"role": "ml_engineer"}], "weeks": 1}
+    with Client(s.url) as client:
+        # Over the per-second limit, the 429's "Retry-After: 1" is waited out: every submit lands.
+        ids = {client.submit("generate_quote", quote).id for _ in range(7)}
+        assert len(ids) == 7
+    with Client(s.url, retries=0) as impatient:
+        with pytest.raises(RateLimited) as raised:
+            for _ in range(10):  # at most 6 fit in the two seconds these calls can span
+                impatient.submit("generate_quote", quote)
+        assert raised.value.code == "rate_limited" and raised.value.retry_after == 1
+
+    async def fill_up() -> None:
+        async with AsyncClient(s.url) as client:
+            for _ in range(16):
+                started = time.monotonic()
+                try:
+                    await client.submit("generate_quote", quote)
+                except RateLimited as full:
+                    # "Too many unfinished jobs" asks for 5 s: the caller decides, at once.
+                    assert full.code == "too_many_unfinished_jobs"
+                    assert time.monotonic() - started < 1.5
+                    return
+            raise AssertionError("the unfinished-jobs limit was never reached")
+
+    asyncio.run(asyncio.wait_for(fill_up(), 60))
