@@ -1,18 +1,23 @@
 """A running job's events on their way to the store, in order, several per round trip under load.
 
 A task that reports progress in a tight loop would otherwise wait one Redis round trip per
-event. Here ``progress()`` and ``log()`` only wait until their append is on the wire: while it is
-answered, the events that follow gather and go together in ONE ``append_many`` (one script
-call, one precondition check). At a human pace nothing gathers and every event is sent as it
-comes; the buffer is bounded, and a task that outruns Redis waits for room. Events that mark a
-durable point (a step's start and end, LLM spending, the job's end) wait for everything before
-them to be stored.
+event. Here an event that follows the task's previous one within ``BURST_GAP`` does not wait:
+while one append is answered, the events that follow gather and go together in ONE
+``append_many`` (one script call, one precondition check). An event after a longer gap, which
+is every event of a task doing real work between events, is stored before ``progress()``
+returns, with the rest of any burst before it, so a task that then blocks the event loop with
+synchronous work does not hold that progress back. The last events of a burst followed at once
+by such blocking work wait for the task's next await (CPU work belongs in ``asyncio.to_thread``,
+which the job's lease needs anyway). The buffer is bounded, and a task that outruns Redis waits
+for room. Events that mark a durable point (a step's start and end, LLM spending, the job's
+end) wait for everything before them to be stored.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Any
 
 from tasks.errors import JobCancelled
@@ -20,6 +25,9 @@ from tasks.models import JobState
 from tasks.store import JobStore
 
 MAX_PENDING = 256  # events gathered while one append is answered; more waits for room
+# A task's next event this soon after its previous one returned is part of a burst: a tight
+# loop comes back within microseconds; any real work between two events takes longer.
+BURST_GAP = 0.001  # seconds
 
 
 class EventWriter:
@@ -31,6 +39,7 @@ class EventWriter:
         self._sending: asyncio.Task[None] | None = None
         self._refused = False  # a cancel request, or the job left "running" under us
         self._error: BaseException | None = None
+        self._last_return = 0.0
 
     async def write(self, event: dict[str, Any], fields: dict[str, Any], *, wait: bool) -> None:
         """Queue ``event``; with ``wait``, return once it (and all before it) is stored.
@@ -39,13 +48,15 @@ class EventWriter:
         failed: the task stops at its next event, as it would if it had waited for each.
         """
         self._raise_if_stopped()
+        in_burst = time.monotonic() - self._last_return < BURST_GAP
         self._pending.append((event, fields))
         if self._sending is None or self._sending.done():
             self._sending = asyncio.create_task(self._send_all(), name=f"events:{self.job_id}")
-        if wait or len(self._pending) >= MAX_PENDING:
+        if wait or not in_burst or len(self._pending) >= MAX_PENDING:
             await self.flush()
         else:
-            await asyncio.sleep(0)  # lets the sender put this event on the wire now
+            await asyncio.sleep(0)  # lets the sender move this event towards the wire
+        self._last_return = time.monotonic()
 
     async def flush(self) -> None:
         """Wait until every queued event is stored; raise as ``write`` does."""

@@ -116,8 +116,10 @@ def test_a_slow_consumer_is_cut_off_and_memory_stays_bounded(make_stack: StackFa
     time.sleep(0.5)
     rss_before = rss_kib(web.proc.pid)
 
-    # 3,000 events of ~4 KB: 12 MB, more than the kernel buffers between the two can hold.
-    burst = submit(s.url, "burst", {"events": 3_000, "padding": 4_000})
+    # 3,000 events of ~4 KB: 12 MB, more than the kernel buffers between the two can hold. At
+    # about 2,500 a second: a task's tight loop goes several times faster (tasks/writer.py), which
+    # would make the healthy reader here, a Python thread, the next slow consumer on a busy CI.
+    burst = submit(s.url, "burst", {"events": 3_000, "padding": 4_000, "interval": 0.0004})
     healthy.wait_for(
         lambda evs: any(e.type == "completed" and e.data["job_id"] == burst["id"] for e in evs),
         timeout=60,

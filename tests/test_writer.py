@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import httpx
@@ -63,3 +64,22 @@ def test_a_cancel_stops_a_task_in_a_tight_progress_loop_with_nothing_after_it(
     assert progress and progress == list(range(progress[0], progress[0] + len(progress)))
     assert progress[-1] < 100_000, "the task stopped"
     assert done["steps"][0]["state"] == "cancelled"
+
+
+def test_progress_is_stored_before_the_task_blocks_the_event_loop(
+    make_stack_module: Stack,
+) -> None:
+    s = make_stack_module
+    job = submit(s.url, "blocking", {"burst": 20, "block": 1.5})
+    r = s.redis()
+    record = f"{s.prefix}job:{{{job['id']}}}"
+    # The event before the block came after some work, so it (and the burst before it) is
+    # stored before progress() returns: while the task blocks, not after.
+    wait_until(lambda: r.hget(record, "message") == '"before the block"', 20, 0.01, "the event")
+    seen_at = time.monotonic()
+    assert r.hget(record, "state") == '"running"'
+    wait_until(lambda: r.hget(record, "state") == '"completed"', 20, 0.01, "the job's end")
+    assert time.monotonic() - seen_at > 1.0, "it was stored at the start of the block"
+    progress = [e["message"] for e in stored_events(s, job["id"]) if e["type"] == "progress"]
+    burst = [f"burst {i}" for i in range(1, 21)]
+    assert progress == [*burst, "before the block", "after the block"]

@@ -4,6 +4,7 @@ so a test can interleave its own actions with a running job exactly."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 from pydantic import BaseModel, Field
 
@@ -79,18 +80,40 @@ async def gated(ctx: TaskContext, data: GatedInput) -> GatedOutput:
     return GatedOutput(events=data.events)
 
 
+class BlockingInput(BaseModel):
+    burst: int = Field(default=20, ge=1, le=1_000)
+    block: float = Field(default=1.5, ge=0, le=10)
+
+
+@task("blocking", steps=["work"], input=BlockingInput, output=GatedOutput, max_attempts=1)
+async def blocking(ctx: TaskContext, data: BlockingInput) -> GatedOutput:
+    """A burst of progress, some work, one more event, then synchronous work that blocks the
+    event loop (as CPU-bound code written without ``asyncio.to_thread`` does)."""
+    async with ctx.step("work"):
+        for i in range(1, data.burst + 1):
+            await ctx.progress(i, data.burst + 1, f"burst {i}")
+        await asyncio.sleep(0.01)  # the work that leads to the next event
+        await ctx.progress(data.burst, data.burst + 1, "before the block")
+        time.sleep(data.block)  # noqa: ASYNC251 - blocking on purpose
+        await ctx.progress(data.burst + 1, data.burst + 1, "after the block")
+    return GatedOutput(events=data.burst + 2)
+
+
 class BurstInput(BaseModel):
     events: int = Field(default=100, ge=1, le=100_000)
     padding: int = Field(default=0, ge=0, le=100_000, description="extra bytes per message")
+    interval: float = Field(default=0, ge=0, le=1, description="seconds between events")
 
 
 @task("burst", steps=["emit"], input=BurstInput, output=GatedOutput, max_attempts=1)
 async def burst(ctx: TaskContext, data: BurstInput) -> GatedOutput:
-    """Emits many progress events as fast as the store takes them."""
+    """Emits many progress events as fast as the store takes them (or ``interval`` apart)."""
     pad = "x" * data.padding
     async with ctx.step("emit"):
         for i in range(1, data.events + 1):
             await ctx.progress(i, data.events, f"event {i} {pad}")
+            if data.interval:
+                await asyncio.sleep(data.interval)
     return GatedOutput(events=data.events)
 
 
