@@ -92,6 +92,11 @@ class JobMonitor:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
 
+    def task_ended(self, job_id: str) -> None:
+        """The job's task has returned or raised: the runtime now records the outcome, which a
+        cancel raised meanwhile must not interrupt (it has nothing left to stop)."""
+        self.running.pop(job_id, None)
+
     async def take_lease(self, job_id: str) -> None:
         await self.store.redis.pexpire(in_progress_key_prefix + job_id, self.lease_ms)
 
@@ -187,9 +192,11 @@ async def _run_attempt(
         # The task's last progress and log events are in the log before ``completed``.
         await context.writer.flush()
     except JobCancelled as exc:
+        monitor.task_ended(job_id)
         await context.writer.settle()
         await _cancelled(store, record, attempt, exc.reason, context)
     except asyncio.CancelledError:
+        monitor.task_ended(job_id)
         if job_id in monitor.cancelled:
             # Our monitor interrupted the task: the job is cancelled, the worker goes on.
             current.uncancel()
@@ -201,9 +208,11 @@ async def _run_attempt(
             await _handed_back(store, record, context)
             raise
     except Exception as exc:
+        monitor.task_ended(job_id)
         await context.writer.settle()
         await _handle_failure(store, spec, record, context, exc)
     else:
+        monitor.task_ended(job_id)
         done = await store.append(
             job_id,
             new_event(job_id, "completed", attempt, result=result),
