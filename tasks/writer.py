@@ -26,8 +26,9 @@ from tasks.store import JobStore
 
 MAX_PENDING = 256  # events gathered while one append is answered; more waits for room
 # A task's next event this soon after its previous one returned is part of a burst: a tight
-# loop comes back within microseconds; any real work between two events takes longer.
-BURST_GAP = 0.001  # seconds
+# loop comes back within microseconds. An event after shorter work waits at most that work
+# for the next call; one after longer work is stored at once.
+BURST_GAP = 0.005  # seconds
 
 
 class EventWriter:
