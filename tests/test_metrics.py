@@ -60,6 +60,13 @@ def test_counters_and_stats_move_as_jobs_run_on_two_webs_and_two_workers(
     for on_a, on_b, data in zip(logs[a.url], logs[b.url], inputs, strict=True):
         assert [e.id for e in on_a] == [e.id for e in on_b]
         assert on_a[-1].type == ("failed" if data else "completed")
+    # A worker reports its running jobs in its heartbeat (every 0.5 s here) and counts a job's
+    # end just after writing it: both may trail the streams by up to one beat.
+    wait_until(
+        lambda: all(w["running"] == [] for w in stats(a.url)["workers"]),
+        timeout=5,
+        what="the heartbeats to show no running job",
+    )
 
     for web in (a, b):
         m = scrape(web.url)
