@@ -24,7 +24,6 @@ from server.jobs import (
     job_json,
     load_job,
     new_job,
-    new_job_id,
     read_object,
     reload,
     task_named,
@@ -32,7 +31,7 @@ from server.jobs import (
 from server.options import SubmitOptions, parse_submit_options
 from server.state import AppState
 from tasks import batches, cache
-from tasks.models import JobRecord, JobState, utcnow
+from tasks.models import JobRecord, JobState, new_job_id, utcnow
 from tasks.store import appended_from, new_event
 
 BATCH_FIELDS = frozenset({"task", "inputs", "budget"})

@@ -8,7 +8,6 @@ import binascii
 import hashlib
 import json
 import re
-import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -22,17 +21,13 @@ from server.errors import ApiError
 from server.options import SUBMIT_FIELDS, SubmitOptions, parse_submit_options
 from server.state import AppState
 from tasks import batches, cache
-from tasks.models import JobRecord, JobState, utcnow
+from tasks.models import JobRecord, JobState, new_job_id, utcnow
 from tasks.registry import TaskSpec, all_tasks, get_task
 from tasks.runtime import RUN_JOB
 from tasks.settings import Settings
 from tasks.store import new_event
 
 JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-
-
-def new_job_id() -> str:
-    return secrets.token_urlsafe(15)  # 120 random bits: ids cannot be guessed
 
 
 async def read_json(request: Request, max_bytes: int) -> Any:

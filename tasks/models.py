@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import secrets
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -117,6 +118,15 @@ class JobRecord(BaseModel):
     batch_id: str | None = None  # a batch child: its parent job
     batch_index: int | None = None  # a batch child: its place in the batch's inputs
     batch: dict[str, Any] | None = None  # a batch parent: {size, completed, failed, cancelled}
+
+
+def new_job_id() -> str:
+    """20 characters of base64url (120 random bits: ids cannot be guessed) that never start with
+    ``-`` or ``_``: a command line would take ``stepstream get -B6W…`` for an option."""
+    while True:
+        job_id = secrets.token_urlsafe(15)
+        if job_id[0].isalnum():
+            return job_id
 
 
 def utcnow() -> str:

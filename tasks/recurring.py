@@ -15,13 +15,12 @@ field gives the seconds (croniter's convention), which the tests use to tick eve
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
 from arq.cron import CronJob, cron
 
-from tasks.models import JobRecord, JobState, utcnow
+from tasks.models import JobRecord, JobState, new_job_id, utcnow
 from tasks.registry import get_task
 from tasks.runtime import RUN_JOB
 from tasks.store import JobStore, new_event
@@ -118,7 +117,7 @@ async def create_job(store: JobStore, arq_redis: Any, entry: Recurring) -> JobRe
     if spec is None:
         return None
     spec.input_model.model_validate(entry.input)
-    job_id = secrets.token_urlsafe(15)
+    job_id = new_job_id()
     record = JobRecord(
         id=job_id,
         task=spec.name,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from stepstream import Client, JobState
 from tasks.demo.analyze_document import STEPS as ANALYZE_DOCUMENT_STEPS
+from tasks.models import new_job_id
 from tests.conftest import Stack, StackFactory
 from tests.support.api import DOC
 from tests.support.cli import LiveCli, run_cli, run_cli_in_terminal
@@ -260,3 +261,10 @@ def test_the_api_key_option_authenticates_in_production(make_stack: StackFactory
     )
     assert done.returncode == 0, done.stderr
     assert step_lines(done.stdout.splitlines()) == expected_step_lines()
+
+
+def test_no_job_id_reads_as_an_option_on_the_command_line() -> None:
+    # An id starting with "-" made `stepstream get -B6W…` fail with a usage error (exit 64).
+    ids = [new_job_id() for _ in range(5_000)]
+    assert all(job_id[0].isalnum() for job_id in ids)
+    assert all(len(job_id) == 20 for job_id in ids) and len(set(ids)) == len(ids)
