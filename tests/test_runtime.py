@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from datetime import datetime
 
+import httpx
+
 from tests.conftest import Stack, StackFactory
 from tests.support.api import submit, wait_state
+from tests.support.processes import wait_until
 from tests.support.sse import Event, read_stream
 from tests.support.tasks import executions_key
 
@@ -108,6 +111,14 @@ def test_a_task_s_concurrency_limit_holds_across_workers(make_stack: StackFactor
     s = make_stack(webs=1, workers=2)
     r = s.redis()
     r.delete("test:limited:running", "test:limited:max")
+    # Both workers up (each has sent its first heartbeat) before the jobs are queued: otherwise
+    # the first one can take all four before the second polls.
+    wait_until(
+        lambda: httpx.get(f"{s.url}/api/stats", timeout=5).json()["workers_alive"] == 2,
+        20,
+        0.05,
+        "both workers' heartbeats",
+    )
     jobs = [submit(s.url, "limited", {"hold": 0.4}) for _ in range(4)]
     for job in jobs:
         done = wait_state(s.url, job["id"], {"completed", "failed"}, timeout=60)
