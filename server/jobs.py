@@ -118,24 +118,15 @@ async def submit_job(request: Request) -> Response:
 
     owner = principal.owner
     idempotency_key = request.headers.get("idempotency-key")
-    if idempotency_key is None:
-        await enforce_submission_limits(state, owner)
-        record = await _create_job(
-            state,
-            owner,
-            spec.max_attempts,
-            task_name,
-            raw_input,
-            new_job_id(),
-            options,
-            count_submitted=True,
+    claim = None
+    job_id = new_job_id()
+    if idempotency_key is not None:
+        claim = await _claim_idempotency_key(
+            state, owner, idempotency_key, task_name, raw_input, options.fingerprint()
         )
-        return _accepted(state, record, 202)
-    claim = await _claim_idempotency_key(
-        state, owner, idempotency_key, task_name, raw_input, options.fingerprint()
-    )
-    if claim.existing is not None:
-        return _accepted(state, claim.existing, 200)
+        if claim.existing is not None:
+            return _accepted(state, claim.existing, 200)
+        job_id = claim.job_id
     try:
         await enforce_submission_limits(state, owner)
         record = await _create_job(
@@ -144,12 +135,13 @@ async def submit_job(request: Request) -> Response:
             spec.max_attempts,
             task_name,
             raw_input,
-            claim.job_id,
+            job_id,
             options,
             count_submitted=True,
         )
     except BaseException:
-        await state.redis.delete(claim.redis_key)  # let the client's retry create the job
+        if claim is not None:
+            await state.redis.delete(claim.redis_key)  # let the client's retry create the job
         raise
     return _accepted(state, record, 202)
 

@@ -187,32 +187,30 @@ async def _run_attempt(
     assert current is not None
     monitor.running[job_id] = current
     try:
-        await monitor.take_lease(job_id)
-        result = await _execute(spec, context, record.input)
-        # The task's last progress and log events are in the log before ``completed``.
-        await context.writer.flush()
+        try:
+            await monitor.take_lease(job_id)
+            result = await _execute(spec, context, record.input)
+            # The task's last progress and log events are in the log before ``completed``.
+            await context.writer.flush()
+        finally:
+            # The task has ended: recording its outcome must not be interrupted by the
+            # monitor, and comes after the events the task still has on their way.
+            monitor.task_ended(job_id)
+            await context.writer.settle()
     except JobCancelled as exc:
-        monitor.task_ended(job_id)
-        await context.writer.settle()
         await _cancelled(store, record, attempt, exc.reason, context)
     except asyncio.CancelledError:
-        monitor.task_ended(job_id)
         if job_id in monitor.cancelled:
             # Our monitor interrupted the task: the job is cancelled, the worker goes on.
             current.uncancel()
-            await context.writer.settle()
             await _cancelled(store, record, attempt, "cancelled by request", context)
         else:
             # The worker is shutting down: arq puts the job back in the queue; say so in the log.
-            await context.writer.settle()
             await _handed_back(store, record, context)
             raise
     except Exception as exc:
-        monitor.task_ended(job_id)
-        await context.writer.settle()
         await _handle_failure(store, spec, record, context, exc)
     else:
-        monitor.task_ended(job_id)
         done = await store.append(
             job_id,
             new_event(job_id, "completed", attempt, result=result),
