@@ -141,7 +141,7 @@ class BaselineWeb(Web):
 
     def __init__(self, env: dict[str, str], log_dir: Path) -> None:
         super().__init__(env, log_dir)
-        self.args[self.args.index("server.app:app")] = "bench.baseline_app:app"
+        self.args[self.args.index("stepstream.server.app:app")] = "bench.baseline_app:app"
         self.name = f"baseline-{self.port}"
         self.log_path = log_dir / f"{self.name}.log"
 

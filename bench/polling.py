@@ -32,7 +32,7 @@ from bench.common import (
     submit,
     wait_state,
 )
-from tasks.models import parse_stream_id
+from stepstream.tasks.models import parse_stream_id
 from tests.support.processes import Web
 
 

@@ -40,9 +40,9 @@ from bench.common import (
     submit,
     wait_state,
 )
-from tasks.models import JobRecord, JobState, utcnow
-from tasks.settings import Settings
-from tasks.store import JobStore, new_event
+from stepstream.tasks.models import JobRecord, JobState, utcnow
+from stepstream.tasks.settings import Settings
+from stepstream.tasks.store import JobStore, new_event
 
 
 def at_epoch(value: str) -> float:

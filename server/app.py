@@ -1,4 +1,4 @@
-"""The ASGI app: ``uvicorn server.app:app``."""
+"""The ASGI app: ``uvicorn stepstream.server.app:app``."""
 
 from __future__ import annotations
 
@@ -17,26 +17,27 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from server import batches, events, health, jobs, openapi
-from server.auth import Authenticator
-from server.errors import (
+from stepstream.server import batches, events, health, jobs, openapi
+from stepstream.server.auth import Authenticator
+from stepstream.server.errors import (
     ApiError,
     api_error_handler,
     http_error_handler,
     redis_error_handler,
     server_error_handler,
 )
-from server.hub import Hub
-from server.metrics import WebMetrics
-from server.security import is_production, middleware
-from server.state import AppState
-from tasks import apikeys
-from tasks.apikeys import ApiKeys
-from tasks.connection import connect
-from tasks.logs import setup_logging
-from tasks.registry import load_tasks
-from tasks.settings import Settings, get_settings
-from tasks.store import JobStore
+from stepstream.server.hub import Hub
+from stepstream.server.metrics import WebMetrics
+from stepstream.server.security import bound_host, is_production, middleware
+from stepstream.server.state import AppState
+from stepstream.tasks import apikeys
+from stepstream.tasks.apikeys import ApiKeys
+from stepstream.tasks.connection import connect
+from stepstream.tasks.errors import ConfigurationError
+from stepstream.tasks.logs import setup_logging
+from stepstream.tasks.registry import load_tasks
+from stepstream.tasks.settings import Settings, get_settings
+from stepstream.tasks.store import JobStore
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 logger = logging.getLogger("stepstream.web")
@@ -50,20 +51,15 @@ def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or get_settings()
     # Here rather than in the lifespan: uvicorn writes its first lines between the two.
     setup_logging("web", settings)
-    load_tasks(settings.task_module_list)
+    load_tasks(settings.task_module_list, demo=settings.demo_tasks)
     web_metrics = WebMetrics()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         production = is_production(settings)
-        if production and not settings.secret:
-            raise RuntimeError(
-                "Stepstream runs in production mode here (STEPSTREAM_MODE, or a non-loopback "
-                "address) and needs STEPSTREAM_SECRET to sign stream tokens. Set it to a long "
-                "random value (for example `python -c 'import secrets; "
-                "print(secrets.token_hex(32))'`), or set STEPSTREAM_MODE=development on a "
-                "trusted machine."
-            )
+        problem = settings.production_problem(bound_host())
+        if problem:
+            raise ConfigurationError(problem)
         logger.warning(
             "Stepstream in %s mode%s",
             "production" if production else "development",
@@ -134,8 +130,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
 
 def __getattr__(name: str) -> Starlette:
-    # ``uvicorn server.app:app`` builds the app on first access, so importing this module for
-    # its helpers does not read the environment.
+    # ``uvicorn stepstream.server.app:app`` builds the app on first access, so importing this
+    # module for its helpers does not read the environment.
     if name == "app":
         return create_app()
     raise AttributeError(name)

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 from starlette.requests import Request
 
-from server.errors import ApiError
-from tasks.apikeys import ApiKeys
+from stepstream.server.errors import ApiError
+from stepstream.tasks.apikeys import ApiKeys
 
 FIREHOSE_SCOPE = "events"
 

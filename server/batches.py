@@ -14,8 +14,8 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from server.errors import ApiError
-from server.jobs import (
+from stepstream.server.errors import ApiError
+from stepstream.server.jobs import (
     NewJob,
     _accepted,
     _create_cached,
@@ -28,11 +28,11 @@ from server.jobs import (
     reload,
     task_named,
 )
-from server.options import SubmitOptions, parse_submit_options
-from server.state import AppState
-from tasks import batches, cache
-from tasks.models import JobRecord, JobState, new_job_id, utcnow
-from tasks.store import appended_from, new_event
+from stepstream.server.options import SubmitOptions, parse_submit_options
+from stepstream.server.state import AppState
+from stepstream.tasks import batches, cache
+from stepstream.tasks.models import JobRecord, JobState, new_job_id, utcnow
+from stepstream.tasks.store import appended_from, new_event
 
 BATCH_FIELDS = frozenset({"task", "inputs", "budget"})
 PARENT_PREFIX = "batch:"

@@ -11,14 +11,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from server.auth import FIREHOSE_SCOPE
-from server.errors import ApiError
-from server.guards import guarded, open_stream
-from server.hub import Hub
-from server.jobs import load_job
-from server.state import AppState
-from server.streams import FirehoseStream, JobStream
-from tasks.models import parse_stream_id
+from stepstream.server.auth import FIREHOSE_SCOPE
+from stepstream.server.errors import ApiError
+from stepstream.server.guards import guarded, open_stream
+from stepstream.server.hub import Hub
+from stepstream.server.jobs import load_job
+from stepstream.server.state import AppState
+from stepstream.server.streams import FirehoseStream, JobStream
+from stepstream.tasks.models import parse_stream_id
 
 logger = logging.getLogger("stepstream.sse")
 

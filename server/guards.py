@@ -6,10 +6,10 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
-from server.auth import Principal
-from server.errors import ApiError
-from server.sse import frame, json_data
-from server.state import AppState
+from stepstream.server.auth import Principal
+from stepstream.server.errors import ApiError
+from stepstream.server.sse import frame, json_data
+from stepstream.server.state import AppState
 
 
 def open_stream(state: AppState, principal: Principal) -> None:

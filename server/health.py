@@ -19,11 +19,11 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from server.state import AppState
-from tasks import heartbeat
-from tasks.models import JobState
-from tasks.registry import all_tasks
-from tasks.store import JobStore
+from stepstream.server.state import AppState
+from stepstream.tasks import heartbeat
+from stepstream.tasks.models import JobState
+from stepstream.tasks.registry import all_tasks
+from stepstream.tasks.store import JobStore
 
 # The most queue entries one request reads. Past it, counts by state are of the oldest entries
 # (running jobs and the longest waiting sort first) and ``scan_truncated`` says so.

@@ -22,8 +22,8 @@ from typing import Any, Final, Protocol
 
 from redis.asyncio import Redis
 
-from server.sse import HEARTBEAT, firehose_data, frame
-from tasks.models import TERMINAL_EVENTS, parse_stream_id
+from stepstream.server.sse import HEARTBEAT, firehose_data, frame
+from stepstream.tasks.models import TERMINAL_EVENTS, parse_stream_id
 
 logger = logging.getLogger("stepstream.hub")
 

@@ -16,16 +16,16 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from server.auth import FIREHOSE_SCOPE, Principal
-from server.errors import ApiError
-from server.options import SUBMIT_FIELDS, SubmitOptions, parse_submit_options
-from server.state import AppState
-from tasks import batches, cache
-from tasks.models import JobRecord, JobState, new_job_id, utcnow
-from tasks.registry import TaskSpec, all_tasks, get_task
-from tasks.runtime import RUN_JOB
-from tasks.settings import Settings
-from tasks.store import new_event
+from stepstream.server.auth import FIREHOSE_SCOPE, Principal
+from stepstream.server.errors import ApiError
+from stepstream.server.options import SUBMIT_FIELDS, SubmitOptions, parse_submit_options
+from stepstream.server.state import AppState
+from stepstream.tasks import batches, cache
+from stepstream.tasks.models import JobRecord, JobState, new_job_id, utcnow
+from stepstream.tasks.registry import TaskSpec, all_tasks, get_task
+from stepstream.tasks.runtime import RUN_JOB
+from stepstream.tasks.settings import Settings
+from stepstream.tasks.store import new_event
 
 JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -544,7 +544,7 @@ async def cancel_job(request: Request) -> Response:
     state: AppState = request.app.state.stepstream
     record = await load_job(request, await state.auth.authenticate(request))
     if record.batch is not None:  # a batch's parent: cancel its children
-        from server.batches import cancel_batch  # server.batches builds on this module
+        from stepstream.server.batches import cancel_batch  # server.batches builds on this module
 
         return await cancel_batch(state, record)
     if record.state.terminal:

@@ -39,10 +39,10 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.health import read_queue
-from server.state import AppState
-from tasks import heartbeat, logs
-from tasks.models import JobState
+from stepstream.server.health import read_queue
+from stepstream.server.state import AppState
+from stepstream.tasks import heartbeat, logs
+from stepstream.tasks.models import JobState
 
 logger = logging.getLogger("stepstream.web")
 

@@ -7,8 +7,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from tasks.models import JobRecord, JobState
-from tasks.registry import all_tasks
+from stepstream.tasks.models import JobRecord, JobState
+from stepstream.tasks.registry import all_tasks
 
 ERROR = {
     "type": "object",

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from server.errors import ApiError
-from tasks.settings import Settings
+from stepstream.server.errors import ApiError
+from stepstream.tasks.settings import Settings
 
 SUBMIT_FIELDS = frozenset({"task", "input", "budget", "run_at", "delay"})
 

@@ -10,7 +10,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tasks.settings import Settings
+from stepstream.tasks.settings import Settings
 
 # No inline script or style anywhere: the dashboard is plain files from /static.
 CONTENT_SECURITY_POLICY = (
@@ -24,7 +24,6 @@ SECURITY_HEADERS = [
     (b"referrer-policy", b"no-referrer"),
     (b"x-frame-options", b"DENY"),
 ]
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 class SecurityHeaders:
@@ -75,12 +74,4 @@ def bound_host() -> str | None:
 
 
 def is_production(settings: Settings) -> bool:
-    mode = settings.mode.lower()
-    if mode not in ("auto", "development", "production"):
-        raise RuntimeError(
-            f"STEPSTREAM_MODE={settings.mode!r}: use development, production or auto"
-        )
-    if mode != "auto":
-        return mode == "production"
-    # auto: open only when nobody but this machine can reach us.
-    return bound_host() not in LOOPBACK
+    return settings.is_production(bound_host())

@@ -11,11 +11,11 @@ from arq.constants import job_key_prefix
 from arq.jobs import serialize_job
 from redis.asyncio import Redis
 
-from server.auth import Authenticator
-from server.hub import Hub
-from tasks.runtime import RUN_JOB
-from tasks.settings import Settings
-from tasks.store import JobStore
+from stepstream.server.auth import Authenticator
+from stepstream.server.hub import Hub
+from stepstream.tasks.runtime import RUN_JOB
+from stepstream.tasks.settings import Settings
+from stepstream.tasks.store import JobStore
 
 
 @dataclass

@@ -11,11 +11,11 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from server.hub import CLOSE, RESYNC, Frame, Hub, Subscriber
-from server.sse import HEARTBEAT, firehose_data, frame, json_data
-from tasks.models import TERMINAL_EVENTS, JobRecord, parse_stream_id
-from tasks.settings import Settings
-from tasks.store import JobStore
+from stepstream.server.hub import CLOSE, RESYNC, Frame, Hub, Subscriber
+from stepstream.server.sse import HEARTBEAT, firehose_data, frame, json_data
+from stepstream.tasks.models import TERMINAL_EVENTS, JobRecord, parse_stream_id
+from stepstream.tasks.settings import Settings
+from stepstream.tasks.store import JobStore
 
 StreamId = tuple[int, int]
 

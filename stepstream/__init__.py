@@ -8,10 +8,24 @@
             print(event.type)
         print(client.wait(job.id).result)
 
-Imports nothing from ``server`` or ``tasks``: it talks to a Stepstream server over HTTP.
+The client imports nothing from ``stepstream.server`` or ``stepstream.tasks``: it talks to a
+Stepstream server over HTTP, and ``pip install stepstream`` installs only httpx, httpx-sse and
+pydantic for it.
+
+Task authors import from here too (``pip install "stepstream[server]"``)::
+
+    from stepstream import TaskContext, task
+
+    @task("summarise", steps=["Read", "Summarise"])
+    async def summarise(ctx: TaskContext, data: dict) -> dict: ...
+
+Those names are loaded on first use, so ``import stepstream`` stays light for the client.
 """
 
 from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from stepstream._async_client import AsyncClient
 from stepstream._client import Client
@@ -52,10 +66,68 @@ from stepstream._models import (
     UnknownEvent,
 )
 
+# The task author's API, from the job side. Imported on first access (PEP 562): a client-only
+# install has none of the job side's dependencies (arq, redis) and never touches these names.
+_TASK_API = {
+    "task": "stepstream.tasks.registry",
+    "Backoff": "stepstream.tasks.registry",
+    "TaskContext": "stepstream.tasks.context",
+    "StepHandle": "stepstream.tasks.context",
+    "TaskError": "stepstream.tasks.errors",
+    "TransientError": "stepstream.tasks.errors",
+    "PermanentError": "stepstream.tasks.errors",
+    "RetryAfter": "stepstream.tasks.errors",
+    "StepTimeout": "stepstream.tasks.errors",
+    "TaskTimeout": "stepstream.tasks.errors",
+    "JobCancelled": "stepstream.tasks.errors",
+    "Pricing": "stepstream.tasks.cost",
+    "BudgetExceeded": "stepstream.tasks.cost",
+    "recurring": "stepstream.tasks.recurring",
+    "LLMRefused": "stepstream.tasks.llm",
+    "LLMRequestError": "stepstream.tasks.llm",
+    "LLMInvalidReply": "stepstream.tasks.llm",
+    "LLMUnavailable": "stepstream.tasks.llm",
+}
+
+if TYPE_CHECKING:
+    from stepstream.tasks.context import StepHandle, TaskContext
+    from stepstream.tasks.cost import BudgetExceeded, Pricing
+    from stepstream.tasks.errors import (
+        JobCancelled,
+        PermanentError,
+        RetryAfter,
+        StepTimeout,
+        TaskError,
+        TaskTimeout,
+        TransientError,
+    )
+    from stepstream.tasks.llm import LLMInvalidReply, LLMRefused, LLMRequestError, LLMUnavailable
+    from stepstream.tasks.recurring import recurring
+    from stepstream.tasks.registry import Backoff, task
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _TASK_API.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'stepstream' has no attribute {name!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImportError(
+            f"stepstream.{name} is part of the job side, which needs the server extra: "
+            f'pip install "stepstream[server]" ({exc})'
+        ) from exc
+    value = getattr(module, name)
+    globals()[name] = value
+    return value
+
+
 __all__ = [
     "APIError",
     "AsyncClient",
+    "Backoff",
     "BadRequest",
+    "BudgetExceeded",
     "CancelledEvent",
     "Client",
     "CompletedEvent",
@@ -66,14 +138,22 @@ __all__ = [
     "FieldError",
     "InvalidInput",
     "Job",
+    "JobCancelled",
     "JobPage",
     "JobState",
+    "LLMInvalidReply",
+    "LLMRefused",
+    "LLMRequestError",
+    "LLMUnavailable",
     "LogEvent",
     "NotFound",
+    "PermanentError",
+    "Pricing",
     "ProgressEvent",
     "QueuedEvent",
     "RateLimited",
     "ResetEvent",
+    "RetryAfter",
     "RetryingEvent",
     "ServerUnavailable",
     "SnapshotEvent",
@@ -81,10 +161,18 @@ __all__ = [
     "Step",
     "StepCompletedEvent",
     "StepEvent",
+    "StepHandle",
     "StepRecord",
+    "StepTimeout",
     "StepstreamError",
+    "TaskContext",
+    "TaskError",
     "TaskInfo",
+    "TaskTimeout",
+    "TransientError",
     "Unauthorized",
     "UnknownEvent",
     "WaitTimeout",
+    "recurring",
+    "task",
 ]

@@ -25,6 +25,7 @@ from stepstream._models import (
     SnapshotEvent,
 )
 from stepstream._render import describe, make_renderer
+from stepstream.serve import run_web, run_worker
 from stepstream.up import run_up
 
 EXIT_COMPLETED = 0
@@ -78,6 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--workers", type=int, default=1)
     up.add_argument("--data-dir", type=Path, default=Path(".data"))
+    _add_task_options(up)
+
+    web = commands.add_parser(
+        "web", help="run a web process (uvicorn) against REDIS_URL; the Procfile's `web`"
+    )
+    web.add_argument("--host", default="127.0.0.1")
+    web.add_argument("--port", type=int, default=8000)
+    _add_task_options(web)
+    worker = commands.add_parser(
+        "worker", help="run an arq worker against REDIS_URL; the Procfile's `worker`"
+    )
+    _add_task_options(worker)
 
     submit = commands.add_parser("submit", parents=[connection], help="start a job")
     submit.add_argument("task", help="the task's name (see GET /api/tasks)")
@@ -148,6 +161,22 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = key_actions.add_parser("revoke", help="revoke a key")
     revoke.add_argument("key")
     return parser
+
+
+def _add_task_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--tasks",
+        metavar="MODULES",
+        help="your task modules, comma separated, e.g. `tasks` for ./tasks.py "
+        "(default: $STEPSTREAM_TASK_MODULES)",
+    )
+    command.add_argument(
+        "--no-demo",
+        dest="demo",
+        action="store_false",
+        default=None,
+        help="leave out the two demo tasks ($STEPSTREAM_DEMO_TASKS=false)",
+    )
 
 
 def _add_output_options(command: argparse.ArgumentParser) -> None:
@@ -326,7 +355,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "up":
-        return run_up(args.host, args.port, args.workers, args.data_dir)
+        return run_up(args.host, args.port, args.workers, args.data_dir, args.tasks, args.demo)
+    if args.command == "web":
+        run_web(args.host, args.port, args.tasks, args.demo)
+    if args.command == "worker":
+        run_worker(args.tasks, args.demo)
     # These two talk to Redis directly (they use the server's settings), so they are imported
     # only when asked for: the client itself stays free of the job side.
     if args.command == "doctor":

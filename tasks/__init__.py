@@ -5,8 +5,8 @@ This package never imports ``server``.
 
 from __future__ import annotations
 
-from tasks.context import TaskContext
-from tasks.errors import PermanentError, RetryAfter, TransientError
-from tasks.registry import task
+from stepstream.tasks.context import TaskContext
+from stepstream.tasks.errors import PermanentError, RetryAfter, TransientError
+from stepstream.tasks.registry import task
 
 __all__ = ["PermanentError", "RetryAfter", "TaskContext", "TransientError", "task"]

@@ -24,8 +24,8 @@ from typing import Any
 
 import httpx
 
-from tasks.models import JobRecord, utcnow
-from tasks.settings import Settings
+from stepstream.tasks.models import JobRecord, utcnow
+from stepstream.tasks.settings import Settings
 
 logger = logging.getLogger("stepstream.alerts")
 

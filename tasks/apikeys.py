@@ -9,7 +9,7 @@ import secrets
 
 from redis.asyncio import Redis
 
-from tasks.keys import Keys
+from stepstream.tasks.keys import Keys
 
 KEY_PREFIX = "sk_"
 

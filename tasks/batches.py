@@ -17,8 +17,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from tasks.models import JobRecord, JobState, utcnow
-from tasks.store import JobStore, new_event
+from stepstream.tasks.models import JobRecord, JobState, utcnow
+from stepstream.tasks.store import JobStore, new_event
 
 logger = logging.getLogger("stepstream.batches")
 

@@ -13,8 +13,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from tasks.keys import Keys
-from tasks.registry import TaskSpec
+from stepstream.tasks.keys import Keys
+from stepstream.tasks.registry import TaskSpec
 
 
 def input_digest(task: str, owner: str | None, raw_input: dict[str, Any]) -> str:

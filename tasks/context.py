@@ -16,15 +16,15 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from pydantic import BaseModel
 
-from tasks.cost import BudgetExceeded
-from tasks.errors import StepTimeout
-from tasks.models import EventType, JobRecord, StepRecord, StepRef, Usage, utcnow
-from tasks.registry import TaskSpec
-from tasks.store import JobStore, new_event
-from tasks.writer import EventWriter
+from stepstream.tasks.cost import BudgetExceeded
+from stepstream.tasks.errors import StepTimeout
+from stepstream.tasks.models import EventType, JobRecord, StepRecord, StepRef, Usage, utcnow
+from stepstream.tasks.registry import TaskSpec
+from stepstream.tasks.store import JobStore, new_event
+from stepstream.tasks.writer import EventWriter
 
 if TYPE_CHECKING:
-    from tasks.llm import Message
+    from stepstream.tasks.llm import Message
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
@@ -166,7 +166,9 @@ class TaskContext:
         """One LLM call (tasks/llm.py), as the checkpointed step ``step`` when given: a call
         that succeeded is restored, never made again, when the job runs again. Options:
         ``model``, ``max_tokens``, ``temperature``, ``pricing``, ``timeout``."""
-        from tasks.llm import llm_step  # tasks.llm needs this module's class for its hints
+        from stepstream.tasks.llm import (
+            llm_step,
+        )  # tasks.llm needs this module's class for its hints
 
         return await llm_step(self, messages, response_model=response_model, step=step, **options)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tasks.errors import PermanentError
-from tasks.models import Usage
+from stepstream.tasks.errors import PermanentError
+from stepstream.tasks.models import Usage
 
 
 @dataclass(frozen=True)

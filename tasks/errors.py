@@ -45,3 +45,8 @@ class JobCancelled(Exception):
     def __init__(self, reason: str = "cancelled by request") -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class ConfigurationError(Exception):
+    """A setting that cannot work. Its message is one plain line for the operator, shown
+    without a traceback by the web process and the worker."""

@@ -36,9 +36,9 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from tasks.keys import Keys
-from tasks.models import JobRecord, utcnow
-from tasks.store import JobStore
+from stepstream.tasks.keys import Keys
+from stepstream.tasks.models import JobRecord, utcnow
+from stepstream.tasks.store import JobStore
 
 logger = logging.getLogger("stepstream.heartbeat")
 job_logger = logging.getLogger("stepstream.worker")

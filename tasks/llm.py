@@ -45,13 +45,13 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from tasks.cost import Pricing, estimate_tokens
-from tasks.errors import PermanentError, RetryAfter, TransientError
-from tasks.models import Usage
-from tasks.settings import Settings
+from stepstream.tasks.cost import Pricing, estimate_tokens
+from stepstream.tasks.errors import PermanentError, RetryAfter, TransientError
+from stepstream.tasks.models import Usage
+from stepstream.tasks.settings import Settings
 
 if TYPE_CHECKING:
-    from tasks.context import TaskContext
+    from stepstream.tasks.context import TaskContext
 
 Message = dict[str, Any]
 M = TypeVar("M", bound=BaseModel)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from tasks.settings import Settings
+from stepstream.tasks.settings import Settings
 
 
 class _HasStep(Protocol):

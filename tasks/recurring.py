@@ -1,6 +1,6 @@
 """Recurring jobs declared in code, on a cron schedule (docs/ai-workloads.md).
 
-    from tasks.recurring import recurring
+    from stepstream.tasks.recurring import recurring
     recurring("nightly-report", task="generate_report", cron="0 3 * * *", input={"days": 1})
 
 Each declaration becomes an arq cron job of every worker. At each tick exactly one worker (arq's
@@ -20,10 +20,10 @@ from typing import Any
 
 from arq.cron import CronJob, cron
 
-from tasks.models import JobRecord, JobState, new_job_id, utcnow
-from tasks.registry import get_task
-from tasks.runtime import RUN_JOB
-from tasks.store import JobStore, new_event
+from stepstream.tasks.models import JobRecord, JobState, new_job_id, utcnow
+from stepstream.tasks.registry import get_task
+from stepstream.tasks.runtime import RUN_JOB
+from stepstream.tasks.store import JobStore, new_event
 
 # (name, low, high) of each field in order; the optional sixth is seconds.
 _FIELDS = (

@@ -5,18 +5,20 @@ from __future__ import annotations
 import importlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from tasks.cost import FREE, Pricing
+from stepstream.tasks.cost import FREE, Pricing
+from stepstream.tasks.errors import ConfigurationError
 
 if TYPE_CHECKING:
-    from tasks.context import TaskContext
+    from stepstream.tasks.context import TaskContext
 
 TaskFunction = Callable[["TaskContext", Any], Awaitable[Any]]
 
-BUILTIN_TASK_MODULES = ("tasks.demo",)
+BUILTIN_TASK_MODULES = ("stepstream.tasks.demo",)
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,15 @@ def all_tasks() -> list[TaskSpec]:
     return sorted(_registry.values(), key=lambda spec: spec.name)
 
 
-def load_tasks(extra_modules: list[str]) -> None:
+def load_tasks(modules: list[str], *, demo: bool = True) -> None:
     """Import the modules whose ``@task`` declarations fill the registry."""
-    for module in (*BUILTIN_TASK_MODULES, *extra_modules):
-        importlib.import_module(module)
+    for module in (*(BUILTIN_TASK_MODULES if demo else ()), *modules):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not module.startswith(exc.name):
+                raise  # the module exists; something it imports does not
+            raise ConfigurationError(
+                f"STEPSTREAM_TASK_MODULES names {module!r}, which cannot be imported from "
+                f"{Path.cwd()} (is it on PYTHONPATH, or in the directory you start from?)"
+            ) from None

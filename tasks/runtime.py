@@ -18,18 +18,18 @@ from arq.constants import in_progress_key_prefix
 from arq.worker import Retry
 from pydantic import BaseModel, ValidationError
 
-from tasks import alerts, batches, cache, heartbeat, logs
-from tasks.context import TaskContext
-from tasks.errors import (
+from stepstream.tasks import alerts, batches, cache, heartbeat, logs
+from stepstream.tasks.context import TaskContext
+from stepstream.tasks.errors import (
     JobCancelled,
     PermanentError,
     RetryAfter,
     StepTimeout,
     TaskTimeout,
 )
-from tasks.models import JobRecord, JobState, utcnow
-from tasks.registry import TaskSpec, get_task
-from tasks.store import JobStore, new_event
+from stepstream.tasks.models import JobRecord, JobState, utcnow
+from stepstream.tasks.registry import TaskSpec, get_task
+from stepstream.tasks.store import JobStore, new_event
 
 logger = logging.getLogger("stepstream.worker")
 

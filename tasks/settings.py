@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 class Settings(BaseSettings):
@@ -16,8 +19,11 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("REDIS_URL", "STEPSTREAM_REDIS_URL"),
     )
     prefix: str = "stepstream:"
-    # Extra modules whose @task definitions are loaded next to the demo tasks (comma separated).
+    # Modules whose @task definitions the web process and the workers load (comma separated),
+    # e.g. "tasks" for a tasks.py in the working directory, or "myapp.jobs".
     task_modules: str = ""
+    # The two demo tasks (analyze_document, generate_quote); a deployment turns them off.
+    demo_tasks: bool = True
 
     retention_seconds: int = 7 * 24 * 3600
     job_log_maxlen: int = 10_000
@@ -39,7 +45,8 @@ class Settings(BaseSettings):
     idempotency_ttl_seconds: int = 24 * 3600
 
     # Access (see README, "Owners, keys and tokens")
-    mode: str = "auto"  # development | production | auto (production unless bound to loopback)
+    # production unless bound to loopback, for auto
+    mode: Literal["auto", "development", "production"] = "auto"
     secret: str | None = None  # signs stream tokens; required in production
     api_keys: str = ""  # "owner:key,owner2:key2"; more with `stepstream keys create OWNER`
     token_ttl_seconds: float = 900.0
@@ -89,6 +96,24 @@ class Settings(BaseSettings):
     llm_max_inline_wait_seconds: float = 10.0
     max_batch_size: int = 1_000
     max_delay_seconds: int = 30 * 24 * 3600  # the furthest ahead a job may be scheduled
+
+    def is_production(self, bound_host: str | None) -> bool:
+        if self.mode != "auto":
+            return self.mode == "production"
+        # auto: open only when nobody but this machine can reach us.
+        return bound_host not in LOOPBACK
+
+    def production_problem(self, bound_host: str | None) -> str | None:
+        """Why a web process bound to ``bound_host`` cannot start, in one plain line."""
+        if self.is_production(bound_host) and not self.secret:
+            return (
+                "Stepstream runs in production mode here (STEPSTREAM_MODE, or a non-loopback "
+                "address) and needs STEPSTREAM_SECRET to sign stream tokens. Set it to a long "
+                "random value (for example `python -c 'import secrets; "
+                "print(secrets.token_hex(32))'`), or set STEPSTREAM_MODE=development on a "
+                "trusted machine."
+            )
+        return None
 
     @property
     def task_module_list(self) -> list[str]:

@@ -20,9 +20,9 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
-from tasks.keys import Keys
-from tasks.models import JobRecord, JobState, parse_stream_id, utcnow
-from tasks.settings import Settings
+from stepstream.tasks.keys import Keys
+from stepstream.tasks.models import JobRecord, JobState, parse_stream_id, utcnow
+from stepstream.tasks.settings import Settings
 
 # KEYS: record, job stream, firehose, cancel flag, job index, the owner's unfinished jobs
 # ARGV: number of events (k), job maxlen, firehose maxlen, channel, ttl, mode, expected states,

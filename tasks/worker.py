@@ -1,4 +1,4 @@
-"""The arq worker: ``arq tasks.worker.WorkerSettings``.
+"""The arq worker: ``arq stepstream.tasks.worker.WorkerSettings``.
 
 Plain and inspectable, as arq intends. The arq job id is the Stepstream job id, so enqueueing a
 job twice is a no-op; results live in the job record, so arq keeps none (which also lets a job id
@@ -13,21 +13,21 @@ from arq.connections import RedisSettings
 from arq.worker import func
 from redis.exceptions import ConnectionError, TimeoutError
 
-from tasks import alerts, llm, recurring
-from tasks.alerts import AlertSender
-from tasks.connection import connect, patient_retry
-from tasks.heartbeat import Heartbeat
-from tasks.keys import Keys
-from tasks.logs import setup_logging
-from tasks.registry import load_tasks
-from tasks.runtime import RUN_JOB, JobMonitor, run_job
-from tasks.settings import get_settings
-from tasks.store import JobStore
+from stepstream.tasks import alerts, llm, recurring
+from stepstream.tasks.alerts import AlertSender
+from stepstream.tasks.connection import connect, patient_retry
+from stepstream.tasks.heartbeat import Heartbeat
+from stepstream.tasks.keys import Keys
+from stepstream.tasks.logs import setup_logging
+from stepstream.tasks.registry import load_tasks
+from stepstream.tasks.runtime import RUN_JOB, JobMonitor, run_job
+from stepstream.tasks.settings import get_settings
+from stepstream.tasks.store import JobStore
 
 settings = get_settings()
 # Here, not in startup(): arq logs its first lines before startup() runs.
 setup_logging("worker", settings)
-load_tasks(settings.task_module_list)
+load_tasks(settings.task_module_list, demo=settings.demo_tasks)
 
 
 async def startup(ctx: dict[str, Any]) -> None:

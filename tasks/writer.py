@@ -20,9 +20,9 @@ import contextlib
 import time
 from typing import Any
 
-from tasks.errors import JobCancelled
-from tasks.models import JobState
-from tasks.store import JobStore
+from stepstream.tasks.errors import JobCancelled
+from stepstream.tasks.models import JobState
+from stepstream.tasks.store import JobStore
 
 MAX_PENDING = 256  # events gathered while one append is answered; more waits for room
 # A task's next event this soon after its previous one returned is part of a burst: a tight

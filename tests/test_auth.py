@@ -144,7 +144,7 @@ def test_production_without_a_secret_refuses_to_start() -> None:
     env = stack_env("redis://127.0.0.1:1/0", "nosecret:", STEPSTREAM_MODE="production")
     port = free_port()
     result = subprocess.run(
-        [sys.executable, "-m", "uvicorn", "server.app:app", "--port", str(port)],
+        [sys.executable, "-m", "uvicorn", "stepstream.server.app:app", "--port", str(port)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -157,7 +157,7 @@ def test_production_without_a_secret_refuses_to_start() -> None:
 
 def test_a_non_loopback_bind_defaults_to_production() -> None:
     env = stack_env("redis://127.0.0.1:1/0", "auto:")
-    args = [sys.executable, "-m", "uvicorn", "server.app:app", "--host", "0.0.0.0"]
+    args = [sys.executable, "-m", "uvicorn", "stepstream.server.app:app", "--host", "0.0.0.0"]
     result = subprocess.run(
         [*args, "--port", str(free_port())],
         cwd=ROOT,

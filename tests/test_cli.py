@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 from stepstream import Client, JobState
-from tasks.demo.analyze_document import STEPS as ANALYZE_DOCUMENT_STEPS
-from tasks.models import new_job_id
+from stepstream.tasks.demo.analyze_document import STEPS as ANALYZE_DOCUMENT_STEPS
+from stepstream.tasks.models import new_job_id
 from tests.conftest import Stack, StackFactory
 from tests.support.api import DOC
 from tests.support.cli import LiveCli, run_cli, run_cli_in_terminal

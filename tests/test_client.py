@@ -29,7 +29,7 @@ from stepstream import (
     Unauthorized,
     WaitTimeout,
 )
-from tasks.demo.analyze_document import STEPS as ANALYZE_DOCUMENT_STEPS
+from stepstream.tasks.demo.analyze_document import STEPS as ANALYZE_DOCUMENT_STEPS
 from tests.conftest import Stack, StackFactory
 from tests.support.api import DOC
 from tests.support.processes import free_port

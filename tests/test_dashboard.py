@@ -18,7 +18,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, expect
 
-from tasks.demo.analyze_document import STEPS as ANALYZE_DOCUMENT_STEPS
+from stepstream.tasks.demo.analyze_document import STEPS as ANALYZE_DOCUMENT_STEPS
 from tests.conftest import Stack, StackFactory
 from tests.support.api import submit, wait_state
 from tests.support.browser import ARTIFACTS, ROOT, Dashboard, chromium, requires_chromium

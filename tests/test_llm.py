@@ -12,8 +12,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from tasks.errors import RetryAfter
-from tasks.llm import LLMRefused, LLMRequestError, LLMUnavailable, OfflineProvider, OpenAIProvider
+from stepstream.tasks.errors import RetryAfter
+from stepstream.tasks.llm import (
+    LLMRefused,
+    LLMRequestError,
+    LLMUnavailable,
+    OfflineProvider,
+    OpenAIProvider,
+)
 from tests.conftest import Stack, StackFactory
 from tests.support.api import submit, wait_state
 from tests.support.chat_server import Answer, ChatServer, chat_server, error, reply

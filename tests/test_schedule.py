@@ -11,7 +11,7 @@ from typing import cast
 import httpx
 import pytest
 
-from tasks.recurring import parse_cron
+from stepstream.tasks.recurring import parse_cron
 from tests.conftest import Stack, StackFactory
 from tests.support.ai_tasks import executions_key
 from tests.support.api import get_job, wait_state

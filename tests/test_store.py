@@ -7,9 +7,9 @@ import json
 
 from redis.asyncio import Redis
 
-from tasks.models import JobRecord, JobState, utcnow
-from tasks.settings import Settings
-from tasks.store import JobStore, new_event
+from stepstream.tasks.models import JobRecord, JobState, utcnow
+from stepstream.tasks.settings import Settings
+from stepstream.tasks.store import JobStore, new_event
 from tests.support.processes import Valkey
 
 

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from tasks.demo import analyze_document, generate_quote
+from stepstream.tasks.demo import analyze_document, generate_quote
 
 __all__ = ["analyze_document", "generate_quote"]

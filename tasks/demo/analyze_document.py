@@ -9,9 +9,9 @@ from collections import Counter
 
 from pydantic import BaseModel, Field, field_validator
 
-from tasks.context import TaskContext
-from tasks.demo.options import DemoOptions, checkpoint, paced_progress
-from tasks.registry import task
+from stepstream.tasks.context import TaskContext
+from stepstream.tasks.demo.options import DemoOptions, checkpoint, paced_progress
+from stepstream.tasks.registry import task
 
 STEPS = [
     "Parsing document",

@@ -9,10 +9,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from tasks.context import TaskContext
-from tasks.demo.options import DemoOptions, checkpoint, paced_progress
-from tasks.errors import PermanentError
-from tasks.registry import task
+from stepstream.tasks.context import TaskContext
+from stepstream.tasks.demo.options import DemoOptions, checkpoint, paced_progress
+from stepstream.tasks.errors import PermanentError
+from stepstream.tasks.registry import task
 
 STEPS = [
     "Parsing roles",
@@ -27,7 +27,7 @@ Level = Literal["junior", "mid", "senior"]
 
 @lru_cache(maxsize=1)
 def salary_table() -> dict[str, Any]:
-    text = resources.files("tasks.demo").joinpath("salary_bands.json").read_text()
+    text = resources.files("stepstream.tasks.demo").joinpath("salary_bands.json").read_text()
     table: dict[str, Any] = json.loads(text)
     return table
 

@@ -6,8 +6,8 @@ import asyncio
 
 from pydantic import BaseModel, Field
 
-from tasks.context import TaskContext
-from tasks.errors import PermanentError, TransientError
+from stepstream.tasks.context import TaskContext
+from stepstream.tasks.errors import PermanentError, TransientError
 
 
 class DemoOptions(BaseModel):

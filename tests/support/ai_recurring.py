@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from tasks.recurring import recurring
+from stepstream.tasks.recurring import recurring
 
 recurring("tick", task="ai_echo", cron="* * * * * */2", input={"counter": "tick"})

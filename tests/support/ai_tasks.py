@@ -11,9 +11,9 @@ import time
 
 from pydantic import BaseModel, Field
 
-from tasks import PermanentError, TaskContext, TransientError, task
-from tasks.cost import Pricing
-from tasks.registry import Backoff
+from stepstream.tasks import PermanentError, TaskContext, TransientError, task
+from stepstream.tasks.cost import Pricing
+from stepstream.tasks.registry import Backoff
 
 FAST = Backoff(min_seconds=0.2, max_seconds=0.5, jitter=0.0)
 

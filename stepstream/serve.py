@@ -1,0 +1,116 @@
+"""``stepstream web`` and ``stepstream worker``: the two processes of a deployment.
+
+One place says how each is started, so the Procfile, ``stepstream up`` and the tests run the
+same command lines. Both run with ``python -m``, which puts the current directory first on
+``sys.path``: a user's own ``tasks.py`` next to the Procfile is importable by its plain name.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import NoReturn
+
+WEB_APP = "stepstream.server.app:app"
+WORKER_SETTINGS = "stepstream.tasks.worker.WorkerSettings"
+EXIT_CONFIG = 78  # EX_CONFIG
+
+
+def web_argv(host: str, port: int, *, graceful_shutdown_seconds: float = 10) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        WEB_APP,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--timeout-graceful-shutdown",
+        f"{graceful_shutdown_seconds:g}",
+        # Headers and bodies that drip in are not held forever (docs/deploy.md).
+        "--timeout-keep-alive",
+        "5",
+    ]
+
+
+def worker_argv() -> list[str]:
+    return [sys.executable, "-m", "arq", WORKER_SETTINGS]
+
+
+def task_env(tasks: str | None, demo: bool | None) -> dict[str, str]:
+    """The environment that points both processes at the user's task modules."""
+    env = dict(os.environ)
+    if tasks is not None:
+        env["STEPSTREAM_TASK_MODULES"] = tasks
+    if demo is not None:
+        env["STEPSTREAM_DEMO_TASKS"] = "true" if demo else "false"
+    # arq's own CLI appends the working directory to sys.path; `python -m` already put it
+    # first. PYTHONPATH keeps it there for anything the process starts in turn.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def configuration_problem(env: dict[str, str], web_host: str | None) -> str | None:
+    """The first thing in the configuration that cannot work, as one plain line.
+
+    Checked before a process starts, so an operator reads one sentence instead of the end of a
+    traceback inside a JSON log line. ``web_host`` is None for a worker.
+    """
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    saved_path = list(sys.path)
+    sys.path.insert(0, os.getcwd())
+    try:
+        from pydantic import ValidationError
+
+        from stepstream.tasks.errors import ConfigurationError
+        from stepstream.tasks.registry import load_tasks
+        from stepstream.tasks.settings import Settings
+
+        try:
+            settings = Settings()
+        except ValidationError as exc:
+            return "; ".join(
+                f"STEPSTREAM_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+                for e in exc.errors()
+            )
+        if web_host is not None:
+            problem = settings.production_problem(web_host)
+            if problem:
+                return problem
+        try:
+            load_tasks(settings.task_module_list, demo=settings.demo_tasks)
+        except ConfigurationError as exc:
+            return str(exc)
+        return None
+    except ImportError as exc:
+        return (
+            "the web server and the worker need the server extra: "
+            f'pip install "stepstream[server]" ({exc})'
+        )
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        sys.path[:] = saved_path
+
+
+def run_web(host: str, port: int, tasks: str | None, demo: bool | None) -> NoReturn:
+    env = task_env(tasks, demo)
+    _exit_on_problem(configuration_problem(env, host))
+    argv = web_argv(host, port)
+    os.execve(argv[0], argv, env)
+
+
+def run_worker(tasks: str | None, demo: bool | None) -> NoReturn:
+    env = task_env(tasks, demo)
+    _exit_on_problem(configuration_problem(env, None))
+    argv = worker_argv()
+    os.execve(argv[0], argv, env)
+
+
+def _exit_on_problem(problem: str | None) -> None:
+    if problem:
+        print(f"stepstream: {problem}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG)
