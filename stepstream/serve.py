@@ -69,15 +69,12 @@ def configuration_problem(env: dict[str, str], web_host: str | None) -> str | No
 
         from stepstream.tasks.errors import ConfigurationError
         from stepstream.tasks.registry import load_tasks
-        from stepstream.tasks.settings import Settings
+        from stepstream.tasks.settings import Settings, describe_errors
 
         try:
             settings = Settings()
         except ValidationError as exc:
-            return "; ".join(
-                f"STEPSTREAM_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
-                for e in exc.errors()
-            )
+            return "; ".join(describe_errors(exc))
         if web_host is not None:
             problem = settings.production_problem(web_host)
             if problem:
