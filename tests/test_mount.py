@@ -20,6 +20,7 @@ import redis
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
+from stepstream import Client, JobState
 from stepstream.server import create_app
 from stepstream.tasks.settings import Settings
 from tests.conftest import Valkey
@@ -134,6 +135,14 @@ def test_submit_and_stream_under_the_prefix(host: Host, valkey: Valkey) -> None:
 
     spec = httpx.get(f"{host.url}{PREFIX}/openapi.json", timeout=10).json()
     assert spec["servers"] == [{"url": PREFIX}]
+
+
+def test_the_python_client_takes_the_prefix_in_its_base_url(host: Host) -> None:
+    with Client(f"{host.url}{PREFIX}") as client:
+        job = client.submit("counted", {})
+        types = [event.type for event in client.events(job.id, after="0")]
+        assert client.wait(job.id, timeout=30).state is JobState.completed
+    assert types[-1] == "completed"
 
 
 def test_batch_location_carries_the_prefix(host: Host) -> None:
