@@ -7,6 +7,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from stepstream.server.urls import root_path
 from stepstream.tasks.models import JobRecord, JobState
 from stepstream.tasks.registry import all_tasks
 
@@ -56,7 +57,8 @@ STREAM_PARAMS = [
 ]
 
 
-def document() -> dict[str, Any]:
+def document(root: str) -> dict[str, Any]:
+    """The document; ``root`` is the path the API is served under (``/progress`` when mounted)."""
     submissions = [
         {
             "type": "object",
@@ -226,6 +228,8 @@ def document() -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {"title": "Stepstream", "version": "0.1.0"},
+        # The paths below are relative to this URL (OpenAPI's default is "/").
+        "servers": [{"url": root or "/"}],
         "paths": paths,
         "components": {
             "schemas": {"Job": job, "Error": ERROR, **defs},
@@ -236,4 +240,4 @@ def document() -> dict[str, Any]:
 
 
 async def openapi(request: Request) -> Response:
-    return JSONResponse(document())
+    return JSONResponse(document(root_path(request)))
