@@ -7,6 +7,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from stepstream.server.state import AppState
 from stepstream.server.urls import root_path
 from stepstream.tasks.models import JobRecord, JobState
 from stepstream.tasks.registry import all_tasks
@@ -240,4 +241,9 @@ def document(root: str) -> dict[str, Any]:
 
 
 async def openapi(request: Request) -> Response:
+    """The document lists every task and its input schema, as ``/api/tasks`` does, so in
+    production it asks for the same key unless the operator publishes it on purpose."""
+    state: AppState = request.app.state.stepstream
+    if not state.settings.public_openapi:
+        await state.auth.authenticate(request)
     return JSONResponse(document(root_path(request)))

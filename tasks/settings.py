@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     api_keys: str = ""  # "owner:key,owner2:key2"; more with `stepstream keys create OWNER`
     token_ttl_seconds: float = 900.0
     cors_origins: str = ""  # comma separated; empty = CORS off
+    # /openapi.json lists every task's schema: in production it needs a key unless this is set.
+    public_openapi: bool = False
 
     # Limits
     max_input_depth: int = 32
