@@ -29,6 +29,7 @@ from stepstream.tasks.settings import Settings
 from stepstream.tasks.store import new_event
 
 JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 async def read_json(request: Request, max_bytes: int) -> Any:
@@ -44,9 +45,19 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         if len(body) > max_bytes:
             raise _too_large(max_bytes)
     try:
-        return json.loads(body)
+        value = json.loads(body)
+        # JSON's \uXXXX escapes can spell half a surrogate pair, which is not text: stored, it
+        # would break every later response that carries it. Raw UTF-8 cannot, so only a body
+        # with such an escape needs the full check.
+        if _SURROGATE_ESCAPE.search(body):
+            json.dumps(value, ensure_ascii=False).encode()
+        return value
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(400, "malformed_json", f"the body is not valid JSON: {exc}") from None
+    except UnicodeEncodeError:
+        raise ApiError(
+            400, "malformed_json", "the body has a lone UTF-16 surrogate escape (e.g. \\ud800)"
+        ) from None
     except RecursionError:
         raise ApiError(400, "malformed_json", "the body is nested too deeply") from None
 
@@ -488,7 +499,7 @@ def _decode_cursor(raw: str) -> tuple[float, str]:
         if not JOB_ID.fullmatch(job_id):
             raise ValueError(job_id)
         return float(int(score)), job_id
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+    except (ValueError, OverflowError, binascii.Error, UnicodeDecodeError):
         raise ApiError(400, "bad_cursor", "`cursor` is not one this server gave out") from None
 
 
@@ -514,7 +525,7 @@ async def list_jobs(request: Request) -> Response:
             )
         states = frozenset(JobState(n) for n in names)
     raw_limit = params.get("limit", "50")
-    if not (raw_limit.isascii() and raw_limit.isdigit()) or not (
+    if not (raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= 6) or not (
         1 <= int(raw_limit) <= state.settings.list_limit_max
     ):
         raise ApiError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 
@@ -13,6 +14,10 @@ from tests.support.api import DOC, submit, wait_state
 
 # Keys that move by themselves (worker heartbeats, metrics, rate counters): not job data.
 HOUSEKEEPING = ("worker", "metrics", "stats:", "durations:", "rate:")
+
+
+def _cursor(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
 
 def store_snapshot(stack: Stack) -> dict[str, str]:
@@ -135,6 +140,25 @@ BAD_SUBMISSIONS = [
         id="unknown-field",
     ),
     pytest.param(b"[" * 100_000 + b"]" * 100_000, 400, "malformed_json", id="nested-too-deep"),
+    # Stored, half a surrogate pair broke every later response that carried the input.
+    pytest.param(
+        b'{"task": "analyze_document", "input": {"text": "\\ud800"}}',
+        400,
+        "malformed_json",
+        id="lone-surrogate",
+    ),
+    pytest.param(
+        b'{"task": "analyze_document", "input": {"text": "ok"}, "delay": 1' + b"0" * 400 + b"}",
+        422,
+        "invalid_body",
+        id="delay-beyond-float",
+    ),
+    pytest.param(
+        b'{"task": "analyze_document", "input": {"text": "ok"}, "budget": 1' + b"0" * 400 + b"}",
+        422,
+        "invalid_body",
+        id="budget-beyond-float",
+    ),
     pytest.param(b'{"a": "' + b"x" * 1_100_000 + b'"}', 413, "body_too_large", id="too-large"),
 ]
 
@@ -195,6 +219,9 @@ def test_a_body_without_content_length_is_limited_while_reading(
         ("/api/jobs", {"limit": "²"}, 400, "bad_limit"),
         ("/api/jobs", {"cursor": "!!!"}, 400, "bad_cursor"),
         ("/api/jobs", {"cursor": "bm9jb2xvbg"}, 400, "bad_cursor"),
+        # "1000…000:abc" (400 digits): an integer no float holds.
+        ("/api/jobs", {"cursor": _cursor("1" + "0" * 400 + ":abc")}, 400, "bad_cursor"),
+        ("/api/jobs", {"limit": "1" * 5000}, 400, "bad_limit"),
         ("/api/events", {"after": "yesterday"}, 400, "bad_cursor"),
         ("/api/nothing", {}, 404, "not_found"),
     ],
