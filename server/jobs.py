@@ -40,10 +40,21 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         if int(declared) > max_bytes:
             raise _too_large(max_bytes)
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise _too_large(max_bytes)
+    settings: Settings = request.app.state.stepstream.settings
+    try:
+        # A body dripped in a byte at a time would otherwise hold the connection for ever.
+        async with asyncio.timeout(settings.body_timeout_seconds):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > max_bytes:
+                    raise _too_large(max_bytes)
+    except TimeoutError:
+        raise ApiError(
+            408,
+            "body_timeout",
+            f"the body did not arrive within {settings.body_timeout_seconds:g} seconds",
+            headers={"Connection": "close"},
+        ) from None
     try:
         value = json.loads(body)
         # JSON's \uXXXX escapes can spell half a surrogate pair, which is not text: stored, it

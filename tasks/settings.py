@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     firehose_maxlen: int = 100_000
 
     max_body_bytes: int = 1_048_576
+    body_timeout_seconds: float = 10.0  # a request body must arrive whole within this
     list_limit_max: int = 200
 
     # Delivery

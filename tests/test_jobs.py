@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -238,3 +240,30 @@ def test_wrong_method_is_405_json(stack: Stack) -> None:
     response = httpx.delete(f"{stack.url}/api/jobs")
     assert response.status_code == 405
     assert response.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_a_body_dripped_in_slowly_is_cut_off_with_408(make_stack: StackFactory) -> None:
+    s = make_stack(STEPSTREAM_BODY_TIMEOUT_SECONDS="1")
+    before = store_snapshot(s)
+    port = int(s.url.rsplit(":", 1)[1])
+    body = b'{"task": "analyze_document", "input": {"text": "slow"}}'
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(
+            b"POST /api/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+        )
+        answer = b""
+        conn.settimeout(0.3)
+        started = time.monotonic()
+        for byte in body[:-1]:  # never the last byte: only the timeout can end this
+            conn.sendall(bytes([byte]))
+            try:
+                answer += conn.recv(4096)
+            except TimeoutError:
+                continue
+            if answer:
+                break
+            assert time.monotonic() - started < 10, "no answer: the drip is still held"
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert b"body_timeout" in answer
+    assert store_snapshot(s) == before
