@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -65,6 +66,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
             "production" if production else "development",
             "" if production else ": the API is open to anyone who can reach this address",
         )
+        if any(name.upper() == "STEPSTREAM_MAX_STREAMS_PER_OWNER" for name in os.environ):
+            logger.warning(
+                "STEPSTREAM_MAX_STREAMS_PER_OWNER is deprecated: it now sets "
+                "STEPSTREAM_MAX_STREAMS_PER_KEY (streams opened with an API key itself)"
+            )
         # Patient: a request waits out a short Redis outage instead of failing.
         redis = connect(settings.redis_url, attempts=10)
         pubsub_redis = Redis.from_url(settings.redis_url, decode_responses=True)

@@ -16,10 +16,11 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from stepstream.server.auth import FIREHOSE_SCOPE, Principal
+from stepstream.server.auth import FIREHOSE_SCOPE, Principal, job_scope, subject_scope
 from stepstream.server.errors import ApiError
 from stepstream.server.options import SUBMIT_FIELDS, SubmitOptions, parse_submit_options
 from stepstream.server.state import AppState
+from stepstream.server.subjects import subject_field, subject_param
 from stepstream.tasks import batches, cache
 from stepstream.tasks.models import JobRecord, JobState, new_job_id, utcnow
 from stepstream.tasks.registry import TaskSpec, all_tasks, get_task
@@ -30,7 +31,9 @@ from stepstream.tasks.store import new_event
 JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
-async def read_json(request: Request, max_bytes: int) -> Any:
+async def read_json(request: Request, max_bytes: int, *, optional: bool = False) -> Any:
+    """The body as JSON (400 if it is not, 413 past ``max_bytes``); ``optional``: an empty
+    body is ``{}``."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not (declared.isascii() and declared.isdigit()):
@@ -42,6 +45,8 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         body += chunk
         if len(body) > max_bytes:
             raise _too_large(max_bytes)
+    if optional and not body.strip():
+        return {}
     try:
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -62,10 +67,15 @@ def task_named(name: object) -> TaskSpec:
 
 
 async def read_object(
-    request: Request, state: AppState, fields: frozenset[str], shape: str
+    request: Request,
+    state: AppState,
+    fields: frozenset[str],
+    shape: str,
+    *,
+    optional: bool = False,
 ) -> dict[str, Any]:
     """The body as a JSON object with only ``fields`` (422 otherwise, naming the strays)."""
-    body = await read_json(request, state.settings.max_body_bytes)
+    body = await read_json(request, state.settings.max_body_bytes, optional=optional)
     if not isinstance(body, dict):
         raise ApiError(422, "invalid_body", f"the body must be a JSON object {shape}")
     unknown = sorted(set(body) - fields)
@@ -149,7 +159,7 @@ async def submit_job(request: Request) -> Response:
 def _accepted(state: AppState, record: JobRecord, status: int) -> JSONResponse:
     body = job_json(record)
     # EventSource cannot send headers: the answer carries a token for this job's stream.
-    token, expires_at = state.auth.issue_token(record.owner, f"job:{record.id}")
+    token, expires_at = state.auth.issue_token(record.owner, job_scope(record.id))
     body["stream_token"] = token
     body["stream_token_expires_at"] = expires_at
     return JSONResponse(body, status_code=status, headers={"Location": f"/api/jobs/{record.id}"})
@@ -243,6 +253,7 @@ def new_job(
         steps=[],
         budget=options.budget,
         run_at=options.run_at_text,
+        subject=options.subject,
         **fields,
     )
     event = new_event(job_id, "queued", 0, input=raw_input)
@@ -281,6 +292,7 @@ async def _create_job(
                 job_id,
                 hit,
                 count_submitted=count_submitted,
+                subject=options.subject,
                 **fields,
             )
     new = new_job(
@@ -451,7 +463,7 @@ async def load_job(request: Request, principal: Principal) -> JobRecord:
     state: AppState = request.app.state.stepstream
     job_id = request.path_params["job_id"]
     record = await state.store.get(job_id) if JOB_ID.fullmatch(job_id) else None
-    if record is None or not principal.may_read(record.owner, record.id):
+    if record is None or not principal.may_read(record.owner, record.id, record.subject):
         raise ApiError(404, "job_not_found", f"no job with id {job_id!r}")
     return record
 
@@ -462,7 +474,8 @@ async def reload(state: AppState, record: JobRecord) -> JobRecord:
 
 async def get_job(request: Request) -> Response:
     state: AppState = request.app.state.stepstream
-    principal = await state.auth.authenticate(request)
+    # A stream token reads the records of the jobs in its scope (server/auth.py).
+    principal = await state.auth.authenticate(request, allow_token=True)
     return JSONResponse(job_json(await load_job(request, principal)))
 
 
@@ -471,16 +484,24 @@ async def job_token(request: Request) -> Response:
     state: AppState = request.app.state.stepstream
     principal = await state.auth.authenticate(request)
     record = await load_job(request, principal)
-    token, expires_at = state.auth.issue_token(record.owner, f"job:{record.id}")
-    return JSONResponse({"token": token, "expires_at": expires_at, "scope": f"job:{record.id}"})
+    scope = job_scope(record.id)
+    token, expires_at = state.auth.issue_token(record.owner, scope)
+    return JSONResponse({"token": token, "expires_at": expires_at, "scope": scope})
+
+
+TOKEN_FIELDS = frozenset({"subject"})
 
 
 async def firehose_token(request: Request) -> Response:
-    """A short-lived, read-only token for the caller's firehose (``/api/events?token=``)."""
+    """A short-lived, read-only token for the caller's firehose (``/api/events?token=``): all
+    their jobs, or with ``{"subject": s}`` in the body only the jobs submitted for ``s``."""
     state: AppState = request.app.state.stepstream
     principal = await state.auth.authenticate(request)
-    token, expires_at = state.auth.issue_token(principal.owner, FIREHOSE_SCOPE)
-    return JSONResponse({"token": token, "expires_at": expires_at, "scope": FIREHOSE_SCOPE})
+    body = await read_object(request, state, TOKEN_FIELDS, "{subject}", optional=True)
+    subject = subject_field(body)
+    scope = FIREHOSE_SCOPE if subject is None else subject_scope(subject)
+    token, expires_at = state.auth.issue_token(principal.owner, scope)
+    return JSONResponse({"token": token, "expires_at": expires_at, "scope": scope})
 
 
 def _decode_cursor(raw: str) -> tuple[float, str]:
@@ -524,11 +545,13 @@ async def list_jobs(request: Request) -> Response:
             "bad_limit",
             f"`limit` must be a whole number from 1 to {state.settings.list_limit_max}",
         )
+    subject = subject_param(params)
     cursor = _decode_cursor(params["cursor"]) if params.get("cursor") else None
     records, next_cursor = await state.store.list_jobs(
         states=states,
         task=params.get("task") or None,
         owner=principal.owner,
+        subject=subject,
         limit=int(raw_limit),
         cursor=cursor,
     )
