@@ -28,26 +28,30 @@ def open_stream(state: AppState, principal: Principal) -> Callable[[], None]:
     ``HEAD``, or a client gone before the first byte, never runs the stream's body).
     """
     settings = state.settings
+    held = state.streams_by_holder[principal.holder]
+    refusal = None
     if state.open_streams >= settings.max_streams:
-        raise _too_many(
+        refusal = _too_many(
             "this web process", settings.max_streams, "process", "STEPSTREAM_MAX_STREAMS"
         )
-    held = state.streams_by_holder[principal.holder]
-    if principal.token_scope is not None:
+    elif principal.token_scope is not None:
         if held >= settings.max_streams_per_token:
-            raise _too_many(
+            refusal = _too_many(
                 "this stream token",
                 settings.max_streams_per_token,
                 "token",
                 "STEPSTREAM_MAX_STREAMS_PER_TOKEN",
             )
     elif held >= settings.max_streams_per_key:
-        raise _too_many(
+        refusal = _too_many(
             "this API key" if principal.owner is not None else "callers without credentials",
             settings.max_streams_per_key,
             "key",
             "STEPSTREAM_MAX_STREAMS_PER_KEY",
         )
+    if refusal is not None:
+        state.streams_refused[refusal.details["per"]] += 1  # stepstream_sse_streams_refused
+        raise refusal
     state.streams_by_holder[principal.holder] = held + 1
     state.open_streams += 1
     released = False

@@ -29,6 +29,7 @@ class AppState:
     # Open streams of this process, in all and by what they count against (server/guards.py).
     open_streams: int = 0
     streams_by_holder: Counter[str] = field(default_factory=Counter)
+    streams_refused: Counter[str] = field(default_factory=Counter)  # by limit: key, token, process
 
     def enqueue_commands(self, job_id: str) -> list[list[str | bytes | int]]:
         """The arq enqueue of a job created a moment ago, as commands for the create script.

@@ -191,6 +191,11 @@ def test_a_key_a_token_and_the_process_each_have_their_own_stream_limit(
         process_limit = ("process", "STEPSTREAM_MAX_STREAMS")
         assert_too_many_streams(try_stream(f"{url}?token={mint()}"), *process_limit)
 
+        # Operators see which limit refused how many.
+        metrics = httpx.get(f"{s.url}/metrics").text
+        for per, count in [("key", 2), ("token", 1), ("process", 1)]:
+            assert f'stepstream_sse_streams_refused_total{{per="{per}"}} {count}.0' in metrics
+
         # Streams that end give their slots back: the cancel ends all six.
         cancelled = httpx.post(f"{s.url}/api/jobs/{job['id']}/cancel", headers=ALICE)
         assert cancelled.status_code == 200
