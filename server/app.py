@@ -27,6 +27,7 @@ from stepstream.server.errors import (
     redis_error_handler,
     server_error_handler,
 )
+from stepstream.server.guards import raise_file_limit
 from stepstream.server.hub import Hub
 from stepstream.server.metrics import WebMetrics
 from stepstream.server.security import bound_host, is_production, middleware
@@ -66,6 +67,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
             "production" if production else "development",
             "" if production else ": the API is open to anyone who can reach this address",
         )
+        file_problem = raise_file_limit(settings.max_streams)
+        if file_problem:
+            logger.warning(file_problem)
         if any(name.upper() == "STEPSTREAM_MAX_STREAMS_PER_OWNER" for name in os.environ):
             logger.warning(
                 "STEPSTREAM_MAX_STREAMS_PER_OWNER is deprecated: it now sets "

@@ -10,6 +10,7 @@ minted it: an app hands each viewer a token, and its viewers are bounded only by
 from __future__ import annotations
 
 import asyncio
+import resource
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -19,6 +20,35 @@ from stepstream.server.sse import frame, json_data
 from stepstream.server.state import AppState
 
 RETRY_AFTER_SECONDS = 5
+# Files a web process needs besides its streams: Redis connections, logs, the listening socket.
+FILE_MARGIN = 256
+
+
+def raise_file_limit(max_streams: int) -> str | None:
+    """Let this process open a file per stream it may hold, up to the hard limit.
+
+    Each stream holds a socket, and the soft limit is often 1,024: past it, connections fail
+    at ``accept``, before any 429 can be sent. Go's runtime raises it the same way. Returns a
+    warning when even the hard limit is too low for ``max_streams``.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = max_streams + FILE_MARGIN
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return None
+    target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft >= needed:
+        return None
+    return (
+        f"this web process may open {soft} files but STEPSTREAM_MAX_STREAMS is {max_streams}: "
+        f"streams past about {max(soft - FILE_MARGIN, 0)} will fail to connect. Raise the "
+        "limit (`ulimit -n`, systemd LimitNOFILE) or lower STEPSTREAM_MAX_STREAMS"
+    )
 
 
 def open_stream(state: AppState, principal: Principal) -> Callable[[], None]:

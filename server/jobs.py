@@ -205,7 +205,10 @@ async def enforce_submission_limits(state: AppState, owner: str | None) -> None:
             429,
             "rate_limited",
             f"more than {state.settings.submissions_per_second} submissions in one second",
-            {"limit": state.settings.submissions_per_second},
+            {
+                "limit": state.settings.submissions_per_second,
+                "setting": "STEPSTREAM_SUBMISSIONS_PER_SECOND",
+            },
             headers={"Retry-After": "1"},
         )
     if unfinished >= state.settings.max_unfinished_per_owner:
@@ -214,7 +217,10 @@ async def enforce_submission_limits(state: AppState, owner: str | None) -> None:
             "too_many_unfinished_jobs",
             f"{unfinished} jobs have not finished yet; the limit is "
             f"{state.settings.max_unfinished_per_owner}",
-            {"limit": state.settings.max_unfinished_per_owner},
+            {
+                "limit": state.settings.max_unfinished_per_owner,
+                "setting": "STEPSTREAM_MAX_UNFINISHED_PER_OWNER",
+            },
             headers={"Retry-After": "5"},
         )
 

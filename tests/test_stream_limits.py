@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import resource
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -12,7 +13,7 @@ import pytest
 from httpx_sse import aconnect_sse
 
 from tests.conftest import Stack, StackFactory
-from tests.support.processes import wait_until
+from tests.support.processes import Web, wait_until
 from tests.support.sse import StreamReader
 from tests.support.tasks import gate_key
 from tests.test_auth import ALICE, PRODUCTION, submit_as
@@ -207,3 +208,35 @@ def test_a_key_a_token_and_the_process_each_have_their_own_stream_limit(
     finally:
         for reader in readers:
             reader.close()
+
+
+def max_open_files(pid: int) -> tuple[int, int]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no 'Max open files' in /proc/PID/limits")
+
+
+@pytest.mark.skipif(not Path("/proc/self/limits").exists(), reason="needs /proc")
+def test_a_web_process_lifts_its_file_limit_to_hold_its_streams(
+    make_stack: StackFactory, tmp_path: Path
+) -> None:
+    """With the soft limit at 512 (a common default is 1,024), streams past it would fail at
+    `accept`, before any 429; the web process raises it up to the hard limit, or says why not."""
+    s = make_stack(webs=0, workers=0, STEPSTREAM_MAX_STREAMS="4000")
+    for ulimit, lifted in [("ulimit -Sn 512", True), ("ulimit -n 512", False)]:
+        web = Web(s.env, tmp_path)
+        web.args = ["sh", "-c", f'{ulimit} && exec "$@"', "sh", *web.args]
+        web.start()
+        try:
+            assert web.proc is not None
+            soft, hard = max_open_files(web.proc.pid)
+            if lifted:
+                assert soft >= 4000 and hard > 512
+                assert "STEPSTREAM_MAX_STREAMS" not in web.log()
+            else:
+                assert (soft, hard) == (512, 512)
+                assert "may open 512 files but STEPSTREAM_MAX_STREAMS is 4000" in web.log()
+        finally:
+            web.stop()
