@@ -3,11 +3,13 @@ see that subject's jobs and nothing else (production mode)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
 import pytest
 
+from stepstream import AsyncClient, Client
 from tests.conftest import Stack, StackFactory
 from tests.support.api import DOC
 from tests.support.sse import Event, StreamReader, read_stream
@@ -172,3 +174,30 @@ def test_an_invalid_subject_is_refused_and_changes_nothing(make_stack: StackFact
     # The longest subject allowed, and every character the rule lists, are accepted.
     fine = "Az09._:@+|=-" + "x" * 116
     assert submit_as(s, ALICE, subject=fine)["subject"] == fine
+
+
+def test_the_python_clients_submit_list_and_mint_tokens_for_a_subject(prod: Stack) -> None:
+    key = ALICE["Authorization"].removeprefix("Bearer ")
+    with Client(prod.url, api_key=key) as client:
+        job = client.submit("analyze_document", {"text": DOC}, subject="py-1")
+        assert job.subject == "py-1"
+        assert [j.id for j in client.list(subject="py-1").jobs] == [job.id]
+        assert [j.id for j in client.iter_jobs(subject="py-1")] == [job.id]
+        token = client.stream_token(subject="py-1")
+        assert token.scope == "subject:py-1"
+        assert httpx.get(f"{prod.url}/api/jobs/{job.id}?token={token.token}").status_code == 200
+        assert client.stream_token(job.id).scope == f"job:{job.id}"
+        assert client.stream_token().scope == "events"
+        with pytest.raises(ValueError):
+            client.stream_token(job.id, subject="py-1")
+        assert client.wait(job.id, timeout=30).state == "completed"
+
+    async def from_async() -> None:
+        async with AsyncClient(prod.url, api_key=key) as client:
+            job = await client.submit("analyze_document", {"text": DOC}, subject="py-2")
+            assert [j.id async for j in client.iter_jobs(subject="py-2")] == [job.id]
+            token = await client.stream_token(subject="py-2")
+            assert token.scope == "subject:py-2"
+            assert (await client.wait(job.id, timeout=30)).state == "completed"
+
+    asyncio.run(from_async())
