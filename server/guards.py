@@ -103,7 +103,8 @@ def _too_many(who: str, limit: int, per: str, setting: str) -> ApiError:
     return ApiError(
         429,
         "too_many_streams",
-        f"{who} already holds {limit} open streams on this web process ({setting})",
+        f"{who} already holds {limit} open streams"
+        f"{'' if per == 'process' else ' on this web process'} ({setting})",
         {"limit": limit, "per": per, "setting": setting},
         headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
     )
