@@ -12,6 +12,7 @@ import pytest
 from stepstream import AsyncClient, Client
 from tests.conftest import Stack, StackFactory
 from tests.support.api import DOC
+from tests.support.processes import wait_until
 from tests.support.sse import Event, StreamReader, read_stream
 from tests.test_auth import ALICE, BOB, PRODUCTION, finish, submit_as
 from tests.test_jobs import store_snapshot
@@ -84,8 +85,16 @@ def test_a_job_carries_its_subject_and_the_listing_filters_by_it(prod: Stack) ->
 
 def test_a_subject_token_sees_only_that_subject_s_jobs(prod: Stack) -> None:
     token = subject_token(prod, ALICE, "u1")
+
+    def streams_open() -> int:
+        stats = httpx.get(f"{prod.url}/api/stats", headers=ALICE, timeout=10).json()
+        return int(stats["streams_open"])
+
+    already = streams_open()
     live = StreamReader(f"{prod.url}/api/events?token={token}").start()
     try:
+        # Live only (no cursor): a job submitted before the stream is registered is not on it.
+        wait_until(lambda: streams_open() > already, timeout=10, what="the stream to open")
         first = submit_as(prod, ALICE, subject="u1")
         # The stream is live once u1's first job reaches it; the others' events follow it.
         live.wait_for(lambda evs: any(e.data.get("job_id") == first["id"] for e in evs))
