@@ -462,7 +462,8 @@ async def reload(state: AppState, record: JobRecord) -> JobRecord:
 
 async def get_job(request: Request) -> Response:
     state: AppState = request.app.state.stepstream
-    principal = await state.auth.authenticate(request)
+    # A job's stream token also reads its record: a page fetches the final record with it.
+    principal = await state.auth.authenticate(request, allow_token=True)
     return JSONResponse(job_json(await load_job(request, principal)))
 
 
