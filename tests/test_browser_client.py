@@ -5,6 +5,7 @@ token renewals and a web restart."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -125,6 +126,21 @@ def test_served_to_any_origin_and_cors_opens_streams_token_calls_and_records(
         headers={"Origin": "https://evil.example"},
     )
     assert "access-control-allow-origin" not in stranger.headers
+
+
+def test_the_dashboard_uses_only_relative_urls_so_it_works_under_a_prefix() -> None:
+    """Mounted at /progress/, a leading-slash URL would leave the mount (the app's own /api,
+    /static): every URL in the page and its scripts is relative. The streams go through
+    stepstream.js, the only place that opens one."""
+    static = ROOT / "static"
+    html = (static / "index.html").read_text()
+    urls = re.findall(r'(?:href|src)="([^"]*)"', html)
+    assert urls and [u for u in urls if u.startswith("/")] == [], urls
+    absolute = re.compile(r"""[`'"]/(?:api|static|stepstream|openapi|metrics|healthz|readyz)\b""")
+    for script in [static / "app.js", *sorted((static / "js").glob("*.js"))]:
+        text = script.read_text()
+        assert not absolute.search(text), f"{script.name}: {absolute.search(text)}"
+        assert "EventSource" not in text and "Last-Event-ID" not in text, script.name
 
 
 # -- A page on another origin, in Chromium -----------------------------------------------------
