@@ -115,7 +115,15 @@ def document() -> dict[str, Any]:
         "/api/jobs/{job_id}": {
             "get": {
                 "summary": "One job's record",
-                "parameters": [JOB_ID],
+                "parameters": [
+                    JOB_ID,
+                    {
+                        "name": "token",
+                        "in": "query",
+                        "schema": {"type": "string"},
+                        "description": "this job's stream token, instead of an API key",
+                    },
+                ],
                 "responses": {"200": _json("The record", "Job"), "404": _error("No such job")},
             }
         },

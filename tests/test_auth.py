@@ -108,7 +108,12 @@ def test_a_stream_token_opens_one_job_s_stream_and_nothing_else(prod: Stack) -> 
     wrong_job = httpx.get(f"{prod.url}/api/jobs/{other['id']}/events?token={token}")
     assert wrong_job.status_code == 404
     assert httpx.get(f"{prod.url}/api/events?token={token}").status_code == 401
-    read_only = httpx.get(f"{prod.url}/api/jobs/{job['id']}?token={token}")
+    # It reads its job's record (a page fetches the final one with it), nothing more.
+    record = httpx.get(f"{prod.url}/api/jobs/{job['id']}?token={token}")
+    assert record.status_code == 200 and record.json()["state"] == "completed"
+    assert httpx.get(f"{prod.url}/api/jobs/{other['id']}?token={token}").status_code == 404
+    assert httpx.get(f"{prod.url}/api/jobs?token={token}").status_code == 401
+    read_only = httpx.post(f"{prod.url}/api/jobs/{job['id']}/retry?token={token}")
     assert read_only.status_code == 401
     payload, signature = token.split(".")
     tampered = payload[:-2] + ("A" if payload[-2] != "A" else "B") + payload[-1] + "." + signature
