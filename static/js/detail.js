@@ -61,7 +61,7 @@ export class DetailView {
   /** The open job's stream state ("connecting", "live", ...); null when there is none. */
   get streamStatus() {
     const job = this.job;
-    if (!job?.stop || job.ended) return null;
+    if (!job?.stop || job.ended || job.state === "closed") return null;
     return job.state;
   }
 
