@@ -30,6 +30,7 @@ from stepstream.server.jobs import (
 )
 from stepstream.server.options import SubmitOptions, parse_submit_options
 from stepstream.server.state import AppState
+from stepstream.server.urls import root_path
 from stepstream.tasks import batches, cache
 from stepstream.tasks.models import JobRecord, JobState, new_job_id, utcnow
 from stepstream.tasks.store import appended_from, new_event
@@ -152,8 +153,8 @@ async def submit_batch(request: Request) -> Response:
         )
         await batches.child_finished(state.store, done, "completed", result=done.result)
     record = await reload(state, parent)
-    response = _accepted(state, record, 202)
-    response.headers["Location"] = f"/api/batches/{parent_id}"
+    response = _accepted(request, state, record, 202)
+    response.headers["Location"] = f"{root_path(request)}/api/batches/{parent_id}"
     return response
 
 
@@ -181,7 +182,7 @@ async def get_batch(request: Request) -> Response:
                 "cached": child.cached,
             }
         )
-    return JSONResponse({**job_json(parent), "children": items})
+    return JSONResponse({**job_json(parent, root_path(request)), "children": items})
 
 
 async def _load_parent(request: Request, principal: Any) -> JobRecord:
@@ -191,7 +192,7 @@ async def _load_parent(request: Request, principal: Any) -> JobRecord:
     return record
 
 
-async def cancel_batch(state: AppState, parent: JobRecord) -> Response:
+async def cancel_batch(request: Request, state: AppState, parent: JobRecord) -> Response:
     """Cancel every child that has not ended; the parent ends when the last child does."""
     if parent.state.terminal:
         raise ApiError(
@@ -217,7 +218,7 @@ async def cancel_batch(state: AppState, parent: JobRecord) -> Response:
         if await cancel_waiting(state, child, "the batch was cancelled"):
             continue
         await state.store.request_cancel(child.id)  # running: the worker stops it
-    body = job_json(await reload(state, parent))
+    body = job_json(await reload(state, parent), root_path(request))
     return JSONResponse({**body, "cancel_requested": True}, status_code=202)
 
 

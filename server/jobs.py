@@ -20,6 +20,7 @@ from stepstream.server.auth import FIREHOSE_SCOPE, Principal
 from stepstream.server.errors import ApiError
 from stepstream.server.options import SUBMIT_FIELDS, SubmitOptions, parse_submit_options
 from stepstream.server.state import AppState
+from stepstream.server.urls import job_links, root_path
 from stepstream.tasks import batches, cache
 from stepstream.tasks.models import JobRecord, JobState, new_job_id, utcnow
 from stepstream.tasks.registry import TaskSpec, all_tasks, get_task
@@ -28,6 +29,7 @@ from stepstream.tasks.settings import Settings
 from stepstream.tasks.store import new_event
 
 JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 async def read_json(request: Request, max_bytes: int) -> Any:
@@ -38,14 +40,35 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         if int(declared) > max_bytes:
             raise _too_large(max_bytes)
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise _too_large(max_bytes)
+    settings: Settings = request.app.state.stepstream.settings
     try:
-        return json.loads(body)
+        # A body dripped in a byte at a time would otherwise hold the connection for ever.
+        async with asyncio.timeout(settings.body_timeout_seconds):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > max_bytes:
+                    raise _too_large(max_bytes)
+    except TimeoutError:
+        raise ApiError(
+            408,
+            "body_timeout",
+            f"the body did not arrive within {settings.body_timeout_seconds:g} seconds",
+            headers={"Connection": "close"},
+        ) from None
+    try:
+        value = json.loads(body)
+        # JSON's \uXXXX escapes can spell half a surrogate pair, which is not text: stored, it
+        # would break every later response that carries it. Raw UTF-8 cannot, so only a body
+        # with such an escape needs the full check.
+        if _SURROGATE_ESCAPE.search(body):
+            json.dumps(value, ensure_ascii=False).encode()
+        return value
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(400, "malformed_json", f"the body is not valid JSON: {exc}") from None
+    except UnicodeEncodeError:
+        raise ApiError(
+            400, "malformed_json", "the body has a lone UTF-16 surrogate escape (e.g. \\ud800)"
+        ) from None
     except RecursionError:
         raise ApiError(400, "malformed_json", "the body is nested too deeply") from None
 
@@ -82,13 +105,10 @@ def _too_large(max_bytes: int) -> ApiError:
     )
 
 
-def job_links(job_id: str) -> dict[str, str]:
-    return {"self": f"/api/jobs/{job_id}", "events": f"/api/jobs/{job_id}/events"}
-
-
-def job_json(record: JobRecord) -> dict[str, Any]:
+def job_json(record: JobRecord, root: str) -> dict[str, Any]:
+    """The record as the API shows it; ``root`` is ``urls.root_path(request)``."""
     data = record.model_dump(mode="json")
-    data["links"] = job_links(record.id)
+    data["links"] = job_links(root, record.id)
     return data
 
 
@@ -125,7 +145,7 @@ async def submit_job(request: Request) -> Response:
             state, owner, idempotency_key, task_name, raw_input, options.fingerprint()
         )
         if claim.existing is not None:
-            return _accepted(state, claim.existing, 200)
+            return _accepted(request, state, claim.existing, 200)
         job_id = claim.job_id
     try:
         await enforce_submission_limits(state, owner)
@@ -143,16 +163,16 @@ async def submit_job(request: Request) -> Response:
         if claim is not None:
             await state.redis.delete(claim.redis_key)  # let the client's retry create the job
         raise
-    return _accepted(state, record, 202)
+    return _accepted(request, state, record, 202)
 
 
-def _accepted(state: AppState, record: JobRecord, status: int) -> JSONResponse:
-    body = job_json(record)
+def _accepted(request: Request, state: AppState, record: JobRecord, status: int) -> JSONResponse:
+    body = job_json(record, root_path(request))
     # EventSource cannot send headers: the answer carries a token for this job's stream.
     token, expires_at = state.auth.issue_token(record.owner, f"job:{record.id}")
     body["stream_token"] = token
     body["stream_token_expires_at"] = expires_at
-    return JSONResponse(body, status_code=status, headers={"Location": f"/api/jobs/{record.id}"})
+    return JSONResponse(body, status_code=status, headers={"Location": body["links"]["self"]})
 
 
 def check_input_shape(value: Any, settings: Settings) -> None:
@@ -464,7 +484,7 @@ async def get_job(request: Request) -> Response:
     state: AppState = request.app.state.stepstream
     # A job's stream token also reads its record: a page fetches the final record with it.
     principal = await state.auth.authenticate(request, allow_token=True)
-    return JSONResponse(job_json(await load_job(request, principal)))
+    return JSONResponse(job_json(await load_job(request, principal), root_path(request)))
 
 
 async def job_token(request: Request) -> Response:
@@ -491,7 +511,7 @@ def _decode_cursor(raw: str) -> tuple[float, str]:
         if not JOB_ID.fullmatch(job_id):
             raise ValueError(job_id)
         return float(int(score)), job_id
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+    except (ValueError, OverflowError, binascii.Error, UnicodeDecodeError):
         raise ApiError(400, "bad_cursor", "`cursor` is not one this server gave out") from None
 
 
@@ -517,7 +537,7 @@ async def list_jobs(request: Request) -> Response:
             )
         states = frozenset(JobState(n) for n in names)
     raw_limit = params.get("limit", "50")
-    if not (raw_limit.isascii() and raw_limit.isdigit()) or not (
+    if not (raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= 6) or not (
         1 <= int(raw_limit) <= state.settings.list_limit_max
     ):
         raise ApiError(
@@ -535,7 +555,7 @@ async def list_jobs(request: Request) -> Response:
     )
     return JSONResponse(
         {
-            "jobs": [job_json(r) for r in records],
+            "jobs": [job_json(r, root_path(request)) for r in records],
             "next_cursor": _encode_cursor(next_cursor) if next_cursor else None,
         }
     )
@@ -547,7 +567,7 @@ async def cancel_job(request: Request) -> Response:
     if record.batch is not None:  # a batch's parent: cancel its children
         from stepstream.server.batches import cancel_batch  # server.batches builds on this module
 
-        return await cancel_batch(state, record)
+        return await cancel_batch(request, state, record)
     if record.state.terminal:
         raise _conflict(record, "cancel")
     # A job that has not started is cancelled here; compare-and-set against the worker.
@@ -560,11 +580,12 @@ async def cancel_job(request: Request) -> Response:
     )
     if appended.ok:
         await batches.child_finished(state.store, record, "cancelled")  # if in a batch
-        return JSONResponse(job_json(await reload(state, record)))
+        return JSONResponse(job_json(await reload(state, record), root_path(request)))
     if appended.refused == '"running"':
         # Only the worker writes a running job's events: raise the flag it watches.
         await state.store.request_cancel(record.id)
-        return JSONResponse({**job_json(record), "cancel_requested": True}, status_code=202)
+        body = {**job_json(record, root_path(request)), "cancel_requested": True}
+        return JSONResponse(body, status_code=202)
     raise _conflict(await reload(state, record), "cancel")
 
 
@@ -596,7 +617,7 @@ async def retry_job(request: Request) -> Response:
     if not appended.ok:
         raise _conflict(await reload(state, record), "retry")
     await state.enqueue(record.id)
-    return JSONResponse(job_json(await reload(state, record)), status_code=202)
+    return JSONResponse(job_json(await reload(state, record), root_path(request)), status_code=202)
 
 
 def _conflict(record: JobRecord, action: str) -> ApiError:

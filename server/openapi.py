@@ -7,6 +7,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from stepstream.server.state import AppState
+from stepstream.server.urls import root_path
 from stepstream.tasks.models import JobRecord, JobState
 from stepstream.tasks.registry import all_tasks
 
@@ -56,7 +58,8 @@ STREAM_PARAMS = [
 ]
 
 
-def document() -> dict[str, Any]:
+def document(root: str) -> dict[str, Any]:
+    """The document; ``root`` is the path the API is served under (``/progress`` when mounted)."""
     submissions = [
         {
             "type": "object",
@@ -234,6 +237,8 @@ def document() -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {"title": "Stepstream", "version": "0.1.0"},
+        # The paths below are relative to this URL (OpenAPI's default is "/").
+        "servers": [{"url": root or "/"}],
         "paths": paths,
         "components": {
             "schemas": {"Job": job, "Error": ERROR, **defs},
@@ -244,4 +249,9 @@ def document() -> dict[str, Any]:
 
 
 async def openapi(request: Request) -> Response:
-    return JSONResponse(document())
+    """The document lists every task and its input schema, as ``/api/tasks`` does, so in
+    production it asks for the same key unless the operator publishes it on purpose."""
+    state: AppState = request.app.state.stepstream
+    if not state.settings.public_openapi:
+        await state.auth.authenticate(request)
+    return JSONResponse(document(root_path(request)))

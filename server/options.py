@@ -44,7 +44,10 @@ class SubmitOptions:
 def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond any float
+        return None
     return number if math.isfinite(number) else None
 
 

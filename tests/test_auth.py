@@ -54,6 +54,8 @@ def test_every_api_call_needs_credentials(prod: Stack) -> None:
         ("GET", "/api/tasks"),
         ("GET", "/api/events"),
         ("GET", "/api/jobs/x/events"),
+        # It lists every task and input schema that /api/tasks protects.
+        ("GET", "/openapi.json"),
     ]:
         response = httpx.request(method, f"{prod.url}{path}")
         assert response.status_code == 401, path
@@ -299,3 +301,12 @@ def test_dashboard_and_api_send_security_headers_and_no_cors(stack: Stack) -> No
         headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
     )
     assert "access-control-allow-origin" not in preflight.headers
+
+
+def test_the_openapi_document_needs_a_key_in_production_unless_published(
+    prod: Stack, make_stack: StackFactory
+) -> None:
+    with_key = httpx.get(f"{prod.url}/openapi.json", headers=ALICE, timeout=10)
+    assert with_key.status_code == 200 and "analyze_document" in with_key.text
+    published = make_stack(**PRODUCTION, STEPSTREAM_PUBLIC_OPENAPI="true")
+    assert httpx.get(f"{published.url}/openapi.json", timeout=10).status_code == 200
