@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -20,6 +21,7 @@ from stepstream import Client
 from tests.conftest import StackFactory
 from tests.support.browser import EXPECTED_CONSOLE, ROOT, chromium, requires_chromium
 from tests.support.pages import PageServer
+from tests.support.tasks import gate_key
 
 NODE = shutil.which("node")
 JS_TESTS = sorted((ROOT / "tests" / "js").glob("*.test.mjs"))
@@ -185,8 +187,12 @@ window.__stop = watchJob(jobId, {
 });
 """
 
-EVENTS = 50
-INTERVAL = 0.25  # seconds: about 12 s of events, so a 2 s token runs out several times
+EVENTS = 40  # progress events of the "gated" task, each released by the test
+
+
+def count(what: str) -> str:
+    """A page function counting ``window.__watch`` entries (functions: the page forbids eval)."""
+    return "() => " + what
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +223,14 @@ def test_a_page_on_another_origin_sees_every_event_once_across_renewals_and_a_we
         pages["/page.js"] = ("text/javascript", PAGE_JS % {"api": api, "key": KEY}, {})
 
         with Client(api, api_key=KEY) as client:
-            job_id = client.submit("burst", {"events": EVENTS, "interval": INTERVAL}).id
+            job_id = client.submit("gated", {"events": EVENTS}).id
+        redis = own.redis()
+
+        def release(n: int) -> None:
+            """The job writes its next ``n`` progress events, a little apart."""
+            for _ in range(n):
+                redis.rpush(gate_key(job_id), "go")
+                time.sleep(0.05)
 
         context = browser.new_context()
         page = context.new_page()
@@ -231,24 +244,35 @@ def test_a_page_on_another_origin_sees_every_event_once_across_renewals_and_a_we
                 else None
             ),
         )
+        progress = "window.__watch.events.filter(e => e.type === 'progress').length"
+        expired = "window.__watch.tokens.filter(r => r === 'expired').length"
         try:
             page.goto(f"{site.origin}/?job={job_id}")
-            # Functions, not expressions: the page's policy forbids eval.
-            page.wait_for_function(
-                "() => window.__watch.events.filter(e => e.type === 'progress').length >= 12",
-                timeout=20_000,
-            )
+            release(10)
+            page.wait_for_function(count(f"{progress} >= 10"), timeout=20_000)
+            # Two tokens run out while the job waits: the page renews them and goes on.
+            page.wait_for_function(count(f"{expired} >= 2"), timeout=15_000)
+            release(5)
+            page.wait_for_function(count(f"{progress} >= 15"), timeout=10_000)
 
-            # The web process goes away mid-job and a new one takes its port.
+            # The web process goes away mid-job; the job goes on writing; a new web process
+            # takes the port.
             web.stop()
-            seen_at_stop = page.evaluate("() => window.__watch.events.length")
-            page.wait_for_function("() => window.__watch.states.at(-1) !== 'live'", timeout=10_000)
-            time.sleep(1.0)  # the worker goes on writing events meanwhile
+            stopped_at = time.time()
+            seen_at_stop = page.evaluate(count("window.__watch.events.length"))
+            page.wait_for_function(count("window.__watch.states.at(-1) !== 'live'"))
+            release(10)
+            time.sleep(0.5)
+            restarted_at = time.time()
             own.add_web(port=web.port)
+            page.wait_for_function(count(f"{progress} >= 25"), timeout=20_000)
+            # And one more renewal on the new process.
+            page.wait_for_function(count(f"{expired} >= 3"), timeout=15_000)
+            release(EVENTS - 25)
 
-            page.wait_for_function("() => window.__watch.ends.length >= 1", timeout=40_000)
+            page.wait_for_function(count("window.__watch.ends.length >= 1"), timeout=20_000)
             time.sleep(1.0)  # a second onEnd, or a late event, would show up now
-            seen: dict[str, Any] = page.evaluate("() => window.__watch")
+            seen: dict[str, Any] = page.evaluate(count("window.__watch"))
         finally:
             context.close()
 
@@ -267,10 +291,15 @@ def test_a_page_on_another_origin_sees_every_event_once_across_renewals_and_a_we
     assert record["last_event_id"] == log[-1][0] == final.last_event_id
 
     # The renewals and the restart really happened, while the job ran.
-    renewals = [reason for reason in seen["tokens"] if reason != "connect"]
     assert seen["tokens"][0] == "connect"
-    assert renewals.count("expired") >= 3, seen["tokens"]
+    assert seen["tokens"].count("expired") >= 3, seen["tokens"]
     assert 0 < seen_at_stop < len(log), (seen_at_stop, len(log))
+    written_while_down = [
+        e
+        for e in seen["events"]
+        if stopped_at < datetime.fromisoformat(e["data"]["at"]).timestamp() < restarted_at
+    ]
+    assert len(written_while_down) >= 5, "the resume had to fetch what no web process sent"
     states = seen["states"]
     assert states[0] == "connecting" and states[-1] == "closed", states
     dropped = states.index("reconnecting")
