@@ -14,6 +14,7 @@ its own logging and runs the app's lifespan, which Starlette does not run for a 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -41,6 +42,7 @@ from stepstream.server.errors import (
     redis_error_handler,
     server_error_handler,
 )
+from stepstream.server.guards import raise_file_limit
 from stepstream.server.hub import Hub
 from stepstream.server.metrics import WebMetrics
 from stepstream.server.security import bound_host, is_production, middleware
@@ -127,6 +129,14 @@ def create_app(
             "production" if production else "development",
             "" if production else ": the API is open to anyone who can reach this address",
         )
+        file_problem = raise_file_limit(settings.max_streams)
+        if file_problem:
+            logger.warning(file_problem)
+        if any(name.upper() == "STEPSTREAM_MAX_STREAMS_PER_OWNER" for name in os.environ):
+            logger.warning(
+                "STEPSTREAM_MAX_STREAMS_PER_OWNER is deprecated: it now sets "
+                "STEPSTREAM_MAX_STREAMS_PER_KEY (streams opened with an API key itself)"
+            )
         # Patient: a request waits out a short Redis outage instead of failing.
         redis = connect(settings.redis_url, attempts=10)
         pubsub_redis = Redis.from_url(settings.redis_url, decode_responses=True)

@@ -35,7 +35,7 @@ from stepstream.tasks import batches, cache
 from stepstream.tasks.models import JobRecord, JobState, new_job_id, utcnow
 from stepstream.tasks.store import appended_from, new_event
 
-BATCH_FIELDS = frozenset({"task", "inputs", "budget"})
+BATCH_FIELDS = frozenset({"task", "inputs", "budget", "subject"})
 PARENT_PREFIX = "batch:"
 
 
@@ -71,7 +71,8 @@ async def submit_batch(request: Request) -> Response:
             break
     if problems:
         raise ApiError(422, "invalid_input", f"inputs do not fit task {task_name!r}", problems[:50])
-    options = SubmitOptions(budget=parse_submit_options(body, state.settings).budget)
+    parsed = parse_submit_options(body, state.settings)
+    options = SubmitOptions(budget=parsed.budget, subject=parsed.subject)
     owner = principal.owner
     await enforce_submission_limits(state, owner)
 
@@ -87,6 +88,7 @@ async def submit_batch(request: Request) -> Response:
         created_at=utcnow(),
         batch=batches.empty_counts(size),
         message=batches.summary_message(batches.empty_counts(size), size),
+        subject=options.subject,
     )
     child_ids = [new_job_id() for _ in inputs]
     fresh: list[NewJob] = []
@@ -150,6 +152,7 @@ async def submit_batch(request: Request) -> Response:
             hit,
             batch_id=parent_id,
             batch_index=index,
+            subject=options.subject,
         )
         await batches.child_finished(state.store, done, "completed", result=done.result)
     record = await reload(state, parent)

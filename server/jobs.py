@@ -16,10 +16,11 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from stepstream.server.auth import FIREHOSE_SCOPE, Principal
+from stepstream.server.auth import FIREHOSE_SCOPE, Principal, job_scope, subject_scope
 from stepstream.server.errors import ApiError
 from stepstream.server.options import SUBMIT_FIELDS, SubmitOptions, parse_submit_options
 from stepstream.server.state import AppState
+from stepstream.server.subjects import subject_field, subject_param
 from stepstream.server.urls import job_links, root_path
 from stepstream.tasks import batches, cache
 from stepstream.tasks.models import JobRecord, JobState, new_job_id, utcnow
@@ -32,7 +33,9 @@ JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
-async def read_json(request: Request, max_bytes: int) -> Any:
+async def read_json(request: Request, max_bytes: int, *, optional: bool = False) -> Any:
+    """The body as JSON (400 if it is not, 413 past ``max_bytes``); ``optional``: an empty
+    body is ``{}``."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not (declared.isascii() and declared.isdigit()):
@@ -55,6 +58,8 @@ async def read_json(request: Request, max_bytes: int) -> Any:
             f"the body did not arrive within {settings.body_timeout_seconds:g} seconds",
             headers={"Connection": "close"},
         ) from None
+    if optional and not body.strip():
+        return {}
     try:
         value = json.loads(body)
         # JSON's \uXXXX escapes can spell half a surrogate pair, which is not text: stored, it
@@ -85,10 +90,15 @@ def task_named(name: object) -> TaskSpec:
 
 
 async def read_object(
-    request: Request, state: AppState, fields: frozenset[str], shape: str
+    request: Request,
+    state: AppState,
+    fields: frozenset[str],
+    shape: str,
+    *,
+    optional: bool = False,
 ) -> dict[str, Any]:
     """The body as a JSON object with only ``fields`` (422 otherwise, naming the strays)."""
-    body = await read_json(request, state.settings.max_body_bytes)
+    body = await read_json(request, state.settings.max_body_bytes, optional=optional)
     if not isinstance(body, dict):
         raise ApiError(422, "invalid_body", f"the body must be a JSON object {shape}")
     unknown = sorted(set(body) - fields)
@@ -169,7 +179,7 @@ async def submit_job(request: Request) -> Response:
 def _accepted(request: Request, state: AppState, record: JobRecord, status: int) -> JSONResponse:
     body = job_json(record, root_path(request))
     # EventSource cannot send headers: the answer carries a token for this job's stream.
-    token, expires_at = state.auth.issue_token(record.owner, f"job:{record.id}")
+    token, expires_at = state.auth.issue_token(record.owner, job_scope(record.id))
     body["stream_token"] = token
     body["stream_token_expires_at"] = expires_at
     return JSONResponse(body, status_code=status, headers={"Location": body["links"]["self"]})
@@ -215,7 +225,10 @@ async def enforce_submission_limits(state: AppState, owner: str | None) -> None:
             429,
             "rate_limited",
             f"more than {state.settings.submissions_per_second} submissions in one second",
-            {"limit": state.settings.submissions_per_second},
+            {
+                "limit": state.settings.submissions_per_second,
+                "setting": "STEPSTREAM_SUBMISSIONS_PER_SECOND",
+            },
             headers={"Retry-After": "1"},
         )
     if unfinished >= state.settings.max_unfinished_per_owner:
@@ -224,7 +237,10 @@ async def enforce_submission_limits(state: AppState, owner: str | None) -> None:
             "too_many_unfinished_jobs",
             f"{unfinished} jobs have not finished yet; the limit is "
             f"{state.settings.max_unfinished_per_owner}",
-            {"limit": state.settings.max_unfinished_per_owner},
+            {
+                "limit": state.settings.max_unfinished_per_owner,
+                "setting": "STEPSTREAM_MAX_UNFINISHED_PER_OWNER",
+            },
             headers={"Retry-After": "5"},
         )
 
@@ -263,6 +279,7 @@ def new_job(
         steps=[],
         budget=options.budget,
         run_at=options.run_at_text,
+        subject=options.subject,
         **fields,
     )
     event = new_event(job_id, "queued", 0, input=raw_input)
@@ -301,6 +318,7 @@ async def _create_job(
                 job_id,
                 hit,
                 count_submitted=count_submitted,
+                subject=options.subject,
                 **fields,
             )
     new = new_job(
@@ -471,7 +489,7 @@ async def load_job(request: Request, principal: Principal) -> JobRecord:
     state: AppState = request.app.state.stepstream
     job_id = request.path_params["job_id"]
     record = await state.store.get(job_id) if JOB_ID.fullmatch(job_id) else None
-    if record is None or not principal.may_read(record.owner, record.id):
+    if record is None or not principal.may_read(record.owner, record.id, record.subject):
         raise ApiError(404, "job_not_found", f"no job with id {job_id!r}")
     return record
 
@@ -482,7 +500,7 @@ async def reload(state: AppState, record: JobRecord) -> JobRecord:
 
 async def get_job(request: Request) -> Response:
     state: AppState = request.app.state.stepstream
-    # A job's stream token also reads its record: a page fetches the final record with it.
+    # A stream token reads the records of the jobs in its scope (server/auth.py).
     principal = await state.auth.authenticate(request, allow_token=True)
     return JSONResponse(job_json(await load_job(request, principal), root_path(request)))
 
@@ -492,16 +510,24 @@ async def job_token(request: Request) -> Response:
     state: AppState = request.app.state.stepstream
     principal = await state.auth.authenticate(request)
     record = await load_job(request, principal)
-    token, expires_at = state.auth.issue_token(record.owner, f"job:{record.id}")
-    return JSONResponse({"token": token, "expires_at": expires_at, "scope": f"job:{record.id}"})
+    scope = job_scope(record.id)
+    token, expires_at = state.auth.issue_token(record.owner, scope)
+    return JSONResponse({"token": token, "expires_at": expires_at, "scope": scope})
+
+
+TOKEN_FIELDS = frozenset({"subject"})
 
 
 async def firehose_token(request: Request) -> Response:
-    """A short-lived, read-only token for the caller's firehose (``/api/events?token=``)."""
+    """A short-lived, read-only token for the caller's firehose (``/api/events?token=``): all
+    their jobs, or with ``{"subject": s}`` in the body only the jobs submitted for ``s``."""
     state: AppState = request.app.state.stepstream
     principal = await state.auth.authenticate(request)
-    token, expires_at = state.auth.issue_token(principal.owner, FIREHOSE_SCOPE)
-    return JSONResponse({"token": token, "expires_at": expires_at, "scope": FIREHOSE_SCOPE})
+    body = await read_object(request, state, TOKEN_FIELDS, "{subject}", optional=True)
+    subject = subject_field(body)
+    scope = FIREHOSE_SCOPE if subject is None else subject_scope(subject)
+    token, expires_at = state.auth.issue_token(principal.owner, scope)
+    return JSONResponse({"token": token, "expires_at": expires_at, "scope": scope})
 
 
 def _decode_cursor(raw: str) -> tuple[float, str]:
@@ -545,11 +571,13 @@ async def list_jobs(request: Request) -> Response:
             "bad_limit",
             f"`limit` must be a whole number from 1 to {state.settings.list_limit_max}",
         )
+    subject = subject_param(params)
     cursor = _decode_cursor(params["cursor"]) if params.get("cursor") else None
     records, next_cursor = await state.store.list_jobs(
         states=states,
         task=params.get("task") or None,
         owner=principal.owner,
+        subject=subject,
         limit=int(raw_limit),
         cursor=cursor,
     )

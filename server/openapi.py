@@ -7,6 +7,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from stepstream.server import subjects
 from stepstream.server.state import AppState
 from stepstream.server.urls import root_path
 from stepstream.tasks.models import JobRecord, JobState
@@ -28,10 +29,17 @@ ERROR = {
     },
 }
 CURSOR = {"type": "string", "pattern": "^(0|[0-9]+-[0-9]+)$"}
+SUBJECT: dict[str, Any] = {
+    "type": "string",
+    "pattern": f"^{subjects.SUBJECT.pattern}$",
+    "maxLength": subjects.MAX_LENGTH,
+    "description": "the end user the job belongs to, as the owner's app names them",
+}
 SUBMIT_OPTIONS: dict[str, Any] = {
     "budget": {"type": "number", "minimum": 0, "description": "most this job may spend"},
     "run_at": {"type": ["string", "null"], "format": "date-time", "description": "start then"},
     "delay": {"type": "number", "minimum": 0, "description": "start after so many seconds"},
+    "subject": {**SUBJECT, "type": ["string", "null"]},
 }
 
 
@@ -49,13 +57,31 @@ def _json(description: str, ref: str) -> dict[str, Any]:
     }
 
 
+def _too_many_streams() -> dict[str, Any]:
+    return {
+        **_error(
+            "Over a stream limit of this web process: the API key's, the stream token's or "
+            "the process's (`details.per`: key, token, process; `details.setting` names it)"
+        ),
+        "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+    }
+
+
 JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
 SSE = {"description": "Server-Sent Events", "content": {"text/event-stream": {}}}
+TOKEN = {
+    "name": "token",
+    "in": "query",
+    "schema": {"type": "string"},
+    "description": "a stream token (read-only): `job:<id>` opens that job; `subject:<s>` the "
+    "owner's jobs of subject s and their firehose; `events` all the owner's jobs and firehose",
+}
 STREAM_PARAMS = [
     {"name": "after", "in": "query", "schema": CURSOR},
     {"name": "Last-Event-ID", "in": "header", "schema": CURSOR},
-    {"name": "token", "in": "query", "schema": {"type": "string"}},
+    TOKEN,
 ]
+TOKEN_REPLY = {"description": "{token, expires_at, scope}"}
 
 
 def document(root: str) -> dict[str, Any]:
@@ -109,6 +135,7 @@ def document(root: str) -> dict[str, Any]:
                         "description": "comma separated: " + ", ".join(s.value for s in JobState),
                     },
                     {"name": "task", "in": "query", "schema": {"type": "string"}},
+                    {"name": "subject", "in": "query", "schema": SUBJECT},
                     {"name": "limit", "in": "query", "schema": {"type": "integer"}},
                     {"name": "cursor", "in": "query", "schema": {"type": "string"}},
                 ],
@@ -118,16 +145,12 @@ def document(root: str) -> dict[str, Any]:
         "/api/jobs/{job_id}": {
             "get": {
                 "summary": "One job's record",
-                "parameters": [
-                    JOB_ID,
-                    {
-                        "name": "token",
-                        "in": "query",
-                        "schema": {"type": "string"},
-                        "description": "this job's stream token, instead of an API key",
-                    },
-                ],
-                "responses": {"200": _json("The record", "Job"), "404": _error("No such job")},
+                "parameters": [JOB_ID, TOKEN],
+                "responses": {
+                    "200": _json("The record", "Job"),
+                    "401": _error("No credentials, or a token that has expired"),
+                    "404": _error("No such job (or not the caller's, or not in the token's scope)"),
+                },
             }
         },
         "/api/jobs/{job_id}/events": {
@@ -138,7 +161,9 @@ def document(root: str) -> dict[str, Any]:
                     "200": SSE,
                     "204": {"description": "The cursor is at the terminal event"},
                     "400": _error("Bad cursor"),
-                    "404": _error("No such job"),
+                    "401": _error("No credentials, or a token that has expired"),
+                    "404": _error("No such job (or not the caller's, or not in the token's scope)"),
+                    "429": _too_many_streams(),
                 },
             }
         },
@@ -162,22 +187,40 @@ def document(root: str) -> dict[str, Any]:
         },
         "/api/jobs/{job_id}/token": {
             "post": {
-                "summary": "A short-lived token for this job's stream",
+                "summary": "A short-lived token for this job's record and stream (scope job:<id>)",
                 "parameters": [JOB_ID],
-                "responses": {"200": {"description": "{token, expires_at, scope}"}},
+                "responses": {"200": TOKEN_REPLY, "404": _error("No such job")},
             }
         },
         "/api/events": {
             "get": {
                 "summary": "Every job's events (SSE firehose)",
                 "parameters": STREAM_PARAMS,
-                "responses": {"200": SSE, "400": _error("Bad cursor")},
+                "responses": {
+                    "200": SSE,
+                    "400": _error("Bad cursor"),
+                    "401": _error("No credentials, or a token scoped to one job"),
+                    "429": _too_many_streams(),
+                },
             }
         },
         "/api/events/token": {
             "post": {
-                "summary": "A short-lived token for the caller's firehose",
-                "responses": {"200": {"description": "{token, expires_at, scope}"}},
+                "summary": "A short-lived token for the caller's firehose (scope events), or "
+                "with a subject for that subject's jobs and firehose (scope subject:<s>)",
+                "requestBody": {
+                    "required": False,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "properties": {"subject": SUBJECT},
+                            }
+                        }
+                    },
+                },
+                "responses": {"200": TOKEN_REPLY, "422": _error("Not a subject")},
             }
         },
         "/api/batches": {
@@ -194,6 +237,7 @@ def document(root: str) -> dict[str, Any]:
                                     "task": {"type": "string"},
                                     "inputs": {"type": "array", "items": {"type": "object"}},
                                     "budget": SUBMIT_OPTIONS["budget"],
+                                    "subject": SUBMIT_OPTIONS["subject"],
                                 },
                             }
                         }

@@ -1,6 +1,6 @@
 """The submit body's optional fields beside ``task`` and ``input`` (docs/ai-workloads.md):
-``budget`` (the most the job may spend on LLM calls), and ``run_at`` (RFC 3339) or ``delay``
-(seconds) to schedule it."""
+``budget`` (the most the job may spend on LLM calls), ``run_at`` (RFC 3339) or ``delay``
+(seconds) to schedule it, and ``subject`` (the end user the job belongs to, server/subjects.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from stepstream.server.errors import ApiError
+from stepstream.server.subjects import subject_field
 from stepstream.tasks.settings import Settings
 
-SUBMIT_FIELDS = frozenset({"task", "input", "budget", "run_at", "delay"})
+SUBMIT_FIELDS = frozenset({"task", "input", "budget", "run_at", "delay", "subject"})
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,7 @@ class SubmitOptions:
     budget: float | None = None
     run_at: datetime | None = None  # UTC; None = now
     delay: float | None = None  # as given: the same request sent again has the same fingerprint
+    subject: str | None = None
 
     @property
     def run_at_text(self) -> str | None:
@@ -38,6 +40,8 @@ class SubmitOptions:
             extra["delay"] = self.delay
         elif self.run_at is not None:
             extra["run_at"] = self.run_at_text
+        if self.subject is not None:
+            extra["subject"] = self.subject
         return extra
 
 
@@ -52,6 +56,7 @@ def _number(value: Any) -> float | None:
 
 
 def parse_submit_options(body: dict[str, Any], settings: Settings) -> SubmitOptions:
+    subject = subject_field(body)
     budget = None
     if body.get("budget") is not None:
         budget = _number(body["budget"])
@@ -96,4 +101,4 @@ def parse_submit_options(body: dict[str, Any], settings: Settings) -> SubmitOpti
                 {"limit": settings.max_delay_seconds},
             )
         run_at = when if when > now else None  # a time in the past means "now"
-    return SubmitOptions(budget=budget, run_at=run_at, delay=delay)
+    return SubmitOptions(budget=budget, run_at=run_at, delay=delay, subject=subject)

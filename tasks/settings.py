@@ -60,7 +60,18 @@ class Settings(BaseSettings):
     max_string_length: int = 200_000
     max_unfinished_per_owner: int = 1_000
     submissions_per_second: int = 50
-    max_streams_per_owner: int = 100  # per web process
+    # Open streams per web process (server/guards.py). All of them: 20,000 at ~25 KiB RSS each
+    # is ~500 MiB, and each needs a file descriptor (raise `ulimit -n` above it).
+    max_streams: int = 20_000
+    # Opened with one API key itself (or, in development, without credentials).
+    max_streams_per_key: int = Field(
+        default=100,
+        # The old name, from when all of an owner's streams counted together (deprecated).
+        validation_alias=AliasChoices(
+            "STEPSTREAM_MAX_STREAMS_PER_KEY", "STEPSTREAM_MAX_STREAMS_PER_OWNER"
+        ),
+    )
+    max_streams_per_token: int = 20  # opened with one stream token
 
     # Worker
     max_jobs: int = 10
