@@ -104,11 +104,14 @@ def test_served_to_any_origin_and_cors_opens_streams_token_calls_and_records(
     assert record.headers["access-control-allow-origin"] == page_origin
     exposed = record.headers["access-control-expose-headers"].lower()
     assert "retry-after" in exposed, exposed
-    # A firehose token does not read a job's record; no token at all is a 401 in production.
-    other = httpx.get(
-        f"{own.url}/api/jobs/{job.id}", params={"token": events_token.json()["token"]}
-    )
-    assert other.status_code == 404
+    # Another job's token does not read it; no token at all is a 401 in production.
+    with Client(own.url, api_key=KEY) as client:
+        other = client.submit("gated", {"events": 1})
+    other_token = httpx.post(
+        f"{own.url}/api/jobs/{other.id}/token", headers={"Authorization": f"Bearer {KEY}"}
+    ).json()["token"]
+    refused = httpx.get(f"{own.url}/api/jobs/{job.id}", params={"token": other_token})
+    assert refused.status_code == 404
     assert httpx.get(f"{own.url}/api/jobs/{job.id}").status_code == 401
 
     # The stream itself, from the page's origin: readable (no preflight: no custom header).
