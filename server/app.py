@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import cast
@@ -26,6 +26,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -61,6 +62,17 @@ logger = logging.getLogger("stepstream.web")
 
 async def index(request: object) -> Response:
     return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+def browser_client(name: str, media_type: str) -> Callable[[Request], Awaitable[Response]]:
+    """The browser client (``static/stepstream.js``) or its types, for pages on any origin: a
+    public file, so ``*``; the API it calls is what CORS guards."""
+
+    async def endpoint(request: Request) -> Response:
+        headers = {"Cache-Control": "no-cache", "Access-Control-Allow-Origin": "*"}
+        return FileResponse(STATIC_DIR / name, media_type=media_type, headers=headers)
+
+    return endpoint
 
 
 class StepstreamApp(Starlette):
@@ -172,6 +184,8 @@ def create_app(
         Route("/healthz", health.healthz, methods=["GET"]),
         Route("/readyz", health.readyz, methods=["GET"]),
         Route("/", index, methods=["GET"]),
+        Route("/stepstream.js", browser_client("stepstream.js", "text/javascript")),
+        Route("/stepstream.d.ts", browser_client("stepstream.d.ts", "application/typescript")),
         Mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static"),
     ]
     routes = web_metrics.instrument(routes)  # counts submissions, streamed events; log tags

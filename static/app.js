@@ -1,16 +1,18 @@
-// Stepstream dashboard: one firehose EventSource for the list, one stream per open detail view.
+// Stepstream dashboard: one firehose stream for the list, one stream per open detail view, both
+// followed by stepstream.js (the browser client every page can use).
+//
+// Every URL is relative: the dashboard works where the app is mounted (`/` or `/progress/`).
 
+import { watchAll } from "../stepstream.js";
 import { $, h, fill, setText } from "./js/dom.js";
-import { api, auth, streamTokens } from "./js/api.js";
-import { LiveStream } from "./js/live.js";
-import { applyEvent, compareIds, EVENT_TYPES, TERMINAL } from "./js/model.js";
+import { api, auth, streamToken } from "./js/api.js";
+import { applyEvent, compareIds, TERMINAL } from "./js/model.js";
 import { TaskForm } from "./js/form.js";
 import { JobList } from "./js/list.js";
 import { DetailView } from "./js/detail.js";
 import { renderStats } from "./js/stats.js";
 import { shortId } from "./js/format.js";
 
-const OFFLINE_AFTER_MS = 15_000;
 const STATS_EVERY_MS = 5_000;
 const RECONCILE_EVERY_MS = 30_000;
 const MAX_ROWS = 200;
@@ -25,21 +27,19 @@ const pendingFetch = new Map();
 const taskOf = (name) => tasks.get(name);
 
 // -- Connection indicator -------------------------------------------------------------------
+// What the streams say (stepstream.js reports "offline" after 15 s without a working stream),
+// never navigator.onLine: a loopback server streams fine while the browser believes it is
+// offline, and a captive portal is "online".
 
-const conn = { el: $("#conn"), since: null, state: "connecting" };
+const conn = { el: $("#conn"), state: "connecting" };
 
 function updateConnection() {
   if (signedOut) return;
-  const statuses = [firehose?.status, detail?.streamStatus].filter(Boolean);
+  const states = [firehoseState, detail?.streamStatus].filter(Boolean);
   let state = "live";
-  if (!navigator.onLine) state = "offline";
-  else if (statuses.includes("reconnecting") || statuses.includes("connecting")) {
-    const everLive = firehose?.everOpened;
-    state = everLive || statuses.includes("reconnecting") ? "reconnecting" : "connecting";
-    conn.since ??= Date.now();
-    if (Date.now() - conn.since > OFFLINE_AFTER_MS) state = "offline";
-  }
-  if (state === "live") conn.since = null;
+  if (states.includes("offline") || states.includes("closed")) state = "offline";
+  else if (states.includes("reconnecting")) state = "reconnecting";
+  else if (states.includes("connecting")) state = "connecting";
   if (state === conn.state) return;
   conn.state = state;
   conn.el.dataset.state = state;
@@ -125,7 +125,7 @@ async function loadList({ more = false } = {}) {
   listLoading += 1;
   try {
     const query = more && nextCursor ? `?limit=100&cursor=${encodeURIComponent(nextCursor)}` : "?limit=100";
-    const { data } = await api(`/api/jobs${query}`);
+    const { data } = await api(`api/jobs${query}`);
     for (const record of data.jobs) mergeRecord(record);
     if (!more || nextCursor) nextCursor = data.next_cursor;
     $("#load-more").hidden = !nextCursor;
@@ -212,7 +212,7 @@ async function fetchUnknown(id, event) {
   if (pendingFetch.size >= MAX_SINGLE_FETCHES) return; // a flood: "Show older jobs" has them
   pendingFetch.set(id, [event]);
   try {
-    const { data } = await api(`/api/jobs/${encodeURIComponent(id)}`);
+    const { data } = await api(`api/jobs/${encodeURIComponent(id)}`);
     const record = mergeRecord(data);
     for (const e of pendingFetch.get(id) || []) {
       if (compareIds(e.event_id, record.last_event_id) > 0) applyEvent(record, e, e.event_id);
@@ -233,12 +233,12 @@ async function act(action, record, button) {
   try {
     if (action === "cancel") {
       button.textContent = "Cancelling…";
-      const { status, data } = await api(`/api/jobs/${encodeURIComponent(record.id)}/cancel`, { method: "POST" });
+      const { status, data } = await api(`api/jobs/${encodeURIComponent(record.id)}/cancel`, { method: "POST" });
       if (status === 200) mergeRecord(data);
       else toast(`Cancelling job ${shortId(record.id)}: the worker stops it at its next step.`);
     } else if (action === "retry") {
       button.textContent = "Retrying…";
-      const { data } = await api(`/api/jobs/${encodeURIComponent(record.id)}/retry`, { method: "POST" });
+      const { data } = await api(`api/jobs/${encodeURIComponent(record.id)}/retry`, { method: "POST" });
       mergeRecord(data);
       if (detail.openId === record.id) detail.follow();
     }
@@ -252,7 +252,7 @@ async function act(action, record, button) {
     if (current) {
       list.upsert(current);
       // A 409 means our copy is behind: fetch the truth.
-      api(`/api/jobs/${encodeURIComponent(record.id)}`).then(({ data }) => mergeRecord(data), () => {});
+      api(`api/jobs/${encodeURIComponent(record.id)}`).then(({ data }) => mergeRecord(data), () => {});
     }
     detail.render();
   }
@@ -309,7 +309,7 @@ function selectTask(name) {
 }
 
 async function loadTasks() {
-  const { data } = await api("/api/tasks");
+  const { data } = await api("api/tasks");
   tasks.clear();
   for (const task of data.tasks) tasks.set(task.name, task);
   const previous = taskSelect.value;
@@ -357,7 +357,7 @@ $("#job-form").addEventListener("submit", async (event) => {
   submit.disabled = true;
   setText($("#form-status"), "Starting…");
   try {
-    const { data } = await api("/api/jobs", { method: "POST", body: { task, input: read.input } });
+    const { data } = await api("api/jobs", { method: "POST", body: { task, input: read.input } });
     form.clearErrors();
     mergeRecord(data);
     fill(
@@ -383,7 +383,7 @@ async function refreshStats() {
   clearTimeout(statsTimer);
   if (signedOut) return;
   try {
-    const { data } = await api("/api/stats");
+    const { data } = await api("api/stats");
     renderStats($("#stats"), data, taskOf);
   } catch {
     // the strip keeps its last numbers; the indicator says why
@@ -404,7 +404,7 @@ let signedOut = false;
 function showSignin(message) {
   if (signedOut) return;
   signedOut = true;
-  firehose?.close();
+  stopFirehose?.();
   detail.close(false);
   clearTimeout(statsTimer);
   const panel = $("#signin");
@@ -432,7 +432,7 @@ $("#signin-form").addEventListener("submit", async (event) => {
     return;
   }
   try {
-    await api("/api/tasks", { key, quiet: true });
+    await api("api/tasks", { key, quiet: true });
   } catch (exc) {
     error.hidden = false;
     setText(error, exc.status === 401 ? "That API key is not valid." : exc.message);
@@ -450,7 +450,8 @@ $("#sign-out").addEventListener("click", () => {
 
 // -- Start ----------------------------------------------------------------------------------
 
-let firehose = null;
+let stopFirehose = null;
+let firehoseState = null;
 let tasksLoaded = false;
 
 async function ensureTasks() {
@@ -463,6 +464,33 @@ async function ensureTasks() {
   }
 }
 
+function startFirehose() {
+  stopFirehose?.();
+  firehoseState = "connecting";
+  stopFirehose = watchAll({
+    getToken: streamToken("api/events/token"),
+    onEvent: ({ type, data }) => onFirehose(type, data),
+    onState: (state) => {
+      const was = firehoseState;
+      firehoseState = state;
+      // Each time the stream is back: the records are fetched again, so an event written
+      // while no connection was listening is still shown (the firehose resumes by id as well).
+      if (state === "live" && was !== "live") {
+        loadList();
+        ensureTasks();
+      }
+      updateConnection();
+    },
+    onError: (error) => {
+      // Refused for good (the key was revoked, a proxy answers something else): say so, and
+      // start over in a while, from now.
+      if (signedOut) return;
+      toast(`Live updates stopped: ${error.message}`, "error");
+      setTimeout(() => signedOut || startFirehose(), 10_000);
+    },
+  });
+}
+
 async function start() {
   // The task catalogue first: it also tells us whether this server wants an API key.
   try {
@@ -472,18 +500,7 @@ async function start() {
     if (error.status === 401) return; // the sign-in panel is showing
     setText($("#form-status"), `Could not load tasks: ${error.message}`);
   }
-  firehose = new LiveStream("/api/events", {
-    types: [...EVENT_TYPES, "reset"],
-    token: streamTokens("/api/events/token"),
-    onEvent: (type, data) => onFirehose(type, data),
-    onStatus: updateConnection,
-    // On every (re)connect: the records are fetched again, so an event written while no
-    // connection was listening is still shown (the firehose resumes by id as well).
-    onOpen: () => {
-      loadList();
-      ensureTasks();
-    },
-  }).start();
+  startFirehose();
   loadList();
   refreshStats();
   route();
@@ -498,17 +515,15 @@ async function start() {
   }, 1000);
   setInterval(() => {
     const active = [...jobs.values()].some((r) => !TERMINAL.has(r.state));
-    if (active && document.visibilityState === "visible" && firehose.status === "live") loadList();
+    if (active && document.visibilityState === "visible" && firehoseState === "live") loadList();
   }, RECONCILE_EVERY_MS);
   // Back to this page from the browser's back/forward cache: catch up at once.
   window.addEventListener("pageshow", (event) => {
     if (!event.persisted || signedOut) return;
-    if (!firehose.source || firehose.source.readyState === EventSource.CLOSED) firehose.start();
+    if (firehoseState === "closed") startFirehose();
     loadList();
     refreshStats();
   });
-  window.addEventListener("online", updateConnection);
-  window.addEventListener("offline", updateConnection);
   document.addEventListener("visibilitychange", () => {
     if (document.visibilityState === "visible") refreshStats();
   });

@@ -1,8 +1,14 @@
 // JSON over fetch; errors are {"error": {code, message, details}} (DESIGN.md, "HTTP API").
-// In production every /api call carries `Authorization: Bearer <API key>`; streams take a
-// short-lived `?token=` instead, since EventSource cannot send headers.
+// In production every /api call carries `Authorization: Bearer <API key>`; streams (opened by
+// stepstream.js) take a short-lived `?token=` instead.
+//
+// Paths are relative ("api/jobs"): resolved against the directory stepstream.js is served
+// from, so the dashboard works where the app is mounted (`/`, or a prefix such as `/progress/`).
+
+import { resolveBaseUrl } from "../../stepstream.js";
 
 const KEY_STORAGE = "stepstream.apiKey";
+export const BASE_URL = resolveBaseUrl();
 
 export const auth = {
   get key() {
@@ -40,7 +46,7 @@ export async function api(path, { method = "GET", body, key = auth.key, quiet = 
   }
   let response;
   try {
-    response = await fetch(path, init);
+    response = await fetch(new URL(path, BASE_URL), init);
   } catch (exc) {
     const error = new ApiError(0, { error: { message: "The server cannot be reached." } });
     error.cause = exc;
@@ -64,16 +70,13 @@ export async function api(path, { method = "GET", body, key = auth.key, quiet = 
 }
 
 /**
- * Stream tokens for EventSource, from `tokenPath` (POST), reused until a minute before expiry.
- * Without an API key (development) streams need none.
+ * `getToken` for stepstream.js: a stream token from `tokenPath` (POST), asked for only when
+ * the stream needs one. Without an API key (development) streams need none.
  */
-export function streamTokens(tokenPath) {
-  let cached = null;
-  return async (force = false) => {
+export function streamToken(tokenPath) {
+  return async () => {
     if (!auth.key) return null;
-    if (!force && cached && cached.expires_at * 1000 - Date.now() > 60_000) return cached.token;
     const { data } = await api(tokenPath, { method: "POST" });
-    cached = data;
     return data.token;
   };
 }

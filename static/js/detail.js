@@ -1,12 +1,12 @@
 // One job in detail: step timeline, log, result (readable and raw), error, actions.
 //
-// It reads the job's whole log once (`?after=0`, one EventSource), then follows it live; the
-// server ends the stream after the terminal event. Until the replay reaches the record fetched
-// on open, the record is shown, so the view never runs backwards while catching up.
+// It reads the job's whole log once (`after: "0"`, one stream of stepstream.js), then follows
+// it live; the watch ends at the terminal event. Until the replay reaches the record fetched on
+// open, the record is shown, so the view never runs backwards while catching up.
 
 import { h, clear, fill, setText } from "./dom.js";
 import { clockTime, dateTime, duration, number, parseTime, shortId } from "./format.js";
-import { LiveStream } from "./live.js";
+import { watchJob } from "../../stepstream.js";
 import { createBar, updateBar } from "./bar.js";
 import {
   applyEvent,
@@ -16,7 +16,6 @@ import {
   compareIds,
   elapsedMs,
   emptyProjection,
-  EVENT_TYPES,
   failedStepRef,
   inputLabel,
   messageLine,
@@ -27,7 +26,7 @@ import {
 } from "./model.js";
 import { inlineValue, rawJson, renderValue } from "./value.js";
 import { STATE_LABELS } from "./list.js";
-import { api, streamTokens } from "./api.js";
+import { api, streamToken } from "./api.js";
 
 const STEP_STATE_LABELS = {
   pending: "Pending",
@@ -47,7 +46,7 @@ export class DetailView {
     this.onAction = onAction;
     this.onClose = onClose;
     this.onStatus = onStatus;
-    this.job = null; // {id, base, proj, caughtUp, ended, stream, lastId, ...}
+    this.job = null; // {id, base, proj, caughtUp, ended, stop, state, lastId, ...}
     this.renderQueued = false;
     backdrop.addEventListener("click", () => this.onClose());
     document.addEventListener("keydown", (event) => {
@@ -59,10 +58,11 @@ export class DetailView {
     return this.job?.id ?? null;
   }
 
+  /** The open job's stream state ("connecting", "live", ...); null when there is none. */
   get streamStatus() {
-    const stream = this.job?.stream;
-    if (!stream || this.job.ended) return null;
-    return stream.status;
+    const job = this.job;
+    if (!job?.stop || job.ended || job.state === "closed") return null;
+    return job.state;
   }
 
   async open(id, cached) {
@@ -74,7 +74,8 @@ export class DetailView {
       proj: null,
       caughtUp: false,
       ended: false,
-      stream: null,
+      stop: null,
+      state: null,
       lastId: null,
       renderedResult: undefined,
       renderedError: undefined,
@@ -88,7 +89,7 @@ export class DetailView {
     if (job.base) this.render();
     this.els.title.focus({ preventScroll: true });
     try {
-      const { data } = await api(`/api/jobs/${encodeURIComponent(id)}`);
+      const { data } = await api(`api/jobs/${encodeURIComponent(id)}`);
       if (this.job !== job) return;
       job.base = data;
       this.render();
@@ -101,7 +102,7 @@ export class DetailView {
 
   close(notify = true) {
     if (!this.job) return;
-    this.job.stream?.close();
+    this.job.stop?.();
     this.job = null;
     this.panel.hidden = true;
     this.backdrop.hidden = true;
@@ -123,16 +124,24 @@ export class DetailView {
 
   _stream(after) {
     const job = this.job;
-    job.stream?.close();
+    job.stop?.();
     job.ended = false;
-    job.tokens ??= streamTokens(`/api/jobs/${encodeURIComponent(job.id)}/token`);
-    job.stream = new LiveStream(`/api/jobs/${encodeURIComponent(job.id)}/events`, {
-      types: [...EVENT_TYPES, "snapshot", "reset"],
-      cursor: after || "0",
-      token: job.tokens,
-      onEvent: (type, data, id) => this._onEvent(job, type, data, id),
-      onStatus: () => this.onStatus(),
-    }).start();
+    job.state = "connecting";
+    const settle = () => {
+      job.ended = true;
+      this.onStatus();
+    };
+    job.stop = watchJob(job.id, {
+      after: after || "0",
+      getToken: streamToken(`api/jobs/${encodeURIComponent(job.id)}/token`),
+      onEvent: ({ id, type, data }) => this._onEvent(job, type, data, id),
+      onState: (state) => {
+        job.state = state;
+        this.onStatus();
+      },
+      onEnd: settle,
+      onError: settle, // a job that expired meanwhile: the record shown is the last known
+    });
   }
 
   _onEvent(job, type, data, id) {
@@ -143,7 +152,6 @@ export class DetailView {
       job.caughtUp = true;
       job.lastId = data.last_event_id || id;
     } else {
-      if (job.lastId && id && compareIds(id, job.lastId) <= 0) return;
       if (!job.proj) {
         // The whole log from its start, unless its oldest entries were trimmed away.
         job.proj = type === "queued" ? emptyProjection(job.base) : clone(job.base);
@@ -158,8 +166,8 @@ export class DetailView {
       if (!job.caughtUp && compareIds(id, job.base.last_event_id) >= 0) job.caughtUp = true;
     }
     if (TERMINAL.has(job.proj?.state) && (TERMINAL.has(type) || type === "snapshot")) {
-      // The server ends the stream here; closing first saves a reconnect that would get 204.
-      job.stream.close();
+      // The watch ends here (it fetches the final record); a retry from now on is followed
+      // with a new watch from this event.
       job.ended = true;
       this.onStatus();
     }

@@ -85,7 +85,18 @@ export class JobList {
     const meta = h("span", { class: "job-id", title: record.id }, shortId(record.id));
     const el = h(
       "li",
-      { class: "job", dataset: { jobId: record.id } },
+      {
+        class: "job",
+        dataset: { jobId: record.id },
+        // The whole row opens the job, wherever it is clicked (the bar and the lines above the
+        // link's overlay too); the link stays the one keyboard and middle-click target.
+        on: {
+          click: (event) => {
+            if (event.target.closest("a, button") || window.getSelection()?.toString()) return;
+            link.click();
+          },
+        },
+      },
       h("div", { class: "job-head" }, link, h("div", { class: "job-meta" }, attempt, badge)),
       h("div", { class: "job-barline" }, bar.el, h("span", { class: "job-pct" })),
       h("div", { class: "job-foot" }, step, message),

@@ -1,36 +1,14 @@
 // The job record as the browser keeps it: the server's record (GET /api/jobs) plus the events
 // that followed it, applied the same way the worker projects them (DESIGN.md, "Event types").
 
+import { compareIds as streamIdOrder } from "../../stepstream.js";
 import { duration, parseTime } from "./format.js";
 
 export const TERMINAL = new Set(["completed", "failed", "cancelled"]);
-export const EVENT_TYPES = [
-  "queued",
-  "started",
-  "step",
-  "progress",
-  "step_completed",
-  "log",
-  "retrying",
-  "completed",
-  "failed",
-  "cancelled",
-];
-
-/** A stream id `<ms>-<seq>` (or `0`) as a comparable pair; missing ids sort first. */
-export function parseId(id) {
-  if (!id) return [-1, -1];
-  if (id === "0") return [0, 0];
-  const [ms, seq] = String(id).split("-");
-  return [Number(ms), Number(seq || 0)];
-}
-
+/** Order of two event ids; a missing id sorts first (a record with no event yet). */
 export function compareIds(a, b) {
-  const [a1, a2] = parseId(a);
-  const [b1, b2] = parseId(b);
-  if (a1 !== b1) return a1 < b1 ? -1 : 1;
-  if (a2 !== b2) return a2 < b2 ? -1 : 1;
-  return 0;
+  if (!a || !b) return a ? 1 : b ? -1 : 0;
+  return streamIdOrder(a, b) ?? 0;
 }
 
 export function clone(value) {

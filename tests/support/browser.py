@@ -47,17 +47,23 @@ requires_chromium = pytest.mark.skipif(
     reason=f"{CHROMIUM} is missing: install Debian's chromium package to run the browser tests",
 )
 
-# Runs in the page before any of its scripts: counts EventSources (the page may hold one for the
-# list and one per open detail view) and records every value each progress bar ever showed.
+# Runs in the page before any of its scripts: records the streams stepstream.js opens (fetches
+# that accept text/event-stream: when each opened and closed, so a test can tell how many were
+# open at once) and every value each progress bar ever showed.
 INIT_SCRIPT = """
 (() => {
-  const Native = window.EventSource;
-  window.__eventSources = [];
-  window.EventSource = class extends Native {
-    constructor(url, init) {
-      super(url, init);
-      window.__eventSources.push(this);
-    }
+  const nativeFetch = window.fetch;
+  window.__streams = [];
+  window.fetch = function (input, init) {
+    const accept = init && init.headers && init.headers.Accept;
+    if (accept !== "text/event-stream") return nativeFetch.apply(this, arguments);
+    const entry = { url: String(input), opened: performance.now(), closed: null };
+    window.__streams.push(entry);
+    const close = () => { entry.closed ??= performance.now(); };
+    if (init.signal) init.signal.addEventListener("abort", close);
+    const answer = nativeFetch.apply(this, arguments);
+    answer.then((response) => { if (!response.ok || response.status === 204) close(); }, close);
+    return answer;
   };
   window.__progress = {};
   const record = (bar) => {
@@ -95,7 +101,7 @@ INIT_SCRIPT = """
 # Messages Chromium logs by itself while a server is down on purpose.
 EXPECTED_CONSOLE = re.compile(
     r"ERR_CONNECTION_REFUSED|ERR_EMPTY_RESPONSE|ERR_INCOMPLETE_CHUNKED|"
-    r"Failed to load resource|EventSource"
+    r"Failed to load resource"
 )
 
 
@@ -203,11 +209,22 @@ class Dashboard:
         lines: list[str] = self.page.evaluate(f"window.__stepLines[{job_id!r}] || []")
         return lines
 
-    def event_sources(self) -> list[dict[str, Any]]:
-        sources: list[dict[str, Any]] = self.page.evaluate(
-            "window.__eventSources.map(s => ({url: s.url, state: s.readyState}))"
-        )
-        return sources
+    def streams(self) -> list[dict[str, Any]]:
+        """The streams the page opened: ``url``, ``opened`` and ``closed`` (page ms or None)."""
+        streams: list[dict[str, Any]] = self.page.evaluate("window.__streams")
+        return streams
+
+    def most_open_at_once(self, path: str) -> int:
+        """The most streams to ``path`` (e.g. ``/api/events``) the page held open at once."""
+        spans = [s for s in self.streams() if urlparse(s["url"]).path == path]
+        most = 0
+        for stream in spans:
+            at = stream["opened"]
+            open_then = [
+                s for s in spans if s["opened"] <= at and (s["closed"] is None or s["closed"] > at)
+            ]
+            most = max(most, len(open_then))
+        return most
 
     def expect_state(self, job_id: str, label: str, timeout: float = 20_000) -> None:
         expect(self.row(job_id).locator(".badge")).to_have_text(label, timeout=timeout)

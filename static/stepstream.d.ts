@@ -1,0 +1,167 @@
+// Types for stepstream.js, Stepstream's browser client.
+
+/** The state of a watch, for a status badge. "closed": the watch is over (ended or failed). */
+export type ConnectionState = "connecting" | "live" | "reconnecting" | "offline" | "closed";
+
+export type JobState =
+  | "scheduled"
+  | "queued"
+  | "running"
+  | "retrying"
+  | "completed"
+  | "failed"
+  | "cancelled";
+
+export interface StepRef {
+  index: number;
+  count: number;
+  name: string;
+}
+
+export interface JobError {
+  type: string;
+  message: string;
+  step?: string | null;
+  retryable?: boolean;
+  [field: string]: unknown;
+}
+
+/** The job record, as `GET /api/jobs/{id}` returns it. */
+export interface JobRecord {
+  id: string;
+  task: string;
+  state: JobState;
+  input: unknown;
+  step: StepRef | null;
+  progress: number | null;
+  message: string | null;
+  steps: Array<{
+    index: number;
+    name: string;
+    state: string;
+    started_at?: string | null;
+    finished_at?: string | null;
+    duration_ms?: number | null;
+    output?: unknown;
+  }>;
+  attempt: number;
+  max_attempts: number;
+  error: JobError | null;
+  result?: unknown;
+  created_at: string;
+  started_at: string | null;
+  finished_at: string | null;
+  last_event_id: string | null;
+  [field: string]: unknown;
+}
+
+/**
+ * One event. `type` is a stored event type ("queued", "started", "step", "progress",
+ * "step_completed", "log", "retrying", "completed", "failed", "cancelled") or one the server
+ * makes: "snapshot" (`data` is the whole JobRecord) and "reset" (`id` is null).
+ * On the firehose `id` is the firehose id and `data.event_id` the event's id in its job's log.
+ */
+export interface StepstreamEvent<T = any> {
+  id: string | null;
+  type: string;
+  data: T;
+}
+
+/** Why `getToken` is called: the first connect, a `token_expired` event, or a 401. */
+export interface TokenRequest {
+  /** The job being watched; null for `watchAll` (the firehose). */
+  jobId: string | null;
+  reason: "connect" | "expired" | "unauthorized";
+}
+
+export interface WatchOptions {
+  /**
+   * Where the Stepstream API lives, e.g. "https://progress.example.com" or
+   * "https://app.example.com/progress". Default: the directory this module was loaded from.
+   */
+  baseUrl?: string | URL;
+  /**
+   * A stream token (`POST /api/jobs/{id}/token`, `POST /api/events/token`), awaited whenever one
+   * is needed: first connect, `token_expired`, a 401. Return null for no token (development).
+   * Without `getToken` no token is sent.
+   */
+  getToken?: (request: TokenRequest) => string | null | undefined | Promise<string | null | undefined>;
+  /** Each stored event exactly once, in log order, across reconnects and token renewals. */
+  onEvent?: (event: StepstreamEvent) => void;
+  onState?: (state: ConnectionState) => void;
+  /** The watch cannot go on (404, 400, a 401 with a fresh token, not an event stream). */
+  onError?: (error: StepstreamError) => void;
+  /**
+   * Start after this event id; "0" for the whole stored log. Default: a job's stream starts with
+   * a `snapshot` of the record, the firehose with what happens from now on.
+   */
+  after?: string | null;
+  /** After this many milliseconds without a working stream the state reads "offline" (15000). */
+  offlineAfter?: number;
+  /** A stream silent this long (ms; heartbeats count) is dropped and resumed (45000). */
+  idleTimeout?: number;
+  /** The fetch to use (default: globalThis.fetch). */
+  fetch?: typeof fetch;
+}
+
+export interface WatchJobOptions extends WatchOptions {
+  /** Called once, with the final record, after the job's terminal event. */
+  onEnd?: (record: JobRecord) => void;
+}
+
+/** Stops the watch: no callback is called after it returns. */
+export type Stop = () => void;
+
+export function watchJob(jobId: string, options?: WatchJobOptions): Stop;
+export function watchAll(options?: WatchOptions): Stop;
+
+export class StepstreamError extends Error {
+  constructor(
+    message: string,
+    init?: { status?: number; code?: string; details?: unknown; cause?: unknown },
+  );
+  /** The HTTP status (0 when there was no answer). */
+  status: number;
+  /** The server's error code, e.g. "job_not_found", "unauthorized", "token_expired". */
+  code: string;
+  details: unknown;
+}
+
+/** The API base URL (ending in "/") that `baseUrl` resolves to. */
+export function resolveBaseUrl(baseUrl?: string | URL | null): string;
+
+// The pure parts, exported for tests and for other transports.
+
+export interface SseFrame {
+  event: string;
+  data: string;
+  id: string | null;
+  retry: number | null;
+}
+
+export class SseParser {
+  push(chunk: string): SseFrame[];
+}
+
+export class Follower {
+  constructor(init: { ends: boolean; after?: string | null });
+  cursor: string | null;
+  retryMs: number;
+  finished: boolean;
+  finalRecord: JobRecord | null;
+  delivered: number;
+  connectionOpened(): void;
+  noContent(): void;
+  accept(frame: SseFrame): { event: StepstreamEvent | null; renew: boolean };
+}
+
+export class Backoff {
+  constructor(init?: { initialMs?: number; maxMs?: number; random?: () => number });
+  failures: number;
+  opened(now: number): void;
+  dropped(init: { delivered: number; retryMs: number; now: number }): number;
+  failed(init?: { retryMs?: number; retryAfterMs?: number | null }): number;
+}
+
+export function parseRetryAfter(value: string | null | undefined, now?: number): number | null;
+export function compareIds(a: string, b: string): -1 | 0 | 1 | null;

@@ -1,0 +1,622 @@
+// Stepstream's browser client: watch one job's progress, or every job's, from any page.
+//
+// An ES module with no dependencies and no build step. Every Stepstream web process serves it at
+// `/stepstream.js`; the same file is the npm package. It follows a stream over as many HTTP
+// connections as it takes (dropped connections, web restarts, 429s, token renewals) and hands
+// each stored event to `onEvent` exactly once, in log order.
+//
+// It reads streams with fetch() rather than EventSource: EventSource cannot see a status code or
+// `Retry-After`, and gives up for good on any non-200 answer. The resume rules are those of the
+// Python client (stepstream/_sse.py) and DESIGN.md: the cursor is the id of the last event
+// delivered, sent as `?after=` (a header would cost a CORS preflight on every reconnect).
+//
+// The parts below `watchJob`/`watchAll` need no browser (SseParser, Follower, Backoff,
+// parseRetryAfter, compareIds): Node's test runner drives them directly (tests/js/).
+
+const TERMINAL = new Set(["completed", "failed", "cancelled"]);
+const DEFAULT_RETRY_MS = 1000;
+const OFFLINE_AFTER_MS = 15_000;
+// The server sends a heartbeat at least every 15 s; three missed ones mean a dead connection.
+const IDLE_TIMEOUT_MS = 45_000;
+// A stream that lasted this long before it ended was working: reconnect at once.
+const HEALTHY_MS = 5_000;
+
+/** A failure the watch cannot recover from (passed to `onError`; the watch is over). */
+export class StepstreamError extends Error {
+  constructor(message, { status = 0, code = "error", details = null, cause } = {}) {
+    super(message, cause === undefined ? undefined : { cause });
+    this.name = "StepstreamError";
+    this.status = status;
+    this.code = code;
+    this.details = details;
+  }
+}
+
+// -- Pure parts -----------------------------------------------------------------------------
+
+/**
+ * The SSE wire format (the WHATWG "event stream" rules), fed text as it arrives in any
+ * chunking. `push` returns the complete frames: `{event, data, id, retry}`, where `id` is the
+ * frame's own `id:` field (null without one) and `retry` its `retry:` (null without one).
+ * Comments (heartbeats) produce nothing. A frame with fields but no `data:` is still returned:
+ * an `id:` alone moves the cursor.
+ */
+export class SseParser {
+  constructor() {
+    this._buffer = "";
+    this._skipLF = false;
+    this._started = false;
+    this._clear();
+  }
+
+  _clear() {
+    this._event = "";
+    this._data = null;
+    this._id = null;
+    this._retry = null;
+    this._any = false;
+  }
+
+  push(chunk) {
+    let text = chunk;
+    if (!this._started && text) {
+      this._started = true;
+      if (text.charCodeAt(0) === 0xfeff) text = text.slice(1);
+    }
+    if (this._skipLF && text) {
+      // A "\r\n" split across two chunks: the "\r" ended the line already.
+      if (text[0] === "\n") text = text.slice(1);
+      this._skipLF = false;
+    }
+    text = this._buffer + text;
+    const frames = [];
+    const lineEnd = /\r\n|\r|\n/g;
+    let start = 0;
+    let match;
+    while ((match = lineEnd.exec(text)) !== null) {
+      if (match[0] === "\r" && match.index === text.length - 1) {
+        this._skipLF = true; // its "\n" may be the next chunk's first character
+      }
+      this._line(text.slice(start, match.index), frames);
+      start = lineEnd.lastIndex;
+    }
+    this._buffer = text.slice(start);
+    return frames;
+  }
+
+  _line(line, frames) {
+    if (line === "") {
+      if (this._any) {
+        frames.push({
+          event: this._event || "message",
+          data: this._data === null ? "" : this._data.join("\n"),
+          id: this._id,
+          retry: this._retry,
+        });
+      }
+      this._clear();
+      return;
+    }
+    if (line[0] === ":") return; // a comment: the heartbeat
+    const colon = line.indexOf(":");
+    const field = colon === -1 ? line : line.slice(0, colon);
+    let value = colon === -1 ? "" : line.slice(colon + 1);
+    if (value[0] === " ") value = value.slice(1);
+    if (field === "event") this._event = value;
+    else if (field === "data") (this._data ??= []).push(value);
+    else if (field === "id") {
+      if (value.includes("\0")) return;
+      this._id = value || null;
+    } else if (field === "retry") {
+      if (!/^\d+$/.test(value)) return;
+      this._retry = Number(value);
+    } else return; // unknown fields are ignored
+    this._any = true;
+  }
+}
+
+const STREAM_ID = /^(\d{1,20})-(\d{1,20})$/;
+
+function parts(id) {
+  if (id === "0") return ["0", "0"];
+  const match = typeof id === "string" ? STREAM_ID.exec(id) : null;
+  return match ? [match[1].replace(/^0+(?=.)/, ""), match[2].replace(/^0+(?=.)/, "")] : null;
+}
+
+function compareDigits(a, b) {
+  if (a.length !== b.length) return a.length < b.length ? -1 : 1;
+  return a < b ? -1 : a > b ? 1 : 0;
+}
+
+/**
+ * Order of two event ids (`0` or `<ms>-<seq>`): -1, 0 or 1; null when either is not an id.
+ * Compared as digit strings, so no precision is lost on 20-digit parts.
+ */
+export function compareIds(a, b) {
+  const x = parts(a);
+  const y = parts(b);
+  if (!x || !y) return null;
+  return compareDigits(x[0], y[0]) || compareDigits(x[1], y[1]);
+}
+
+/**
+ * One logical stream over as many connections as it takes: the cursor, what each frame means,
+ * and when the stream is over. `ends` is true for one job's stream (it ends at the terminal
+ * event), false for the firehose (endless).
+ *
+ * `accept(frame)` returns `{event, renew}`: `event` is `{id, type, data}` to deliver (or null),
+ * `renew` is true when the server ended the stream because the token expired.
+ */
+export class Follower {
+  constructor({ ends, after = null }) {
+    this.ends = ends;
+    this.cursor = after === null || after === undefined || after === "" ? null : String(after);
+    this.retryMs = DEFAULT_RETRY_MS;
+    this.finished = false;
+    this.finalRecord = null; // a terminal snapshot: the record onEnd gets, no fetch needed
+    this.delivered = 0; // events delivered on the current connection
+  }
+
+  connectionOpened() {
+    this.delivered = 0;
+  }
+
+  /** 204: the cursor is the job's terminal event; there is nothing more, ever. */
+  noContent() {
+    this.finished = true;
+  }
+
+  accept(frame) {
+    if (frame.retry !== null) this.retryMs = frame.retry;
+    if (frame.event === "token_expired") return { event: null, renew: true };
+    if (frame.event === "message" && frame.data === "") {
+      // A frame with only `retry:`, or only `id:`: a position with no event (the firehose
+      // sends one first), as EventSource treats it: the cursor moves, nothing is delivered.
+      if (frame.id !== null && this._isNew(frame.id)) this.cursor = frame.id;
+      return { event: null, renew: false };
+    }
+    // A `reset` carries no id: it moves no cursor.
+    const id = frame.event === "reset" ? null : frame.id;
+    if (id !== null && !this._isNew(id)) return { event: null, renew: false };
+    let data;
+    try {
+      data = frame.data === "" ? {} : JSON.parse(frame.data);
+    } catch {
+      data = frame.data; // the server sends JSON only; keep what came rather than lose it
+    }
+    const event = { id, type: frame.event, data };
+    if (id !== null) this.cursor = id;
+    this.delivered += 1;
+    if (this.ends) {
+      if (TERMINAL.has(event.type)) this.finished = true;
+      else if (event.type === "snapshot" && TERMINAL.has(data?.state)) {
+        this.finished = true;
+        this.finalRecord = data;
+      }
+    } else if (event.type === "reset") {
+      // The firehose goes on from its oldest entry kept: every id after 0 is new.
+      this.cursor = "0";
+    }
+    return { event, renew: false };
+  }
+
+  _isNew(id) {
+    // The server never repeats an id on one stream; this guards a resume that overlaps.
+    if (this.cursor === null) return true;
+    const order = compareIds(id, this.cursor);
+    return order === null || order > 0;
+  }
+}
+
+/**
+ * How long to wait before the next connection (milliseconds), as the Python client's
+ * Reconnector: a stream that worked for a while is resumed at once; failures back off from the
+ * server's `retry:` (250 ms before the first success) doubling up to `maxMs`, with jitter so the
+ * viewers of a restarted server do not all come back at once, and never sooner than a
+ * `Retry-After`. The browser never gives up: a page keeps trying until it is closed.
+ */
+export class Backoff {
+  constructor({ initialMs = 250, maxMs = 10_000, random = Math.random } = {}) {
+    this.initialMs = initialMs;
+    this.maxMs = maxMs;
+    this.random = random;
+    this.everOpened = false;
+    this.failures = 0;
+    this.openedAt = 0;
+  }
+
+  opened(now) {
+    this.everOpened = true;
+    this.openedAt = now;
+  }
+
+  /** An open stream ended or broke. */
+  dropped({ delivered, retryMs, now }) {
+    if (delivered > 0 || now - this.openedAt >= HEALTHY_MS) {
+      this.failures = 0;
+      return 0;
+    }
+    // Opened and closed at once with nothing new: back off, or this would spin.
+    return this.failed({ retryMs });
+  }
+
+  /** An attempt failed: refused, a network error, a 5xx, a 429 (with its Retry-After). */
+  failed({ retryMs = DEFAULT_RETRY_MS, retryAfterMs = null } = {}) {
+    this.failures += 1;
+    const base = this.everOpened ? retryMs : this.initialMs;
+    const delay = Math.min(this.maxMs, base * 2 ** Math.min(this.failures - 1, 16));
+    return Math.max(delay * (0.8 + 0.2 * this.random()), retryAfterMs ?? 0);
+  }
+}
+
+/** `Retry-After` (delta-seconds or an HTTP date) in milliseconds; null when absent or bad. */
+export function parseRetryAfter(value, now = Date.now()) {
+  if (value === null || value === undefined) return null;
+  const text = String(value).trim();
+  if (/^\d+$/.test(text)) return Number(text) * 1000;
+  const at = Date.parse(text);
+  return Number.isNaN(at) ? null : Math.max(0, at - now);
+}
+
+// -- The watch ------------------------------------------------------------------------------
+
+/**
+ * Watch one job: its events live (`onEvent`), then `onEnd(record)` once with the final record.
+ * Returns `stop()`.
+ *
+ * Without `after` the first event is a `snapshot` (the record now); with `after: "0"` the whole
+ * stored log; with an event id, exactly the events after it.
+ */
+export function watchJob(jobId, options = {}) {
+  if (typeof jobId !== "string" || !jobId) throw new TypeError("watchJob needs a job id");
+  const path = `api/jobs/${encodeURIComponent(jobId)}`;
+  return watch({ ...options, jobId, path: `${path}/events`, recordPath: path });
+}
+
+/** Watch every job the caller may see (the firehose): endless until `stop()`. */
+export function watchAll(options = {}) {
+  return watch({ ...options, jobId: null, path: "api/events", recordPath: null });
+}
+
+/** The API base URL, ending in "/": `baseUrl`, or the directory this module was loaded from. */
+export function resolveBaseUrl(baseUrl) {
+  const page = globalThis.location?.href;
+  let url;
+  if (baseUrl === undefined || baseUrl === null || baseUrl === "") {
+    url = new URL(".", import.meta.url);
+  } else {
+    url = page ? new URL(String(baseUrl), page) : new URL(String(baseUrl));
+  }
+  url.search = "";
+  url.hash = "";
+  if (!url.pathname.endsWith("/")) url.pathname += "/";
+  return url.href;
+}
+
+function watch(options) {
+  const {
+    jobId,
+    path,
+    recordPath,
+    getToken = null,
+    onEvent = null,
+    onEnd = null,
+    onState = null,
+    onError = null,
+    after = null,
+    offlineAfter = OFFLINE_AFTER_MS,
+    idleTimeout = IDLE_TIMEOUT_MS,
+  } = options;
+  const fetchImpl = options.fetch ?? globalThis.fetch.bind(globalThis);
+  const base = resolveBaseUrl(options.baseUrl);
+  const follower = new Follower({ ends: jobId !== null, after });
+  const backoff = new Backoff();
+
+  let stopped = false;
+  let state = null;
+  let offlineTimer = null;
+  let wake = null; // ends the current pause early (stop)
+  let controller = null;
+  let token = null;
+  let tokenNeeded = Boolean(getToken);
+  let tokenReason = "connect";
+  let tokenFresh = false; // fetched for this attempt, never yet accepted by the server
+
+  const call = (callback, value) => {
+    if (!callback || stopped) return;
+    try {
+      callback(value);
+    } catch (error) {
+      report(error); // the page's bug must not break the stream
+    }
+  };
+
+  const setState = (next) => {
+    if (next === "live" || next === "closed") {
+      clearTimeout(offlineTimer);
+      offlineTimer = null;
+    }
+    if (next === state) return;
+    state = next;
+    call(onState, next);
+  };
+
+  // Something went wrong; the watch goes on trying. After `offlineAfter` ms without a working
+  // stream the state reads "offline" (the stream says so, not navigator.onLine).
+  const down = () => {
+    setState(state === "live" ? "reconnecting" : state === "offline" ? "offline" : state);
+    offlineTimer ??= setTimeout(() => {
+      if (!stopped && state !== "live" && state !== "closed") setState("offline");
+    }, offlineAfter);
+  };
+
+  const pause = (ms) =>
+    new Promise((resolve) => {
+      const timer = setTimeout(resolve, ms);
+      wake = () => {
+        clearTimeout(timer);
+        resolve();
+      };
+    }).finally(() => {
+      wake = null;
+    });
+
+  const fail = (error) => {
+    if (stopped) return;
+    setState("closed");
+    if (onError) call(onError, error);
+    else report(error);
+    stopped = true;
+  };
+
+  const url = (relative, params) => {
+    const target = new URL(relative, base);
+    for (const [key, value] of Object.entries(params)) {
+      if (value !== null && value !== undefined) target.searchParams.set(key, value);
+    }
+    return target.href;
+  };
+
+  // A token when one is needed: first connect, `token_expired`, a 401. False: stopped, or
+  // the token could not be had (backed off already).
+  const ensureToken = async () => {
+    if (!tokenNeeded) return true;
+    try {
+      const value = await getToken({ jobId, reason: tokenReason });
+      if (stopped) return false;
+      token = value === null || value === undefined || value === "" ? null : String(value);
+      tokenNeeded = false;
+      tokenFresh = true;
+      return true;
+    } catch (error) {
+      if (stopped) return false;
+      // The page's token endpoint may be down for a moment, like the server itself.
+      console.warn("stepstream: getToken failed; trying again", error);
+      down();
+      await pause(backoff.failed({ retryMs: follower.retryMs }));
+      return false;
+    }
+  };
+
+  // What to do with a non-2xx answer: "renew", a delay in ms, or a StepstreamError.
+  const judge = async (response) => {
+    if (response.status === 401 && getToken && !tokenFresh) {
+      tokenNeeded = true;
+      tokenReason = "unauthorized";
+      return "renew";
+    }
+    if (response.status === 429 || response.status >= 500) {
+      const retryAfterMs = parseRetryAfter(response.headers.get("retry-after"));
+      await discard(response);
+      return backoff.failed({ retryMs: follower.retryMs, retryAfterMs });
+    }
+    return errorFrom(response);
+  };
+
+  const read = async (response, signal) => {
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    const parser = new SseParser();
+    let idle = null;
+    const arm = () => {
+      clearTimeout(idle);
+      idle = setTimeout(() => controller?.abort(), idleTimeout);
+    };
+    arm();
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (stopped || signal.aborted) return "dropped";
+        if (done) return "dropped";
+        arm();
+        for (const frame of parser.push(decoder.decode(value, { stream: true }))) {
+          const { event, renew } = follower.accept(frame);
+          if (event) call(onEvent, event);
+          if (stopped) return "dropped";
+          if (renew) return "renew";
+          if (follower.finished) return "finished";
+        }
+      }
+    } catch {
+      return "dropped"; // the connection broke, or the idle timer gave up on it
+    } finally {
+      clearTimeout(idle);
+      reader.cancel().catch(() => {});
+    }
+  };
+
+  // The final record: from a terminal snapshot, or GET /api/jobs/{id} (with the job's token).
+  const finalRecord = async () => {
+    if (follower.finalRecord) return follower.finalRecord;
+    for (;;) {
+      if (!(await ensureToken())) {
+        if (stopped) return null;
+        continue;
+      }
+      let response;
+      try {
+        response = await fetchImpl(url(recordPath, { token }), {
+          headers: { Accept: "application/json" },
+          cache: "no-store",
+        });
+      } catch {
+        if (stopped) return null;
+        down();
+        await pause(backoff.failed({ retryMs: follower.retryMs }));
+        continue;
+      }
+      if (stopped) return null;
+      if (response.ok) {
+        try {
+          return await response.json();
+        } catch (cause) {
+          fail(new StepstreamError(`${recordPath}: the answer is not JSON`, { cause }));
+          return null;
+        }
+      }
+      const verdict = await judge(response);
+      if (verdict instanceof StepstreamError) {
+        fail(verdict);
+        return null;
+      }
+      if (verdict !== "renew") {
+        down();
+        await pause(verdict);
+      }
+    }
+  };
+
+  const run = async () => {
+    setState("connecting");
+    while (!stopped) {
+      if (!(await ensureToken())) continue;
+      const params = { after: follower.cursor, token };
+      controller = new AbortController();
+      const { signal } = controller;
+      let response;
+      try {
+        response = await fetchImpl(url(path, params), {
+          headers: { Accept: "text/event-stream" },
+          cache: "no-store",
+          signal,
+        });
+      } catch {
+        if (stopped) return;
+        down();
+        await pause(backoff.failed({ retryMs: follower.retryMs }));
+        continue;
+      }
+      if (stopped) {
+        controller.abort();
+        return;
+      }
+      if (response.status === 204) {
+        follower.noContent(); // the cursor is the terminal event: the job is over
+      } else if (!response.ok) {
+        const verdict = await judge(response);
+        if (verdict instanceof StepstreamError) return fail(verdict);
+        if (verdict !== "renew") {
+          down();
+          await pause(verdict);
+        }
+        continue;
+      } else if (!isEventStream(response)) {
+        await discard(response);
+        return fail(
+          new StepstreamError(
+            `${url(path, {})} is not a Stepstream event stream ` +
+              `(content-type ${response.headers.get("content-type")}); check baseUrl`,
+            { status: response.status, code: "not_an_event_stream" },
+          ),
+        );
+      } else {
+        tokenFresh = false;
+        backoff.opened(Date.now());
+        follower.connectionOpened();
+        setState("live");
+        const outcome = await read(response, signal);
+        controller.abort();
+        if (stopped) return;
+        if (outcome === "renew") {
+          tokenNeeded = Boolean(getToken);
+          tokenReason = "expired";
+          // A planned reconnect, at once; the same back-off as a drop if it comes too often.
+          const lasted = Date.now() - backoff.openedAt;
+          if (follower.delivered === 0 && lasted < 1000) {
+            down();
+            await pause(backoff.failed({ retryMs: follower.retryMs }));
+          }
+          continue;
+        }
+        if (outcome === "dropped") {
+          const delay = backoff.dropped({
+            delivered: follower.delivered,
+            retryMs: follower.retryMs,
+            now: Date.now(),
+          });
+          down();
+          if (delay) await pause(delay);
+          continue;
+        }
+      }
+      // The job's stream is over (its terminal event, a terminal snapshot, or a 204).
+      const record = await finalRecord();
+      if (stopped || record === null) return;
+      setState("closed");
+      call(onEnd, record);
+      stopped = true;
+      return;
+    }
+  };
+
+  // Started after this call returns, so a callback may already use the `stop` it returned.
+  Promise.resolve()
+    .then(run)
+    .catch((error) => fail(error instanceof StepstreamError ? error : wrap(error)));
+
+  return function stop() {
+    if (stopped) return;
+    stopped = true;
+    clearTimeout(offlineTimer);
+    controller?.abort();
+    wake?.();
+  };
+}
+
+function isEventStream(response) {
+  const type = response.headers.get("content-type") || "";
+  return type.split(";")[0].trim().toLowerCase() === "text/event-stream";
+}
+
+async function discard(response) {
+  try {
+    await response.body?.cancel();
+  } catch {
+    // nothing to free
+  }
+}
+
+async function errorFrom(response) {
+  let body = null;
+  try {
+    body = await response.json();
+  } catch {
+    body = null;
+  }
+  const error = body && typeof body === "object" ? body.error || {} : {};
+  const message = error.message || `${response.url} answered ${response.status}`;
+  return new StepstreamError(message, {
+    status: response.status,
+    code: error.code || `http_${response.status}`,
+    details: error.details ?? null,
+  });
+}
+
+function wrap(error) {
+  return new StepstreamError(String(error?.message || error), { cause: error });
+}
+
+function report(error) {
+  if (typeof globalThis.reportError === "function") globalThis.reportError(error);
+  else console.error(error);
+}
