@@ -28,13 +28,13 @@ from stepstream.server.jobs import (
     reload,
     task_named,
 )
-from stepstream.server.options import SubmitOptions, parse_submit_options
+from stepstream.server.options import SubmitOptions, check_callback_url, parse_submit_options
 from stepstream.server.state import AppState
 from stepstream.tasks import batches, cache
 from stepstream.tasks.models import JobRecord, JobState, new_job_id, utcnow
 from stepstream.tasks.store import appended_from, new_event
 
-BATCH_FIELDS = frozenset({"task", "inputs", "budget"})
+BATCH_FIELDS = frozenset({"task", "inputs", "budget", "callback_url"})
 PARENT_PREFIX = "batch:"
 
 
@@ -70,7 +70,9 @@ async def submit_batch(request: Request) -> Response:
             break
     if problems:
         raise ApiError(422, "invalid_input", f"inputs do not fit task {task_name!r}", problems[:50])
-    options = SubmitOptions(budget=parse_submit_options(body, state.settings).budget)
+    given = parse_submit_options(body, state.settings)
+    await check_callback_url(given, state.settings)
+    options = SubmitOptions(budget=given.budget)  # the children's: the callback is the parent's
     owner = principal.owner
     await enforce_submission_limits(state, owner)
 
@@ -86,6 +88,7 @@ async def submit_batch(request: Request) -> Response:
         created_at=utcnow(),
         batch=batches.empty_counts(size),
         message=batches.summary_message(batches.empty_counts(size), size),
+        callback_url=given.callback_url,
     )
     child_ids = [new_job_id() for _ in inputs]
     fresh: list[NewJob] = []

@@ -1,6 +1,7 @@
 """The submit body's optional fields beside ``task`` and ``input`` (docs/ai-workloads.md):
 ``budget`` (the most the job may spend on LLM calls), and ``run_at`` (RFC 3339) or ``delay``
-(seconds) to schedule it."""
+(seconds) to schedule it; ``callback_url``, where its terminal event is POSTed (README,
+"Webhooks")."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from stepstream.server.errors import ApiError
+from stepstream.tasks import destinations
 from stepstream.tasks.settings import Settings
 
-SUBMIT_FIELDS = frozenset({"task", "input", "budget", "run_at", "delay"})
+SUBMIT_FIELDS = frozenset({"task", "input", "budget", "run_at", "delay", "callback_url"})
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,7 @@ class SubmitOptions:
     budget: float | None = None
     run_at: datetime | None = None  # UTC; None = now
     delay: float | None = None  # as given: the same request sent again has the same fingerprint
+    callback_url: str | None = None
 
     @property
     def run_at_text(self) -> str | None:
@@ -38,6 +41,8 @@ class SubmitOptions:
             extra["delay"] = self.delay
         elif self.run_at is not None:
             extra["run_at"] = self.run_at_text
+        if self.callback_url is not None:
+            extra["callback_url"] = self.callback_url
         return extra
 
 
@@ -93,4 +98,30 @@ def parse_submit_options(body: dict[str, Any], settings: Settings) -> SubmitOpti
                 {"limit": settings.max_delay_seconds},
             )
         run_at = when if when > now else None  # a time in the past means "now"
-    return SubmitOptions(budget=budget, run_at=run_at, delay=delay)
+    callback_url = None
+    if body.get("callback_url") is not None:
+        callback_url = body["callback_url"]
+        try:
+            destinations.parse_url(callback_url)
+        except destinations.Refused as exc:
+            raise callback_refused(exc) from None
+    return SubmitOptions(budget=budget, run_at=run_at, delay=delay, callback_url=callback_url)
+
+
+async def check_callback_url(options: SubmitOptions, settings: Settings) -> None:
+    """Refuse (422) a ``callback_url`` whose host is not one webhooks may reach, now: its
+    address, or what its name resolves to (tasks/destinations.py)."""
+    if options.callback_url is not None:
+        try:
+            await destinations.Policy.from_settings(settings).check(options.callback_url)
+        except destinations.Refused as exc:
+            raise callback_refused(exc) from None
+
+
+def callback_refused(exc: destinations.Refused) -> ApiError:
+    return ApiError(
+        422,
+        "invalid_callback_url",
+        f"`callback_url` {exc}",
+        {"field": "callback_url", "reason": str(exc)},
+    )
