@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -14,6 +15,7 @@ from stepstream.server.errors import ApiError
 from stepstream.tasks import destinations
 from stepstream.tasks.settings import Settings
 
+RESOLVE_TIMEOUT_SECONDS = 5.0  # a callback_url's host, at submit time
 SUBMIT_FIELDS = frozenset({"task", "input", "budget", "run_at", "delay", "callback_url"})
 
 
@@ -113,9 +115,14 @@ async def check_callback_url(options: SubmitOptions, settings: Settings) -> None
     address, or what its name resolves to (tasks/destinations.py)."""
     if options.callback_url is not None:
         try:
-            await destinations.Policy.from_settings(settings).check(options.callback_url)
+            async with asyncio.timeout(RESOLVE_TIMEOUT_SECONDS):
+                await destinations.Policy.from_settings(settings).check(options.callback_url)
         except destinations.Refused as exc:
             raise callback_refused(exc) from None
+        except TimeoutError:
+            raise callback_refused(
+                destinations.Refused(f"host did not resolve within {RESOLVE_TIMEOUT_SECONDS:g}s")
+            ) from None
 
 
 def callback_refused(exc: destinations.Refused) -> ApiError:

@@ -114,6 +114,12 @@ class Keys:
         return f"{self.prefix}webhooks"
 
     @property
+    def webhooks_dropped(self) -> str:
+        """Counter: webhook events the append script could not add to a full outbox; a worker
+        takes it (GETDEL) and logs the number."""
+        return f"{self.prefix}webhooks:dropped"
+
+    @property
     def webhook_group(self) -> str:
         """The consumer group (not a key) of the workers on ``webhook_outbox``."""
         return "deliverers"

@@ -25,10 +25,9 @@ Delivery is at least once: a worker that dies after the receiver answered but be
 acknowledgement, or a receiver slower than the timeout, means the event comes again, with the
 same ``X-Stepstream-Event-Id`` (tasks/webhooks.py). Events are not delivered in order.
 
-Bounds: the outbox keeps ``STEPSTREAM_WEBHOOK_OUTBOX_MAXLEN`` entries (``MAXLEN ~``); when full,
-the oldest undelivered ones are trimmed, and each trimmed entry still pending is logged as
-dropped when a sweep meets it. Attempts: ``STEPSTREAM_WEBHOOK_ATTEMPTS``, then the entry is
-given up and logged.
+Bounds: the outbox holds at most ``STEPSTREAM_WEBHOOK_OUTBOX_MAXLEN`` undelivered events; when
+it is full the append script adds no more, counts each one it could not add, and a worker logs
+the count. Attempts: ``STEPSTREAM_WEBHOOK_ATTEMPTS``, then the entry is given up and logged.
 """
 
 from __future__ import annotations
@@ -47,7 +46,7 @@ from redis.exceptions import ResponseError
 from stepstream.tasks import webhooks
 from stepstream.tasks.destinations import Policy
 from stepstream.tasks.keys import Keys
-from stepstream.tasks.models import JobRecord, parse_stream_id
+from stepstream.tasks.models import JobRecord
 from stepstream.tasks.settings import Settings
 
 logger = logging.getLogger("stepstream.webhooks")
@@ -197,14 +196,20 @@ class Outbox:
                 logger.warning("webhook sweep failed", exc_info=True)
 
     async def sweep(self) -> None:
-        """Claim the pending entries whose next attempt is due, and close the ones that have
-        used every attempt or were trimmed away."""
+        """Claim the pending entries whose next attempt is due, close the ones that have used
+        every attempt, and report events a full outbox could not take."""
         key, group = self.keys.webhook_outbox, self.keys.webhook_group
         attempts = self.settings.webhook_attempts
         timeout_ms = int(self.settings.webhook_timeout_seconds * 1000)
         min_idle = timeout_ms + int(self.settings.webhook_backoff_seconds * 500)
-        first = await self.redis.xrange(key, count=1)
-        first_id = parse_stream_id(first[0][0]) if first else None
+        dropped = await self.redis.getdel(self.keys.webhooks_dropped)
+        if dropped:
+            logger.error(
+                "%s webhook event(s) dropped: the outbox was full "
+                "(STEPSTREAM_WEBHOOK_OUTBOX_MAXLEN=%d undelivered events)",
+                dropped,
+                self.settings.webhook_outbox_maxlen,
+            )
         start, scanned = "-", 0
         while scanned < SWEEP_SCAN and self.room > 0:
             rows = await self.redis.xpending_range(
@@ -214,15 +219,6 @@ class Outbox:
                 entry_id = row["message_id"]
                 idle, begun = int(row["time_since_delivered"]), int(row["times_delivered"])
                 if entry_id in self.in_flight:
-                    continue
-                if first_id is None or parse_stream_id(entry_id) < first_id:
-                    await self._close(entry_id)
-                    logger.error(
-                        "webhook event dropped before delivery: the outbox was full "
-                        "(STEPSTREAM_WEBHOOK_OUTBOX_MAXLEN=%d)",
-                        self.settings.webhook_outbox_maxlen,
-                        extra={"outbox_entry": entry_id},
-                    )
                     continue
                 if begun >= attempts:
                     # The worker of the last attempt died before closing the entry.

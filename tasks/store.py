@@ -25,7 +25,7 @@ from stepstream.tasks.models import JobRecord, JobState, parse_stream_id, utcnow
 from stepstream.tasks.settings import Settings
 
 # KEYS: record, job stream, firehose, cancel flag, job index, the owner's unfinished jobs,
-#       webhook outbox
+#       webhook outbox, webhook events dropped
 # ARGV: number of events (k), job maxlen, firehose maxlen, channel, ttl, mode, expected states,
 #       owner json, job id, index score (create only), number of field arguments (2f), the
 #       deployment webhook's states, outbox maxlen, then k event jsons, then f field/value pairs
@@ -37,7 +37,8 @@ from stepstream.tasks.settings import Settings
 # A terminal state adds one outbox entry per webhook that wants it (the record's callback_url,
 # the deployment webhook): {job, event (this append's last event id), target, record (the
 # record as JSON, as it is now)}. In the same script, so a process dying after the append
-# cannot lose the delivery (tasks/outbox.py delivers it).
+# cannot lose the delivery (tasks/outbox.py delivers it). A full outbox (outbox maxlen
+# entries, all undelivered) takes no more: the drop is counted, and a worker logs it.
 _APPEND_LUA = """
 local state = redis.call('HGET', KEYS[1], 'state')
 local mode = ARGV[6]
@@ -98,8 +99,12 @@ if terminal then
     for f = 1, #flat, 2 do parts[#parts + 1] = '"' .. flat[f] .. '":' .. flat[f + 1] end
     local record = '{' .. table.concat(parts, ',') .. '}'
     for _, target in ipairs(targets) do
-      redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[13], '*',
-        'job', ARGV[9], 'event', jid, 'target', target, 'record', record)
+      if redis.call('XLEN', KEYS[7]) < tonumber(ARGV[13]) then
+        redis.call('XADD', KEYS[7], '*',
+          'job', ARGV[9], 'event', jid, 'target', target, 'record', record)
+      else
+        redis.call('INCR', KEYS[8])
+      end
     end
   end
 end
@@ -257,6 +262,7 @@ class JobStore:
             self.keys.jobs,
             self.keys.owner_unfinished(owner),
             self.keys.webhook_outbox,
+            self.keys.webhooks_dropped,
         ]
         return keys, args
 

@@ -169,3 +169,24 @@ def test_batches_and_scheduling_options(client: httpx.Client, body: Any, delay: 
     assert_sane(client.post("/api/batches", content=json.dumps(body)))
     job = {"task": "analyze_document", "input": {"text": "A."}, "delay": delay}
     assert_sane(client.post("/api/jobs", content=json.dumps(job)))
+
+
+@FUZZ
+@given(
+    url=st.one_of(
+        json_values,
+        st.text(max_size=60),
+        st.builds(
+            lambda scheme, host, rest: f"{scheme}://{host}{rest}",
+            st.sampled_from(["http", "https", "HTTP", "ftp", "javascript", ""]),
+            st.text(max_size=30),
+            st.text(max_size=20),
+        ),
+    )
+)
+def test_callback_urls(client: httpx.Client, url: Any) -> None:
+    job = {"task": "counted", "input": {}, "callback_url": url}
+    response = client.post("/api/jobs", content=json.dumps(job))
+    assert_sane(response)
+    if response.status_code == 422:
+        assert response.json()["error"]["details"]["field"] == "callback_url" or url is None

@@ -340,3 +340,38 @@ def test_the_address_is_checked_again_at_delivery(
     assert job_id in line and "127.0.0.1" in line
     assert receiver.all() == []
     assert outbox_size(s) == 0
+
+
+def test_a_full_outbox_takes_no_more_events_and_a_worker_says_how_many_it_dropped(
+    make_stack: StackFactory, receiver: Receiver
+) -> None:
+    def answer(delivery: Delivery) -> int:
+        receiver.release.wait(60)
+        return 200
+
+    receiver.answer = answer
+    s = make_stack(
+        webs=1,
+        workers=1,
+        STEPSTREAM_WEBHOOK_OUTBOX_MAXLEN="2",
+        STEPSTREAM_WEBHOOK_CONCURRENCY="1",
+        STEPSTREAM_WEBHOOK_ALLOWED_HOSTS="127.0.0.1",
+        STEPSTREAM_WEBHOOK_TIMEOUT_SECONDS="30",
+    )
+    (worker,) = s.workers
+    first = submit(s.url, "counted", callback_url=receiver.url())
+    wait_until(lambda: receiver.stalled() == 1, timeout=10, what="the first delivery")
+    # The outbox holds the event in flight and one more; the next two do not fit.
+    rest = [submit(s.url, "counted", callback_url=receiver.url()) for _ in range(3)]
+    for job_id in rest:
+        assert wait_state(s.url, job_id, TERMINAL)["state"] == "completed"  # jobs go on
+    wait_until(
+        lambda: "2 webhook event(s) dropped: the outbox was full" in worker.log(),
+        timeout=10,
+        what="the drop reported",
+    )
+    receiver.release.set()
+    wait_until(lambda: len(receiver.accepted()) == 2, timeout=10, what="the two kept")
+    time.sleep(1.0)
+    assert [d.job_id for d in receiver.accepted()] == [first, rest[0]]
+    assert outbox_size(s) == 0
