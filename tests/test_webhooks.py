@@ -5,17 +5,24 @@ outbox even when the worker delivering it is killed."""
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import re
 import signal
+import sqlite3
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from stepstream.tasks import webhooks
 from tests.conftest import Stack, StackFactory
 from tests.support.api import get_job, wait_state
-from tests.support.processes import Worker, wait_until
+from tests.support.processes import ROOT, Process, Worker, free_port, wait_until
 from tests.support.receiver import Delivery, Receiver
 from tests.support.tasks import gate_key
 from tests.test_jobs import store_snapshot
@@ -375,3 +382,78 @@ def test_a_full_outbox_takes_no_more_events_and_a_worker_says_how_many_it_droppe
     time.sleep(1.0)
     assert [d.job_id for d in receiver.accepted()] == [first, rest[0]]
     assert outbox_size(s) == 0
+
+
+def test_the_receiver_in_the_docs_verifies_deduplicates_and_stores_results(
+    make_stack: StackFactory, tmp_path: Path
+) -> None:
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    (code,) = [
+        b for b in re.findall(r"```python\n(.*?)```", docs, re.S) if "stepstream_webhook" in b
+    ]
+    (tmp_path / "hook_receiver.py").write_text(code)
+    database = tmp_path / "results.db"
+    port = free_port()
+    env = {
+        **os.environ,
+        "STEPSTREAM_WEBHOOK_SECRET": SECRET,
+        "RESULTS_DB": str(database),
+        "PYTHONPATH": str(tmp_path),
+    }
+    args = ["-m", "uvicorn", "hook_receiver:app", "--host", "127.0.0.1", "--port", str(port)]
+    app = Process("hook-receiver", [sys.executable, *args], env, tmp_path).start()
+    hook = f"http://127.0.0.1:{port}/hooks/stepstream"
+
+    def rows(sql: str) -> list[tuple[Any, ...]]:
+        with sqlite3.connect(database) as db:
+            return db.execute(sql).fetchall()
+
+    def up() -> bool:
+        assert app.alive, app.log()
+        try:
+            return httpx.get(hook, timeout=1).status_code == 405
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(up, timeout=20, what="the receiver")
+        s = make_stack(
+            webs=1,
+            workers=1,
+            STEPSTREAM_WEBHOOK_SECRET=SECRET,
+            STEPSTREAM_WEBHOOK_ALLOWED_HOSTS="127.0.0.1",
+        )
+        ok = submit(s.url, "counted", callback_url=hook)
+        bad = submit(s.url, "counted", {"permanent_failure": True}, callback_url=hook)
+        wait_until(
+            lambda: len(rows("SELECT * FROM job_results")) == 2, timeout=20, what="two results"
+        )
+        results = {
+            job_id: (state, json.loads(body))
+            for job_id, state, body in rows("SELECT job_id, state, body FROM job_results")
+        }
+        assert results[ok] == ("completed", get_job(s.url, ok)["result"])
+        assert results[bad][0] == "failed"
+        assert results[bad][1]["type"] == "PermanentError"
+        assert "webhook delivered (HTTP 204)" in s.workers[0].log()
+
+        # A forged body, a replayed (old) signature: refused. A redelivery: changes nothing.
+        body = json.dumps(
+            {"id": f"{ok}:1-0", "job": {"id": ok, "state": "failed", "result": None, "error": {}}}
+        ).encode()
+
+        def post(secret: str, timestamp: int) -> int:
+            headers = {
+                "X-Stepstream-Timestamp": str(timestamp),
+                "X-Stepstream-Signature": webhooks.sign(secret, timestamp, body),
+            }
+            return httpx.post(hook, content=body, headers=headers, timeout=10).status_code
+
+        assert post("not the secret", int(time.time())) == 400
+        assert post(SECRET, int(time.time()) - 3_600) == 400
+        assert rows(f"SELECT state FROM job_results WHERE job_id = '{ok}'") == [("completed",)]
+        assert post(SECRET, int(time.time())) == 204
+        assert post(SECRET, int(time.time())) == 204
+        assert len(rows("SELECT * FROM webhook_events")) == 3
+    finally:
+        app.stop()
