@@ -172,6 +172,15 @@ def check_redis(report: Report, settings: Any) -> None:
             )
         queued = client.zcard(keys.queue)
         report.add(OK, f"{queued} job(s) in the queue (waiting or running)")
+        waiting = client.xlen(keys.webhook_outbox)
+        if waiting >= settings.webhook_outbox_maxlen:
+            report.add(
+                FAIL,
+                f"the webhook outbox is full ({waiting} undelivered events): new webhook events "
+                "are dropped; is a receiver down? (STEPSTREAM_WEBHOOK_OUTBOX_MAXLEN)",
+            )
+        elif waiting:
+            report.add(OK, f"{waiting} webhook event(s) not delivered yet")
 
 
 def _mget(client: Any, names: list[str]) -> list[Any]:
