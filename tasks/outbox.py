@@ -159,12 +159,11 @@ class Outbox:
                     count=self.room,
                     block=1_000,
                 )
-            except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                await self._wait_for_group()  # the outbox was deleted (a flushed Redis)
-                continue
-            except Exception:  # a Redis outage: the client retried already
+            except Exception as exc:
+                if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
+                    await self._wait_for_group()  # the outbox was deleted (a flushed Redis)
+                    continue
+                # A Redis outage (the client has retried already): try again shortly.
                 logger.warning("could not read the webhook outbox", exc_info=True)
                 await asyncio.sleep(1.0)
                 continue
@@ -201,7 +200,10 @@ class Outbox:
         key, group = self.keys.webhook_outbox, self.keys.webhook_group
         attempts = self.settings.webhook_attempts
         timeout_ms = int(self.settings.webhook_timeout_seconds * 1000)
-        min_idle = timeout_ms + int(self.settings.webhook_backoff_seconds * 500)
+        first_backoff = min(
+            self.settings.webhook_backoff_seconds, self.settings.webhook_max_backoff_seconds
+        )
+        min_idle = timeout_ms + int(first_backoff * 500)  # the soonest any retry is due
         dropped = await self.redis.getdel(self.keys.webhooks_dropped)
         if dropped:
             logger.error(
