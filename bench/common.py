@@ -192,10 +192,11 @@ class Bench:
     loadgens: list[LoadGen] = field(default_factory=list)
 
     def env(self, **extra: str) -> dict[str, str]:
-        # The per-owner limits (100 streams, 50 submissions/s, 1,000 unfinished jobs by default)
-        # would refuse the benchmark's one anonymous owner.
+        # The limits (100 streams per key, 20,000 per process, 50 submissions/s and 1,000
+        # unfinished jobs per owner by default) would refuse the benchmark's anonymous caller.
         limits = {
-            "STEPSTREAM_MAX_STREAMS_PER_OWNER": "1000000",
+            "STEPSTREAM_MAX_STREAMS_PER_KEY": "1000000",
+            "STEPSTREAM_MAX_STREAMS": "1000000",
             "STEPSTREAM_SUBMISSIONS_PER_SECOND": "1000000",
             "STEPSTREAM_MAX_UNFINISHED_PER_OWNER": "100000000",
         }

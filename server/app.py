@@ -1,11 +1,24 @@
-"""The ASGI app: ``uvicorn stepstream.server.app:app``."""
+"""The ASGI app: ``uvicorn stepstream.server.app:app``, or mounted in a host app.
+
+Standalone, the module's ``app`` also installs Stepstream's logging. Mounted, the host keeps
+its own logging and runs the app's lifespan, which Starlette does not run for a mounted app::
+
+    from fastapi import FastAPI
+    from stepstream.server import create_app
+
+    progress = create_app()
+    app = FastAPI(lifespan=progress.lifespan)
+    app.mount("/progress", progress)
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
+from typing import cast
 
 from arq.connections import RedisSettings, create_pool
 from redis.asyncio import Redis
@@ -16,16 +29,19 @@ from starlette.exceptions import HTTPException
 from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import Receive, Scope, Send
 
 from stepstream.server import batches, events, health, jobs, openapi
 from stepstream.server.auth import Authenticator
 from stepstream.server.errors import (
     ApiError,
     api_error_handler,
+    error_response,
     http_error_handler,
     redis_error_handler,
     server_error_handler,
 )
+from stepstream.server.guards import raise_file_limit
 from stepstream.server.hub import Hub
 from stepstream.server.metrics import WebMetrics
 from stepstream.server.security import bound_host, is_production, middleware
@@ -47,10 +63,46 @@ async def index(request: object) -> Response:
     return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
+class StepstreamApp(Starlette):
+    """The app ``create_app`` builds: a Starlette app whose lifespan a host app can run."""
+
+    def lifespan(self, host: object = None) -> AbstractAsyncContextManager[None]:
+        """Connects to Redis and starts the hub; stops them on exit.
+
+        For a host app that mounts this one: ``FastAPI(lifespan=progress.lifespan)``, or
+        ``async with progress.lifespan():`` inside the host's own lifespan. ``host`` is accepted
+        so the method fits ``lifespan=``; the state goes on this app, whose routes read it.
+        """
+        # create_app's lifespan yields no state: Starlette types it as either kind.
+        return cast("AbstractAsyncContextManager[None]", self.router.lifespan_context(self))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not hasattr(self.state, "stepstream"):
+            # Mounted without its lifespan: one clear answer instead of a 500 on every route.
+            response = error_response(
+                500,
+                "not_started",
+                "Stepstream's lifespan has not run: a host app that mounts it must run "
+                "`progress.lifespan` (e.g. FastAPI(lifespan=progress.lifespan))",
+            )
+            await response(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
+def create_app(
+    settings: Settings | None = None, *, configure_logging: bool = False
+) -> StepstreamApp:
+    """Stepstream's web app, to run alone or to mount in a host app (see the module doc).
+
+    ``configure_logging`` installs Stepstream's log handler on the root logger and routes
+    uvicorn's loggers through it (``STEPSTREAM_LOG_FORMAT``), as the standalone app does. Off,
+    logging stays as the host configured it; Stepstream writes to its ``stepstream.*`` loggers.
+    """
     settings = settings or get_settings()
-    # Here rather than in the lifespan: uvicorn writes its first lines between the two.
-    setup_logging("web", settings)
+    if configure_logging:
+        # Here rather than in the lifespan: uvicorn writes its first lines between the two.
+        setup_logging("web", settings)
     load_tasks(settings.task_module_list, demo=settings.demo_tasks)
     web_metrics = WebMetrics()
 
@@ -65,6 +117,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
             "production" if production else "development",
             "" if production else ": the API is open to anyone who can reach this address",
         )
+        file_problem = raise_file_limit(settings.max_streams)
+        if file_problem:
+            logger.warning(file_problem)
+        if any(name.upper() == "STEPSTREAM_MAX_STREAMS_PER_OWNER" for name in os.environ):
+            logger.warning(
+                "STEPSTREAM_MAX_STREAMS_PER_OWNER is deprecated: it now sets "
+                "STEPSTREAM_MAX_STREAMS_PER_KEY (streams opened with an API key itself)"
+            )
         # Patient: a request waits out a short Redis outage instead of failing.
         redis = connect(settings.redis_url, attempts=10)
         pubsub_redis = Redis.from_url(settings.redis_url, decode_responses=True)
@@ -115,7 +175,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static"),
     ]
     routes = web_metrics.instrument(routes)  # counts submissions, streamed events; log tags
-    return Starlette(
+    return StepstreamApp(
         routes=routes,
         middleware=middleware(settings),
         lifespan=lifespan,
@@ -129,9 +189,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
     )
 
 
-def __getattr__(name: str) -> Starlette:
+def __getattr__(name: str) -> StepstreamApp:
     # ``uvicorn stepstream.server.app:app`` builds the app on first access, so importing this
-    # module for its helpers does not read the environment.
+    # module for its helpers does not read the environment. Run this way, the app owns the
+    # process, and its logging with it.
     if name == "app":
-        return create_app()
+        return create_app(configure_logging=True)
     raise AttributeError(name)

@@ -7,7 +7,11 @@
   EventSource cannot send headers.
 
 A stream token is ``base64url(payload) "." base64url(HMAC-SHA256(secret, payload))``; the payload
-names the owner, the scope (one job, or the owner's firehose) and the expiry.
+names the owner, the scope, the expiry and the token's own id (stream limits count per token).
+A scope is a set of the owner's jobs: ``job:<id>`` (one job), ``subject:<subject>`` (the jobs
+submitted for one end user) or ``events`` (all of them). A token reads the record and opens
+the stream of any job in its scope, and opens the firehose (filtered to its scope) unless it
+is scoped to one job. It never writes, lists or mints tokens.
 """
 
 from __future__ import annotations
@@ -23,21 +27,52 @@ from dataclasses import dataclass
 from starlette.requests import Request
 
 from stepstream.server.errors import ApiError
-from stepstream.tasks.apikeys import ApiKeys
+from stepstream.tasks.apikeys import ApiKeys, digest
 
 FIREHOSE_SCOPE = "events"
+JOB_SCOPE = "job:"
+SUBJECT_SCOPE = "subject:"
+ANONYMOUS = "anonymous"  # what streams opened without credentials (development) count against
+
+
+def job_scope(job_id: str) -> str:
+    return JOB_SCOPE + job_id
+
+
+def subject_scope(subject: str) -> str:
+    return SUBJECT_SCOPE + subject
 
 
 @dataclass(frozen=True)
 class Principal:
     owner: str | None  # None: development mode without a key, sees every job
-    token_scope: str | None = None  # set for a stream token: "job:<id>" or "events"
+    # Set for a stream token: "job:<id>", "subject:<subject>" or "events".
+    token_scope: str | None = None
     expires_at: float | None = None  # wall-clock expiry of a stream token
+    # What the streams this caller opens count against (server/guards.py): "key:<digest>",
+    # "token:<id>", or ANONYMOUS.
+    holder: str = ANONYMOUS
 
-    def may_read(self, job_owner: str | None, job_id: str) -> bool:
-        if self.token_scope is not None and self.token_scope != f"job:{job_id}":
+    @property
+    def subject(self) -> str | None:
+        """The one subject a subject token sees; None for every other caller."""
+        if self.token_scope is not None and self.token_scope.startswith(SUBJECT_SCOPE):
+            return self.token_scope.removeprefix(SUBJECT_SCOPE)
+        return None
+
+    @property
+    def may_open_firehose(self) -> bool:
+        return self.token_scope is None or not self.token_scope.startswith(JOB_SCOPE)
+
+    def may_read(self, job_owner: str | None, job_id: str, job_subject: str | None = None) -> bool:
+        if self.owner is not None and self.owner != job_owner:
             return False
-        return self.owner is None or self.owner == job_owner
+        scope = self.token_scope
+        if scope is None or scope == FIREHOSE_SCOPE:
+            return True
+        if scope.startswith(SUBJECT_SCOPE):
+            return job_subject is not None and scope == subject_scope(job_subject)
+        return scope == job_scope(job_id)
 
 
 def _b64(data: bytes) -> str:
@@ -63,7 +98,8 @@ class Authenticator:
 
     def issue_token(self, owner: str | None, scope: str) -> tuple[str, float]:
         expires_at = time.time() + self.token_ttl
-        payload = json.dumps({"o": owner, "s": scope, "e": round(expires_at, 3)}).encode()
+        claims = {"o": owner, "s": scope, "e": round(expires_at, 3), "i": secrets.token_urlsafe(9)}
+        payload = json.dumps(claims).encode()
         signature = hmac.new(self._secret, payload, hashlib.sha256).digest()
         return f"{_b64(payload)}.{_b64(signature)}", expires_at
 
@@ -80,7 +116,14 @@ class Authenticator:
         claims = json.loads(payload)
         if claims["e"] < time.time():
             raise _unauthorized("the token has expired; fetch a new one", code="token_expired")
-        return Principal(owner=claims["o"], token_scope=claims["s"], expires_at=claims["e"])
+        # Tokens issued before they carried an id count by their signature, unique as well.
+        token_id = claims.get("i") or encoded_signature[:16]
+        return Principal(
+            owner=claims["o"],
+            token_scope=claims["s"],
+            expires_at=claims["e"],
+            holder=f"token:{token_id}",
+        )
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -93,11 +136,13 @@ class Authenticator:
             owner = await self.keys.owner_of(key.strip())
             if owner is None:
                 raise _unauthorized("the API key is not valid")
-            return Principal(owner=owner)
+            return Principal(owner=owner, holder=f"key:{digest(key.strip())[:24]}")
         token = request.query_params.get("token")
         if token is not None:
             if not allow_token:
-                raise _unauthorized("a stream token only opens streams; use an API key here")
+                raise _unauthorized(
+                    "a stream token only reads jobs and opens streams; use an API key here"
+                )
             return self.read_token(token)
         if self.production:
             raise _unauthorized("credentials required: `Authorization: Bearer <API key>`")

@@ -30,11 +30,12 @@ from stepstream.server.jobs import (
 )
 from stepstream.server.options import SubmitOptions, check_callback_url, parse_submit_options
 from stepstream.server.state import AppState
+from stepstream.server.urls import root_path
 from stepstream.tasks import batches, cache
 from stepstream.tasks.models import JobRecord, JobState, new_job_id, utcnow
 from stepstream.tasks.store import appended_from, new_event
 
-BATCH_FIELDS = frozenset({"task", "inputs", "budget", "callback_url"})
+BATCH_FIELDS = frozenset({"task", "inputs", "budget", "subject", "callback_url"})
 PARENT_PREFIX = "batch:"
 
 
@@ -72,7 +73,8 @@ async def submit_batch(request: Request) -> Response:
         raise ApiError(422, "invalid_input", f"inputs do not fit task {task_name!r}", problems[:50])
     given = parse_submit_options(body, state.settings)
     await check_callback_url(given, state.settings)
-    options = SubmitOptions(budget=given.budget)  # the children's: the callback is the parent's
+    # The children's options: the callback is the parent's alone.
+    options = SubmitOptions(budget=given.budget, subject=given.subject)
     owner = principal.owner
     await enforce_submission_limits(state, owner)
 
@@ -89,6 +91,7 @@ async def submit_batch(request: Request) -> Response:
         batch=batches.empty_counts(size),
         message=batches.summary_message(batches.empty_counts(size), size),
         callback_url=given.callback_url,
+        subject=options.subject,
     )
     child_ids = [new_job_id() for _ in inputs]
     fresh: list[NewJob] = []
@@ -152,11 +155,12 @@ async def submit_batch(request: Request) -> Response:
             hit,
             batch_id=parent_id,
             batch_index=index,
+            subject=options.subject,
         )
         await batches.child_finished(state.store, done, "completed", result=done.result)
     record = await reload(state, parent)
-    response = _accepted(state, record, 202)
-    response.headers["Location"] = f"/api/batches/{parent_id}"
+    response = _accepted(request, state, record, 202)
+    response.headers["Location"] = f"{root_path(request)}/api/batches/{parent_id}"
     return response
 
 
@@ -184,7 +188,7 @@ async def get_batch(request: Request) -> Response:
                 "cached": child.cached,
             }
         )
-    return JSONResponse({**job_json(parent), "children": items})
+    return JSONResponse({**job_json(parent, root_path(request)), "children": items})
 
 
 async def _load_parent(request: Request, principal: Any) -> JobRecord:
@@ -194,7 +198,7 @@ async def _load_parent(request: Request, principal: Any) -> JobRecord:
     return record
 
 
-async def cancel_batch(state: AppState, parent: JobRecord) -> Response:
+async def cancel_batch(request: Request, state: AppState, parent: JobRecord) -> Response:
     """Cancel every child that has not ended; the parent ends when the last child does."""
     if parent.state.terminal:
         raise ApiError(
@@ -220,7 +224,7 @@ async def cancel_batch(state: AppState, parent: JobRecord) -> Response:
         if await cancel_waiting(state, child, "the batch was cancelled"):
             continue
         await state.store.request_cancel(child.id)  # running: the worker stops it
-    body = job_json(await reload(state, parent))
+    body = job_json(await reload(state, parent), root_path(request))
     return JSONResponse({**body, "cancel_requested": True}, status_code=202)
 
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator, Callable, Generator
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from stepstream.server.auth import FIREHOSE_SCOPE
 from stepstream.server.errors import ApiError
 from stepstream.server.guards import guarded, open_stream
 from stepstream.server.hub import Hub
@@ -47,14 +46,22 @@ class EventStream:
         "_task",
         "body",
         "hub",
+        "on_close",
         "send_deadline",
         "send_timeout",
     )
 
-    def __init__(self, hub: Hub, body: AsyncIterator[bytes], send_timeout: float) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        body: AsyncIterator[bytes],
+        send_timeout: float,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
         self.hub = hub
         self.body = body
         self.send_timeout = send_timeout
+        self.on_close = on_close  # called once when the response ends, however it ends
         self.send_deadline = 0.0
         self._task: asyncio.Task[object] | None = None
         self._cancelled_by_us = False
@@ -138,6 +145,13 @@ class EventStream:
                 return
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self._respond(scope, receive, send)
+        finally:
+            if self.on_close is not None:
+                self.on_close()
+
+    async def _respond(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
         if scope.get("method") == "HEAD":
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -191,8 +205,10 @@ def read_cursor(request: Request) -> str | None:
     return raw
 
 
-def sse_response(state: AppState, body: AsyncIterator[bytes]) -> EventStream:
-    return EventStream(state.hub, body, state.settings.send_timeout_seconds)
+def sse_response(
+    state: AppState, body: AsyncIterator[bytes], on_close: Callable[[], None]
+) -> EventStream:
+    return EventStream(state.hub, body, state.settings.send_timeout_seconds, on_close)
 
 
 async def job_events(request: Request) -> Response | EventStream:
@@ -202,9 +218,9 @@ async def job_events(request: Request) -> Response | EventStream:
     record = await load_job(request, principal)
     if cursor is not None and record.state.terminal and cursor == record.last_event_id:
         return Response(status_code=204)  # the standard's "stop reconnecting"
-    open_stream(state, principal)
+    release = open_stream(state, principal)
     stream = JobStream(state.store, state.hub, state.settings, record, cursor)
-    response = sse_response(state, guarded(state, principal, stream.frames()))
+    response = sse_response(state, guarded(principal, stream.frames()), release)
     stream.writer = response  # live frames may go straight from the hub to the client
     return response
 
@@ -212,9 +228,11 @@ async def job_events(request: Request) -> Response | EventStream:
 async def firehose(request: Request) -> EventStream:
     state: AppState = request.app.state.stepstream
     principal = await state.auth.authenticate(request, allow_token=True)
-    if principal.token_scope not in (None, FIREHOSE_SCOPE):
+    if not principal.may_open_firehose:
         raise ApiError(401, "token_scope", "this token opens one job's stream, not the firehose")
     cursor = read_cursor(request)
-    open_stream(state, principal)
-    stream = FirehoseStream(state.store, state.hub, state.settings, cursor, principal.owner)
-    return sse_response(state, guarded(state, principal, stream.frames()))
+    release = open_stream(state, principal)
+    stream = FirehoseStream(
+        state.store, state.hub, state.settings, cursor, principal.owner, principal.subject
+    )
+    return sse_response(state, guarded(principal, stream.frames()), release)

@@ -1,33 +1,116 @@
-"""Limits around a stream: token expiry and the number of streams an owner holds open."""
+"""Limits around a stream: token expiry, and how many streams one web process holds open.
+
+Three counts, per web process: every stream (``STEPSTREAM_MAX_STREAMS``, the memory guard);
+the streams opened with one API key itself (``STEPSTREAM_MAX_STREAMS_PER_KEY``, or without
+credentials in development); and those opened with one stream token
+(``STEPSTREAM_MAX_STREAMS_PER_TOKEN``). A token's streams do not count against the key that
+minted it: an app hands each viewer a token, and its viewers are bounded only by the process.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import resource
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from stepstream.server.auth import Principal
 from stepstream.server.errors import ApiError
 from stepstream.server.sse import frame, json_data
 from stepstream.server.state import AppState
 
+RETRY_AFTER_SECONDS = 5
+# Files a web process needs besides its streams: Redis connections, logs, the listening socket.
+FILE_MARGIN = 256
 
-def open_stream(state: AppState, principal: Principal) -> None:
-    """Count a stream against its owner's limit (per web process), or refuse it with 429."""
-    if state.streams_by_owner[principal.owner] >= state.settings.max_streams_per_owner:
-        raise ApiError(
-            429,
-            "too_many_streams",
-            f"this owner already holds {state.settings.max_streams_per_owner} open streams",
-            {"limit": state.settings.max_streams_per_owner},
-            headers={"Retry-After": "5"},
+
+def raise_file_limit(max_streams: int) -> str | None:
+    """Let this process open a file per stream it may hold, up to the hard limit.
+
+    Each stream holds a socket, and the soft limit is often 1,024: past it, connections fail
+    at ``accept``, before any 429 can be sent. Go's runtime raises it the same way. Returns a
+    warning when even the hard limit is too low for ``max_streams``.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = max_streams + FILE_MARGIN
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return None
+    target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft >= needed:
+        return None
+    return (
+        f"this web process may open {soft} files but STEPSTREAM_MAX_STREAMS is {max_streams}: "
+        f"streams past about {max(soft - FILE_MARGIN, 0)} will fail to connect. Raise the "
+        "limit (`ulimit -n`, systemd LimitNOFILE) or lower STEPSTREAM_MAX_STREAMS"
+    )
+
+
+def open_stream(state: AppState, principal: Principal) -> Callable[[], None]:
+    """Count a stream against this process's limits, or refuse it with 429 naming the limit.
+
+    Returns the release, which the response calls once, when it ends however it ends (a
+    ``HEAD``, or a client gone before the first byte, never runs the stream's body).
+    """
+    settings = state.settings
+    held = state.streams_by_holder[principal.holder]
+    refusal = None
+    if state.open_streams >= settings.max_streams:
+        refusal = _too_many(
+            "this web process", settings.max_streams, "process", "STEPSTREAM_MAX_STREAMS"
         )
-    state.streams_by_owner[principal.owner] += 1
+    elif principal.token_scope is not None:
+        if held >= settings.max_streams_per_token:
+            refusal = _too_many(
+                "this stream token",
+                settings.max_streams_per_token,
+                "token",
+                "STEPSTREAM_MAX_STREAMS_PER_TOKEN",
+            )
+    elif held >= settings.max_streams_per_key:
+        refusal = _too_many(
+            "this API key" if principal.owner is not None else "callers without credentials",
+            settings.max_streams_per_key,
+            "key",
+            "STEPSTREAM_MAX_STREAMS_PER_KEY",
+        )
+    if refusal is not None:
+        state.streams_refused[refusal.details["per"]] += 1  # stepstream_sse_streams_refused
+        raise refusal
+    state.streams_by_holder[principal.holder] = held + 1
+    state.open_streams += 1
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        if released:
+            return
+        released = True
+        state.open_streams -= 1
+        state.streams_by_holder[principal.holder] -= 1
+        if state.streams_by_holder[principal.holder] <= 0:
+            del state.streams_by_holder[principal.holder]
+
+    return release
 
 
-async def guarded(
-    state: AppState, principal: Principal, frames: AsyncIterator[bytes]
-) -> AsyncIterator[bytes]:
+def _too_many(who: str, limit: int, per: str, setting: str) -> ApiError:
+    return ApiError(
+        429,
+        "too_many_streams",
+        f"{who} already holds {limit} open streams"
+        f"{'' if per == 'process' else ' on this web process'} ({setting})",
+        {"limit": limit, "per": per, "setting": setting},
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
+
+
+async def guarded(principal: Principal, frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """Yield ``frames`` until they end or the caller's token expires.
 
     At expiry the client gets a ``token_expired`` event (no id: it moves no cursor) and the
@@ -52,9 +135,6 @@ async def guarded(
                 return
             yield chunk
     finally:
-        state.streams_by_owner[principal.owner] -= 1
-        if state.streams_by_owner[principal.owner] <= 0:
-            del state.streams_by_owner[principal.owner]
         aclose = getattr(frames, "aclose", None)
         if aclose is not None:
             await aclose()

@@ -49,6 +49,7 @@ CLOSE: Final = _Marker("CLOSE")  # the server is shutting down: end the stream
 class Frame:
     job_id: str
     owner: str | None
+    subject: str | None
     type: str
     job_event_id: tuple[int, int]
     firehose_id: tuple[int, int]
@@ -67,11 +68,23 @@ class Subscriber:
     the reader takes everything pending at once, so a burst goes out in one write.
     """
 
-    __slots__ = ("direct", "items", "job_id", "maxsize", "overflowed", "owner", "waiter")
+    __slots__ = (
+        "direct",
+        "items",
+        "job_id",
+        "maxsize",
+        "overflowed",
+        "owner",
+        "subject",
+        "waiter",
+    )
 
-    def __init__(self, job_id: str | None, owner: str | None, maxsize: int) -> None:
+    def __init__(
+        self, job_id: str | None, owner: str | None, maxsize: int, subject: str | None = None
+    ) -> None:
         self.job_id = job_id  # None: the firehose
-        self.owner = owner  # firehose only: None sees every job
+        self.owner = owner  # firehose only: None sees every owner's jobs
+        self.subject = subject  # firehose only: None sees every subject's jobs
         self.maxsize = maxsize
         # A list, drained whole by take(): an empty one is 56 bytes, a deque's first block 600.
         self.items: list[QueueItem] = []
@@ -133,7 +146,9 @@ class Hub:
         self.queue_size = queue_size
         self.heartbeat_seconds = heartbeat_seconds
         self.by_job: dict[str, set[Subscriber]] = {}
-        self.firehose: set[Subscriber] = set()
+        # Firehose subscribers by the (owner, subject) they see: an event is offered to the four
+        # groups that may see it, not filtered against every firehose subscriber.
+        self.firehose: dict[tuple[str | None, str | None], set[Subscriber]] = {}
         self.senders: set[Sender] = set()
         self.connected = asyncio.Event()
         self.closing = False
@@ -169,19 +184,26 @@ class Hub:
 
     # -- subscribers ----------------------------------------------------------------------
 
-    def subscribe(self, job_id: str | None, owner: str | None = None) -> Subscriber:
-        subscriber = Subscriber(job_id, owner, self.queue_size)
+    def subscribe(
+        self, job_id: str | None, owner: str | None = None, subject: str | None = None
+    ) -> Subscriber:
+        subscriber = Subscriber(job_id, owner, self.queue_size, subject)
         if self.closing:
             subscriber.items.append(CLOSE)
         if job_id is None:
-            self.firehose.add(subscriber)
+            self.firehose.setdefault((owner, subject), set()).add(subscriber)
         else:
             self.by_job.setdefault(job_id, set()).add(subscriber)
         return subscriber
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         if subscriber.job_id is None:
-            self.firehose.discard(subscriber)
+            scope = (subscriber.owner, subscriber.subject)
+            group = self.firehose.get(scope)
+            if group is not None:
+                group.discard(subscriber)
+                if not group:
+                    del self.firehose[scope]
             return
         subscribers = self.by_job.get(subscriber.job_id)
         if subscribers is not None:
@@ -191,7 +213,8 @@ class Hub:
 
     @property
     def subscriber_count(self) -> int:
-        return len(self.firehose) + sum(len(s) for s in self.by_job.values())
+        groups = [*self.firehose.values(), *self.by_job.values()]
+        return sum(len(group) for group in groups)
 
     def _offer(self, subscriber: Subscriber, item: QueueItem) -> None:
         if not subscriber.offer(item):
@@ -206,7 +229,8 @@ class Hub:
         subscriber.wake()
 
     def _broadcast(self, item: QueueItem, *, force: bool = False) -> None:
-        subscribers = [*self.firehose, *(s for group in self.by_job.values() for s in group)]
+        groups = [*self.firehose.values(), *self.by_job.values()]
+        subscribers = [s for group in groups for s in group]
         for subscriber in subscribers:
             if force:
                 subscriber.items.append(item)
@@ -236,6 +260,7 @@ class Hub:
         return Frame(
             job_id=event["job_id"],
             owner=message.get("owner"),
+            subject=message.get("subject"),
             type=type_,
             job_event_id=parse_stream_id(job_event_id),
             firehose_id=parse_stream_id(firehose_id),
@@ -262,9 +287,17 @@ class Hub:
             self._fan_out(job_frames)
         if self.firehose:
             for item in frames:
-                for subscriber in list(self.firehose):
-                    if subscriber.owner is None or subscriber.owner == item.owner:
-                        self._offer(subscriber, item)
+                # Who sees it: every owner's or its owner's jobs, of every subject or its own.
+                for scope in {
+                    (None, None),
+                    (item.owner, None),
+                    (None, item.subject),
+                    (item.owner, item.subject),
+                }:
+                    group = self.firehose.get(scope)
+                    if group:
+                        for subscriber in list(group):
+                            self._offer(subscriber, item)
 
     def _fan_out(self, frames: list[Frame]) -> None:
         """Frames of one job (in log order) to its streams."""
@@ -279,6 +312,7 @@ class Hub:
             direct_item = Frame(
                 job_id=last.job_id,
                 owner=last.owner,
+                subject=last.subject,
                 type=last.type,
                 job_event_id=last.job_event_id,
                 firehose_id=last.firehose_id,

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from stepstream.server.auth import FIREHOSE_SCOPE, Principal
+from stepstream.server.auth import FIREHOSE_SCOPE, Principal, job_scope, subject_scope
 from stepstream.server.errors import ApiError
 from stepstream.server.options import (
     SUBMIT_FIELDS,
@@ -25,6 +25,8 @@ from stepstream.server.options import (
     parse_submit_options,
 )
 from stepstream.server.state import AppState
+from stepstream.server.subjects import subject_field, subject_param
+from stepstream.server.urls import job_links, root_path
 from stepstream.tasks import batches, cache
 from stepstream.tasks.models import JobRecord, JobState, new_job_id, utcnow
 from stepstream.tasks.registry import TaskSpec, all_tasks, get_task
@@ -33,9 +35,12 @@ from stepstream.tasks.settings import Settings
 from stepstream.tasks.store import new_event
 
 JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
-async def read_json(request: Request, max_bytes: int) -> Any:
+async def read_json(request: Request, max_bytes: int, *, optional: bool = False) -> Any:
+    """The body as JSON (400 if it is not, 413 past ``max_bytes``); ``optional``: an empty
+    body is ``{}``."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not (declared.isascii() and declared.isdigit()):
@@ -43,14 +48,37 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         if int(declared) > max_bytes:
             raise _too_large(max_bytes)
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise _too_large(max_bytes)
+    settings: Settings = request.app.state.stepstream.settings
     try:
-        return json.loads(body)
+        # A body dripped in a byte at a time would otherwise hold the connection for ever.
+        async with asyncio.timeout(settings.body_timeout_seconds):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > max_bytes:
+                    raise _too_large(max_bytes)
+    except TimeoutError:
+        raise ApiError(
+            408,
+            "body_timeout",
+            f"the body did not arrive within {settings.body_timeout_seconds:g} seconds",
+            headers={"Connection": "close"},
+        ) from None
+    if optional and not body.strip():
+        return {}
+    try:
+        value = json.loads(body)
+        # JSON's \uXXXX escapes can spell half a surrogate pair, which is not text: stored, it
+        # would break every later response that carries it. Raw UTF-8 cannot, so only a body
+        # with such an escape needs the full check.
+        if _SURROGATE_ESCAPE.search(body):
+            json.dumps(value, ensure_ascii=False).encode()
+        return value
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(400, "malformed_json", f"the body is not valid JSON: {exc}") from None
+    except UnicodeEncodeError:
+        raise ApiError(
+            400, "malformed_json", "the body has a lone UTF-16 surrogate escape (e.g. \\ud800)"
+        ) from None
     except RecursionError:
         raise ApiError(400, "malformed_json", "the body is nested too deeply") from None
 
@@ -67,10 +95,15 @@ def task_named(name: object) -> TaskSpec:
 
 
 async def read_object(
-    request: Request, state: AppState, fields: frozenset[str], shape: str
+    request: Request,
+    state: AppState,
+    fields: frozenset[str],
+    shape: str,
+    *,
+    optional: bool = False,
 ) -> dict[str, Any]:
     """The body as a JSON object with only ``fields`` (422 otherwise, naming the strays)."""
-    body = await read_json(request, state.settings.max_body_bytes)
+    body = await read_json(request, state.settings.max_body_bytes, optional=optional)
     if not isinstance(body, dict):
         raise ApiError(422, "invalid_body", f"the body must be a JSON object {shape}")
     unknown = sorted(set(body) - fields)
@@ -87,13 +120,10 @@ def _too_large(max_bytes: int) -> ApiError:
     )
 
 
-def job_links(job_id: str) -> dict[str, str]:
-    return {"self": f"/api/jobs/{job_id}", "events": f"/api/jobs/{job_id}/events"}
-
-
-def job_json(record: JobRecord) -> dict[str, Any]:
+def job_json(record: JobRecord, root: str) -> dict[str, Any]:
+    """The record as the API shows it; ``root`` is ``urls.root_path(request)``."""
     data = record.model_dump(mode="json")
-    data["links"] = job_links(record.id)
+    data["links"] = job_links(root, record.id)
     return data
 
 
@@ -131,7 +161,7 @@ async def submit_job(request: Request) -> Response:
             state, owner, idempotency_key, task_name, raw_input, options.fingerprint()
         )
         if claim.existing is not None:
-            return _accepted(state, claim.existing, 200)
+            return _accepted(request, state, claim.existing, 200)
         job_id = claim.job_id
     try:
         await enforce_submission_limits(state, owner)
@@ -149,16 +179,16 @@ async def submit_job(request: Request) -> Response:
         if claim is not None:
             await state.redis.delete(claim.redis_key)  # let the client's retry create the job
         raise
-    return _accepted(state, record, 202)
+    return _accepted(request, state, record, 202)
 
 
-def _accepted(state: AppState, record: JobRecord, status: int) -> JSONResponse:
-    body = job_json(record)
+def _accepted(request: Request, state: AppState, record: JobRecord, status: int) -> JSONResponse:
+    body = job_json(record, root_path(request))
     # EventSource cannot send headers: the answer carries a token for this job's stream.
-    token, expires_at = state.auth.issue_token(record.owner, f"job:{record.id}")
+    token, expires_at = state.auth.issue_token(record.owner, job_scope(record.id))
     body["stream_token"] = token
     body["stream_token_expires_at"] = expires_at
-    return JSONResponse(body, status_code=status, headers={"Location": f"/api/jobs/{record.id}"})
+    return JSONResponse(body, status_code=status, headers={"Location": body["links"]["self"]})
 
 
 def check_input_shape(value: Any, settings: Settings) -> None:
@@ -201,7 +231,10 @@ async def enforce_submission_limits(state: AppState, owner: str | None) -> None:
             429,
             "rate_limited",
             f"more than {state.settings.submissions_per_second} submissions in one second",
-            {"limit": state.settings.submissions_per_second},
+            {
+                "limit": state.settings.submissions_per_second,
+                "setting": "STEPSTREAM_SUBMISSIONS_PER_SECOND",
+            },
             headers={"Retry-After": "1"},
         )
     if unfinished >= state.settings.max_unfinished_per_owner:
@@ -210,7 +243,10 @@ async def enforce_submission_limits(state: AppState, owner: str | None) -> None:
             "too_many_unfinished_jobs",
             f"{unfinished} jobs have not finished yet; the limit is "
             f"{state.settings.max_unfinished_per_owner}",
-            {"limit": state.settings.max_unfinished_per_owner},
+            {
+                "limit": state.settings.max_unfinished_per_owner,
+                "setting": "STEPSTREAM_MAX_UNFINISHED_PER_OWNER",
+            },
             headers={"Retry-After": "5"},
         )
 
@@ -250,6 +286,7 @@ def new_job(
         budget=options.budget,
         run_at=options.run_at_text,
         callback_url=options.callback_url,
+        subject=options.subject,
         **fields,
     )
     event = new_event(job_id, "queued", 0, input=raw_input)
@@ -289,6 +326,7 @@ async def _create_job(
                 hit,
                 count_submitted=count_submitted,
                 callback_url=options.callback_url,
+                subject=options.subject,
                 **fields,
             )
     new = new_job(
@@ -459,7 +497,7 @@ async def load_job(request: Request, principal: Principal) -> JobRecord:
     state: AppState = request.app.state.stepstream
     job_id = request.path_params["job_id"]
     record = await state.store.get(job_id) if JOB_ID.fullmatch(job_id) else None
-    if record is None or not principal.may_read(record.owner, record.id):
+    if record is None or not principal.may_read(record.owner, record.id, record.subject):
         raise ApiError(404, "job_not_found", f"no job with id {job_id!r}")
     return record
 
@@ -470,8 +508,9 @@ async def reload(state: AppState, record: JobRecord) -> JobRecord:
 
 async def get_job(request: Request) -> Response:
     state: AppState = request.app.state.stepstream
-    principal = await state.auth.authenticate(request)
-    return JSONResponse(job_json(await load_job(request, principal)))
+    # A stream token reads the records of the jobs in its scope (server/auth.py).
+    principal = await state.auth.authenticate(request, allow_token=True)
+    return JSONResponse(job_json(await load_job(request, principal), root_path(request)))
 
 
 async def job_token(request: Request) -> Response:
@@ -479,16 +518,24 @@ async def job_token(request: Request) -> Response:
     state: AppState = request.app.state.stepstream
     principal = await state.auth.authenticate(request)
     record = await load_job(request, principal)
-    token, expires_at = state.auth.issue_token(record.owner, f"job:{record.id}")
-    return JSONResponse({"token": token, "expires_at": expires_at, "scope": f"job:{record.id}"})
+    scope = job_scope(record.id)
+    token, expires_at = state.auth.issue_token(record.owner, scope)
+    return JSONResponse({"token": token, "expires_at": expires_at, "scope": scope})
+
+
+TOKEN_FIELDS = frozenset({"subject"})
 
 
 async def firehose_token(request: Request) -> Response:
-    """A short-lived, read-only token for the caller's firehose (``/api/events?token=``)."""
+    """A short-lived, read-only token for the caller's firehose (``/api/events?token=``): all
+    their jobs, or with ``{"subject": s}`` in the body only the jobs submitted for ``s``."""
     state: AppState = request.app.state.stepstream
     principal = await state.auth.authenticate(request)
-    token, expires_at = state.auth.issue_token(principal.owner, FIREHOSE_SCOPE)
-    return JSONResponse({"token": token, "expires_at": expires_at, "scope": FIREHOSE_SCOPE})
+    body = await read_object(request, state, TOKEN_FIELDS, "{subject}", optional=True)
+    subject = subject_field(body)
+    scope = FIREHOSE_SCOPE if subject is None else subject_scope(subject)
+    token, expires_at = state.auth.issue_token(principal.owner, scope)
+    return JSONResponse({"token": token, "expires_at": expires_at, "scope": scope})
 
 
 def _decode_cursor(raw: str) -> tuple[float, str]:
@@ -498,7 +545,7 @@ def _decode_cursor(raw: str) -> tuple[float, str]:
         if not JOB_ID.fullmatch(job_id):
             raise ValueError(job_id)
         return float(int(score)), job_id
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+    except (ValueError, OverflowError, binascii.Error, UnicodeDecodeError):
         raise ApiError(400, "bad_cursor", "`cursor` is not one this server gave out") from None
 
 
@@ -524,7 +571,7 @@ async def list_jobs(request: Request) -> Response:
             )
         states = frozenset(JobState(n) for n in names)
     raw_limit = params.get("limit", "50")
-    if not (raw_limit.isascii() and raw_limit.isdigit()) or not (
+    if not (raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= 6) or not (
         1 <= int(raw_limit) <= state.settings.list_limit_max
     ):
         raise ApiError(
@@ -532,17 +579,19 @@ async def list_jobs(request: Request) -> Response:
             "bad_limit",
             f"`limit` must be a whole number from 1 to {state.settings.list_limit_max}",
         )
+    subject = subject_param(params)
     cursor = _decode_cursor(params["cursor"]) if params.get("cursor") else None
     records, next_cursor = await state.store.list_jobs(
         states=states,
         task=params.get("task") or None,
         owner=principal.owner,
+        subject=subject,
         limit=int(raw_limit),
         cursor=cursor,
     )
     return JSONResponse(
         {
-            "jobs": [job_json(r) for r in records],
+            "jobs": [job_json(r, root_path(request)) for r in records],
             "next_cursor": _encode_cursor(next_cursor) if next_cursor else None,
         }
     )
@@ -554,7 +603,7 @@ async def cancel_job(request: Request) -> Response:
     if record.batch is not None:  # a batch's parent: cancel its children
         from stepstream.server.batches import cancel_batch  # server.batches builds on this module
 
-        return await cancel_batch(state, record)
+        return await cancel_batch(request, state, record)
     if record.state.terminal:
         raise _conflict(record, "cancel")
     # A job that has not started is cancelled here; compare-and-set against the worker.
@@ -567,11 +616,12 @@ async def cancel_job(request: Request) -> Response:
     )
     if appended.ok:
         await batches.child_finished(state.store, record, "cancelled")  # if in a batch
-        return JSONResponse(job_json(await reload(state, record)))
+        return JSONResponse(job_json(await reload(state, record), root_path(request)))
     if appended.refused == '"running"':
         # Only the worker writes a running job's events: raise the flag it watches.
         await state.store.request_cancel(record.id)
-        return JSONResponse({**job_json(record), "cancel_requested": True}, status_code=202)
+        body = {**job_json(record, root_path(request)), "cancel_requested": True}
+        return JSONResponse(body, status_code=202)
     raise _conflict(await reload(state, record), "cancel")
 
 
@@ -603,7 +653,7 @@ async def retry_job(request: Request) -> Response:
     if not appended.ok:
         raise _conflict(await reload(state, record), "retry")
     await state.enqueue(record.id)
-    return JSONResponse(job_json(await reload(state, record)), status_code=202)
+    return JSONResponse(job_json(await reload(state, record), root_path(request)), status_code=202)
 
 
 def _conflict(record: JobRecord, action: str) -> ApiError:

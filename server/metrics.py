@@ -150,12 +150,20 @@ class WebMetrics:
 
     def _process(self, state: AppState) -> list[Metric]:
         hub = state.hub
+        refused = CounterMetricFamily(
+            "stepstream_sse_streams_refused",
+            "Streams this web process refused with 429, by the limit (key, token, process).",
+            labels=["per"],
+        )
+        for per in ("key", "token", "process"):
+            refused.add_metric([per], state.streams_refused[per])
         return [
             GaugeMetricFamily(
                 "stepstream_sse_streams_open",
                 "SSE streams open on this web process.",
                 value=hub.subscriber_count,
             ),
+            refused,
             CounterMetricFamily(
                 "stepstream_sse_slow_consumers_dropped",
                 "Streams this web process cut off because the client fell behind.",

@@ -7,6 +7,9 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from stepstream.server import subjects
+from stepstream.server.state import AppState
+from stepstream.server.urls import root_path
 from stepstream.tasks.models import JobRecord, JobState
 from stepstream.tasks.registry import all_tasks
 
@@ -26,6 +29,12 @@ ERROR = {
     },
 }
 CURSOR = {"type": "string", "pattern": "^(0|[0-9]+-[0-9]+)$"}
+SUBJECT: dict[str, Any] = {
+    "type": "string",
+    "pattern": f"^{subjects.SUBJECT.pattern}$",
+    "maxLength": subjects.MAX_LENGTH,
+    "description": "the end user the job belongs to, as the owner's app names them",
+}
 SUBMIT_OPTIONS: dict[str, Any] = {
     "budget": {"type": "number", "minimum": 0, "description": "most this job may spend"},
     "run_at": {"type": ["string", "null"], "format": "date-time", "description": "start then"},
@@ -38,6 +47,7 @@ SUBMIT_OPTIONS: dict[str, Any] = {
         "an address the operator does not allow is a 422 invalid_callback_url. Never shown in "
         "the record.",
     },
+    "subject": {**SUBJECT, "type": ["string", "null"]},
 }
 
 
@@ -55,16 +65,35 @@ def _json(description: str, ref: str) -> dict[str, Any]:
     }
 
 
+def _too_many_streams() -> dict[str, Any]:
+    return {
+        **_error(
+            "Over a stream limit of this web process: the API key's, the stream token's or "
+            "the process's (`details.per`: key, token, process; `details.setting` names it)"
+        ),
+        "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+    }
+
+
 JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
 SSE = {"description": "Server-Sent Events", "content": {"text/event-stream": {}}}
+TOKEN = {
+    "name": "token",
+    "in": "query",
+    "schema": {"type": "string"},
+    "description": "a stream token (read-only): `job:<id>` opens that job; `subject:<s>` the "
+    "owner's jobs of subject s and their firehose; `events` all the owner's jobs and firehose",
+}
 STREAM_PARAMS = [
     {"name": "after", "in": "query", "schema": CURSOR},
     {"name": "Last-Event-ID", "in": "header", "schema": CURSOR},
-    {"name": "token", "in": "query", "schema": {"type": "string"}},
+    TOKEN,
 ]
+TOKEN_REPLY = {"description": "{token, expires_at, scope}"}
 
 
-def document() -> dict[str, Any]:
+def document(root: str) -> dict[str, Any]:
+    """The document; ``root`` is the path the API is served under (``/progress`` when mounted)."""
     submissions = [
         {
             "type": "object",
@@ -114,6 +143,7 @@ def document() -> dict[str, Any]:
                         "description": "comma separated: " + ", ".join(s.value for s in JobState),
                     },
                     {"name": "task", "in": "query", "schema": {"type": "string"}},
+                    {"name": "subject", "in": "query", "schema": SUBJECT},
                     {"name": "limit", "in": "query", "schema": {"type": "integer"}},
                     {"name": "cursor", "in": "query", "schema": {"type": "string"}},
                 ],
@@ -123,8 +153,12 @@ def document() -> dict[str, Any]:
         "/api/jobs/{job_id}": {
             "get": {
                 "summary": "One job's record",
-                "parameters": [JOB_ID],
-                "responses": {"200": _json("The record", "Job"), "404": _error("No such job")},
+                "parameters": [JOB_ID, TOKEN],
+                "responses": {
+                    "200": _json("The record", "Job"),
+                    "401": _error("No credentials, or a token that has expired"),
+                    "404": _error("No such job (or not the caller's, or not in the token's scope)"),
+                },
             }
         },
         "/api/jobs/{job_id}/events": {
@@ -135,7 +169,9 @@ def document() -> dict[str, Any]:
                     "200": SSE,
                     "204": {"description": "The cursor is at the terminal event"},
                     "400": _error("Bad cursor"),
-                    "404": _error("No such job"),
+                    "401": _error("No credentials, or a token that has expired"),
+                    "404": _error("No such job (or not the caller's, or not in the token's scope)"),
+                    "429": _too_many_streams(),
                 },
             }
         },
@@ -159,22 +195,40 @@ def document() -> dict[str, Any]:
         },
         "/api/jobs/{job_id}/token": {
             "post": {
-                "summary": "A short-lived token for this job's stream",
+                "summary": "A short-lived token for this job's record and stream (scope job:<id>)",
                 "parameters": [JOB_ID],
-                "responses": {"200": {"description": "{token, expires_at, scope}"}},
+                "responses": {"200": TOKEN_REPLY, "404": _error("No such job")},
             }
         },
         "/api/events": {
             "get": {
                 "summary": "Every job's events (SSE firehose)",
                 "parameters": STREAM_PARAMS,
-                "responses": {"200": SSE, "400": _error("Bad cursor")},
+                "responses": {
+                    "200": SSE,
+                    "400": _error("Bad cursor"),
+                    "401": _error("No credentials, or a token scoped to one job"),
+                    "429": _too_many_streams(),
+                },
             }
         },
         "/api/events/token": {
             "post": {
-                "summary": "A short-lived token for the caller's firehose",
-                "responses": {"200": {"description": "{token, expires_at, scope}"}},
+                "summary": "A short-lived token for the caller's firehose (scope events), or "
+                "with a subject for that subject's jobs and firehose (scope subject:<s>)",
+                "requestBody": {
+                    "required": False,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "properties": {"subject": SUBJECT},
+                            }
+                        }
+                    },
+                },
+                "responses": {"200": TOKEN_REPLY, "422": _error("Not a subject")},
             }
         },
         "/api/batches": {
@@ -195,6 +249,7 @@ def document() -> dict[str, Any]:
                                         **SUBMIT_OPTIONS["callback_url"],
                                         "description": "gets the parent's terminal event",
                                     },
+                                    "subject": SUBMIT_OPTIONS["subject"],
                                 },
                             }
                         }
@@ -238,6 +293,8 @@ def document() -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {"title": "Stepstream", "version": "0.1.0"},
+        # The paths below are relative to this URL (OpenAPI's default is "/").
+        "servers": [{"url": root or "/"}],
         "paths": paths,
         "components": {
             "schemas": {"Job": job, "Error": ERROR, **defs},
@@ -248,4 +305,9 @@ def document() -> dict[str, Any]:
 
 
 async def openapi(request: Request) -> Response:
-    return JSONResponse(document())
+    """The document lists every task and its input schema, as ``/api/tasks`` does, so in
+    production it asks for the same key unless the operator publishes it on purpose."""
+    state: AppState = request.app.state.stepstream
+    if not state.settings.public_openapi:
+        await state.auth.authenticate(request)
+    return JSONResponse(document(root_path(request)))

@@ -1,7 +1,7 @@
 """The submit body's optional fields beside ``task`` and ``input`` (docs/ai-workloads.md):
-``budget`` (the most the job may spend on LLM calls), and ``run_at`` (RFC 3339) or ``delay``
-(seconds) to schedule it; ``callback_url``, where its terminal event is POSTed (README,
-"Webhooks")."""
+``budget`` (the most the job may spend on LLM calls), ``run_at`` (RFC 3339) or ``delay``
+(seconds) to schedule it, ``subject`` (the end user the job belongs to, server/subjects.py),
+and ``callback_url``, where its terminal event is POSTed (README, "Webhooks")."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from stepstream.server.errors import ApiError
+from stepstream.server.subjects import subject_field
 from stepstream.tasks import destinations
 from stepstream.tasks.settings import Settings
 
 RESOLVE_TIMEOUT_SECONDS = 5.0  # a callback_url's host, at submit time
-SUBMIT_FIELDS = frozenset({"task", "input", "budget", "run_at", "delay", "callback_url"})
+SUBMIT_FIELDS = frozenset({"task", "input", "budget", "run_at", "delay", "subject", "callback_url"})
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class SubmitOptions:
     budget: float | None = None
     run_at: datetime | None = None  # UTC; None = now
     delay: float | None = None  # as given: the same request sent again has the same fingerprint
+    subject: str | None = None
     callback_url: str | None = None
 
     @property
@@ -43,6 +45,8 @@ class SubmitOptions:
             extra["delay"] = self.delay
         elif self.run_at is not None:
             extra["run_at"] = self.run_at_text
+        if self.subject is not None:
+            extra["subject"] = self.subject
         if self.callback_url is not None:
             extra["callback_url"] = self.callback_url
         return extra
@@ -51,11 +55,15 @@ class SubmitOptions:
 def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond any float
+        return None
     return number if math.isfinite(number) else None
 
 
 def parse_submit_options(body: dict[str, Any], settings: Settings) -> SubmitOptions:
+    subject = subject_field(body)
     budget = None
     if body.get("budget") is not None:
         budget = _number(body["budget"])
@@ -107,7 +115,9 @@ def parse_submit_options(body: dict[str, Any], settings: Settings) -> SubmitOpti
             destinations.parse_url(callback_url)
         except destinations.Refused as exc:
             raise callback_refused(exc) from None
-    return SubmitOptions(budget=budget, run_at=run_at, delay=delay, callback_url=callback_url)
+    return SubmitOptions(
+        budget=budget, run_at=run_at, delay=delay, subject=subject, callback_url=callback_url
+    )
 
 
 async def check_callback_url(options: SubmitOptions, settings: Settings) -> None:

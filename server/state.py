@@ -26,7 +26,10 @@ class AppState:
     hub: Hub
     arq: ArqRedis
     auth: Authenticator
-    streams_by_owner: Counter[str | None] = field(default_factory=Counter)
+    # Open streams of this process, in all and by what they count against (server/guards.py).
+    open_streams: int = 0
+    streams_by_holder: Counter[str] = field(default_factory=Counter)
+    streams_refused: Counter[str] = field(default_factory=Counter)  # by limit: key, token, process
 
     def enqueue_commands(self, job_id: str) -> list[list[str | bytes | int]]:
         """The arq enqueue of a job created a moment ago, as commands for the create script.

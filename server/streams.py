@@ -184,7 +184,7 @@ class JobStream:
 class FirehoseStream:
     """Every job's events (those the caller may see), live or from a firehose cursor."""
 
-    __slots__ = ("cursor", "hub", "last", "owner", "settings", "store", "subscriber")
+    __slots__ = ("cursor", "hub", "last", "owner", "settings", "store", "subject", "subscriber")
 
     def __init__(
         self,
@@ -193,11 +193,13 @@ class FirehoseStream:
         settings: Settings,
         cursor: str | None,
         owner: str | None = None,
+        subject: str | None = None,
     ) -> None:
         self.store = store
         self.hub = hub
         self.settings = settings
-        self.owner = owner
+        self.owner = owner  # None: every owner's jobs (development without a key)
+        self.subject = subject  # None: every subject's jobs
         self.last: StreamId = (-1, -1)
         self.cursor = cursor
         self.subscriber: Subscriber
@@ -211,7 +213,7 @@ class FirehoseStream:
             start = info.last_id if info else "0"
             if self.settings.resume_delay_seconds:
                 await asyncio.sleep(self.settings.resume_delay_seconds)  # tests widen the window
-        self.subscriber = self.hub.subscribe(None, self.owner)
+        self.subscriber = self.hub.subscribe(None, self.owner, self.subject)
         try:
             yield f"retry: {self.settings.sse_retry_ms}\n\n".encode()
             if self.cursor is None:
@@ -263,7 +265,9 @@ class FirehoseStream:
         batch = self.settings.replay_batch
         after = f"{self.last[0]}-{self.last[1]}"
         while True:
-            rows, after, more = await self.store.read_firehose(after, batch, self.subscriber.owner)
+            rows, after, more = await self.store.read_firehose(
+                after, batch, self.owner, self.subject
+            )
             chunks: list[bytes] = []
             for entry_id, job_event_id, event_json in rows:
                 type_ = _event_type(event_json)

@@ -62,6 +62,7 @@ from stepstream._models import (
     StepCompletedEvent,
     StepEvent,
     StepRecord,
+    StreamToken,
     TaskInfo,
     UnknownEvent,
 )
@@ -165,6 +166,7 @@ __all__ = [
     "StepRecord",
     "StepTimeout",
     "StepstreamError",
+    "StreamToken",
     "TaskContext",
     "TaskError",
     "TaskInfo",

@@ -24,14 +24,24 @@ from stepstream._base import (
     parse_job,
     parse_page,
     parse_tasks,
+    parse_token,
     retry_delay,
     should_retry,
     stream_error,
     submit_request,
+    token_request,
     unreachable,
 )
 from stepstream._exceptions import WaitTimeout
-from stepstream._models import Event, Job, JobPage, JobState, SnapshotEvent, TaskInfo
+from stepstream._models import (
+    Event,
+    Job,
+    JobPage,
+    JobState,
+    SnapshotEvent,
+    StreamToken,
+    TaskInfo,
+)
 from stepstream._sse import Reconnector, StreamFollower
 
 
@@ -70,10 +80,17 @@ class AsyncClient:
     # -- jobs ------------------------------------------------------------------------------
 
     async def submit(
-        self, task: str, input: dict[str, Any] | None = None, *, idempotency_key: str | None = None
+        self,
+        task: str,
+        input: dict[str, Any] | None = None,
+        *,
+        idempotency_key: str | None = None,
+        subject: str | None = None,
     ) -> Job:
-        """Start a job; returns its record (state ``queued``) at once."""
-        return parse_job(await self._send(submit_request(task, input, idempotency_key)))
+        """Start a job; returns its record (state ``queued``) at once. ``subject`` names the
+        end user it belongs to (listings filter by it; subject tokens see it)."""
+        spec = submit_request(task, input, idempotency_key, subject)
+        return parse_job(await self._send(spec))
 
     async def get(self, job_id: str) -> Job:
         return parse_job(await self._send(RequestSpec("GET", job_path(job_id))))
@@ -88,6 +105,13 @@ class AsyncClient:
         spec = RequestSpec("POST", job_path(job_id, "/retry"), idempotent=False)
         return parse_job(await self._send(spec))
 
+    async def stream_token(
+        self, job_id: str | None = None, *, subject: str | None = None
+    ) -> StreamToken:
+        """A short-lived, read-only token to hand to a browser (``?token=``): for one job, for
+        the jobs of one ``subject``, or (neither) for all of this key's jobs."""
+        return parse_token(await self._send(token_request(job_id, subject)))
+
     async def list(
         self,
         *,
@@ -95,9 +119,10 @@ class AsyncClient:
         task: str | None = None,
         limit: int | None = None,
         cursor: str | None = None,
+        subject: str | None = None,
     ) -> JobPage:
         """One page of jobs, newest first; ``status`` may list several states."""
-        return parse_page(await self._send(list_request(status, task, limit, cursor)))
+        return parse_page(await self._send(list_request(status, task, limit, cursor, subject)))
 
     async def iter_jobs(
         self,
@@ -105,12 +130,15 @@ class AsyncClient:
         status: str | JobState | Iterable[str | JobState] | None = None,
         task: str | None = None,
         page_size: int | None = None,
+        subject: str | None = None,
     ) -> AsyncIterator[Job]:
         """Every job that matches, newest first, fetching pages as it goes."""
         statuses = status if isinstance(status, str) or status is None else builtins.list(status)
         cursor: str | None = None
         while True:
-            page = await self.list(status=statuses, task=task, limit=page_size, cursor=cursor)
+            page = await self.list(
+                status=statuses, task=task, limit=page_size, cursor=cursor, subject=subject
+            )
             for job in page.jobs:
                 yield job
             if not page.next_cursor or not page.jobs:

@@ -17,7 +17,7 @@ from stepstream._exceptions import (
     error_from_response,
     retry_after,
 )
-from stepstream._models import Job, JobPage, JobState, TaskInfo
+from stepstream._models import Job, JobPage, JobState, StreamToken, TaskInfo
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 URL_ENV = "STEPSTREAM_URL"
@@ -91,13 +91,19 @@ def job_path(job_id: str, suffix: str = "") -> str:
 
 
 def submit_request(
-    task: str, input: dict[str, Any] | None, idempotency_key: str | None
+    task: str,
+    input: dict[str, Any] | None,
+    idempotency_key: str | None,
+    subject: str | None = None,
 ) -> RequestSpec:
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+    body: dict[str, Any] = {"task": task, "input": input or {}}
+    if subject is not None:
+        body["subject"] = subject
     return RequestSpec(
         "POST",
         "/api/jobs",
-        json={"task": task, "input": input or {}},
+        json=body,
         headers=headers,
         idempotent=idempotency_key is not None,
     )
@@ -108,8 +114,11 @@ def list_request(
     task: str | None,
     limit: int | None,
     cursor: str | None,
+    subject: str | None = None,
 ) -> RequestSpec:
     params: dict[str, str] = {}
+    if subject:
+        params["subject"] = subject
     if status is not None:
         if isinstance(status, str):  # JobState is a str too
             params["status"] = str(status)
@@ -191,6 +200,20 @@ def check_response(response: httpx.Response) -> None:
 def parse_job(response: httpx.Response) -> Job:
     check_response(response)
     return Job.model_validate(_json(response))
+
+
+def token_request(job_id: str | None, subject: str | None) -> RequestSpec:
+    if job_id is not None and subject is not None:
+        raise ValueError("a token is for one job or for one subject, not both")
+    if job_id is not None:
+        return RequestSpec("POST", job_path(job_id, "/token"))  # minting twice is harmless
+    body = {"subject": subject} if subject is not None else None
+    return RequestSpec("POST", "/api/events/token", json=body)
+
+
+def parse_token(response: httpx.Response) -> StreamToken:
+    check_response(response)
+    return StreamToken.model_validate(_json(response))
 
 
 def parse_page(response: httpx.Response) -> JobPage:

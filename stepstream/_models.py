@@ -78,6 +78,7 @@ class Job(_Model):
     id: str
     task: str
     owner: str | None = None
+    subject: str | None = None  # the end user the job was submitted for
     state: JobState
     input: dict[str, Any] = Field(default_factory=dict)
     step: Step | None = None
@@ -111,6 +112,15 @@ class JobPage(_Model):
 
     jobs: list[Job]
     next_cursor: str | None = None
+
+
+class StreamToken(_Model):
+    """A short-lived, read-only token for ``?token=`` (a browser's EventSource cannot send an
+    Authorization header). ``scope`` is ``job:<id>``, ``subject:<subject>`` or ``events``."""
+
+    token: str
+    expires_at: float
+    scope: str
 
 
 class TaskInfo(_Model):

@@ -81,20 +81,17 @@ def check_webhooks(report: Report, settings: Any) -> None:
 
 
 def check_settings(report: Report) -> Any:
-    from stepstream.tasks.settings import Settings
+    from stepstream.tasks.settings import Settings, describe_errors
 
     try:
         settings = Settings()
     except ValidationError as exc:
-        for error in exc.errors(include_url=False):
-            name = "STEPSTREAM_" + "_".join(str(part) for part in error["loc"]).upper()
-            report.add(FAIL, f"{name} is not valid: {error['msg']}")
+        for line in describe_errors(exc):
+            report.add(FAIL, line)
         return None
     report.add(OK, "configuration read from the environment")
     if not isinstance(logging.getLevelName(settings.log_level.upper()), int):
         report.add(FAIL, f"STEPSTREAM_LOG_LEVEL={settings.log_level!r}: use DEBUG, INFO or WARNING")
-    if settings.log_format.lower() not in ("auto", "json", "text"):
-        report.add(FAIL, f"STEPSTREAM_LOG_FORMAT={settings.log_format!r}: use json, text or auto")
     if settings.job_log_maxlen < 100:
         report.add(
             WARN,

@@ -12,7 +12,7 @@ import sys
 from typing import NoReturn
 
 WEB_APP = "stepstream.server.app:app"
-WORKER_SETTINGS = "stepstream.tasks.worker.WorkerSettings"
+WORKER_MODULE = "stepstream.tasks.worker"
 EXIT_CONFIG = 78  # EX_CONFIG
 
 
@@ -35,7 +35,9 @@ def web_argv(host: str, port: int, *, graceful_shutdown_seconds: float = 10) -> 
 
 
 def worker_argv() -> list[str]:
-    return [sys.executable, "-m", "arq", WORKER_SETTINGS]
+    # Not arq's CLI: our Worker subclass survives a Redis error inside arq's WATCH section.
+    # `-c` puts the working directory first on sys.path, as `-m` does for the web process.
+    return [sys.executable, "-c", f"from {WORKER_MODULE} import main; main()"]
 
 
 def task_env(tasks: str | None, demo: bool | None) -> dict[str, str]:
@@ -67,15 +69,12 @@ def configuration_problem(env: dict[str, str], web_host: str | None) -> str | No
 
         from stepstream.tasks.errors import ConfigurationError
         from stepstream.tasks.registry import load_tasks
-        from stepstream.tasks.settings import Settings
+        from stepstream.tasks.settings import Settings, describe_errors
 
         try:
             settings = Settings()
         except ValidationError as exc:
-            return "; ".join(
-                f"STEPSTREAM_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
-                for e in exc.errors()
-            )
+            return "; ".join(describe_errors(exc))
         if web_host is not None:
             problem = settings.production_problem(web_host)
             if problem:

@@ -57,6 +57,11 @@ class Keys:
         """Sorted set: an owner's jobs that have not finished (for the per-owner limit)."""
         return f"{self.prefix}unfinished:{owner or '-'}"
 
+    def subject_jobs(self, subject: str) -> str:
+        """Sorted set: the ids of jobs submitted for one subject (of any owner: listings filter
+        by owner), by creation time in microseconds; trimmed to the retention on each create."""
+        return f"{self.prefix}subject:{subject}"
+
     def submissions(self, owner: str | None, second: int) -> str:
         """Counter: an owner's submissions in one second (rate limit)."""
         return f"{self.prefix}rate:{owner or '-'}:{second}"

@@ -406,12 +406,8 @@ def get_provider(settings: Settings) -> Provider:
                 max_retries=settings.llm_max_retries,
                 max_inline_wait=settings.llm_max_inline_wait_seconds,
             )
-        elif settings.llm_provider == "offline":
-            provider = OfflineProvider()
         else:
-            raise PermanentError(
-                f"STEPSTREAM_LLM_PROVIDER is {settings.llm_provider!r}; use offline or openai"
-            )
+            provider = OfflineProvider()
         _providers[key] = provider
     return provider
 

@@ -198,6 +198,31 @@ def use_json(setting: str, stream: Any = None) -> bool:
 
 
 ARQ_LOGGERS = ("arq", "arq.worker", "arq.jobs", "arq.connections", "arq.utils")
+_TOKEN_IN_QUERY = re.compile(r"([?&]token=)[^&\s\"']+")
+
+
+def redact_tokens(text: str) -> str:
+    """``?token=<stream token>`` becomes ``?token=[redacted]``: a token in a log is a key to a
+    stream for anyone who reads the log."""
+    return _TOKEN_IN_QUERY.sub(r"\1[redacted]", text)
+
+
+class TokenRedactor(logging.Filter):
+    """Redacts stream tokens in a record's message and arguments (uvicorn's access lines carry
+    the whole query string). On a handler, it covers every line the handler writes; a host
+    app that mounts Stepstream can add it to its own access-log handler."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and "token=" in record.msg:
+            record.msg = redact_tokens(record.msg)
+        if isinstance(record.args, tuple) and any(
+            isinstance(arg, str) and "token=" in arg for arg in record.args
+        ):
+            record.args = tuple(
+                redact_tokens(arg) if isinstance(arg, str) else arg for arg in record.args
+            )
+        return True
+
 
 _installed: list[tuple[logging.Logger, logging.Handler | logging.Filter]] = []
 
@@ -216,6 +241,7 @@ def setup_logging(process_kind: str, settings: Settings) -> logging.Handler:
     _installed.clear()
 
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(TokenRedactor())
     handler.setFormatter(
         JsonFormatter(process_kind) if use_json(settings.log_format) else TextFormatter()
     )

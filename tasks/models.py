@@ -95,6 +95,8 @@ class JobRecord(BaseModel):
     id: str
     task: str
     owner: str | None = None
+    # The end user the job belongs to, as the owner's app names them (submit `subject`).
+    subject: str | None = None
     state: JobState
     input: dict[str, Any]
     step: StepRef | None = None

@@ -16,9 +16,10 @@ field gives the seconds (croniter's convention), which the tests use to tick eve
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
-from arq.cron import CronJob, cron
+from arq.cron import CronJob, cron, next_cron
 
 from stepstream.tasks.models import JobRecord, JobState, new_job_id, utcnow
 from stepstream.tasks.registry import get_task
@@ -44,8 +45,8 @@ class Recurring:
     input: dict[str, Any] = field(default_factory=dict)
     owner: str | None = None
 
-    def schedule(self) -> dict[str, set[int] | None]:
-        return parse_cron(self.cron)
+    def schedules(self) -> list[Schedule]:
+        return cron_schedules(self.cron)
 
 
 _recurring: dict[str, Recurring] = {}
@@ -61,7 +62,7 @@ def recurring(
 ) -> Recurring:
     """Declare a recurring job (in a task module, next to its ``@task``)."""
     entry = Recurring(name, task, cron, dict(input or {}), owner)
-    entry.schedule()  # a bad expression fails at import, not at the first tick
+    entry.schedules()  # a bad expression fails at import, not at the first tick
     if name in _recurring and _recurring[name] != entry:
         raise ValueError(f"recurring job {name!r} is declared twice")
     _recurring[name] = entry
@@ -72,8 +73,37 @@ def all_recurring() -> list[Recurring]:
     return sorted(_recurring.values(), key=lambda r: r.name)
 
 
-def parse_cron(expression: str) -> dict[str, set[int] | None]:
-    """The arq ``cron()`` keyword arguments for a cron expression (None = every value)."""
+Schedule = dict[str, set[int] | None]
+
+
+def cron_schedules(expression: str) -> list[Schedule]:
+    """The arq ``cron()`` keyword arguments that together fire when ``expression`` does.
+
+    arq matches every field at once. Cron does too, except that when both day-of-month and
+    day-of-week are restricted a day matches if EITHER does (``0 3 1,15 * 0``: the 1st, the
+    15th and every Sunday). That case becomes two arq schedules, one per day field; a tick
+    both match creates one job all the same, as its arq job id is the name and the time.
+    """
+    schedule = parse_cron(expression)
+    if schedule["day"] is None or schedule["weekday"] is None:
+        return [schedule]
+    return [{**schedule, "weekday": None}, {**schedule, "day": None}]
+
+
+def next_ticks(expression: str, after: datetime, count: int) -> list[datetime]:
+    """The next ``count`` times ``expression`` fires after ``after``, as the workers fire it."""
+    schedules = cron_schedules(expression)
+    ticks: list[datetime] = []
+    cursor = after
+    while len(ticks) < count:
+        cursor = min(next_cron(cursor, **schedule) for schedule in schedules)  # type: ignore[arg-type]
+        ticks.append(cursor.replace(microsecond=0))
+    return ticks
+
+
+def parse_cron(expression: str) -> Schedule:
+    """Each field of a cron expression as the set of its values (None = every value), in
+    arq's numbering."""
     parts = expression.split()
     if len(parts) not in (5, 6):
         raise ValueError(f"cron {expression!r}: expected 5 fields (or 6 with seconds)")
@@ -146,13 +176,14 @@ def cron_jobs() -> list[CronJob]:
             record = await create_job(ctx["store"], ctx["redis"], entry)
             return record.id if record else None
 
-        jobs.append(
-            cron(
-                fire,
-                name=f"stepstream.recurring:{entry.name}",
-                unique=True,  # one job per tick, however many workers run
-                keep_result=0,
-                **entry.schedule(),  # type: ignore[arg-type]
+        for schedule in entry.schedules():
+            jobs.append(
+                cron(
+                    fire,
+                    name=f"stepstream.recurring:{entry.name}",
+                    unique=True,  # one job per tick, however many workers or schedules
+                    keep_result=0,
+                    **schedule,  # type: ignore[arg-type]
+                )
             )
-        )
     return jobs

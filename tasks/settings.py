@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     firehose_maxlen: int = 100_000
 
     max_body_bytes: int = 1_048_576
+    body_timeout_seconds: float = 10.0  # a request body must arrive whole within this
     list_limit_max: int = 200
 
     # Delivery
@@ -56,13 +57,26 @@ class Settings(BaseSettings):
     api_keys: str = ""  # "owner:key,owner2:key2"; more with `stepstream keys create OWNER`
     token_ttl_seconds: float = 900.0
     cors_origins: str = ""  # comma separated; empty = CORS off
+    # /openapi.json lists every task's schema: in production it needs a key unless this is set.
+    public_openapi: bool = False
 
     # Limits
     max_input_depth: int = 32
     max_string_length: int = 200_000
     max_unfinished_per_owner: int = 1_000
     submissions_per_second: int = 50
-    max_streams_per_owner: int = 100  # per web process
+    # Open streams per web process (server/guards.py). All of them: 20,000 at ~25 KiB RSS each
+    # is ~500 MiB, and each needs a file descriptor (raise `ulimit -n` above it).
+    max_streams: int = 20_000
+    # Opened with one API key itself (or, in development, without credentials).
+    max_streams_per_key: int = Field(
+        default=100,
+        # The old name, from when all of an owner's streams counted together (deprecated).
+        validation_alias=AliasChoices(
+            "STEPSTREAM_MAX_STREAMS_PER_KEY", "STEPSTREAM_MAX_STREAMS_PER_OWNER"
+        ),
+    )
+    max_streams_per_token: int = 20  # opened with one stream token
 
     # Worker
     max_jobs: int = 10
@@ -76,7 +90,8 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: int = 20
 
     # Operations (docs/deploy.md)
-    log_format: str = "auto"  # json | text | auto (JSON unless stderr is a terminal)
+    # JSON unless stderr is a terminal, for auto
+    log_format: Literal["auto", "json", "text"] = "auto"
     log_level: str = "INFO"
     # Each worker writes a heartbeat this often; it expires after three missed beats.
     worker_heartbeat_seconds: float = 2.0
@@ -106,7 +121,8 @@ class Settings(BaseSettings):
     public_url: str = ""
 
     # AI workloads (docs/ai-workloads.md)
-    llm_provider: str = "offline"  # offline (deterministic, no network) | openai
+    # offline: deterministic, no network; openai: any OpenAI-compatible server
+    llm_provider: Literal["offline", "openai"] = "offline"
     llm_base_url: str = "https://api.openai.com/v1"  # any OpenAI-compatible server
     llm_api_key: str = ""
     llm_model: str = "gpt-4o-mini"
@@ -174,6 +190,15 @@ class Settings(BaseSettings):
     @property
     def task_module_list(self) -> list[str]:
         return [m.strip() for m in self.task_modules.split(",") if m.strip()]
+
+
+def describe_errors(exc: ValidationError) -> list[str]:
+    """Each invalid setting as one plain line, named as it is set in the environment."""
+    return [
+        f"STEPSTREAM_{'_'.join(str(part) for part in error['loc']).upper()} is not valid: "
+        f"{error['msg']}"
+        for error in exc.errors(include_url=False)
+    ]
 
 
 @lru_cache(maxsize=1)

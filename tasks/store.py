@@ -56,14 +56,31 @@ end
 local ttl = tonumber(ARGV[5])
 local first_field = 14 + tonumber(ARGV[1])
 local last_field = first_field + tonumber(ARGV[11]) - 1
+-- The job's subject (JSON), from the fields being written (create) or the record, so that
+-- firehose entries and wake-ups carry it like the owner: the firehose filters on both.
+local subject = false
+if mode == 'create' then
+  for i = first_field, last_field - 1, 2 do
+    if ARGV[i] == 'subject' then subject = ARGV[i + 1] end
+  end
+else
+  subject = redis.call('HGET', KEYS[1], 'subject')
+end
+if subject == 'null' then subject = false end
 local jid, fid
 local terminal
 for e = 14, first_field - 1 do
   jid = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[e])
-  fid = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*',
-    'i', jid, 'o', ARGV[8], 'e', ARGV[e])
+  if subject then
+    fid = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*',
+      'i', jid, 'o', ARGV[8], 's', subject, 'e', ARGV[e])
+  else
+    fid = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*',
+      'i', jid, 'o', ARGV[8], 'e', ARGV[e])
+  end
   redis.call('PUBLISH', ARGV[4], '{"job_event_id":"' .. jid .. '","firehose_id":"' .. fid ..
-    '","owner":' .. ARGV[8] .. ',"event":' .. ARGV[e] .. '}')
+    '","owner":' .. ARGV[8] .. (subject and (',"subject":' .. subject) or '') ..
+    ',"event":' .. ARGV[e] .. '}')
 end
 for i = first_field, last_field - 1, 2 do
   if ARGV[i] == 'state' then
@@ -275,7 +292,12 @@ class JobStore:
     ) -> Appended:
         fields = _create_fields(record)
         appended = await self.append(
-            record.id, event, fields, owner=record.owner, mode="create", then=then
+            record.id,
+            event,
+            fields,
+            owner=record.owner,
+            mode="create",
+            then=[*then, *self._subject_index(record)],
         )
         now = time.time()
         if appended.ok and now - self._index_trimmed_at >= 1.0:
@@ -297,8 +319,28 @@ class JobStore:
         """``create`` queued on ``pipe`` (a ``MULTI``): see ``queue_append_many``."""
         fields = _create_fields(record)
         await self.queue_append_many(
-            pipe, record.id, [event], fields, owner=record.owner, mode="create", then=then
+            pipe,
+            record.id,
+            [event],
+            fields,
+            owner=record.owner,
+            mode="create",
+            then=[*then, *self._subject_index(record)],
         )
+
+    def _subject_index(self, record: JobRecord) -> list[list[str | bytes | int]]:
+        """The create's additions to its subject's index (``GET /api/jobs?subject=``): the
+        entry, the end of entries past the retention, and the index's own expiry."""
+        if record.subject is None:
+            return []
+        key = self.keys.subject_jobs(record.subject)
+        now = time.time()
+        horizon = (now - self.settings.retention_seconds) * 1_000_000
+        return [
+            ["ZADD", key, f"{now * 1_000_000:.0f}", record.id],
+            ["ZREMRANGEBYSCORE", key, 0, f"{horizon:.0f}"],
+            ["EXPIRE", key, self.settings.retention_seconds],
+        ]
 
     async def request_cancel(self, job_id: str) -> None:
         await self.redis.set(self.keys.job_cancel(job_id), "1", ex=self.settings.retention_seconds)
@@ -330,21 +372,24 @@ class JobStore:
         return [(entry_id, fields["e"]) for entry_id, fields in rows]
 
     async def read_firehose(
-        self, after: str, count: int, owner: str | None = None
+        self, after: str, count: int, owner: str | None = None, subject: str | None = None
     ) -> tuple[list[tuple[str, str, str]], str, bool]:
         """A page of firehose entries after ``after``: (rows, last id read, whether more follow).
 
-        Rows are (id, job event id, event json). With ``owner`` only that owner's entries are
-        returned, so a page may be short, or empty, and still not be the last.
+        Rows are (id, job event id, event json). With ``owner`` (``subject``) only that owner's
+        (subject's) entries are returned, so a page may be short, or empty, and still not be
+        the last.
         """
         rows = await self.redis.xrange(self.keys.firehose, min=f"({after}", max="+", count=count)
         last = rows[-1][0] if rows else after
         more = len(rows) == count
         owner_json = json.dumps(owner) if owner is not None else None
+        subject_json = json.dumps(subject) if subject is not None else None
         page = [
             (entry_id, fields["i"], fields["e"])
             for entry_id, fields in rows
-            if owner_json is None or fields.get("o") == owner_json
+            if (owner_json is None or fields.get("o") == owner_json)
+            and (subject_json is None or fields.get("s") == subject_json)
         ]
         return page, last, more
 
@@ -369,9 +414,14 @@ class JobStore:
         task: str | None,
         limit: int,
         owner: str | None = None,
+        subject: str | None = None,
         cursor: tuple[float, str] | None,
     ) -> tuple[list[JobRecord], tuple[float, str] | None]:
-        """Newest first. The cursor is the (score, id) of the last job of the previous page."""
+        """Newest first. The cursor is the (score, id) of the last job of the previous page.
+
+        With ``subject`` the subject's own index is read instead of every job's.
+        """
+        index = self.keys.jobs if subject is None else self.keys.subject_jobs(subject)
         found: list[JobRecord] = []
         max_score: float | str = "+inf" if cursor is None else cursor[0]
         skip_until = cursor
@@ -381,7 +431,7 @@ class JobStore:
         # few jobs match, and the cursor lets the caller go on from where it stopped.
         while scanned < 5_000:
             rows = await self.redis.zrevrangebyscore(
-                self.keys.jobs, max_score, "-inf", start=0, num=batch, withscores=True
+                index, max_score, "-inf", start=0, num=batch, withscores=True
             )
             if skip_until is not None:
                 score, last_id = skip_until
@@ -400,6 +450,8 @@ class JobStore:
                 if task is not None and record.task != task:
                     continue
                 if owner is not None and record.owner != owner:
+                    continue
+                if subject is not None and record.subject != subject:
                     continue
                 found.append(record)
                 if len(found) == limit:

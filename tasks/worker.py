@@ -1,4 +1,7 @@
-"""The arq worker: ``arq stepstream.tasks.worker.WorkerSettings``.
+"""The arq worker: ``stepstream worker``, or ``arq stepstream.tasks.worker.WorkerSettings``.
+
+``stepstream worker`` runs :class:`Worker`, arq's worker with one fix (below); plain ``arq``
+runs arq's own.
 
 Plain and inspectable, as arq intends. The arq job id is the Stepstream job id, so enqueueing a
 job twice is a no-op; results live in the job record, so arq keeps none (which also lets a job id
@@ -7,11 +10,14 @@ be enqueued again for a manual retry, see arq#432).
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+import time
+from typing import Any, cast
 
+import arq.worker
 from arq.connections import RedisSettings
-from arq.worker import func
-from redis.exceptions import ConnectionError, TimeoutError
+from arq.worker import func, get_kwargs
+from redis.exceptions import ConnectionError, RedisError, TimeoutError
 
 from stepstream.tasks import llm, recurring
 from stepstream.tasks.connection import connect, patient_retry
@@ -25,6 +31,7 @@ from stepstream.tasks.settings import get_settings
 from stepstream.tasks.store import JobStore
 
 settings = get_settings()
+logger = logging.getLogger("stepstream.worker")
 # Here, not in startup(): arq logs its first lines before startup() runs.
 setup_logging("worker", settings)
 load_tasks(settings.task_module_list, demo=settings.demo_tasks)
@@ -84,3 +91,33 @@ class WorkerSettings:
     keep_result = 0
     job_completion_wait = settings.shutdown_grace_seconds
     health_check_key = f"{settings.prefix}worker-health"
+
+
+class Worker(arq.worker.Worker):
+    """arq's worker, kept alive through a Redis error inside its WATCH section.
+
+    ``start_jobs`` takes a job slot, then WATCHes the job's in-progress key; an error there (a
+    connection dropped while watching surfaces as ``WatchError``, see python-arq/arq#498) is
+    raised outside the ``try`` that gives the slot back, and ends the worker. Here it ends only
+    that poll: the slot is returned and the next poll, 10 ms later, tries again.
+    """
+
+    _warned_at = 0.0
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        try:
+            await super().start_jobs(job_ids)
+        except (RedisError, OSError) as exc:
+            # arq raised between taking the slot and its own release path: give it back.
+            self.job_counter -= 1
+            self.sem.release()
+            if time.monotonic() - self._warned_at > 1.0:  # polls come every 10 ms
+                self._warned_at = time.monotonic()
+                logger.warning("Redis error while starting a job; retrying: %r", exc)
+
+
+def main() -> None:
+    """``stepstream worker``: run :class:`Worker` with :class:`WorkerSettings`."""
+    # arq types get_kwargs' values as NameError; they are the settings' values.
+    kwargs: dict[str, Any] = get_kwargs(cast(Any, WorkerSettings))
+    Worker(**kwargs).run()

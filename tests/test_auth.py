@@ -30,10 +30,16 @@ def prod(module_stacks: StackFactory) -> Stack:
     return module_stacks(webs=1, workers=1, **PRODUCTION)
 
 
-def submit_as(s: Stack, who: dict[str, str], input: dict[str, object] | None = None) -> dict:
+def submit_as(
+    s: Stack,
+    who: dict[str, str],
+    input: dict[str, object] | None = None,
+    task: str = "analyze_document",
+    **fields: object,
+) -> dict:
     response = httpx.post(
         f"{s.url}/api/jobs",
-        json={"task": "analyze_document", "input": input or {"text": DOC}},
+        json={"task": task, "input": input or {"text": DOC}, **fields},
         headers=who,
     )
     assert response.status_code == 202, response.text
@@ -54,6 +60,8 @@ def test_every_api_call_needs_credentials(prod: Stack) -> None:
         ("GET", "/api/tasks"),
         ("GET", "/api/events"),
         ("GET", "/api/jobs/x/events"),
+        # It lists every task and input schema that /api/tasks protects.
+        ("GET", "/openapi.json"),
     ]:
         response = httpx.request(method, f"{prod.url}{path}")
         assert response.status_code == 401, path
@@ -98,7 +106,7 @@ def test_the_firehose_of_one_owner_never_carries_another_s_events(prod: Stack) -
     assert theirs["id"] not in {e.data.get("job_id") for e in reader.events}
 
 
-def test_a_stream_token_opens_one_job_s_stream_and_nothing_else(prod: Stack) -> None:
+def test_a_job_token_opens_one_job_s_stream_and_record_and_nothing_else(prod: Stack) -> None:
     job = submit_as(prod, ALICE)
     finish(prod, job["id"], ALICE)
     token = job["stream_token"]
@@ -108,8 +116,14 @@ def test_a_stream_token_opens_one_job_s_stream_and_nothing_else(prod: Stack) -> 
     wrong_job = httpx.get(f"{prod.url}/api/jobs/{other['id']}/events?token={token}")
     assert wrong_job.status_code == 404
     assert httpx.get(f"{prod.url}/api/events?token={token}").status_code == 401
-    read_only = httpx.get(f"{prod.url}/api/jobs/{job['id']}?token={token}")
-    assert read_only.status_code == 401
+    # It reads its job's record, not another's, and writes and lists nothing.
+    record = httpx.get(f"{prod.url}/api/jobs/{job['id']}?token={token}")
+    assert record.status_code == 200 and record.json()["state"] == "completed"
+    assert httpx.get(f"{prod.url}/api/jobs/{other['id']}?token={token}").status_code == 404
+    assert httpx.get(f"{prod.url}/api/jobs?token={token}").status_code == 401
+    for action in ["cancel", "retry", "token"]:
+        refused = httpx.post(f"{prod.url}/api/jobs/{job['id']}/{action}?token={token}")
+        assert refused.status_code == 401, action
     payload, signature = token.split(".")
     tampered = payload[:-2] + ("A" if payload[-2] != "A" else "B") + payload[-1] + "." + signature
     refused = httpx.get(f"{prod.url}/api/jobs/{job['id']}/events?token={tampered}")
@@ -294,3 +308,12 @@ def test_dashboard_and_api_send_security_headers_and_no_cors(stack: Stack) -> No
         headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
     )
     assert "access-control-allow-origin" not in preflight.headers
+
+
+def test_the_openapi_document_needs_a_key_in_production_unless_published(
+    prod: Stack, make_stack: StackFactory
+) -> None:
+    with_key = httpx.get(f"{prod.url}/openapi.json", headers=ALICE, timeout=10)
+    assert with_key.status_code == 200 and "analyze_document" in with_key.text
+    published = make_stack(**PRODUCTION, STEPSTREAM_PUBLIC_OPENAPI="true")
+    assert httpx.get(f"{published.url}/openapi.json", timeout=10).status_code == 200

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
+import httpx
 import pytest
 
 from tests.conftest import Stack, StackFactory
@@ -61,3 +62,19 @@ def test_a_failed_job_is_not_cached(ai_stack: Stack) -> None:
         job = submit(ai_stack.url, "ai_cached", body)
         assert wait_state(ai_stack.url, job["id"], {"completed", "failed"})["state"] == "failed"
     assert runs(ai_stack, "cache-c") == 2
+
+
+def test_a_cached_job_keeps_its_own_subject(ai_stack: Stack) -> None:
+    def submit_for(subject: str) -> dict[str, Any]:
+        body = {"task": "ai_cached", "input": {"value": 7, "counter": "cache-s"}}
+        response = httpx.post(f"{ai_stack.url}/api/jobs", json={**body, "subject": subject})
+        assert response.status_code == 202, response.text
+        job: dict[str, Any] = response.json()
+        return job
+
+    first = submit_for("s-1")
+    assert wait_state(ai_stack.url, first["id"], {"completed"})["subject"] == "s-1"
+    again = submit_for("s-2")
+    assert again["cached"] is True and again["subject"] == "s-2"
+    listed = httpx.get(f"{ai_stack.url}/api/jobs", params={"subject": "s-2"}).json()["jobs"]
+    assert [j["id"] for j in listed] == [again["id"]]

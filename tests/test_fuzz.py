@@ -150,6 +150,9 @@ def test_the_openapi_document_describes_every_route(client: httpx.Client) -> Non
     )
     variants = doc["paths"]["/api/jobs"]["post"]["requestBody"]["content"]["application/json"]
     assert {v["title"] for v in variants["schema"]["oneOf"]} >= {"analyze_document"}
+    assert all("subject" in v["properties"] for v in variants["schema"]["oneOf"])
+    listing = {p["name"] for p in doc["paths"]["/api/jobs"]["get"]["parameters"]}
+    assert "subject" in listing
 
 
 @FUZZ
@@ -190,3 +193,19 @@ def test_callback_urls(client: httpx.Client, url: Any) -> None:
     assert_sane(response)
     if response.status_code == 422:
         assert response.json()["error"]["details"]["field"] == "callback_url" or url is None
+
+
+@FUZZ
+@given(subject=st.none() | raw_text | json_values)
+def test_any_subject_is_accepted_or_refused_cleanly(client: httpx.Client, subject: Any) -> None:
+    job = {"task": "analyze_document", "input": {"text": "A."}, "subject": subject}
+    submitted = client.post("/api/jobs", content=json.dumps(job))
+    assert_sane(submitted)
+    if submitted.status_code == 202:
+        assert submitted.json()["subject"] == subject
+    assert_sane(client.post("/api/events/token", content=json.dumps({"subject": subject})))
+    if isinstance(subject, str):
+        listed = client.get("/api/jobs", params={"subject": subject})
+        assert_sane(listed)
+        if listed.status_code == 200 and subject:  # an empty filter is no filter
+            assert {j["subject"] for j in listed.json()["jobs"]} <= {subject}

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import socket
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -13,6 +16,10 @@ from tests.support.api import DOC, submit, wait_state
 
 # Keys that move by themselves (worker heartbeats, metrics, rate counters): not job data.
 HOUSEKEEPING = ("worker", "metrics", "stats:", "durations:", "rate:")
+
+
+def _cursor(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
 
 def store_snapshot(stack: Stack) -> dict[str, str]:
@@ -135,6 +142,25 @@ BAD_SUBMISSIONS = [
         id="unknown-field",
     ),
     pytest.param(b"[" * 100_000 + b"]" * 100_000, 400, "malformed_json", id="nested-too-deep"),
+    # Stored, half a surrogate pair broke every later response that carried the input.
+    pytest.param(
+        b'{"task": "analyze_document", "input": {"text": "\\ud800"}}',
+        400,
+        "malformed_json",
+        id="lone-surrogate",
+    ),
+    pytest.param(
+        b'{"task": "analyze_document", "input": {"text": "ok"}, "delay": 1' + b"0" * 400 + b"}",
+        422,
+        "invalid_body",
+        id="delay-beyond-float",
+    ),
+    pytest.param(
+        b'{"task": "analyze_document", "input": {"text": "ok"}, "budget": 1' + b"0" * 400 + b"}",
+        422,
+        "invalid_body",
+        id="budget-beyond-float",
+    ),
     pytest.param(b'{"a": "' + b"x" * 1_100_000 + b'"}', 413, "body_too_large", id="too-large"),
 ]
 
@@ -195,6 +221,9 @@ def test_a_body_without_content_length_is_limited_while_reading(
         ("/api/jobs", {"limit": "²"}, 400, "bad_limit"),
         ("/api/jobs", {"cursor": "!!!"}, 400, "bad_cursor"),
         ("/api/jobs", {"cursor": "bm9jb2xvbg"}, 400, "bad_cursor"),
+        # "1000…000:abc" (400 digits): an integer no float holds.
+        ("/api/jobs", {"cursor": _cursor("1" + "0" * 400 + ":abc")}, 400, "bad_cursor"),
+        ("/api/jobs", {"limit": "1" * 5000}, 400, "bad_limit"),
         ("/api/events", {"after": "yesterday"}, 400, "bad_cursor"),
         ("/api/nothing", {}, 404, "not_found"),
     ],
@@ -211,3 +240,30 @@ def test_wrong_method_is_405_json(stack: Stack) -> None:
     response = httpx.delete(f"{stack.url}/api/jobs")
     assert response.status_code == 405
     assert response.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_a_body_dripped_in_slowly_is_cut_off_with_408(make_stack: StackFactory) -> None:
+    s = make_stack(STEPSTREAM_BODY_TIMEOUT_SECONDS="1")
+    before = store_snapshot(s)
+    port = int(s.url.rsplit(":", 1)[1])
+    body = b'{"task": "analyze_document", "input": {"text": "slow"}}'
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(
+            b"POST /api/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+        )
+        answer = b""
+        conn.settimeout(0.3)
+        started = time.monotonic()
+        for byte in body[:-1]:  # never the last byte: only the timeout can end this
+            conn.sendall(bytes([byte]))
+            try:
+                answer += conn.recv(4096)
+            except TimeoutError:
+                continue
+            if answer:
+                break
+            assert time.monotonic() - started < 10, "no answer: the drip is still held"
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert b"body_timeout" in answer
+    assert store_snapshot(s) == before

@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import StackFactory
 from tests.support.api import submit, wait_state
-from tests.support.processes import ROOT, free_port, wait_until
+from tests.support.processes import ROOT, Web, free_port, wait_until
 from tests.support.receiver import Receiver
 from tests.support.tasks import gate_key
 
@@ -221,3 +221,21 @@ def test_doctor_says_all_is_well_or_what_is_wrong(make_stack: StackFactory) -> N
     assert good_settings.returncode == 1
     assert "cannot reach Redis at" in good_settings.stdout
     assert "cannot reach the web process" in bad.stdout
+
+
+def test_stream_tokens_never_reach_the_access_log(make_stack: StackFactory) -> None:
+    s = make_stack(webs=0, workers=1)
+    web = Web(s.env, s.log_dir)
+    web.args[web.args.index("--log-level") + 1] = "info"  # uvicorn's access lines on
+    s.webs.append(web.start())
+    job = submit(s.url, "counted")
+    wait_state(s.url, job["id"], {"completed"})
+    token = job["stream_token"]
+    streamed = httpx.get(f"{s.url}/api/jobs/{job['id']}/events?after=0&token={token}", timeout=10)
+    assert streamed.status_code == 200 and "event: completed" in streamed.text
+    web.stop()
+    log = web.log()
+    access = [line for line in log.splitlines() if "/events?" in line]
+    assert access, f"no access line was logged, so redaction was not tested:\n{log}"
+    assert all("token=[redacted]" in line for line in access), access
+    assert token not in log

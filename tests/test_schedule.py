@@ -11,7 +11,7 @@ from typing import cast
 import httpx
 import pytest
 
-from stepstream.tasks.recurring import parse_cron
+from stepstream.tasks.recurring import cron_schedules, next_ticks, parse_cron
 from tests.conftest import Stack, StackFactory
 from tests.support.ai_tasks import executions_key
 from tests.support.api import get_job, wait_state
@@ -117,12 +117,32 @@ def test_cron_expressions_become_arq_schedules() -> None:
         "weekday": {0, 1, 2, 3, 4},  # Monday to Friday in Python's (arq's) numbering
     }
     assert parse_cron("0 3 1,15 * 0")["weekday"] == {6}  # cron's Sunday
+    assert cron_schedules("*/15 9-17 * * 1-5") == [parse_cron("*/15 9-17 * * 1-5")]
     assert parse_cron("0 3 * * 7")["weekday"] == {6}
     assert parse_cron("* * * * * */20")["second"] == {0, 20, 40}
     assert parse_cron("5/20 * * * *")["minute"] == {5, 25, 45}
     for bad in ("* * * *", "61 * * * *", "a * * * *", "*/0 * * * *", "5-1 * * * *"):
         with pytest.raises(ValueError):
             parse_cron(bad)
+
+
+def test_day_of_month_and_day_of_week_together_mean_either_as_in_cron() -> None:
+    """crontab(5): "the 1st and 15th of each month, as well as on every Sunday"."""
+    start = datetime(2026, 12, 1, 4, 0)  # a Tuesday, after that day's 03:00
+    ticks = [t.strftime("%a %d %H:%M") for t in next_ticks("0 3 1,15 * 0", start, 6)]
+    assert ticks == [
+        "Sun 06 03:00",
+        "Sun 13 03:00",
+        "Tue 15 03:00",
+        "Sun 20 03:00",
+        "Sun 27 03:00",
+        "Fri 01 03:00",
+    ]
+    # A day that is both the 15th and a Sunday fires once.
+    both = next_ticks("0 3 15 * 0", datetime(2027, 8, 14, 4, 0), 2)
+    assert [t.strftime("%a %d") for t in both] == ["Sun 15", "Sun 22"]
+    # With one day field left as *, the other alone decides, as before.
+    assert [t.day for t in next_ticks("0 3 1,15 * *", start, 2)] == [15, 1]
 
 
 def test_a_recurring_job_creates_ordinary_jobs_once_per_tick(make_stack: StackFactory) -> None:

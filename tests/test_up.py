@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,13 +11,18 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
+from stepstream import Client, Event, RetryingEvent, StartedEvent
 from tests.support.api import DOC, get_job, submit, wait_state
 from tests.support.processes import ROOT, free_port, wait_until
 
 
-def start_up(data_dir: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+def start_up(
+    data_dir: Path, port: int, log: Path, extra_env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_URL", "STEPSTREAM_"))}
+    env.update(extra_env or {})
     with open(log, "ab") as out:
         return subprocess.Popen(
             [
@@ -63,6 +69,17 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def time_wait_sockets(port: int) -> int:
+    """Sockets on this local port in TIME_WAIT (state 06 in /proc/net/tcp)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "06":
+                count += 1
+    return count
+
+
 def test_up_runs_everything_stops_cleanly_and_keeps_jobs(tmp_path: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -74,6 +91,10 @@ def test_up_runs_everything_stops_cleanly_and_keeps_jobs(tmp_path: Path) -> None
         assert len(children) >= 3, "Valkey, web and worker"
         job = submit(url, "analyze_document", {"text": DOC})
         done = wait_state(url, job["id"], {"completed"}, timeout=30)
+        # A keep-alive connection the server closes as it stops leaves the port in TIME_WAIT,
+        # as a browser tab does; starting again at once must still work.
+        browser_like = httpx.Client(timeout=5)
+        assert browser_like.get(f"{url}/healthz").status_code == 200
         pressed = time.monotonic()
         ctrl_c(first)
         assert first.wait(timeout=30) == 0
@@ -89,7 +110,14 @@ def test_up_runs_everything_stops_cleanly_and_keeps_jobs(tmp_path: Path) -> None
     finally:
         if first.poll() is None:
             first.kill()
-    assert f"http://127.0.0.1:{port}/" in log.read_text()
+        browser_like.close()
+    printed = log.read_text()
+    assert f"http://127.0.0.1:{port}/" in printed
+    # The exact line to reach this server from the CLI, and Valkey on a port of its own.
+    assert f"STEPSTREAM_URL=http://127.0.0.1:{port} " in printed
+    valkey_url = re.search(r"embedded Valkey at redis://127.0.0.1:(\d+)/0", printed)
+    assert valkey_url is not None and valkey_url.group(1) != "6379", printed
+    assert time_wait_sockets(port) > 0, "no TIME_WAIT left: the restart below proves nothing"
 
     second = start_up(tmp_path / "data", port, log)
     try:
@@ -100,5 +128,55 @@ def test_up_runs_everything_stops_cleanly_and_keeps_jobs(tmp_path: Path) -> None
         ctrl_c(second)
         try:
             second.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            second.kill()
+
+
+@pytest.mark.slow
+def test_ctrl_c_waits_out_the_workers_grace_so_a_running_job_costs_no_attempt(
+    tmp_path: Path,
+) -> None:
+    # A grace longer than the 15 s after which `up` used to kill its children.
+    grace = 16
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "up.log"
+    env = {"STEPSTREAM_SHUTDOWN_GRACE_SECONDS": str(grace)}
+    first = start_up(tmp_path / "data", port, log, env)
+    try:
+        wait_until(lambda: ready(url), 60, 0.2, "stepstream up to be ready")
+        job = submit(url, "analyze_document", {"text": DOC, "pace": 4})
+        wait_state(url, job["id"], {"running"}, timeout=30)
+        pressed = time.monotonic()
+        ctrl_c(first)
+        assert first.wait(timeout=grace + 30) == 0, log.read_text()
+        # The job outlasted the grace, so the worker handed it back rather than finishing it.
+        assert time.monotonic() - pressed >= grace - 1
+    finally:
+        if first.poll() is None:
+            first.kill()
+
+    second = start_up(tmp_path / "data", port, log, env)
+    try:
+        wait_until(lambda: ready(url), 60, 0.2, "the second start to be ready")
+        seen: list[Event] = []
+        with Client(url) as client:
+            for event in client.events(job["id"], after="0"):
+                seen.append(event)
+                if (
+                    isinstance(event, StartedEvent)
+                    and len([e for e in seen if isinstance(e, StartedEvent)]) == 2
+                ):
+                    break
+        retrying = [e for e in seen if isinstance(e, RetryingEvent)]
+        assert len(retrying) == 1, [e.type for e in seen]
+        assert retrying[0].error is not None and retrying[0].error.type == "WorkerShutdown"
+        # Handed back, the attempt is not charged: max_attempts went up by one with it.
+        first_start, second_start = [e for e in seen if isinstance(e, StartedEvent)]
+        assert second_start.max_attempts == first_start.max_attempts + 1
+    finally:
+        ctrl_c(second)
+        try:
+            second.wait(timeout=grace + 30)
         except subprocess.TimeoutExpired:
             second.kill()

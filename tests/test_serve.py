@@ -1,0 +1,61 @@
+"""``stepstream web`` and ``stepstream worker`` refuse a configuration that cannot work with one
+plain line (exit code 78), before anything starts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.processes import ROOT, free_port
+
+
+def run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("STEPSTREAM_")}
+    clean.update(env, PYTHONPATH=str(ROOT))
+    return subprocess.run(
+        [sys.executable, "-m", "stepstream.cli", *args],
+        cwd=cwd,
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({"STEPSTREAM_MODE": "prod"}, ["STEPSTREAM_MODE", "'production'"]),
+        ({"STEPSTREAM_LOG_FORMAT": "xml"}, ["STEPSTREAM_LOG_FORMAT", "'json'"]),
+        ({"STEPSTREAM_LLM_PROVIDER": "opeani"}, ["STEPSTREAM_LLM_PROVIDER", "'openai'"]),
+        ({"STEPSTREAM_TASK_MODULES": "no_such_jobs"}, ["no_such_jobs", "PYTHONPATH"]),
+    ],
+)
+def test_a_bad_setting_stops_the_worker_with_one_plain_line(
+    env: dict[str, str], names: list[str], tmp_path: Path
+) -> None:
+    result = run(["worker"], tmp_path, REDIS_URL="redis://127.0.0.1:1/0", **env)
+    assert result.returncode == 78, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    for name in names:
+        assert name in result.stderr
+
+
+def test_production_without_a_secret_stops_the_web_process_with_one_plain_line(
+    tmp_path: Path,
+) -> None:
+    port = str(free_port())
+    result = run(["web", "--host", "0.0.0.0", "--port", port], tmp_path)
+    assert result.returncode == 78
+    assert result.stderr.count("\n") == 1 and "STEPSTREAM_SECRET" in result.stderr
+
+
+def test_a_users_tasks_py_is_found_from_the_working_directory(tmp_path: Path) -> None:
+    (tmp_path / "tasks.py").write_text("raise SystemExit('the users tasks.py was imported')\n")
+    result = run(["worker", "--tasks", "tasks"], tmp_path, REDIS_URL="redis://127.0.0.1:1/0")
+    # Importing it ran its code (which stops here on purpose): it was found by its plain name.
+    assert "the users tasks.py was imported" in result.stderr
