@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from stepstream import Client
 from stepstream.tasks import webhooks
 from tests.conftest import Stack, StackFactory
 from tests.support.api import get_job, wait_state
@@ -425,7 +426,8 @@ def test_the_receiver_in_the_docs_verifies_deduplicates_and_stores_results(
             STEPSTREAM_WEBHOOK_SECRET=SECRET,
             STEPSTREAM_WEBHOOK_ALLOWED_HOSTS="127.0.0.1",
         )
-        ok = submit(s.url, "counted", callback_url=hook)
+        with Client(s.url) as client:  # the Python client passes callback_url along
+            ok = client.submit("counted", callback_url=hook).id
         bad = submit(s.url, "counted", {"permanent_failure": True}, callback_url=hook)
         wait_until(
             lambda: len(rows("SELECT * FROM job_results")) == 2, timeout=20, what="two results"
