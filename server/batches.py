@@ -28,14 +28,14 @@ from stepstream.server.jobs import (
     reload,
     task_named,
 )
-from stepstream.server.options import SubmitOptions, parse_submit_options
+from stepstream.server.options import SubmitOptions, check_callback_url, parse_submit_options
 from stepstream.server.state import AppState
 from stepstream.server.urls import root_path
 from stepstream.tasks import batches, cache
 from stepstream.tasks.models import JobRecord, JobState, new_job_id, utcnow
 from stepstream.tasks.store import appended_from, new_event
 
-BATCH_FIELDS = frozenset({"task", "inputs", "budget", "subject"})
+BATCH_FIELDS = frozenset({"task", "inputs", "budget", "subject", "callback_url"})
 PARENT_PREFIX = "batch:"
 
 
@@ -71,8 +71,10 @@ async def submit_batch(request: Request) -> Response:
             break
     if problems:
         raise ApiError(422, "invalid_input", f"inputs do not fit task {task_name!r}", problems[:50])
-    parsed = parse_submit_options(body, state.settings)
-    options = SubmitOptions(budget=parsed.budget, subject=parsed.subject)
+    given = parse_submit_options(body, state.settings)
+    await check_callback_url(given, state.settings)
+    # The children's options: the callback is the parent's alone.
+    options = SubmitOptions(budget=given.budget, subject=given.subject)
     owner = principal.owner
     await enforce_submission_limits(state, owner)
 
@@ -88,6 +90,7 @@ async def submit_batch(request: Request) -> Response:
         created_at=utcnow(),
         batch=batches.empty_counts(size),
         message=batches.summary_message(batches.empty_counts(size), size),
+        callback_url=given.callback_url,
         subject=options.subject,
     )
     child_ids = [new_job_id() for _ in inputs]

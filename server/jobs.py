@@ -18,7 +18,12 @@ from starlette.responses import JSONResponse, Response
 
 from stepstream.server.auth import FIREHOSE_SCOPE, Principal, job_scope, subject_scope
 from stepstream.server.errors import ApiError
-from stepstream.server.options import SUBMIT_FIELDS, SubmitOptions, parse_submit_options
+from stepstream.server.options import (
+    SUBMIT_FIELDS,
+    SubmitOptions,
+    check_callback_url,
+    parse_submit_options,
+)
 from stepstream.server.state import AppState
 from stepstream.server.subjects import subject_field, subject_param
 from stepstream.server.urls import job_links, root_path
@@ -144,7 +149,8 @@ async def submit_job(request: Request) -> Response:
                 for e in exc.errors(include_url=False, include_context=False)
             ],
         ) from None
-    options = parse_submit_options(body, state.settings)  # budget, run_at / delay
+    options = parse_submit_options(body, state.settings)  # budget, run_at / delay, callback
+    await check_callback_url(options, state.settings)
 
     owner = principal.owner
     idempotency_key = request.headers.get("idempotency-key")
@@ -279,6 +285,7 @@ def new_job(
         steps=[],
         budget=options.budget,
         run_at=options.run_at_text,
+        callback_url=options.callback_url,
         subject=options.subject,
         **fields,
     )
@@ -318,6 +325,7 @@ async def _create_job(
                 job_id,
                 hit,
                 count_submitted=count_submitted,
+                callback_url=options.callback_url,
                 subject=options.subject,
                 **fields,
             )

@@ -39,6 +39,14 @@ SUBMIT_OPTIONS: dict[str, Any] = {
     "budget": {"type": "number", "minimum": 0, "description": "most this job may spend"},
     "run_at": {"type": ["string", "null"], "format": "date-time", "description": "start then"},
     "delay": {"type": "number", "minimum": 0, "description": "start after so many seconds"},
+    "callback_url": {
+        "type": "string",
+        "format": "uri",
+        "maxLength": 2048,
+        "description": "http(s) URL the terminal event is POSTed to, signed (README, Webhooks); "
+        "an address the operator does not allow is a 422 invalid_callback_url. Never shown in "
+        "the record.",
+    },
     "subject": {**SUBJECT, "type": ["string", "null"]},
 }
 
@@ -121,7 +129,7 @@ def document(root: str) -> dict[str, Any]:
                     "400": _error("Malformed JSON"),
                     "409": _error("Idempotency-Key reused with another body"),
                     "413": _error("Body too large"),
-                    "422": _error("Unknown task or invalid input"),
+                    "422": _error("Unknown task, invalid input, or a callback_url refused"),
                     "429": _error("Over a limit"),
                 },
             },
@@ -237,6 +245,10 @@ def document(root: str) -> dict[str, Any]:
                                     "task": {"type": "string"},
                                     "inputs": {"type": "array", "items": {"type": "object"}},
                                     "budget": SUBMIT_OPTIONS["budget"],
+                                    "callback_url": {
+                                        **SUBMIT_OPTIONS["callback_url"],
+                                        "description": "gets the parent's terminal event",
+                                    },
                                     "subject": SUBMIT_OPTIONS["subject"],
                                 },
                             }
@@ -245,7 +257,7 @@ def document(root: str) -> dict[str, Any]:
                 },
                 "responses": {
                     "202": _json("The parent job", "Job"),
-                    "422": _error("Unknown task, or an input that does not fit"),
+                    "422": _error("Unknown task, an input that does not fit, a refused callback"),
                 },
             }
         },

@@ -1,9 +1,11 @@
 """The submit body's optional fields beside ``task`` and ``input`` (docs/ai-workloads.md):
 ``budget`` (the most the job may spend on LLM calls), ``run_at`` (RFC 3339) or ``delay``
-(seconds) to schedule it, and ``subject`` (the end user the job belongs to, server/subjects.py)."""
+(seconds) to schedule it, ``subject`` (the end user the job belongs to, server/subjects.py),
+and ``callback_url``, where its terminal event is POSTed (README, "Webhooks")."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -11,9 +13,11 @@ from typing import Any
 
 from stepstream.server.errors import ApiError
 from stepstream.server.subjects import subject_field
+from stepstream.tasks import destinations
 from stepstream.tasks.settings import Settings
 
-SUBMIT_FIELDS = frozenset({"task", "input", "budget", "run_at", "delay", "subject"})
+RESOLVE_TIMEOUT_SECONDS = 5.0  # a callback_url's host, at submit time
+SUBMIT_FIELDS = frozenset({"task", "input", "budget", "run_at", "delay", "subject", "callback_url"})
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,7 @@ class SubmitOptions:
     run_at: datetime | None = None  # UTC; None = now
     delay: float | None = None  # as given: the same request sent again has the same fingerprint
     subject: str | None = None
+    callback_url: str | None = None
 
     @property
     def run_at_text(self) -> str | None:
@@ -42,6 +47,8 @@ class SubmitOptions:
             extra["run_at"] = self.run_at_text
         if self.subject is not None:
             extra["subject"] = self.subject
+        if self.callback_url is not None:
+            extra["callback_url"] = self.callback_url
         return extra
 
 
@@ -101,4 +108,37 @@ def parse_submit_options(body: dict[str, Any], settings: Settings) -> SubmitOpti
                 {"limit": settings.max_delay_seconds},
             )
         run_at = when if when > now else None  # a time in the past means "now"
-    return SubmitOptions(budget=budget, run_at=run_at, delay=delay, subject=subject)
+    callback_url = None
+    if body.get("callback_url") is not None:
+        callback_url = body["callback_url"]
+        try:
+            destinations.parse_url(callback_url)
+        except destinations.Refused as exc:
+            raise callback_refused(exc) from None
+    return SubmitOptions(
+        budget=budget, run_at=run_at, delay=delay, subject=subject, callback_url=callback_url
+    )
+
+
+async def check_callback_url(options: SubmitOptions, settings: Settings) -> None:
+    """Refuse (422) a ``callback_url`` whose host is not one webhooks may reach, now: its
+    address, or what its name resolves to (tasks/destinations.py)."""
+    if options.callback_url is not None:
+        try:
+            async with asyncio.timeout(RESOLVE_TIMEOUT_SECONDS):
+                await destinations.Policy.from_settings(settings).check(options.callback_url)
+        except destinations.Refused as exc:
+            raise callback_refused(exc) from None
+        except TimeoutError:
+            raise callback_refused(
+                destinations.Refused(f"host did not resolve within {RESOLVE_TIMEOUT_SECONDS:g}s")
+            ) from None
+
+
+def callback_refused(exc: destinations.Refused) -> ApiError:
+    return ApiError(
+        422,
+        "invalid_callback_url",
+        f"`callback_url` {exc}",
+        {"field": "callback_url", "reason": str(exc)},
+    )

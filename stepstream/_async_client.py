@@ -86,10 +86,12 @@ class AsyncClient:
         *,
         idempotency_key: str | None = None,
         subject: str | None = None,
+        callback_url: str | None = None,
     ) -> Job:
         """Start a job; returns its record (state ``queued``) at once. ``subject`` names the
-        end user it belongs to (listings filter by it; subject tokens see it)."""
-        spec = submit_request(task, input, idempotency_key, subject)
+        end user it belongs to (listings filter by it; subject tokens see it). ``callback_url``
+        gets the job's terminal event POSTed, signed (README, "Webhooks")."""
+        spec = submit_request(task, input, idempotency_key, subject, callback_url)
         return parse_job(await self._send(spec))
 
     async def get(self, job_id: str) -> Job:

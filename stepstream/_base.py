@@ -95,11 +95,14 @@ def submit_request(
     input: dict[str, Any] | None,
     idempotency_key: str | None,
     subject: str | None = None,
+    callback_url: str | None = None,
 ) -> RequestSpec:
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
     body: dict[str, Any] = {"task": task, "input": input or {}}
     if subject is not None:
         body["subject"] = subject
+    if callback_url is not None:
+        body["callback_url"] = callback_url
     return RequestSpec(
         "POST",
         "/api/jobs",

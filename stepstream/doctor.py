@@ -56,6 +56,30 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def check_webhooks(report: Report, settings: Any) -> None:
+    if settings.alert_webhook_url or settings.alert_webhook_secret:
+        report.add(
+            WARN,
+            "STEPSTREAM_ALERT_WEBHOOK_* are deprecated: they set the deployment webhook "
+            "for failed jobs; use STEPSTREAM_WEBHOOK_URL (with STEPSTREAM_WEBHOOK_EVENTS=failed) "
+            "and STEPSTREAM_WEBHOOK_SECRET",
+        )
+    if settings.webhook_url:
+        if urlsplit(settings.webhook_url).scheme not in ("http", "https"):
+            report.add(FAIL, "STEPSTREAM_WEBHOOK_URL must be an http(s) URL")
+        else:
+            events = ", ".join(sorted(settings.webhook_states))
+            report.add(OK, f"{events} events go to {redact(settings.webhook_url)}")
+    else:
+        report.add(WARN, "STEPSTREAM_WEBHOOK_URL is not set: nobody is told when a job fails")
+    if not settings.webhook_secret:
+        report.add(
+            WARN,
+            "STEPSTREAM_WEBHOOK_SECRET is not set: webhook deliveries (callback_url and "
+            "STEPSTREAM_WEBHOOK_URL) go unsigned, and receivers cannot tell them from forgeries",
+        )
+
+
 def check_settings(report: Report) -> Any:
     from stepstream.tasks.settings import Settings, describe_errors
 
@@ -86,14 +110,7 @@ def check_settings(report: Report) -> Any:
             f"STEPSTREAM_LEASE_SECONDS={settings.lease_seconds:g} is short: a busy "
             "worker may lose a running job to another",
         )
-    if settings.alert_webhook_url:
-        scheme = urlsplit(settings.alert_webhook_url).scheme
-        if scheme not in ("http", "https"):
-            report.add(FAIL, "STEPSTREAM_ALERT_WEBHOOK_URL must be an http(s) URL")
-        else:
-            report.add(OK, f"failure alerts go to {redact(settings.alert_webhook_url)}")
-    else:
-        report.add(WARN, "STEPSTREAM_ALERT_WEBHOOK_URL is not set: nobody is told when a job fails")
+    check_webhooks(report, settings)
     mode = str(getattr(settings, "mode", "auto")).lower()
     if mode == "production" and not getattr(settings, "secret", None):
         report.add(FAIL, "STEPSTREAM_MODE=production needs STEPSTREAM_SECRET (a long random value)")
@@ -152,6 +169,15 @@ def check_redis(report: Report, settings: Any) -> None:
             )
         queued = client.zcard(keys.queue)
         report.add(OK, f"{queued} job(s) in the queue (waiting or running)")
+        waiting = client.xlen(keys.webhook_outbox)
+        if waiting >= settings.webhook_outbox_maxlen:
+            report.add(
+                FAIL,
+                f"the webhook outbox is full ({waiting} undelivered events): new webhook events "
+                "are dropped; is a receiver down? (STEPSTREAM_WEBHOOK_OUTBOX_MAXLEN)",
+            )
+        elif waiting:
+            report.add(OK, f"{waiting} webhook event(s) not delivered yet")
 
 
 def _mget(client: Any, names: list[str]) -> list[Any]:

@@ -110,3 +110,21 @@ class Keys:
     def task_slots(self, task: str) -> str:
         """Sorted set: jobs holding one of a task's global concurrency slots, by lease expiry."""
         return f"{self.prefix}slots:{task}"
+
+    @property
+    def webhook_outbox(self) -> str:
+        """Stream: terminal events waiting for their webhook delivery (tasks/outbox.py), one
+        entry per target, written by the append script; an entry is deleted once delivered or
+        given up. Read by the workers' consumer group ``webhook_group``."""
+        return f"{self.prefix}webhooks"
+
+    @property
+    def webhooks_dropped(self) -> str:
+        """Counter: webhook events the append script could not add to a full outbox; a worker
+        takes it (GETDEL) and logs the number."""
+        return f"{self.prefix}webhooks:dropped"
+
+    @property
+    def webhook_group(self) -> str:
+        """The consumer group (not a key) of the workers on ``webhook_outbox``."""
+        return "deliverers"

@@ -259,7 +259,7 @@ def setup_logging(process_kind: str, settings: Settings) -> logging.Handler:
         logger.propagate = True
 
     # A logger's filters see only the records created on that logger, not its children's.
-    # httpx logs every request at INFO (alert deliveries, LLM calls): our own lines say what
+    # httpx logs every request at INFO (webhook deliveries, LLM calls): our own lines say what
     # matters, so it speaks only about problems.
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))

@@ -9,6 +9,7 @@ from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, Field
+from pydantic.json_schema import SkipJsonSchema
 
 
 class JobState(StrEnum):
@@ -120,6 +121,9 @@ class JobRecord(BaseModel):
     batch_id: str | None = None  # a batch child: its parent job
     batch_index: int | None = None  # a batch child: its place in the batch's inputs
     batch: dict[str, Any] | None = None  # a batch parent: {size, completed, failed, cancelled}
+    # Where the terminal event is POSTed (tasks/outbox.py). Stored, never shown: it may carry a
+    # secret, and the record goes to browsers holding a stream token.
+    callback_url: SkipJsonSchema[str | None] = Field(default=None, exclude=True)
 
 
 def new_job_id() -> str:

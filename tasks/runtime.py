@@ -18,7 +18,7 @@ from arq.constants import in_progress_key_prefix
 from arq.worker import Retry
 from pydantic import BaseModel, ValidationError
 
-from stepstream.tasks import alerts, batches, cache, heartbeat, logs
+from stepstream.tasks import batches, cache, heartbeat, logs
 from stepstream.tasks.context import TaskContext
 from stepstream.tasks.errors import (
     JobCancelled,
@@ -360,8 +360,7 @@ async def _fail(
         owner=record.owner,
         expect=ACTIVE_STATES,
     )
-    if failed.ok:  # failed for good, once per job: the alert never fires on `retrying`
-        alerts.job_failed(record, attempt, public_error, store.settings.public_url)
+    if failed.ok:
         await heartbeat.job_finished(store, record, "failed", public_error)
         await batches.child_finished(store, record, "failed", error=public_error)
 

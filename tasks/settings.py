@@ -5,10 +5,15 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import AliasChoices, Field, ValidationError
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+WEBHOOK_EVENTS = frozenset({"completed", "failed", "cancelled"})
+
+
+def _split(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 class Settings(BaseSettings):
@@ -90,13 +95,29 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     # Each worker writes a heartbeat this often; it expires after three missed beats.
     worker_heartbeat_seconds: float = 2.0
-    # POSTed (JSON) when a job fails for good; retried with backoff, never blocking a job.
+    # Webhooks (docs/deploy.md, "Webhooks"): a job's `callback_url` and the deployment's webhook
+    # get each terminal event, delivered from a durable outbox by the workers.
+    webhook_url: str = ""  # the deployment webhook: terminal events of every job
+    webhook_events: str = "completed,failed,cancelled"  # the ones the deployment webhook gets
+    webhook_secret: str = ""  # signs each delivery: X-Stepstream-Signature
+    # Hosts (names, addresses or networks, comma separated) a callback_url may reach although
+    # they are internal (loopback, private, link-local...), which are refused by default.
+    webhook_allowed_hosts: str = ""
+    webhook_allow_public: bool = True  # false: a callback_url may reach the allowed hosts only
+    webhook_attempts: int = Field(default=10, ge=1, le=100)
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=300)  # one attempt, in all
+    webhook_backoff_seconds: float = Field(default=2.0, ge=0)  # doubled after each attempt...
+    webhook_max_backoff_seconds: float = Field(default=600.0, ge=0)  # ...up to this
+    webhook_concurrency: int = Field(default=10, ge=1, le=1_000)  # deliveries in flight/worker
+    webhook_outbox_maxlen: int = Field(default=10_000, ge=1)  # undelivered events kept
+    # Deprecated, read for old deployments: the failure alert is now the deployment webhook
+    # filtered to `failed` (README, "Webhooks").
     alert_webhook_url: str = ""
-    alert_webhook_secret: str = ""  # signs the body: X-Stepstream-Signature: sha256=<hmac>
-    alert_webhook_attempts: int = 5
-    alert_webhook_timeout_seconds: float = 5.0
-    alert_webhook_backoff_seconds: float = 1.0
-    # The address people reach the server at, for links in alerts (e.g. https://jobs.example.com)
+    alert_webhook_secret: str = ""
+    alert_webhook_attempts: int | None = None
+    alert_webhook_timeout_seconds: float | None = None
+    alert_webhook_backoff_seconds: float | None = None
+    # The address people reach the server at, for links in webhooks (https://jobs.example.com)
     public_url: str = ""
 
     # AI workloads (docs/ai-workloads.md)
@@ -112,6 +133,41 @@ class Settings(BaseSettings):
     llm_max_inline_wait_seconds: float = 10.0
     max_batch_size: int = 1_000
     max_delay_seconds: int = 30 * 24 * 3600  # the furthest ahead a job may be scheduled
+
+    @field_validator("webhook_events")
+    @classmethod
+    def _known_events(cls, value: str) -> str:
+        unknown = [e for e in _split(value) if e not in WEBHOOK_EVENTS]
+        if unknown:
+            raise ValueError(
+                f"unknown event(s) {', '.join(unknown)}: use {', '.join(sorted(WEBHOOK_EVENTS))}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _alert_is_a_deployment_webhook(self) -> Settings:
+        """The old failure alert settings configure the deployment webhook, for `failed` only,
+        unless the webhook settings themselves are given."""
+        given = self.model_fields_set
+        if self.alert_webhook_url and not self.webhook_url:
+            self.webhook_url = self.alert_webhook_url
+            if "webhook_events" not in given:
+                self.webhook_events = "failed"
+        if self.alert_webhook_secret and not self.webhook_secret:
+            self.webhook_secret = self.alert_webhook_secret
+        for old, new in (
+            ("alert_webhook_attempts", "webhook_attempts"),
+            ("alert_webhook_timeout_seconds", "webhook_timeout_seconds"),
+            ("alert_webhook_backoff_seconds", "webhook_backoff_seconds"),
+        ):
+            if getattr(self, old) is not None and new not in given:
+                setattr(self, new, getattr(self, old))
+        return self
+
+    @property
+    def webhook_states(self) -> frozenset[str]:
+        """The terminal states the deployment webhook is told about (none without its URL)."""
+        return frozenset(_split(self.webhook_events)) if self.webhook_url else frozenset()
 
     def is_production(self, bound_host: str | None) -> bool:
         if self.mode != "auto":

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,13 +24,21 @@ from stepstream.tasks.keys import Keys
 from stepstream.tasks.models import JobRecord, JobState, parse_stream_id, utcnow
 from stepstream.tasks.settings import Settings
 
-# KEYS: record, job stream, firehose, cancel flag, job index, the owner's unfinished jobs
+# KEYS: record, job stream, firehose, cancel flag, job index, the owner's unfinished jobs,
+#       webhook outbox, webhook events dropped
 # ARGV: number of events (k), job maxlen, firehose maxlen, channel, ttl, mode, expected states,
-#       owner json, job id, index score (create only), number of field arguments (2f), then k
-#       event jsons, then f field/value pairs for the record, then commands to run with the
-#       append, each as its argument count followed by its arguments.
+#       owner json, job id, index score (create only), number of field arguments (2f), the
+#       deployment webhook's states, outbox maxlen, then k event jsons, then f field/value pairs
+#       for the record, then commands to run with the append, each as its argument count
+#       followed by its arguments.
 # mode: "create" (the record must not exist), "update" (it must), "update+cancel" (and no
-# cancel was requested). Expected states is ",<json state>,<json state>," or "" for any.
+# cancel was requested). Expected states and the webhook's states are ",<json state>,...," or
+# "" (any state / none).
+# A terminal state adds one outbox entry per webhook that wants it (the record's callback_url,
+# the deployment webhook): {job, event (this append's last event id), target, record (the
+# record as JSON, as it is now)}. In the same script, so a process dying after the append
+# cannot lose the delivery (tasks/outbox.py delivers it). A full outbox (outbox maxlen
+# entries, all undelivered) takes no more: the drop is counted, and a worker logs it.
 _APPEND_LUA = """
 local state = redis.call('HGET', KEYS[1], 'state')
 local mode = ARGV[6]
@@ -46,7 +54,7 @@ else
   end
 end
 local ttl = tonumber(ARGV[5])
-local first_field = 12 + tonumber(ARGV[1])
+local first_field = 14 + tonumber(ARGV[1])
 local last_field = first_field + tonumber(ARGV[11]) - 1
 -- The job's subject (JSON), from the fields being written (create) or the record, so that
 -- firehose entries and wake-ups carry it like the owner: the firehose filters on both.
@@ -60,7 +68,8 @@ else
 end
 if subject == 'null' then subject = false end
 local jid, fid
-for e = 12, first_field - 1 do
+local terminal
+for e = 14, first_field - 1 do
   jid = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[e])
   if subject then
     fid = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*',
@@ -80,6 +89,7 @@ for i = first_field, last_field - 1, 2 do
       redis.call('ZADD', KEYS[6], ARGV[10], ARGV[9])
     elseif new_state == '"completed"' or new_state == '"failed"' or new_state == '"cancelled"' then
       redis.call('ZREM', KEYS[6], ARGV[9])
+      terminal = new_state
     end
   end
 end
@@ -92,6 +102,29 @@ end
 redis.call('HSET', KEYS[1], 'last_event_id', '"' .. jid .. '"')
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
+if terminal then
+  local targets = {}
+  local callback = redis.call('HGET', KEYS[1], 'callback_url')
+  if callback and callback ~= 'null' then targets[#targets + 1] = 'callback' end
+  if string.find(ARGV[12], ',' .. terminal .. ',', 1, true) then
+    targets[#targets + 1] = 'deployment'
+  end
+  if #targets > 0 then
+    -- Every value in the hash is JSON already, every name a field name.
+    local flat = redis.call('HGETALL', KEYS[1])
+    local parts = {}
+    for f = 1, #flat, 2 do parts[#parts + 1] = '"' .. flat[f] .. '":' .. flat[f + 1] end
+    local record = '{' .. table.concat(parts, ',') .. '}'
+    for _, target in ipairs(targets) do
+      if redis.call('XLEN', KEYS[7]) < tonumber(ARGV[13]) then
+        redis.call('XADD', KEYS[7], '*',
+          'job', ARGV[9], 'event', jid, 'target', target, 'record', record)
+      else
+        redis.call('INCR', KEYS[8])
+      end
+    end
+  end
+end
 local i = last_field + 1
 while i <= #ARGV do
   local argc = tonumber(ARGV[i])
@@ -144,6 +177,7 @@ class JobStore:
         self.keys = Keys(settings.prefix)
         self._append = redis.register_script(_APPEND_LUA)
         self._index_trimmed_at = 0.0
+        self._webhook_states = _state_list(sorted(settings.webhook_states))
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -222,11 +256,13 @@ class JobStore:
             self.keys.channel,
             self.settings.retention_seconds,
             mode,
-            "".join(f',"{s.value}"' for s in expect) + "," if expect else "",
+            _state_list(s.value for s in expect),
             json.dumps(owner),
             job_id,
             f"{time.time() * 1_000_000:.0f}",
             2 * len(fields),
+            self._webhook_states,
+            self.settings.webhook_outbox_maxlen,
         ]
         args.extend(json.dumps(event, separators=(",", ":")) for event in events)
         for name, value in fields.items():
@@ -242,6 +278,8 @@ class JobStore:
             self.keys.job_cancel(job_id),
             self.keys.jobs,
             self.keys.owner_unfinished(owner),
+            self.keys.webhook_outbox,
+            self.keys.webhooks_dropped,
         ]
         return keys, args
 
@@ -252,7 +290,7 @@ class JobStore:
         *,
         then: Sequence[Sequence[str | bytes | int]] = (),
     ) -> Appended:
-        fields = record.model_dump(mode="json", exclude={"last_event_id"})
+        fields = _create_fields(record)
         appended = await self.append(
             record.id,
             event,
@@ -279,7 +317,7 @@ class JobStore:
         then: Sequence[Sequence[str | bytes | int]] = (),
     ) -> None:
         """``create`` queued on ``pipe`` (a ``MULTI``): see ``queue_append_many``."""
-        fields = record.model_dump(mode="json", exclude={"last_event_id"})
+        fields = _create_fields(record)
         await self.queue_append_many(
             pipe,
             record.id,
@@ -422,6 +460,19 @@ class JobStore:
                 break
             max_score = skip_until[0]
         return found, skip_until
+
+
+def _state_list(states: Iterable[str]) -> str:
+    """States as the append script matches them: ``,"queued","running",`` ("" for none)."""
+    text = "".join(f',"{state}"' for state in states)
+    return text + "," if text else ""
+
+
+def _create_fields(record: JobRecord) -> dict[str, Any]:
+    fields = record.model_dump(mode="json", exclude={"last_event_id"})
+    if record.callback_url is not None:  # kept in the record, left out of every dump
+        fields["callback_url"] = record.callback_url
+    return fields
 
 
 def appended_from(reply: Sequence[str]) -> Appended:

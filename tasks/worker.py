@@ -19,12 +19,12 @@ from arq.connections import RedisSettings
 from arq.worker import func, get_kwargs
 from redis.exceptions import ConnectionError, RedisError, TimeoutError
 
-from stepstream.tasks import alerts, llm, recurring
-from stepstream.tasks.alerts import AlertSender
+from stepstream.tasks import llm, recurring
 from stepstream.tasks.connection import connect, patient_retry
 from stepstream.tasks.heartbeat import Heartbeat
 from stepstream.tasks.keys import Keys
 from stepstream.tasks.logs import setup_logging
+from stepstream.tasks.outbox import Outbox
 from stepstream.tasks.registry import load_tasks
 from stepstream.tasks.runtime import RUN_JOB, JobMonitor, run_job
 from stepstream.tasks.settings import get_settings
@@ -51,19 +51,18 @@ async def startup(ctx: dict[str, Any]) -> None:
         max_jobs=settings.max_jobs,
     )
     beat.start()
-    sender = AlertSender.from_settings(settings)
-    if sender is not None:
-        sender.start()
-    alerts.install(sender)
-    ctx.update(heartbeat=beat, alert_sender=sender)
+    # Webhook deliveries run beside the jobs, never in a job slot (tasks/outbox.py).
+    outbox = Outbox(redis, store.keys, settings, consumer=beat.worker_id)
+    outbox.start()
+    ctx.update(heartbeat=beat, outbox=outbox)
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
     if "heartbeat" in ctx:
         await ctx["heartbeat"].stop()  # gone from /api/stats at once, not after its TTL
-    if ctx.get("alert_sender") is not None:
-        alerts.install(None)
-        await ctx["alert_sender"].close(grace=5.0)
+    if "outbox" in ctx:
+        # Deliveries not done by then stay pending; another worker takes them over.
+        await ctx["outbox"].stop(grace=5.0)
     if "job_monitor" in ctx:
         await ctx["job_monitor"].stop()
     await llm.close_providers()  # the LLM providers' HTTP connection pools

@@ -175,6 +175,27 @@ def test_batches_and_scheduling_options(client: httpx.Client, body: Any, delay: 
 
 
 @FUZZ
+@given(
+    url=st.one_of(
+        json_values,
+        st.text(max_size=60),
+        st.builds(
+            lambda scheme, host, rest: f"{scheme}://{host}{rest}",
+            st.sampled_from(["http", "https", "HTTP", "ftp", "javascript", ""]),
+            st.text(max_size=30),
+            st.text(max_size=20),
+        ),
+    )
+)
+def test_callback_urls(client: httpx.Client, url: Any) -> None:
+    job = {"task": "counted", "input": {}, "callback_url": url}
+    response = client.post("/api/jobs", content=json.dumps(job))
+    assert_sane(response)
+    if response.status_code == 422:
+        assert response.json()["error"]["details"]["field"] == "callback_url" or url is None
+
+
+@FUZZ
 @given(subject=st.none() | raw_text | json_values)
 def test_any_subject_is_accepted_or_refused_cleanly(client: httpx.Client, subject: Any) -> None:
     job = {"task": "analyze_document", "input": {"text": "A."}, "subject": subject}

@@ -1,16 +1,13 @@
-"""Operations with real processes: the failure webhook, worker heartbeats, JSON logs, doctor."""
+"""Operations with real processes: the old failure alert settings, worker heartbeats, JSON logs,
+doctor."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -19,61 +16,16 @@ import pytest
 from tests.conftest import StackFactory
 from tests.support.api import submit, wait_state
 from tests.support.processes import ROOT, Web, free_port, wait_until
+from tests.support.receiver import Receiver
 from tests.support.tasks import gate_key
 
 TERMINAL = {"completed", "failed", "cancelled"}
 
 
-class Receiver:
-    """A local webhook receiver that refuses its first ``fail_first`` requests with 503."""
-
-    def __init__(self, fail_first: int = 0) -> None:
-        self.fail_first = fail_first
-        self.requests: list[tuple[int, dict[str, str], dict[str, Any]]] = []
-        self.raw: list[bytes] = []
-        self.lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                raw = self.rfile.read(int(self.headers["Content-Length"]))
-                body = json.loads(raw)
-                with receiver.lock:
-                    receiver.raw.append(raw)
-                    status = 503 if len(receiver.requests) < receiver.fail_first else 200
-                    receiver.requests.append((status, dict(self.headers), body))
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-
-    def accepted(self) -> list[dict[str, Any]]:
-        with self.lock:
-            return [body for status, _, body in self.requests if status == 200]
-
-    def start(self) -> Receiver:
-        self.thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
-
-
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
-    server = Receiver(fail_first=1).start()
-    yield server
+    server = Receiver(lambda d: 503 if d.headers["X-Stepstream-Attempt"] == "1" else 200)
+    yield server.start()
     server.stop()
 
 
@@ -84,14 +36,16 @@ def stats(base: str) -> dict[str, Any]:
     return body
 
 
-def test_the_failure_webhook_is_called_once_per_failed_job_and_never_on_retrying(
+def test_the_old_failure_alert_settings_are_a_deployment_webhook_for_failed_jobs(
     make_stack: StackFactory, receiver: Receiver
 ) -> None:
+    # STEPSTREAM_ALERT_WEBHOOK_* (deprecated) still work: the durable webhook, `failed` only.
     s = make_stack(
         webs=1,
         workers=1,
-        STEPSTREAM_ALERT_WEBHOOK_URL=receiver.url,
+        STEPSTREAM_ALERT_WEBHOOK_URL=receiver.url(),
         STEPSTREAM_ALERT_WEBHOOK_BACKOFF_SECONDS="0.1",
+        STEPSTREAM_ALERT_WEBHOOK_TIMEOUT_SECONDS="1",
         STEPSTREAM_PUBLIC_URL="https://jobs.example.test",
         STEPSTREAM_ALERT_WEBHOOK_SECRET="hook-secret",
     )
@@ -105,29 +59,27 @@ def test_the_failure_webhook_is_called_once_per_failed_job_and_never_on_retrying
     assert wait_state(s.url, retried["id"], TERMINAL)["state"] == "completed"
 
     wait_until(lambda: len(receiver.accepted()) == 2, timeout=20, what="two alerts")
-    time.sleep(1.0)  # nothing else arrives: no duplicate, no alert for the retrying job
+    time.sleep(1.0)  # nothing else arrives: no duplicate, nothing for the completed job
     accepted = receiver.accepted()
-    assert sorted(a["job_id"] for a in accepted) == sorted(j["id"] for j in failing)
-    assert retried["id"] not in {body["job_id"] for _, _, body in receiver.requests}
-    # The first delivery met a 503 and was retried: three requests, two alerts.
-    assert len(receiver.requests) == 3
+    assert sorted(a.job_id for a in accepted) == sorted(j["id"] for j in failing)
+    assert retried["id"] not in {d.job_id for d in receiver.all()}
+    # Each first delivery met a 503 and was retried: four requests, two alerts.
+    assert len(receiver.all()) == 4
 
-    by_id = {a["job_id"]: a for a in accepted}
+    by_id = {a.job_id: a.body for a in accepted}
     first = by_id[failing[0]["id"]]
-    assert first["event"] == "job.failed"
-    assert first["task"] == "counted"
-    assert first["attempt"] == 1
-    assert first["error"]["type"] == "PermanentError"
-    assert first["error"]["message"] == "refused at three"
-    assert first["error"]["step"] == "three"
-    assert "traceback" not in first["error"]
-    assert first["links"]["self"] == f"https://jobs.example.test/api/jobs/{first['job_id']}"
-    assert by_id[failing[1]["id"]]["error"]["step"] == "one"
-    for (_, headers, body), raw in zip(receiver.requests, receiver.raw, strict=True):
-        assert headers["Content-Type"] == "application/json"
-        assert headers["X-Stepstream-Delivery"] == f"{body['job_id']}:1"
-        digest = hmac.new(b"hook-secret", raw, hashlib.sha256).hexdigest()
-        assert headers["X-Stepstream-Signature"] == f"sha256={digest}"
+    assert first["type"] == "job.failed"
+    job = first["job"]
+    assert job["task"] == "counted" and job["attempt"] == 1
+    assert job["error"]["type"] == "PermanentError"
+    assert job["error"]["message"] == "refused at three"
+    assert job["error"]["step"] == "three"
+    assert "traceback" not in job["error"]
+    assert job["links"]["self"] == f"https://jobs.example.test/api/jobs/{job['id']}"
+    assert by_id[failing[1]["id"]]["job"]["error"]["step"] == "one"
+    for delivery in receiver.all():
+        assert delivery.headers["Content-Type"] == "application/json"
+        assert delivery.signed_with("hook-secret")
 
 
 def test_a_webhook_that_is_down_neither_blocks_nor_crashes_the_worker(
@@ -136,19 +88,24 @@ def test_a_webhook_that_is_down_neither_blocks_nor_crashes_the_worker(
     s = make_stack(
         webs=1,
         workers=1,
-        STEPSTREAM_ALERT_WEBHOOK_URL=f"http://127.0.0.1:{free_port()}/nobody-listens",
-        STEPSTREAM_ALERT_WEBHOOK_ATTEMPTS="3",
-        STEPSTREAM_ALERT_WEBHOOK_BACKOFF_SECONDS="0.2",
+        STEPSTREAM_WEBHOOK_URL=f"http://127.0.0.1:{free_port()}/nobody-listens",
+        STEPSTREAM_WEBHOOK_ATTEMPTS="3",
+        STEPSTREAM_WEBHOOK_TIMEOUT_SECONDS="1",
+        STEPSTREAM_WEBHOOK_BACKOFF_SECONDS="0.2",
     )
     (worker,) = s.workers
     failed = submit(s.url, "counted", {"permanent_failure": True, "fail_at": "one"})
     wait_state(s.url, failed["id"], {"failed"})
-    # The next job runs at once, while the alert is still being retried.
+    # The next job runs at once, while the delivery is still being retried.
     started = time.monotonic()
     ok = submit(s.url, "counted")
     assert wait_state(s.url, ok["id"], TERMINAL, timeout=10)["state"] == "completed"
     assert time.monotonic() - started < 5
-    wait_until(lambda: "alert webhook failed 3 times" in worker.log(), timeout=15, what="give up")
+    wait_until(
+        lambda: worker.log().count("webhook gave up after 3 attempts") == 2,
+        timeout=20,
+        what="both events given up",
+    )
     assert worker.alive
     again = submit(s.url, "counted")
     assert wait_state(s.url, again["id"], TERMINAL, timeout=10)["state"] == "completed"
