@@ -14,7 +14,7 @@ const api = async (path, init = {}) => {
 };
 
 // What the page received, for anyone curious (and for the end-to-end test).
-window.acme = { events: {}, ended: {}, tokenFetches: 0, errors: [] };
+window.acme = { events: {}, ended: {}, tokenFetches: 0, tokenReasons: [], errors: [] };
 
 const TERMINAL = new Set(["completed", "failed", "cancelled"]);
 const watching = new Map(); // job id -> stop()
@@ -44,12 +44,14 @@ function show(record) {
   }
   $("progress", li).value = record.progress ?? 0;
   if (record.state === "completed") {
-    $(".result", li).textContent = (record.result?.summary || []).join(" ");
+    const { summary = "", keywords = [] } = record.result || {};
+    $(".result", li).textContent = `${summary}\nKeywords: ${keywords.slice(0, 5).join(", ")}`;
   }
 }
 
-async function jobToken(jobId) {
+async function jobToken(jobId, reason) {
   window.acme.tokenFetches += 1;
+  window.acme.tokenReasons.push(reason);
   return (await api(`/reports/${encodeURIComponent(jobId)}/token`, { method: "POST" })).token;
 }
 
@@ -59,7 +61,8 @@ function watch(jobId) {
   const seen = (window.acme.events[jobId] ||= []);
   const stop = client.watchJob(jobId, {
     baseUrl: window.acme.stepstream,
-    getToken: () => jobToken(jobId),
+    // Called on the first connect, when a token runs out, and on a 401.
+    getToken: ({ reason }) => jobToken(jobId, reason),
     after: "0",
     onEvent(event) {
       seen.push({ id: event.id, type: event.type });
