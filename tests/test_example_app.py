@@ -5,7 +5,6 @@ web process restarted in the middle of a job."""
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ from stepstream.tasks.demo.analyze_document import STEPS
 from tests.conftest import Stack, StackFactory
 from tests.support.api import DOC
 from tests.support.browser import chromium, requires_chromium
-from tests.support.processes import Process, Web, free_port, wait_until
+from tests.support.processes import Uvicorn, Web, free_port
 from tests.support.sse import read_stream
 
 pytestmark = [pytest.mark.browser, requires_chromium]
@@ -35,36 +34,19 @@ def browser() -> Iterator[Browser]:
         yield launched
 
 
-class HostApp(Process):
+class HostApp(Uvicorn):
+    """examples/host_app, the product, on its own origin."""
+
+    ready_path = "/session"
+
     def __init__(self, stack: Stack, log_dir: Path, port: int) -> None:
-        self.port = port
         env = {
             **stack.env,
             "ACME_STEPSTREAM_URL": stack.url,
             "ACME_STEPSTREAM_KEY": KEY,
             "ACME_SECRET": "acme-cookie-secret",
         }
-        args = [sys.executable, "-m", "uvicorn", "examples.host_app.app:app"]
-        args += ["--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
-        super().__init__(f"host-{self.port}", args, env, log_dir)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> HostApp:
-        super().start()
-
-        def ready() -> bool:
-            if not self.alive:
-                raise RuntimeError(f"host app exited:\n{self.log()}")
-            try:
-                return httpx.get(f"{self.url}/session", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(ready, timeout=20, what="the example host app")
-        return self
+        super().__init__("examples.host_app.app:app", env, log_dir, port, name="host")
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urljoin
@@ -25,51 +24,21 @@ from stepstream.server import create_app
 from stepstream.tasks.settings import Settings
 from tests.conftest import Valkey
 from tests.support.host_app import HOST_FORMAT
-from tests.support.processes import Process, Worker, free_port, stack_env, wait_until
+from tests.support.processes import Uvicorn, Worker, stack_env, wait_until
 from tests.support.sse import StreamReader
 from tests.support.tasks import gate_key
 
 PREFIX = "/progress"
 
 
-class Host(Process):
+class Host(Uvicorn):
     """``uvicorn --factory tests.support.host_app:<factory>`` at uvicorn's own log level."""
 
+    ready_path = f"{PREFIX}/readyz"
+
     def __init__(self, factory: str, env: dict[str, str], log_dir: Path) -> None:
-        self.port = free_port()
-        args = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "--factory",
-            f"tests.support.host_app:{factory}",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--timeout-graceful-shutdown",
-            "3",
-        ]
-        super().__init__(f"{factory}-{self.port}", args, env, log_dir)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> Host:
-        super().start()
-
-        def ready() -> bool:
-            if not self.alive:
-                raise RuntimeError(f"host exited:\n{self.log()}")
-            try:
-                response = httpx.get(f"{self.url}{PREFIX}/readyz", timeout=1)
-            except httpx.HTTPError:
-                return False
-            return response.status_code == 200
-
-        wait_until(ready, timeout=20, what=f"host app on port {self.port}")
-        return self
+        app = f"tests.support.host_app:{factory}"
+        super().__init__(app, env, log_dir, options=("--factory",), name=factory)
 
 
 @pytest.fixture(scope="module")

