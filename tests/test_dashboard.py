@@ -376,6 +376,11 @@ def test_production_mode_signs_in_with_an_api_key_and_renews_stream_tokens(
         signin.get_by_role("button", name="Sign in").click()
         page.expect_connection("Live")
         expect(signin).to_be_hidden()
+        # The key is kept for this tab's session only, never in localStorage.
+        stored = page.page.evaluate(
+            "() => [sessionStorage.getItem('stepstream.apiKey'), JSON.stringify(localStorage)]"
+        )
+        assert stored == ["alice-key-0123456789", "{}"], stored
 
         page.choose_task("analyze_document")
         page.fill_sample()

@@ -7,22 +7,24 @@
 
 import { resolveBaseUrl } from "../../stepstream.js";
 
+// sessionStorage: the key survives a reload of this tab and is gone when the tab closes; it
+// never lands in storage shared by every tab and kept on disk.
 const KEY_STORAGE = "stepstream.apiKey";
 export const BASE_URL = resolveBaseUrl();
 
 export const auth = {
   get key() {
     try {
-      return localStorage.getItem(KEY_STORAGE) || null;
+      return sessionStorage.getItem(KEY_STORAGE) || null;
     } catch {
       return null;
     }
   },
   set(key) {
-    localStorage.setItem(KEY_STORAGE, key);
+    sessionStorage.setItem(KEY_STORAGE, key);
   },
   clear() {
-    localStorage.removeItem(KEY_STORAGE);
+    sessionStorage.removeItem(KEY_STORAGE);
   },
   onUnauthorized: null,
 };
