@@ -26,6 +26,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route
@@ -34,6 +35,7 @@ from starlette.types import Receive, Scope, Send
 
 from stepstream.server import batches, events, health, jobs, openapi
 from stepstream.server.auth import Authenticator
+from stepstream.server.deadline import ResponseDeadline
 from stepstream.server.errors import (
     ApiError,
     api_error_handler,
@@ -191,7 +193,11 @@ def create_app(
     routes = web_metrics.instrument(routes)  # counts submissions, streamed events; log tags
     return StepstreamApp(
         routes=routes,
-        middleware=middleware(settings),
+        # Innermost, so its 503 still gets the security and CORS headers.
+        middleware=[
+            *middleware(settings),
+            Middleware(ResponseDeadline, seconds=settings.request_deadline_seconds),
+        ],
         lifespan=lifespan,
         exception_handlers={
             ApiError: api_error_handler,

@@ -6,6 +6,8 @@ import signal
 import time
 from pathlib import Path
 
+import httpx
+
 from tests.conftest import Stack, StackFactory
 from tests.support.api import DOC, get_job, submit, wait_state
 from tests.support.processes import Valkey, wait_until
@@ -105,3 +107,30 @@ def test_a_valkey_restart_during_a_job_loses_nothing(own_valkey: Valkey, tmp_pat
         assert get_job(s.url, job["id"])["result"] == done["result"]
     finally:
         s.stop()
+
+
+def test_a_submit_while_valkey_is_frozen_answers_503_in_seconds_and_loses_nothing(
+    own_valkey: Valkey, tmp_path: Path
+) -> None:
+    """A frozen Valkey (SIGSTOP: a stalled host or a partition) accepts connections and never
+    answers; a submit must still answer, in seconds, with 503 and Retry-After."""
+    stack = Stack(own_valkey, "frozen:", tmp_path, {"STEPSTREAM_REQUEST_DEADLINE_SECONDS": "3"})
+    try:
+        stack.add_web()
+        stack.add_worker()
+        body = {"task": "counted", "input": {}}
+        with own_valkey.paused():
+            began = time.monotonic()
+            frozen = httpx.post(f"{stack.url}/api/jobs", json=body, timeout=15)
+            took = time.monotonic() - began
+            listing = httpx.get(f"{stack.url}/api/jobs", timeout=15)
+        assert frozen.status_code == 503, frozen.text
+        assert frozen.headers["retry-after"] == "2"
+        assert frozen.json()["error"]["code"] == "unavailable"
+        assert took < 8, f"the submit took {took:.1f}s to answer"  # 3 s deadline, generously
+        assert listing.status_code == 503
+        # Thawed, the same web process serves again at once.
+        job = submit(stack.url, "counted")
+        assert wait_state(stack.url, job["id"], {"completed"})["state"] == "completed"
+    finally:
+        stack.stop()

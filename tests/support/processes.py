@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Self
 
@@ -63,6 +65,17 @@ class Valkey:
         self.stop()
         time.sleep(down_for)
         self.start()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Valkey frozen with SIGSTOP: connections stay open and nothing answers, as in a
+        network partition or a stalled host; SIGCONT on the way out, whatever happened."""
+        pid = self.server._process.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(pid, signal.SIGCONT)
 
 
 class Process:
