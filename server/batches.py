@@ -19,6 +19,7 @@ from stepstream.server.jobs import (
     NewJob,
     _accepted,
     _create_cached,
+    check_created,
     check_input_shape,
     enforce_submission_limits,
     job_json,
@@ -118,13 +119,28 @@ async def submit_batch(request: Request) -> Response:
         )
     store = state.store
     children_key = store.keys.batch_children(parent_id)
+    # A place under the owner's unfinished-jobs limit for the parent and one per input (a
+    # cached child's is free again at once).
+    take = 1 + size
     # The whole batch in one MULTI: the parent, its start (it runs from now until its last child
     # ends; no worker ever holds it), the list of its children and every child with its queue
     # entry appear together or not at all, so a web process dying here leaves no parent waiting
-    # for children that were never made.
+    # for children that were never made. The parent's create takes the places for all of them,
+    # and each later write needs the parent: refused, the batch writes nothing.
     async with state.redis.pipeline(transaction=True) as pipe:
         await store.queue_create(
-            pipe, parent, new_event(parent_id, "queued", 0, input=parent.input)
+            pipe,
+            parent,
+            new_event(parent_id, "queued", 0, input=parent.input),
+            then=[
+                # In pieces: the script unpacks each command onto Lua's stack (8,000 slots).
+                *(
+                    ["RPUSH", children_key, *child_ids[i : i + 1_000]]
+                    for i in range(0, size, 1_000)
+                ),
+                ["EXPIRE", children_key, state.settings.retention_seconds],
+            ],
+            take=take,
         )
         await store.queue_append_many(
             pipe,
@@ -134,13 +150,13 @@ async def submit_batch(request: Request) -> Response:
             owner=owner,
             expect=(JobState.queued,),
         )
-        pipe.rpush(children_key, *child_ids)
-        pipe.expire(children_key, state.settings.retention_seconds)
         for child in fresh:
-            await store.queue_create(pipe, child.record, child.event, then=child.then)
+            await store.queue_create(
+                pipe, child.record, child.event, then=child.then, requires=parent_id
+            )
         replies = await pipe.execute()
-    appends = [replies[0], replies[1], *replies[4:]]
-    if not all(appended_from(reply).ok for reply in appends):
+    check_created(state, appended_from(replies[0]), parent_id, take)
+    if not all(appended_from(reply).ok for reply in replies[1:]):
         # 120-bit ids collided: not a client mistake, and never expected.
         raise RuntimeError(f"batch {parent_id}: a job id exists already")
     for index, child_id, item, hit in cached:
