@@ -174,6 +174,17 @@ def test_a_job_scheduled_past_the_retention_still_runs_and_is_kept(
     assert held is None, "it ended: it holds no place"
 
 
+def test_a_retry_asked_for_past_the_retention_still_runs(make_stack: StackFactory) -> None:
+    stack = make_stack(workers=1, STEPSTREAM_RETENTION_SECONDS="2", **FAST)
+    job = submit(stack.url, "retry_later", {"seconds": 4})
+    waiting = wait_state(stack.url, job["id"], {"retrying"})
+    assert waiting["error"]["type"] == "RetryAfter"
+    time.sleep(3)  # past the retention after the `retrying` event
+    assert get_job(stack.url, job["id"])["state"] == "retrying"
+    done = wait_state(stack.url, job["id"], {"completed", "failed"}, timeout=20)
+    assert (done["state"], done["attempt"]) == ("completed", 2)
+
+
 def test_an_owner_whose_unfinished_jobs_expired_can_submit_again(
     make_stack: StackFactory,
 ) -> None:
