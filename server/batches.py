@@ -81,14 +81,20 @@ async def submit_batch(request: Request) -> Response:
 
     size = len(inputs)
     parent_id = new_job_id()
+    now = utcnow()
+    # Created running (its log says queued, then started): it runs from now until its last child
+    # ends, and no worker ever holds it. Never queued, it holds no place among the owner's
+    # unfinished jobs; its children do.
     parent = JobRecord(
         id=parent_id,
         task=PARENT_PREFIX + task_name,
         owner=owner,
-        state=JobState.queued,
+        state=JobState.running,
         input={"task": task_name, "size": size},
+        attempt=1,
         max_attempts=1,
-        created_at=utcnow(),
+        created_at=now,
+        started_at=now,
         batch=batches.empty_counts(size),
         message=batches.summary_message(batches.empty_counts(size), size),
         callback_url=given.callback_url,
@@ -119,19 +125,17 @@ async def submit_batch(request: Request) -> Response:
         )
     store = state.store
     children_key = store.keys.batch_children(parent_id)
-    # A place under the owner's unfinished-jobs limit for the parent and one per input (a
-    # cached child's is free again at once).
-    take = 1 + size
-    # The whole batch in one MULTI: the parent, its start (it runs from now until its last child
-    # ends; no worker ever holds it), the list of its children and every child with its queue
-    # entry appear together or not at all, so a web process dying here leaves no parent waiting
-    # for children that were never made. The parent's create takes the places for all of them,
-    # and each later write needs the parent: refused, the batch writes nothing.
+    # The whole batch in one MULTI: the parent, the list of its children and every child with
+    # its queue entry appear together or not at all, so a web process dying here leaves no
+    # parent waiting for children that were never made. The parent's create takes a place
+    # under the owner's unfinished-jobs limit for every input (a cached child's is free again at
+    # once), and each child needs the parent: refused, the batch writes nothing.
     async with state.redis.pipeline(transaction=True) as pipe:
         await store.queue_create(
             pipe,
             parent,
             new_event(parent_id, "queued", 0, input=parent.input),
+            new_event(parent_id, "started", 1, max_attempts=1),
             then=[
                 # In pieces: the script unpacks each command onto Lua's stack (8,000 slots).
                 *(
@@ -140,22 +144,14 @@ async def submit_batch(request: Request) -> Response:
                 ),
                 ["EXPIRE", children_key, state.settings.retention_seconds],
             ],
-            take=take,
-        )
-        await store.queue_append_many(
-            pipe,
-            parent_id,
-            [new_event(parent_id, "started", 1, max_attempts=1)],
-            {"state": JobState.running.value, "attempt": 1, "started_at": utcnow()},
-            owner=owner,
-            expect=(JobState.queued,),
+            take=size,
         )
         for child in fresh:
             await store.queue_create(
                 pipe, child.record, child.event, then=child.then, requires=parent_id
             )
         replies = await pipe.execute()
-    check_created(state, appended_from(replies[0]), parent_id, take)
+    check_created(state, appended_from(replies[0]), parent_id, size)
     if not all(appended_from(reply).ok for reply in replies[1:]):
         # 120-bit ids collided: not a client mistake, and never expected.
         raise RuntimeError(f"batch {parent_id}: a job id exists already")

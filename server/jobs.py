@@ -252,7 +252,7 @@ def unfinished_refusal(settings: Settings, appended: Appended, take: int) -> Api
     and did not get them (the store refused it as ``"limit"``: nothing was written)."""
     held = appended.unfinished or 0
     limit = settings.max_unfinished_per_owner
-    need = "" if take == 1 else f" and this batch needs {take} places (its parent and its inputs)"
+    need = "" if take == 1 else f" and this batch needs {take}, one per input"
     return ApiError(
         429,
         "too_many_unfinished_jobs",

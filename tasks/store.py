@@ -265,23 +265,6 @@ class JobStore:
         )
         return appended_from(await self._append(keys=keys, args=args))
 
-    async def queue_append_many(
-        self,
-        pipe: Pipeline,
-        job_id: str,
-        events: Sequence[Mapping[str, Any]],
-        fields: Mapping[str, Any],
-        *,
-        owner: str | None = None,
-        mode: str = "update",
-        expect: Sequence[JobState] = (),
-        then: Sequence[Sequence[str | bytes | int]] = (),
-    ) -> None:
-        """``append_many`` queued on ``pipe``: several jobs' appends in one ``MULTI`` are
-        stored together or not at all. Read each outcome with ``appended_from``."""
-        keys, args = self._script_call(job_id, events, fields, owner, mode, expect, then)
-        await self._append(keys=keys, args=args, client=pipe)
-
     def _script_call(
         self,
         job_id: str,
@@ -349,8 +332,8 @@ class JobStore:
         take: int = 0,
     ) -> Appended:
         """Create ``record`` with its first event. ``take``: see ``append``; a submission
-        takes one place, a batch's parent one for itself and one per child."""
-        keys, args = self._create_call(record, event, then, take, None)
+        takes one place, a batch's parent one per child (it is never queued itself)."""
+        keys, args = self._create_call(record, [event], then, take, None)
         appended = appended_from(await self._append(keys=keys, args=args))
         now = time.time()
         if appended.ok and now - self._index_trimmed_at >= 1.0:
@@ -365,21 +348,22 @@ class JobStore:
         self,
         pipe: Pipeline,
         record: JobRecord,
-        event: Mapping[str, Any],
-        *,
+        *events: Mapping[str, Any],
         then: Sequence[Sequence[str | bytes | int]] = (),
         take: int = 0,
         requires: str | None = None,
     ) -> None:
-        """``create`` queued on ``pipe`` (a ``MULTI``): see ``queue_append_many``.
-        ``requires``: a job whose record must exist (refused as ``"orphan"`` otherwise)."""
-        keys, args = self._create_call(record, event, then, take, requires)
+        """``create`` queued on ``pipe``: several jobs' creates in one ``MULTI`` are stored
+        together or not at all (read each outcome with ``appended_from``). ``events``: the
+        record's first events, in order. ``requires``: a job whose record must exist (refused
+        as ``"orphan"`` otherwise), such as one created earlier in the same ``MULTI``."""
+        keys, args = self._create_call(record, events, then, take, requires)
         await self._append(keys=keys, args=args, client=pipe)
 
     def _create_call(
         self,
         record: JobRecord,
-        event: Mapping[str, Any],
+        events: Sequence[Mapping[str, Any]],
         then: Sequence[Sequence[str | bytes | int]],
         take: int,
         requires: str | None,
@@ -387,7 +371,7 @@ class JobStore:
         score, ttl = self._placement(record)
         return self._script_call(
             record.id,
-            [event],
+            events,
             _create_fields(record),
             record.owner,
             "create",

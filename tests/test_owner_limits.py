@@ -80,12 +80,12 @@ def test_concurrent_batches_are_admitted_only_while_they_fit(make_stack: StackFa
     body = {"task": "counted", "inputs": [{} for _ in range(400)]}
     responses = fire_at_once([(stack.webs[i % 2].url, "/api/batches", body) for i in range(4)])
 
-    # A batch takes a place for its parent and one per input: 401. Two fit in 1,000.
+    # A batch takes a place per input (its parent is never queued): two fit in 1,000.
     accepted = [r for r in responses if r.status_code == 202]
     assert len(accepted) == 2, [r.status_code for r in responses]
     for refused in (r for r in responses if r.status_code != 202):
-        assert_too_many_unfinished(refused, limit=1000, requested=401)
-    assert unfinished(stack) == 802
+        assert_too_many_unfinished(refused, limit=1000, requested=400)
+    assert unfinished(stack) == 800
     # The refused batches stored nothing: no parent, no child, no queue entry, no child list.
     assert records(stack) == 802
     assert queue_entries(stack) == 800
@@ -116,11 +116,11 @@ def test_a_refused_batch_or_submit_stores_nothing_and_ended_jobs_free_their_plac
     stack = make_stack(workers=0, **{SETTING: "10"}, **FAST)
     batches = f"{stack.url}/api/batches"
     before = store_snapshot(stack)
-    too_big = httpx.post(batches, json={"task": "counted", "inputs": [{}] * 10}, timeout=30)
+    too_big = httpx.post(batches, json={"task": "counted", "inputs": [{}] * 11}, timeout=30)
     assert_too_many_unfinished(too_big, limit=10, requested=11)
     assert store_snapshot(stack) == before
 
-    fits = httpx.post(batches, json={"task": "counted", "inputs": [{}] * 9}, timeout=30)
+    fits = httpx.post(batches, json={"task": "counted", "inputs": [{}] * 10}, timeout=30)
     assert fits.status_code == 202, fits.text  # exactly the ten places
     assert unfinished(stack) == 10
     before = store_snapshot(stack)
@@ -133,7 +133,7 @@ def test_a_refused_batch_or_submit_stores_nothing_and_ended_jobs_free_their_plac
     assert cancel.status_code == 202, cancel.text
     wait_state(stack.url, fits.json()["id"], {"completed"})
     assert unfinished(stack) == 0
-    assert httpx.post(batches, json={"task": "counted", "inputs": [{}] * 9}).status_code == 202
+    assert httpx.post(batches, json={"task": "counted", "inputs": [{}] * 10}).status_code == 202
 
 
 def test_a_manual_retry_needs_a_free_place(make_stack: StackFactory) -> None:
