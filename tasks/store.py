@@ -32,11 +32,13 @@ from stepstream.tasks.settings import Settings
 #       webhook outbox, webhook events dropped, and optionally a record that must exist (a
 #       batch's parent, for its children: created in the same MULTI only if it was admitted)
 # ARGV: number of events (k), job maxlen, firehose maxlen, channel, ttl, mode, expected states,
-#       owner json, job id, index score (create only), number of field arguments (2f), the
+#       owner json, job id, score (in the job index on a create, in the unfinished set; now
+#       unless a scheduled job's run_at), number of field arguments (2f), the
 #       deployment webhook's states, outbox maxlen, the owner's unfinished-jobs limit, the
-#       places this append takes under it (0: no check), what comes before and after an id in
-#       a record's key, then k event jsons, then f field/value pairs for the record, then
-#       commands to run with the append, each as its argument count followed by its arguments.
+#       places this append takes under it (0: no check), the retention horizon (a score: now
+#       minus the retention, in microseconds), what comes before and after an id in a record's
+#       key, then k event jsons, then f field/value pairs for the record, then commands to run
+#       with the append, each as its argument count followed by its arguments.
 # mode: "create" (the record must not exist), "update" (it must), "update+cancel" (and no
 # cancel was requested). Expected states and the webhook's states are ",<json state>,...," or
 # "" (any state / none). Refusals write nothing and answer {"", why}: the record's state,
@@ -63,15 +65,17 @@ else
 end
 if KEYS[9] and redis.call('EXISTS', KEYS[9]) == 0 then return {'', 'orphan'} end
 -- Counted and taken in the script that writes what they admit: nothing comes between. Ids
--- whose record has gone (expired) hold no place; they are dropped when they would refuse, so a
--- lost record can never lock its owner out.
+-- whose record has expired hold no place; they are dropped when they would refuse, so a lost
+-- record can never lock its owner out. A record lives at least the retention past its id's
+-- score (the time it was added, or a scheduled job's run_at), so only ids older than that are
+-- looked at: a refusal costs nothing like a scan of every unfinished job.
 local take = tonumber(ARGV[15])
 if take > 0 then
   local limit = tonumber(ARGV[14])
   local held = redis.call('ZCARD', KEYS[6])
   if held + take > limit then
-    for _, id in ipairs(redis.call('ZRANGE', KEYS[6], 0, -1)) do
-      if redis.call('EXISTS', ARGV[16] .. id .. ARGV[17]) == 0 then
+    for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', ARGV[16])) do
+      if redis.call('EXISTS', ARGV[17] .. id .. ARGV[18]) == 0 then
         redis.call('ZREM', KEYS[6], id)
         held = held - 1
       end
@@ -80,7 +84,7 @@ if take > 0 then
   end
 end
 local ttl = tonumber(ARGV[5])
-local first_field = 18 + tonumber(ARGV[1])
+local first_field = 19 + tonumber(ARGV[1])
 local last_field = first_field + tonumber(ARGV[11]) - 1
 -- The job's subject (JSON), from the fields being written (create) or the record, so that
 -- firehose entries and wake-ups carry it like the owner: the firehose filters on both.
@@ -95,7 +99,7 @@ end
 if subject == 'null' then subject = false end
 local jid, fid
 local terminal
-for e = 18, first_field - 1 do
+for e = 19, first_field - 1 do
   jid = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[e])
   if subject then
     fid = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*',
@@ -283,6 +287,7 @@ class JobStore:
         if not events:
             raise ValueError("an append needs at least one event")
         head, tail = self.keys.job_parts
+        now = time.time()
         args: list[Any] = [
             len(events),
             self.settings.job_log_maxlen,
@@ -293,12 +298,13 @@ class JobStore:
             _state_list(s.value for s in expect),
             json.dumps(owner),
             job_id,
-            f"{time.time() * 1_000_000 if score is None else score:.0f}",
+            f"{now * 1_000_000 if score is None else score:.0f}",
             2 * len(fields),
             self._webhook_states,
             self.settings.webhook_outbox_maxlen,
             self.settings.max_unfinished_per_owner,
             take,
+            f"{(now - self.settings.retention_seconds) * 1_000_000:.0f}",
             head,
             tail,
         ]
