@@ -19,6 +19,7 @@ from stepstream.server.jobs import (
     NewJob,
     _accepted,
     _create_cached,
+    check_created,
     check_input_shape,
     enforce_submission_limits,
     job_json,
@@ -80,14 +81,20 @@ async def submit_batch(request: Request) -> Response:
 
     size = len(inputs)
     parent_id = new_job_id()
+    now = utcnow()
+    # Created running (its log says queued, then started): it runs from now until its last child
+    # ends, and no worker ever holds it. Never queued, it holds no place among the owner's
+    # unfinished jobs; its children do.
     parent = JobRecord(
         id=parent_id,
         task=PARENT_PREFIX + task_name,
         owner=owner,
-        state=JobState.queued,
+        state=JobState.running,
         input={"task": task_name, "size": size},
+        attempt=1,
         max_attempts=1,
-        created_at=utcnow(),
+        created_at=now,
+        started_at=now,
         batch=batches.empty_counts(size),
         message=batches.summary_message(batches.empty_counts(size), size),
         callback_url=given.callback_url,
@@ -118,29 +125,34 @@ async def submit_batch(request: Request) -> Response:
         )
     store = state.store
     children_key = store.keys.batch_children(parent_id)
-    # The whole batch in one MULTI: the parent, its start (it runs from now until its last child
-    # ends; no worker ever holds it), the list of its children and every child with its queue
-    # entry appear together or not at all, so a web process dying here leaves no parent waiting
-    # for children that were never made.
+    # The whole batch in one MULTI: the parent, the list of its children and every child with
+    # its queue entry appear together or not at all, so a web process dying here leaves no
+    # parent waiting for children that were never made. The parent's create takes a place
+    # under the owner's unfinished-jobs limit for every input (a cached child's is free again at
+    # once), and each child needs the parent: refused, the batch writes nothing.
     async with state.redis.pipeline(transaction=True) as pipe:
         await store.queue_create(
-            pipe, parent, new_event(parent_id, "queued", 0, input=parent.input)
-        )
-        await store.queue_append_many(
             pipe,
-            parent_id,
-            [new_event(parent_id, "started", 1, max_attempts=1)],
-            {"state": JobState.running.value, "attempt": 1, "started_at": utcnow()},
-            owner=owner,
-            expect=(JobState.queued,),
+            parent,
+            new_event(parent_id, "queued", 0, input=parent.input),
+            new_event(parent_id, "started", 1, max_attempts=1),
+            then=[
+                # In pieces: the script unpacks each command onto Lua's stack (8,000 slots).
+                *(
+                    ["RPUSH", children_key, *child_ids[i : i + 1_000]]
+                    for i in range(0, size, 1_000)
+                ),
+                ["EXPIRE", children_key, state.settings.retention_seconds],
+            ],
+            take=size,
         )
-        pipe.rpush(children_key, *child_ids)
-        pipe.expire(children_key, state.settings.retention_seconds)
         for child in fresh:
-            await store.queue_create(pipe, child.record, child.event, then=child.then)
+            await store.queue_create(
+                pipe, child.record, child.event, then=child.then, requires=parent_id
+            )
         replies = await pipe.execute()
-    appends = [replies[0], replies[1], *replies[4:]]
-    if not all(appended_from(reply).ok for reply in appends):
+    check_created(state, appended_from(replies[0]), parent_id, size)
+    if not all(appended_from(reply).ok for reply in replies[1:]):
         # 120-bit ids collided: not a client mistake, and never expected.
         raise RuntimeError(f"batch {parent_id}: a job id exists already")
     for index, child_id, item, hit in cached:

@@ -30,9 +30,8 @@ from stepstream.server.urls import job_links, root_path
 from stepstream.tasks import batches, cache
 from stepstream.tasks.models import JobRecord, JobState, new_job_id, utcnow
 from stepstream.tasks.registry import TaskSpec, all_tasks, get_task
-from stepstream.tasks.runtime import RUN_JOB
 from stepstream.tasks.settings import Settings
-from stepstream.tasks.store import new_event
+from stepstream.tasks.store import Appended, new_event
 
 JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -219,13 +218,14 @@ def check_input_shape(value: Any, settings: Settings) -> None:
 
 
 async def enforce_submission_limits(state: AppState, owner: str | None) -> None:
+    """The owner's submissions per second. (Their unfinished jobs are counted by the create
+    itself, which takes its places in the same script: ``unfinished_refusal``.)"""
     keys = state.store.keys
     second = int(time.time())
     async with state.redis.pipeline(transaction=False) as pipe:
         pipe.incr(keys.submissions(owner, second))
         pipe.expire(keys.submissions(owner, second), 2)
-        pipe.zcard(keys.owner_unfinished(owner))
-        submitted, _, unfinished = await pipe.execute()
+        submitted, _ = await pipe.execute()
     if submitted > state.settings.submissions_per_second:
         raise ApiError(
             429,
@@ -237,18 +237,35 @@ async def enforce_submission_limits(state: AppState, owner: str | None) -> None:
             },
             headers={"Retry-After": "1"},
         )
-    if unfinished >= state.settings.max_unfinished_per_owner:
-        raise ApiError(
-            429,
-            "too_many_unfinished_jobs",
-            f"{unfinished} jobs have not finished yet; the limit is "
-            f"{state.settings.max_unfinished_per_owner}",
-            {
-                "limit": state.settings.max_unfinished_per_owner,
-                "setting": "STEPSTREAM_MAX_UNFINISHED_PER_OWNER",
-            },
-            headers={"Retry-After": "5"},
-        )
+
+
+def check_created(state: AppState, appended: Appended, job_id: str, take: int) -> None:
+    """Raise what a refused create means: the owner's limit (429), or a collision."""
+    if appended.refused == "limit":
+        raise unfinished_refusal(state.settings, appended, take)
+    if not appended.ok:  # a 120-bit id collided: not a client mistake, and never expected
+        raise RuntimeError(f"job id {job_id} exists already")
+
+
+def unfinished_refusal(settings: Settings, appended: Appended, take: int) -> ApiError:
+    """429 for an append that needed ``take`` places under the owner's unfinished-jobs limit
+    and did not get them (the store refused it as ``"limit"``: nothing was written)."""
+    held = appended.unfinished or 0
+    limit = settings.max_unfinished_per_owner
+    need = "" if take == 1 else f" and this batch needs {take}, one per input"
+    return ApiError(
+        429,
+        "too_many_unfinished_jobs",
+        f"{held} jobs have not finished yet{need}; the limit is {limit} "
+        "(STEPSTREAM_MAX_UNFINISHED_PER_OWNER)",
+        {
+            "limit": limit,
+            "setting": "STEPSTREAM_MAX_UNFINISHED_PER_OWNER",
+            "unfinished": held,
+            "requested": take,
+        },
+        headers={"Retry-After": "5"},
+    )
 
 
 @dataclass
@@ -292,8 +309,9 @@ def new_job(
     event = new_event(job_id, "queued", 0, input=raw_input)
     if scheduled:
         event["run_at"] = record.run_at
-    # A scheduled job is enqueued by arq itself (deferred) after the create.
-    then = [] if scheduled else state.enqueue_commands(job_id)
+    # A scheduled job's queue entry is deferred: arq keeps it in its queue (a sorted set scored
+    # by run time), so it survives restarts and no worker picks it up early.
+    then = state.enqueue_commands(job_id, options.run_at)
     if count_submitted:
         then.append(_count_submitted(state, task_name))
     return NewJob(record, event, then)
@@ -325,6 +343,7 @@ async def _create_job(
                 job_id,
                 hit,
                 count_submitted=count_submitted,
+                take=1,
                 callback_url=options.callback_url,
                 subject=options.subject,
                 **fields,
@@ -341,26 +360,9 @@ async def _create_job(
         **fields,
     )
     record, event, then = new.record, new.event, new.then
-    if options.run_at is not None:
-        # The append script counts only "queued" jobs as the owner's unfinished ones; a
-        # scheduled job counts too (added first, so a job that ends at once is removed after).
-        await state.redis.zadd(
-            state.store.keys.owner_unfinished(owner), {job_id: time.time() * 1_000_000}
-        )
-    appended = await state.store.create(record, event, then=then)
-    if not appended.ok:  # a 120-bit id collided: not a client mistake, and never expected
-        raise RuntimeError(f"job id {job_id} exists already")
+    appended = await state.store.create(record, event, then=then, take=1)
+    check_created(state, appended, job_id, 1)
     record.last_event_id = appended.job_event_id
-    if options.run_at is not None:
-        # arq keeps a deferred job in its queue (a sorted set scored by run time): it survives
-        # restarts, and no worker picks it up early.
-        await state.arq.enqueue_job(
-            RUN_JOB,
-            job_id,
-            _job_id=job_id,
-            _queue_name=state.store.keys.queue,
-            _defer_until=options.run_at,
-        )
     return record
 
 
@@ -379,10 +381,12 @@ async def _create_cached(
     hit: dict[str, Any],
     *,
     count_submitted: bool = False,
+    take: int = 0,
     **fields: Any,
 ) -> JobRecord:
     """A job completed at once with a cached result (``cache_ttl``): it never reaches a worker,
-    so the web process writes both its events."""
+    so the web process writes both its events. ``take``: see ``JobStore.create`` (a batch's
+    child takes none: its parent took its place)."""
     record = JobRecord(
         id=job_id,
         task=task_name,
@@ -399,9 +403,9 @@ async def _create_cached(
         record,
         new_event(job_id, "queued", 0, input=raw_input, cached=True),
         then=[_count_submitted(state, task_name)] if count_submitted else [],
+        take=take,
     )
-    if not appended.ok:
-        raise RuntimeError(f"job id {job_id} exists already")
+    check_created(state, appended, job_id, take)
     source = hit.get("job_id")
     await state.store.append(
         job_id,
@@ -649,7 +653,10 @@ async def retry_job(request: Request) -> Response:
         },
         owner=record.owner,
         expect=(JobState.failed, JobState.cancelled),
+        take=1,  # unfinished again: it needs a place under the owner's limit
     )
+    if appended.refused == "limit":
+        raise unfinished_refusal(state.settings, appended, 1)
     if not appended.ok:
         raise _conflict(await reload(state, record), "retry")
     await state.enqueue(record.id)

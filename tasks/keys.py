@@ -16,6 +16,13 @@ class Keys:
         """Hash: the job record, the projection of its log."""
         return f"{self.prefix}job:{{{job_id}}}"
 
+    @property
+    def job_parts(self) -> tuple[str, str]:
+        """What comes before and after the id in ``job(id)``: for a script that checks the
+        records of ids it reads (the unfinished-jobs limit)."""
+        head, _, tail = self.job("\0").partition("\0")
+        return head, tail
+
     def job_events(self, job_id: str) -> str:
         """Stream: the job's event log."""
         return f"{self.prefix}job:{{{job_id}}}:events"
@@ -31,7 +38,8 @@ class Keys:
 
     @property
     def jobs(self) -> str:
-        """Sorted set: job ids by creation time in microseconds."""
+        """Sorted set: job ids by creation time in microseconds (a scheduled job's by its
+        ``run_at``); entries past the retention are trimmed by the creates."""
         return f"{self.prefix}jobs"
 
     @property
@@ -54,12 +62,14 @@ class Keys:
         return f"{self.prefix}apikeys"
 
     def owner_unfinished(self, owner: str | None) -> str:
-        """Sorted set: an owner's jobs that have not finished (for the per-owner limit)."""
+        """Sorted set: an owner's jobs that have not finished (for the per-owner limit). The
+        append script adds a job as it becomes scheduled or queued and removes it as it ends;
+        an id whose record has gone is dropped when the limit is checked."""
         return f"{self.prefix}unfinished:{owner or '-'}"
 
     def subject_jobs(self, subject: str) -> str:
         """Sorted set: the ids of jobs submitted for one subject (of any owner: listings filter
-        by owner), by creation time in microseconds; trimmed to the retention on each create."""
+        by owner), scored as in ``jobs``; trimmed to the retention on each create."""
         return f"{self.prefix}subject:{subject}"
 
     def submissions(self, owner: str | None, second: int) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 import traceback
@@ -324,6 +325,8 @@ async def _handle_failure(
             },
             owner=record.owner,
             expect=(JobState.running,),
+            # Kept until the retry has run, however far off it is: the retention runs from then.
+            ttl=store.settings.retention_seconds + math.ceil(delay),
         )
         if appended.ok:
             logger.info("job %s attempt %d failed, retrying in %.2fs", record.id, attempt, delay)

@@ -5,15 +5,19 @@ and to the firehose, updates the record, refreshes the expiry and publishes the 
 the record and the log can never disagree. A precondition on the record's state makes the append
 a compare-and-set, which is how the web process and a worker race safely over a queued job.
 The same script takes several events of one job at once (``append_many``): a burst of progress
-costs one round trip and one precondition check instead of one per event.
+costs one round trip and one precondition check instead of one per event. It also checks and
+takes an owner's unfinished-jobs places (``STEPSTREAM_MAX_UNFINISHED_PER_OWNER``) with the write
+they admit, so concurrent submissions can never share the last place.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from redis.asyncio import Redis
@@ -25,15 +29,21 @@ from stepstream.tasks.models import JobRecord, JobState, parse_stream_id, utcnow
 from stepstream.tasks.settings import Settings
 
 # KEYS: record, job stream, firehose, cancel flag, job index, the owner's unfinished jobs,
-#       webhook outbox, webhook events dropped
+#       webhook outbox, webhook events dropped, and optionally a record that must exist (a
+#       batch's parent, for its children: created in the same MULTI only if it was admitted)
 # ARGV: number of events (k), job maxlen, firehose maxlen, channel, ttl, mode, expected states,
-#       owner json, job id, index score (create only), number of field arguments (2f), the
-#       deployment webhook's states, outbox maxlen, then k event jsons, then f field/value pairs
-#       for the record, then commands to run with the append, each as its argument count
-#       followed by its arguments.
+#       owner json, job id, score (in the job index on a create, in the unfinished set; now
+#       unless a scheduled job's run_at), number of field arguments (2f), the
+#       deployment webhook's states, outbox maxlen, the owner's unfinished-jobs limit, the
+#       places this append takes under it (0: no check), the retention horizon (a score: now
+#       minus the retention, in microseconds), what comes before and after an id in a record's
+#       key, then k event jsons, then f field/value pairs for the record, then commands to run
+#       with the append, each as its argument count followed by its arguments.
 # mode: "create" (the record must not exist), "update" (it must), "update+cancel" (and no
 # cancel was requested). Expected states and the webhook's states are ",<json state>,...," or
-# "" (any state / none).
+# "" (any state / none). Refusals write nothing and answer {"", why}: the record's state,
+# "exists", "missing", "cancel", "orphan" (the required record is missing), or
+# {"", "limit", unfinished} when the places asked for do not fit under the limit.
 # A terminal state adds one outbox entry per webhook that wants it (the record's callback_url,
 # the deployment webhook): {job, event (this append's last event id), target, record (the
 # record as JSON, as it is now)}. In the same script, so a process dying after the append
@@ -53,8 +63,28 @@ else
     return {'', 'cancel'}
   end
 end
+if KEYS[9] and redis.call('EXISTS', KEYS[9]) == 0 then return {'', 'orphan'} end
+-- Counted and taken in the script that writes what they admit: nothing comes between. Ids
+-- whose record has expired hold no place; they are dropped when they would refuse, so a lost
+-- record can never lock its owner out. A record lives at least the retention past its id's
+-- score (the time it was added, or a scheduled job's run_at), so only ids older than that are
+-- looked at: a refusal costs nothing like a scan of every unfinished job.
+local take = tonumber(ARGV[15])
+if take > 0 then
+  local limit = tonumber(ARGV[14])
+  local held = redis.call('ZCARD', KEYS[6])
+  if held + take > limit then
+    for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', ARGV[16])) do
+      if redis.call('EXISTS', ARGV[17] .. id .. ARGV[18]) == 0 then
+        redis.call('ZREM', KEYS[6], id)
+        held = held - 1
+      end
+    end
+    if held + take > limit then return {'', 'limit', held} end
+  end
+end
 local ttl = tonumber(ARGV[5])
-local first_field = 14 + tonumber(ARGV[1])
+local first_field = 19 + tonumber(ARGV[1])
 local last_field = first_field + tonumber(ARGV[11]) - 1
 -- The job's subject (JSON), from the fields being written (create) or the record, so that
 -- firehose entries and wake-ups carry it like the owner: the firehose filters on both.
@@ -69,7 +99,7 @@ end
 if subject == 'null' then subject = false end
 local jid, fid
 local terminal
-for e = 14, first_field - 1 do
+for e = 19, first_field - 1 do
   jid = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[e])
   if subject then
     fid = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*',
@@ -85,7 +115,7 @@ end
 for i = first_field, last_field - 1, 2 do
   if ARGV[i] == 'state' then
     local new_state = ARGV[i + 1]
-    if new_state == '"queued"' then
+    if new_state == '"queued"' or new_state == '"scheduled"' then
       redis.call('ZADD', KEYS[6], ARGV[10], ARGV[9])
     elseif new_state == '"completed"' or new_state == '"failed"' or new_state == '"cancelled"' then
       redis.call('ZREM', KEYS[6], ARGV[9])
@@ -141,7 +171,9 @@ class Appended:
 
     job_event_id: str | None
     firehose_id: str | None
-    refused: str | None = None  # the record's state (JSON), "exists", "missing" or "cancel"
+    # the record's state (JSON), "exists", "missing", "cancel", "orphan" or "limit"
+    refused: str | None = None
+    unfinished: int | None = None  # "limit": the owner's unfinished jobs, which left no room
 
     @property
     def ok(self) -> bool:
@@ -191,14 +223,27 @@ class JobStore:
         mode: str = "update",
         expect: Sequence[JobState] = (),
         then: Sequence[Sequence[str | bytes | int]] = (),
+        take: int = 0,
+        ttl: int | None = None,
     ) -> Appended:
         """Append one event and apply ``fields`` to the record, atomically.
 
         ``then``: Redis commands to run in the same script when the append succeeds (and only
-        then), such as the arq enqueue of a job just created.
+        then), such as the arq enqueue of a job just created. ``take``: places of the owner's
+        unfinished-jobs limit this append needs free (refused as ``"limit"`` otherwise; the
+        append itself fills one if it makes the job scheduled or queued). ``ttl``: how long the
+        record and its log live after this append (the retention by default).
         """
         return await self.append_many(
-            job_id, [event], fields, owner=owner, mode=mode, expect=expect, then=then
+            job_id,
+            [event],
+            fields,
+            owner=owner,
+            mode=mode,
+            expect=expect,
+            then=then,
+            take=take,
+            ttl=ttl,
         )
 
     async def append_many(
@@ -211,31 +256,18 @@ class JobStore:
         mode: str = "update",
         expect: Sequence[JobState] = (),
         then: Sequence[Sequence[str | bytes | int]] = (),
+        take: int = 0,
+        ttl: int | None = None,
     ) -> Appended:
         """Append ``events`` of one job in order and apply ``fields``, all or none.
 
         The precondition is checked once, before the first event; the ids returned are the
         last event's.
         """
-        keys, args = self._script_call(job_id, events, fields, owner, mode, expect, then)
+        keys, args = self._script_call(
+            job_id, events, fields, owner, mode, expect, then, take=take, ttl=ttl
+        )
         return appended_from(await self._append(keys=keys, args=args))
-
-    async def queue_append_many(
-        self,
-        pipe: Pipeline,
-        job_id: str,
-        events: Sequence[Mapping[str, Any]],
-        fields: Mapping[str, Any],
-        *,
-        owner: str | None = None,
-        mode: str = "update",
-        expect: Sequence[JobState] = (),
-        then: Sequence[Sequence[str | bytes | int]] = (),
-    ) -> None:
-        """``append_many`` queued on ``pipe``: several jobs' appends in one ``MULTI`` are
-        stored together or not at all. Read each outcome with ``appended_from``."""
-        keys, args = self._script_call(job_id, events, fields, owner, mode, expect, then)
-        await self._append(keys=keys, args=args, client=pipe)
 
     def _script_call(
         self,
@@ -246,23 +278,35 @@ class JobStore:
         mode: str,
         expect: Sequence[JobState],
         then: Sequence[Sequence[str | bytes | int]],
+        *,
+        take: int = 0,
+        ttl: int | None = None,
+        score: float | None = None,
+        requires: str | None = None,
     ) -> tuple[list[str], list[Any]]:
         if not events:
             raise ValueError("an append needs at least one event")
+        head, tail = self.keys.job_parts
+        now = time.time()
         args: list[Any] = [
             len(events),
             self.settings.job_log_maxlen,
             self.settings.firehose_maxlen,
             self.keys.channel,
-            self.settings.retention_seconds,
+            self.settings.retention_seconds if ttl is None else ttl,
             mode,
             _state_list(s.value for s in expect),
             json.dumps(owner),
             job_id,
-            f"{time.time() * 1_000_000:.0f}",
+            f"{now * 1_000_000 if score is None else score:.0f}",
             2 * len(fields),
             self._webhook_states,
             self.settings.webhook_outbox_maxlen,
+            self.settings.max_unfinished_per_owner,
+            take,
+            f"{(now - self.settings.retention_seconds) * 1_000_000:.0f}",
+            head,
+            tail,
         ]
         args.extend(json.dumps(event, separators=(",", ":")) for event in events)
         for name, value in fields.items():
@@ -281,6 +325,8 @@ class JobStore:
             self.keys.webhook_outbox,
             self.keys.webhooks_dropped,
         ]
+        if requires is not None:
+            keys.append(self.keys.job(requires))
         return keys, args
 
     async def create(
@@ -289,19 +335,15 @@ class JobStore:
         event: Mapping[str, Any],
         *,
         then: Sequence[Sequence[str | bytes | int]] = (),
+        take: int = 0,
     ) -> Appended:
-        fields = _create_fields(record)
-        appended = await self.append(
-            record.id,
-            event,
-            fields,
-            owner=record.owner,
-            mode="create",
-            then=[*then, *self._subject_index(record)],
-        )
+        """Create ``record`` with its first event. ``take``: see ``append``; a submission
+        takes one place, a batch's parent one per child (it is never queued itself)."""
+        keys, args = self._create_call(record, [event], then, take, None)
+        appended = appended_from(await self._append(keys=keys, args=args))
         now = time.time()
         if appended.ok and now - self._index_trimmed_at >= 1.0:
-            # Index entries older than the retention point at expired jobs. Trimming once a
+            # Index entries scored before the retention point at expired jobs. Trimming once a
             # second per process, not on every submit, saves a round trip per submission.
             self._index_trimmed_at = now
             horizon = (now - self.settings.retention_seconds) * 1_000_000
@@ -312,34 +354,70 @@ class JobStore:
         self,
         pipe: Pipeline,
         record: JobRecord,
-        event: Mapping[str, Any],
-        *,
+        *events: Mapping[str, Any],
         then: Sequence[Sequence[str | bytes | int]] = (),
+        take: int = 0,
+        requires: str | None = None,
     ) -> None:
-        """``create`` queued on ``pipe`` (a ``MULTI``): see ``queue_append_many``."""
-        fields = _create_fields(record)
-        await self.queue_append_many(
-            pipe,
+        """``create`` queued on ``pipe``: several jobs' creates in one ``MULTI`` are stored
+        together or not at all (read each outcome with ``appended_from``). ``events``: the
+        record's first events, in order. ``requires``: a job whose record must exist (refused
+        as ``"orphan"`` otherwise), such as one created earlier in the same ``MULTI``."""
+        keys, args = self._create_call(record, events, then, take, requires)
+        await self._append(keys=keys, args=args, client=pipe)
+
+    def _create_call(
+        self,
+        record: JobRecord,
+        events: Sequence[Mapping[str, Any]],
+        then: Sequence[Sequence[str | bytes | int]],
+        take: int,
+        requires: str | None,
+    ) -> tuple[list[str], list[Any]]:
+        score, ttl = self._placement(record)
+        return self._script_call(
             record.id,
-            [event],
-            fields,
-            owner=record.owner,
-            mode="create",
-            then=[*then, *self._subject_index(record)],
+            events,
+            _create_fields(record),
+            record.owner,
+            "create",
+            (),
+            [*then, *self._subject_index(record, score, ttl)],
+            take=take,
+            ttl=ttl,
+            score=score,
+            requires=requires,
         )
 
-    def _subject_index(self, record: JobRecord) -> list[list[str | bytes | int]]:
+    def _placement(self, record: JobRecord) -> tuple[float, int]:
+        """A new job's score in the indexes (microseconds) and its record's time to live.
+
+        A scheduled job is scored by its ``run_at`` and lives until then plus the retention
+        (its worker's appends keep it from there, as any job's): created longer than the
+        retention before its time, it is neither lost nor trimmed from the listings.
+        """
+        now = time.time()
+        retention = self.settings.retention_seconds
+        if record.run_at is None:
+            return now * 1_000_000, retention
+        due = datetime.fromisoformat(record.run_at).timestamp()
+        return due * 1_000_000, retention + max(0, math.ceil(due - now))
+
+    def _subject_index(
+        self, record: JobRecord, score: float, ttl: int
+    ) -> list[list[str | bytes | int]]:
         """The create's additions to its subject's index (``GET /api/jobs?subject=``): the
-        entry, the end of entries past the retention, and the index's own expiry."""
+        entry, the end of entries past the retention, and the index's own expiry (never
+        shortened: an entry of a scheduled job may need it longer than the newest)."""
         if record.subject is None:
             return []
         key = self.keys.subject_jobs(record.subject)
-        now = time.time()
-        horizon = (now - self.settings.retention_seconds) * 1_000_000
+        horizon = (time.time() - self.settings.retention_seconds) * 1_000_000
         return [
-            ["ZADD", key, f"{now * 1_000_000:.0f}", record.id],
+            ["ZADD", key, f"{score:.0f}", record.id],
             ["ZREMRANGEBYSCORE", key, 0, f"{horizon:.0f}"],
-            ["EXPIRE", key, self.settings.retention_seconds],
+            ["EXPIRE", key, ttl, "NX"],
+            ["EXPIRE", key, ttl, "GT"],
         ]
 
     async def request_cancel(self, job_id: str) -> None:
@@ -477,9 +555,9 @@ def _create_fields(record: JobRecord) -> dict[str, Any]:
 
 def appended_from(reply: Sequence[str]) -> Appended:
     """The append script's reply as an ``Appended``."""
-    jid, second = reply
+    jid, second, *rest = reply
     if jid == "":
-        return Appended(None, None, refused=second)
+        return Appended(None, None, refused=second, unfinished=int(rest[0]) if rest else None)
     return Appended(jid, second)
 
 

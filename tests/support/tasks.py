@@ -8,7 +8,7 @@ import time
 
 from pydantic import BaseModel, Field
 
-from stepstream.tasks import PermanentError, TaskContext, TransientError, task
+from stepstream.tasks import PermanentError, RetryAfter, TaskContext, TransientError, task
 from stepstream.tasks.registry import Backoff
 
 COUNTED_STEPS = ["one", "two", "three", "four", "five"]
@@ -161,4 +161,17 @@ async def limited(ctx: TaskContext, data: LimitedInput) -> Done:
         )
         await asyncio.sleep(data.hold)
         await redis.decr("test:limited:running")
+    return Done()
+
+
+class RetryLaterInput(BaseModel):
+    seconds: float = Field(default=1.0, ge=0, le=60)
+
+
+@task("retry_later", steps=["ask"], input=RetryLaterInput, output=Done, max_attempts=2)
+async def retry_later(ctx: TaskContext, data: RetryLaterInput) -> Done:
+    """Its first attempt asks to be retried after ``seconds`` (as a 429 with Retry-After does)."""
+    async with ctx.step("ask"):
+        if ctx.attempt == 1:
+            raise RetryAfter(data.seconds)
     return Done()
