@@ -9,7 +9,8 @@ import hashlib
 import json
 import re
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -173,6 +174,7 @@ async def submit_job(request: Request) -> Response:
             job_id,
             options,
             count_submitted=True,
+            then=[claim.confirm] if claim is not None else [],
         )
     except BaseException:
         if claim is not None:
@@ -327,8 +329,11 @@ async def _create_job(
     options: SubmitOptions | None = None,
     *,
     count_submitted: bool = False,
+    then: Sequence[Sequence[str | bytes | int]] = (),
     **fields: Any,
 ) -> JobRecord:
+    """``then``: commands to run in the create script with the job (an idempotency claim's
+    confirmation), so they happen if and only if the job is created."""
     options = options or SubmitOptions()
     spec = get_task(task_name)
     if spec is not None and spec.cache_ttl and options.run_at is None:
@@ -344,6 +349,7 @@ async def _create_job(
                 hit,
                 count_submitted=count_submitted,
                 take=1,
+                then=then,
                 callback_url=options.callback_url,
                 subject=options.subject,
                 **fields,
@@ -359,8 +365,8 @@ async def _create_job(
         count_submitted=count_submitted,
         **fields,
     )
-    record, event, then = new.record, new.event, new.then
-    appended = await state.store.create(record, event, then=then, take=1)
+    appended = await state.store.create(new.record, new.event, then=[*new.then, *then], take=1)
+    record = new.record
     check_created(state, appended, job_id, 1)
     record.last_event_id = appended.job_event_id
     return record
@@ -382,6 +388,7 @@ async def _create_cached(
     *,
     count_submitted: bool = False,
     take: int = 0,
+    then: Sequence[Sequence[str | bytes | int]] = (),
     **fields: Any,
 ) -> JobRecord:
     """A job completed at once with a cached result (``cache_ttl``): it never reaches a worker,
@@ -402,7 +409,7 @@ async def _create_cached(
     appended = await state.store.create(
         record,
         new_event(job_id, "queued", 0, input=raw_input, cached=True),
-        then=[_count_submitted(state, task_name)] if count_submitted else [],
+        then=[*([_count_submitted(state, task_name)] if count_submitted else []), *then],
         take=take,
     )
     check_created(state, appended, job_id, take)
@@ -429,9 +436,13 @@ class _Claim:
     job_id: str
     redis_key: str
     existing: JobRecord | None = None
+    # The claim kept for STEPSTREAM_IDEMPOTENCY_TTL_SECONDS, set by the create script itself.
+    confirm: list[str | bytes | int] = field(default_factory=list)
 
 
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,200}")
+# How long a claim without its job lasts: the longest a request holds it before creating.
+CLAIM_IN_FLIGHT_SECONDS = 10
 
 
 async def _claim_idempotency_key(
@@ -463,13 +474,26 @@ async def _claim_idempotency_key(
     scope = hashlib.sha256(f"{owner}\n{key}".encode()).hexdigest()
     redis_key = state.store.keys.idempotency(scope)
     job_id = new_job_id()
-    ttl = state.settings.idempotency_ttl_seconds
+    value = f"{job_id} {fingerprint}"
+    # Held briefly until the create script, with the job, keeps it for the full TTL: a web
+    # process that dies (or times out) between the two leaves a claim that lapses in seconds,
+    # never one that blocks the key for a day.
+    confirm: list[str | bytes | int] = [
+        "SET",
+        redis_key,
+        value,
+        "EX",
+        state.settings.idempotency_ttl_seconds,
+    ]
     for _ in range(3):
-        if await state.redis.set(redis_key, f"{job_id} {fingerprint}", nx=True, ex=ttl):
-            return _Claim(job_id, redis_key)
+        if await state.redis.set(redis_key, value, nx=True, ex=CLAIM_IN_FLIGHT_SECONDS):
+            return _Claim(job_id, redis_key, confirm=confirm)
         held = await state.redis.get(redis_key)
         if held is None:
             continue  # expired between the two calls: claim it again
+        if held == value:
+            # Our own SET, re-sent by the client after its reply was lost: the claim is ours.
+            return _Claim(job_id, redis_key, confirm=confirm)
         other_id, other_fingerprint = held.split(" ", 1)
         if other_fingerprint != fingerprint:
             raise ApiError(

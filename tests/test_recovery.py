@@ -134,3 +134,51 @@ def test_a_submit_while_valkey_is_frozen_answers_503_in_seconds_and_loses_nothin
         assert wait_state(stack.url, job["id"], {"completed"})["state"] == "completed"
     finally:
         stack.stop()
+
+
+def test_a_keyed_submit_cut_off_by_a_frozen_valkey_ends_in_exactly_one_job(
+    own_valkey: Valkey, tmp_path: Path
+) -> None:
+    """The claim of an Idempotency-Key is written, then no job: here because Valkey froze
+    and the request was answered 503 before the claim's reply came (a web process killed
+    between the claim and the create leaves the same). The claim used to block the key for a
+    day (409 "still in flight" on every retry); the client's retries must end in one job."""
+    stack = Stack(own_valkey, "keyed:", tmp_path, {"STEPSTREAM_REQUEST_DEADLINE_SECONDS": "2"})
+    redis = stack.redis()
+    try:
+        stack.add_web()
+        stack.add_worker()
+        keyed = {"Idempotency-Key": "order-42"}
+        body = {"task": "counted", "input": {}}
+        with own_valkey.paused():
+            cut_off = httpx.post(f"{stack.url}/api/jobs", json=body, headers=keyed, timeout=15)
+        assert cut_off.status_code == 503, cut_off.text
+        # Thawed, Valkey runs the claim that request had sent: a claim without a job.
+        wait_until(
+            lambda: bool(redis.keys("keyed:idem:*")),
+            timeout=5,
+            what="the orphaned claim (without it this test proves nothing)",
+        )
+        assert not redis.keys("keyed:job:*")
+
+        answers = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # as a client retrying with the same key would
+            answer = httpx.post(f"{stack.url}/api/jobs", json=body, headers=keyed, timeout=15)
+            answers.append(answer.status_code)
+            if answer.status_code in (200, 202):
+                break
+            assert answer.status_code in (409, 503), answer.text
+            time.sleep(float(answer.headers.get("retry-after", "1")))
+        assert answers[-1] == 202, answers
+        job_id = answer.json()["id"]
+        again = httpx.post(f"{stack.url}/api/jobs", json=body, headers=keyed, timeout=15)
+        assert again.status_code == 200 and again.json()["id"] == job_id
+        listed = httpx.get(f"{stack.url}/api/jobs?task=counted", timeout=10).json()["jobs"]
+        assert [job["id"] for job in listed] == [job_id]
+        # The claim now lives as long as the job's key should: the full TTL, set with the job.
+        (claim,) = redis.keys("keyed:idem:*")
+        assert redis.ttl(claim) > 3600
+    finally:
+        stack.stop()
+        redis.close()
