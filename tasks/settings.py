@@ -36,6 +36,8 @@ class Settings(BaseSettings):
 
     max_body_bytes: int = 1_048_576
     body_timeout_seconds: float = 10.0  # a request body must arrive whole within this
+    # A request's line and headers must arrive within this (stepstream web; server/protocol.py).
+    header_timeout_seconds: float = 10.0
     # Once its body is in, a request answers within this (503 if Redis does not).
     request_deadline_seconds: float = 5.0
     list_limit_max: int = 200

