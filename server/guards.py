@@ -13,9 +13,11 @@ import asyncio
 import resource
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from stepstream.server.auth import Principal
 from stepstream.server.errors import ApiError
+from stepstream.server.keywatch import KeyWatch
 from stepstream.server.sse import frame, json_data
 from stepstream.server.state import AppState
 
@@ -110,31 +112,75 @@ def _too_many(who: str, limit: int, per: str, setting: str) -> ApiError:
     )
 
 
-async def guarded(principal: Principal, frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Yield ``frames`` until they end or the caller's token expires.
+EXPIRED = "the stream token expired"
+REVOKED = "the API key that minted the stream token was revoked"
 
-    At expiry the client gets a ``token_expired`` event (no id: it moves no cursor) and the
-    stream ends; it fetches a new token and reconnects with its last event id.
+
+async def guarded(
+    principal: Principal, frames: AsyncIterator[bytes], watch: KeyWatch
+) -> AsyncIterator[bytes]:
+    """Yield ``frames`` until they end, the caller's token expires or its key is revoked.
+
+    Then a token's stream gets a ``token_expired`` event (no id: it moves no cursor; its
+    ``reason`` says which) and ends; the client fetches a new token and reconnects with its
+    last event id. A stream opened with a key itself just ends: reconnecting is ``401``.
     """
+    revoked = watch.watch(principal.key_digest)
     try:
-        if principal.expires_at is None:
+        if principal.expires_at is None and revoked is None:
             async for chunk in frames:
                 yield chunk
             return
-        while True:
-            remaining = principal.expires_at - time.time()
-            try:
-                if remaining <= 0:
-                    raise TimeoutError
-                # Only the wait for the next frame is bounded, never a send to the client.
-                chunk = await asyncio.wait_for(anext(frames), remaining)
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                yield frame("token_expired", json_data({"reason": "the stream token expired"}))
-                return
-            yield chunk
+        # The next frame is awaited across wake-ups (cancelling it would end the stream). Only
+        # that wait is bounded, never a send to the client.
+        next_frame: asyncio.Future[bytes] | None = None
+        try:
+            while True:
+                if next_frame is None:
+                    next_frame = asyncio.ensure_future(anext(frames))
+                ended = await _wait(next_frame, principal.expires_at, revoked)
+                if ended is not None:
+                    if principal.token_scope is not None:
+                        yield frame("token_expired", json_data({"reason": ended}))
+                    return
+                done, next_frame = next_frame, None
+                try:
+                    chunk = done.result()
+                except StopAsyncIteration:
+                    return
+                yield chunk
+        finally:
+            if next_frame is not None:
+                await _discard(next_frame)
     finally:
+        if revoked is not None and principal.key_digest is not None:
+            watch.unwatch(principal.key_digest, revoked)
         aclose = getattr(frames, "aclose", None)
         if aclose is not None:
             await aclose()
+
+
+async def _wait(
+    next_frame: asyncio.Future[bytes],
+    expires_at: float | None,
+    revoked: asyncio.Future[None] | None,
+) -> str | None:
+    """Wait for ``next_frame``: None once it came, else why the stream ends first."""
+    if revoked is not None and revoked.done():
+        return REVOKED
+    timeout = None if expires_at is None else expires_at - time.time()
+    if timeout is not None and timeout <= 0:
+        return EXPIRED
+    waiting: set[asyncio.Future[Any]] = {next_frame} if revoked is None else {next_frame, revoked}
+    await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    if revoked is not None and revoked.done():
+        return REVOKED
+    return None if next_frame.done() else EXPIRED
+
+
+async def _discard(task: asyncio.Future[bytes]) -> None:
+    """Cancel a frame still awaited, letting the stream's generator run its cleanup."""
+    task.cancel()
+    await asyncio.wait({task})
+    if not task.cancelled():
+        task.exception()  # retrieved: the stream is ending, what it raised meanwhile is moot
