@@ -13,7 +13,6 @@ import asyncio
 import resource
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 from stepstream.server.auth import Principal
 from stepstream.server.errors import ApiError
@@ -131,27 +130,24 @@ async def guarded(
             async for chunk in frames:
                 yield chunk
             return
-        # The next frame is awaited across wake-ups (cancelling it would end the stream). Only
-        # that wait is bounded, never a send to the client.
-        next_frame: asyncio.Future[bytes] | None = None
-        try:
-            while True:
-                if next_frame is None:
-                    next_frame = asyncio.ensure_future(anext(frames))
-                ended = await _wait(next_frame, principal.expires_at, revoked)
-                if ended is not None:
-                    if principal.token_scope is not None:
-                        yield frame("token_expired", json_data({"reason": ended}))
-                    return
-                done, next_frame = next_frame, None
-                try:
-                    chunk = done.result()
-                except StopAsyncIteration:
-                    return
-                yield chunk
-        finally:
-            if next_frame is not None:
-                await _discard(next_frame)
+        ending = _Ending(principal.expires_at, revoked)
+        while not ending.due():
+            # Only the wait for the next frame is bounded, never a send to the client.
+            timeout = ending.bound()
+            try:
+                async with timeout:
+                    chunk = await anext(frames)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                if not timeout.expired():
+                    raise
+                break
+            finally:
+                ending.active = None
+            yield chunk
+        if principal.token_scope is not None:
+            yield frame("token_expired", json_data({"reason": ending.reason}))
     finally:
         if revoked is not None and principal.key_digest is not None:
             watch.unwatch(principal.key_digest, revoked)
@@ -160,27 +156,33 @@ async def guarded(
             await aclose()
 
 
-async def _wait(
-    next_frame: asyncio.Future[bytes],
-    expires_at: float | None,
-    revoked: asyncio.Future[None] | None,
-) -> str | None:
-    """Wait for ``next_frame``: None once it came, else why the stream ends first."""
-    if revoked is not None and revoked.done():
-        return REVOKED
-    timeout = None if expires_at is None else expires_at - time.time()
-    if timeout is not None and timeout <= 0:
-        return EXPIRED
-    waiting: set[asyncio.Future[Any]] = {next_frame} if revoked is None else {next_frame, revoked}
-    await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    if revoked is not None and revoked.done():
-        return REVOKED
-    return None if next_frame.done() else EXPIRED
+class _Ending:
+    """What ends a stream before its frames do: its token's expiry, its key's revocation.
 
+    One ``asyncio.Timeout`` per wait for a frame (a timer, no task); a revocation moves the
+    deadline of the wait in progress to now, or ends the stream before the next one.
+    """
 
-async def _discard(task: asyncio.Future[bytes]) -> None:
-    """Cancel a frame still awaited, letting the stream's generator run its cleanup."""
-    task.cancel()
-    await asyncio.wait({task})
-    if not task.cancelled():
-        task.exception()  # retrieved: the stream is ending, what it raised meanwhile is moot
+    __slots__ = ("active", "deadline", "loop", "reason")
+
+    def __init__(self, expires_at: float | None, revoked: asyncio.Future[None] | None) -> None:
+        self.loop = asyncio.get_running_loop()
+        # In loop time, which the timeouts use; the token's expiry is wall-clock.
+        self.deadline = None if expires_at is None else self.loop.time() + expires_at - time.time()
+        self.reason = EXPIRED
+        self.active: asyncio.Timeout | None = None
+        if revoked is not None:
+            revoked.add_done_callback(self._revoked)
+
+    def due(self) -> bool:
+        return self.deadline is not None and self.deadline <= self.loop.time()
+
+    def bound(self) -> asyncio.Timeout:
+        self.active = asyncio.timeout_at(self.deadline)
+        return self.active
+
+    def _revoked(self, _: asyncio.Future[None]) -> None:
+        self.reason = REVOKED
+        self.deadline = self.loop.time()
+        if self.active is not None and not self.active.expired():
+            self.active.reschedule(self.deadline)
