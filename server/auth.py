@@ -153,7 +153,7 @@ class Authenticator:
         if claims["e"] < time.time():
             raise _unauthorized("the token has expired; fetch a new one", code="token_expired")
         sealed_key = claims["k"]
-        if self.audience == "production" and (claims["o"] is None or sealed_key is None):
+        if self.production and (claims["o"] is None or sealed_key is None):
             raise _unauthorized(
                 "this token names no owner or key; production accepts only tokens minted with "
                 "an API key"
@@ -181,7 +181,7 @@ class Authenticator:
         return _xor(_unb64(sealed), self._key_pad(token_id)).hex()
 
     async def check_minter(self, principal: Principal) -> None:
-        """Refuse a token whose key was revoked since it minted it (its owner would differ)."""
+        """Refuse a token whose key was revoked since it minted it."""
         if principal.key_digest is None:
             return  # development, minted without credentials: no key to revoke
         owner = await self.keys.owner_of_digest(principal.key_digest)

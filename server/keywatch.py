@@ -5,8 +5,9 @@ hours. Every stream opened with a revocable key, or with a token one minted, wai
 of its own here as well as on its frames; one task asks Redis about every such key at once,
 every ``RECHECK_SECONDS``, and resolves the futures of those revoked: their streams end
 (server/guards.py). One future per stream rather than one per key: a stream's callback goes
-away with its future when the stream ends. Configured keys (``STEPSTREAM_API_KEYS``) are not watched: they cannot be
-revoked while the process runs, and a restart without them ends its streams anyway.
+away with its future when the stream ends. Configured keys (``STEPSTREAM_API_KEYS``) are not
+watched: they cannot be revoked while the process runs, and a restart without them ends its
+streams anyway.
 """
 
 from __future__ import annotations
