@@ -157,10 +157,12 @@ def create_app(
             keys=ApiKeys(redis, store.keys, apikeys.parse_configured(settings.api_keys)),
             token_ttl=settings.token_ttl_seconds,
         )
+        auth.watch.start()  # ends the streams of revoked keys
         app.state.stepstream = AppState(settings, redis, store, hub, arq, auth)
         try:
             yield
         finally:
+            await auth.watch.stop()
             await hub.stop()
             await arq.aclose()
             await pubsub_redis.aclose()

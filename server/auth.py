@@ -7,7 +7,13 @@
   EventSource cannot send headers.
 
 A stream token is ``base64url(payload) "." base64url(HMAC-SHA256(secret, payload))``; the payload
-names the owner, the scope, the expiry and the token's own id (stream limits count per token).
+names the owner, the scope, the expiry, the token's own id (stream limits count per token), its
+audience (the mode of the server that minted it) and the key that minted it, sealed (below).
+A server accepts only tokens of its own mode, so a development server that shares the secret
+cannot mint tokens for production; production also refuses a token without an owner or a key.
+Each use of a token looks its key up again: a revoked key's tokens stop working at once, and
+the streams they hold end within ``keywatch.RECHECK_SECONDS``.
+
 A scope is a set of the owner's jobs: ``job:<id>`` (one job), ``subject:<subject>`` (the jobs
 submitted for one end user) or ``events`` (all of them). A token reads the record and opens
 the stream of any job in its scope, and opens the firehose (filtered to its scope) unless it
@@ -27,6 +33,7 @@ from dataclasses import dataclass
 from starlette.requests import Request
 
 from stepstream.server.errors import ApiError
+from stepstream.server.keywatch import KeyWatch
 from stepstream.tasks.apikeys import ApiKeys, digest
 
 FIREHOSE_SCOPE = "events"
@@ -52,6 +59,9 @@ class Principal:
     # What the streams this caller opens count against (server/guards.py): "key:<digest>",
     # "token:<id>", or ANONYMOUS.
     holder: str = ANONYMOUS
+    # SHA-256 of the API key this caller authenticated with, or of the key that minted its
+    # token; None without credentials (development). Tokens carry it only sealed.
+    key_digest: str | None = None
 
     @property
     def subject(self) -> str | None:
@@ -83,6 +93,10 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+def _xor(data: bytes, pad: bytes) -> bytes:
+    return bytes(a ^ b for a, b in zip(data, pad, strict=True))
+
+
 class Authenticator:
     def __init__(
         self, *, production: bool, secret: str | None, keys: ApiKeys, token_ttl: float
@@ -93,12 +107,26 @@ class Authenticator:
         self._secret = (secret or secrets.token_hex(32)).encode()
         self.keys = keys
         self.token_ttl = token_ttl
+        self.audience = "production" if production else "development"
+        self.watch = KeyWatch(keys)
 
     # -- stream tokens ---------------------------------------------------------------------
 
-    def issue_token(self, owner: str | None, scope: str) -> tuple[str, float]:
+    def issue_token(
+        self, owner: str | None, scope: str, *, key_digest: str | None
+    ) -> tuple[str, float]:
+        """A token for ``scope`` of ``owner``'s jobs, minted with the key whose SHA-256 is
+        ``key_digest`` (None: without credentials, in development)."""
         expires_at = time.time() + self.token_ttl
-        claims = {"o": owner, "s": scope, "e": round(expires_at, 3), "i": secrets.token_urlsafe(9)}
+        token_id = secrets.token_urlsafe(9)
+        claims = {
+            "o": owner,
+            "s": scope,
+            "e": round(expires_at, 3),
+            "i": token_id,
+            "a": self.audience,
+            "k": None if key_digest is None else self._seal(key_digest, token_id),
+        }
         payload = json.dumps(claims).encode()
         signature = hmac.new(self._secret, payload, hashlib.sha256).digest()
         return f"{_b64(payload)}.{_b64(signature)}", expires_at
@@ -114,16 +142,55 @@ class Authenticator:
         if not hmac.compare_digest(expected, signature):
             raise _unauthorized("the token's signature does not match")
         claims = json.loads(payload)
+        audience = claims.get("a")
+        if audience != self.audience:
+            raise _unauthorized(
+                f"this token was minted by a server in {audience} mode; this server runs in "
+                f"{self.audience} mode and accepts only its own tokens: fetch one here"
+                if audience
+                else "this token predates token audiences; fetch a new one"
+            )
         if claims["e"] < time.time():
             raise _unauthorized("the token has expired; fetch a new one", code="token_expired")
-        # Tokens issued before they carried an id count by their signature, unique as well.
-        token_id = claims.get("i") or encoded_signature[:16]
+        sealed_key = claims["k"]
+        if self.production and (claims["o"] is None or sealed_key is None):
+            raise _unauthorized(
+                "this token names no owner or key; production accepts only tokens minted with "
+                "an API key"
+            )
+        token_id = claims["i"]
         return Principal(
             owner=claims["o"],
             token_scope=claims["s"],
             expires_at=claims["e"],
             holder=f"token:{token_id}",
+            key_digest=None if sealed_key is None else self._unseal(sealed_key, token_id),
         )
+
+    def _key_pad(self, token_id: str) -> bytes:
+        # A one-time pad per token (HMAC as a PRF of the token's unique id): the token names
+        # its key without showing even the key's hash, which would let anyone holding a token
+        # test guesses of a weak configured key offline.
+        message = b"stepstream key\x00" + token_id.encode()
+        return hmac.new(self._secret, message, hashlib.sha256).digest()
+
+    def _seal(self, key_digest: str, token_id: str) -> str:
+        return _b64(_xor(bytes.fromhex(key_digest), self._key_pad(token_id)))
+
+    def _unseal(self, sealed: str, token_id: str) -> str:
+        return _xor(_unb64(sealed), self._key_pad(token_id)).hex()
+
+    async def check_minter(self, principal: Principal) -> None:
+        """Refuse a token whose key was revoked since it minted it."""
+        if principal.key_digest is None:
+            return  # development, minted without credentials: no key to revoke
+        owner = await self.keys.owner_of_digest(principal.key_digest)
+        if owner is None or owner != principal.owner:
+            raise _unauthorized(
+                "the API key that minted this token was revoked; fetch a token minted with a "
+                "valid key",
+                code="token_revoked",
+            )
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -133,17 +200,20 @@ class Authenticator:
             scheme, _, key = header.partition(" ")
             if scheme.lower() != "bearer" or not key.strip():
                 raise _unauthorized("use `Authorization: Bearer <API key>`")
-            owner = await self.keys.owner_of(key.strip())
+            hashed = digest(key.strip())
+            owner = await self.keys.owner_of_digest(hashed)
             if owner is None:
                 raise _unauthorized("the API key is not valid")
-            return Principal(owner=owner, holder=f"key:{digest(key.strip())[:24]}")
+            return Principal(owner=owner, holder=f"key:{hashed[:24]}", key_digest=hashed)
         token = request.query_params.get("token")
         if token is not None:
             if not allow_token:
                 raise _unauthorized(
                     "a stream token only reads jobs and opens streams; use an API key here"
                 )
-            return self.read_token(token)
+            principal = self.read_token(token)
+            await self.check_minter(principal)
+            return principal
         if self.production:
             raise _unauthorized("credentials required: `Authorization: Bearer <API key>`")
         return Principal(owner=None)

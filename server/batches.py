@@ -171,7 +171,7 @@ async def submit_batch(request: Request) -> Response:
         )
         await batches.child_finished(state.store, done, "completed", result=done.result)
     record = await reload(state, parent)
-    response = _accepted(request, state, record, 202)
+    response = _accepted(request, state, principal, record, 202)
     response.headers["Location"] = f"{root_path(request)}/api/batches/{parent_id}"
     return response
 

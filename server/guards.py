@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 
 from stepstream.server.auth import Principal
 from stepstream.server.errors import ApiError
+from stepstream.server.keywatch import KeyWatch
 from stepstream.server.sse import frame, json_data
 from stepstream.server.state import AppState
 
@@ -110,31 +111,78 @@ def _too_many(who: str, limit: int, per: str, setting: str) -> ApiError:
     )
 
 
-async def guarded(principal: Principal, frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Yield ``frames`` until they end or the caller's token expires.
+EXPIRED = "the stream token expired"
+REVOKED = "the API key that minted the stream token was revoked"
 
-    At expiry the client gets a ``token_expired`` event (no id: it moves no cursor) and the
-    stream ends; it fetches a new token and reconnects with its last event id.
+
+async def guarded(
+    principal: Principal, frames: AsyncIterator[bytes], watch: KeyWatch
+) -> AsyncIterator[bytes]:
+    """Yield ``frames`` until they end, the caller's token expires or its key is revoked.
+
+    Then a token's stream gets a ``token_expired`` event (no id: it moves no cursor; its
+    ``reason`` says which) and ends; the client fetches a new token and reconnects with its
+    last event id. A stream opened with a key itself just ends: reconnecting is ``401``.
     """
+    revoked = watch.watch(principal.key_digest)
     try:
-        if principal.expires_at is None:
+        if principal.expires_at is None and revoked is None:
             async for chunk in frames:
                 yield chunk
             return
-        while True:
-            remaining = principal.expires_at - time.time()
+        ending = _Ending(principal.expires_at, revoked)
+        while not ending.due():
+            # Only the wait for the next frame is bounded, never a send to the client.
+            timeout = ending.bound()
             try:
-                if remaining <= 0:
-                    raise TimeoutError
-                # Only the wait for the next frame is bounded, never a send to the client.
-                chunk = await asyncio.wait_for(anext(frames), remaining)
+                async with timeout:
+                    chunk = await anext(frames)
             except StopAsyncIteration:
                 return
             except TimeoutError:
-                yield frame("token_expired", json_data({"reason": "the stream token expired"}))
-                return
+                if not timeout.expired():
+                    raise
+                break
+            finally:
+                ending.active = None
             yield chunk
+        if principal.token_scope is not None:
+            yield frame("token_expired", json_data({"reason": ending.reason}))
     finally:
+        if revoked is not None and principal.key_digest is not None:
+            watch.unwatch(principal.key_digest, revoked)
         aclose = getattr(frames, "aclose", None)
         if aclose is not None:
             await aclose()
+
+
+class _Ending:
+    """What ends a stream before its frames do: its token's expiry, its key's revocation.
+
+    One ``asyncio.Timeout`` per wait for a frame (a timer, no task); a revocation moves the
+    deadline of the wait in progress to now, or ends the stream before the next one.
+    """
+
+    __slots__ = ("active", "deadline", "loop", "reason")
+
+    def __init__(self, expires_at: float | None, revoked: asyncio.Future[None] | None) -> None:
+        self.loop = asyncio.get_running_loop()
+        # In loop time, which the timeouts use; the token's expiry is wall-clock.
+        self.deadline = None if expires_at is None else self.loop.time() + expires_at - time.time()
+        self.reason = EXPIRED
+        self.active: asyncio.Timeout | None = None
+        if revoked is not None:
+            revoked.add_done_callback(self._revoked)
+
+    def due(self) -> bool:
+        return self.deadline is not None and self.deadline <= self.loop.time()
+
+    def bound(self) -> asyncio.Timeout:
+        self.active = asyncio.timeout_at(self.deadline)
+        return self.active
+
+    def _revoked(self, _: asyncio.Future[None]) -> None:
+        self.reason = REVOKED
+        self.deadline = self.loop.time()
+        if self.active is not None and not self.active.expired():
+            self.active.reschedule(self.deadline)

@@ -161,7 +161,7 @@ async def submit_job(request: Request) -> Response:
             state, owner, idempotency_key, task_name, raw_input, options.fingerprint()
         )
         if claim.existing is not None:
-            return _accepted(request, state, claim.existing, 200)
+            return _accepted(request, state, principal, claim.existing, 200)
         job_id = claim.job_id
     try:
         await enforce_submission_limits(state, owner)
@@ -180,13 +180,17 @@ async def submit_job(request: Request) -> Response:
         if claim is not None:
             await state.redis.delete(claim.redis_key)  # let the client's retry create the job
         raise
-    return _accepted(request, state, record, 202)
+    return _accepted(request, state, principal, record, 202)
 
 
-def _accepted(request: Request, state: AppState, record: JobRecord, status: int) -> JSONResponse:
+def _accepted(
+    request: Request, state: AppState, principal: Principal, record: JobRecord, status: int
+) -> JSONResponse:
     body = job_json(record, root_path(request))
     # EventSource cannot send headers: the answer carries a token for this job's stream.
-    token, expires_at = state.auth.issue_token(record.owner, job_scope(record.id))
+    token, expires_at = state.auth.issue_token(
+        record.owner, job_scope(record.id), key_digest=principal.key_digest
+    )
     body["stream_token"] = token
     body["stream_token_expires_at"] = expires_at
     return JSONResponse(body, status_code=status, headers={"Location": body["links"]["self"]})
@@ -547,7 +551,7 @@ async def job_token(request: Request) -> Response:
     principal = await state.auth.authenticate(request)
     record = await load_job(request, principal)
     scope = job_scope(record.id)
-    token, expires_at = state.auth.issue_token(record.owner, scope)
+    token, expires_at = state.auth.issue_token(record.owner, scope, key_digest=principal.key_digest)
     return JSONResponse({"token": token, "expires_at": expires_at, "scope": scope})
 
 
@@ -562,7 +566,9 @@ async def firehose_token(request: Request) -> Response:
     body = await read_object(request, state, TOKEN_FIELDS, "{subject}", optional=True)
     subject = subject_field(body)
     scope = FIREHOSE_SCOPE if subject is None else subject_scope(subject)
-    token, expires_at = state.auth.issue_token(principal.owner, scope)
+    token, expires_at = state.auth.issue_token(
+        principal.owner, scope, key_digest=principal.key_digest
+    )
     return JSONResponse({"token": token, "expires_at": expires_at, "scope": scope})
 
 

@@ -37,13 +37,23 @@ class ApiKeys:
         self.keys = keys
         self.configured = configured
 
-    async def owner_of(self, key: str) -> str | None:
-        hashed = digest(key)
+    async def owner_of_digest(self, hashed: str) -> str | None:
+        """The owner of the key whose SHA-256 is ``hashed``; None once it is revoked."""
         owner = self.configured.get(hashed)
         if owner is not None:
             return owner
         stored: str | None = await self.redis.hget(self.keys.api_keys, hashed)  # type: ignore[misc]
         return stored
+
+    async def stored_owners(self, hashed: list[str]) -> list[str | None]:
+        """The owners of keys kept in Redis, by digest, in one round trip (None: revoked)."""
+        owners: list[str | None] = await self.redis.hmget(self.keys.api_keys, hashed)  # type: ignore[misc]
+        return owners
+
+    def revocable(self, hashed: str) -> bool:
+        """Whether the key can be revoked while this process runs: configured keys cannot (a
+        process started without them no longer knows them)."""
+        return hashed not in self.configured
 
     async def create(self, owner: str) -> str:
         key = KEY_PREFIX + secrets.token_urlsafe(32)
