@@ -43,6 +43,8 @@ export interface JobRecord {
     finished_at?: string | null;
     duration_ms?: number | null;
     output?: unknown;
+    /** run_step's stored return value, when its `output` shows something else. */
+    value?: unknown;
   }>;
   attempt: number;
   max_attempts: number;

@@ -56,7 +56,8 @@ class StepRecord(_Model):
     started_at: str | None = None
     finished_at: str | None = None
     duration_ms: float | None = None
-    output: Any = None
+    output: Any = None  # the partial result shown on step_completed
+    value: Any = None  # run_step's stored return value, when its output shows something else
 
 
 class ErrorInfo(_Model):

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+import typing
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic_core import to_jsonable_python
 
 from stepstream.tasks.cost import BudgetExceeded
 from stepstream.tasks.errors import StepTimeout
@@ -28,6 +31,19 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
+
+
+@lru_cache(maxsize=256)
+def _adapter(annotation: Any) -> TypeAdapter[Any]:
+    return TypeAdapter(annotation)
+
+
+def _return_type(fn: Callable[..., Any]) -> Any:
+    """``fn``'s declared return type, or None when it has none we can resolve (a lambda)."""
+    try:
+        return typing.get_type_hints(fn).get("return")
+    except Exception:  # a name only the defining scope knows, or not a function at all
+        return None
 
 
 class StepHandle:
@@ -71,6 +87,11 @@ class TaskContext:
     ) -> AsyncIterator[StepHandle]:
         """Run a block as the declared step ``name``: emits ``step``, then ``step_completed``.
 
+        Not checkpointed: a with-block cannot be skipped, so when the job runs again (a
+        retry, a killed worker, a deploy) the block runs again from the start, even if it
+        completed before. Use it for steps that are cheap and safe to redo; use
+        ``run_step()`` for a step that must not run twice.
+
         With ``timeout`` the block is interrupted after that many seconds with a
         ``StepTimeout``, a transient error unless ``retry_timeout`` is false.
         """
@@ -99,26 +120,49 @@ class TaskContext:
         name: str,
         fn: Callable[[], Awaitable[T]],
         *,
+        output: Callable[[T], Any] | None = None,
         timeout: float | None = None,
         retry_timeout: bool = True,
-    ) -> T | Any:
-        """Run ``fn`` as a checkpointed step.
+    ) -> T:
+        """Run ``fn`` as the declared step ``name``, checkpointed; return what it returns.
 
-        Its return value (JSON-serialisable) is stored with the step; when the job runs again
-        (a retry, a crash, a deploy) a step that already completed is not executed again: the
-        stored value is returned and the log says the step was restored.
+        The value is stored with the step (as JSON, so it must be serialisable: plain data,
+        pydantic models, dataclasses). When the job runs again (a retry, a killed worker, a
+        deploy) a step that completed before is not run again: the stored value is returned
+        and ``step_completed`` says ``restored: true``. If ``fn`` declares its return type,
+        the restored value is validated back into that type (a model comes back a model);
+        a stored value that no longer fits it (the code changed in between) is not restored,
+        and the step runs again.
+
+        ``output`` turns the value into the short partial result the log and the dashboard
+        show on ``step_completed``; without it they show the value itself.
         """
         ref = self._ref(name)
         done = self.steps[ref.index - 1]
         if done.state in ("completed", "restored"):
-            await self._restore_step(ref, done)
-            return done.output
+            stored = done.output if output is None else done.value
+            returns = _return_type(fn)
+            try:
+                restored: T = (
+                    stored if returns is None else _adapter(returns).validate_python(stored)
+                )
+            except ValidationError:  # stored by other code (a deploy in between): run again
+                await self.log(
+                    f"step {name!r}: its stored value no longer fits; running it again", "warning"
+                )
+            else:
+                await self._restore_step(ref, done)
+                return restored
         started = time.perf_counter()
         await self._begin_step(ref)
         async with self._deadline(name, timeout, retry_timeout):
-            output = await fn()
-        await self._complete_step(ref, started, output)
-        return output
+            value = await fn()
+        stored = to_jsonable_python(value)
+        if output is None:
+            await self._complete_step(ref, started, stored)
+        else:
+            await self._complete_step(ref, started, to_jsonable_python(output(value)), stored)
+        return value
 
     async def progress(self, current: float, total: float, message: str | None = None) -> None:
         """Progress inside the current step: "Analysed 23 of 50 documents"."""
@@ -225,13 +269,16 @@ class TaskContext:
             },
         )
 
-    async def _complete_step(self, ref: StepRef, started: float, output: Any) -> None:
+    async def _complete_step(
+        self, ref: StepRef, started: float, output: Any, value: Any = None
+    ) -> None:
         duration_ms = round((time.perf_counter() - started) * 1000, 3)
         record = self.steps[ref.index - 1]
         record.state = "completed"
         record.finished_at = utcnow()
         record.duration_ms = duration_ms
         record.output = output
+        record.value = value
         data: dict[str, Any] = {"step": ref.model_dump(), "duration_ms": duration_ms}
         if output is not None:
             data["output"] = output

@@ -79,7 +79,8 @@ class StepRecord(BaseModel):
     started_at: str | None = None
     finished_at: str | None = None
     duration_ms: float | None = None
-    output: Any = None
+    output: Any = None  # the partial result shown on step_completed
+    value: Any = None  # run_step's stored return value, when it shows a different output
     usage: Usage | None = None  # LLM calls made inside the step (docs/ai-workloads.md)
 
 

@@ -64,6 +64,45 @@ def test_a_killed_worker_s_job_is_taken_over_and_resumes_from_checkpoints(
     assert restored == ["one", "two", "three"]
 
 
+def test_a_killed_worker_s_demo_job_does_not_run_its_finished_steps_again(
+    make_stack: StackFactory,
+) -> None:
+    """The flagship demo keeps the flagship promise: steps finished before a SIGKILL are
+    restored from their checkpoints by the worker that takes over, not run again."""
+    s = make_stack(webs=1, workers=1)
+    job = submit(s.url, "analyze_document", {"text": DOC, "pace": 0.4})
+
+    def finished() -> list[str]:
+        steps = get_job(s.url, job["id"])["steps"]
+        return [step["name"] for step in steps if step["state"] == "completed"]
+
+    wait_until(lambda: len(finished()) >= 2, 20, what="steps 1 and 2 to complete")
+    s.workers[0].kill()  # SIGKILL: no cleanup, no hand-back
+    # The record as the dead worker left it: the kill landed after step 2, before step 3.
+    left = get_job(s.url, job["id"])
+    assert left["state"] == "running"
+    states = [step["state"] for step in left["steps"]]
+    assert states[:2] == ["completed", "completed"] and states[2] in ("pending", "running"), states
+    s.add_worker()
+    done = wait_state(s.url, job["id"], {"completed", "failed"}, timeout=40)
+    assert done["state"] == "completed", done["error"]
+
+    log = full_log(s.url, job["id"])
+    assert [e.data["attempt"] for e in log if e.type == "started"] == [1, 2]
+    second = [e for e in log if e.data.get("attempt") == 2]
+    begun = [e.data["step"]["name"] for e in second if e.type == "step"]
+    assert "Parsing document" not in begun and "Chunking document" not in begun, begun
+    restored = [e.data for e in second if e.type == "step_completed" and e.data.get("restored")]
+    assert [d["step"]["name"] for d in restored] == ["Parsing document", "Chunking document"]
+    assert restored[0]["output"] == {"sentences": 5, "words": len(DOC.split())}
+    # The body of step 1 logs once each time it runs: it ran once in the whole job.
+    parsed = [e for e in log if e.type == "log" and e.data["message"].startswith("Parsed ")]
+    assert [e.data["attempt"] for e in parsed] == [1]
+    assert_coherent(log)
+    stats = {"characters": len(DOC), "words": len(DOC.split()), "sentences": 5, "chunks": 1}
+    assert done["result"]["stats"] == stats, "the restored steps' values fed the later ones"
+
+
 def test_sigterm_hands_running_jobs_back_and_loses_none(make_stack: StackFactory) -> None:
     s = make_stack(webs=1, workers=1, STEPSTREAM_SHUTDOWN_GRACE_SECONDS="1")
     quick = submit(s.url, "analyze_document", {"text": DOC, "pace": 0.05})

@@ -66,6 +66,14 @@ class RankedChunk(BaseModel):
     preview: str
 
 
+class Parsed(BaseModel):
+    """What parsing stores for the later steps."""
+
+    sentences: list[str]
+    words: int
+    characters: int
+
+
 class AnalyzeOutput(BaseModel):
     title: str
     summary: str = Field(min_length=1)
@@ -122,45 +130,64 @@ def every(total: int) -> int:
     },
 )
 async def analyze_document(ctx: TaskContext, data: AnalyzeInput) -> AnalyzeOutput:
-    """Analyse a document: summary, keywords and the most central passages."""
-    async with ctx.step(STEPS[0]) as step:
+    """Analyse a document: summary, keywords and the most central passages.
+
+    Every step is checkpointed: what it returns is stored, and a job that runs again (a retry,
+    a killed worker) picks up after the last completed step. Vectors are not stored: they are
+    cheap to compute again from the chunks, in the steps that need them.
+    """
+
+    async def parse() -> Parsed:
         await checkpoint(ctx, data, STEPS[0])
         body = " ".join(data.text.split())
-        sentences = [s for s in _SENTENCE.split(body) if s]
-        words = body.split()
-        step.output = {"sentences": len(sentences), "words": len(words)}
-        await ctx.log(f"Parsed {len(sentences)} sentences and {len(words)} words")
+        parsed = Parsed(
+            sentences=[s for s in _SENTENCE.split(body) if s],
+            words=len(body.split()),
+            characters=len(body),
+        )
+        await ctx.log(f"Parsed {len(parsed.sentences)} sentences and {parsed.words} words")
+        return parsed
 
-    async with ctx.step(STEPS[1]) as step:
+    parsed = await ctx.run_step(
+        STEPS[0], parse, output=lambda p: {"sentences": len(p.sentences), "words": p.words}
+    )
+
+    async def chunk() -> list[str]:
         await checkpoint(ctx, data, STEPS[1])
         chunks: list[list[str]] = [[]]
-        for sentence in sentences:
+        for sentence in parsed.sentences:
             if chunks[-1] and sum(len(s.split()) for s in chunks[-1]) >= data.chunk_words:
                 chunks.append([])
             chunks[-1].append(sentence)
-        texts = [" ".join(c) for c in chunks]
-        step.output = {"chunks": len(texts)}
+        return [" ".join(c) for c in chunks]
 
-    async with ctx.step(STEPS[2]):
+    texts = await ctx.run_step(STEPS[1], chunk, output=lambda t: {"chunks": len(t)})
+
+    async def embed_chunks() -> list[float]:
         await checkpoint(ctx, data, STEPS[2])
         vectors: list[list[float]] = []
         for i, text in enumerate(texts, start=1):
             vectors.append(embed(text))
             if i % every(len(texts)) == 0 or i == len(texts):
                 await paced_progress(ctx, data, i, len(texts), f"Embedded {i} of {len(texts)}")
+        return [sum(column) / len(vectors) for column in zip(*vectors, strict=True)]
 
-    async with ctx.step(STEPS[3]) as step:
+    centroid = await ctx.run_step(
+        STEPS[2], embed_chunks, output=lambda c: {"chunks": len(texts), "dimensions": len(c)}
+    )
+
+    async def rank() -> list[RankedChunk]:
         await checkpoint(ctx, data, STEPS[3])
-        centroid = [sum(column) / len(vectors) for column in zip(*vectors, strict=True)]
-        scores = [cosine(v, centroid) for v in vectors]
+        scores = [cosine(embed(text), centroid) for text in texts]
         order = sorted(range(len(texts)), key=lambda i: -scores[i])
-        top = [
+        return [
             RankedChunk(index=i + 1, score=round(scores[i], 4), preview=texts[i][:160])
             for i in order[:3]
         ]
-        step.output = {"top_chunk": top[0].index}
 
-    async with ctx.step(STEPS[4]) as step:
+    top = await ctx.run_step(STEPS[3], rank, output=lambda t: {"top_chunk": t[0].index})
+
+    async def extract_keywords() -> list[str]:
         await checkpoint(ctx, data, STEPS[4])
         document_frequency: Counter[str] = Counter()
         term_frequency: Counter[str] = Counter()
@@ -174,18 +201,23 @@ async def analyze_document(ctx: TaskContext, data: AnalyzeInput) -> AnalyzeOutpu
         }
         keywords = sorted(weight, key=lambda t: (-weight[t], t))[:10]
         await ctx.log(f"Top keywords: {', '.join(keywords[:3]) or 'none'}")
-        step.output = {"keywords": keywords[:5]}
+        return keywords
 
-    async with ctx.step(STEPS[5]):
+    keywords = await ctx.run_step(STEPS[4], extract_keywords, output=lambda k: {"keywords": k[:5]})
+
+    async def summarise() -> str:
         await checkpoint(ctx, data, STEPS[5])
+        sentences = parsed.sentences
         sentence_scores = [cosine(embed(s), centroid) for s in sentences]
         best = sorted(range(len(sentences)), key=lambda i: -sentence_scores[i])
         chosen = sorted(best[: data.summary_sentences])
         for n, _ in enumerate(chosen, start=1):
             await paced_progress(ctx, data, n, len(chosen), f"Picked {n} of {len(chosen)}")
-        summary = " ".join(sentences[i] for i in chosen)
+        return " ".join(sentences[i] for i in chosen)
 
-    async with ctx.step(STEPS[6]):
+    summary = await ctx.run_step(STEPS[5], summarise, output=lambda s: {"words": len(s.split())})
+
+    async def validate() -> AnalyzeOutput:
         await checkpoint(ctx, data, STEPS[6])
         return AnalyzeOutput.model_validate(
             {
@@ -194,10 +226,12 @@ async def analyze_document(ctx: TaskContext, data: AnalyzeInput) -> AnalyzeOutpu
                 "keywords": keywords,
                 "top_chunks": top,
                 "stats": {
-                    "characters": len(body),
-                    "words": len(words),
-                    "sentences": len(sentences),
+                    "characters": parsed.characters,
+                    "words": parsed.words,
+                    "sentences": len(parsed.sentences),
                     "chunks": len(texts),
                 },
             }
         )
+
+    return await ctx.run_step(STEPS[6], validate, output=lambda _: {"valid": True})

@@ -93,32 +93,41 @@ class QuoteOutput(BaseModel):
     },
 )
 async def generate_quote(ctx: TaskContext, data: QuoteInput) -> QuoteOutput:
-    """Quote the cost of a team for a number of weeks."""
+    """Quote the cost of a team for a number of weeks; every step is checkpointed."""
     table = salary_table()
     bands: dict[str, dict[str, float]] = table["bands"]
     week_share = data.weeks / table["working_weeks_per_year"]
+    currency: str = table["currency"]
 
-    async with ctx.step(STEPS[0]) as step:
+    async def parse_roles() -> int:
         await checkpoint(ctx, data, STEPS[0])
         unknown = sorted({r.role for r in data.roles} - bands.keys())
         if unknown:
             raise PermanentError(
                 f"unknown role(s) {', '.join(unknown)}; known: {', '.join(sorted(bands))}"
             )
-        headcount = sum(r.count for r in data.roles)
-        step.output = {"roles": len(data.roles), "headcount": headcount}
+        return sum(r.count for r in data.roles)
 
-    async with ctx.step(STEPS[1]):
+    await ctx.run_step(
+        STEPS[0], parse_roles, output=lambda n: {"roles": len(data.roles), "headcount": n}
+    )
+
+    async def look_up_salaries() -> list[float]:
         await checkpoint(ctx, data, STEPS[1])
         salaries: list[float] = []
         for i, r in enumerate(data.roles, start=1):
             salaries.append(bands[r.role][r.level] * week_share * r.count * r.allocation)
             await paced_progress(ctx, data, i, len(data.roles), f"Priced {i} of {len(data.roles)}")
+        return salaries
 
-    async with ctx.step(STEPS[2]) as step:
+    salaries = await ctx.run_step(
+        STEPS[1], look_up_salaries, output=lambda s: {"salaries": round(sum(s), 2)}
+    )
+
+    async def compute_contributions() -> list[LineItem]:
         await checkpoint(ctx, data, STEPS[2])
         rate = table["employer_contribution_rate"]
-        items = [
+        return [
             LineItem(
                 role=r.role,
                 level=r.level,
@@ -129,26 +138,32 @@ async def generate_quote(ctx: TaskContext, data: QuoteInput) -> QuoteOutput:
             )
             for r, s in zip(data.roles, salaries, strict=True)
         ]
-        people_cost = round(sum(i.subtotal for i in items), 2)
-        step.output = {"people_cost": people_cost}
 
-    async with ctx.step(STEPS[3]) as step:
+    items = await ctx.run_step(
+        STEPS[2], compute_contributions, output=lambda i: {"people_cost": people_cost_of(i)}
+    )
+    people_cost = people_cost_of(items)
+
+    multiplier: float = table["tiers"][data.tier]
+
+    async def apply_tier() -> float:
         await checkpoint(ctx, data, STEPS[3])
-        multiplier = table["tiers"][data.tier]
-        tiered = round(people_cost * multiplier, 2)
-        step.output = {"multiplier": multiplier}
+        return round(people_cost * multiplier, 2)
 
-    async with ctx.step(STEPS[4]) as step:
+    tiered = await ctx.run_step(STEPS[3], apply_tier, output=lambda _: {"multiplier": multiplier})
+    per_person_week: float = table["workspace_per_person_week"][data.workspace]
+
+    async def add_workspace() -> float:
         await checkpoint(ctx, data, STEPS[4])
-        per_week = table["workspace_per_person_week"][data.workspace]
-        workspace_cost = round(
-            sum(r.count * r.allocation for r in data.roles) * data.weeks * per_week, 2
-        )
-        step.output = {"workspace_cost": workspace_cost}
+        people = sum(r.count * r.allocation for r in data.roles)
+        return round(people * data.weeks * per_person_week, 2)
 
-    async with ctx.step(STEPS[5]):
+    workspace_cost = await ctx.run_step(
+        STEPS[4], add_workspace, output=lambda c: {"workspace_cost": c}
+    )
+
+    async def format_breakdown() -> QuoteOutput:
         await checkpoint(ctx, data, STEPS[5])
-        currency = table["currency"]
         total = round(tiered + workspace_cost, 2)
         lines = [f"{i.count} × {i.level} {i.role}: {i.subtotal:,.2f} {currency}" for i in items]
         lines.append(f"Tier {data.tier} × {multiplier}: {tiered:,.2f} {currency}")
@@ -166,3 +181,11 @@ async def generate_quote(ctx: TaskContext, data: QuoteInput) -> QuoteOutput:
             total=total,
             breakdown=lines,
         )
+
+    return await ctx.run_step(
+        STEPS[5], format_breakdown, output=lambda q: {"total": q.total, "currency": q.currency}
+    )
+
+
+def people_cost_of(items: list[LineItem]) -> float:
+    return round(sum(i.subtotal for i in items), 2)
