@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import tarfile
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,35 +21,15 @@ from tests.support.processes import ROOT, Valkey, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
-USER_TASKS = '''
-"""A user's own task module, named like the most common task module there is."""
 
-from pydantic import BaseModel
-
-from stepstream import PermanentError, TaskContext, task
-
-
-class Order(BaseModel):
-    item: str
-    quantity: int = 1
+def _readme_task_module() -> str:
+    """The README's own example task module, as a user would copy it into tasks.py."""
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("```python\nfrom pydantic import BaseModel\nfrom stepstream import")
+    return readme[start + len("```python\n") : readme.index("```", start + 10)]
 
 
-class Receipt(BaseModel):
-    line: str
-
-
-@task("pack_order", steps=["Check stock", "Pack", "Label"], input=Order, output=Receipt)
-async def pack_order(ctx: TaskContext, order: Order) -> Receipt:
-    if order.quantity < 1:
-        raise PermanentError("nothing to pack")
-    async with ctx.step("Check stock"):
-        await ctx.progress(1, 1, f"{order.item}: in stock")
-    async with ctx.step("Pack"):
-        pass
-    async with ctx.step("Label"):
-        pass
-    return Receipt(line=f"{order.quantity} x {order.item}")
-'''
+USER_TASKS = _readme_task_module()
 
 
 def _source_tree(dest: Path) -> Path:
@@ -133,7 +112,7 @@ def _procfile_commands(source: Path) -> dict[str, str]:
 def user_dir(tmp_path: Path) -> Path:
     app = tmp_path / "myapp"
     app.mkdir()
-    (app / "tasks.py").write_text(textwrap.dedent(USER_TASKS))
+    (app / "tasks.py").write_text(USER_TASKS)
     return app
 
 
@@ -231,7 +210,7 @@ def test_procfile_serves_the_dashboard_and_runs_a_users_tasks_py(
     wait_until(done, timeout=30, what="the user's job to end")
     record = httpx.get(f"{url}/api/jobs/{job_id}", headers=headers, timeout=10).json()
     assert record["state"] == "completed", (logs / "worker.log").read_text()
-    assert record["result"] == {"line": "2 x teapot"}
+    assert record["result"] == {"line": "2 x teapot from shelf B4, parcel 1"}
     assert [s["state"] for s in record["steps"]] == ["completed"] * 3
     # The CLI of the same install reads the job back.
     cli = subprocess.run(
