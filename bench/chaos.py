@@ -434,10 +434,13 @@ async def inject_faults(
     stack: Stack, run: Run, stop: asyncio.Event, every: tuple[float, float]
 ) -> None:
     next_at = time.monotonic() + random.uniform(*every)
+    deck: list[str] = []  # every kind once, in a random order, then again: a short run sees all
     while not stop.is_set():
         await asyncio.to_thread(stack.reap, run)
         if time.monotonic() >= next_at:
-            kind = random.choice(FAULTS)
+            if not deck:
+                deck = random.sample(FAULTS, len(FAULTS))
+            kind = deck.pop()
             victim = await asyncio.to_thread(getattr(stack, kind))
             run.faults[kind] += 1
             print(f"  {time.strftime('%H:%M:%S')} fault {kind} ({victim})", flush=True)
@@ -721,11 +724,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-flight", type=int, default=24, help="jobs kept in flight")
     parser.add_argument("--watchers", type=int, default=10)
     parser.add_argument(
-        "--fault-min", type=float, default=4.0, help="seconds between faults, least"
+        "--fault-min", type=float, default=3.0, help="seconds between faults, least"
     )
-    parser.add_argument(
-        "--fault-max", type=float, default=10.0, help="seconds between faults, most"
-    )
+    parser.add_argument("--fault-max", type=float, default=7.0, help="seconds between faults, most")
     parser.add_argument("--drain", type=float, default=120, help="longest wait for jobs to end")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--keep-logs", action="store_true")
