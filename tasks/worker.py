@@ -104,6 +104,13 @@ class Worker(arq.worker.Worker):
 
     _warned_at = 0.0
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # arq holds a job it takes for the job timeout + 10 s (an hour); the monitor cuts that to
+        # the lease only once the job has started. A worker killed in between would leave the
+        # job to nobody for the hour: hold it for the lease from the moment it is taken.
+        self.in_progress_timeout_s = settings.lease_seconds
+
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         try:
             await super().start_jobs(job_ids)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import httpx
+from arq.constants import in_progress_key_prefix
 
 from tests.conftest import Stack, StackFactory
 from tests.support.api import DOC, get_job, submit, wait_state
@@ -101,6 +104,43 @@ def test_a_killed_worker_s_demo_job_does_not_run_its_finished_steps_again(
     assert_coherent(log)
     stats = {"characters": len(DOC), "words": len(DOC.split()), "sentences": 5, "chunks": 1}
     assert done["result"]["stats"] == stats, "the restored steps' values fed the later ones"
+
+
+# A worker that takes the job from the queue as arq does (the in-progress key set), then dies by
+# SIGKILL before its run_job task has run a line: the instant bench.chaos found.
+TAKE_AND_DIE = """
+import asyncio, os, signal, sys
+from arq.connections import create_pool
+from arq.worker import get_kwargs
+from stepstream.tasks.worker import Worker, WorkerSettings
+
+async def main() -> None:
+    worker = Worker(**get_kwargs(WorkerSettings))
+    worker._pool = await create_pool(worker.redis_settings)  # as Worker.main does first
+    await worker.start_jobs([sys.argv[1].encode()])
+    os.kill(os.getpid(), signal.SIGKILL)
+
+asyncio.run(main())
+"""
+
+
+def test_a_worker_killed_as_it_takes_a_job_holds_it_no_longer_than_the_lease(
+    make_stack: StackFactory,
+) -> None:
+    s = make_stack(webs=1, workers=0)
+    job = submit(s.url, "counted", {})
+    died = subprocess.run(
+        [sys.executable, "-c", TAKE_AND_DIE, job["id"]], env=s.env, timeout=30, check=False
+    )
+    assert died.returncode == -signal.SIGKILL
+    r = s.redis()
+    assert r.exists(in_progress_key_prefix + job["id"]), "the dead worker never took the job"
+    assert get_job(s.url, job["id"])["state"] == "queued"
+    s.add_worker()
+    # Taken over once the 8 s lease lapses, not after arq's hour.
+    done = wait_state(s.url, job["id"], {"completed", "failed"}, timeout=30)
+    assert done["state"] == "completed"
+    assert done["attempt"] == 1
 
 
 def test_sigterm_hands_running_jobs_back_and_loses_none(make_stack: StackFactory) -> None:
