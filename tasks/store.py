@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -50,6 +51,20 @@ from stepstream.tasks.settings import Settings
 # cannot lose the delivery (tasks/outbox.py delivers it). A full outbox (outbox maxlen
 # entries, all undelivered) takes no more: the drop is counted, and a worker logs it.
 _APPEND_LUA = """
+local first_field = 19 + tonumber(ARGV[1])
+local last_field = first_field + tonumber(ARGV[11]) - 1
+-- The call's mark (a random token among the fields, stored on the record): a call whose reply
+-- was lost with its connection is sent again by the client, and finds its own mark. It answers
+-- as the first did instead of appending its events twice.
+for i = first_field, last_field - 1, 2 do
+  if ARGV[i] == 'append_op' then
+    if redis.call('HGET', KEYS[1], 'append_op') == ARGV[i + 1] then
+      local last = redis.call('HGET', KEYS[1], 'last_event_id')
+      return {string.sub(last, 2, -2), ''}
+    end
+    break
+  end
+end
 local state = redis.call('HGET', KEYS[1], 'state')
 local mode = ARGV[6]
 if mode == 'create' then
@@ -84,8 +99,6 @@ if take > 0 then
   end
 end
 local ttl = tonumber(ARGV[5])
-local first_field = 19 + tonumber(ARGV[1])
-local last_field = first_field + tonumber(ARGV[11]) - 1
 -- The job's subject (JSON), from the fields being written (create) or the record, so that
 -- firehose entries and wake-ups carry it like the owner: the firehose filters on both.
 local subject = false
@@ -286,6 +299,8 @@ class JobStore:
     ) -> tuple[list[str], list[Any]]:
         if not events:
             raise ValueError("an append needs at least one event")
+        # The script's guard against a retried call applying twice (see _APPEND_LUA).
+        fields = {**fields, "append_op": secrets.token_hex(8)}
         head, tail = self.keys.job_parts
         now = time.time()
         args: list[Any] = [

@@ -70,3 +70,46 @@ def test_append_many_stores_every_event_in_order_or_none_and_runs_its_commands_o
     valkey: Valkey,
 ) -> None:
     asyncio.run(asyncio.wait_for(_append_many_is_all_or_none(valkey.url), 30))
+
+
+async def _a_resent_call_applies_once(url: str) -> None:
+    redis = Redis.from_url(url, decode_responses=True)
+    store = JobStore(redis, Settings(redis_url=url, prefix="resent-test:"))
+    try:
+        record = JobRecord(
+            id="j2",
+            task="resent",
+            owner=None,
+            state=JobState.running,
+            input={},
+            max_attempts=1,
+            created_at=utcnow(),
+            steps=[],
+        )
+        enqueue = [["HINCRBY", "resent-test:n", "made", 1]]
+        # Exactly what redis-py sends again when a reply is lost with its connection (a Valkey
+        # restart after it ran the script): the same script with the same arguments.
+        keys, args = store._create_call(record, [new_event("j2", "queued", 0)], enqueue, 0, None)
+        first = await store._append(keys=keys, args=args)
+        again = await store._append(keys=keys, args=args)
+        assert again[0] == first[0], "the resent create answers as the first did"
+        assert await redis.hget("resent-test:n", "made") == "1"
+
+        done = new_event("j2", "step_completed", 1, step={"index": 1, "count": 1, "name": "s"})
+        keys, args = store._script_call(
+            "j2", [done], {"message": "done"}, None, "update", (JobState.running,), []
+        )
+        first = await store._append(keys=keys, args=args)
+        again = await store._append(keys=keys, args=args)
+        assert again[0] == first[0]
+        stored = [json.loads(e)["type"] for _, e in await store.read_events("j2", "0", 100)]
+        assert stored == ["queued", "step_completed"], "an event appended twice"
+        # A new call with the same content is a new append, not a repeat.
+        assert (await store.append("j2", done, {"message": "again"})).ok
+        assert len(await store.read_events("j2", "0", 100)) == 3
+    finally:
+        await redis.aclose()
+
+
+def test_a_call_sent_again_after_a_lost_reply_is_applied_once(valkey: Valkey) -> None:
+    asyncio.run(asyncio.wait_for(_a_resent_call_applies_once(valkey.url), 30))

@@ -4,7 +4,9 @@ so a test can interleave its own actions with a running job exactly."""
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -29,6 +31,22 @@ def executions_key(job_id: str) -> str:
     return f"test:executions:{job_id}"
 
 
+# Counts once per execution even when the client sends it again after a lost reply (a Valkey
+# restart between running it and answering): each execution's token is added to a set first.
+_COUNT_ONCE = """
+if redis.call('SADD', KEYS[2], ARGV[2]) == 1 then
+  redis.call('EXPIRE', KEYS[2], 3600)
+  return redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+end
+return redis.call('HGET', KEYS[1], ARGV[1])
+"""
+
+
+async def count_execution(redis: Any, job_id: str, step: str) -> None:
+    key = executions_key(job_id)
+    await redis.eval(_COUNT_ONCE, 2, key, f"{key}:tokens", step, secrets.token_hex(8))
+
+
 def gate_key(job_id: str) -> str:
     return f"test:gate:{job_id}"
 
@@ -48,7 +66,7 @@ async def counted(ctx: TaskContext, data: CountedInput) -> CountedOutput:
     for name in COUNTED_STEPS:
 
         async def body(name: str = name) -> str:
-            await redis.hincrby(executions_key(ctx.job_id), name, 1)  # type: ignore[misc]
+            await count_execution(redis, ctx.job_id, name)
             if data.gate_at == name:
                 await redis.blpop([gate_key(ctx.job_id)], timeout=60)  # type: ignore[misc]
             if name == data.fail_at and data.permanent_failure:
