@@ -234,7 +234,12 @@ async def firehose(request: Request) -> EventStream:
     state: AppState = request.app.state.stepstream
     principal = await state.auth.authenticate(request, allow_token=True)
     if not principal.may_open_firehose:
-        raise ApiError(401, "token_scope", "this token opens one job's stream, not the firehose")
+        raise ApiError(
+            401,
+            "token_scope",
+            "this token opens one job's stream, not the firehose",
+            headers={"WWW-Authenticate": "Bearer"},  # every 401 names the scheme (RFC 9110)
+        )
     cursor = read_cursor(request)
     release = open_stream(state, principal)
     stream = FirehoseStream(
