@@ -39,7 +39,10 @@ ERROR: Schema = {
         }
     },
 }
-CURSOR: Schema = {"type": "string", "pattern": "^(0|[0-9]{1,20}-[0-9]{1,20})$"}
+# An event id as Redis gives them out (each part below 2^64; 19 digits stay below it), or
+# empty for none.
+CURSOR: Schema = {"type": "string", "pattern": "^(0|[0-9]{1,19}-[0-9]{1,19})?$"}
+_STATES = "|".join(s.value for s in JobState)
 SUBJECT: Schema = {
     "type": "string",
     "pattern": f"^{subjects.SUBJECT.pattern}$",
@@ -495,12 +498,20 @@ def document(root: str, settings: Settings, *, production: bool) -> dict[str, An
                     {
                         "name": "status",
                         "in": "query",
-                        "schema": {"type": "string"},
+                        "schema": {
+                            "type": "string",
+                            "pattern": rf"^\s*(({_STATES})\s*)?(,\s*(({_STATES})\s*)?)*$",
+                        },
                         "description": "comma separated, any of: "
                         + ", ".join(s.value for s in JobState),
                     },
                     {"name": "task", "in": "query", "schema": {"type": "string"}},
-                    {"name": "subject", "in": "query", "schema": SUBJECT},
+                    {
+                        "name": "subject",
+                        "in": "query",
+                        # Empty: every subject, as for the other filters.
+                        "schema": {**SUBJECT, "pattern": f"^({subjects.SUBJECT.pattern})?$"},
+                    },
                     {
                         "name": "limit",
                         "in": "query",
