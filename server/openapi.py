@@ -159,9 +159,10 @@ def _ref(name: str) -> Schema:
 
 UNAUTHORIZED = {
     "401": _error(
-        "`unauthorized`: no credentials (production), a key that is not valid, or a stream "
-        "token where a key is needed; `token_expired`; `token_scope`: a job's token on the "
-        "firehose",
+        "`unauthorized`: no credentials (production), a key that is not valid, a stream token "
+        "where a key is needed or one this server does not accept; `token_expired`; "
+        "`token_revoked`: the key that minted the token was revoked; `token_scope`: a job's "
+        "token on the firehose",
         {"WWW-Authenticate": {"required": True, "schema": {"type": "string"}}},
     )
 }
@@ -598,6 +599,11 @@ def document(root: str, settings: Settings, *, production: bool) -> dict[str, An
                     **NOT_FOUND,
                     "409": _error("`conflict`: the job is not failed or cancelled"),
                     "422": _error("`unknown_task`: the job's task is no longer declared"),
+                    "429": _error(
+                        "`too_many_unfinished_jobs`: the job would take a place under "
+                        "STEPSTREAM_MAX_UNFINISHED_PER_OWNER and none is left",
+                        {"Retry-After": RETRY_AFTER},
+                    ),
                     **UNAVAILABLE,
                 },
             }
