@@ -17,7 +17,7 @@ from stepstream.server.hub import Hub
 from stepstream.server.jobs import load_job
 from stepstream.server.state import AppState
 from stepstream.server.streams import FirehoseStream, JobStream
-from stepstream.tasks.models import parse_stream_id
+from stepstream.tasks.models import STREAM_ID_PART_MAX, parse_stream_id
 
 logger = logging.getLogger("stepstream.sse")
 
@@ -197,12 +197,17 @@ def read_cursor(request: Request) -> str | None:
     if raw is None or raw == "":
         return None
     try:
-        parse_stream_id(raw)
+        cursor = parse_stream_id(raw)
     except ValueError:
         raise ApiError(
             400, "bad_cursor", f"{raw!r} is not an event id (`0` or `<ms>-<seq>`)"
         ) from None
+    if cursor == LAST_STREAM_ID:  # no event can follow it: Redis refuses to read after it
+        raise ApiError(400, "bad_cursor", f"{raw!r} is the last possible event id")
     return raw
+
+
+LAST_STREAM_ID = (STREAM_ID_PART_MAX, STREAM_ID_PART_MAX)
 
 
 def sse_response(
@@ -229,7 +234,12 @@ async def firehose(request: Request) -> EventStream:
     state: AppState = request.app.state.stepstream
     principal = await state.auth.authenticate(request, allow_token=True)
     if not principal.may_open_firehose:
-        raise ApiError(401, "token_scope", "this token opens one job's stream, not the firehose")
+        raise ApiError(
+            401,
+            "token_scope",
+            "this token opens one job's stream, not the firehose",
+            headers={"WWW-Authenticate": "Bearer"},  # every 401 names the scheme (RFC 9110)
+        )
     cursor = read_cursor(request)
     release = open_stream(state, principal)
     stream = FirehoseStream(

@@ -148,7 +148,11 @@ def parse_stream_id(value: str) -> tuple[int, int]:
     match = _STREAM_ID.fullmatch(value)
     if match is None:
         raise ValueError(f"not a stream id: {value!r}")
-    return int(match[1]), int(match[2])
+    pair = int(match[1]), int(match[2])
+    if max(pair) > STREAM_ID_PART_MAX:  # Redis refuses such an id in every command
+        raise ValueError(f"not a stream id: {value!r}")
+    return pair
 
 
+STREAM_ID_PART_MAX = 2**64 - 1
 _STREAM_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
