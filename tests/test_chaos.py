@@ -12,8 +12,9 @@ import pytest
 
 from tests.support.processes import ROOT
 
-# Not in the default test command yet: a Valkey restart that lands on a write in flight can
-# apply it twice (docs/reliability.md, "Open"), which this soak reports. `./dev test -m soak`.
+# Not in the default test command yet: a batch child's end is counted into its parent after the
+# child's own append, so a fault between the two can leave the parent running for ever
+# (docs/reliability.md, "Open"), and this soak reports it. Run it with `./dev test -m soak`.
 pytestmark = [pytest.mark.slow, pytest.mark.soak]
 
 
