@@ -13,20 +13,24 @@ from stepstream.tasks.store import JobStore, new_event
 from tests.support.processes import Valkey
 
 
+def running_record(job_id: str, task: str) -> JobRecord:
+    return JobRecord(
+        id=job_id,
+        task=task,
+        owner=None,
+        state=JobState.running,
+        input={},
+        max_attempts=1,
+        created_at=utcnow(),
+        steps=[],
+    )
+
+
 async def _append_many_is_all_or_none(url: str) -> None:
     redis = Redis.from_url(url, decode_responses=True)
     store = JobStore(redis, Settings(redis_url=url, prefix="store-test:"))
     try:
-        record = JobRecord(
-            id="j1",
-            task="burst",
-            owner=None,
-            state=JobState.running,
-            input={},
-            max_attempts=1,
-            created_at=utcnow(),
-            steps=[],
-        )
+        record = running_record("j1", "burst")
         enqueue = [["ZADD", "store-test:queue", 1, "j1"], ["HINCRBY", "store-test:n", "made", 1]]
         assert (await store.create(record, new_event("j1", "queued", 0), then=enqueue)).ok
         # A second create of the same id is refused, and its commands do not run.
@@ -76,16 +80,7 @@ async def _a_resent_call_applies_once(url: str) -> None:
     redis = Redis.from_url(url, decode_responses=True)
     store = JobStore(redis, Settings(redis_url=url, prefix="resent-test:"))
     try:
-        record = JobRecord(
-            id="j2",
-            task="resent",
-            owner=None,
-            state=JobState.running,
-            input={},
-            max_attempts=1,
-            created_at=utcnow(),
-            steps=[],
-        )
+        record = running_record("j2", "resent")
         enqueue = [["HINCRBY", "resent-test:n", "made", 1]]
         # Exactly what redis-py sends again when a reply is lost with its connection (a Valkey
         # restart after it ran the script): the same script with the same arguments.
