@@ -102,6 +102,11 @@ async def _batch_lock(store: JobStore, batch_id: str) -> AsyncIterator[None]:
         await store.redis.eval(_RELEASE_LUA, 1, key, token)  # type: ignore[misc]
 
 
+def _ends(parent: JobRecord, counts: dict[str, int], size: int) -> bool:
+    """Every child is counted, and the parent still runs: its end is yet to be written."""
+    return counts["done"] >= size and parent.state == JobState.running
+
+
 async def _report(
     store: JobStore,
     child: JobRecord,
@@ -126,8 +131,6 @@ async def _report(
             outcome,
             str(store.settings.retention_seconds),
         )
-        if not changed:
-            return
         counts = {
             "size": size,
             "done": int(done),
@@ -136,31 +139,38 @@ async def _report(
             "cancelled": int(cancelled),
         }
         message = summary_message(counts, size)
+        parent = await store.get(batch_id) or parent  # as other children's reports left it
+        # Counted before (a repeated report): only what the parent has not shown yet is done
+        # again, so a report cut off after the count (its worker killed) is completed here.
+        shown = int((parent.batch or {}).get("done", 0))
+        if not changed and (shown >= counts["done"] and not _ends(parent, counts, size)):
+            return
         report: dict[str, Any] = {"id": child.id, "index": child.batch_index, "state": outcome}
         if outcome == "completed":
             report["result"] = result
         elif error is not None:
             report["error"] = {k: v for k, v in error.items() if k != "traceback"}
-        await store.append(
-            batch_id,
-            new_event(
+        if changed or shown < counts["done"]:
+            await store.append(
                 batch_id,
-                "progress",
-                parent.attempt,
-                current=counts["done"],
-                total=size,
-                message=message,
-                counts=counts,
-                child=report,
-            ),
-            {
-                "progress": round(counts["done"] / size, 4) if size else 1.0,
-                "message": message,
-                "batch": counts,
-            },
-            owner=parent.owner,
-            expect=(JobState.running,),
-        )
+                new_event(
+                    batch_id,
+                    "progress",
+                    parent.attempt,
+                    current=counts["done"],
+                    total=size,
+                    message=message,
+                    counts=counts,
+                    child=report,
+                ),
+                {
+                    "progress": round(counts["done"] / size, 4) if size else 1.0,
+                    "message": message,
+                    "batch": counts,
+                },
+                owner=parent.owner,
+                expect=(JobState.running,),
+            )
         if counts["done"] >= size:
             summary = {k: counts[k] for k in ("size", "completed", "failed", "cancelled")}
             # Every child has ended. "completed" says the batch ran to its end; the counts say how

@@ -134,8 +134,19 @@ async def run_job(ctx: dict[str, Any], job_id: str) -> None:
     store: JobStore = ctx["store"]
     monitor: JobMonitor = ctx["job_monitor"]
     record = await store.get(job_id)
-    if record is None or record.state.terminal:
-        return  # expired, or cancelled while queued: nothing to run
+    if record is None:
+        return  # expired: nothing to run
+    if record.state.terminal:
+        # Cancelled while queued, or ended by a worker killed before it told the job's batch
+        # (arq offers the job again): tell it now. A child is counted once, however often.
+        await batches.child_finished(
+            store,
+            record,
+            record.state.value,
+            result=record.result,
+            error=record.error.model_dump() if record.error is not None else None,
+        )
+        return
     spec = get_task(record.task)
     if spec is None:
         await _fail(store, record, None, "UnknownTask", f"no task named {record.task!r}")

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 import time
 
 import httpx
 import pytest
+from redis.asyncio import Redis
 
+from stepstream.tasks.models import utcnow
+from stepstream.tasks.settings import Settings
+from stepstream.tasks.store import JobStore, new_event
 from tests.conftest import Stack, StackFactory
 from tests.support.api import get_job, wait_state
 from tests.support.sse import Event, read_stream
@@ -181,3 +186,43 @@ def test_a_web_process_killed_while_creating_a_batch_leaves_all_of_it_or_none(
 def _post_ignoring_errors(base: str, body: dict[str, object]) -> None:
     with contextlib.suppress(httpx.HTTPError):  # the server was killed under it
         httpx.post(f"{base}/api/batches", json=body, timeout=20)
+
+
+def test_a_child_that_ended_without_telling_its_batch_is_counted_when_offered_again(
+    make_stack: StackFactory,
+) -> None:
+    """A worker killed between a child's terminal append and its report to the batch (the
+    chaos soak's defect 3) leaves a finished child the parent never counted; arq still holds
+    the child's job and offers it again. That offer must report the child, once."""
+    s = make_stack(workers=0)
+    response = post_batch(s, {"task": "counted", "inputs": [{}, {}]})
+    assert response.status_code == 202, response.text
+    parent_id = response.json()["id"]
+    children = httpx.get(f"{s.url}/api/batches/{parent_id}", timeout=10).json()["children"]
+    ended = children[0]["id"]
+
+    async def end_as_a_killed_worker_did() -> None:
+        redis = Redis.from_url(s.valkey.url, decode_responses=True)
+        store = JobStore(redis, Settings(redis_url=s.valkey.url, prefix=s.prefix))
+        try:
+            result = {"steps": ["one", "two", "three", "four", "five"]}
+            appended = await store.append(
+                ended,
+                new_event(ended, "completed", 1, result=result),
+                {"state": "completed", "result": result, "finished_at": utcnow()},
+            )
+            assert appended.ok
+        finally:
+            await redis.aclose()
+
+    asyncio.run(end_as_a_killed_worker_did())
+    assert get_job(s.url, parent_id)["batch"]["done"] == 0  # the batch was never told
+    s.add_worker()
+    done = wait_state(s.url, parent_id, {"completed", "failed", "cancelled"}, timeout=30)
+    assert done["state"] == "completed"
+    assert done["batch"]["completed"] == 2 and done["batch"]["done"] == 2
+    # Counted once: the parent's log reports each child once.
+    status, events = read_stream(f"{s.url}/api/jobs/{parent_id}/events?after=0")
+    assert status == 200
+    reported = [e.data["child"]["id"] for e in events if e.type == "progress"]
+    assert sorted(reported) == sorted(child["id"] for child in children)
