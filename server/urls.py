@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from starlette.requests import HTTPConnection
 
+from stepstream.tasks.models import job_links
+
+__all__ = ["job_links", "root_path"]
+
 
 def root_path(conn: HTTPConnection) -> str:
     """``/progress`` when mounted there, ``""`` when served at the root.
@@ -16,7 +20,3 @@ def root_path(conn: HTTPConnection) -> str:
     leaves out the mount.
     """
     return str(conn.scope.get("root_path", "")).rstrip("/")
-
-
-def job_links(root: str, job_id: str) -> dict[str, str]:
-    return {"self": f"{root}/api/jobs/{job_id}", "events": f"{root}/api/jobs/{job_id}/events"}

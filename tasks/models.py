@@ -156,3 +156,9 @@ def parse_stream_id(value: str) -> tuple[int, int]:
 
 STREAM_ID_PART_MAX = 2**64 - 1
 _STREAM_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+
+
+def job_links(base: str, job_id: str) -> dict[str, str]:
+    """A job's ``links`` under ``base``: the mount path in API answers, the public URL in
+    webhook bodies."""
+    return {"self": f"{base}/api/jobs/{job_id}", "events": f"{base}/api/jobs/{job_id}/events"}

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import httpx
 
 from stepstream.tasks.destinations import Policy, Refused, Target, Unresolvable
-from stepstream.tasks.models import JobRecord
+from stepstream.tasks.models import JobRecord, job_links
 
 USER_AGENT = "stepstream-webhooks"
 RETRY_STATUSES = frozenset({408, 425, 429})
@@ -41,11 +41,7 @@ def build_body(record: JobRecord, event: str, public_url: str = "") -> bytes:
     job = record.model_dump(mode="json")  # callback_url is never dumped
     if isinstance(job.get("error"), dict):
         job["error"].pop("traceback", None)
-    base = public_url.rstrip("/")
-    job["links"] = {
-        "self": f"{base}/api/jobs/{record.id}",
-        "events": f"{base}/api/jobs/{record.id}/events",
-    }
+    job["links"] = job_links(public_url.rstrip("/"), record.id)
     payload = {
         "id": event,
         "type": f"job.{record.state.value}",
