@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from arq.connections import ArqRedis
 from arq.cron import CronJob, cron, next_cron
 
 from stepstream.tasks.models import JobRecord, JobState, new_job_id, utcnow
+from stepstream.tasks.queue import enqueue_commands
 from stepstream.tasks.registry import get_task
-from stepstream.tasks.runtime import RUN_JOB
 from stepstream.tasks.store import JobStore, new_event
 
 # (name, low, high) of each field in order; the optional sixth is seconds.
@@ -141,7 +142,7 @@ def _parse_field(part: str, low: int, high: int, expression: str) -> set[int] | 
     return values
 
 
-async def create_job(store: JobStore, arq_redis: Any, entry: Recurring) -> JobRecord | None:
+async def create_job(store: JobStore, arq_redis: ArqRedis, entry: Recurring) -> JobRecord | None:
     """Create and enqueue one ordinary job for ``entry`` (the worker side of a submission)."""
     spec = get_task(entry.task)
     if spec is None:
@@ -159,11 +160,12 @@ async def create_job(store: JobStore, arq_redis: Any, entry: Recurring) -> JobRe
         budget=spec.budget,
     )
     event = new_event(job_id, "queued", 0, input=entry.input, recurring=entry.name)
-    appended = await store.create(record, event)
+    # The queue entry rides in the create script: a tick never leaves a job no worker will run.
+    then = enqueue_commands(arq_redis, store.keys.queue, job_id)
+    appended = await store.create(record, event, then=then)
     if not appended.ok:
         return None
     record.last_event_id = appended.job_event_id
-    await arq_redis.enqueue_job(RUN_JOB, job_id, _job_id=job_id, _queue_name=store.keys.queue)
     return record
 
 

@@ -34,7 +34,6 @@ from stepstream.tasks.store import JobStore, new_event
 
 logger = logging.getLogger("stepstream.worker")
 
-RUN_JOB = "stepstream.run_job"
 
 ACTIVE_STATES = (JobState.scheduled, JobState.queued, JobState.retrying, JobState.running)
 

@@ -25,8 +25,9 @@ from stepstream.tasks.heartbeat import Heartbeat
 from stepstream.tasks.keys import Keys
 from stepstream.tasks.logs import setup_logging
 from stepstream.tasks.outbox import Outbox
+from stepstream.tasks.queue import RUN_JOB
 from stepstream.tasks.registry import load_tasks
-from stepstream.tasks.runtime import RUN_JOB, JobMonitor, run_job
+from stepstream.tasks.runtime import JobMonitor, run_job
 from stepstream.tasks.settings import get_settings
 from stepstream.tasks.store import JobStore
 
