@@ -34,7 +34,7 @@ from stepstream.server.state import AppState
 from stepstream.server.urls import root_path
 from stepstream.tasks import batches, cache
 from stepstream.tasks.models import JobRecord, JobState, new_job_id, utcnow
-from stepstream.tasks.store import appended_from, new_event
+from stepstream.tasks.store import new_event
 
 BATCH_FIELDS = frozenset({"task", "inputs", "budget", "subject", "callback_url"})
 PARENT_PREFIX = "batch:"
@@ -130,9 +130,8 @@ async def submit_batch(request: Request) -> Response:
     # parent waiting for children that were never made. The parent's create takes a place
     # under the owner's unfinished-jobs limit for every input (a cached child's is free again at
     # once), and each child needs the parent: refused, the batch writes nothing.
-    async with state.redis.pipeline(transaction=True) as pipe:
-        await store.queue_create(
-            pipe,
+    calls = [
+        store.create_call(
             parent,
             new_event(parent_id, "queued", 0, input=parent.input),
             new_event(parent_id, "started", 1, max_attempts=1),
@@ -145,14 +144,15 @@ async def submit_batch(request: Request) -> Response:
                 ["EXPIRE", children_key, state.settings.retention_seconds],
             ],
             take=size,
-        )
-        for child in fresh:
-            await store.queue_create(
-                pipe, child.record, child.event, then=child.then, requires=parent_id
-            )
-        replies = await pipe.execute()
-    check_created(state, appended_from(replies[0]), parent_id, size)
-    if not all(appended_from(reply).ok for reply in replies[1:]):
+        ),
+        *(
+            store.create_call(child.record, child.event, then=child.then, requires=parent_id)
+            for child in fresh
+        ),
+    ]
+    replies = await store.create_together(calls)
+    check_created(state, replies[0], parent_id, size)
+    if not all(reply.ok for reply in replies[1:]):
         # 120-bit ids collided: not a client mistake, and never expected.
         raise RuntimeError(f"batch {parent_id}: a job id exists already")
     for index, child_id, item, hit in cached:

@@ -22,8 +22,7 @@ from datetime import datetime
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from stepstream.tasks.keys import Keys
 from stepstream.tasks.models import JobRecord, JobState, parse_stream_id, utcnow
@@ -215,6 +214,12 @@ class StreamInfo:
         return self.first_id is None or cursor < parse_stream_id(self.first_id)
 
 
+# Valkey restarts one transaction outlives before its error surfaces (create_together).
+SCRIPT_RELOADS = 5
+# One call of the append script: its keys and its arguments.
+ScriptCall = tuple[list[str], list[Any]]
+
+
 class JobStore:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
@@ -296,7 +301,7 @@ class JobStore:
         ttl: int | None = None,
         score: float | None = None,
         requires: str | None = None,
-    ) -> tuple[list[str], list[Any]]:
+    ) -> ScriptCall:
         if not events:
             raise ValueError("an append needs at least one event")
         # The script's guard against a retried call applying twice (see _APPEND_LUA).
@@ -365,21 +370,38 @@ class JobStore:
             await self.redis.zremrangebyscore(self.keys.jobs, 0, horizon)
         return appended
 
-    async def queue_create(
+    def create_call(
         self,
-        pipe: Pipeline,
         record: JobRecord,
         *events: Mapping[str, Any],
         then: Sequence[Sequence[str | bytes | int]] = (),
         take: int = 0,
         requires: str | None = None,
-    ) -> None:
-        """``create`` queued on ``pipe``: several jobs' creates in one ``MULTI`` are stored
-        together or not at all (read each outcome with ``appended_from``). ``events``: the
-        record's first events, in order. ``requires``: a job whose record must exist (refused
-        as ``"orphan"`` otherwise), such as one created earlier in the same ``MULTI``."""
-        keys, args = self._create_call(record, events, then, take, requires)
-        await self._append(keys=keys, args=args, client=pipe)
+    ) -> ScriptCall:
+        """``create``, prepared for ``create_together``. ``events``: the record's first events,
+        in order. ``requires``: a job whose record must exist (refused as ``"orphan"``
+        otherwise), such as one created earlier in the same transaction."""
+        return self._create_call(record, events, then, take, requires)
+
+    async def create_together(self, calls: Sequence[ScriptCall]) -> list[Appended]:
+        """Several jobs' creates in one ``MULTI``: stored together or not at all.
+
+        redis-py loads a pipeline's scripts before ``MULTI``, but when a connection error makes
+        it send the transaction again it does not load them again: a Valkey restarted in between
+        has forgotten them, and every ``EVALSHA`` in the ``EXEC`` answers ``NOSCRIPT``, applying
+        nothing. The same calls are sent again, scripts loaded first; their marks (see
+        ``_APPEND_LUA``) make a transaction that had in fact been applied answer as it did.
+        """
+        for attempt in range(1, SCRIPT_RELOADS + 1):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for keys, args in calls:
+                    await self._append(keys=keys, args=args, client=pipe)
+                try:
+                    return [appended_from(reply) for reply in await pipe.execute()]
+                except NoScriptError:
+                    if attempt == SCRIPT_RELOADS:
+                        raise
+        raise AssertionError("unreachable")
 
     def _create_call(
         self,
@@ -388,7 +410,7 @@ class JobStore:
         then: Sequence[Sequence[str | bytes | int]],
         take: int,
         requires: str | None,
-    ) -> tuple[list[str], list[Any]]:
+    ) -> ScriptCall:
         score, ttl = self._placement(record)
         return self._script_call(
             record.id,

@@ -6,6 +6,7 @@ import asyncio
 import json
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from stepstream.tasks.models import JobRecord, JobState, utcnow
 from stepstream.tasks.settings import Settings
@@ -108,3 +109,47 @@ async def _a_resent_call_applies_once(url: str) -> None:
 
 def test_a_call_sent_again_after_a_lost_reply_is_applied_once(valkey: Valkey) -> None:
     asyncio.run(asyncio.wait_for(_a_resent_call_applies_once(valkey.url), 30))
+
+
+async def _a_transaction_outlives_forgotten_scripts(url: str) -> None:
+    redis = Redis.from_url(url, decode_responses=True)
+    other = Redis.from_url(url, decode_responses=True)
+    store = JobStore(redis, Settings(redis_url=url, prefix="reload-test:"))
+    loads = 0
+    original = Pipeline.load_scripts
+
+    async def then_forget(pipe: Pipeline) -> None:
+        # What a Valkey restart does between redis-py loading the scripts and re-sending the
+        # MULTI after a connection error: the scripts are gone when EXEC runs them.
+        nonlocal loads
+        loads += 1
+        await original(pipe)
+        if loads == 1:
+            await other.script_flush()
+
+    try:
+        parent = running_record("p", "batch")
+        child = running_record("c", "batch")
+        calls = [
+            store.create_call(parent, new_event("p", "queued", 0)),
+            store.create_call(child, new_event("c", "queued", 0), requires="p"),
+        ]
+        Pipeline.load_scripts = then_forget  # type: ignore[method-assign]
+        try:
+            replies = await store.create_together(calls)
+        finally:
+            Pipeline.load_scripts = original  # type: ignore[method-assign]
+        assert loads == 2, "the scripts were not forgotten once: the test tested nothing"
+        assert [reply.ok for reply in replies] == [True, True]
+        # The same transaction applied, and its reply lost: sent again, it answers as it did.
+        again = await store.create_together(calls)
+        assert [reply.ok for reply in again] == [True, True]
+        assert [r.job_event_id for r in again] == [r.job_event_id for r in replies]
+        assert len(await store.read_events("c", "0", 10)) == 1
+    finally:
+        await redis.aclose()
+        await other.aclose()
+
+
+def test_a_batch_transaction_outlives_a_valkey_that_forgot_its_scripts(valkey: Valkey) -> None:
+    asyncio.run(asyncio.wait_for(_a_transaction_outlives_forgotten_scripts(valkey.url), 30))
