@@ -167,7 +167,7 @@ class _AdoptArq(logging.Filter):
     """Writes arq's records through our handler, with the job id arq put in the message.
 
     arq's CLI configures its own text handler on the ``arq`` logger after it imports
-    ``WorkerSettings`` (our setup runs at that import). ``dictConfig`` replaces a logger's
+    ``WorkerSettings`` (our setup runs as that class is built). ``dictConfig`` replaces a logger's
     handlers but keeps its filters, so this filter, on each of arq's loggers, sees every arq
     record: it hands the record to our handler and stops it before arq's handler.
     """

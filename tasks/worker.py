@@ -10,6 +10,7 @@ be enqueued again for a manual retry, see arq#432).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any, cast
@@ -28,17 +29,13 @@ from stepstream.tasks.outbox import Outbox
 from stepstream.tasks.queue import RUN_JOB
 from stepstream.tasks.registry import load_tasks
 from stepstream.tasks.runtime import JobMonitor, run_job
-from stepstream.tasks.settings import get_settings
+from stepstream.tasks.settings import Settings, get_settings
 from stepstream.tasks.store import JobStore
 
-settings = get_settings()
 logger = logging.getLogger("stepstream.worker")
-# Here, not in startup(): arq logs its first lines before startup() runs.
-setup_logging("worker", settings)
-load_tasks(settings.task_module_list, demo=settings.demo_tasks)
 
 
-async def startup(ctx: dict[str, Any]) -> None:
+async def startup(ctx: dict[str, Any], *, settings: Settings) -> None:
     redis = connect(settings.redis_url)
     store = JobStore(redis, settings)
     monitor = JobMonitor(store, settings.lease_seconds)
@@ -71,27 +68,55 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         await ctx["store_redis"].aclose()
 
 
-class WorkerSettings:
-    functions = [
-        # Attempts are counted by Stepstream (max_attempts per task). arq counts every pick-up,
-        # including a job that waits for a task's concurrency slot: its cap is only a backstop.
-        func(run_job, name=RUN_JOB, max_tries=1_000_000, timeout=settings.job_timeout_seconds),
-    ]
-    queue_name = Keys(settings.prefix).queue
-    redis_settings = RedisSettings.from_dsn(settings.redis_url)
-    redis_settings.retry_on_error = [ConnectionError, TimeoutError, OSError]
-    redis_settings.retry = patient_retry()
-    # Recurring jobs declared in the task modules (tasks/recurring.py): one job per tick.
-    cron_jobs = recurring.cron_jobs()
-    on_startup = startup
-    on_shutdown = shutdown
-    max_jobs = settings.max_jobs
-    # arq polls the queue every 0.5 s by default: an idle worker would add up to that before a
-    # job starts.
-    poll_delay = settings.poll_delay_seconds
-    keep_result = 0
-    job_completion_wait = settings.shutdown_grace_seconds
-    health_check_key = f"{settings.prefix}worker-health"
+def worker_settings(settings: Settings | None = None) -> type:
+    """arq's settings class for a worker of ``settings`` (the environment's by default).
+
+    A function, not a class built at import: building it sets up logging and imports the task
+    modules (their recurring declarations become cron jobs), which importing this module for
+    ``main`` or for a test must not do.
+    """
+    config = settings or get_settings()
+    # Before arq's CLI logs its first lines, which come before on_startup runs.
+    setup_logging("worker", config)
+    load_tasks(config.task_module_list, demo=config.demo_tasks)
+    connection = RedisSettings.from_dsn(config.redis_url)
+    connection.retry_on_error = [ConnectionError, TimeoutError, OSError]
+    connection.retry = patient_retry()
+
+    class WorkerSettings:
+        functions = [
+            # Attempts are counted by Stepstream (max_attempts per task). arq counts every
+            # pick-up, including a job that waits for a task's concurrency slot: its cap is only
+            # a backstop.
+            func(run_job, name=RUN_JOB, max_tries=1_000_000, timeout=config.job_timeout_seconds),
+        ]
+        queue_name = Keys(config.prefix).queue
+        redis_settings = connection
+        # Recurring jobs declared in the task modules (tasks/recurring.py): one job per tick.
+        cron_jobs = recurring.cron_jobs()
+        on_startup = functools.partial(startup, settings=config)
+        on_shutdown = shutdown
+        max_jobs = config.max_jobs
+        # arq polls the queue every 0.5 s by default: an idle worker would add up to that
+        # before a job starts.
+        poll_delay = config.poll_delay_seconds
+        keep_result = 0
+        job_completion_wait = config.shutdown_grace_seconds
+        health_check_key = f"{config.prefix}worker-health"
+
+    return WorkerSettings
+
+
+@functools.cache
+def _environment_settings() -> type:
+    return worker_settings()
+
+
+def __getattr__(name: str) -> Any:
+    # `arq stepstream.tasks.worker.WorkerSettings` still works, built when arq asks for it.
+    if name == "WorkerSettings":
+        return _environment_settings()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Worker(arq.worker.Worker):
@@ -105,12 +130,12 @@ class Worker(arq.worker.Worker):
 
     _warned_at = 0.0
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, lease_seconds: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # arq holds a job it takes for the job timeout + 10 s (an hour); the monitor cuts that to
         # the lease only once the job has started. A worker killed in between would leave the
         # job to nobody for the hour: hold it for the lease from the moment it is taken.
-        self.in_progress_timeout_s = settings.lease_seconds
+        self.in_progress_timeout_s = lease_seconds
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         try:
@@ -124,8 +149,14 @@ class Worker(arq.worker.Worker):
                 logger.warning("Redis error while starting a job; retrying: %r", exc)
 
 
-def main() -> None:
-    """``stepstream worker``: run :class:`Worker` with :class:`WorkerSettings`."""
+def worker(settings: Settings | None = None) -> Worker:
+    """:class:`Worker` with :func:`worker_settings`, as ``stepstream worker`` runs it."""
+    settings = settings or get_settings()
     # arq types get_kwargs' values as NameError; they are the settings' values.
-    kwargs: dict[str, Any] = get_kwargs(cast(Any, WorkerSettings))
-    Worker(**kwargs).run()
+    kwargs: dict[str, Any] = get_kwargs(cast(Any, worker_settings(settings)))
+    return Worker(**kwargs, lease_seconds=settings.lease_seconds)
+
+
+def main() -> None:
+    """``stepstream worker``."""
+    worker().run()

@@ -111,11 +111,10 @@ def test_a_killed_worker_s_demo_job_does_not_run_its_finished_steps_again(
 TAKE_AND_DIE = """
 import asyncio, os, signal, sys
 from arq.connections import create_pool
-from arq.worker import get_kwargs
-from stepstream.tasks.worker import Worker, WorkerSettings
+from stepstream.tasks.worker import worker as make_worker
 
 async def main() -> None:
-    worker = Worker(**get_kwargs(WorkerSettings))
+    worker = make_worker()
     worker._pool = await create_pool(worker.redis_settings)  # as Worker.main does first
     await worker.start_jobs([sys.argv[1].encode()])
     os.kill(os.getpid(), signal.SIGKILL)

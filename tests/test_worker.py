@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 from tests.conftest import Stack
@@ -40,3 +42,26 @@ def test_a_redis_error_inside_arqs_watch_does_not_end_the_worker(
         redis.execute_command("ACL", "SETUSER", "default", "+@all")
         stack.stop()
         redis.close()
+
+
+BUILD_SETTINGS = """
+import logging, sys
+import stepstream.tasks.worker as worker
+from stepstream.tasks import registry
+from stepstream.tasks.settings import Settings
+
+assert not registry.all_tasks(), "importing the worker module imported task modules"
+assert not logging.getLogger().handlers, "importing the worker module set up logging"
+built = worker.worker_settings(Settings(demo_tasks=True, prefix="built:"))
+assert built.queue_name == "built:queue", built.queue_name
+assert registry.get_task("analyze_document") is not None
+assert worker.WorkerSettings.functions[0].name == "stepstream.run_job"
+print("ok")
+"""
+
+
+def test_the_worker_settings_are_built_by_a_function_not_at_import() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", BUILD_SETTINGS], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
