@@ -12,8 +12,7 @@ import pytest
 
 from tests.support.processes import ROOT
 
-# Not in the default test command yet (docs/reliability.md): CI gets one try per change, and the
-# soak has found a new defect in about one run in seven so far. `./dev test -m soak` runs it.
+# Part of the default test command, so CI runs it on every change; `-m soak` runs it alone.
 pytestmark = [pytest.mark.slow, pytest.mark.soak]
 
 
