@@ -1,0 +1,283 @@
+"""Human input with real processes: a waiting job holds no worker, the answer resumes it on any
+worker from its checkpoints, and every refused answer changes nothing stored."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Stack, StackFactory
+from tests.support.api import get_job, submit, wait_state
+from tests.support.processes import Valkey
+from tests.support.sse import Event, read_stream
+from tests.support.tasks import executions_key
+from tests.test_auth import ALICE, BOB, PRODUCTION
+from tests.test_jobs import store_snapshot
+
+YES = {"approved": True, "note": "fine", "level": 2}
+
+
+def answer(base: str, job_id: str, name: str, value: Any, **kw: Any) -> httpx.Response:
+    return httpx.post(
+        f"{base}/api/jobs/{job_id}/input", json={"name": name, "value": value}, timeout=10, **kw
+    )
+
+
+def waiting(base: str, job_id: str, timeout: float = 30, **kw: Any) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = httpx.get(f"{base}/api/jobs/{job_id}", timeout=10, **kw).json()
+        if job["state"] == "waiting":
+            return dict(job)
+        assert job["state"] in ("queued", "running"), job
+        assert time.monotonic() < deadline, f"job {job_id} is {job['state']}, not waiting"
+        time.sleep(0.05)
+
+
+def full_log(base: str, job_id: str) -> list[Event]:
+    status, events = read_stream(f"{base}/api/jobs/{job_id}/events?after=0")
+    assert status == 200
+    return events
+
+
+def executions(s: Stack, job_id: str) -> dict[str, str]:
+    return dict(s.redis().hgetall(executions_key(job_id)))
+
+
+def test_waiting_jobs_hold_no_worker_slot(make_stack: StackFactory) -> None:
+    """One worker that runs one job at a time: three jobs waiting for input do not keep a
+    fourth from running. Were a wait to hold its slot, the second job would never start."""
+    s = make_stack(webs=1, workers=1, STEPSTREAM_MAX_JOBS="1")
+    asking = [submit(s.url, "asks", {}) for _ in range(3)]
+    for job in asking:
+        record = waiting(s.url, job["id"])
+        request = record["waiting_for"]
+        assert request["name"] == "decision" and request["prompt"] == "Go on?"
+        assert request["schema"]["required"] == ["approved"]
+        assert request["timeout_at"] is None
+    other = submit(s.url, "counted", {})
+    assert wait_state(s.url, other["id"], {"completed", "failed"})["state"] == "completed"
+    assert all(get_job(s.url, j["id"])["state"] == "waiting" for j in asking)
+    for job in asking:
+        assert answer(s.url, job["id"], "decision", YES).status_code == 202
+    for job in asking:
+        done = wait_state(s.url, job["id"], {"completed", "failed"})
+        assert done["state"] == "completed", done["error"]
+        assert done["result"]["decision"] == YES
+
+
+def test_an_answer_after_restarts_resumes_from_checkpoints(
+    own_valkey: Valkey, tmp_path: Path
+) -> None:
+    """The wait survives a worker, a web process and Valkey restarting; the answer resumes the
+    job on the new worker, which restores the step done before the wait instead of redoing it."""
+    s = Stack(own_valkey, "resume:", tmp_path)
+    try:
+        s.add_web()
+        s.add_worker()
+        job = submit(s.url, "asks", {})
+        record = waiting(s.url, job["id"])
+        assert record["attempt"] == 0, "a wait costs no attempt"
+        s.stop()
+        s.webs.clear()
+        s.workers.clear()
+        own_valkey.restart()
+        s.add_web()
+        s.add_worker()
+        assert get_job(s.url, job["id"])["state"] == "waiting"
+        response = answer(s.url, job["id"], "decision", YES)
+        assert response.status_code == 202, response.text
+        assert response.json()["state"] == "queued"
+        done = wait_state(s.url, job["id"], {"completed", "failed"})
+        assert done["state"] == "completed", done["error"]
+        assert done["result"] == {"before": "checked", "decision": YES}
+        assert done["attempt"] == 1 and done["waiting_for"] is None
+        given = done["answers"]["decision"]
+        assert given["value"] == YES and given["by"] == "anonymous" and given["at"]
+        # The step before the wait ran once; the code around the steps ran twice.
+        assert executions(s, job["id"]) == {"runs": "2", "before": "1", "after": "1"}
+        log = full_log(s.url, job["id"])
+        types = [e.type for e in log]
+        assert types.count("waiting") == 1 and types.count("input") == 1
+        assert types.index("waiting") < types.index("input") < len(types) - 1
+        wait_event = log[types.index("waiting")].data
+        assert wait_event["name"] == "decision" and wait_event["schema"]["type"] == "object"
+        input_event = log[types.index("input")].data
+        assert input_event["value"] == YES and input_event["by"] == "anonymous"
+        after = log[types.index("input") :]
+        restored = [e.data["step"]["name"] for e in after if e.data.get("restored")]
+        assert restored == ["before"]
+    finally:
+        s.stop()
+
+
+BAD_VALUES = [
+    pytest.param({"name": "decision", "value": {"approved": "yes"}}, ["approved"], id="type"),
+    pytest.param({"name": "decision", "value": {"note": "x"}}, ["approved"], id="missing"),
+    pytest.param(
+        {"name": "decision", "value": {"approved": True, "level": 9}}, ["level"], id="range"
+    ),
+    pytest.param({"name": "decision", "value": "yes"}, [], id="not-an-object"),
+]
+
+
+@pytest.mark.parametrize(("body", "fields"), BAD_VALUES)
+def test_a_bad_value_is_422_naming_the_fields_and_changes_nothing(
+    make_stack_module: Stack, body: dict[str, Any], fields: list[str]
+) -> None:
+    s = make_stack_module
+    job = submit(s.url, "asks", {})
+    waiting(s.url, job["id"])
+    before = store_snapshot(s)
+    response = httpx.post(f"{s.url}/api/jobs/{job['id']}/input", json=body, timeout=10)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_value" and "decision" in error["message"]
+    assert [d["loc"] for d in error["details"]] == [fields]
+    assert store_snapshot(s) == before
+    assert get_job(s.url, job["id"])["state"] == "waiting"
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        pytest.param({"name": "decision"}, "invalid_body", id="no-value"),
+        pytest.param({"value": YES}, "invalid_body", id="no-name"),
+        pytest.param({"name": "decision", "value": YES, "x": 1}, "invalid_body", id="stray"),
+        pytest.param({"name": "decision", "value": {"note": "x" * 200_001}}, "string_too_long"),
+    ],
+)
+def test_a_malformed_answer_is_422_and_changes_nothing(
+    make_stack_module: Stack, body: dict[str, Any], code: str
+) -> None:
+    s = make_stack_module
+    job = submit(s.url, "asks", {})
+    waiting(s.url, job["id"])
+    before = store_snapshot(s)
+    response = httpx.post(f"{s.url}/api/jobs/{job['id']}/input", json=body, timeout=10)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == code
+    assert store_snapshot(s) == before
+
+
+def test_a_second_answer_is_409_and_the_first_is_kept(make_stack_module: Stack) -> None:
+    s = make_stack_module
+    job = submit(s.url, "asks", {})
+    waiting(s.url, job["id"])
+    before = store_snapshot(s)
+    wrong = answer(s.url, job["id"], "other", YES)
+    assert wrong.status_code == 409 and wrong.json()["error"]["code"] == "wrong_input"
+    assert wrong.json()["error"]["details"] == {"waiting_for": "decision"}
+    assert store_snapshot(s) == before
+    assert answer(s.url, job["id"], "decision", YES).status_code == 202
+    second = answer(s.url, job["id"], "decision", {"approved": False})
+    assert second.status_code == 409
+    assert second.json()["error"]["code"] == "already_answered"
+    done = wait_state(s.url, job["id"], {"completed", "failed"})
+    assert done["result"]["decision"] == YES
+    assert done["answers"]["decision"]["value"] == YES
+    late = answer(s.url, job["id"], "decision", {"approved": False})
+    assert late.status_code == 409 and late.json()["error"]["code"] == "already_answered"
+
+
+def test_a_job_that_is_not_waiting_refuses_an_answer(make_stack_module: Stack) -> None:
+    s = make_stack_module
+    job = submit(s.url, "counted", {})
+    wait_state(s.url, job["id"], {"completed"})
+    response = answer(s.url, job["id"], "decision", YES)
+    assert response.status_code == 409
+    assert response.json()["error"] == {
+        "code": "not_waiting",
+        "message": "the job is completed, not waiting for input",
+        "details": {"state": "completed"},
+    }
+
+
+def test_an_unanswered_wait_times_out_as_failed_or_with_its_default(
+    make_stack_module: Stack,
+) -> None:
+    s = make_stack_module
+    plain = submit(s.url, "asks", {"timeout": 1})
+    fallback = submit(s.url, "asks", {"timeout": 1, "default": {"approved": True, "note": "d"}})
+    record = waiting(s.url, plain["id"])
+    assert record["waiting_for"]["timeout_at"] and record["waiting_for"]["default"] is None
+    assert waiting(s.url, fallback["id"])["waiting_for"]["default"]["note"] == "d"
+    failed = wait_state(s.url, plain["id"], {"failed", "completed"}, timeout=20)
+    assert failed["state"] == "failed"
+    assert failed["error"]["type"] == "InputTimeout"
+    assert "decision" in failed["error"]["message"]
+    assert failed["waiting_for"] is None
+    done = wait_state(s.url, fallback["id"], {"failed", "completed"}, timeout=20)
+    assert done["state"] == "completed", done["error"]
+    assert done["result"]["decision"]["note"] == "d"
+    assert done["answers"]["decision"]["by"] == "default"
+    assert executions(s, fallback["id"])["before"] == "1"
+
+
+def test_cancel_while_waiting(make_stack_module: Stack) -> None:
+    s = make_stack_module
+    job = submit(s.url, "asks", {"timeout": 1})
+    waiting(s.url, job["id"])
+    response = httpx.post(f"{s.url}/api/jobs/{job['id']}/cancel", timeout=10)
+    assert response.status_code == 200, response.text
+    assert response.json()["state"] == "cancelled"
+    assert response.json()["waiting_for"] is None
+    refused = answer(s.url, job["id"], "decision", YES)
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "not_waiting"
+    time.sleep(2)  # past the timeout: its entry finds the job cancelled and leaves it so
+    record = get_job(s.url, job["id"])
+    assert record["state"] == "cancelled" and record["error"] is None
+    log = full_log(s.url, job["id"])
+    assert log[-1].type == "cancelled"
+    assert log[-1].data["reason"] == "cancelled while waiting for input"
+
+
+@pytest.fixture(scope="module")
+def prod(module_stacks: StackFactory) -> Stack:
+    return module_stacks(webs=1, workers=1, **PRODUCTION)
+
+
+def test_only_the_owner_or_an_answering_token_may_answer(prod: Stack) -> None:
+    s = prod
+    submitted = httpx.post(
+        f"{s.url}/api/jobs", json={"task": "asks", "input": {}, "subject": "u-7"}, headers=ALICE
+    )
+    job = submitted.json()
+    waiting(s.url, job["id"], headers=ALICE)
+    before = store_snapshot(s)
+    # The stream token of the submit answer reads, never answers.
+    reader = answer(s.url, job["id"], "decision", YES, params={"token": job["stream_token"]})
+    assert reader.status_code == 403 and reader.json()["error"]["code"] == "forbidden"
+    read_only = httpx.post(f"{s.url}/api/jobs/{job['id']}/token", headers=ALICE).json()
+    assert read_only["may_answer"] is False
+    assert (
+        answer(s.url, job["id"], "decision", YES, params={"token": read_only["token"]}).status_code
+        == 403
+    )
+    firehose = httpx.post(f"{s.url}/api/events/token", headers=ALICE).json()["token"]
+    assert answer(s.url, job["id"], "decision", YES, params={"token": firehose}).status_code == 403
+    assert answer(s.url, job["id"], "decision", YES, headers=BOB).status_code == 404
+    assert answer(s.url, job["id"], "decision", YES).status_code == 401
+    assert store_snapshot(s) == before
+    minted = httpx.post(
+        f"{s.url}/api/jobs/{job['id']}/token", json={"may_answer": True}, headers=ALICE
+    ).json()
+    assert minted["may_answer"] is True
+    other = httpx.post(
+        f"{s.url}/api/jobs", json={"task": "asks", "input": {}}, headers=ALICE
+    ).json()
+    waiting(s.url, other["id"], headers=ALICE)
+    # Scoped to one job: it answers that job only.
+    assert (
+        answer(s.url, other["id"], "decision", YES, params={"token": minted["token"]}).status_code
+        == 404
+    )
+    given = answer(s.url, job["id"], "decision", YES, params={"token": minted["token"]})
+    assert given.status_code == 202, given.text
+    assert given.json()["answers"]["decision"]["by"] == "subject:u-7"
+    by_key = answer(s.url, other["id"], "decision", YES, headers=ALICE)
+    assert by_key.status_code == 202 and by_key.json()["answers"]["decision"]["by"] == "owner:alice"
