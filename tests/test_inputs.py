@@ -3,6 +3,7 @@ worker from its checkpoints, and every refused answer changes nothing stored."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -10,8 +11,10 @@ from typing import Any
 import httpx
 import pytest
 
+from stepstream import Client, Conflict, InvalidInput, JobState
 from tests.conftest import Stack, StackFactory
 from tests.support.api import get_job, submit, wait_state
+from tests.support.cli import run_cli
 from tests.support.processes import Valkey
 from tests.support.sse import Event, read_stream
 from tests.support.tasks import executions_key
@@ -281,3 +284,67 @@ def test_only_the_owner_or_an_answering_token_may_answer(prod: Stack) -> None:
     assert given.json()["answers"]["decision"]["by"] == "subject:u-7"
     by_key = answer(s.url, other["id"], "decision", YES, headers=ALICE)
     assert by_key.status_code == 202 and by_key.json()["answers"]["decision"]["by"] == "owner:alice"
+
+
+QUOTE = {
+    "client": "Acme",
+    "roles": [{"role": "ml_engineer", "level": "senior", "count": 2}],
+    "weeks": 4,
+    "review": True,
+}
+
+
+def test_the_demo_quote_waits_for_approval_before_its_breakdown(
+    make_stack_module: Stack,
+) -> None:
+    """generate_quote with review: the costs are computed, then a person approves (the job
+    completes, its costs restored, not recomputed) or rejects it (cancelled, the note as the
+    reason). Driven through the Python client."""
+    s = make_stack_module
+    with Client(s.url) as client:
+        approved = client.submit("generate_quote", QUOTE)
+        rejected = client.submit("generate_quote", QUOTE)
+        for job in (approved, rejected):
+            waiting(s.url, job.id)
+        record = client.get(approved.id)
+        assert record.state is JobState.waiting
+        assert record.waiting_for is not None and record.waiting_for.name == "approval"
+        assert set(record.waiting_for.schema_["properties"]) == {"approved", "note"}
+        assert "Acme" in (record.waiting_for.prompt or "")
+        states = [step.state for step in record.steps]
+        assert states == ["completed"] * 5 + ["pending"], states
+        with pytest.raises(InvalidInput) as bad:
+            client.answer(approved.id, "approval", {"note": "?"})
+        assert [e.loc for e in bad.value.field_errors] == [("approved",)]
+        client.answer(approved.id, "approval", {"approved": True, "note": "ok"})
+        client.answer(rejected.id, "approval", {"approved": False, "note": "Too expensive"})
+        with pytest.raises(Conflict):
+            client.answer(rejected.id, "approval", {"approved": True})
+        done = client.wait(approved.id, timeout=30)
+        ended = client.wait(rejected.id, timeout=30)
+    assert done.state is JobState.completed and done.result["total"] > 0
+    assert done.answers["approval"].value == {"approved": True, "note": "ok"}
+    log = full_log(s.url, approved.id)
+    run_again = log[[e.type for e in log].index("input") :]
+    assert [e.data["step"]["name"] for e in run_again if e.type == "step"] == [
+        "Formatting breakdown"
+    ], "the steps before the wait were restored, not run again"
+    assert ended.state is JobState.cancelled
+    assert full_log(s.url, rejected.id)[-1].data["reason"] == "Too expensive"
+
+
+def test_the_cli_answers_a_waiting_job(make_stack_module: Stack) -> None:
+    s = make_stack_module
+    job = submit(s.url, "asks", {})
+    waiting(s.url, job["id"])
+    refused = run_cli(s.url, "answer", job["id"], "decision", "--value", '{"approved": 1}')
+    assert refused.returncode == 4, refused.stderr
+    assert "approved" in refused.stderr
+    given = run_cli(s.url, "answer", job["id"], "decision", "--value", json.dumps(YES))
+    assert given.returncode == 0, given.stderr
+    assert given.stdout.strip() == f"Answered 'decision': job {job['id']} is queued"
+    done = wait_state(s.url, job["id"], {"completed", "failed"})
+    assert done["result"]["decision"] == YES
+    watched = run_cli(s.url, "watch", job["id"], "--plain")
+    assert "Waiting for input 'decision': Go on?" in watched.stdout
+    assert "Input 'decision' given by anonymous; resuming" in watched.stdout
