@@ -61,6 +61,12 @@ def timeout_entry(job_id: str, name: str) -> str:
     return f"{job_id}:timeout:{name}"
 
 
+def job_of_entry(entry_id: str) -> str:
+    """The job an arq queue entry runs: its own id, or the part before ``:`` of the entries
+    above (job ids never hold a ``:``)."""
+    return entry_id.partition(":")[0]
+
+
 async def wait_for_input(
     ctx: TaskContext,
     name: str,

@@ -4,6 +4,8 @@ worker from its checkpoints, and every refused answer changes nothing stored."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from stepstream import Client, Conflict, InvalidInput, JobState
 from tests.conftest import Stack, StackFactory
 from tests.support.api import get_job, submit, wait_state
 from tests.support.cli import run_cli
-from tests.support.processes import Valkey
+from tests.support.processes import ROOT, Valkey
 from tests.support.sse import Event, read_stream
 from tests.support.tasks import executions_key
 from tests.test_auth import ALICE, BOB, PRODUCTION
@@ -348,3 +350,63 @@ def test_the_cli_answers_a_waiting_job(make_stack_module: Stack) -> None:
     watched = run_cli(s.url, "watch", job["id"], "--plain")
     assert "Waiting for input 'decision': Go on?" in watched.stdout
     assert "Input 'decision' given by anonymous; resuming" in watched.stdout
+
+
+NODE = shutil.which("node")
+BROWSER_ANSWER = """
+import { answer } from "%s";
+const [base, job, token] = process.argv.slice(2);
+const outcome = async (value) => {
+  try {
+    const record = await answer(job, "decision", value, { baseUrl: base, token });
+    return { state: record.state, by: record.answers.decision.by };
+  } catch (error) {
+    return { name: error.name, status: error.status, code: error.code, details: error.details };
+  }
+};
+const results = [];
+for (const value of [{ approved: "no" }, { approved: true }, { approved: false }]) {
+  results.push(await outcome(value));
+}
+console.log(JSON.stringify(results));
+"""
+
+
+@pytest.mark.skipif(NODE is None, reason="`node` is not on PATH")
+def test_the_browser_client_answers_with_an_answering_token(prod: Stack, tmp_path: Path) -> None:
+    """answer() of /stepstream.js, run by Node against the real server: a bad value rejects
+    with the server's 422 details, the first answer resolves to the queued record, a second
+    rejects with already_answered."""
+    s = prod
+    job = httpx.post(f"{s.url}/api/jobs", json={"task": "asks", "input": {}}, headers=ALICE).json()
+    waiting(s.url, job["id"], headers=ALICE)
+    token = httpx.post(
+        f"{s.url}/api/jobs/{job['id']}/token", json={"may_answer": True}, headers=ALICE
+    ).json()["token"]
+    script = tmp_path / "answer.mjs"
+    script.write_text(BROWSER_ANSWER % (ROOT / "static" / "stepstream.js").as_uri())
+    assert NODE is not None
+    run = subprocess.run(
+        [NODE, str(script), f"{s.url}/", job["id"], token],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert run.returncode == 0, run.stderr
+    bad, given, again = json.loads(run.stdout)
+    assert bad["name"] == "StepstreamError" and bad["status"] == 422
+    assert bad["code"] == "invalid_value" and bad["details"][0]["loc"] == ["approved"]
+    assert given == {"state": "queued", "by": "token"}
+    assert again["status"] == 409 and again["code"] == "already_answered"
+    done = wait_state_as(s, job["id"])
+    assert done["result"]["decision"]["approved"] is True
+
+
+def wait_state_as(s: Stack, job_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 30
+    while True:
+        job = httpx.get(f"{s.url}/api/jobs/{job_id}", headers=ALICE, timeout=10).json()
+        if job["state"] in ("completed", "failed"):
+            return dict(job)
+        assert time.monotonic() < deadline, job["state"]
+        time.sleep(0.05)
