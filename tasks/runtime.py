@@ -19,6 +19,7 @@ from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix
 from arq.worker import Retry
 from pydantic import BaseModel, ValidationError
+from redis.exceptions import RedisError
 
 from stepstream.tasks import batches, cache, heartbeat, inputs, logs
 from stepstream.tasks.context import TaskContext
@@ -476,6 +477,15 @@ async def input_timeout(ctx: dict[str, Any], job_id: str, name: str) -> None:
     """The arq function due at a wait's ``timeout_at`` (tasks/inputs.py): a job still waiting
     for ``name`` gets the task's default as its answer, or fails with ``InputTimeout``. Every
     write expects ``waiting``: an answer or a cancel that came first wins."""
+    try:
+        await _end_wait(ctx, job_id, name)
+    except (RedisError, OSError) as exc:
+        # arq would drop the entry after an error, and the job would wait for ever: try again.
+        logger.warning("could not end the wait of job %s: %r; trying again", job_id, exc)
+        raise Retry(defer=timedelta(seconds=2)) from exc
+
+
+async def _end_wait(ctx: dict[str, Any], job_id: str, name: str) -> None:
     store: JobStore = ctx["store"]
     record = await store.get(job_id)
     request = record.waiting_for if record is not None else None
