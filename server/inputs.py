@@ -52,6 +52,10 @@ async def answer_input(request: Request) -> Response:
         raise ApiError(422, "invalid_body", "`value` is required")
     value = body["value"]
     check_input_shape(value, state.settings)
+    try:
+        json.dumps(value, allow_nan=False)
+    except ValueError:  # 1e400 parses as infinity, which no JSON answer could carry back
+        raise ApiError(422, "invalid_value", "numbers in the value must be finite") from None
     answered = await _store_answer(state, record.id, name, value, answered_by(principal, record))
     return JSONResponse(job_json(answered, root_path(request)), status_code=202)
 

@@ -169,6 +169,22 @@ def test_a_malformed_answer_is_422_and_changes_nothing(
     assert store_snapshot(s) == before
 
 
+def test_a_number_no_json_answer_could_carry_is_422(make_stack_module: Stack) -> None:
+    s = make_stack_module
+    job = submit(s.url, "asks", {})
+    waiting(s.url, job["id"])
+    before = store_snapshot(s)
+    response = httpx.post(
+        f"{s.url}/api/jobs/{job['id']}/input",
+        content=b'{"name": "decision", "value": {"approved": true, "extra": 1e400}}',
+        headers={"content-type": "application/json"},
+        timeout=10,
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == "invalid_value"
+    assert store_snapshot(s) == before
+
+
 def test_a_second_answer_is_409_and_the_first_is_kept(make_stack_module: Stack) -> None:
     s = make_stack_module
     job = submit(s.url, "asks", {})
