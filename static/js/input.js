@@ -118,7 +118,8 @@ function field(name, schema, required) {
       }
     };
   }
-  const help = schema.description ? h("span", { class: "field-help" }, schema.description) : null;
+  const help = schema.description ? h("p", { class: "help", id: `${id}-help` }, schema.description) : null;
+  if (help) control.setAttribute("aria-describedby", `${id}-help`);
   const el =
     schema.type === "boolean"
       ? h("div", { class: "field field-check" }, h("label", { for: id }, control, ` ${label}`), help)
