@@ -3,6 +3,7 @@ worker from its checkpoints, and every refused answer changes nothing stored."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -13,13 +14,21 @@ from typing import Any
 import httpx
 import pytest
 
-from stepstream import Client, Conflict, InvalidInput, JobState
+from stepstream import (
+    AsyncClient,
+    Client,
+    Conflict,
+    InputEvent,
+    InvalidInput,
+    JobState,
+    WaitingEvent,
+)
 from tests.conftest import Stack, StackFactory
 from tests.support.api import get_job, submit, wait_state
 from tests.support.cli import run_cli
 from tests.support.processes import ROOT, Valkey
 from tests.support.sse import Event, read_stream
-from tests.support.tasks import executions_key
+from tests.support.tasks import Decision, executions_key
 from tests.test_auth import ALICE, BOB, PRODUCTION
 from tests.test_jobs import store_snapshot
 
@@ -426,3 +435,31 @@ def wait_state_as(s: Stack, job_id: str) -> dict[str, Any]:
             return dict(job)
         assert time.monotonic() < deadline, job["state"]
         time.sleep(0.05)
+
+
+def test_one_stream_follows_a_job_through_its_wait_with_the_async_client(
+    make_stack_module: Stack,
+) -> None:
+    """A wait is no end: the job's stream goes on through `waiting`, the answer given from the
+    same script, `input`, and the run after it, to `completed`; the events come typed."""
+    s = make_stack_module
+
+    async def scenario() -> list[Any]:
+        seen: list[Any] = []
+        async with AsyncClient(s.url) as client:
+            job = await client.submit("asks", {})
+            async for event in client.events(job.id, after="0"):
+                seen.append(event)
+                if isinstance(event, WaitingEvent):
+                    assert event.name == "decision" and event.prompt == "Go on?"
+                    assert event.schema_["properties"]["approved"]["type"] == "boolean"
+                    answered = await client.answer(job.id, "decision", Decision(approved=True))
+                    assert answered.state is JobState.queued
+        return seen
+
+    seen = asyncio.run(asyncio.wait_for(scenario(), timeout=60))
+    types = [e.type for e in seen]
+    assert types[-1] == "completed", types
+    given = next(e for e in seen if isinstance(e, InputEvent))
+    assert given.value == {"approved": True, "note": "", "level": 1} and given.by == "anonymous"
+    assert types.index("waiting") < types.index("input") < types.index("completed")

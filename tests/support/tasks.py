@@ -225,13 +225,16 @@ async def asks(ctx: TaskContext, data: AskInput) -> AskOutput:
         return "checked"
 
     done = await ctx.run_step("before", before)
-    decision = await ctx.wait_for_input(
-        "decision",
-        schema=Decision,
-        prompt="Go on?",
-        timeout=data.timeout,
-        default=data.default,
-    )
+    try:
+        decision = await ctx.wait_for_input(
+            "decision",
+            schema=Decision,
+            prompt="Go on?",
+            timeout=data.timeout,
+            default=data.default,
+        )
+    except Exception as exc:  # a task's broad handler must not swallow the wait itself
+        raise PermanentError(f"the wait was caught as an error: {exc!r}") from exc
 
     async def after() -> Decision:
         await count_execution(redis, ctx.job_id, "after")
