@@ -129,6 +129,21 @@ def test_an_answer_after_restarts_resumes_from_checkpoints(
         s.stop()
 
 
+def test_the_run_after_an_answer_keeps_its_lease(make_stack: StackFactory) -> None:
+    """The run an answer queues is an arq job of its own id; its worker renews that job's lease.
+    With a 1 s lease and a 3 s step, a lease left to lapse would hand the job to the second
+    worker while the first still runs it, and the step would run twice."""
+    s = make_stack(webs=1, workers=2, STEPSTREAM_LEASE_SECONDS="1")
+    job = submit(s.url, "asks", {"hold_after": 3})
+    waiting(s.url, job["id"])
+    assert answer(s.url, job["id"], "decision", YES).status_code == 202
+    done = wait_state(s.url, job["id"], {"completed", "failed"})
+    assert done["state"] == "completed", done["error"]
+    assert executions(s, job["id"]) == {"runs": "2", "before": "1", "after": "1"}
+    starts = [e for e in full_log(s.url, job["id"]) if e.type == "started"]
+    assert len(starts) == 2
+
+
 BAD_VALUES = [
     pytest.param({"name": "decision", "value": {"approved": "yes"}}, ["approved"], id="type"),
     pytest.param({"name": "decision", "value": {"note": "x"}}, ["approved"], id="missing"),

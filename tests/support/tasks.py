@@ -205,6 +205,7 @@ class AskInput(BaseModel):
     timeout: float | None = Field(default=None, gt=0, le=60)
     default: Decision | None = None
     hold: float = Field(default=0, ge=0, le=10, description="seconds the step before runs")
+    hold_after: float = Field(default=0, ge=0, le=10, description="seconds the last step runs")
 
 
 class AskOutput(BaseModel):
@@ -238,6 +239,7 @@ async def asks(ctx: TaskContext, data: AskInput) -> AskOutput:
 
     async def after() -> Decision:
         await count_execution(redis, ctx.job_id, "after")
+        await asyncio.sleep(data.hold_after)
         return decision
 
     return AskOutput(before=done, decision=await ctx.run_step("after", after))
