@@ -33,7 +33,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
-from stepstream.server import batches, events, health, jobs, openapi
+from stepstream.server import batches, events, health, inputs, jobs, openapi
 from stepstream.server.auth import Authenticator
 from stepstream.server.deadline import ResponseDeadline
 from stepstream.server.errors import (
@@ -176,6 +176,7 @@ def create_app(
         Route("/api/jobs/{job_id}/cancel", jobs.cancel_job, methods=["POST"]),
         Route("/api/jobs/{job_id}/retry", jobs.retry_job, methods=["POST"]),
         Route("/api/jobs/{job_id}/token", jobs.job_token, methods=["POST"]),
+        Route("/api/jobs/{job_id}/input", inputs.answer_input, methods=["POST"]),
         Route("/api/batches", batches.submit_batch, methods=["POST"]),
         Route("/api/batches/{job_id}", batches.get_batch, methods=["GET"]),
         Route("/api/batches/{job_id}/cancel", jobs.cancel_job, methods=["POST"]),

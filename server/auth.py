@@ -17,7 +17,8 @@ the streams they hold end within ``keywatch.RECHECK_SECONDS``.
 A scope is a set of the owner's jobs: ``job:<id>`` (one job), ``subject:<subject>`` (the jobs
 submitted for one end user) or ``events`` (all of them). A token reads the record and opens
 the stream of any job in its scope, and opens the firehose (filtered to its scope) unless it
-is scoped to one job. It never writes, lists or mints tokens.
+is scoped to one job. It never writes, lists or mints tokens, with one exception: a job token
+minted with ``may_answer`` may also answer that job's requests for input (server/inputs.py).
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ class Principal:
     # SHA-256 of the API key this caller authenticated with, or of the key that minted its
     # token; None without credentials (development). Tokens carry it only sealed.
     key_digest: str | None = None
+    # A job token minted with ``may_answer``: it may give that job's input (server/inputs.py).
+    may_answer: bool = False
 
     @property
     def subject(self) -> str | None:
@@ -113,10 +116,11 @@ class Authenticator:
     # -- stream tokens ---------------------------------------------------------------------
 
     def issue_token(
-        self, owner: str | None, scope: str, *, key_digest: str | None
+        self, owner: str | None, scope: str, *, key_digest: str | None, may_answer: bool = False
     ) -> tuple[str, float]:
         """A token for ``scope`` of ``owner``'s jobs, minted with the key whose SHA-256 is
-        ``key_digest`` (None: without credentials, in development)."""
+        ``key_digest`` (None: without credentials, in development); ``may_answer``: it may
+        also answer the job's input (a job scope only)."""
         expires_at = time.time() + self.token_ttl
         token_id = secrets.token_urlsafe(9)
         claims = {
@@ -127,6 +131,8 @@ class Authenticator:
             "a": self.audience,
             "k": None if key_digest is None else self._seal(key_digest, token_id),
         }
+        if may_answer:
+            claims["w"] = "input"
         payload = json.dumps(claims).encode()
         signature = hmac.new(self._secret, payload, hashlib.sha256).digest()
         return f"{_b64(payload)}.{_b64(signature)}", expires_at
@@ -165,6 +171,7 @@ class Authenticator:
             expires_at=claims["e"],
             holder=f"token:{token_id}",
             key_digest=None if sealed_key is None else self._unseal(sealed_key, token_id),
+            may_answer=claims.get("w") == "input",
         )
 
     def _key_pad(self, token_id: str) -> bytes:

@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 
 from stepstream.server.state import AppState
 from stepstream.tasks import heartbeat
+from stepstream.tasks.inputs import job_of_entry
 from stepstream.tasks.models import JobState
 from stepstream.tasks.registry import all_tasks
 from stepstream.tasks.store import JobStore
@@ -101,8 +102,8 @@ async def read_queue(store: JobStore, now: float | None = None) -> QueueSnapshot
     if not rows:
         return snap
     async with store.redis.pipeline(transaction=False) as pipe:
-        for job_id, _ in rows:
-            pipe.hmget(store.keys.job(job_id), ["task", "state"])
+        for entry_id, _ in rows:
+            pipe.hmget(store.keys.job(job_of_entry(entry_id)), ["task", "state"])
         fields = await pipe.execute()
     for (_, score), (task_raw, state_raw) in zip(rows, fields, strict=True):
         if task_raw is None or state_raw is None:

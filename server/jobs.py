@@ -545,14 +545,26 @@ async def get_job(request: Request) -> Response:
     return JSONResponse(job_json(await load_job(request, principal), root_path(request)))
 
 
+JOB_TOKEN_FIELDS = frozenset({"may_answer"})
+
+
 async def job_token(request: Request) -> Response:
-    """A short-lived, read-only token for one job's stream (``?token=``)."""
+    """A short-lived token for one job's stream (``?token=``): read-only, or with
+    ``{"may_answer": true}`` also allowed to give the job's input (server/inputs.py)."""
     state: AppState = request.app.state.stepstream
     principal = await state.auth.authenticate(request)
     record = await load_job(request, principal)
+    body = await read_object(request, state, JOB_TOKEN_FIELDS, "{may_answer}", optional=True)
+    may_answer = body.get("may_answer", False)
+    if not isinstance(may_answer, bool):
+        raise ApiError(422, "invalid_body", "`may_answer` must be true or false")
     scope = job_scope(record.id)
-    token, expires_at = state.auth.issue_token(record.owner, scope, key_digest=principal.key_digest)
-    return JSONResponse({"token": token, "expires_at": expires_at, "scope": scope})
+    token, expires_at = state.auth.issue_token(
+        record.owner, scope, key_digest=principal.key_digest, may_answer=may_answer
+    )
+    return JSONResponse(
+        {"token": token, "expires_at": expires_at, "scope": scope, "may_answer": may_answer}
+    )
 
 
 TOKEN_FIELDS = frozenset({"subject"})
@@ -640,13 +652,21 @@ async def cancel_job(request: Request) -> Response:
         return await cancel_batch(request, state, record)
     if record.state.terminal:
         raise _conflict(record, "cancel")
-    # A job that has not started is cancelled here; compare-and-set against the worker.
+    # A job that has not started, or waits for input, is cancelled here; compare-and-set
+    # against the worker (and an answer). A waiting job's timeout entry finds it cancelled.
+    waiting = record.state == JobState.waiting
+    reason = "cancelled while waiting for input" if waiting else "cancelled before it started"
     appended = await state.store.append(
         record.id,
-        new_event(record.id, "cancelled", record.attempt, reason="cancelled before it started"),
-        {"state": JobState.cancelled.value, "finished_at": utcnow(), "retry_at": None},
+        new_event(record.id, "cancelled", record.attempt, reason=reason),
+        {
+            "state": JobState.cancelled.value,
+            "finished_at": utcnow(),
+            "retry_at": None,
+            **({"waiting_for": None} if waiting else {}),
+        },
         owner=record.owner,
-        expect=(JobState.queued, JobState.retrying, JobState.scheduled),
+        expect=(JobState.queued, JobState.retrying, JobState.scheduled, JobState.waiting),
     )
     if appended.ok:
         await batches.child_finished(state.store, record, "cancelled")  # if in a batch

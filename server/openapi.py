@@ -56,6 +56,7 @@ TOKEN: Schema = {
         "token": {"type": "string"},
         "expires_at": {"type": "number", "description": "Unix time"},
         "scope": {"type": "string", "description": "`job:<id>`, `subject:<s>` or `events`"},
+        "may_answer": {"type": "boolean", "description": "it may also answer the job's input"},
     },
 }
 TASK: Schema = {
@@ -418,6 +419,7 @@ def _job_links() -> dict[str, Schema]:
             ("CancelJob", "cancelJob"),
             ("RetryJob", "retryJob"),
             ("CreateJobToken", "createJobToken"),
+            ("AnswerInput", "answerInput"),
         ]
     }
 
@@ -611,13 +613,76 @@ def document(root: str, settings: Settings, *, production: bool) -> dict[str, An
         "/api/jobs/{job_id}/token": {
             "post": {
                 "operationId": "createJobToken",
-                "summary": "A short-lived token for this job's record and stream (scope job:<id>)",
+                "summary": "A short-lived token for this job's record and stream (scope job:<id>); "
+                "with `may_answer` it may also answer the job's input",
                 "security": with_key,
                 "parameters": [JOB_ID],
+                "requestBody": {
+                    "required": False,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "properties": {"may_answer": {"type": "boolean"}},
+                            }
+                        }
+                    },
+                },
                 "responses": {
                     "200": _json("The token", _ref("Token")),
+                    **BODY_REFUSED,
                     **UNAUTHORIZED,
                     **NOT_FOUND,
+                    "422": _error("`invalid_body`: not an object, an unknown field, not a boolean"),
+                    **UNAVAILABLE,
+                },
+            }
+        },
+        "/api/jobs/{job_id}/input": {
+            "post": {
+                "operationId": "answerInput",
+                "summary": "Give the input a waiting job asks for (its `waiting_for`): the job "
+                "is queued again and resumes from its checkpoints",
+                "security": with_key_or_token,
+                "parameters": [JOB_ID],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "required": ["name", "value"],
+                                "properties": {
+                                    "name": {"type": "string"},
+                                    "value": {
+                                        "description": "fits `waiting_for.schema` (JSON Schema)"
+                                    },
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "202": _json("Answered: the job is queued again", _ref("Job")),
+                    **BODY_REFUSED,
+                    **UNAUTHORIZED,
+                    "403": _error(
+                        "`forbidden`: a stream token not minted with `may_answer` for this job"
+                    ),
+                    **NOT_FOUND,
+                    "409": _error(
+                        "`not_waiting` (`details.state`), `wrong_input`: the job waits for "
+                        "another name (`details.waiting_for`), `already_answered`: the first "
+                        "answer is kept (`details.by`, `details.at`)"
+                    ),
+                    "422": _error(
+                        "`invalid_value`: the value does not fit the schema (`details`: "
+                        "`loc`, `msg` per problem); `invalid_body`; `input_too_deep` "
+                        "(STEPSTREAM_MAX_INPUT_DEPTH); `string_too_long` "
+                        "(STEPSTREAM_MAX_STRING_LENGTH)"
+                    ),
                     **UNAVAILABLE,
                 },
             }
@@ -839,7 +904,8 @@ def document(root: str, settings: Settings, *, production: bool) -> dict[str, An
                     "description": "a read-only stream token (`POST /api/jobs/{id}/token`, "
                     "`POST /api/events/token`): `job:<id>` opens that job; `subject:<s>` the "
                     "owner's jobs of subject s and their firehose; `events` all the owner's "
-                    "jobs and firehose",
+                    "jobs and firehose. A `job:<id>` token minted with `may_answer` also "
+                    "answers that job's input",
                 },
             },
         },

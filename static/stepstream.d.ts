@@ -8,6 +8,8 @@ export type JobState =
   | "queued"
   | "running"
   | "retrying"
+  /** Waits for a person's input (`waiting_for`); holds no worker. `answer()` resumes it. */
+  | "waiting"
   | "completed"
   | "failed"
   | "cancelled";
@@ -24,6 +26,25 @@ export interface JobError {
   step?: string | null;
   retryable?: boolean;
   [field: string]: unknown;
+}
+
+/** What a waiting job asks for: the record's `waiting_for`, and the `waiting` event's data. */
+export interface InputRequest {
+  name: string;
+  prompt: string | null;
+  /** The JSON Schema the value must fit. */
+  schema: Record<string, unknown>;
+  /** Then the default applies, or the job fails with InputTimeout. */
+  timeout_at: string | null;
+  default: unknown;
+}
+
+/** An input given to a job: who gave it ("owner:<o>", "subject:<s>", "token", "anonymous",
+ * "default") and when. */
+export interface InputAnswer {
+  value: unknown;
+  by: string;
+  at: string;
 }
 
 /** The job record, as `GET /api/jobs/{id}` returns it. */
@@ -54,12 +75,17 @@ export interface JobRecord {
   started_at: string | null;
   finished_at: string | null;
   last_event_id: string | null;
+  /** Set while the job is `waiting`. */
+  waiting_for?: InputRequest | null;
+  /** The inputs given so far, by name. */
+  answers?: Record<string, InputAnswer>;
   [field: string]: unknown;
 }
 
 /**
  * One event. `type` is a stored event type ("queued", "started", "step", "progress",
- * "step_completed", "log", "retrying", "completed", "failed", "cancelled") or one the server
+ * "step_completed", "log", "retrying", "waiting" (data: InputRequest), "input" (data: name,
+ * value, by), "completed", "failed", "cancelled") or one the server
  * makes: "snapshot" (`data` is the whole JobRecord) and "reset" (`id` is null).
  * On the firehose `id` is the firehose id and `data.event_id` the event's id in its job's log.
  */
@@ -115,6 +141,25 @@ export interface WatchJobOptions extends WatchOptions {
 export type Stop = () => void;
 
 export function watchJob(jobId: string, options?: WatchJobOptions): Stop;
+
+export interface AnswerOptions {
+  baseUrl?: string | URL;
+  /** A token minted by `POST /api/jobs/{id}/token` with `{"may_answer": true}`. */
+  token?: string | null;
+  fetch?: typeof fetch;
+}
+
+/**
+ * Give the input a waiting job asks for. Resolves to the record (queued again); rejects with a
+ * StepstreamError (422 `invalid_value`, 409 `not_waiting` / `wrong_input` /
+ * `already_answered`, 403 a token that may only read, 404).
+ */
+export function answer(
+  jobId: string,
+  name: string,
+  value: unknown,
+  options?: AnswerOptions,
+): Promise<JobRecord>;
 export function watchAll(options?: WatchOptions): Stop;
 
 export class StepstreamError extends Error {

@@ -583,6 +583,37 @@ function watch(options) {
   };
 }
 
+// -- Human input ----------------------------------------------------------------------------
+
+/**
+ * Give the input `name` a waiting job asks for (its record's `waiting_for`, or the `waiting`
+ * event): `value` must fit the request's JSON Schema. Resolves to the record (queued again);
+ * rejects with a StepstreamError: 422 `invalid_value` (`details`: `{loc, msg}` per field), 409
+ * `not_waiting`, `wrong_input` or `already_answered`, 403 for a token that may only read.
+ *
+ * `token`: a token minted by `POST /api/jobs/{id}/token` with `{"may_answer": true}` (a page
+ * must never hold an API key); without one no credentials are sent (development).
+ */
+export async function answer(jobId, name, value, options = {}) {
+  if (typeof jobId !== "string" || !jobId) throw new TypeError("answer needs a job id");
+  const fetchImpl = options.fetch ?? globalThis.fetch.bind(globalThis);
+  const path = `api/jobs/${encodeURIComponent(jobId)}/input`;
+  const target = new URL(path, resolveBaseUrl(options.baseUrl));
+  if (options.token) target.searchParams.set("token", options.token);
+  let response;
+  try {
+    response = await fetchImpl(target.href, {
+      method: "POST",
+      headers: { "content-type": "application/json", accept: "application/json" },
+      body: JSON.stringify({ name, value }),
+    });
+  } catch (error) {
+    throw wrap(error);
+  }
+  if (!response.ok) throw await errorFrom(response);
+  return response.json();
+}
+
 function isEventStream(response) {
   const type = response.headers.get("content-type") || "";
   return type.split(";")[0].trim().toLowerCase() === "text/event-stream";

@@ -48,6 +48,9 @@ from stepstream._models import (
     ErrorInfo,
     Event,
     FailedEvent,
+    InputAnswer,
+    InputEvent,
+    InputRequest,
     Job,
     JobPage,
     JobState,
@@ -65,6 +68,7 @@ from stepstream._models import (
     StreamToken,
     TaskInfo,
     UnknownEvent,
+    WaitingEvent,
 )
 
 # The task author's API, from the job side. Imported on first access (PEP 562): a client-only
@@ -81,6 +85,7 @@ _TASK_API = {
     "StepTimeout": "stepstream.tasks.errors",
     "TaskTimeout": "stepstream.tasks.errors",
     "JobCancelled": "stepstream.tasks.errors",
+    "InputTimeout": "stepstream.tasks.errors",
     "Pricing": "stepstream.tasks.cost",
     "BudgetExceeded": "stepstream.tasks.cost",
     "recurring": "stepstream.tasks.recurring",
@@ -94,6 +99,7 @@ if TYPE_CHECKING:
     from stepstream.tasks.context import StepHandle, TaskContext
     from stepstream.tasks.cost import BudgetExceeded, Pricing
     from stepstream.tasks.errors import (
+        InputTimeout,
         JobCancelled,
         PermanentError,
         RetryAfter,
@@ -137,6 +143,10 @@ __all__ = [
     "Event",
     "FailedEvent",
     "FieldError",
+    "InputAnswer",
+    "InputEvent",
+    "InputRequest",
+    "InputTimeout",
     "InvalidInput",
     "Job",
     "JobCancelled",
@@ -175,6 +185,7 @@ __all__ = [
     "Unauthorized",
     "UnknownEvent",
     "WaitTimeout",
+    "WaitingEvent",
     "recurring",
     "task",
 ]

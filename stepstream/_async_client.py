@@ -15,6 +15,7 @@ from stepstream._base import (
     ClientConfig,
     RequestSpec,
     RetryableStatus,
+    answer_request,
     answer_retry_delay,
     check_event_stream,
     check_response,
@@ -107,12 +108,17 @@ class AsyncClient:
         spec = RequestSpec("POST", job_path(job_id, "/retry"), idempotent=False)
         return parse_job(await self._send(spec))
 
+    async def answer(self, job_id: str, name: str, value: Any) -> Job:
+        """Give the input ``name`` a waiting job asks for (see ``Client.answer``)."""
+        return parse_job(await self._send(answer_request(job_id, name, value)))
+
     async def stream_token(
-        self, job_id: str | None = None, *, subject: str | None = None
+        self, job_id: str | None = None, *, subject: str | None = None, may_answer: bool = False
     ) -> StreamToken:
         """A short-lived, read-only token to hand to a browser (``?token=``): for one job, for
-        the jobs of one ``subject``, or (neither) for all of this key's jobs."""
-        return parse_token(await self._send(token_request(job_id, subject)))
+        the jobs of one ``subject``, or (neither) for all of this key's jobs. A job's token
+        minted with ``may_answer`` may also answer the job's input."""
+        return parse_token(await self._send(token_request(job_id, subject, may_answer)))
 
     async def list(
         self,

@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
+from pydantic import BaseModel
 
 from stepstream._exceptions import (
     RateLimited,
@@ -205,13 +206,27 @@ def parse_job(response: httpx.Response) -> Job:
     return Job.model_validate(_json(response))
 
 
-def token_request(job_id: str | None, subject: str | None) -> RequestSpec:
+def token_request(job_id: str | None, subject: str | None, may_answer: bool = False) -> RequestSpec:
     if job_id is not None and subject is not None:
         raise ValueError("a token is for one job or for one subject, not both")
+    if may_answer and job_id is None:
+        raise ValueError("only a job's token may answer its input")
     if job_id is not None:
-        return RequestSpec("POST", job_path(job_id, "/token"))  # minting twice is harmless
+        # Minting twice is harmless.
+        answering = {"may_answer": True} if may_answer else None
+        return RequestSpec("POST", job_path(job_id, "/token"), json=answering)
     body = {"subject": subject} if subject is not None else None
     return RequestSpec("POST", "/api/events/token", json=body)
+
+
+def answer_request(job_id: str, name: str, value: Any) -> RequestSpec:
+    """``POST /api/jobs/{id}/input``. Not sent twice: a second answer is refused (409), so a
+    reply lost on the way would turn a success into an error."""
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    return RequestSpec(
+        "POST", job_path(job_id, "/input"), json={"name": name, "value": value}, idempotent=False
+    )
 
 
 def parse_token(response: httpx.Response) -> StreamToken:

@@ -14,6 +14,7 @@ from stepstream._base import (
     ClientConfig,
     RequestSpec,
     RetryableStatus,
+    answer_request,
     answer_retry_delay,
     check_event_stream,
     check_response,
@@ -112,10 +113,20 @@ class Client:
             self._send(RequestSpec("POST", job_path(job_id, "/retry"), idempotent=False))
         )
 
-    def stream_token(self, job_id: str | None = None, *, subject: str | None = None) -> StreamToken:
+    def answer(self, job_id: str, name: str, value: Any) -> Job:
+        """Give the input ``name`` a waiting job asks for (its ``waiting_for``): a dict, or a
+        pydantic model, fitting the request's schema. The job is queued again and resumes.
+        ``InvalidInput`` (422) names the fields that do not fit; ``Conflict`` (409) when the
+        job does not wait for ``name``, or it was answered already (the first answer stays)."""
+        return parse_job(self._send(answer_request(job_id, name, value)))
+
+    def stream_token(
+        self, job_id: str | None = None, *, subject: str | None = None, may_answer: bool = False
+    ) -> StreamToken:
         """A short-lived, read-only token to hand to a browser (``?token=``): for one job, for
-        the jobs of one ``subject``, or (neither) for all of this key's jobs."""
-        return parse_token(self._send(token_request(job_id, subject)))
+        the jobs of one ``subject``, or (neither) for all of this key's jobs. A job's token
+        minted with ``may_answer`` may also answer the job's input."""
+        return parse_token(self._send(token_request(job_id, subject, may_answer)))
 
     def list(
         self,

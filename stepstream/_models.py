@@ -19,6 +19,7 @@ class JobState(StrEnum):
     queued = "queued"
     running = "running"
     retrying = "retrying"
+    waiting = "waiting"  # waits for a person's input (``Client.answer``); holds no worker
     completed = "completed"
     failed = "failed"
     cancelled = "cancelled"
@@ -73,6 +74,26 @@ class ErrorInfo(_Model):
         return f"{self.type}{where}: {self.message}"
 
 
+class InputRequest(_Model):
+    """What a waiting job asks for: the input ``name``, a JSON Schema its value must fit, and
+    when the wait ends (then ``default`` applies, or the job fails with ``InputTimeout``)."""
+
+    name: str
+    prompt: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    timeout_at: str | None = None
+    default: Any = None
+
+
+class InputAnswer(_Model):
+    """An input given to a job: the value, who gave it (``owner:<o>``, ``subject:<s>``,
+    ``token``, ``anonymous`` or ``default``) and when."""
+
+    value: Any = None
+    by: str | None = None
+    at: str | None = None
+
+
 class Job(_Model):
     """A job record: the projection of the job's event log."""
 
@@ -96,6 +117,9 @@ class Job(_Model):
     finished_at: str | None = None
     last_event_id: str | None = None
     links: dict[str, str] = Field(default_factory=dict)
+    # Human input: what a waiting job asks for, and the inputs given so far, by name.
+    waiting_for: InputRequest | None = None
+    answers: dict[str, InputAnswer] = Field(default_factory=dict)
     # Set by ``cancel`` when the job was running: the worker stops it at its next event.
     cancel_requested: bool = False
     # On submit: a short-lived token that opens this job's stream with ``?token=`` (for a
@@ -122,6 +146,7 @@ class StreamToken(_Model):
     token: str
     expires_at: float
     scope: str
+    may_answer: bool = False  # a job token that may also answer the job's input
 
 
 class TaskInfo(_Model):
@@ -204,6 +229,26 @@ class RetryingEvent(_Event):
     retry_at: str | None = None
 
 
+class WaitingEvent(_Event):
+    """The job waits for the input ``name`` (answer it with ``Client.answer``)."""
+
+    type: Literal["waiting"] = "waiting"
+    name: str
+    prompt: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    timeout_at: str | None = None
+    default: Any = None
+
+
+class InputEvent(_Event):
+    """The input ``name`` was given: the job is queued again."""
+
+    type: Literal["input"] = "input"
+    name: str
+    value: Any = None
+    by: str | None = None
+
+
 class CompletedEvent(_Event):
     type: Literal["completed"] = "completed"
     result: Any = None
@@ -251,6 +296,8 @@ Event = (
     | StepCompletedEvent
     | LogEvent
     | RetryingEvent
+    | WaitingEvent
+    | InputEvent
     | CompletedEvent
     | FailedEvent
     | CancelledEvent
@@ -267,6 +314,8 @@ _EVENT_CLASSES: dict[str, type[_Event]] = {
     "step_completed": StepCompletedEvent,
     "log": LogEvent,
     "retrying": RetryingEvent,
+    "waiting": WaitingEvent,
+    "input": InputEvent,
     "completed": CompletedEvent,
     "failed": FailedEvent,
     "cancelled": CancelledEvent,

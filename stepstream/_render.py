@@ -15,6 +15,7 @@ from stepstream._models import (
     CompletedEvent,
     Event,
     FailedEvent,
+    InputEvent,
     Job,
     JobState,
     LogEvent,
@@ -27,6 +28,7 @@ from stepstream._models import (
     Step,
     StepCompletedEvent,
     StepEvent,
+    WaitingEvent,
     event_json,
 )
 
@@ -65,6 +67,12 @@ def describe(event: Event) -> str:
         error = f": {event.error}" if event.error else ""
         when = f"; next attempt at {event.retry_at}" if event.retry_at else ""
         return f"Attempt {event.attempt} failed{error}{when}"
+    if isinstance(event, WaitingEvent):
+        prompt = f": {event.prompt}" if event.prompt else ""
+        until = f" (until {event.timeout_at})" if event.timeout_at else ""
+        return f"Waiting for input {event.name!r}{prompt}{until}"
+    if isinstance(event, InputEvent):
+        return f"Input {event.name!r} given by {event.by}; resuming"
     if isinstance(event, CompletedEvent):
         return "Completed"
     if isinstance(event, FailedEvent):
@@ -221,7 +229,7 @@ class TerminalBar(PlainLines):
                 took = f" · {format_ms(event.duration_ms)}" if event.duration_ms else ""
             self._print(f"✓ {event.step}{took}")
             self._draw(force=True)
-        elif isinstance(event, LogEvent | RetryingEvent | ResetEvent):
+        elif isinstance(event, LogEvent | RetryingEvent | ResetEvent | WaitingEvent | InputEvent):
             self._print(f"  {describe(event)}")
             self._draw(force=True)
         else:  # the end: completed, failed, cancelled

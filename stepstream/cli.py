@@ -144,6 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = commands.add_parser("cancel", parents=[connection], help="cancel a job")
     cancel.add_argument("job_id", metavar="ID")
 
+    answer = commands.add_parser(
+        "answer", parents=[connection], help="give the input a waiting job asks for"
+    )
+    answer.add_argument("job_id", metavar="ID")
+    answer.add_argument("name", help="the input's name (the job's waiting_for.name)")
+    answer.add_argument(
+        "--value",
+        required=True,
+        metavar="JSON",
+        help="the value, fitting the input's schema: JSON, @file.json, or @- for standard input",
+    )
+
     retry = commands.add_parser(
         "retry", parents=[connection], help="run a failed or cancelled job again"
     )
@@ -267,6 +279,12 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
     return EXIT_COMPLETED
 
 
+def cmd_answer(client: Client, args: argparse.Namespace) -> int:
+    job = client.answer(args.job_id, args.name, read_json(args.value, "--value"))
+    print(f"Answered {args.name!r}: job {job.id} is {job.state.value}")
+    return EXIT_COMPLETED
+
+
 def cmd_retry(client: Client, args: argparse.Namespace) -> int:
     before = client.get(args.job_id)
     job = client.retry(args.job_id)
@@ -318,21 +336,26 @@ def describe_final(job: Job) -> str:
 
 
 def read_input(raw: str) -> dict[str, Any]:
+    value = read_json(raw, "--input")
+    if not isinstance(value, dict):
+        raise UsageError('--input must be a JSON object, e.g. \'{"text": "..."}\'')
+    return value
+
+
+def read_json(raw: str, option: str) -> Any:
+    """An option's JSON: given as is, ``@file``, or ``@-`` for standard input."""
     if raw.startswith("@"):
         source = raw[1:]
         try:
             text = sys.stdin.read() if source == "-" else Path(source).read_text()
         except OSError as exc:
-            raise UsageError(f"--input: cannot read {source}: {exc.strerror}") from None
+            raise UsageError(f"{option}: cannot read {source}: {exc.strerror}") from None
     else:
         text = raw
     try:
-        value = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise UsageError(f"--input is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise UsageError('--input must be a JSON object, e.g. \'{"text": "..."}\'')
-    return value
+        raise UsageError(f"{option} is not valid JSON: {exc}") from None
 
 
 class UsageError(Exception):
@@ -348,6 +371,7 @@ COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "tail": cmd_tail,
     "cancel": cmd_cancel,
     "retry": cmd_retry,
+    "answer": cmd_answer,
 }
 
 

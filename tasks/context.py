@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic_core import to_jsonable_python
 
+from stepstream.tasks import inputs
 from stepstream.tasks.cost import BudgetExceeded
 from stepstream.tasks.errors import StepTimeout
 from stepstream.tasks.models import EventType, JobRecord, StepRecord, StepRef, Usage, utcnow
@@ -71,6 +72,7 @@ class TaskContext:
         self._reserved = 0.0  # estimates of calls in flight, so concurrent calls share a budget
         self._step_usage: Usage | None = None
         self.writer = EventWriter(store, record.id, record.owner)
+        self.answers = record.answers  # the inputs given so far (wait_for_input)
 
     def _initial_steps(self, record: JobRecord) -> list[StepRecord]:
         by_name = {s.name: s for s in record.steps}
@@ -215,6 +217,27 @@ class TaskContext:
         )  # tasks.llm needs this module's class for its hints
 
         return await llm_step(self, messages, response_model=response_model, step=step, **options)
+
+    async def wait_for_input(
+        self,
+        name: str,
+        *,
+        schema: type[M],
+        prompt: str | None = None,
+        timeout: float | None = None,
+        default: M | dict[str, Any] | None = None,
+    ) -> M:
+        """Wait for a person to give the input ``name``, a ``schema`` instance (tasks/inputs.py).
+
+        Without a stored answer the job goes to ``waiting`` and this run ends here, holding no
+        worker; the answer queues the job again and it runs from the top: ``run_step`` steps
+        are restored, code outside them runs again, and this call returns the answer. After
+        ``timeout`` seconds unanswered the job fails with ``InputTimeout``, or, with a
+        ``default``, goes on with it.
+        """
+        return await inputs.wait_for_input(
+            self, name, schema, prompt=prompt, timeout=timeout, default=default
+        )
 
     @asynccontextmanager
     async def reserve_budget(self, estimate: float) -> AsyncIterator[None]:

@@ -39,6 +39,11 @@ class PermanentError(TaskError):
     """A failure that no retry can fix (invalid input, a content-policy refusal)."""
 
 
+class InputTimeout(PermanentError):
+    """Nobody gave the input a job waited for (``ctx.wait_for_input``) before its timeout, and
+    the task set no default: the job fails with this error type."""
+
+
 class JobCancelled(Exception):
     """Raised inside a task when its job was cancelled; the runtime records ``cancelled``."""
 

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import SkipJsonSchema
 
 
@@ -18,6 +18,8 @@ class JobState(StrEnum):
     queued = "queued"
     running = "running"
     retrying = "retrying"
+    # `waiting`: suspended in `ctx.wait_for_input`, holding no worker (tasks/inputs.py)
+    waiting = "waiting"
     completed = "completed"
     failed = "failed"
     cancelled = "cancelled"
@@ -41,6 +43,8 @@ class EventType(StrEnum):
     completed = "completed"
     failed = "failed"
     cancelled = "cancelled"
+    waiting = "waiting"  # the job asks for input (tasks/inputs.py)
+    input = "input"  # the input was given
     # Made by the server, never stored.
     snapshot = "snapshot"
     reset = "reset"
@@ -92,6 +96,26 @@ class JobError(BaseModel):
     traceback: str | None = None
 
 
+class InputRequest(BaseModel):
+    """What a waiting job asks for (``ctx.wait_for_input``): the record's ``waiting_for``."""
+
+    name: str
+    prompt: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema", description="JSON Schema of the value")
+    timeout_at: str | None = None  # then the default applies, or the job fails (InputTimeout)
+    default: Any = None  # the value given at timeout_at, if the task set one
+
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+
+class InputAnswer(BaseModel):
+    """A given input, in the record's ``answers`` by name: the value, who gave it and when."""
+
+    value: Any
+    by: str  # "owner:<owner>", "subject:<subject>", "token", "anonymous" or "default"
+    at: str
+
+
 class JobRecord(BaseModel):
     id: str
     task: str
@@ -122,6 +146,9 @@ class JobRecord(BaseModel):
     batch_id: str | None = None  # a batch child: its parent job
     batch_index: int | None = None  # a batch child: its place in the batch's inputs
     batch: dict[str, Any] | None = None  # a batch parent: {size, completed, failed, cancelled}
+    # Human input (tasks/inputs.py): the request of a waiting job, and the inputs given.
+    waiting_for: InputRequest | None = None
+    answers: dict[str, InputAnswer] = Field(default_factory=dict)
     # Where the terminal event is POSTed (tasks/outbox.py). Stored, never shown: it may carry a
     # secret, and the record goes to browsers holding a stream token.
     callback_url: SkipJsonSchema[str | None] = Field(default=None, exclude=True)

@@ -22,16 +22,36 @@ Command = list[str | bytes | int]
 
 
 def enqueue_commands(
-    arq: ArqRedis, queue: str, job_id: str, run_at: datetime | None = None
+    arq: ArqRedis,
+    queue: str,
+    job_id: str,
+    run_at: datetime | None = None,
+    *,
+    function: str = RUN_JOB,
+    args: tuple[str, ...] = (),
+    entry_id: str | None = None,
 ) -> list[Command]:
     """The arq enqueue of ``job_id`` as commands for a store script; with ``run_at``,
     deferred until then (arq's ``_defer_until``: its queue is a sorted set scored by due time,
-    so a deferred entry survives restarts and no worker takes it early)."""
+    so a deferred entry survives restarts and no worker takes it early).
+
+    ``function`` and ``args``: another arq function than ``run_job``, called with ``job_id``
+    and ``args``. ``entry_id``: the arq job id when it must not be ``job_id`` (arq ends a job
+    by deleting its id's entry, so an entry written while the job's arq job runs needs its own
+    id: tasks/inputs.py)."""
+    arq_id = job_id if entry_id is None else entry_id
     now_ms = int(time.time() * 1000)
     due_ms = now_ms if run_at is None else max(now_ms, int(run_at.timestamp() * 1000))
-    payload = serialize_job(RUN_JOB, (job_id,), {}, None, now_ms, serializer=arq.job_serializer)
+    payload = serialize_job(
+        function, (job_id, *args), {}, None, now_ms, serializer=arq.job_serializer
+    )
     expires_ms = due_ms - now_ms + arq.expires_extra_ms
     return [
-        ["PSETEX", job_key_prefix + job_id, expires_ms, payload],
-        ["ZADD", queue, due_ms, job_id],
+        ["PSETEX", job_key_prefix + arq_id, expires_ms, payload],
+        ["ZADD", queue, due_ms, arq_id],
     ]
+
+
+def dequeue_commands(queue: str, entry_id: str) -> list[Command]:
+    """Commands that take a not yet started arq entry out of the queue (no-ops without one)."""
+    return [["ZREM", queue, entry_id], ["DEL", job_key_prefix + entry_id]]

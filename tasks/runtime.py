@@ -15,19 +15,23 @@ import traceback
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix
 from arq.worker import Retry
 from pydantic import BaseModel, ValidationError
+from redis.exceptions import RedisError
 
-from stepstream.tasks import batches, cache, heartbeat, logs
+from stepstream.tasks import batches, cache, heartbeat, inputs, logs
 from stepstream.tasks.context import TaskContext
 from stepstream.tasks.errors import (
+    InputTimeout,
     JobCancelled,
     PermanentError,
     RetryAfter,
     StepTimeout,
     TaskTimeout,
 )
+from stepstream.tasks.inputs import InputSuspended
 from stepstream.tasks.models import JobRecord, JobState, utcnow
 from stepstream.tasks.registry import TaskSpec, get_task
 from stepstream.tasks.store import JobStore, new_event
@@ -67,6 +71,8 @@ class JobMonitor:
         self.running: dict[str, asyncio.Task[Any]] = {}
         self.cancelled: set[str] = set()
         self.slots: dict[str, str] = {}  # job id → the slots key it holds a slot in
+        # job id → the arq job running it, when not the job's own id (tasks/inputs.py)
+        self.arq_ids: dict[str, str] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self._acquire = store.redis.register_script(_ACQUIRE_SLOT_LUA)
 
@@ -98,7 +104,10 @@ class JobMonitor:
         self.running.pop(job_id, None)
 
     async def take_lease(self, job_id: str) -> None:
-        await self.store.redis.pexpire(in_progress_key_prefix + job_id, self.lease_ms)
+        await self.store.redis.pexpire(self._lease_key(job_id), self.lease_ms)
+
+    def _lease_key(self, job_id: str) -> str:
+        return in_progress_key_prefix + self.arq_ids.get(job_id, job_id)
 
     async def _loop(self) -> None:
         renew_every = max(1, int(self.lease_ms / 1000 / 3 / self.interval))
@@ -115,7 +124,7 @@ class JobMonitor:
                     if tick % renew_every == 0:
                         expiry = int(time.time() * 1000) + self.lease_ms
                         for job_id in job_ids:
-                            pipe.pexpire(in_progress_key_prefix + job_id, self.lease_ms)
+                            pipe.pexpire(self._lease_key(job_id), self.lease_ms)
                             if job_id in self.slots:
                                 pipe.zadd(self.slots[job_id], {job_id: expiry}, xx=True)
                     flags = (await pipe.execute())[0]
@@ -156,14 +165,23 @@ async def run_job(ctx: dict[str, Any], job_id: str) -> None:
     ):
         # Every slot is taken: the job stays queued and arq offers it again shortly.
         raise Retry(defer=timedelta(seconds=SLOT_WAIT_SECONDS * (0.5 + random.random())))
+    arq_id = ctx.get("job_id", job_id)
+    if arq_id != job_id:  # an answer's entry (tasks/inputs.py): its lease is its own
+        monitor.arq_ids[job_id] = arq_id
     try:
-        await _run_attempt(store, monitor, spec, record)
+        await _run_attempt(store, monitor, spec, record, arq=ctx.get("redis"))
     finally:
+        monitor.arq_ids.pop(job_id, None)
         await monitor.release_slot(job_id)
 
 
 async def _run_attempt(
-    store: JobStore, monitor: JobMonitor, spec: TaskSpec, record: JobRecord
+    store: JobStore,
+    monitor: JobMonitor,
+    spec: TaskSpec,
+    record: JobRecord,
+    *,
+    arq: ArqRedis | None = None,
 ) -> None:
     job_id = record.id
     attempt = record.attempt + 1
@@ -210,6 +228,8 @@ async def _run_attempt(
             await context.writer.settle()
     except JobCancelled as exc:
         await _cancelled(store, record, attempt, exc.reason, context)
+    except InputSuspended as suspended:
+        await _suspended(store, arq, record, context, suspended)
     except asyncio.CancelledError:
         if job_id in monitor.cancelled:
             # Our monitor interrupted the task: the job is cancelled, the worker goes on.
@@ -356,6 +376,8 @@ async def _fail(
     message: str,
     error: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    *,
+    expect: tuple[JobState, ...] = ACTIVE_STATES,
 ) -> None:
     error = error or {"type": type_, "message": message, "step": None, "retryable": False}
     public_error = {k: v for k, v in error.items() if k != "traceback"}
@@ -371,11 +393,30 @@ async def _fail(
             **(extra or {}),
         },
         owner=record.owner,
-        expect=ACTIVE_STATES,
+        expect=expect,
     )
     if failed.ok:
         await heartbeat.job_finished(store, record, "failed", public_error)
         await batches.child_finished(store, record, "failed", error=public_error)
+
+
+async def _suspended(
+    store: JobStore,
+    arq: ArqRedis | None,
+    record: JobRecord,
+    context: TaskContext,
+    suspended: InputSuspended,
+) -> None:
+    """The task waits for input: record ``waiting`` and end the run, freeing the worker."""
+    if arq is None:  # run outside arq's worker: nothing could queue the job again
+        raise RuntimeError("wait_for_input needs the arq worker")
+    waiting = await inputs.suspend(
+        store, arq, record, suspended.request, context.mark_interrupted_step("waiting")
+    )
+    if waiting.refused == "cancel":
+        await _cancelled(store, record, record.attempt, "cancelled by request", context)
+    elif waiting.ok:
+        logger.info("job waits for input %r", suspended.request.name)
 
 
 async def _handed_back(store: JobStore, record: JobRecord, context: TaskContext) -> None:
@@ -430,3 +471,45 @@ async def _cancelled(
     if cancelled.ok:
         await heartbeat.job_finished(store, record, "cancelled")
         await batches.child_finished(store, record, "cancelled")
+
+
+async def input_timeout(ctx: dict[str, Any], job_id: str, name: str) -> None:
+    """The arq function due at a wait's ``timeout_at`` (tasks/inputs.py): a job still waiting
+    for ``name`` gets the task's default as its answer, or fails with ``InputTimeout``. Every
+    write expects ``waiting``: an answer or a cancel that came first wins."""
+    try:
+        await _end_wait(ctx, job_id, name)
+    except (RedisError, OSError) as exc:
+        # arq would drop the entry after an error, and the job would wait for ever: try again.
+        logger.warning("could not end the wait of job %s: %r; trying again", job_id, exc)
+        raise Retry(defer=timedelta(seconds=2)) from exc
+
+
+async def _end_wait(ctx: dict[str, Any], job_id: str, name: str) -> None:
+    store: JobStore = ctx["store"]
+    record = await store.get(job_id)
+    request = record.waiting_for if record is not None else None
+    if record is None or record.state != JobState.waiting or request is None:
+        return
+    if request.name != name:
+        return
+    if request.default is not None:
+        event, fields, then = inputs.answered(
+            record, name, request.default, "default", arq=ctx["redis"], queue=store.keys.queue
+        )
+        await store.append(
+            job_id, event, fields, owner=record.owner, expect=(JobState.waiting,), then=then
+        )
+        return
+    message = f"nobody gave the input {name!r} by {request.timeout_at}"
+    error = {"type": InputTimeout.__name__, "message": message, "step": None, "retryable": False}
+    await _fail(
+        store,
+        record,
+        record.attempt + 1,
+        InputTimeout.__name__,
+        message,
+        error,
+        {"waiting_for": None},
+        expect=(JobState.waiting,),
+    )

@@ -22,6 +22,7 @@ from datetime import datetime
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError, ResponseError
 
 from stepstream.tasks.keys import Keys
@@ -286,6 +287,23 @@ class JobStore:
             job_id, events, fields, owner, mode, expect, then, take=take, ttl=ttl
         )
         return appended_from(await self._append(keys=keys, args=args))
+
+    async def queue_append(
+        self,
+        pipe: Pipeline,
+        job_id: str,
+        event: Mapping[str, Any],
+        fields: Mapping[str, Any],
+        *,
+        owner: str | None = None,
+        expect: Sequence[JobState] = (),
+        then: Sequence[Sequence[str | bytes | int]] = (),
+    ) -> None:
+        """``append`` queued on ``pipe``: in a ``MULTI`` after a ``WATCH``, an append that
+        happens only if what the caller read is still so (read the outcome with
+        ``appended_from``)."""
+        keys, args = self._script_call(job_id, [event], fields, owner, "update", expect, then)
+        await self._append(keys=keys, args=args, client=pipe)
 
     def _script_call(
         self,

@@ -23,12 +23,13 @@ from redis.exceptions import ConnectionError, RedisError, TimeoutError
 from stepstream.tasks import llm, recurring
 from stepstream.tasks.connection import connect, patient_retry
 from stepstream.tasks.heartbeat import Heartbeat
+from stepstream.tasks.inputs import INPUT_TIMEOUT
 from stepstream.tasks.keys import Keys
 from stepstream.tasks.logs import setup_logging
 from stepstream.tasks.outbox import Outbox
 from stepstream.tasks.queue import RUN_JOB
 from stepstream.tasks.registry import load_tasks
-from stepstream.tasks.runtime import JobMonitor, run_job
+from stepstream.tasks.runtime import JobMonitor, input_timeout, run_job
 from stepstream.tasks.settings import Settings, get_settings
 from stepstream.tasks.store import JobStore
 
@@ -89,6 +90,8 @@ def worker_settings(settings: Settings | None = None) -> type:
             # pick-up, including a job that waits for a task's concurrency slot: its cap is only
             # a backstop.
             func(run_job, name=RUN_JOB, max_tries=1_000_000, timeout=config.job_timeout_seconds),
+            # Ends a wait for input at its timeout (tasks/inputs.py).
+            func(input_timeout, name=INPUT_TIMEOUT, max_tries=1_000, timeout=60),
         ]
         queue_name = Keys(config.prefix).queue
         redis_settings = connection

@@ -27,6 +27,7 @@ import {
 import { inlineValue, rawJson, renderValue } from "./value.js";
 import { STATE_LABELS } from "./list.js";
 import { api, streamToken } from "./api.js";
+import { InputSection } from "./input.js";
 
 const STEP_STATE_LABELS = {
   pending: "Pending",
@@ -35,6 +36,7 @@ const STEP_STATE_LABELS = {
   restored: "Restored",
   failed: "Failed",
   cancelled: "Cancelled",
+  waiting: "Waiting",
 };
 
 export class DetailView {
@@ -228,8 +230,14 @@ export class DetailView {
       log: h("ol", { class: "log", hidden: true }),
       logEmpty: h("p", { class: "muted log-empty" }, "Nothing logged yet."),
       input: h("pre", { class: "raw" }),
+      asked: h("section", { class: "detail-section input-box", hidden: true, "aria-labelledby": "input-title" }),
     };
     this.els = els;
+    const jobId = this.job.id;
+    this.asked = new InputSection(els.asked, async (name, value) => {
+      const path = `api/jobs/${encodeURIComponent(jobId)}/input`;
+      await api(path, { method: "POST", body: { name, value } });
+    });
     fill(
       this.body,
       h(
@@ -247,6 +255,7 @@ export class DetailView {
         els.message,
       ),
       els.error,
+      els.asked,
       (els.stepsSection = h(
         "section",
         { class: "detail-section", "aria-labelledby": "steps-title" },
@@ -311,6 +320,13 @@ export class DetailView {
         level = "warning";
         text = `Cancelled${data.reason ? `: ${data.reason}` : ""}`;
         break;
+      case "waiting":
+        level = "warning";
+        text = `Waiting for input “${data.name}”${data.prompt ? `: ${data.prompt}` : ""}`;
+        break;
+      case "input":
+        text = `Input “${data.name}” given by ${data.by}`;
+        break;
       case "completed":
         text = data.cached ? `Completed from the result cache (job ${shortId(data.source)})` : "Completed";
         break;
@@ -371,6 +387,7 @@ export class DetailView {
     }
 
     this._renderError(record, task);
+    this.asked.render(record);
     this._renderSteps(record, task);
     this._renderResult(record);
     this._renderFacts(record);

@@ -21,6 +21,7 @@ export const STATE_LABELS = {
   queued: "Queued",
   running: "Running",
   retrying: "Retrying",
+  waiting: "Waiting for input",
   completed: "Completed",
   failed: "Failed",
   cancelled: "Cancelled",

@@ -116,6 +116,22 @@ export function applyEvent(record, event, eventId) {
       record.message = `Attempt ${event.attempt} of ${event.max_attempts} failed; retrying`;
       interruptRunningStep(record, "failed", at);
       break;
+    case "waiting": {
+      // The run ended in wait_for_input: no worker holds the job until the input is given.
+      const { type, job_id, at: _, attempt, ...request } = event;
+      record.state = "waiting";
+      record.waiting_for = request;
+      record.attempt = Math.max(0, attempt - 1); // a wait costs no attempt
+      record.message = request.prompt || `Waiting for input ${request.name}`;
+      interruptRunningStep(record, "waiting", at);
+      break;
+    }
+    case "input":
+      record.state = "queued";
+      record.waiting_for = null;
+      record.answers = { ...(record.answers || {}), [event.name]: { value: event.value, by: event.by, at } };
+      record.message = null;
+      break;
     case "completed":
       record.state = "completed";
       if (event.cached) record.cached = true;
@@ -140,6 +156,7 @@ export function applyEvent(record, event, eventId) {
       record.finished_at = at;
       record.retry_at = null;
       record.cancel_reason = event.reason || null;
+      record.waiting_for = null;
       interruptRunningStep(record, "cancelled", at);
       break;
     default:
@@ -193,6 +210,8 @@ export function emptyProjection(record) {
     started_at: null,
     finished_at: null,
     last_event_id: null,
+    waiting_for: null,
+    answers: {},
   };
 }
 
@@ -220,6 +239,8 @@ export function stepLine(record, task, now = Date.now()) {
     }
     case "queued":
       return record.attempt > 0 ? "Queued to run again" : "Waiting in the queue";
+    case "waiting":
+      return `Waiting for input · ${record.waiting_for?.name ?? ""}`;
     case "running":
       if (record.batch) return `${record.batch.done ?? 0} of ${record.batch.size} items done`;
       return ref ? `Step ${ref.index} of ${ref.count} · ${ref.name}` : "Starting…";
@@ -296,7 +317,7 @@ export function elapsedMs(record, now = Date.now()) {
 }
 
 export function canCancel(record) {
-  return ["scheduled", "queued", "running", "retrying"].includes(record.state);
+  return ["scheduled", "queued", "running", "retrying", "waiting"].includes(record.state);
 }
 
 export function canRetry(record) {

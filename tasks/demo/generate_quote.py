@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 
 from stepstream.tasks.context import TaskContext
 from stepstream.tasks.demo.options import DemoOptions, checkpoint, paced_progress
-from stepstream.tasks.errors import PermanentError
+from stepstream.tasks.errors import JobCancelled, PermanentError
 from stepstream.tasks.registry import task
 
 STEPS = [
@@ -45,6 +45,17 @@ class QuoteInput(DemoOptions):
     weeks: int = Field(ge=1, le=260)
     tier: Literal["standard", "priority", "enterprise"] = "standard"
     workspace: Literal["remote", "hybrid", "office"] = "remote"
+    review: bool = Field(
+        default=False,
+        description="Wait for a person's approval (input `approval`) before the breakdown",
+    )
+
+
+class Approval(BaseModel):
+    """The reviewer's decision on a quote's costs (the input ``approval``)."""
+
+    approved: bool = Field(description="Go on and format the breakdown")
+    note: str = Field(default="", max_length=2_000, description="Why; the reason if rejected")
 
 
 class LineItem(BaseModel):
@@ -161,6 +172,17 @@ async def generate_quote(ctx: TaskContext, data: QuoteInput) -> QuoteOutput:
     workspace_cost = await ctx.run_step(
         STEPS[4], add_workspace, output=lambda c: {"workspace_cost": c}
     )
+
+    if data.review:
+        # Steps 1 to 5 are checkpoints: the run after the answer restores them, not redoes them.
+        approval = await ctx.wait_for_input(
+            "approval",
+            schema=Approval,
+            prompt=f"Approve the costs for {data.client}: "
+            f"{tiered + workspace_cost:,.2f} {currency} before the breakdown?",
+        )
+        if not approval.approved:
+            raise JobCancelled(approval.note or "the quote was rejected")
 
     async def format_breakdown() -> QuoteOutput:
         await checkpoint(ctx, data, STEPS[5])

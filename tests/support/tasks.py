@@ -193,3 +193,53 @@ async def retry_later(ctx: TaskContext, data: RetryLaterInput) -> Done:
         if ctx.attempt == 1:
             raise RetryAfter(data.seconds)
     return Done()
+
+
+class Decision(BaseModel):
+    approved: bool
+    note: str = ""
+    level: int = Field(default=1, ge=1, le=5)
+
+
+class AskInput(BaseModel):
+    timeout: float | None = Field(default=None, gt=0, le=60)
+    default: Decision | None = None
+    hold: float = Field(default=0, ge=0, le=10, description="seconds the step before runs")
+    hold_after: float = Field(default=0, ge=0, le=10, description="seconds the last step runs")
+
+
+class AskOutput(BaseModel):
+    before: str
+    decision: Decision
+
+
+@task("asks", steps=["before", "after"], input=AskInput, output=AskOutput, max_attempts=2)
+async def asks(ctx: TaskContext, data: AskInput) -> AskOutput:
+    """A checkpointed step, a wait for the input ``decision``, then a last step; counts each
+    run from the top (``runs``) and each real execution of a step."""
+    redis = ctx.store.redis
+    await count_execution(redis, ctx.job_id, "runs")
+
+    async def before() -> str:
+        await count_execution(redis, ctx.job_id, "before")
+        await asyncio.sleep(data.hold)
+        return "checked"
+
+    done = await ctx.run_step("before", before)
+    try:
+        decision = await ctx.wait_for_input(
+            "decision",
+            schema=Decision,
+            prompt="Go on?",
+            timeout=data.timeout,
+            default=data.default,
+        )
+    except Exception as exc:  # a task's broad handler must not swallow the wait itself
+        raise PermanentError(f"the wait was caught as an error: {exc!r}") from exc
+
+    async def after() -> Decision:
+        await count_execution(redis, ctx.job_id, "after")
+        await asyncio.sleep(data.hold_after)
+        return decision
+
+    return AskOutput(before=done, decision=await ctx.run_step("after", after))

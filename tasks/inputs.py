@@ -1,0 +1,174 @@
+"""Human input: a job that waits for a person's answer without holding a worker.
+
+``await ctx.wait_for_input(name, schema=Model)`` with no answer stored ends the run: the
+runtime records ``waiting`` (running → waiting) and the arq job returns, so the worker's slot
+and any concurrency slot are free for other jobs however long the wait. An answer
+(``POST /api/jobs/{id}/input``) stores the value, appends ``input`` and moves the job back to
+``queued`` with its arq queue entry, all in one store script. The job then runs again from the
+top on any worker: steps done with ``run_step`` are restored from their checkpoints, and
+``wait_for_input`` finds the stored answer and returns it at once. Code outside ``run_step``
+before the wait runs again.
+
+A timeout is a deferred arq entry (``input_timeout`` in tasks/runtime.py) written with the
+``waiting`` event: at ``timeout_at`` a job still waiting fails with ``InputTimeout``, or gets
+the task's default as its answer. Everything is in Redis: a wait survives restarts of workers,
+web processes and Valkey (with its append-only file).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from arq.connections import ArqRedis
+from pydantic import BaseModel, ValidationError
+
+from stepstream.tasks.errors import PermanentError
+from stepstream.tasks.models import InputRequest, JobRecord, JobState, utcnow
+from stepstream.tasks.queue import dequeue_commands, enqueue_commands
+from stepstream.tasks.store import Appended, JobStore, new_event
+
+if TYPE_CHECKING:
+    from stepstream.tasks.context import TaskContext
+
+M = TypeVar("M", bound=BaseModel)
+
+INPUT_TIMEOUT = "stepstream.input_timeout"  # the arq function that ends an unanswered wait
+NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+Command = list[str | bytes | int]
+
+
+class InputSuspended(BaseException):
+    """Raised by ``wait_for_input`` when no answer is stored: the runtime ends the run and
+    records ``waiting``. A ``BaseException``, like ``CancelledError``, so that a task's
+    ``except Exception`` cannot swallow it."""
+
+    def __init__(self, request: InputRequest) -> None:
+        super().__init__(f"waiting for input {request.name!r}")
+        self.request = request
+
+
+def resume_entry(job_id: str, name: str) -> str:
+    """The arq id of the entry an answer writes. Not the job's id: the arq job that suspended
+    may still be ending, and arq ends a job by deleting its id's queue entry."""
+    return f"{job_id}:input:{name}"
+
+
+def timeout_entry(job_id: str, name: str) -> str:
+    """The arq id of the deferred entry that ends the wait for ``name`` at its timeout."""
+    return f"{job_id}:timeout:{name}"
+
+
+def job_of_entry(entry_id: str) -> str:
+    """The job an arq queue entry runs: its own id, or the part before ``:`` of the entries
+    above (job ids never hold a ``:``)."""
+    return entry_id.partition(":")[0]
+
+
+async def wait_for_input(
+    ctx: TaskContext,
+    name: str,
+    schema: type[M],
+    *,
+    prompt: str | None = None,
+    timeout: float | None = None,
+    default: M | dict[str, Any] | None = None,
+) -> M:
+    if not NAME.fullmatch(name):
+        raise ValueError(f"input name {name!r}: use 1 to 64 of A-Z a-z 0-9 _ . -")
+    answer = ctx.answers.get(name)
+    if answer is not None:
+        try:
+            return schema.model_validate(answer.value)
+        except ValidationError as exc:  # a rule the JSON Schema does not carry (a validator)
+            raise PermanentError(f"input {name!r} does not fit {schema.__name__}: {exc}") from exc
+    stored_default = None
+    if default is not None:
+        # Checked now, not at the timeout: a default that does not fit is the task's bug.
+        stored_default = schema.model_validate(default).model_dump(mode="json")
+    timeout_at = None
+    if timeout is not None:
+        if timeout <= 0:
+            raise ValueError("timeout must be positive seconds")
+        due = datetime.now(UTC) + timedelta(seconds=timeout)
+        timeout_at = due.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    raise InputSuspended(
+        InputRequest(
+            name=name,
+            prompt=prompt,
+            schema=schema.model_json_schema(),
+            timeout_at=timeout_at,
+            default=stored_default,
+        )
+    )
+
+
+async def suspend(
+    store: JobStore,
+    arq: ArqRedis,
+    record: JobRecord,
+    request: InputRequest,
+    step_fields: dict[str, Any],
+) -> Appended:
+    """Record ``waiting`` for a run that ended in ``wait_for_input`` (running → waiting), with
+    its timeout's deferred entry. Refused (``"cancel"``) if a cancel was asked for meanwhile."""
+    then: list[Command] = []
+    ttl = store.settings.retention_seconds
+    if request.timeout_at is not None:
+        due = datetime.fromisoformat(request.timeout_at)
+        then = enqueue_commands(
+            arq,
+            store.keys.queue,
+            record.id,
+            due,
+            function=INPUT_TIMEOUT,
+            args=(request.name,),
+            entry_id=timeout_entry(record.id, request.name),
+        )
+        # Kept until the timeout has acted, however far off: the retention runs from then.
+        ttl += max(0, math.ceil(due.timestamp() - datetime.now(UTC).timestamp()))
+    request_json = request.model_dump(mode="json")
+    return await store.append(
+        record.id,
+        new_event(record.id, "waiting", record.attempt, **request_json),
+        {
+            "state": JobState.waiting.value,
+            "waiting_for": request_json,
+            # A wait is not a failure: the run that follows the answer is the same attempt.
+            "attempt": record.attempt - 1,
+            "message": request.prompt or f"Waiting for input {request.name!r}",
+            **step_fields,
+        },
+        owner=record.owner,
+        mode="update+cancel",
+        expect=(JobState.running,),
+        then=then,
+        ttl=ttl,
+    )
+
+
+def answered(
+    record: JobRecord, name: str, value: Any, by: str, *, arq: ArqRedis, queue: str
+) -> tuple[dict[str, Any], dict[str, Any], list[Command]]:
+    """The append that stores ``value`` as the answer to the wait for ``name``: its ``input``
+    event, the record's fields (waiting → queued) and the commands that queue the job again
+    and take the wait's timeout entry out. For the web (an answer) and for a timeout's default;
+    the caller appends it expecting ``waiting``."""
+    at = utcnow()
+    answers = {k: v.model_dump(mode="json") for k, v in record.answers.items()}
+    answers[name] = {"value": value, "by": by, "at": at}
+    event = new_event(record.id, "input", record.attempt + 1, name=name, value=value, by=by)
+    event["at"] = at
+    fields = {
+        "state": JobState.queued.value,
+        "waiting_for": None,
+        "answers": answers,
+        "message": None,
+    }
+    then = [
+        *enqueue_commands(arq, queue, record.id, entry_id=resume_entry(record.id, name)),
+        *dequeue_commands(queue, timeout_entry(record.id, name)),
+    ]
+    return event, fields, then
