@@ -58,6 +58,7 @@ class StepRecord(_Model):
     duration_ms: float | None = None
     output: Any = None  # the partial result shown on step_completed
     value: Any = None  # run_step's stored return value, when its output shows something else
+    text: str | None = None  # the text the step wrote so far (``output`` events)
 
 
 class ErrorInfo(_Model):
@@ -191,6 +192,16 @@ class StepCompletedEvent(_Event):
     restored: bool = False
 
 
+class OutputEvent(_Event):
+    """A delta of a step's streamed text: ``offset`` characters of it came before ``text``.
+    Offset 0 starts the text (again, when a new attempt runs the step over)."""
+
+    type: Literal["output"] = "output"
+    step: Step
+    text: str = ""
+    offset: int = 0
+
+
 class LogEvent(_Event):
     type: Literal["log"] = "log"
     level: str = "info"
@@ -250,6 +261,7 @@ Event = (
     | ProgressEvent
     | StepCompletedEvent
     | LogEvent
+    | OutputEvent
     | RetryingEvent
     | CompletedEvent
     | FailedEvent
@@ -266,6 +278,7 @@ _EVENT_CLASSES: dict[str, type[_Event]] = {
     "progress": ProgressEvent,
     "step_completed": StepCompletedEvent,
     "log": LogEvent,
+    "output": OutputEvent,
     "retrying": RetryingEvent,
     "completed": CompletedEvent,
     "failed": FailedEvent,

@@ -15,6 +15,7 @@ from stepstream.tasks.llm import OpenAIProvider
 from tests.conftest import Stack, StackFactory
 from tests.support.api import get_job, submit, wait_state
 from tests.support.chat_server import Answer, ChatServer, chat_server
+from tests.support.cli import LiveCli
 from tests.support.output_tasks import streamed_text
 from tests.support.sse import Event, StreamReader, read_stream
 
@@ -260,3 +261,18 @@ def test_a_stream_that_fails_before_it_starts_is_retried(chat: ChatServer) -> No
 
     assert asyncio.run(run()) == "fine"
     assert len(chat.requests) == 2
+
+
+def test_stepstream_watch_prints_the_text_as_it_is_written(out_stack: Stack) -> None:
+    job = submit(out_stack.url, "streamer", {"words": 120, "word_seconds": 0.01})
+    watcher = LiveCli(out_stack.url, "watch", job["id"])
+    try:
+        watcher.wait_for_line(lambda line: line == "  write:")
+        assert watcher.wait(timeout=30) == 0, watcher.stderr
+    finally:
+        watcher.stop()
+    lines = watcher.lines
+    at = lines.index("  write:")
+    final = streamed_text(120)
+    assert lines[at + 1] == final.rstrip("\n"), "the deltas did not add up on screen"
+    assert lines[at + 2].startswith("  ✓ write done"), lines[at + 2]
