@@ -7,11 +7,13 @@ Loaded by those tests' stacks with
 from __future__ import annotations
 
 import asyncio
+import time
 
 from pydantic import BaseModel, Field
 
 from stepstream.tasks import TaskContext, TransientError, task
 from stepstream.tasks.registry import Backoff
+from tests.support.tasks import gate_key
 
 STREAM_STEPS = ["prepare", "write", "finish"]
 
@@ -74,3 +76,43 @@ async def streamer(ctx: TaskContext, data: StreamerInput) -> StreamerOutput:
 
 async def _nothing() -> bool:
     return True
+
+
+class TokenStreamInput(BaseModel):
+    tokens: int = Field(default=2_000, ge=1, le=1_000_000)
+    rate: float = Field(default=200.0, gt=0, description="tokens per second")
+    token: str = Field(default="tok ", description="each token's text, unless stamp")
+    stamp: bool = Field(default=False, description="each token is its write time (time.time())")
+    gate: bool = Field(default=False, description="wait for a push to the gate first")
+
+
+class TokenStreamOutput(BaseModel):
+    tokens: int
+
+
+@task(
+    "token_stream",
+    steps=["write"],
+    input=TokenStreamInput,
+    output=TokenStreamOutput,
+    max_attempts=1,
+)
+async def token_stream(ctx: TaskContext, data: TokenStreamInput) -> TokenStreamOutput:
+    """bench/output.py's model: ``tokens`` deltas at ``rate`` per second into one step."""
+
+    async def write() -> int:
+        if data.gate:
+            redis = ctx.store.redis
+            await redis.blpop([gate_key(ctx.job_id)], timeout=120)  # type: ignore[misc]
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        async with ctx.output() as out:
+            for i in range(data.tokens):
+                delay = start + i / data.rate - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                await out.write(f"{time.time():.6f} " if data.stamp else data.token)
+        return data.tokens
+
+    tokens = await ctx.run_step("write", write, output=lambda n: {"tokens": n})
+    return TokenStreamOutput(tokens=tokens)
