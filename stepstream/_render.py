@@ -63,7 +63,8 @@ def describe(event: Event) -> str:
     if isinstance(event, LogEvent):
         return f"[{event.level}] {event.message}"
     if isinstance(event, OutputEvent):
-        return f"{event.step.name}: {event.text}"
+        # One line per event, whatever the text holds (the firehose's ``tail``).
+        return f"{event.step.name} +{json.dumps(event.text, ensure_ascii=False)}"
     if isinstance(event, RetryingEvent):
         error = f": {event.error}" if event.error else ""
         when = f"; next attempt at {event.retry_at}" if event.retry_at else ""

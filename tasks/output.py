@@ -112,13 +112,14 @@ class StepText:
             text = "".join(self._buffer)
             self._buffer.clear()
             self._buffered = 0
+            # Before the first await: a write while this is stored waits for the next interval.
+            self._last_sent = time.monotonic()
             for start in range(0, len(text), MAX_DELTA_CHARS):
                 piece = text[start : start + MAX_DELTA_CHARS]
                 offset = self.offset
                 self.offset += len(piece)
                 self._sent.append(piece)
                 await self._emit(piece, offset)
-            self._last_sent = time.monotonic()
 
     def discard(self) -> None:
         """Drop what waits (the step failed): only what reached the log is the step's text."""

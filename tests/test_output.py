@@ -5,9 +5,11 @@ and a worker killed mid-stream shows its restart."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from collections.abc import Iterator
+from datetime import datetime
 
 import pytest
 
@@ -71,6 +73,11 @@ def test_the_deltas_add_up_to_the_final_text_in_few_events(out_stack: Stack) -> 
     # 400 writes over ~2 s (more with the event loop's own latency), at most one event per
     # 50 ms: coalesced into tens of events, not one per write.
     assert 2 <= len(deltas) <= 120, len(deltas)
+    # At most one event per 50 ms (the default): only the last, sent as the block ends, may
+    # follow sooner.
+    times = [datetime.fromisoformat(e.data["at"]).timestamp() for e in deltas[:-1]]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert min(gaps) >= 0.049, min(gaps)
     first = deltas[0].data
     assert set(first) == {"job_id", "type", "at", "attempt", "step", "text", "offset"}
     assert first["step"] == {"index": 2, "count": 3, "name": "write"}
@@ -145,6 +152,17 @@ def test_a_finished_streamed_step_is_restored_whole_without_streaming_again(
     restored = [e for e in log if e.type == "step_completed" and e.data.get("restored")]
     assert [e.data["step"]["name"] for e in restored] == ["prepare", "write"]
     assert done["steps"][1]["text"] == streamed_text(60) == done["result"]["text"]
+
+
+def test_a_large_write_is_split_into_bounded_events(out_stack: Stack) -> None:
+    big = "é" * 40_000
+    job = submit(out_stack.url, "token_stream", {"tokens": 1, "token": big})
+    done = wait_state(out_stack.url, job["id"], {"completed", "failed"})
+    assert done["state"] == "completed", done["error"]
+    _, log = read_stream(events_url(out_stack.url, job["id"]) + "?after=0")
+    deltas = [(e.data["offset"], len(e.data["text"])) for e in outputs(log)]
+    assert deltas == [(0, 16_384), (16_384, 16_384), (32_768, 7_232)]
+    assert done["steps"][0]["text"] == big
 
 
 def test_an_offline_llm_reply_streams_into_its_step(out_stack: Stack) -> None:
