@@ -15,7 +15,7 @@ import pytest
 
 from stepstream.tasks.llm import OpenAIProvider
 from tests.conftest import Stack, StackFactory
-from tests.support.api import get_job, submit, wait_state
+from tests.support.api import DOC, get_job, submit, wait_state
 from tests.support.chat_server import Answer, ChatServer, chat_server
 from tests.support.cli import LiveCli
 from tests.support.output_tasks import streamed_text
@@ -152,6 +152,19 @@ def test_a_finished_streamed_step_is_restored_whole_without_streaming_again(
     restored = [e for e in log if e.type == "step_completed" and e.data.get("restored")]
     assert [e.data["step"]["name"] for e in restored] == ["prepare", "write"]
     assert done["steps"][1]["text"] == streamed_text(60) == done["result"]["text"]
+
+
+def test_the_demo_streams_its_summary_as_it_is_composed(out_stack: Stack) -> None:
+    job = submit(out_stack.url, "analyze_document", {"text": DOC, "pace": 0.2})
+    done = wait_state(out_stack.url, job["id"], {"completed", "failed"})
+    assert done["state"] == "completed", done["error"]
+    _, log = read_stream(events_url(out_stack.url, job["id"]) + "?after=0")
+    deltas = outputs(log)
+    assert {e.data["step"]["name"] for e in deltas} == {"Writing summary"}
+    assert len(deltas) >= 3, "the summary was not streamed as it was composed"
+    summary = done["result"]["summary"]
+    assert "".join(e.data["text"] for e in deltas) == summary
+    assert done["steps"][5]["text"] == summary
 
 
 def test_a_large_write_is_split_into_bounded_events(out_stack: Stack) -> None:
