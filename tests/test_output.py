@@ -307,3 +307,23 @@ def test_stepstream_watch_prints_the_text_as_it_is_written(out_stack: Stack) -> 
     final = streamed_text(120)
     assert lines[at + 1] == final.rstrip("\n"), "the deltas did not add up on screen"
     assert lines[at + 2].startswith("  ✓ write done"), lines[at + 2]
+
+
+def test_a_job_streams_an_openai_compatible_reply_and_counts_its_usage(
+    module_stacks: StackFactory, chat: ChatServer
+) -> None:
+    s = module_stacks(
+        STEPSTREAM_TASK_MODULES=OUTPUT_TASKS,
+        STEPSTREAM_LLM_PROVIDER="openai",
+        STEPSTREAM_LLM_BASE_URL=chat.url,
+        STEPSTREAM_LLM_MODEL="test-model",
+    )
+    pieces = ["Stepstream ", "keeps ", "every ", "wörd 🙂."]
+    chat.reset(sse_reply(pieces, {"prompt_tokens": 11, "completion_tokens": 6}))
+    job = submit(s.url, "streamer", {"words": 5, "llm": True})
+    done = wait_state(s.url, job["id"], {"completed", "failed"})
+    assert done["state"] == "completed", done["error"]
+    _, log = read_stream(events_url(s.url, job["id"]) + "?after=0")
+    assert assemble(log) == "".join(pieces) == done["result"]["text"] == done["steps"][1]["text"]
+    assert done["usage"]["input_tokens"] == 11 and done["usage"]["output_tokens"] == 6
+    assert chat.requests[-1].body["stream"] is True
