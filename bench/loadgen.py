@@ -275,7 +275,12 @@ async def run_sse(args: argparse.Namespace) -> None:
         statuses[status] = statuses.get(status, 0) + 1
         n = 0
         for t, _id, event, data in frames:
-            if event == args.expect_type:
+            if event == args.expect_type and args.token_times:
+                # Each word of the event's text is the time its token was written (bench.output).
+                for word in json.loads(data).get("text", "").split():
+                    latencies.append(round((t - float(word)) * 1000, 3))
+                    n += 1
+            elif event == args.expect_type:
                 at = event_at(data)
                 if at is not None:
                     latencies.append(round((t - at) * 1000, 3))
@@ -428,6 +433,11 @@ def main() -> None:
         "--tokens-file", help="one stream token a line; stream i sends `?token=<line i>`"
     )
     parser.add_argument("--expect-type", default="progress")
+    parser.add_argument(
+        "--token-times",
+        action="store_true",
+        help="latency per word of the event's text, each a write time (bench.output)",
+    )
     parser.add_argument(
         "--ready-marker",
         default="retry:",

@@ -66,6 +66,8 @@ export interface JobRecord {
     output?: unknown;
     /** run_step's stored return value, when its `output` shows something else. */
     value?: unknown;
+    /** The text the step wrote so far (`output` events); null when it wrote none. */
+    text?: string | null;
   }>;
   attempt: number;
   max_attempts: number;
@@ -84,8 +86,8 @@ export interface JobRecord {
 
 /**
  * One event. `type` is a stored event type ("queued", "started", "step", "progress",
- * "step_completed", "log", "retrying", "waiting" (data: InputRequest), "input" (data: name,
- * value, by), "completed", "failed", "cancelled") or one the server
+ * "step_completed", "log", "output", "retrying", "waiting" (data: InputRequest), "input"
+ * (data: name, value, by), "completed", "failed", "cancelled") or one the server
  * makes: "snapshot" (`data` is the whole JobRecord) and "reset" (`id` is null).
  * On the firehose `id` is the firehose id and `data.event_id` the event's id in its job's log.
  */
@@ -132,15 +134,47 @@ export interface WatchOptions {
   fetch?: typeof fetch;
 }
 
+/** The `data` of an `output` event: a delta of a step's text. */
+export interface OutputEventData {
+  job_id: string;
+  type: "output";
+  at: string;
+  attempt: number;
+  step: { index: number; count: number; name: string };
+  /** The delta. */
+  text: string;
+  /** Characters (Unicode code points, not UTF-16 units) of the step's text before the delta. */
+  offset: number;
+}
+
+/** A step's text changed: a delta arrived, or the step started over (`restarted`). */
+export interface StepTextChange {
+  index: number;
+  name: string;
+  /** The step's whole text now. */
+  text: string;
+  delta: string;
+  attempt: number;
+  /** The text was cleared first: the step runs again (a retry, a crash takeover). */
+  restarted: boolean;
+}
+
 export interface WatchJobOptions extends WatchOptions {
   /** Called once, with the final record, after the job's terminal event. */
   onEnd?: (record: JobRecord) => void;
+  /** Each change of a step's streamed text, after `onEvent` for the event that made it. */
+  onText?: (change: StepTextChange) => void;
 }
 
 /** Stops the watch: no callback is called after it returns. */
 export type Stop = () => void;
 
-export function watchJob(jobId: string, options?: WatchJobOptions): Stop;
+export interface JobWatch extends Stop {
+  /** The text of step `index` (1-based) so far, as the snapshot and `output` events built it. */
+  text(index: number): string;
+}
+
+export function watchJob(jobId: string, options?: WatchJobOptions): JobWatch;
 
 export interface AnswerOptions {
   baseUrl?: string | URL;
@@ -160,6 +194,7 @@ export function answer(
   value: unknown,
   options?: AnswerOptions,
 ): Promise<JobRecord>;
+
 export function watchAll(options?: WatchOptions): Stop;
 
 export class StepstreamError extends Error {
@@ -208,6 +243,15 @@ export class Backoff {
   opened(now: number): void;
   dropped(init: { delivered: number; retryMs: number; now: number }): number;
   failed(init?: { retryMs?: number; retryAfterMs?: number | null }): number;
+}
+
+/** A step's text after one `output` event (`data`): its first `offset` characters, then the delta. */
+export function applyOutput(text: string | null | undefined, data: Pick<OutputEventData, "text" | "offset">): string;
+
+export class StepTexts {
+  steps: Map<number, { index: number; name: string; text: string; attempt: number }>;
+  text(index: number): string;
+  apply(event: StepstreamEvent): StepTextChange | null;
 }
 
 export function parseRetryAfter(value: string | null | undefined, now?: number): number | null;

@@ -11,7 +11,8 @@
 // delivered, sent as `?after=` (a header would cost a CORS preflight on every reconnect).
 //
 // The parts below `watchJob`/`watchAll` need no browser (SseParser, Follower, Backoff,
-// parseRetryAfter, compareIds): Node's test runner drives them directly (tests/js/).
+// parseRetryAfter, compareIds, StepTexts, applyOutput): Node's test runner drives them directly
+// (tests/js/).
 
 const TERMINAL = new Set(["completed", "failed", "cancelled"]);
 const DEFAULT_RETRY_MS = 1000;
@@ -258,6 +259,73 @@ export function parseRetryAfter(value, now = Date.now()) {
   return Number.isNaN(at) ? null : Math.max(0, at - now);
 }
 
+// Offsets of `output` events count characters as Python does (code points), not UTF-16 units.
+const SURROGATE = /[\uD800-\uDFFF]/;
+
+function codePointLength(text) {
+  return SURROGATE.test(text) ? Array.from(text).length : text.length;
+}
+
+function codePointPrefix(text, count) {
+  return SURROGATE.test(text) ? Array.from(text).slice(0, count).join("") : text.slice(0, count);
+}
+
+/**
+ * A step's text after one `output` event: the first `offset` characters of `text` and the
+ * delta. Offset 0 starts the text over (a new attempt of the step); an offset past what we
+ * hold (deltas we never saw) keeps what we hold and adds the delta.
+ */
+export function applyOutput(text, data) {
+  const current = typeof text === "string" ? text : "";
+  const delta = typeof data?.text === "string" ? data.text : "";
+  const offset = Number(data?.offset) || 0;
+  if (offset <= 0) return delta;
+  const length = codePointLength(current);
+  if (offset === length) return current + delta;
+  return (offset < length ? codePointPrefix(current, offset) : current) + delta;
+}
+
+/**
+ * The text of each step of one job, from its events: a `snapshot` gives the text so far, each
+ * `output` continues it, a step's start (`step`) empties it. `apply(event)` returns what changed
+ * (`{index, name, text, delta, attempt, restarted}`) or null.
+ */
+export class StepTexts {
+  constructor() {
+    this.steps = new Map(); // index -> {index, name, text, attempt}
+  }
+
+  text(index) {
+    return this.steps.get(index)?.text ?? "";
+  }
+
+  apply(event) {
+    const data = event?.data;
+    if (!data || typeof data !== "object") return null;
+    if (event.type === "snapshot") {
+      for (const step of data.steps || []) {
+        if (typeof step.text === "string") {
+          this.steps.set(step.index, { index: step.index, name: step.name, text: step.text, attempt: data.attempt });
+        }
+      }
+      return null;
+    }
+    const ref = data.step;
+    if (!ref || typeof ref.index !== "number") return null;
+    const known = this.steps.get(ref.index);
+    if (event.type === "step") {
+      if (!known?.text) return null;
+      this.steps.set(ref.index, { index: ref.index, name: ref.name, text: "", attempt: data.attempt });
+      return { index: ref.index, name: ref.name, text: "", delta: "", attempt: data.attempt, restarted: true };
+    }
+    if (event.type !== "output") return null;
+    const text = applyOutput(known?.text, data);
+    const restarted = Boolean(known?.text) && Number(data.offset) === 0;
+    this.steps.set(ref.index, { index: ref.index, name: ref.name, text, attempt: data.attempt });
+    return { index: ref.index, name: ref.name, text, delta: data.text, attempt: data.attempt, restarted };
+  }
+}
+
 // -- The watch ------------------------------------------------------------------------------
 
 /**
@@ -270,7 +338,24 @@ export function parseRetryAfter(value, now = Date.now()) {
 export function watchJob(jobId, options = {}) {
   if (typeof jobId !== "string" || !jobId) throw new TypeError("watchJob needs a job id");
   const path = `api/jobs/${encodeURIComponent(jobId)}`;
-  return watch({ ...options, jobId, path: `${path}/events`, recordPath: path });
+  const texts = new StepTexts();
+  const { onEvent = null, onText = null } = options;
+  const stop = watch({
+    ...options,
+    jobId,
+    path: `${path}/events`,
+    recordPath: path,
+    onEvent: (event) => {
+      const change = texts.apply(event);
+      try {
+        onEvent?.(event);
+      } finally {
+        if (change && onText) onText(change);
+      }
+    },
+  });
+  stop.text = (index) => texts.text(index);
+  return stop;
 }
 
 /** Watch every job the caller may see (the firehose): endless until `stop()`. */

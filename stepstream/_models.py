@@ -59,6 +59,7 @@ class StepRecord(_Model):
     duration_ms: float | None = None
     output: Any = None  # the partial result shown on step_completed
     value: Any = None  # run_step's stored return value, when its output shows something else
+    text: str | None = None  # the text the step wrote so far (``output`` events)
 
 
 class ErrorInfo(_Model):
@@ -216,6 +217,16 @@ class StepCompletedEvent(_Event):
     restored: bool = False
 
 
+class OutputEvent(_Event):
+    """A delta of a step's streamed text: ``offset`` characters of it came before ``text``.
+    Offset 0 starts the text (again, when a new attempt runs the step over)."""
+
+    type: Literal["output"] = "output"
+    step: Step
+    text: str = ""
+    offset: int = 0
+
+
 class LogEvent(_Event):
     type: Literal["log"] = "log"
     level: str = "info"
@@ -295,6 +306,7 @@ Event = (
     | ProgressEvent
     | StepCompletedEvent
     | LogEvent
+    | OutputEvent
     | RetryingEvent
     | WaitingEvent
     | InputEvent
@@ -313,6 +325,7 @@ _EVENT_CLASSES: dict[str, type[_Event]] = {
     "progress": ProgressEvent,
     "step_completed": StepCompletedEvent,
     "log": LogEvent,
+    "output": OutputEvent,
     "retrying": RetryingEvent,
     "waiting": WaitingEvent,
     "input": InputEvent,

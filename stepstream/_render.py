@@ -19,6 +19,7 @@ from stepstream._models import (
     Job,
     JobState,
     LogEvent,
+    OutputEvent,
     ProgressEvent,
     QueuedEvent,
     ResetEvent,
@@ -63,6 +64,9 @@ def describe(event: Event) -> str:
         return f"✓ {event.step.name} {how}{took}"
     if isinstance(event, LogEvent):
         return f"[{event.level}] {event.message}"
+    if isinstance(event, OutputEvent):
+        # One line per event, whatever the text holds (the firehose's ``tail``).
+        return f"{event.step.name} +{json.dumps(event.text, ensure_ascii=False)}"
     if isinstance(event, RetryingEvent):
         error = f": {event.error}" if event.error else ""
         when = f"; next attempt at {event.retry_at}" if event.retry_at else ""
@@ -146,11 +150,14 @@ class PlainLines:
         self.out = out
         self.job_id = job_id  # None: the firehose, where each line names its job
         self.first_started_at: str | None = None
+        self.text = StepTextPrinter(self)
 
     def show(self, event: Event) -> None:
         if self.job_id is None:
             clock = (event.at or "")[11:19] or "--:--:--"
             self._line(f"{clock}  {event.job_id or '-'}  {describe(event)}")
+            return
+        if self.text.show(event):
             return
         if isinstance(event, StartedEvent) and self.first_started_at is None:
             self.first_started_at = event.at
@@ -169,13 +176,67 @@ class PlainLines:
             self._line(f"{describe(event)}: {event.job.error}")
         else:
             self._line(f"  {describe(event)}")
+        if isinstance(event, SnapshotEvent):
+            self.text.resume(event.job)
 
     def _line(self, text: str) -> None:
+        self.text.end_line()
         self.out.write(text + "\n")
         self.out.flush()
 
     def close(self) -> None:
         pass
+
+
+class StepTextPrinter:
+    """A step's streamed text, printed as it arrives: the deltas run on after each other, and
+    the next line of any other kind starts on a line of its own. A step that starts over (a new
+    attempt) says so and prints its text again."""
+
+    def __init__(self, lines: PlainLines) -> None:
+        self.lines = lines
+        self.step: int | None = None
+        self.printed = 0  # characters of the step's text printed
+        self.open = False  # the cursor is after printed text, not at a line's start
+
+    def show(self, event: Event) -> bool:
+        """Print ``event`` if it is an ``output`` event; False for any other."""
+        if not isinstance(event, OutputEvent):
+            return False
+        if event.step.index != self.step or event.offset < self.printed:
+            again = event.step.index == self.step
+            self.lines._line(
+                f"  {event.step.name}, attempt {event.attempt}, from the start:"
+                if again
+                else f"  {event.step.name}:"
+            )
+            self.step, self.printed = event.step.index, 0
+        # A delta past what was printed (a gap in what we were sent) is printed as it is.
+        skip = max(0, self.printed - event.offset)
+        self._write(event.text[skip:])
+        self.printed = max(self.printed, event.offset) + len(event.text) - skip
+        return True
+
+    def resume(self, job: Job) -> None:
+        """After a snapshot: the text the running step has written so far."""
+        if job.finished or job.step is None or not 1 <= job.step.index <= len(job.steps):
+            return
+        text = job.steps[job.step.index - 1].text
+        if text:
+            self.lines._line(f"  {job.step.name}:")
+            self.step, self.printed = job.step.index, len(text)
+            self._write(text)
+
+    def _write(self, text: str) -> None:
+        if text:
+            self.lines.out.write(text)
+            self.lines.out.flush()
+            self.open = True
+
+    def end_line(self) -> None:
+        if self.open:
+            self.open = False
+            self.lines.out.write("\n")
 
 
 class TerminalBar(PlainLines):
@@ -200,6 +261,10 @@ class TerminalBar(PlainLines):
     def show(self, event: Event) -> None:
         if isinstance(event, StartedEvent) and self.first_started_at is None:
             self.first_started_at = event.at
+        if isinstance(event, OutputEvent):
+            self._clear()  # the text is the live line while it is written
+            self.text.show(event)
+            return
         if isinstance(event, SnapshotEvent):
             job = event.job
             self.step, self.message = job.step, job.message or ""
@@ -207,6 +272,7 @@ class TerminalBar(PlainLines):
                 super().show(event)
                 return
             self.status = describe_job(job)
+            self.text.resume(job)
             self._draw(force=True)
         elif isinstance(event, QueuedEvent):
             self.status = f"Queued: job {event.job_id}"
@@ -242,6 +308,8 @@ class TerminalBar(PlainLines):
         return min(1.0, (self.step.index - 1 + self.step_fraction) / self.step.count)
 
     def _draw(self, force: bool = False) -> None:
+        if self.text.open:
+            return  # drawn again on the line after the text
         now = time.monotonic()
         if not force and now - self.last_draw < REDRAW_INTERVAL:
             return

@@ -1,4 +1,5 @@
-"""What a running task sees: ``step()``, ``run_step()``, ``progress()``, ``log()``, ``attempt``.
+"""What a running task sees: ``step()``, ``run_step()``, ``progress()``, ``log()``, ``output()``,
+``attempt``.
 
 Every call appends one event through the store's atomic append, in order, through the job's
 ``EventWriter`` (tasks/writer.py): ``progress()`` and ``log()`` do not wait for Redis to answer,
@@ -9,9 +10,10 @@ append also checks the job's cancel flag, so a cancelled job stops at its next e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import typing
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, TypeVar, overload
@@ -23,6 +25,7 @@ from stepstream.tasks import inputs
 from stepstream.tasks.cost import BudgetExceeded
 from stepstream.tasks.errors import StepTimeout
 from stepstream.tasks.models import EventType, JobRecord, StepRecord, StepRef, Usage, utcnow
+from stepstream.tasks.output import Command, StepText, text_commands
 from stepstream.tasks.registry import TaskSpec
 from stepstream.tasks.store import JobStore, new_event
 from stepstream.tasks.writer import EventWriter
@@ -71,6 +74,7 @@ class TaskContext:
         self.budget: float | None = record.budget if record.budget is not None else spec.budget
         self._reserved = 0.0  # estimates of calls in flight, so concurrent calls share a budget
         self._step_usage: Usage | None = None
+        self._step_text: StepText | None = None  # the current step's text, once it writes some
         self.writer = EventWriter(store, record.id, record.owner)
         self.answers = record.answers  # the inputs given so far (wait_for_input)
 
@@ -181,6 +185,28 @@ class TaskContext:
     async def log(self, message: str, level: str = "info") -> None:
         await self._emit(EventType.log, {"level": level, "message": message}, {}, wait=False)
 
+    @asynccontextmanager
+    async def output(self) -> AsyncIterator[StepText]:
+        """Stream text into the current step: ``async with ctx.output() as out: await
+        out.write(delta)``. Each delta becomes part of an ``output`` event (gathered, at most one
+        event per ``STEPSTREAM_OUTPUT_INTERVAL_SECONDS``), and the step's text so far is in the
+        record's ``steps[i].text``. Several blocks in one step continue one text; what waits
+        is sent when the block ends."""
+        if self.current_step is None:
+            raise RuntimeError("ctx.output() writes into the current step: use it inside a step")
+        if self._step_text is None:
+            self._step_text = StepText(
+                self._emit_output, self.store.settings.output_interval_seconds
+            )
+        text = self._step_text
+        try:
+            yield text
+        except Exception:
+            with contextlib.suppress(Exception):  # the block's own error is the one to see
+                await text.flush()
+            raise
+        await text.flush()
+
     @overload
     async def llm(
         self,
@@ -211,7 +237,8 @@ class TaskContext:
     ) -> M | str:
         """One LLM call (tasks/llm.py), as the checkpointed step ``step`` when given: a call
         that succeeded is restored, never made again, when the job runs again. Options:
-        ``model``, ``max_tokens``, ``temperature``, ``pricing``, ``timeout``."""
+        ``model``, ``max_tokens``, ``temperature``, ``pricing``, ``timeout``, and ``stream=True``:
+        the reply is streamed into the step as it is written (tasks/output.py)."""
         from stepstream.tasks.llm import (
             llm_step,
         )  # tasks.llm needs this module's class for its hints
@@ -278,6 +305,7 @@ class TaskContext:
     async def _begin_step(self, ref: StepRef) -> None:
         self.current_step = ref
         self._step_usage = None
+        self._step_text = None
         self.steps[ref.index - 1] = StepRecord(
             index=ref.index, name=ref.name, state="running", started_at=utcnow()
         )
@@ -290,13 +318,17 @@ class TaskContext:
                 "progress": round((ref.index - 1) / ref.count, 4),
                 "message": None,
             },
+            # The text key holds the latest begun step's text: a step starts without any.
+            then=[["DEL", self.store.keys.job_text(self.job_id)]],
         )
 
     async def _complete_step(
         self, ref: StepRef, started: float, output: Any, value: Any = None
     ) -> None:
+        text = await self._end_text()
         duration_ms = round((time.perf_counter() - started) * 1000, 3)
         record = self.steps[ref.index - 1]
+        record.text = text
         record.state = "completed"
         record.finished_at = utcnow()
         record.duration_ms = duration_ms
@@ -313,6 +345,8 @@ class TaskContext:
             EventType.step_completed,
             data,
             {"steps": self._steps_json(), "progress": round(ref.index / ref.count, 4)},
+            # Its text is in `steps` now.
+            then=[["DEL", self.store.keys.job_text(self.job_id)]] if text is not None else (),
         )
         # Between steps no step is current: a failure there must not blame the finished one.
         self.current_step = None
@@ -345,8 +379,33 @@ class TaskContext:
                 record.state = state
                 record.finished_at = utcnow()
                 record.usage = self._step_usage  # what the failed step spent, for the record
+                if self._step_text is not None:  # what reached the log, not what waited
+                    self._step_text.discard()
+                    record.text = self._step_text.text or None
         # The spending totals too: a call's own append may have been refused (a cancel).
         return {"steps": self._steps_json(), "usage": self.usage.model_dump(), "cost": self.cost}
+
+    async def _end_text(self) -> str | None:
+        """The current step's text, all of it stored (None when it wrote none)."""
+        step_text, self._step_text = self._step_text, None
+        if step_text is None:
+            return None
+        await step_text.flush()
+        return step_text.text or None
+
+    async def _emit_output(self, delta: str, offset: int) -> None:
+        ref = self.current_step
+        if ref is None:  # the step ended under a late timer: its text is folded already
+            return
+        key = self.store.keys.job_text(self.job_id)
+        ttl = self.store.settings.retention_seconds
+        await self._emit(
+            EventType.output,
+            {"step": ref.model_dump(), "text": delta, "offset": offset},
+            {},
+            wait=False,
+            then=text_commands(key, ref.index, delta, offset, ttl),
+        )
 
     def _steps_json(self) -> list[dict[str, Any]]:
         return [s.model_dump(mode="json") for s in self.steps]
@@ -358,6 +417,7 @@ class TaskContext:
         fields: dict[str, Any],
         *,
         wait: bool = True,
+        then: Sequence[Command] = (),
     ) -> None:
         event = new_event(self.job_id, type_.value, self.attempt, **data)
-        await self.writer.write(event, fields, wait=wait)
+        await self.writer.write(event, fields, wait=wait, then=then)

@@ -27,6 +27,12 @@ class Keys:
         """Stream: the job's event log."""
         return f"{self.prefix}job:{{{job_id}}}:events"
 
+    def job_text(self, job_id: str) -> str:
+        """String: the text of the job's latest begun step, as ``<step index>\\n<text>``,
+        appended by each ``output`` event in the append script (tasks/output.py); folded into
+        the record's ``steps`` when the step ends."""
+        return f"{self.prefix}job:{{{job_id}}}:text"
+
     def job_cancel(self, job_id: str) -> str:
         """String: set by the web process to ask the worker running the job to stop."""
         return f"{self.prefix}job:{{{job_id}}}:cancel"

@@ -32,6 +32,8 @@ call (``BudgetExceeded``, permanent) when it would take the job past its budget.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import email.utils
 import hashlib
 import json
@@ -99,6 +101,19 @@ class Provider(Protocol):
         json_mode: bool = False,
         timeout: float | None = None,
     ) -> Completion: ...
+
+    async def stream(
+        self,
+        messages: Sequence[Message],
+        *,
+        model: str,
+        on_delta: Callable[[str], Awaitable[None]],
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        timeout: float | None = None,
+    ) -> Completion:
+        """``complete`` with the reply's text given to ``on_delta`` as it arrives."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -172,13 +187,41 @@ class OpenAIProvider:
         json_mode: bool = False,
         timeout: float | None = None,
     ) -> Completion:
-        body: dict[str, Any] = {"model": model, "messages": list(messages)}
-        if max_tokens is not None:
-            body["max_tokens"] = max_tokens
-        if temperature is not None:
-            body["temperature"] = temperature
+        body = _request_body(messages, model, max_tokens, temperature)
         if json_mode:
             body["response_format"] = {"type": "json_object"}
+        return await self._post(body, timeout, lambda r, t: _parse_completion(r, model, t))
+
+    async def stream(
+        self,
+        messages: Sequence[Message],
+        *,
+        model: str,
+        on_delta: Callable[[str], Awaitable[None]],
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        timeout: float | None = None,
+    ) -> Completion:
+        """A ``stream: true`` request. Failures before the reply starts are retried as in
+        ``complete``; once text has arrived, a broken stream raises ``LLMUnavailable`` (the
+        job's next attempt streams the step again from its start)."""
+        body = _request_body(messages, model, max_tokens, temperature)
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+        prompt = " ".join(str(m.get("content") or "") for m in messages)
+        return await self._post(
+            body, timeout, None, lambda r, t: _read_stream(r, model, t, prompt, on_delta)
+        )
+
+    async def _post(
+        self,
+        body: dict[str, Any],
+        timeout: float | None,
+        parse: Callable[[httpx.Response, float], Completion | None] | None,
+        read: Callable[[httpx.Response, float], Awaitable[Completion]] | None = None,
+    ) -> Completion:
+        """One request with the retry rules of the module docstring: ``parse`` reads a whole
+        answer (None: not a completion, retried), ``read`` a streamed one."""
         started = time.perf_counter()
         tries = self.max_retries + 1
         for number in range(1, tries + 1):
@@ -186,9 +229,10 @@ class OpenAIProvider:
             failure: TransientError
             wait: float
             try:
-                response = await self._client.post(
-                    self.url, json=body, timeout=timeout or self.timeout
+                request = self._client.build_request(
+                    "POST", self.url, json=body, timeout=timeout or self.timeout
                 )
+                response = await self._client.send(request, stream=read is not None)
             except httpx.TimeoutException:
                 failure = LLMUnavailable(
                     f"the LLM call timed out after {timeout or self.timeout:g}s ({number} of "
@@ -200,6 +244,12 @@ class OpenAIProvider:
                 wait = backoff
             else:
                 status = response.status_code
+                if read is not None and status < 400:
+                    async with contextlib.aclosing(response):
+                        return await read(response, started)
+                if read is not None:
+                    await response.aread()  # the error's body, for the message
+                    await response.aclose()
                 if status == 429 or status >= 500:
                     asked = parse_retry_after(response.headers)
                     message = f"the LLM server answered {status} ({number} of {tries} tries)"
@@ -213,7 +263,8 @@ class OpenAIProvider:
                 elif status >= 400:
                     raise _request_error(response)
                 else:
-                    completion = _parse_completion(response, model, started)
+                    assert parse is not None  # a stream's 2xx was read above
+                    completion = parse(response, started)
                     if completion is not None:
                         return completion
                     failure = LLMUnavailable(
@@ -224,6 +275,80 @@ class OpenAIProvider:
                 raise failure
             await self._sleep(wait)
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _request_body(
+    messages: Sequence[Message], model: str, max_tokens: int | None, temperature: float | None
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "messages": list(messages)}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    if temperature is not None:
+        body["temperature"] = temperature
+    return body
+
+
+async def _read_stream(
+    response: httpx.Response,
+    model: str,
+    started: float,
+    prompt: str,
+    on_delta: Callable[[str], Awaitable[None]],
+) -> Completion:
+    """A streamed chat completion (server-sent events of ``chat.completion.chunk``): each
+    ``choices[0].delta.content`` to ``on_delta``; the usage from the last chunk that has one
+    (estimated from the text when none has)."""
+    parts: list[str] = []
+    usage: dict[str, Any] = {}
+    finish_reason: str | None = None
+    answered_model = model
+    try:
+        async for line in response.aiter_lines():
+            if not line.startswith("data:"):
+                continue  # comments, event names, blank lines between events
+            payload = line[5:].strip()
+            if payload == "[DONE]":
+                break
+            try:
+                chunk = json.loads(payload)
+            except ValueError:
+                continue
+            if not isinstance(chunk, dict):
+                continue
+            if chunk.get("error"):
+                raise LLMUnavailable(f"the LLM stream broke off: {chunk['error']}")
+            answered_model = str(chunk.get("model") or answered_model)
+            usage = chunk.get("usage") or usage
+            for choice in chunk.get("choices") or []:
+                if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                    continue
+                delta = choice.get("delta") or {}
+                if delta.get("refusal") or choice.get("finish_reason") == "content_filter":
+                    raise LLMRefused(
+                        "the LLM refused to answer: "
+                        + str(delta.get("refusal") or choice.get("finish_reason"))
+                    )
+                finish_reason = choice.get("finish_reason") or finish_reason
+                content = delta.get("content")
+                if content:
+                    parts.append(str(content))
+                    await on_delta(str(content))
+    except httpx.TimeoutException as exc:
+        raise LLMUnavailable("the LLM stream stalled past the timeout") from exc
+    except httpx.TransportError as exc:
+        raise LLMUnavailable(f"the LLM stream broke off: {exc!r}") from exc
+    text = "".join(parts)
+    return Completion(
+        text=text,
+        model=answered_model,
+        usage=Usage(
+            calls=1,
+            input_tokens=int(usage.get("prompt_tokens") or estimate_tokens(prompt)),
+            output_tokens=int(usage.get("completion_tokens") or estimate_tokens(text)),
+            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        ),
+        finish_reason=finish_reason,
+    )
 
 
 def _request_error(response: httpx.Response) -> PermanentError:
@@ -283,8 +408,33 @@ class OfflineProvider:
 
     name = "offline"
 
+    def __init__(self, word_seconds: float = 0.0) -> None:
+        self.word_seconds = word_seconds  # a streamed reply's pause before each word
+
     async def aclose(self) -> None:
         return None
+
+    async def stream(
+        self,
+        messages: Sequence[Message],
+        *,
+        model: str,
+        on_delta: Callable[[str], Awaitable[None]],
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        timeout: float | None = None,
+    ) -> Completion:
+        """The reply ``complete`` gives, a word at a time, ``word_seconds`` apart."""
+        started = time.perf_counter()
+        completion = await self.complete(messages, model=model, max_tokens=max_tokens)
+        for word in re.findall(r"\S+\s*", completion.text):
+            if self.word_seconds:
+                await asyncio.sleep(self.word_seconds)
+            await on_delta(word)
+        duration_ms = round((time.perf_counter() - started) * 1000, 3)
+        return dataclasses.replace(
+            completion, usage=completion.usage.model_copy(update={"duration_ms": duration_ms})
+        )
 
     async def complete(
         self,
@@ -395,6 +545,7 @@ def get_provider(settings: Settings) -> Provider:
         settings.llm_timeout_seconds,
         settings.llm_max_retries,
         settings.llm_max_inline_wait_seconds,
+        settings.llm_offline_word_seconds,
     )
     provider = _providers.get(key)
     if provider is None:
@@ -407,7 +558,7 @@ def get_provider(settings: Settings) -> Provider:
                 max_inline_wait=settings.llm_max_inline_wait_seconds,
             )
         else:
-            provider = OfflineProvider()
+            provider = OfflineProvider(settings.llm_offline_word_seconds)
         _providers[key] = provider
     return provider
 
@@ -453,10 +604,14 @@ async def ask(
     temperature: float | None = None,
     pricing: Pricing | None = None,
     timeout: float | None = None,
+    stream: bool = False,
 ) -> Any:
     """One logical LLM call: a JSON-ready value (the reply's text, or the validated model
     dumped to JSON), with the budget checked before each request and each answered request
-    accounted on the job."""
+    accounted on the job. With ``stream`` the reply is written into the current step as it
+    arrives (``ctx.output()``, tasks/output.py) and its text returned."""
+    if stream and response_model is not None:
+        raise TypeError("stream=True streams text: it cannot be combined with response_model")
     settings = ctx.store.settings
     provider = get_provider(settings)
     model_name = model or ctx.spec.model or settings.llm_model
@@ -468,6 +623,20 @@ async def ask(
         prompt = " ".join(str(m.get("content") or "") for m in conversation)
         estimate = price.estimate(estimate_tokens(prompt), max_tokens)
         async with ctx.reserve_budget(estimate):
+            if stream:
+                async with ctx.output() as out:
+                    completion = await provider.stream(
+                        conversation,
+                        model=model_name,
+                        on_delta=out.write,
+                        max_tokens=max_tokens,
+                        temperature=temperature,
+                        timeout=timeout,
+                    )
+                await ctx.record_llm_usage(
+                    completion.usage, price.cost(completion.usage), completion.model
+                )
+                return completion.text
             completion = await provider.complete(
                 conversation,
                 model=model_name,
@@ -517,7 +686,13 @@ async def llm_step(
     async def call() -> Any:
         return await ask(ctx, messages, response_model=response_model, **options)
 
-    value = await (ctx.run_step(step, call) if step is not None else call())
+    if step is None:
+        value = await call()
+    elif options.get("stream"):
+        # The step's text is the reply already: its step_completed says how long it is.
+        value = await ctx.run_step(step, call, output=lambda text: {"characters": len(text)})
+    else:
+        value = await ctx.run_step(step, call)
     if response_model is None:
         return str(value)
     return response_model.model_validate(value)

@@ -39,6 +39,7 @@ class EventType(StrEnum):
     progress = "progress"
     step_completed = "step_completed"
     log = "log"
+    output = "output"  # a delta of the current step's text (tasks/output.py)
     retrying = "retrying"
     completed = "completed"
     failed = "failed"
@@ -86,6 +87,7 @@ class StepRecord(BaseModel):
     output: Any = None  # the partial result shown on step_completed
     value: Any = None  # run_step's stored return value, when it shows a different output
     usage: Usage | None = None  # LLM calls made inside the step (docs/ai-workloads.md)
+    text: str | None = None  # the text the step wrote so far (`output` events, tasks/output.py)
 
 
 class JobError(BaseModel):

@@ -135,6 +135,11 @@ class Settings(BaseSettings):
     # is at most llm_max_inline_wait_seconds; past either limit the job retries (RetryAfter).
     llm_max_retries: int = 2
     llm_max_inline_wait_seconds: float = 10.0
+    # A step's streamed text (ctx.output(), ctx.llm(stream=True)): at most one `output` event
+    # per this many seconds per step; the deltas written in between go together.
+    output_interval_seconds: float = Field(default=0.05, ge=0.0, le=10.0)
+    # The offline provider's streamed reply: the pause before each word.
+    llm_offline_word_seconds: float = Field(default=0.02, ge=0.0, le=10.0)
     max_batch_size: int = 1_000
     max_delay_seconds: int = 30 * 24 * 3600  # the furthest ahead a job may be scheduled
 

@@ -27,6 +27,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from stepstream.tasks.keys import Keys
 from stepstream.tasks.models import JobRecord, JobState, parse_stream_id, utcnow
+from stepstream.tasks.output import with_live_text
 from stepstream.tasks.settings import Settings
 
 # KEYS: record, job stream, firehose, cancel flag, job index, the owner's unfinished jobs,
@@ -487,15 +488,20 @@ class JobStore:
     # -- reads ----------------------------------------------------------------------------
 
     async def get(self, job_id: str) -> JobRecord | None:
-        raw = await self.redis.hgetall(self.keys.job(job_id))  # type: ignore[misc]
-        return decode_record(raw)
+        return (await self.get_many([job_id]))[0]
 
     async def get_many(self, job_ids: Sequence[str]) -> list[JobRecord | None]:
-        async with self.redis.pipeline(transaction=False) as pipe:
+        """The records, each with its running step's text so far (tasks/output.py): read in
+        one MULTI, so the text is the one the record's ``last_event_id`` has."""
+        async with self.redis.pipeline(transaction=True) as pipe:
             for job_id in job_ids:
                 pipe.hgetall(self.keys.job(job_id))
-            raws = await pipe.execute()
-        return [decode_record(raw) for raw in raws]
+                pipe.get(self.keys.job_text(job_id))
+            replies = await pipe.execute()
+        return [
+            with_live_text(decode_record(raw), text)
+            for raw, text in zip(replies[::2], replies[1::2], strict=True)
+        ]
 
     async def read_events(self, job_id: str, after: str, count: int) -> list[tuple[str, str]]:
         """Up to ``count`` events of one job after ``after`` as (id, event json)."""

@@ -10,7 +10,9 @@ synchronous work does not hold that progress back. The last events of a burst fo
 by such blocking work wait for the task's next await (CPU work belongs in ``asyncio.to_thread``,
 which the job's lease needs anyway). The buffer is bounded, and a task that outruns Redis waits
 for room. Events that mark a durable point (a step's start and end, LLM spending, the job's
-end) wait for everything before them to be stored.
+end) wait for everything before them to be stored. A step's ``output`` deltas (tasks/output.py)
+go like progress, already gathered to at most one per interval, each with the command that
+extends the step's text key in the same append; the step's end waits for them all.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from stepstream.tasks.errors import JobCancelled
 from stepstream.tasks.models import JobState
+from stepstream.tasks.output import Command
 from stepstream.tasks.store import JobStore
 
 MAX_PENDING = 256  # events gathered while one append is answered; more waits for room
@@ -36,21 +40,29 @@ class EventWriter:
         self.store = store
         self.job_id = job_id
         self.owner = owner
-        self._pending: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        self._pending: list[tuple[dict[str, Any], dict[str, Any], Sequence[Command]]] = []
         self._sending: asyncio.Task[None] | None = None
         self._refused = False  # a cancel request, or the job left "running" under us
         self._error: BaseException | None = None
         self._last_return = 0.0
 
-    async def write(self, event: dict[str, Any], fields: dict[str, Any], *, wait: bool) -> None:
+    async def write(
+        self,
+        event: dict[str, Any],
+        fields: dict[str, Any],
+        *,
+        wait: bool,
+        then: Sequence[Command] = (),
+    ) -> None:
         """Queue ``event``; with ``wait``, return once it (and all before it) is stored.
+        ``then``: commands stored with it (in the same append), such as a step's text.
 
         Raises ``JobCancelled`` once an append was refused, and the store's error once one
         failed: the task stops at its next event, as it would if it had waited for each.
         """
         self._raise_if_stopped()
         in_burst = time.monotonic() - self._last_return < BURST_GAP
-        self._pending.append((event, fields))
+        self._pending.append((event, fields, then))
         if self._sending is None or self._sending.done():
             self._sending = asyncio.create_task(self._send_all(), name=f"events:{self.job_id}")
         if wait or not in_burst or len(self._pending) >= MAX_PENDING:
@@ -81,16 +93,19 @@ class EventWriter:
         while self._pending and not self._refused and self._error is None:
             batch, self._pending = self._pending, []
             fields: dict[str, Any] = {}
-            for _, event_fields in batch:
+            commands: list[Command] = []
+            for _, event_fields, event_commands in batch:
                 fields.update(event_fields)  # the record keeps the last value of each field
+                commands.extend(event_commands)
             try:
                 appended = await self.store.append_many(
                     self.job_id,
-                    [event for event, _ in batch],
+                    [event for event, _, _ in batch],
                     fields,
                     owner=self.owner,
                     mode="update+cancel",
                     expect=(JobState.running,),
+                    then=commands,
                 )
             except Exception as exc:
                 self._error = exc

@@ -448,6 +448,7 @@ export class DetailView {
             { class: "tl-main" },
             h("div", { class: "tl-row" }, h("span", { class: "tl-name" }), h("span", { class: "tl-state" }), h("span", { class: "tl-time" })),
             h("div", { class: "tl-output" }),
+            h("div", { class: "tl-text", "aria-live": "off" }),
           ),
         );
         els.steps.appendChild(li);
@@ -469,6 +470,10 @@ export class DetailView {
       const outEl = li.querySelector(".tl-output");
       setText(outEl, output);
       outEl.hidden = !output;
+      // The text the step writes as it goes (a model's reply): it grows under the running step.
+      const textEl = li.querySelector(".tl-text");
+      setText(textEl, step.text || "");
+      textEl.hidden = !step.text;
     }
   }
 

@@ -1,7 +1,7 @@
 // The job record as the browser keeps it: the server's record (GET /api/jobs) plus the events
 // that followed it, applied the same way the worker projects them (DESIGN.md, "Event types").
 
-import { compareIds as streamIdOrder } from "../../stepstream.js";
+import { applyOutput, compareIds as streamIdOrder } from "../../stepstream.js";
 import { duration, parseTime } from "./format.js";
 
 export const TERMINAL = new Set(["completed", "failed", "cancelled"]);
@@ -77,7 +77,14 @@ export function applyEvent(record, event, eventId) {
         finished_at: null,
         duration_ms: null,
         output: null,
+        text: null, // a step that runs again writes its text again
       });
+      break;
+    }
+    case "output": {
+      // A delta of the step's streamed text, at its offset (0: the step started over).
+      const current = (record.steps || []).find((s) => s.index === event.step.index);
+      setStep(record, event.step, { text: applyOutput(current?.text, event) });
       break;
     }
     case "progress": {
