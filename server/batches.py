@@ -24,7 +24,6 @@ from stepstream.server.jobs import (
     input_refusal,
     job_json,
     load_job,
-    new_job,
     read_object,
     reload,
     task_named,
@@ -102,7 +101,7 @@ async def submit_batch(request: Request) -> Response:
         await creation.plan(
             state.store,
             state.arq,
-            replace(new_job(spec, item, owner, options), batch_id=parent_id, batch_index=index),
+            replace(options.new_job(spec, item, owner), batch_id=parent_id, batch_index=index),
         )
         for index, item in enumerate(inputs)
     ]

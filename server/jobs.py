@@ -20,7 +20,6 @@ from stepstream.server.auth import FIREHOSE_SCOPE, Principal, job_scope, subject
 from stepstream.server.errors import ApiError
 from stepstream.server.options import (
     SUBMIT_FIELDS,
-    SubmitOptions,
     check_callback_url,
     parse_submit_options,
 )
@@ -28,7 +27,6 @@ from stepstream.server.state import AppState
 from stepstream.server.subjects import subject_field, subject_param
 from stepstream.server.urls import job_links, root_path
 from stepstream.tasks import cancellation, creation
-from stepstream.tasks.creation import NewJob
 from stepstream.tasks.models import JobRecord, JobState, new_job_id
 from stepstream.tasks.registry import TaskSpec, all_tasks, get_task
 from stepstream.tasks.settings import Settings
@@ -147,7 +145,7 @@ async def submit_job(request: Request) -> Response:
     owner = principal.owner
     idempotency_key = request.headers.get("idempotency-key")
     claim = None
-    job = new_job(spec, raw_input, owner, options)
+    job = options.new_job(spec, raw_input, owner)
     if idempotency_key is not None:
         claim = await _claim_idempotency_key(
             state, owner, idempotency_key, spec.name, raw_input, options.fingerprint()
@@ -170,21 +168,6 @@ async def submit_job(request: Request) -> Response:
             await state.redis.delete(claim.redis_key)  # let the client's retry create the job
         raise
     return accepted(request, state, principal, record, 202)
-
-
-def new_job(
-    spec: TaskSpec, raw_input: dict[str, Any], owner: str | None, options: SubmitOptions
-) -> NewJob:
-    """The job a submission with ``options`` asks for (tasks/creation.py)."""
-    return NewJob(
-        spec,
-        raw_input,
-        owner=owner,
-        run_at=options.run_at,
-        budget=options.budget,
-        callback_url=options.callback_url,
-        subject=options.subject,
-    )
 
 
 def input_problems(spec: TaskSpec, raw_input: dict[str, Any]) -> list[dict[str, Any]]:
