@@ -106,19 +106,24 @@ async def submit_batch(request: Request) -> Response:
         for index, item in enumerate(inputs)
     ]
     child_ids = [child.record.id for child in children]
+    # Children answered from the cache are counted by the parent's own create.
+    opening = batches.opening(state.store, parent, [c.record for c in children if c.record.cached])
+    parent = parent.model_copy(update=opening.fields)
     store = state.store
     children_key = store.keys.batch_children(parent_id)
-    # The whole batch in one MULTI: the parent, the list of its children and every child with
-    # its queue entry appear together or not at all, so a web process dying here leaves no
-    # parent waiting for children that were never made. The parent's create takes a place
-    # under the owner's unfinished-jobs limit for every input (a cached child's is free again at
-    # once), and each child needs the parent: refused, the batch writes nothing.
+    # The whole batch in one MULTI: the parent (with its cached children counted), the list of
+    # its children and every child with its queue entry appear together or not at all, so a
+    # web process dying here leaves no parent waiting for children that were never made. The
+    # parent's create takes a place under the owner's unfinished-jobs limit for every input (a
+    # cached child's is free again at once), and each child needs the parent: refused, the
+    # batch writes nothing.
     async with state.redis.pipeline(transaction=True) as pipe:
         await store.queue_create(
             pipe,
             parent,
             new_event(parent_id, "queued", 0, input=parent.input),
             new_event(parent_id, "started", 1, max_attempts=1),
+            *opening.events,
             then=[
                 # In pieces: the script unpacks each command onto Lua's stack (8,000 slots).
                 *(
@@ -126,6 +131,7 @@ async def submit_batch(request: Request) -> Response:
                     for i in range(0, size, 1_000)
                 ),
                 ["EXPIRE", children_key, state.settings.retention_seconds],
+                *opening.then,
             ],
             take=size,
         )
@@ -136,12 +142,6 @@ async def submit_batch(request: Request) -> Response:
     if not all(appended_from(reply).ok for reply in replies[1:]):
         # 120-bit ids collided: not a client mistake, and never expected.
         raise RuntimeError(f"batch {parent_id}: a job id exists already")
-    for child in children:
-        if child.record.cached:
-            # Completed by its create: it tells its batch here, as a worker would. (Lost with a
-            # process killed just now, the report is made by cancelling the batch.)
-            done = child.record
-            await batches.child_finished(state.store, done, "completed", result=done.result)
     record = await reload(state, parent)
     response = accepted(request, state, principal, record, 202)
     response.headers["Location"] = f"{root_path(request)}/api/batches/{parent_id}"
