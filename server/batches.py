@@ -8,23 +8,22 @@ child's end. Cancelling the parent cancels the children.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
-from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from stepstream.server.errors import ApiError
 from stepstream.server.jobs import (
-    NewJob,
-    _accepted,
-    _create_cached,
+    accepted,
     check_created,
     check_input_shape,
     enforce_submission_limits,
+    input_problems,
+    input_refusal,
     job_json,
     load_job,
-    new_job,
     read_object,
     reload,
     task_named,
@@ -32,7 +31,7 @@ from stepstream.server.jobs import (
 from stepstream.server.options import SubmitOptions, check_callback_url, parse_submit_options
 from stepstream.server.state import AppState
 from stepstream.server.urls import root_path
-from stepstream.tasks import batches, cache
+from stepstream.tasks import batches, creation
 from stepstream.tasks.models import JobRecord, JobState, new_job_id, utcnow
 from stepstream.tasks.store import new_event
 
@@ -61,17 +60,14 @@ async def submit_batch(request: Request) -> Response:
             problems.append({"index": index, "loc": [], "msg": "must be a JSON object"})
             continue
         check_input_shape(item, state.settings)
-        try:
-            spec.input_model.model_validate(item)
-        except ValidationError as exc:
-            problems.extend(
-                {"index": index, "loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
-                for e in exc.errors(include_url=False, include_context=False)
-            )
+        problems.extend({"index": index, **p} for p in input_problems(spec, item))
         if len(problems) >= 50:
             break
     if problems:
-        raise ApiError(422, "invalid_input", f"inputs do not fit task {task_name!r}", problems[:50])
+        problems = problems[:50]
+        raise ApiError(
+            422, "invalid_input", input_refusal(spec, problems, "inputs do not fit"), problems
+        )
     given = parse_submit_options(body, state.settings)
     await check_callback_url(given, state.settings)
     # The children's options: the callback is the parent's alone.
@@ -100,41 +96,33 @@ async def submit_batch(request: Request) -> Response:
         callback_url=given.callback_url,
         subject=options.subject,
     )
-    child_ids = [new_job_id() for _ in inputs]
-    fresh: list[NewJob] = []
-    cached: list[tuple[int, str, dict[str, Any], dict[str, Any]]] = []
-    for index, (child_id, item) in enumerate(zip(child_ids, inputs, strict=True)):
-        hit = None
-        if spec.cache_ttl:
-            hit = await cache.lookup(state.redis, state.store.keys, spec, owner, item)
-        if hit is not None:
-            cached.append((index, child_id, item, hit))
-            continue
-        fresh.append(
-            new_job(
-                state,
-                owner,
-                spec.max_attempts,
-                task_name,
-                item,
-                child_id,
-                options,
-                batch_id=parent_id,
-                batch_index=index,
-            )
+    # Each child's create: cached results are created completed (tasks/creation.py).
+    children = [
+        await creation.plan(
+            state.store,
+            state.arq,
+            replace(options.new_job(spec, item, owner), batch_id=parent_id, batch_index=index),
         )
+        for index, item in enumerate(inputs)
+    ]
+    child_ids = [child.record.id for child in children]
+    # Children answered from the cache are counted by the parent's own create.
+    opening = batches.opening(state.store, parent, [c.record for c in children if c.record.cached])
+    parent = parent.model_copy(update=opening.fields)
     store = state.store
     children_key = store.keys.batch_children(parent_id)
-    # The whole batch in one MULTI: the parent, the list of its children and every child with
-    # its queue entry appear together or not at all, so a web process dying here leaves no
-    # parent waiting for children that were never made. The parent's create takes a place
-    # under the owner's unfinished-jobs limit for every input (a cached child's is free again at
-    # once), and each child needs the parent: refused, the batch writes nothing.
+    # The whole batch in one MULTI: the parent (with its cached children counted), the list of
+    # its children and every child with its queue entry appear together or not at all, so a
+    # web process dying here leaves no parent waiting for children that were never made. The
+    # parent's create takes a place under the owner's unfinished-jobs limit for every input (a
+    # cached child's is free again at once), and each child needs the parent: refused, the
+    # batch writes nothing.
     calls = [
         store.create_call(
             parent,
             new_event(parent_id, "queued", 0, input=parent.input),
             new_event(parent_id, "started", 1, max_attempts=1),
+            *opening.events,
             then=[
                 # In pieces: the script unpacks each command onto Lua's stack (8,000 slots).
                 *(
@@ -142,36 +130,19 @@ async def submit_batch(request: Request) -> Response:
                     for i in range(0, size, 1_000)
                 ),
                 ["EXPIRE", children_key, state.settings.retention_seconds],
+                *opening.then,
             ],
             take=size,
         ),
-        *(
-            store.create_call(child.record, child.event, then=child.then, requires=parent_id)
-            for child in fresh
-        ),
+        *(creation.create_call(store, child, requires=parent_id) for child in children),
     ]
     replies = await store.create_together(calls)
-    check_created(state, replies[0], parent_id, size)
+    check_created(state, creation.Created(parent, replies[0]), size)
     if not all(reply.ok for reply in replies[1:]):
         # 120-bit ids collided: not a client mistake, and never expected.
         raise RuntimeError(f"batch {parent_id}: a job id exists already")
-    for index, child_id, item, hit in cached:
-        # A cached result: the child completes at once and never reaches a worker.
-        done = await _create_cached(
-            state,
-            owner,
-            spec.max_attempts,
-            task_name,
-            item,
-            child_id,
-            hit,
-            batch_id=parent_id,
-            batch_index=index,
-            subject=options.subject,
-        )
-        await batches.child_finished(state.store, done, "completed", result=done.result)
     record = await reload(state, parent)
-    response = _accepted(request, state, principal, record, 202)
+    response = accepted(request, state, principal, record, 202)
     response.headers["Location"] = f"{root_path(request)}/api/batches/{parent_id}"
     return response
 
@@ -208,48 +179,3 @@ async def _load_parent(request: Request, principal: Any) -> JobRecord:
     if record.batch is None:
         raise ApiError(404, "batch_not_found", f"job {record.id!r} is not a batch")
     return record
-
-
-async def cancel_batch(request: Request, state: AppState, parent: JobRecord) -> Response:
-    """Cancel every child that has not ended; the parent ends when the last child does."""
-    if parent.state.terminal:
-        raise ApiError(
-            409,
-            "conflict",
-            f"cannot cancel a job that is {parent.state.value}",
-            {"state": parent.state.value},
-        )
-    child_ids = await state.redis.lrange(  # type: ignore[misc]
-        state.store.keys.batch_children(parent.id), 0, -1
-    )
-    for child in await state.store.get_many(child_ids):
-        if child is None:
-            continue
-        if child.state.terminal:
-            # Counted already, normally (a no-op then); this repairs a report that was lost
-            # (a worker killed between a child's end and its report), so the parent can end.
-            error = child.error.model_dump() if child.error else None
-            await batches.child_finished(
-                state.store, child, child.state.value, result=child.result, error=error
-            )
-            continue
-        if await cancel_waiting(state, child, "the batch was cancelled"):
-            continue
-        await state.store.request_cancel(child.id)  # running: the worker stops it
-    body = job_json(await reload(state, parent), root_path(request))
-    return JSONResponse({**body, "cancel_requested": True}, status_code=202)
-
-
-async def cancel_waiting(state: AppState, record: JobRecord, reason: str) -> bool:
-    """Cancel a job that has not started (compare-and-set against a worker starting it);
-    False when it is running or has ended."""
-    appended = await state.store.append(
-        record.id,
-        new_event(record.id, "cancelled", record.attempt, reason=reason),
-        {"state": JobState.cancelled.value, "finished_at": utcnow(), "retry_at": None},
-        owner=record.owner,
-        expect=(JobState.queued, JobState.retrying, JobState.scheduled),
-    )
-    if appended.ok:
-        await batches.child_finished(state.store, record, "cancelled")
-    return appended.ok

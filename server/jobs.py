@@ -9,8 +9,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import ValidationError
@@ -21,18 +20,17 @@ from stepstream.server.auth import FIREHOSE_SCOPE, Principal, job_scope, subject
 from stepstream.server.errors import ApiError
 from stepstream.server.options import (
     SUBMIT_FIELDS,
-    SubmitOptions,
     check_callback_url,
     parse_submit_options,
 )
 from stepstream.server.state import AppState
 from stepstream.server.subjects import subject_field, subject_param
 from stepstream.server.urls import job_links, root_path
-from stepstream.tasks import batches, cache
-from stepstream.tasks.models import JobRecord, JobState, new_job_id, utcnow
+from stepstream.tasks import cancellation, creation
+from stepstream.tasks.models import JobRecord, JobState, new_job_id
 from stepstream.tasks.registry import TaskSpec, all_tasks, get_task
 from stepstream.tasks.settings import Settings
-from stepstream.tasks.store import Appended, new_event
+from stepstream.tasks.store import Appended
 
 JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -132,58 +130,71 @@ async def submit_job(request: Request) -> Response:
     principal = await state.auth.authenticate(request)
     body = await read_object(request, state, SUBMIT_FIELDS, "{task, input}")
     spec = task_named(body.get("task"))
-    task_name = spec.name
     raw_input = body.get("input", {})
     if not isinstance(raw_input, dict):
         raise ApiError(422, "invalid_input", "`input` must be a JSON object")
     check_input_shape(raw_input, state.settings)
-    try:
-        spec.input_model.model_validate(raw_input)
-    except ValidationError as exc:
+    problems = input_problems(spec, raw_input)
+    if problems:
         raise ApiError(
-            422,
-            "invalid_input",
-            f"the input does not fit task {task_name!r}",
-            [
-                {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
-                for e in exc.errors(include_url=False, include_context=False)
-            ],
-        ) from None
+            422, "invalid_input", input_refusal(spec, problems, "the input does not fit"), problems
+        )
     options = parse_submit_options(body, state.settings)  # budget, run_at / delay, callback
     await check_callback_url(options, state.settings)
 
     owner = principal.owner
     idempotency_key = request.headers.get("idempotency-key")
     claim = None
-    job_id = new_job_id()
+    job = options.new_job(spec, raw_input, owner)
     if idempotency_key is not None:
         claim = await _claim_idempotency_key(
-            state, owner, idempotency_key, task_name, raw_input, options.fingerprint()
+            state, owner, idempotency_key, spec.name, raw_input, options.fingerprint()
         )
         if claim.existing is not None:
-            return _accepted(request, state, principal, claim.existing, 200)
-        job_id = claim.job_id
+            return accepted(request, state, principal, claim.existing, 200)
+        job = replace(job, id=claim.job_id)
     try:
         await enforce_submission_limits(state, owner)
-        record = await _create_job(
-            state,
-            owner,
-            spec.max_attempts,
-            task_name,
-            raw_input,
-            job_id,
-            options,
+        created = await creation.create(
+            state.store,
+            state.arq,
+            job,
             count_submitted=True,
             then=[claim.confirm] if claim is not None else [],
         )
+        record = check_created(state, created, 1)
     except BaseException:
         if claim is not None:
             await state.redis.delete(claim.redis_key)  # let the client's retry create the job
         raise
-    return _accepted(request, state, principal, record, 202)
+    return accepted(request, state, principal, record, 202)
 
 
-def _accepted(
+def input_problems(spec: TaskSpec, raw_input: dict[str, Any]) -> list[dict[str, Any]]:
+    """What is wrong with ``raw_input`` for ``spec``, pydantic's errors as the API shows them
+    (a field the task does not declare is one, ``extra_forbidden``: ``TaskSpec.check_input``)."""
+    try:
+        spec.check_input(raw_input)
+    except ValidationError as exc:
+        return [
+            {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
+            for e in exc.errors(include_url=False, include_context=False)
+        ]
+    return []
+
+
+def input_refusal(spec: TaskSpec, problems: list[dict[str, Any]], what: str) -> str:
+    """The message of a 422 ``invalid_input``, naming the fields the task does not declare."""
+    unknown = sorted(
+        {str(p["loc"][-1]) for p in problems if p.get("type") == "extra_forbidden" and p["loc"]}
+    )
+    message = f"{what} task {spec.name!r}"
+    if unknown:
+        message += f": unknown field(s) {', '.join(unknown)}"
+    return message
+
+
+def accepted(
     request: Request, state: AppState, principal: Principal, record: JobRecord, status: int
 ) -> JSONResponse:
     body = job_json(record, root_path(request))
@@ -245,12 +256,15 @@ async def enforce_submission_limits(state: AppState, owner: str | None) -> None:
         )
 
 
-def check_created(state: AppState, appended: Appended, job_id: str, take: int) -> None:
-    """Raise what a refused create means: the owner's limit (429), or a collision."""
+def check_created(state: AppState, created: creation.Created, take: int) -> JobRecord:
+    """The record ``created`` stored, or what its refusal means: the owner's limit (429), or
+    a collision."""
+    appended = created.appended
     if appended.refused == "limit":
         raise unfinished_refusal(state.settings, appended, take)
     if not appended.ok:  # a 120-bit id collided: not a client mistake, and never expected
-        raise RuntimeError(f"job id {job_id} exists already")
+        raise RuntimeError(f"job id {created.record.id} exists already")
+    return created.record
 
 
 def unfinished_refusal(settings: Settings, appended: Appended, take: int) -> ApiError:
@@ -272,167 +286,6 @@ def unfinished_refusal(settings: Settings, appended: Appended, take: int) -> Api
         },
         headers={"Retry-After": "5"},
     )
-
-
-@dataclass
-class NewJob:
-    """A job about to be created: its record, its ``queued`` event, and the commands (the arq
-    enqueue, the submitted counter) the create script runs with it."""
-
-    record: JobRecord
-    event: dict[str, Any]
-    then: list[list[str | bytes | int]]
-
-
-def new_job(
-    state: AppState,
-    owner: str | None,
-    max_attempts: int,
-    task_name: str,
-    raw_input: dict[str, Any],
-    job_id: str,
-    options: SubmitOptions,
-    *,
-    count_submitted: bool = False,
-    **fields: Any,
-) -> NewJob:
-    scheduled = options.run_at is not None
-    record = JobRecord(
-        id=job_id,
-        task=task_name,
-        owner=owner,
-        state=JobState.scheduled if scheduled else JobState.queued,
-        input=raw_input,
-        max_attempts=max_attempts,
-        created_at=utcnow(),
-        steps=[],
-        budget=options.budget,
-        run_at=options.run_at_text,
-        callback_url=options.callback_url,
-        subject=options.subject,
-        **fields,
-    )
-    event = new_event(job_id, "queued", 0, input=raw_input)
-    if scheduled:
-        event["run_at"] = record.run_at
-    # A scheduled job's queue entry is deferred: arq keeps it in its queue (a sorted set scored
-    # by run time), so it survives restarts and no worker picks it up early.
-    then = state.enqueue_commands(job_id, options.run_at)
-    if count_submitted:
-        then.append(_count_submitted(state, task_name))
-    return NewJob(record, event, then)
-
-
-async def _create_job(
-    state: AppState,
-    owner: str | None,
-    max_attempts: int,
-    task_name: str,
-    raw_input: dict[str, Any],
-    job_id: str,
-    options: SubmitOptions | None = None,
-    *,
-    count_submitted: bool = False,
-    then: Sequence[Sequence[str | bytes | int]] = (),
-    **fields: Any,
-) -> JobRecord:
-    """``then``: commands to run in the create script with the job (an idempotency claim's
-    confirmation), so they happen if and only if the job is created."""
-    options = options or SubmitOptions()
-    spec = get_task(task_name)
-    if spec is not None and spec.cache_ttl and options.run_at is None:
-        hit = await cache.lookup(state.redis, state.store.keys, spec, owner, raw_input)
-        if hit is not None:
-            return await _create_cached(
-                state,
-                owner,
-                max_attempts,
-                task_name,
-                raw_input,
-                job_id,
-                hit,
-                count_submitted=count_submitted,
-                take=1,
-                then=then,
-                callback_url=options.callback_url,
-                subject=options.subject,
-                **fields,
-            )
-    new = new_job(
-        state,
-        owner,
-        max_attempts,
-        task_name,
-        raw_input,
-        job_id,
-        options,
-        count_submitted=count_submitted,
-        **fields,
-    )
-    appended = await state.store.create(new.record, new.event, then=[*new.then, *then], take=1)
-    record = new.record
-    check_created(state, appended, job_id, 1)
-    record.last_event_id = appended.job_event_id
-    return record
-
-
-def _count_submitted(state: AppState, task_name: str) -> list[str | bytes | int]:
-    """The jobs-submitted metric (server/metrics.py), counted by the create script itself."""
-    return ["HINCRBY", state.store.keys.metrics, f"submitted|{task_name}", 1]
-
-
-async def _create_cached(
-    state: AppState,
-    owner: str | None,
-    max_attempts: int,
-    task_name: str,
-    raw_input: dict[str, Any],
-    job_id: str,
-    hit: dict[str, Any],
-    *,
-    count_submitted: bool = False,
-    take: int = 0,
-    then: Sequence[Sequence[str | bytes | int]] = (),
-    **fields: Any,
-) -> JobRecord:
-    """A job completed at once with a cached result (``cache_ttl``): it never reaches a worker,
-    so the web process writes both its events. ``take``: see ``JobStore.create`` (a batch's
-    child takes none: its parent took its place)."""
-    record = JobRecord(
-        id=job_id,
-        task=task_name,
-        owner=owner,
-        state=JobState.queued,
-        input=raw_input,
-        max_attempts=max_attempts,
-        created_at=utcnow(),
-        steps=[],
-        cached=True,
-        **fields,
-    )
-    appended = await state.store.create(
-        record,
-        new_event(job_id, "queued", 0, input=raw_input, cached=True),
-        then=[*([_count_submitted(state, task_name)] if count_submitted else []), *then],
-        take=take,
-    )
-    check_created(state, appended, job_id, take)
-    source = hit.get("job_id")
-    await state.store.append(
-        job_id,
-        new_event(job_id, "completed", 0, result=hit.get("result"), cached=True, source=source),
-        {
-            "state": JobState.completed.value,
-            "result": hit.get("result"),
-            "progress": 1.0,
-            "message": f"cached result of job {source}",
-            "finished_at": utcnow(),
-        },
-        owner=owner,
-        expect=(JobState.queued,),
-    )
-    # Refused only if cancelled in the instant between the two appends: the record says so.
-    return await reload(state, record)
 
 
 @dataclass(frozen=True)
@@ -646,30 +499,20 @@ async def list_jobs(request: Request) -> Response:
 async def cancel_job(request: Request) -> Response:
     state: AppState = request.app.state.stepstream
     record = await load_job(request, await state.auth.authenticate(request))
-    if record.batch is not None:  # a batch's parent: cancel its children
-        from stepstream.server.batches import cancel_batch  # server.batches builds on this module
-
-        return await cancel_batch(request, state, record)
     if record.state.terminal:
         raise _conflict(record, "cancel")
-    # A job that has not started, or waits for input, is cancelled here; compare-and-set
-    # against the worker (and an answer). A waiting job's timeout entry finds it cancelled.
+    if record.batch is not None:  # a batch's parent: cancel its children
+        await cancellation.cancel_children(state.store, record)
+        body = job_json(await reload(state, record), root_path(request))
+        return JSONResponse({**body, "cancel_requested": True}, status_code=202)
+    # A waiting job's timeout entry finds it cancelled and leaves it so.
     waiting = record.state == JobState.waiting
-    reason = "cancelled while waiting for input" if waiting else "cancelled before it started"
-    appended = await state.store.append(
-        record.id,
-        new_event(record.id, "cancelled", record.attempt, reason=reason),
-        {
-            "state": JobState.cancelled.value,
-            "finished_at": utcnow(),
-            "retry_at": None,
-            **({"waiting_for": None} if waiting else {}),
-        },
-        owner=record.owner,
-        expect=(JobState.queued, JobState.retrying, JobState.scheduled, JobState.waiting),
+    appended = await cancellation.cancel_unstarted(
+        state.store,
+        record,
+        "cancelled while waiting for input" if waiting else "cancelled before it started",
     )
     if appended.ok:
-        await batches.child_finished(state.store, record, "cancelled")  # if in a batch
         return JSONResponse(job_json(await reload(state, record), root_path(request)))
     if appended.refused == '"running"':
         # Only the worker writes a running job's events: raise the flag it watches.
@@ -687,29 +530,11 @@ async def retry_job(request: Request) -> Response:
     spec = get_task(record.task)
     if spec is None:
         raise ApiError(422, "unknown_task", f"task {record.task!r} is no longer declared")
-    await state.store.clear_cancel(record.id)
-    appended = await state.store.append(
-        record.id,
-        new_event(record.id, "queued", record.attempt, input=record.input, reason="retry"),
-        {
-            "state": JobState.queued.value,
-            "error": None,
-            "result": None,
-            "finished_at": None,
-            "retry_at": None,
-            "message": None,
-            # A retry by hand gets a fresh budget of attempts on top of those already made.
-            "max_attempts": record.attempt + spec.max_attempts,
-        },
-        owner=record.owner,
-        expect=(JobState.failed, JobState.cancelled),
-        take=1,  # unfinished again: it needs a place under the owner's limit
-    )
+    appended = await creation.requeue(state.store, state.arq, record, spec)
     if appended.refused == "limit":
         raise unfinished_refusal(state.settings, appended, 1)
     if not appended.ok:
         raise _conflict(await reload(state, record), "retry")
-    await state.enqueue(record.id)
     return JSONResponse(job_json(await reload(state, record), root_path(request)), status_code=202)
 
 

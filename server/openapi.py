@@ -19,7 +19,7 @@ from stepstream.server.state import AppState
 from stepstream.server.urls import root_path
 from stepstream.tasks import destinations
 from stepstream.tasks.models import JobRecord, JobState
-from stepstream.tasks.registry import TaskSpec, all_tasks
+from stepstream.tasks.registry import TaskSpec, all_tasks, submitted_input_model
 from stepstream.tasks.settings import Settings
 
 Schema = dict[str, Any]
@@ -292,7 +292,8 @@ def _task_inputs(tasks: list[TaskSpec]) -> tuple[dict[str, str], dict[str, Schem
         base = "Input." + _UNSAFE.sub("-", spec.name)
         while base in components:  # two task names alike but for their unsafe characters
             base += "_"
-        schema = spec.input_model.model_json_schema(
+        # As submissions are checked: fields the model does not declare are refused.
+        schema = submitted_input_model(spec.input_model).model_json_schema(
             ref_template=f"#/components/schemas/{base}.{{model}}"
         )
         for model, definition in schema.pop("$defs", {}).items():

@@ -14,6 +14,8 @@ from typing import Any
 from stepstream.server.errors import ApiError
 from stepstream.server.subjects import subject_field
 from stepstream.tasks import destinations
+from stepstream.tasks.creation import NewJob
+from stepstream.tasks.registry import TaskSpec
 from stepstream.tasks.settings import Settings
 
 RESOLVE_TIMEOUT_SECONDS = 5.0  # a callback_url's host, at submit time
@@ -33,6 +35,18 @@ class SubmitOptions:
         if self.run_at is None:
             return None
         return self.run_at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+    def new_job(self, spec: TaskSpec, raw_input: dict[str, Any], owner: str | None) -> NewJob:
+        """The job a submission with these options asks for (tasks/creation.py)."""
+        return NewJob(
+            spec,
+            raw_input,
+            owner=owner,
+            run_at=self.run_at,
+            budget=self.budget,
+            callback_url=self.callback_url,
+            subject=self.subject,
+        )
 
     def fingerprint(self) -> dict[str, Any]:
         """What an Idempotency-Key's body fingerprint adds (nothing when no option is set, so

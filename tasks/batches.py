@@ -13,8 +13,9 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from stepstream.tasks.models import JobRecord, JobState, utcnow
@@ -138,54 +139,115 @@ async def _report(
             "failed": int(failed),
             "cancelled": int(cancelled),
         }
-        message = summary_message(counts, size)
         parent = await store.get(batch_id) or parent  # as other children's reports left it
         # Counted before (a repeated report): only what the parent has not shown yet is done
         # again, so a report cut off after the count (its worker killed) is completed here.
         shown = int((parent.batch or {}).get("done", 0))
         if not changed and (shown >= counts["done"] and not _ends(parent, counts, size)):
             return
-        report: dict[str, Any] = {"id": child.id, "index": child.batch_index, "state": outcome}
-        if outcome == "completed":
-            report["result"] = result
-        elif error is not None:
-            report["error"] = {k: v for k, v in error.items() if k != "traceback"}
+        report = child_report(child, outcome, result, error)
         if changed or shown < counts["done"]:
+            event, fields = _progress(parent, counts, report)
             await store.append(
-                batch_id,
-                new_event(
-                    batch_id,
-                    "progress",
-                    parent.attempt,
-                    current=counts["done"],
-                    total=size,
-                    message=message,
-                    counts=counts,
-                    child=report,
-                ),
-                {
-                    "progress": round(counts["done"] / size, 4) if size else 1.0,
-                    "message": message,
-                    "batch": counts,
-                },
-                owner=parent.owner,
-                expect=(JobState.running,),
+                batch_id, event, fields, owner=parent.owner, expect=(JobState.running,)
             )
         if counts["done"] >= size:
-            summary = {k: counts[k] for k in ("size", "completed", "failed", "cancelled")}
-            # Every child has ended. "completed" says the batch ran to its end; the counts say how
-            # its items fared (a batch with failed items still completes).
+            event, fields = _completion(parent, counts)
             await store.append(
-                batch_id,
-                new_event(batch_id, "completed", parent.attempt, result=summary),
-                {
-                    "state": JobState.completed.value,
-                    "result": summary,
-                    "progress": 1.0,
-                    "message": message,
-                    "batch": counts,
-                    "finished_at": utcnow(),
-                },
-                owner=parent.owner,
-                expect=(JobState.running,),
+                batch_id, event, fields, owner=parent.owner, expect=(JobState.running,)
             )
+
+
+def child_report(
+    child: JobRecord, outcome: str, result: Any, error: dict[str, Any] | None
+) -> dict[str, Any]:
+    """A child's end as its parent's ``progress`` event carries it."""
+    report: dict[str, Any] = {"id": child.id, "index": child.batch_index, "state": outcome}
+    if outcome == "completed":
+        report["result"] = result
+    elif error is not None:
+        report["error"] = {k: v for k, v in error.items() if k != "traceback"}
+    return report
+
+
+def _progress(
+    parent: JobRecord, counts: dict[str, int], report: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The parent's ``progress`` event for one more child ended, and its record's fields."""
+    size = counts["size"]
+    message = summary_message(counts, size)
+    event = new_event(
+        parent.id,
+        "progress",
+        parent.attempt,
+        current=counts["done"],
+        total=size,
+        message=message,
+        counts=counts,
+        child=report,
+    )
+    fields = {
+        "progress": round(counts["done"] / size, 4) if size else 1.0,
+        "message": message,
+        "batch": counts,
+    }
+    return event, fields
+
+
+def _completion(parent: JobRecord, counts: dict[str, int]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The parent's ``completed`` event once every child has ended, and its record's fields.
+    "completed" says the batch ran to its end; the counts say how its items fared (a batch
+    with failed items still completes)."""
+    summary = {k: counts[k] for k in ("size", "completed", "failed", "cancelled")}
+    event = new_event(parent.id, "completed", parent.attempt, result=summary)
+    fields = {
+        "state": JobState.completed,
+        "result": summary,
+        "progress": 1.0,
+        "message": summary_message(counts, counts["size"]),
+        "batch": counts,
+        "finished_at": utcnow(),
+    }
+    return event, fields
+
+
+@dataclass(frozen=True)
+class Opening:
+    """What a new batch's create writes beyond its ``queued`` and ``started``: see
+    ``opening``."""
+
+    events: list[dict[str, Any]]
+    fields: dict[str, Any]  # to apply to the parent's record before its create
+    then: list[list[str | bytes | int]]
+
+
+def opening(store: JobStore, parent: JobRecord, cached: Sequence[JobRecord]) -> Opening:
+    """A new batch with its ``cached`` children (answered from the cache, created completed
+    in the same ``MULTI``) already counted: a ``progress`` event for each (and the parent's
+    ``completed`` when every child was), their outcomes in the counts hash. Written by the
+    parent's create, so no report is left to make after the batch is stored."""
+    counts = empty_counts(int((parent.batch or {})["size"]))
+    events: list[dict[str, Any]] = []
+    fields: dict[str, Any] = {}
+    outcomes: list[str | bytes | int] = []
+    for child in cached:
+        counts = {**counts, "done": counts["done"] + 1, "completed": counts["completed"] + 1}
+        event, fields = _progress(
+            parent, counts, child_report(child, "completed", child.result, None)
+        )
+        events.append(event)
+        outcomes += [child.id, "completed"]
+    if not cached:
+        return Opening([], {}, [])
+    if counts["done"] >= counts["size"]:
+        event, done = _completion(parent, counts)
+        events.append(event)
+        fields.update(done)
+    key = store.keys.batch_counts(parent.id)
+    then: list[list[str | bytes | int]] = [
+        # In pieces: the script unpacks each command onto Lua's stack (8,000 slots).
+        *(["HSET", key, *outcomes[i : i + 1_000]] for i in range(0, len(outcomes), 1_000)),
+        ["HSET", key, "#done", counts["done"], "#completed", counts["completed"]],
+        ["EXPIRE", key, store.settings.retention_seconds],
+    ]
+    return Opening(events, fields, then)

@@ -21,11 +21,14 @@ from typing import Any
 
 from arq.connections import ArqRedis
 from arq.cron import CronJob, cron, next_cron
+from pydantic import ValidationError
 
-from stepstream.tasks.models import JobRecord, JobState, new_job_id, utcnow
-from stepstream.tasks.queue import enqueue_commands
+from stepstream.tasks import creation
+from stepstream.tasks.creation import NewJob
+from stepstream.tasks.errors import ConfigurationError
+from stepstream.tasks.models import JobRecord
 from stepstream.tasks.registry import get_task
-from stepstream.tasks.store import JobStore, new_event
+from stepstream.tasks.store import JobStore
 
 # (name, low, high) of each field in order; the optional sixth is seconds.
 _FIELDS = (
@@ -147,30 +150,41 @@ async def create_job(store: JobStore, arq_redis: ArqRedis, entry: Recurring) -> 
     spec = get_task(entry.task)
     if spec is None:
         return None
-    spec.input_model.model_validate(entry.input)
-    job_id = new_job_id()
-    record = JobRecord(
-        id=job_id,
-        task=spec.name,
-        owner=entry.owner,
-        state=JobState.queued,
-        input=entry.input,
-        max_attempts=spec.max_attempts,
-        created_at=utcnow(),
-        budget=spec.budget,
+    job = NewJob(
+        spec, entry.input, owner=entry.owner, budget=spec.budget, note={"recurring": entry.name}
     )
-    event = new_event(job_id, "queued", 0, input=entry.input, recurring=entry.name)
-    # The queue entry rides in the create script: a tick never leaves a job no worker will run.
-    then = enqueue_commands(arq_redis, store.keys.queue, job_id)
-    appended = await store.create(record, event, then=then)
-    if not appended.ok:
-        return None
-    record.last_event_id = appended.job_event_id
-    return record
+    # Counted among the owner's unfinished jobs but never refused for them (take=0): a tick
+    # declared in code is not the client flood the limit is for, and a refusal would be lost.
+    created = await creation.create(store, arq_redis, job, take=0)
+    return created.record if created.appended.ok else None
+
+
+def check_declarations() -> None:
+    """Refuse (ConfigurationError) a declaration whose task is not declared or whose input
+    does not fit it, so a worker fails at start rather than at every tick."""
+    for entry in all_recurring():
+        spec = get_task(entry.task)
+        if spec is None:
+            raise ConfigurationError(
+                f"recurring job {entry.name!r} names task {entry.task!r}, which is not declared"
+            )
+        try:
+            spec.check_input(entry.input)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(part) for part in e['loc']) or 'input'}: {e['msg']}"
+                for e in exc.errors(include_url=False)
+            )
+            raise ConfigurationError(
+                f"recurring job {entry.name!r}: its input does not fit task {spec.name!r} "
+                f"({problems})"
+            ) from None
 
 
 def cron_jobs() -> list[CronJob]:
-    """One arq cron job per declaration, for ``WorkerSettings.cron_jobs``."""
+    """One arq cron job per declaration, for ``WorkerSettings.cron_jobs`` (each checked
+    first: ``check_declarations``)."""
+    check_declarations()
     jobs: list[CronJob] = []
     for entry in all_recurring():
 

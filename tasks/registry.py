@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, RootModel
 
 from stepstream.tasks.cost import FREE, Pricing
 from stepstream.tasks.errors import ConfigurationError
@@ -61,6 +62,12 @@ class TaskSpec:
         except ValueError:
             raise KeyError(f"task {self.name!r} declares no step {name!r}") from None
 
+    def check_input(self, raw_input: dict[str, Any]) -> None:
+        """Validate an input as a job of this task is submitted with it: ValidationError, one
+        ``extra_forbidden`` error per field the input model does not declare, unless the model
+        accepts them (``submitted_input_model``)."""
+        submitted_input_model(self.input_model).model_validate(raw_input)
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -70,11 +77,29 @@ class TaskSpec:
             "max_attempts": self.max_attempts,
             "timeout": self.timeout,
             "concurrency": self.concurrency,
-            "input_schema": self.input_model.model_json_schema(),
+            "input_schema": submitted_input_model(self.input_model).model_json_schema(),
             "sample_input": self.sample_input,
             "budget": self.budget,
             "cache_ttl": self.cache_ttl,
         }
+
+
+@functools.cache
+def submitted_input_model(model: type[BaseModel]) -> type[BaseModel]:
+    """``model`` as submissions are checked against it: a field it does not declare is refused
+    (a misspelt ``{"reveiw": true}`` would otherwise run as if absent). A model that sets
+    ``model_config["extra"]`` itself (``ConfigDict(extra="allow")``, or ``"ignore"``) is taken
+    at its word. Only the top level is checked so: nested models keep their own setting. The
+    worker validates with ``model`` itself, so jobs stored before still run."""
+    if "extra" in model.model_config or issubclass(model, RootModel):
+        return model
+    namespace = {
+        "__module__": model.__module__,
+        "__qualname__": model.__qualname__,
+        "__doc__": model.__doc__,
+        "model_config": ConfigDict(extra="forbid"),
+    }
+    return type(model.__name__, (model,), namespace)
 
 
 _registry: dict[str, TaskSpec] = {}

@@ -371,14 +371,14 @@ class JobStore:
     async def create(
         self,
         record: JobRecord,
-        event: Mapping[str, Any],
-        *,
+        *events: Mapping[str, Any],
         then: Sequence[Sequence[str | bytes | int]] = (),
         take: int = 0,
     ) -> Appended:
-        """Create ``record`` with its first event. ``take``: see ``append``; a submission
-        takes one place, a batch's parent one per child (it is never queued itself)."""
-        keys, args = self._create_call(record, [event], then, take, None)
+        """Create ``record`` with its first events, in order. ``take``: see ``append``; a
+        submission takes one place, a batch's parent one per child (it is never queued itself).
+        """
+        keys, args = self._create_call(record, events, then, take, None)
         appended = appended_from(await self._append(keys=keys, args=args))
         now = time.time()
         if appended.ok and now - self._index_trimmed_at >= 1.0:

@@ -78,3 +78,38 @@ def test_a_cached_job_keeps_its_own_subject(ai_stack: Stack) -> None:
     assert again["cached"] is True and again["subject"] == "s-2"
     listed = httpx.get(f"{ai_stack.url}/api/jobs", params={"subject": "s-2"}).json()["jobs"]
     assert [j["id"] for j in listed] == [again["id"]]
+
+
+def test_a_batch_counts_its_cached_children_as_it_is_created(ai_stack: Stack) -> None:
+    warm = [{"value": v, "counter": "cache-batch"} for v in (31, 32)]
+    for item in warm:
+        job = submit(ai_stack.url, "ai_cached", item)
+        assert wait_state(ai_stack.url, job["id"], {"completed"})["cached"] is False
+
+    def post(inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        response = httpx.post(
+            f"{ai_stack.url}/api/batches", json={"task": "ai_cached", "inputs": inputs}
+        )
+        assert response.status_code == 202, response.text
+        parent: dict[str, Any] = response.json()
+        return parent
+
+    # Every child cached: the batch is complete in the answer, its log whole.
+    whole = post(warm)
+    assert whole["state"] == "completed"
+    assert whole["batch"] == {"size": 2, "done": 2, "completed": 2, "failed": 0, "cancelled": 0}
+    status, log = read_stream(f"{ai_stack.url}/api/jobs/{whole['id']}/events?after=0")
+    assert status == 200
+    assert [e.type for e in log] == ["queued", "started", "progress", "progress", "completed"]
+    assert [e.data["child"]["result"]["value"] for e in log[2:4]] == [62, 64]
+    assert [e.data["current"] for e in log[2:4]] == [1, 2]
+
+    # One cached, one to run: counted at once, then the other as it ends, once each.
+    mixed = post([warm[0], {"value": 33, "counter": "cache-batch"}])
+    assert mixed["state"] == "running" and mixed["batch"]["done"] == 1
+    done = wait_state(ai_stack.url, mixed["id"], {"completed"})
+    assert done["batch"] == {"size": 2, "done": 2, "completed": 2, "failed": 0, "cancelled": 0}
+    status, log = read_stream(f"{ai_stack.url}/api/jobs/{mixed['id']}/events?after=0")
+    reported = [e.data["child"]["index"] for e in log if e.type == "progress"]
+    assert reported == [0, 1]
+    assert runs(ai_stack, "cache-batch") == 3

@@ -137,6 +137,12 @@ BAD_SUBMISSIONS = [
         id="bad-field",
     ),
     pytest.param(
+        b'{"task": "analyze_document", "input": {"text": "x", "reveiw": true}}',
+        422,
+        "invalid_input",
+        id="unknown-input-field",
+    ),
+    pytest.param(
         b'{"task": "analyze_document", "input": {"text": "x"}, "extra": 1}',
         422,
         "invalid_body",

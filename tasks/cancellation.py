@@ -1,0 +1,59 @@
+"""Cancelling jobs from outside a worker: one that has not started, and a batch's children.
+
+A running job's events are its worker's alone to write, so it is only asked to stop (its cancel
+flag, which the worker watches). A job no worker has started is cancelled here, by a
+compare-and-set against a worker starting it: whichever writes first wins.
+"""
+
+from __future__ import annotations
+
+from stepstream.tasks import batches
+from stepstream.tasks.models import JobRecord, JobState, utcnow
+from stepstream.tasks.store import Appended, JobStore, new_event
+
+# The states of a job no worker holds: cancelled at once, without asking a worker. A job
+# waiting for input holds none either (tasks/inputs.py); this compare-and-set also races the
+# answer that would queue it again.
+UNSTARTED = (JobState.queued, JobState.retrying, JobState.scheduled, JobState.waiting)
+
+
+async def cancel_unstarted(store: JobStore, record: JobRecord, reason: str) -> Appended:
+    """Cancel ``record`` if no worker holds it (refused as its state otherwise: ``'"running"'``
+    when a worker does), and report the end to its batch if it is a batch's child."""
+    appended = await store.append(
+        record.id,
+        new_event(record.id, "cancelled", record.attempt, reason=reason),
+        {
+            "state": JobState.cancelled.value,
+            "finished_at": utcnow(),
+            "retry_at": None,
+            "waiting_for": None,
+        },
+        owner=record.owner,
+        expect=UNSTARTED,
+    )
+    if appended.ok:
+        await batches.child_finished(store, record, "cancelled")
+    return appended
+
+
+async def cancel_children(store: JobStore, parent: JobRecord) -> None:
+    """Cancel every child of the batch ``parent`` that has not ended (running ones are asked
+    to stop); the parent ends when its last child does."""
+    child_ids = await store.redis.lrange(  # type: ignore[misc]
+        store.keys.batch_children(parent.id), 0, -1
+    )
+    for child in await store.get_many(child_ids):
+        if child is None:
+            continue
+        if child.state.terminal:
+            # Counted already, normally (a no-op then); this repairs a report that was lost
+            # (a process killed between a child's end and its report), so the parent can end.
+            error = child.error.model_dump() if child.error else None
+            await batches.child_finished(
+                store, child, child.state.value, result=child.result, error=error
+            )
+            continue
+        if (await cancel_unstarted(store, child, "the batch was cancelled")).ok:
+            continue
+        await store.request_cancel(child.id)  # running: the worker stops it
