@@ -46,7 +46,11 @@ from tests.support.tasks import COUNTED_STEPS, executions_key, gate_key
 
 PREFIX = "chaos:"
 TERMINAL = ("completed", "failed", "cancelled")
-KINDS = ("paced", "counted", "flaky", "failing", "cancelled", "batch", "delayed")
+KINDS = ("paced", "counted", "flaky", "failing", "cancelled", "batch", "delayed", "waiting")
+# The human input the ``asks`` test task waits for (tests/support/tasks.py).
+ANSWER = {"name": "decision", "value": {"approved": True, "note": "chaos"}}
+# The steps each checkpointed task runs with ``ctx.run_step``: never again once completed.
+CHECKPOINTED = {"counted": COUNTED_STEPS, "asks": ("before", "after")}
 FAULTS = ("worker_sigkill", "worker_sigterm", "web_sigkill", "valkey_restart", "valkey_pause")
 TEXT = "Revenue grew in the north. Churn fell. Hiring slowed in the south. " * 6
 RSS_FACTOR, RSS_SLACK_KIB = 1.5, 64 * 1024  # growth flagged beyond 1.5 x baseline + 64 MiB
@@ -233,6 +237,12 @@ def new_submission(kind: str) -> Submission:
         body = {"task": "counted", "input": {"gate_at": "three"}}
     elif kind == "delayed":
         body = {"task": "counted", "input": {}, "delay": round(random.uniform(0.5, 4), 2)}
+    elif kind == "waiting":
+        # Answered by the soak after a moment, or left to a timeout that applies a default (and
+        # then, half the time, answered too, racing the timeout).
+        body = {"task": "asks", "input": {}}
+        if random.random() < 0.4:
+            body["input"] = {"timeout": round(random.uniform(1, 3), 2), "default": ANSWER["value"]}
     else:
         size = random.randint(2, 5)
         inputs = [{"transient_failures": random.choice([0, 0, 1])} for _ in range(size)]
@@ -284,6 +294,10 @@ class Load:
                 await self.watch_queue.put(job_id)
                 if sub.kind == "cancelled":
                     self.spawn(self.cancel_later(client, job_id))
+                if sub.kind == "waiting" and (
+                    "timeout" not in sub.body["input"] or random.random() < 0.5
+                ):
+                    self.spawn(self.answer_later(client, job_id))
                 return
             if response.status_code in (503, 409, 429) or response.status_code >= 500:
                 if sub.path == "/api/batches" and response.status_code != 429:
@@ -306,6 +320,34 @@ class Load:
                 continue
             if response.status_code in (200, 202, 409):
                 self.run.cancels.add(job_id)
+                return
+            await asyncio.sleep(0.5)
+
+    async def answer_later(self, client: httpx.AsyncClient, job_id: str) -> None:
+        """Answer once the job waits, to any web process, retried like a submit: a job that
+        ended or was answered already (a reply lost, or the timeout's default) is done with."""
+        deadline = time.monotonic() + 60
+        waited = False
+        while time.monotonic() < deadline:
+            try:
+                if not waited:
+                    record = (
+                        await client.get(f"{self.base()}/api/jobs/{job_id}", timeout=10)
+                    ).json()
+                    if record.get("state") in TERMINAL:
+                        return
+                    if record.get("state") != "waiting":
+                        await asyncio.sleep(0.3)
+                        continue
+                    waited = True
+                    await asyncio.sleep(random.uniform(0.2, 1.5))
+                response = await client.post(
+                    f"{self.base()}/api/jobs/{job_id}/input", json=ANSWER, timeout=10
+                )
+            except (httpx.HTTPError, ValueError):
+                await asyncio.sleep(0.3)
+                continue
+            if response.status_code in (202, 409):
                 return
             await asyncio.sleep(0.5)
 
@@ -459,7 +501,16 @@ def drain(stack: Stack, run: Run, timeout: float) -> None:
     for job_id in ids:
         r.rpush(gate_key(job_id), "go")  # a cancelled job whose cancel never came
 
+    def answer_the_waiting() -> None:
+        # A waiting job whose answer gave up (60 s of faults) is answered here, as a gate is
+        # released: the soak checks what happens to jobs, not that a person came back.
+        for job_id in ids:
+            if r.hget(keys.job(job_id), "state") == '"waiting"':
+                with suppress(httpx.HTTPError):
+                    httpx.post(f"{stack.webs[0].url}/api/jobs/{job_id}/input", json=ANSWER)
+
     def ended() -> bool:
+        answer_the_waiting()
         states = [r.hget(keys.job(i), "state") for i in ids]
         return all(s is None or json.loads(s) in TERMINAL for s in states)
 
@@ -597,15 +648,26 @@ def check(stack: Stack, run: Run) -> dict[str, int]:
             f"open; held but ended {sorted(extra)[:5]}, open but not held {sorted(missing)[:5]}"
         )
     r.close()
-    return {"jobs": len(known & set(records)), "events": events_total}
+    inputs = Counter(
+        event.get("by") for log in logs.values() for _, event in log if event["type"] == "input"
+    )
+    waits = sum(1 for log in logs.values() for _, event in log if event["type"] == "waiting")
+    return {
+        "jobs": len(known & set(records)),
+        "events": events_total,
+        "waits": waits,
+        "answers": sum(inputs.values()) - inputs["default"],
+        "defaults": inputs["default"],
+    }
 
 
 def check_steps(
     job_id: str, record: Any, log: list[tuple[str, dict[str, Any]]], r: Any, say: Any
 ) -> int:
     """No step completes twice within one run (the events between two ``started``); for the
-    checkpointed ``counted`` task, a completed step never runs again, and every execution of a
-    step's body follows a stored ``step`` event (so executions <= begins)."""
+    checkpointed tasks (``counted``, and ``asks``, which waits for input between its steps and
+    so runs from the top again after the answer), a completed step never runs again, and every
+    execution of a step's body follows a stored ``step`` event (so executions <= begins)."""
     run_index = 0
     per_run: Counter[tuple[int, str]] = Counter()
     begins: Counter[str] = Counter()
@@ -618,7 +680,7 @@ def check_steps(
         step = event.get("step", {}).get("name") if isinstance(event.get("step"), dict) else None
         if kind == "step" and step:
             begins[step] += 1
-            if step in completed_once and record.task == "counted":
+            if step in completed_once and step in CHECKPOINTED.get(record.task, ()):
                 say(job_id, f"checkpointed step {step!r} began again after it completed")
         if kind == "step_completed" and step:
             per_run[(run_index, step)] += 1
@@ -627,12 +689,13 @@ def check_steps(
             if not event.get("restored"):
                 fresh_completions[step] += 1
                 completed_once.add(step)
-    if record.task != "counted":
+    checkpointed = CHECKPOINTED.get(record.task)
+    if checkpointed is None:
         # ``async with ctx.step()`` is not checkpointed: a re-run does the step again. Counted,
         # not a violation (docs/reliability.md).
         return sum(n - 1 for n in fresh_completions.values() if n > 1)
     executions = {k: int(n) for k, n in r.hgetall(executions_key(job_id)).items()}
-    for step in COUNTED_STEPS:
+    for step in checkpointed:
         if fresh_completions[step] > 1:
             say(job_id, f"checkpointed step {step!r} ran to completion {fresh_completions[step]}x")
         if executions.get(step, 0) > begins[step]:
@@ -794,6 +857,10 @@ def report(run: Run, figures: dict[str, int], seed: int, elapsed: float) -> None
     for sub in gave_up[:5]:
         print(f"  not accepted: {sub.kind} key {sub.key}: {sub.gave_up}")
     print(f"jobs checked: {figures['jobs']}, events: {figures['events']}")
+    print(
+        f"human input: {figures.get('waits', 0)} waits, {figures.get('answers', 0)} answered, "
+        f"{figures.get('defaults', 0)} ended by a timeout's default"
+    )
     print(f"watchers: {len(run.watches)} streams followed, {reconnects} connects")
     print(f"violations: {len(run.violations)}")
     sys.stdout.flush()
