@@ -14,11 +14,13 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from stepstream.server.auth import Principal
 from stepstream.server.errors import ApiError
 from stepstream.server.jobs import (
     accepted,
     check_created,
     check_input_shape,
+    claim_idempotency_key,
     enforce_submission_limits,
     input_problems,
     input_refusal,
@@ -33,6 +35,8 @@ from stepstream.server.state import AppState
 from stepstream.server.urls import root_path
 from stepstream.tasks import batches, creation
 from stepstream.tasks.models import JobRecord, JobState, new_job_id, utcnow
+from stepstream.tasks.queue import Command
+from stepstream.tasks.registry import TaskSpec
 from stepstream.tasks.store import new_event
 
 BATCH_FIELDS = frozenset({"task", "inputs", "budget", "subject", "callback_url"})
@@ -70,13 +74,58 @@ async def submit_batch(request: Request) -> Response:
         )
     given = parse_submit_options(body, state.settings)
     await check_callback_url(given, state.settings)
+    owner = principal.owner
+    # A batch takes an Idempotency-Key as a submit does: a client whose answer was lost sends
+    # the same batch again and gets the one it made, never a second.
+    idempotency_key = request.headers.get("idempotency-key")
+    claim = None
+    parent_id = new_job_id()
+    if idempotency_key is not None:
+        claim = await claim_idempotency_key(
+            state,
+            owner,
+            idempotency_key,
+            PARENT_PREFIX + task_name,
+            {"inputs": inputs},
+            given.fingerprint() | {"callback_url": given.callback_url},
+        )
+        if claim.existing is not None:
+            return _batch_accepted(request, state, principal, claim.existing, 200)
+        parent_id = claim.job_id
+    try:
+        await enforce_submission_limits(state, owner)
+        record = await _create_batch(
+            state, spec, inputs, given, owner, parent_id, [claim.confirm] if claim else []
+        )
+    except BaseException:
+        if claim is not None:
+            await state.redis.delete(claim.redis_key)  # let the client's retry create it
+        raise
+    return _batch_accepted(request, state, principal, record, 202)
+
+
+def _batch_accepted(
+    request: Request, state: AppState, principal: Principal, record: JobRecord, status: int
+) -> JSONResponse:
+    response = accepted(request, state, principal, record, status)
+    response.headers["Location"] = f"{root_path(request)}/api/batches/{record.id}"
+    return response
+
+
+async def _create_batch(
+    state: AppState,
+    spec: TaskSpec,
+    inputs: list[dict[str, Any]],
+    given: SubmitOptions,
+    owner: str | None,
+    parent_id: str,
+    confirm: list[Command],
+) -> JobRecord:
+    """The parent and its children, created together (or refused: nothing is written)."""
+    task_name = spec.name
     # The children's options: the callback is the parent's alone.
     options = SubmitOptions(budget=given.budget, subject=given.subject)
-    owner = principal.owner
-    await enforce_submission_limits(state, owner)
-
     size = len(inputs)
-    parent_id = new_job_id()
     now = utcnow()
     # Created running (its log says queued, then started): it runs from now until its last child
     # ends, and no worker ever holds it. Never queued, it holds no place among the owner's
@@ -131,6 +180,7 @@ async def submit_batch(request: Request) -> Response:
                 ),
                 ["EXPIRE", children_key, state.settings.retention_seconds],
                 *opening.then,
+                *confirm,
             ],
             take=size,
         ),
@@ -141,10 +191,7 @@ async def submit_batch(request: Request) -> Response:
     if not all(reply.ok for reply in replies[1:]):
         # 120-bit ids collided: not a client mistake, and never expected.
         raise RuntimeError(f"batch {parent_id}: a job id exists already")
-    record = await reload(state, parent)
-    response = accepted(request, state, principal, record, 202)
-    response.headers["Location"] = f"{root_path(request)}/api/batches/{parent_id}"
-    return response
+    return await reload(state, parent)
 
 
 async def get_batch(request: Request) -> Response:

@@ -147,7 +147,7 @@ async def submit_job(request: Request) -> Response:
     claim = None
     job = options.new_job(spec, raw_input, owner)
     if idempotency_key is not None:
-        claim = await _claim_idempotency_key(
+        claim = await claim_idempotency_key(
             state, owner, idempotency_key, spec.name, raw_input, options.fingerprint()
         )
         if claim.existing is not None:
@@ -302,7 +302,7 @@ _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,200}")
 CLAIM_IN_FLIGHT_SECONDS = 10
 
 
-async def _claim_idempotency_key(
+async def claim_idempotency_key(
     state: AppState,
     owner: str | None,
     key: str,

@@ -158,6 +158,20 @@ def _ref(name: str) -> Schema:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
+IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "schema": {"type": "string", "pattern": "^[!-~]{1,200}$"},
+    "description": "a replay within STEPSTREAM_IDEMPOTENCY_TTL_SECONDS answers 200 with what "
+    "the first request made",
+}
+IDEMPOTENCY_REFUSED = {
+    "409": _error(
+        "`idempotency_conflict`: the Idempotency-Key was used with another body, or its first "
+        "request is still in flight"
+    )
+}
+
 UNAUTHORIZED = {
     "401": _error(
         "`unauthorized`: no credentials (production), a key that is not valid, a stream token "
@@ -443,15 +457,7 @@ def document(root: str, settings: Settings, *, production: bool) -> dict[str, An
                 "operationId": "submitJob",
                 "summary": "Submit a job",
                 "security": with_key,
-                "parameters": [
-                    {
-                        "name": "Idempotency-Key",
-                        "in": "header",
-                        "schema": {"type": "string", "pattern": "^[!-~]{1,200}$"},
-                        "description": "a replay within STEPSTREAM_IDEMPOTENCY_TTL_SECONDS "
-                        "answers 200 with the job the first request made",
-                    }
-                ],
+                "parameters": [IDEMPOTENCY_KEY],
                 "requestBody": {
                     "required": True,
                     "content": {
@@ -481,10 +487,7 @@ def document(root: str, settings: Settings, *, production: bool) -> dict[str, An
                         "number; `bad_idempotency_key`: not 1 to 200 printable ASCII characters"
                     ),
                     **UNAUTHORIZED,
-                    "409": _error(
-                        "`idempotency_conflict`: the Idempotency-Key was used with another "
-                        "body, or its first request is still in flight"
-                    ),
+                    **IDEMPOTENCY_REFUSED,
                     "422": _error(
                         "`invalid_body`, `unknown_task` (details list the known tasks), "
                         "`invalid_input` (details name the fields), `input_too_deep`, "
@@ -736,6 +739,7 @@ def document(root: str, settings: Settings, *, production: bool) -> dict[str, An
                 "operationId": "submitBatch",
                 "summary": "One job per input, under a parent job that counts them",
                 "security": with_key,
+                "parameters": [IDEMPOTENCY_KEY],
                 "requestBody": {
                     "required": True,
                     "content": {"application/json": {"schema": _batches(tasks, inputs, settings)}},
@@ -763,8 +767,18 @@ def document(root: str, settings: Settings, *, production: bool) -> dict[str, An
                             },
                         },
                     },
+                    "200": _json(
+                        "The batch an earlier request with this Idempotency-Key made",
+                        _ref("AcceptedJob"),
+                        {"Location": {**LOCATION, "description": "the path of the batch"}},
+                    ),
                     **BODY_REFUSED,
+                    "400": _error(
+                        "`malformed_json`; `bad_request`: a Content-Length that is not a "
+                        "number; `bad_idempotency_key`: not 1 to 200 printable ASCII characters"
+                    ),
                     **UNAUTHORIZED,
+                    **IDEMPOTENCY_REFUSED,
                     "422": _error(
                         "`invalid_body` (wrong shape, or not 1 to STEPSTREAM_MAX_BATCH_SIZE "
                         "inputs), `unknown_task`, `invalid_input` (details name each input's "

@@ -118,6 +118,30 @@ def test_cancelling_the_parent_cancels_the_children(ai_stack: Stack) -> None:
     assert again.status_code == 409
 
 
+def test_a_batch_sent_again_with_its_idempotency_key_is_the_same_batch(ai_stack: Stack) -> None:
+    """A client whose answer was lost sends the batch again: one batch, never two."""
+    key = {"Idempotency-Key": f"nightly-{time.time_ns()}"}
+    body = {"task": "ai_echo", "inputs": [{"value": 1}, {"value": 2}]}
+    first = httpx.post(f"{ai_stack.url}/api/batches", json=body, headers=key, timeout=30)
+    assert first.status_code == 202, first.text
+    again = httpx.post(f"{ai_stack.url}/api/batches", json=body, headers=key, timeout=30)
+    assert again.status_code == 200, again.text
+    assert again.json()["id"] == first.json()["id"]
+    assert again.headers["location"] == f"/api/batches/{first.json()['id']}"
+    batch = httpx.get(f"{ai_stack.url}/api/batches/{first.json()['id']}", timeout=10).json()
+    assert len(batch["children"]) == 2
+    mine = httpx.get(f"{ai_stack.url}/api/jobs", params={"limit": 200}, timeout=10).json()["jobs"]
+    assert sum(1 for j in mine if j.get("batch_id") == first.json()["id"]) == 2, "two batches"
+    other = {"task": "ai_echo", "inputs": [{"value": 3}]}
+    changed = httpx.post(f"{ai_stack.url}/api/batches", json=other, headers=key, timeout=30)
+    assert changed.status_code == 409
+    assert changed.json()["error"]["code"] == "idempotency_conflict"
+    as_job = httpx.post(
+        f"{ai_stack.url}/api/jobs", json={"task": "ai_echo", "input": {}}, headers=key, timeout=30
+    )
+    assert as_job.status_code == 409, "a batch's key answered a single job's submit"
+
+
 @pytest.mark.parametrize(
     ("body", "code"),
     [
