@@ -27,6 +27,7 @@ from stepstream.server.jobs import (
     job_json,
     load_job,
     read_object,
+    release_claim,
     reload,
     task_named,
 )
@@ -97,9 +98,9 @@ async def submit_batch(request: Request) -> Response:
         record = await _create_batch(
             state, spec, inputs, given, owner, parent_id, [claim.confirm] if claim else []
         )
-    except BaseException:
+    except ApiError:
         if claim is not None:
-            await state.redis.delete(claim.redis_key)  # let the client's retry create it
+            await release_claim(state, claim)  # refused: nothing was made
         raise
     return _batch_accepted(request, state, principal, record, 202)
 

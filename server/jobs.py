@@ -163,9 +163,10 @@ async def submit_job(request: Request) -> Response:
             then=[claim.confirm] if claim is not None else [],
         )
         record = check_created(state, created, 1)
-    except BaseException:
+    except ApiError:
+        # Refused (a limit): no job was made, so the client's retry may make it at once.
         if claim is not None:
-            await state.redis.delete(claim.redis_key)  # let the client's retry create the job
+            await release_claim(state, claim)
         raise
     return accepted(request, state, principal, record, 202)
 
@@ -289,7 +290,7 @@ def unfinished_refusal(settings: Settings, appended: Appended, take: int) -> Api
 
 
 @dataclass(frozen=True)
-class _Claim:
+class Claim:
     job_id: str
     redis_key: str
     existing: JobRecord | None = None
@@ -309,7 +310,7 @@ async def claim_idempotency_key(
     task_name: str,
     raw_input: dict[str, Any],
     extra: dict[str, Any] | None = None,
-) -> _Claim:
+) -> Claim:
     """Claim ``key`` for a new job, or find the job an earlier identical request created.
 
     ``SET NX`` makes the claim atomic: of two concurrent identical requests one creates the
@@ -344,13 +345,13 @@ async def claim_idempotency_key(
     ]
     for _ in range(3):
         if await state.redis.set(redis_key, value, nx=True, ex=CLAIM_IN_FLIGHT_SECONDS):
-            return _Claim(job_id, redis_key, confirm=confirm)
+            return Claim(job_id, redis_key, confirm=confirm)
         held = await state.redis.get(redis_key)
         if held is None:
             continue  # expired between the two calls: claim it again
         if held == value:
             # Our own SET, re-sent by the client after its reply was lost: the claim is ours.
-            return _Claim(job_id, redis_key, confirm=confirm)
+            return Claim(job_id, redis_key, confirm=confirm)
         other_id, other_fingerprint = held.split(" ", 1)
         if other_fingerprint != fingerprint:
             raise ApiError(
@@ -361,10 +362,18 @@ async def claim_idempotency_key(
             )
         record = await _wait_for_record(state, other_id)
         if record is not None:
-            return _Claim(other_id, redis_key, existing=record)
+            return Claim(other_id, redis_key, existing=record)
     raise ApiError(
         409, "idempotency_conflict", "a request with this Idempotency-Key is still in flight"
     )
+
+
+async def release_claim(state: AppState, claim: Claim) -> None:
+    """Give up ``claim`` after a refusal. Only then: a request cut off while its create was on
+    the way (a deadline's 503, a lost connection) may still have made the job, and a retry
+    that found the key free would make a second. Such a claim is confirmed by the create, or
+    lapses after ``CLAIM_IN_FLIGHT_SECONDS``."""
+    await state.redis.delete(claim.redis_key)
 
 
 async def _wait_for_record(state: AppState, job_id: str) -> JobRecord | None:

@@ -56,13 +56,18 @@ local first_field = 19 + tonumber(ARGV[1])
 local last_field = first_field + tonumber(ARGV[11]) - 1
 -- The call's mark (a random token among the fields, stored on the record): a call whose reply
 -- was lost with its connection is sent again by the client, and finds its own mark. It answers
--- as the first did instead of appending its events twice.
+-- as the first did instead of appending its events twice. A create keeps its mark apart too
+-- (create_op): a worker's appends replace append_op, and a create sent again after them (a
+-- batch's MULTI, re-sent after a Valkey restart) must still find its own.
+local create_op
 for i = first_field, last_field - 1, 2 do
   if ARGV[i] == 'append_op' then
-    if redis.call('HGET', KEYS[1], 'append_op') == ARGV[i + 1] then
+    local mark = ARGV[6] == 'create' and 'create_op' or 'append_op'
+    if redis.call('HGET', KEYS[1], mark) == ARGV[i + 1] then
       local last = redis.call('HGET', KEYS[1], 'last_event_id')
       return {string.sub(last, 2, -2), ''}
     end
+    if ARGV[6] == 'create' then create_op = ARGV[i + 1] end
     break
   end
 end
@@ -142,6 +147,7 @@ if last_field >= first_field then
 end
 if mode == 'create' then
   redis.call('ZADD', KEYS[5], ARGV[10], ARGV[9])
+  if create_op then redis.call('HSET', KEYS[1], 'create_op', create_op) end
 end
 redis.call('HSET', KEYS[1], 'last_event_id', '"' .. jid .. '"')
 redis.call('EXPIRE', KEYS[1], ttl)

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import httpx
+from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
 
+from stepstream.server import create_app
+from stepstream.tasks.settings import Settings
 from tests.conftest import Stack, StackFactory
 from tests.support.api import DOC, get_job, submit, wait_state
-from tests.support.processes import wait_until
+from tests.support.processes import Valkey, wait_until
 from tests.support.sse import read_stream
 from tests.support.tasks import executions_key, gate_key
 
@@ -103,3 +110,50 @@ def test_concurrent_identical_requests_create_one_job(make_stack: StackFactory) 
     assert sorted(r.status_code for r in responses) == [200] * 15 + [202]
     listed = httpx.get(f"{s.url}/api/jobs").json()["jobs"]
     assert [j["id"] for j in listed] == list(ids)
+
+
+async def _cut_off_after_the_create_was_sent(url: str) -> tuple[set[str], httpx.Response]:
+    """A keyed submit cut off (as the response deadline cuts one off) right after its create
+    script went to Valkey, then the client's retry with the same key."""
+    settings = Settings(redis_url=url, prefix="cutoff:", mode="development")
+    app = create_app(settings)
+    original = AbstractConnection.send_packed_command
+    cut = asyncio.Event()
+
+    async def send_then_cut(self: AbstractConnection, command: Any, *a: Any, **kw: Any) -> None:
+        await original(self, command, *a, **kw)
+        packed = b"".join(command) if isinstance(command, list) else bytes(command)
+        if b"EVALSHA" in packed and b"cutoff:idem:" in packed and not cut.is_set():
+            cut.set()
+            # The create is on its way; the request is cut off awaiting its answer, and redis-py
+            # drops a connection whose reply it never read.
+            await self.disconnect()
+            raise asyncio.CancelledError
+
+    body = {"task": "analyze_document", "input": {"text": DOC}}
+    headers = {"Idempotency-Key": f"cut-{time.time_ns()}"}
+    async with app.lifespan():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            warm = await client.post("/api/jobs", json=body)  # the store's script is loaded
+            assert warm.status_code == 202, warm.text
+            AbstractConnection.send_packed_command = send_then_cut  # type: ignore[method-assign]
+            try:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await client.post("/api/jobs", json=body, headers=headers)
+            finally:
+                AbstractConnection.send_packed_command = original  # type: ignore[method-assign]
+            assert cut.is_set(), "no create was cut off: the test tested nothing"
+            retry = await client.post("/api/jobs", json=body, headers=headers)
+    redis = Redis.from_url(url, decode_responses=True)
+    try:
+        jobs = set(await redis.zrange("cutoff:jobs", 0, -1))
+    finally:
+        await redis.aclose()
+    return jobs, retry
+
+
+def test_a_submit_cut_off_after_its_create_was_sent_is_not_made_twice(valkey: Valkey) -> None:
+    jobs, retry = asyncio.run(asyncio.wait_for(_cut_off_after_the_create_was_sent(valkey.url), 60))
+    assert len(jobs) == 2, f"the retry made a second job: {jobs}"  # the warm-up's and the cut one
+    assert retry.status_code == 200 and retry.json()["id"] in jobs, retry.text

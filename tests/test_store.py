@@ -10,7 +10,7 @@ from redis.asyncio.client import Pipeline
 
 from stepstream.tasks.models import JobRecord, JobState, utcnow
 from stepstream.tasks.settings import Settings
-from stepstream.tasks.store import JobStore, new_event
+from stepstream.tasks.store import JobStore, appended_from, new_event
 from tests.support.processes import Valkey
 
 
@@ -103,6 +103,16 @@ async def _a_resent_call_applies_once(url: str) -> None:
         # A new call with the same content is a new append, not a repeat.
         assert (await store.append("j2", done, {"message": "again"})).ok
         assert len(await store.read_events("j2", "0", 100)) == 3
+        # The create sent again after other appends (a batch's MULTI re-sent late): still the
+        # same create, not a refusal that a new id "exists".
+        fresh = running_record("j3", "resent")
+        keys, args = store._create_call(fresh, [new_event("j3", "queued", 0)], [], 0, None)
+        assert appended_from(await store._append(keys=keys, args=args)).ok
+        later = new_event("j3", "log", 1, message="a worker's append")
+        assert (await store.append("j3", later, {"message": "later"})).ok
+        late = appended_from(await store._append(keys=keys, args=args))
+        assert late.ok, f"the resent create was refused as {late.refused!r}"
+        assert len(await store.read_events("j3", "0", 100)) == 2
     finally:
         await redis.aclose()
 
