@@ -17,8 +17,7 @@ import httpx
 from stepstream.server import StepstreamApp, create_app
 from stepstream.tasks.registry import TaskRegistry, default_registry
 from stepstream.tasks.settings import Settings
-from tests.conftest import Valkey
-from tests.support.processes import Worker, stack_env
+from tests.support.processes import Valkey, Worker, stack_env
 from tests.support.registries import ALPHA, BETA
 
 _prefixes = itertools.count(1)
