@@ -18,7 +18,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from arq.connections import RedisSettings, create_pool
 from redis.asyncio import Redis
@@ -54,7 +54,7 @@ from stepstream.tasks.apikeys import ApiKeys
 from stepstream.tasks.connection import connect
 from stepstream.tasks.errors import ConfigurationError
 from stepstream.tasks.logs import setup_logging
-from stepstream.tasks.registry import load_tasks
+from stepstream.tasks.registry import TaskRegistry, load_tasks
 from stepstream.tasks.settings import Settings, get_settings
 from stepstream.tasks.store import JobStore
 
@@ -78,7 +78,12 @@ def browser_client(name: str, media_type: str) -> Callable[[Request], Awaitable[
 
 
 class StepstreamApp(Starlette):
-    """The app ``create_app`` builds: a Starlette app whose lifespan a host app can run."""
+    """The app ``create_app`` builds: a Starlette app whose lifespan a host app can run, and
+    which serves the tasks of its ``registry``."""
+
+    def __init__(self, registry: TaskRegistry, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.registry = registry
 
     def lifespan(self, host: object = None) -> AbstractAsyncContextManager[None]:
         """Connects to Redis and starts the hub; stops them on exit.
@@ -105,9 +110,16 @@ class StepstreamApp(Starlette):
 
 
 def create_app(
-    settings: Settings | None = None, *, configure_logging: bool = False
+    settings: Settings | None = None,
+    *,
+    registry: TaskRegistry | None = None,
+    configure_logging: bool = False,
 ) -> StepstreamApp:
     """Stepstream's web app, to run alone or to mount in a host app (see the module doc).
+
+    The app serves the tasks of ``registry``: submits, ``/api/tasks``, ``/openapi.json`` and
+    ``/api/stats`` know those and no others. By default it is the default registry, with the
+    configured task modules (``STEPSTREAM_TASK_MODULES``) imported.
 
     ``configure_logging`` installs Stepstream's log handler on the root logger and routes
     uvicorn's loggers through it (``STEPSTREAM_LOG_FORMAT``), as the standalone app does. Off,
@@ -117,7 +129,11 @@ def create_app(
     if configure_logging:
         # Here rather than in the lifespan: uvicorn writes its first lines between the two.
         setup_logging("web", settings)
-    load_tasks(settings.task_module_list, demo=settings.demo_tasks)
+    served = (
+        registry
+        if registry is not None
+        else load_tasks(settings.task_module_list, demo=settings.demo_tasks)
+    )
     web_metrics = WebMetrics()
 
     @asynccontextmanager
@@ -158,7 +174,7 @@ def create_app(
             token_ttl=settings.token_ttl_seconds,
         )
         auth.watch.start()  # ends the streams of revoked keys
-        app.state.stepstream = AppState(settings, redis, store, hub, arq, auth)
+        app.state.stepstream = AppState(settings, redis, store, hub, arq, auth, served)
         try:
             yield
         finally:
@@ -195,6 +211,7 @@ def create_app(
     ]
     routes = web_metrics.instrument(routes)  # counts submissions, streamed events; log tags
     return StepstreamApp(
+        served,
         routes=routes,
         # Innermost, so its 503 still gets the security and CORS headers.
         middleware=[

@@ -48,7 +48,7 @@ async def submit_batch(request: Request) -> Response:
     state: AppState = request.app.state.stepstream
     principal = await state.auth.authenticate(request)
     body = await read_object(request, state, BATCH_FIELDS, "{task, inputs}")
-    spec = task_named(body.get("task"))
+    spec = task_named(state, body.get("task"))
     task_name = spec.name
     inputs = body.get("inputs")
     limit = state.settings.max_batch_size

@@ -23,7 +23,6 @@ from stepstream.server.state import AppState
 from stepstream.tasks import heartbeat
 from stepstream.tasks.inputs import job_of_entry
 from stepstream.tasks.models import JobState
-from stepstream.tasks.registry import all_tasks
 from stepstream.tasks.store import JobStore
 
 # The most queue entries one request reads. Past it, counts by state are of the oldest entries
@@ -164,7 +163,7 @@ async def stats(request: Request) -> Response:
     store = state.store
     now = time.time()
     queue = await read_queue(store, now)
-    registered = [spec.name for spec in all_tasks()]
+    registered = [spec.name for spec in state.registry.tasks()]
     outcomes, durations = await heartbeat.read_day(store.redis, store.keys, registered, now)
     workers = await read_workers(store, principal.may_read)
     names = list(dict.fromkeys([*registered, *queue.active, *outcomes]))

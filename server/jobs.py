@@ -28,7 +28,7 @@ from stepstream.server.subjects import subject_field, subject_param
 from stepstream.server.urls import job_links, root_path
 from stepstream.tasks import cancellation, creation
 from stepstream.tasks.models import JobRecord, JobState, new_job_id
-from stepstream.tasks.registry import TaskSpec, all_tasks, get_task
+from stepstream.tasks.registry import TaskSpec
 from stepstream.tasks.settings import Settings
 from stepstream.tasks.store import Appended
 
@@ -81,13 +81,13 @@ async def read_json(request: Request, max_bytes: int, *, optional: bool = False)
         raise ApiError(400, "malformed_json", "the body is nested too deeply") from None
 
 
-def task_named(name: object) -> TaskSpec:
-    """The declared task ``name`` names (422 naming the known tasks otherwise)."""
+def task_named(state: AppState, name: object) -> TaskSpec:
+    """The task of the app's registry ``name`` names (422 naming the known tasks otherwise)."""
     if not isinstance(name, str):
         raise ApiError(422, "invalid_body", "`task` must be a string naming a task")
-    spec = get_task(name)
+    spec = state.registry.get_task(name)
     if spec is None:
-        known = [t.name for t in all_tasks()]
+        known = [t.name for t in state.registry.tasks()]
         raise ApiError(422, "unknown_task", f"no task named {name!r}", {"known_tasks": known})
     return spec
 
@@ -129,7 +129,7 @@ async def submit_job(request: Request) -> Response:
     state: AppState = request.app.state.stepstream
     principal = await state.auth.authenticate(request)
     body = await read_object(request, state, SUBMIT_FIELDS, "{task, input}")
-    spec = task_named(body.get("task"))
+    spec = task_named(state, body.get("task"))
     raw_input = body.get("input", {})
     if not isinstance(raw_input, dict):
         raise ApiError(422, "invalid_input", "`input` must be a JSON object")
@@ -536,7 +536,7 @@ async def retry_job(request: Request) -> Response:
     record = await load_job(request, await state.auth.authenticate(request))
     if record.state not in (JobState.failed, JobState.cancelled):
         raise _conflict(record, "retry")
-    spec = get_task(record.task)
+    spec = state.registry.get_task(record.task)
     if spec is None:
         raise ApiError(422, "unknown_task", f"task {record.task!r} is no longer declared")
     appended = await creation.requeue(state.store, state.arq, record, spec)
@@ -559,4 +559,4 @@ def _conflict(record: JobRecord, action: str) -> ApiError:
 async def list_tasks(request: Request) -> Response:
     state: AppState = request.app.state.stepstream
     await state.auth.authenticate(request)
-    return JSONResponse({"tasks": [spec.describe() for spec in all_tasks()]})
+    return JSONResponse({"tasks": [spec.describe() for spec in state.registry.tasks()]})

@@ -19,7 +19,7 @@ from stepstream.server.state import AppState
 from stepstream.server.urls import root_path
 from stepstream.tasks import destinations
 from stepstream.tasks.models import JobRecord, JobState
-from stepstream.tasks.registry import TaskSpec, all_tasks, submitted_input_model
+from stepstream.tasks.registry import TaskSpec, submitted_input_model
 from stepstream.tasks.settings import Settings
 
 Schema = dict[str, Any]
@@ -439,13 +439,15 @@ def _job_links() -> dict[str, Schema]:
     }
 
 
-def document(root: str, settings: Settings, *, production: bool) -> dict[str, Any]:
-    """The document; ``root`` is the path the API is served under (``/progress`` when mounted).
+def document(
+    root: str, settings: Settings, tasks: list[TaskSpec], *, production: bool
+) -> dict[str, Any]:
+    """The document for ``tasks``; ``root`` is the path the API is served under (``/progress``
+    when mounted).
 
     In production every ``/api`` call needs a key (or, where it says so, a stream token); in
     development credentials are optional.
     """
-    tasks = all_tasks()
     inputs, input_components = _task_inputs(tasks)
     anonymous: list[dict[str, list[str]]] = [] if production else [{}]
     with_key = [KEY_SECURITY, *anonymous]
@@ -935,5 +937,10 @@ async def openapi(request: Request) -> Response:
     if not state.settings.public_openapi:
         await state.auth.authenticate(request)
     return JSONResponse(
-        document(root_path(request), state.settings, production=state.auth.production)
+        document(
+            root_path(request),
+            state.settings,
+            state.registry.tasks(),
+            production=state.auth.production,
+        )
     )

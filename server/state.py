@@ -1,4 +1,5 @@
-"""What the web process holds for its lifetime: settings, Redis, the store, the hub, arq."""
+"""What the web process holds for its lifetime: settings, Redis, the store, the hub, arq, and
+the registry of the tasks it serves."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from redis.asyncio import Redis
 
 from stepstream.server.auth import Authenticator
 from stepstream.server.hub import Hub
+from stepstream.tasks.registry import TaskRegistry
 from stepstream.tasks.settings import Settings
 from stepstream.tasks.store import JobStore
 
@@ -22,6 +24,7 @@ class AppState:
     hub: Hub
     arq: ArqRedis
     auth: Authenticator
+    registry: TaskRegistry
     # Open streams of this process, in all and by what they count against (server/guards.py).
     open_streams: int = 0
     streams_by_holder: Counter[str] = field(default_factory=Counter)

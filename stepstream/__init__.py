@@ -77,6 +77,7 @@ from stepstream._models import (
 _TASK_API = {
     "task": "stepstream.tasks.registry",
     "Backoff": "stepstream.tasks.registry",
+    "TaskRegistry": "stepstream.tasks.registry",
     "TaskContext": "stepstream.tasks.context",
     "StepHandle": "stepstream.tasks.context",
     "TaskError": "stepstream.tasks.errors",
@@ -111,7 +112,7 @@ if TYPE_CHECKING:
     )
     from stepstream.tasks.llm import LLMInvalidReply, LLMRefused, LLMRequestError, LLMUnavailable
     from stepstream.tasks.recurring import recurring
-    from stepstream.tasks.registry import Backoff, task
+    from stepstream.tasks.registry import Backoff, TaskRegistry, task
 
 
 def __getattr__(name: str) -> Any:
@@ -182,6 +183,7 @@ __all__ = [
     "TaskContext",
     "TaskError",
     "TaskInfo",
+    "TaskRegistry",
     "TaskTimeout",
     "TransientError",
     "Unauthorized",

@@ -110,11 +110,11 @@ def configuration_problem(env: dict[str, str], web_host: str | None) -> str | No
             if problem:
                 return problem
         try:
-            load_tasks(settings.task_module_list, demo=settings.demo_tasks)
+            registry = load_tasks(settings.task_module_list, demo=settings.demo_tasks)
             if web_host is None:  # a worker fires the recurring jobs: each must fit its task
                 from stepstream.tasks.recurring import check_declarations
 
-                check_declarations()
+                check_declarations(registry)
         except ConfigurationError as exc:
             return str(exc)
         return None

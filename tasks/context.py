@@ -31,7 +31,7 @@ from stepstream.tasks.store import JobStore, new_event
 from stepstream.tasks.writer import EventWriter
 
 if TYPE_CHECKING:
-    from stepstream.tasks.llm import Message
+    from stepstream.tasks.llm import Message, Providers
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
@@ -59,9 +59,12 @@ class StepHandle:
 
 
 class TaskContext:
-    def __init__(self, store: JobStore, spec: TaskSpec, record: JobRecord) -> None:
+    def __init__(
+        self, store: JobStore, spec: TaskSpec, record: JobRecord, llm_providers: Providers
+    ) -> None:
         self.store = store
         self.spec = spec
+        self.llm_providers = llm_providers  # the worker's, which ``llm()`` calls through
         self.job_id = record.id
         self.attempt = record.attempt
         self.max_attempts = spec.max_attempts

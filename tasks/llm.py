@@ -533,42 +533,49 @@ def _fill(node: dict[str, Any], root: dict[str, Any], words: list[str], depth: i
 
 # -- the provider a worker uses -------------------------------------------------------------
 
-_providers: dict[tuple[Any, ...], Provider] = {}
+
+class Providers:
+    """A worker's LLM providers, made on first use and kept for its lifetime (each HTTP client
+    pools its connections); the worker closes them as it shuts down."""
+
+    def __init__(self) -> None:
+        self._made: dict[tuple[Any, ...], Provider] = {}
+
+    def get(self, settings: Settings) -> Provider:
+        """The provider ``settings`` configure."""
+        key = (
+            settings.llm_provider,
+            settings.llm_base_url,
+            settings.llm_api_key,
+            settings.llm_timeout_seconds,
+            settings.llm_max_retries,
+            settings.llm_max_inline_wait_seconds,
+            settings.llm_offline_word_seconds,
+        )
+        provider = self._made.get(key)
+        if provider is None:
+            provider = self._made[key] = make_provider(settings)
+        return provider
+
+    async def aclose(self) -> None:
+        """Close the providers' HTTP clients (the worker's shutdown)."""
+        made = list(self._made.values())
+        self._made.clear()
+        for provider in made:
+            await provider.aclose()
 
 
-def get_provider(settings: Settings) -> Provider:
-    """The configured provider, one per process (its HTTP client pools connections)."""
-    key = (
-        settings.llm_provider,
-        settings.llm_base_url,
-        settings.llm_api_key,
-        settings.llm_timeout_seconds,
-        settings.llm_max_retries,
-        settings.llm_max_inline_wait_seconds,
-        settings.llm_offline_word_seconds,
-    )
-    provider = _providers.get(key)
-    if provider is None:
-        if settings.llm_provider == "openai":
-            provider = OpenAIProvider(
-                settings.llm_base_url,
-                settings.llm_api_key,
-                timeout=settings.llm_timeout_seconds,
-                max_retries=settings.llm_max_retries,
-                max_inline_wait=settings.llm_max_inline_wait_seconds,
-            )
-        else:
-            provider = OfflineProvider(settings.llm_offline_word_seconds)
-        _providers[key] = provider
-    return provider
-
-
-async def close_providers() -> None:
-    """Close the providers' HTTP clients (the worker's shutdown)."""
-    providers = list(_providers.values())
-    _providers.clear()
-    for provider in providers:
-        await provider.aclose()
+def make_provider(settings: Settings) -> Provider:
+    """A new provider as ``settings`` configure it (``STEPSTREAM_LLM_PROVIDER``)."""
+    if settings.llm_provider == "openai":
+        return OpenAIProvider(
+            settings.llm_base_url,
+            settings.llm_api_key,
+            timeout=settings.llm_timeout_seconds,
+            max_retries=settings.llm_max_retries,
+            max_inline_wait=settings.llm_max_inline_wait_seconds,
+        )
+    return OfflineProvider(settings.llm_offline_word_seconds)
 
 
 # -- a call made by a task ------------------------------------------------------------------
@@ -613,7 +620,7 @@ async def ask(
     if stream and response_model is not None:
         raise TypeError("stream=True streams text: it cannot be combined with response_model")
     settings = ctx.store.settings
-    provider = get_provider(settings)
+    provider = ctx.llm_providers.get(settings)
     model_name = model or ctx.spec.model or settings.llm_model
     price = pricing or ctx.spec.pricing
     conversation: list[Message] = list(messages)

@@ -27,7 +27,7 @@ from stepstream.tasks import creation
 from stepstream.tasks.creation import NewJob
 from stepstream.tasks.errors import ConfigurationError
 from stepstream.tasks.models import JobRecord
-from stepstream.tasks.registry import get_task
+from stepstream.tasks.registry import TaskRegistry, default_registry
 from stepstream.tasks.store import JobStore
 
 # (name, low, high) of each field in order; the optional sixth is seconds.
@@ -49,11 +49,11 @@ class Recurring:
     input: dict[str, Any] = field(default_factory=dict)
     owner: str | None = None
 
+    def __post_init__(self) -> None:
+        self.schedules()  # a bad expression fails at import, not at the first tick
+
     def schedules(self) -> list[Schedule]:
         return cron_schedules(self.cron)
-
-
-_recurring: dict[str, Recurring] = {}
 
 
 def recurring(
@@ -63,18 +63,13 @@ def recurring(
     cron: str,
     input: dict[str, Any] | None = None,
     owner: str | None = None,
+    registry: TaskRegistry | None = None,
 ) -> Recurring:
-    """Declare a recurring job (in a task module, next to its ``@task``)."""
+    """Declare a recurring job (in a task module, next to its ``@task``), into ``registry``
+    (``default_registry`` unless given)."""
     entry = Recurring(name, task, cron, dict(input or {}), owner)
-    entry.schedules()  # a bad expression fails at import, not at the first tick
-    if name in _recurring and _recurring[name] != entry:
-        raise ValueError(f"recurring job {name!r} is declared twice")
-    _recurring[name] = entry
+    (default_registry if registry is None else registry).add_recurring(entry)
     return entry
-
-
-def all_recurring() -> list[Recurring]:
-    return sorted(_recurring.values(), key=lambda r: r.name)
 
 
 Schedule = dict[str, set[int] | None]
@@ -145,9 +140,12 @@ def _parse_field(part: str, low: int, high: int, expression: str) -> set[int] | 
     return values
 
 
-async def create_job(store: JobStore, arq_redis: ArqRedis, entry: Recurring) -> JobRecord | None:
-    """Create and enqueue one ordinary job for ``entry`` (the worker side of a submission)."""
-    spec = get_task(entry.task)
+async def create_job(
+    store: JobStore, arq_redis: ArqRedis, registry: TaskRegistry, entry: Recurring
+) -> JobRecord | None:
+    """Create and enqueue one ordinary job for ``entry``, of ``registry``'s task it names (the
+    worker side of a submission)."""
+    spec = registry.get_task(entry.task)
     if spec is None:
         return None
     job = NewJob(
@@ -159,11 +157,11 @@ async def create_job(store: JobStore, arq_redis: ArqRedis, entry: Recurring) -> 
     return created.record if created.appended.ok else None
 
 
-def check_declarations() -> None:
+def check_declarations(registry: TaskRegistry) -> None:
     """Refuse (ConfigurationError) a declaration whose task is not declared or whose input
     does not fit it, so a worker fails at start rather than at every tick."""
-    for entry in all_recurring():
-        spec = get_task(entry.task)
+    for entry in registry.recurring_jobs():
+        spec = registry.get_task(entry.task)
         if spec is None:
             raise ConfigurationError(
                 f"recurring job {entry.name!r} names task {entry.task!r}, which is not declared"
@@ -181,15 +179,15 @@ def check_declarations() -> None:
             ) from None
 
 
-def cron_jobs() -> list[CronJob]:
-    """One arq cron job per declaration, for ``WorkerSettings.cron_jobs`` (each checked
-    first: ``check_declarations``)."""
-    check_declarations()
+def cron_jobs(registry: TaskRegistry) -> list[CronJob]:
+    """One arq cron job per declaration of ``registry``, for ``WorkerSettings.cron_jobs``
+    (each checked first: ``check_declarations``)."""
+    check_declarations(registry)
     jobs: list[CronJob] = []
-    for entry in all_recurring():
+    for entry in registry.recurring_jobs():
 
         async def fire(ctx: dict[str, Any], entry: Recurring = entry) -> str | None:
-            record = await create_job(ctx["store"], ctx["redis"], entry)
+            record = await create_job(ctx["store"], ctx["redis"], ctx["registry"], entry)
             return record.id if record else None
 
         for schedule in entry.schedules():

@@ -1,10 +1,16 @@
-"""The ``@task`` decorator and the registry of declared tasks."""
+"""The ``@task`` decorator and :class:`TaskRegistry`, the tasks a deployment serves.
+
+``@task`` and ``recurring(...)`` declare into :data:`default_registry`, which the configured
+task modules fill as they are imported (``load_tasks``). An app or a worker holds the registry
+it serves (``create_app(registry=...)``, ``worker_settings(settings, registry=...)``), so one
+process can serve two registries; with none given it is the default one.
+"""
 
 from __future__ import annotations
 
 import functools
 import importlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +22,7 @@ from stepstream.tasks.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from stepstream.tasks.context import TaskContext
+    from stepstream.tasks.recurring import Recurring
 
 TaskFunction = Callable[["TaskContext", Any], Awaitable[Any]]
 
@@ -102,7 +109,44 @@ def submitted_input_model(model: type[BaseModel]) -> type[BaseModel]:
     return type(model.__name__, (model,), namespace)
 
 
-_registry: dict[str, TaskSpec] = {}
+class TaskRegistry:
+    """Declared tasks by name, and the recurring jobs declared on them."""
+
+    def __init__(self, tasks: Iterable[TaskSpec] = (), recurring: Iterable[Recurring] = ()) -> None:
+        self._tasks: dict[str, TaskSpec] = {}
+        self._recurring: dict[str, Recurring] = {}
+        for spec in tasks:
+            self.add_task(spec)
+        for entry in recurring:
+            self.add_recurring(entry)
+
+    def add_task(self, spec: TaskSpec) -> None:
+        # The same function again is a module imported twice (as a script and by name, say).
+        held = self._tasks.get(spec.name)
+        if held is not None and held.fn is not spec.fn:
+            raise ValueError(f"task {spec.name!r} is declared twice")
+        self._tasks[spec.name] = spec
+
+    def add_recurring(self, entry: Recurring) -> None:
+        held = self._recurring.get(entry.name)
+        if held is not None and held != entry:
+            raise ValueError(f"recurring job {entry.name!r} is declared twice")
+        self._recurring[entry.name] = entry
+
+    def get_task(self, name: str) -> TaskSpec | None:
+        return self._tasks.get(name)
+
+    def tasks(self) -> list[TaskSpec]:
+        return sorted(self._tasks.values(), key=lambda spec: spec.name)
+
+    def recurring_jobs(self) -> list[Recurring]:
+        return sorted(self._recurring.values(), key=lambda entry: entry.name)
+
+    def __repr__(self) -> str:
+        return f"TaskRegistry(tasks={sorted(self._tasks)}, recurring={sorted(self._recurring)})"
+
+
+default_registry = TaskRegistry()
 
 
 def task(
@@ -123,50 +167,46 @@ def task(
     budget: float | None = None,
     cache_ttl: float | None = None,
     model: str | None = None,
+    registry: TaskRegistry | None = None,
 ) -> Callable[[TaskFunction], TaskFunction]:
-    """Declare a task: a typed async function run step by step by the worker."""
+    """Declare a task: a typed async function run step by step by the worker. It goes into
+    ``registry``, :data:`default_registry` unless given."""
     if not steps:
         raise ValueError(f"task {name!r} declares no steps")
     if len(set(steps)) != len(steps):
         raise ValueError(f"task {name!r} declares a step twice")
+    target = default_registry if registry is None else registry
 
     def register(fn: TaskFunction) -> TaskFunction:
-        if name in _registry and _registry[name].fn is not fn:
-            raise ValueError(f"task {name!r} is declared twice")
-        _registry[name] = TaskSpec(
-            name=name,
-            fn=fn,
-            steps=tuple(steps),
-            input_model=input,
-            output_model=output,
-            title=title or name.replace("_", " ").capitalize(),
-            description=description or (fn.__doc__ or "").strip(),
-            max_attempts=max_attempts,
-            timeout=timeout,
-            retry_timeouts=retry_timeouts,
-            concurrency=concurrency,
-            backoff=backoff or Backoff(),
-            sample_input=sample_input,
-            pricing=pricing or FREE,
-            budget=budget,
-            cache_ttl=cache_ttl,
-            model=model,
+        target.add_task(
+            TaskSpec(
+                name=name,
+                fn=fn,
+                steps=tuple(steps),
+                input_model=input,
+                output_model=output,
+                title=title or name.replace("_", " ").capitalize(),
+                description=description or (fn.__doc__ or "").strip(),
+                max_attempts=max_attempts,
+                timeout=timeout,
+                retry_timeouts=retry_timeouts,
+                concurrency=concurrency,
+                backoff=backoff or Backoff(),
+                sample_input=sample_input,
+                pricing=pricing or FREE,
+                budget=budget,
+                cache_ttl=cache_ttl,
+                model=model,
+            )
         )
         return fn
 
     return register
 
 
-def get_task(name: str) -> TaskSpec | None:
-    return _registry.get(name)
-
-
-def all_tasks() -> list[TaskSpec]:
-    return sorted(_registry.values(), key=lambda spec: spec.name)
-
-
-def load_tasks(modules: list[str], *, demo: bool = True) -> None:
-    """Import the modules whose ``@task`` declarations fill the registry."""
+def load_tasks(modules: list[str], *, demo: bool = True) -> TaskRegistry:
+    """Import the modules whose ``@task`` declarations fill :data:`default_registry`, and
+    return it."""
     for module in (*(BUILTIN_TASK_MODULES if demo else ()), *modules):
         try:
             importlib.import_module(module)
@@ -177,3 +217,4 @@ def load_tasks(modules: list[str], *, demo: bool = True) -> None:
                 f"STEPSTREAM_TASK_MODULES names {module!r}, which cannot be imported from "
                 f"{Path.cwd()} (is it on PYTHONPATH, or in the directory you start from?)"
             ) from None
+    return default_registry

@@ -32,8 +32,9 @@ from stepstream.tasks.errors import (
     TaskTimeout,
 )
 from stepstream.tasks.inputs import InputSuspended
+from stepstream.tasks.llm import Providers
 from stepstream.tasks.models import JobRecord, JobState, utcnow
-from stepstream.tasks.registry import TaskSpec, get_task
+from stepstream.tasks.registry import TaskRegistry, TaskSpec
 from stepstream.tasks.store import JobStore, new_event
 
 logger = logging.getLogger("stepstream.worker")
@@ -155,7 +156,8 @@ async def run_job(ctx: dict[str, Any], job_id: str) -> None:
             error=record.error.model_dump() if record.error is not None else None,
         )
         return
-    spec = get_task(record.task)
+    registry: TaskRegistry = ctx["registry"]
+    spec = registry.get_task(record.task)
     if spec is None:
         await _fail(store, record, None, "UnknownTask", f"no task named {record.task!r}")
         return
@@ -169,7 +171,7 @@ async def run_job(ctx: dict[str, Any], job_id: str) -> None:
     if arq_id != job_id:  # an answer's entry (tasks/inputs.py): its lease is its own
         monitor.arq_ids[job_id] = arq_id
     try:
-        await _run_attempt(store, monitor, spec, record, arq=ctx.get("redis"))
+        await _run_attempt(store, monitor, spec, record, ctx["llm_providers"], arq=ctx.get("redis"))
     finally:
         monitor.arq_ids.pop(job_id, None)
         await monitor.release_slot(job_id)
@@ -180,6 +182,7 @@ async def _run_attempt(
     monitor: JobMonitor,
     spec: TaskSpec,
     record: JobRecord,
+    llm_providers: Providers,
     *,
     arq: ArqRedis | None = None,
 ) -> None:
@@ -207,7 +210,7 @@ async def _run_attempt(
         return
     record.attempt = attempt
     record.started_at = started_at  # job durations in metrics run from the first start
-    context = TaskContext(store, spec, record)
+    context = TaskContext(store, spec, record, llm_providers)
     # Every log line of this job (this asyncio task) now says which job, attempt and step.
     logs.bind_job(job_id, spec.name, attempt, context)
     logger.info("job started: attempt %d of %d", attempt, record.max_attempts)

@@ -28,7 +28,7 @@ from stepstream.tasks.keys import Keys
 from stepstream.tasks.logs import setup_logging
 from stepstream.tasks.outbox import Outbox
 from stepstream.tasks.queue import RUN_JOB
-from stepstream.tasks.registry import load_tasks
+from stepstream.tasks.registry import TaskRegistry, load_tasks
 from stepstream.tasks.runtime import JobMonitor, input_timeout, run_job
 from stepstream.tasks.settings import Settings, get_settings
 from stepstream.tasks.store import JobStore
@@ -36,11 +36,13 @@ from stepstream.tasks.store import JobStore
 logger = logging.getLogger("stepstream.worker")
 
 
-async def startup(ctx: dict[str, Any], *, settings: Settings) -> None:
+async def startup(ctx: dict[str, Any], *, settings: Settings, registry: TaskRegistry) -> None:
     redis = connect(settings.redis_url)
     store = JobStore(redis, settings)
     monitor = JobMonitor(store, settings.lease_seconds)
     monitor.start()
+    # What the jobs read from the worker: its tasks (runtime, recurring ticks) and LLM clients.
+    ctx.update(registry=registry, llm_providers=llm.Providers())
     ctx.update(store=store, job_monitor=monitor, store_redis=redis)
     beat = Heartbeat(
         redis,
@@ -64,13 +66,16 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         await ctx["outbox"].stop(grace=5.0)
     if "job_monitor" in ctx:
         await ctx["job_monitor"].stop()
-    await llm.close_providers()  # the LLM providers' HTTP connection pools
+    if "llm_providers" in ctx:
+        await ctx["llm_providers"].aclose()  # their HTTP connection pools
     if "store_redis" in ctx:
         await ctx["store_redis"].aclose()
 
 
-def worker_settings(settings: Settings | None = None) -> type:
-    """arq's settings class for a worker of ``settings`` (the environment's by default).
+def worker_settings(settings: Settings | None = None, registry: TaskRegistry | None = None) -> type:
+    """arq's settings class for a worker of ``settings`` (the environment's by default) that
+    runs the tasks and recurring jobs of ``registry`` (by default the default registry, with
+    the configured task modules imported).
 
     A function, not a class built at import: building it sets up logging and imports the task
     modules (their recurring declarations become cron jobs), which importing this module for
@@ -79,7 +84,11 @@ def worker_settings(settings: Settings | None = None) -> type:
     config = settings or get_settings()
     # Before arq's CLI logs its first lines, which come before on_startup runs.
     setup_logging("worker", config)
-    load_tasks(config.task_module_list, demo=config.demo_tasks)
+    served = (
+        registry
+        if registry is not None
+        else load_tasks(config.task_module_list, demo=config.demo_tasks)
+    )
     connection = RedisSettings.from_dsn(config.redis_url)
     connection.retry_on_error = [ConnectionError, TimeoutError, OSError]
     connection.retry = patient_retry()
@@ -96,8 +105,8 @@ def worker_settings(settings: Settings | None = None) -> type:
         queue_name = Keys(config.prefix).queue
         redis_settings = connection
         # Recurring jobs declared in the task modules (tasks/recurring.py): one job per tick.
-        cron_jobs = recurring.cron_jobs()
-        on_startup = functools.partial(startup, settings=config)
+        cron_jobs = recurring.cron_jobs(served)
+        on_startup = functools.partial(startup, settings=config, registry=served)
         on_shutdown = shutdown
         max_jobs = config.max_jobs
         # arq polls the queue every 0.5 s by default: an idle worker would add up to that
@@ -152,11 +161,11 @@ class Worker(arq.worker.Worker):
                 logger.warning("Redis error while starting a job; retrying: %r", exc)
 
 
-def worker(settings: Settings | None = None) -> Worker:
+def worker(settings: Settings | None = None, registry: TaskRegistry | None = None) -> Worker:
     """:class:`Worker` with :func:`worker_settings`, as ``stepstream worker`` runs it."""
     settings = settings or get_settings()
     # arq types get_kwargs' values as NameError; they are the settings' values.
-    kwargs: dict[str, Any] = get_kwargs(cast(Any, worker_settings(settings)))
+    kwargs: dict[str, Any] = get_kwargs(cast(Any, worker_settings(settings, registry)))
     return Worker(**kwargs, lease_seconds=settings.lease_seconds)
 
 

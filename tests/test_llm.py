@@ -19,7 +19,9 @@ from stepstream.tasks.llm import (
     LLMUnavailable,
     OfflineProvider,
     OpenAIProvider,
+    Providers,
 )
+from stepstream.tasks.settings import Settings
 from tests.conftest import Stack, StackFactory
 from tests.support.api import submit, wait_state
 from tests.support.chat_server import Answer, ChatServer, chat_server, error, reply
@@ -125,6 +127,35 @@ def test_a_content_policy_refusal_is_permanent(chat: ChatServer) -> None:
     with pytest.raises(LLMRequestError, match="401"):
         complete(OpenAIProvider(chat.url))
     assert len(chat.requests) == 1, "a 4xx is not retried"
+
+
+def test_a_workers_providers_are_made_once_and_closed_with_it(chat: ChatServer) -> None:
+    """Each worker holds its own (``ctx["llm_providers"]``): one client per configuration,
+    pooling its connections across jobs, and closed at the worker's shutdown."""
+    chat.reset(reply("one"), reply("two"))
+    settings = Settings.model_validate(
+        {"llm_provider": "openai", "llm_base_url": chat.url, "llm_api_key": "sk-test"}
+    )
+
+    async def run() -> None:
+        providers = Providers()
+        first = providers.get(settings)
+        assert providers.get(settings) is first, "one client per configuration"
+        assert (await first.complete(MESSAGES, model="m")).text == "one"
+        offline = providers.get(settings.model_copy(update={"llm_provider": "offline"}))
+        assert isinstance(offline, OfflineProvider)
+        await providers.aclose()
+        with pytest.raises(RuntimeError, match="closed"):
+            await first.complete(MESSAGES, model="m")  # its HTTP client is closed
+        again = providers.get(settings)
+        assert again is not first
+        try:
+            assert (await again.complete(MESSAGES, model="m")).text == "two"
+        finally:
+            await providers.aclose()
+
+    asyncio.run(run())
+    assert len(chat.requests) == 2
 
 
 def test_the_offline_provider_is_deterministic() -> None:

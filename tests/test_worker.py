@@ -50,11 +50,11 @@ import stepstream.tasks.worker as worker
 from stepstream.tasks import registry
 from stepstream.tasks.settings import Settings
 
-assert not registry.all_tasks(), "importing the worker module imported task modules"
+assert not registry.default_registry.tasks(), "importing the worker module imported task modules"
 assert not logging.getLogger().handlers, "importing the worker module set up logging"
 built = worker.worker_settings(Settings(demo_tasks=True, prefix="built:"))
 assert built.queue_name == "built:queue", built.queue_name
-assert registry.get_task("analyze_document") is not None
+assert registry.default_registry.get_task("analyze_document") is not None
 assert worker.WorkerSettings.functions[0].name == "stepstream.run_job"
 print("ok")
 """

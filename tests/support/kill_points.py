@@ -64,19 +64,19 @@ async def _tick() -> str:
     from arq.connections import ArqRedis
 
     from stepstream.tasks.connection import connect
-    from stepstream.tasks.recurring import all_recurring, create_job
+    from stepstream.tasks.recurring import create_job
     from stepstream.tasks.registry import load_tasks
     from stepstream.tasks.settings import get_settings
     from stepstream.tasks.store import JobStore
 
     settings = get_settings()
-    load_tasks(settings.task_module_list, demo=settings.demo_tasks)
+    registry = load_tasks(settings.task_module_list, demo=settings.demo_tasks)
     redis = connect(settings.redis_url)
     arq = ArqRedis.from_url(settings.redis_url)
     try:
-        (entry,) = [r for r in all_recurring() if r.name == "tick"]
+        (entry,) = [r for r in registry.recurring_jobs() if r.name == "tick"]
         _armed.set(True)
-        record = await create_job(JobStore(redis, settings), arq, entry)
+        record = await create_job(JobStore(redis, settings), arq, registry, entry)
         _armed.set(False)
     finally:
         await redis.aclose()
