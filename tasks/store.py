@@ -7,7 +7,9 @@ a compare-and-set, which is how the web process and a worker race safely over a 
 The same script takes several events of one job at once (``append_many``): a burst of progress
 costs one round trip and one precondition check instead of one per event. It also checks and
 takes an owner's unfinished-jobs places (``STEPSTREAM_MAX_UNFINISHED_PER_OWNER``) with the write
-they admit, so concurrent submissions can never share the last place.
+they admit, so concurrent submissions can never share the last place, and it counts the state
+transition it writes (tasks/transitions.py) and a batch child's end into its batch, so no path
+can write a transition without counting it.
 """
 
 from __future__ import annotations
