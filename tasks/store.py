@@ -180,10 +180,11 @@ if terminal then
     end
   end
 end
-local task = redis.call('HGET', KEYS[1], 'task')
+local counted = tonumber(ARGV[19])
+local task = counted > 0 and redis.call('HGET', KEYS[1], 'task')
 if task then
   task = cjson.decode(task)
-  for c = 9, 8 + 2 * tonumber(ARGV[19]), 2 do
+  for c = 9, 8 + 2 * counted, 2 do
     redis.call('HINCRBY', KEYS[c], task, 1)
     redis.call('HINCRBY', KEYS[c + 1], task, 1)
     redis.call('EXPIRE', KEYS[c + 1], ARGV[20])
