@@ -33,6 +33,18 @@ BY_STATE: dict[JobState, str] = {
     JobState.cancelled: "cancelled",
 }
 
+# The event that records each transition in a job's log (``submitted``: its first ``queued``;
+# a later one, a manual retry, is none): what a job's log says it was counted for.
+EVENT_TYPES = {
+    "submitted": "queued",
+    "started": "started",
+    "retried": "retrying",
+    "waiting": "waiting",
+    "completed": "completed",
+    "failed": "failed",
+    "cancelled": "cancelled",
+}
+
 WINDOW_SECONDS = 15 * 60
 DAY_SECONDS = 24 * 3600
 # A window is read for a day after it closes, then it is of no use.

@@ -25,16 +25,6 @@ from tests.test_metrics import scrape, stats, value
 
 MODULES = "tests.support.tasks,tests.support.ai_tasks,tests.support.ai_recurring"
 ENDED = {"completed", "failed", "cancelled"}
-# The event that records each transition in a job's log; a job's first `queued` is its
-# submission (a later one, a manual retry, is none).
-EVENT_OF = {
-    "started": "started",
-    "retried": "retrying",
-    "waiting": "waiting",
-    "completed": "completed",
-    "failed": "failed",
-    "cancelled": "cancelled",
-}
 
 
 def logged_transitions(redis: Any, prefix: str) -> dict[str, Counter[str]]:
@@ -46,8 +36,9 @@ def logged_transitions(redis: Any, prefix: str) -> dict[str, Counter[str]]:
         types = [json.loads(f["e"])["type"] for _, f in redis.xrange(keys.job_events(job_id))]
         assert types[0] == "queued", (job_id, types)
         out["submitted"][task] += 1
-        for name, event in EVENT_OF.items():
-            out[name][task] += types.count(event)
+        for name, event in transitions.EVENT_TYPES.items():
+            if name != "submitted":
+                out[name][task] += types.count(event)
     return out
 
 
