@@ -41,8 +41,6 @@ from stepstream.tasks.models import JobRecord, utcnow
 from stepstream.tasks.store import JobStore
 from stepstream.tasks.transitions import COUNTERS, DAY_SECONDS, WINDOW_SECONDS, day_windows
 
-__all__ = ["DAY_SECONDS", "WINDOW_SECONDS"]
-
 logger = logging.getLogger("stepstream.heartbeat")
 job_logger = logging.getLogger("stepstream.worker")
 

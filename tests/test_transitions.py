@@ -211,3 +211,18 @@ async def _resent_appends_count_once(url: str) -> None:
 
 def test_a_resent_append_counts_its_transition_once(valkey: Valkey) -> None:
     asyncio.run(asyncio.wait_for(_resent_appends_count_once(valkey.url), 30))
+
+
+def test_each_write_names_the_transitions_it_counts() -> None:
+    made = transitions.made
+    assert made("create", "queued") == made("create", "scheduled") == ("submitted",)
+    assert made("create", "completed") == ("submitted", "completed")  # a cached result
+    assert made("create", "running") == ("submitted", "started")  # a batch's parent
+    assert made("update+cancel", "running") == ("started",)
+    assert made("update", "retrying") == ("retried",)
+    assert made("update+cancel", "waiting") == ("waiting",)
+    assert made("update", "cancelled") == ("cancelled",)
+    # Back to queued (a manual retry, an answer) is no submission; no state, no transition.
+    assert made("update", "queued") == made("update", None) == ()
+    assert set(transitions.BY_STATE) == set(JobState)
+    assert set(transitions.EVENT_TYPES) == set(transitions.COUNTERS)
