@@ -39,6 +39,7 @@ import httpx
 import redis
 
 from bench.common import LIFTED, rss_kib
+from stepstream.tasks import transitions
 from stepstream.tasks.keys import Keys
 from stepstream.tasks.store import decode_record
 from tests.support.processes import Process, Valkey, Web, Worker, stack_env, wait_until
@@ -629,6 +630,29 @@ def check(stack: Stack, run: Run) -> dict[str, int]:
         stored = {k: int(counts.get(k, 0)) for k in truth}
         if stored != truth:
             say(parent_id, f"batch counts {stored}, children {dict(states)}")
+
+    # Every transition counter equals the transitions in the logs (tasks/transitions.py): the
+    # append script counts what it writes, whatever was killed around it.
+    from_logs: Counter[tuple[str, str]] = Counter()
+    for job_id in all_ids:
+        record = records.get(job_id)
+        if record is None:
+            continue
+        types = [e["type"] for _, e in logs[job_id]]
+        from_logs["submitted", record.task] += 1
+        for name, event in transitions.EVENT_TYPES.items():
+            if name != "submitted":
+                from_logs[name, record.task] += types.count(event)
+    counted: Counter[tuple[str, str]] = Counter()
+    for name in transitions.COUNTERS:
+        for task, n in r.hgetall(keys.transitions(name)).items():
+            counted[name, task] = int(n)
+    for name, task in sorted(set(from_logs) | set(counted)):
+        if from_logs[name, task] != counted[name, task]:
+            v.append(
+                f"{name} of {task}: counted {counted[name, task]}, "
+                f"the logs have {from_logs[name, task]}"
+            )
 
     # The owner's unfinished set is exactly the non-terminal records.
     unfinished = set(r.zrange(keys.owner_unfinished(None), 0, -1))

@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from stepstream.server.state import AppState
-from stepstream.tasks import heartbeat
+from stepstream.tasks import heartbeat, transitions
 from stepstream.tasks.inputs import job_of_entry
 from stepstream.tasks.models import JobState
 from stepstream.tasks.store import JobStore
@@ -210,7 +210,7 @@ async def stats(request: Request) -> Response:
             "workers_alive": len(workers),
             "workers": workers,
             "streams_open": state.hub.subscriber_count,
-            "window_seconds": heartbeat.DAY_SECONDS,
+            "window_seconds": transitions.DAY_SECONDS,
             "scanned_jobs": queue.scanned,
             "scan_truncated": queue.truncated,
         }

@@ -85,7 +85,7 @@ async def _store_answer(state: AppState, job_id: str, name: str, value: Any, by:
             await state.store.queue_append(
                 pipe,
                 job_id,
-                event,
+                [event],
                 fields,
                 owner=record.owner,
                 expect=(JobState.waiting,),

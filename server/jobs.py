@@ -7,6 +7,7 @@ import base64
 import binascii
 import hashlib
 import json
+import logging
 import re
 import time
 from dataclasses import dataclass, field, replace
@@ -31,6 +32,8 @@ from stepstream.tasks.models import JobRecord, JobState, new_job_id
 from stepstream.tasks.registry import TaskSpec
 from stepstream.tasks.settings import Settings
 from stepstream.tasks.store import Appended
+
+logger = logging.getLogger("stepstream.web")
 
 JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -159,7 +162,6 @@ async def submit_job(request: Request) -> Response:
             state.store,
             state.arq,
             job,
-            count_submitted=True,
             then=[claim.confirm] if claim is not None else [],
         )
         record = check_created(state, created, 1)
@@ -168,6 +170,7 @@ async def submit_job(request: Request) -> Response:
         if claim is not None:
             await release_claim(state, claim)
         raise
+    logger.info("job submitted", extra=_log_fields(record))
     return accepted(request, state, principal, record, 202)
 
 
@@ -522,6 +525,7 @@ async def cancel_job(request: Request) -> Response:
         "cancelled while waiting for input" if waiting else "cancelled before it started",
     )
     if appended.ok:
+        logger.info("job cancelled before it started", extra=_log_fields(record))
         return JSONResponse(job_json(await reload(state, record), root_path(request)))
     if appended.refused == '"running"':
         # Only the worker writes a running job's events: raise the flag it watches.
@@ -545,6 +549,10 @@ async def retry_job(request: Request) -> Response:
     if not appended.ok:
         raise _conflict(await reload(state, record), "retry")
     return JSONResponse(job_json(await reload(state, record), root_path(request)), status_code=202)
+
+
+def _log_fields(record: JobRecord) -> dict[str, Any]:
+    return {"job_id": record.id, "task": record.task, "attempt": record.attempt}
 
 
 def _conflict(record: JobRecord, action: str) -> ApiError:

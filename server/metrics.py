@@ -3,25 +3,22 @@
 Two kinds of series, and each scrape of a web process returns both:
 
 - **Cluster-wide** (``stepstream_jobs_*``, ``stepstream_job_duration_seconds``,
-  ``stepstream_queue_*``, ``stepstream_workers_alive``): read from Redis at scrape time. Workers
-  have no HTTP port; they count completions, failures and retries into Redis (see
-  ``tasks/heartbeat.py``) and the web processes count submissions there. Every web process
-  reports the same values: aggregate them with ``max`` (or scrape one), never ``sum``.
+  ``stepstream_queue_*``, ``stepstream_workers_alive``): read from Redis at scrape time. Every
+  state transition is counted by the job store's append script as it is written, whichever
+  process writes it (tasks/transitions.py); workers, which have no HTTP port, add the run times
+  (``tasks/heartbeat.py``). Every web process reports the same values: aggregate them with
+  ``max`` (or scrape one), never ``sum``.
 - **Per process** (``stepstream_sse_*``, ``stepstream_redis_reconnects_total``,
   ``stepstream_hub_connected``, ``process_*``): this web process's streams and hub. Sum them
   over the web processes.
 
 The hooks wrap single routes rather than the whole app, so no other request pays for them:
-submissions and cancellations are counted from the responses of ``POST /api/jobs`` and
-``POST /api/jobs/{id}/cancel`` (the job code stays untouched), delivered events by counting
-frames as the SSE responses send them, and every request about a job tags its log lines
-with the job id.
+delivered events are counted by counting frames as the SSE responses send them, and every
+request about a job tags its log lines with the job id.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -41,17 +38,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from stepstream.server.health import read_queue
 from stepstream.server.state import AppState
-from stepstream.tasks import heartbeat, logs
+from stepstream.tasks import heartbeat, logs, transitions
 from stepstream.tasks.models import JobState
 
-logger = logging.getLogger("stepstream.web")
-
-COUNTED = ("submitted", "completed", "failed", "retried", "cancelled")
 _HELP = {
-    "submitted": "Jobs accepted by POST /api/jobs (all web processes; read from Redis).",
-    "completed": "Jobs that completed (all workers; read from Redis).",
+    "submitted": "Jobs created, by any path: the API, a batch, a recurring tick (from Redis).",
+    "started": "Runs begun: a job moved to running (a batch's parent at its creation).",
+    "retried": "Attempts followed by another: a job moved to retrying (read from Redis).",
+    "waiting": "Jobs that began waiting for human input (read from Redis).",
+    "completed": "Jobs that completed (read from Redis).",
     "failed": "Jobs that failed for good, after their last attempt (read from Redis).",
-    "retried": "Failed attempts followed by another attempt (read from Redis).",
     "cancelled": "Jobs cancelled, before they started or while running (read from Redis).",
 }
 
@@ -94,7 +90,7 @@ class WebMetrics:
         queue = await read_queue(store)
         workers = await heartbeat.read_workers(store.redis, store.keys)
         out: list[Metric] = []
-        for kind in COUNTED:
+        for kind in transitions.COUNTERS:
             family = CounterMetricFamily(f"stepstream_jobs_{kind}", _HELP[kind], labels=["task"])
             for task in sorted(counters.by_task):
                 if kind in counters.by_task[task]:
@@ -188,12 +184,7 @@ class WebMetrics:
         for route in routes:
             if not isinstance(route, Route):
                 continue
-            methods = route.methods or set()
-            if route.path == "/api/jobs" and "POST" in methods:
-                route.app = _JobResponses(route.app, "submitted")
-            elif route.path == "/api/jobs/{job_id}/cancel":
-                route.app = _JobResponses(route.app, "cancelled")
-            elif route.path == "/api/jobs/{job_id}/events":
+            if route.path == "/api/jobs/{job_id}/events":
                 route.app = _CountFrames(route.app, self.events_delivered.labels("job"))
             elif route.path == "/api/events":
                 route.app = _CountFrames(route.app, self.events_delivered.labels("firehose"))
@@ -215,50 +206,6 @@ class _BindJob:
             return
         with logs.bound_job(job_id):
             await self.app(scope, receive, send)
-
-
-class _JobResponses:
-    """Counts the jobs a response accepted (202 to a submit) or cancelled (200 to a cancel).
-
-    The body is a small JSON job record; it is read after it was sent, so the client does not
-    wait for the count.
-    """
-
-    def __init__(self, app: ASGIApp, outcome: str) -> None:
-        self.app = app
-        self.outcome = outcome
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        status = 0
-        body = bytearray()
-
-        async def capture(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            elif message["type"] == "http.response.body":
-                body.extend(message.get("body", b""))
-            await send(message)
-
-        await self.app(scope, receive, capture)
-        expected = 202 if self.outcome == "submitted" else 200
-        if status != expected:
-            return
-        try:
-            record: dict[str, Any] = json.loads(body)
-            job_id, task = str(record["id"]), str(record["task"])
-        except (ValueError, KeyError, TypeError):
-            return
-        if self.outcome == "cancelled" and record.get("state") != JobState.cancelled.value:
-            return  # a running job was asked to stop: its worker counts the cancellation
-        state: AppState = scope["app"].state.stepstream
-        fields = {"job_id": job_id, "task": task, "attempt": record.get("attempt", 0)}
-        if self.outcome == "submitted":
-            # Counted by the create script (server/jobs.py); here only the log line.
-            logger.info("job submitted", extra=fields)
-        else:
-            logger.info("job cancelled before it started", extra=fields)
-            await heartbeat.count_outcome(state.redis, state.store.keys, task, "cancelled")
 
 
 class _CountFrames:

@@ -1,54 +1,37 @@
 """Batches: one parent job over many child jobs of one task (docs/ai-workloads.md).
 
-The parent never reaches a worker. It is ``running`` from its creation; each child that ends
-(whoever ends it: a worker, or the web process cancelling a child that had not started) reports
-here, which counts the outcome atomically and appends a ``progress`` event to the parent ("23 of
-50 done, 2 failed") carrying the child's result or error. The report that makes the count reach
-the batch's size also appends the parent's ``completed`` with the final counts.
+The parent never reaches a worker. It is ``running`` from its creation. A child's end is
+counted into the batch by the append script that writes it (tasks/store.py), whoever writes
+it (a worker, or the web process cancelling a child that had not started): the batch's counts
+hash takes the child's outcome, and its ended list the child, in one call with the child's end,
+so no end can be lost to its batch. Then the writer shows it (``child_finished``): it appends a
+``progress`` event to the parent ("23 of 50 done, 2 failed") for each child counted and not
+shown yet, in the order they were counted, carrying the child's result or error; the one that
+shows the last child appends the parent's ``completed`` with the final counts too.
+
+Showing needs no lock: it reads the parent and the counts under ``WATCH`` and appends in a
+``MULTI``, so of two writers showing at once one appends and the other finds nothing left. A
+writer that dies before showing leaves the child counted: the next child's writer shows it, and
+so does arq's offer of the finished child again, or a cancel of the batch.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import WatchError
+
 from stepstream.tasks.models import JobRecord, JobState, utcnow
-from stepstream.tasks.store import JobStore, new_event
+from stepstream.tasks.store import JobStore, appended_from, decode_record, new_event
 
 logger = logging.getLogger("stepstream.batches")
 
-OUTCOMES = ("completed", "failed", "cancelled")
-
-# Count one child's outcome. KEYS: the batch's counts hash. ARGV: child id, outcome, ttl.
-# The hash maps each ended child to its outcome and keeps "#done" and "#<outcome>" counters, so
-# a child reported twice (a redelivered report) counts once, and a child retried by hand after
-# the batch moved its count from one outcome to the other. Returns done, completed, failed,
-# cancelled, and whether this report changed anything.
-_COUNT_LUA = """
-local prev = redis.call('HGET', KEYS[1], ARGV[1])
-local changed = 1
-if prev == ARGV[2] then
-  changed = 0
-else
-  if prev then
-    redis.call('HINCRBY', KEYS[1], '#' .. prev, -1)
-  else
-    redis.call('HINCRBY', KEYS[1], '#done', 1)
-  end
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-  redis.call('HINCRBY', KEYS[1], '#' .. ARGV[2], 1)
-end
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
-local counts = redis.call('HMGET', KEYS[1], '#done', '#completed', '#failed', '#cancelled')
-return {tonumber(counts[1] or 0), tonumber(counts[2] or 0), tonumber(counts[3] or 0),
-        tonumber(counts[4] or 0), changed}
-"""
+SHOW_PAGE = 200  # children shown per append
+SHOW_SECONDS = 30.0  # a writer that keeps losing the race gives up; the next one shows them
 
 
 def summary_message(counts: dict[str, int], size: int) -> str:
@@ -61,101 +44,87 @@ def empty_counts(size: int) -> dict[str, int]:
     return {"size": size, "done": 0, "completed": 0, "failed": 0, "cancelled": 0}
 
 
-async def child_finished(
-    store: JobStore,
-    child: JobRecord,
-    outcome: str,
-    *,
-    result: Any = None,
-    error: dict[str, Any] | None = None,
-) -> None:
-    """Report a child's end to its batch. Never raises: the child has ended whatever happens
-    here (a failure is logged)."""
+async def child_finished(store: JobStore, child: JobRecord) -> None:
+    """Show the ended child ``child`` (and any other counted child not shown yet) in its
+    batch's log. Never raises: the child has ended and is counted whatever happens here (a
+    failure is logged)."""
     if child.batch_id is None:
         return
     try:
-        await _report(store, child, outcome, result, error)
+        await show(store, child.batch_id)
     except Exception:
         logger.warning(
             "could not report job %s to its batch %s", child.id, child.batch_id, exc_info=True
         )
 
 
-_RELEASE_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-
-@asynccontextmanager
-async def _batch_lock(store: JobStore, batch_id: str) -> AsyncIterator[None]:
-    key = store.keys.batch_lock(batch_id)
-    token = secrets.token_hex(8)
-    deadline = time.monotonic() + 10
-    # The lock expires by itself (5 s) if its holder dies; a report never waits past 10 s.
-    while not await store.redis.set(key, token, nx=True, px=5_000):
+async def show(store: JobStore, batch_id: str) -> None:
+    """Append the batch's ``progress`` for every child counted and not shown yet, and its
+    ``completed`` once every child is shown."""
+    deadline = time.monotonic() + SHOW_SECONDS
+    while not await _show_some(store, batch_id):
         if time.monotonic() > deadline:
-            raise TimeoutError(f"batch {batch_id} stayed locked")
-        await asyncio.sleep(0.005)
-    try:
-        yield
-    finally:
-        await store.redis.eval(_RELEASE_LUA, 1, key, token)  # type: ignore[misc]
+            raise TimeoutError(f"batch {batch_id} kept changing")
 
 
-def _ends(parent: JobRecord, counts: dict[str, int], size: int) -> bool:
-    """Every child is counted, and the parent still runs: its end is yet to be written."""
-    return counts["done"] >= size and parent.state == JobState.running
-
-
-async def _report(
-    store: JobStore,
-    child: JobRecord,
-    outcome: str,
-    result: Any,
-    error: dict[str, Any] | None,
-) -> None:
-    batch_id = child.batch_id
-    assert batch_id is not None
-    parent = await store.get(batch_id)
-    if parent is None or parent.batch is None:
-        return
-    size = int(parent.batch.get("size", 0))
-    # Counting and reporting happen under the batch's lock: two children ending at the same
-    # moment would otherwise append "12 of 12" before "11 of 12".
-    async with _batch_lock(store, batch_id):
-        done, completed, failed, cancelled, changed = await store.redis.eval(  # type: ignore[misc]
-            _COUNT_LUA,
-            1,
-            store.keys.batch_counts(batch_id),
-            child.id,
-            outcome,
-            str(store.settings.retention_seconds),
+async def _show_some(store: JobStore, batch_id: str) -> bool:
+    """One round of ``show``: True when nothing is left to show."""
+    parent_key = store.keys.job(batch_id)
+    counts_key = store.keys.batch_counts(batch_id)
+    async with store.redis.pipeline(transaction=True) as pipe:
+        # Every count changes the counts hash, every report the parent: either one changing
+        # after this read makes the MULTI apply nothing, and the round starts again.
+        await pipe.watch(parent_key, counts_key)
+        parent = decode_record(await pipe.hgetall(parent_key))  # type: ignore[misc]
+        if parent is None or parent.batch is None or parent.state != JobState.running:
+            return True
+        shown = int(await pipe.hget(counts_key, "#shown") or 0)  # type: ignore[misc]
+        entries: list[str] = await pipe.lrange(  # type: ignore[misc]
+            store.keys.batch_ended(batch_id), shown, shown + SHOW_PAGE - 1
         )
-        counts = {
-            "size": size,
-            "done": int(done),
-            "completed": int(completed),
-            "failed": int(failed),
-            "cancelled": int(cancelled),
-        }
-        parent = await store.get(batch_id) or parent  # as other children's reports left it
-        # Counted before (a repeated report): only what the parent has not shown yet is done
-        # again, so a report cut off after the count (its worker killed) is completed here.
-        shown = int((parent.batch or {}).get("done", 0))
-        if not changed and (shown >= counts["done"] and not _ends(parent, counts, size)):
-            return
-        report = child_report(child, outcome, result, error)
-        if changed or shown < counts["done"]:
-            event, fields = _progress(parent, counts, report)
-            await store.append(
-                batch_id, event, fields, owner=parent.owner, expect=(JobState.running,)
-            )
+        if not entries:
+            return True
+        children = await store.get_many([entry.split(" ")[0] for entry in entries])
+        size = int(parent.batch.get("size", 0))
+        counts = {**empty_counts(size), **{k: int(v) for k, v in parent.batch.items()}}
+        events: list[dict[str, Any]] = []
+        fields: dict[str, Any] = {}
+        for entry, child in zip(entries, children, strict=True):
+            child_id, outcome, prev = entry.split(" ")
+            counts = {**counts, outcome: counts[outcome] + 1}
+            if prev:  # ended before, then retried by hand: its count moves
+                counts[prev] -= 1
+            else:
+                counts["done"] += 1
+            event, fields = _progress(parent, counts, _report(child_id, child, outcome))
+            events.append(event)
         if counts["done"] >= size:
-            event, fields = _completion(parent, counts)
-            await store.append(
-                batch_id, event, fields, owner=parent.owner, expect=(JobState.running,)
-            )
+            event, done = _completion(parent, counts)
+            events.append(event)
+            fields.update(done)
+        pipe.multi()  # type: ignore[no-untyped-call]
+        await store.queue_append(
+            pipe,
+            batch_id,
+            events,
+            fields,
+            owner=parent.owner,
+            expect=(JobState.running,),
+            then=[["HSET", counts_key, "#shown", shown + len(entries)]],
+        )
+        try:
+            (reply,) = await pipe.execute()
+        except WatchError:
+            return False
+    # Shown: look again for children counted meanwhile. Refused: the parent has ended.
+    return not appended_from(reply).ok
+
+
+def _report(child_id: str, child: JobRecord | None, outcome: str) -> dict[str, Any]:
+    if child is None:  # expired: its end is all the batch still knows
+        return {"id": child_id, "index": None, "state": outcome}
+    error = child.error.model_dump() if child.error is not None else None
+    return child_report(child, outcome, child.result, error)
 
 
 def child_report(
@@ -223,20 +192,19 @@ class Opening:
 
 def opening(store: JobStore, parent: JobRecord, cached: Sequence[JobRecord]) -> Opening:
     """A new batch with its ``cached`` children (answered from the cache, created completed
-    in the same ``MULTI``) already counted: a ``progress`` event for each (and the parent's
-    ``completed`` when every child was), their outcomes in the counts hash. Written by the
-    parent's create, so no report is left to make after the batch is stored."""
+    in the same ``MULTI``) already shown: a ``progress`` event for each (and the parent's
+    ``completed`` when every child was). Written by the parent's create, so nothing is left to
+    show after the batch is stored; the children's creates, which follow it in the ``MULTI``,
+    count themselves as they would any end."""
     counts = empty_counts(int((parent.batch or {})["size"]))
     events: list[dict[str, Any]] = []
     fields: dict[str, Any] = {}
-    outcomes: list[str | bytes | int] = []
     for child in cached:
         counts = {**counts, "done": counts["done"] + 1, "completed": counts["completed"] + 1}
         event, fields = _progress(
             parent, counts, child_report(child, "completed", child.result, None)
         )
         events.append(event)
-        outcomes += [child.id, "completed"]
     if not cached:
         return Opening([], {}, [])
     if counts["done"] >= counts["size"]:
@@ -245,9 +213,7 @@ def opening(store: JobStore, parent: JobRecord, cached: Sequence[JobRecord]) -> 
         fields.update(done)
     key = store.keys.batch_counts(parent.id)
     then: list[list[str | bytes | int]] = [
-        # In pieces: the script unpacks each command onto Lua's stack (8,000 slots).
-        *(["HSET", key, *outcomes[i : i + 1_000]] for i in range(0, len(outcomes), 1_000)),
-        ["HSET", key, "#done", counts["done"], "#completed", counts["completed"]],
+        ["HSET", key, "#shown", len(cached)],
         ["EXPIRE", key, store.settings.retention_seconds],
     ]
     return Opening(events, fields, then)

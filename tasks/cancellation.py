@@ -33,7 +33,7 @@ async def cancel_unstarted(store: JobStore, record: JobRecord, reason: str) -> A
         expect=UNSTARTED,
     )
     if appended.ok:
-        await batches.child_finished(store, record, "cancelled")
+        await batches.child_finished(store, record)
     return appended
 
 
@@ -47,12 +47,9 @@ async def cancel_children(store: JobStore, parent: JobRecord) -> None:
         if child is None:
             continue
         if child.state.terminal:
-            # Counted already, normally (a no-op then); this repairs a report that was lost
-            # (a process killed between a child's end and its report), so the parent can end.
-            error = child.error.model_dump() if child.error else None
-            await batches.child_finished(
-                store, child, child.state.value, result=child.result, error=error
-            )
+            # Counted as it ended, and shown, normally (a no-op then); this shows an end whose
+            # writer was killed before showing it, so the parent can end.
+            await batches.child_finished(store, child)
             continue
         if (await cancel_unstarted(store, child, "the batch was cancelled")).ok:
             continue

@@ -4,8 +4,9 @@ A submission, a scheduled submission, a batch's children, a recurring tick and a
 all describe the job they want as a :class:`NewJob` and hand it here. :func:`plan` turns it into
 one call of the store's append script: the record, the log's first events, the arq queue entry
 (deferred to ``run_at`` for a scheduled job; none for a cached result, which is complete at
-once) and the counters. The owner's unfinished-jobs places are checked and taken in the same
-script, so on every path all of it is stored together or none of it is. A manual retry
+once); the script counts the submission itself (tasks/transitions.py). The owner's
+unfinished-jobs places are checked and taken in the same script, so on every path all of it is
+stored together or none of it is. A manual retry
 (:func:`requeue`) moves a job back to ``queued`` the same way: state, event and queue entry in
 one call.
 """
@@ -66,12 +67,9 @@ class Created:
     appended: Appended
 
 
-async def plan(
-    store: JobStore, arq: ArqRedis, job: NewJob, *, count_submitted: bool = False
-) -> Plan:
+async def plan(store: JobStore, arq: ArqRedis, job: NewJob) -> Plan:
     """The create of ``job``. A task with ``cache_ttl`` whose result for this input is cached
-    (and a job that is not scheduled) is created completed with it, and never queued.
-    ``count_submitted``: count it in the jobs-submitted metric (``POST /api/jobs``)."""
+    (and a job that is not scheduled) is created completed with it, and never queued."""
     spec = job.task
     record = JobRecord(
         id=job.id,
@@ -89,9 +87,6 @@ async def plan(
         batch_index=job.batch_index,
     )
     queued = new_event(job.id, "queued", 0, input=job.input, **job.note)
-    counters: list[Command] = []
-    if count_submitted:
-        counters.append(["HINCRBY", store.keys.metrics, f"submitted|{spec.name}", 1])
     hit = None
     if spec.cache_ttl and job.run_at is None:
         hit = await cache.lookup(store.redis, store.keys, spec, job.owner, job.input)
@@ -108,13 +103,13 @@ async def plan(
         record.finished_at = utcnow()
         queued["cached"] = True
         done = new_event(job.id, "completed", 0, result=result, cached=True, source=source)
-        return Plan(record, (queued, done), tuple(counters))
+        return Plan(record, (queued, done), ())
     if job.run_at is not None:
         queued["run_at"] = record.run_at
     # A scheduled job's entry is deferred: arq keeps it in its queue (a sorted set scored by
     # run time), so it survives restarts and no worker picks it up early.
     enqueue = enqueue_commands(arq, store.keys.queue, job.id, job.run_at)
-    return Plan(record, (queued,), (*enqueue, *counters))
+    return Plan(record, (queued,), tuple(enqueue))
 
 
 async def create(
@@ -123,13 +118,12 @@ async def create(
     job: NewJob,
     *,
     take: int = 1,
-    count_submitted: bool = False,
     then: Sequence[Command] = (),
 ) -> Created:
     """Create ``job`` in one store script call (see :func:`plan`). ``take``: places it needs
     free under its owner's unfinished-jobs limit (``JobStore.append``). ``then``: more commands
     that must happen if and only if the job is created (an idempotency claim's confirmation)."""
-    new = await plan(store, arq, job, count_submitted=count_submitted)
+    new = await plan(store, arq, job)
     appended = await store.create(new.record, *new.events, then=[*new.then, *then], take=take)
     if appended.ok:
         new.record.last_event_id = appended.job_event_id

@@ -1,4 +1,4 @@
-"""What workers tell the web processes through Redis: heartbeats, and job counters.
+"""What workers tell the web processes through Redis: heartbeats, and job run times.
 
 Workers have no HTTP port. Instead of each exposing its own ``/metrics`` (a port per worker to
 allocate, firewall and discover), they write to Redis and every web process reads it back:
@@ -7,16 +7,16 @@ allocate, firewall and discover), they write to Redis and every web process read
   of the jobs it is running, plus a sorted set of worker ids by last beat, so readers find the
   workers without scanning the keyspace. A stopped worker deletes its key; a killed one's key
   expires after three missed beats.
-- **counters** in one hash (``Keys.metrics``): submissions (written by the web), completions,
-  failures, retries and cancellations by task, and a job duration histogram. Counting happens
-  after the terminal event was appended (the append is a compare-and-set, so it succeeds once
-  per job): each outcome is counted once. A process that dies between the append and the count
-  loses that one count; the job record is unaffected.
-- **windows** of 15 minutes with the same outcomes, expiring after a day, for "completed and
-  failed in the last 24 h", and a capped list of recent durations per task for p50/p95.
+- **run times**: a duration histogram per task and outcome (``Keys.duration_histogram``) and a
+  capped list of recent durations per task for p50/p95, written by the worker after a job's
+  terminal event was appended (``job_finished``). This is best effort: a process that dies
+  between the append and this write loses one observation, and a Redis error here is logged and
+  dropped, never failing the job.
 
-Nothing here changes the job store's append script; all of it is best effort and never fails
-a job: a Redis error while counting is logged and dropped.
+The job counters are not written here: every transition (submitted, started, retried, waiting,
+completed, failed, cancelled) is counted by the job store's append script as it is written
+(tasks/transitions.py), so no process can miss or double one. This module reads them back, with
+the run times, for /metrics and /api/stats.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from redis.asyncio import Redis
 from stepstream.tasks.keys import Keys
 from stepstream.tasks.models import JobRecord, utcnow
 from stepstream.tasks.store import JobStore
+from stepstream.tasks.transitions import COUNTERS, DAY_SECONDS, WINDOW_SECONDS, day_windows
 
 logger = logging.getLogger("stepstream.heartbeat")
 job_logger = logging.getLogger("stepstream.worker")
@@ -47,21 +48,8 @@ job_logger = logging.getLogger("stepstream.worker")
 DURATION_BUCKETS: tuple[float, ...] = (
     0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200,
 )  # fmt: skip
-WINDOW_SECONDS = 15 * 60
-DAY_SECONDS = 24 * 3600
 DURATION_SAMPLES = 1_000  # per task, for p50/p95
-OUTCOMES = ("completed", "failed", "retried", "cancelled")
-
-
-def window_start(at: float) -> int:
-    return int(at // WINDOW_SECONDS) * WINDOW_SECONDS
-
-
-def day_windows(now: float) -> list[int]:
-    """The windows that cover the last 24 h (the oldest one may start up to 15 min earlier)."""
-    last = window_start(now)
-    first = window_start(now - DAY_SECONDS)
-    return list(range(first, last + 1, WINDOW_SECONDS))
+TIMED = ("completed", "failed")  # the outcomes with a run time
 
 
 def _bucket_label(seconds: float) -> str:
@@ -71,48 +59,43 @@ def _bucket_label(seconds: float) -> str:
     return "+Inf"
 
 
-# -- counters -------------------------------------------------------------------------------
+# -- run times ------------------------------------------------------------------------------
 
 
-async def count_outcome(
+async def observe_duration(
     redis: Redis,
     keys: Keys,
     task: str,
     outcome: str,
-    duration: float | None = None,
+    duration: float,
     *,
     now: float | None = None,
 ) -> None:
-    """Count one outcome (``OUTCOMES``) of a job; ``duration`` (seconds) for terminal ones."""
+    """Record the run time (seconds) of a job that ended ``outcome`` (``TIMED``)."""
     now = time.time() if now is None else now
-    window = keys.stats_window(window_start(now))
+    duration = max(0.0, duration)
+    histogram = keys.duration_histogram(task, outcome)
     try:
         async with redis.pipeline(transaction=False) as pipe:
-            pipe.hincrby(keys.metrics, f"{outcome}|{task}", 1)
-            pipe.hincrby(window, f"{outcome}|{task}", 1)
-            # A window is read for a day after it closes, then it is of no use.
-            pipe.expire(window, DAY_SECONDS + 2 * WINDOW_SECONDS)
-            if duration is not None and outcome in ("completed", "failed"):
-                duration = max(0.0, duration)
-                label = _bucket_label(duration)
-                pipe.hincrby(keys.metrics, f"duration_bucket|{task}|{outcome}|{label}", 1)
-                pipe.hincrby(keys.metrics, f"duration_count|{task}|{outcome}", 1)
-                pipe.hincrbyfloat(keys.metrics, f"duration_sum|{task}|{outcome}", duration)
-                if outcome == "completed":
-                    samples = keys.durations(task)
-                    pipe.lpush(samples, f"{int(now * 1000)} {duration:.6f}")
-                    pipe.ltrim(samples, 0, DURATION_SAMPLES - 1)
-                    pipe.expire(samples, DAY_SECONDS + WINDOW_SECONDS)
+            pipe.hincrby(histogram, _bucket_label(duration), 1)
+            pipe.hincrby(histogram, "count", 1)
+            pipe.hincrbyfloat(histogram, "sum", duration)
+            if outcome == "completed":
+                samples = keys.durations(task)
+                pipe.lpush(samples, f"{int(now * 1000)} {duration:.6f}")
+                pipe.ltrim(samples, 0, DURATION_SAMPLES - 1)
+                pipe.expire(samples, DAY_SECONDS + WINDOW_SECONDS)
             await pipe.execute()
     except Exception:
-        logger.warning("could not count outcome %s of %s", outcome, task, exc_info=True)
+        logger.warning("could not record the run time of a job of %s", task, exc_info=True)
 
 
 async def job_finished(
     store: JobStore, record: JobRecord, outcome: str, error: Mapping[str, Any] | None = None
 ) -> None:
-    """Log and count a job's end, after its terminal event was appended."""
-    duration = seconds_since(record.started_at) if outcome != "cancelled" else None
+    """Log a job's end and record its run time, after its terminal event was appended (which
+    counted it)."""
+    duration = seconds_since(record.started_at) if outcome in TIMED else None
     fields: dict[str, Any] = {"job_id": record.id, "task": record.task, "outcome": outcome}
     if duration is not None:
         fields["duration_s"] = round(duration, 6)
@@ -124,7 +107,8 @@ async def job_finished(
         job_logger.warning("job failed: %s", message, extra=fields)
     else:
         job_logger.info("job %s", outcome, extra=fields)
-    await count_outcome(store.redis, store.keys, record.task, outcome, duration)
+    if duration is not None:
+        await observe_duration(store.redis, store.keys, record.task, outcome, duration)
 
 
 @dataclass
@@ -147,60 +131,63 @@ class Histogram:
 
 @dataclass
 class Counters:
-    """The cluster-wide counters, as read from ``Keys.metrics``."""
+    """The cluster-wide counters: transitions by task, and run times by task and outcome."""
 
-    by_task: dict[str, dict[str, int]] = field(default_factory=dict)  # task → kind → n
+    by_task: dict[str, dict[str, int]] = field(default_factory=dict)  # task → counter → n
     durations: dict[tuple[str, str], Histogram] = field(default_factory=dict)  # (task, outcome)
 
-    def get(self, task: str, kind: str) -> int:
-        return self.by_task.get(task, {}).get(kind, 0)
+    def get(self, task: str, counter: str) -> int:
+        return self.by_task.get(task, {}).get(counter, 0)
 
 
-def parse_counters(raw: dict[str, str]) -> Counters:
-    out = Counters()
-    for name, value in raw.items():
-        kind, _, rest = name.partition("|")
-        if kind == "duration_bucket":
-            task_outcome, _, label = rest.rpartition("|")
-            task, _, outcome = task_outcome.rpartition("|")
-            hist = out.durations.setdefault((task, outcome), Histogram())
-            hist.buckets[label] = int(value)
-        elif kind in ("duration_count", "duration_sum"):
-            task, _, outcome = rest.rpartition("|")
-            hist = out.durations.setdefault((task, outcome), Histogram())
-            if kind == "duration_count":
-                hist.count = int(value)
-            else:
-                hist.sum = float(value)
-        elif rest:
-            out.by_task.setdefault(rest, {})[kind] = int(value)
+def _by_task(
+    names: Iterable[str], hashes: Iterable[Mapping[str, str]]
+) -> dict[str, dict[str, int]]:
+    """Counter hashes (one per name in ``names``, task → n) as task → name → n, summed."""
+    out: dict[str, dict[str, int]] = {}
+    for name, raw in zip(names, hashes, strict=True):
+        for task, value in raw.items():
+            counts = out.setdefault(task, {})
+            counts[name] = counts.get(name, 0) + int(value)
     return out
 
 
 async def read_counters(redis: Redis, keys: Keys) -> Counters:
-    raw: dict[str, str] = await redis.hgetall(keys.metrics)  # type: ignore[misc]
-    return parse_counters(raw)
+    async with redis.pipeline(transaction=False) as pipe:
+        for name in COUNTERS:
+            pipe.hgetall(keys.transitions(name))
+        totals = await pipe.execute()
+    out = Counters(by_task=_by_task(COUNTERS, totals))
+    timed = [(task, outcome) for task in sorted(out.by_task) for outcome in TIMED]
+    async with redis.pipeline(transaction=False) as pipe:
+        for task, outcome in timed:
+            pipe.hgetall(keys.duration_histogram(task, outcome))
+        histograms = await pipe.execute()
+    for (task, outcome), raw in zip(timed, histograms, strict=True):
+        if not raw:
+            continue
+        count, total = int(raw.pop("count", 0)), float(raw.pop("sum", 0.0))
+        buckets = {label: int(n) for label, n in raw.items()}
+        out.durations[(task, outcome)] = Histogram(buckets, count, total)
+    return out
 
 
 async def read_day(
     redis: Redis, keys: Keys, tasks: Iterable[str], now: float | None = None
 ) -> tuple[dict[str, dict[str, int]], dict[str, list[float]]]:
-    """Outcomes by task over the last 24 h, and the durations of completed jobs in that time."""
+    """Transitions by task over the last 24 h, and the durations of completed jobs in that
+    time."""
     now = time.time() if now is None else now
     names = list(tasks)
+    windows = [(counter, bucket) for bucket in day_windows(now) for counter in COUNTERS]
     async with redis.pipeline(transaction=False) as pipe:
-        for bucket in day_windows(now):
-            pipe.hgetall(keys.stats_window(bucket))
+        for counter, bucket in windows:
+            pipe.hgetall(keys.transitions_window(counter, bucket))
         for task in names:
             pipe.lrange(keys.durations(task), 0, DURATION_SAMPLES - 1)
         results = await pipe.execute()
-    windows, samples = results[: -len(names) or None], results[len(results) - len(names) :]
-    outcomes: dict[str, dict[str, int]] = {}
-    for raw in windows:
-        for name, value in raw.items():
-            kind, _, task = name.partition("|")
-            task_counts = outcomes.setdefault(task, {})
-            task_counts[kind] = task_counts.get(kind, 0) + int(value)
+    counts, samples = results[: len(windows)], results[len(windows) :]
+    outcomes = _by_task((counter for counter, _ in windows), counts)
     since_ms = (now - DAY_SECONDS) * 1000
     durations: dict[str, list[float]] = {}
     for task, rows in zip(names, samples, strict=True):

@@ -82,16 +82,22 @@ class Keys:
         """Counter: an owner's submissions in one second (rate limit)."""
         return f"{self.prefix}rate:{owner or '-'}:{second}"
 
-    @property
-    def metrics(self) -> str:
-        """Hash: cluster-wide counters by task (submitted, completed, failed, retried,
-        cancelled) and the job duration histogram; what every web's /metrics reports."""
-        return f"{self.prefix}metrics"
+    def transitions(self, name: str) -> str:
+        """Hash: task → how many of its jobs made the transition ``name`` (tasks/transitions.py),
+        counted by the append script as the compare-and-set on the state succeeds; what every
+        web's /metrics reports."""
+        return f"{self.prefix}count:{name}"
 
-    def stats_window(self, bucket: int) -> str:
-        """Hash: outcomes by task in one 15-minute window starting at ``bucket`` (unix s);
-        expires after a day, for /api/stats's "last 24 h"."""
-        return f"{self.prefix}stats:{bucket}"
+    def transitions_window(self, name: str, bucket: int) -> str:
+        """Hash: task → the transition ``name`` in the 15-minute window starting at ``bucket``
+        (unix s), counted with ``transitions``; expires after a day, for /api/stats's "last
+        24 h"."""
+        return f"{self.prefix}count:{name}:{bucket}"
+
+    def duration_histogram(self, task: str, outcome: str) -> str:
+        """Hash: the run times of a task's jobs that ended ``outcome`` (completed, failed): one
+        field per bucket's upper bound (its own observations), ``count`` and ``sum``."""
+        return f"{self.prefix}duration:{outcome}:{task}"
 
     def durations(self, task: str) -> str:
         """List: recent completed jobs of a task, newest first, as "<finished ms> <seconds>"."""
@@ -115,13 +121,24 @@ class Keys:
         """List: a batch's child job ids, in the order of its inputs."""
         return f"{self.prefix}job:{{{batch_id}}}:children"
 
-    def batch_lock(self, batch_id: str) -> str:
-        """String: held while one child's end is counted and reported, so reports go in order."""
-        return f"{self.prefix}job:{{{batch_id}}}:lock"
+    def batch_ended(self, batch_id: str) -> str:
+        """List: a batch's children in the order their ends were counted, as ``<id> <outcome>
+        <previous outcome or "">``; the parent's ``progress`` events show them in this order."""
+        return f"{self.prefix}job:{{{batch_id}}}:ended"
 
     def batch_counts(self, batch_id: str) -> str:
-        """Hash: a batch's ended children by outcome (completed, failed, cancelled, done)."""
+        """Hash: a batch's ended children, each with its outcome, the counters ``#done``,
+        ``#completed``, ``#failed``, ``#cancelled`` (the append script counts a child as its end
+        is written), and ``#shown``: the entries of ``batch_ended`` the parent's log shows."""
         return f"{self.prefix}job:{{{batch_id}}}:counts"
+
+    @property
+    def batch_parts(self) -> tuple[str, str, str]:
+        """What comes before a batch's id in ``batch_counts`` and ``batch_ended``, and after it
+        in each: for the append script, which finds a child's batch in its record."""
+        head, _, counts = self.batch_counts("\0").partition("\0")
+        ended = self.batch_ended("\0").partition("\0")[2]
+        return head, counts, ended
 
     def task_slots(self, task: str) -> str:
         """Sorted set: jobs holding one of a task's global concurrency slots, by lease expiry."""

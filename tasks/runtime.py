@@ -146,15 +146,9 @@ async def run_job(ctx: dict[str, Any], job_id: str) -> None:
     if record is None:
         return  # expired: nothing to run
     if record.state.terminal:
-        # Cancelled while queued, or ended by a worker killed before it told the job's batch
-        # (arq offers the job again): tell it now. A child is counted once, however often.
-        await batches.child_finished(
-            store,
-            record,
-            record.state.value,
-            result=record.result,
-            error=record.error.model_dump() if record.error is not None else None,
-        )
+        # Cancelled while queued, or ended by a worker killed before it showed the end in the
+        # job's batch (arq offers the job again): show it now. Its end was counted as written.
+        await batches.child_finished(store, record)
         return
     registry: TaskRegistry = ctx["registry"]
     spec = registry.get_task(record.task)
@@ -299,7 +293,7 @@ async def _after_completed(store: JobStore, spec: TaskSpec, record: JobRecord, r
         )
     except Exception:
         logger.warning("could not cache the result of job %s", record.id, exc_info=True)
-    await batches.child_finished(store, record, "completed", result=result)
+    await batches.child_finished(store, record)
 
 
 def classify(exc: BaseException) -> bool:
@@ -363,7 +357,6 @@ async def _handle_failure(
         )
         if appended.ok:
             logger.info("job %s attempt %d failed, retrying in %.2fs", record.id, attempt, delay)
-            await heartbeat.count_outcome(store.redis, store.keys, record.task, "retried")
             raise Retry(defer=timedelta(seconds=delay))
         return
     await _fail(
@@ -400,7 +393,7 @@ async def _fail(
     )
     if failed.ok:
         await heartbeat.job_finished(store, record, "failed", public_error)
-        await batches.child_finished(store, record, "failed", error=public_error)
+        await batches.child_finished(store, record)
 
 
 async def _suspended(
@@ -473,7 +466,7 @@ async def _cancelled(
     )
     if cancelled.ok:
         await heartbeat.job_finished(store, record, "cancelled")
-        await batches.child_finished(store, record, "cancelled")
+        await batches.child_finished(store, record)
 
 
 async def input_timeout(ctx: dict[str, Any], job_id: str, name: str) -> None:

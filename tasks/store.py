@@ -7,7 +7,9 @@ a compare-and-set, which is how the web process and a worker race safely over a 
 The same script takes several events of one job at once (``append_many``): a burst of progress
 costs one round trip and one precondition check instead of one per event. It also checks and
 takes an owner's unfinished-jobs places (``STEPSTREAM_MAX_UNFINISHED_PER_OWNER``) with the write
-they admit, so concurrent submissions can never share the last place.
+they admit, so concurrent submissions can never share the last place, and it counts the state
+transition it writes (tasks/transitions.py) and a batch child's end into its batch, so no path
+can write a transition without counting it.
 """
 
 from __future__ import annotations
@@ -25,22 +27,27 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError, ResponseError
 
+from stepstream.tasks import transitions
 from stepstream.tasks.keys import Keys
 from stepstream.tasks.models import JobRecord, JobState, parse_stream_id, utcnow
 from stepstream.tasks.output import with_live_text
 from stepstream.tasks.settings import Settings
 
 # KEYS: record, job stream, firehose, cancel flag, job index, the owner's unfinished jobs,
-#       webhook outbox, webhook events dropped, and optionally a record that must exist (a
-#       batch's parent, for its children: created in the same MULTI only if it was admitted)
+#       webhook outbox, webhook events dropped, then for each transition this append makes
+#       (tasks/transitions.py) its counter and its window's counter, and optionally a record
+#       that must exist (a batch's parent, for its children: created in the same MULTI only if
+#       it was admitted)
 # ARGV: number of events (k), job maxlen, firehose maxlen, channel, ttl, mode, expected states,
 #       owner json, job id, score (in the job index on a create, in the unfinished set; now
 #       unless a scheduled job's run_at), number of field arguments (2f), the
 #       deployment webhook's states, outbox maxlen, the owner's unfinished-jobs limit, the
 #       places this append takes under it (0: no check), the retention horizon (a score: now
 #       minus the retention, in microseconds), what comes before and after an id in a record's
-#       key, then k event jsons, then f field/value pairs for the record, then commands to run
-#       with the append, each as its argument count followed by its arguments.
+#       key, the number of transitions (c), a window counter's ttl, what comes before a
+#       batch's id in its counts and ended keys and after it in each, then k event jsons, then f
+#       field/value pairs for the record, then commands to run with the append, each as its
+#       argument count followed by its arguments.
 # mode: "create" (the record must not exist), "update" (it must), "update+cancel" (and no
 # cancel was requested). Expected states and the webhook's states are ",<json state>,...," or
 # "" (any state / none). Refusals write nothing and answer {"", why}: the record's state,
@@ -51,8 +58,11 @@ from stepstream.tasks.settings import Settings
 # record as JSON, as it is now)}. In the same script, so a process dying after the append
 # cannot lose the delivery (tasks/outbox.py delivers it). A full outbox (outbox maxlen
 # entries, all undelivered) takes no more: the drop is counted, and a worker logs it.
+# The transitions are counted by the record's task once every precondition has passed, so a
+# refused append counts nothing; and a batch's child that ends is counted into its batch
+# (tasks/batches.py) in the same call that writes its end, so no end can be lost to its batch.
 _APPEND_LUA = """
-local first_field = 19 + tonumber(ARGV[1])
+local first_field = 24 + tonumber(ARGV[1])
 local last_field = first_field + tonumber(ARGV[11]) - 1
 -- The call's mark (a random token among the fields, stored on the record): a call whose reply
 -- was lost with its connection is sent again by the client, and finds its own mark. It answers
@@ -84,7 +94,8 @@ else
     return {'', 'cancel'}
   end
 end
-if KEYS[9] and redis.call('EXISTS', KEYS[9]) == 0 then return {'', 'orphan'} end
+local required = KEYS[9 + 2 * tonumber(ARGV[19])]
+if required and redis.call('EXISTS', required) == 0 then return {'', 'orphan'} end
 -- Counted and taken in the script that writes what they admit: nothing comes between. Ids
 -- whose record has expired hold no place; they are dropped when they would refuse, so a lost
 -- record can never lock its owner out. A record lives at least the retention past its id's
@@ -118,7 +129,7 @@ end
 if subject == 'null' then subject = false end
 local jid, fid
 local terminal
-for e = 19, first_field - 1 do
+for e = 24, first_field - 1 do
   jid = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[e])
   if subject then
     fid = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*',
@@ -173,6 +184,40 @@ if terminal then
         redis.call('INCR', KEYS[8])
       end
     end
+  end
+end
+local counted = tonumber(ARGV[19])
+local task = counted > 0 and redis.call('HGET', KEYS[1], 'task')
+if task then
+  task = cjson.decode(task)
+  for c = 9, 8 + 2 * counted, 2 do
+    redis.call('HINCRBY', KEYS[c], task, 1)
+    redis.call('HINCRBY', KEYS[c + 1], task, 1)
+    redis.call('EXPIRE', KEYS[c + 1], ARGV[20])
+  end
+end
+if terminal then
+  local batch = redis.call('HGET', KEYS[1], 'batch_id')
+  if batch and batch ~= 'null' then
+    -- Each child counted once, by its outcome: ended again (retried by hand, then ended), it
+    -- moves from the one to the other. The ended list keeps the order the parent shows them in.
+    batch = cjson.decode(batch)
+    local counts = ARGV[21] .. batch .. ARGV[22]
+    local ended = ARGV[21] .. batch .. ARGV[23]
+    local outcome = string.sub(terminal, 2, -2)
+    local prev = redis.call('HGET', counts, ARGV[9])
+    if prev ~= outcome then
+      if prev then
+        redis.call('HINCRBY', counts, '#' .. prev, -1)
+      else
+        redis.call('HINCRBY', counts, '#done', 1)
+      end
+      redis.call('HSET', counts, ARGV[9], outcome)
+      redis.call('HINCRBY', counts, '#' .. outcome, 1)
+      redis.call('RPUSH', ended, ARGV[9] .. ' ' .. outcome .. ' ' .. (prev or ''))
+    end
+    redis.call('EXPIRE', counts, ttl)
+    redis.call('EXPIRE', ended, ttl)
   end
 end
 local i = last_field + 1
@@ -299,17 +344,17 @@ class JobStore:
         self,
         pipe: Pipeline,
         job_id: str,
-        event: Mapping[str, Any],
+        events: Sequence[Mapping[str, Any]],
         fields: Mapping[str, Any],
         *,
         owner: str | None = None,
         expect: Sequence[JobState] = (),
         then: Sequence[Sequence[str | bytes | int]] = (),
     ) -> None:
-        """``append`` queued on ``pipe``: in a ``MULTI`` after a ``WATCH``, an append that
+        """``append_many`` queued on ``pipe``: in a ``MULTI`` after a ``WATCH``, an append that
         happens only if what the caller read is still so (read the outcome with
         ``appended_from``)."""
-        keys, args = self._script_call(job_id, [event], fields, owner, "update", expect, then)
+        keys, args = self._script_call(job_id, events, fields, owner, "update", expect, then)
         await self._append(keys=keys, args=args, client=pipe)
 
     def _script_call(
@@ -329,10 +374,13 @@ class JobStore:
     ) -> ScriptCall:
         if not events:
             raise ValueError("an append needs at least one event")
+        state = fields.get("state")
+        counted = transitions.made(mode, None if state is None else str(state))
         # The script's guard against a retried call applying twice (see _APPEND_LUA).
         fields = {**fields, "append_op": secrets.token_hex(8)}
         head, tail = self.keys.job_parts
         now = time.time()
+        window = transitions.window_start(now)
         args: list[Any] = [
             len(events),
             self.settings.job_log_maxlen,
@@ -352,6 +400,9 @@ class JobStore:
             f"{(now - self.settings.retention_seconds) * 1_000_000:.0f}",
             head,
             tail,
+            len(counted),
+            transitions.WINDOW_TTL,
+            *self.keys.batch_parts,
         ]
         args.extend(json.dumps(event, separators=(",", ":")) for event in events)
         for name, value in fields.items():
@@ -370,6 +421,9 @@ class JobStore:
             self.keys.webhook_outbox,
             self.keys.webhooks_dropped,
         ]
+        for name in counted:
+            keys.append(self.keys.transitions(name))
+            keys.append(self.keys.transitions_window(name, window))
         if requires is not None:
             keys.append(self.keys.job(requires))
         return keys, args
