@@ -161,7 +161,8 @@ def test_a_revoked_key_s_tokens_are_refused_and_their_open_streams_end(
             else:
                 assert events[-1].type == "token_expired", name
                 assert "revoked" in events[-1].data["reason"]
-        assert time.monotonic() - revoked_at < RECHECK_SECONDS + 3
+        # Time is the feature (the recheck interval); the margin allows a loaded machine.
+        assert time.monotonic() - revoked_at < RECHECK_SECONDS + 8
 
         # Another key's token stream goes on.
         after = submit_as(s, ALICE)
