@@ -15,7 +15,7 @@ import pytest
 from stepstream.tasks.keys import Keys
 from tests.conftest import Stack, StackFactory
 from tests.support.api import DOC
-from tests.support.processes import ROOT, free_port, stack_env
+from tests.support.processes import ROOT, free_port, stack_env, wait_until
 from tests.support.sse import StreamReader, read_stream
 from tests.test_jobs import store_snapshot
 
@@ -93,7 +93,12 @@ def test_an_owner_sees_only_their_jobs(prod: Stack) -> None:
 
 def test_the_firehose_of_one_owner_never_carries_another_s_events(prod: Stack) -> None:
     live = StreamReader(f"{prod.url}/api/events", ALICE).start()
-    time.sleep(0.3)
+    # Attached before either job exists: otherwise it would carry none of Bob's events anyway.
+    wait_until(
+        lambda: httpx.get(f"{prod.url}/api/stats", headers=ALICE).json()["streams_open"] == 1,
+        timeout=10,
+        what="the firehose attached",
+    )
     mine = submit_as(prod, ALICE)
     theirs = submit_as(prod, BOB)
     finish(prod, theirs["id"], BOB)
