@@ -154,6 +154,7 @@ def job_records(stack: Stack) -> list[dict[str, str]]:
     return [r.hgetall(k) for k in keys]
 
 
+@pytest.mark.slow  # kills web processes
 def test_a_web_process_killed_while_creating_a_batch_leaves_all_of_it_or_none(
     own_valkey: Valkey, tmp_path: Path
 ) -> None:

@@ -126,6 +126,7 @@ def test_the_async_iterator_resumes_from_a_cursor_with_nothing_missed_or_repeate
     asyncio.run(asyncio.wait_for(scenario(), timeout=60))
 
 
+@pytest.mark.slow  # restarts the web process
 def test_following_a_job_survives_a_web_server_restart(make_stack: StackFactory) -> None:
     s = make_stack(webs=1, workers=1)
     redis = s.redis()
@@ -168,6 +169,7 @@ class CountingTransport(httpx.HTTPTransport):
         return super().handle_request(request)
 
 
+@pytest.mark.slow  # 30 MB through a reader
 def test_a_slow_reader_is_dropped_by_the_server_and_resumes_without_a_gap(
     make_stack: StackFactory,
 ) -> None:

@@ -58,6 +58,7 @@ def test_a_client_resumes_on_another_web_process(make_stack: StackFactory) -> No
     assert [e.id for e in rest] == ids[ids.index(cursor) + 1 :]
 
 
+@pytest.mark.slow  # restarts Valkey
 def test_the_hub_survives_a_valkey_restart(own_valkey: Valkey, tmp_path: Path) -> None:
     s = Stack(own_valkey, "restart:", tmp_path)
     try:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from arq.constants import in_progress_key_prefix
 
 from tests.conftest import Stack, StackFactory
@@ -16,6 +17,9 @@ from tests.support.api import DOC, get_job, submit, wait_state
 from tests.support.processes import Valkey, wait_until
 from tests.support.sse import Event, read_stream
 from tests.support.tasks import executions_key, gate_key
+
+# Slow: kills workers, restarts and freezes Valkey, waits out leases.
+pytestmark = pytest.mark.slow
 
 
 def full_log(base: str, job_id: str) -> list[Event]:

@@ -296,6 +296,7 @@ actions = st.lists(
 )
 
 
+@pytest.mark.slow  # many streams, kills
 @settings(
     max_examples=4,
     deadline=None,

@@ -66,6 +66,7 @@ def by_event(deliveries: list[Delivery]) -> dict[str, list[Delivery]]:
     return out
 
 
+@pytest.mark.slow  # kills a worker
 def test_a_callback_arrives_once_per_job_even_when_its_worker_is_killed_mid_delivery(
     make_stack: StackFactory, receiver: Receiver
 ) -> None:
