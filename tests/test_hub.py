@@ -23,7 +23,9 @@ def events_url(base: str, job_id: str) -> str:
 def test_two_webs_and_two_workers_deliver_everything_everywhere(
     make_stack: StackFactory,
 ) -> None:
-    s = make_stack(webs=2, workers=2)
+    # One job at a time per worker: the second worker runs jobs even if it is slow to poll on a
+    # loaded machine (with ten slots, the first could take all six).
+    s = make_stack(webs=2, workers=2, STEPSTREAM_MAX_JOBS="1")
     a, b = s.webs
     jobs = [
         submit(a.url if i % 2 else b.url, "analyze_document", {"text": DOC, "pace": 0.05})
