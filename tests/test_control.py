@@ -21,7 +21,9 @@ def test_cancel_a_queued_job_it_never_starts(make_stack: StackFactory) -> None:
     assert response.status_code == 200
     assert response.json()["state"] == "cancelled"
     s.add_worker()
-    time.sleep(0.5)  # give the worker the chance to (wrongly) start it
+    # A job queued after it runs to its end: the worker had its chance to (wrongly) start it.
+    later = submit(s.url, "counted")
+    assert wait_state(s.url, later["id"], {"completed", "failed"})["state"] == "completed"
     record = get_job(s.url, job["id"])
     assert record["state"] == "cancelled" and record["attempt"] == 0
     _, log = read_stream(f"{s.url}/api/jobs/{job['id']}/events?after=0")
