@@ -15,6 +15,13 @@ from tests.support.processes import Valkey, Web, Worker, stack_env
 _prefixes = itertools.count(1)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # A test that drives Chromium is slow by nature: `-m "not slow"` leaves it out too.
+    for item in items:
+        if item.get_closest_marker("browser") is not None:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Valkey]:
     server = Valkey(tmp_path_factory.mktemp("valkey")).start()
@@ -55,6 +62,17 @@ class Stack:
         self.workers.append(worker)
         return worker
 
+    def add(self, webs: int, workers: int) -> None:
+        """Launched together, then waited for: the processes start in the time of the slowest
+        (a worker, ~1.5 s) instead of the sum of them all."""
+        new = len(self.webs), len(self.workers)
+        for _ in range(webs):
+            self.webs.append(Web(self.env, self.log_dir).launch())
+        for _ in range(workers):
+            self.workers.append(Worker(self.env, self.log_dir).launch())
+        for process in [*self.webs[new[0] :], *self.workers[new[1] :]]:
+            process.wait_ready()
+
     @property
     def url(self) -> str:
         return self.webs[0].url
@@ -77,10 +95,7 @@ def _stack_factory(valkey: Valkey, log_dir: Path) -> Iterator[StackFactory]:
         stack = Stack(valkey, f"t{next(_prefixes)}:", log_dir, dict(env))
         stacks.append(stack)
         try:
-            for _ in range(webs):
-                stack.add_web()
-            for _ in range(workers):
-                stack.add_worker()
+            stack.add(webs, workers)
         except BaseException:
             stack.stop()
             raise
@@ -110,8 +125,7 @@ def make_stack_module(valkey: Valkey, tmp_path_factory: pytest.TempPathFactory) 
     """A stack of the module's own (one web, one worker), for tests that inspect the store."""
     own = Stack(valkey, f"m{next(_prefixes)}:", tmp_path_factory.mktemp("module-logs"))
     try:
-        own.add_web()
-        own.add_worker()
+        own.add(webs=1, workers=1)
         yield own
     finally:
         own.stop()
@@ -122,8 +136,7 @@ def stack(valkey: Valkey, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     """One web process and one worker shared by the tests that only submit and watch jobs."""
     shared = Stack(valkey, "shared:", tmp_path_factory.mktemp("shared-logs"))
     try:
-        shared.add_web()
-        shared.add_worker()
+        shared.add(webs=1, workers=1)
         yield shared
     finally:
         shared.stop()

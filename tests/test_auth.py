@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
 import time
+from typing import Any
 
 import httpx
 import pytest
 
+from stepstream.tasks.keys import Keys
 from tests.conftest import Stack, StackFactory
 from tests.support.api import DOC
-from tests.support.processes import ROOT, free_port, stack_env
+from tests.support.processes import ROOT, free_port, stack_env, wait_until
 from tests.support.sse import StreamReader, read_stream
 from tests.test_jobs import store_snapshot
 
@@ -90,7 +93,12 @@ def test_an_owner_sees_only_their_jobs(prod: Stack) -> None:
 
 def test_the_firehose_of_one_owner_never_carries_another_s_events(prod: Stack) -> None:
     live = StreamReader(f"{prod.url}/api/events", ALICE).start()
-    time.sleep(0.3)
+    # Attached before either job exists: otherwise it would carry none of Bob's events anyway.
+    wait_until(
+        lambda: httpx.get(f"{prod.url}/api/stats", headers=ALICE).json()["streams_open"] == 1,
+        timeout=10,
+        what="the firehose attached",
+    )
     mine = submit_as(prod, ALICE)
     theirs = submit_as(prod, BOB)
     finish(prod, theirs["id"], BOB)
@@ -135,7 +143,8 @@ def test_token_expiry_ends_the_stream_with_a_distinct_event(
 ) -> None:
     s = make_stack(webs=1, workers=1, STEPSTREAM_TOKEN_TTL_SECONDS="1.5", **PRODUCTION)
     job = submit_as(s, ALICE, {"text": DOC, "pace": 2})
-    started = time.monotonic()
+    expires_at = token_claims(job["stream_token"])["e"]
+    # The job is paced to outlast the token: the stream ends with the expiry, not the job.
     status, events = read_stream(
         f"{s.url}/api/jobs/{job['id']}/events?token={job['stream_token']}", timeout=20
     )
@@ -143,7 +152,7 @@ def test_token_expiry_ends_the_stream_with_a_distinct_event(
     assert events[-1].type == "token_expired"
     # It carries no id of its own: the client's last event id stays that of the event before.
     assert events[-1].id == events[-2].id
-    assert 1.0 < time.monotonic() - started < 6
+    assert time.time() >= expires_at, "the stream ended before its token expired"
     expired = httpx.get(f"{s.url}/api/jobs/{job['id']}/events?token={job['stream_token']}")
     assert expired.status_code == 401 and expired.json()["error"]["code"] == "token_expired"
     fresh = httpx.post(f"{s.url}/api/jobs/{job['id']}/token", headers=ALICE).json()["token"]
@@ -152,6 +161,15 @@ def test_token_expiry_ends_the_stream_with_a_distinct_event(
     reader.wait_for(lambda evs: len(evs) >= 1)
     reader.close()
     assert reader.events[0].type == "snapshot"
+
+
+def token_claims(token: str) -> dict[str, Any]:
+    """What a stream token says (its payload is readable; its signature is what counts)."""
+    payload = token.split(".")[0]
+    claims: dict[str, Any] = json.loads(
+        base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+    )
+    return claims
 
 
 def test_production_without_a_secret_refuses_to_start() -> None:
@@ -235,20 +253,33 @@ def test_over_limit_requests_get_429_413_422_and_change_nothing(
     assert too_long.status_code == 422 and too_long.json()["error"]["code"] == "string_too_long"
     assert snapshot() == before
 
-    # Submissions per second: the fourth in one second is 429 with Retry-After.
-    codes = []
-    # Start at the top of a fresh second, so all four land in one window of the counter.
-    time.sleep(1.02 - time.time() % 1)
-    second = int(time.time())
-    codes = [
-        httpx.post(
-            f"{s.url}/api/jobs",
-            json={"task": "analyze_document", "input": {"text": DOC}},
-            headers=BOB,
-        )
-        for _ in range(4)
-    ]
-    assert int(time.time()) == second, "four local requests took over a second"
+    # Submissions per second: the fourth in one window of the counter is 429 with Retry-After.
+    keys = Keys(s.prefix)
+    r = s.redis()
+    for _ in range(5):
+        # From the top of a second, four local requests nearly always share one window.
+        time.sleep(1.02 - time.time() % 1)
+        first_second = int(time.time())
+        codes = [
+            httpx.post(
+                f"{s.url}/api/jobs",
+                json={"task": "analyze_document", "input": {"text": DOC}},
+                headers=BOB,
+            )
+            for _ in range(4)
+        ]
+        seconds = range(first_second, int(time.time()) + 1)
+        counted = [int(n) for n in r.mget([keys.submissions("bob", t) for t in seconds]) if n]
+        if counted == [4]:  # the server counted all four in one window: the limit applied
+            break
+        # They straddled two windows (a loaded machine): nothing was tested. Cancel what got in,
+        # so Bob's unfinished jobs stay under their own limit, and try again.
+        for code in codes:
+            if code.status_code == 202:
+                cancel = f"{s.url}/api/jobs/{code.json()['id']}/cancel"
+                assert httpx.post(cancel, headers=BOB).status_code == 200
+    else:
+        pytest.fail("four submissions never landed in one window of the rate counter")
     assert [c.status_code for c in codes[:3]] == [202] * 3
     assert codes[3].status_code == 429 and codes[3].headers["retry-after"] == "1"
     assert codes[3].json()["error"]["code"] == "rate_limited"

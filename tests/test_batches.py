@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -16,6 +17,7 @@ from stepstream.tasks.settings import Settings
 from stepstream.tasks.store import JobStore, new_event
 from tests.conftest import Stack, StackFactory
 from tests.support.api import get_job, wait_state
+from tests.support.processes import Valkey
 from tests.support.sse import Event, read_stream
 
 AI_TASKS = "tests.support.tasks,tests.support.ai_tasks"
@@ -176,35 +178,64 @@ def job_records(stack: Stack) -> list[dict[str, str]]:
     return [r.hgetall(k) for k in keys]
 
 
+@pytest.mark.slow  # kills web processes
 def test_a_web_process_killed_while_creating_a_batch_leaves_all_of_it_or_none(
-    make_stack: StackFactory,
+    own_valkey: Valkey, tmp_path: Path
 ) -> None:
-    # No worker: what the web process stored stays as it was stored.
-    s = make_stack(
-        workers=0, STEPSTREAM_TASK_MODULES=AI_TASKS, STEPSTREAM_MAX_UNFINISHED_PER_OWNER="100000"
+    # No worker: what the web process stored stays as it was stored. A Valkey of its own: the
+    # only transaction it sees is the batch's.
+    s = Stack(
+        own_valkey,
+        "kill:",
+        tmp_path,
+        {"STEPSTREAM_TASK_MODULES": AI_TASKS, "STEPSTREAM_MAX_UNFINISHED_PER_OWNER": "100000"},
     )
     body = {"task": "ai_echo", "inputs": [{"value": str(i)} for i in range(1_000)]}
-    for delay in (0.05, 0.15, 0.3, 0.6):
-        web = s.webs[-1]
-        sender = threading.Thread(target=_post_ignoring_errors, args=(web.url, body))
-        sender.start()
-        time.sleep(delay)
-        web.kill()
-        sender.join(timeout=30)
-        assert not sender.is_alive()
-        s.add_web()
-    records = job_records(s)
-    parents = [r for r in records if r["task"] == '"batch:ai_echo"']
-    children = [r for r in records if r.get("batch_id", "null") != "null"]
-    r = s.redis()
-    for parent in parents:
-        parent_id = parent["id"].strip('"')
-        mine = [c for c in children if c["batch_id"] == f'"{parent_id}"']
-        assert len(mine) == 1_000, "a parent exists only with every one of its children"
-        listed = r.lrange(f"{s.prefix}job:{{{parent_id}}}:children", 0, -1)
-        assert sorted(listed) == sorted(c["id"].strip('"') for c in mine)
-        assert None not in r.zmscore(f"{s.prefix}queue", listed), "each child is in the queue"
-    assert len(children) == 1_000 * len(parents), "no child without its parent"
+    watcher = s.redis()
+    cut = 0  # kills that landed while the batch's MULTI was open and before its EXEC
+    try:
+        for _ in range(8):
+            web = s.add_web()
+            parents_before = len(batch_parents(s))
+            sender = threading.Thread(target=_post_ignoring_errors, args=(web.url, body))
+            sender.start()
+            # Kill the web process the moment Valkey holds the batch's MULTI open. Valkey is
+            # frozen first, so the transaction cannot reach its EXEC before the kill lands.
+            caught = False
+            while sender.is_alive() and not caught:
+                if any(int(c.get("multi", -1)) > 0 for c in watcher.client_list()):
+                    with own_valkey.paused():
+                        web.kill()
+                    caught = True
+            sender.join(timeout=30)
+            assert not sender.is_alive()
+            web.kill()
+            if caught and len(batch_parents(s)) == parents_before:
+                cut += 1
+                break
+        assert cut, "no kill landed inside the batch's transaction: nothing was tested"
+        # And one batch that was let finish, so the checks below see a whole batch too.
+        whole = httpx.post(f"{s.add_web().url}/api/batches", json=body, timeout=30)
+        assert whole.status_code == 202, whole.text
+        records = job_records(s)
+        parents = batch_parents(s)
+        children = [r for r in records if r.get("batch_id", "null") != "null"]
+        r = s.redis()
+        for parent in parents:
+            parent_id = parent["id"].strip('"')
+            mine = [c for c in children if c["batch_id"] == f'"{parent_id}"']
+            assert len(mine) == 1_000, "a parent exists only with every one of its children"
+            listed = r.lrange(f"{s.prefix}job:{{{parent_id}}}:children", 0, -1)
+            assert sorted(listed) == sorted(c["id"].strip('"') for c in mine)
+            assert None not in r.zmscore(f"{s.prefix}queue", listed), "each child is in the queue"
+        assert len(children) == 1_000 * len(parents), "no child without its parent"
+        assert whole.json()["id"] in [p["id"].strip('"') for p in parents]
+    finally:
+        s.stop()
+
+
+def batch_parents(stack: Stack) -> list[dict[str, str]]:
+    return [r for r in job_records(stack) if r["task"] == '"batch:ai_echo"']
 
 
 def _post_ignoring_errors(base: str, body: dict[str, object]) -> None:

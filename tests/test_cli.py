@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from stepstream import Client, JobState
 from stepstream.tasks.demo.analyze_document import STEPS as ANALYZE_DOCUMENT_STEPS
 from stepstream.tasks.models import new_job_id
@@ -100,6 +102,7 @@ def test_an_unreachable_server_exits_3() -> None:
     assert done.returncode == 3 and nowhere in done.stderr
 
 
+@pytest.mark.slow  # restarts the web process
 def test_watch_survives_a_web_server_restart_with_every_step_once(
     make_stack: StackFactory,
 ) -> None:

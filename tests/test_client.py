@@ -126,6 +126,7 @@ def test_the_async_iterator_resumes_from_a_cursor_with_nothing_missed_or_repeate
     asyncio.run(asyncio.wait_for(scenario(), timeout=60))
 
 
+@pytest.mark.slow  # restarts the web process
 def test_following_a_job_survives_a_web_server_restart(make_stack: StackFactory) -> None:
     s = make_stack(webs=1, workers=1)
     redis = s.redis()
@@ -168,6 +169,7 @@ class CountingTransport(httpx.HTTPTransport):
         return super().handle_request(request)
 
 
+@pytest.mark.slow  # 30 MB through a reader
 def test_a_slow_reader_is_dropped_by_the_server_and_resumes_without_a_gap(
     make_stack: StackFactory,
 ) -> None:
@@ -208,7 +210,7 @@ def test_wait_times_out_and_the_job_goes_on(stack: Stack) -> None:
         started = time.monotonic()
         with pytest.raises(WaitTimeout):
             client.wait(job.id, timeout=1.0)
-        assert time.monotonic() - started < 5
+        assert time.monotonic() - started < 10  # time is the feature: 1 s, generously
         assert not client.get(job.id).finished
         stack.redis().rpush(gate_key(job.id), "go")
         assert client.wait(job.id, timeout=30).state is JobState.completed
@@ -464,21 +466,49 @@ def test_a_short_rate_limit_is_waited_out_and_a_long_one_is_raised(
         ids = {client.submit("generate_quote", quote).id for _ in range(7)}
         assert len(ids) == 7
     with Client(s.url, retries=0) as impatient:
-        with pytest.raises(RateLimited) as raised:
-            for _ in range(10):  # at most 6 fit in the two seconds these calls can span
-                impatient.submit("generate_quote", quote)
-        assert raised.value.code == "rate_limited" and raised.value.retry_after == 1
+        for _ in range(5):
+            time.sleep(1.02 - time.time() % 1)  # from the top of a second: one window, nearly
+            accepted = []
+            try:
+                for _ in range(4):
+                    accepted.append(impatient.submit("generate_quote", quote).id)
+            except RateLimited as raised:
+                assert raised.code == "rate_limited" and raised.retry_after == 1
+                break
+            # All four got in: they straddled two windows of the counter (a loaded machine)
+            # and nothing was tested. Cancelled, they hold no place under the unfinished limit.
+            for job_id in accepted:
+                impatient.cancel(job_id)
+        else:
+            pytest.fail("four submissions never landed in one window of the rate counter")
+
+    class Answers(httpx.AsyncHTTPTransport):
+        """A real transport that keeps the error code of every answer to a submit."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.codes: list[str | None] = []
+
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            response = await super().handle_async_request(request)
+            if request.method == "POST" and request.url.path == "/api/jobs":
+                await response.aread()
+                error = json.loads(response.content).get("error") or {}
+                self.codes.append(error.get("code"))
+            return response
+
+    answers = Answers()
 
     async def fill_up() -> None:
-        async with AsyncClient(s.url) as client:
+        async with AsyncClient(s.url, transport=answers) as client:
             for _ in range(16):
-                started = time.monotonic()
                 try:
                     await client.submit("generate_quote", quote)
                 except RateLimited as full:
                     # "Too many unfinished jobs" asks for 5 s: the caller decides, at once.
                     assert full.code == "too_many_unfinished_jobs"
-                    assert time.monotonic() - started < 1.5
+                    assert answers.codes.count("too_many_unfinished_jobs") == 1, answers.codes
+                    assert answers.codes[-1] == "too_many_unfinished_jobs", "it was retried"
                     return
             raise AssertionError("the unfinished-jobs limit was never reached")
 

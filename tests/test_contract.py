@@ -58,6 +58,10 @@ MUST_ACCEPT = [
 ]
 
 
+# Slow: schemathesis walks every operation for about a minute per mode.
+pytestmark = pytest.mark.slow
+
+
 def schemathesis(url: str, report: Path, *args: str) -> subprocess.CompletedProcess[str]:
     command = [
         sys.executable,

@@ -59,6 +59,10 @@ FUZZ = settings(
 )
 
 
+# Slow: hypothesis sends hundreds of generated requests to a live server.
+pytestmark = pytest.mark.slow
+
+
 def assert_sane(response: httpx.Response) -> None:
     assert response.status_code < 500, (response.request.url, response.text)
     if response.status_code >= 400:

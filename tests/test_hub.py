@@ -5,13 +5,14 @@ from __future__ import annotations
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from tests.conftest import Stack, StackFactory
 from tests.support.api import DOC, submit, wait_state
-from tests.support.processes import Valkey
+from tests.support.processes import Valkey, wait_until
 from tests.support.sse import StreamReader, read_stream
 
 
@@ -22,7 +23,9 @@ def events_url(base: str, job_id: str) -> str:
 def test_two_webs_and_two_workers_deliver_everything_everywhere(
     make_stack: StackFactory,
 ) -> None:
-    s = make_stack(webs=2, workers=2)
+    # One job at a time per worker: the second worker runs jobs even if it is slow to poll on a
+    # loaded machine (with ten slots, the first could take all six).
+    s = make_stack(webs=2, workers=2, STEPSTREAM_MAX_JOBS="1")
     a, b = s.webs
     jobs = [
         submit(a.url if i % 2 else b.url, "analyze_document", {"text": DOC, "pace": 0.05})
@@ -57,6 +60,7 @@ def test_a_client_resumes_on_another_web_process(make_stack: StackFactory) -> No
     assert [e.id for e in rest] == ids[ids.index(cursor) + 1 :]
 
 
+@pytest.mark.slow  # restarts Valkey
 def test_the_hub_survives_a_valkey_restart(own_valkey: Valkey, tmp_path: Path) -> None:
     s = Stack(own_valkey, "restart:", tmp_path)
     try:
@@ -65,7 +69,8 @@ def test_the_hub_survives_a_valkey_restart(own_valkey: Valkey, tmp_path: Path) -
         job_stream = StreamReader(events_url(s.url, queued["id"])).start()
         firehose = StreamReader(f"{s.url}/api/events").start()
         job_stream.wait_for(lambda evs: [e.type for e in evs] == ["snapshot"])
-        time.sleep(0.3)  # the firehose reader is connected too (it shows nothing until events)
+        # The firehose shows nothing until events: the hub's count says it is attached too.
+        wait_until(lambda: stats(s.url)["streams_open"] == 2, timeout=10, what="both attached")
 
         own_valkey.restart()
         # A worker started now writes while the web process's hub is still reconnecting.
@@ -89,14 +94,7 @@ def test_the_hub_survives_a_valkey_restart(own_valkey: Valkey, tmp_path: Path) -
         s.stop()
 
 
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
-
-
-def test_a_slow_consumer_is_cut_off_and_memory_stays_bounded(make_stack: StackFactory) -> None:
+def test_a_slow_consumer_is_cut_off_and_nothing_is_held_for_it(make_stack: StackFactory) -> None:
     s = make_stack(
         webs=1,
         workers=1,
@@ -104,7 +102,6 @@ def test_a_slow_consumer_is_cut_off_and_memory_stays_bounded(make_stack: StackFa
         STEPSTREAM_SEND_TIMEOUT_SECONDS="2",
     )
     web = s.webs[0]
-    assert web.proc is not None
     # A client that never reads, with a tiny receive buffer so the server's writes back up.
     slow = socket.socket()
     slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -113,8 +110,7 @@ def test_a_slow_consumer_is_cut_off_and_memory_stays_bounded(make_stack: StackFa
         b"GET /api/events?after=0 HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"
     )
     healthy = StreamReader(f"{s.url}/api/events", timeout=120).start()
-    time.sleep(0.5)
-    rss_before = rss_kib(web.proc.pid)
+    wait_until(lambda: stats(s.url)["streams_open"] == 2, timeout=10, what="both streams open")
 
     # 3,000 events of ~4 KB: 12 MB, more than the kernel buffers between the two can hold. At
     # about 2,500 a second: a task's tight loop goes several times faster (tasks/writer.py), which
@@ -128,7 +124,6 @@ def test_a_slow_consumer_is_cut_off_and_memory_stays_bounded(make_stack: StackFa
         e for e in healthy.events if e.type == "progress" and e.data["job_id"] == burst["id"]
     ]
     assert [e.data["current"] for e in progress] == list(range(1, 3_001))
-    healthy.close()
 
     # The slow client is disconnected: draining its socket ends in EOF.
     slow.settimeout(20)
@@ -143,7 +138,18 @@ def test_a_slow_consumer_is_cut_off_and_memory_stays_bounded(make_stack: StackFa
         pytest.fail("the slow consumer was never disconnected")
     slow.close()
     assert received < 3_000 * 4_000, "the slow consumer got everything: it was not cut off"
-    growth_kib = rss_kib(web.proc.pid) - rss_before
-    assert growth_kib < 30_000, f"web process grew by {growth_kib} KiB"
-    stats = httpx.get(f"{s.url}/api/stats").json()
-    assert stats["streams_open"] == 1, "only the healthy reader (idle now) is still attached"
+    # Cut off for falling behind (its queue was full), not for a send that timed out: what the
+    # server held for it never went past STEPSTREAM_SUBSCRIBER_QUEUE events. This replaces a
+    # bound on the process's RSS, which measured the allocator as much as the hub.
+    metrics = httpx.get(f"{s.url}/metrics", timeout=10).text
+    assert "stepstream_sse_slow_consumers_dropped_total 1.0" in metrics
+    assert stats(s.url)["streams_open"] == 1, "only the healthy reader (idle now) is attached"
+    healthy.close()
+    wait_until(lambda: stats(s.url)["streams_open"] == 0, timeout=10, what="the reader gone")
+
+
+def stats(base: str) -> dict[str, Any]:
+    response = httpx.get(f"{base}/api/stats", timeout=10)
+    assert response.status_code == 200, response.text
+    result: dict[str, Any] = response.json()
+    return result

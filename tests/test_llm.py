@@ -7,7 +7,6 @@ process and worker whose provider points at the same local server.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -108,12 +107,11 @@ def test_retries_run_out_as_a_retry_after_the_job_honours(chat: ChatServer) -> N
 
 
 def test_a_timeout_is_retried_then_transient(chat: ChatServer) -> None:
+    # An answer that came at all (after its pause) would be an empty body, not a timeout.
     chat.reset(*[Answer(pause=1.0, body={})] * 2, default=reply("late"))
-    started = time.monotonic()
     with pytest.raises(LLMUnavailable, match=r"timed out after 0\.3s"):
         complete(OpenAIProvider(chat.url, timeout=0.3, max_retries=1, backoff=0.05))
     assert len(chat.requests) == 2
-    assert time.monotonic() - started < 1.5
 
 
 def test_a_content_policy_refusal_is_permanent(chat: ChatServer) -> None:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from arq.constants import in_progress_key_prefix
 
 from tests.conftest import Stack, StackFactory
@@ -16,6 +17,9 @@ from tests.support.api import DOC, get_job, submit, wait_state
 from tests.support.processes import Valkey, wait_until
 from tests.support.sse import Event, read_stream
 from tests.support.tasks import executions_key, gate_key
+
+# Slow: kills workers, restarts and freezes Valkey, waits out leases.
+pytestmark = pytest.mark.slow
 
 
 def full_log(base: str, job_id: str) -> list[Event]:
@@ -51,7 +55,8 @@ def test_a_killed_worker_s_job_is_taken_over_and_resumes_from_checkpoints(
     done = wait_state(s.url, job["id"], {"completed", "failed"}, timeout=30)
     took = time.monotonic() - killed_at
     assert done["state"] == "completed"
-    assert took < 15, f"takeover took {took:.1f}s"
+    # Time is the feature: the 8 s lease, against arq's "job timeout + 10 s" (minutes).
+    assert took < 25, f"takeover took {took:.1f}s"
     assert r.hgetall(executions_key(job["id"])) == {
         "one": "1",
         "two": "1",

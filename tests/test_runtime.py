@@ -108,7 +108,9 @@ def test_a_step_timeout_is_transient_then_fails_when_attempts_run_out(stack: Sta
 
 
 def test_a_task_s_concurrency_limit_holds_across_workers(make_stack: StackFactory) -> None:
-    s = make_stack(webs=1, workers=2)
+    # One job at a time per worker: while one worker holds the slot, only the other can take
+    # the next job, so both compete even when a loaded machine makes one of them slow to poll.
+    s = make_stack(webs=1, workers=2, STEPSTREAM_MAX_JOBS="1")
     r = s.redis()
     r.delete("test:limited:running", "test:limited:max")
     # Both workers up (each has sent its first heartbeat) before the jobs are queued: otherwise
@@ -119,7 +121,7 @@ def test_a_task_s_concurrency_limit_holds_across_workers(make_stack: StackFactor
         0.05,
         "both workers' heartbeats",
     )
-    jobs = [submit(s.url, "limited", {"hold": 0.4}) for _ in range(4)]
+    jobs = [submit(s.url, "limited", {"hold": 0.8}) for _ in range(4)]
     for job in jobs:
         done = wait_state(s.url, job["id"], {"completed", "failed"}, timeout=60)
         assert done["state"] == "completed" and done["attempt"] == 1

@@ -92,6 +92,7 @@ async def watch_all(s: Stack, job_id: str, tokens: list[str]) -> list[tuple[int,
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
+@pytest.mark.slow  # a thousand streams
 def test_one_key_s_app_serves_a_thousand_token_viewers_on_one_web_process(
     make_stack: StackFactory,
 ) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import httpx
 import redis
 
 from tests.conftest import Stack, StackFactory
 from tests.support.api import DOC, get_job, submit, wait_state
+from tests.support.processes import wait_until
 from tests.support.sse import StreamReader, read_stream
 from tests.support.tasks import gate_key
 
@@ -85,10 +87,13 @@ def test_resume_in_the_middle_of_a_running_job(stack: Stack) -> None:
         r.rpush(gate_key(job["id"]), "go")
     first.wait_for(lambda evs: sum(e.type == "progress" for e in evs) == 3)
     first.close()
+    wait_until(lambda: streams_open(stack.url) == 0, timeout=10, what="the first stream gone")
     cursor = [e for e in first.events if e.type == "progress"][-1].id
     second = StreamReader(
         events_url(stack.url, job["id"]), headers={"Last-Event-ID": cursor or ""}
     ).start()
+    # Attached before the job goes on: the rest is written while the second stream listens.
+    wait_until(lambda: streams_open(stack.url) == 1, timeout=10, what="the second stream")
     for _ in range(3):
         r.rpush(gate_key(job["id"]), "go")
     rest = second.wait_closed()
@@ -117,22 +122,40 @@ def test_a_stream_opened_before_the_job_starts_sees_it_start(make_stack: StackFa
 def test_an_event_written_between_registering_and_reading_arrives_once(
     make_stack: StackFactory,
 ) -> None:
-    # The server pauses 1 s between registering with the hub and reading the backlog.
-    s = make_stack(webs=1, workers=1, STEPSTREAM_RESUME_DELAY_SECONDS="1.0")
+    # The server pauses between registering with the hub and reading the backlog.
+    window = 2.0
+    s = make_stack(webs=1, workers=1, STEPSTREAM_RESUME_DELAY_SECONDS=str(window))
     job = submit(s.url, "gated", {"events": 3})
     r = s.redis()
     r.rpush(gate_key(job["id"]), "go")
     wait_until_progress(s.url, job["id"], 1)
     cursor = get_job(s.url, job["id"])["last_event_id"]
+    connecting = time.time()
     reader = StreamReader(events_url(s.url, job["id"]), {"Last-Event-ID": cursor}).start()
+    wait_until(lambda: streams_open(s.url) == 1, timeout=10, what="the stream registered")
     # These land inside the window: in the hub's buffer AND in the log the server reads.
     r.rpush(gate_key(job["id"]), "go")
     r.rpush(gate_key(job["id"]), "go")
     events = reader.wait_closed()
     currents = [e.data["current"] for e in events if e.type == "progress"]
     assert currents == [2, 3]
+    # The window opened after ``connecting`` and the writes came after the registration; an
+    # event id is the time Valkey stored it. Otherwise this run tested nothing.
+    stored_at = max(int((e.id or "0").split("-")[0]) / 1000 for e in events)
+    assert stored_at < connecting + window, "the writes landed after the window"
     ids = [e.id for e in events]
     assert len(ids) == len(set(ids))
+
+
+def streams_open(base: str) -> int:
+    count: int = httpx.get(f"{base}/api/stats", timeout=10).json()["streams_open"]
+    return count
+
+
+def xinfo_calls(s: Stack) -> int:
+    """XINFO calls Valkey answered so far (a stream reads its log's newest id with one)."""
+    stats: dict[str, Any] = s.redis().info("commandstats")
+    return sum(v["calls"] for k, v in stats.items() if k.startswith("cmdstat_xinfo"))
 
 
 def wait_until_progress(base: str, job_id: str, current: int) -> None:
@@ -205,11 +228,16 @@ def test_the_firehose_resumes_from_any_cursor_and_names_each_job_event_id(
 def test_a_fresh_firehose_connect_misses_nothing_written_while_it_connects(
     make_stack: StackFactory,
 ) -> None:
-    # The server pauses 1 s between reading the firehose's newest id and subscribing.
-    s = make_stack(webs=1, workers=0, STEPSTREAM_RESUME_DELAY_SECONDS="1.0")
+    # The server pauses between reading the firehose's newest id and subscribing.
+    s = make_stack(webs=1, workers=0, STEPSTREAM_RESUME_DELAY_SECONDS="2.0")
+    before = xinfo_calls(s)
     reader = StreamReader(f"{s.url}/api/events").start()
-    time.sleep(0.3)  # inside the window
+    # The server read the firehose's newest id: the window is open.
+    wait_until(lambda: xinfo_calls(s) > before, timeout=10, what="the stream's first read")
     job = submit(s.url, "analyze_document", {"text": DOC})
+    # The job's first event is stored and the stream has not subscribed yet: it can only come
+    # from the log read after the window. Otherwise this run tested nothing.
+    assert streams_open(s.url) == 0, "the stream subscribed before the write"
     reader.wait_for(lambda evs: any(e.data.get("job_id") == job["id"] for e in evs))
     later = submit(s.url, "analyze_document", {"text": DOC})
     reader.wait_for(lambda evs: any(e.data.get("job_id") == later["id"] for e in evs))

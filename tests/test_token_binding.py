@@ -16,7 +16,7 @@ import httpx
 
 from stepstream.server.keywatch import RECHECK_SECONDS
 from tests.conftest import Stack, StackFactory
-from tests.support.processes import ROOT, Web
+from tests.support.processes import ROOT, Web, wait_until
 from tests.support.sse import StreamReader
 from tests.support.tasks import gate_key
 from tests.test_auth import ALICE, PRODUCTION, submit_as
@@ -133,7 +133,11 @@ def test_a_revoked_key_s_tokens_are_refused_and_their_open_streams_end(
     bystander = StreamReader(f"{s.url}/api/events?token={alice_token}").start()
     try:
         # Every stream is open once it has carried a live event of the job.
-        time.sleep(0.5)
+        wait_until(
+            lambda: httpx.get(f"{s.url}/api/stats", headers=ALICE).json()["streams_open"] == 4,
+            timeout=10,
+            what="four streams attached",
+        )
         s.redis().rpush(gate_key(job["id"]), "go")
         for reader in readers.values():
             reader.wait_for(lambda events: any(e.type == "progress" for e in events))
@@ -161,7 +165,8 @@ def test_a_revoked_key_s_tokens_are_refused_and_their_open_streams_end(
             else:
                 assert events[-1].type == "token_expired", name
                 assert "revoked" in events[-1].data["reason"]
-        assert time.monotonic() - revoked_at < RECHECK_SECONDS + 3
+        # Time is the feature (the recheck interval); the margin allows a loaded machine.
+        assert time.monotonic() - revoked_at < RECHECK_SECONDS + 8
 
         # Another key's token stream goes on.
         after = submit_as(s, ALICE)

@@ -17,6 +17,9 @@ from stepstream import Client, Event, RetryingEvent, StartedEvent
 from tests.support.api import DOC, get_job, submit, wait_state
 from tests.support.processes import ROOT, free_port, wait_until
 
+# Slow: starts whole deployments with `stepstream up` and stops them with Ctrl-C.
+pytestmark = pytest.mark.slow
+
 
 def start_up(
     data_dir: Path, port: int, log: Path, extra_env: dict[str, str] | None = None
@@ -132,7 +135,6 @@ def test_up_runs_everything_stops_cleanly_and_keeps_jobs(tmp_path: Path) -> None
             second.kill()
 
 
-@pytest.mark.slow
 def test_ctrl_c_waits_out_the_workers_grace_so_a_running_job_costs_no_attempt(
     tmp_path: Path,
 ) -> None:

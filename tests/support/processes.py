@@ -89,12 +89,19 @@ class Process:
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
-    def start(self) -> Process:
+    def launch(self) -> Self:
+        """Start the process without waiting for it to be ready (``wait_ready``)."""
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             self.args, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT
         )
         return self
+
+    def wait_ready(self) -> Self:
+        return self
+
+    def start(self) -> Self:
+        return self.launch().wait_ready()
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None
@@ -164,9 +171,7 @@ class Uvicorn(Process):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> Self:
-        super().start()
-
+    def wait_ready(self) -> Self:
         def ready() -> bool:
             if not self.alive:
                 raise RuntimeError(f"{self.name} exited:\n{self.log()}")
@@ -197,9 +202,7 @@ class Worker(Process):
         args = worker_argv()
         super().__init__(f"worker-{Worker.count}", args, env, log_dir)
 
-    def start(self) -> Worker:
-        super().start()
-
+    def wait_ready(self) -> Self:
         def ready() -> bool:
             if not self.alive:
                 raise RuntimeError(f"worker exited:\n{self.log()}")

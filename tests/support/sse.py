@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -26,14 +28,18 @@ def read_stream(
     *,
     timeout: float = 30.0,
     stop: Callable[[Event], bool] | None = None,
+    opened: Callable[[httpx.Response], None] | None = None,
 ) -> tuple[int, list[Event]]:
-    """Read a stream to its end (or until ``stop`` says so); returns (status, events)."""
+    """Read a stream to its end (or until ``stop`` says so); returns (status, events).
+    ``opened`` is handed the response once its head is in."""
     events: list[Event] = []
     deadline = time.monotonic() + timeout
     with (
         httpx.Client(timeout=httpx.Timeout(timeout)) as client,
         connect_sse(client, "GET", url, headers=headers or {}) as source,
     ):
+        if opened is not None:
+            opened(source.response)
         if source.response.status_code != 200:
             return source.response.status_code, events
         for sse in source.iter_sse():
@@ -60,6 +66,7 @@ class StreamReader:
         self.error: BaseException | None = None
         self._done = threading.Event()
         self._stop = threading.Event()
+        self._socket: socket.socket | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def start(self) -> StreamReader:
@@ -73,11 +80,26 @@ class StreamReader:
                 self.headers,
                 timeout=self.timeout,
                 stop=self._collect,
+                opened=self._opened,
             )
         except BaseException as exc:  # surfaced by wait_* to the test
-            self.error = exc
+            if not self._stop.is_set():  # a read cut short by close() is no error
+                self.error = exc
         finally:
             self._done.set()
+
+    def _opened(self, response: httpx.Response) -> None:
+        stream = response.extensions.get("network_stream")
+        self._socket = stream.get_extra_info("socket") if stream is not None else None
+        if self._stop.is_set():  # closed before it opened
+            self._shut()
+
+    def _shut(self) -> None:
+        if self._socket is not None:
+            # shutdown() wakes the reading thread at once, which close() from here would not;
+            # the server sees the connection end as it would when a browser tab goes away.
+            with contextlib.suppress(OSError):
+                self._socket.shutdown(socket.SHUT_RDWR)
 
     def _collect(self, event: Event) -> bool:
         self.events.append(event)
@@ -105,5 +127,9 @@ class StreamReader:
             raise self.error
         return self.events
 
-    def close(self) -> None:
+    def close(self, timeout: float = 10) -> None:
+        """End the stream now, from the client's side, and wait for the reader to finish."""
         self._stop.set()
+        self._shut()
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"stream {self.url} was not closed within {timeout}s")
