@@ -1,8 +1,9 @@
 """Cached results: a task declared with ``@task(..., cache_ttl=seconds)`` reuses the result of a
 completed job for the same input (and the same owner) for that many seconds.
 
-The worker stores the result when a job completes; the web process looks it up when a job is
-submitted and, on a hit, records a completed job marked ``cached: true`` without running it.
+The worker stores the result with the job's ``completed`` event; the web process looks it up
+when a job is submitted and, on a hit, records a completed job marked ``cached: true`` without
+running it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from stepstream.tasks.keys import Keys
+from stepstream.tasks.queue import Command
 from stepstream.tasks.registry import TaskSpec
 
 
@@ -28,20 +30,22 @@ def input_digest(task: str, owner: str | None, raw_input: dict[str, Any]) -> str
     return hashlib.sha256(body.encode()).hexdigest()
 
 
-async def store_result(
-    redis: Redis,
+def result_commands(
     keys: Keys,
     spec: TaskSpec,
     owner: str | None,
     raw_input: dict[str, Any],
     job_id: str,
     result: Any,
-) -> None:
+) -> list[Command]:
+    """The cache entry of a completed job, as commands for its ``completed`` append: written in
+    the same script, so a client that sees the job completed and submits the same input again
+    finds the result (written after, there was a moment when it ran the job a second time)."""
     if not spec.cache_ttl:
-        return
+        return []
     key = keys.result_cache(spec.name, input_digest(spec.name, owner, raw_input))
     value = json.dumps({"job_id": job_id, "result": result}, separators=(",", ":"))
-    await redis.set(key, value, px=max(1, int(spec.cache_ttl * 1000)))
+    return [["SET", key, value, "PX", max(1, int(spec.cache_ttl * 1000))]]
 
 
 async def lookup(

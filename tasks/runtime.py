@@ -251,10 +251,13 @@ async def _run_attempt(
             },
             owner=record.owner,
             expect=(JobState.running,),
+            then=cache.result_commands(
+                store.keys, spec, record.owner, record.input, job_id, result
+            ),
         )
         if done.ok:
             await heartbeat.job_finished(store, record, "completed")
-            await _after_completed(store, spec, record, result)
+            await batches.child_finished(store, record)
     finally:
         monitor.running.pop(job_id, None)
         monitor.cancelled.discard(job_id)
@@ -282,18 +285,6 @@ async def _execute(spec: TaskSpec, context: TaskContext, raw_input: dict[str, An
         raise PermanentError(f"output is not valid for {spec.name}: {exc}") from exc
     assert isinstance(output, BaseModel)
     return output.model_dump(mode="json")
-
-
-async def _after_completed(store: JobStore, spec: TaskSpec, record: JobRecord, result: Any) -> None:
-    """Keep the result for the task's cache (``cache_ttl``) and report it to its batch. The
-    job is complete whatever happens here: a failure is logged, never raised."""
-    try:
-        await cache.store_result(
-            store.redis, store.keys, spec, record.owner, record.input, record.id, result
-        )
-    except Exception:
-        logger.warning("could not cache the result of job %s", record.id, exc_info=True)
-    await batches.child_finished(store, record)
 
 
 def classify(exc: BaseException) -> bool:
