@@ -216,6 +216,29 @@ def test_web_restart_shows_reconnecting_then_live_and_misses_no_step(
     assert "after=" in firehoses[-1], firehoses
 
 
+def test_a_job_opened_while_the_server_is_away_is_shown_once_it_is_back(
+    make_stack: StackFactory, dashboard: OpenDashboard
+) -> None:
+    own = make_stack()
+    port = own.webs[0].port
+    job_id = submit(own.url, "analyze_document", analyze(0.05))["id"]
+    wait_state(own.url, job_id, {"completed"})
+    page = dashboard(own.url)
+    own.webs[0].stop()
+    page.expect_connection("Reconnecting", timeout=10_000)
+    record = f"/api/jobs/{job_id}"
+    with page.page.expect_event(
+        "requestfailed", predicate=lambda r: r.url.endswith(record), timeout=10_000
+    ):
+        page.page.goto(f"{own.url}/#/jobs/{job_id}")  # its record cannot be fetched now
+    detail = page.detail
+    # The list's copy stays shown, not a verdict that the job does not exist.
+    expect(detail.locator(".detail-title")).to_have_text("Analyse a document")
+    own.add_web(port=port)
+    expect(detail.locator(".badge")).to_have_text("Completed", timeout=30_000)
+    expect(detail.locator(".timeline > li")).to_have_count(len(ANALYZE_STEPS))
+
+
 def test_cancel_a_running_job_and_retry_a_failed_one(
     stack: Stack, dashboard: OpenDashboard
 ) -> None:

@@ -90,15 +90,26 @@ export class DetailView {
     document.body.classList.add("detail-open");
     if (job.base) this.render();
     this.els.title.focus({ preventScroll: true });
-    try {
-      const { data } = await api(`api/jobs/${encodeURIComponent(id)}`);
-      if (this.job !== job) return;
-      job.base = data;
-      this.render();
-      this._stream(null);
-    } catch (error) {
-      if (this.job !== job) return;
-      this._notFound(error);
+    // A server that cannot be reached (a restart) or answers 5xx is asked again, with the
+    // list's copy of the record shown meanwhile; only an answer about the job itself (404,
+    // 401, 403) is final.
+    for (let wait = 500; ; wait = Math.min(wait * 2, 5000)) {
+      try {
+        const { data } = await api(`api/jobs/${encodeURIComponent(id)}`);
+        if (this.job !== job) return;
+        if (this.showingMessage) this._skeleton(); // a failed try's message was shown
+        job.base = data;
+        this.render();
+        this._stream(null);
+        return;
+      } catch (error) {
+        if (this.job !== job) return;
+        const transient = !error.status || error.status >= 500;
+        if (!transient || !job.base) this._notFound(error);
+        if (!transient) return;
+        await new Promise((resolve) => setTimeout(resolve, wait));
+        if (this.job !== job) return;
+      }
     }
   }
 
@@ -195,6 +206,7 @@ export class DetailView {
   }
 
   _skeleton() {
+    this.showingMessage = false;
     const title = h("h2", { id: "detail-title", class: "detail-title", tabindex: "-1" }, "Job");
     const close = h(
       "button",
@@ -281,6 +293,7 @@ export class DetailView {
   }
 
   _notFound(error) {
+    this.showingMessage = true;
     fill(
       this.body,
       h(
