@@ -39,6 +39,13 @@ def run_cli(
     )
 
 
+def _ctrl_c_as_at_a_terminal() -> None:
+    # A test run started in the background (`cmd &` in a script) ignores SIGINT, and so would the
+    # command it starts: Python then installs no KeyboardInterrupt, and `interrupt()` would test
+    # nothing. The command gets Ctrl-C as it does at a terminal, however the tests were started.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class LiveCli:
     """A command running in the background whose output lines a test can wait for."""
 
@@ -50,6 +57,7 @@ class LiveCli:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=_ctrl_c_as_at_a_terminal,
         )
         self.lines: list[str] = []
         self.stderr = ""
