@@ -12,6 +12,7 @@ from tests.conftest import StackFactory
 from tests.support.api import get_job, submit, wait_state
 from tests.support.browser import Dashboard, chromium, requires_chromium
 from tests.support.output_tasks import streamed_text
+from tests.support.tasks import gate_key
 
 pytestmark = [pytest.mark.browser, requires_chromium]
 
@@ -37,7 +38,8 @@ def test_reload_mid_stream_keeps_the_text_and_it_grows_to_the_end(
     s = make_stack(STEPSTREAM_TASK_MODULES=OUTPUT_TASKS)
     words = 150
     final = streamed_text(words)
-    job = submit(s.url, "streamer", {"words": words, "word_seconds": 0.02})
+    # Held at word 75 until the page has reloaded: the reload lands mid-stream on any machine.
+    job = submit(s.url, "streamer", {"words": words, "word_seconds": 0.02, "gate_at": 75})
     page = Dashboard(browser, s.url)
     try:
         page.open(f"/#/jobs/{job['id']}")
@@ -58,6 +60,7 @@ def test_reload_mid_stream_keeps_the_text_and_it_grows_to_the_end(
         assert final.startswith(after_reload), after_reload[-80:]
         assert len(after_reload) >= len(before), "the reload lost text"
         assert len(after_reload) < len(final), "the reload came after the stream had ended"
+        s.redis().rpush(gate_key(job["id"]), "go")
         # It keeps going, and every text on the way is the start of the final one.
         page.page.wait_for_function(
             """([selector, final]) => {

@@ -33,6 +33,9 @@ class StreamerInput(BaseModel):
     word_seconds: float = Field(default=0.0, ge=0, le=5)
     llm: bool = Field(default=False, description="stream an offline LLM reply instead")
     fail_finish_attempts: int = Field(default=0, description="fail 'finish' on the first N")
+    gate_at: int | None = Field(
+        default=None, description="before this word, wait until the test opens the job's gate"
+    )
 
 
 class StreamerOutput(BaseModel):
@@ -58,6 +61,10 @@ async def streamer(ctx: TaskContext, data: StreamerInput) -> StreamerOutput:
         async def write() -> str:
             async with ctx.output() as out:
                 for i in range(data.words):
+                    if i == data.gate_at:
+                        # Mid-stream for as long as the test needs, however loaded the machine.
+                        redis = ctx.store.redis
+                        await redis.blpop([gate_key(ctx.job_id)], timeout=60)  # type: ignore[misc]
                     if data.word_seconds:
                         await asyncio.sleep(data.word_seconds)
                     await out.write(word(i))
