@@ -162,10 +162,11 @@ def test_deliveries_retry_with_backoff_and_give_up_after_the_last_attempt(
     assert [d.headers["X-Stepstream-Attempt"] for d in tries] == ["1", "2", "3"]
     assert len(by_event(tries)) == 1 and len({d.raw for d in tries}) == 1
     # Attempt n+1 begins no sooner than the timeout plus backoff * 2^(n-1) (jittered down to
-    # half) after attempt n began.
+    # half) after attempt n began. Seen from the receiver, an attempt that was slow to arrive
+    # (a loaded machine: 64 ms once) shortens the gap after it: 0.25 s of slack for that.
     for n, (before, after) in enumerate(itertools.pairwise(tries), start=1):
         waited = after.received_at - before.received_at
-        assert waited >= timeout + backoff * 2 ** (n - 1) / 2 - 0.05
+        assert waited >= timeout + backoff * 2 ** (n - 1) / 2 - 0.25
 
     wait_until(
         lambda: "webhook gave up after 3 attempts" in worker.log(), timeout=20, what="give up"
