@@ -121,13 +121,16 @@ def test_submit_from_the_form_shows_each_step_then_the_result(
     expect(row.locator(".job-step")).to_have_text("Completed all 7 steps")
     expect(row.locator(".job-elapsed")).to_have_text(re.compile(r"^\d+(\.\d)? s$"))
 
-    # The row showed the steps in order, and the bar never went backwards. The last step of
-    # the demo lasts about a millisecond (its "step" and "completed" events arrive together),
-    # so it may never be on screen for a whole frame; the detail timeline below shows it.
+    # The row showed the steps in order, and the bar never went backwards. A short step whose
+    # events arrive within one frame of the next (the demo's last step lasts a millisecond; on a
+    # loaded machine a paced one can too) may never be on screen; the detail timeline below
+    # shows every step. What the row shows never goes back and never repeats.
     lines = page.step_lines(job_id)
     expected = [f"Step {i} of 7 · {name}" for i, name in enumerate(ANALYZE_STEPS, start=1)]
     seen = [line for line in lines if line.startswith("Step ")]
-    assert seen == expected[: len(seen)] and len(seen) >= 6, lines
+    positions = [expected.index(line) for line in seen if line in expected]
+    assert len(positions) == len(seen), lines
+    assert positions == sorted(set(positions)) and len(positions) >= 4, lines
     history = page.progress_history(job_id)
     assert history == sorted(history) and history[-1] == 100, history
     assert any(0 < value < 100 for value in history), history
