@@ -7,6 +7,7 @@ job is self-contained and any worker can pick it up.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import math
 import random
@@ -54,6 +55,7 @@ end
 return 0
 """
 SLOT_WAIT_SECONDS = 0.5
+STOP_WARNING_SECONDS = 10.0
 
 
 class JobMonitor:
@@ -70,7 +72,9 @@ class JobMonitor:
         self.lease_ms = int(lease_seconds * 1000)
         self.interval = interval
         self.running: dict[str, asyncio.Task[Any]] = {}
-        self.cancelled: set[str] = set()
+        # job id → when the monitor interrupted its task (monotonic seconds)
+        self.cancelled: dict[str, float] = {}
+        self._reported: set[str] = set()  # jobs already reported as not stopping
         self.slots: dict[str, str] = {}  # job id → the slots key it holds a slot in
         # job id → the arq job running it, when not the job's own id (tasks/inputs.py)
         self.arq_ids: dict[str, str] = {}
@@ -135,11 +139,63 @@ class JobMonitor:
             for job_id, flag in zip(job_ids, flags, strict=True):
                 task = self.running.get(job_id)
                 if flag and task is not None and job_id not in self.cancelled:
-                    self.cancelled.add(job_id)
+                    self.cancelled[job_id] = time.monotonic()
                     task.cancel()
+            self._report_unstopped()
+
+    def _report_unstopped(self) -> None:
+        """Log, once, a job interrupted ``STOP_WARNING_SECONDS`` ago that is still running
+        here, with where its task is: recording a cancel takes one append, so a job still
+        here is stuck in something that does not end (and its lease keeps it from others)."""
+        now = time.monotonic()
+        for job_id, since in list(self.cancelled.items()):
+            task = self.running.get(job_id)
+            if task is None or job_id in self._reported or now - since < STOP_WARNING_SECONDS:
+                continue
+            self._reported.add(job_id)
+            where = io.StringIO()
+            task.print_stack(limit=12, file=where)
+            logger.warning(
+                "job %s was interrupted by its cancel %.0fs ago and has not stopped:\n%s",
+                job_id,
+                now - since,
+                where.getvalue(),
+            )
+
+
+# arq drops an entry whose function raised anything but ``Retry``. Stepstream's job record
+# would still say ``queued`` or ``running``, with no entry left to run it: a job waiting for
+# ever. So the runtime's own failure to record an outcome (Redis away for longer than the
+# clients' patience, a refused script) becomes a later try, as a killed worker's job would.
+RECORD_RETRY_MAX_SECONDS = 30.0
 
 
 async def run_job(ctx: dict[str, Any], job_id: str) -> None:
+    """arq's function for a job: run its next attempt and record how it ended.
+
+    Never lets arq drop the job while its record is unfinished: an error in recording is
+    logged and the job is offered again, with a growing delay up to 30 s. The next try reads
+    the record and goes on from there (from the checkpoints, or only to show an end that was
+    written)."""
+    try:
+        await _run_job(ctx, job_id)
+    except Retry:
+        raise
+    except Exception as exc:
+        tries = int(ctx.get("job_try") or 1)
+        delay = min(RECORD_RETRY_MAX_SECONDS, 2.0**tries)
+        logger.error(
+            "job %s: the worker could not record how its run went (%r); it is offered "
+            "again in %.0fs",
+            job_id,
+            exc,
+            delay,
+            exc_info=True,
+        )
+        raise Retry(defer=timedelta(seconds=delay)) from exc
+
+
+async def _run_job(ctx: dict[str, Any], job_id: str) -> None:
     store: JobStore = ctx["store"]
     monitor: JobMonitor = ctx["job_monitor"]
     record = await store.get(job_id)
@@ -260,7 +316,8 @@ async def _run_attempt(
             await batches.child_finished(store, record)
     finally:
         monitor.running.pop(job_id, None)
-        monitor.cancelled.discard(job_id)
+        monitor.cancelled.pop(job_id, None)
+        monitor._reported.discard(job_id)
 
 
 async def _execute(spec: TaskSpec, context: TaskContext, raw_input: dict[str, Any]) -> Any:

@@ -12,6 +12,7 @@ import httpx
 import pytest
 from arq.constants import in_progress_key_prefix
 
+from stepstream.tasks.keys import Keys
 from tests.conftest import Stack, StackFactory
 from tests.support.api import DOC, get_job, submit, wait_state
 from tests.support.processes import Valkey, wait_until
@@ -189,6 +190,41 @@ def test_a_valkey_restart_during_a_job_loses_nothing(own_valkey: Valkey, tmp_pat
         wait_until(lambda: get_job(s.url, job["id"])["state"] == "completed", 20)
         assert get_job(s.url, job["id"])["result"] == done["result"]
     finally:
+        s.stop()
+
+
+def test_a_job_whose_end_the_worker_could_not_write_is_not_dropped(
+    own_valkey: Valkey, tmp_path: Path
+) -> None:
+    """arq drops an entry whose function raised. When the worker cannot write a job's end (here
+    Valkey refuses its scripts for a moment: NOPERM, an error no client retries), the job must
+    not be left ``running`` for ever with nothing to run it: it is offered again, and its end
+    is written once Valkey takes writes again."""
+    s = Stack(own_valkey, "nr:", tmp_path)
+    r = s.redis()
+    try:
+        s.add_web()
+        s.add_worker()
+        job = submit(s.url, "counted", {"gate_at": "three"})
+        wait_until(lambda: r.hget(executions_key(job["id"]), "three") == "1", 20, what="step 3")
+        r.execute_command("ACL", "SETUSER", "default", "-evalsha")
+        try:
+            # What the web writes to cancel a running job (its own write is a script too).
+            r.set(Keys("nr:").job_cancel(job["id"]), "1")
+            wait_until(
+                lambda: "NoPermissionError" in s.workers[0].log(),
+                20,
+                what="the worker's cancel to be refused by Valkey",
+            )
+        finally:
+            r.execute_command("ACL", "SETUSER", "default", "+evalsha")
+        done = wait_state(s.url, job["id"], {"cancelled", "completed", "failed"}, timeout=40)
+        assert done["state"] == "cancelled"
+        types = [e.type for e in full_log(s.url, job["id"])]
+        assert types.count("cancelled") == 1 and types[-1] == "cancelled"
+        assert r.hget(executions_key(job["id"]), "three") == "1"
+    finally:
+        r.execute_command("ACL", "SETUSER", "default", "+evalsha")
         s.stop()
 
 
