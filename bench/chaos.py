@@ -37,6 +37,7 @@ from typing import Any
 
 import httpx
 import redis
+from arq.constants import in_progress_key_prefix, job_key_prefix
 
 from bench.common import LIFTED, rss_kib
 from stepstream.tasks import transitions
@@ -529,6 +530,30 @@ def excerpt(events: list[tuple[str, dict[str, Any]]], limit: int = 14) -> str:
     return "\n".join(lines)
 
 
+def whereabouts(stack: Stack, job_id: str, lines: int = 12) -> str:
+    """What arq holds for a job that never ended, and what the processes logged about it."""
+    r = stack.redis()
+    keys = Keys(PREFIX)
+    score = r.zscore(keys.queue, job_id)
+    entry = "none" if score is None else f"due in {(score - time.time() * 1000) / 1000:.1f}s"
+    found = [
+        f"      arq: queue entry {entry}, "
+        f"in-progress key ttl {r.pttl(in_progress_key_prefix + job_id)} ms, "
+        f"job key {'present' if r.exists(job_key_prefix + job_id) else 'none'}, "
+        f"cancel flag {'set' if r.exists(keys.job_cancel(job_id)) else 'none'}"
+    ]
+    for path in sorted(stack.log_dir.glob("*.log")):
+        text = path.read_text(errors="replace").splitlines()
+        hits = [n for n, line in enumerate(text) if job_id in line]
+        for n in hits[-lines:]:
+            # A warning's stack (tasks/runtime.py) follows its first line.
+            found += [
+                f"      {path.stem}: {line}"
+                for line in text[n : n + 1 + 14 * ("has not stopped" in text[n])]
+            ]
+    return "\n".join(found)
+
+
 def check(stack: Stack, run: Run) -> dict[str, int]:
     r = stack.redis()
     keys = Keys(PREFIX)
@@ -581,7 +606,7 @@ def check(stack: Stack, run: Run) -> dict[str, int]:
         elif terminals[0] != len(types) - 1:
             say(job_id, f"events after the terminal {types[terminals[0]]}")
         if record.state.value not in TERMINAL:
-            say(job_id, f"never ended: state {record.state.value}")
+            say(job_id, f"never ended: state {record.state.value}\n{whereabouts(stack, job_id)}")
         elif terminals and types[terminals[-1]] != record.state.value:
             say(job_id, f"record says {record.state.value}, log ends {types[terminals[-1]]}")
         if log and record.last_event_id != log[-1][0]:
@@ -795,12 +820,13 @@ def check_rss(stack: Stack, run: Run, baseline: dict[str, int]) -> None:
 
 
 @contextmanager
-def log_dir(keep: bool) -> Iterator[Path]:
+def log_dir(keep: bool, run: Run) -> Iterator[Path]:
+    """The processes' logs: kept when asked, or when the soak found a violation."""
     path = Path(tempfile.mkdtemp(prefix="stepstream-chaos-"))
     try:
         yield path
     finally:
-        if keep:
+        if keep or run.violations:
             print(f"logs kept in {path}")
         else:
             shutil.rmtree(path, ignore_errors=True)
@@ -833,7 +859,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.in_flight} jobs in flight, {args.watchers} watchers, seed {seed}",
         flush=True,
     )
-    with log_dir(args.keep_logs) as logs:
+    with log_dir(args.keep_logs, run) as logs:
         stack = Stack(logs, args.webs, args.workers)
         try:
             stack.start()
