@@ -545,12 +545,7 @@ def whereabouts(stack: Stack, job_id: str, lines: int = 12) -> str:
     for path in sorted(stack.log_dir.glob("*.log")):
         text = path.read_text(errors="replace").splitlines()
         hits = [n for n, line in enumerate(text) if job_id in line]
-        for n in hits[-lines:]:
-            # A warning's stack (tasks/runtime.py) follows its first line.
-            found += [
-                f"      {path.stem}: {line}"
-                for line in text[n : n + 1 + 14 * ("has not stopped" in text[n])]
-            ]
+        found += [f"      {path.stem}: {text[n]}" for n in hits[-lines:]]
     return "\n".join(found)
 
 

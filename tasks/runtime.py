@@ -7,7 +7,6 @@ job is self-contained and any worker can pick it up.
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import math
 import random
@@ -153,14 +152,29 @@ class JobMonitor:
             if task is None or job_id in self._reported or now - since < STOP_WARNING_SECONDS:
                 continue
             self._reported.add(job_id)
-            where = io.StringIO()
-            task.print_stack(limit=12, file=where)
             logger.warning(
-                "job %s was interrupted by its cancel %.0fs ago and has not stopped:\n%s",
+                "job %s was interrupted by its cancel %.0fs ago and has not stopped; it waits in:"
+                "\n%s",
                 job_id,
                 now - since,
-                where.getvalue(),
+                awaiting(task),
             )
+
+
+def awaiting(task: asyncio.Task[Any]) -> str:
+    """Where a suspended task waits: its chain of awaits, outermost first (``Task.get_stack``
+    gives a suspended task's outermost frame only)."""
+    lines = []
+    awaited: Any = task.get_coro()
+    while awaited is not None:
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+        if frame is None:
+            lines.append(f"  {awaited!r}"[:200])
+            break
+        code = frame.f_code
+        lines.append(f"  {code.co_filename}:{frame.f_lineno} in {code.co_name}")
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+    return "\n".join(lines)
 
 
 # arq drops an entry whose function raised anything but ``Retry``. Stepstream's job record

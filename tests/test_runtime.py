@@ -5,12 +5,13 @@ from __future__ import annotations
 from datetime import datetime
 
 import httpx
+import pytest
 
 from tests.conftest import Stack, StackFactory
 from tests.support.api import submit, wait_state
 from tests.support.processes import wait_until
 from tests.support.sse import Event, read_stream
-from tests.support.tasks import executions_key
+from tests.support.tasks import executions_key, gate_key
 
 
 def full_log(base: str, job_id: str) -> list[Event]:
@@ -136,3 +137,26 @@ def test_a_failure_names_the_step_it_happened_in(stack: Stack) -> None:
     assert done["error"]["step"] == "Ranking chunks"
     states = {s["name"]: s["state"] for s in done["steps"]}
     assert states["Embedding chunks"] == "completed" and states["Ranking chunks"] == "failed"
+
+
+@pytest.mark.slow
+def test_a_job_that_does_not_stop_when_cancelled_is_reported_with_where_it_is(
+    stack: Stack,
+) -> None:
+    job = submit(stack.url, "stubborn", {})
+    r = stack.redis()
+    try:
+        wait_state(stack.url, job["id"], {"running"}, timeout=20)
+        assert httpx.post(f"{stack.url}/api/jobs/{job['id']}/cancel").status_code == 202
+        log = stack.workers[0].log
+
+        def reported() -> bool:
+            return f"job {job['id']} was interrupted by its cancel" in log()
+
+        wait_until(reported, 30, what="the worker to report the job that did not stop")
+        report = log()[log().index(f"job {job['id']} was interrupted") :]
+        assert "has not stopped" in report
+        assert "in stubborn" in report, "the report says where the task is stuck"
+    finally:
+        r.rpush(gate_key(job["id"]), "go")
+    assert wait_state(stack.url, job["id"], {"completed", "cancelled", "failed"}, timeout=20)

@@ -243,3 +243,23 @@ async def asks(ctx: TaskContext, data: AskInput) -> AskOutput:
         return decision
 
     return AskOutput(before=done, decision=await ctx.run_step("after", after))
+
+
+class StubbornOutput(BaseModel):
+    interruptions: int
+
+
+@task("stubborn", steps=["hold"], input=GatedInput, output=StubbornOutput, max_attempts=1)
+async def stubborn(ctx: TaskContext, data: GatedInput) -> StubbornOutput:
+    """Waits at its gate and swallows the interruption a cancel brings (a task with a bare
+    ``except BaseException``): the worker can only say where it is stuck."""
+    redis = ctx.store.redis
+    interruptions = 0
+    async with ctx.step("hold"):
+        while True:
+            try:
+                await redis.blpop([gate_key(ctx.job_id)], timeout=60)  # type: ignore[misc]
+                break
+            except asyncio.CancelledError:
+                interruptions += 1
+    return StubbornOutput(interruptions=interruptions)
