@@ -12,9 +12,7 @@ import pytest
 
 from tests.support.processes import ROOT
 
-# Out of the default test command again (docs/reliability.md): the fresh-clone CI run of the
-# final code found a job left running forever after its faults, not yet explained, and CI gets
-# one try per change. `./dev test -m soak` runs it.
+# In the default test command, so CI runs it on every change; `./dev test -m soak` runs it alone.
 pytestmark = [pytest.mark.slow, pytest.mark.soak]
 
 
