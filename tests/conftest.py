@@ -15,10 +15,18 @@ from tests.support.processes import Valkey, Web, Worker, stack_env
 _prefixes = itertools.count(1)
 
 
+# Fixtures that start web and worker processes (each ~1.5 s to start, and their tests wait on
+# real jobs running in them).
+PROCESS_FIXTURES = frozenset({"stack", "make_stack", "module_stacks", "make_stack_module"})
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # A test that drives Chromium is slow by nature: `-m "not slow"` leaves it out too.
+    # Slow by nature, so `-m "not slow"` (the quick loop) leaves them out: a test that drives
+    # Chromium, and one that runs real web and worker processes. What is left runs in-process
+    # against one Valkey: the pure logic, and the app through ASGI.
     for item in items:
-        if item.get_closest_marker("browser") is not None:
+        uses = set(getattr(item, "fixturenames", ()))
+        if item.get_closest_marker("browser") is not None or uses & PROCESS_FIXTURES:
             item.add_marker(pytest.mark.slow)
 
 

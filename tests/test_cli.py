@@ -91,6 +91,7 @@ def test_a_cancelled_job_exits_2(stack: Stack) -> None:
     assert watcher.lines[-1] == "Cancelled: cancelled by request"
 
 
+@pytest.mark.slow  # kills, restarts or starts processes, or waits out retries
 def test_an_unreachable_server_exits_3() -> None:
     nowhere = f"http://127.0.0.1:{free_port()}"
     for args in (["watch", "some-job"], ["submit", "analyze_document", "-i", "{}", "--watch"]):

@@ -108,6 +108,7 @@ def kill_at_each_point(valkey: Valkey, prefix: str, mode: str) -> tuple[list[int
     raise AssertionError("the creation never ran to its end")
 
 
+@pytest.mark.slow  # kills, restarts or starts processes, or waits out retries
 def test_a_scheduled_submit_killed_at_any_point_leaves_a_whole_job_or_none(
     valkey: Valkey,
 ) -> None:
@@ -119,6 +120,7 @@ def test_a_scheduled_submit_killed_at_any_point_leaves_a_whole_job_or_none(
     assert made[-1] == 1 and made.index(1) == len(made) - made.count(1)
 
 
+@pytest.mark.slow  # kills, restarts or starts processes, or waits out retries
 def test_a_recurring_tick_killed_at_any_point_leaves_a_whole_job_or_none(
     valkey: Valkey,
 ) -> None:

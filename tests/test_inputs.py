@@ -92,6 +92,7 @@ def test_waiting_jobs_hold_no_worker_slot(make_stack: StackFactory) -> None:
         assert done["result"]["decision"] == YES
 
 
+@pytest.mark.slow  # kills, restarts or starts processes, or waits out retries
 def test_an_answer_after_restarts_resumes_from_checkpoints(
     own_valkey: Valkey, tmp_path: Path
 ) -> None:

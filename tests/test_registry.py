@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from stepstream.server import StepstreamApp, create_app
 from stepstream.tasks.registry import TaskRegistry, default_registry
@@ -115,6 +116,7 @@ def start_worker(valkey: Valkey, prefix: str, registry: str, log_dir: Path) -> W
     return process.start()
 
 
+@pytest.mark.slow  # kills, restarts or starts processes, or waits out retries
 def test_a_worker_runs_only_the_tasks_and_recurring_jobs_of_its_registry(
     valkey: Valkey, tmp_path: Path
 ) -> None:
