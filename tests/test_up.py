@@ -176,6 +176,9 @@ def test_ctrl_c_waits_out_the_workers_grace_so_a_running_job_costs_no_attempt(
         # Handed back, the attempt is not charged: max_attempts went up by one with it.
         first_start, second_start = [e for e in seen if isinstance(e, StartedEvent)]
         assert second_start.max_attempts == first_start.max_attempts + 1
+        # Nothing left running, so this stop need not wait out the grace a second time.
+        httpx.post(f"{url}/api/jobs/{job['id']}/cancel", timeout=10)
+        wait_state(url, job["id"], {"cancelled"}, timeout=30)
     finally:
         ctrl_c(second)
         try:
