@@ -107,6 +107,12 @@ class JobMonitor:
         cancel raised meanwhile must not interrupt (it has nothing left to stop)."""
         self.running.pop(job_id, None)
 
+    def forget(self, job_id: str) -> None:
+        """The job's run here is over, its outcome recorded (or left to the next try)."""
+        self.running.pop(job_id, None)
+        self.cancelled.pop(job_id, None)
+        self._reported.discard(job_id)
+
     async def take_lease(self, job_id: str) -> None:
         await self.store.redis.pexpire(self._lease_key(job_id), self.lease_ms)
 
@@ -143,9 +149,9 @@ class JobMonitor:
             self._report_unstopped()
 
     def _report_unstopped(self) -> None:
-        """Log, once, a job interrupted ``STOP_WARNING_SECONDS`` ago that is still running
-        here, with where its task is: recording a cancel takes one append, so a job still
-        here is stuck in something that does not end (and its lease keeps it from others)."""
+        """Log, once, a job interrupted ``STOP_WARNING_SECONDS`` ago whose task has not ended,
+        with where it waits. A task ends at its interruption unless it swallows it or waits in
+        something that cannot be interrupted; meanwhile its lease keeps the job from others."""
         now = time.monotonic()
         for job_id, since in list(self.cancelled.items()):
             task = self.running.get(job_id)
@@ -329,9 +335,7 @@ async def _run_attempt(
             await heartbeat.job_finished(store, record, "completed")
             await batches.child_finished(store, record)
     finally:
-        monitor.running.pop(job_id, None)
-        monitor.cancelled.pop(job_id, None)
-        monitor._reported.discard(job_id)
+        monitor.forget(job_id)
 
 
 async def _execute(spec: TaskSpec, context: TaskContext, raw_input: dict[str, Any]) -> Any:
