@@ -75,9 +75,12 @@ def test_the_deltas_add_up_to_the_final_text_in_few_events(out_stack: Stack) -> 
     assert 2 <= len(deltas) <= 120, len(deltas)
     # At most one event per 50 ms (the default): only the last, sent as the block ends, may
     # follow sooner.
+    # An event is stamped when it is made, which a loaded machine can delay for one and not the
+    # next: so the rate over the stream, and no two events much closer than the interval.
     times = [datetime.fromisoformat(e.data["at"]).timestamp() for e in deltas[:-1]]
     gaps = [b - a for a, b in itertools.pairwise(times)]
-    assert min(gaps) >= 0.049, min(gaps)
+    assert len(gaps) <= (times[-1] - times[0]) / 0.05 * 1.2 + 2, (len(gaps), times[-1] - times[0])
+    assert min(gaps) >= 0.025, min(gaps)
     first = deltas[0].data
     assert set(first) == {"job_id", "type", "at", "attempt", "step", "text", "offset"}
     assert first["step"] == {"index": 2, "count": 3, "name": "write"}

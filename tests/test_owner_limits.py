@@ -180,7 +180,8 @@ def test_a_job_scheduled_past_the_retention_still_runs_and_is_kept(
 
 def test_a_retry_asked_for_past_the_retention_still_runs(make_stack: StackFactory) -> None:
     stack = make_stack(workers=1, STEPSTREAM_RETENTION_SECONDS="2", **FAST)
-    job = submit(stack.url, "retry_later", {"seconds": 4})
+    # Due 10 s on: still ahead after the 3 s below, however late a loaded machine sees `retrying`.
+    job = submit(stack.url, "retry_later", {"seconds": 10})
     waiting = wait_state(stack.url, job["id"], {"retrying"})
     assert waiting["error"]["type"] == "RetryAfter"
     time.sleep(3)  # past the retention after the `retrying` event
