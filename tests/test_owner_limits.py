@@ -194,7 +194,9 @@ def test_an_owner_whose_unfinished_jobs_expired_can_submit_again(
     make_stack: StackFactory,
 ) -> None:
     # No worker: the jobs stay queued until their records expire, as a lost record would.
-    stack = make_stack(workers=0, STEPSTREAM_RETENTION_SECONDS="1", **{SETTING: "2"}, **FAST)
+    # Records kept 3 s: the third submit must come while both are unfinished, on a loaded
+    # machine too (at 1 s they had expired once before it came).
+    stack = make_stack(workers=0, STEPSTREAM_RETENTION_SECONDS="3", **{SETTING: "2"}, **FAST)
     jobs = [submit(stack.url, "counted") for _ in range(2)]
     full = httpx.post(f"{stack.url}/api/jobs", json={"task": "counted", "input": {}})
     assert full.status_code == 429 and full.json()["error"]["code"] == "too_many_unfinished_jobs"
@@ -205,7 +207,7 @@ def test_an_owner_whose_unfinished_jobs_expired_can_submit_again(
             for j in jobs
         )
 
-    wait_until(gone, timeout=10, what="the records to expire")
+    wait_until(gone, timeout=20, what="the records to expire")
     assert unfinished(stack) == 2, "precondition: the expired ids are still in the set"
     again = httpx.post(f"{stack.url}/api/jobs", json={"task": "counted", "input": {}})
     assert again.status_code == 202, again.text
