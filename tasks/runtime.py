@@ -19,7 +19,6 @@ from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix
 from arq.worker import Retry
 from pydantic import BaseModel, ValidationError
-from redis.exceptions import RedisError
 
 from stepstream.tasks import batches, cache, heartbeat, inputs, logs
 from stepstream.tasks.context import TaskContext
@@ -202,17 +201,22 @@ async def run_job(ctx: dict[str, Any], job_id: str) -> None:
     except Retry:
         raise
     except Exception as exc:
-        tries = int(ctx.get("job_try") or 1)
-        delay = min(RECORD_RETRY_MAX_SECONDS, 2.0**tries)
-        logger.error(
-            "job %s: the worker could not record how its run went (%r); it is offered "
-            "again in %.0fs",
-            job_id,
-            exc,
-            delay,
-            exc_info=True,
-        )
-        raise Retry(defer=timedelta(seconds=delay)) from exc
+        raise _offered_again(ctx, job_id, "record how its run went", exc) from exc
+
+
+def _offered_again(ctx: dict[str, Any], job_id: str, what: str, exc: Exception) -> Retry:
+    """The ``Retry`` that keeps an arq entry whose run failed in the worker's own writes, with
+    a delay that grows with arq's count of tries (2 s, 4 s … 30 s); logged as an error."""
+    delay = min(RECORD_RETRY_MAX_SECONDS, 2.0 ** int(ctx.get("job_try") or 1))
+    logger.error(
+        "job %s: the worker could not %s (%r); it is offered again in %.0fs",
+        job_id,
+        what,
+        exc,
+        delay,
+        exc_info=True,
+    )
+    return Retry(defer=timedelta(seconds=delay))
 
 
 async def _run_job(ctx: dict[str, Any], job_id: str) -> None:
@@ -541,10 +545,9 @@ async def input_timeout(ctx: dict[str, Any], job_id: str, name: str) -> None:
     write expects ``waiting``: an answer or a cancel that came first wins."""
     try:
         await _end_wait(ctx, job_id, name)
-    except (RedisError, OSError) as exc:
+    except Exception as exc:
         # arq would drop the entry after an error, and the job would wait for ever: try again.
-        logger.warning("could not end the wait of job %s: %r; trying again", job_id, exc)
-        raise Retry(defer=timedelta(seconds=2)) from exc
+        raise _offered_again(ctx, job_id, f"end its wait for {name!r}", exc) from exc
 
 
 async def _end_wait(ctx: dict[str, Any], job_id: str, name: str) -> None:
