@@ -79,7 +79,7 @@ async def _store_answer(state: AppState, job_id: str, name: str, value: Any, by:
                 raise ApiError(404, "job_not_found", f"no job with id {job_id!r}")
             check_answerable(record, name, value)
             event, fields, then = inputs.answered(
-                record, name, value, by, arq=state.arq, queue=state.store.keys.queue
+                record, name, value, by, arq=state.arq, keys=state.store.keys
             )
             pipe.multi()  # type: ignore[no-untyped-call]
             await state.store.queue_append(

@@ -108,7 +108,7 @@ async def plan(store: JobStore, arq: ArqRedis, job: NewJob) -> Plan:
         queued["run_at"] = record.run_at
     # A scheduled job's entry is deferred: arq keeps it in its queue (a sorted set scored by
     # run time), so it survives restarts and no worker picks it up early.
-    enqueue = enqueue_commands(arq, store.keys.queue, job.id, job.run_at)
+    enqueue = enqueue_commands(arq, store.keys, job.id, job.run_at)
     return Plan(record, (queued,), tuple(enqueue))
 
 
@@ -158,6 +158,6 @@ async def requeue(store: JobStore, arq: ArqRedis, record: JobRecord, spec: TaskS
         take=1,  # unfinished again: it needs a place under the owner's limit
         then=[
             ["DEL", store.keys.job_cancel(record.id)],
-            *enqueue_commands(arq, store.keys.queue, record.id),
+            *enqueue_commands(arq, store.keys, record.id),
         ],
     )

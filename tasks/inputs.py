@@ -26,6 +26,7 @@ from arq.connections import ArqRedis
 from pydantic import BaseModel, ValidationError
 
 from stepstream.tasks.errors import PermanentError
+from stepstream.tasks.keys import Keys
 from stepstream.tasks.models import InputRequest, JobRecord, JobState, utcnow
 from stepstream.tasks.queue import dequeue_commands, enqueue_commands
 from stepstream.tasks.store import Appended, JobStore, new_event
@@ -120,7 +121,7 @@ async def suspend(
         due = datetime.fromisoformat(request.timeout_at)
         then = enqueue_commands(
             arq,
-            store.keys.queue,
+            store.keys,
             record.id,
             due,
             function=INPUT_TIMEOUT,
@@ -150,7 +151,7 @@ async def suspend(
 
 
 def answered(
-    record: JobRecord, name: str, value: Any, by: str, *, arq: ArqRedis, queue: str
+    record: JobRecord, name: str, value: Any, by: str, *, arq: ArqRedis, keys: Keys
 ) -> tuple[dict[str, Any], dict[str, Any], list[Command]]:
     """The append that stores ``value`` as the answer to the wait for ``name``: its ``input``
     event, the record's fields (waiting → queued) and the commands that queue the job again
@@ -168,7 +169,7 @@ def answered(
         "message": None,
     }
     then = [
-        *enqueue_commands(arq, queue, record.id, entry_id=resume_entry(record.id, name)),
-        *dequeue_commands(queue, timeout_entry(record.id, name)),
+        *enqueue_commands(arq, keys, record.id, entry_id=resume_entry(record.id, name)),
+        *dequeue_commands(keys.queue, timeout_entry(record.id, name)),
     ]
     return event, fields, then

@@ -58,6 +58,12 @@ class Keys:
         """The arq queue (a sorted set owned by arq)."""
         return f"{self.prefix}queue"
 
+    @property
+    def queue_wakeups(self) -> str:
+        """Pub/sub channel: a message for each queue entry written due now, so an idle worker
+        polls the queue at once instead of on its next timed poll (tasks/worker.py)."""
+        return f"{self.prefix}queue:wakeups"
+
     def idempotency(self, scope: str) -> str:
         """String: the job an Idempotency-Key (hashed with its owner) created, and its body."""
         return f"{self.prefix}idem:{scope}"

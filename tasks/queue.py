@@ -16,6 +16,8 @@ from arq.connections import ArqRedis
 from arq.constants import job_key_prefix
 from arq.jobs import serialize_job
 
+from stepstream.tasks.keys import Keys
+
 RUN_JOB = "stepstream.run_job"  # the one arq function every Stepstream job runs as
 
 Command = list[str | bytes | int]
@@ -23,7 +25,7 @@ Command = list[str | bytes | int]
 
 def enqueue_commands(
     arq: ArqRedis,
-    queue: str,
+    keys: Keys,
     job_id: str,
     run_at: datetime | None = None,
     *,
@@ -38,7 +40,10 @@ def enqueue_commands(
     ``function`` and ``args``: another arq function than ``run_job``, called with ``job_id``
     and ``args``. ``entry_id``: the arq job id when it must not be ``job_id`` (arq ends a job
     by deleting its id's entry, so an entry written while the job's arq job runs needs its own
-    id: tasks/inputs.py)."""
+    id: tasks/inputs.py).
+
+    An entry due now is announced on ``keys.queue_wakeups``, which idle workers listen to;
+    one due later is found by their timed poll."""
     arq_id = job_id if entry_id is None else entry_id
     now_ms = int(time.time() * 1000)
     due_ms = now_ms if run_at is None else max(now_ms, int(run_at.timestamp() * 1000))
@@ -46,10 +51,13 @@ def enqueue_commands(
         function, (job_id, *args), {}, None, now_ms, serializer=arq.job_serializer
     )
     expires_ms = due_ms - now_ms + arq.expires_extra_ms
-    return [
+    commands: list[Command] = [
         ["PSETEX", job_key_prefix + arq_id, expires_ms, payload],
-        ["ZADD", queue, due_ms, arq_id],
+        ["ZADD", keys.queue, due_ms, arq_id],
     ]
+    if due_ms == now_ms:
+        commands.append(["PUBLISH", keys.queue_wakeups, arq_id])
+    return commands
 
 
 def dequeue_commands(queue: str, entry_id: str) -> list[Command]:

@@ -560,7 +560,7 @@ async def _end_wait(ctx: dict[str, Any], job_id: str, name: str) -> None:
         return
     if request.default is not None:
         event, fields, then = inputs.answered(
-            record, name, request.default, "default", arq=ctx["redis"], queue=store.keys.queue
+            record, name, request.default, "default", arq=ctx["redis"], keys=store.keys
         )
         await store.append(
             job_id, event, fields, owner=record.owner, expect=(JobState.waiting,), then=then

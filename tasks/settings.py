@@ -84,7 +84,8 @@ class Settings(BaseSettings):
 
     # Worker
     max_jobs: int = 10
-    poll_delay_seconds: float = 0.01
+    # A worker polls the queue as soon as a job is queued, and this often otherwise.
+    poll_delay_seconds: float = 0.5
     job_timeout_seconds: int = 3_600
     # A running job holds a lease its worker renews; a killed worker's jobs are taken over by
     # another worker once the lease lapses (arq alone would wait the whole job timeout).

@@ -1,7 +1,7 @@
 """The arq worker: ``stepstream worker``, or ``arq stepstream.tasks.worker.WorkerSettings``.
 
-``stepstream worker`` runs :class:`Worker`, arq's worker with one fix (below); plain ``arq``
-runs arq's own.
+``stepstream worker`` runs :class:`Worker`, arq's worker with one fix and wake-ups (below);
+plain ``arq`` runs arq's own, which polls the queue every ``poll_delay`` seconds.
 
 Plain and inspectable, as arq intends. The arq job id is the Stepstream job id, so enqueueing a
 job twice is a no-op; results live in the job record, so arq keeps none (which also lets a job id
@@ -32,6 +32,7 @@ from stepstream.tasks.registry import TaskRegistry, load_tasks
 from stepstream.tasks.runtime import JobMonitor, input_timeout, run_job
 from stepstream.tasks.settings import Settings, get_settings
 from stepstream.tasks.store import JobStore
+from stepstream.tasks.wakeups import Wakeups
 
 logger = logging.getLogger("stepstream.worker")
 
@@ -109,8 +110,8 @@ def worker_settings(settings: Settings | None = None, registry: TaskRegistry | N
         on_startup = functools.partial(startup, settings=config, registry=served)
         on_shutdown = shutdown
         max_jobs = config.max_jobs
-        # arq polls the queue every 0.5 s by default: an idle worker would add up to that
-        # before a job starts.
+        # Plain arq polls this often. Worker polls as soon as a job is queued (tasks/wakeups.py)
+        # and this often otherwise, for what no wake-up announces (a job due later, a retry).
         poll_delay = config.poll_delay_seconds
         keep_result = 0
         job_completion_wait = config.shutdown_grace_seconds
@@ -131,19 +132,34 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class Worker(arq.worker.Worker):
-    """arq's worker, kept alive through a Redis error inside its WATCH section.
+# The shortest time between two queue polls, however many wake-ups come: a burst of submits
+# costs Redis at most 100 polls a second per worker.
+MIN_POLL_GAP_SECONDS = 0.01
 
-    ``start_jobs`` takes a job slot, then WATCHes the job's in-progress key; an error there (a
-    connection dropped while watching surfaces as ``WatchError``, see python-arq/arq#498) is
-    raised outside the ``try`` that gives the slot back, and ends the worker. Here it ends only
-    that poll: the slot is returned and the next poll, 10 ms later, tries again.
+
+class Worker(arq.worker.Worker):
+    """arq's worker, woken when a job is queued, and kept alive through a Redis error inside its
+    WATCH section.
+
+    Wake-ups: arq sleeps ``poll_delay`` between polls, so a job waits half of it on average
+    before it starts, and a short delay costs an idle worker CPU and Redis a poll every few
+    milliseconds. This worker waits for a wake-up (tasks/wakeups.py) for at most ``poll_delay``
+    instead: a queued job starts at once, and an idle worker polls twice a second.
+
+    The fix: ``start_jobs`` takes a job slot, then WATCHes the job's in-progress key; an error
+    there (a connection dropped while watching surfaces as ``WatchError``, see
+    python-arq/arq#498) is raised outside the ``try`` that gives the slot back, and ends the
+    worker. Here it ends only that poll: the slot is returned and the next poll tries again.
     """
 
     _warned_at = 0.0
 
-    def __init__(self, *args: Any, lease_seconds: float, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, lease_seconds: float, wakeups: str, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.wakeups = Wakeups(wakeups, poll_delay=self.poll_delay_s)
+        # arq's loop sleeps what is left of this after each poll, and each poll ends by
+        # waiting for a wake-up: so polls come at most this often.
+        self.poll_delay_s = MIN_POLL_GAP_SECONDS
         # arq holds a job it takes for the job timeout + 10 s (an hour); the monitor cuts that to
         # the lease only once the job has started. A worker killed in between would leave the
         # job to nobody for the hour: hold it for the lease from the moment it is taken.
@@ -156,9 +172,22 @@ class Worker(arq.worker.Worker):
             # arq raised between taking the slot and its own release path: give it back.
             self.job_counter -= 1
             self.sem.release()
-            if time.monotonic() - self._warned_at > 1.0:  # polls come every 10 ms
+            if time.monotonic() - self._warned_at > 1.0:  # polls can come every 10 ms
                 self._warned_at = time.monotonic()
                 logger.warning("Redis error while starting a job; retrying: %r", exc)
+
+    async def _poll_iteration(self) -> None:
+        self.wakeups.listen(self.pool)  # once: the pool exists from the first poll on
+        await super()._poll_iteration()
+        await self.wakeups.wait()
+
+    def _release_sem_dec_counter_on_complete(self) -> None:
+        super()._release_sem_dec_counter_on_complete()
+        self.wakeups.wake()  # a free slot: a job left waiting in the queue can start now
+
+    async def close(self) -> None:
+        await self.wakeups.close()
+        await super().close()
 
 
 def worker(settings: Settings | None = None, registry: TaskRegistry | None = None) -> Worker:
@@ -166,7 +195,9 @@ def worker(settings: Settings | None = None, registry: TaskRegistry | None = Non
     settings = settings or get_settings()
     # arq types get_kwargs' values as NameError; they are the settings' values.
     kwargs: dict[str, Any] = get_kwargs(cast(Any, worker_settings(settings, registry)))
-    return Worker(**kwargs, lease_seconds=settings.lease_seconds)
+    return Worker(
+        **kwargs, lease_seconds=settings.lease_seconds, wakeups=Keys(settings.prefix).queue_wakeups
+    )
 
 
 def main() -> None:
