@@ -236,8 +236,8 @@ class Bench:
         web.start()
         return web
 
-    def worker(self, **extra: str) -> Worker:
-        worker = Worker(self.env(**extra), self.log_dir)
+    def worker(self, argv: list[str] | None = None, **extra: str) -> Worker:
+        worker = Worker(self.env(**extra), self.log_dir, argv)
         self.processes.append(worker)
         return worker.start()
 

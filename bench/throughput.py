@@ -11,8 +11,10 @@
   ``EventWriter`` gathers while an append is answered). Baseline: a bare ``PUBLISH`` per event,
   which keeps no log at all.
 - Submit -> started on an idle worker: from just before the POST to the ``at`` of the job's
-  ``started`` event. Ours polls the queue every 10 ms (``STEPSTREAM_POLL_DELAY_SECONDS``);
-  baseline: the same worker at arq's default ``poll_delay`` of 0.5 s.
+  ``started`` event; and what the idle worker costs while it waits (its CPU, and its queue
+  reads in Valkey). Ours is woken by the submit and polls every 0.5 s otherwise
+  (tasks/wakeups.py). Baselines: arq's own worker (``arq stepstream.tasks.worker.WorkerSettings``)
+  polling every 10 ms, as Stepstream's worker did before wake-ups, and at arq's default 0.5 s.
 
     .venv/bin/python -m bench.throughput
 """
@@ -22,8 +24,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import sys
 import time
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -43,6 +48,7 @@ from bench.common import (
 from stepstream.tasks.models import JobRecord, JobState, utcnow
 from stepstream.tasks.settings import Settings
 from stepstream.tasks.store import JobStore, new_event
+from tests.support.processes import Worker
 
 
 def at_epoch(value: str) -> float:
@@ -243,11 +249,42 @@ def submit_to_started(run: Bench, base: str, samples: int) -> tuple[list[float],
     return latencies, pickup
 
 
+# The worker of each submit -> started row: a name, the command (None: `stepstream worker`) and
+# its poll delay.
+ARQ_CLI = [sys.executable, "-m", "arq", "stepstream.tasks.worker.WorkerSettings"]
+WORKERS: list[tuple[str, list[str] | None, str]] = [
+    ("ours (woken, polls every 500 ms)", None, "0.5"),
+    ("arq polling every 10 ms", ARQ_CLI, "0.01"),
+    ("arq polling every 500 ms (default)", ARQ_CLI, "0.5"),
+]
+
+
+def idle_cost(run: Bench, worker: Worker, seconds: float) -> tuple[float, float]:
+    """What an idle worker costs: its CPU (% of one core) and its queue reads per second."""
+    assert worker.proc is not None
+    stat = Path(f"/proc/{worker.proc.pid}/stat")
+    redis = run.redis()
+
+    def cpu() -> float:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    time.sleep(1)  # the last sample's job has ended
+    redis.config_resetstat()
+    before, started = cpu(), time.monotonic()
+    time.sleep(seconds)
+    spent, elapsed = cpu() - before, time.monotonic() - started
+    reads = redis.info("commandstats").get("cmdstat_zrangebyscore", {}).get("calls", 0)
+    redis.close()
+    return spent / elapsed * 100, reads / elapsed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--samples", type=int, default=40)
     parser.add_argument("--burst", type=int, default=5_000)
+    parser.add_argument("--idle-seconds", type=float, default=5.0)
     parser.add_argument("--keep-logs", action="store_true")
     args = parser.parse_args()
 
@@ -266,11 +303,15 @@ def main() -> None:
         time.sleep(1)
         # The queued jobs from the submission test run first; wait for them to drain.
         context_rate = through_context(run, web.url, args.burst)
-        fast, fast_pickup = submit_to_started(run, web.url, args.samples)
-        run.stop(worker)
-        run.worker(STEPSTREAM_POLL_DELAY_SECONDS="0.5")
-        time.sleep(1)
-        slow, slow_pickup = submit_to_started(run, web.url, args.samples)
+        idle: dict[str, tuple[list[float], list[float], float, float]] = {}
+        for name, argv, poll_delay in WORKERS:
+            if argv is not None or worker is None:
+                worker = run.worker(argv, STEPSTREAM_POLL_DELAY_SECONDS=poll_delay)
+                time.sleep(1)
+            latencies, pickup = submit_to_started(run, web.url, args.samples)
+            idle[name] = (latencies, pickup, *idle_cost(run, worker, args.idle_seconds))
+            run.stop(worker)
+            worker = None
 
     batched_usec = figures["batched_redis_usec"]
     print_table(
@@ -337,35 +378,39 @@ def main() -> None:
         ],
     )
     print_table(
-        "Submit -> started on an idle worker (ms, lower is better)",
-        ["worker", "p50", "p99", "max", "samples", "queued -> started p50"],
+        "Submit -> started on an idle worker (ms, lower is better), and its cost while idle",
+        [
+            "worker",
+            "p50",
+            "p99",
+            "max",
+            "samples",
+            "queued -> started p50",
+            "idle CPU %",
+            "reads/s",
+        ],
         [
             [
-                "ours (poll every 10 ms)",
-                fmt(percentile(fast, 50)),
-                fmt(percentile(fast, 99)),
-                fmt(max(fast)),
-                fmt(len(fast)),
-                fmt(percentile(fast_pickup, 50)),
-            ],
-            [
-                "arq default (poll every 500 ms)",
-                fmt(percentile(slow, 50)),
-                fmt(percentile(slow, 99)),
-                fmt(max(slow)),
-                fmt(len(slow)),
-                fmt(percentile(slow_pickup, 50)),
-            ],
-            [
-                "ratio",
-                ratio(percentile(slow, 50), percentile(fast, 50)),
-                ratio(percentile(slow, 99), percentile(fast, 99)),
-                "",
-                "",
-                "",
-            ],
+                name,
+                fmt(percentile(latencies, 50)),
+                fmt(percentile(latencies, 99)),
+                fmt(max(latencies)),
+                fmt(len(latencies)),
+                fmt(percentile(pickup, 50)),
+                fmt(cpu),
+                fmt(reads),
+            ]
+            for name, (latencies, pickup, cpu, reads) in idle.items()
         ],
     )
+    ours, *baselines = idle.values()
+    print("How many times more a baseline costs than ours (p50, p99, idle CPU, reads/s):")
+    for (name, *_), (latencies, _, cpu, reads) in zip(WORKERS[1:], baselines, strict=True):
+        print(
+            f"  {name}: {ratio(percentile(latencies, 50), percentile(ours[0], 50))}, "
+            f"{ratio(percentile(latencies, 99), percentile(ours[0], 99))}, "
+            f"{ratio(cpu, ours[2])}, {ratio(reads, ours[3])}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Stepstream as a user installs it: a non-editable install into a fresh venv, used from a
 directory of the user's own, with a task module called ``tasks.py``.
 
-These build real wheels of this checkout and install them (from pip's cache where it can), so
-they are marked slow.
+These build one real wheel of this checkout and install it into fresh venvs (dependencies from
+pip's cache where it can), so they are marked slow.
 """
 
 from __future__ import annotations
@@ -50,9 +50,20 @@ def _source_tree(dest: Path) -> Path:
 
 
 def _venv(dest: Path, requirement: str) -> Path:
-    subprocess.run([sys.executable, "-m", "venv", str(dest)], check=True)
+    # The test's own pip installs into the new venv (pip --python), which saves each venv
+    # bootstrapping a pip of its own; what gets installed is the same.
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(dest)], check=True)
     install = subprocess.run(
-        [str(dest / "bin" / "python"), "-m", "pip", "install", "-q", requirement],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(dest / "bin" / "python"),
+            "install",
+            "-q",
+            requirement,
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -70,8 +81,23 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _source_tree(tmp_path_factory.mktemp("checkout"))
 
 
-def test_client_install_brings_only_the_client(source: Path, tmp_path: Path) -> None:
-    venv = _venv(tmp_path / "venv", str(source))
+@pytest.fixture(scope="module")
+def wheel(source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel pip builds from a fresh clone, built once for every install below."""
+    dest = tmp_path_factory.mktemp("wheel")
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dest), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert built.returncode == 0, built.stdout + built.stderr
+    (path,) = dest.glob("stepstream-*.whl")
+    return path
+
+
+def test_client_install_brings_only_the_client(wheel: Path, tmp_path: Path) -> None:
+    venv = _venv(tmp_path / "venv", str(wheel))
     python = str(venv / "bin" / "python")
     site = _site_packages(venv)
     # No generic top-level names: a user's tasks.py or server.py cannot collide with ours.
@@ -98,9 +124,9 @@ def test_client_install_brings_only_the_client(source: Path, tmp_path: Path) -> 
     assert cli.returncode == 0 and "watch" in cli.stdout
 
 
-@pytest.fixture
-def server_venv(source: Path, tmp_path: Path) -> Path:
-    return _venv(tmp_path / "venv", f"{source}[server]")
+@pytest.fixture(scope="module")
+def server_venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _venv(tmp_path_factory.mktemp("server") / "venv", f"{wheel}[server]")
 
 
 def _procfile_commands(source: Path) -> dict[str, str]:

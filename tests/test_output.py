@@ -56,7 +56,8 @@ def assemble(events: list[Event], text: str = "", attempt: int | None = None) ->
 def shown(events: list[Event]) -> str:
     """The text a fresh connect shows: the snapshot's, continued by the deltas after it."""
     assert events and events[0].type == "snapshot"
-    return assemble(events[1:], events[0].data["steps"][1]["text"] or "")
+    steps = events[0].data["steps"]  # none yet in the snapshot of a job not yet started
+    return assemble(events[1:], (steps[1]["text"] if steps else None) or "")
 
 
 def test_the_deltas_add_up_to_the_final_text_in_few_events(out_stack: Stack) -> None:

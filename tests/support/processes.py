@@ -197,10 +197,10 @@ class Web(Uvicorn):
 class Worker(Process):
     count = 0
 
-    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+    def __init__(self, env: dict[str, str], log_dir: Path, argv: list[str] | None = None) -> None:
+        """``stepstream worker``, or the command ``argv`` (such as arq's own CLI)."""
         Worker.count += 1
-        args = worker_argv()
-        super().__init__(f"worker-{Worker.count}", args, env, log_dir)
+        super().__init__(f"worker-{Worker.count}", argv or worker_argv(), env, log_dir)
 
     def wait_ready(self) -> Self:
         def ready() -> bool:
