@@ -19,7 +19,8 @@ Task authors import from here too (``pip install "stepstream[server]"``)::
     @task("summarise", steps=["Read", "Summarise"])
     async def summarise(ctx: TaskContext, data: dict) -> dict: ...
 
-Those names are loaded on first use, so ``import stepstream`` stays light for the client.
+Every name is loaded on first use: ``import stepstream`` stays light for the client, and the
+web and worker processes never load the client.
 """
 
 from __future__ import annotations
@@ -27,50 +28,51 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from stepstream._async_client import AsyncClient
-from stepstream._client import Client
-from stepstream._exceptions import (
-    APIError,
-    BadRequest,
-    Conflict,
-    FieldError,
-    InvalidInput,
-    NotFound,
-    RateLimited,
-    ServerUnavailable,
-    StepstreamError,
-    Unauthorized,
-    WaitTimeout,
-)
-from stepstream._models import (
-    CancelledEvent,
-    CompletedEvent,
-    ErrorInfo,
-    Event,
-    FailedEvent,
-    InputAnswer,
-    InputEvent,
-    InputRequest,
-    Job,
-    JobPage,
-    JobState,
-    LogEvent,
-    OutputEvent,
-    ProgressEvent,
-    QueuedEvent,
-    ResetEvent,
-    RetryingEvent,
-    SnapshotEvent,
-    StartedEvent,
-    Step,
-    StepCompletedEvent,
-    StepEvent,
-    StepRecord,
-    StreamToken,
-    TaskInfo,
-    UnknownEvent,
-    WaitingEvent,
-)
+# The client: imported on first access too, so the web and worker processes, which never use it,
+# start without it (httpx, and the pydantic models of every event).
+_CLIENT_API = {
+    "AsyncClient": "stepstream._async_client",
+    "Client": "stepstream._client",
+    "APIError": "stepstream._exceptions",
+    "BadRequest": "stepstream._exceptions",
+    "Conflict": "stepstream._exceptions",
+    "FieldError": "stepstream._exceptions",
+    "InvalidInput": "stepstream._exceptions",
+    "NotFound": "stepstream._exceptions",
+    "RateLimited": "stepstream._exceptions",
+    "ServerUnavailable": "stepstream._exceptions",
+    "StepstreamError": "stepstream._exceptions",
+    "Unauthorized": "stepstream._exceptions",
+    "WaitTimeout": "stepstream._exceptions",
+    "CancelledEvent": "stepstream._models",
+    "CompletedEvent": "stepstream._models",
+    "ErrorInfo": "stepstream._models",
+    "Event": "stepstream._models",
+    "FailedEvent": "stepstream._models",
+    "InputAnswer": "stepstream._models",
+    "InputEvent": "stepstream._models",
+    "InputRequest": "stepstream._models",
+    "Job": "stepstream._models",
+    "JobPage": "stepstream._models",
+    "JobState": "stepstream._models",
+    "LogEvent": "stepstream._models",
+    "OutputEvent": "stepstream._models",
+    "ProgressEvent": "stepstream._models",
+    "QueuedEvent": "stepstream._models",
+    "ResetEvent": "stepstream._models",
+    "RetryingEvent": "stepstream._models",
+    "SnapshotEvent": "stepstream._models",
+    "StartedEvent": "stepstream._models",
+    "Step": "stepstream._models",
+    "StepCompletedEvent": "stepstream._models",
+    "StepEvent": "stepstream._models",
+    "StepRecord": "stepstream._models",
+    "StreamToken": "stepstream._models",
+    "TaskInfo": "stepstream._models",
+    "UnknownEvent": "stepstream._models",
+    "WaitingEvent": "stepstream._models",
+}
+
 
 # The task author's API, from the job side. Imported on first access (PEP 562): a client-only
 # install has none of the job side's dependencies (arq, redis) and never touches these names.
@@ -98,6 +100,50 @@ _TASK_API = {
 }
 
 if TYPE_CHECKING:
+    from stepstream._async_client import AsyncClient
+    from stepstream._client import Client
+    from stepstream._exceptions import (
+        APIError,
+        BadRequest,
+        Conflict,
+        FieldError,
+        InvalidInput,
+        NotFound,
+        RateLimited,
+        ServerUnavailable,
+        StepstreamError,
+        Unauthorized,
+        WaitTimeout,
+    )
+    from stepstream._models import (
+        CancelledEvent,
+        CompletedEvent,
+        ErrorInfo,
+        Event,
+        FailedEvent,
+        InputAnswer,
+        InputEvent,
+        InputRequest,
+        Job,
+        JobPage,
+        JobState,
+        LogEvent,
+        OutputEvent,
+        ProgressEvent,
+        QueuedEvent,
+        ResetEvent,
+        RetryingEvent,
+        SnapshotEvent,
+        StartedEvent,
+        Step,
+        StepCompletedEvent,
+        StepEvent,
+        StepRecord,
+        StreamToken,
+        TaskInfo,
+        UnknownEvent,
+        WaitingEvent,
+    )
     from stepstream.tasks.context import StepHandle, TaskContext
     from stepstream.tasks.cost import BudgetExceeded, Pricing
     from stepstream.tasks.errors import (
@@ -116,6 +162,11 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
+    client_module = _CLIENT_API.get(name)
+    if client_module is not None:
+        value = getattr(importlib.import_module(client_module), name)
+        globals()[name] = value
+        return value
     module_name = _TASK_API.get(name)
     if module_name is None:
         raise AttributeError(f"module 'stepstream' has no attribute {name!r}")
