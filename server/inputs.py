@@ -97,7 +97,10 @@ async def _store_answer(state: AppState, job_id: str, name: str, value: Any, by:
                 continue  # the record changed since it was read: read it again
         appended = appended_from(reply)
         if appended.ok:
-            return await state.store.get(job_id) or record
+            # The job as this answer left it, queued: a worker woken by its queue entry may
+            # have started it already, which a read now would show instead.
+            written = {**record.model_dump(mode="json"), **fields}
+            return JobRecord.model_validate({**written, "last_event_id": appended.job_event_id})
     raise ApiError(409, "conflict", "the job kept changing; read it and try again")
 
 
