@@ -12,18 +12,21 @@ shows the last child appends the parent's ``completed`` with the final counts to
 Showing needs no lock: it reads the parent and the counts under ``WATCH`` and appends in a
 ``MULTI``, so of two writers showing at once one appends and the other finds nothing left. A
 writer that dies before showing leaves the child counted: the next child's writer shows it, and
-so does arq's offer of the finished child again, or a cancel of the batch.
+so does arq's offer of the finished child again, or a cancel of the batch. A Redis error while
+showing (Valkey restarting, a connection dropped while watching) is tried again for up to
+``SHOW_SECONDS``; a worker that still could not show the end lets arq offer the child again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import WatchError
+from redis.exceptions import RedisError, WatchError
 
 from stepstream.tasks.models import JobRecord, JobState, utcnow
 from stepstream.tasks.store import JobStore, appended_from, decode_record, new_event
@@ -31,7 +34,10 @@ from stepstream.tasks.store import JobStore, appended_from, decode_record, new_e
 logger = logging.getLogger("stepstream.batches")
 
 SHOW_PAGE = 200  # children shown per append
-SHOW_SECONDS = 30.0  # a writer that keeps losing the race gives up; the next one shows them
+# A writer that keeps losing the race, or meeting Redis errors, gives up after this long.
+SHOW_SECONDS = 30.0
+# The pause after a Redis error while showing: the first, and the longest it doubles up to.
+SHOW_RETRY_SECONDS = (0.05, 1.0)
 
 
 def summary_message(counts: dict[str, int], size: int) -> str:
@@ -46,23 +52,31 @@ def empty_counts(size: int) -> dict[str, int]:
 
 async def child_finished(store: JobStore, child: JobRecord) -> None:
     """Show the ended child ``child`` (and any other counted child not shown yet) in its
-    batch's log. Never raises: the child has ended and is counted whatever happens here (a
-    failure is logged)."""
-    if child.batch_id is None:
-        return
-    try:
+    batch's log. The child has ended and is counted whatever happens here; this raises only if
+    showing failed for ``SHOW_SECONDS``, and a worker then lets arq offer the child again,
+    whose next run only shows its end (tasks/runtime.py)."""
+    if child.batch_id is not None:
         await show(store, child.batch_id)
-    except Exception:
-        logger.warning(
-            "could not report job %s to its batch %s", child.id, child.batch_id, exc_info=True
-        )
 
 
 async def show(store: JobStore, batch_id: str) -> None:
     """Append the batch's ``progress`` for every child counted and not shown yet, and its
     ``completed`` once every child is shown."""
     deadline = time.monotonic() + SHOW_SECONDS
-    while not await _show_some(store, batch_id):
+    pause, longest = SHOW_RETRY_SECONDS
+    while True:
+        try:
+            if await _show_some(store, batch_id):
+                return
+        except (RedisError, OSError):
+            # The client's own retries gave up (Valkey restarting or loading its data), or a
+            # connection dropped while watching (raised as WatchError before the MULTI).
+            if time.monotonic() > deadline:
+                raise
+            logger.info("batch %s: could not show its children yet", batch_id, exc_info=True)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, longest)
+            continue
         if time.monotonic() > deadline:
             raise TimeoutError(f"batch {batch_id} kept changing")
 

@@ -7,6 +7,8 @@ compare-and-set against a worker starting it: whichever writes first wins.
 
 from __future__ import annotations
 
+import logging
+
 from stepstream.tasks import batches
 from stepstream.tasks.models import JobRecord, JobState, utcnow
 from stepstream.tasks.store import Appended, JobStore, new_event
@@ -15,6 +17,20 @@ from stepstream.tasks.store import Appended, JobStore, new_event
 # waiting for input holds none either (tasks/inputs.py); this compare-and-set also races the
 # answer that would queue it again.
 UNSTARTED = (JobState.queued, JobState.retrying, JobState.scheduled, JobState.waiting)
+
+logger = logging.getLogger("stepstream.batches")
+
+
+async def _show_end(store: JobStore, child: JobRecord) -> None:
+    """Show a cancelled child's end in its batch. The cancel has been written whatever happens
+    here, so a failure is logged, not raised. The end is shown later by the next child's end, a
+    cancel of the batch, or a worker taking the child's arq entry if it still has one."""
+    try:
+        await batches.child_finished(store, child)
+    except Exception:
+        logger.warning(
+            "could not report job %s to its batch %s", child.id, child.batch_id, exc_info=True
+        )
 
 
 async def cancel_unstarted(store: JobStore, record: JobRecord, reason: str) -> Appended:
@@ -33,7 +49,7 @@ async def cancel_unstarted(store: JobStore, record: JobRecord, reason: str) -> A
         expect=UNSTARTED,
     )
     if appended.ok:
-        await batches.child_finished(store, record)
+        await _show_end(store, record)
     return appended
 
 
@@ -49,7 +65,7 @@ async def cancel_children(store: JobStore, parent: JobRecord) -> None:
         if child.state.terminal:
             # Counted as it ended, and shown, normally (a no-op then); this shows an end whose
             # writer was killed before showing it, so the parent can end.
-            await batches.child_finished(store, child)
+            await _show_end(store, child)
             continue
         if (await cancel_unstarted(store, child, "the batch was cancelled")).ok:
             continue

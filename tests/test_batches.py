@@ -17,8 +17,9 @@ from stepstream.tasks.settings import Settings
 from stepstream.tasks.store import JobStore, new_event
 from tests.conftest import Stack, StackFactory
 from tests.support.api import get_job, wait_state
-from tests.support.processes import Valkey
+from tests.support.processes import Valkey, wait_until
 from tests.support.sse import Event, read_stream
+from tests.support.tasks import gate_key
 
 AI_TASKS = "tests.support.tasks,tests.support.ai_tasks"
 
@@ -286,3 +287,43 @@ def test_a_child_that_ended_without_telling_its_batch_is_counted_when_offered_ag
     assert status == 200
     reported = [e.data["child"]["id"] for e in events if e.type == "progress"]
     assert sorted(reported) == sorted(child["id"] for child in children)
+
+
+@pytest.mark.slow  # its own Valkey and processes
+def test_a_child_s_end_reaches_its_batch_after_valkey_refused_the_report(
+    own_valkey: Valkey, tmp_path: Path
+) -> None:
+    """The chaos soak's defect 8: both children of a batch ended as Valkey restarted, their
+    reports to the batch failed once, were only logged, and nothing reported them again, so the
+    parent stayed ``running``. Here Valkey refuses the report's reads (ACL ``-lrange``: a
+    NOPERM that no client retries) as the batch's only child ends."""
+    s = Stack(own_valkey, "bshow:", tmp_path)
+    r = s.redis()
+    try:
+        s.add(webs=1, workers=1)
+        response = post_batch(s, {"task": "gated", "inputs": [{"events": 1}]})
+        assert response.status_code == 202, response.text
+        parent_id = response.json()["id"]
+        batch = httpx.get(f"{s.url}/api/batches/{parent_id}", timeout=10).json()
+        (child,) = [c["id"] for c in batch["children"]]
+        wait_state(s.url, child, {"running"}, timeout=20)
+        r.execute_command("ACL", "SETUSER", "default", "-lrange")
+        try:
+            r.rpush(gate_key(child), 1)
+            assert wait_state(s.url, child, {"completed", "failed"}, timeout=20)["state"] == (
+                "completed"
+            )
+            wait_until(
+                lambda: "could not show its children yet" in s.workers[0].log(),
+                20,
+                what="the worker's report to its batch to be refused",
+            )
+            assert get_job(s.url, parent_id)["state"] == "running"
+        finally:
+            r.execute_command("ACL", "SETUSER", "default", "+lrange")
+        done = wait_state(s.url, parent_id, {"completed", "failed", "cancelled"}, timeout=30)
+        assert done["state"] == "completed"
+        assert done["batch"]["completed"] == 1 and done["batch"]["done"] == 1
+    finally:
+        r.execute_command("ACL", "SETUSER", "default", "+@all")
+        s.stop()
