@@ -66,8 +66,14 @@ def product(make_stack: StackFactory, tmp_path: Path) -> Iterator[tuple[Stack, H
         host.stop()
 
 
+CONSOLE: dict[Page, list[str]] = {}
+
+
 def sign_in(browser: Browser, host: HostApp, user: str) -> Page:
     page = browser.new_context().new_page()
+    # Kept for a failure's message: what the page's client said while it reconnected.
+    lines = CONSOLE.setdefault(page, [])
+    page.on("console", lambda message: lines.append(f"{message.type}: {message.text}"))
     page.goto(host.url)
     page.get_by_label("Your name").fill(user)
     page.get_by_role("button", name="Sign in").click()
@@ -115,7 +121,17 @@ def test_each_user_watches_only_their_own_jobs_across_token_expiry_and_a_web_res
         state_while_down = stack.redis().hget(f"{stack.prefix}job:{{{job_id}}}", "state")
         stack.webs[0] = Web(stack.env, stack.log_dir, port=web.port).start()
 
-        expect(row).to_have_attribute("data-state", "completed", timeout=40_000)
+        try:
+            expect(row).to_have_attribute("data-state", "completed", timeout=40_000)
+        except AssertionError as exc:
+            seen = acme(alice)
+            stored = stack.redis().hget(f"{stack.prefix}job:{{{job_id}}}", "state")
+            raise AssertionError(
+                f"{exc}\njob in Valkey: {stored}"
+                f"\ntoken reasons: {seen['tokenReasons']}\nerrors: {seen['errors']}"
+                f"\nevents: {[e['type'] for e in seen['events'].get(job_id, [])]}"
+                f"\nconsole:\n" + "\n".join(CONSOLE[alice][-40:])
+            ) from exc
         steps = row.locator(".steps > li").all_inner_texts()
         assert steps == STEPS, steps  # each step once, across renewals and the restart
         expect(row.locator(".result")).not_to_be_empty()
