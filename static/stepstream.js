@@ -406,6 +406,7 @@ function watch(options) {
   let tokenNeeded = Boolean(getToken);
   let tokenReason = "connect";
   let tokenFresh = false; // fetched for this attempt, never yet accepted by the server
+  let freshRanOut = 0; // fresh tokens refused as expired since a stream last opened
 
   const call = (callback, value) => {
     if (!callback || stopped) return;
@@ -485,9 +486,17 @@ function watch(options) {
 
   // What to do with a non-2xx answer: "renew", a delay in ms, or a StepstreamError.
   const judge = async (response) => {
-    if (response.status === 401 && getToken && !tokenFresh) {
+    if (response.status === 401 && getToken) {
+      const refusal = await errorFrom(response);
+      // A kept token is renewed on any 401. A fresh one is renewed only if it ran out: it can
+      // wait out its life while the server is away (a restart), but any other refusal would
+      // come back for the next token too.
+      const ranOut = tokenFresh && refusal.code === "token_expired";
+      if (tokenFresh && !ranOut) return refusal;
       tokenNeeded = true;
-      tokenReason = "unauthorized";
+      tokenReason = ranOut ? "expired" : "unauthorized";
+      // Fresh tokens that keep arriving expired (a clock or TTL problem): back off, no spin.
+      if (ranOut && freshRanOut++ > 0) return backoff.failed({ retryMs: follower.retryMs });
       return "renew";
     }
     if (response.status === 429 || response.status >= 500) {
@@ -616,6 +625,7 @@ function watch(options) {
         );
       } else {
         tokenFresh = false;
+        freshRanOut = 0;
         backoff.opened(Date.now());
         follower.connectionOpened();
         setState("live");

@@ -249,6 +249,47 @@ test("a 401 with a token fetched just now ends with onError", async () => {
   }
 });
 
+test("a fresh token that ran out before the server saw it is renewed, not an error", async () => {
+  // The page's token was fetched while the server was away (a restart): by the time the server
+  // answers, it has expired. The example app's page used to stop watching here for good.
+  const server = await scripted([
+    stream([frame("queued", "1-0")], "end"),
+    error(401, "unauthorized"), // the kept token is refused: renew
+    error(401, "token_expired"), // the fresh one ran out before it was used: renew again
+    stream([frame("completed", "5-0")]),
+    json(200, RECORD),
+  ]);
+  try {
+    const seen = await run((callbacks) => watchJob(JOB, { ...callbacks, baseUrl: server.base }));
+    assert.deepEqual(seen.errors, []);
+    assert.deepEqual(seen.ends, [RECORD]);
+    assert.deepEqual(seen.tokens.map((t) => t.reason), ["connect", "unauthorized", "expired"]);
+    assert.deepEqual(seen.events.map((e) => e.id), ["1-0", "5-0"]);
+    assert.equal(server.requests[3].token, "t3");
+  } finally {
+    await server.close();
+  }
+});
+
+test("fresh tokens that keep arriving expired are renewed after a back-off", async () => {
+  const server = await scripted([
+    error(401, "token_expired"),
+    error(401, "token_expired"),
+    stream([frame("completed", "5-0")]),
+    json(200, RECORD),
+  ]);
+  try {
+    const seen = await run((callbacks) => watchJob(JOB, { ...callbacks, baseUrl: server.base }));
+    assert.deepEqual(seen.ends, [RECORD]);
+    assert.deepEqual(seen.tokens.map((t) => t.reason), ["connect", "expired", "expired"]);
+    const [, second, third] = server.requests.map((r) => r.at);
+    // The back-off before any stream has opened: 250 ms, less at most 20 % of jitter.
+    assert.ok(third - second >= 190, `the second expiry was renewed after ${third - second} ms`);
+  } finally {
+    await server.close();
+  }
+});
+
 test("getToken failing is retried, like an unreachable server", async () => {
   const server = await scripted([stream([frame("completed", "5-0")]), json(200, RECORD)]);
   try {
