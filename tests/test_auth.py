@@ -142,7 +142,9 @@ def test_a_job_token_opens_one_job_s_stream_and_record_and_nothing_else(prod: St
 def test_token_expiry_ends_the_stream_with_a_distinct_event(
     make_stack: StackFactory,
 ) -> None:
-    s = make_stack(webs=1, workers=1, STEPSTREAM_TOKEN_TTL_SECONDS="1.5", **PRODUCTION)
+    # Tokens live 5 s: the fresh one below must still be valid when it connects, which at load
+    # 10 took longer than 1.5 s. The job (7 steps of 2 s) still outlasts the first one.
+    s = make_stack(webs=1, workers=1, STEPSTREAM_TOKEN_TTL_SECONDS="5", **PRODUCTION)
     job = submit_as(s, ALICE, {"text": DOC, "pace": 2})
     expires_at = token_claims(job["stream_token"])["e"]
     # The job is paced to outlast the token: the stream ends with the expiry, not the job.
