@@ -162,17 +162,14 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    client_module = _CLIENT_API.get(name)
-    if client_module is not None:
-        value = getattr(importlib.import_module(client_module), name)
-        globals()[name] = value
-        return value
-    module_name = _TASK_API.get(name)
+    module_name = _CLIENT_API.get(name) or _TASK_API.get(name)
     if module_name is None:
         raise AttributeError(f"module 'stepstream' has no attribute {name!r}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
+        if name not in _TASK_API:
+            raise
         raise ImportError(
             f"stepstream.{name} is part of the job side, which needs the server extra: "
             f'pip install "stepstream[server]" ({exc})'
