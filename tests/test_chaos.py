@@ -1,10 +1,14 @@
-"""The 60-second chaos soak (bench/chaos.py, docs/reliability.md) passes: under worker kills,
+"""The 40-second chaos soak (bench/chaos.py, docs/reliability.md) passes: under worker kills,
 web kills, Valkey restarts and pauses, no job is lost, duplicated, left unfinished or shown to
-a watcher with a gap, and no process exits by itself."""
+a watcher with a gap, and no process exits by itself.
+
+A fault every 2-4 s, so 40 s brings about as many (6-9) as the bench's 60 s at its default 3-7 s,
+for two thirds of the time: the suite is CPU-bound on 2 cores, and the soak's load is a core."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -16,10 +20,13 @@ from tests.support.processes import ROOT
 pytestmark = [pytest.mark.slow, pytest.mark.soak]
 
 
+SOAK = ["--seconds", "40", "--fault-min", "2", "--fault-max", "4"]
+
+
 @pytest.mark.timeout(600)
-def test_a_minute_of_chaos_breaks_no_promise() -> None:
+def test_forty_seconds_of_chaos_break_no_promise() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "bench.chaos", "--seconds", "60"],
+        [sys.executable, "-m", "bench.chaos", *SOAK],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True,
@@ -27,5 +34,7 @@ def test_a_minute_of_chaos_breaks_no_promise() -> None:
         timeout=540,
     )
     summary = result.stdout[-12_000:] + "\n" + result.stderr[-4_000:]
-    assert "faults injected: 0 " not in result.stdout, f"no fault was injected:\n{summary}"
+    injected = re.search(r"^faults injected: (\d+)", result.stdout, re.MULTILINE)
+    # A soak that injected too few faults tested too little, however it ended.
+    assert injected is not None and int(injected[1]) >= 4, f"too few faults injected:\n{summary}"
     assert result.returncode == 0, f"the soak found violations:\n{summary}"
