@@ -178,18 +178,23 @@ def test_a_slow_reader_is_dropped_by_the_server_and_resumes_without_a_gap(
     transport = CountingTransport()
     with Client(s.url, transport=transport) as client:
         big = client.submit("burst", {"events": 1500, "padding": 20_000})
-        seen = []
-        for event in client.events(big.id):
-            seen.append(event)
-            if len(seen) % 100 == 0:
-                time.sleep(0.2)  # fall behind while the worker writes ~30 MB
+        stream = client.events(big.id)
+        seen = [next(stream)]  # the snapshot: this reader is subscribed
+        # It reads nothing more while the worker writes ~30 MB, three times what the sockets
+        # between them hold. (Reading slowly instead raced the worker: on a loaded machine a
+        # starved worker once wrote no faster than the reader read, and nothing was dropped.)
+        with Client(s.url) as watcher:
+            assert watcher.wait(big.id, timeout=60).state == "completed"
+        seen.extend(stream)
     currents = [e.current for e in seen if isinstance(e, ProgressEvent)]
     snapshot = seen[0]
     assert isinstance(snapshot, SnapshotEvent)
     already = int(snapshot.job.message.split()[1]) if snapshot.job.message else 0
     assert currents == list(range(already + 1, 1501)), "an event was missed or repeated"
     assert isinstance(seen[-1], CompletedEvent)
-    assert transport.stream_connections > 1, "the server never dropped the slow reader"
+    assert transport.stream_connections > 1, (
+        f"the server never dropped the slow reader (it connected after event {already})"
+    )
 
 
 def test_a_cursor_whose_events_expired_gets_a_reset_then_the_snapshot(stack: Stack) -> None:
