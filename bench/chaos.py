@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -468,8 +469,16 @@ async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str | None
 
 
 async def inject_faults(
-    stack: Stack, run: Run, stop: asyncio.Event, every: tuple[float, float]
+    stack: Stack,
+    run: Run,
+    stop: asyncio.Event,
+    every: tuple[float, float],
+    enough: asyncio.Event,
+    min_faults: int,
 ) -> None:
+    """Faults until ``stop``; ``enough`` is set once ``min_faults`` are in."""
+    if min_faults <= 0:
+        enough.set()
     next_at = time.monotonic() + random.uniform(*every)
     deck: list[str] = []  # every kind once, in a random order, then again: a short run sees all
     while not stop.is_set():
@@ -480,6 +489,8 @@ async def inject_faults(
             kind = deck.pop()
             victim = await asyncio.to_thread(getattr(stack, kind))
             run.faults[kind] += 1
+            if sum(run.faults.values()) >= min_faults:
+                enough.set()
             print(f"  {time.strftime('%H:%M:%S')} fault {kind} ({victim})", flush=True)
             next_at = time.monotonic() + random.uniform(*every)
         await asyncio.sleep(0.5)
@@ -775,11 +786,18 @@ async def soak(stack: Stack, run: Run, args: argparse.Namespace) -> dict[str, in
     await asyncio.sleep(min(10.0, args.seconds / 6))
     baseline = measure_rss(stack)  # warm: the stack has run jobs for a while
     print(f"  baseline RSS (MiB): {fmt_rss(baseline)}", flush=True)
+    enough = asyncio.Event()
     faults = asyncio.create_task(
-        inject_faults(stack, run, stop_faults, (args.fault_min, args.fault_max))
+        inject_faults(
+            stack, run, stop_faults, (args.fault_min, args.fault_max), enough, args.min_faults
+        )
     )
     try:
         await asyncio.sleep(args.seconds)
+        # A loaded machine makes each fault slower (a replacement starts slower, a SIGTERM
+        # waits out its worker's jobs): go on until the run has injected what it was asked to.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(enough.wait(), timeout=2 * args.seconds)
     finally:
         stop_faults.set()
         await asyncio.wait_for(faults, timeout=60)
@@ -840,6 +858,12 @@ def main(argv: list[str] | None = None) -> int:
         "--fault-min", type=float, default=3.0, help="seconds between faults, least"
     )
     parser.add_argument("--fault-max", type=float, default=7.0, help="seconds between faults, most")
+    parser.add_argument(
+        "--min-faults",
+        type=int,
+        default=0,
+        help="go on past --seconds until this many faults are in (3 x --seconds at most)",
+    )
     parser.add_argument("--drain", type=float, default=120, help="longest wait for jobs to end")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--keep-logs", action="store_true")

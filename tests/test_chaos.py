@@ -3,7 +3,8 @@ web kills, Valkey restarts and pauses, no job is lost, duplicated, left unfinish
 a watcher with a gap, and no process exits by itself.
 
 A fault every 2-4 s, so 40 s brings about as many (6-9) as the bench's 60 s at its default 3-7 s,
-for two thirds of the time: the suite is CPU-bound on 2 cores, and the soak's load is a core."""
+for two thirds of the time: the suite is CPU-bound on 2 cores, and the soak's load is a core. At
+least 6 faults, however long a loaded machine makes them take."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ from tests.support.processes import ROOT
 pytestmark = [pytest.mark.slow, pytest.mark.soak]
 
 
-SOAK = ["--seconds", "40", "--fault-min", "2", "--fault-max", "4"]
+# On a loaded machine a fault takes longer (3 in 40 s once, at load 9): the soak then goes on
+# until 6 are in, up to 120 s.
+SOAK = ["--seconds", "40", "--fault-min", "2", "--fault-max", "4", "--min-faults", "6"]
 
 
 @pytest.mark.timeout(600)
@@ -36,5 +39,5 @@ def test_forty_seconds_of_chaos_break_no_promise() -> None:
     summary = result.stdout[-12_000:] + "\n" + result.stderr[-4_000:]
     injected = re.search(r"^faults injected: (\d+)", result.stdout, re.MULTILINE)
     # A soak that injected too few faults tested too little, however it ended.
-    assert injected is not None and int(injected[1]) >= 4, f"too few faults injected:\n{summary}"
+    assert injected is not None and int(injected[1]) >= 6, f"too few faults injected:\n{summary}"
     assert result.returncode == 0, f"the soak found violations:\n{summary}"
