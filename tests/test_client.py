@@ -180,10 +180,10 @@ def test_a_slow_reader_is_dropped_by_the_server_and_resumes_without_a_gap(
         big = client.submit("burst", {"events": 1500, "padding": 20_000})
         stream = client.events(big.id)
         seen = [next(stream)]  # the snapshot: this reader is subscribed
-        # It reads nothing more while the worker writes ~30 MB, more than the sockets between
-        # them hold (at most 6 MB received and 4 MB sent with Linux's defaults). Reading slowly
-        # instead raced the worker: on a loaded machine the reader once kept up, and nothing was
-        # dropped.
+        # It reads nothing more while the worker writes ~30 MB, far more than the sockets between
+        # them take in while nothing reads (Linux grows a receive buffer as its reader drains
+        # it). Reading slowly instead raced the worker: on a loaded machine the reader once kept
+        # up, and nothing was dropped.
         with Client(s.url) as watcher:
             assert watcher.wait(big.id, timeout=60).state == "completed"
         seen.extend(stream)
