@@ -3,8 +3,9 @@ web kills, Valkey restarts and pauses, no job is lost, duplicated, left unfinish
 a watcher with a gap, and no process exits by itself.
 
 A fault every 2-4 s, so 40 s brings about as many (6-9) as the bench's 60 s at its default 3-7 s,
-for two thirds of the time: the suite is CPU-bound on 2 cores, and the soak's load is a core. At
-least 6 faults, however long a loaded machine makes them take."""
+for two thirds of the time, and half the bench's load (12 jobs in flight, 6 watchers): the suite
+is CPU-bound on 2 cores, and the bench's full load is a core. At least 6 faults, however long a
+loaded machine makes them take."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.soak]
 # On a loaded machine a fault takes longer (3 in 40 s once, at load 9): the soak then goes on
 # until 6 are in, up to 120 s.
 SOAK = ["--seconds", "40", "--fault-min", "2", "--fault-max", "4", "--min-faults", "6"]
+SOAK += ["--in-flight", "12", "--watchers", "6"]
 
 
 @pytest.mark.timeout(600)
