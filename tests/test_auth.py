@@ -15,6 +15,7 @@ import pytest
 
 from stepstream.tasks.keys import Keys
 from tests.conftest import Stack, StackFactory
+from tests.support import http
 from tests.support.api import DOC
 from tests.support.processes import ROOT, free_port, stack_env, wait_until
 from tests.support.sse import StreamReader, read_stream
@@ -41,7 +42,7 @@ def submit_as(
     task: str = "analyze_document",
     **fields: object,
 ) -> dict:
-    response = httpx.post(
+    response = http.post(
         f"{s.url}/api/jobs",
         json={"task": task, "input": input or {"text": DOC}, **fields},
         headers=who,
@@ -52,7 +53,7 @@ def submit_as(
 
 def finish(s: Stack, job_id: str, who: dict[str, str]) -> None:
     deadline = time.monotonic() + 30
-    while httpx.get(f"{s.url}/api/jobs/{job_id}", headers=who).json()["state"] != "completed":
+    while http.get(f"{s.url}/api/jobs/{job_id}", headers=who).json()["state"] != "completed":
         assert time.monotonic() < deadline
         time.sleep(0.05)
 
@@ -67,13 +68,13 @@ def test_every_api_call_needs_credentials(prod: Stack) -> None:
         # It lists every task and input schema that /api/tasks protects.
         ("GET", "/openapi.json"),
     ]:
-        response = httpx.request(method, f"{prod.url}{path}")
+        response = http.request(method, f"{prod.url}{path}")
         assert response.status_code == 401, path
         assert response.json()["error"]["code"] == "unauthorized"
         assert response.headers["www-authenticate"] == "Bearer"
-    wrong = httpx.get(f"{prod.url}/api/jobs", headers={"Authorization": "Bearer nope"})
+    wrong = http.get(f"{prod.url}/api/jobs", headers={"Authorization": "Bearer nope"})
     assert wrong.status_code == 401
-    assert httpx.get(f"{prod.url}/healthz").status_code == 200
+    assert http.get(f"{prod.url}/healthz").status_code == 200
 
 
 def test_an_owner_sees_only_their_jobs(prod: Stack) -> None:
@@ -82,12 +83,12 @@ def test_an_owner_sees_only_their_jobs(prod: Stack) -> None:
     assert a["owner"] == "alice" and b["owner"] == "bob"
     for path in ["", "/events", "/token"]:
         method = "POST" if path == "/token" else "GET"
-        response = httpx.request(method, f"{prod.url}/api/jobs/{b['id']}{path}", headers=ALICE)
+        response = http.request(method, f"{prod.url}/api/jobs/{b['id']}{path}", headers=ALICE)
         assert response.status_code == 404, path  # not 403: ids cannot be probed
     for action in ["cancel", "retry"]:
-        response = httpx.post(f"{prod.url}/api/jobs/{b['id']}/{action}", headers=ALICE)
+        response = http.post(f"{prod.url}/api/jobs/{b['id']}/{action}", headers=ALICE)
         assert response.status_code == 404
-    listed = httpx.get(f"{prod.url}/api/jobs", headers=ALICE).json()["jobs"]
+    listed = http.get(f"{prod.url}/api/jobs", headers=ALICE).json()["jobs"]
     assert {j["owner"] for j in listed} == {"alice"}
     assert a["id"] in {j["id"] for j in listed}
 
@@ -96,7 +97,7 @@ def test_the_firehose_of_one_owner_never_carries_another_s_events(prod: Stack) -
     live = StreamReader(f"{prod.url}/api/events", ALICE).start()
     # Attached before either job exists: otherwise it would carry none of Bob's events anyway.
     wait_until(
-        lambda: httpx.get(f"{prod.url}/api/stats", headers=ALICE).json()["streams_open"] == 1,
+        lambda: http.get(f"{prod.url}/api/stats", headers=ALICE).json()["streams_open"] == 1,
         timeout=10,
         what="the firehose attached",
     )
@@ -108,7 +109,7 @@ def test_the_firehose_of_one_owner_never_carries_another_s_events(prod: Stack) -
     live.close()
     assert {e.data["job_id"] for e in live.events} == {mine["id"]}
     # Replay from the start of the firehose: still only alice's.
-    token = httpx.post(f"{prod.url}/api/events/token", headers=ALICE).json()["token"]
+    token = http.post(f"{prod.url}/api/events/token", headers=ALICE).json()["token"]
     reader = StreamReader(f"{prod.url}/api/events?after=0&token={token}").start()
     reader.wait_for(lambda evs: any(e.data.get("job_id") == mine["id"] for e in evs))
     reader.close()
@@ -122,20 +123,20 @@ def test_a_job_token_opens_one_job_s_stream_and_record_and_nothing_else(prod: St
     status, events = read_stream(f"{prod.url}/api/jobs/{job['id']}/events?after=0&token={token}")
     assert status == 200 and events[-1].type == "completed"
     other = submit_as(prod, ALICE)
-    wrong_job = httpx.get(f"{prod.url}/api/jobs/{other['id']}/events?token={token}")
+    wrong_job = http.get(f"{prod.url}/api/jobs/{other['id']}/events?token={token}")
     assert wrong_job.status_code == 404
-    assert httpx.get(f"{prod.url}/api/events?token={token}").status_code == 401
+    assert http.get(f"{prod.url}/api/events?token={token}").status_code == 401
     # It reads its job's record, not another's, and writes and lists nothing.
-    record = httpx.get(f"{prod.url}/api/jobs/{job['id']}?token={token}")
+    record = http.get(f"{prod.url}/api/jobs/{job['id']}?token={token}")
     assert record.status_code == 200 and record.json()["state"] == "completed"
-    assert httpx.get(f"{prod.url}/api/jobs/{other['id']}?token={token}").status_code == 404
-    assert httpx.get(f"{prod.url}/api/jobs?token={token}").status_code == 401
+    assert http.get(f"{prod.url}/api/jobs/{other['id']}?token={token}").status_code == 404
+    assert http.get(f"{prod.url}/api/jobs?token={token}").status_code == 401
     for action in ["cancel", "retry", "token"]:
-        refused = httpx.post(f"{prod.url}/api/jobs/{job['id']}/{action}?token={token}")
+        refused = http.post(f"{prod.url}/api/jobs/{job['id']}/{action}?token={token}")
         assert refused.status_code == 401, action
     payload, signature = token.split(".")
     tampered = payload[:-2] + ("A" if payload[-2] != "A" else "B") + payload[-1] + "." + signature
-    refused = httpx.get(f"{prod.url}/api/jobs/{job['id']}/events?token={tampered}")
+    refused = http.get(f"{prod.url}/api/jobs/{job['id']}/events?token={tampered}")
     assert refused.status_code == 401 and b"data:" not in refused.content
 
 
@@ -156,10 +157,10 @@ def test_token_expiry_ends_the_stream_with_a_distinct_event(
     # It carries no id of its own: the client's last event id stays that of the event before.
     assert events[-1].id == events[-2].id
     assert time.time() >= expires_at, "the stream ended before its token expired"
-    expired = httpx.get(f"{s.url}/api/jobs/{job['id']}/events?token={job['stream_token']}")
+    expired = http.get(f"{s.url}/api/jobs/{job['id']}/events?token={job['stream_token']}")
     assert expired.status_code == 401 and expired.json()["error"]["code"] == "token_expired"
-    fresh = httpx.post(f"{s.url}/api/jobs/{job['id']}/token", headers=ALICE).json()["token"]
-    assert httpx.get(f"{s.url}/api/jobs/{job['id']}?", headers=ALICE).status_code == 200
+    fresh = http.post(f"{s.url}/api/jobs/{job['id']}/token", headers=ALICE).json()["token"]
+    assert http.get(f"{s.url}/api/jobs/{job['id']}?", headers=ALICE).status_code == 200
     reader = StreamReader(f"{s.url}/api/jobs/{job['id']}/events?token={fresh}").start()
     reader.wait_for(lambda evs: len(evs) >= 1)
     reader.close()
@@ -244,11 +245,11 @@ def test_over_limit_requests_get_429_413_422_and_change_nothing(
     for _ in range(6):
         deep = {"nested": deep}
     before = snapshot()
-    too_deep = httpx.post(
+    too_deep = http.post(
         f"{s.url}/api/jobs", json={"task": "analyze_document", "input": deep}, headers=ALICE
     )
     assert too_deep.status_code == 422 and too_deep.json()["error"]["code"] == "input_too_deep"
-    too_long = httpx.post(
+    too_long = http.post(
         f"{s.url}/api/jobs",
         json={"task": "analyze_document", "input": {"text": "x" * 1001}},
         headers=ALICE,
@@ -261,7 +262,7 @@ def test_over_limit_requests_get_429_413_422_and_change_nothing(
     r = s.redis()
 
     def submit_as_bob(_: int) -> httpx.Response:
-        return httpx.post(
+        return http.post(
             f"{s.url}/api/jobs",
             json={"task": "analyze_document", "input": {"text": DOC}},
             headers=BOB,
@@ -284,7 +285,7 @@ def test_over_limit_requests_get_429_413_422_and_change_nothing(
         for code in codes:
             if code.status_code == 202:
                 cancel = f"{s.url}/api/jobs/{code.json()['id']}/cancel"
-                assert httpx.post(cancel, headers=BOB).status_code == 200
+                assert http.post(cancel, headers=BOB).status_code == 200
     else:
         pytest.fail("four submissions never landed in one window of the rate counter")
     # Sent at once, any one of the four may be the one past the limit.
@@ -302,7 +303,7 @@ def test_over_limit_requests_get_429_413_422_and_change_nothing(
     submit_as(s, ALICE)
     time.sleep(1.05)
     before = snapshot()
-    refused = httpx.post(
+    refused = http.post(
         f"{s.url}/api/jobs",
         json={"task": "analyze_document", "input": {"text": DOC}},
         headers=ALICE,
@@ -312,13 +313,13 @@ def test_over_limit_requests_get_429_413_422_and_change_nothing(
     assert snapshot() == before
 
     # Streams per owner (per web process).
-    jobs = httpx.get(f"{s.url}/api/jobs", headers=ALICE).json()["jobs"]
+    jobs = http.get(f"{s.url}/api/jobs", headers=ALICE).json()["jobs"]
     readers = [
         StreamReader(f"{s.url}/api/jobs/{jobs[i]['id']}/events", ALICE).start() for i in range(2)
     ]
     for reader in readers:
         reader.wait_for(lambda evs: len(evs) >= 1)
-    third = httpx.get(f"{s.url}/api/jobs/{jobs[2]['id']}/events", headers=ALICE)
+    third = http.get(f"{s.url}/api/jobs/{jobs[2]['id']}/events", headers=ALICE)
     assert third.status_code == 429 and third.json()["error"]["code"] == "too_many_streams"
     for reader in readers:
         reader.close()
@@ -326,7 +327,7 @@ def test_over_limit_requests_get_429_413_422_and_change_nothing(
 
 def test_user_text_cannot_inject_sse_fields(stack: Stack) -> None:
     hostile = "line one\r\nevent: completed\r\ndata: {}\n\nid: 9999999999999-0\r\r"
-    job = httpx.post(
+    job = http.post(
         f"{stack.url}/api/jobs",
         json={"task": "analyze_document", "input": {"text": hostile + " More. ", "title": hostile}},
     ).json()
@@ -338,7 +339,7 @@ def test_user_text_cannot_inject_sse_fields(stack: Stack) -> None:
 
 
 def test_dashboard_and_api_send_security_headers_and_no_cors(stack: Stack) -> None:
-    page = httpx.get(f"{stack.url}/")
+    page = http.get(f"{stack.url}/")
     csp = page.headers["content-security-policy"]
     assert "script-src 'self'" in csp and "unsafe-inline" not in csp
     assert page.headers["x-content-type-options"] == "nosniff"
@@ -353,7 +354,7 @@ def test_dashboard_and_api_send_security_headers_and_no_cors(stack: Stack) -> No
 def test_the_openapi_document_needs_a_key_in_production_unless_published(
     prod: Stack, make_stack: StackFactory
 ) -> None:
-    with_key = httpx.get(f"{prod.url}/openapi.json", headers=ALICE, timeout=10)
+    with_key = http.get(f"{prod.url}/openapi.json", headers=ALICE, timeout=10)
     assert with_key.status_code == 200 and "analyze_document" in with_key.text
     published = make_stack(**PRODUCTION, STEPSTREAM_PUBLIC_OPENAPI="true")
-    assert httpx.get(f"{published.url}/openapi.json", timeout=10).status_code == 200
+    assert http.get(f"{published.url}/openapi.json", timeout=10).status_code == 200

@@ -16,6 +16,7 @@ from stepstream.tasks.models import utcnow
 from stepstream.tasks.settings import Settings
 from stepstream.tasks.store import JobStore, new_event
 from tests.conftest import Stack, StackFactory
+from tests.support import http
 from tests.support.api import get_job, wait_state
 from tests.support.processes import Valkey, wait_until
 from tests.support.sse import Event, read_stream
@@ -32,7 +33,7 @@ def ai_stack(module_stacks: StackFactory) -> Stack:
 
 
 def post_batch(stack: Stack, body: dict[str, object]) -> httpx.Response:
-    return httpx.post(f"{stack.url}/api/batches", json=body, timeout=30)
+    return http.post(f"{stack.url}/api/batches", json=body, timeout=30)
 
 
 def test_a_batch_of_20_with_2_failing_items_counts_them_as_they_land(ai_stack: Stack) -> None:
@@ -72,7 +73,7 @@ def test_a_batch_of_20_with_2_failing_items_counts_them_as_they_land(ai_stack: S
     assert children[5]["result"]["value"] == 10
     assert "of 20 done" in progress[0].data["message"]
 
-    batch = httpx.get(f"{ai_stack.url}/api/batches/{parent['id']}", timeout=10).json()
+    batch = http.get(f"{ai_stack.url}/api/batches/{parent['id']}", timeout=10).json()
     items = batch["children"]
     assert [c["index"] for c in items] == list(range(20))
     assert [c["state"] for c in items].count("completed") == 18
@@ -89,7 +90,7 @@ def test_results_can_be_read_while_the_batch_runs(ai_stack: Stack) -> None:
     deadline = time.monotonic() + 20
     partial = None
     while time.monotonic() < deadline:
-        batch = httpx.get(f"{ai_stack.url}/api/batches/{parent['id']}", timeout=10).json()
+        batch = http.get(f"{ai_stack.url}/api/batches/{parent['id']}", timeout=10).json()
         states = [c["state"] for c in batch["children"]]
         if 0 < states.count("completed") < 8:
             partial = batch
@@ -107,17 +108,17 @@ def test_cancelling_the_parent_cancels_the_children(ai_stack: Stack) -> None:
     parent = post_batch(ai_stack, {"task": "ai_echo", "inputs": inputs}).json()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        batch = httpx.get(f"{ai_stack.url}/api/batches/{parent['id']}", timeout=10).json()
+        batch = http.get(f"{ai_stack.url}/api/batches/{parent['id']}", timeout=10).json()
         if [c["state"] for c in batch["children"]].count("running") >= 2:
             break
         time.sleep(0.05)
-    cancel = httpx.post(f"{ai_stack.url}/api/jobs/{parent['id']}/cancel", timeout=10)
+    cancel = http.post(f"{ai_stack.url}/api/jobs/{parent['id']}/cancel", timeout=10)
     assert cancel.status_code == 202, cancel.text
     done = wait_state(ai_stack.url, parent["id"], {"completed", "failed", "cancelled"}, 15)
     assert done["batch"]["cancelled"] == 8 and done["batch"]["done"] == 8
-    batch = httpx.get(f"{ai_stack.url}/api/batches/{parent['id']}", timeout=10).json()
+    batch = http.get(f"{ai_stack.url}/api/batches/{parent['id']}", timeout=10).json()
     assert {c["state"] for c in batch["children"]} == {"cancelled"}
-    again = httpx.post(f"{ai_stack.url}/api/jobs/{parent['id']}/cancel", timeout=10)
+    again = http.post(f"{ai_stack.url}/api/jobs/{parent['id']}/cancel", timeout=10)
     assert again.status_code == 409
 
 
@@ -125,21 +126,21 @@ def test_a_batch_sent_again_with_its_idempotency_key_is_the_same_batch(ai_stack:
     """A client whose answer was lost sends the batch again: one batch, never two."""
     key = {"Idempotency-Key": f"nightly-{time.time_ns()}"}
     body = {"task": "ai_echo", "inputs": [{"value": 1}, {"value": 2}]}
-    first = httpx.post(f"{ai_stack.url}/api/batches", json=body, headers=key, timeout=30)
+    first = http.post(f"{ai_stack.url}/api/batches", json=body, headers=key, timeout=30)
     assert first.status_code == 202, first.text
-    again = httpx.post(f"{ai_stack.url}/api/batches", json=body, headers=key, timeout=30)
+    again = http.post(f"{ai_stack.url}/api/batches", json=body, headers=key, timeout=30)
     assert again.status_code == 200, again.text
     assert again.json()["id"] == first.json()["id"]
     assert again.headers["location"] == f"/api/batches/{first.json()['id']}"
-    batch = httpx.get(f"{ai_stack.url}/api/batches/{first.json()['id']}", timeout=10).json()
+    batch = http.get(f"{ai_stack.url}/api/batches/{first.json()['id']}", timeout=10).json()
     assert len(batch["children"]) == 2
-    mine = httpx.get(f"{ai_stack.url}/api/jobs", params={"limit": 200}, timeout=10).json()["jobs"]
+    mine = http.get(f"{ai_stack.url}/api/jobs", params={"limit": 200}, timeout=10).json()["jobs"]
     assert sum(1 for j in mine if j.get("batch_id") == first.json()["id"]) == 2, "two batches"
     other = {"task": "ai_echo", "inputs": [{"value": 3}]}
-    changed = httpx.post(f"{ai_stack.url}/api/batches", json=other, headers=key, timeout=30)
+    changed = http.post(f"{ai_stack.url}/api/batches", json=other, headers=key, timeout=30)
     assert changed.status_code == 409
     assert changed.json()["error"]["code"] == "idempotency_conflict"
-    as_job = httpx.post(
+    as_job = http.post(
         f"{ai_stack.url}/api/jobs", json={"task": "ai_echo", "input": {}}, headers=key, timeout=30
     )
     assert as_job.status_code == 409, "a batch's key answered a single job's submit"
@@ -166,10 +167,10 @@ def test_bad_batches_are_refused(ai_stack: Stack, body: dict[str, object], code:
 
 
 def test_a_job_that_is_not_a_batch_is_not_found_as_one(ai_stack: Stack) -> None:
-    job = httpx.post(
+    job = http.post(
         f"{ai_stack.url}/api/jobs", json={"task": "ai_echo", "input": {}}, timeout=10
     ).json()
-    response = httpx.get(f"{ai_stack.url}/api/batches/{job['id']}", timeout=10)
+    response = http.get(f"{ai_stack.url}/api/batches/{job['id']}", timeout=10)
     assert response.status_code == 404
 
 
@@ -221,7 +222,7 @@ def test_a_web_process_killed_while_creating_a_batch_leaves_all_of_it_or_none(
                 break
         assert cut, "no kill landed inside the batch's transaction: nothing was tested"
         # And one batch that was let finish, so the checks below see a whole batch too.
-        whole = httpx.post(f"{s.add_web().url}/api/batches", json=body, timeout=30)
+        whole = http.post(f"{s.add_web().url}/api/batches", json=body, timeout=30)
         assert whole.status_code == 202, whole.text
         records = job_records(s)
         parents = batch_parents(s)
@@ -246,7 +247,7 @@ def batch_parents(stack: Stack) -> list[dict[str, str]]:
 
 def _post_ignoring_errors(base: str, body: dict[str, object]) -> None:
     with contextlib.suppress(httpx.HTTPError):  # the server was killed under it
-        httpx.post(f"{base}/api/batches", json=body, timeout=20)
+        http.post(f"{base}/api/batches", json=body, timeout=20)
 
 
 def test_a_child_that_ended_without_telling_its_batch_is_counted_when_offered_again(
@@ -259,7 +260,7 @@ def test_a_child_that_ended_without_telling_its_batch_is_counted_when_offered_ag
     response = post_batch(s, {"task": "counted", "inputs": [{}, {}]})
     assert response.status_code == 202, response.text
     parent_id = response.json()["id"]
-    children = httpx.get(f"{s.url}/api/batches/{parent_id}", timeout=10).json()["children"]
+    children = http.get(f"{s.url}/api/batches/{parent_id}", timeout=10).json()["children"]
     ended = children[0]["id"]
 
     async def end_as_a_killed_worker_did() -> None:
@@ -304,7 +305,7 @@ def test_a_child_s_end_reaches_its_batch_after_valkey_refused_the_report(
         response = post_batch(s, {"task": "gated", "inputs": [{"events": 1}]})
         assert response.status_code == 202, response.text
         parent_id = response.json()["id"]
-        batch = httpx.get(f"{s.url}/api/batches/{parent_id}", timeout=10).json()
+        batch = http.get(f"{s.url}/api/batches/{parent_id}", timeout=10).json()
         (child,) = [c["id"] for c in batch["children"]]
         wait_state(s.url, child, {"running"}, timeout=20)
         r.execute_command("ACL", "SETUSER", "default", "-lrange")

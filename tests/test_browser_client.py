@@ -19,6 +19,7 @@ from playwright.sync_api import Browser
 
 from stepstream import Client
 from tests.conftest import StackFactory
+from tests.support import http
 from tests.support.browser import EXPECTED_CONSOLE, ROOT, chromium, requires_chromium
 from tests.support.pages import PageServer
 from tests.support.tasks import gate_key
@@ -60,13 +61,13 @@ def test_served_to_any_origin_and_cors_opens_streams_token_calls_and_records(
 ) -> None:
     page_origin = "https://app.example"
     own = make_stack(**PRODUCTION, STEPSTREAM_CORS_ORIGINS=page_origin)
-    script = httpx.get(f"{own.url}/stepstream.js", headers={"Origin": "https://elsewhere.example"})
+    script = http.get(f"{own.url}/stepstream.js", headers={"Origin": "https://elsewhere.example"})
     assert script.status_code == 200
     assert script.headers["content-type"].startswith("text/javascript")
     assert script.headers["access-control-allow-origin"] == "*"  # a public file
     assert "export function watchJob" in script.text
     assert script.text == (ROOT / "static" / "stepstream.js").read_text()
-    types = httpx.get(f"{own.url}/stepstream.d.ts")
+    types = http.get(f"{own.url}/stepstream.d.ts")
     assert types.status_code == 200 and "export function watchAll" in types.text
 
     origin = {"Origin": page_origin}
@@ -84,14 +85,14 @@ def test_served_to_any_origin_and_cors_opens_streams_token_calls_and_records(
     assert preflight.status_code == 200, preflight.text
     assert preflight.headers["access-control-allow-origin"] == page_origin
     assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
-    minted = httpx.post(
+    minted = http.post(
         f"{own.url}/api/jobs/{job.id}/token",
         headers={**origin, "Authorization": f"Bearer {KEY}"},
     )
     assert minted.status_code == 200
     assert minted.headers["access-control-allow-origin"] == page_origin
     token = minted.json()["token"]
-    events_token = httpx.post(
+    events_token = http.post(
         f"{own.url}/api/events/token", headers={**origin, "Authorization": f"Bearer {KEY}"}
     )
     assert events_token.status_code == 200
@@ -99,7 +100,7 @@ def test_served_to_any_origin_and_cors_opens_streams_token_calls_and_records(
 
     # The record with the job's token (what onEnd fetches), readable from the page's origin,
     # with Retry-After among the headers a page may read.
-    record = httpx.get(f"{own.url}/api/jobs/{job.id}", params={"token": token}, headers=origin)
+    record = http.get(f"{own.url}/api/jobs/{job.id}", params={"token": token}, headers=origin)
     assert record.status_code == 200 and record.json()["id"] == job.id
     assert record.headers["access-control-allow-origin"] == page_origin
     exposed = record.headers["access-control-expose-headers"].lower()
@@ -107,15 +108,15 @@ def test_served_to_any_origin_and_cors_opens_streams_token_calls_and_records(
     # Another job's token does not read it; no token at all is a 401 in production.
     with Client(own.url, api_key=KEY) as client:
         other = client.submit("gated", {"events": 1})
-    other_token = httpx.post(
+    other_token = http.post(
         f"{own.url}/api/jobs/{other.id}/token", headers={"Authorization": f"Bearer {KEY}"}
     ).json()["token"]
-    refused = httpx.get(f"{own.url}/api/jobs/{job.id}", params={"token": other_token})
+    refused = http.get(f"{own.url}/api/jobs/{job.id}", params={"token": other_token})
     assert refused.status_code == 404
-    assert httpx.get(f"{own.url}/api/jobs/{job.id}").status_code == 401
+    assert http.get(f"{own.url}/api/jobs/{job.id}").status_code == 401
 
     # The stream itself, from the page's origin: readable (no preflight: no custom header).
-    with httpx.stream(
+    with http.stream(
         "GET",
         f"{own.url}/api/jobs/{job.id}/events",
         params={"token": token, "after": "0"},
@@ -125,7 +126,7 @@ def test_served_to_any_origin_and_cors_opens_streams_token_calls_and_records(
         assert stream.status_code == 200
         assert stream.headers["access-control-allow-origin"] == page_origin
     # Not for an origin nobody configured.
-    stranger = httpx.get(
+    stranger = http.get(
         f"{own.url}/api/jobs/{job.id}",
         params={"token": token},
         headers={"Origin": "https://evil.example"},

@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from tests.conftest import Stack, StackFactory
+from tests.support import http
 from tests.support.api import submit, wait_state
 from tests.support.chat_server import ChatServer, chat_server, reply
 
@@ -31,7 +32,7 @@ def llm_stack(module_stacks: StackFactory, chat: ChatServer) -> Stack:
 
 
 def post(stack: Stack, body: dict[str, object]) -> httpx.Response:
-    return httpx.post(f"{stack.url}/api/jobs", json=body, timeout=10)
+    return http.post(f"{stack.url}/api/jobs", json=body, timeout=10)
 
 
 def test_the_task_budget_stops_the_job_before_the_call_that_would_exceed_it(

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-import httpx
 import pytest
 
 from tests.conftest import Stack, StackFactory
+from tests.support import http
 from tests.support.ai_tasks import executions_key
 from tests.support.api import submit, wait_state
 from tests.support.sse import read_stream
@@ -67,7 +67,7 @@ def test_a_failed_job_is_not_cached(ai_stack: Stack) -> None:
 def test_a_cached_job_keeps_its_own_subject(ai_stack: Stack) -> None:
     def submit_for(subject: str) -> dict[str, Any]:
         body = {"task": "ai_cached", "input": {"value": 7, "counter": "cache-s"}}
-        response = httpx.post(f"{ai_stack.url}/api/jobs", json={**body, "subject": subject})
+        response = http.post(f"{ai_stack.url}/api/jobs", json={**body, "subject": subject})
         assert response.status_code == 202, response.text
         job: dict[str, Any] = response.json()
         return job
@@ -76,7 +76,7 @@ def test_a_cached_job_keeps_its_own_subject(ai_stack: Stack) -> None:
     assert wait_state(ai_stack.url, first["id"], {"completed"})["subject"] == "s-1"
     again = submit_for("s-2")
     assert again["cached"] is True and again["subject"] == "s-2"
-    listed = httpx.get(f"{ai_stack.url}/api/jobs", params={"subject": "s-2"}).json()["jobs"]
+    listed = http.get(f"{ai_stack.url}/api/jobs", params={"subject": "s-2"}).json()["jobs"]
     assert [j["id"] for j in listed] == [again["id"]]
 
 
@@ -87,7 +87,7 @@ def test_a_batch_counts_its_cached_children_as_it_is_created(ai_stack: Stack) ->
         assert wait_state(ai_stack.url, job["id"], {"completed"})["cached"] is False
 
     def post(inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        response = httpx.post(
+        response = http.post(
             f"{ai_stack.url}/api/batches", json={"task": "ai_cached", "inputs": inputs}
         )
         assert response.status_code == 202, response.text

@@ -21,10 +21,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from tests.conftest import Stack
+from tests.support import http
 from tests.support.processes import ROOT, Valkey
 
 CONFIG = ROOT / "tests" / "schemathesis.toml"
@@ -136,7 +136,7 @@ def test_every_401_names_the_scheme_to_use(fuzzed: tuple[str, Stack]) -> None:
     """RFC 9110: a 401 carries ``WWW-Authenticate``; the document says every 401 does."""
     mode, stack = fuzzed
     key = {"Authorization": f"Bearer {KEY}"} if mode == "production" else {}
-    job = httpx.post(
+    job = http.post(
         f"{stack.url}/api/jobs",
         json={"task": "analyze_document", "input": {"text": "One sentence."}},
         headers=key,
@@ -145,12 +145,12 @@ def test_every_401_names_the_scheme_to_use(fuzzed: tuple[str, Stack]) -> None:
     assert job.status_code == 202, job.text
     job_token = job.json()["stream_token"]
     refusals = [
-        httpx.get(f"{stack.url}/api/events", params={"token": job_token}, timeout=10),
-        httpx.get(f"{stack.url}/api/jobs", params={"token": job_token}, timeout=10),
-        httpx.get(f"{stack.url}/api/jobs", headers={"Authorization": "Bearer nope"}, timeout=10),
+        http.get(f"{stack.url}/api/events", params={"token": job_token}, timeout=10),
+        http.get(f"{stack.url}/api/jobs", params={"token": job_token}, timeout=10),
+        http.get(f"{stack.url}/api/jobs", headers={"Authorization": "Bearer nope"}, timeout=10),
     ]
     if mode == "production":
-        refusals.append(httpx.get(f"{stack.url}/api/jobs", timeout=10))
+        refusals.append(http.get(f"{stack.url}/api/jobs", timeout=10))
     for response in refusals:
         assert response.status_code == 401, (response.request.url, response.text)
         assert response.headers["www-authenticate"] == "Bearer", response.request.url

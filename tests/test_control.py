@@ -15,6 +15,7 @@ from redis.asyncio.connection import AbstractConnection
 from stepstream.server import create_app
 from stepstream.tasks.settings import Settings
 from tests.conftest import Stack, StackFactory
+from tests.support import http
 from tests.support.api import DOC, get_job, submit, wait_state
 from tests.support.processes import Valkey, wait_until
 from tests.support.sse import read_stream
@@ -24,7 +25,7 @@ from tests.support.tasks import executions_key, gate_key
 def test_cancel_a_queued_job_it_never_starts(make_stack: StackFactory) -> None:
     s = make_stack(webs=1, workers=0)
     job = submit(s.url, "analyze_document", {"text": DOC})
-    response = httpx.post(f"{s.url}/api/jobs/{job['id']}/cancel")
+    response = http.post(f"{s.url}/api/jobs/{job['id']}/cancel")
     assert response.status_code == 200
     assert response.json()["state"] == "cancelled"
     s.add_worker()
@@ -41,7 +42,7 @@ def test_cancel_interrupts_a_running_step(stack: Stack) -> None:
     job = submit(stack.url, "counted", {"gate_at": "two"})
     r = stack.redis()
     wait_until(lambda: r.hget(executions_key(job["id"]), "two") == "1", 20)
-    response = httpx.post(f"{stack.url}/api/jobs/{job['id']}/cancel")
+    response = http.post(f"{stack.url}/api/jobs/{job['id']}/cancel")
     assert response.status_code == 202 and response.json()["cancel_requested"] is True
     # Step two waits 60 s on a gate nobody opens: cancelled at all, it was interrupted
     # mid-step. (The README's "within a second" is a latency; 10 s allows a loaded machine.)
@@ -50,20 +51,20 @@ def test_cancel_interrupts_a_running_step(stack: Stack) -> None:
     _, log = read_stream(f"{stack.url}/api/jobs/{job['id']}/events?after=0")
     assert log[-1].type == "cancelled"
     assert r.hget(executions_key(job["id"]), "three") is None, "work went on after cancel"
-    again = httpx.post(f"{stack.url}/api/jobs/{job['id']}/cancel")
+    again = http.post(f"{stack.url}/api/jobs/{job['id']}/cancel")
     assert again.status_code == 409 and again.json()["error"]["code"] == "conflict"
 
 
 def test_retry_by_hand_reuses_checkpoints(stack: Stack) -> None:
     job = submit(stack.url, "counted", {"permanent_failure": True, "fail_at": "four"})
     wait_state(stack.url, job["id"], {"failed"})
-    assert httpx.post(f"{stack.url}/api/jobs/{job['id']}/retry").status_code == 202
+    assert http.post(f"{stack.url}/api/jobs/{job['id']}/retry").status_code == 202
     # It fails again at four (the input still says so), but one to three are not re-run.
     done = wait_state(stack.url, job["id"], {"failed"}, timeout=20)
     assert done["attempt"] == 2
     counts = stack.redis().hgetall(executions_key(job["id"]))
     assert counts == {"one": "1", "two": "1", "three": "1", "four": "2"}
-    completed = httpx.post(f"{stack.url}/api/jobs/{submit(stack.url, 'counted')['id']}/retry")
+    completed = http.post(f"{stack.url}/api/jobs/{submit(stack.url, 'counted')['id']}/retry")
     assert completed.status_code == 409
 
 
@@ -71,10 +72,10 @@ def test_retry_a_cancelled_job_runs_it_to_completion(stack: Stack) -> None:
     job = submit(stack.url, "counted", {"gate_at": "one"})
     r = stack.redis()
     wait_until(lambda: r.hget(executions_key(job["id"]), "one") == "1", 20)
-    httpx.post(f"{stack.url}/api/jobs/{job['id']}/cancel")
+    http.post(f"{stack.url}/api/jobs/{job['id']}/cancel")
     wait_state(stack.url, job["id"], {"cancelled"})
     r.rpush(gate_key(job["id"]), "go")
-    assert httpx.post(f"{stack.url}/api/jobs/{job['id']}/retry").status_code == 202
+    assert http.post(f"{stack.url}/api/jobs/{job['id']}/retry").status_code == 202
     done = wait_state(stack.url, job["id"], {"completed", "failed"}, timeout=20)
     assert done["state"] == "completed" and done["attempt"] == 2
 
@@ -82,18 +83,18 @@ def test_retry_a_cancelled_job_runs_it_to_completion(stack: Stack) -> None:
 def test_an_idempotency_key_returns_the_same_job(stack: Stack) -> None:
     body = {"task": "analyze_document", "input": {"text": DOC}}
     headers = {"Idempotency-Key": f"order-{time.time_ns()}"}
-    first = httpx.post(f"{stack.url}/api/jobs", json=body, headers=headers)
-    second = httpx.post(f"{stack.url}/api/jobs", json=body, headers=headers)
+    first = http.post(f"{stack.url}/api/jobs", json=body, headers=headers)
+    second = http.post(f"{stack.url}/api/jobs", json=body, headers=headers)
     assert first.status_code == 202 and second.status_code == 200
     assert first.json()["id"] == second.json()["id"]
-    other = httpx.post(
+    other = http.post(
         f"{stack.url}/api/jobs",
         json={"task": "analyze_document", "input": {"text": "Something else."}},
         headers=headers,
     )
     assert other.status_code == 409
     assert other.json()["error"]["code"] == "idempotency_conflict"
-    bad = httpx.post(f"{stack.url}/api/jobs", json=body, headers={"Idempotency-Key": "a b"})
+    bad = http.post(f"{stack.url}/api/jobs", json=body, headers={"Idempotency-Key": "a b"})
     assert bad.status_code == 400
 
 
@@ -103,14 +104,14 @@ def test_concurrent_identical_requests_create_one_job(make_stack: StackFactory) 
     headers = {"Idempotency-Key": "same-click-twice"}
 
     def post(i: int) -> httpx.Response:
-        return httpx.post(f"{s.webs[i % 2].url}/api/jobs", json=body, headers=headers)
+        return http.post(f"{s.webs[i % 2].url}/api/jobs", json=body, headers=headers)
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         responses = list(pool.map(post, range(16)))
     ids = {r.json()["id"] for r in responses}
     assert len(ids) == 1
     assert sorted(r.status_code for r in responses) == [200] * 15 + [202]
-    listed = httpx.get(f"{s.url}/api/jobs").json()["jobs"]
+    listed = http.get(f"{s.url}/api/jobs").json()["jobs"]
     assert [j["id"] for j in listed] == list(ids)
 
 

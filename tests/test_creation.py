@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 
-import httpx
 import pytest
 import redis
 from arq.constants import job_key_prefix
@@ -16,6 +15,7 @@ from arq.constants import job_key_prefix
 from stepstream.server.jobs import CLAIM_IN_FLIGHT_SECONDS
 from stepstream.tasks.keys import Keys
 from tests.conftest import Stack, StackFactory
+from tests.support import http
 from tests.support.cli import run_cli
 from tests.support.processes import ROOT, Valkey, stack_env
 from tests.support.sse import read_stream
@@ -142,7 +142,7 @@ def test_a_misspelt_input_field_is_refused_naming_it_and_stores_nothing(
     open_stack: Stack,
 ) -> None:
     before = store_snapshot(open_stack)
-    response = httpx.post(
+    response = http.post(
         f"{open_stack.url}/api/jobs",
         json={"task": "ai_echo", "input": {"value": 2, "fial": True, "countr": "x"}},
         timeout=10,
@@ -161,7 +161,7 @@ def test_a_batch_with_an_unknown_field_names_the_input_and_stores_nothing(
     open_stack: Stack,
 ) -> None:
     before = store_snapshot(open_stack)
-    response = httpx.post(
+    response = http.post(
         f"{open_stack.url}/api/batches",
         json={"task": "ai_echo", "inputs": [{"value": 1}, {"value": 2, "reveiw": True}]},
         timeout=10,
@@ -182,7 +182,7 @@ def test_a_batch_with_an_unknown_field_names_the_input_and_stores_nothing(
 
 
 def test_a_task_whose_model_allows_extra_fields_receives_them(open_stack: Stack) -> None:
-    response = httpx.post(
+    response = http.post(
         f"{open_stack.url}/api/jobs",
         json={"task": "open_echo", "input": {"label": "x", "colour": "blue"}},
         timeout=10,
@@ -195,7 +195,7 @@ def test_a_task_whose_model_allows_extra_fields_receives_them(open_stack: Stack)
 
 
 def test_the_task_catalogue_says_which_inputs_take_extra_fields(open_stack: Stack) -> None:
-    tasks = httpx.get(f"{open_stack.url}/api/tasks", timeout=10).json()["tasks"]
+    tasks = http.get(f"{open_stack.url}/api/tasks", timeout=10).json()["tasks"]
     schemas = {t["name"]: t["input_schema"] for t in tasks}
     assert schemas["ai_echo"]["additionalProperties"] is False
     assert schemas["open_echo"]["additionalProperties"] is True

@@ -15,12 +15,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-import httpx
 import pytest
 from playwright.sync_api import Browser, expect
 
 from stepstream.tasks.demo.analyze_document import STEPS as ANALYZE_DOCUMENT_STEPS
 from tests.conftest import Stack, StackFactory
+from tests.support import http
 from tests.support.api import submit, wait_state
 from tests.support.browser import ARTIFACTS, ROOT, Dashboard, chromium, requires_chromium
 from tests.support.tasks import gate_key
@@ -370,7 +370,7 @@ def test_a_batch_shows_its_parent_counting_items_and_every_child(
         lambda r: single_gets.append(r.url) if re.search(r"/api/jobs/[^/?]+$", r.url) else None,
     )
     inputs = [analyze(0.1, title=f"Chapter {i}") for i in range(1, 13)]
-    response = httpx.post(
+    response = http.post(
         f"{stack.url}/api/batches", json={"task": "analyze_document", "inputs": inputs}, timeout=10
     )
     assert response.status_code == 202, response.text
@@ -459,7 +459,7 @@ def test_html_in_an_input_is_shown_as_text_and_runs_nothing(
     stack: Stack, dashboard: OpenDashboard
 ) -> None:
     # The page is served with a policy that forbids inline script and style.
-    policy = httpx.get(f"{stack.url}/", timeout=10).headers["content-security-policy"]
+    policy = http.get(f"{stack.url}/", timeout=10).headers["content-security-policy"]
     assert "script-src 'self'" in policy and "unsafe-inline" not in policy, policy
     title = "<img src=x onerror=window.__xss=1>"
     text = "<script>window.__xss=2</script> Plain words follow here. Another sentence ends."

@@ -10,12 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
 from stepstream.tasks.demo.analyze_document import STEPS
 from tests.conftest import Stack, StackFactory
+from tests.support import http
 from tests.support.api import DOC
 from tests.support.browser import chromium, requires_chromium
 from tests.support.processes import Uvicorn, Web, free_port, wait_until
@@ -106,7 +106,7 @@ def test_each_user_watches_only_their_own_jobs_across_token_expiry_and_a_web_res
         expect(row).to_have_count(1)
         job_id = row.get_attribute("data-job-id")
         assert job_id
-        record = httpx.get(f"{stack.url}/api/jobs/{job_id}", headers=HEADERS).json()
+        record = http.get(f"{stack.url}/api/jobs/{job_id}", headers=HEADERS).json()
         assert record["subject"] == "alice" and record["owner"] == "acme"
 
         # Mid-job, the Stepstream web process goes away and comes back on the same port: once
@@ -116,7 +116,7 @@ def test_each_user_watches_only_their_own_jobs_across_token_expiry_and_a_web_res
         wait_until(lambda: "expired" in acme(alice)["tokenReasons"], 20, 0.1, "a token expiry")
         (web,) = stack.webs
         web.stop()
-        assert httpx.get(f"{host.url}/session").status_code == 200  # the product stays up
+        assert http.get(f"{host.url}/session").status_code == 200  # the product stays up
         time.sleep(1.5)
         state_while_down = stack.redis().hget(f"{stack.prefix}job:{{{job_id}}}", "state")
         stack.webs[0] = Web(stack.env, stack.log_dir, port=web.port).start()
@@ -150,7 +150,7 @@ def test_each_user_watches_only_their_own_jobs_across_token_expiry_and_a_web_res
 
         # A report alice starts elsewhere (another tab) appears on her page, live.
         cookies = {c["name"]: c["value"] for c in alice.context.cookies()}
-        other = httpx.post(
+        other = http.post(
             f"{host.url}/reports", json={"text": DOC, "pace": 0}, cookies=cookies
         ).json()
         expect(alice.locator(f'li.report[data-job-id="{other["id"]}"]')).to_have_attribute(
@@ -163,7 +163,7 @@ def test_each_user_watches_only_their_own_jobs_across_token_expiry_and_a_web_res
         expect(bob.locator("#connection")).to_have_text("Live", timeout=15_000)
         expect(bob.locator("li.report")).to_have_count(0)
         bob_cookies = {c["name"]: c["value"] for c in bob.context.cookies()}
-        refused = httpx.post(f"{host.url}/reports/{job_id}/token", cookies=bob_cookies)
+        refused = http.post(f"{host.url}/reports/{job_id}/token", cookies=bob_cookies)
         assert refused.status_code == 404
         assert acme(bob)["events"] == {}
     finally:

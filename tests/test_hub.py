@@ -7,10 +7,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from tests.conftest import Stack, StackFactory
+from tests.support import http
 from tests.support.api import DOC, submit, wait_state
 from tests.support.processes import Valkey, wait_until
 from tests.support.sse import StreamReader, read_stream
@@ -143,7 +143,7 @@ def test_a_slow_consumer_is_cut_off_and_nothing_is_held_for_it(make_stack: Stack
     # Cut off for falling behind (its queue was full), not for a send that timed out: what the
     # server held for it never went past STEPSTREAM_SUBSCRIBER_QUEUE events. This replaces a
     # bound on the process's RSS, which measured the allocator as much as the hub.
-    metrics = httpx.get(f"{s.url}/metrics", timeout=10).text
+    metrics = http.get(f"{s.url}/metrics", timeout=10).text
     assert "stepstream_sse_slow_consumers_dropped_total 1.0" in metrics
     assert stats(s.url)["streams_open"] == 1, "only the healthy reader (idle now) is attached"
     healthy.close()
@@ -151,7 +151,7 @@ def test_a_slow_consumer_is_cut_off_and_nothing_is_held_for_it(make_stack: Stack
 
 
 def stats(base: str) -> dict[str, Any]:
-    response = httpx.get(f"{base}/api/stats", timeout=10)
+    response = http.get(f"{base}/api/stats", timeout=10)
     assert response.status_code == 200, response.text
     result: dict[str, Any] = response.json()
     return result

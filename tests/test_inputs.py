@@ -24,6 +24,7 @@ from stepstream import (
     WaitingEvent,
 )
 from tests.conftest import Stack, StackFactory
+from tests.support import http
 from tests.support.api import get_job, submit, wait_state
 from tests.support.cli import run_cli
 from tests.support.processes import ROOT, Valkey, wait_until
@@ -36,7 +37,7 @@ YES = {"approved": True, "note": "fine", "level": 2}
 
 
 def answer(base: str, job_id: str, name: str, value: Any, **kw: Any) -> httpx.Response:
-    return httpx.post(
+    return http.post(
         f"{base}/api/jobs/{job_id}/input", json={"name": name, "value": value}, timeout=10, **kw
     )
 
@@ -44,7 +45,7 @@ def answer(base: str, job_id: str, name: str, value: Any, **kw: Any) -> httpx.Re
 def waiting(base: str, job_id: str, timeout: float = 30, **kw: Any) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
-        job = httpx.get(f"{base}/api/jobs/{job_id}", timeout=10, **kw).json()
+        job = http.get(f"{base}/api/jobs/{job_id}", timeout=10, **kw).json()
         if job["state"] == "waiting":
             return dict(job)
         assert job["state"] in ("queued", "running"), job
@@ -171,7 +172,7 @@ def test_a_bad_value_is_422_naming_the_fields_and_changes_nothing(
     job = submit(s.url, "asks", {})
     settled_waiting(s, job["id"])
     before = store_snapshot(s)
-    response = httpx.post(f"{s.url}/api/jobs/{job['id']}/input", json=body, timeout=10)
+    response = http.post(f"{s.url}/api/jobs/{job['id']}/input", json=body, timeout=10)
     assert response.status_code == 422, response.text
     error = response.json()["error"]
     assert error["code"] == "invalid_value" and "decision" in error["message"]
@@ -196,7 +197,7 @@ def test_a_malformed_answer_is_422_and_changes_nothing(
     job = submit(s.url, "asks", {})
     settled_waiting(s, job["id"])
     before = store_snapshot(s)
-    response = httpx.post(f"{s.url}/api/jobs/{job['id']}/input", json=body, timeout=10)
+    response = http.post(f"{s.url}/api/jobs/{job['id']}/input", json=body, timeout=10)
     assert response.status_code == 422, response.text
     assert response.json()["error"]["code"] == code
     assert store_snapshot(s) == before
@@ -207,7 +208,7 @@ def test_a_number_no_json_answer_could_carry_is_422(make_stack_module: Stack) ->
     job = submit(s.url, "asks", {})
     settled_waiting(s, job["id"])
     before = store_snapshot(s)
-    response = httpx.post(
+    response = http.post(
         f"{s.url}/api/jobs/{job['id']}/input",
         content=b'{"name": "decision", "value": {"approved": true, "extra": 1e400}}',
         headers={"content-type": "application/json"},
@@ -277,7 +278,7 @@ def test_cancel_while_waiting(make_stack_module: Stack) -> None:
     # A timeout the cancel comes well before, even on a loaded machine.
     job = submit(s.url, "asks", {"timeout": 5})
     waiting(s.url, job["id"])
-    response = httpx.post(f"{s.url}/api/jobs/{job['id']}/cancel", timeout=10)
+    response = http.post(f"{s.url}/api/jobs/{job['id']}/cancel", timeout=10)
     assert response.status_code == 200, response.text
     assert response.json()["state"] == "cancelled"
     assert response.json()["waiting_for"] is None
@@ -298,7 +299,7 @@ def prod(module_stacks: StackFactory) -> Stack:
 
 def test_only_the_owner_or_an_answering_token_may_answer(prod: Stack) -> None:
     s = prod
-    submitted = httpx.post(
+    submitted = http.post(
         f"{s.url}/api/jobs", json={"task": "asks", "input": {}, "subject": "u-7"}, headers=ALICE
     )
     job = submitted.json()
@@ -307,24 +308,22 @@ def test_only_the_owner_or_an_answering_token_may_answer(prod: Stack) -> None:
     # The stream token of the submit answer reads, never answers.
     reader = answer(s.url, job["id"], "decision", YES, params={"token": job["stream_token"]})
     assert reader.status_code == 403 and reader.json()["error"]["code"] == "forbidden"
-    read_only = httpx.post(f"{s.url}/api/jobs/{job['id']}/token", headers=ALICE).json()
+    read_only = http.post(f"{s.url}/api/jobs/{job['id']}/token", headers=ALICE).json()
     assert read_only["may_answer"] is False
     assert (
         answer(s.url, job["id"], "decision", YES, params={"token": read_only["token"]}).status_code
         == 403
     )
-    firehose = httpx.post(f"{s.url}/api/events/token", headers=ALICE).json()["token"]
+    firehose = http.post(f"{s.url}/api/events/token", headers=ALICE).json()["token"]
     assert answer(s.url, job["id"], "decision", YES, params={"token": firehose}).status_code == 403
     assert answer(s.url, job["id"], "decision", YES, headers=BOB).status_code == 404
     assert answer(s.url, job["id"], "decision", YES).status_code == 401
     assert store_snapshot(s) == before
-    minted = httpx.post(
+    minted = http.post(
         f"{s.url}/api/jobs/{job['id']}/token", json={"may_answer": True}, headers=ALICE
     ).json()
     assert minted["may_answer"] is True
-    other = httpx.post(
-        f"{s.url}/api/jobs", json={"task": "asks", "input": {}}, headers=ALICE
-    ).json()
+    other = http.post(f"{s.url}/api/jobs", json={"task": "asks", "input": {}}, headers=ALICE).json()
     waiting(s.url, other["id"], headers=ALICE)
     # Scoped to one job: it answers that job only.
     assert (
@@ -428,9 +427,9 @@ def test_the_browser_client_answers_with_an_answering_token(prod: Stack, tmp_pat
     with the server's 422 details, the first answer resolves to the queued record, a second
     rejects with already_answered."""
     s = prod
-    job = httpx.post(f"{s.url}/api/jobs", json={"task": "asks", "input": {}}, headers=ALICE).json()
+    job = http.post(f"{s.url}/api/jobs", json={"task": "asks", "input": {}}, headers=ALICE).json()
     waiting(s.url, job["id"], headers=ALICE)
-    token = httpx.post(
+    token = http.post(
         f"{s.url}/api/jobs/{job['id']}/token", json={"may_answer": True}, headers=ALICE
     ).json()["token"]
     script = tmp_path / "answer.mjs"
@@ -455,7 +454,7 @@ def test_the_browser_client_answers_with_an_answering_token(prod: Stack, tmp_pat
 def wait_state_as(s: Stack, job_id: str) -> dict[str, Any]:
     deadline = time.monotonic() + 30
     while True:
-        job = httpx.get(f"{s.url}/api/jobs/{job_id}", headers=ALICE, timeout=10).json()
+        job = http.get(f"{s.url}/api/jobs/{job_id}", headers=ALICE, timeout=10).json()
         if job["state"] in ("completed", "failed"):
             return dict(job)
         assert time.monotonic() < deadline, job["state"]

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support import http
 from tests.support.processes import ROOT, Valkey, free_port, wait_until
 
 pytestmark = pytest.mark.slow
@@ -192,7 +193,7 @@ def procfile_stack(
             if process.poll() is not None:
                 raise RuntimeError(f"{name} exited:\n{(tmp_path / f'{name}.log').read_text()}")
         try:
-            return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
+            return http.get(f"{url}/readyz", timeout=1).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -210,17 +211,17 @@ def test_procfile_serves_the_dashboard_and_runs_a_users_tasks_py(
     url, logs = procfile_stack
     # The Procfile binds 0.0.0.0, so this is production mode: a key is needed.
     headers = {"Authorization": "Bearer install-test-key"}
-    assert httpx.get(f"{url}/api/tasks", timeout=10).status_code == 401
+    assert http.get(f"{url}/api/tasks", timeout=10).status_code == 401
 
-    page = httpx.get(f"{url}/", timeout=10)
+    page = http.get(f"{url}/", timeout=10)
     assert page.status_code == 200, page.text
     assert "<html" in page.text.lower()
-    assert httpx.get(f"{url}/static/app.js", timeout=10).status_code == 200
+    assert http.get(f"{url}/static/app.js", timeout=10).status_code == 200
 
-    tasks = httpx.get(f"{url}/api/tasks", headers=headers, timeout=10).json()["tasks"]
+    tasks = http.get(f"{url}/api/tasks", headers=headers, timeout=10).json()["tasks"]
     assert "pack_order" in {t["name"] for t in tasks}
 
-    submitted = httpx.post(
+    submitted = http.post(
         f"{url}/api/jobs",
         json={"task": "pack_order", "input": {"item": "teapot", "quantity": 2}},
         headers=headers,
@@ -230,11 +231,11 @@ def test_procfile_serves_the_dashboard_and_runs_a_users_tasks_py(
     job_id = submitted.json()["id"]
 
     def done() -> bool:
-        record = httpx.get(f"{url}/api/jobs/{job_id}", headers=headers, timeout=10).json()
+        record = http.get(f"{url}/api/jobs/{job_id}", headers=headers, timeout=10).json()
         return bool(record["state"] in {"completed", "failed", "cancelled"})
 
     wait_until(done, timeout=30, what="the user's job to end")
-    record = httpx.get(f"{url}/api/jobs/{job_id}", headers=headers, timeout=10).json()
+    record = http.get(f"{url}/api/jobs/{job_id}", headers=headers, timeout=10).json()
     assert record["state"] == "completed", (logs / "worker.log").read_text()
     assert record["result"] == {"line": "2 x teapot from shelf B4, parcel 1"}
     assert [s["state"] for s in record["steps"]] == ["completed"] * 3

@@ -8,10 +8,10 @@ import socket
 import time
 from collections.abc import Iterator
 
-import httpx
 import pytest
 
 from tests.conftest import Stack, StackFactory
+from tests.support import http
 from tests.support.api import DOC, submit, wait_state
 from tests.support.tasks import gate_key
 
@@ -43,7 +43,7 @@ def store_snapshot(stack: Stack) -> dict[str, str]:
 
 
 def test_submit_answers_202_with_record_location_and_links(stack: Stack) -> None:
-    response = httpx.post(
+    response = http.post(
         f"{stack.url}/api/jobs", json={"task": "analyze_document", "input": {"text": DOC}}
     )
     assert response.status_code == 202
@@ -77,7 +77,7 @@ def test_the_quote_task_prices_a_team(stack: Stack) -> None:
 
 
 def test_tasks_lists_steps_and_input_schema(stack: Stack) -> None:
-    tasks = {t["name"]: t for t in httpx.get(f"{stack.url}/api/tasks").json()["tasks"]}
+    tasks = {t["name"]: t for t in http.get(f"{stack.url}/api/tasks").json()["tasks"]}
     analyze = tasks["analyze_document"]
     assert len(analyze["steps"]) == 7 and analyze["steps"][1] == "Chunking document"
     assert "text" in analyze["input_schema"]["properties"]
@@ -92,7 +92,7 @@ def test_list_is_newest_first_with_filters_and_cursor_paging(make_stack: StackFa
     for job_id in ids:
         wait_state(s.url, job_id, {"completed"})
     wait_state(s.url, failing, {"failed"})
-    everything = httpx.get(f"{s.url}/api/jobs").json()
+    everything = http.get(f"{s.url}/api/jobs").json()
     assert [j["id"] for j in everything["jobs"]] == [failing, *reversed(ids)]
     pages: list[str] = []
     cursor = None
@@ -100,21 +100,21 @@ def test_list_is_newest_first_with_filters_and_cursor_paging(make_stack: StackFa
         params = {"limit": "2", "task": "analyze_document"}
         if cursor:
             params["cursor"] = cursor
-        page = httpx.get(f"{s.url}/api/jobs", params=params).json()
+        page = http.get(f"{s.url}/api/jobs", params=params).json()
         pages.extend(j["id"] for j in page["jobs"])
         cursor = page["next_cursor"]
         if not cursor:
             break
     assert pages == list(reversed(ids))
-    failed = httpx.get(f"{s.url}/api/jobs", params={"status": "failed,cancelled"}).json()
+    failed = http.get(f"{s.url}/api/jobs", params={"status": "failed,cancelled"}).json()
     assert [j["id"] for j in failed["jobs"]] == [failing]
     assert failed["jobs"][0]["error"]["type"] == "PermanentError"
     assert "unknown role" in failed["jobs"][0]["error"]["message"]
 
 
 def test_health_and_readiness(stack: Stack) -> None:
-    assert httpx.get(f"{stack.url}/healthz").json() == {"status": "ok"}
-    ready = httpx.get(f"{stack.url}/readyz")
+    assert http.get(f"{stack.url}/healthz").json() == {"status": "ok"}
+    ready = http.get(f"{stack.url}/readyz")
     assert ready.status_code == 200 and ready.json()["redis"] == "ok"
 
 
@@ -178,7 +178,7 @@ def test_bad_submissions_are_4xx_and_store_nothing(
 ) -> None:
     s = make_stack_module
     before = store_snapshot(s)
-    response = httpx.post(
+    response = http.post(
         f"{s.url}/api/jobs", content=body, headers={"content-type": "application/json"}
     )
     assert response.status_code == status, response.text
@@ -189,9 +189,9 @@ def test_bad_submissions_are_4xx_and_store_nothing(
 
 
 def test_error_details_name_the_fields_and_known_tasks(stack: Stack) -> None:
-    unknown = httpx.post(f"{stack.url}/api/jobs", json={"task": "nope", "input": {}}).json()
+    unknown = http.post(f"{stack.url}/api/jobs", json={"task": "nope", "input": {}}).json()
     assert set(unknown["error"]["details"]["known_tasks"]) >= {"analyze_document", "generate_quote"}
-    invalid = httpx.post(
+    invalid = http.post(
         f"{stack.url}/api/jobs",
         json={"task": "generate_quote", "input": {"roles": [], "weeks": 0}},
     ).json()
@@ -211,7 +211,7 @@ def test_a_body_without_content_length_is_limited_while_reading(
             yield b"x" * 10_000
         yield b'"}}'
 
-    response = httpx.post(f"{s.url}/api/jobs", content=chunks())
+    response = http.post(f"{s.url}/api/jobs", content=chunks())
     assert response.status_code == 413
     assert store_snapshot(s) == before
 
@@ -238,13 +238,13 @@ def test_a_body_without_content_length_is_limited_while_reading(
 def test_bad_reads_are_json_4xx(
     stack: Stack, path: str, params: dict[str, str], status: int, code: str
 ) -> None:
-    response = httpx.get(f"{stack.url}{path}", params=params)
+    response = http.get(f"{stack.url}{path}", params=params)
     assert response.status_code == status, response.text
     assert response.json()["error"]["code"] == code
 
 
 def test_wrong_method_is_405_json(stack: Stack) -> None:
-    response = httpx.delete(f"{stack.url}/api/jobs")
+    response = http.delete(f"{stack.url}/api/jobs")
     assert response.status_code == 405
     assert response.json()["error"]["code"] == "method_not_allowed"
 
@@ -306,7 +306,7 @@ def test_headers_dripped_in_slowly_are_cut_off(make_stack: StackFactory) -> None
 def test_a_slow_stream_is_not_cut_off_by_the_head_timeout(make_stack: StackFactory) -> None:
     s = make_stack(STEPSTREAM_HEADER_TIMEOUT_SECONDS="1")
     job = submit(s.url, "gated", {"events": 1})
-    with httpx.stream("GET", f"{s.url}/api/jobs/{job['id']}/events", timeout=10) as stream:
+    with http.stream("GET", f"{s.url}/api/jobs/{job['id']}/events", timeout=10) as stream:
         assert stream.status_code == 200
         time.sleep(2.5)  # past the head timeout, with the stream open and idle
         s.redis().rpush(gate_key(job["id"]), "go")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import StackFactory
+from tests.support import http
 from tests.support.api import submit, wait_state
 from tests.support.processes import wait_until
 from tests.support.sse import StreamReader
@@ -18,7 +18,7 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 def scrape(base: str) -> Samples:
-    response = httpx.get(f"{base}/metrics", timeout=10)
+    response = http.get(f"{base}/metrics", timeout=10)
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/plain")
     out: Samples = {}
@@ -33,7 +33,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 
 def stats(base: str) -> dict[str, Any]:
-    response = httpx.get(f"{base}/api/stats", timeout=10)
+    response = http.get(f"{base}/api/stats", timeout=10)
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
     return body
@@ -157,8 +157,8 @@ def test_in_production_stats_need_a_key_and_show_only_the_callers_running_jobs(
     make_stack: StackFactory,
 ) -> None:
     s = make_stack(webs=1, workers=1, **PRODUCTION)
-    assert httpx.get(f"{s.url}/api/stats", timeout=10).status_code == 401
-    response = httpx.post(
+    assert http.get(f"{s.url}/api/stats", timeout=10).status_code == 401
+    response = http.post(
         f"{s.url}/api/jobs",
         json={"task": "counted", "input": {"gate_at": "one"}},
         headers={"Authorization": f"Bearer {BOB}"},
@@ -168,7 +168,7 @@ def test_in_production_stats_need_a_key_and_show_only_the_callers_running_jobs(
     job_id = response.json()["id"]
 
     def running(key: str) -> list[dict[str, Any]]:
-        response = httpx.get(
+        response = http.get(
             f"{s.url}/api/stats", headers={"Authorization": f"Bearer {key}"}, timeout=10
         )
         assert response.status_code == 200, response.text

@@ -23,6 +23,7 @@ from stepstream import Client, JobState
 from stepstream.server import create_app
 from stepstream.tasks.settings import Settings
 from tests.conftest import Valkey
+from tests.support import http
 from tests.support.host_app import HOST_FORMAT
 from tests.support.processes import Uvicorn, Worker, stack_env, wait_until
 from tests.support.sse import StreamReader
@@ -64,7 +65,7 @@ def host(
 
 
 def test_submit_and_stream_under_the_prefix(host: Host, valkey: Valkey) -> None:
-    response = httpx.post(
+    response = http.post(
         f"{host.url}{PREFIX}/api/jobs", json={"task": "gated", "input": {"events": 2}}, timeout=10
     )
     assert response.status_code == 202, response.text
@@ -91,18 +92,18 @@ def test_submit_and_stream_under_the_prefix(host: Host, valkey: Valkey) -> None:
     assert [e.data["message"] for e in events if e.type == "progress"] == ["event 1", "event 2"]
     assert events[-1].type == "completed"
 
-    record = httpx.get(f"{host.url}{job['links']['self']}", timeout=10).json()
+    record = http.get(f"{host.url}{job['links']['self']}", timeout=10).json()
     assert record["state"] == "completed"
     assert record["links"] == job["links"]
-    listed = httpx.get(f"{host.url}{PREFIX}/api/jobs", timeout=10).json()["jobs"]
+    listed = http.get(f"{host.url}{PREFIX}/api/jobs", timeout=10).json()["jobs"]
     assert all(j["links"]["self"].startswith(f"{PREFIX}/api/jobs/") for j in listed)
 
-    token = httpx.post(f"{host.url}{job['links']['self']}/token", timeout=10).json()["token"]
+    token = http.post(f"{host.url}{job['links']['self']}/token", timeout=10).json()["token"]
     with_token = f"{host.url}{job['links']['events']}?after=0&token={token}"
     replay = StreamReader(with_token).start().wait_closed()
     assert [e.id for e in replay] == [e.id for e in events]
 
-    spec = httpx.get(f"{host.url}{PREFIX}/openapi.json", timeout=10).json()
+    spec = http.get(f"{host.url}{PREFIX}/openapi.json", timeout=10).json()
     assert spec["servers"] == [{"url": PREFIX}]
 
 
@@ -115,7 +116,7 @@ def test_the_python_client_takes_the_prefix_in_its_base_url(host: Host) -> None:
 
 
 def test_batch_location_carries_the_prefix(host: Host) -> None:
-    response = httpx.post(
+    response = http.post(
         f"{host.url}{PREFIX}/api/batches",
         json={"task": "counted", "inputs": [{}, {}]},
         timeout=10,
@@ -127,11 +128,11 @@ def test_batch_location_carries_the_prefix(host: Host) -> None:
 
 
 def test_dashboard_loads_under_the_prefix(host: Host) -> None:
-    bare = httpx.get(f"{host.url}{PREFIX}", timeout=10)
+    bare = http.get(f"{host.url}{PREFIX}", timeout=10)
     assert bare.status_code in (307, 308)
     assert urljoin(f"{host.url}{PREFIX}", bare.headers["location"]) == f"{host.url}{PREFIX}/"
 
-    page = httpx.get(f"{host.url}{PREFIX}/", timeout=10)
+    page = http.get(f"{host.url}{PREFIX}/", timeout=10)
     assert page.status_code == 200
     assert page.headers["content-type"].startswith("text/html")
     assert "<title>Stepstream</title>" in page.text
@@ -143,23 +144,23 @@ def test_dashboard_loads_under_the_prefix(host: Host) -> None:
     for asset in assets:
         url = urljoin(f"{host.url}{PREFIX}/", asset)
         assert url.startswith(f"{host.url}{PREFIX}/"), f"{asset} leaves the mount"
-        assert httpx.get(url, timeout=10).status_code == 200, url
+        assert http.get(url, timeout=10).status_code == 200, url
 
-    script = httpx.get(f"{host.url}{PREFIX}/static/app.js", timeout=10)
+    script = http.get(f"{host.url}{PREFIX}/static/app.js", timeout=10)
     assert script.status_code == 200
     assert "javascript" in script.headers["content-type"]
 
 
 def test_host_routes_headers_and_logging_are_its_own(host: Host) -> None:
-    home = httpx.get(f"{host.url}/", timeout=10)
+    home = http.get(f"{host.url}/", timeout=10)
     assert home.status_code == 200
     assert home.text == "the host's own home page"
     # Stepstream's security headers stay on Stepstream's routes.
     assert "content-security-policy" not in home.headers
     assert "x-frame-options" not in home.headers
-    assert httpx.post(f"{host.url}{PREFIX}/api/jobs", json={"task": "counted"}).status_code == 202
+    assert http.post(f"{host.url}{PREFIX}/api/jobs", json={"task": "counted"}).status_code == 202
 
-    state = httpx.get(f"{host.url}/logging", timeout=10).json()
+    state = http.get(f"{host.url}/logging", timeout=10).json()
     assert state["root_formats"] == [HOST_FORMAT]
     assert state["root_handlers"] == 1
     # uvicorn keeps the handlers it configured for itself.

@@ -11,11 +11,11 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 
 from stepstream.tasks.keys import Keys
 from tests.conftest import StackFactory
+from tests.support import http
 from tests.support.api import submit, wait_state
 from tests.support.processes import ROOT, Web, free_port, wait_until
 from tests.support.receiver import Receiver
@@ -32,7 +32,7 @@ def receiver() -> Iterator[Receiver]:
 
 
 def stats(base: str) -> dict[str, Any]:
-    response = httpx.get(f"{base}/api/stats", timeout=10)
+    response = http.get(f"{base}/api/stats", timeout=10)
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
     return body
@@ -246,7 +246,7 @@ def test_stream_tokens_never_reach_the_access_log(make_stack: StackFactory) -> N
     job = submit(s.url, "counted")
     wait_state(s.url, job["id"], {"completed"})
     token = job["stream_token"]
-    streamed = httpx.get(f"{s.url}/api/jobs/{job['id']}/events?after=0&token={token}", timeout=10)
+    streamed = http.get(f"{s.url}/api/jobs/{job['id']}/events?after=0&token={token}", timeout=10)
     assert streamed.status_code == 200 and "event: completed" in streamed.text
     web.stop()
     log = web.log()

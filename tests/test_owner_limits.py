@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 
 from tests.conftest import Stack, StackFactory
+from tests.support import http
 from tests.support.api import get_job, submit, wait_state
 from tests.support.processes import wait_until
 from tests.support.sse import read_stream
@@ -117,33 +118,33 @@ def test_a_refused_batch_or_submit_stores_nothing_and_ended_jobs_free_their_plac
     stack = make_stack(workers=0, **{SETTING: "10"}, **FAST)
     batches = f"{stack.url}/api/batches"
     before = store_snapshot(stack)
-    too_big = httpx.post(batches, json={"task": "counted", "inputs": [{}] * 11}, timeout=30)
+    too_big = http.post(batches, json={"task": "counted", "inputs": [{}] * 11}, timeout=30)
     assert_too_many_unfinished(too_big, limit=10, requested=11)
     assert store_snapshot(stack) == before
 
-    fits = httpx.post(batches, json={"task": "counted", "inputs": [{}] * 10}, timeout=30)
+    fits = http.post(batches, json={"task": "counted", "inputs": [{}] * 10}, timeout=30)
     assert fits.status_code == 202, fits.text  # exactly the ten places
     assert unfinished(stack) == 10
     before = store_snapshot(stack)
-    one_more = httpx.post(f"{stack.url}/api/jobs", json={"task": "counted", "input": {}})
+    one_more = http.post(f"{stack.url}/api/jobs", json={"task": "counted", "input": {}})
     assert_too_many_unfinished(one_more, limit=10, requested=1)
     assert store_snapshot(stack) == before
 
     # Cancelling the batch ends its children, then its parent: every place is free again.
-    cancel = httpx.post(f"{batches}/{fits.json()['id']}/cancel", timeout=30)
+    cancel = http.post(f"{batches}/{fits.json()['id']}/cancel", timeout=30)
     assert cancel.status_code == 202, cancel.text
     wait_state(stack.url, fits.json()["id"], {"completed"})
     assert unfinished(stack) == 0
-    assert httpx.post(batches, json={"task": "counted", "inputs": [{}] * 10}).status_code == 202
+    assert http.post(batches, json={"task": "counted", "inputs": [{}] * 10}).status_code == 202
 
 
 def test_a_manual_retry_needs_a_free_place(make_stack: StackFactory) -> None:
     stack = make_stack(workers=0, **{SETTING: "1"}, **FAST)
     first = submit(stack.url, "counted")
-    cancelled = httpx.post(f"{stack.url}/api/jobs/{first['id']}/cancel", timeout=10)
+    cancelled = http.post(f"{stack.url}/api/jobs/{first['id']}/cancel", timeout=10)
     assert cancelled.json()["state"] == "cancelled"
     submit(stack.url, "counted")  # takes the one place
-    retry = httpx.post(f"{stack.url}/api/jobs/{first['id']}/retry", timeout=10)
+    retry = http.post(f"{stack.url}/api/jobs/{first['id']}/retry", timeout=10)
     assert_too_many_unfinished(retry, limit=1, requested=1)
     assert get_job(stack.url, first["id"])["state"] == "cancelled"
     assert unfinished(stack) == 1
@@ -154,7 +155,7 @@ def test_a_job_scheduled_past_the_retention_still_runs_and_is_kept(
 ) -> None:
     stack = make_stack(workers=1, STEPSTREAM_RETENTION_SECONDS="3", **FAST)
     created = time.time()
-    job = httpx.post(
+    job = http.post(
         f"{stack.url}/api/jobs", json={"task": "counted", "input": {}, "delay": 7}, timeout=10
     ).json()
     assert job["state"] == "scheduled"
@@ -163,7 +164,7 @@ def test_a_job_scheduled_past_the_retention_still_runs_and_is_kept(
     time.sleep(max(0.0, created + 4 - time.time()))
     submit(stack.url, "counted")
     state = get_job(stack.url, job["id"])["state"]
-    listed = httpx.get(f"{stack.url}/api/jobs?status=scheduled", timeout=10).json()["jobs"]
+    listed = http.get(f"{stack.url}/api/jobs?status=scheduled", timeout=10).json()["jobs"]
     due = datetime.fromisoformat(job["run_at"]).timestamp()
     assert time.time() < due, "looked after the job was due: tested nothing"
     assert state == "scheduled"
@@ -198,17 +199,16 @@ def test_an_owner_whose_unfinished_jobs_expired_can_submit_again(
     # machine too (at 1 s they had expired once before it came).
     stack = make_stack(workers=0, STEPSTREAM_RETENTION_SECONDS="3", **{SETTING: "2"}, **FAST)
     jobs = [submit(stack.url, "counted") for _ in range(2)]
-    full = httpx.post(f"{stack.url}/api/jobs", json={"task": "counted", "input": {}})
+    full = http.post(f"{stack.url}/api/jobs", json={"task": "counted", "input": {}})
     assert full.status_code == 429 and full.json()["error"]["code"] == "too_many_unfinished_jobs"
 
     def gone() -> bool:
         return all(
-            httpx.get(f"{stack.url}/api/jobs/{j['id']}", timeout=10).status_code == 404
-            for j in jobs
+            http.get(f"{stack.url}/api/jobs/{j['id']}", timeout=10).status_code == 404 for j in jobs
         )
 
     wait_until(gone, timeout=20, what="the records to expire")
     assert unfinished(stack) == 2, "precondition: the expired ids are still in the set"
-    again = httpx.post(f"{stack.url}/api/jobs", json={"task": "counted", "input": {}})
+    again = http.post(f"{stack.url}/api/jobs", json={"task": "counted", "input": {}})
     assert again.status_code == 202, again.text
     assert unfinished(stack) == 1, "the ids of the expired records were dropped"

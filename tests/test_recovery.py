@@ -8,12 +8,12 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 from arq.constants import in_progress_key_prefix
 
 from stepstream.tasks.keys import Keys
 from tests.conftest import Stack, StackFactory
+from tests.support import http
 from tests.support.api import DOC, get_job, submit, wait_state
 from tests.support.processes import Valkey, wait_until
 from tests.support.sse import Event, read_stream
@@ -242,9 +242,9 @@ def test_a_submit_while_valkey_is_frozen_answers_503_in_seconds_and_loses_nothin
         body = {"task": "counted", "input": {}}
         with own_valkey.paused():
             began = time.monotonic()
-            frozen = httpx.post(f"{stack.url}/api/jobs", json=body, timeout=15)
+            frozen = http.post(f"{stack.url}/api/jobs", json=body, timeout=15)
             took = time.monotonic() - began
-            listing = httpx.get(f"{stack.url}/api/jobs", timeout=15)
+            listing = http.get(f"{stack.url}/api/jobs", timeout=15)
         assert frozen.status_code == 503, frozen.text
         assert frozen.headers["retry-after"] == "2"
         assert frozen.json()["error"]["code"] == "unavailable"
@@ -272,7 +272,7 @@ def test_a_keyed_submit_cut_off_by_a_frozen_valkey_ends_in_exactly_one_job(
         keyed = {"Idempotency-Key": "order-42"}
         body = {"task": "counted", "input": {}}
         with own_valkey.paused():
-            cut_off = httpx.post(f"{stack.url}/api/jobs", json=body, headers=keyed, timeout=15)
+            cut_off = http.post(f"{stack.url}/api/jobs", json=body, headers=keyed, timeout=15)
         assert cut_off.status_code == 503, cut_off.text
         # Thawed, Valkey runs the claim that request had sent: a claim without a job.
         wait_until(
@@ -285,7 +285,7 @@ def test_a_keyed_submit_cut_off_by_a_frozen_valkey_ends_in_exactly_one_job(
         answers = []
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # as a client retrying with the same key would
-            answer = httpx.post(f"{stack.url}/api/jobs", json=body, headers=keyed, timeout=15)
+            answer = http.post(f"{stack.url}/api/jobs", json=body, headers=keyed, timeout=15)
             answers.append(answer.status_code)
             if answer.status_code in (200, 202):
                 break
@@ -293,9 +293,9 @@ def test_a_keyed_submit_cut_off_by_a_frozen_valkey_ends_in_exactly_one_job(
             time.sleep(float(answer.headers.get("retry-after", "1")))
         assert answers[-1] == 202, answers
         job_id = answer.json()["id"]
-        again = httpx.post(f"{stack.url}/api/jobs", json=body, headers=keyed, timeout=15)
+        again = http.post(f"{stack.url}/api/jobs", json=body, headers=keyed, timeout=15)
         assert again.status_code == 200 and again.json()["id"] == job_id
-        listed = httpx.get(f"{stack.url}/api/jobs?task=counted", timeout=10).json()["jobs"]
+        listed = http.get(f"{stack.url}/api/jobs?task=counted", timeout=10).json()["jobs"]
         assert [job["id"] for job in listed] == [job_id]
         # The claim now lives as long as the job's key should: the full TTL, set with the job.
         (claim,) = redis.keys("keyed:idem:*")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
-import httpx
 import pytest
 
 from tests.conftest import Stack, StackFactory
+from tests.support import http
 from tests.support.api import submit, wait_state
 from tests.support.processes import wait_until
 from tests.support.sse import Event, read_stream
@@ -117,7 +117,7 @@ def test_a_task_s_concurrency_limit_holds_across_workers(make_stack: StackFactor
     # Both workers up (each has sent its first heartbeat) before the jobs are queued: otherwise
     # the first one can take all four before the second polls.
     wait_until(
-        lambda: httpx.get(f"{s.url}/api/stats", timeout=5).json()["workers_alive"] == 2,
+        lambda: http.get(f"{s.url}/api/stats", timeout=5).json()["workers_alive"] == 2,
         20,
         0.05,
         "both workers' heartbeats",
@@ -147,7 +147,7 @@ def test_a_job_that_does_not_stop_when_cancelled_is_reported_with_where_it_is(
     r = stack.redis()
     try:
         wait_state(stack.url, job["id"], {"running"}, timeout=20)
-        assert httpx.post(f"{stack.url}/api/jobs/{job['id']}/cancel").status_code == 202
+        assert http.post(f"{stack.url}/api/jobs/{job['id']}/cancel").status_code == 202
         log = stack.workers[0].log
 
         def reported() -> bool:

@@ -13,6 +13,7 @@ import pytest
 
 from stepstream.tasks.recurring import cron_schedules, next_ticks, parse_cron
 from tests.conftest import Stack, StackFactory
+from tests.support import http
 from tests.support.ai_tasks import executions_key
 from tests.support.api import get_job, wait_state
 from tests.support.sse import read_stream
@@ -26,7 +27,7 @@ def ai_stack(module_stacks: StackFactory) -> Stack:
 
 
 def post(stack: Stack, body: dict[str, object]) -> httpx.Response:
-    return httpx.post(f"{stack.url}/api/jobs", json=body, timeout=10)
+    return http.post(f"{stack.url}/api/jobs", json=body, timeout=10)
 
 
 def rfc3339(when: datetime) -> str:
@@ -46,7 +47,7 @@ def test_a_delayed_job_is_scheduled_and_starts_no_earlier_than_its_time(ai_stack
     # The delay from when the server took the request (microseconds in the answer).
     assert submitted + delay - 1e-3 <= run_at.timestamp() <= answered + delay + 1e-3
 
-    listed = httpx.get(f"{ai_stack.url}/api/jobs?status=scheduled", timeout=10).json()["jobs"]
+    listed = http.get(f"{ai_stack.url}/api/jobs?status=scheduled", timeout=10).json()["jobs"]
     assert job["id"] in [j["id"] for j in listed]
     time.sleep(0.5)
     state = get_job(ai_stack.url, job["id"])["state"]
@@ -81,7 +82,7 @@ def test_run_at_takes_an_rfc3339_time_and_a_past_time_means_now(ai_stack: Stack)
 
 def test_a_cancelled_scheduled_job_never_runs(ai_stack: Stack) -> None:
     job = post(ai_stack, {"task": "ai_echo", "input": {"counter": "never"}, "delay": 2}).json()
-    cancelled = httpx.post(f"{ai_stack.url}/api/jobs/{job['id']}/cancel", timeout=10)
+    cancelled = http.post(f"{ai_stack.url}/api/jobs/{job['id']}/cancel", timeout=10)
     assert cancelled.status_code == 200, cancelled.text
     assert cancelled.json()["state"] == "cancelled"
     # Past the time it was due, with a second for a worker to (wrongly) take it.
@@ -158,7 +159,7 @@ def test_a_recurring_job_creates_ordinary_jobs_once_per_tick(make_stack: StackFa
     deadline = time.monotonic() + 20
     jobs: list[dict[str, object]] = []
     while time.monotonic() < deadline:
-        listed = httpx.get(f"{stack.url}/api/jobs?task=ai_echo&limit=50", timeout=10).json()
+        listed = http.get(f"{stack.url}/api/jobs?task=ai_echo&limit=50", timeout=10).json()
         jobs = [j for j in listed["jobs"] if j["state"] == "completed"]
         if len(jobs) >= 3:
             break
@@ -172,7 +173,7 @@ def test_a_recurring_job_creates_ordinary_jobs_once_per_tick(make_stack: StackFa
     assert [e.type for e in log][:2] == ["queued", "started"] and log[-1].type == "completed"
     assert log[0].data["recurring"] == "tick"
     time.sleep(0.5)
-    listed = httpx.get(f"{stack.url}/api/jobs?task=ai_echo&limit=50", timeout=10).json()["jobs"]
+    listed = http.get(f"{stack.url}/api/jobs?task=ai_echo&limit=50", timeout=10).json()["jobs"]
     runs = int(cast(str, stack.redis().get(executions_key("tick"))))
     # Each job ran once (a tick may be mid-flight: between its completed jobs and all of them).
     assert len([j for j in listed if j["state"] == "completed"]) <= runs <= len(listed)
@@ -183,17 +184,17 @@ def test_resending_a_delayed_request_with_its_idempotency_key_finds_the_same_job
 ) -> None:
     body = {"task": "ai_echo", "input": {"counter": "idem"}, "delay": 30}
     headers = {"Idempotency-Key": "delayed-once"}
-    first = httpx.post(f"{ai_stack.url}/api/jobs", json=body, headers=headers, timeout=10)
+    first = http.post(f"{ai_stack.url}/api/jobs", json=body, headers=headers, timeout=10)
     time.sleep(0.3)
-    again = httpx.post(f"{ai_stack.url}/api/jobs", json=body, headers=headers, timeout=10)
+    again = http.post(f"{ai_stack.url}/api/jobs", json=body, headers=headers, timeout=10)
     assert (first.status_code, again.status_code) == (202, 200), again.text
     assert again.json()["id"] == first.json()["id"]
     assert again.json()["run_at"] == first.json()["run_at"]
-    other = httpx.post(
+    other = http.post(
         f"{ai_stack.url}/api/jobs", json={**body, "delay": 31}, headers=headers, timeout=10
     )
     assert other.status_code == 409
-    httpx.post(f"{ai_stack.url}/api/jobs/{first.json()['id']}/cancel", timeout=10)
+    http.post(f"{ai_stack.url}/api/jobs/{first.json()['id']}/cancel", timeout=10)
 
 
 def test_scheduled_jobs_count_toward_the_owners_unfinished_jobs(make_stack: StackFactory) -> None:
@@ -205,6 +206,6 @@ def test_scheduled_jobs_count_toward_the_owners_unfinished_jobs(make_stack: Stac
     refused = post(stack, body)
     assert refused.status_code == 429, refused.text
     assert refused.json()["error"]["code"] == "too_many_unfinished_jobs"
-    httpx.post(f"{stack.url}/api/jobs/{first['id']}/cancel", timeout=10)
+    http.post(f"{stack.url}/api/jobs/{first['id']}/cancel", timeout=10)
     assert post(stack, body).status_code == 202, "a cancelled scheduled job no longer counts"
     assert get_job(stack.url, second["id"])["state"] == "scheduled"

@@ -13,6 +13,7 @@ import pytest
 from httpx_sse import aconnect_sse
 
 from tests.conftest import Stack, StackFactory
+from tests.support import http
 from tests.support.processes import Web, wait_until
 from tests.support.sse import StreamReader
 from tests.support.tasks import gate_key
@@ -104,7 +105,7 @@ def test_one_key_s_app_serves_a_thousand_token_viewers_on_one_web_process(
     assert job["owner"] == "alice"
     wait_until(
         lambda: (
-            httpx.get(f"{s.url}/api/jobs/{job['id']}", headers=ALICE).json()["state"] == "running"
+            http.get(f"{s.url}/api/jobs/{job['id']}", headers=ALICE).json()["state"] == "running"
         ),
         timeout=20,
         what="the job to start",
@@ -123,13 +124,13 @@ def test_one_key_s_app_serves_a_thousand_token_viewers_on_one_web_process(
         assert [event_id for event_id, _ in events] == expected, "a viewer missed an event"
         assert events[-1][1] == "completed"
     # The streams ended with the job: the web process holds none of them now.
-    record = httpx.get(f"{s.url}/api/jobs/{job['id']}", headers=ALICE).json()
+    record = http.get(f"{s.url}/api/jobs/{job['id']}", headers=ALICE).json()
     assert record["state"] == "completed" and record["result"] == {"events": PROGRESS_EVENTS}
 
 
 def try_stream(url: str, headers: dict[str, str] | None = None) -> httpx.Response:
     """Ask for a stream and let go of it at once: the answer, with its body unless a stream."""
-    with httpx.stream("GET", url, headers=headers, timeout=10) as response:
+    with http.stream("GET", url, headers=headers, timeout=10) as response:
         if response.status_code != 200:
             response.read()
     return response
@@ -165,7 +166,7 @@ def test_a_key_a_token_and_the_process_each_have_their_own_stream_limit(
         readers.append(reader)
 
     def mint() -> str:
-        response = httpx.post(f"{url.removesuffix('/events')}/token", headers=ALICE)
+        response = http.post(f"{url.removesuffix('/events')}/token", headers=ALICE)
         assert response.status_code == 200
         token: str = response.json()["token"]
         return token
@@ -173,7 +174,7 @@ def test_a_key_a_token_and_the_process_each_have_their_own_stream_limit(
     try:
         # A HEAD runs no stream and holds no slot once answered.
         for _ in range(3):
-            assert httpx.head(url, headers=ALICE).status_code == 200
+            assert http.head(url, headers=ALICE).status_code == 200
 
         # The key itself: two streams, then 429 (the firehose counts as one of the key's).
         open_reader(ALICE)
@@ -196,15 +197,15 @@ def test_a_key_a_token_and_the_process_each_have_their_own_stream_limit(
         assert_too_many_streams(try_stream(f"{url}?token={mint()}"), *process_limit)
 
         # Operators see which limit refused how many.
-        metrics = httpx.get(f"{s.url}/metrics").text
+        metrics = http.get(f"{s.url}/metrics").text
         for per, count in [("key", 2), ("token", 1), ("process", 1)]:
             assert f'stepstream_sse_streams_refused_total{{per="{per}"}} {count}.0' in metrics
 
         # Streams that end give their slots back: the cancel ends all six.
-        cancelled = httpx.post(f"{s.url}/api/jobs/{job['id']}/cancel", headers=ALICE)
+        cancelled = http.post(f"{s.url}/api/jobs/{job['id']}/cancel", headers=ALICE)
         assert cancelled.status_code == 200
         wait_until(
-            lambda: httpx.get(url, headers=ALICE, params={"after": "0"}).status_code == 200,
+            lambda: http.get(url, headers=ALICE, params={"after": "0"}).status_code == 200,
             timeout=10,
             what="the closed streams to give their slots back",
         )

@@ -16,12 +16,12 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import httpx
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import Stack, StackFactory
+from tests.support import http
 from tests.support.processes import wait_until
 from tests.support.sse import read_stream
 from tests.support.tasks import gate_key
@@ -59,7 +59,7 @@ class Deployment:
 
     def token(self, job_id: str | None) -> str:
         path = "/api/events/token" if job_id is None else f"/api/jobs/{job_id}/token"
-        response = httpx.post(f"{self.url}{path}", headers=ALICE, timeout=10)
+        response = http.post(f"{self.url}{path}", headers=ALICE, timeout=10)
         assert response.status_code == 200, response.text
         token: str = response.json()["token"]
         return token
@@ -81,12 +81,12 @@ class Deployment:
         self.stack.redis().rpush(gate_key(self.live_job), "go")
 
     def finished(self, job_id: str) -> bool:
-        record = httpx.get(f"{self.url}/api/jobs/{job_id}", headers=ALICE, timeout=10).json()
+        record = http.get(f"{self.url}/api/jobs/{job_id}", headers=ALICE, timeout=10).json()
         return bool(record["state"] in {"completed", "failed", "cancelled"})
 
     def streams_open(self) -> tuple[int, float]:
-        stats = httpx.get(f"{self.url}/api/stats", headers=ALICE, timeout=10).json()
-        metrics = httpx.get(f"{self.url}/metrics", timeout=10).text
+        stats = http.get(f"{self.url}/api/stats", headers=ALICE, timeout=10).json()
+        metrics = http.get(f"{self.url}/metrics", timeout=10).text
         gauge = next(
             float(line.split()[-1])
             for line in metrics.splitlines()
@@ -95,7 +95,7 @@ class Deployment:
         return int(stats["streams_open"]), gauge
 
     def slow_consumers_dropped(self) -> float:
-        metrics = httpx.get(f"{self.url}/metrics", timeout=10).text
+        metrics = http.get(f"{self.url}/metrics", timeout=10).text
         return next(
             float(line.split()[-1])
             for line in metrics.splitlines()
@@ -152,7 +152,7 @@ class RawStream:
 
 def head(d: Deployment, credential: str, job: bool) -> None:
     path, headers = d.path(d.live_job if job else None, credential)
-    response = httpx.head(f"{d.url}{path}", headers=headers, timeout=10)
+    response = http.head(f"{d.url}{path}", headers=headers, timeout=10)
     assert response.status_code == 200 and response.content == b""
 
 
@@ -264,13 +264,13 @@ def assert_no_stream_held(d: Deployment) -> None:
         for _ in range(PER_KEY):
             held.append(RawStream(d.port, "/api/events", dict(ALICE)))
             assert held[-1].status() == 200, "the key's streams were not all given back"
-        over = httpx.get(f"{d.url}/api/events", headers=ALICE, timeout=10)
+        over = http.get(f"{d.url}/api/events", headers=ALICE, timeout=10)
         assert over.status_code == 429 and over.json()["error"]["details"]["per"] == "key"
         token = d.token(None)
         for _ in range(PER_PROCESS - PER_KEY):
             held.append(RawStream(d.port, f"/api/events?token={token}", {}))
             assert held[-1].status() == 200, "the process's streams were not all given back"
-        over = httpx.get(f"{d.url}/api/events?token={d.token(None)}", timeout=10)
+        over = http.get(f"{d.url}/api/events?token={d.token(None)}", timeout=10)
         assert over.status_code == 429 and over.json()["error"]["details"]["per"] == "process"
     finally:
         for stream in held:

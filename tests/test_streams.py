@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import httpx
 import redis
 
 from tests.conftest import Stack, StackFactory
+from tests.support import http
 from tests.support.api import DOC, get_job, submit, wait_state
 from tests.support.processes import wait_until
 from tests.support.sse import StreamReader, read_stream
@@ -149,7 +149,7 @@ def test_an_event_written_between_registering_and_reading_arrives_once(
 
 
 def streams_open(base: str) -> int:
-    count: int = httpx.get(f"{base}/api/stats", timeout=10).json()["streams_open"]
+    count: int = http.get(f"{base}/api/stats", timeout=10).json()["streams_open"]
     return count
 
 
@@ -191,10 +191,10 @@ def test_bad_cursors_and_unknown_jobs_are_client_errors(stack: Stack) -> None:
     beyond = ["0-18446744073709551616", "18446744073709551616-0", f"{2**64 - 1}-{2**64 - 1}"]
     for bad in ["abc", "1-", "-1", "1-2-3", "12", " 1-1", *beyond]:
         for url in [events_url(stack.url, job["id"]), f"{stack.url}/api/events"]:
-            response = httpx.get(url, params={"after": bad}, timeout=10)
+            response = http.get(url, params={"after": bad}, timeout=10)
             assert response.status_code == 400, (url, bad)
             assert response.json()["error"]["code"] == "bad_cursor"
-    response = httpx.get(events_url(stack.url, "nope"))
+    response = http.get(events_url(stack.url, "nope"))
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "job_not_found"
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import httpx
 import pytest
 
 from stepstream import AsyncClient, Client
 from tests.conftest import Stack, StackFactory
+from tests.support import http
 from tests.support.api import DOC
 from tests.support.processes import wait_until
 from tests.support.sse import Event, StreamReader, read_stream
@@ -24,14 +24,14 @@ def prod(module_stacks: StackFactory) -> Stack:
 
 
 def listed(s: Stack, who: dict[str, str], **params: str) -> list[dict[str, Any]]:
-    response = httpx.get(f"{s.url}/api/jobs", params=params, headers=who)
+    response = http.get(f"{s.url}/api/jobs", params=params, headers=who)
     assert response.status_code == 200, response.text
     jobs: list[dict[str, Any]] = response.json()["jobs"]
     return jobs
 
 
 def subject_token(s: Stack, who: dict[str, str], subject: str) -> str:
-    response = httpx.post(f"{s.url}/api/events/token", json={"subject": subject}, headers=who)
+    response = http.post(f"{s.url}/api/events/token", json={"subject": subject}, headers=who)
     assert response.status_code == 200, response.text
     assert response.json()["scope"] == f"subject:{subject}"
     token: str = response.json()["token"]
@@ -48,7 +48,7 @@ def test_a_job_carries_its_subject_and_the_listing_filters_by_it(prod: Stack) ->
     plain = submit_as(prod, ALICE)
     bobs = submit_as(prod, BOB, subject="user-1@example.com")
     assert mine["subject"] == "user-1@example.com" and plain["subject"] is None
-    shown = httpx.get(f"{prod.url}/api/jobs/{mine['id']}", headers=ALICE).json()
+    shown = http.get(f"{prod.url}/api/jobs/{mine['id']}", headers=ALICE).json()
     assert shown["subject"] == "user-1@example.com"
 
     # Owner-scoped as always: bob's job of the same subject is not alice's.
@@ -60,14 +60,14 @@ def test_a_job_carries_its_subject_and_the_listing_filters_by_it(prod: Stack) ->
     assert {mine["id"], other["id"], plain["id"]} <= everything
 
     # A batch carries its subject to the parent and every child.
-    batch = httpx.post(
+    batch = http.post(
         f"{prod.url}/api/batches",
         json={"task": "analyze_document", "inputs": [{"text": DOC}] * 2, "subject": "u-batch"},
         headers=ALICE,
     )
     assert batch.status_code == 202, batch.text
     parent = batch.json()
-    children = httpx.get(f"{prod.url}/api/batches/{parent['id']}", headers=ALICE).json()
+    children = http.get(f"{prod.url}/api/batches/{parent['id']}", headers=ALICE).json()
     ids = {parent["id"], *(c["id"] for c in children["children"])}
     assert {j["id"] for j in listed(prod, ALICE, subject="u-batch")} == ids
     assert {j["subject"] for j in listed(prod, ALICE, subject="u-batch")} == {"u-batch"}
@@ -75,9 +75,9 @@ def test_a_job_carries_its_subject_and_the_listing_filters_by_it(prod: Stack) ->
     # The subject is part of an idempotent request's body.
     key = {"Idempotency-Key": "subject-test-1", **ALICE}
     body = {"task": "analyze_document", "input": {"text": DOC}, "subject": "u-a"}
-    first = httpx.post(f"{prod.url}/api/jobs", json=body, headers=key)
+    first = http.post(f"{prod.url}/api/jobs", json=body, headers=key)
     assert first.status_code == 202 and first.json()["subject"] == "u-a"
-    again = httpx.post(f"{prod.url}/api/jobs", json={**body, "subject": "u-b"}, headers=key)
+    again = http.post(f"{prod.url}/api/jobs", json={**body, "subject": "u-b"}, headers=key)
     assert again.status_code == 409
     for job in [mine, other, plain, bobs, first.json()]:
         finish(prod, job["id"], BOB if job is bobs else ALICE)
@@ -87,7 +87,7 @@ def test_a_subject_token_sees_only_that_subject_s_jobs(prod: Stack) -> None:
     token = subject_token(prod, ALICE, "u1")
 
     def streams_open() -> int:
-        stats = httpx.get(f"{prod.url}/api/stats", headers=ALICE, timeout=10).json()
+        stats = http.get(f"{prod.url}/api/stats", headers=ALICE, timeout=10).json()
         return int(stats["streams_open"])
 
     already = streams_open()
@@ -122,31 +122,31 @@ def test_a_subject_token_sees_only_that_subject_s_jobs(prod: Stack) -> None:
     assert {first["id"], last["id"]} <= seen
     assert not seen & {job["id"] for job in others}
     for job_id in seen:
-        record = httpx.get(f"{prod.url}/api/jobs/{job_id}", headers=ALICE).json()
+        record = http.get(f"{prod.url}/api/jobs/{job_id}", headers=ALICE).json()
         assert record["subject"] == "u1" and record["owner"] == "alice"
 
     # The token reads u1's records and streams; any other job is 404, as if it did not exist.
-    record = httpx.get(f"{prod.url}/api/jobs/{first['id']}?token={token}")
+    record = http.get(f"{prod.url}/api/jobs/{first['id']}?token={token}")
     assert record.status_code == 200 and record.json()["subject"] == "u1"
     status, events = read_stream(f"{prod.url}/api/jobs/{first['id']}/events?after=0&token={token}")
     assert status == 200 and events[-1].type == "completed"
     for job in others:
         for path in ["", "/events"]:
-            response = httpx.get(f"{prod.url}/api/jobs/{job['id']}{path}?token={token}")
+            response = http.get(f"{prod.url}/api/jobs/{job['id']}{path}?token={token}")
             assert response.status_code == 404, (job, path)
     # Read-only: no listing, no writes, no new tokens.
-    assert httpx.get(f"{prod.url}/api/jobs?token={token}").status_code == 401
-    assert httpx.post(f"{prod.url}/api/jobs/{first['id']}/retry?token={token}").status_code == 401
-    assert httpx.post(f"{prod.url}/api/events/token?token={token}").status_code == 401
+    assert http.get(f"{prod.url}/api/jobs?token={token}").status_code == 401
+    assert http.post(f"{prod.url}/api/jobs/{first['id']}/retry?token={token}").status_code == 401
+    assert http.post(f"{prod.url}/api/events/token?token={token}").status_code == 401
 
 
 def test_a_job_token_does_not_open_the_subject_s_other_jobs(prod: Stack) -> None:
     one = submit_as(prod, ALICE, subject="u7")
     two = submit_as(prod, ALICE, subject="u7")
     token = one["stream_token"]
-    assert httpx.get(f"{prod.url}/api/jobs/{one['id']}?token={token}").status_code == 200
-    assert httpx.get(f"{prod.url}/api/jobs/{two['id']}?token={token}").status_code == 404
-    assert httpx.get(f"{prod.url}/api/events?token={token}").status_code == 401
+    assert http.get(f"{prod.url}/api/jobs/{one['id']}?token={token}").status_code == 200
+    assert http.get(f"{prod.url}/api/jobs/{two['id']}?token={token}").status_code == 404
+    assert http.get(f"{prod.url}/api/events?token={token}").status_code == 401
     for job in [one, two]:
         finish(prod, job["id"], ALICE)
 
@@ -160,24 +160,24 @@ def test_an_invalid_subject_is_refused_and_changes_nothing(make_stack: StackFact
     before = store_snapshot(s)
     for bad in BAD_SUBJECTS:
         refusals = [
-            httpx.post(
+            http.post(
                 f"{s.url}/api/jobs",
                 json={"task": "analyze_document", "input": {"text": DOC}, "subject": bad},
                 headers={"Idempotency-Key": "bad-subject", **ALICE},
             ),
-            httpx.post(
+            http.post(
                 f"{s.url}/api/batches",
                 json={"task": "analyze_document", "inputs": [{"text": DOC}], "subject": bad},
                 headers=ALICE,
             ),
-            httpx.post(f"{s.url}/api/events/token", json={"subject": bad}, headers=ALICE),
+            http.post(f"{s.url}/api/events/token", json={"subject": bad}, headers=ALICE),
         ]
         for response in refusals:
             assert response.status_code == 422, (bad, response.text)
             error = response.json()["error"]
             assert error["details"]["fields"] == ["subject"] and "`subject`" in error["message"]
     for bad in ["two words", "x" * 129, "a/b"]:
-        response = httpx.get(f"{s.url}/api/jobs", params={"subject": bad}, headers=ALICE)
+        response = http.get(f"{s.url}/api/jobs", params={"subject": bad}, headers=ALICE)
         assert response.status_code == 400 and response.json()["error"]["code"] == "bad_subject"
     assert store_snapshot(s) == before
     # The longest subject allowed, and every character the rule lists, are accepted.
@@ -194,7 +194,7 @@ def test_the_python_clients_submit_list_and_mint_tokens_for_a_subject(prod: Stac
         assert [j.id for j in client.iter_jobs(subject="py-1")] == [job.id]
         token = client.stream_token(subject="py-1")
         assert token.scope == "subject:py-1"
-        assert httpx.get(f"{prod.url}/api/jobs/{job.id}?token={token.token}").status_code == 200
+        assert http.get(f"{prod.url}/api/jobs/{job.id}?token={token.token}").status_code == 200
         assert client.stream_token(job.id).scope == f"job:{job.id}"
         assert client.stream_token().scope == "events"
         with pytest.raises(ValueError):

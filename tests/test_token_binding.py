@@ -16,6 +16,7 @@ import httpx
 
 from stepstream.server.keywatch import RECHECK_SECONDS
 from tests.conftest import Stack, StackFactory
+from tests.support import http
 from tests.support.processes import ROOT, Web, wait_until
 from tests.support.sse import StreamReader
 from tests.support.tasks import gate_key
@@ -37,7 +38,7 @@ def assert_refused(response: httpx.Response, code: str, *words: str) -> None:
 def token_uses(url: str, job_id: str, token: str) -> list[httpx.Response]:
     """What a token is for: a job's record and stream, and the firehose."""
     return [
-        httpx.get(f"{url}/api/jobs/{job_id}", params={"token": token}),
+        http.get(f"{url}/api/jobs/{job_id}", params={"token": token}),
         try_stream(f"{url}/api/jobs/{job_id}/events?token={token}"),
         try_stream(f"{url}/api/events?token={token}"),
     ]
@@ -74,14 +75,14 @@ def test_production_refuses_the_tokens_of_a_development_server_sharing_its_secre
     job = submit_as(s, ALICE)  # alice's job, on production
 
     # In development anyone gets a token: for every job (owner null), or for alice's job.
-    anyone = httpx.post(f"{dev.url}/api/events/token")
+    anyone = http.post(f"{dev.url}/api/events/token")
     assert anyone.status_code == 200 and anyone.json()["scope"] == "events"
-    for_her_job = httpx.post(f"{dev.url}/api/jobs/{job['id']}/token")
+    for_her_job = http.post(f"{dev.url}/api/jobs/{job['id']}/token")
     assert for_her_job.status_code == 200
-    with_her_key = httpx.post(f"{dev.url}/api/events/token", headers=ALICE)
+    with_her_key = http.post(f"{dev.url}/api/events/token", headers=ALICE)
     assert with_her_key.status_code == 200
     # They work where they were minted: the development server shares Redis and the secret.
-    record = httpx.get(f"{dev.url}/api/jobs/{job['id']}?token={anyone.json()['token']}")
+    record = http.get(f"{dev.url}/api/jobs/{job['id']}?token={anyone.json()['token']}")
     assert record.status_code == 200 and record.json()["owner"] == "alice"
 
     for token in (anyone.json()["token"], with_her_key.json()["token"]):
@@ -92,8 +93,8 @@ def test_production_refuses_the_tokens_of_a_development_server_sharing_its_secre
         assert_refused(response, "unauthorized", "development mode")
 
     # Production's own token for the job still opens it.
-    own = httpx.post(f"{s.url}/api/jobs/{job['id']}/token", headers=ALICE).json()["token"]
-    assert httpx.get(f"{s.url}/api/jobs/{job['id']}?token={own}").status_code == 200
+    own = http.post(f"{s.url}/api/jobs/{job['id']}/token", headers=ALICE).json()["token"]
+    assert http.get(f"{s.url}/api/jobs/{job['id']}?token={own}").status_code == 200
 
 
 def test_production_never_accepts_a_token_without_an_owner_or_an_audience(
@@ -122,8 +123,8 @@ def test_a_revoked_key_s_tokens_are_refused_and_their_open_streams_end(
     carol = {"Authorization": f"Bearer {key}"}
     job = submit_as(s, carol, {"events": 5}, task="gated")  # runs while the test pushes its gate
     job_token = job["stream_token"]
-    firehose_token = httpx.post(f"{s.url}/api/events/token", headers=carol).json()["token"]
-    alice_token = httpx.post(f"{s.url}/api/events/token", headers=ALICE).json()["token"]
+    firehose_token = http.post(f"{s.url}/api/events/token", headers=carol).json()["token"]
+    alice_token = http.post(f"{s.url}/api/events/token", headers=ALICE).json()["token"]
     job_url = f"{s.url}/api/jobs/{job['id']}"
     readers = {
         "job token": StreamReader(f"{job_url}/events?token={job_token}").start(),
@@ -134,7 +135,7 @@ def test_a_revoked_key_s_tokens_are_refused_and_their_open_streams_end(
     try:
         # Every stream is open once it has carried a live event of the job.
         wait_until(
-            lambda: httpx.get(f"{s.url}/api/stats", headers=ALICE).json()["streams_open"] == 4,
+            lambda: http.get(f"{s.url}/api/stats", headers=ALICE).json()["streams_open"] == 4,
             timeout=10,
             what="four streams attached",
         )
@@ -154,7 +155,7 @@ def test_a_revoked_key_s_tokens_are_refused_and_their_open_streams_end(
         uses += token_uses(s.url, job["id"], firehose_token)
         for response in uses:
             assert_refused(response, "token_revoked", "revoked")
-        assert httpx.get(f"{s.url}/api/jobs", headers=carol).status_code == 401
+        assert http.get(f"{s.url}/api/jobs", headers=carol).status_code == 401
 
         # The open streams end within the recheck interval: the tokens' with a
         # `token_expired` saying why, the key's own without one.
@@ -186,7 +187,7 @@ def test_a_configured_key_s_tokens_stop_on_a_web_started_without_it(
     bobs, alices = submit_as(s, bob), submit_as(s, ALICE)
     for job in (bobs, alices):
         token = job["stream_token"]
-        assert httpx.get(f"{s.url}/api/jobs/{job['id']}?token={token}").status_code == 200
+        assert http.get(f"{s.url}/api/jobs/{job['id']}?token={token}").status_code == 200
 
     s.webs[0].stop()
     without_bob = {**s.env, "STEPSTREAM_API_KEYS": "alice:key-alice-0123456789"}
@@ -195,5 +196,5 @@ def test_a_configured_key_s_tokens_stop_on_a_web_started_without_it(
     for response in token_uses(web.url, bobs["id"], bobs["stream_token"])[:2]:
         assert_refused(response, "token_revoked")
     # A key still configured keeps its tokens across the restart.
-    kept = httpx.get(f"{web.url}/api/jobs/{alices['id']}?token={alices['stream_token']}")
+    kept = http.get(f"{web.url}/api/jobs/{alices['id']}?token={alices['stream_token']}")
     assert kept.status_code == 200 and kept.json()["owner"] == "alice"

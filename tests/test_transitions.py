@@ -9,7 +9,6 @@ import time
 from collections import Counter
 from typing import Any
 
-import httpx
 from redis.asyncio import Redis
 
 from stepstream.tasks import transitions
@@ -18,6 +17,7 @@ from stepstream.tasks.models import JobRecord, JobState, utcnow
 from stepstream.tasks.settings import Settings
 from stepstream.tasks.store import JobStore, new_event
 from tests.conftest import StackFactory
+from tests.support import http
 from tests.support.api import get_job, submit, wait_state
 from tests.support.processes import Valkey, wait_until
 from tests.test_inputs import YES, answer, waiting
@@ -58,15 +58,15 @@ def test_every_transition_on_every_path_is_counted_once(make_stack: StackFactory
     flaky = submit(url, "counted", {"transient_failures": 1})
     bad = submit(url, "counted", {"permanent_failure": True})
     # API: cancel one that has not started (scheduled for later), and one that runs.
-    later = httpx.post(
+    later = http.post(
         f"{url}/api/jobs", json={"task": "counted", "input": {}, "delay": 600}, timeout=10
     )
     assert later.status_code == 202, later.text
-    cancel = httpx.post(f"{url}/api/jobs/{later.json()['id']}/cancel", timeout=10)
+    cancel = http.post(f"{url}/api/jobs/{later.json()['id']}/cancel", timeout=10)
     assert cancel.status_code == 200 and cancel.json()["state"] == "cancelled", cancel.text
     held = submit(url, "counted", {"gate_at": "one"})
     wait_state(url, held["id"], {"running"})
-    stop = httpx.post(f"{url}/api/jobs/{held['id']}/cancel", timeout=10)
+    stop = http.post(f"{url}/api/jobs/{held['id']}/cancel", timeout=10)
     assert stop.status_code == 202, stop.text
     # Human input: waiting, then an answer runs it again to the end.
     asks = submit(url, "asks")
@@ -86,12 +86,12 @@ def test_every_transition_on_every_path_is_counted_once(make_stack: StackFactory
     # queued (four run at once), by the batch's cancel route. Both parents complete.
     def post_batch(inputs: list[dict[str, Any]]) -> str:
         body = {"task": "ai_echo", "inputs": inputs}
-        response = httpx.post(f"{url}/api/batches", json=body, timeout=10)
+        response = http.post(f"{url}/api/batches", json=body, timeout=10)
         assert response.status_code == 202, response.text
         return str(response.json()["id"])
 
     def children(parent_id: str) -> list[str]:
-        body = httpx.get(f"{url}/api/batches/{parent_id}", timeout=10).json()
+        body = http.get(f"{url}/api/batches/{parent_id}", timeout=10).json()
         return [c["state"] for c in body["children"]]
 
     ran = post_batch([{"value": 0}, {"value": 1, "fail": True}])
@@ -101,7 +101,7 @@ def test_every_transition_on_every_path_is_counted_once(make_stack: StackFactory
         timeout=30,
         what="four children running and two queued",
     )
-    cancelled = httpx.post(f"{url}/api/batches/{stopped}/cancel", timeout=10)
+    cancelled = http.post(f"{url}/api/batches/{stopped}/cancel", timeout=10)
     assert cancelled.status_code == 202, cancelled.text
     for parent_id in (ran, stopped):
         assert wait_state(url, parent_id, ENDED, timeout=60)["state"] == "completed"
@@ -117,7 +117,7 @@ def test_every_transition_on_every_path_is_counted_once(make_stack: StackFactory
 
     # Recurring: the worker's tick submits `ai_echo` jobs every 2 seconds.
     def ticks() -> list[dict[str, Any]]:
-        listed = httpx.get(f"{url}/api/jobs?task=ai_echo&limit=100", timeout=10).json()["jobs"]
+        listed = http.get(f"{url}/api/jobs?task=ai_echo&limit=100", timeout=10).json()["jobs"]
         return [j for j in listed if j["batch_id"] is None]
 
     wait_until(lambda: len(ticks()) >= 1, timeout=30, what="a recurring tick's job")

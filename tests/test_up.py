@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from stepstream import Client, Event, RetryingEvent, StartedEvent
+from tests.support import http
 from tests.support.api import DOC, get_job, submit, wait_state
 from tests.support.processes import ROOT, free_port, wait_until
 
@@ -53,7 +54,7 @@ def ctrl_c(proc: subprocess.Popen[bytes]) -> None:
 
 def ready(url: str) -> bool:
     try:
-        return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
+        return http.get(f"{url}/readyz", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
 
@@ -177,7 +178,7 @@ def test_ctrl_c_waits_out_the_workers_grace_so_a_running_job_costs_no_attempt(
         first_start, second_start = [e for e in seen if isinstance(e, StartedEvent)]
         assert second_start.max_attempts == first_start.max_attempts + 1
         # Nothing left running, so this stop need not wait out the grace a second time.
-        httpx.post(f"{url}/api/jobs/{job['id']}/cancel", timeout=10)
+        http.post(f"{url}/api/jobs/{job['id']}/cancel", timeout=10)
         wait_state(url, job["id"], {"cancelled"}, timeout=30)
     finally:
         ctrl_c(second)

@@ -22,6 +22,7 @@ import pytest
 from stepstream import Client
 from stepstream.tasks import webhooks
 from tests.conftest import Stack, StackFactory
+from tests.support import http
 from tests.support.api import get_job, wait_state
 from tests.support.processes import ROOT, Process, Worker, free_port, wait_until
 from tests.support.receiver import Delivery, Receiver
@@ -48,7 +49,7 @@ def second_receiver() -> Iterator[Receiver]:
 
 def submit(base: str, task: str, input: dict[str, Any] | None = None, **extra: Any) -> str:
     body = {"task": task, "input": input or {}, **extra}
-    response = httpx.post(f"{base}/api/jobs", json=body, timeout=10)
+    response = http.post(f"{base}/api/jobs", json=body, timeout=10)
     assert response.status_code == 202, response.text
     job_id: str = response.json()["id"]
     return job_id
@@ -231,10 +232,10 @@ def test_the_deployment_webhook_gets_every_terminal_event(
     waiting = submit(s.url, "counted", delay=600)  # cancelled by the web process
     running = submit(s.url, "counted", {"gate_at": "two"})  # cancelled by the worker
     hooked = submit(s.url, "counted", callback_url=callbacks.url("/mine"))
-    assert httpx.post(f"{s.url}/api/jobs/{waiting}/cancel", timeout=10).status_code == 200
+    assert http.post(f"{s.url}/api/jobs/{waiting}/cancel", timeout=10).status_code == 200
     wait_until(lambda: get_job(s.url, running)["step"] is not None, timeout=10, what="running")
-    assert httpx.post(f"{s.url}/api/jobs/{running}/cancel", timeout=10).status_code == 202
-    batch = httpx.post(
+    assert http.post(f"{s.url}/api/jobs/{running}/cancel", timeout=10).status_code == 202
+    batch = http.post(
         f"{s.url}/api/batches",
         json={"task": "counted", "inputs": [{}, {}], "callback_url": callbacks.url("/batch")},
         timeout=10,
@@ -324,7 +325,7 @@ def test_a_callback_url_webhooks_may_not_reach_is_refused_and_nothing_is_stored(
         ("/api/jobs", {"task": "counted", "input": {}, "callback_url": callback_url}),
         ("/api/batches", {"task": "counted", "inputs": [{}], "callback_url": callback_url}),
     ):
-        response = httpx.post(f"{s.url}{path}", json=body, timeout=10)
+        response = http.post(f"{s.url}{path}", json=body, timeout=10)
         assert response.status_code == 422, response.text
         error = response.json()["error"]
         assert error["code"] == "invalid_callback_url"
@@ -418,7 +419,7 @@ def test_the_receiver_in_the_docs_verifies_deduplicates_and_stores_results(
     def up() -> bool:
         assert app.alive, app.log()
         try:
-            return httpx.get(hook, timeout=1).status_code == 405
+            return http.get(hook, timeout=1).status_code == 405
         except httpx.HTTPError:
             return False
 
@@ -455,7 +456,7 @@ def test_the_receiver_in_the_docs_verifies_deduplicates_and_stores_results(
                 "X-Stepstream-Timestamp": str(timestamp),
                 "X-Stepstream-Signature": webhooks.sign(secret, timestamp, body),
             }
-            return httpx.post(hook, content=body, headers=headers, timeout=10).status_code
+            return http.post(hook, content=body, headers=headers, timeout=10).status_code
 
         assert post("not the secret", int(time.time())) == 400
         assert post(SECRET, int(time.time()) - 3_600) == 400

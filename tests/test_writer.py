@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import httpx
-
 from tests.conftest import Stack
+from tests.support import http
 from tests.support.api import submit, wait_state
 from tests.support.processes import wait_until
 
@@ -53,7 +52,7 @@ def test_a_cancel_stops_a_task_in_a_tight_progress_loop_with_nothing_after_it(
     record = f"{s.prefix}job:{{{job['id']}}}"
     wait_until(lambda: r.hget(record, "state") == '"running"', 20, what="the job runs")
     wait_until(lambda: (r.hget(record, "message") or "null") != "null", 20, what="progress")
-    response = httpx.post(f"{s.url}/api/jobs/{job['id']}/cancel")
+    response = http.post(f"{s.url}/api/jobs/{job['id']}/cancel")
     assert response.status_code == 202
     done = wait_state(s.url, job["id"], {"cancelled", "completed", "failed"}, timeout=15)
     assert done["state"] == "cancelled"

