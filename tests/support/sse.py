@@ -14,6 +14,8 @@ from typing import Any
 import httpx
 from httpx_sse import connect_sse
 
+from tests.support import http
+
 
 @dataclass(frozen=True)
 class Event:
@@ -35,7 +37,7 @@ def read_stream(
     events: list[Event] = []
     deadline = time.monotonic() + timeout
     with (
-        httpx.Client(timeout=httpx.Timeout(timeout)) as client,
+        httpx.Client(timeout=httpx.Timeout(timeout), verify=http.TLS) as client,
         connect_sse(client, "GET", url, headers=headers or {}) as source,
     ):
         if opened is not None:
