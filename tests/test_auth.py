@@ -107,7 +107,14 @@ def test_the_firehose_of_one_owner_never_carries_another_s_events(prod: Stack) -
     finish(prod, mine["id"], ALICE)
     live.wait_for(lambda evs: any(e.type == "completed" for e in evs))
     live.close()
-    assert {e.data["job_id"] for e in live.events} == {mine["id"]}
+    seen = {e.data["job_id"] for e in live.events}
+    assert mine["id"] in seen and theirs["id"] not in seen, (mine["id"], theirs["id"], seen)
+    # Alice's jobs from the tests before may still be running, and show: hers, so they may.
+    # Every job on her firehose must be one she can open (another owner's is a 404 to her).
+    opened = {
+        job: http.get(f"{prod.url}/api/jobs/{job}", headers=ALICE).status_code for job in seen
+    }
+    assert set(opened.values()) == {200}, opened
     # Replay from the start of the firehose: still only alice's.
     token = http.post(f"{prod.url}/api/events/token", headers=ALICE).json()["token"]
     reader = StreamReader(f"{prod.url}/api/events?after=0&token={token}").start()
