@@ -31,6 +31,9 @@ def _readme_task_module() -> str:
 
 
 USER_TASKS = _readme_task_module()
+# A user's fresh venv does not see this checkout: with it on PYTHONPATH (as .ci/flake-rate puts
+# it), pip takes its stepstream.egg-info for an install and skips the wheel.
+USER_ENV = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
 
 
 def _source_tree(dest: Path) -> Path:
@@ -68,6 +71,7 @@ def _venv(dest: Path, requirement: str) -> Path:
         capture_output=True,
         text=True,
         timeout=600,
+        env=USER_ENV,
     )
     assert install.returncode == 0, install.stdout + install.stderr
     return dest
@@ -108,7 +112,12 @@ def test_client_install_brings_only_the_client(wheel: Path, tmp_path: Path) -> N
 
     def run(code: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [python, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60
+            [python, "-c", code],
+            cwd=tmp_path,
+            env=USER_ENV,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
 
     client = run("import stepstream; print(stepstream.Client.__name__)")
@@ -120,7 +129,11 @@ def test_client_install_brings_only_the_client(wheel: Path, tmp_path: Path) -> N
     assert task_api.returncode != 0
     assert 'pip install "stepstream[server]"' in task_api.stderr
     cli = subprocess.run(
-        [str(venv / "bin" / "stepstream"), "--help"], capture_output=True, text=True, timeout=60
+        [str(venv / "bin" / "stepstream"), "--help"],
+        env=USER_ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert cli.returncode == 0 and "watch" in cli.stdout
 
@@ -250,6 +263,7 @@ def test_procfile_serves_the_dashboard_and_runs_a_users_tasks_py(
             "get",
             job_id,
         ],
+        env=USER_ENV,
         capture_output=True,
         text=True,
         timeout=60,
