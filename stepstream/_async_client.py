@@ -27,6 +27,7 @@ from stepstream._base import (
     parse_tasks,
     parse_token,
     retry_delay,
+    shared_tls,
     should_retry,
     stream_error,
     submit_request,
@@ -71,6 +72,7 @@ class AsyncClient:
             base_url=self._config.base_url,
             headers=self._config.headers,
             timeout=self._config.request_timeout,
+            verify=shared_tls(),
             transport=transport,
         )
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +29,16 @@ USER_AGENT = "stepstream-python/0.1"
 # 502-504 are what a proxy says while the app restarts: worth another try. A 500 is a bug.
 RETRY_STATUSES = frozenset({502, 503, 504})
 MAX_RATE_LIMIT_WAIT = 2.0  # seconds: a longer Retry-After on a 429 is raised as RateLimited
+
+
+@functools.cache
+def shared_tls() -> ssl.SSLContext:
+    """The TLS context of every client in this process.
+
+    httpx builds one per client by default, loading the CA bundle: about 40 ms of CPU. A backend
+    that makes a client for each request it serves would spend that on every request. Built on
+    first use, so ``SSL_CERT_FILE`` and ``SSL_CERT_DIR`` are read then, once."""
+    return httpx.create_ssl_context()
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from stepstream._base import (
     parse_tasks,
     parse_token,
     retry_delay,
+    shared_tls,
     should_retry,
     stream_error,
     submit_request,
@@ -73,6 +74,7 @@ class Client:
             base_url=self._config.base_url,
             headers=self._config.headers,
             timeout=self._config.request_timeout,
+            verify=shared_tls(),
             transport=transport,
         )
 
