@@ -132,6 +132,9 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+# Logged when arq's own reads and writes around a job fail (Worker.run_job).
+BOOKKEEPING_ERROR = "a Redis error in arq's bookkeeping around it"
+
 # The shortest time between two queue polls, however many wake-ups come: a burst of submits
 # costs Redis at most 100 polls a second per worker.
 MIN_POLL_GAP_SECONDS = 0.01
@@ -146,10 +149,19 @@ class Worker(arq.worker.Worker):
     milliseconds. This worker waits for a wake-up (tasks/wakeups.py) for at most ``poll_delay``
     instead: a queued job starts at once, and an idle worker polls twice a second.
 
-    The fix: ``start_jobs`` takes a job slot, then WATCHes the job's in-progress key; an error
-    there (a connection dropped while watching surfaces as ``WatchError``, see
-    python-arq/arq#498) is raised outside the ``try`` that gives the slot back, and ends the
-    worker. Here it ends only that poll: the slot is returned and the next poll tries again.
+    Redis errors: arq raises any error from its own Redis calls out of its poll loop, and the
+    worker ends. Here none of them ends it (a Valkey restart can close a new connection during
+    its handshake, which no client retries: docs/reliability.md, defect 9):
+
+    - ``start_jobs`` takes a job slot, then WATCHes the job's in-progress key; an error there (a
+      connection dropped while watching surfaces as ``WatchError``, see python-arq/arq#498) is
+      raised outside the ``try`` that gives the slot back. Here the slot is returned and the next
+      poll tries again.
+    - ``run_job`` reads the job before running it and records its end after (``finish_job``).
+      An error there leaves the queue entry, and the in-progress key lapses within the lease: the
+      job is offered again, and Stepstream's ``run_job`` goes on from its record (an end that was
+      written is only shown).
+    - The poll's own reads (the queue, the health key) are tried again at the next poll.
     """
 
     _warned_at = 0.0
@@ -172,14 +184,32 @@ class Worker(arq.worker.Worker):
             # arq raised between taking the slot and its own release path: give it back.
             self.job_counter -= 1
             self.sem.release()
-            if time.monotonic() - self._warned_at > 1.0:  # polls can come every 10 ms
-                self._warned_at = time.monotonic()
-                logger.warning("Redis error while starting a job; retrying: %r", exc)
+            self._warn("Redis error while starting a job; retrying: %r", exc)
+
+    async def run_job(self, job_id: str, score: int) -> None:
+        try:
+            await super().run_job(job_id, score)
+        except (RedisError, OSError) as exc:
+            logger.warning(
+                "job %s: %s; it is offered again when its lease lapses: %r",
+                job_id,
+                BOOKKEEPING_ERROR,
+                exc,
+                extra={"job_id": job_id},
+            )
 
     async def _poll_iteration(self) -> None:
         self.wakeups.listen(self.pool)  # once: the pool exists from the first poll on
-        await super()._poll_iteration()
+        try:
+            await super()._poll_iteration()
+        except (RedisError, OSError) as exc:
+            self._warn("Redis error while polling the queue; retrying: %r", exc)
         await self.wakeups.wait()
+
+    def _warn(self, message: str, exc: BaseException) -> None:
+        if time.monotonic() - self._warned_at > 1.0:  # polls can come every 10 ms
+            self._warned_at = time.monotonic()
+            logger.warning(message, exc)
 
     def _release_sem_dec_counter_on_complete(self) -> None:
         super()._release_sem_dec_counter_on_complete()

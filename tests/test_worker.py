@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from stepstream.tasks.worker import BOOKKEEPING_ERROR
 from tests.conftest import Stack
 from tests.support.api import submit, wait_state
 from tests.support.processes import Valkey, wait_until
+from tests.support.sse import read_stream
+from tests.support.tasks import COUNTED_STEPS, executions_key
 
 WARNING = "Redis error while starting a job"
 
@@ -40,6 +43,47 @@ def test_a_redis_error_inside_arqs_watch_does_not_end_the_worker(
         assert worker.alive
     finally:
         redis.execute_command("ACL", "SETUSER", "default", "+@all")
+        stack.stop()
+        redis.close()
+
+
+def test_a_redis_error_recording_a_job_s_end_does_not_end_the_worker(
+    own_valkey: Valkey, tmp_path: Path
+) -> None:
+    """After a job's function returns, arq records its end in a transaction of its own
+    (``finish_job``); an error there (in the chaos soak: a new connection closed by a restarting
+    Valkey during its handshake, which no client retries) used to end the worker. Every key but
+    arq's abort set stays open, so that transaction, which removes the job from the abort set,
+    fails at each try while everything else works."""
+    stack = Stack(own_valkey, "finish:", tmp_path, {"STEPSTREAM_LEASE_SECONDS": "2"})
+    redis = stack.redis()
+    queue = "finish:queue"
+    try:
+        stack.add_web()
+        worker = stack.add_worker()
+        open_keys = ["~finish:*", "~test:*", "~arq:job:*", "~arq:in-progress:*", "~arq:retry:*"]
+        redis.execute_command("ACL", "SETUSER", "default", "resetkeys", *open_keys)
+        job = submit(stack.url, "counted", {})
+        wait_until(
+            lambda: BOOKKEEPING_ERROR in worker.log() or not worker.alive,
+            timeout=30,
+            what="the worker to fail recording the job's end",
+        )
+        assert worker.alive, worker.log()
+        assert wait_state(stack.url, job["id"], {"completed", "failed"})["state"] == "completed"
+        assert redis.zscore(queue, job["id"]) is not None  # arq's end not recorded: offered again
+        redis.execute_command("ACL", "SETUSER", "default", "allkeys")
+        wait_until(lambda: redis.zcard(queue) == 0, timeout=30, what="arq to record the end")
+        # Offered again, the finished job was only shown: each step ran once, one `completed`.
+        assert redis.hgetall(executions_key(job["id"])) == dict.fromkeys(COUNTED_STEPS, "1")
+        status, events = read_stream(f"{stack.url}/api/jobs/{job['id']}/events?after=0")
+        assert status == 200 and [e.type for e in events].count("completed") == 1
+        # The same worker goes on taking jobs.
+        after = submit(stack.url, "counted", {})
+        assert wait_state(stack.url, after["id"], {"completed", "failed"})["state"] == "completed"
+        assert worker.alive and len(stack.workers) == 1
+    finally:
+        redis.execute_command("ACL", "SETUSER", "default", "allkeys")
         stack.stop()
         redis.close()
 
