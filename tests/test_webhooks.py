@@ -444,7 +444,12 @@ def test_the_receiver_in_the_docs_verifies_deduplicates_and_stores_results(
         assert results[ok] == ("completed", get_job(s.url, ok)["result"])
         assert results[bad][0] == "failed"
         assert results[bad][1]["type"] == "PermanentError"
-        assert "webhook delivered (HTTP 204)" in s.workers[0].log()
+        # The receiver stores a result before it answers; the worker logs the delivery after.
+        wait_until(
+            lambda: "webhook delivered (HTTP 204)" in s.workers[0].log(),
+            timeout=10,
+            what="the worker to log the delivery",
+        )
 
         # A forged body, a replayed (old) signature: refused. A redelivery: changes nothing.
         body = json.dumps(
