@@ -44,14 +44,14 @@ def test_reload_mid_stream_keeps_the_text_and_it_grows_to_the_end(
     try:
         page.open(f"/#/jobs/{job['id']}")
         page.page.wait_for_function(
-            f"(document.querySelector({STEP_TEXT!r})?.textContent ?? '').length > 300",
+            f"() => (document.querySelector({STEP_TEXT!r})?.textContent ?? '').length > 300",
             timeout=20_000,
         )
         before = shown_text(page)
         assert final.startswith(before), "the text shown is not the text written"
         page.reload()
         page.page.wait_for_function(
-            f"(document.querySelector({STEP_TEXT!r})?.textContent ?? '').length > 0",
+            f"() => (document.querySelector({STEP_TEXT!r})?.textContent ?? '').length > 0",
             timeout=15_000,
         )
         after_reload = shown_text(page)
