@@ -158,6 +158,14 @@ async def requeue(store: JobStore, arq: ArqRedis, record: JobRecord, spec: TaskS
         take=1,  # unfinished again: it needs a place under the owner's limit
         then=[
             ["DEL", store.keys.job_cancel(record.id)],
-            *enqueue_commands(arq, store.keys, record.id),
+            *enqueue_commands(arq, store.keys, record.id, entry_id=retry_entry(record)),
         ],
     )
+
+
+def retry_entry(record: JobRecord) -> str:
+    """The arq id of a retry by hand's queue entry. Not the job's id: the arq job of the run
+    that failed (or was cancelled) may still be ending, and arq ends a job by deleting its id's
+    queue entry, which would leave the job ``queued`` for good. One per attempt, so a later
+    retry by hand gets another."""
+    return f"{record.id}:retry:{record.attempt}"

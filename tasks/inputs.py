@@ -64,7 +64,7 @@ def timeout_entry(job_id: str, name: str) -> str:
 
 def job_of_entry(entry_id: str) -> str:
     """The job an arq queue entry runs: its own id, or the part before ``:`` of the entries
-    above (job ids never hold a ``:``)."""
+    above and of a retry by hand's (``tasks/creation.py``; job ids never hold a ``:``)."""
     return entry_id.partition(":")[0]
 
 

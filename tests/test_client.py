@@ -312,7 +312,8 @@ def test_cancel_and_retry_a_running_job(stack: Stack) -> None:
         assert [e.type for e in events][-1] == "cancelled"
         assert client.get(job.id).state is JobState.cancelled
         again = client.retry(job.id)
-        assert again.state is JobState.queued
+        # Queued again; a worker may already have taken it by the time the answer is written.
+        assert again.state in (JobState.queued, JobState.running)
         for _ in range(2):
             stack.redis().rpush(gate_key(job.id), "go")
         assert client.wait(job.id, timeout=30).state is JobState.completed

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -17,7 +19,7 @@ from stepstream.tasks.settings import Settings
 from tests.conftest import Stack, StackFactory
 from tests.support import http
 from tests.support.api import DOC, get_job, submit, wait_state
-from tests.support.processes import Valkey, wait_until
+from tests.support.processes import ROOT, Valkey, wait_until
 from tests.support.sse import read_stream
 from tests.support.tasks import executions_key, gate_key
 
@@ -66,6 +68,47 @@ def test_retry_by_hand_reuses_checkpoints(stack: Stack) -> None:
     assert counts == {"one": "1", "two": "1", "three": "1", "four": "2"}
     completed = http.post(f"{stack.url}/api/jobs/{submit(stack.url, 'counted')['id']}/retry")
     assert completed.status_code == 409
+
+
+# What arq does as a run of the job's own queue entry ends: the run that failed the job, still
+# ending when the retry came (its record says `failed` before arq has recorded the end).
+END_OF_THE_FAILED_RUN = """
+import asyncio, sys
+from arq.connections import create_pool
+from stepstream.tasks.worker import worker as make_worker
+
+async def main() -> None:
+    worker = make_worker()
+    worker._pool = await create_pool(worker.redis_settings)
+    await worker.finish_job(sys.argv[1], True, None, None, False, None, None)
+    await worker._pool.aclose()
+
+asyncio.run(main())
+"""
+
+
+def test_a_retry_while_the_failed_run_is_still_ending_runs(make_stack: StackFactory) -> None:
+    """A retry by hand can come between the failing run's `failed` and arq's end of that run,
+    which deletes its id's queue entry. The retry's entry used to be that entry: the job stayed
+    `queued` for good (seen in a flake-rate run). Here the end comes after the retry, every
+    time."""
+    s = make_stack(webs=1, workers=1)
+    job = submit(s.url, "counted", {"permanent_failure": True, "fail_at": "two"})
+    wait_state(s.url, job["id"], {"failed"})
+    s.workers[0].stop()
+    assert http.post(f"{s.url}/api/jobs/{job['id']}/retry").status_code == 202
+    ended = subprocess.run(
+        [sys.executable, "-c", END_OF_THE_FAILED_RUN, job["id"]],
+        cwd=ROOT,
+        env=s.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ended.returncode == 0, ended.stderr
+    s.add_worker()
+    done = wait_state(s.url, job["id"], {"failed"}, timeout=30)
+    assert done["attempt"] == 2  # it ran again (and failed at two again, as its input says)
 
 
 def test_retry_a_cancelled_job_runs_it_to_completion(stack: Stack) -> None:
