@@ -7,6 +7,7 @@ import os
 import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -109,13 +110,28 @@ def submit_request(
     idempotency_key: str | None,
     subject: str | None = None,
     callback_url: str | None = None,
+    *,
+    delay: float | None = None,
+    run_at: datetime | str | None = None,
+    budget: float | None = None,
 ) -> RequestSpec:
+    if delay is not None and run_at is not None:
+        raise ValueError("give run_at or delay, not both")
+    if isinstance(run_at, datetime):
+        if run_at.tzinfo is None:
+            # The server refuses a time without a zone; a naive datetime's zone is a guess.
+            raise ValueError("run_at needs a timezone, e.g. datetime(..., tzinfo=UTC)")
+        run_at = run_at.isoformat()
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
     body: dict[str, Any] = {"task": task, "input": input or {}}
-    if subject is not None:
-        body["subject"] = subject
-    if callback_url is not None:
-        body["callback_url"] = callback_url
+    optional = {
+        "subject": subject,
+        "callback_url": callback_url,
+        "delay": delay,
+        "run_at": run_at,
+        "budget": budget,
+    }
+    body.update({name: value for name, value in optional.items() if value is not None})
     return RequestSpec(
         "POST",
         "/api/jobs",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import time
 from collections.abc import Iterable, Iterator
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -92,11 +93,25 @@ class Client:
         idempotency_key: str | None = None,
         subject: str | None = None,
         callback_url: str | None = None,
+        delay: float | None = None,
+        run_at: datetime | str | None = None,
+        budget: float | None = None,
     ) -> Job:
-        """Start a job; returns its record (state ``queued``) at once. ``subject`` names the
-        end user it belongs to (listings filter by it; subject tokens see it). ``callback_url``
-        gets the job's terminal event POSTed, signed (README, "Webhooks")."""
-        spec = submit_request(task, input, idempotency_key, subject, callback_url)
+        """Start a job; returns its record at once: ``queued``, or ``scheduled`` with a
+        ``delay`` in seconds or a ``run_at`` time (an aware datetime or RFC 3339 text; one of
+        the two). ``subject`` names the end user it belongs to (listings filter by it; subject
+        tokens see it). ``callback_url`` gets the job's terminal event POSTed, signed (README,
+        "Webhooks"). ``budget`` caps what the job may spend on LLM calls."""
+        spec = submit_request(
+            task,
+            input,
+            idempotency_key,
+            subject,
+            callback_url,
+            delay=delay,
+            run_at=run_at,
+            budget=budget,
+        )
         return parse_job(self._send(spec))
 
     def get(self, job_id: str) -> Job:

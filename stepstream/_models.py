@@ -113,6 +113,8 @@ class Job(_Model):
     error: ErrorInfo | None = None
     result: Any = None
     retry_at: str | None = None
+    run_at: str | None = None  # a scheduled job's start time
+    budget: float | None = None  # the most it may spend on LLM calls
     created_at: str | None = None
     started_at: str | None = None
     finished_at: str | None = None

@@ -102,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the input: a JSON object, @file.json, or @- to read standard input",
     )
     submit.add_argument("--idempotency-key", metavar="KEY", help="submitting twice runs once")
+    later = submit.add_mutually_exclusive_group()
+    later.add_argument(
+        "--delay", type=float, metavar="SECONDS", help="schedule it this many seconds from now"
+    )
+    later.add_argument(
+        "--run-at", metavar="TIME", help="schedule it for an RFC 3339 time, e.g. 2030-01-01T09:00Z"
+    )
     submit.add_argument("--watch", "-w", action="store_true", help="follow the job to its end")
     _add_output_options(submit)
 
@@ -206,7 +213,13 @@ def _add_output_options(command: argparse.ArgumentParser) -> None:
 
 def cmd_submit(client: Client, args: argparse.Namespace) -> int:
     job_input = read_input(args.input)
-    job = client.submit(args.task, job_input, idempotency_key=args.idempotency_key)
+    job = client.submit(
+        args.task,
+        job_input,
+        idempotency_key=args.idempotency_key,
+        delay=args.delay,
+        run_at=args.run_at,
+    )
     if args.watch:
         # From the very beginning of the log: the `queued` event is the first line.
         return follow(client, job.id, "0", args)

@@ -4,6 +4,7 @@ jobs declared in code (cron syntax, arq's cron)."""
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from datetime import UTC, datetime, timedelta
 from typing import cast
@@ -11,11 +12,13 @@ from typing import cast
 import httpx
 import pytest
 
+from stepstream import Client, JobState
 from stepstream.tasks.recurring import cron_schedules, next_ticks, parse_cron
 from tests.conftest import Stack, StackFactory
 from tests.support import http
 from tests.support.ai_tasks import executions_key
 from tests.support.api import get_job, wait_state
+from tests.support.cli import run_cli
 from tests.support.sse import read_stream
 
 AI_TASKS = "tests.support.tasks,tests.support.ai_tasks"
@@ -78,6 +81,41 @@ def test_run_at_takes_an_rfc3339_time_and_a_past_time_means_now(ai_stack: Stack)
     assert past["state"] == "queued" and past["run_at"] is None
     done = wait_state(ai_stack.url, job["id"], {"completed", "failed"})
     assert done["result"]["started_at"] >= when.timestamp()
+
+
+def test_the_client_and_the_cli_schedule_jobs(ai_stack: Stack) -> None:
+    """A backend schedules through the client (a delay, an aware datetime) and an operator
+    through the CLI; each job is scheduled at the time asked and runs no earlier."""
+    with Client(ai_stack.url) as client:
+        before = time.time()
+        delayed = client.submit("ai_echo", {"counter": "client-delay"}, delay=2)
+        when = datetime.now(UTC) + timedelta(seconds=2)
+        timed = client.submit("ai_echo", {"counter": "client-run-at"}, run_at=when)
+        with pytest.raises(ValueError, match="timezone"):
+            client.submit("ai_echo", {}, run_at=datetime.now())
+        with pytest.raises(ValueError, match="not both"):
+            client.submit("ai_echo", {}, delay=1, run_at=when)
+    assert delayed.state is JobState.scheduled and timed.state is JobState.scheduled
+    assert delayed.run_at is not None and timed.run_at == rfc3339(when)
+    assert datetime.fromisoformat(delayed.run_at).timestamp() >= before + 2 - 1e-3
+
+    cli = run_cli(ai_stack.url, "submit", "ai_echo", "--input", "{}", "--delay", "2", "--json")
+    assert cli.returncode == 0, cli.stderr
+    from_cli = json.loads(cli.stdout)
+    assert from_cli["state"] == "scheduled" and from_cli["run_at"]
+    both = run_cli(
+        ai_stack.url, "submit", "ai_echo", "--delay", "1", "--run-at", "2030-01-01T09:00Z"
+    )
+    assert both.returncode == 64 and "not allowed with" in both.stderr
+
+    for job_id, run_at in (
+        (delayed.id, delayed.run_at),
+        (timed.id, timed.run_at),
+        (from_cli["id"], from_cli["run_at"]),
+    ):
+        done = wait_state(ai_stack.url, job_id, {"completed", "failed"})
+        assert done["state"] == "completed"
+        assert done["result"]["started_at"] >= datetime.fromisoformat(run_at).timestamp()
 
 
 def test_a_cancelled_scheduled_job_never_runs(ai_stack: Stack) -> None:
