@@ -14,6 +14,7 @@ from tests.support.sse import read_stream
 from tests.support.tasks import COUNTED_STEPS, executions_key
 
 WARNING = "Redis error while starting a job"
+POLL_WARNING = "Redis error while polling the queue"
 
 
 def test_a_redis_error_inside_arqs_watch_does_not_end_the_worker(
@@ -84,6 +85,35 @@ def test_a_redis_error_recording_a_job_s_end_does_not_end_the_worker(
         assert worker.alive and len(stack.workers) == 1
     finally:
         redis.execute_command("ACL", "SETUSER", "default", "allkeys")
+        stack.stop()
+        redis.close()
+
+
+def test_a_redis_error_reading_the_queue_does_not_end_the_worker(
+    own_valkey: Valkey, tmp_path: Path
+) -> None:
+    """Each poll reads the queue (ZRANGEBYSCORE); arq raised an error there out of its loop and
+    the worker ended. Denying the command makes every poll fail; the worker must log it, stay
+    up, and take the next job once the queue can be read again."""
+    stack = Stack(own_valkey, "poll:", tmp_path)
+    redis = stack.redis()
+    try:
+        stack.add_web()
+        worker = stack.add_worker()
+        redis.execute_command("ACL", "SETUSER", "default", "-zrangebyscore")
+        wait_until(
+            lambda: POLL_WARNING in worker.log() or not worker.alive,
+            timeout=20,
+            what="the worker to fail reading the queue",
+        )
+        assert worker.alive, worker.log()
+        redis.execute_command("ACL", "SETUSER", "default", "+zrangebyscore")
+        job = submit(stack.url, "counted", {})
+        done = wait_state(stack.url, job["id"], {"completed", "failed"}, timeout=30)
+        assert done["state"] == "completed"
+        assert worker.alive and len(stack.workers) == 1
+    finally:
+        redis.execute_command("ACL", "SETUSER", "default", "+@all")
         stack.stop()
         redis.close()
 
