@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from stepstream.tasks.worker import BOOKKEEPING_ERROR
 from tests.conftest import Stack
 from tests.support.api import submit, wait_state
@@ -17,6 +19,7 @@ WARNING = "Redis error while starting a job"
 POLL_WARNING = "Redis error while polling the queue"
 
 
+@pytest.mark.slow  # a web process and a worker of its own
 def test_a_redis_error_inside_arqs_watch_does_not_end_the_worker(
     own_valkey: Valkey, tmp_path: Path
 ) -> None:
@@ -48,6 +51,7 @@ def test_a_redis_error_inside_arqs_watch_does_not_end_the_worker(
         redis.close()
 
 
+@pytest.mark.slow  # a web process and a worker of its own
 def test_a_redis_error_recording_a_job_s_end_does_not_end_the_worker(
     own_valkey: Valkey, tmp_path: Path
 ) -> None:
@@ -89,6 +93,7 @@ def test_a_redis_error_recording_a_job_s_end_does_not_end_the_worker(
         redis.close()
 
 
+@pytest.mark.slow  # a web process and a worker of its own
 def test_a_redis_error_reading_the_queue_does_not_end_the_worker(
     own_valkey: Valkey, tmp_path: Path
 ) -> None:
