@@ -21,8 +21,8 @@ from starlette.responses import JSONResponse, Response
 
 from stepstream.server.state import AppState
 from stepstream.tasks import heartbeat, transitions
-from stepstream.tasks.inputs import job_of_entry
 from stepstream.tasks.models import JobState
+from stepstream.tasks.queue import job_of_entry
 from stepstream.tasks.store import JobStore
 
 # The most queue entries one request reads. Past it, counts by state are of the oldest entries

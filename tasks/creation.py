@@ -22,7 +22,7 @@ from arq.connections import ArqRedis
 
 from stepstream.tasks import cache
 from stepstream.tasks.models import JobRecord, JobState, new_job_id, utcnow
-from stepstream.tasks.queue import Command, enqueue_commands
+from stepstream.tasks.queue import Command, enqueue_commands, retry_entry
 from stepstream.tasks.registry import TaskSpec
 from stepstream.tasks.store import Appended, JobStore, ScriptCall, new_event
 
@@ -158,14 +158,8 @@ async def requeue(store: JobStore, arq: ArqRedis, record: JobRecord, spec: TaskS
         take=1,  # unfinished again: it needs a place under the owner's limit
         then=[
             ["DEL", store.keys.job_cancel(record.id)],
-            *enqueue_commands(arq, store.keys, record.id, entry_id=retry_entry(record)),
+            *enqueue_commands(
+                arq, store.keys, record.id, entry_id=retry_entry(record.id, record.attempt)
+            ),
         ],
     )
-
-
-def retry_entry(record: JobRecord) -> str:
-    """The arq id of a retry by hand's queue entry. Not the job's id: the arq job of the run
-    that failed (or was cancelled) may still be ending, and arq ends a job by deleting its id's
-    queue entry, which would leave the job ``queued`` for good. One per attempt, so a later
-    retry by hand gets another."""
-    return f"{record.id}:retry:{record.attempt}"

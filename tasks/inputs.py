@@ -28,7 +28,12 @@ from pydantic import BaseModel, ValidationError
 from stepstream.tasks.errors import PermanentError
 from stepstream.tasks.keys import Keys
 from stepstream.tasks.models import InputRequest, JobRecord, JobState, utcnow
-from stepstream.tasks.queue import dequeue_commands, enqueue_commands
+from stepstream.tasks.queue import (
+    dequeue_commands,
+    enqueue_commands,
+    resume_entry,
+    timeout_entry,
+)
 from stepstream.tasks.store import Appended, JobStore, new_event
 
 if TYPE_CHECKING:
@@ -49,23 +54,6 @@ class InputSuspended(BaseException):
     def __init__(self, request: InputRequest) -> None:
         super().__init__(f"waiting for input {request.name!r}")
         self.request = request
-
-
-def resume_entry(job_id: str, name: str) -> str:
-    """The arq id of the entry an answer writes. Not the job's id: the arq job that suspended
-    may still be ending, and arq ends a job by deleting its id's queue entry."""
-    return f"{job_id}:input:{name}"
-
-
-def timeout_entry(job_id: str, name: str) -> str:
-    """The arq id of the deferred entry that ends the wait for ``name`` at its timeout."""
-    return f"{job_id}:timeout:{name}"
-
-
-def job_of_entry(entry_id: str) -> str:
-    """The job an arq queue entry runs: its own id, or the part before ``:`` of the entries
-    above and of a retry by hand's (``tasks/creation.py``; job ids never hold a ``:``)."""
-    return entry_id.partition(":")[0]
 
 
 async def wait_for_input(

@@ -40,7 +40,7 @@ def enqueue_commands(
     ``function`` and ``args``: another arq function than ``run_job``, called with ``job_id``
     and ``args``. ``entry_id``: the arq job id when it must not be ``job_id`` (arq ends a job
     by deleting its id's entry, so an entry written while the job's arq job runs needs its own
-    id: tasks/inputs.py).
+    id: the ``*_entry`` functions below).
 
     An entry due now is announced on ``keys.queue_wakeups``, which idle workers listen to;
     one due later is found by their timed poll."""
@@ -63,3 +63,29 @@ def enqueue_commands(
 def dequeue_commands(queue: str, entry_id: str) -> list[Command]:
     """Commands that take a not yet started arq entry out of the queue (no-ops without one)."""
     return [["ZREM", queue, entry_id], ["DEL", job_key_prefix + entry_id]]
+
+
+# Entry ids other than the job's own. arq ends a job by deleting its id's queue entry, and the
+# arq job of the run before may still be ending when one of these is written. Job ids never
+# hold a ``:``, so ``job_of_entry`` finds the job of each.
+
+
+def resume_entry(job_id: str, name: str) -> str:
+    """The entry an answer to the job's input ``name`` writes (tasks/inputs.py)."""
+    return f"{job_id}:input:{name}"
+
+
+def timeout_entry(job_id: str, name: str) -> str:
+    """The deferred entry that ends the wait for ``name`` at its timeout (tasks/inputs.py)."""
+    return f"{job_id}:timeout:{name}"
+
+
+def retry_entry(job_id: str, attempt: int) -> str:
+    """The entry of a retry by hand after ``attempt`` (tasks/creation.py): one per attempt, so
+    a later retry by hand gets another."""
+    return f"{job_id}:retry:{attempt}"
+
+
+def job_of_entry(entry_id: str) -> str:
+    """The job an arq queue entry runs: its own id, or the part before ``:`` of those above."""
+    return entry_id.partition(":")[0]
