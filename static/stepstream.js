@@ -7,7 +7,7 @@
 //
 // It reads streams with fetch() rather than EventSource: EventSource cannot see a status code or
 // `Retry-After`, and gives up for good on any non-200 answer. The resume rules are those of the
-// Python client (stepstream/_sse.py) and DESIGN.md: the cursor is the id of the last event
+// Python client (stepstream/_sse.py) and docs/protocol.md: the cursor is the id of the last event
 // delivered, sent as `?after=` (a header would cost a CORS preflight on every reconnect).
 //
 // The parts below `watchJob`/`watchAll` need no browser (SseParser, Follower, Backoff,

@@ -1,6 +1,6 @@
 """The client's own view of job records and events.
 
-These mirror ``DESIGN.md`` but are defined here, not imported from the server: a script that
+These mirror docs/protocol.md but are defined here, not imported from the server: a script that
 talks to Stepstream needs only this package. Unknown fields are kept in ``data`` (events) or
 ignored (records), so a newer server does not break an older client.
 """

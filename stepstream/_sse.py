@@ -2,7 +2,7 @@
 
 The sync and the async client both drive the same two objects:
 
-- ``StreamFollower`` knows the resume protocol of ``DESIGN.md``: which cursor to send, what
+- ``StreamFollower`` knows the resume protocol of docs/protocol.md: which cursor to send, what
   each frame means (``retry:``, ``snapshot``, ``reset``, a terminal event, a 204), and when the
   stream is over.
 - ``Reconnector`` decides how long to wait before the next connection and when to give up.

@@ -1,4 +1,4 @@
-"""The job record, its states and the event types, as ``DESIGN.md`` defines them."""
+"""The job record, its states and the event types, as docs/protocol.md defines them."""
 
 from __future__ import annotations
 

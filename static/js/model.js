@@ -1,5 +1,5 @@
 // The job record as the browser keeps it: the server's record (GET /api/jobs) plus the events
-// that followed it, applied the same way the worker projects them (DESIGN.md, "Event types").
+// that followed it, applied the same way the worker projects them (docs/protocol.md, "Events").
 
 import { applyOutput, compareIds as streamIdOrder } from "../../stepstream.js";
 import { duration, parseTime } from "./format.js";
