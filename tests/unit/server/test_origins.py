@@ -76,7 +76,8 @@ def test_own_allowed_and_public_requests_are_not_logged(
     target = app(Clock(), allowed=("https://app.example",))
     get(target, "/api/jobs", {"Origin": "http://stepstream.test"})  # the dashboard's own POSTs
     get(target, "/api/jobs", {"Origin": "https://app.example"})
-    get(target, "/api/jobs", {"Origin": "https://proxied.example", "X-Forwarded-Host": "proxied.example"})
+    proxied = {"Origin": "https://proxied.example", "X-Forwarded-Host": "proxied.example"}
+    get(target, "/api/jobs", proxied)
     get(target, "/api/jobs", {})
     get(target, "/stepstream.js", {"Origin": "https://elsewhere.example"})  # public, for any page
     assert warnings(caplog) == []
