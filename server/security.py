@@ -10,6 +10,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from stepstream.server.origins import RefusedOriginLog
 from stepstream.tasks.settings import Settings
 
 # No inline script or style anywhere: the dashboard is plain files from /static.
@@ -49,8 +50,10 @@ class SecurityHeaders:
 
 
 def middleware(settings: Settings) -> list[Middleware]:
-    stack = [Middleware(SecurityHeaders)]
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    # A page on an origin not listed here gets "network error" and nothing more: say why in
+    # the log, where whoever runs the server can read it.
+    stack = [Middleware(SecurityHeaders), Middleware(RefusedOriginLog, allowed=origins)]
     if origins:  # CORS is off unless origins are configured
         stack.append(
             Middleware(

@@ -482,6 +482,8 @@ function startFirehose() {
       updateConnection();
     },
     onError: (error) => {
+      // Not fatal (no answer for a while): the badge already reads Reconnecting or Offline.
+      if (!error.fatal) return;
       // Refused for good (the key was revoked, a proxy answers something else): say so, and
       // start over in a while, from now.
       if (signedOut) return;

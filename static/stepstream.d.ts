@@ -119,7 +119,14 @@ export interface WatchOptions {
   /** Each stored event exactly once, in log order, across reconnects and token renewals. */
   onEvent?: (event: StepstreamEvent) => void;
   onState?: (state: ConnectionState) => void;
-  /** The watch cannot go on (404, 400, a 401 with a fresh token, not an event stream). */
+  /**
+   * `error.fatal` true: the watch cannot go on and is over (404, 400, a 401 with a fresh token,
+   * not an event stream). `error.fatal` false: a report while the watch goes on trying; today
+   * only `code` "unreachable": no answer at all `UNREACHABLE_AFTER` (3) times in a row (a network
+   * error, or this page's origin is not in STEPSTREAM_CORS_ORIGINS: the browser hides which),
+   * said once per run of failures. Without `onError`, a fatal error goes to `reportError` and a
+   * non-fatal one to `console.warn`.
+   */
   onError?: (error: StepstreamError) => void;
   /**
    * Start after this event id; "0" for the whole stored log. Default: a job's stream starts with
@@ -160,6 +167,14 @@ export interface StepTextChange {
 }
 
 export interface WatchJobOptions extends WatchOptions {
+  /**
+   * The job as it is now, for a page to show whatever its state (running, finished, not started
+   * yet): after the snapshot, after every event (folded into the record by the client: state,
+   * step, progress, message, `steps[i].text`, a batch's `batch` counts), and last with the
+   * record `onEnd` gets. Each call gets a copy of its own. From `after: "0"` it is folded from
+   * the `queued` event; from `after: "<id>"` it starts with the next `snapshot`.
+   */
+  onRecord?: (record: JobRecord) => void;
   /** Called once, with the final record, after the job's terminal event. */
   onEnd?: (record: JobRecord) => void;
   /** Each change of a step's streamed text, after `onEvent` for the event that made it. */
@@ -200,14 +215,24 @@ export function watchAll(options?: WatchOptions): Stop;
 export class StepstreamError extends Error {
   constructor(
     message: string,
-    init?: { status?: number; code?: string; details?: unknown; cause?: unknown },
+    init?: { status?: number; code?: string; details?: unknown; fatal?: boolean; cause?: unknown },
   );
   /** The HTTP status (0 when there was no answer). */
   status: number;
-  /** The server's error code, e.g. "job_not_found", "unauthorized", "token_expired". */
+  /**
+   * The server's error code, e.g. "job_not_found", "unauthorized", "token_expired"; or the
+   * client's: "unreachable" (not fatal), "not_an_event_stream".
+   */
   code: string;
   details: unknown;
+  /** True (the default): the watch is over. False: the watch goes on trying (see `onError`). */
+  fatal: boolean;
 }
+
+/** Attempts in a row with no answer before the non-fatal "unreachable" error (3). */
+export const UNREACHABLE_AFTER: number;
+/** The start of the "unreachable" error's message. */
+export const UNREACHABLE_HINT: string;
 
 /** The API base URL (ending in "/") that `baseUrl` resolves to. */
 export function resolveBaseUrl(baseUrl?: string | URL | null): string;
@@ -252,6 +277,19 @@ export class StepTexts {
   steps: Map<number, { index: number; name: string; text: string; attempt: number }>;
   text(index: number): string;
   apply(event: StepstreamEvent): StepTextChange | null;
+}
+
+/** Apply one stored event (its `data`) to a record, as the worker does; mutates and returns it. */
+export function applyEvent(record: JobRecord, data: Record<string, any>, eventId?: string | null): JobRecord;
+/** A record with nothing happened yet, for a log replayed from its start. */
+export function emptyProjection(record: Partial<JobRecord>): JobRecord;
+
+/** One job's record from its stream, as `onRecord` gets it. */
+export class RecordFold {
+  constructor(jobId?: string | null);
+  record: JobRecord | null;
+  /** The record after `event`, or null (a `reset`, or nothing to fold it into yet). */
+  apply(event: StepstreamEvent): JobRecord | null;
 }
 
 export function parseRetryAfter(value: string | null | undefined, now?: number): number | null;

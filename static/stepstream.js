@@ -11,8 +11,8 @@
 // delivered, sent as `?after=` (a header would cost a CORS preflight on every reconnect).
 //
 // The parts below `watchJob`/`watchAll` need no browser (SseParser, Follower, Backoff,
-// parseRetryAfter, compareIds, StepTexts, applyOutput): Node's test runner drives them directly
-// (tests/js/).
+// parseRetryAfter, compareIds, StepTexts, applyOutput, applyEvent, RecordFold): Node's test
+// runner drives them directly (tests/js/).
 
 const TERMINAL = new Set(["completed", "failed", "cancelled"]);
 const DEFAULT_RETRY_MS = 1000;
@@ -21,15 +21,25 @@ const OFFLINE_AFTER_MS = 15_000;
 const IDLE_TIMEOUT_MS = 45_000;
 // A stream that lasted this long before it ended was working: reconnect at once.
 const HEALTHY_MS = 5_000;
+// Attempts in a row that got no answer at all before `onError` hears of it (not fatal). A
+// browser shows a refused CORS answer to the page as a network error, nothing more.
+export const UNREACHABLE_AFTER = 3;
+export const UNREACHABLE_HINT =
+  "could not connect: a network error, or this page's origin is not in STEPSTREAM_CORS_ORIGINS";
 
-/** A failure the watch cannot recover from (passed to `onError`; the watch is over). */
+/**
+ * What `onError` gets. `fatal` (the default) means the watch is over; `fatal: false` is a
+ * report while the watch goes on trying (`code` "unreachable": no answer, several times in a
+ * row).
+ */
 export class StepstreamError extends Error {
-  constructor(message, { status = 0, code = "error", details = null, cause } = {}) {
+  constructor(message, { status = 0, code = "error", details = null, fatal = true, cause } = {}) {
     super(message, cause === undefined ? undefined : { cause });
     this.name = "StepstreamError";
     this.status = status;
     this.code = code;
     this.details = details;
+    this.fatal = fatal;
   }
 }
 
@@ -326,11 +336,253 @@ export class StepTexts {
   }
 }
 
+// -- The job record, folded from its events ------------------------------------------------
+
+function clamp(value, low, high) {
+  return Math.min(high, Math.max(low, value));
+}
+
+function setStep(record, ref, patch) {
+  if (!Array.isArray(record.steps)) record.steps = [];
+  const at = ref.index - 1;
+  const current = record.steps.find((s) => s.index === ref.index);
+  const next = { index: ref.index, name: ref.name, state: "pending", ...(current || {}), ...patch };
+  if (current) record.steps[record.steps.indexOf(current)] = next;
+  else {
+    record.steps.push(next);
+    record.steps.sort((x, y) => x.index - y.index);
+  }
+  return at;
+}
+
+function interruptRunningStep(record, state, at) {
+  for (const step of record.steps || []) {
+    if (step.state === "running") {
+      step.state = state;
+      step.finished_at = at;
+    }
+  }
+}
+
+/**
+ * Apply one stored event (an event's `data`) to a record, as the worker projects it (DESIGN.md,
+ * "Event types"): mutates the record and returns it. `eventId` is the event's id in its job's
+ * log. The dashboard folds its records with this too.
+ */
+export function applyEvent(record, event, eventId) {
+  const at = event.at;
+  switch (event.type) {
+    case "queued":
+      // A job submitted with a start time waits as "scheduled" until a worker starts it.
+      record.state = event.run_at ? "scheduled" : "queued";
+      if (event.run_at) record.run_at = event.run_at;
+      if (event.cached) record.cached = true;
+      if (event.reason === "retry") {
+        record.error = null;
+        record.result = null;
+        record.finished_at = null;
+        record.retry_at = null;
+        record.message = null;
+      }
+      break;
+    case "started":
+      record.state = "running";
+      record.attempt = event.attempt;
+      if (event.max_attempts) record.max_attempts = event.max_attempts;
+      record.started_at = record.started_at || at;
+      record.error = null;
+      record.retry_at = null;
+      break;
+    case "step": {
+      const ref = event.step;
+      record.step = ref;
+      record.progress = (ref.index - 1) / ref.count;
+      record.message = null;
+      setStep(record, ref, {
+        state: "running",
+        started_at: at,
+        finished_at: null,
+        duration_ms: null,
+        output: null,
+        text: null, // a step that runs again writes its text again
+      });
+      break;
+    }
+    case "output": {
+      // A delta of the step's streamed text, at its offset (0: the step started over).
+      const current = (record.steps || []).find((s) => s.index === event.step.index);
+      setStep(record, event.step, { text: applyOutput(current?.text, event) });
+      break;
+    }
+    case "progress": {
+      // Two items ending together may report out of order ("11 of 12" after "12 of 12"):
+      // a batch's count only goes up.
+      if (event.counts && record.batch && event.counts.done < (record.batch.done ?? 0)) break;
+      const count = record.step?.count || 1;
+      const index = record.step?.index || 1;
+      const fraction = event.total > 0 ? clamp(event.current / event.total, 0, 1) : 0;
+      record.progress = (index - 1 + fraction) / count;
+      record.message = event.message ?? null;
+      if (event.counts) record.batch = event.counts; // a batch parent: one report per item
+      break;
+    }
+    case "log":
+      if (event.usage) addUsage(record, event.usage); // one answered LLM call
+      break;
+    case "step_completed": {
+      const ref = event.step;
+      setStep(record, ref, {
+        state: event.restored ? "restored" : "completed",
+        finished_at: at,
+        duration_ms: event.duration_ms ?? null,
+        output: event.output ?? null,
+        ...(event.usage ? { usage: event.usage } : {}),
+      });
+      if (event.restored) record.step = ref;
+      record.progress = ref.index / ref.count;
+      break;
+    }
+    case "retrying":
+      record.state = "retrying";
+      record.error = event.error || null;
+      record.retry_at = event.retry_at || null;
+      if (event.max_attempts) record.max_attempts = event.max_attempts;
+      record.message = `Attempt ${event.attempt} of ${event.max_attempts} failed; retrying`;
+      interruptRunningStep(record, "failed", at);
+      break;
+    case "waiting": {
+      // The run ended in wait_for_input: no worker holds the job until the input is given.
+      const { type, job_id, at: _, attempt, ...request } = event;
+      record.state = "waiting";
+      record.waiting_for = request;
+      record.attempt = Math.max(0, attempt - 1); // a wait costs no attempt
+      record.message = request.prompt || `Waiting for input ${request.name}`;
+      interruptRunningStep(record, "waiting", at);
+      break;
+    }
+    case "input":
+      record.state = "queued";
+      record.waiting_for = null;
+      record.answers = { ...(record.answers || {}), [event.name]: { value: event.value, by: event.by, at } };
+      record.message = null;
+      break;
+    case "completed":
+      record.state = "completed";
+      if (event.cached) record.cached = true;
+      record.result = event.result ?? null;
+      record.progress = 1;
+      if (record.batch && event.result && typeof event.result.size === "number") {
+        // A batch ends with its final counts: "50 of 50 done (2 failed)".
+        record.batch = { ...record.batch, ...event.result, done: event.result.size };
+        record.message = batchSummary(record.batch);
+      } else if (!record.batch) record.message = null;
+      record.finished_at = at;
+      break;
+    case "failed":
+      record.state = "failed";
+      record.error = event.error || null;
+      record.finished_at = at;
+      record.retry_at = null;
+      interruptRunningStep(record, "failed", at);
+      break;
+    case "cancelled":
+      record.state = "cancelled";
+      record.finished_at = at;
+      record.retry_at = null;
+      record.cancel_reason = event.reason || null;
+      record.waiting_for = null;
+      interruptRunningStep(record, "cancelled", at);
+      break;
+    default:
+      break;
+  }
+  if (eventId) record.last_event_id = eventId;
+  return record;
+}
+
+function batchSummary(counts) {
+  const extra = ["failed", "cancelled"].filter((k) => counts[k]).map((k) => `${counts[k]} ${k}`);
+  return `${counts.done} of ${counts.size} done${extra.length ? ` (${extra.join(", ")})` : ""}`;
+}
+
+function addUsage(record, usage) {
+  const total = { calls: 0, input_tokens: 0, output_tokens: 0, duration_ms: 0, ...(record.usage || {}) };
+  total.calls += usage.calls ?? 1;
+  total.input_tokens += usage.input_tokens || 0;
+  total.output_tokens += usage.output_tokens || 0;
+  total.duration_ms += usage.duration_ms || 0;
+  record.usage = total;
+  if (typeof usage.cost === "number") record.cost = (record.cost || 0) + usage.cost;
+}
+
+/** An empty projection for a job whose whole log is about to be replayed from the start. */
+export function emptyProjection(record) {
+  return {
+    id: record.id,
+    task: record.task,
+    owner: record.owner,
+    input: record.input,
+    created_at: record.created_at,
+    max_attempts: record.max_attempts,
+    budget: record.budget ?? null,
+    batch_id: record.batch_id ?? null,
+    batch_index: record.batch_index ?? null,
+    batch: record.batch ? { ...record.batch, done: 0, completed: 0, failed: 0, cancelled: 0 } : null,
+    usage: null,
+    cost: 0,
+    cached: false,
+    run_at: null,
+    state: "queued",
+    step: null,
+    progress: 0,
+    message: null,
+    steps: [],
+    attempt: 0,
+    error: null,
+    result: null,
+    retry_at: null,
+    started_at: null,
+    finished_at: null,
+    last_event_id: null,
+    waiting_for: null,
+    answers: {},
+  };
+}
+
+/**
+ * One job's record as it is now, from its stream: a `snapshot` gives the whole record, each
+ * later event is folded into it (applyEvent: state, step, progress, a step's streamed text, a
+ * batch's counts). A stream read from the start (`after: "0"`) is folded from its `queued`
+ * event. `apply(event)` returns the record when the event changed it, else null: a `reset`
+ * (a snapshot follows), or an event with no record to fold it into yet (a watch that started
+ * after an event id).
+ */
+export class RecordFold {
+  constructor(jobId = null) {
+    this.jobId = jobId;
+    this.record = null;
+  }
+
+  apply(event) {
+    const data = event?.data;
+    if (!data || typeof data !== "object" || event.type === "reset") return null;
+    if (event.type === "snapshot") {
+      this.record = structuredClone(data);
+      return this.record;
+    }
+    if (this.record === null) {
+      if (event.type !== "queued") return null;
+      this.record = emptyProjection({ id: data.job_id ?? this.jobId, input: data.input, created_at: data.at });
+    }
+    return applyEvent(this.record, data, event.id);
+  }
+}
+
 // -- The watch ------------------------------------------------------------------------------
 
 /**
- * Watch one job: its events live (`onEvent`), then `onEnd(record)` once with the final record.
- * Returns `stop()`.
+ * Watch one job: its events live (`onEvent`), the record as it is after each (`onRecord`), then
+ * `onEnd(record)` once with the final record. Returns `stop()`.
  *
  * Without `after` the first event is a `snapshot` (the record now); with `after: "0"` the whole
  * stored log; with an event id, exactly the events after it.
@@ -339,21 +591,51 @@ export function watchJob(jobId, options = {}) {
   if (typeof jobId !== "string" || !jobId) throw new TypeError("watchJob needs a job id");
   const path = `api/jobs/${encodeURIComponent(jobId)}`;
   const texts = new StepTexts();
-  const { onEvent = null, onText = null } = options;
-  const stop = watch({
+  const fold = new RecordFold(jobId);
+  const { onEvent = null, onText = null, onRecord = null, onEnd = null } = options;
+  let snapshot = null; // the last snapshot's data: a terminal one is the final record
+  let stopped = false; // a callback may stop the watch: the ones after it are not called
+  // Each callback of one event in turn; one that throws does not keep the next from running
+  // (the watch reports the error).
+  const each = (...calls) => {
+    let failure = null;
+    for (const [callback, value] of calls) {
+      if (stopped) break;
+      if (!callback) continue;
+      try {
+        callback(value);
+      } catch (error) {
+        failure ??= error;
+      }
+    }
+    if (failure) throw failure;
+  };
+  const stopWatch = watch({
     ...options,
     jobId,
     path: `${path}/events`,
     recordPath: path,
     onEvent: (event) => {
       const change = texts.apply(event);
-      try {
-        onEvent?.(event);
-      } finally {
-        if (change && onText) onText(change);
-      }
+      const record = onRecord ? fold.apply(event) : null;
+      if (event.type === "snapshot") snapshot = event.data;
+      each(
+        [onEvent, event],
+        [change && onText, change],
+        // A copy each time: the page may keep it, or hand it to a framework's state.
+        [record && onRecord, record && structuredClone(record)],
+      );
+    },
+    onEnd: (record) => {
+      // The server's final record is the last word, unless the snapshot that said it was.
+      const again = onRecord && record !== snapshot;
+      each([again && onRecord, again && structuredClone(record)], [onEnd, record]);
     },
   });
+  const stop = () => {
+    stopped = true;
+    stopWatch();
+  };
   stop.text = (index) => texts.text(index);
   return stop;
 }
@@ -407,6 +689,7 @@ function watch(options) {
   let tokenReason = "connect";
   let tokenFresh = false; // fetched for this attempt, never yet accepted by the server
   let freshRanOut = 0; // fresh tokens refused as expired since a stream last opened
+  let noAnswers = 0; // attempts in a row that got no HTTP answer (network error, CORS)
 
   const call = (callback, value) => {
     if (!callback || stopped) return;
@@ -453,6 +736,22 @@ function watch(options) {
     if (onError) call(onError, error);
     else report(error);
     stopped = true;
+  };
+
+  // An attempt got no answer. Once per run of them, said while the watch goes on trying: a
+  // page on an origin the server does not allow sees nothing else (the browser hides why).
+  const noAnswer = (cause) => {
+    noAnswers += 1;
+    if (noAnswers !== UNREACHABLE_AFTER) return;
+    const page = globalThis.location?.origin;
+    const where = `${UNREACHABLE_AFTER} tries${page ? ` from ${page}` : ""} to ${base}; still trying`;
+    const error = new StepstreamError(`${UNREACHABLE_HINT} (${where})`, {
+      code: "unreachable",
+      fatal: false,
+      cause,
+    });
+    if (onError) call(onError, error);
+    else console.warn("stepstream:", error.message);
   };
 
   const url = (relative, params) => {
@@ -553,13 +852,15 @@ function watch(options) {
           headers: { Accept: "application/json" },
           cache: "no-store",
         });
-      } catch {
+      } catch (cause) {
         if (stopped) return null;
         down();
+        noAnswer(cause);
         await pause(backoff.failed({ retryMs: follower.retryMs }));
         continue;
       }
       if (stopped) return null;
+      noAnswers = 0;
       if (response.ok) {
         try {
           return await response.json();
@@ -594,9 +895,10 @@ function watch(options) {
           cache: "no-store",
           signal,
         });
-      } catch {
+      } catch (cause) {
         if (stopped) return;
         down();
+        noAnswer(cause);
         await pause(backoff.failed({ retryMs: follower.retryMs }));
         continue;
       }
@@ -604,6 +906,7 @@ function watch(options) {
         controller.abort();
         return;
       }
+      noAnswers = 0;
       if (response.status === 204) {
         follower.noContent(); // the cursor is the terminal event: the job is over
       } else if (!response.ok) {

@@ -5,23 +5,27 @@ token renewals and a web restart."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
 import time
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser
+from playwright.sync_api import Browser, expect
 
 from stepstream import Client
 from tests.conftest import StackFactory
 from tests.support import http
 from tests.support.browser import EXPECTED_CONSOLE, ROOT, chromium, requires_chromium
 from tests.support.pages import PageServer
+from tests.support.processes import TEST_TASKS, wait_until
+from tests.support.readme import README_ANY_PAGE, README_PAGE, README_TASKS, code_block
 from tests.support.tasks import gate_key
 
 NODE = shutil.which("node")
@@ -309,3 +313,169 @@ def test_a_page_on_another_origin_sees_every_event_once_across_renewals_and_a_we
     dropped = states.index("reconnecting")
     assert "live" in states[dropped:], states
     assert json.dumps(seen["events"]).count('"token_expired"') == 0  # handled, never delivered
+
+
+# -- What a page is told when it cannot watch, and the README's pages -------------------------
+
+UNREACHABLE_AFTER = 3  # static/stepstream.js: connects in a row with no answer before onError
+
+BLOCKED_PAGE_JS = """
+import { watchJob } from "%(api)s/stepstream.js";
+
+const jobId = new URLSearchParams(location.search).get("job");
+const seen = (window.__watch = { attempts: 0, errors: [], states: [] });
+const nativeFetch = window.fetch;
+window.fetch = function (...args) {
+  seen.attempts += 1;
+  return nativeFetch.apply(this, args);
+};
+watchJob(jobId, {
+  onState: (state) => seen.states.push(state),
+  onError: (error) => seen.errors.push({
+    fatal: error.fatal, code: error.code, status: error.status, message: error.message,
+    attempts: seen.attempts,
+  }),
+});
+"""
+
+
+@pytest.mark.browser
+@requires_chromium
+def test_a_page_on_an_origin_not_allowed_is_told_why_and_the_server_log_names_the_setting(
+    browser: Browser, make_stack: StackFactory
+) -> None:
+    """No STEPSTREAM_CORS_ORIGINS: the browser blocks every stream and tells the page only
+    "network error". The page's onError hears it (not fatal: the watch goes on trying) with the
+    hint, and the server's log names the origin and the setting, once for all the requests."""
+    pages: dict[str, tuple[str, str, dict[str, str]]] = {}
+    with PageServer(pages) as site:
+        own = make_stack()  # development mode, CORS off
+        web = own.webs[0]
+        pages["/"] = ("text/html; charset=utf-8", PAGE_HTML, {})
+        pages["/page.js"] = ("text/javascript", BLOCKED_PAGE_JS % {"api": web.url}, {})
+        with Client(web.url) as client:
+            job_id = client.submit("gated", {"events": 1}).id
+        context = browser.new_context()
+        page = context.new_page()
+        problems: list[str] = []
+        page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+        try:
+            page.goto(f"{site.origin}/?job={job_id}")
+            # Two more tries after the error: the watch went on.
+            page.wait_for_function(
+                count(
+                    "window.__watch.errors.length >= 1 && "
+                    f"window.__watch.attempts >= {UNREACHABLE_AFTER + 2}"
+                ),
+                timeout=20_000,
+            )
+            seen: dict[str, Any] = page.evaluate(count("window.__watch"))
+        finally:
+            context.close()
+
+    assert problems == [], problems
+    [error] = seen["errors"]
+    assert error["fatal"] is False and error["code"] == "unreachable", error
+    assert error["status"] == 0, error
+    assert error["message"].startswith(
+        "could not connect: a network error, or this page's origin is not in "
+        "STEPSTREAM_CORS_ORIGINS"
+    ), error
+    assert error["attempts"] == UNREACHABLE_AFTER, error
+    assert "closed" not in seen["states"], seen["states"]
+    # Every try reached the server (the browser hid the answers), and the server said why once.
+    said = "which STEPSTREAM_CORS_ORIGINS does not allow"
+    wait_until(lambda: said in web.log(), timeout=5, what="the refused-origin warning")
+    lines = [line for line in web.log().splitlines() if said in line]
+    assert len(lines) == 1, lines
+    assert repr(site.origin) in lines[0] and f"/api/jobs/{job_id}/events" in lines[0], lines
+
+
+README_PAGE_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Your order</title><link rel="icon" href="data:,">
+<script type="module" src="/page.js"></script></head>
+<body><p id="label"></p><progress id="bar" max="1"></progress><p id="reply"></p>
+<p id="badge"></p><p id="result"></p></body></html>
+"""
+
+# What the README's snippets take from the page around them: the job's id, its elements, and
+# the functions that show a result.
+README_PAGE_PRELUDE = """
+const jobId = new URLSearchParams(location.search).get("job");
+const [label, bar, reply, badge, result] = ["label", "bar", "reply", "badge", "result"].map(
+  (id) => document.getElementById(id),
+);
+const show = (value) => (result.textContent = JSON.stringify(value));
+const showResult = (state, value) => show(value);
+"""
+
+
+def readme_page(opening: str, api: str) -> str:
+    """The README's code at ``opening`` as the module of a page, importing from ``api``."""
+    code = code_block(opening)
+    if "<script" in code:
+        code = code.split(">", 1)[1].rsplit("</script>", 1)[0]
+    assert "https://progress.example.com/stepstream.js" in code, code
+    return README_PAGE_PRELUDE + code.replace("https://progress.example.com", api)
+
+
+@pytest.mark.browser
+@requires_chromium
+@pytest.mark.parametrize(
+    ("opening", "finished_label"),
+    [
+        (README_PAGE, "Step 3 of 3 · Label (completed)"),
+        (README_ANY_PAGE, "Step 3 of 3 · Label"),
+    ],
+    ids=["put-it-behind-your-product", "watch-from-any-page"],
+)
+def test_the_readme_pages_show_a_finished_job_and_one_not_started_yet(
+    browser: Browser, make_stack: StackFactory, tmp_path: Path, opening: str, finished_label: str
+) -> None:
+    """The README's page code, run as written in Chromium on another origin against its own
+    example task: a job that finished before the page opened shows its last step and result,
+    one scheduled for later shows that. (Handling `step` events alone showed nothing.)"""
+    (tmp_path / "readme_tasks.py").write_text(code_block(README_TASKS))
+    pages: dict[str, tuple[str, str, dict[str, str]]] = {}
+    with PageServer(pages) as site:
+        own = make_stack(
+            **PRODUCTION,
+            STEPSTREAM_CORS_ORIGINS=site.origin,
+            STEPSTREAM_TASK_MODULES=f"{TEST_TASKS},readme_tasks",
+            PYTHONPATH=os.pathsep.join([str(ROOT), str(tmp_path)]),
+        )
+        api = own.url
+        pages["/"] = ("text/html; charset=utf-8", README_PAGE_HTML, {})
+        pages["/page.js"] = ("text/javascript", readme_page(opening, api), {})
+        with Client(api, api_key=KEY) as client:
+            done = client.submit("pack_order", {"item": "teapot"})
+            assert client.wait(done.id, timeout=30).state == "completed"
+            later = client.submit("pack_order", {"item": "kettle"}, delay=3600)
+            assert later.state == "scheduled"
+            tokens = {job.id: client.stream_token(job.id).token for job in (done, later)}
+
+        context = browser.new_context()
+        page = context.new_page()
+        problems: list[str] = []
+        page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+        noisy = ("error", "warning")  # the snippets' onError writes a warning
+        page.on(
+            "console",
+            lambda m: problems.append(f"console: {m.text}") if m.type in noisy else None,
+        )
+        try:
+            for job_id, token in tokens.items():
+                # The product's backend: the token for this user's job, as both snippets ask.
+                answer = ("application/json", json.dumps({"token": token}), {})
+                pages[f"/my/jobs/{job_id}/token"] = answer
+                pages["/my-backend/progress-token"] = answer
+                page.goto(f"{site.origin}/?job={job_id}")
+                if job_id == done.id:
+                    expect(page.locator("#label")).to_have_text(finished_label, timeout=15_000)
+                    receipt = "1 x teapot from shelf B4, parcel 1"
+                    expect(page.locator("#result")).to_contain_text(receipt, timeout=15_000)
+                else:
+                    expect(page.locator("#label")).to_have_text("scheduled", timeout=15_000)
+        finally:
+            context.close()
+    assert problems == [], problems

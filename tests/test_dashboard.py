@@ -410,6 +410,8 @@ def test_production_mode_signs_in_with_an_api_key_and_renews_stream_tokens(
         signin = page.page.locator("#signin")
         expect(signin).to_be_visible()
         expect(page.connection).to_contain_text("Signed out")
+        # It says where the key goes, as the code below checks: this tab's session storage.
+        expect(signin.locator(".help")).to_contain_text("for this tab only (session storage)")
         key = signin.get_by_label("API key")
         key.fill("not-a-key")
         signin.get_by_role("button", name="Sign in").click()

@@ -153,7 +153,9 @@ export class DetailView {
         this.onStatus();
       },
       onEnd: settle,
-      onError: settle, // a job that expired meanwhile: the record shown is the last known
+      // A job that expired meanwhile: the record shown is the last known. A non-fatal error
+      // (no answer for a while) leaves the watch trying; the badge says so.
+      onError: (error) => error.fatal && settle(),
     });
   }
 

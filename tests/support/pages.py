@@ -15,7 +15,8 @@ Pages = Mapping[str, tuple[str, str, Mapping[str, str]]]
 
 
 class PageServer:
-    """Serves fixed pages on 127.0.0.1 and a free port, in a thread, until closed."""
+    """Serves fixed pages on 127.0.0.1 and a free port, in a thread, until closed (a POST gets
+    the same answer as a GET)."""
 
     def __init__(self, pages: Pages) -> None:
         self.pages = pages
@@ -41,6 +42,11 @@ class PageServer:
                     self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(data)
+
+            def do_POST(self) -> None:
+                """The same fixed answer (a product's backend minting a token, say)."""
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.do_GET()
 
             def log_message(self, format: str, *args: object) -> None:
                 pass  # quiet: the test asserts what matters

@@ -87,6 +87,9 @@ function watch(jobId) {
       watching.delete(jobId);
     },
     onError(error) {
+      // Not fatal: no answer for a while (the server is down, or this origin is not allowed);
+      // the watch goes on trying.
+      if (!error.fatal) return console.warn(error.message);
       window.acme.errors.push(String(error?.message || error));
     },
   });
