@@ -366,7 +366,7 @@ function interruptRunningStep(record, state, at) {
 
 /**
  * Apply one stored event (an event's `data`) to a record, as the worker projects it (docs/protocol.md,
- * "Event types"): mutates the record and returns it. `eventId` is the event's id in its job's
+ * "Events"): mutates the record and returns it. `eventId` is the event's id in its job's
  * log. The dashboard folds its records with this too.
  */
 export function applyEvent(record, event, eventId) {
