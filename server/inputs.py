@@ -33,7 +33,8 @@ WATCH_ATTEMPTS = 5  # a record that changes under this many tries is not waiting
 
 async def answer_input(request: Request) -> Response:
     state: AppState = request.app.state.stepstream
-    principal = await state.auth.authenticate(request, allow_token=True)
+    # The token in the header only: an answer then always needs a CORS preflight.
+    principal = await state.auth.authenticate(request, allow_token=True, token_in_query=False)
     record = await load_job(request, principal)
     if principal.token_scope is not None and not (
         principal.may_answer and principal.token_scope == job_scope(record.id)

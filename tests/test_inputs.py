@@ -42,6 +42,10 @@ def answer(base: str, job_id: str, name: str, value: Any, **kw: Any) -> httpx.Re
     )
 
 
+def bearer(credential: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {credential}"}
+
+
 def waiting(base: str, job_id: str, timeout: float = 30, **kw: Any) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
@@ -306,31 +310,38 @@ def test_only_the_owner_or_an_answering_token_may_answer(prod: Stack) -> None:
     settled_waiting(s, job["id"], headers=ALICE)
     before = store_snapshot(s)
     # The stream token of the submit answer reads, never answers.
-    reader = answer(s.url, job["id"], "decision", YES, params={"token": job["stream_token"]})
+    reader = answer(s.url, job["id"], "decision", YES, headers=bearer(job["stream_token"]))
     assert reader.status_code == 403 and reader.json()["error"]["code"] == "forbidden"
     read_only = http.post(f"{s.url}/api/jobs/{job['id']}/token", headers=ALICE).json()
     assert read_only["may_answer"] is False
     assert (
-        answer(s.url, job["id"], "decision", YES, params={"token": read_only["token"]}).status_code
+        answer(s.url, job["id"], "decision", YES, headers=bearer(read_only["token"])).status_code
         == 403
     )
     firehose = http.post(f"{s.url}/api/events/token", headers=ALICE).json()["token"]
-    assert answer(s.url, job["id"], "decision", YES, params={"token": firehose}).status_code == 403
+    assert answer(s.url, job["id"], "decision", YES, headers=bearer(firehose)).status_code == 403
     assert answer(s.url, job["id"], "decision", YES, headers=BOB).status_code == 404
-    assert answer(s.url, job["id"], "decision", YES).status_code == 401
+    anonymous = answer(s.url, job["id"], "decision", YES)
+    assert anonymous.status_code == 401 and "may_answer" in anonymous.json()["error"]["message"]
     assert store_snapshot(s) == before
     minted = http.post(
         f"{s.url}/api/jobs/{job['id']}/token", json={"may_answer": True}, headers=ALICE
     ).json()
     assert minted["may_answer"] is True
     other = http.post(f"{s.url}/api/jobs", json={"task": "asks", "input": {}}, headers=ALICE).json()
-    waiting(s.url, other["id"], headers=ALICE)
+    settled_waiting(s, other["id"], headers=ALICE)
+    before = store_snapshot(s)
     # Scoped to one job: it answers that job only.
     assert (
-        answer(s.url, other["id"], "decision", YES, params={"token": minted["token"]}).status_code
+        answer(s.url, other["id"], "decision", YES, headers=bearer(minted["token"])).status_code
         == 404
     )
-    given = answer(s.url, job["id"], "decision", YES, params={"token": minted["token"]})
+    # Never in the query string, where an answer would be a CORS simple request.
+    in_query = answer(s.url, job["id"], "decision", YES, params={"token": minted["token"]})
+    assert in_query.status_code == 401, in_query.text
+    assert "Authorization" in in_query.json()["error"]["message"]
+    assert store_snapshot(s) == before
+    given = answer(s.url, job["id"], "decision", YES, headers=bearer(minted["token"]))
     assert given.status_code == 202, given.text
     assert given.json()["answers"]["decision"]["by"] == "subject:u-7"
     by_key = answer(s.url, other["id"], "decision", YES, headers=ALICE)
