@@ -54,9 +54,17 @@ async def answer_input(request: Request) -> Response:
     value = body["value"]
     check_input_shape(value, state.settings)
     try:
-        json.dumps(value, allow_nan=False)
+        encoded = json.dumps(value, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
     except ValueError:  # 1e400 parses as infinity, which no JSON answer could carry back
         raise ApiError(422, "invalid_value", "numbers in the value must be finite") from None
+    limit = state.settings.max_answer_bytes
+    if len(encoded.encode()) > limit:
+        raise ApiError(
+            413,
+            "answer_too_large",
+            f"the value is larger than {limit} bytes as JSON",
+            {"limit": limit, "setting": "STEPSTREAM_MAX_ANSWER_BYTES"},
+        )
     answered = await _store_answer(state, record.id, name, value, answered_by(principal, record))
     return JSONResponse(job_json(answered, root_path(request)), status_code=202)
 

@@ -70,6 +70,9 @@ class Settings(BaseSettings):
 
     # Limits
     max_input_depth: int = 32
+    # An answer's value (POST /api/jobs/{id}/input), as compact JSON: it is stored in the
+    # record and sent on every stream of the job, to browsers too.
+    max_answer_bytes: int = Field(default=65_536, ge=1)
     max_string_length: int = 200_000
     max_unfinished_per_owner: int = 1_000
     submissions_per_second: int = 50

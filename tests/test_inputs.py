@@ -223,6 +223,52 @@ def test_a_number_no_json_answer_could_carry_is_422(make_stack_module: Stack) ->
     assert store_snapshot(s) == before
 
 
+def test_an_answer_with_a_field_the_schema_does_not_declare_is_422(
+    make_stack_module: Stack,
+) -> None:
+    """Input schemas are closed, as submits are: an extra field is not stored, logged or
+    broadcast, whoever sends it."""
+    s = make_stack_module
+    job = submit(s.url, "asks", {})
+    record = settled_waiting(s, job["id"])
+    assert record["waiting_for"]["schema"]["additionalProperties"] is False
+    before = store_snapshot(s)
+    injected = {"approved": True, "injected": {"payload": "x" * 1000}}
+    response = answer(s.url, job["id"], "decision", injected)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_value"
+    assert "injected" in error["details"][0]["msg"], error
+    assert store_snapshot(s) == before
+    assert answer(s.url, job["id"], "decision", YES).status_code == 202
+
+
+def test_an_answer_over_the_size_limit_is_413_and_changes_nothing(
+    make_stack_module: Stack,
+) -> None:
+    s = make_stack_module
+    job = submit(s.url, "asks", {})
+    settled_waiting(s, job["id"])
+    before = store_snapshot(s)
+    # Fits the schema and every other limit; only its size is refused.
+    big = answer(s.url, job["id"], "decision", {"approved": True, "note": "x" * 70_000})
+    assert big.status_code == 413, big.text
+    error = big.json()["error"]
+    assert error["code"] == "answer_too_large"
+    assert error["details"] == {"limit": 65536, "setting": "STEPSTREAM_MAX_ANSWER_BYTES"}
+    # Not sent as JSON: 415, whatever the body holds.
+    as_text = http.post(
+        f"{s.url}/api/jobs/{job['id']}/input",
+        content=json.dumps({"name": "decision", "value": YES}),
+        headers={"Content-Type": "text/plain"},
+        timeout=10,
+    )
+    assert as_text.status_code == 415, as_text.text
+    assert as_text.json()["error"]["code"] == "unsupported_media_type"
+    assert store_snapshot(s) == before
+    assert get_job(s.url, job["id"])["state"] == "waiting"
+
+
 def test_a_second_answer_is_409_and_the_first_is_kept(make_stack_module: Stack) -> None:
     s = make_stack_module
     job = submit(s.url, "asks", {})
