@@ -51,7 +51,7 @@ def _rss_peak_kib(pid: int) -> int:
 
 def test_a_2_mb_head_gets_431_and_the_server_goes_on(make_stack: StackFactory) -> None:
     s = make_stack(workers=0)
-    sent, answer = _send_head(_port(s.url), 2 * MIB)
+    _, answer = _send_head(_port(s.url), 2 * MIB)
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 431"), answer[:200]
     error = json.loads(body)["error"]

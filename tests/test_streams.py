@@ -9,7 +9,6 @@ import httpx
 import redis
 
 from stepstream import Client, SnapshotEvent
-
 from tests.conftest import Stack, StackFactory
 from tests.support import http
 from tests.support.api import DOC, get_job, submit, wait_state
