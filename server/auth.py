@@ -3,10 +3,13 @@
 - Development (the one-command start on loopback): open; a request without credentials sees
   every job. A key, when given, still scopes the caller to its owner.
 - Production (``STEPSTREAM_MODE=production``, or ``auto`` on a non-loopback address): every
-  ``/api`` call needs ``Authorization: Bearer KEY``; streams also take ``?token=`` because
-  EventSource cannot send headers.
+  ``/api`` call needs ``Authorization: Bearer KEY``; where a stream token serves, it goes in
+  that header too, and streams and record reads also take ``?token=`` because EventSource
+  cannot send headers. An answer (server/inputs.py) takes its token in the header only: with
+  ``?token=`` it would be a CORS simple request, sent cross-origin without a preflight.
 
-A stream token is ``base64url(payload) "." base64url(HMAC-SHA256(secret, payload))``; the payload
+A stream token is ``base64url(payload) "." base64url(HMAC-SHA256(secret, payload))``, unpadded
+and decoded strictly (one spelling per token); the payload
 names the owner, the scope, the expiry, the token's own id (stream limits count per token), its
 audience (the mode of the server that minted it) and the key that minted it, sealed (below).
 A server accepts only tokens of its own mode, so a development server that shares the secret
