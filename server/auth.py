@@ -3,10 +3,13 @@
 - Development (the one-command start on loopback): open; a request without credentials sees
   every job. A key, when given, still scopes the caller to its owner.
 - Production (``STEPSTREAM_MODE=production``, or ``auto`` on a non-loopback address): every
-  ``/api`` call needs ``Authorization: Bearer KEY``; streams also take ``?token=`` because
-  EventSource cannot send headers.
+  ``/api`` call needs ``Authorization: Bearer KEY``; where a stream token serves, it goes in
+  that header too, and streams and record reads also take ``?token=`` because EventSource
+  cannot send headers. An answer (server/inputs.py) takes its token in the header only: with
+  ``?token=`` it would be a CORS simple request, sent cross-origin without a preflight.
 
-A stream token is ``base64url(payload) "." base64url(HMAC-SHA256(secret, payload))``; the payload
+A stream token is ``base64url(payload) "." base64url(HMAC-SHA256(secret, payload))``, unpadded
+and decoded strictly (one spelling per token); the payload
 names the owner, the scope, the expiry, the token's own id (stream limits count per token), its
 audience (the mode of the server that minted it) and the key that minted it, sealed (below).
 A server accepts only tokens of its own mode, so a development server that shares the secret
@@ -27,6 +30,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -92,8 +96,18 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).decode().rstrip("=")
 
 
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
+
+
 def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    """Strict: only the one spelling ``_b64`` writes (no padding, no stray characters, no
+    unused bits set), so a token cannot be varied and still be accepted."""
+    if not _B64URL.fullmatch(text):
+        raise ValueError("not unpadded base64url")
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if _b64(data) != text:
+        raise ValueError("not the canonical base64url")
+    return data
 
 
 def _xor(data: bytes, pad: bytes) -> bytes:
@@ -143,7 +157,9 @@ class Authenticator:
             payload = _unb64(encoded_payload)
             signature = _unb64(encoded_signature)
         except (ValueError, UnicodeEncodeError):
-            raise _unauthorized("the token is malformed") from None
+            raise _unauthorized(
+                "the stream token is malformed: send it exactly as it was minted"
+            ) from None
         expected = hmac.new(self._secret, payload, hashlib.sha256).digest()
         if not hmac.compare_digest(expected, signature):
             raise _unauthorized("the token's signature does not match")
@@ -201,29 +217,59 @@ class Authenticator:
 
     # -- requests ---------------------------------------------------------------------------
 
-    async def authenticate(self, request: Request, *, allow_token: bool = False) -> Principal:
+    async def authenticate(
+        self, request: Request, *, allow_token: bool = False, token_in_query: bool = True
+    ) -> Principal:
+        """The caller: an API key (``Authorization: Bearer``), or where ``allow_token``, a
+        stream token, in that header or (``token_in_query``, for streams: EventSource cannot
+        send headers) in ``?token=``."""
+        if not token_in_query and "token" in request.query_params:
+            raise _unauthorized(
+                "give the token in the `Authorization: Bearer <token>` header here, not in "
+                "?token=: this request writes"
+            )
         header = request.headers.get("authorization")
         if header is not None:
-            scheme, _, key = header.partition(" ")
-            if scheme.lower() != "bearer" or not key.strip():
+            scheme, _, credential = header.partition(" ")
+            credential = credential.strip()
+            if scheme.lower() != "bearer" or not credential:
                 raise _unauthorized("use `Authorization: Bearer <API key>`")
-            hashed = digest(key.strip())
+            hashed = digest(credential)
             owner = await self.keys.owner_of_digest(hashed)
-            if owner is None:
+            if owner is not None:
+                return Principal(owner=owner, holder=f"key:{hashed[:24]}", key_digest=hashed)
+            if not (allow_token and "." in credential):  # a token is payload.signature
                 raise _unauthorized("the API key is not valid")
-            return Principal(owner=owner, holder=f"key:{hashed[:24]}", key_digest=hashed)
+            return await self._token_principal(credential)
         token = request.query_params.get("token")
         if token is not None:
             if not allow_token:
                 raise _unauthorized(
                     "a stream token only reads jobs and opens streams; use an API key here"
                 )
-            principal = self.read_token(token)
-            await self.check_minter(principal)
-            return principal
+            return await self._token_principal(token)
         if self.production:
-            raise _unauthorized("credentials required: `Authorization: Bearer <API key>`")
+            if not allow_token:
+                raise _unauthorized("credentials required: `Authorization: Bearer <API key>`")
+            raise _unauthorized(NEEDS_TOKEN if token_in_query else NEEDS_KEY_OR_ANSWER_TOKEN)
         return Principal(owner=None)
+
+    async def _token_principal(self, token: str) -> Principal:
+        principal = self.read_token(token)
+        await self.check_minter(principal)
+        return principal
+
+
+# A browser reads with a stream token, never a key: the 401 says where a token comes from.
+NEEDS_TOKEN = (
+    "credentials required: a browser needs a stream token in ?token= (minted by your backend "
+    "with its API key: the `stream_token` of a submit's answer, POST /api/jobs/{id}/token or "
+    "POST /api/events/token); a script may send `Authorization: Bearer <API key>`"
+)
+NEEDS_KEY_OR_ANSWER_TOKEN = (
+    "credentials required: `Authorization: Bearer <token>` with a token minted by "
+    'POST /api/jobs/{id}/token with {"may_answer": true}, or `Authorization: Bearer <API key>`'
+)
 
 
 def _unauthorized(message: str, code: str = "unauthorized") -> ApiError:

@@ -8,6 +8,7 @@ capped list per task, and the workers from their heartbeats (see ``tasks/heartbe
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 import time
@@ -166,6 +167,9 @@ async def stats(request: Request) -> Response:
     registered = [spec.name for spec in state.registry.tasks()]
     outcomes, durations = await heartbeat.read_day(store.redis, store.keys, registered, now)
     workers = await read_workers(store, principal.may_read)
+    if principal.owner is not None:
+        # A key sees its own jobs only: the machines they run on are the operator's business.
+        workers = [_without_machine(worker) for worker in workers]
     names = list(dict.fromkeys([*registered, *queue.active, *outcomes]))
 
     def summary(
@@ -215,6 +219,18 @@ async def stats(request: Request) -> Response:
             "scan_truncated": queue.truncated,
         }
     )
+
+
+MACHINE_FIELDS = frozenset({"host", "pid"})
+
+
+def _without_machine(worker: dict[str, Any]) -> dict[str, Any]:
+    """A worker as an owner's key sees it: no host name or pid, and an id that names neither
+    (the heartbeat's id is ``<host>-<pid>-<random>``) but stays the same for that worker."""
+    shown = {k: v for k, v in worker.items() if k not in MACHINE_FIELDS}
+    if isinstance(worker.get("id"), str):
+        shown["id"] = "worker-" + hashlib.sha256(worker["id"].encode()).hexdigest()[:12]
+    return shown
 
 
 def _round(value: float | None) -> float | None:

@@ -33,7 +33,8 @@ WATCH_ATTEMPTS = 5  # a record that changes under this many tries is not waiting
 
 async def answer_input(request: Request) -> Response:
     state: AppState = request.app.state.stepstream
-    principal = await state.auth.authenticate(request, allow_token=True)
+    # The token in the header only: an answer then always needs a CORS preflight.
+    principal = await state.auth.authenticate(request, allow_token=True, token_in_query=False)
     record = await load_job(request, principal)
     if principal.token_scope is not None and not (
         principal.may_answer and principal.token_scope == job_scope(record.id)
@@ -53,9 +54,17 @@ async def answer_input(request: Request) -> Response:
     value = body["value"]
     check_input_shape(value, state.settings)
     try:
-        json.dumps(value, allow_nan=False)
+        encoded = json.dumps(value, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
     except ValueError:  # 1e400 parses as infinity, which no JSON answer could carry back
         raise ApiError(422, "invalid_value", "numbers in the value must be finite") from None
+    limit = state.settings.max_answer_bytes
+    if len(encoded.encode()) > limit:
+        raise ApiError(
+            413,
+            "answer_too_large",
+            f"the value is larger than {limit} bytes as JSON",
+            {"limit": limit, "setting": "STEPSTREAM_MAX_ANSWER_BYTES"},
+        )
     answered = await _store_answer(state, record.id, name, value, answered_by(principal, record))
     return JSONResponse(job_json(answered, root_path(request)), status_code=202)
 

@@ -39,9 +39,34 @@ JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
+def is_json_type(content_type: str) -> bool:
+    """``application/json`` or a ``+json`` type (``application/merge-patch+json``), with any
+    parameters (``; charset=utf-8``)."""
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    kind, _, subtype = media_type.partition("/")
+    return kind == "application" and (subtype == "json" or subtype.endswith("+json"))
+
+
+def _unsupported_type(content_type: str | None) -> ApiError:
+    # Only JSON: a form or text/plain POST is a CORS "simple request", sent cross-origin
+    # without a preflight; a JSON body never is.
+    given = f"Content-Type {content_type!r}" if content_type else "no Content-Type"
+    return ApiError(
+        415,
+        "unsupported_media_type",
+        f"the body must be JSON, sent as Content-Type application/json (got {given})",
+        {"expected": "application/json", "given": content_type},
+    )
+
+
 async def read_json(request: Request, max_bytes: int, *, optional: bool = False) -> Any:
-    """The body as JSON (400 if it is not, 413 past ``max_bytes``); ``optional``: an empty
-    body is ``{}``."""
+    """The body as JSON (415 unless its Content-Type is JSON, 400 if it is not JSON, 413 past
+    ``max_bytes``); ``optional``: an empty body, sent with no Content-Type, is ``{}``."""
+    content_type = request.headers.get("content-type")
+    if content_type is not None and not is_json_type(content_type):
+        raise _unsupported_type(content_type)
+    if content_type is None and not optional:
+        raise _unsupported_type(None)
     declared = request.headers.get("content-length")
     if declared is not None:
         if not (declared.isascii() and declared.isdigit()):
@@ -66,6 +91,8 @@ async def read_json(request: Request, max_bytes: int, *, optional: bool = False)
         ) from None
     if optional and not body.strip():
         return {}
+    if content_type is None:  # a body, and nothing says it is JSON
+        raise _unsupported_type(None)
     try:
         value = json.loads(body)
         # JSON's \uXXXX escapes can spell half a surrogate pair, which is not text: stored, it

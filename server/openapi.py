@@ -175,7 +175,8 @@ IDEMPOTENCY_REFUSED = {
 UNAUTHORIZED = {
     "401": _error(
         "`unauthorized`: no credentials (production), a key that is not valid, a stream token "
-        "where a key is needed or one this server does not accept; `token_expired`; "
+        "where a key is needed, in `?token=` where it must be in the header (an answer), or "
+        "one this server does not accept; `token_expired`; "
         "`token_revoked`: the key that minted the token was revoked; `token_scope`: a job's "
         "token on the firehose",
         {"WWW-Authenticate": {"required": True, "schema": {"type": "string"}}},
@@ -188,6 +189,17 @@ BODY_REFUSED = {
     "400": _error("`malformed_json`, or `bad_request`: a Content-Length that is not a number"),
     "408": _error("`body_timeout`: the body did not arrive within STEPSTREAM_BODY_TIMEOUT_SECONDS"),
     "413": _error("`body_too_large`: over STEPSTREAM_MAX_BODY_BYTES"),
+    "415": _error(
+        "`unsupported_media_type`: a body not sent as `Content-Type: application/json` (or a "
+        "`+json` type; `details.expected`)"
+    ),
+}
+# Answered by `stepstream web` itself, before the app sees the request: on every operation.
+HEAD_REFUSED = {
+    "431": _error(
+        "`header_too_large`: the request line and headers over STEPSTREAM_MAX_HEADER_BYTES; "
+        "the connection is closed"
+    )
 }
 NOT_FOUND = {"404": _error("`job_not_found`: no such job, or not the caller's, or out of scope")}
 TOO_MANY_STREAMS = {
@@ -228,6 +240,7 @@ STREAM_PARAMS = [
 # A stream token opens streams and reads records (scope `job:<id>`, `subject:<s>` or `events`).
 TOKEN_SECURITY: dict[str, list[str]] = {"streamToken": []}
 KEY_SECURITY: dict[str, list[str]] = {"bearer": []}
+ANSWER_TOKEN_SECURITY: dict[str, list[str]] = {"answerToken": []}
 
 
 def _job_schemas() -> dict[str, Schema]:
@@ -452,6 +465,8 @@ def document(
     anonymous: list[dict[str, list[str]]] = [] if production else [{}]
     with_key = [KEY_SECURITY, *anonymous]
     with_key_or_token = [KEY_SECURITY, TOKEN_SECURITY, *anonymous]
+    # An answer's token goes in the Authorization header, as a key does (never ?token=).
+    with_key_or_answer_token = [KEY_SECURITY, ANSWER_TOKEN_SECURITY, *anonymous]
     job_links = _job_links()
     paths: dict[str, Any] = {
         "/api/jobs": {
@@ -650,7 +665,7 @@ def document(
                 "operationId": "answerInput",
                 "summary": "Give the input a waiting job asks for (its `waiting_for`): the job "
                 "is queued again and resumes from its checkpoints",
-                "security": with_key_or_token,
+                "security": with_key_or_answer_token,
                 "parameters": [JOB_ID],
                 "requestBody": {
                     "required": True,
@@ -683,9 +698,14 @@ def document(
                         "another name (`details.waiting_for`), `already_answered`: the first "
                         "answer is kept (`details.by`, `details.at`)"
                     ),
+                    "413": _error(
+                        "`answer_too_large`: the value over STEPSTREAM_MAX_ANSWER_BYTES as "
+                        "compact JSON; `body_too_large`: the body over STEPSTREAM_MAX_BODY_BYTES"
+                    ),
                     "422": _error(
                         "`invalid_value`: the value does not fit the schema (`details`: "
-                        "`loc`, `msg` per problem); `invalid_body`; `input_too_deep` "
+                        "`loc`, `msg` per problem; the schema is closed: an undeclared field "
+                        "is one); `invalid_body`; `input_too_deep` "
                         "(STEPSTREAM_MAX_INPUT_DEPTH); `string_too_long` "
                         "(STEPSTREAM_MAX_STRING_LENGTH)"
                     ),
@@ -892,6 +912,9 @@ def document(
             }
         },
     }
+    for operations in paths.values():
+        for operation in operations.values():
+            operation["responses"].update(HEAD_REFUSED)
     return {
         "openapi": "3.1.0",
         "info": {"title": "Stepstream", "version": "0.1.0"},
@@ -914,6 +937,13 @@ def document(
                     "scheme": "bearer",
                     "description": "an API key: `Authorization: Bearer <key>`",
                 },
+                "answerToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "a `job:<id>` stream token minted with `may_answer` "
+                    "(`POST /api/jobs/{id}/token`), in `Authorization: Bearer <token>`: an "
+                    "answer's token is refused in `?token=`",
+                },
                 "streamToken": {
                     "type": "apiKey",
                     "in": "query",
@@ -922,7 +952,7 @@ def document(
                     "`POST /api/events/token`): `job:<id>` opens that job; `subject:<s>` the "
                     "owner's jobs of subject s and their firehose; `events` all the owner's "
                     "jobs and firehose. A `job:<id>` token minted with `may_answer` also "
-                    "answers that job's input",
+                    "answers that job's input, sent as `answerToken`",
                 },
             },
         },

@@ -1,34 +1,104 @@
-"""uvicorn's HTTP/1.1 protocol with a time limit on a request's head.
+"""uvicorn's HTTP/1.1 protocol with limits on a request's head: its time and its size.
 
 uvicorn bounds an idle keep-alive connection, but not the time a client takes to send a
 request line and headers: one byte every few seconds holds a connection (and a file
 descriptor) for ever. Here a connection must deliver each request's head within
 ``head_timeout`` seconds of opening, or of the previous response's end; otherwise it is
 closed. Once a request is under way (its body, a long stream) the limit no longer applies.
+
+Nor does uvicorn bound a head's size with httptools, whose parser keeps a header however long
+it grows: one connection could make the process buffer (and parse) 100 MB. Here the bytes of
+a head are counted as they arrive, and one over ``max_head_bytes`` gets 431 and the connection
+is closed before the rest is read. (h11, without httptools, has a limit of its own, set to the
+same size by ``stepstream web``; it answers 400.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
+HEAD_TOO_LARGE = 431
 
-def with_head_timeout(base: type[asyncio.Protocol], seconds: float) -> type[asyncio.Protocol]:
-    """``base`` (uvicorn's h11 or httptools protocol) with the head time limit."""
 
-    class HeadTimeoutProtocol(base):  # type: ignore[valid-type,misc]
+def head_too_large(max_bytes: int) -> bytes:
+    """The whole 431 response, written straight to the socket: no app runs for a head that
+    was never read whole."""
+    body = json.dumps(
+        {
+            "error": {
+                "code": "header_too_large",
+                "message": f"the request line and headers are larger than {max_bytes} bytes",
+                "details": {"limit": max_bytes, "setting": "STEPSTREAM_MAX_HEADER_BYTES"},
+            }
+        },
+        separators=(",", ":"),
+    ).encode()
+    head = (
+        f"HTTP/1.1 {HEAD_TOO_LARGE} Request Header Fields Too Large\r\n"
+        "content-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n"
+        "connection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def with_head_limits(
+    base: type[asyncio.Protocol], seconds: float, max_bytes: int
+) -> type[asyncio.Protocol]:
+    """``base`` (uvicorn's h11 or httptools protocol) with the head's time and size limits.
+
+    The size is counted only where the parser reports where a head ends (httptools'
+    ``on_headers_complete`` and ``on_message_complete``): from the end of one message to the
+    end of the next head.
+    """
+    counts_size = hasattr(base, "on_headers_complete") and hasattr(base, "on_message_complete")
+    refusal = head_too_large(max_bytes)
+
+    class HeadLimitsProtocol(base):  # type: ignore[valid-type,misc]
         head_timeout = seconds
+        max_head_bytes = max_bytes
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self._head_timer: asyncio.TimerHandle | None = None
+            # Bytes of the head being read; None while a body is (no head is due).
+            self._head_bytes: int | None = 0 if counts_size else None
+            self._heads_read = 0
             self._arm_head_timer()
 
         def data_received(self, data: bytes) -> None:
+            if self._head_bytes is not None:
+                room = self.max_head_bytes - self._head_bytes
+                if len(data) > room:
+                    # Up to the limit: the head may end inside it; if not, it is too large.
+                    within, rest = data[:room], data[room:]
+                    heads_read = self._heads_read
+                    if within:
+                        self._feed(within)
+                    if self._heads_read == heads_read:
+                        self._refuse_head()
+                    elif rest and not self.transport.is_closing():
+                        self.data_received(rest)  # a body, or the next head, counted again
+                    return
+                self._head_bytes += len(data)
+            self._feed(data)
+
+        def _feed(self, data: bytes) -> None:
             super().data_received(data)
             cycle = getattr(self, "cycle", None)
             if cycle is not None and not cycle.response_complete:
                 self._disarm_head_timer()  # the head is in: a request is under way
+
+        def on_headers_complete(self) -> None:
+            self._head_bytes = None
+            self._heads_read += 1
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self._head_bytes = 0  # what follows on this connection is the next head
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -37,6 +107,13 @@ def with_head_timeout(base: type[asyncio.Protocol], seconds: float) -> type[asyn
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm_head_timer()
             super().connection_lost(exc)
+
+        def _refuse_head(self) -> None:
+            self._disarm_head_timer()
+            self._head_bytes = None
+            if not self.transport.is_closing():
+                self.transport.write(refusal)
+                self.transport.close()
 
         def _arm_head_timer(self) -> None:
             self._disarm_head_timer()
@@ -54,11 +131,12 @@ def with_head_timeout(base: type[asyncio.Protocol], seconds: float) -> type[asyn
             if not self.transport.is_closing():
                 self.transport.close()
 
-    return HeadTimeoutProtocol
+    return HeadLimitsProtocol
 
 
-def http_protocol(seconds: float) -> type[asyncio.Protocol]:
-    """The protocol uvicorn would pick (httptools when installed, else h11), time-limited."""
+def http_protocol(seconds: float, max_bytes: int) -> type[asyncio.Protocol]:
+    """The protocol uvicorn would pick (httptools when installed, else h11), with the head's
+    time and size limits."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -67,4 +145,4 @@ def http_protocol(seconds: float) -> type[asyncio.Protocol]:
         from uvicorn.protocols.http.h11_impl import H11Protocol
 
         base = H11Protocol
-    return with_head_timeout(base, seconds)
+    return with_head_limits(base, seconds, max_bytes)

@@ -193,7 +193,7 @@ export function watchJob(jobId: string, options?: WatchJobOptions): JobWatch;
 
 export interface AnswerOptions {
   baseUrl?: string | URL;
-  /** A token minted by `POST /api/jobs/{id}/token` with `{"may_answer": true}`. */
+  /** A token minted by `POST /api/jobs/{id}/token` with `{"may_answer": true}`; sent as `Authorization: Bearer`. */
   token?: string | null;
   fetch?: typeof fetch;
 }

@@ -997,12 +997,14 @@ export async function answer(jobId, name, value, options = {}) {
   const fetchImpl = options.fetch ?? globalThis.fetch.bind(globalThis);
   const path = `api/jobs/${encodeURIComponent(jobId)}/input`;
   const target = new URL(path, resolveBaseUrl(options.baseUrl));
-  if (options.token) target.searchParams.set("token", options.token);
+  const headers = { "content-type": "application/json", accept: "application/json" };
+  // In the header, never ?token=: the server refuses an answer's token in the URL.
+  if (options.token) headers.authorization = `Bearer ${options.token}`;
   let response;
   try {
     response = await fetchImpl(target.href, {
       method: "POST",
-      headers: { "content-type": "application/json", accept: "application/json" },
+      headers,
       body: JSON.stringify({ name, value }),
     });
   } catch (error) {

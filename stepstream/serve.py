@@ -38,8 +38,9 @@ def web_argv(
 
 
 def run_uvicorn(argv: list[str] | None = None) -> None:
-    """``python -m stepstream.serve``: uvicorn on :data:`WEB_APP` with a time limit on request
-    heads (``STEPSTREAM_HEADER_TIMEOUT_SECONDS``) and on idle keep-alive connections (5 s)."""
+    """``python -m stepstream.serve``: uvicorn on :data:`WEB_APP` with limits on request heads,
+    their time (``STEPSTREAM_HEADER_TIMEOUT_SECONDS``) and size (``STEPSTREAM_MAX_HEADER_BYTES``),
+    and on idle keep-alive connections (5 s)."""
     import argparse
 
     import uvicorn
@@ -53,11 +54,13 @@ def run_uvicorn(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout-graceful-shutdown", type=float, default=10)
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
+    settings = get_settings()
     uvicorn.run(
         WEB_APP,
         host=args.host,
         port=args.port,
-        http=http_protocol(get_settings().header_timeout_seconds),
+        http=http_protocol(settings.header_timeout_seconds, settings.max_header_bytes),
+        h11_max_incomplete_event_size=settings.max_header_bytes,  # uvicorn without httptools
         timeout_keep_alive=5,
         timeout_graceful_shutdown=int(args.timeout_graceful_shutdown),
         log_level=args.log_level,

@@ -34,6 +34,7 @@ from stepstream.tasks.queue import (
     resume_entry,
     timeout_entry,
 )
+from stepstream.tasks.registry import submitted_input_model
 from stepstream.tasks.store import Appended, JobStore, new_event
 
 if TYPE_CHECKING:
@@ -87,7 +88,9 @@ async def wait_for_input(
         InputRequest(
             name=name,
             prompt=prompt,
-            schema=schema.model_json_schema(),
+            # Closed as a submit's input is: an answer with a field the model does not
+            # declare is refused (422) instead of stored, logged and broadcast.
+            schema=submitted_input_model(schema).model_json_schema(),
             timeout_at=timeout_at,
             default=stored_default,
         )

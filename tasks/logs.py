@@ -23,6 +23,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
+from urllib.parse import unquote_plus
 
 from stepstream.tasks.settings import Settings
 
@@ -129,20 +130,58 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, ensure_ascii=False)
 
 
+# Control characters (C0, DEL, C1) and the Unicode line and paragraph separators: a newline in
+# a task's error message would start a line of its own, a carriage return or an escape
+# sequence would overwrite or recolour what a terminal shows.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_CONTROL_NAMES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def escape_controls(text: str) -> str:
+    """``text`` on one line: each control character as its escape (``\\n``, ``\\x1b``), as
+    the JSON format writes them."""
+    return _CONTROL.sub(_escape_control, text)
+
+
+def _escape_control(match: re.Match[str]) -> str:
+    char = match.group()
+    named = _CONTROL_NAMES.get(char)
+    if named is not None:
+        return named
+    code = ord(char)
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
 class TextFormatter(logging.Formatter):
-    """``12:00:01 INFO stepstream.worker: job completed [job_id=… task=… attempt=1 step=…]``."""
+    """``12:00:01 INFO stepstream.worker: job completed [job_id=… task=… attempt=1 step=…]``.
+
+    One record, one line: its message and tags come with control characters escaped, so no
+    text from a task can forge a line. A traceback follows on lines of its own, each indented:
+    a line that starts at the margin is always a log line.
+    """
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        record.message = escape_controls(record.getMessage())
+        record.asctime = self.formatTime(record, self.datefmt)
+        line = self.formatMessage(record)
         fields = _record_fields(record)
-        if not fields:
-            return line
-        tags = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
-        head, sep, tail = line.partition("\n")  # keep a traceback below the tags
-        return f"{head} [{tags}]{sep}{tail}"
+        tags = " ".join(
+            f"{k}={escape_controls(str(v))}" for k, v in fields.items() if v is not None
+        )
+        if tags:
+            line = f"{line} [{tags}]"
+        below = [self.formatException(record.exc_info)] if record.exc_info else []
+        if not record.exc_info and record.exc_text:
+            below.append(record.exc_text)
+        if record.stack_info:
+            below.append(self.formatStack(record.stack_info))
+        for block in below:
+            for text in block.splitlines():
+                line += "\n    " + escape_controls(text)
+        return line
 
 
 # arq's job lines: "  0.52s → <job id>:stepstream.run_job(...)", "job <job id> expired", …
@@ -198,13 +237,21 @@ def use_json(setting: str, stream: Any = None) -> bool:
 
 
 ARQ_LOGGERS = ("arq", "arq.worker", "arq.jobs", "arq.connections", "arq.utils")
-_TOKEN_IN_QUERY = re.compile(r"([?&]token=)[^&\s\"']+")
+# A query parameter as an access line shows it, still percent-encoded: name=value.
+_QUERY_PARAM = re.compile(r"([?&])([^?&=\s\"'#]*)=([^&\s\"'#]*)")
 
 
 def redact_tokens(text: str) -> str:
     """``?token=<stream token>`` becomes ``?token=[redacted]``: a token in a log is a key to a
-    stream for anyone who reads the log."""
-    return _TOKEN_IN_QUERY.sub(r"\1[redacted]", text)
+    stream for anyone who reads the log. The name is matched as the server reads it, decoded:
+    ``?%74oken=`` authenticates as ``?token=`` does, so it is redacted too."""
+    return _QUERY_PARAM.sub(_redact_param, text)
+
+
+def _redact_param(match: re.Match[str]) -> str:
+    if unquote_plus(match.group(2)).strip().lower() != "token":
+        return match.group()
+    return f"{match.group(1)}{match.group(2)}=[redacted]"
 
 
 class TokenRedactor(logging.Filter):
@@ -213,10 +260,11 @@ class TokenRedactor(logging.Filter):
     app that mounts Stepstream can add it to its own access-log handler."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.msg, str) and "token=" in record.msg:
+        # Any text with a query string: the parameter's name may be percent-encoded.
+        if isinstance(record.msg, str) and "=" in record.msg:
             record.msg = redact_tokens(record.msg)
         if isinstance(record.args, tuple) and any(
-            isinstance(arg, str) and "token=" in arg for arg in record.args
+            isinstance(arg, str) and "=" in arg for arg in record.args
         ):
             record.args = tuple(
                 redact_tokens(arg) if isinstance(arg, str) else arg for arg in record.args

@@ -93,8 +93,9 @@ class TaskSpec:
 
 @functools.cache
 def submitted_input_model(model: type[BaseModel]) -> type[BaseModel]:
-    """``model`` as submissions are checked against it: a field it does not declare is refused
-    (a misspelt ``{"reveiw": true}`` would otherwise run as if absent). A model that sets
+    """``model`` as submissions and answers to ``wait_for_input`` are checked against it: a
+    field it does not declare is refused (a misspelt ``{"reveiw": true}`` would otherwise run
+    as if absent, and an answer could carry anything along). A model that sets
     ``model_config["extra"]`` itself (``ConfigDict(extra="allow")``, or ``"ignore"``) is taken
     at its word. Only the top level is checked so: nested models keep their own setting. The
     worker validates with ``model`` itself, so jobs stored before still run."""

@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     body_timeout_seconds: float = 10.0  # a request body must arrive whole within this
     # A request's line and headers must arrive within this (stepstream web; server/protocol.py).
     header_timeout_seconds: float = 10.0
+    # ...and be at most this large (431 past it). 64 KiB: far above any head a browser or a
+    # script sends (nginx's default takes at most 32 KiB), and small enough that every open
+    # connection may hold one.
+    max_header_bytes: int = Field(default=65_536, ge=1_024)
     # Once its body is in, a request answers within this (503 if Redis does not).
     request_deadline_seconds: float = 5.0
     list_limit_max: int = 200
@@ -66,6 +70,9 @@ class Settings(BaseSettings):
 
     # Limits
     max_input_depth: int = 32
+    # An answer's value (POST /api/jobs/{id}/input), as compact JSON: it is stored in the
+    # record and sent on every stream of the job, to browsers too.
+    max_answer_bytes: int = Field(default=65_536, ge=1)
     max_string_length: int = 200_000
     max_unfinished_per_owner: int = 1_000
     submissions_per_second: int = 50

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -145,6 +146,63 @@ def test_a_job_token_opens_one_job_s_stream_and_record_and_nothing_else(prod: St
     tampered = payload[:-2] + ("A" if payload[-2] != "A" else "B") + payload[-1] + "." + signature
     refused = http.get(f"{prod.url}/api/jobs/{job['id']}/events?token={tampered}")
     assert refused.status_code == 401 and b"data:" not in refused.content
+
+
+B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def test_a_token_is_accepted_only_as_it_was_minted(prod: Stack) -> None:
+    """Padding, or a last character whose unused bits differ, decode to the same bytes with a
+    lenient base64 decoder: each such spelling is refused, the minted one still works."""
+    job = submit_as(prod, ALICE)
+    token = job["stream_token"]
+    payload, signature = token.split(".")
+    assert len(signature) % 4 == 3  # 32 bytes: the last character carries 2 unused bits
+    last = B64URL.index(signature[-1])
+    same_bytes = signature[:-1] + B64URL[last ^ 1]
+    assert base64.urlsafe_b64decode(same_bytes + "=") == base64.urlsafe_b64decode(signature + "=")
+    for variant in [
+        token + "==",
+        token + "=",
+        f"{payload}=.{signature}",
+        f"{payload}.{same_bytes}",
+        f"{payload}.{signature}\n",
+    ]:
+        for path in [f"/api/jobs/{job['id']}", f"/api/jobs/{job['id']}/events"]:
+            refused = http.get(f"{prod.url}{path}", params={"token": variant}, timeout=10)
+            assert refused.status_code == 401, (variant, path, refused.text)
+            assert refused.json()["error"]["code"] == "unauthorized"
+    assert http.get(f"{prod.url}/api/jobs/{job['id']}", params={"token": token}).status_code == 200
+
+
+def test_a_browser_without_a_token_is_told_to_get_a_stream_token(prod: Stack) -> None:
+    for path in ["/api/jobs/x/events", "/api/events", "/api/jobs/x"]:
+        refused = http.get(f"{prod.url}{path}", headers={"Accept": "text/event-stream"})
+        assert refused.status_code == 401
+        error = refused.json()["error"]
+        assert error["code"] == "unauthorized"
+        assert "stream token in ?token=" in error["message"], error
+        assert "POST /api/jobs/{id}/token" in error["message"]
+    # Where a stream token cannot serve, the key is what is asked for.
+    listed = http.get(f"{prod.url}/api/jobs").json()["error"]["message"]
+    assert "API key" in listed and "stream token" not in listed
+
+
+def test_an_owner_s_stats_name_no_worker_machine(prod: Stack) -> None:
+    wait_until(
+        lambda: http.get(f"{prod.url}/api/stats", headers=ALICE).json()["workers_alive"] == 1,
+        timeout=10,
+        what="a worker's heartbeat",
+    )
+    (worker,) = http.get(f"{prod.url}/api/stats", headers=ALICE).json()["workers"]
+    assert "host" not in worker and "pid" not in worker, worker
+    (process,) = prod.workers
+    assert process.proc is not None and str(process.proc.pid) not in worker["id"], worker
+    assert socket.gethostname() not in worker["id"], worker
+    assert {"started_at", "last_seen", "max_jobs", "running"} <= set(worker)
+    # The same worker keeps the same id, for a dashboard that follows it.
+    again = http.get(f"{prod.url}/api/stats", headers=BOB).json()["workers"]
+    assert [w["id"] for w in again] == [worker["id"]]
 
 
 def test_token_expiry_ends_the_stream_with_a_distinct_event(

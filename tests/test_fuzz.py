@@ -71,7 +71,10 @@ def assert_sane(response: httpx.Response) -> None:
 
 @pytest.fixture(scope="module")
 def client(make_stack_module: Stack) -> Any:
-    with httpx.Client(base_url=make_stack_module.url, timeout=10) as http:
+    # JSON's Content-Type on every request, so the bodies reach the JSON parser (a body of
+    # another type is refused with 415 before it is read).
+    json_type = {"Content-Type": "application/json"}
+    with httpx.Client(base_url=make_stack_module.url, timeout=10, headers=json_type) as http:
         yield http
 
 

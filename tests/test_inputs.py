@@ -42,6 +42,10 @@ def answer(base: str, job_id: str, name: str, value: Any, **kw: Any) -> httpx.Re
     )
 
 
+def bearer(credential: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {credential}"}
+
+
 def waiting(base: str, job_id: str, timeout: float = 30, **kw: Any) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
@@ -219,6 +223,52 @@ def test_a_number_no_json_answer_could_carry_is_422(make_stack_module: Stack) ->
     assert store_snapshot(s) == before
 
 
+def test_an_answer_with_a_field_the_schema_does_not_declare_is_422(
+    make_stack_module: Stack,
+) -> None:
+    """Input schemas are closed, as submits are: an extra field is not stored, logged or
+    broadcast, whoever sends it."""
+    s = make_stack_module
+    job = submit(s.url, "asks", {})
+    record = settled_waiting(s, job["id"])
+    assert record["waiting_for"]["schema"]["additionalProperties"] is False
+    before = store_snapshot(s)
+    injected = {"approved": True, "injected": {"payload": "x" * 1000}}
+    response = answer(s.url, job["id"], "decision", injected)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_value"
+    assert "injected" in error["details"][0]["msg"], error
+    assert store_snapshot(s) == before
+    assert answer(s.url, job["id"], "decision", YES).status_code == 202
+
+
+def test_an_answer_over_the_size_limit_is_413_and_changes_nothing(
+    make_stack_module: Stack,
+) -> None:
+    s = make_stack_module
+    job = submit(s.url, "asks", {})
+    settled_waiting(s, job["id"])
+    before = store_snapshot(s)
+    # Fits the schema and every other limit; only its size is refused.
+    big = answer(s.url, job["id"], "decision", {"approved": True, "note": "x" * 70_000})
+    assert big.status_code == 413, big.text
+    error = big.json()["error"]
+    assert error["code"] == "answer_too_large"
+    assert error["details"] == {"limit": 65536, "setting": "STEPSTREAM_MAX_ANSWER_BYTES"}
+    # Not sent as JSON: 415, whatever the body holds.
+    as_text = http.post(
+        f"{s.url}/api/jobs/{job['id']}/input",
+        content=json.dumps({"name": "decision", "value": YES}),
+        headers={"Content-Type": "text/plain"},
+        timeout=10,
+    )
+    assert as_text.status_code == 415, as_text.text
+    assert as_text.json()["error"]["code"] == "unsupported_media_type"
+    assert store_snapshot(s) == before
+    assert get_job(s.url, job["id"])["state"] == "waiting"
+
+
 def test_a_second_answer_is_409_and_the_first_is_kept(make_stack_module: Stack) -> None:
     s = make_stack_module
     job = submit(s.url, "asks", {})
@@ -306,31 +356,38 @@ def test_only_the_owner_or_an_answering_token_may_answer(prod: Stack) -> None:
     settled_waiting(s, job["id"], headers=ALICE)
     before = store_snapshot(s)
     # The stream token of the submit answer reads, never answers.
-    reader = answer(s.url, job["id"], "decision", YES, params={"token": job["stream_token"]})
+    reader = answer(s.url, job["id"], "decision", YES, headers=bearer(job["stream_token"]))
     assert reader.status_code == 403 and reader.json()["error"]["code"] == "forbidden"
     read_only = http.post(f"{s.url}/api/jobs/{job['id']}/token", headers=ALICE).json()
     assert read_only["may_answer"] is False
     assert (
-        answer(s.url, job["id"], "decision", YES, params={"token": read_only["token"]}).status_code
+        answer(s.url, job["id"], "decision", YES, headers=bearer(read_only["token"])).status_code
         == 403
     )
     firehose = http.post(f"{s.url}/api/events/token", headers=ALICE).json()["token"]
-    assert answer(s.url, job["id"], "decision", YES, params={"token": firehose}).status_code == 403
+    assert answer(s.url, job["id"], "decision", YES, headers=bearer(firehose)).status_code == 403
     assert answer(s.url, job["id"], "decision", YES, headers=BOB).status_code == 404
-    assert answer(s.url, job["id"], "decision", YES).status_code == 401
+    anonymous = answer(s.url, job["id"], "decision", YES)
+    assert anonymous.status_code == 401 and "may_answer" in anonymous.json()["error"]["message"]
     assert store_snapshot(s) == before
     minted = http.post(
         f"{s.url}/api/jobs/{job['id']}/token", json={"may_answer": True}, headers=ALICE
     ).json()
     assert minted["may_answer"] is True
     other = http.post(f"{s.url}/api/jobs", json={"task": "asks", "input": {}}, headers=ALICE).json()
-    waiting(s.url, other["id"], headers=ALICE)
+    settled_waiting(s, other["id"], headers=ALICE)
+    before = store_snapshot(s)
     # Scoped to one job: it answers that job only.
     assert (
-        answer(s.url, other["id"], "decision", YES, params={"token": minted["token"]}).status_code
+        answer(s.url, other["id"], "decision", YES, headers=bearer(minted["token"])).status_code
         == 404
     )
-    given = answer(s.url, job["id"], "decision", YES, params={"token": minted["token"]})
+    # Never in the query string, where an answer would be a CORS simple request.
+    in_query = answer(s.url, job["id"], "decision", YES, params={"token": minted["token"]})
+    assert in_query.status_code == 401, in_query.text
+    assert "Authorization" in in_query.json()["error"]["message"]
+    assert store_snapshot(s) == before
+    given = answer(s.url, job["id"], "decision", YES, headers=bearer(minted["token"]))
     assert given.status_code == 202, given.text
     assert given.json()["answers"]["decision"]["by"] == "subject:u-7"
     by_key = answer(s.url, other["id"], "decision", YES, headers=ALICE)

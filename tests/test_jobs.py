@@ -188,6 +188,59 @@ def test_bad_submissions_are_4xx_and_store_nothing(
     assert store_snapshot(s) == before
 
 
+GOOD_SUBMIT = json.dumps({"task": "analyze_document", "input": {"text": "A. B."}}).encode()
+
+
+@pytest.mark.parametrize(
+    ("content_type", "path"),
+    [
+        ("text/plain", "/api/jobs"),
+        ("text/plain;charset=UTF-8", "/api/batches"),
+        ("application/x-www-form-urlencoded", "/api/jobs"),
+        ("multipart/form-data; boundary=x", "/api/jobs"),
+        (None, "/api/jobs"),
+        ("text/plain", "/api/events/token"),
+    ],
+)
+def test_a_body_that_is_not_sent_as_json_gets_415_and_changes_nothing(
+    make_stack_module: Stack, content_type: str | None, path: str
+) -> None:
+    """A form or text/plain POST is one a page on any origin may send without a CORS
+    preflight: the body is valid JSON, and still refused."""
+    s = make_stack_module
+    before = store_snapshot(s)
+    headers = {"Content-Type": content_type} if content_type else {}
+    body = GOOD_SUBMIT if "batches" not in path else b'{"task":"counted","inputs":[{}]}'
+    response = http.post(f"{s.url}{path}", content=body, headers=headers)
+    assert response.status_code == 415, response.text
+    error = response.json()["error"]
+    assert error["code"] == "unsupported_media_type"
+    assert "application/json" in error["message"]
+    assert error["details"] == {"expected": "application/json", "given": content_type}
+    assert store_snapshot(s) == before
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/json",
+        "application/json; charset=utf-8",
+        "Application/JSON",
+        "application/vnd.acme+json",
+    ],
+)
+def test_json_content_types_are_accepted(make_stack_module: Stack, content_type: str) -> None:
+    s = make_stack_module
+    response = http.post(
+        f"{s.url}/api/jobs", content=GOOD_SUBMIT, headers={"Content-Type": content_type}
+    )
+    assert response.status_code == 202, response.text
+    # A token asked for with no body needs no Content-Type.
+    token = http.post(f"{s.url}/api/jobs/{response.json()['id']}/token")
+    assert token.status_code == 200, token.text
+    wait_state(s.url, response.json()["id"], {"completed"})  # the stack's next test sees it idle
+
+
 def test_error_details_name_the_fields_and_known_tasks(stack: Stack) -> None:
     unknown = http.post(f"{stack.url}/api/jobs", json={"task": "nope", "input": {}}).json()
     assert set(unknown["error"]["details"]["known_tasks"]) >= {"analyze_document", "generate_quote"}
@@ -211,7 +264,9 @@ def test_a_body_without_content_length_is_limited_while_reading(
             yield b"x" * 10_000
         yield b'"}}'
 
-    response = http.post(f"{s.url}/api/jobs", content=chunks())
+    response = http.post(
+        f"{s.url}/api/jobs", content=chunks(), headers={"Content-Type": "application/json"}
+    )
     assert response.status_code == 413
     assert store_snapshot(s) == before
 

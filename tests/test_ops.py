@@ -238,6 +238,27 @@ def test_doctor_says_all_is_well_or_what_is_wrong(make_stack: StackFactory) -> N
     assert "cannot reach the web process" in bad.stdout
 
 
+def test_a_task_s_error_cannot_forge_a_text_log_line(make_stack: StackFactory) -> None:
+    """A newline in an error message would start a line that reads as the server's own."""
+    s = make_stack(webs=1, workers=1, STEPSTREAM_LOG_FORMAT="text")
+    forged = "12:00:00 INFO stepstream.worker: job completed [job_id=forged]"
+    message = f"no\n{forged}\r\x1b[2Kcleared"
+    job = submit(s.url, "refuses", {"message": message})
+    wait_state(s.url, job["id"], {"failed"})
+    (worker,) = s.workers
+    wait_until(lambda: "job failed" in worker.log(), timeout=10, what="the failure's log line")
+    worker.stop()
+    lines = worker.log().splitlines()
+    failed = [line for line in lines if "job failed" in line]
+    assert len(failed) == 1, failed
+    (line,) = failed
+    assert line.endswith("]") and f"job_id={job['id']}" in line, line
+    assert "no\\n12:00:00 INFO" in line and "\\r\\x1b[2Kcleared" in line, line
+    # No line starts as the forged one: it stayed inside the real line.
+    assert not any(text.startswith(forged) for text in lines), lines
+    assert not any("\x1b" in text or "\r" in text for text in lines)
+
+
 def test_stream_tokens_never_reach_the_access_log(make_stack: StackFactory) -> None:
     s = make_stack(webs=0, workers=1)
     web = Web(s.env, s.log_dir)
@@ -246,11 +267,17 @@ def test_stream_tokens_never_reach_the_access_log(make_stack: StackFactory) -> N
     job = submit(s.url, "counted")
     wait_state(s.url, job["id"], {"completed"})
     token = job["stream_token"]
-    streamed = http.get(f"{s.url}/api/jobs/{job['id']}/events?after=0&token={token}", timeout=10)
-    assert streamed.status_code == 200 and "event: completed" in streamed.text
+    events = f"{s.url}/api/jobs/{job['id']}/events?after=0"
+    # The parameter's name percent-encoded is still the token to the server...
+    for name in ["token", "%74oken", "%74%6F%6B%65%6E"]:
+        streamed = http.get(f"{events}&{name}={token}", timeout=10)
+        assert streamed.status_code == 200 and "event: completed" in streamed.text
+        refused = http.get(f"{events}&{name}={token[:-4]}", timeout=10)
+        assert refused.status_code == 401, (name, refused.text)
     web.stop()
     log = web.log()
     access = [line for line in log.splitlines() if "/events?" in line]
-    assert access, f"no access line was logged, so redaction was not tested:\n{log}"
-    assert all("token=[redacted]" in line for line in access), access
-    assert token not in log
+    # ...and to the redaction.
+    for name in ["token", "%74oken", "%74%6F%6B%65%6E"]:
+        assert sum(f"&{name}=[redacted]" in line for line in access) == 2, (name, access)
+    assert token not in log and token[:-4] not in log

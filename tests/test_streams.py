@@ -5,8 +5,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import httpx
 import redis
 
+from stepstream import Client, SnapshotEvent
 from tests.conftest import Stack, StackFactory
 from tests.support import http
 from tests.support.api import DOC, get_job, submit, wait_state
@@ -245,3 +247,48 @@ def test_a_fresh_firehose_connect_misses_nothing_written_while_it_connects(
     reader.close()
     queued = [e.data["job_id"] for e in reader.events if e.type == "queued"]
     assert queued == [job["id"], later["id"]], "each event exactly once, in order"
+
+
+SEPARATORS = "\u2028\u2029\u0085"  # line breaks to str.splitlines(), not to SSE
+
+
+def raw_stream(url: str, until: bytes | None = None, timeout: float = 30) -> bytes:
+    """A stream's bytes as sent: to its end, or until ``until`` has arrived."""
+    body = b""
+    deadline = time.monotonic() + timeout
+    with (
+        httpx.Client(timeout=timeout) as client,
+        client.stream("GET", url) as response,
+    ):
+        assert response.status_code == 200
+        for chunk in response.iter_bytes():
+            body += chunk
+            if until is not None and until in body:
+                break
+            assert time.monotonic() < deadline, f"{url}: {until!r} not seen in {timeout}s"
+    return body
+
+
+def test_no_frame_carries_a_raw_unicode_line_break_and_the_client_reads_them_all(
+    stack: Stack,
+) -> None:
+    """pydantic writes U+2028, U+2029 and U+0085 raw, json.dumps escapes them: every frame,
+    the snapshot too, is ASCII, so a client that splits lines on them still reads each one."""
+    text = f"One{SEPARATORS[0]}. Two{SEPARATORS[1]}. Three{SEPARATORS[2]} end."
+    job = submit(stack.url, "analyze_document", {"text": text, "title": SEPARATORS})
+    wait_state(stack.url, job["id"], {"completed"})
+    snapshot = raw_stream(events_url(stack.url, job["id"]))
+    log = raw_stream(f"{events_url(stack.url, job['id'])}?after=0")
+    completed = f'"job_id":"{job["id"]}","type":"completed"'.encode()
+    firehose = raw_stream(f"{stack.url}/api/events?after=0", until=completed)
+    assert b"event: snapshot" in snapshot
+    for name, body in [("snapshot", snapshot), ("log", log), ("firehose", firehose)]:
+        assert body.isascii(), f"the {name} has a byte past ASCII"
+        # The characters went out, escaped: the test's precondition.
+        assert b"\\u2028" in body and b"\\u2029" in body and b"\\u0085" in body, name
+    with Client(stack.url) as client:
+        first, *_ = client.events(job["id"])
+        assert isinstance(first, SnapshotEvent)
+        assert first.job.input == {"text": text, "title": SEPARATORS}
+        log_events = list(client.events(job["id"], after="0"))
+    assert log_events[0].type == "queued" and log_events[-1].type == "completed"

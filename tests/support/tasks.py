@@ -263,3 +263,14 @@ async def stubborn(ctx: TaskContext, data: GatedInput) -> StubbornOutput:
             except asyncio.CancelledError:
                 interruptions += 1
     return StubbornOutput(interruptions=interruptions)
+
+
+class RefusesInput(BaseModel):
+    message: str
+
+
+@task("refuses", steps=["check"], input=RefusesInput, output=Done, max_attempts=1)
+async def refuses(ctx: TaskContext, data: RefusesInput) -> Done:
+    """Fails at once with the message it was given, as a task whose error quotes its input."""
+    async with ctx.step("check"):
+        raise PermanentError(data.message)
