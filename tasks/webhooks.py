@@ -78,6 +78,8 @@ class Outcome:
     delivered: bool
     retry: bool  # another attempt may succeed
     detail: str  # "HTTP 503", "no answer within 10s", "refused: ..."
+    # This worker's settings refuse it (not the receiver): kept for a worker they allow.
+    held: bool = False
 
 
 async def post(
@@ -108,7 +110,7 @@ async def post(
     except Unresolvable as exc:
         return Outcome(False, True, str(exc))
     except Refused as exc:
-        return Outcome(False, False, f"refused: the URL {exc}")
+        return Outcome(False, False, f"refused: the URL {exc}", held=True)
     except TimeoutError:
         return Outcome(False, True, f"no answer within {timeout:g}s")
     except (httpx.HTTPError, OSError) as exc:
