@@ -886,7 +886,12 @@ def document(
                 "summary": "Readiness: Redis reachable",
                 "security": [{}],
                 "responses": {
-                    "200": _json("Ready; `hub`: connected or reconnecting", STATUS),
+                    "200": _json(
+                        "Ready; `hub`: connected or reconnecting; `webhooks`: whether the live "
+                        "processes agree on their webhook settings (`settings`, `differing`) "
+                        "and how many deliveries a worker's settings hold (`held`)",
+                        STATUS,
+                    ),
                     "503": _json("Redis unreachable", STATUS),
                 },
             }

@@ -71,6 +71,14 @@ CONSUMER_CLEANUP_SECONDS = 60.0
 # A worker whose settings refused a held entry looks at it again after this long (a host's DNS
 # may change; its settings do not while it runs).
 HOLD_RECHECK_SECONDS = 60.0
+# A held entry's reason, rewritten only while it is held: a worker that has just delivered it
+# deleted the field, which must stay deleted.
+REWRITE_REASON = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+  return redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
+return 0
+"""
 
 
 def backoff_seconds(settings: Settings, entry_id: str, attempts: int) -> float:
@@ -115,6 +123,7 @@ class Outbox:
         self._sweep_every = min(1.0, max(0.05, settings.webhook_backoff_seconds / 2))
         self._cleaned_at = 0.0
         self._held_cursor = "-"
+        self._rewrite_reason = redis.register_script(REWRITE_REASON)
         self._refused_here: dict[str, float] = {}  # held entry id → when to look again
 
     def start(self) -> None:
@@ -212,7 +221,8 @@ class Outbox:
                     self._cleaned_at = time.monotonic()
                     await self._remove_stale_consumers()
             except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
+                # No outbox yet (the first webhook event of a deployment creates it).
+                if "NOGROUP" not in str(exc) and "no such key" not in str(exc):
                     logger.warning("webhook sweep failed", exc_info=True)
             except Exception:
                 logger.warning("webhook sweep failed", exc_info=True)
@@ -315,6 +325,9 @@ class Outbox:
             reason = await self._refusal(found[0][1])
             if reason is not None:
                 self._refused_here[entry_id] = now + HOLD_RECHECK_SECONDS
+                # The reason shown is the latest worker's: the one that held it may be gone.
+                record = json.dumps({"reason": reason, "worker": self.consumer, "at": time.time()})
+                await self._rewrite_reason(keys=[self.keys.webhooks_held], args=[entry_id, record])
                 continue
             for claimed_id, fields in await self._claim(entry_id, idle):
                 await self.redis.hdel(self.keys.webhooks_held, claimed_id)  # type: ignore[misc]
