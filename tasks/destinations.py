@@ -4,8 +4,10 @@ A callback URL comes from whoever holds an API key, and the worker that POSTs to
 the deployment's network, so by default it may only reach public addresses: never loopback,
 private, link-local (the cloud metadata service at 169.254.169.254), CGNAT, multicast or
 reserved ones, nor an IPv6 address that wraps one of those. ``STEPSTREAM_WEBHOOK_ALLOWED_HOSTS``
-lets an operator allow host names, addresses or networks anyway, and
-``STEPSTREAM_WEBHOOK_ALLOW_PUBLIC=false`` restricts callbacks to those alone.
+lets an operator allow host names, addresses or networks anyway, each on one port or on all,
+and ``STEPSTREAM_WEBHOOK_ALLOW_PUBLIC=false`` restricts callbacks to those alone. The Redis
+servers Stepstream uses are refused whatever the rules say: allowing a host for its receiver
+must not let a callback POST to the Valkey beside it.
 
 The rules are applied twice: at submit time (a refused URL is a 422 and nothing is stored) and
 at every delivery, on the addresses the host resolves to then, since DNS can change between the

@@ -7,11 +7,12 @@ The body is the same bytes on every attempt::
      "job": {the record as GET /api/jobs/{id} shows it, without error.traceback, with links}}
 
 ``id`` names the event, not the attempt: a receiver that stores the ids it has handled drops
-the duplicates at-least-once delivery brings. Headers: ``X-Stepstream-Event-Id`` (the same
-``id``), ``X-Stepstream-Event`` (the type), ``X-Stepstream-Attempt``, ``X-Stepstream-Timestamp``
-(unix seconds) and, with a secret, ``X-Stepstream-Signature: sha256=<hex>``, the HMAC-SHA256 of
-``"<timestamp>." + body``: a receiver checks it and refuses old timestamps, so a captured request
-cannot be replayed later.
+the duplicates at-least-once delivery brings. It must take the id from the signed body: the
+signature covers the body and the timestamp, not the headers. Headers: ``X-Stepstream-Event-Id``
+(a copy of ``id``, for logs and routing), ``X-Stepstream-Event`` (the type),
+``X-Stepstream-Attempt``, ``X-Stepstream-Timestamp`` (unix seconds) and, with a secret,
+``X-Stepstream-Signature: sha256=<hex>``, the HMAC-SHA256 of ``"<timestamp>." + body``: a
+receiver checks it and refuses old timestamps, so a captured request cannot be replayed later.
 """
 
 from __future__ import annotations
