@@ -71,6 +71,7 @@ CONSUMER_CLEANUP_SECONDS = 60.0
 # A worker whose settings refused a held entry looks at it again after this long (a host's DNS
 # may change; its settings do not while it runs).
 HOLD_RECHECK_SECONDS = 60.0
+HELD_TOO_LONG = "held longer than STEPSTREAM_RETENTION_SECONDS"
 # A held entry's reason, rewritten only while it is held: a worker that has just delivered it
 # deleted the field, which must stay deleted.
 REWRITE_REASON = """
@@ -315,9 +316,7 @@ class Outbox:
             if _age_seconds(entry_id) > self.settings.retention_seconds:
                 for claimed_id, fields in await self._claim(entry_id, idle):
                     await self._close(claimed_id)
-                    self._log_gave_up(
-                        fields, begun, "held for longer than STEPSTREAM_RETENTION_SECONDS"
-                    )
+                    self._log_gave_up(fields, begun, HELD_TOO_LONG)
                 continue
             found = await self.redis.xrange(self.keys.webhook_outbox, entry_id, entry_id)
             if not found:
@@ -344,8 +343,9 @@ class Outbox:
         if target == "callback":
             record = JobRecord.model_validate(json.loads(fields["record"]))
             try:
-                await self.policy.check(record.callback_url)
-            except Unresolvable:
+                async with asyncio.timeout(self.settings.webhook_timeout_seconds):
+                    await self.policy.check(record.callback_url)
+            except (Unresolvable, TimeoutError):
                 return None
             except Refused as exc:
                 return f"refused: the URL {exc}"
@@ -385,7 +385,7 @@ class Outbox:
         extra = {"job_id": fields.get("job"), "webhook": fields.get("target")}
         if _age_seconds(entry_id) > self.settings.retention_seconds:
             await self._close(entry_id)
-            self._log_gave_up(fields, attempt - 1, f"held longer than the retention: {reason}")
+            self._log_gave_up(fields, attempt - 1, f"{HELD_TOO_LONG}: {reason}")
             return
         record = json.dumps({"reason": reason, "worker": self.consumer, "at": time.time()})
         async with self.redis.pipeline(transaction=True) as pipe:
