@@ -102,6 +102,9 @@ def test_a_worker_whose_settings_refuse_a_delivery_holds_it_until_a_worker_deliv
     )
     # Started without the allow-list: the web accepts the callback, this worker refuses it.
     no_hosts = worker_with(s, STEPSTREAM_WEBHOOK_ALLOWED_HOSTS="")
+    wait_until(
+        lambda: "webhook settings differ" in no_hosts.log(), timeout=10, what="its start line"
+    )
     start_line = next(
         line for line in no_hosts.log().splitlines() if "webhook settings differ" in line
     )
@@ -126,6 +129,7 @@ def test_a_worker_whose_settings_refuse_a_delivery_holds_it_until_a_worker_deliv
     assert (
         "STEPSTREAM_WEBHOOK_ALLOWED_HOSTS" in reason["reason"] and "127.0.0.1" in reason["reason"]
     )
+    wait_until(lambda: "webhook held" in no_hosts.log(), timeout=10, what="its line")
     line = next(x for x in no_hosts.log().splitlines() if "webhook held" in x)
     assert first in line and "STEPSTREAM_WEBHOOK_ALLOWED_HOSTS" in line
     assert webhooks_ready(s)["held"] == 1
@@ -138,7 +142,11 @@ def test_a_worker_whose_settings_refuse_a_delivery_holds_it_until_a_worker_deliv
     second = submit(s.url, callback_url=receiver.url("/second"))
     wait_state(s.url, second, {"completed"})
     wait_until(lambda: len(held(s)) == 2, timeout=10, what="the second delivery held")
-    assert "webhook held: this worker has no STEPSTREAM_WEBHOOK_SECRET" in unsigned.log()
+    wait_until(
+        lambda: "webhook held: this worker has no STEPSTREAM_WEBHOOK_SECRET" in unsigned.log(),
+        timeout=10,
+        what="its line",
+    )
     wait_until(
         lambda: all("SECRET" in h["reason"] for h in held(s).values()),
         timeout=10,
