@@ -9,7 +9,7 @@ Nothing about a delivery lives only in a process's memory:
 - Workers read new entries as one consumer group (``XREADGROUP``): each entry goes to one
   worker, and stays in the group's pending list until it is acknowledged.
 - An entry is acknowledged and deleted after a 2xx, after an answer that says retrying is
-  useless (a 4xx other than 408/425/429, a redirect, a refused address), or after its last
+  useless (a 4xx other than 408/425/429, a redirect), or after its last
   attempt. Until then it stays pending, and the pending list *is* the retry schedule: its
   delivery counter is the number of attempts begun, its idle time the time since the last one
   began. Any worker claims an entry (``XCLAIM`` with that idle time as the minimum, so one
@@ -32,7 +32,7 @@ against its maxlen, and one held longer than ``STEPSTREAM_RETENTION_SECONDS`` is
 
 Delivery is at least once: a worker that dies after the receiver answered but before the
 acknowledgement, or a receiver slower than the timeout, means the event comes again, with the
-same ``X-Stepstream-Event-Id`` (tasks/webhooks.py). Events are not delivered in order.
+same event ``id`` (tasks/webhooks.py). Events are not delivered in order.
 
 Bounds: the outbox holds at most ``STEPSTREAM_WEBHOOK_OUTBOX_MAXLEN`` undelivered events; when
 it is full the append script adds no more, counts each one it could not add, and a worker logs
