@@ -105,22 +105,6 @@ def test_a_worker_whose_settings_refuse_a_delivery_holds_it_until_a_worker_deliv
     wait_until(
         lambda: "webhook settings differ" in no_hosts.log(), timeout=10, what="its start line"
     )
-    start_line = next(
-        line for line in no_hosts.log().splitlines() if "webhook settings differ" in line
-    )
-    assert "STEPSTREAM_WEBHOOK_ALLOWED_HOSTS differs" in start_line
-    assert "'127.0.0.1' in web" in start_line and "not set in worker" in start_line
-    # The web process says so too, in /readyz (names only) and the doctor (values).
-    wait_until(
-        lambda: webhooks_ready(s)["settings"] == "differ", timeout=10, what="/readyz to see it"
-    )
-    assert webhooks_ready(s)["differing"] == ["STEPSTREAM_WEBHOOK_ALLOWED_HOSTS"]
-    checked = doctor(s.env)
-    assert checked.returncode == 1, checked.stdout
-    assert "FAIL  webhook settings: STEPSTREAM_WEBHOOK_ALLOWED_HOSTS differs" in checked.stdout
-    wait_until(
-        lambda: "webhook settings differ" in s.webs[0].log(), timeout=10, what="the web's line"
-    )
 
     first = submit(s.url, callback_url=receiver.url("/first"))
     wait_state(s.url, first, {"completed"})
@@ -181,6 +165,49 @@ def test_a_worker_whose_settings_refuse_a_delivery_holds_it_until_a_worker_deliv
         timeout=10,
         what="/readyz to see agreement",
     )
+
+
+def test_processes_that_disagree_on_webhook_settings_say_so_in_the_log_readyz_and_doctor(
+    make_stack: StackFactory,
+) -> None:
+    s = make_stack(
+        webs=1,
+        workers=0,
+        STEPSTREAM_WEBHOOK_ALLOWED_HOSTS="127.0.0.1",
+        STEPSTREAM_WEBHOOK_SECRET=SECRET,
+        **FAST,
+    )
+    assert webhooks_ready(s)["settings"] == "agree"  # alone, it agrees with itself
+    worker = worker_with(s, STEPSTREAM_WEBHOOK_ALLOWED_HOSTS="", STEPSTREAM_WEBHOOK_SECRET="")
+    # The worker, at its start.
+    wait_until(lambda: "webhook settings differ" in worker.log(), timeout=10, what="its line")
+    lines = [x for x in worker.log().splitlines() if "webhook settings differ" in x]
+    hosts = next(x for x in lines if "STEPSTREAM_WEBHOOK_ALLOWED_HOSTS differs" in x)
+    assert "'127.0.0.1' in web" in hosts and "not set in worker" in hosts
+    secret = next(x for x in lines if "STEPSTREAM_WEBHOOK_SECRET differs" in x)
+    assert SECRET not in secret and "not set in worker" in secret
+    # The web process, when it next compares.
+    wait_until(
+        lambda: "STEPSTREAM_WEBHOOK_ALLOWED_HOSTS differs" in s.webs[0].log(),
+        timeout=10,
+        what="the web's line",
+    )
+    # /readyz: the names only (it answers anyone), still ready.
+    view = webhooks_ready(s)
+    assert view["settings"] == "differ" and view["processes"] == 2
+    assert view["differing"] == ["STEPSTREAM_WEBHOOK_ALLOWED_HOSTS", "STEPSTREAM_WEBHOOK_SECRET"]
+    # The doctor: each value, with the processes that have it.
+    checked = doctor(s.env)
+    assert checked.returncode == 1, checked.stdout
+    assert (
+        "FAIL  webhook settings: STEPSTREAM_WEBHOOK_ALLOWED_HOSTS differs: '127.0.0.1' in web"
+        in (checked.stdout)
+    )
+    assert "FAIL  webhook settings: STEPSTREAM_WEBHOOK_SECRET differs" in checked.stdout
+    assert SECRET not in checked.stdout
+    worker.stop()
+    assert webhooks_ready(s)["settings"] == "agree"  # a stopped worker's announcement is gone
+    assert doctor(s.env).returncode == 0
 
 
 @pytest.mark.parametrize(
