@@ -53,10 +53,12 @@ from stepstream.tasks import apikeys
 from stepstream.tasks.apikeys import ApiKeys
 from stepstream.tasks.connection import connect
 from stepstream.tasks.errors import ConfigurationError
+from stepstream.tasks.heartbeat import new_worker_id
 from stepstream.tasks.logs import setup_logging
 from stepstream.tasks.registry import TaskRegistry, load_tasks
 from stepstream.tasks.settings import Settings, get_settings
 from stepstream.tasks.store import JobStore
+from stepstream.tasks.webhook_settings import Announcer
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 logger = logging.getLogger("stepstream.web")
@@ -174,10 +176,26 @@ def create_app(
             token_ttl=settings.token_ttl_seconds,
         )
         auth.watch.start()  # ends the streams of revoked keys
-        app.state.stepstream = AppState(settings, redis, store, hub, arq, auth, served)
+        announcer = Announcer(
+            redis,
+            store.keys,
+            settings,
+            role="web",
+            process_id=new_worker_id(),
+            interval=settings.worker_heartbeat_seconds,
+        )
+        try:  # at start, so a disagreement with the workers is logged now
+            await announcer.announce()
+        except Exception:
+            logger.warning("could not announce the webhook settings", exc_info=True)
+        announcer.start()
+        app.state.stepstream = AppState(
+            settings, redis, store, hub, arq, auth, served, webhook_settings=announcer
+        )
         try:
             yield
         finally:
+            await announcer.stop()
             await auth.watch.stop()
             await hub.stop()
             await arq.aclose()

@@ -74,7 +74,7 @@ async def submit_batch(request: Request) -> Response:
             422, "invalid_input", input_refusal(spec, problems, "inputs do not fit"), problems
         )
     given = parse_submit_options(body, state.settings)
-    await check_callback_url(given, state.settings)
+    await check_callback_url(given, state.settings, production=state.auth.production)
     owner = principal.owner
     # A batch takes an Idempotency-Key as a submit does: a client whose answer was lost sends
     # the same batch again and gets the one it made, never a second.

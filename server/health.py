@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from stepstream.server.state import AppState
-from stepstream.tasks import heartbeat, transitions
+from stepstream.tasks import heartbeat, transitions, webhook_settings
 from stepstream.tasks.models import JobState
 from stepstream.tasks.queue import job_of_entry
 from stepstream.tasks.store import JobStore
@@ -56,8 +56,29 @@ async def readyz(request: Request) -> Response:
             "status": "ready",
             "redis": "ok",
             "hub": "connected" if state.hub.connected.is_set() else "reconnecting",
+            "webhooks": await webhooks_view(state),
         }
     )
+
+
+async def webhooks_view(state: AppState) -> dict[str, Any]:
+    """Whether the live processes agree on their webhook settings, and how many deliveries a
+    worker's settings hold. Names and a count only: ``/readyz`` answers anyone, so the values
+    and the reasons are for ``stepstream doctor``. Not a readiness failure: this process
+    serves requests either way."""
+    keys = state.store.keys
+    try:
+        announced = await webhook_settings.read(state.redis, keys)
+        held = int(await state.redis.hlen(keys.webhooks_held))  # type: ignore[misc]
+    except Exception as exc:
+        return {"settings": f"unknown: {type(exc).__name__}"}
+    differing = [d.setting for d in webhook_settings.disagreements(announced)]
+    return {
+        "settings": "differ" if differing else "agree",
+        "differing": differing,
+        "processes": len(announced),
+        "held": held,
+    }
 
 
 def _percentile(values: list[float], q: int) -> float | None:

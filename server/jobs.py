@@ -170,7 +170,7 @@ async def submit_job(request: Request) -> Response:
             422, "invalid_input", input_refusal(spec, problems, "the input does not fit"), problems
         )
     options = parse_submit_options(body, state.settings)  # budget, run_at / delay, callback
-    await check_callback_url(options, state.settings)
+    await check_callback_url(options, state.settings, production=state.auth.production)
 
     owner = principal.owner
     idempotency_key = request.headers.get("idempotency-key")

@@ -356,8 +356,10 @@ def _submit_options(settings: Settings) -> Schema:
             "pattern": "^[Hh][Tt][Tt][Pp][Ss]?://[!-~]+$",
             "maxLength": destinations.MAX_URL_LENGTH,
             "description": "http(s) URL the terminal event is POSTed to, signed (README, "
-            "Webhooks); an address the operator does not allow is a 422 "
-            "invalid_callback_url. Never shown in the record.",
+            "Webhooks); an address or port the operator does not allow "
+            "(STEPSTREAM_WEBHOOK_ALLOWED_HOSTS), Stepstream's own Redis, or any URL in "
+            "production without STEPSTREAM_WEBHOOK_SECRET is a 422 invalid_callback_url. "
+            "Never shown in the record.",
         },
         "subject": {**SUBJECT, "type": ["string", "null"]},
     }
@@ -906,7 +908,12 @@ def document(
                 "summary": "Readiness: Redis reachable",
                 "security": [{}],
                 "responses": {
-                    "200": _json("Ready; `hub`: connected or reconnecting", STATUS),
+                    "200": _json(
+                        "Ready; `hub`: connected or reconnecting; `webhooks`: whether the live "
+                        "processes agree on their webhook settings (`settings`, `differing`) "
+                        "and how many deliveries a worker's settings hold (`held`)",
+                        STATUS,
+                    ),
                     "503": _json("Redis unreachable", STATUS),
                 },
             }

@@ -134,10 +134,16 @@ def parse_submit_options(body: dict[str, Any], settings: Settings) -> SubmitOpti
     )
 
 
-async def check_callback_url(options: SubmitOptions, settings: Settings) -> None:
+async def check_callback_url(
+    options: SubmitOptions, settings: Settings, *, production: bool
+) -> None:
     """Refuse (422) a ``callback_url`` whose host is not one webhooks may reach, now: its
-    address, or what its name resolves to (tasks/destinations.py)."""
+    address, or what its name resolves to (tasks/destinations.py); and any, in production
+    without a webhook secret (nothing would sign it)."""
     if options.callback_url is not None:
+        off = settings.callbacks_refused(production)
+        if off is not None:
+            raise callback_refused(destinations.Refused(off))
         try:
             async with asyncio.timeout(RESOLVE_TIMEOUT_SECONDS):
                 await destinations.Policy.from_settings(settings).check(options.callback_url)

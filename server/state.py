@@ -14,6 +14,7 @@ from stepstream.server.hub import Hub
 from stepstream.tasks.registry import TaskRegistry
 from stepstream.tasks.settings import Settings
 from stepstream.tasks.store import JobStore
+from stepstream.tasks.webhook_settings import Announcer
 
 
 @dataclass
@@ -25,6 +26,8 @@ class AppState:
     arq: ArqRedis
     auth: Authenticator
     registry: TaskRegistry
+    # This process's webhook settings, announced; the other processes' in view (/readyz).
+    webhook_settings: Announcer | None = None
     # Open streams of this process, in all and by what they count against (server/guards.py).
     open_streams: int = 0
     streams_by_holder: Counter[str] = field(default_factory=Counter)

@@ -114,6 +114,9 @@ def check_settings(report: Report) -> Any:
     mode = str(getattr(settings, "mode", "auto")).lower()
     if mode == "production" and not getattr(settings, "secret", None):
         report.add(FAIL, "STEPSTREAM_MODE=production needs STEPSTREAM_SECRET (a long random value)")
+    webhook_problem = settings.webhook_problem(mode == "production")
+    if webhook_problem:
+        report.add(FAIL, webhook_problem)
     for module in settings.task_module_list:
         try:
             importlib.import_module(module)
@@ -178,6 +181,30 @@ def check_redis(report: Report, settings: Any) -> None:
             )
         elif waiting:
             report.add(OK, f"{waiting} webhook event(s) not delivered yet")
+        check_webhook_agreement(report, client, keys)
+
+
+def check_webhook_agreement(report: Report, client: Any, keys: Any) -> None:
+    """The live processes' webhook settings (tasks/webhook_settings.py), and the deliveries a
+    worker's settings hold."""
+    from stepstream.tasks import webhook_settings
+
+    ids = client.zrevrange(keys.webhook_settings, 0, webhook_settings.READ_LIMIT - 1)
+    announced = webhook_settings.parse(_mget(client, [keys.webhook_settings_of(i) for i in ids]))
+    found = webhook_settings.disagreements(announced)
+    for disagreement in found:
+        report.add(FAIL, f"webhook settings: {disagreement.line()}")
+    if announced and not found:
+        report.add(OK, f"the {len(announced)} live process(es) agree on their webhook settings")
+    held = int(client.hlen(keys.webhooks_held))
+    if held:
+        _, sample = client.hscan(keys.webhooks_held, 0, count=100)
+        reasons = webhook_settings.held_reasons(sample.values())
+        report.add(
+            FAIL,
+            f"{held} webhook delivery(ies) held by a worker's settings, waiting in the outbox "
+            f"for a worker whose settings allow them: {'; '.join(reasons[:5])}",
+        )
 
 
 def _mget(client: Any, names: list[str]) -> list[Any]:

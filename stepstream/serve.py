@@ -108,10 +108,13 @@ def configuration_problem(env: dict[str, str], web_host: str | None) -> str | No
             settings = Settings()
         except ValidationError as exc:
             return "; ".join(describe_errors(exc))
-        if web_host is not None:
-            problem = settings.production_problem(web_host)
-            if problem:
-                return problem
+        problem = (
+            settings.production_problem(web_host)
+            if web_host is not None
+            else settings.worker_problem()
+        )
+        if problem:
+            return problem
         try:
             registry = load_tasks(settings.task_module_list, demo=settings.demo_tasks)
             if web_host is None:  # a worker fires the recurring jobs: each must fit its task

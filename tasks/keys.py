@@ -164,6 +164,30 @@ class Keys:
         return f"{self.prefix}webhooks:dropped"
 
     @property
+    def webhooks_held(self) -> str:
+        """Hash: outbox entry id → why it is held (JSON ``{reason, worker, at}``): a delivery a
+        worker's settings refused, kept in the outbox (pending under ``webhook_held_consumer``)
+        until a worker whose settings allow it delivers it (tasks/outbox.py). A field is
+        deleted with its entry, so the hash is no bigger than the outbox."""
+        return f"{self.prefix}webhooks:held"
+
+    @property
+    def webhook_held_consumer(self) -> str:
+        """The consumer (not a key) that held entries are claimed to, out of every worker's
+        retry schedule."""
+        return "held"
+
+    @property
+    def webhook_settings(self) -> str:
+        """Sorted set: ids of the processes (web and worker) that announced their webhook
+        settings, by last announcement (unix ms) (tasks/webhook_settings.py)."""
+        return f"{self.prefix}webhook-settings"
+
+    def webhook_settings_of(self, process_id: str) -> str:
+        """String: one process's webhook settings, as digests (JSON); a short TTL."""
+        return f"{self.prefix}webhook-settings:{process_id}"
+
+    @property
     def webhook_group(self) -> str:
         """The consumer group (not a key) of the workers on ``webhook_outbox``."""
         return "deliverers"

@@ -9,7 +9,7 @@ Nothing about a delivery lives only in a process's memory:
 - Workers read new entries as one consumer group (``XREADGROUP``): each entry goes to one
   worker, and stays in the group's pending list until it is acknowledged.
 - An entry is acknowledged and deleted after a 2xx, after an answer that says retrying is
-  useless (a 4xx other than 408/425/429, a redirect, a refused address), or after its last
+  useless (a 4xx other than 408/425/429, a redirect), or after its last
   attempt. Until then it stays pending, and the pending list *is* the retry schedule: its
   delivery counter is the number of attempts begun, its idle time the time since the last one
   began. Any worker claims an entry (``XCLAIM`` with that idle time as the minimum, so one
@@ -21,9 +21,18 @@ Nothing about a delivery lives only in a process's memory:
 - Deliveries run in the worker's event loop beside the jobs, never in a job slot, at most
   ``STEPSTREAM_WEBHOOK_CONCURRENCY`` at a time per worker; a worker with no room reads no more.
 
+A delivery this worker's settings refuse (its allow-list refuses the address, it has no
+``STEPSTREAM_WEBHOOK_URL`` or no secret while other processes sign) is never dropped: it is
+*held*. The entry is claimed to the ``held`` consumer, out of every retry schedule, with its
+attempt counter unchanged, and its reason is recorded (``Keys.webhooks_held``: shown by
+``/readyz`` and ``stepstream doctor``, and logged once). Every worker looks at held entries on
+each sweep and takes one its own settings allow (one ``XCLAIM`` wins), so a worker restarted
+with the right settings delivers it, once. Held entries stay in the outbox, so they count
+against its maxlen, and one held longer than ``STEPSTREAM_RETENTION_SECONDS`` is given up.
+
 Delivery is at least once: a worker that dies after the receiver answered but before the
 acknowledgement, or a receiver slower than the timeout, means the event comes again, with the
-same ``X-Stepstream-Event-Id`` (tasks/webhooks.py). Events are not delivered in order.
+same event ``id`` (tasks/webhooks.py). Events are not delivered in order.
 
 Bounds: the outbox holds at most ``STEPSTREAM_WEBHOOK_OUTBOX_MAXLEN`` undelivered events; when
 it is full the append script adds no more, counts each one it could not add, and a worker logs
@@ -37,6 +46,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -44,7 +54,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from stepstream.tasks import webhooks
-from stepstream.tasks.destinations import Policy
+from stepstream.tasks.destinations import Policy, Refused, Unresolvable
 from stepstream.tasks.keys import Keys
 from stepstream.tasks.models import JobRecord
 from stepstream.tasks.settings import Settings
@@ -58,6 +68,18 @@ SWEEP_SCAN = 1_000  # pending entries looked at per sweep
 # the group, so stopped workers do not pile up in it.
 STALE_CONSUMER_MS = 3_600_000
 CONSUMER_CLEANUP_SECONDS = 60.0
+# A worker whose settings refused a held entry looks at it again after this long (a host's DNS
+# may change; its settings do not while it runs).
+HOLD_RECHECK_SECONDS = 60.0
+HELD_TOO_LONG = "held longer than STEPSTREAM_RETENTION_SECONDS"
+# A held entry's reason, rewritten only while it is held: a worker that has just delivered it
+# deleted the field, which must stay deleted.
+REWRITE_REASON = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+  return redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
+return 0
+"""
 
 
 def backoff_seconds(settings: Settings, entry_id: str, attempts: int) -> float:
@@ -80,8 +102,16 @@ class Outbox:
     """One worker's share of the deliveries: a reader of new entries and a sweeper of due
     retries, with at most ``webhook_concurrency`` deliveries in flight."""
 
-    def __init__(self, redis: Redis, keys: Keys, settings: Settings, consumer: str) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        settings: Settings,
+        consumer: str,
+        peers_sign: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.redis = redis
+        self.peers_sign = peers_sign  # whether other processes of the deployment sign
         self.keys = keys
         self.settings = settings
         self.consumer = consumer
@@ -93,6 +123,9 @@ class Outbox:
         self._client: httpx.AsyncClient | None = None
         self._sweep_every = min(1.0, max(0.05, settings.webhook_backoff_seconds / 2))
         self._cleaned_at = 0.0
+        self._held_cursor = "-"
+        self._rewrite_reason = redis.register_script(REWRITE_REASON)
+        self._refused_here: dict[str, float] = {}  # held entry id → when to look again
 
     def start(self) -> None:
         self._client = httpx.AsyncClient(
@@ -189,7 +222,8 @@ class Outbox:
                     self._cleaned_at = time.monotonic()
                     await self._remove_stale_consumers()
             except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
+                # No outbox yet (the first webhook event of a deployment creates it).
+                if "NOGROUP" not in str(exc) and "no such key" not in str(exc):
                     logger.warning("webhook sweep failed", exc_info=True)
             except Exception:
                 logger.warning("webhook sweep failed", exc_info=True)
@@ -212,31 +246,120 @@ class Outbox:
                 dropped,
                 self.settings.webhook_outbox_maxlen,
             )
-        start, scanned = "-", 0
-        while scanned < SWEEP_SCAN and self.room > 0:
-            rows = await self.redis.xpending_range(
-                key, group, min=start, max="+", count=SWEEP_PAGE, idle=min_idle
+        scanned = 0
+        consumers = await self.redis.xinfo_consumers(key, group)
+        for consumer in consumers:
+            # Held entries wait for a worker whose settings allow them, not for a retry.
+            if consumer["name"] == self.keys.webhook_held_consumer or not consumer["pending"]:
+                continue
+            start = "-"
+            while scanned < SWEEP_SCAN and self.room > 0:
+                rows = await self.redis.xpending_range(
+                    key,
+                    group,
+                    min=start,
+                    max="+",
+                    count=SWEEP_PAGE,
+                    consumername=consumer["name"],
+                    idle=min_idle,
+                )
+                for row in rows:
+                    await self._sweep_row(row, attempts, timeout_ms)
+                scanned += len(rows)
+                if len(rows) < SWEEP_PAGE:
+                    break
+                start = "(" + rows[-1]["message_id"]
+        await self._look_at_held()
+
+    async def _sweep_row(self, row: dict[str, Any], attempts: int, timeout_ms: int) -> None:
+        entry_id = row["message_id"]
+        idle, begun = int(row["time_since_delivered"]), int(row["times_delivered"])
+        if entry_id in self.in_flight:
+            return
+        if begun >= attempts:
+            # The worker of the last attempt died before closing the entry.
+            if idle >= timeout_ms + 1_000:
+                for claimed_id, fields in await self._claim(entry_id, idle):
+                    await self._close(claimed_id)
+                    self._log_gave_up(fields, begun, "its worker stopped during it")
+            return
+        due = retry_after_ms(self.settings, entry_id, begun)
+        if idle >= due and self.room > 0:
+            for claimed_id, fields in await self._claim(entry_id, due):
+                self._launch(claimed_id, fields, begun + 1)
+
+    async def _look_at_held(self) -> None:
+        """Take the held entries this worker's settings allow, one page per sweep (a cursor
+        goes round the held ones, so many held entries do not hide the rest)."""
+        now = time.monotonic()
+        self._refused_here = {i: t for i, t in self._refused_here.items() if t > now}
+        if self.room <= 0:
+            return
+        rows = await self.redis.xpending_range(
+            self.keys.webhook_outbox,
+            self.keys.webhook_group,
+            min=self._held_cursor,
+            max="+",
+            count=SWEEP_PAGE,
+            consumername=self.keys.webhook_held_consumer,
+        )
+        self._held_cursor = "-" if len(rows) < SWEEP_PAGE else "(" + rows[-1]["message_id"]
+        for row in rows:
+            entry_id = row["message_id"]
+            if entry_id in self.in_flight or entry_id in self._refused_here or self.room <= 0:
+                continue
+            idle, begun = int(row["time_since_delivered"]), int(row["times_delivered"])
+            if idle < 1_000:
+                # Just held, or just claimed: claiming with its idle time as the minimum makes
+                # one claim win only once some time has passed since the last.
+                continue
+            if _age_seconds(entry_id) > self.settings.retention_seconds:
+                for claimed_id, fields in await self._claim(entry_id, idle):
+                    await self._close(claimed_id)
+                    self._log_gave_up(fields, begun, HELD_TOO_LONG)
+                continue
+            found = await self.redis.xrange(self.keys.webhook_outbox, entry_id, entry_id)
+            if not found:
+                continue
+            reason = await self._refusal(found[0][1])
+            if reason is not None:
+                self._refused_here[entry_id] = now + HOLD_RECHECK_SECONDS
+                # The reason shown is the latest worker's: the one that held it may be gone.
+                record = json.dumps({"reason": reason, "worker": self.consumer, "at": time.time()})
+                await self._rewrite_reason(keys=[self.keys.webhooks_held], args=[entry_id, record])
+                continue
+            for claimed_id, fields in await self._claim(entry_id, idle):
+                await self.redis.hdel(self.keys.webhooks_held, claimed_id)  # type: ignore[misc]
+                logger.info(
+                    "held webhook released: this worker's settings allow it",
+                    extra={"job_id": fields.get("job"), "webhook": fields.get("target")},
+                )
+                self._launch(claimed_id, fields, begun + 1)
+
+    async def _refusal(self, fields: dict[str, str]) -> str | None:
+        """Why this worker's settings would refuse the entry now (None: they allow it, or an
+        attempt will tell: a host that does not resolve now is not a refusal)."""
+        target = fields.get("target", "")
+        if target == "callback":
+            record = JobRecord.model_validate(json.loads(fields["record"]))
+            try:
+                async with asyncio.timeout(self.settings.webhook_timeout_seconds):
+                    await self.policy.check(record.callback_url)
+            except (Unresolvable, TimeoutError):
+                return None
+            except Refused as exc:
+                return f"refused: the URL {exc}"
+        return self._setting_refusal(target)
+
+    def _setting_refusal(self, target: str) -> str | None:
+        if target != "callback" and not self.settings.webhook_url:
+            return "this worker has no STEPSTREAM_WEBHOOK_URL for the deployment webhook"
+        if not self.settings.webhook_secret and self.peers_sign():
+            return (
+                "this worker has no STEPSTREAM_WEBHOOK_SECRET while other processes of the "
+                "deployment have one: it would send the event unsigned"
             )
-            for row in rows:
-                entry_id = row["message_id"]
-                idle, begun = int(row["time_since_delivered"]), int(row["times_delivered"])
-                if entry_id in self.in_flight:
-                    continue
-                if begun >= attempts:
-                    # The worker of the last attempt died before closing the entry.
-                    if idle >= timeout_ms + 1_000:
-                        for claimed_id, fields in await self._claim(entry_id, idle):
-                            await self._close(claimed_id)
-                            self._log_gave_up(fields, begun, "its worker stopped during it")
-                    continue
-                due = retry_after_ms(self.settings, entry_id, begun)
-                if idle >= due and self.room > 0:
-                    for claimed_id, fields in await self._claim(entry_id, due):
-                        self._launch(claimed_id, fields, begun + 1)
-            scanned += len(rows)
-            if len(rows) < SWEEP_PAGE:
-                break
-            start = "(" + rows[-1]["message_id"]
+        return None
 
     async def _claim(self, entry_id: str, min_idle_ms: int) -> list[tuple[str, dict[str, str]]]:
         claimed: list[tuple[str, dict[str, str]]] = await self.redis.xclaim(
@@ -253,7 +376,38 @@ class Outbox:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xack(self.keys.webhook_outbox, self.keys.webhook_group, entry_id)
             pipe.xdel(self.keys.webhook_outbox, entry_id)
+            pipe.hdel(self.keys.webhooks_held, entry_id)
             await pipe.execute()
+
+    async def _hold(self, entry_id: str, fields: dict[str, str], attempt: int, reason: str) -> None:
+        """Keep the entry for a worker whose settings allow it: claimed to the held consumer,
+        its attempt given back, its reason recorded."""
+        extra = {"job_id": fields.get("job"), "webhook": fields.get("target")}
+        if _age_seconds(entry_id) > self.settings.retention_seconds:
+            await self._close(entry_id)
+            self._log_gave_up(fields, attempt - 1, f"{HELD_TOO_LONG}: {reason}")
+            return
+        record = json.dumps({"reason": reason, "worker": self.consumer, "at": time.time()})
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xclaim(
+                self.keys.webhook_outbox,
+                self.keys.webhook_group,
+                self.keys.webhook_held_consumer,
+                0,
+                [entry_id],
+                retrycount=attempt - 1,
+                justid=True,
+            )
+            pipe.hset(self.keys.webhooks_held, entry_id, record)
+            _, new = await pipe.execute()
+        self._refused_here[entry_id] = time.monotonic() + HOLD_RECHECK_SECONDS
+        if new:
+            logger.warning(
+                "webhook held: %s. It waits in the outbox and is delivered once a worker's "
+                "settings allow it",
+                reason,
+                extra=extra,
+            )
 
     async def _remove_stale_consumers(self) -> None:
         key, group = self.keys.webhook_outbox, self.keys.webhook_group
@@ -292,6 +446,12 @@ class Outbox:
         except Exception as exc:  # a bug, or a record that does not load: retried, bounded
             logger.exception("webhook delivery crashed", extra=extra)
             outcome = webhooks.Outcome(False, True, f"{type(exc).__name__}: {exc}")
+        if outcome.held:
+            try:
+                await self._hold(entry_id, fields, attempt, outcome.detail)
+            except Exception:  # still pending: it comes again when it is due
+                logger.warning("could not hold webhook entry %s", entry_id, exc_info=True)
+            return
         if outcome.delivered or not outcome.retry or attempt >= attempts:
             try:
                 await self._close(entry_id)
@@ -318,6 +478,9 @@ class Outbox:
         record = JobRecord.model_validate(json.loads(fields["record"]))
         target = fields["target"]
         url = record.callback_url if target == "callback" else self.settings.webhook_url
+        refusal = self._setting_refusal(target)
+        if refusal is not None:
+            return webhooks.Outcome(False, False, refusal, held=True)
         if not url:
             return webhooks.Outcome(False, False, f"no {target} URL is set any more")
         event = webhooks.event_id(record.id, fields["event"])
@@ -343,3 +506,8 @@ class Outbox:
             detail,
             extra={"job_id": fields.get("job"), "webhook": fields.get("target")},
         )
+
+
+def _age_seconds(entry_id: str) -> float:
+    """How long ago the append script added the entry (its id is its time in unix ms)."""
+    return time.time() - int(entry_id.partition("-")[0]) / 1000

@@ -112,8 +112,9 @@ class Settings(BaseSettings):
     webhook_url: str = ""  # the deployment webhook: terminal events of every job
     webhook_events: str = "completed,failed,cancelled"  # the ones the deployment webhook gets
     webhook_secret: str = ""  # signs each delivery: X-Stepstream-Signature
-    # Hosts (names, addresses or networks, comma separated) a callback_url may reach although
-    # they are internal (loopback, private, link-local...), which are refused by default.
+    # Hosts (names, addresses or networks, each with an optional :port, comma separated) a
+    # callback_url may reach although they are internal (loopback, private, link-local...),
+    # which are refused by default (tasks/destinations.py).
     webhook_allowed_hosts: str = ""
     webhook_allow_public: bool = True  # false: a callback_url may reach the allowed hosts only
     webhook_attempts: int = Field(default=10, ge=1, le=100)
@@ -161,6 +162,15 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("webhook_allowed_hosts")
+    @classmethod
+    def _allow_entries(cls, value: str) -> str:
+        from stepstream.tasks.destinations import parse_entry
+
+        for entry in _split(value):
+            parse_entry(entry)  # ValueError names the entry
+        return value
+
     @model_validator(mode="after")
     def _alert_is_a_deployment_webhook(self) -> Settings:
         """The old failure alert settings configure the deployment webhook, for `failed` only,
@@ -186,6 +196,48 @@ class Settings(BaseSettings):
         """The terminal states the deployment webhook is told about (none without its URL)."""
         return frozenset(_split(self.webhook_events)) if self.webhook_url else frozenset()
 
+    @property
+    def redis_urls(self) -> tuple[str, ...]:
+        """Every Redis server Stepstream connects to: never a webhook target."""
+        return (self.redis_url,)
+
+    @property
+    def webhooks_configured(self) -> bool:
+        """Whether the operator asked for webhooks: a deployment webhook, or callback URLs
+        allowed by a setting (public ones by default need a secret in production: see
+        ``callbacks_refused``)."""
+        return bool(
+            self.webhook_url
+            or self.webhook_allowed_hosts.strip()
+            or ("webhook_allow_public" in self.model_fields_set and self.webhook_allow_public)
+        )
+
+    def callbacks_refused(self, production: bool) -> str | None:
+        """Why no ``callback_url`` is taken at all: in production, nothing to sign them with."""
+        if production and not self.webhook_secret:
+            return (
+                "is not taken: this production deployment has no STEPSTREAM_WEBHOOK_SECRET to "
+                "sign webhooks with (an operator sets it to turn callbacks on)"
+            )
+        return None
+
+    def webhook_problem(self, production: bool) -> str | None:
+        """Why a process cannot start with these webhook settings, in one plain line."""
+        if production and self.webhooks_configured and not self.webhook_secret:
+            return (
+                "Stepstream runs in production mode and webhooks are configured "
+                "(STEPSTREAM_WEBHOOK_URL, STEPSTREAM_WEBHOOK_ALLOWED_HOSTS or "
+                "STEPSTREAM_WEBHOOK_ALLOW_PUBLIC), but STEPSTREAM_WEBHOOK_SECRET is not set: "
+                "receivers could not tell deliveries from forgeries. Set it to a long random "
+                "value, the same in every web and worker process."
+            )
+        return None
+
+    def worker_problem(self) -> str | None:
+        """Why a worker cannot start, in one plain line. A worker binds no address to judge
+        by: it is in production when STEPSTREAM_MODE says so."""
+        return self.webhook_problem(self.mode == "production")
+
     def is_production(self, bound_host: str | None) -> bool:
         if self.mode != "auto":
             return self.mode == "production"
@@ -202,7 +254,7 @@ class Settings(BaseSettings):
                 "print(secrets.token_hex(32))'`), or set STEPSTREAM_MODE=development on a "
                 "trusted machine."
             )
-        return None
+        return self.webhook_problem(self.is_production(bound_host))
 
     @property
     def task_module_list(self) -> list[str]:

@@ -7,11 +7,12 @@ The body is the same bytes on every attempt::
      "job": {the record as GET /api/jobs/{id} shows it, without error.traceback, with links}}
 
 ``id`` names the event, not the attempt: a receiver that stores the ids it has handled drops
-the duplicates at-least-once delivery brings. Headers: ``X-Stepstream-Event-Id`` (the same
-``id``), ``X-Stepstream-Event`` (the type), ``X-Stepstream-Attempt``, ``X-Stepstream-Timestamp``
-(unix seconds) and, with a secret, ``X-Stepstream-Signature: sha256=<hex>``, the HMAC-SHA256 of
-``"<timestamp>." + body``: a receiver checks it and refuses old timestamps, so a captured request
-cannot be replayed later.
+the duplicates at-least-once delivery brings. It must take the id from the signed body: the
+signature covers the body and the timestamp, not the headers. Headers: ``X-Stepstream-Event-Id``
+(a copy of ``id``, for logs and routing), ``X-Stepstream-Event`` (the type),
+``X-Stepstream-Attempt``, ``X-Stepstream-Timestamp`` (unix seconds) and, with a secret,
+``X-Stepstream-Signature: sha256=<hex>``, the HMAC-SHA256 of ``"<timestamp>." + body``: a
+receiver checks it and refuses old timestamps, so a captured request cannot be replayed later.
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ class Outcome:
     delivered: bool
     retry: bool  # another attempt may succeed
     detail: str  # "HTTP 503", "no answer within 10s", "refused: ..."
+    # This worker's settings refuse it (not the receiver): kept for a worker they allow.
+    held: bool = False
 
 
 async def post(
@@ -108,7 +111,7 @@ async def post(
     except Unresolvable as exc:
         return Outcome(False, True, str(exc))
     except Refused as exc:
-        return Outcome(False, False, f"refused: the URL {exc}")
+        return Outcome(False, False, f"refused: the URL {exc}", held=True)
     except TimeoutError:
         return Outcome(False, True, f"no answer within {timeout:g}s")
     except (httpx.HTTPError, OSError) as exc:

@@ -22,6 +22,7 @@ from redis.exceptions import ConnectionError, RedisError, TimeoutError
 
 from stepstream.tasks import llm, recurring
 from stepstream.tasks.connection import connect, patient_retry
+from stepstream.tasks.errors import ConfigurationError
 from stepstream.tasks.heartbeat import Heartbeat
 from stepstream.tasks.inputs import INPUT_TIMEOUT
 from stepstream.tasks.keys import Keys
@@ -33,11 +34,15 @@ from stepstream.tasks.runtime import JobMonitor, input_timeout, run_job
 from stepstream.tasks.settings import Settings, get_settings
 from stepstream.tasks.store import JobStore
 from stepstream.tasks.wakeups import Wakeups
+from stepstream.tasks.webhook_settings import Announcer
 
 logger = logging.getLogger("stepstream.worker")
 
 
 async def startup(ctx: dict[str, Any], *, settings: Settings, registry: TaskRegistry) -> None:
+    problem = settings.worker_problem()
+    if problem:  # `stepstream worker` said so before starting; arq's own CLI gets here
+        raise ConfigurationError(problem)
     redis = connect(settings.redis_url)
     store = JobStore(redis, settings)
     monitor = JobMonitor(store, settings.lease_seconds)
@@ -53,10 +58,29 @@ async def startup(ctx: dict[str, Any], *, settings: Settings, registry: TaskRegi
         max_jobs=settings.max_jobs,
     )
     beat.start()
+    announcer = Announcer(
+        redis,
+        store.keys,
+        settings,
+        role="worker",
+        process_id=beat.worker_id,
+        interval=settings.worker_heartbeat_seconds,
+    )
+    try:  # before the first delivery: whether other processes sign decides what it does
+        await announcer.announce()
+    except Exception:
+        logger.warning("could not announce the webhook settings", exc_info=True)
+    announcer.start()
     # Webhook deliveries run beside the jobs, never in a job slot (tasks/outbox.py).
-    outbox = Outbox(redis, store.keys, settings, consumer=beat.worker_id)
+    outbox = Outbox(
+        redis,
+        store.keys,
+        settings,
+        consumer=beat.worker_id,
+        peers_sign=lambda: announcer.peers_sign,
+    )
     outbox.start()
-    ctx.update(heartbeat=beat, outbox=outbox)
+    ctx.update(heartbeat=beat, outbox=outbox, webhook_settings=announcer)
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
@@ -65,6 +89,8 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     if "outbox" in ctx:
         # Deliveries not done by then stay pending; another worker takes them over.
         await ctx["outbox"].stop(grace=5.0)
+    if "webhook_settings" in ctx:
+        await ctx["webhook_settings"].stop()
     if "job_monitor" in ctx:
         await ctx["job_monitor"].stop()
     if "llm_providers" in ctx:

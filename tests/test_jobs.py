@@ -16,7 +16,7 @@ from tests.support.api import DOC, submit, wait_state
 from tests.support.tasks import gate_key
 
 # Keys that move by themselves (worker heartbeats, metrics, rate counters): not job data.
-HOUSEKEEPING = ("worker", "count:", "duration:", "durations:", "rate:")
+HOUSEKEEPING = ("worker", "webhook-settings", "count:", "duration:", "durations:", "rate:")
 
 
 def _cursor(text: str) -> str:

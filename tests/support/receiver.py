@@ -27,7 +27,10 @@ class Delivery:
 
     @property
     def event_id(self) -> str:
-        return self.headers["X-Stepstream-Event-Id"]
+        """The signed body's ``id``, as the docs tell receivers to de-duplicate on (the
+        ``X-Stepstream-Event-Id`` header is a copy the signature does not cover)."""
+        assert self.headers["X-Stepstream-Event-Id"] == self.body["id"]
+        return str(self.body["id"])
 
     @property
     def job_id(self) -> str:
