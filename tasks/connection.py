@@ -12,10 +12,10 @@ from typing import Any, cast
 
 from arq.connections import ArqRedis, RedisSettings
 from redis.asyncio import Redis
-from redis.asyncio.connection import parse_url
+from redis.asyncio.connection import SSLConnection, parse_url
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
-from redis.backoff import ExponentialBackoff
+from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError, TimeoutError
 
 from stepstream.tasks.keys import Keys
@@ -26,6 +26,28 @@ RETRYABLE = [ConnectionError, TimeoutError, ConnectionResetError, OSError]
 # Asking one Sentinel where the primary is: a Sentinel that does not answer within this is
 # skipped for the next one, instead of holding every reconnect.
 SENTINEL_TIMEOUT_SECONDS = 1.0
+
+
+class PrimaryConnection(SentinelManagedConnection):
+    """A connection to the primary the Sentinels name, which asks them again on every retry.
+
+    redis-py 5 asks once, then retries the connect to that address with the whole retry policy
+    (redis/redis-py#3560, #3874): a SIGKILLed primary held every client for ~20 s after the
+    Sentinels had promoted its replica. Here the connect to one address is tried once; the
+    retries of ``connect`` (``_connect_retry``) ask the Sentinels each time.
+    """
+
+    async def connect_to(self, address: tuple[str, int]) -> None:
+        patient = self.retry
+        self.retry = Retry(NoBackoff(), 0)
+        try:
+            await super().connect_to(address)  # type: ignore[no-untyped-call]
+        finally:
+            self.retry = patient
+
+
+class PrimarySSLConnection(PrimaryConnection, SSLConnection):
+    pass
 
 
 def patient_retry(attempts: int = 25) -> Retry:
@@ -63,8 +85,8 @@ def _primary(
         return client.from_url(settings.redis_url, **options)
     primary = parse_url(settings.redis_url)
     options.update({k: v for k, v in primary.items() if k in ("db", "username", "password")})
-    if settings.redis_url.startswith("rediss://"):
-        options["ssl"] = True
+    tls = settings.redis_url.startswith("rediss://")
+    options["connection_class"] = PrimarySSLConnection if tls else PrimaryConnection
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         settings.sentinels,
         sentinel_kwargs={
