@@ -8,6 +8,8 @@ REDIS_URL names no server here, so everything that works went through the Sentin
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -155,3 +157,18 @@ def test_a_client_follows_a_failover_whose_old_primary_stays_up(
     with sentinel_group.replica.client() as promoted:
         assert promoted.get("before") == "1"
         assert promoted.get("after") == "1", "the write after the failover went to the new primary"
+
+
+def test_doctor_checks_the_primary_the_sentinels_name(sentinel_group: SentinelGroup) -> None:
+    env = stack_env(NO_SERVER, PREFIX, **sentinel_group.env)
+    result = subprocess.run(
+        [sys.executable, "-m", "stepstream.doctor"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    primary = f"127.0.0.1:{sentinel_group.primary.port}"
+    assert f"the Sentinels name {primary} as the primary" in result.stdout
+    assert f"Redis reachable at redis://{primary}/0" in result.stdout
