@@ -23,6 +23,9 @@ from stepstream.tasks.settings import Settings
 
 RETRYABLE = [ConnectionError, TimeoutError, ConnectionResetError, OSError]
 
+# A connect that has not completed by then is given up and tried again (arq's own pool used 1 s).
+CONNECT_TIMEOUT_SECONDS = 5.0
+
 # Asking one Sentinel where the primary is: a Sentinel that does not answer within this is
 # skipped for the next one, instead of holding every reconnect.
 SENTINEL_TIMEOUT_SECONDS = 1.0
@@ -79,7 +82,10 @@ def _primary(
     options: dict[str, Any] = {"decode_responses": decode_responses}
     if attempts is not None:
         options.update(
-            retry=patient_retry(attempts), retry_on_error=list(RETRYABLE), health_check_interval=30
+            retry=patient_retry(attempts),
+            retry_on_error=list(RETRYABLE),
+            health_check_interval=30,
+            socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
         )
     if not settings.sentinels:
         return client.from_url(settings.redis_url, **options)
