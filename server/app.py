@@ -20,8 +20,6 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any, cast
 
-from arq.connections import RedisSettings, create_pool
-from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.applications import Starlette
@@ -51,7 +49,7 @@ from stepstream.server.security import bound_host, is_production, middleware
 from stepstream.server.state import AppState
 from stepstream.tasks import apikeys
 from stepstream.tasks.apikeys import ApiKeys
-from stepstream.tasks.connection import connect
+from stepstream.tasks.connection import arq_pool, connect
 from stepstream.tasks.errors import ConfigurationError
 from stepstream.tasks.heartbeat import new_worker_id
 from stepstream.tasks.logs import setup_logging
@@ -158,9 +156,9 @@ def create_app(
                 "STEPSTREAM_MAX_STREAMS_PER_KEY (streams opened with an API key itself)"
             )
         # Patient: a request waits out a short Redis outage instead of failing.
-        redis = connect(settings.redis_url, attempts=10)
-        pubsub_redis = Redis.from_url(settings.redis_url, decode_responses=True)
-        arq = await create_pool(RedisSettings.from_dsn(settings.redis_url))
+        redis = connect(settings, attempts=10)
+        pubsub_redis = connect(settings, attempts=None)  # the hub reconnects by itself
+        arq = arq_pool(settings)  # enqueues ride along with store scripts (tasks/queue.py)
         store = JobStore(redis, settings)
         hub = Hub(
             pubsub_redis,

@@ -129,10 +129,39 @@ def check_settings(report: Report) -> Any:
     return settings
 
 
+def primary_url(report: Report, settings: Any) -> str | None:
+    """REDIS_URL; with Sentinels, it with the host and port of the primary they name."""
+    if not settings.sentinels:
+        return str(settings.redis_url)
+    from redis.sentinel import Sentinel
+
+    name = settings.sentinel_master
+    timeouts: dict[str, Any] = {"socket_timeout": 3, "socket_connect_timeout": 3}
+    for host, port in settings.sentinels:
+        try:
+            with redis.Redis(host=host, port=port, **timeouts) as sentinel:
+                sentinel.execute_command("SENTINEL", "CKQUORUM", name)
+        except redis.RedisError as exc:
+            report.add(WARN, f"Sentinel {host}:{port}: {type(exc).__name__}: {exc}")
+    try:
+        sentinels: Any = Sentinel(settings.sentinels, sentinel_kwargs=timeouts)  # type: ignore[no-untyped-call]
+        primary: tuple[str, int] = sentinels.discover_master(name)
+    except redis.RedisError as exc:
+        report.add(FAIL, f"no Sentinel of STEPSTREAM_SENTINELS names a primary {name!r}: {exc}")
+        return None
+    host = f"[{primary[0]}]" if ":" in primary[0] else primary[0]
+    report.add(OK, f"the Sentinels name {host}:{primary[1]} as the primary {name!r}")
+    parts = urlsplit(settings.redis_url)
+    credentials, at, _ = parts.netloc.rpartition("@")
+    return str(urlunsplit(parts._replace(netloc=f"{credentials}{at}{host}:{primary[1]}")))
+
+
 def check_redis(report: Report, settings: Any) -> None:
     from stepstream.tasks.keys import Keys
 
-    url = settings.redis_url
+    url = primary_url(report, settings)
+    if url is None:
+        return
     try:
         # Any: redis-py's sync and async clients share type stubs that say "maybe awaitable".
         client: Any = redis.Redis.from_url(

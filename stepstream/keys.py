@@ -17,7 +17,7 @@ from stepstream.tasks.settings import get_settings
 
 async def _run(args: argparse.Namespace) -> int:
     settings = get_settings()
-    redis = connect(settings.redis_url, attempts=3)
+    redis = connect(settings, attempts=3)
     try:
         keys = ApiKeys(redis, Keys(settings.prefix), {})
         if args.action == "create":

@@ -1,26 +1,124 @@
-"""Redis clients that ride out a short outage (a restart, a failover) instead of failing jobs."""
+"""Redis clients that ride out a short outage (a restart, a failover) instead of failing jobs.
+
+Every client Stepstream makes comes from here, so one setting moves them all: with
+``STEPSTREAM_SENTINELS`` each finds the primary through Sentinel, and finds it again when a
+command fails on a lost connection or on a demoted primary (redis-py's Sentinel connections turn
+its ``READONLY`` error into a connection error and ask the Sentinels again), within its retries.
+"""
 
 from __future__ import annotations
 
+from typing import Any, cast
+
+from arq.connections import ArqRedis, RedisSettings
 from redis.asyncio import Redis
+from redis.asyncio.connection import SSLConnection, parse_url
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError, TimeoutError
 
+from stepstream.tasks.keys import Keys
+from stepstream.tasks.settings import Settings
+
 RETRYABLE = [ConnectionError, TimeoutError, ConnectionResetError, OSError]
+
+# A connect that has not completed by then is given up and tried again (arq's own pool used 1 s).
+CONNECT_TIMEOUT_SECONDS = 5.0
+
+# Asking one Sentinel where the primary is: a Sentinel that does not answer within this is
+# skipped for the next one, instead of holding every reconnect.
+SENTINEL_TIMEOUT_SECONDS = 1.0
+
+
+class PrimaryConnection(SentinelManagedConnection):
+    """A connection to the primary the Sentinels name, which asks them again on every retry.
+
+    redis-py 5 asks once, then retries the connect to that address with the whole retry policy
+    (redis/redis-py#3560, #3874): a SIGKILLed primary held every client for ~20 s after the
+    Sentinels had promoted its replica. Here the connect to one address is tried once; the
+    retries of ``connect`` (``_connect_retry``) ask the Sentinels each time.
+    """
+
+    async def connect_to(self, address: tuple[str, int]) -> None:
+        patient = self.retry
+        self.retry = Retry(NoBackoff(), 0)
+        try:
+            await super().connect_to(address)  # type: ignore[no-untyped-call]
+        finally:
+            self.retry = patient
+
+
+class PrimarySSLConnection(PrimaryConnection, SSLConnection):
+    pass
 
 
 def patient_retry(attempts: int = 25) -> Retry:
     # 25 attempts with backoff capped at 1 s: about 20 s of patience, then the error surfaces.
+    # A Sentinel failover (the primary seen down, a replica promoted) fits inside it.
     return Retry(ExponentialBackoff(cap=1.0, base=0.05), attempts)
 
 
-def connect(url: str, *, attempts: int = 25) -> Redis:
-    client: Redis = Redis.from_url(
-        url,
-        decode_responses=True,
-        retry=patient_retry(attempts),
-        retry_on_error=RETRYABLE,
-        health_check_interval=30,
+def connect(settings: Settings, *, attempts: int | None = 25) -> Redis:
+    """A client of the primary: at ``REDIS_URL``, or the one the Sentinels name.
+
+    ``attempts``: how often a command is tried before its connection error surfaces. None
+    for a caller that reconnects by itself (the hub's subscription catches up from the log).
+    """
+    return cast(Redis, _primary(settings, Redis, attempts, decode_responses=True))
+
+
+def arq_pool(settings: Settings) -> ArqRedis:
+    """arq's client (the queue), from the same factory: what arq's ``create_pool`` makes,
+    with the retries it leaves out of a Sentinel client. Not connected until first used."""
+    pool = cast(ArqRedis, _primary(settings, ArqRedis, 25, decode_responses=False))
+    pool.default_queue_name = Keys(settings.prefix).queue
+    return pool
+
+
+def _primary(
+    settings: Settings, client: type[Redis], attempts: int | None, *, decode_responses: bool
+) -> Any:
+    options: dict[str, Any] = {"decode_responses": decode_responses}
+    if attempts is not None:
+        options.update(
+            retry=patient_retry(attempts),
+            retry_on_error=list(RETRYABLE),
+            health_check_interval=30,
+            socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
+        )
+    if not settings.sentinels:
+        return client.from_url(settings.redis_url, **options)
+    primary = parse_url(settings.redis_url)
+    options.update({k: v for k, v in primary.items() if k in ("db", "username", "password")})
+    tls = settings.redis_url.startswith("rediss://")
+    options["connection_class"] = PrimarySSLConnection if tls else PrimaryConnection
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        settings.sentinels,
+        sentinel_kwargs={
+            "socket_timeout": SENTINEL_TIMEOUT_SECONDS,
+            "socket_connect_timeout": SENTINEL_TIMEOUT_SECONDS,
+        },
     )
-    return client
+    return sentinel.master_for(settings.sentinel_master, redis_class=client, **options)
+
+
+def arq_settings(settings: Settings) -> RedisSettings:
+    """arq's connection settings, for arq's own CLI and ``create_pool``. With Sentinels, arq
+    passes no retry policy on: :func:`arq_pool` is the client with one."""
+    if settings.sentinels:
+        primary = parse_url(settings.redis_url)
+        connection = RedisSettings(
+            host=list(settings.sentinels),
+            sentinel=True,
+            sentinel_master=settings.sentinel_master,
+            database=int(primary.get("db") or 0),
+            username=primary.get("username"),
+            password=primary.get("password"),
+            ssl=settings.redis_url.startswith("rediss://"),
+        )
+    else:
+        connection = RedisSettings.from_dsn(settings.redis_url)
+    connection.retry_on_error = list(RETRYABLE)
+    connection.retry = patient_retry()
+    return connection

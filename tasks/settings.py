@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    AliasChoices,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 WEBHOOK_EVENTS = frozenset({"completed", "failed", "cancelled"})
@@ -16,6 +23,15 @@ def _split(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
+def _address(value: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` too) as a pair."""
+    host, colon, port = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r} is not host:port (e.g. 10.0.0.5:26379)")
+    return host, int(port)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STEPSTREAM_", extra="ignore")
 
@@ -23,6 +39,12 @@ class Settings(BaseSettings):
         default="redis://127.0.0.1:6379/0",
         validation_alias=AliasChoices("REDIS_URL", "STEPSTREAM_REDIS_URL"),
     )
+    # High availability (docs/deploy.md, "A Sentinel primary"): the Sentinels as
+    # "host:port,host:port,..." and the name they monitor the primary under. With them set,
+    # every client finds the primary through Sentinel, and REDIS_URL gives only its database,
+    # username, password and TLS (rediss://).
+    sentinels: Annotated[list[tuple[str, int]], NoDecode] = []
+    sentinel_master: str = Field(default="", validate_default=True)
     prefix: str = "stepstream:"
     # Modules whose @task definitions the web process and the workers load (comma separated),
     # e.g. "tasks" for a tasks.py in the working directory, or "myapp.jobs".
@@ -151,6 +173,24 @@ class Settings(BaseSettings):
     llm_offline_word_seconds: float = Field(default=0.02, ge=0.0, le=10.0)
     max_batch_size: int = 1_000
     max_delay_seconds: int = 30 * 24 * 3600  # the furthest ahead a job may be scheduled
+
+    @field_validator("sentinels", mode="before")
+    @classmethod
+    def _sentinel_addresses(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value  # already pairs (a Settings built in code)
+        return [_address(part) for part in _split(value)]
+
+    @field_validator("sentinel_master")
+    @classmethod
+    def _sentinels_name_a_primary(cls, value: str, info: ValidationInfo) -> str:
+        sentinels = info.data.get("sentinels")
+        if sentinels is not None and bool(sentinels) != bool(value):
+            raise ValueError(
+                "STEPSTREAM_SENTINELS and STEPSTREAM_SENTINEL_MASTER go together: set both "
+                "(the Sentinels, and the name they monitor the primary under) or neither"
+            )
+        return value
 
     @field_validator("webhook_events")
     @classmethod

@@ -16,12 +16,11 @@ import time
 from typing import Any, cast
 
 import arq.worker
-from arq.connections import RedisSettings
 from arq.worker import func, get_kwargs
-from redis.exceptions import ConnectionError, RedisError, TimeoutError
+from redis.exceptions import RedisError
 
 from stepstream.tasks import llm, recurring
-from stepstream.tasks.connection import connect, patient_retry
+from stepstream.tasks.connection import arq_pool, arq_settings, connect
 from stepstream.tasks.errors import ConfigurationError
 from stepstream.tasks.heartbeat import Heartbeat
 from stepstream.tasks.inputs import INPUT_TIMEOUT
@@ -43,7 +42,7 @@ async def startup(ctx: dict[str, Any], *, settings: Settings, registry: TaskRegi
     problem = settings.worker_problem()
     if problem:  # `stepstream worker` said so before starting; arq's own CLI gets here
         raise ConfigurationError(problem)
-    redis = connect(settings.redis_url)
+    redis = connect(settings)
     store = JobStore(redis, settings)
     monitor = JobMonitor(store, settings.lease_seconds)
     monitor.start()
@@ -116,9 +115,6 @@ def worker_settings(settings: Settings | None = None, registry: TaskRegistry | N
         if registry is not None
         else load_tasks(config.task_module_list, demo=config.demo_tasks)
     )
-    connection = RedisSettings.from_dsn(config.redis_url)
-    connection.retry_on_error = [ConnectionError, TimeoutError, OSError]
-    connection.retry = patient_retry()
 
     class WorkerSettings:
         functions = [
@@ -130,7 +126,8 @@ def worker_settings(settings: Settings | None = None, registry: TaskRegistry | N
             func(input_timeout, name=INPUT_TIMEOUT, max_tries=1_000, timeout=60),
         ]
         queue_name = Keys(config.prefix).queue
-        redis_settings = connection
+        # For arq's own CLI; `stepstream worker` makes its client with connection.arq_pool.
+        redis_settings = arq_settings(config)
         # Recurring jobs declared in the task modules (tasks/recurring.py): one job per tick.
         cron_jobs = recurring.cron_jobs(served)
         on_startup = functools.partial(startup, settings=config, registry=served)
@@ -192,8 +189,11 @@ class Worker(arq.worker.Worker):
 
     _warned_at = 0.0
 
-    def __init__(self, *args: Any, lease_seconds: float, wakeups: str, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, settings: Settings, lease_seconds: float, wakeups: str, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
+        self.settings = settings
         self.wakeups = Wakeups(wakeups, poll_delay=self.poll_delay_s)
         # arq's loop sleeps what is left of this after each poll, and each poll ends by
         # waiting for a wake-up: so polls come at most this often.
@@ -202,6 +202,17 @@ class Worker(arq.worker.Worker):
         # the lease only once the job has started. A worker killed in between would leave the
         # job to nobody for the hour: hold it for the lease from the moment it is taken.
         self.in_progress_timeout_s = lease_seconds
+
+    async def main(self) -> None:
+        if self._pool is None:
+            # As arq's create_pool makes it, from Stepstream's one client factory: arq's own
+            # leaves the retry policy out of a Sentinel client.
+            pool = arq_pool(self.settings)
+            pool.job_serializer = self.job_serializer
+            pool.job_deserializer = self.job_deserializer
+            pool.expires_extra_ms = self.expires_extra_ms
+            self._pool = pool
+        await super().main()
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         try:
@@ -252,7 +263,10 @@ def worker(settings: Settings | None = None, registry: TaskRegistry | None = Non
     # arq types get_kwargs' values as NameError; they are the settings' values.
     kwargs: dict[str, Any] = get_kwargs(cast(Any, worker_settings(settings, registry)))
     return Worker(
-        **kwargs, lease_seconds=settings.lease_seconds, wakeups=Keys(settings.prefix).queue_wakeups
+        **kwargs,
+        settings=settings,
+        lease_seconds=settings.lease_seconds,
+        wakeups=Keys(settings.prefix).queue_wakeups,
     )
 
 

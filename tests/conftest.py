@@ -33,6 +33,7 @@ LONGEST_FIRST = (
     "test_creation.py",
     "test_cli.py",
     "test_auth.py",
+    "test_sentinel.py",
     "test_inputs.py",
     "test_browser_client.py",
     "test_owner_limits.py",

@@ -33,6 +33,14 @@ def run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[s
         ({"STEPSTREAM_LOG_FORMAT": "xml"}, ["STEPSTREAM_LOG_FORMAT", "'json'"]),
         ({"STEPSTREAM_LLM_PROVIDER": "opeani"}, ["STEPSTREAM_LLM_PROVIDER", "'openai'"]),
         ({"STEPSTREAM_TASK_MODULES": "no_such_jobs"}, ["no_such_jobs", "PYTHONPATH"]),
+        (
+            {
+                "STEPSTREAM_SENTINELS": "10.0.0.5:26379,sentinel-b",
+                "STEPSTREAM_SENTINEL_MASTER": "m",
+            },
+            ["STEPSTREAM_SENTINELS", "'sentinel-b' is not host:port"],
+        ),
+        ({"STEPSTREAM_SENTINELS": "10.0.0.5:26379"}, ["STEPSTREAM_SENTINEL_MASTER", "set both"]),
     ],
 )
 def test_a_bad_setting_stops_the_worker_with_one_plain_line(

