@@ -20,7 +20,7 @@ from arq.connections import RedisSettings
 from arq.worker import func, get_kwargs
 from redis.exceptions import ConnectionError, RedisError, TimeoutError
 
-from stepstream.tasks import llm, recurring
+from stepstream.tasks import llm, recurring, tracing
 from stepstream.tasks.connection import connect, patient_retry
 from stepstream.tasks.heartbeat import Heartbeat
 from stepstream.tasks.inputs import INPUT_TIMEOUT
@@ -85,6 +85,7 @@ def worker_settings(settings: Settings | None = None, registry: TaskRegistry | N
     config = settings or get_settings()
     # Before arq's CLI logs its first lines, which come before on_startup runs.
     setup_logging("worker", config)
+    tracing.configure(config.tracing, "stepstream-worker")
     served = (
         registry
         if registry is not None
