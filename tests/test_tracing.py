@@ -273,6 +273,34 @@ def test_a_job_waiting_for_input_keeps_its_trace_across_the_wait(
     ]
 
 
+def test_a_batch_is_one_trace_with_every_child_s_attempt_under_its_submit(
+    make_stack: StackFactory, receiver: OtlpReceiver
+) -> None:
+    s = traced_stack(make_stack, receiver, workers=1)
+    trace_id, caller_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    answer = http.post(
+        f"{s.url}/api/batches",
+        json={"task": "counted", "inputs": [{}, {}, {}]},
+        headers={"traceparent": f"00-{trace_id}-{caller_id}-01"},
+        timeout=10,
+    )
+    assert answer.status_code == 202, answer.text
+    batch = answer.json()
+    assert wait_state(s.url, batch["id"], {"completed", "failed"})["state"] == "completed"
+    spans = receiver.wait_for(
+        lambda got: len(attempts(got, "counted")) == 3, timeout=20, what="the children's attempts"
+    )
+    (request,) = named(spans, "POST /api/batches")
+    (batch_span,) = named(spans, "submit batch counted")
+    assert request.trace_id == trace_id and request.parent_id == caller_id
+    assert batch_span.parent_id == request.span_id
+    assert batch_span.attributes["stepstream.batch.size"] == 3
+    children_ids = {a.attributes["stepstream.job_id"] for a in attempts(spans, "counted")}
+    assert len(children_ids) == 3 and batch["id"] not in children_ids
+    for attempt in attempts(spans, "counted"):
+        assert attempt.trace_id == trace_id and attempt.parent_id == batch_span.span_id
+
+
 _OFF_CHECK = textwrap.dedent(
     """
     import asyncio, sys
