@@ -23,6 +23,7 @@ from stepstream import Client
 from tests.conftest import Stack, StackFactory
 from tests.support import http
 from tests.support.api import submit, wait_state
+from tests.support.chat_server import chat_server, error, reply
 from tests.support.otlp import OtlpReceiver, ReceivedSpan
 from tests.support.processes import ROOT, TEST_TASKS, Valkey, wait_until
 from tests.support.sse import Event, read_stream
@@ -30,7 +31,7 @@ from tests.support.tasks import executions_key, gate_key
 
 pytestmark = pytest.mark.slow
 
-SERVER_KIND = 2  # OTLP's SpanKind: SERVER
+SERVER_KIND, CLIENT_KIND = 2, 3  # OTLP's SpanKind
 ERROR_STATUS = 2
 
 
@@ -301,6 +302,56 @@ def test_a_batch_is_one_trace_with_every_child_s_attempt_under_its_submit(
         assert attempt.trace_id == trace_id and attempt.parent_id == batch_span.span_id
 
 
+def test_a_model_call_is_a_genai_span_with_its_usage_cost_and_retry_wait(
+    make_stack: StackFactory, receiver: OtlpReceiver
+) -> None:
+    with chat_server() as chat:
+        chat.reset(
+            error(429, "slow down", retry_after="1"),
+            reply('{"summary": "Long jobs.", "words": 2}', prompt_tokens=150, completion_tokens=20),
+            reply("Done", prompt_tokens=5, completion_tokens=1),
+        )
+        s = make_stack(
+            webs=1,
+            workers=1,
+            OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url,
+            OTEL_BSP_SCHEDULE_DELAY="50",
+            STEPSTREAM_TASK_MODULES="tests.support.tasks,tests.support.ai_tasks",
+            STEPSTREAM_LLM_PROVIDER="openai",
+            STEPSTREAM_LLM_BASE_URL=chat.url,
+            STEPSTREAM_LLM_API_KEY="sk-test",
+            STEPSTREAM_LLM_MODEL="test-model",
+        )
+        job = submit(s.url, "llm_summarise", {})
+        done = wait_state(s.url, job["id"], {"completed", "failed"})
+    assert done["state"] == "completed", done["error"]
+    log = job_log(s.url, job["id"])
+    spent = [e.id for e in log if e.type == "log" and "usage" in e.data]
+
+    spans = receiver.wait_for(
+        lambda got: len(named(got, "chat test-model")) == 2, timeout=20, what="the model calls"
+    )
+    summarise, note = sorted(named(spans, "chat test-model"), key=lambda x: x.start_ns)
+    (step,) = named(spans, "step summarise")
+    assert summarise.parent_id == step.span_id and summarise.kind == CLIENT_KIND
+    assert summarise.attributes["gen_ai.operation.name"] == "chat"
+    assert summarise.attributes["gen_ai.system"] == "openai"
+    assert summarise.attributes["gen_ai.request.model"] == "test-model"
+    assert summarise.attributes["gen_ai.response.model"] == "test-model"
+    assert summarise.attributes["gen_ai.usage.input_tokens"] == 150
+    assert summarise.attributes["gen_ai.usage.output_tokens"] == 20
+    assert summarise.attributes["stepstream.llm.cost"] == pytest.approx(0.15 + 0.04 + 0.001)
+    (wait,) = [e for e in summarise.events if e.name == "retry_wait"]
+    assert wait.attributes["stepstream.wait_seconds"] == 1.0
+    assert wait.attributes["error.type"] == "RetryAfter"
+    assert "retry_wait" not in note.event_names()
+    # Each call's span ends with the log event that accounts for its spending.
+    assert [
+        summarise.attributes["stepstream.event_id"],
+        note.attributes["stepstream.event_id"],
+    ] == (spent)
+
+
 _OFF_CHECK = textwrap.dedent(
     """
     import asyncio, sys
@@ -335,6 +386,8 @@ _OFF_CHECK = textwrap.dedent(
     asyncio.run(run())
     with TestClient(create_app(settings)) as client:
         assert client.get(f"/api/jobs/{job_id}").json()["state"] == "completed"
+    from stepstream._base import submit_request
+    assert "traceparent" not in submit_request("counted", {}, None).headers
     loaded = sorted(name for name in sys.modules if name.split(".")[0] == "opentelemetry")
     print("LOADED", len(loaded), tracing.start_span("x") is tracing.NO_SPAN)
     """
