@@ -31,7 +31,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
-from stepstream.server import batches, events, health, inputs, jobs, openapi
+from stepstream.server import batches, events, health, inputs, jobs, openapi, traces
 from stepstream.server.auth import Authenticator
 from stepstream.server.deadline import ResponseDeadline
 from stepstream.server.errors import (
@@ -47,7 +47,7 @@ from stepstream.server.hub import Hub
 from stepstream.server.metrics import WebMetrics
 from stepstream.server.security import bound_host, is_production, middleware
 from stepstream.server.state import AppState
-from stepstream.tasks import apikeys
+from stepstream.tasks import apikeys, tracing
 from stepstream.tasks.apikeys import ApiKeys
 from stepstream.tasks.connection import arq_pool, connect
 from stepstream.tasks.errors import ConfigurationError
@@ -129,6 +129,7 @@ def create_app(
     if configure_logging:
         # Here rather than in the lifespan: uvicorn writes its first lines between the two.
         setup_logging("web", settings)
+    tracing.configure(settings.tracing, "stepstream-web")
     served = (
         registry
         if registry is not None
@@ -226,11 +227,17 @@ def create_app(
         Mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static"),
     ]
     routes = web_metrics.instrument(routes)  # counts submissions, streamed events; log tags
+    # Outermost: a request's span covers the security headers, the deadline and the 4xx.
+    spans = []
+    if tracing.enabled():
+        routes = traces.name_routes(routes)
+        spans = [Middleware(traces.RequestSpans)]
     return StepstreamApp(
         served,
         routes=routes,
         # Innermost, so its 503 still gets the security and CORS headers.
         middleware=[
+            *spans,
             *middleware(settings),
             Middleware(ResponseDeadline, seconds=settings.request_deadline_seconds),
         ],

@@ -34,7 +34,7 @@ from stepstream.server.jobs import (
 from stepstream.server.options import SubmitOptions, check_callback_url, parse_submit_options
 from stepstream.server.state import AppState
 from stepstream.server.urls import root_path
-from stepstream.tasks import batches, creation
+from stepstream.tasks import batches, creation, tracing
 from stepstream.tasks.models import JobRecord, JobState, new_job_id, utcnow
 from stepstream.tasks.queue import Command
 from stepstream.tasks.registry import TaskSpec
@@ -96,7 +96,14 @@ async def submit_batch(request: Request) -> Response:
     try:
         await enforce_submission_limits(state, owner)
         record = await _create_batch(
-            state, spec, inputs, given, owner, parent_id, [claim.confirm] if claim else []
+            state,
+            spec,
+            inputs,
+            given,
+            owner,
+            parent_id,
+            [claim.confirm] if claim else [],
+            tracing.incoming(request.headers),
         )
     except ApiError:
         if claim is not None:
@@ -121,9 +128,44 @@ async def _create_batch(
     owner: str | None,
     parent_id: str,
     confirm: list[Command],
+    trace_parent: tracing.Carrier | None = None,
 ) -> JobRecord:
     """The parent and its children, created together (or refused: nothing is written)."""
+    # One submit span for the batch: every child's attempts are its children, in one trace.
+    span = tracing.start_span(
+        f"submit batch {spec.name}",
+        {
+            "stepstream.job_id": parent_id,
+            "stepstream.task": spec.name,
+            "stepstream.owner": owner,
+            "stepstream.subject": given.subject,
+            "stepstream.batch.size": len(inputs),
+        },
+        parent=trace_parent,
+    )
+    try:
+        return await _create_batch_traced(
+            state, spec, inputs, given, owner, parent_id, confirm, span
+        )
+    except BaseException as exc:
+        span.fail(exc)
+        raise
+    finally:
+        span.end()  # a no-op once ended with the parent's first event
+
+
+async def _create_batch_traced(
+    state: AppState,
+    spec: TaskSpec,
+    inputs: list[dict[str, Any]],
+    given: SubmitOptions,
+    owner: str | None,
+    parent_id: str,
+    confirm: list[Command],
+    span: tracing.Span,
+) -> JobRecord:
     task_name = spec.name
+    trace = span.carrier()
     # The children's options: the callback is the parent's alone.
     options = SubmitOptions(budget=given.budget, subject=given.subject)
     size = len(inputs)
@@ -145,6 +187,7 @@ async def _create_batch(
         message=batches.summary_message(batches.empty_counts(size), size),
         callback_url=given.callback_url,
         subject=options.subject,
+        trace=trace,
     )
     # Each child's create: cached results are created completed (tasks/creation.py).
     children = [
@@ -152,6 +195,7 @@ async def _create_batch(
             state.store,
             state.arq,
             replace(options.new_job(spec, item, owner), batch_id=parent_id, batch_index=index),
+            trace,
         )
         for index, item in enumerate(inputs)
     ]
@@ -189,6 +233,7 @@ async def _create_batch(
     ]
     replies = await store.create_together(calls)
     check_created(state, creation.Created(parent, replies[0]), size)
+    span.end(replies[0].job_event_id)
     if not all(reply.ok for reply in replies[1:]):
         # 120-bit ids collided: not a client mistake, and never expected.
         raise RuntimeError(f"batch {parent_id}: a job id exists already")

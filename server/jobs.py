@@ -27,7 +27,7 @@ from stepstream.server.options import (
 from stepstream.server.state import AppState
 from stepstream.server.subjects import subject_field, subject_param
 from stepstream.server.urls import job_links, root_path
-from stepstream.tasks import cancellation, creation
+from stepstream.tasks import cancellation, creation, tracing
 from stepstream.tasks.models import JobRecord, JobState, new_job_id
 from stepstream.tasks.registry import TaskSpec
 from stepstream.tasks.settings import Settings
@@ -176,6 +176,8 @@ async def submit_job(request: Request) -> Response:
     idempotency_key = request.headers.get("idempotency-key")
     claim = None
     job = options.new_job(spec, raw_input, owner)
+    # The submitter's trace, if its request carried one: the job's trace continues it.
+    job = replace(job, trace_parent=tracing.incoming(request.headers))
     if idempotency_key is not None:
         claim = await claim_idempotency_key(
             state, owner, idempotency_key, spec.name, raw_input, options.fingerprint()

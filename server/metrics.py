@@ -38,6 +38,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from stepstream.server.health import read_queue
 from stepstream.server.state import AppState
+from stepstream.server.traces import frames_in
 from stepstream.tasks import heartbeat, logs, transitions
 from stepstream.tasks.models import JobState
 
@@ -209,11 +210,7 @@ class _BindJob:
 
 
 class _CountFrames:
-    """Counts the SSE events a stream sends (not comments, not the ``retry:`` frame).
-
-    Each event frame has exactly one line starting with ``event:``; ``data`` is JSON with its
-    newlines escaped, so no text inside it can start a line.
-    """
+    """Counts the SSE events a stream sends (``frames_in``)."""
 
     def __init__(self, app: ASGIApp, counter: Any) -> None:
         self.app = app
@@ -223,8 +220,7 @@ class _CountFrames:
         async def counting(message: Message) -> None:
             await send(message)
             if message["type"] == "http.response.body":
-                chunk: bytes = message.get("body", b"")
-                frames = chunk.count(b"\nevent: ") + chunk.startswith(b"event: ")
+                frames = frames_in(message.get("body", b""))
                 if frames:
                     self.counter.inc(frames)
 

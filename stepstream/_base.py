@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import ssl
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -123,6 +124,7 @@ def submit_request(
             raise ValueError("run_at needs a timezone, e.g. datetime(..., tzinfo=UTC)")
         run_at = run_at.isoformat()
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+    headers.update(trace_headers())
     body: dict[str, Any] = {"task": task, "input": input or {}}
     optional = {
         "subject": subject,
@@ -139,6 +141,21 @@ def submit_request(
         headers=headers,
         idempotent=idempotency_key is not None,
     )
+
+
+def trace_headers() -> dict[str, str]:
+    """The caller's current trace context as headers (W3C ``traceparent``...), so the job
+    continues the caller's trace. Only for an application that already uses OpenTelemetry:
+    the client never imports it itself."""
+    if "opentelemetry.trace" not in sys.modules:
+        return {}
+    try:
+        from opentelemetry import propagate
+    except ImportError:  # a partial install: no trace rather than no submit
+        return {}
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)  # the application's propagators, as its own requests use
+    return carrier
 
 
 def list_request(

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic_core import to_jsonable_python
 
-from stepstream.tasks import inputs
+from stepstream.tasks import inputs, tracing
 from stepstream.tasks.cost import BudgetExceeded
 from stepstream.tasks.errors import StepTimeout
 from stepstream.tasks.models import EventType, JobRecord, StepRecord, StepRef, Usage, utcnow
@@ -80,6 +80,10 @@ class TaskContext:
         self._step_text: StepText | None = None  # the current step's text, once it writes some
         self.writer = EventWriter(store, record.id, record.owner)
         self.answers = record.answers  # the inputs given so far (wait_for_input)
+        # Tracing (tasks/tracing.py): the attempt's span (set by the runtime) and the current
+        # step's, open from its start to the event that ends it.
+        self.span: tracing.Span = tracing.NO_SPAN
+        self._step_span: tracing.Span = tracing.NO_SPAN
 
     def _initial_steps(self, record: JobRecord) -> list[StepRecord]:
         by_name = {s.name: s for s in record.steps}
@@ -108,8 +112,13 @@ class TaskContext:
         started = time.perf_counter()
         await self._begin_step(ref)
         handle = StepHandle(ref)
-        async with self._deadline(name, timeout, retry_timeout):
-            yield handle
+        try:
+            with self._step_span.current():
+                async with self._deadline(name, timeout, retry_timeout):
+                    yield handle
+        except BaseException as exc:
+            self._step_failed(exc)
+            raise
         await self._complete_step(ref, started, handle.output)
 
     @asynccontextmanager
@@ -164,8 +173,13 @@ class TaskContext:
                 return restored
         started = time.perf_counter()
         await self._begin_step(ref)
-        async with self._deadline(name, timeout, retry_timeout):
-            value = await fn()
+        try:
+            with self._step_span.current():
+                async with self._deadline(name, timeout, retry_timeout):
+                    value = await fn()
+        except BaseException as exc:
+            self._step_failed(exc)
+            raise
         stored = to_jsonable_python(value)
         if output is None:
             await self._complete_step(ref, started, stored)
@@ -281,15 +295,15 @@ class TaskContext:
         finally:
             self._reserved -= estimate
 
-    async def record_llm_usage(self, usage: Usage, cost: float, model: str) -> None:
+    async def record_llm_usage(self, usage: Usage, cost: float, model: str) -> str | None:
         """Account for one answered LLM call: a ``log`` event with its ``usage``, and the job's
         ``usage`` and ``cost`` totals in the same append (so the record always shows the
-        spending so far, even if the step fails later)."""
+        spending so far, even if the step fails later). Returns the event's id."""
         self.usage = self.usage.plus(usage)
         self.cost = round(self.cost + cost, 9)
         if self.current_step is not None:
             self._step_usage = (self._step_usage or Usage()).plus(usage)
-        await self._emit(
+        return await self._emit(
             EventType.log,
             {
                 "level": "info",
@@ -305,7 +319,32 @@ class TaskContext:
     def _ref(self, name: str) -> StepRef:
         return StepRef(index=self.spec.step_index(name), count=len(self.spec.steps), name=name)
 
+    def _start_step_span(self, ref: StepRef, state: str) -> tracing.Span:
+        # A step whose failure the task caught and went on from ends where the next begins.
+        self._step_span.end()
+        self._step_span = tracing.start_span(
+            f"step {ref.name}",
+            {
+                "stepstream.step.index": ref.index,
+                "stepstream.step.name": ref.name,
+                "stepstream.step.state": state,
+            },
+        )
+        return self._step_span
+
+    def _step_failed(self, exc: BaseException) -> None:
+        """The step's block raised: its span stays open until the runtime's event (``retrying``,
+        ``failed``, ``waiting``...) or the next step ends it."""
+        if isinstance(exc, Exception):
+            self._step_span.fail(exc)
+            self._step_span.set({"stepstream.step.state": "failed"})
+
+    def end_step_span(self, event_id: str | None) -> None:
+        """End the span of a step the run stopped in, with the runtime's event that ended it."""
+        self._step_span.end(event_id)
+
     async def _begin_step(self, ref: StepRef) -> None:
+        self._start_step_span(ref, "running")
         self.current_step = ref
         self._step_usage = None
         self._step_text = None
@@ -344,17 +383,22 @@ class TaskContext:
             record.usage = self._step_usage
             data["usage"] = self._step_usage.model_dump()
             self._step_usage = None
-        await self._emit(
+        event_id = await self._emit(
             EventType.step_completed,
             data,
             {"steps": self._steps_json(), "progress": round(ref.index / ref.count, 4)},
             # Its text is in `steps` now.
             then=[["DEL", self.store.keys.job_text(self.job_id)]] if text is not None else (),
         )
+        self._step_span.set({"stepstream.step.state": "completed"})
+        self._step_span.end(event_id)
         # Between steps no step is current: a failure there must not blame the finished one.
         self.current_step = None
 
     async def _restore_step(self, ref: StepRef, done: StepRecord) -> None:
+        # Not run again: its span is an instant, marked as the stored value.
+        span = self._start_step_span(ref, "restored")
+        span.set({"stepstream.step.stored": True})
         self.current_step = ref
         done.state = "restored"
         data: dict[str, Any] = {
@@ -364,14 +408,16 @@ class TaskContext:
         }
         if done.output is not None:
             data["output"] = done.output
-        await self._emit(
-            EventType.step_completed,
-            data,
-            {
-                "step": ref.model_dump(),
-                "steps": self._steps_json(),
-                "progress": round(ref.index / ref.count, 4),
-            },
+        span.end(
+            await self._emit(
+                EventType.step_completed,
+                data,
+                {
+                    "step": ref.model_dump(),
+                    "steps": self._steps_json(),
+                    "progress": round(ref.index / ref.count, 4),
+                },
+            )
         )
 
     def mark_interrupted_step(self, state: str) -> dict[str, Any]:
@@ -380,6 +426,7 @@ class TaskContext:
             record = self.steps[self.current_step.index - 1]
             if record.state == "running":
                 record.state = state
+                self._step_span.set({"stepstream.step.state": state})
                 record.finished_at = utcnow()
                 record.usage = self._step_usage  # what the failed step spent, for the record
                 if self._step_text is not None:  # what reached the log, not what waited
@@ -421,6 +468,7 @@ class TaskContext:
         *,
         wait: bool = True,
         then: Sequence[Command] = (),
-    ) -> None:
+    ) -> str | None:
+        """Write one event; its id in the log when ``wait`` (the store's answer)."""
         event = new_event(self.job_id, type_.value, self.attempt, **data)
-        await self.writer.write(event, fields, wait=wait, then=then)
+        return await self.writer.write(event, fields, wait=wait, then=then)

@@ -20,7 +20,7 @@ from typing import Any
 
 from arq.connections import ArqRedis
 
-from stepstream.tasks import cache
+from stepstream.tasks import cache, tracing
 from stepstream.tasks.models import JobRecord, JobState, new_job_id, utcnow
 from stepstream.tasks.queue import Command, enqueue_commands, retry_entry
 from stepstream.tasks.registry import TaskSpec
@@ -42,6 +42,8 @@ class NewJob:
     batch_index: int | None = None
     note: Mapping[str, Any] = field(default_factory=dict)  # added to the `queued` event
     id: str = field(default_factory=new_job_id)
+    # The submitter's trace (W3C headers of its request): the job's trace continues it.
+    trace_parent: tracing.Carrier | None = None
 
     @property
     def run_at_text(self) -> str | None:
@@ -67,9 +69,12 @@ class Created:
     appended: Appended
 
 
-async def plan(store: JobStore, arq: ArqRedis, job: NewJob) -> Plan:
+async def plan(
+    store: JobStore, arq: ArqRedis, job: NewJob, trace: tracing.Carrier | None = None
+) -> Plan:
     """The create of ``job``. A task with ``cache_ttl`` whose result for this input is cached
-    (and a job that is not scheduled) is created completed with it, and never queued."""
+    (and a job that is not scheduled) is created completed with it, and never queued.
+    ``trace``: the submit span's context, stored for the attempts to continue."""
     spec = job.task
     record = JobRecord(
         id=job.id,
@@ -85,6 +90,7 @@ async def plan(store: JobStore, arq: ArqRedis, job: NewJob) -> Plan:
         callback_url=job.callback_url,
         batch_id=job.batch_id,
         batch_index=job.batch_index,
+        trace=trace,
     )
     queued = new_event(job.id, "queued", 0, input=job.input, **job.note)
     hit = None
@@ -123,10 +129,28 @@ async def create(
     """Create ``job`` in one store script call (see :func:`plan`). ``take``: places it needs
     free under its owner's unfinished-jobs limit (``JobStore.append``). ``then``: more commands
     that must happen if and only if the job is created (an idempotency claim's confirmation)."""
-    new = await plan(store, arq, job)
-    appended = await store.create(new.record, *new.events, then=[*new.then, *then], take=take)
+    span = tracing.start_span(
+        f"submit {job.task.name}",
+        {
+            "stepstream.job_id": job.id,
+            "stepstream.task": job.task.name,
+            "stepstream.owner": job.owner,
+            "stepstream.subject": job.subject,
+        },
+        parent=job.trace_parent,
+    )
+    try:
+        new = await plan(store, arq, job, span.carrier())
+        appended = await store.create(new.record, *new.events, then=[*new.then, *then], take=take)
+    except BaseException as exc:
+        span.fail(exc)
+        span.end()
+        raise
     if appended.ok:
         new.record.last_event_id = appended.job_event_id
+    else:
+        span.set({"stepstream.refused": appended.refused})
+    span.end(appended.job_event_id)
     return Created(new.record, appended)
 
 

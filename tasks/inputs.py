@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from arq.connections import ArqRedis
 from pydantic import BaseModel, ValidationError
 
+from stepstream.tasks import tracing
 from stepstream.tasks.errors import PermanentError
 from stepstream.tasks.keys import Keys
 from stepstream.tasks.models import InputRequest, JobRecord, JobState, utcnow
@@ -70,6 +71,15 @@ async def wait_for_input(
         raise ValueError(f"input name {name!r}: use 1 to 64 of A-Z a-z 0-9 _ . -")
     answer = ctx.answers.get(name)
     if answer is not None:
+        # The run after the wait: the trace shows where the answer came in, and from whom.
+        tracing.add_event(
+            "input",
+            {
+                "stepstream.input.name": name,
+                "stepstream.input.by": answer.by,
+                "stepstream.input.at": answer.at,
+            },
+        )
         try:
             return schema.model_validate(answer.value)
         except ValidationError as exc:  # a rule the JSON Schema does not carry (a validator)

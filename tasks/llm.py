@@ -39,7 +39,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import httpx
 from pydantic import BaseModel, ValidationError
 
+from stepstream.tasks import tracing
 from stepstream.tasks.cost import Pricing, estimate_tokens
 from stepstream.tasks.errors import PermanentError, RetryAfter, TransientError
 from stepstream.tasks.models import Usage
@@ -273,6 +274,11 @@ class OpenAIProvider:
                     wait = backoff
             if number == tries:
                 raise failure
+            # The wait is the call's own: its span shows it (GenAI spans have no such field).
+            tracing.add_event(
+                "retry_wait",
+                {"error.type": type(failure).__name__, "stepstream.wait_seconds": wait},
+            )
             await self._sleep(wait)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -629,30 +635,29 @@ async def ask(
     for ask_number in (1, 2):
         prompt = " ".join(str(m.get("content") or "") for m in conversation)
         estimate = price.estimate(estimate_tokens(prompt), max_tokens)
-        async with ctx.reserve_budget(estimate):
-            if stream:
-                async with ctx.output() as out:
-                    completion = await provider.stream(
-                        conversation,
-                        model=model_name,
-                        on_delta=out.write,
-                        max_tokens=max_tokens,
-                        temperature=temperature,
-                        timeout=timeout,
-                    )
-                await ctx.record_llm_usage(
-                    completion.usage, price.cost(completion.usage), completion.model
+        with _call_span(provider.name, model_name, max_tokens, temperature) as span:
+            async with ctx.reserve_budget(estimate):
+                if stream:
+                    async with ctx.output() as out:
+                        completion = await provider.stream(
+                            conversation,
+                            model=model_name,
+                            on_delta=out.write,
+                            max_tokens=max_tokens,
+                            temperature=temperature,
+                            timeout=timeout,
+                        )
+                    await _account(ctx, span, completion, price)
+                    return completion.text
+                completion = await provider.complete(
+                    conversation,
+                    model=model_name,
+                    max_tokens=max_tokens,
+                    temperature=temperature,
+                    json_mode=response_model is not None,
+                    timeout=timeout,
                 )
-                return completion.text
-            completion = await provider.complete(
-                conversation,
-                model=model_name,
-                max_tokens=max_tokens,
-                temperature=temperature,
-                json_mode=response_model is not None,
-                timeout=timeout,
-            )
-        await ctx.record_llm_usage(completion.usage, price.cost(completion.usage), completion.model)
+            await _account(ctx, span, completion, price)
         if response_model is None:
             return completion.text
         try:
@@ -677,6 +682,50 @@ async def ask(
                 },
             ]
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+@contextlib.contextmanager
+def _call_span(
+    system: str, model: str, max_tokens: int | None, temperature: float | None
+) -> Iterator[tracing.Span]:
+    """One model request's span, after the GenAI semantic conventions (``chat {model}``)."""
+    span = tracing.start_span(
+        f"chat {model}",
+        {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.system": system,
+            "gen_ai.provider.name": system,
+            "gen_ai.request.model": model,
+            "gen_ai.request.max_tokens": max_tokens,
+            "gen_ai.request.temperature": temperature,
+        },
+        kind="client",
+    )
+    try:
+        with span.current():
+            yield span
+    except Exception as exc:
+        span.fail(exc)
+        raise
+    finally:
+        span.end()  # a no-op after ``_account`` ended it with its event
+
+
+async def _account(
+    ctx: TaskContext, span: tracing.Span, completion: Completion, price: Pricing
+) -> None:
+    """Record an answered call's spending on the job, and end its span with that event."""
+    cost = price.cost(completion.usage)
+    span.set(
+        {
+            "gen_ai.response.model": completion.model,
+            "gen_ai.usage.input_tokens": completion.usage.input_tokens,
+            "gen_ai.usage.output_tokens": completion.usage.output_tokens,
+            "gen_ai.response.finish_reasons": completion.finish_reason,
+            "stepstream.llm.cost": cost,
+        }
+    )
+    span.end(await ctx.record_llm_usage(completion.usage, cost, completion.model))
 
 
 async def llm_step(

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 from urllib.parse import unquote_plus
 
+from stepstream.tasks import tracing
 from stepstream.tasks.settings import Settings
 
 
@@ -100,6 +101,7 @@ def _record_fields(record: logging.LogRecord) -> dict[str, Any]:
     ctx = _job.get()
     if ctx is not None:
         fields.update(ctx.fields())
+    fields.update(tracing.log_ids())  # trace_id, span_id: the line's place in its trace
     for name, value in record.__dict__.items():
         if name not in _STANDARD and not name.startswith("_"):
             fields[name] = value  # extra=..., and job_id that the arq filter found

@@ -154,6 +154,9 @@ class JobRecord(BaseModel):
     # Where the terminal event is POSTed (tasks/outbox.py). Stored, never shown: it may carry a
     # secret, and the record goes to browsers holding a stream token.
     callback_url: SkipJsonSchema[str | None] = Field(default=None, exclude=True)
+    # The submit span's W3C context (tasks/tracing.py), which every attempt continues. Stored,
+    # never shown: it is the operator's tracing, not the job's data.
+    trace: SkipJsonSchema[dict[str, str] | None] = Field(default=None, exclude=True)
 
 
 def new_job_id() -> str:

@@ -20,7 +20,7 @@ from arq.constants import in_progress_key_prefix
 from arq.worker import Retry
 from pydantic import BaseModel, ValidationError
 
-from stepstream.tasks import batches, cache, heartbeat, inputs, logs
+from stepstream.tasks import batches, cache, heartbeat, inputs, logs, tracing
 from stepstream.tasks.context import TaskContext
 from stepstream.tasks.errors import (
     InputTimeout,
@@ -34,7 +34,7 @@ from stepstream.tasks.inputs import InputSuspended
 from stepstream.tasks.llm import Providers
 from stepstream.tasks.models import JobRecord, JobState, utcnow
 from stepstream.tasks.registry import TaskRegistry, TaskSpec
-from stepstream.tasks.store import JobStore, new_event
+from stepstream.tasks.store import Appended, JobStore, new_event
 
 logger = logging.getLogger("stepstream.worker")
 
@@ -244,8 +244,17 @@ async def _run_job(ctx: dict[str, Any], job_id: str) -> None:
     arq_id = ctx.get("job_id", job_id)
     if arq_id != job_id:  # an answer's entry (tasks/inputs.py): its lease is its own
         monitor.arq_ids[job_id] = arq_id
+    beat = ctx.get("heartbeat")
     try:
-        await _run_attempt(store, monitor, spec, record, ctx["llm_providers"], arq=ctx.get("redis"))
+        await _run_attempt(
+            store,
+            monitor,
+            spec,
+            record,
+            ctx["llm_providers"],
+            arq=ctx.get("redis"),
+            worker_id=beat.worker_id if beat is not None else None,
+        )
     finally:
         monitor.arq_ids.pop(job_id, None)
         await monitor.release_slot(job_id)
@@ -257,6 +266,56 @@ async def _run_attempt(
     spec: TaskSpec,
     record: JobRecord,
     llm_providers: Providers,
+    *,
+    arq: ArqRedis | None = None,
+    worker_id: str | None = None,
+) -> None:
+    job_id = record.id
+    attempt = record.attempt + 1
+    # A child of the submit span stored with the job, whichever worker runs it and however
+    # long after: the time queued or waiting is the gap before it.
+    span = tracing.start_span(
+        f"attempt {spec.name}",
+        {
+            "stepstream.job_id": job_id,
+            "stepstream.task": spec.name,
+            "stepstream.attempt": attempt,
+            "stepstream.worker": worker_id,
+        },
+        parent=record.trace,
+    )
+    try:
+        with span.current():
+            await _attempt(store, monitor, spec, record, llm_providers, span, arq=arq)
+    except BaseException as exc:
+        if not span.ended and isinstance(exc, Exception) and not isinstance(exc, Retry):
+            span.fail(exc)  # the runtime's own failure to record the outcome
+        raise
+    finally:
+        span.end()  # a no-op once the outcome's event ended it
+
+
+def _ended(
+    span: tracing.Span,
+    outcome: str,
+    appended: Appended | None,
+    context: TaskContext | None = None,
+) -> None:
+    """End the attempt's span (and its interrupted step's) with the event that ended the run."""
+    event_id = appended.job_event_id if appended is not None else None
+    span.set({"stepstream.outcome": outcome if appended is None or appended.ok else "refused"})
+    if context is not None:
+        context.end_step_span(event_id)
+    span.end(event_id)
+
+
+async def _attempt(
+    store: JobStore,
+    monitor: JobMonitor,
+    spec: TaskSpec,
+    record: JobRecord,
+    llm_providers: Providers,
+    span: tracing.Span,
     *,
     arq: ArqRedis | None = None,
 ) -> None:
@@ -278,13 +337,16 @@ async def _run_attempt(
         expect=ACTIVE_STATES,
     )
     if started.refused == "cancel":
-        await _cancelled(store, record, attempt - 1, "cancelled before it started")
+        cancelled = await _cancelled(store, record, attempt - 1, "cancelled before it started")
+        _ended(span, "cancelled", cancelled)
         return
     if not started.ok:
+        _ended(span, "refused", None)
         return
     record.attempt = attempt
     record.started_at = started_at  # job durations in metrics run from the first start
     context = TaskContext(store, spec, record, llm_providers)
+    context.span = span
     # Every log line of this job (this asyncio task) now says which job, attempt and step.
     logs.bind_job(job_id, spec.name, attempt, context)
     logger.info("job started: attempt %d of %d", attempt, record.max_attempts)
@@ -304,19 +366,30 @@ async def _run_attempt(
             monitor.task_ended(job_id)
             await context.writer.settle()
     except JobCancelled as exc:
-        await _cancelled(store, record, attempt, exc.reason, context)
+        cancelled = await _cancelled(store, record, attempt, exc.reason, context)
+        _ended(span, "cancelled", cancelled, context)
     except InputSuspended as suspended:
-        await _suspended(store, arq, record, context, suspended)
+        request = suspended.request
+        span.event(
+            "waiting",
+            {
+                "stepstream.input.name": request.name,
+                "stepstream.input.timeout_at": request.timeout_at,
+            },
+        )
+        _ended(span, "waiting", await _suspended(store, arq, record, context, suspended), context)
     except asyncio.CancelledError:
         if job_id in monitor.cancelled:
             # Our monitor interrupted the task: the job is cancelled, the worker goes on.
             current.uncancel()
-            await _cancelled(store, record, attempt, "cancelled by request", context)
+            cancelled = await _cancelled(store, record, attempt, "cancelled by request", context)
+            _ended(span, "cancelled", cancelled, context)
         else:
             # The worker is shutting down: arq puts the job back in the queue; say so in the log.
-            await _handed_back(store, record, context)
+            _ended(span, "handed_back", await _handed_back(store, record, context), context)
             raise
     except Exception as exc:
+        span.fail(exc)
         await _handle_failure(store, spec, record, context, exc)
     else:
         done = await store.append(
@@ -335,6 +408,7 @@ async def _run_attempt(
                 store.keys, spec, record.owner, record.input, job_id, result
             ),
         )
+        _ended(span, "completed", done, context)
         if done.ok:
             await heartbeat.job_finished(store, record, "completed")
             await batches.child_finished(store, record)
@@ -395,6 +469,7 @@ async def _handle_failure(
     }
     attempt = record.attempt
     step_fields = context.mark_interrupted_step("failed")
+    context.span.set({"stepstream.error.retryable": retryable})
     if retryable and attempt < record.max_attempts:
         if isinstance(exc, RetryAfter):
             delay = max(0.0, exc.seconds)
@@ -425,13 +500,18 @@ async def _handle_failure(
             # Kept until the retry has run, however far off it is: the retention runs from then.
             ttl=store.settings.retention_seconds + math.ceil(delay),
         )
+        context.span.event(
+            "retrying", {"stepstream.retry_at": retry_at, "stepstream.delay_seconds": delay}
+        )
+        _ended(context.span, "retrying", appended, context)
         if appended.ok:
             logger.info("job %s attempt %d failed, retrying in %.2fs", record.id, attempt, delay)
             raise Retry(defer=timedelta(seconds=delay))
         return
-    await _fail(
+    failed = await _fail(
         store, record, attempt, type(exc).__name__, str(error["message"]), error, step_fields
     )
+    _ended(context.span, "failed", failed, context)
 
 
 async def _fail(
@@ -444,7 +524,7 @@ async def _fail(
     extra: dict[str, Any] | None = None,
     *,
     expect: tuple[JobState, ...] = ACTIVE_STATES,
-) -> None:
+) -> Appended:
     error = error or {"type": type_, "message": message, "step": None, "retryable": False}
     public_error = {k: v for k, v in error.items() if k != "traceback"}
     attempt = record.attempt if attempt is None else attempt
@@ -464,6 +544,7 @@ async def _fail(
     if failed.ok:
         await heartbeat.job_finished(store, record, "failed", public_error)
         await batches.child_finished(store, record)
+    return failed
 
 
 async def _suspended(
@@ -472,7 +553,7 @@ async def _suspended(
     record: JobRecord,
     context: TaskContext,
     suspended: InputSuspended,
-) -> None:
+) -> Appended:
     """The task waits for input: record ``waiting`` and end the run, freeing the worker."""
     if arq is None:  # run outside arq's worker: nothing could queue the job again
         raise RuntimeError("wait_for_input needs the arq worker")
@@ -480,12 +561,13 @@ async def _suspended(
         store, arq, record, suspended.request, context.mark_interrupted_step("waiting")
     )
     if waiting.refused == "cancel":
-        await _cancelled(store, record, record.attempt, "cancelled by request", context)
-    elif waiting.ok:
+        return await _cancelled(store, record, record.attempt, "cancelled by request", context)
+    if waiting.ok:
         logger.info("job waits for input %r", suspended.request.name)
+    return waiting
 
 
-async def _handed_back(store: JobStore, record: JobRecord, context: TaskContext) -> None:
+async def _handed_back(store: JobStore, record: JobRecord, context: TaskContext) -> Appended | None:
     error = {
         "type": "WorkerShutdown",
         "message": "the worker stopped; another worker resumes the job from its checkpoints",
@@ -493,7 +575,7 @@ async def _handed_back(store: JobStore, record: JobRecord, context: TaskContext)
         "retryable": True,
     }
     try:
-        await store.append(
+        return await store.append(
             record.id,
             new_event(
                 record.id,
@@ -517,6 +599,7 @@ async def _handed_back(store: JobStore, record: JobRecord, context: TaskContext)
         )
     except Exception:
         logger.warning("could not record the hand-back of job %s", record.id, exc_info=True)
+        return None
 
 
 async def _cancelled(
@@ -525,7 +608,7 @@ async def _cancelled(
     attempt: int,
     reason: str,
     context: TaskContext | None = None,
-) -> None:
+) -> Appended:
     extra = context.mark_interrupted_step("cancelled") if context else {}
     cancelled = await store.append(
         record.id,
@@ -537,6 +620,7 @@ async def _cancelled(
     if cancelled.ok:
         await heartbeat.job_finished(store, record, "cancelled")
         await batches.child_finished(store, record)
+    return cancelled
 
 
 async def input_timeout(ctx: dict[str, Any], job_id: str, name: str) -> None:

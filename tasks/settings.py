@@ -127,6 +127,9 @@ class Settings(BaseSettings):
     # JSON unless stderr is a terminal, for auto
     log_format: Literal["auto", "json", "text"] = "auto"
     log_level: str = "INFO"
+    # OpenTelemetry (docs/observability.md): auto = on when OTEL_EXPORTER_OTLP_ENDPOINT or
+    # OTEL_TRACES_EXPORTER is set, or the application set a tracer provider of its own.
+    tracing: Literal["auto", "on", "off"] = "auto"
     # Each worker writes a heartbeat this often; it expires after three missed beats.
     worker_heartbeat_seconds: float = 2.0
     # Webhooks (docs/deploy.md, "Webhooks"): a job's `callback_url` and the deployment's webhook

@@ -671,6 +671,8 @@ def _create_fields(record: JobRecord) -> dict[str, Any]:
     fields = record.model_dump(mode="json", exclude={"last_event_id"})
     if record.callback_url is not None:  # kept in the record, left out of every dump
         fields["callback_url"] = record.callback_url
+    if record.trace is not None:  # the same: tasks/tracing.py
+        fields["trace"] = record.trace
     return fields
 
 

@@ -19,7 +19,7 @@ import arq.worker
 from arq.worker import func, get_kwargs
 from redis.exceptions import RedisError
 
-from stepstream.tasks import llm, recurring
+from stepstream.tasks import llm, recurring, tracing
 from stepstream.tasks.connection import arq_pool, arq_settings, connect
 from stepstream.tasks.errors import ConfigurationError
 from stepstream.tasks.heartbeat import Heartbeat
@@ -110,6 +110,7 @@ def worker_settings(settings: Settings | None = None, registry: TaskRegistry | N
     config = settings or get_settings()
     # Before arq's CLI logs its first lines, which come before on_startup runs.
     setup_logging("worker", config)
+    tracing.configure(config.tracing, "stepstream-worker")
     served = (
         registry
         if registry is not None

@@ -35,12 +35,27 @@ MAX_PENDING = 256  # events gathered while one append is answered; more waits fo
 BURST_GAP = 0.005  # seconds
 
 
+class _Queued:
+    """An event on its way; ``stored_id``: its log id, once stored, for an event waited on."""
+
+    __slots__ = ("event", "fields", "stored_id", "then", "waited")
+
+    def __init__(
+        self, event: dict[str, Any], fields: dict[str, Any], then: Sequence[Command], waited: bool
+    ) -> None:
+        self.event = event
+        self.fields = fields
+        self.then = then
+        self.waited = waited
+        self.stored_id: str | None = None
+
+
 class EventWriter:
     def __init__(self, store: JobStore, job_id: str, owner: str | None) -> None:
         self.store = store
         self.job_id = job_id
         self.owner = owner
-        self._pending: list[tuple[dict[str, Any], dict[str, Any], Sequence[Command]]] = []
+        self._pending: list[_Queued] = []
         self._sending: asyncio.Task[None] | None = None
         self._refused = False  # a cancel request, or the job left "running" under us
         self._error: BaseException | None = None
@@ -53,8 +68,9 @@ class EventWriter:
         *,
         wait: bool,
         then: Sequence[Command] = (),
-    ) -> None:
-        """Queue ``event``; with ``wait``, return once it (and all before it) is stored.
+    ) -> str | None:
+        """Queue ``event``; with ``wait``, return once it (and all before it) is stored, with
+        its id in the log (None without ``wait``).
         ``then``: commands stored with it (in the same append), such as a step's text.
 
         Raises ``JobCancelled`` once an append was refused, and the store's error once one
@@ -62,7 +78,8 @@ class EventWriter:
         """
         self._raise_if_stopped()
         in_burst = time.monotonic() - self._last_return < BURST_GAP
-        self._pending.append((event, fields, then))
+        queued = _Queued(event, fields, then, wait)
+        self._pending.append(queued)
         if self._sending is None or self._sending.done():
             self._sending = asyncio.create_task(self._send_all(), name=f"events:{self.job_id}")
         if wait or not in_burst or len(self._pending) >= MAX_PENDING:
@@ -70,6 +87,7 @@ class EventWriter:
         else:
             await asyncio.sleep(0)  # lets the sender move this event towards the wire
         self._last_return = time.monotonic()
+        return queued.stored_id
 
     async def flush(self) -> None:
         """Wait until every queued event is stored; raise as ``write`` does."""
@@ -91,16 +109,20 @@ class EventWriter:
 
     async def _send_all(self) -> None:
         while self._pending and not self._refused and self._error is None:
-            batch, self._pending = self._pending, []
+            # A batch ends at an event waited on: the append answers with its last event's
+            # id, which is then that event's (a step's end carries it into its span).
+            pending = self._pending
+            cut = next((i + 1 for i, q in enumerate(pending) if q.waited), len(pending))
+            batch, self._pending = pending[:cut], pending[cut:]
             fields: dict[str, Any] = {}
             commands: list[Command] = []
-            for _, event_fields, event_commands in batch:
-                fields.update(event_fields)  # the record keeps the last value of each field
-                commands.extend(event_commands)
+            for queued in batch:
+                fields.update(queued.fields)  # the record keeps the last value of each field
+                commands.extend(queued.then)
             try:
                 appended = await self.store.append_many(
                     self.job_id,
-                    [event for event, _, _ in batch],
+                    [queued.event for queued in batch],
                     fields,
                     owner=self.owner,
                     mode="update+cancel",
@@ -112,5 +134,7 @@ class EventWriter:
                 break
             if not appended.ok:
                 self._refused = True
+            else:
+                batch[-1].stored_id = appended.job_event_id
         if self._refused or self._error is not None:
             self._pending.clear()  # nothing after a refusal may reach the log
