@@ -337,8 +337,9 @@ class Hub:
         if self._sender is None and self._pubsub is not None:
             self._sender = asyncio.create_task(self._send(self._pubsub), name="hub-send")
 
-    async def _send(self, pubsub: PubSub) -> None:
-        """Send the queued commands in order: the order their confirmations are matched in."""
+    async def _send(self, pubsub: PubSub, sent: asyncio.Event | None = None) -> None:
+        """Send the queued commands in order: the order their confirmations are matched in.
+        ``sent`` is set once the first has gone (a connection's own SUBSCRIBE)."""
         try:
             while self._outbox and self._pubsub is pubsub:
                 command, channels = self._outbox.pop(0)
@@ -348,7 +349,15 @@ class Hub:
                     and self.hub_channel not in channels  # streams' subscriptions, not a connect
                 ):
                     await asyncio.sleep(self.subscribe_delay_seconds)
-                await pubsub.execute_command(command, *channels)
+                # Through redis-py's own methods, so that it counts the connection as
+                # subscribed: otherwise each command would run a health check (a PING and a
+                # read, with a health_check_interval in REDIS_URL) under the listener's reads.
+                if command == "SUBSCRIBE":
+                    await pubsub.subscribe(*channels)
+                else:
+                    await pubsub.unsubscribe(*channels)
+                if sent is not None:
+                    sent.set()
         except Exception as exc:
             # The listener notices the closed connection, reconnects and subscribes afresh.
             logger.warning("hub: could not send a subscription (%s); reconnecting", exc)
@@ -356,15 +365,20 @@ class Hub:
             if connection is not None:
                 await connection.disconnect()
         finally:
+            if sent is not None:
+                sent.set()  # sent or failed: the listener reads on (and notices a failure)
             if self._pubsub is pubsub:
                 self._sender = None
 
-    def _connected(self, pubsub: PubSub) -> None:
-        """A new connection: subscribe to every channel needed now, the hub's own last."""
+    def _connected(self, pubsub: PubSub) -> asyncio.Event:
+        """A new connection: subscribe to every channel needed now, the hub's own last. The
+        event is set once that SUBSCRIBE has gone."""
         self._pubsub = pubsub
         self._outbox = [("SUBSCRIBE", [*self._ready, self.hub_channel])]
         self._acks = {channel: deque([ready]) for channel, ready in self._ready.items()}
-        self._sender = asyncio.create_task(self._send(pubsub), name="hub-send")
+        sent = asyncio.Event()
+        self._sender = asyncio.create_task(self._send(pubsub, sent), name="hub-send")
+        return sent
 
     def _disconnected(self) -> None:
         """The connection is gone: no subscription holds until the next one confirms it."""
@@ -504,7 +518,9 @@ class Hub:
             pubsub = self.redis.pubsub()
             try:
                 await pubsub.connect()  # type: ignore[no-untyped-call]
-                self._connected(pubsub)
+                # Read only once the first SUBSCRIBE is out: redis-py may check the
+                # connection's health (a PING and its read) before a connection's first one.
+                await self._connected(pubsub).wait()
                 while True:
                     message = await pubsub.get_message(timeout=None)
                     if message is None:
