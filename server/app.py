@@ -163,9 +163,10 @@ def create_app(
         store = JobStore(redis, settings)
         hub = Hub(
             pubsub_redis,
-            store.keys.channel,
+            store.keys,
             queue_size=settings.subscriber_queue,
             heartbeat_seconds=settings.heartbeat_seconds,
+            subscribe_delay_seconds=settings.subscribe_delay_seconds,
         )
         await hub.start()
         auth = Authenticator(

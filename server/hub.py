@@ -1,9 +1,15 @@
 """The hub: ONE pub/sub connection per web process, fanned out to bounded subscriber buffers.
 
-Each published event becomes two byte frames (one for job streams, one for the firehose),
-encoded once and shared by every subscriber. A subscriber whose buffer is full is dropped at
-once, never buffered without bound; it comes back with ``Last-Event-ID`` and replays the log.
-If the pub/sub connection drops, the hub reconnects with backoff and tells every subscriber to
+The hub subscribes to a job's channel only while one of its streams watches that job, and to
+the firehose's channel only while one of its streams is a firehose: a web process with no
+viewers receives nothing, however busy the deployment. A stream registers first (its buffer
+takes live frames from then on), then waits until Redis has confirmed the subscription, and
+only then reads the log for what came before (``server/streams.py``): no event falls between.
+
+Each published event becomes a byte frame, encoded once and shared by every subscriber. A
+subscriber whose buffer is full is dropped at once, never buffered without bound; it comes back
+with ``Last-Event-ID`` and replays the log. If the pub/sub connection drops, the hub reconnects
+with backoff, subscribes again to every channel its streams need, and tells every subscriber to
 catch up from the log (``RESYNC``): a Redis blip loses nothing.
 
 One timer serves every stream: heartbeats, the send timeout of stuck clients, and ending the
@@ -16,13 +22,16 @@ import asyncio
 import json
 import logging
 import signal
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
 
 from stepstream.server.sse import HEARTBEAT, firehose_data, frame
+from stepstream.tasks.keys import Keys
 from stepstream.tasks.models import TERMINAL_EVENTS, parse_stream_id
 
 logger = logging.getLogger("stepstream.hub")
@@ -47,6 +56,9 @@ CLOSE: Final = _Marker("CLOSE")  # the server is shutting down: end the stream
 
 @dataclass(slots=True, frozen=True)
 class Frame:
+    """One event as a stream sends it: from a job's channel, ``job_bytes`` (a job stream's
+    frame) is set; from the firehose's, ``firehose_bytes``."""
+
     job_id: str
     owner: str | None
     subject: str | None
@@ -136,15 +148,19 @@ class Hub:
     def __init__(
         self,
         redis: Redis,
-        channel: str,
+        keys: Keys,
         *,
         queue_size: int,
         heartbeat_seconds: float,
+        subscribe_delay_seconds: float = 0.0,
     ) -> None:
         self.redis = redis
-        self.channel = channel
+        self.keys = keys
+        self.firehose_channel = keys.firehose_channel
+        self.hub_channel = keys.hub_channel
         self.queue_size = queue_size
         self.heartbeat_seconds = heartbeat_seconds
+        self.subscribe_delay_seconds = subscribe_delay_seconds  # a test hook (Settings)
         self.by_job: dict[str, set[Subscriber]] = {}
         # Firehose subscribers by the (owner, subject) they see: an event is offered to the four
         # groups that may see it, not filtered against every firehose subscriber.
@@ -155,16 +171,31 @@ class Hub:
         self.dropped_slow = 0
         self.send_timeouts = 0
         self.reconnects = 0
+        self._was_connected = False
+        # Every channel some stream needs, with the confirmation of its subscription: done once
+        # Redis has confirmed the SUBSCRIBE in force on the current connection.
+        self._ready: dict[str, asyncio.Future[None]] = {}
+        # The SUBSCRIBEs sent on the current connection and not yet confirmed, by channel, in
+        # the order sent: Redis confirms them in that order, so an unsubscribe still in flight
+        # (then a new viewer's SUBSCRIBE) can never be taken for the new viewer's confirmation.
+        self._acks: dict[str, deque[asyncio.Future[None]]] = {}
+        # (UN)SUBSCRIBE commands to send, in order; one task sends them (_send).
+        self._outbox: list[tuple[str, list[str]]] = []
+        self._pubsub: PubSub | None = None  # the current connection, once it is up
+        self._sender: asyncio.Task[None] | None = None
+        self._closed: asyncio.Future[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._closed = asyncio.get_running_loop().create_future()
         self._tasks = [
             asyncio.create_task(self._listen(), name="hub-listen"),
             asyncio.create_task(self._timer(), name="hub-timer"),
         ]
-        # Streams opened before the first subscription would miss live events: wait for it.
+        # Not needed for correctness (streams wait for their own subscriptions), but a process
+        # that cannot reach Redis yet says so in its log.
         try:
             await asyncio.wait_for(self.connected.wait(), timeout=10)
         except TimeoutError:
@@ -172,14 +203,17 @@ class Hub:
 
     async def stop(self) -> None:
         self.close_streams()
-        for task in self._tasks:
+        tasks = [*self._tasks, *([self._sender] if self._sender is not None else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def close_streams(self) -> None:
         """End every stream (shutdown); clients reconnect elsewhere with their cursor."""
         if not self.closing:
             self.closing = True
+            if self._closed is not None and not self._closed.done():
+                self._closed.set_result(None)  # streams waiting for a subscription stop waiting
             self._broadcast(CLOSE, force=True)
 
     # -- subscribers ----------------------------------------------------------------------
@@ -187,14 +221,37 @@ class Hub:
     def subscribe(
         self, job_id: str | None, owner: str | None = None, subject: str | None = None
     ) -> Subscriber:
+        """Register a stream: its buffer takes live frames from now on. Its channel is
+        subscribed to if no other stream here needs it; ``joined`` waits for Redis to confirm."""
         subscriber = Subscriber(job_id, owner, self.queue_size, subject)
         if self.closing:
             subscriber.items.append(CLOSE)
         if job_id is None:
+            if not self.firehose:
+                self._join(self.firehose_channel)
             self.firehose.setdefault((owner, subject), set()).add(subscriber)
         else:
-            self.by_job.setdefault(job_id, set()).add(subscriber)
+            group = self.by_job.get(job_id)
+            if group is None:
+                group = self.by_job[job_id] = set()
+                self._join(self.keys.job_channel(job_id))
+            group.add(subscriber)
         return subscriber
+
+    async def joined(self, subscriber: Subscriber) -> None:
+        """Return once Redis has confirmed the subscription to ``subscriber``'s channel: every
+        event published from then on reaches its buffer, so the log may be read for the events
+        before (the resume order). Returns at once when the server shuts down: the stream's
+        buffer holds CLOSE."""
+        if subscriber.job_id is None:
+            channel = self.firehose_channel
+        else:
+            channel = self.keys.job_channel(subscriber.job_id)
+        ready = self._ready.get(channel)
+        if ready is None or ready.done() or self._closed is None:
+            return  # confirmed, or dropped already (its buffer says so)
+        # asyncio.wait cancels neither future when this stream is cancelled: others share them.
+        await asyncio.wait((ready, self._closed), return_when=asyncio.FIRST_COMPLETED)
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         if subscriber.job_id is None:
@@ -204,17 +261,25 @@ class Hub:
                 group.discard(subscriber)
                 if not group:
                     del self.firehose[scope]
+                    if not self.firehose:
+                        self._leave(self.firehose_channel)
             return
         subscribers = self.by_job.get(subscriber.job_id)
         if subscribers is not None:
             subscribers.discard(subscriber)
             if not subscribers:
                 del self.by_job[subscriber.job_id]
+                self._leave(self.keys.job_channel(subscriber.job_id))
 
     @property
     def subscriber_count(self) -> int:
         groups = [*self.firehose.values(), *self.by_job.values()]
         return sum(len(group) for group in groups)
+
+    @property
+    def channels(self) -> list[str]:
+        """The channels this hub's streams need now (besides its own ``hub_channel``)."""
+        return list(self._ready)
 
     def _offer(self, subscriber: Subscriber, item: QueueItem) -> None:
         if not subscriber.offer(item):
@@ -246,10 +311,113 @@ class Hub:
                 continue
             self._offer(subscriber, item)
 
+    # -- subscriptions --------------------------------------------------------------------
+
+    def _join(self, channel: str) -> None:
+        """The first stream here needs ``channel``: subscribe (or wait for the reconnection)."""
+        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._ready[channel] = ready
+        if self._pubsub is not None:
+            self._acks.setdefault(channel, deque()).append(ready)
+            self._command("SUBSCRIBE", channel)
+
+    def _leave(self, channel: str) -> None:
+        """The last stream here needing ``channel`` is gone."""
+        del self._ready[channel]
+        if self._pubsub is not None:
+            self._command("UNSUBSCRIBE", channel)
+
+    def _command(self, command: str, channel: str) -> None:
+        # Runs of one command go as one (a thousand streams opening: one SUBSCRIBE).
+        outbox = self._outbox
+        if outbox and outbox[-1][0] == command:
+            outbox[-1][1].append(channel)
+        else:
+            outbox.append((command, [channel]))
+        if self._sender is None and self._pubsub is not None:
+            self._sender = asyncio.create_task(self._send(self._pubsub), name="hub-send")
+
+    async def _send(self, pubsub: PubSub, sent: asyncio.Event | None = None) -> None:
+        """Send the queued commands in order: the order their confirmations are matched in.
+        ``sent`` is set once the first has gone (a connection's own SUBSCRIBE)."""
+        try:
+            while self._outbox and self._pubsub is pubsub:
+                command, channels = self._outbox.pop(0)
+                if (
+                    self.subscribe_delay_seconds
+                    and command == "SUBSCRIBE"
+                    and self.hub_channel not in channels  # streams' subscriptions, not a connect
+                ):
+                    await asyncio.sleep(self.subscribe_delay_seconds)
+                # Through redis-py's own methods, so that it counts the connection as
+                # subscribed: otherwise each command would run a health check (a PING and a
+                # read, with a health_check_interval in REDIS_URL) under the listener's reads.
+                if command == "SUBSCRIBE":
+                    await pubsub.subscribe(*channels)
+                else:
+                    await pubsub.unsubscribe(*channels)
+                if sent is not None:
+                    sent.set()
+        except Exception as exc:
+            # The listener notices the closed connection, reconnects and subscribes afresh.
+            logger.warning("hub: could not send a subscription (%s); reconnecting", exc)
+            connection = pubsub.connection
+            if connection is not None:
+                await connection.disconnect()
+        finally:
+            if sent is not None:
+                sent.set()  # sent or failed: the listener reads on (and notices a failure)
+            if self._pubsub is pubsub:
+                self._sender = None
+
+    def _connected(self, pubsub: PubSub) -> asyncio.Event:
+        """A new connection: subscribe to every channel needed now, the hub's own last. The
+        event is set once that SUBSCRIBE has gone."""
+        self._pubsub = pubsub
+        self._outbox = [("SUBSCRIBE", [*self._ready, self.hub_channel])]
+        self._acks = {channel: deque([ready]) for channel, ready in self._ready.items()}
+        sent = asyncio.Event()
+        self._sender = asyncio.create_task(self._send(pubsub, sent), name="hub-send")
+        return sent
+
+    def _disconnected(self) -> None:
+        """The connection is gone: no subscription holds until the next one confirms it."""
+        self.connected.clear()
+        self._pubsub = None
+        if self._sender is not None:
+            self._sender.cancel()
+            self._sender = None
+        self._outbox = []
+        self._acks = {}
+        loop = asyncio.get_running_loop()
+        for channel, ready in self._ready.items():
+            if ready.done():
+                self._ready[channel] = loop.create_future()
+
+    def _confirmed(self, channel: str) -> None:
+        acks = self._acks.get(channel)
+        if acks:
+            ready = acks.popleft()
+            if not acks:
+                del self._acks[channel]
+            if not ready.done():
+                ready.set_result(None)
+        if channel == self.hub_channel:
+            # Sent last with every channel of this connection: they all hold now.
+            if self.connected.is_set():
+                return
+            if self._was_connected:
+                self.reconnects += 1
+                logger.info("hub: reconnected; subscribers catch up from the log")
+                self._broadcast(RESYNC)
+            self._was_connected = True
+            self.connected.set()
+
     # -- the listener ---------------------------------------------------------------------
 
-    def parse(self, payload: str) -> Frame:
-        """One published message as the frames every subscriber shares (encoded once)."""
+    def parse(self, payload: str, *, firehose: bool = False) -> Frame:
+        """One published message as the frame its streams share (encoded once): a job
+        stream's, or with ``firehose`` the firehose's."""
         message: dict[str, Any] = json.loads(payload)
         event: dict[str, Any] = message["event"]
         type_: str = event["type"]
@@ -257,6 +425,12 @@ class Hub:
         firehose_id: str = message["firehose_id"]
         # The stored event json, byte for byte as in the log: slice it out rather than re-encode.
         event_json = payload[payload.index(',"event":') + 9 : -1]
+        if firehose:
+            job_bytes = b""
+            firehose_bytes = frame(type_, firehose_data(event_json, job_event_id), firehose_id)
+        else:
+            job_bytes = frame(type_, event_json, job_event_id)
+            firehose_bytes = b""
         return Frame(
             job_id=event["job_id"],
             owner=message.get("owner"),
@@ -264,40 +438,40 @@ class Hub:
             type=type_,
             job_event_id=parse_stream_id(job_event_id),
             firehose_id=parse_stream_id(firehose_id),
-            job_bytes=frame(type_, event_json, job_event_id),
-            firehose_bytes=frame(type_, firehose_data(event_json, job_event_id), firehose_id),
+            job_bytes=job_bytes,
+            firehose_bytes=firehose_bytes,
             terminal=type_ in TERMINAL_EVENTS,
         )
 
-    def dispatch(self, payload: str) -> None:
-        self.dispatch_many([payload])
-
-    def dispatch_many(self, payloads: list[str]) -> None:
-        """Fan out messages read together: under load, one write per subscriber for all."""
-        frames: list[Frame] = []
-        for payload in payloads:
+    def dispatch_many(self, messages: list[tuple[str, str]]) -> None:
+        """Fan out (channel, payload) messages read together: under load, one write per
+        subscriber for all."""
+        by_job: dict[str, list[Frame]] = {}
+        firehose: list[Frame] = []
+        for channel, payload in messages:
             try:
-                frames.append(self.parse(payload))
+                if channel == self.firehose_channel:
+                    if self.firehose:
+                        firehose.append(self.parse(payload, firehose=True))
+                elif channel in self._ready:  # not a job whose last viewer just left
+                    item = self.parse(payload)
+                    by_job.setdefault(item.job_id, []).append(item)
             except Exception:
                 logger.exception("hub: could not parse a message")
-        by_job: dict[str, list[Frame]] = {}
-        for item in frames:
-            by_job.setdefault(item.job_id, []).append(item)
         for job_frames in by_job.values():
             self._fan_out(job_frames)
-        if self.firehose:
-            for item in frames:
-                # Who sees it: every owner's or its owner's jobs, of every subject or its own.
-                for scope in {
-                    (None, None),
-                    (item.owner, None),
-                    (None, item.subject),
-                    (item.owner, item.subject),
-                }:
-                    group = self.firehose.get(scope)
-                    if group:
-                        for subscriber in list(group):
-                            self._offer(subscriber, item)
+        for item in firehose:
+            # Who sees it: every owner's or its owner's jobs, of every subject or its own.
+            for scope in {
+                (None, None),
+                (item.owner, None),
+                (None, item.subject),
+                (item.owner, item.subject),
+            }:
+                group = self.firehose.get(scope)
+                if group:
+                    for subscriber in list(group):
+                        self._offer(subscriber, item)
 
     def _fan_out(self, frames: list[Frame]) -> None:
         """Frames of one job (in log order) to its streams."""
@@ -340,49 +514,48 @@ class Hub:
 
     async def _listen(self) -> None:
         delay = 0.1
-        first = True
         while True:
             pubsub = self.redis.pubsub()
             try:
-                await pubsub.subscribe(self.channel)
+                await pubsub.connect()  # type: ignore[no-untyped-call]
+                # Read only once the first SUBSCRIBE is out: redis-py may check the
+                # connection's health (a PING and its read) before a connection's first one.
+                await self._connected(pubsub).wait()
                 while True:
                     message = await pubsub.get_message(timeout=None)
                     if message is None:
                         continue
-                    if message["type"] == "subscribe":
-                        # Only once Redis confirms the subscription is every later event sure
-                        # to reach us; then subscribers may read the log for what came before.
-                        if not first:
-                            self.reconnects += 1
-                            logger.info("hub: reconnected; subscribers catch up from the log")
-                            self._broadcast(RESYNC)
-                        first = False
-                        delay = 0.1
-                        self.connected.set()
-                    elif message["type"] == "message":
-                        # Take what else has arrived already: under load the fan-out writes
-                        # several events to each client at once instead of one by one.
-                        payloads = [message["data"]]
-                        while len(payloads) < MAX_BATCH:
-                            more = await pubsub.get_message(timeout=0)
-                            if more is None:
-                                break
-                            if more["type"] != "message":
-                                logger.warning("hub: unexpected %s message", more["type"])
-                                continue
-                            payloads.append(more["data"])
-                        try:
-                            self.dispatch_many(payloads)
-                        except Exception:
-                            logger.exception("hub: could not dispatch a message")
+                    if message["type"] != "message":
+                        if message["type"] == "subscribe":
+                            self._confirmed(message["channel"])
+                            delay = 0.1  # connected again: the next loss starts over
+                        continue
+                    # Take what else has arrived already: under load the fan-out writes
+                    # several events to each client at once instead of one by one.
+                    batch = [(message["channel"], message["data"])]
+                    while len(batch) < MAX_BATCH:
+                        more = await pubsub.get_message(timeout=0)
+                        if more is None:
+                            break
+                        if more["type"] == "message":
+                            batch.append((more["channel"], more["data"]))
+                        elif more["type"] == "subscribe":
+                            # Its stream is registered already: the batch reaches it anyway.
+                            self._confirmed(more["channel"])
+                    try:
+                        self.dispatch_many(batch)
+                    except Exception:
+                        logger.exception("hub: could not dispatch a message")
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self.connected.clear()
+                self._disconnected()
                 logger.warning("hub: pub/sub connection lost (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
             finally:
+                if self._pubsub is pubsub:
+                    self._disconnected()
                 try:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
                 except Exception:

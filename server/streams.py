@@ -1,8 +1,8 @@
 """The two kinds of SSE stream: one job's log, and the firehose of every job.
 
-Resume without gaps or duplicates: (1) register with the hub, buffering live frames; (2) read the
-backlog from the log after the cursor; (3) send it; (4) drain the buffered live frames, skipping
-ids already sent.
+Resume without gaps or duplicates: (1) register with the hub, buffering live frames, and wait
+until Redis confirms the subscription to the stream's channel; (2) read the backlog from the log
+after the cursor; (3) send it; (4) drain the buffered live frames, skipping ids already sent.
 """
 
 from __future__ import annotations
@@ -92,6 +92,8 @@ class JobStream:
         self.subscriber = self.hub.subscribe(self.job_id)
         try:
             yield f"retry: {self.settings.sse_retry_ms}\n\n".encode()
+            # Subscribed (confirmed by Redis) before the log is read: nothing falls between.
+            await self.hub.joined(self.subscriber)
             async for chunk in self._start():
                 yield chunk
             while not self.ended:
@@ -216,6 +218,7 @@ class FirehoseStream:
         self.subscriber = self.hub.subscribe(None, self.owner, self.subject)
         try:
             yield f"retry: {self.settings.sse_retry_ms}\n\n".encode()
+            await self.hub.joined(self.subscriber)  # before the log is read, as for a job
             if self.cursor is None:
                 # An id with no data moves the client's cursor without an event, so a client
                 # that drops before the first event resumes from here and misses nothing.

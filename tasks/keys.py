@@ -48,10 +48,24 @@ class Keys:
         ``run_at``); entries past the retention are trimmed by the creates."""
         return f"{self.prefix}jobs"
 
+    def job_channel(self, job_id: str) -> str:
+        """Pub/sub channel: the job's appended events, published by the append script. A web
+        process subscribes to it only while one of its clients watches the job (server/hub.py);
+        the job's hash tag keeps it in the job's slot, for sharded pub/sub on a cluster."""
+        return f"{self.prefix}job:{{{job_id}}}:live"
+
     @property
-    def channel(self) -> str:
-        """Pub/sub channel carrying every appended event, for live wake-ups."""
+    def firehose_channel(self) -> str:
+        """Pub/sub channel: every appended event again, for the firehose's live feed. A web
+        process subscribes to it only while one of its clients watches the firehose."""
         return f"{self.prefix}live"
+
+    @property
+    def hub_channel(self) -> str:
+        """Pub/sub channel nothing is published on. Every web process's hub holds it while
+        connected: its connection stays in pub/sub mode with no viewer, and the confirmation
+        of this subscription, sent last, says all the others of a (re)connection hold too."""
+        return f"{self.prefix}hub"
 
     @property
     def queue(self) -> str:

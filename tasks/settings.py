@@ -77,6 +77,10 @@ class Settings(BaseSettings):
     # Test hook: a pause between registering with the hub and reading the backlog, so tests can
     # write events into that window and prove each arrives exactly once.
     resume_delay_seconds: float = 0.0
+    # Test hook: a pause before the hub sends a subscription a stream asked for, so tests can
+    # write events while a stream waits for it and prove they arrive (the subscribe-then-read
+    # order).
+    subscribe_delay_seconds: float = 0.0
 
     idempotency_ttl_seconds: int = 24 * 3600
 

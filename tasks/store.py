@@ -38,16 +38,16 @@ from stepstream.tasks.settings import Settings
 #       (tasks/transitions.py) its counter and its window's counter, and optionally a record
 #       that must exist (a batch's parent, for its children: created in the same MULTI only if
 #       it was admitted)
-# ARGV: number of events (k), job maxlen, firehose maxlen, channel, ttl, mode, expected states,
+# ARGV: number of events (k), job maxlen, firehose maxlen, job channel, ttl, mode, expected states,
 #       owner json, job id, score (in the job index on a create, in the unfinished set; now
 #       unless a scheduled job's run_at), number of field arguments (2f), the
 #       deployment webhook's states, outbox maxlen, the owner's unfinished-jobs limit, the
 #       places this append takes under it (0: no check), the retention horizon (a score: now
 #       minus the retention, in microseconds), what comes before and after an id in a record's
 #       key, the number of transitions (c), a window counter's ttl, what comes before a
-#       batch's id in its counts and ended keys and after it in each, then k event jsons, then f
-#       field/value pairs for the record, then commands to run with the append, each as its
-#       argument count followed by its arguments.
+#       batch's id in its counts and ended keys and after it in each, the firehose channel,
+#       then k event jsons, then f field/value pairs for the record, then commands to run with
+#       the append, each as its argument count followed by its arguments.
 # mode: "create" (the record must not exist), "update" (it must), "update+cancel" (and no
 # cancel was requested). Expected states and the webhook's states are ",<json state>,...," or
 # "" (any state / none). Refusals write nothing and answer {"", why}: the record's state,
@@ -62,7 +62,7 @@ from stepstream.tasks.settings import Settings
 # refused append counts nothing; and a batch's child that ends is counted into its batch
 # (tasks/batches.py) in the same call that writes its end, so no end can be lost to its batch.
 _APPEND_LUA = """
-local first_field = 24 + tonumber(ARGV[1])
+local first_field = 25 + tonumber(ARGV[1])
 local last_field = first_field + tonumber(ARGV[11]) - 1
 -- The call's mark (a random token among the fields, stored on the record): a call whose reply
 -- was lost with its connection is sent again by the client, and finds its own mark. It answers
@@ -129,7 +129,7 @@ end
 if subject == 'null' then subject = false end
 local jid, fid
 local terminal
-for e = 24, first_field - 1 do
+for e = 25, first_field - 1 do
   jid = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[e])
   if subject then
     fid = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*',
@@ -138,9 +138,14 @@ for e = 24, first_field - 1 do
     fid = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*',
       'i', jid, 'o', ARGV[8], 'e', ARGV[e])
   end
-  redis.call('PUBLISH', ARGV[4], '{"job_event_id":"' .. jid .. '","firehose_id":"' .. fid ..
+  -- On the job's channel for its viewers, and on the firehose's for the firehose's: a web
+  -- process subscribes to each only while it has such viewers (server/hub.py), and a PUBLISH
+  -- that no one hears costs Valkey little.
+  local message = '{"job_event_id":"' .. jid .. '","firehose_id":"' .. fid ..
     '","owner":' .. ARGV[8] .. (subject and (',"subject":' .. subject) or '') ..
-    ',"event":' .. ARGV[e] .. '}')
+    ',"event":' .. ARGV[e] .. '}'
+  redis.call('PUBLISH', ARGV[4], message)
+  redis.call('PUBLISH', ARGV[24], message)
 end
 for i = first_field, last_field - 1, 2 do
   if ARGV[i] == 'state' then
@@ -385,7 +390,7 @@ class JobStore:
             len(events),
             self.settings.job_log_maxlen,
             self.settings.firehose_maxlen,
-            self.keys.channel,
+            self.keys.job_channel(job_id),
             self.settings.retention_seconds if ttl is None else ttl,
             mode,
             _state_list(s.value for s in expect),
@@ -403,6 +408,7 @@ class JobStore:
             len(counted),
             transitions.WINDOW_TTL,
             *self.keys.batch_parts,
+            self.keys.firehose_channel,
         ]
         args.extend(json.dumps(event, separators=(",", ":")) for event in events)
         for name, value in fields.items():

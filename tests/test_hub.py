@@ -1,19 +1,28 @@
-"""Delivery across processes and faults: scale-out, a Valkey restart, a slow consumer."""
+"""Delivery across processes and faults: scale-out, a Valkey restart, a slow consumer, and
+the channels each web process listens to."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
+from redis.asyncio import Redis
 
+from stepstream.server.hub import Frame, Hub
+from stepstream.tasks.models import JobRecord, JobState, utcnow
+from stepstream.tasks.settings import Settings
+from stepstream.tasks.store import JobStore, new_event
 from tests.conftest import Stack, StackFactory
 from tests.support import http
 from tests.support.api import DOC, submit, wait_state
 from tests.support.processes import Valkey, wait_until
 from tests.support.sse import StreamReader, read_stream
+from tests.support.tasks import gate_key
 
 
 def events_url(base: str, job_id: str) -> str:
@@ -72,7 +81,15 @@ def test_the_hub_survives_a_valkey_restart(own_valkey: Valkey, tmp_path: Path) -
         # The firehose shows nothing until events: the hub's count says it is attached too.
         wait_until(lambda: stats(s.url)["streams_open"] == 2, timeout=10, what="both attached")
 
+        r = s.redis()
+        hub_channels = {f"restart:job:{{{queued['id']}}}:live", "restart:live", "restart:hub"}
         own_valkey.restart()
+        # Subscribed again to the watched job's channel and the firehose's, not just reconnected.
+        wait_until(
+            lambda: set(r.pubsub_channels("restart:*")) - {"restart:queue:wakeups"} == hub_channels,
+            timeout=20,
+            what="the hub's channels subscribed again",
+        )
         # A worker started now writes while the web process's hub is still reconnecting.
         s.add_worker()
         later = submit(s.url, "generate_quote", {"roles": [{"role": "qa_engineer"}], "weeks": 2})
@@ -155,3 +172,121 @@ def stats(base: str) -> dict[str, Any]:
     assert response.status_code == 200, response.text
     result: dict[str, Any] = response.json()
     return result
+
+
+def listeners(r: redis.Redis, channel: str) -> int:
+    ((_, count),) = r.pubsub_numsub(channel)
+    return int(count)
+
+
+def test_a_web_process_listens_only_to_the_channels_its_viewers_watch(
+    make_stack: StackFactory,
+) -> None:
+    s = make_stack(webs=2, workers=1)
+    a, b = s.webs
+    r = s.redis()
+    job = submit(a.url, "gated", {"events": 2})
+    job_channel = f"{s.prefix}job:{{{job['id']}}}:live"
+    firehose_channel = f"{s.prefix}live"
+    # With no viewers a web process hears no event: each holds only its hub's own channel
+    # (and the worker its wake-ups').
+    assert set(r.pubsub_channels(f"{s.prefix}*")) == {f"{s.prefix}hub", f"{s.prefix}queue:wakeups"}
+    assert listeners(r, f"{s.prefix}hub") == 2
+
+    watchers = [StreamReader(events_url(a.url, job["id"])).start() for _ in range(2)]
+    for watcher in watchers:
+        watcher.wait_for(lambda evs: [e.type for e in evs] == ["snapshot"])
+    # Two viewers on one process: one subscription, on that process only.
+    assert listeners(r, job_channel) == 1
+    assert listeners(r, firehose_channel) == 0
+    firehose = StreamReader(f"{b.url}/api/events").start()
+    wait_until(lambda: listeners(r, firehose_channel) == 1, timeout=10, what="the firehose")
+    try:
+        r.rpush(gate_key(job["id"]), "go", "go")
+        for watcher in watchers:
+            events = watcher.wait_closed()
+            assert [e.data["current"] for e in events if e.type == "progress"] == [1, 2]
+            assert events[-1].type == "completed"
+        firehose.wait_for(
+            lambda evs: any(e.type == "completed" and e.data["job_id"] == job["id"] for e in evs)
+        )
+        mine = [e for e in firehose.events if e.data["job_id"] == job["id"]]
+        assert [e.data["current"] for e in mine if e.type == "progress"] == [1, 2]
+        # The last viewer of the job gone, its process stops listening to it.
+        wait_until(lambda: listeners(r, job_channel) == 0, timeout=10, what="job unsubscribed")
+    finally:
+        firehose.close()
+    wait_until(lambda: listeners(r, firehose_channel) == 0, timeout=10, what="firehose left")
+
+
+def running_record(job_id: str) -> JobRecord:
+    return JobRecord(
+        id=job_id,
+        task="burst",
+        owner=None,
+        state=JobState.running,
+        input={},
+        max_attempts=1,
+        created_at=utcnow(),
+        steps=[],
+    )
+
+
+def test_a_viewer_arriving_while_the_last_one_leaves_gets_every_event(valkey: Valkey) -> None:
+    asyncio.run(_arrive_while_leaving(valkey.url))
+
+
+async def _arrive_while_leaving(url: str) -> None:
+    store = JobStore(
+        Redis.from_url(url, decode_responses=True), Settings(redis_url=url, prefix="hub-race:")
+    )
+    # Each SUBSCRIBE a viewer asks for goes out this late (an UNSUBSCRIBE at once): a viewer
+    # that took the previous viewer's subscription, or its confirmation, for its own would read
+    # the log and miss what is appended while Valkey has no subscriber.
+    hub = Hub(
+        Redis.from_url(url, decode_responses=True),
+        store.keys,
+        queue_size=100,
+        heartbeat_seconds=15,
+        subscribe_delay_seconds=0.5,
+    )
+    await hub.start()
+    job_id = f"j{time.monotonic_ns()}"
+    channel = store.keys.job_channel(job_id)
+
+    async def listening() -> int:
+        ((_, count),) = await store.redis.pubsub_numsub(channel)
+        return int(count)
+
+    async def arrives(job_id: str, current: int) -> None:
+        viewer = hub.subscribe(job_id)
+        await asyncio.wait_for(hub.joined(viewer), timeout=10)
+        assert await listening() == 1, "joined before Valkey held the subscription"
+        appended = await store.append(job_id, new_event(job_id, "progress", 0, current=current), {})
+        items = await asyncio.wait_for(viewer.take(), timeout=10)
+        assert [i.job_event_id for i in items if isinstance(i, Frame)] == [
+            tuple(int(part) for part in (appended.job_event_id or "").split("-"))
+        ]
+        hub.unsubscribe(viewer)
+
+    try:
+        assert (await store.create(running_record(job_id), new_event(job_id, "started", 0))).ok
+        # A viewer whose subscription was confirmed leaves; the next comes before Valkey has
+        # run the UNSUBSCRIBE.
+        first = hub.subscribe(job_id)
+        await asyncio.wait_for(hub.joined(first), timeout=10)
+        hub.unsubscribe(first)
+        await arrives(job_id, 1)
+        # A viewer leaves before its own SUBSCRIBE was even sent; the next one's confirmation
+        # is the second "subscribe" Valkey answers, not the first.
+        hub.unsubscribe(hub.subscribe(job_id))
+        await arrives(job_id, 2)
+        for _ in range(100):
+            if await listening() == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert await listening() == 0, "the hub kept a channel no viewer needs"
+    finally:
+        await hub.stop()
+        await hub.redis.aclose()
+        await store.redis.aclose()

@@ -12,6 +12,7 @@ from stepstream import Client, SnapshotEvent
 from tests.conftest import Stack, StackFactory
 from tests.support import http
 from tests.support.api import DOC, get_job, submit, wait_state
+from tests.support.monitor import Monitor
 from tests.support.processes import wait_until
 from tests.support.sse import StreamReader, read_stream
 from tests.support.tasks import gate_key
@@ -148,6 +149,48 @@ def test_an_event_written_between_registering_and_reading_arrives_once(
     assert stored_at < connecting + window, "the writes landed after the window"
     ids = [e.id for e in events]
     assert len(ids) == len(set(ids))
+
+
+def test_a_stream_reads_the_log_only_once_its_subscription_holds(
+    make_stack: StackFactory,
+) -> None:
+    # The server holds each subscription a stream asks for this long before sending it, the
+    # way a slow network would. A stream that read the log first (or did not wait for Redis to
+    # confirm its SUBSCRIBE) would miss whatever is written between its read and its
+    # subscription: the writes below are made right after the read, inside that window.
+    s = make_stack(webs=1, workers=1, STEPSTREAM_SUBSCRIBE_DELAY_SECONDS="3")
+    job = submit(s.url, "gated", {"events": 3})
+    r = s.redis()
+    r.rpush(gate_key(job["id"]), "go")
+    wait_until_progress(s.url, job["id"], 1)
+    cursor = get_job(s.url, job["id"])["last_event_id"]
+    log_key = f"{s.prefix}job:{{{job['id']}}}:events"
+    channel = f"{s.prefix}job:{{{job['id']}}}:live"
+    monitor = Monitor(s.valkey.port)
+    reader = StreamReader(events_url(s.url, job["id"]), {"Last-Event-ID": cursor})
+    try:
+        reader.start()
+        # The stream's first look at the log (XINFO for the cursor's trim check, then XRANGE).
+        wait_until(
+            lambda: monitor.commands("XINFO", "XRANGE", mentioning=log_key),
+            timeout=20,
+            what="the stream read the log",
+        )
+        r.rpush(gate_key(job["id"]), "go")
+        r.rpush(gate_key(job["id"]), "go")
+        events = reader.wait_closed(timeout=30)
+    finally:
+        reader.close()
+        monitor.close()
+    currents = [e.data["current"] for e in events if e.type == "progress"]
+    assert currents == [2, 3], "an event written after the read came neither live nor from it"
+    assert events[-1].type == "completed"
+    ids = [e.id for e in events]
+    assert len(ids) == len(set(ids))
+    # What Valkey ran, in its order: the SUBSCRIBE came before the stream's first read.
+    subscribed = monitor.commands("SUBSCRIBE", mentioning=channel)
+    read = monitor.commands("XINFO", "XRANGE", mentioning=log_key)
+    assert subscribed and subscribed[0] < read[0], "the log was read before the subscription"
 
 
 def streams_open(base: str) -> int:
