@@ -224,7 +224,7 @@ def cmd_submit(client: Client, args: argparse.Namespace) -> int:
         # From the very beginning of the log: the `queued` event is the first line.
         return follow(client, job.id, "0", args)
     if args.json:
-        print(job.model_dump_json())
+        print(job.model_dump_json(by_alias=True))
     else:
         print(job.id)
     return EXIT_COMPLETED
@@ -236,7 +236,8 @@ def cmd_watch(client: Client, args: argparse.Namespace) -> int:
 
 def cmd_get(client: Client, args: argparse.Namespace) -> int:
     job = client.get(args.job_id)
-    print(json.dumps(job.model_dump(mode="json"), indent=2, ensure_ascii=False))
+    # By alias: the fields read as the API writes them (`waiting_for.schema`, not `schema_`).
+    print(json.dumps(job.model_dump(mode="json", by_alias=True), indent=2, ensure_ascii=False))
     return EXIT_COMPLETED
 
 
@@ -251,7 +252,7 @@ def cmd_jobs(client: Client, args: argparse.Namespace) -> int:
             break
         shown += 1
         if args.json:
-            print(job.model_dump_json())
+            print(job.model_dump_json(by_alias=True))
             continue
         step = str(job.step) if job.step and not job.finished else ""
         created = (job.created_at or "")[:19].replace("T", " ")
@@ -265,7 +266,7 @@ def cmd_jobs(client: Client, args: argparse.Namespace) -> int:
 def cmd_tasks(client: Client, args: argparse.Namespace) -> int:
     for task in client.tasks():
         if args.json:
-            print(task.model_dump_json())
+            print(task.model_dump_json(by_alias=True))
             continue
         print(f"{task.name}  ({len(task.steps)} steps)  {task.title or ''}".rstrip())
         if task.description:
