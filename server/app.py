@@ -132,7 +132,7 @@ def create_app(
     served = (
         registry
         if registry is not None
-        else load_tasks(settings.task_module_list, demo=settings.demo_tasks)
+        else load_tasks(settings.task_module_list, demo=settings.loads_demo_tasks)
     )
     web_metrics = WebMetrics()
 

@@ -189,7 +189,16 @@ def _add_task_options(command: argparse.ArgumentParser) -> None:
         help="your task modules, comma separated, e.g. `tasks` for ./tasks.py "
         "(default: $STEPSTREAM_TASK_MODULES)",
     )
-    command.add_argument(
+    demo = command.add_mutually_exclusive_group()
+    demo.add_argument(
+        "--demo",
+        dest="demo",
+        action="store_true",
+        default=None,
+        help="load the two demo tasks beside your modules ($STEPSTREAM_DEMO_TASKS=true; "
+        "without a module of yours they load anyway)",
+    )
+    demo.add_argument(
         "--no-demo",
         dest="demo",
         action="store_false",

@@ -110,7 +110,7 @@ def configuration_problem(env: dict[str, str], web_host: str | None) -> str | No
             if problem:
                 return problem
         try:
-            registry = load_tasks(settings.task_module_list, demo=settings.demo_tasks)
+            registry = load_tasks(settings.task_module_list, demo=settings.loads_demo_tasks)
             if web_host is None:  # a worker fires the recurring jobs: each must fit its task
                 from stepstream.tasks.recurring import check_declarations
 

@@ -88,7 +88,7 @@ def worker_settings(settings: Settings | None = None, registry: TaskRegistry | N
     served = (
         registry
         if registry is not None
-        else load_tasks(config.task_module_list, demo=config.demo_tasks)
+        else load_tasks(config.task_module_list, demo=config.loads_demo_tasks)
     )
     connection = RedisSettings.from_dsn(config.redis_url)
     connection.retry_on_error = [ConnectionError, TimeoutError, OSError]

@@ -70,7 +70,7 @@ async def _tick() -> str:
     from stepstream.tasks.store import JobStore
 
     settings = get_settings()
-    registry = load_tasks(settings.task_module_list, demo=settings.demo_tasks)
+    registry = load_tasks(settings.task_module_list, demo=settings.loads_demo_tasks)
     redis = connect(settings.redis_url)
     arq = ArqRedis.from_url(settings.redis_url)
     try:
