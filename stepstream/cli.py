@@ -27,6 +27,9 @@ from stepstream._models import (
 from stepstream._render import describe, make_renderer
 from stepstream.serve import run_web, run_worker
 from stepstream.up import run_up
+from stepstream.valkey import DEFAULT_DATA_DIR as DEFAULT_VALKEY_DATA_DIR
+from stepstream.valkey import DEFAULT_PORT as DEFAULT_VALKEY_PORT
+from stepstream.valkey import run_valkey
 
 EXIT_COMPLETED = 0
 EXIT_FAILED = 1
@@ -80,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--workers", type=int, default=1)
     up.add_argument("--data-dir", type=Path, default=Path(".data"))
     _add_task_options(up)
+
+    valkey = commands.add_parser(
+        "valkey",
+        help="start the embedded Valkey alone, on a stable port, and print the REDIS_URL for "
+        "your app, `stepstream web` and `stepstream worker`",
+    )
+    valkey.add_argument("--port", type=int, default=DEFAULT_VALKEY_PORT)
+    valkey.add_argument("--data-dir", type=Path, default=DEFAULT_VALKEY_DATA_DIR)
 
     web = commands.add_parser(
         "web", help="run a web process (uvicorn) against REDIS_URL; the Procfile's `web`"
@@ -403,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "up":
         return run_up(args.host, args.port, args.workers, args.data_dir, args.tasks, args.demo)
+    if args.command == "valkey":
+        return run_valkey(args.port, args.data_dir)
     if args.command == "web":
         run_web(args.host, args.port, args.tasks, args.demo)
     if args.command == "worker":

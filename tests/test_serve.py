@@ -99,7 +99,9 @@ def test_the_demo_tasks_come_beside_a_users_module_only_when_asked_for(
             response = http.get(url, timeout=1)
         except httpx.HTTPError:
             return None
-        return {t["name"] for t in response.json()["tasks"]} if response.status_code == 200 else None
+        return (
+            {t["name"] for t in response.json()["tasks"]} if response.status_code == 200 else None
+        )
 
     try:
         wait_until(lambda: served() is not None, 30, what="stepstream web")
