@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from stepstream.serve import EXIT_CONFIG, configuration_problem, task_env, web_argv, worker_argv
@@ -73,11 +74,11 @@ def run_up(
     else:
         print(f"stepstream: using REDIS_URL={env['REDIS_URL']}")
     children: list[subprocess.Popen[bytes]] = []
-    stopping = False
+    presses = 0  # Ctrl-C (or SIGTERM): the first stops, the second hands running jobs back now
 
     def stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
+        nonlocal presses
+        presses += 1
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
@@ -91,7 +92,7 @@ def run_up(
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         print(f"stepstream: dashboard and API on {url}/  (Ctrl-C stops everything)")
         print(f"stepstream: from another terminal: STEPSTREAM_URL={url} {_cli()} jobs")
-        while not stopping:
+        while not presses:
             exited = [child for child in children if child.poll() is not None]
             if exited:
                 name = "the web process" if exited[0] is children[0] else "a worker"
@@ -105,22 +106,40 @@ def run_up(
         else:
             return_code = 0
     finally:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        # A worker lets running jobs finish for the grace period, then hands them back: waiting
-        # less would kill it mid-hand-back and charge the job an attempt.
-        deadline = time.monotonic() + grace + HAND_BACK_MARGIN_SECONDS
-        for child in children:
-            try:
-                child.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+        _stop_children(children, grace, lambda: presses)
         if valkey is not None:
             valkey.stop()
         print("stepstream: stopped")
     return return_code
+
+
+def _stop_children(
+    children: list[subprocess.Popen[bytes]], grace: float, presses: Callable[[], int]
+) -> None:
+    """SIGTERM to each; a second Ctrl-C sends it again, which makes a worker hand its running
+    jobs back at once instead of at the end of its grace period."""
+    # A worker with running jobs says what it waits for, and what a second Ctrl-C does, itself
+    # (it shares our terminal): only it knows how many jobs run.
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    seen = min(presses(), 1)  # a press from here on, even the first, hands jobs back now
+    # A worker lets running jobs finish for the grace period, then hands them back: waiting
+    # less would kill it mid-hand-back and charge the job an attempt.
+    deadline = time.monotonic() + grace + HAND_BACK_MARGIN_SECONDS
+    while time.monotonic() < deadline and any(child.poll() is None for child in children):
+        if presses() > seen:
+            seen = presses()
+            for child in children:
+                if child.poll() is None:
+                    child.send_signal(signal.SIGTERM)
+            # From here the workers need only their hand-back writes.
+            deadline = min(deadline, time.monotonic() + HAND_BACK_MARGIN_SECONDS)
+        time.sleep(0.1)
+    for child in children:
+        if child.poll() is None:
+            child.kill()
+        child.wait()
 
 
 def _cli() -> str:
