@@ -21,7 +21,9 @@ from typing import Any, cast
 import arq.worker
 from arq.connections import RedisSettings
 from arq.worker import func, get_kwargs
-from redis.exceptions import ConnectionError, RedisError, TimeoutError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from stepstream.tasks import llm, recurring
 from stepstream.tasks.connection import connect, patient_retry
@@ -94,7 +96,7 @@ def worker_settings(settings: Settings | None = None, registry: TaskRegistry | N
         else load_tasks(config.task_module_list, demo=config.loads_demo_tasks)
     )
     connection = RedisSettings.from_dsn(config.redis_url)
-    connection.retry_on_error = [ConnectionError, TimeoutError, OSError]
+    connection.retry_on_error = [RedisConnectionError, RedisTimeoutError, OSError]
     connection.retry = patient_retry()
 
     class WorkerSettings:
