@@ -121,7 +121,8 @@ def configuration_problem(env: dict[str, str], web_host: str | None) -> str | No
     except ImportError as exc:
         return (
             "the web server and the worker need the server extra: "
-            f'pip install "stepstream[server]" ({exc})'
+            f'pip install "/path/to/stepstream[server]", from a checkout or a wheel built from one '
+            f"({exc})"
         )
     finally:
         os.environ.clear()
