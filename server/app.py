@@ -60,6 +60,14 @@ from stepstream.tasks.webhook_settings import Announcer
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 logger = logging.getLogger("stepstream.web")
+NO_KEYS = (
+    "production mode and no API key: every API request will be refused (401). Create one with "
+    "`stepstream keys create OWNER` (same REDIS_URL and STEPSTREAM_PREFIX; kept in Redis, no "
+    "restart needed), or set STEPSTREAM_API_KEYS=owner:key"
+)
+# Start-up warnings about the process itself, given once per process however often the
+# lifespan runs.
+_said_once: dict[str, bool] = {}
 
 
 async def index(request: object) -> Response:
@@ -114,6 +122,7 @@ def create_app(
     *,
     registry: TaskRegistry | None = None,
     configure_logging: bool = False,
+    owns_process: bool = False,
 ) -> StepstreamApp:
     """Stepstream's web app, to run alone or to mount in a host app (see the module doc).
 
@@ -124,6 +133,10 @@ def create_app(
     ``configure_logging`` installs Stepstream's log handler on the root logger and routes
     uvicorn's loggers through it (``STEPSTREAM_LOG_FORMAT``), as the standalone app does. Off,
     logging stays as the host configured it; Stepstream writes to its ``stepstream.*`` loggers.
+
+    ``owns_process``: the app is the process's only app (``stepstream web``). It raises the
+    process's open-file limit to hold ``STEPSTREAM_MAX_STREAMS`` streams, and in production
+    says so, once, when even the hard limit is too low. A host app's process is the host's.
     """
     settings = settings or get_settings()
     if configure_logging:
@@ -133,7 +146,7 @@ def create_app(
     served = (
         registry
         if registry is not None
-        else load_tasks(settings.task_module_list, demo=settings.demo_tasks)
+        else load_tasks(settings.task_module_list, demo=settings.loads_demo_tasks)
     )
     web_metrics = WebMetrics()
 
@@ -148,9 +161,12 @@ def create_app(
             "production" if production else "development",
             "" if production else ": the API is open to anyone who can reach this address",
         )
-        file_problem = raise_file_limit(settings.max_streams)
-        if file_problem:
-            logger.warning(file_problem)
+        if owns_process:
+            file_problem = raise_file_limit(settings.max_streams)
+            # Development's streams are a handful; there the warning would be noise.
+            if file_problem and production and not _said_once.get("file_limit"):
+                _said_once["file_limit"] = True
+                logger.warning(file_problem)
         if any(name.upper() == "STEPSTREAM_MAX_STREAMS_PER_OWNER" for name in os.environ):
             logger.warning(
                 "STEPSTREAM_MAX_STREAMS_PER_OWNER is deprecated: it now sets "
@@ -189,6 +205,8 @@ def create_app(
         except Exception:
             logger.warning("could not announce the webhook settings", exc_info=True)
         announcer.start()
+        if production and not await auth.keys.any_key():
+            logger.warning(NO_KEYS)
         app.state.stepstream = AppState(
             settings, redis, store, hub, arq, auth, served, webhook_settings=announcer
         )
@@ -258,5 +276,5 @@ def __getattr__(name: str) -> StepstreamApp:
     # module for its helpers does not read the environment. Run this way, the app owns the
     # process, and its logging with it.
     if name == "app":
-        return create_app(configure_logging=True)
+        return create_app(configure_logging=True, owns_process=True)
     raise AttributeError(name)

@@ -12,7 +12,8 @@ The client imports nothing from ``stepstream.server`` or ``stepstream.tasks``: i
 Stepstream server over HTTP, and ``pip install stepstream`` installs only httpx, httpx-sse and
 pydantic for it.
 
-Task authors import from here too (``pip install "stepstream[server]"``)::
+Task authors import from here too (with the server extra: ``pip install
+"/path/to/stepstream[server]"``, docs/install.md)::
 
     from stepstream import TaskContext, task
 
@@ -172,7 +173,8 @@ def __getattr__(name: str) -> Any:
             raise
         raise ImportError(
             f"stepstream.{name} is part of the job side, which needs the server extra: "
-            f'pip install "stepstream[server]" ({exc})'
+            f'pip install "/path/to/stepstream[server]", from a checkout or a wheel built from one '
+            f"({exc})"
         ) from exc
     value = getattr(module, name)
     globals()[name] = value

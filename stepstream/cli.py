@@ -27,6 +27,9 @@ from stepstream._models import (
 from stepstream._render import describe, make_renderer
 from stepstream.serve import run_web, run_worker
 from stepstream.up import run_up
+from stepstream.valkey import DEFAULT_DATA_DIR as DEFAULT_VALKEY_DATA_DIR
+from stepstream.valkey import DEFAULT_PORT as DEFAULT_VALKEY_PORT
+from stepstream.valkey import run_valkey
 
 EXIT_COMPLETED = 0
 EXIT_FAILED = 1
@@ -80,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--workers", type=int, default=1)
     up.add_argument("--data-dir", type=Path, default=Path(".data"))
     _add_task_options(up)
+
+    valkey = commands.add_parser(
+        "valkey",
+        help="start the embedded Valkey alone, on a stable port, and print the REDIS_URL for "
+        "your app, `stepstream web` and `stepstream worker`",
+    )
+    valkey.add_argument("--port", type=int, default=DEFAULT_VALKEY_PORT)
+    valkey.add_argument("--data-dir", type=Path, default=DEFAULT_VALKEY_DATA_DIR)
 
     web = commands.add_parser(
         "web", help="run a web process (uvicorn) against REDIS_URL; the Procfile's `web`"
@@ -189,7 +200,16 @@ def _add_task_options(command: argparse.ArgumentParser) -> None:
         help="your task modules, comma separated, e.g. `tasks` for ./tasks.py "
         "(default: $STEPSTREAM_TASK_MODULES)",
     )
-    command.add_argument(
+    demo = command.add_mutually_exclusive_group()
+    demo.add_argument(
+        "--demo",
+        dest="demo",
+        action="store_true",
+        default=None,
+        help="load the two demo tasks beside your modules ($STEPSTREAM_DEMO_TASKS=true; "
+        "without a module of yours they load anyway)",
+    )
+    demo.add_argument(
         "--no-demo",
         dest="demo",
         action="store_false",
@@ -224,7 +244,7 @@ def cmd_submit(client: Client, args: argparse.Namespace) -> int:
         # From the very beginning of the log: the `queued` event is the first line.
         return follow(client, job.id, "0", args)
     if args.json:
-        print(job.model_dump_json())
+        print(job.model_dump_json(by_alias=True))
     else:
         print(job.id)
     return EXIT_COMPLETED
@@ -236,7 +256,8 @@ def cmd_watch(client: Client, args: argparse.Namespace) -> int:
 
 def cmd_get(client: Client, args: argparse.Namespace) -> int:
     job = client.get(args.job_id)
-    print(json.dumps(job.model_dump(mode="json"), indent=2, ensure_ascii=False))
+    # By alias: the fields read as the API writes them (`waiting_for.schema`, not `schema_`).
+    print(json.dumps(job.model_dump(mode="json", by_alias=True), indent=2, ensure_ascii=False))
     return EXIT_COMPLETED
 
 
@@ -251,7 +272,7 @@ def cmd_jobs(client: Client, args: argparse.Namespace) -> int:
             break
         shown += 1
         if args.json:
-            print(job.model_dump_json())
+            print(job.model_dump_json(by_alias=True))
             continue
         step = str(job.step) if job.step and not job.finished else ""
         created = (job.created_at or "")[:19].replace("T", " ")
@@ -265,7 +286,7 @@ def cmd_jobs(client: Client, args: argparse.Namespace) -> int:
 def cmd_tasks(client: Client, args: argparse.Namespace) -> int:
     for task in client.tasks():
         if args.json:
-            print(task.model_dump_json())
+            print(task.model_dump_json(by_alias=True))
             continue
         print(f"{task.name}  ({len(task.steps)} steps)  {task.title or ''}".rstrip())
         if task.description:
@@ -393,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "up":
         return run_up(args.host, args.port, args.workers, args.data_dir, args.tasks, args.demo)
+    if args.command == "valkey":
+        return run_valkey(args.port, args.data_dir)
     if args.command == "web":
         run_web(args.host, args.port, args.tasks, args.demo)
     if args.command == "worker":

@@ -116,7 +116,7 @@ def configuration_problem(env: dict[str, str], web_host: str | None) -> str | No
         if problem:
             return problem
         try:
-            registry = load_tasks(settings.task_module_list, demo=settings.demo_tasks)
+            registry = load_tasks(settings.task_module_list, demo=settings.loads_demo_tasks)
             if web_host is None:  # a worker fires the recurring jobs: each must fit its task
                 from stepstream.tasks.recurring import check_declarations
 
@@ -127,7 +127,8 @@ def configuration_problem(env: dict[str, str], web_host: str | None) -> str | No
     except ImportError as exc:
         return (
             "the web server and the worker need the server extra: "
-            f'pip install "stepstream[server]" ({exc})'
+            f'pip install "/path/to/stepstream[server]", from a checkout or a wheel built from one '
+            f"({exc})"
         )
     finally:
         os.environ.clear()

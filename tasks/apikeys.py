@@ -55,6 +55,13 @@ class ApiKeys:
         process started without them no longer knows them)."""
         return hashed not in self.configured
 
+    async def any_key(self) -> bool:
+        """Whether any key can authenticate: one configured, or one created in Redis."""
+        if self.configured:
+            return True
+        stored: int = await self.redis.hlen(self.keys.api_keys)  # type: ignore[misc]
+        return stored > 0
+
     async def create(self, owner: str) -> str:
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         await self.redis.hset(self.keys.api_keys, digest(key), owner)  # type: ignore[misc]

@@ -49,8 +49,9 @@ class Settings(BaseSettings):
     # Modules whose @task definitions the web process and the workers load (comma separated),
     # e.g. "tasks" for a tasks.py in the working directory, or "myapp.jobs".
     task_modules: str = ""
-    # The two demo tasks (analyze_document, generate_quote); a deployment turns them off.
-    demo_tasks: bool = True
+    # The two demo tasks (analyze_document, generate_quote). Unset, they load only when no task
+    # module is named: a user's own modules come alone unless the demos are asked for too.
+    demo_tasks: bool | None = None
 
     retention_seconds: int = 7 * 24 * 3600
     job_log_maxlen: int = 10_000
@@ -306,6 +307,11 @@ class Settings(BaseSettings):
     @property
     def task_module_list(self) -> list[str]:
         return [m.strip() for m in self.task_modules.split(",") if m.strip()]
+
+    @property
+    def loads_demo_tasks(self) -> bool:
+        """Whether the demo tasks load: as set, else only beside no task module of the user's."""
+        return self.demo_tasks if self.demo_tasks is not None else not self.task_module_list
 
 
 def describe_errors(exc: ValidationError) -> list[str]:

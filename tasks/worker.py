@@ -10,8 +10,11 @@ be enqueued again for a manual retry, see arq#432).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
+import signal
 import time
 from typing import Any, cast
 
@@ -114,7 +117,7 @@ def worker_settings(settings: Settings | None = None, registry: TaskRegistry | N
     served = (
         registry
         if registry is not None
-        else load_tasks(config.task_module_list, demo=config.demo_tasks)
+        else load_tasks(config.task_module_list, demo=config.loads_demo_tasks)
     )
 
     class WorkerSettings:
@@ -193,6 +196,8 @@ class Worker(arq.worker.Worker):
     def __init__(
         self, *args: Any, settings: Settings, lease_seconds: float, wakeups: str, **kwargs: Any
     ) -> None:
+        self._hand_back_now = asyncio.Event()
+        self._stop_signals = 0
         super().__init__(*args, **kwargs)
         self.settings = settings
         self.wakeups = Wakeups(wakeups, poll_delay=self.poll_delay_s)
@@ -252,6 +257,34 @@ class Worker(arq.worker.Worker):
     def _release_sem_dec_counter_on_complete(self) -> None:
         super()._release_sem_dec_counter_on_complete()
         self.wakeups.wake()  # a free slot: a job left waiting in the queue can start now
+
+    def handle_sig_wait_for_completion(self, signum: signal.Signals) -> None:
+        """The first SIGINT or SIGTERM: take no new job, let running ones finish for the grace
+        period, then hand the rest back (arq's). Said in words, with what a second one does: at
+        a terminal the wait would look like a hang. The second: hand them back now."""
+        self._stop_signals += 1
+        if self._stop_signals > 1:
+            running = sum(not task.done() for task in self.tasks.values())
+            logger.warning(
+                "%s again: handing back %d running job(s) now", signal.Signals(signum).name, running
+            )
+            self._hand_back_now.set()  # ends the wait below; arq then cancels what still runs
+            return
+        running = sum(not task.done() for task in self.tasks.values())
+        if running:
+            logger.warning(
+                "stopping: waiting up to %d s for %d running job(s) to finish "
+                "(STEPSTREAM_SHUTDOWN_GRACE_SECONDS); Ctrl-C again (or a second SIGTERM) hands "
+                "them back to the queue now, at no cost of an attempt",
+                self._job_completion_wait,
+                running,
+            )
+        super().handle_sig_wait_for_completion(signum)
+
+    async def _sleep_until_tasks_complete(self) -> None:
+        while self.tasks and not self._hand_back_now.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._hand_back_now.wait(), 0.1)
 
     async def close(self) -> None:
         await self.wakeups.close()

@@ -270,6 +270,18 @@ def test_a_non_loopback_bind_defaults_to_production() -> None:
     assert result.returncode != 0 and "production mode" in result.stderr
 
 
+def test_a_production_start_without_keys_says_how_to_add_one(
+    make_stack: StackFactory, prod: Stack
+) -> None:
+    keyless = {name: value for name, value in PRODUCTION.items() if name != "STEPSTREAM_API_KEYS"}
+    s = make_stack(webs=1, workers=0, **keyless)
+    log = s.webs[0].log()
+    assert "no API key" in log and "stepstream keys create OWNER" in log, log
+    assert "STEPSTREAM_API_KEYS=owner:key" in log
+    # With a key configured there is nothing to say.
+    assert "no API key" not in prod.webs[0].log()
+
+
 def test_keys_created_on_the_command_line_work(prod: Stack) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "stepstream.keys", "create", "carol"],

@@ -13,7 +13,7 @@ from stepstream.tasks.models import new_job_id
 from tests.conftest import Stack, StackFactory
 from tests.support.api import DOC
 from tests.support.cli import LiveCli, run_cli, run_cli_in_terminal
-from tests.support.processes import free_port
+from tests.support.processes import free_port, wait_until
 from tests.support.sse import read_stream
 from tests.support.tasks import gate_key
 
@@ -219,6 +219,22 @@ def test_get_jobs_retry_and_cancel_of_a_finished_job(stack: Stack) -> None:
     conflict = run_cli(stack.url, "cancel", job_id)
     assert conflict.returncode == 4
     assert "cannot cancel a job that is failed" in conflict.stderr
+
+
+def test_get_prints_a_waiting_jobs_schema_under_the_apis_own_name(stack: Stack) -> None:
+    """`waiting_for.schema`, as the API and the docs name it (it printed `schema_`)."""
+    with Client(stack.url) as client:
+        job = client.submit("asks", {})
+        wait_until(lambda: client.get(job.id).state is JobState.waiting, 30, what="the wait")
+    shown = run_cli(stack.url, "get", job.id)
+    assert shown.returncode == 0, shown.stderr
+    waiting_for = json.loads(shown.stdout)["waiting_for"]
+    assert waiting_for["name"] == "decision"
+    assert "schema_" not in waiting_for
+    assert "approved" in waiting_for["schema"]["properties"], waiting_for
+    listed = run_cli(stack.url, "jobs", "--json", "--task", "asks", "--limit", "50")
+    line = next(json.loads(row) for row in listed.stdout.splitlines() if job.id in row)
+    assert line["waiting_for"]["schema"] == waiting_for["schema"]
 
 
 def test_tail_follows_every_job(make_stack: StackFactory) -> None:

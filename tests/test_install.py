@@ -17,15 +17,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import http
+from tests.support import http, readme
 from tests.support.processes import ROOT, Valkey, free_port, wait_until
-from tests.support.readme import README_TASKS, code_block
 
 pytestmark = pytest.mark.slow
 
 
-# The README's own example task module, as a user would copy it into tasks.py.
-USER_TASKS = code_block(README_TASKS)
+USER_TASKS = readme.task_module()
 # A user's fresh venv does not see this checkout: with it on PYTHONPATH (as .ci/flake-rate puts
 # it), pip takes its stepstream.egg-info for an install and skips the wheel.
 USER_ENV = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
@@ -122,7 +120,7 @@ def test_client_install_brings_only_the_client(wheel: Path, tmp_path: Path) -> N
         assert run(f"import {module}").returncode != 0, f"{module} came with the client install"
     task_api = run("import stepstream; stepstream.task")
     assert task_api.returncode != 0
-    assert 'pip install "stepstream[server]"' in task_api.stderr
+    assert 'pip install "/path/to/stepstream[server]", from a checkout' in task_api.stderr
     cli = subprocess.run(
         [str(venv / "bin" / "stepstream"), "--help"],
         env=USER_ENV,

@@ -8,7 +8,9 @@ response headers and logging are untouched.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urljoin
@@ -23,9 +25,16 @@ from stepstream import Client, JobState
 from stepstream.server import create_app
 from stepstream.tasks.settings import Settings
 from tests.conftest import Valkey
-from tests.support import http
+from tests.support import http, readme
 from tests.support.host_app import HOST_FORMAT
-from tests.support.processes import Uvicorn, Worker, stack_env, wait_until
+from tests.support.processes import (
+    Process,
+    Uvicorn,
+    Worker,
+    free_port,
+    stack_env,
+    wait_until,
+)
 from tests.support.sse import StreamReader
 from tests.support.tasks import gate_key
 
@@ -203,3 +212,66 @@ def test_a_host_that_forgets_the_lifespan_is_told_how_to_run_it() -> None:
     error = response.json()["error"]
     assert error["code"] == "not_started"
     assert "progress.lifespan" in error["message"]
+
+
+@pytest.mark.slow
+def test_the_readme_mount_guide_as_written_serves_a_users_task(tmp_path: Path) -> None:
+    """`stepstream valkey`, the guide's exports, `uvicorn myapp:app` and `stepstream worker`, in
+    a directory holding the README's tasks.py and the guide's myapp.py: a submit completes."""
+    code, shell = readme.mount_guide()
+    assert shell[0] == "stepstream valkey" and shell[1].startswith("export ")
+    assert shell[2].startswith("uvicorn myapp:app") and shell[3] == "stepstream worker"
+    app_dir = tmp_path / "myapp"
+    app_dir.mkdir()
+    (app_dir / "myapp.py").write_text(code)
+    (app_dir / "tasks.py").write_text(readme.task_module())
+    bin_dir = Path(sys.executable).parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STEPSTREAM_", "REDIS_URL"))}
+    env.pop("PYTHONPATH", None)  # only what the guide sets: the user's directory is enough
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", PYTHONUNBUFFERED="1")
+
+    def shell_process(name: str, line: str, extra: dict[str, str]) -> Process:
+        # A low open-file limit: a mounted app must not warn about the host's process limits.
+        argv = ["bash", "-c", f"ulimit -n 512 && cd {app_dir} && exec {line}"]
+        return Process(name, argv, {**env, **extra}, tmp_path).launch()
+
+    valkey_port = free_port()
+    valkey = shell_process(
+        "valkey", f"{shell[0]} --port {valkey_port} --data-dir {tmp_path / 'data'}", {}
+    )
+    processes = [valkey]
+    try:
+        wait_until(lambda: "export REDIS_URL=" in valkey.log(), 20, what="stepstream valkey")
+        printed = next(line for line in valkey.log().splitlines() if line.startswith("export "))
+        assert printed == f"export REDIS_URL=redis://127.0.0.1:{valkey_port}/0", valkey.log()
+        exported = dict(item.split("=", 1) for item in shell[1].split()[1:])
+        assert set(exported) == {"REDIS_URL", "STEPSTREAM_TASK_MODULES"}, shell[1]
+        # The guide's exports with the URL `stepstream valkey` printed (its port is the test's).
+        exported["REDIS_URL"] = printed.split("=", 1)[1]
+        port = free_port()
+        host = shell_process("host", f"{shell[2]} --port {port}", exported)
+        worker = shell_process("worker", shell[3], exported)
+        processes += [host, worker]
+        url = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            for process in (host, worker):
+                if not process.alive:
+                    raise RuntimeError(f"{process.name} exited:\n{process.log()}")
+            try:
+                return http.get(f"{url}{PREFIX}/readyz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(ready, 30, what="the guide's app")
+        assert http.get(f"{url}/", timeout=10).json() == {"hello": "the host's own page"}
+        with Client(f"{url}{PREFIX}") as client:
+            job = client.submit("pack_order", {"item": "teapot"})
+            done = client.wait(job.id, timeout=30)
+        assert done.state is JobState.completed, worker.log()
+        assert done.result == {"line": "1 x teapot from shelf B4, parcel 1"}
+        assert "STEPSTREAM_MAX_STREAMS" not in host.log(), host.log()
+    finally:
+        for process in reversed(processes):
+            process.stop()
+    assert "Valkey stopped" in valkey.log()

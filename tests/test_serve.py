@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
-from tests.support.processes import ROOT, free_port
+from tests.conftest import Valkey
+from tests.support import http
+from tests.support.processes import ROOT, Process, free_port, wait_until
 
 
 def run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -67,3 +70,52 @@ def test_a_users_tasks_py_is_found_from_the_working_directory(tmp_path: Path) ->
     result = run(["worker", "--tasks", "tasks"], tmp_path, REDIS_URL="redis://127.0.0.1:1/0")
     # Importing it ran its code (which stops here on purpose): it was found by its plain name.
     assert "the users tasks.py was imported" in result.stderr
+
+
+DEMOS = {"analyze_document", "generate_quote"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("options", "env", "demos"),
+    [
+        ([], {}, True),  # nothing of the user's named: the demos, as `stepstream up` shows them
+        (["--tasks", "tests.support.open_tasks"], {}, False),
+        (["--tasks", "tests.support.open_tasks", "--demo"], {}, True),
+        ([], {"STEPSTREAM_TASK_MODULES": "tests.support.open_tasks"}, False),
+        (
+            [],
+            {"STEPSTREAM_TASK_MODULES": "tests.support.open_tasks", "STEPSTREAM_DEMO_TASKS": "1"},
+            True,
+        ),
+    ],
+)
+def test_the_demo_tasks_come_beside_a_users_module_only_when_asked_for(
+    options: list[str], env: dict[str, str], demos: bool, valkey: Valkey, tmp_path: Path
+) -> None:
+    port = free_port()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("STEPSTREAM_")}
+    clean.update(env, PYTHONPATH=str(ROOT), REDIS_URL=valkey.url, STEPSTREAM_PREFIX=f"demo{port}:")
+    argv = [sys.executable, "-m", "stepstream.cli", "web", "--port", str(port), *options]
+    web = Process("web", argv, clean, tmp_path).launch()
+    url = f"http://127.0.0.1:{port}/api/tasks"
+
+    def served() -> set[str] | None:
+        if not web.alive:
+            raise RuntimeError(f"stepstream web exited:\n{web.log()}")
+        try:
+            response = http.get(url, timeout=1)
+        except httpx.HTTPError:
+            return None
+        return (
+            {t["name"] for t in response.json()["tasks"]} if response.status_code == 200 else None
+        )
+
+    try:
+        wait_until(lambda: served() is not None, 30, what="stepstream web")
+        names = served()
+    finally:
+        web.stop()
+    assert names is not None
+    assert DEMOS & names == (DEMOS if demos else set()), names
+    assert ("open_echo" in names) is bool(options or env), names

@@ -186,3 +186,48 @@ def test_ctrl_c_waits_out_the_workers_grace_so_a_running_job_costs_no_attempt(
             second.wait(timeout=grace + 30)
         except subprocess.TimeoutExpired:
             second.kill()
+
+
+def test_a_second_ctrl_c_hands_running_jobs_back_at_once(tmp_path: Path) -> None:
+    """The first Ctrl-C waits out the grace period and says so; the second hands back now."""
+    grace = 600  # far past any wait below: only the second Ctrl-C can end the stop in time
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "up.log"
+    env = {"STEPSTREAM_SHUTDOWN_GRACE_SECONDS": str(grace)}
+    first = start_up(tmp_path / "data", port, log, env)
+    try:
+        wait_until(lambda: ready(url), 60, 0.2, "stepstream up to be ready")
+        job = submit(url, "analyze_document", {"text": DOC, "pace": 4})
+        wait_state(url, job["id"], {"running"}, timeout=30)
+        ctrl_c(first)
+        said = f"waiting up to {grace} s for 1 running job(s)"
+        wait_until(lambda: said in log.read_text(), 20, 0.2, "the worker to say what it waits for")
+        assert "Ctrl-C again" in log.read_text()
+        assert first.poll() is None, "the first Ctrl-C waits for the running job"
+        ctrl_c(first)
+        assert first.wait(timeout=60) == 0, log.read_text()
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert "handing back 1 running job(s) now" in log.read_text()
+
+    second = start_up(tmp_path / "data", port, log)
+    try:
+        wait_until(lambda: ready(url), 60, 0.2, "the second start to be ready")
+        with Client(url) as client:
+            seen: list[Event] = []
+            for event in client.events(job["id"], after="0"):
+                seen.append(event)
+                if isinstance(event, RetryingEvent):
+                    break
+        assert isinstance(seen[-1], RetryingEvent), [e.type for e in seen]
+        assert seen[-1].error is not None and seen[-1].error.type == "WorkerShutdown"
+        http.post(f"{url}/api/jobs/{job['id']}/cancel", timeout=10)
+        wait_state(url, job["id"], {"cancelled", "completed"}, timeout=30)
+    finally:
+        ctrl_c(second)
+        try:
+            second.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            second.kill()

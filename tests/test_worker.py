@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from stepstream.tasks.worker import BOOKKEEPING_ERROR
-from tests.conftest import Stack
+from tests.conftest import Stack, StackFactory
 from tests.support.api import submit, wait_state
 from tests.support.processes import Valkey, wait_until
 from tests.support.sse import read_stream
@@ -144,3 +145,23 @@ def test_the_worker_settings_are_built_by_a_function_not_at_import() -> None:
         [sys.executable, "-c", BUILD_SETTINGS], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+@pytest.mark.slow  # a web process and a worker of its own
+def test_ctrl_c_twice_at_a_workers_terminal_hands_its_running_job_back_at_once(
+    make_stack: StackFactory,
+) -> None:
+    """`stepstream worker` in a terminal: the first Ctrl-C says what it waits for, the second
+    hands the job back without waiting out the grace period."""
+    s = make_stack(webs=1, workers=1, STEPSTREAM_SHUTDOWN_GRACE_SECONDS="600")
+    worker = s.workers[0]
+    job = submit(s.url, "gated", {"events": 1})  # runs until its gate opens, which it never does
+    wait_state(s.url, job["id"], {"running"}, timeout=30)
+    worker.signal(signal.SIGINT)
+    said = "waiting up to 600 s for 1 running job(s)"
+    wait_until(lambda: said in worker.log(), 20, what="the worker to say what it waits for")
+    assert "Ctrl-C again" in worker.log() and worker.alive
+    worker.signal(signal.SIGINT)
+    assert worker.proc is not None and worker.proc.wait(timeout=30) == 0, worker.log()
+    record = wait_state(s.url, job["id"], {"retrying"}, timeout=10)
+    assert record["error"]["type"] == "WorkerShutdown"

@@ -139,6 +139,8 @@ def stack_env(redis_url: str, prefix: str, **extra: str) -> dict[str, str]:
         "REDIS_URL": redis_url,
         "STEPSTREAM_PREFIX": prefix,
         "STEPSTREAM_TASK_MODULES": TEST_TASKS,
+        # Beside a named module the demos load only when asked for; many tests run them.
+        "STEPSTREAM_DEMO_TASKS": "true",
         "PYTHONPATH": str(ROOT),
         "PYTHONUNBUFFERED": "1",
         # Tests stop workers often; a test about the grace period sets its own.
