@@ -44,6 +44,8 @@ PRODUCTION = {
     "STEPSTREAM_MODE": "production",
     "STEPSTREAM_SECRET": "s3cret-for-tests-only-0123456789abcdef",
     "STEPSTREAM_API_KEYS": f"fuzz:{KEY}",
+    # Production refuses to start with webhooks configured and no secret to sign them.
+    "STEPSTREAM_WEBHOOK_SECRET": "whsec-for-tests-only-0123456789abcdef",
 }
 # Operations whose positive cases need no job that exists: some must have been accepted, or
 # the run never got past authentication and tested nothing.
