@@ -13,6 +13,7 @@ its own logging and runs the app's lifespan, which Starlette does not run for a 
 
 from __future__ import annotations
 
+import importlib.resources
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -58,7 +59,19 @@ from stepstream.tasks.settings import Settings, get_settings
 from stepstream.tasks.store import JobStore
 from stepstream.tasks.webhook_settings import Announcer
 
-STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+
+def static_folder() -> Path:
+    """The dashboard's files: the ``stepstream.static`` package, in site-packages for a wheel,
+    ``static/`` in a checkout."""
+    folder = importlib.resources.files("stepstream.static")
+    # StaticFiles and FileResponse serve from disk: a wheel and a checkout both keep the files
+    # there; an install that does not (a zip) cannot serve the dashboard.
+    if not isinstance(folder, Path):
+        raise RuntimeError(f"stepstream.static is not a folder on disk: {folder}")
+    return folder
+
+
+STATIC_DIR = static_folder()
 logger = logging.getLogger("stepstream.web")
 NO_KEYS = (
     "production mode and no API key: every API request will be refused (401). Create one with "

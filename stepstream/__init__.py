@@ -167,6 +167,11 @@ def __getattr__(name: str) -> Any:
     if module_name is None:
         raise AttributeError(f"module 'stepstream' has no attribute {name!r}")
     try:
+        if name in _TASK_API:
+            # Every job-side name needs the server extra, though a few of their modules import
+            # without it (stepstream.tasks.registry): loading the task context, which every task
+            # runs with, says on first use whether the extra is there, not later in a worker.
+            importlib.import_module("stepstream.tasks.context")
         module = importlib.import_module(module_name)
     except ImportError as exc:
         if name not in _TASK_API:

@@ -7,10 +7,11 @@ pip's cache where it can), so they are marked slow.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
-import tarfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,24 +30,37 @@ USER_TASKS = readme.task_module()
 USER_ENV = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
 
 
+def _git(*args: str, cwd: Path, stdin: bytes | None = None) -> bytes:
+    return subprocess.run(
+        ["git", *args], cwd=cwd, input=stdin, check=True, capture_output=True, timeout=120
+    ).stdout
+
+
 def _source_tree(dest: Path) -> Path:
-    """This checkout's tracked files (links kept), as a fresh clone would have them."""
-    files = subprocess.run(
-        ["git", "ls-files", "-z"], cwd=ROOT, check=True, capture_output=True
-    ).stdout.split(b"\0")
-    archive = dest / "src.tar"
-    with tarfile.open(archive, "w") as tar:
-        for name in filter(None, files):
-            path = name.decode()
-            if (ROOT / path).exists() or (ROOT / path).is_symlink():
-                tar.add(ROOT / path, arcname=path, recursive=False)
+    """A fresh clone of this checkout made as on Windows, where ``core.symlinks=false`` writes
+    each tracked link as a text file holding its target; the working tree's uncommitted changes
+    to tracked files are applied on top, so the tests see the code as it is now."""
     source = dest / "src"
-    with tarfile.open(archive) as tar:
-        tar.extractall(source, filter="tar")
+    _git(
+        "clone",
+        "-q",
+        "--no-checkout",
+        "-c",
+        "core.symlinks=false",
+        str(ROOT),
+        str(source),
+        cwd=dest,
+    )
+    # HEAD by itself: a detached HEAD (as CI checks out) is on no branch the clone copied.
+    _git("fetch", "-q", "origin", "HEAD", cwd=source)
+    _git("checkout", "-q", "--detach", "FETCH_HEAD", cwd=source)
+    changes = _git("diff", "HEAD", "--binary", cwd=ROOT)
+    if changes:
+        _git("apply", "--whitespace=nowarn", "-", cwd=source, stdin=changes)
     return source
 
 
-def _venv(dest: Path, requirement: str) -> Path:
+def _venv(dest: Path, *requirement: str) -> Path:
     # The test's own pip installs into the new venv (pip --python), which saves each venv
     # bootstrapping a pip of its own; what gets installed is the same.
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(dest)], check=True)
@@ -59,7 +73,7 @@ def _venv(dest: Path, requirement: str) -> Path:
             str(dest / "bin" / "python"),
             "install",
             "-q",
-            requirement,
+            *requirement,
         ],
         capture_output=True,
         text=True,
@@ -129,6 +143,62 @@ def test_client_install_brings_only_the_client(wheel: Path, tmp_path: Path) -> N
         timeout=60,
     )
     assert cli.returncode == 0 and "watch" in cli.stdout
+
+
+def test_a_checkout_without_links_builds_a_wheel_of_every_file(source: Path, wheel: Path) -> None:
+    # A link becomes a text file in a core.symlinks=false checkout: none may be tracked.
+    entries = _git("ls-files", "-s", cwd=source).decode().splitlines()
+    assert [entry for entry in entries if entry.startswith("120000 ")] == []
+    # pyproject.toml lists the packages by hand (package-dir cannot be combined with discovery):
+    # a subpackage or data file it misses would be left out of the wheel, silently.
+    tracked = _git("ls-files", "-z", "stepstream", "server", "tasks", "static", cwd=source)
+    expected = set()
+    for path in filter(None, tracked.decode().split("\0")):
+        if path == "static/package.json":  # the npm package's manifest, not Python's
+            continue
+        expected.add(path if path.startswith("stepstream/") else f"stepstream/{path}")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"stepstream/server/app.py", "stepstream/static/js/api.js"} <= expected
+    assert expected - names == set(), "tracked files missing from the wheel"
+    assert {name for name in names if not name.startswith("stepstream-")} == expected
+
+
+def test_an_editable_install_runs_the_checkouts_own_files_under_one_name(
+    source: Path, tmp_path: Path
+) -> None:
+    """What ./dev installs (pip install -e): stepstream.server is server/ itself, and the
+    checkout's folders do not become top-level modules."""
+    venv = _venv(tmp_path / "venv", "--no-deps", "-e", str(source))
+    probe = """if True:
+        import importlib.resources, importlib.util, json
+        print(json.dumps({
+            "top_level": [n for n in ("server", "tasks", "bench", "tests")
+                          if importlib.util.find_spec(n) is not None],
+            "server": importlib.util.find_spec("stepstream.server").origin,
+            "models": importlib.util.find_spec("stepstream.tasks.models").origin,
+            "static": str(importlib.resources.files("stepstream.static")),
+        }))
+        import stepstream.tasks
+        stepstream.tasks.no_such_name  # a traceback through tasks/__init__.py
+    """
+    # From a directory of its own: Python puts the working directory on sys.path, so run from
+    # the checkout `import server` works whatever is installed.
+    run = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", probe],
+        cwd=tmp_path,
+        env=USER_ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.stdout, run.stderr
+    found = json.loads(run.stdout)
+    assert found["top_level"] == []
+    assert found["server"] == str(source / "server" / "__init__.py")
+    assert found["models"] == str(source / "tasks" / "models.py")
+    assert found["static"] == str(source / "static")
+    assert f'File "{source / "tasks" / "__init__.py"}"' in run.stderr, run.stderr
+    assert "no_such_name" in run.stderr
 
 
 @pytest.fixture(scope="module")
