@@ -46,7 +46,7 @@ def _site_link(match: re.Match[str], top: str = "") -> str:
     if top and not target.startswith(top):
         return match.group(0)  # a page's link to another page
     path, _, anchor = target.removeprefix(top).partition("#")
-    if path.startswith("docs/"):
+    if path.startswith("docs/") and not path.endswith("/"):  # a page, or an image of one
         page = path.removeprefix("docs/")
     elif path in TOP_LEVEL_PAGES:
         page = TOP_LEVEL_PAGES[path]
