@@ -99,7 +99,7 @@ def _operation(method: str, path: str, op: dict[str, Any]) -> list[str]:
         for content_type, media in body.get("content", {}).items():
             lines += [f"Request body (`{content_type}`): {_type(media.get('schema', {}))}.", ""]
     lines += ["| status | meaning | body |", "|---|---|---|"]
-    for status, response in op.get("responses", {}).items():
+    for status, response in sorted(op.get("responses", {}).items()):
         bodies = [
             f"`{content_type}` {_type(media.get('schema', {}))}"
             for content_type, media in response.get("content", {}).items()
@@ -143,6 +143,9 @@ def _type(schema: dict[str, Any]) -> str:
         return " \\| ".join(f"`{json.dumps(value)}`" for value in schema["enum"])
     if isinstance(kind, list):
         return " or ".join(f"`{k}`" for k in kind)
+    if kind == "object" and schema.get("properties"):
+        fields = ", ".join(schema["properties"])
+        return f"`{schema.get('title', 'object')}` {{{fields}}}"
     return f"`{kind}`" if kind else "any JSON"
 
 
