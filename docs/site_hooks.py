@@ -21,6 +21,7 @@ OPERATIONS_MARKER = "<!-- openapi-operations -->"
 METHODS = ("get", "post", "put", "patch", "delete")
 # [text](target) and ![alt](target), not inside a code span.
 LINK = re.compile(r"(!?)\[([^\]]*)\]\(([^)\s]+)\)")
+FENCED = re.compile(r"(?ms)(^```.*?^```)")
 
 
 # Files at the top of the repository that are pages of the site.
@@ -31,10 +32,20 @@ def on_page_markdown(markdown: str, page: Any, **_: Any) -> str:
     uri = page.file.src_uri
     if uri in TOP_LEVEL_PAGES.values():
         top = next(name for name, page_uri in TOP_LEVEL_PAGES.items() if page_uri == uri)
-        return LINK.sub(_site_link, (ROOT / top).read_text())
+        return _relink((ROOT / top).read_text(), "")
     if uri == "http-reference.md":
         markdown = markdown.replace(OPERATIONS_MARKER, operations_markdown())
-    return LINK.sub(lambda match: _site_link(match, "../"), markdown)
+    return _relink(markdown, "../")
+
+
+def _relink(markdown: str, top: str) -> str:
+    """``markdown`` with its links rewritten for the site, code blocks left as they are."""
+    parts = FENCED.split(markdown)
+    # split() with one group: the text between fenced blocks at even indexes, blocks at odd.
+    return "".join(
+        part if index % 2 else LINK.sub(lambda match: _site_link(match, top), part)
+        for index, part in enumerate(parts)
+    )
 
 
 def _site_link(match: re.Match[str], top: str = "") -> str:
