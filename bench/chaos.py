@@ -1,5 +1,5 @@
 """The chaos soak: a stack under load while its processes are killed, paused and restarted, then
-checked against the promises the README makes.
+checked against the promises the docs make (docs/reliability.md).
 
     python -m bench.chaos --seconds 300
 

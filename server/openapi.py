@@ -219,7 +219,7 @@ SUBMIT_LIMITS = {
 }
 SSE = {
     "description": "Server-Sent Events: `retry:` first, then each event with its `id:`, "
-    "`event:` (its type) and one `data:` line of JSON (README, Events and streams)",
+    "`event:` (its type) and one `data:` line of JSON (docs/protocol.md, Streams)",
     "content": {"text/event-stream": {}},
 }
 JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
@@ -355,7 +355,7 @@ def _submit_options(settings: Settings) -> Schema:
             "format": "uri",
             "pattern": "^[Hh][Tt][Tt][Pp][Ss]?://[!-~]+$",
             "maxLength": destinations.MAX_URL_LENGTH,
-            "description": "http(s) URL the terminal event is POSTed to, signed (README, "
+            "description": "http(s) URL the terminal event is POSTed to, signed (docs/deploy.md, "
             "Webhooks); an address or port the operator does not allow "
             "(STEPSTREAM_WEBHOOK_ALLOWED_HOSTS), Stepstream's own Redis, or any URL in "
             "production without STEPSTREAM_WEBHOOK_SECRET is a 422 invalid_callback_url. "

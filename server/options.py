@@ -1,7 +1,7 @@
 """The submit body's optional fields beside ``task`` and ``input`` (docs/ai-workloads.md):
 ``budget`` (the most the job may spend on LLM calls), ``run_at`` (RFC 3339) or ``delay``
 (seconds) to schedule it, ``subject`` (the end user the job belongs to, server/subjects.py),
-and ``callback_url``, where its terminal event is POSTed (README, "Webhooks")."""
+and ``callback_url``, where its terminal event is POSTed (docs/deploy.md, "Webhooks")."""
 
 from __future__ import annotations
 

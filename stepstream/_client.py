@@ -100,8 +100,8 @@ class Client:
         """Start a job; returns its record at once: ``queued``, or ``scheduled`` with a
         ``delay`` in seconds or a ``run_at`` time (an aware datetime or RFC 3339 text; one of
         the two). ``subject`` names the end user it belongs to (listings filter by it; subject
-        tokens see it). ``callback_url`` gets the job's terminal event POSTed, signed (README,
-        "Webhooks"). ``budget`` caps what the job may spend on LLM calls."""
+        tokens see it). ``callback_url`` gets the job's terminal event POSTed, signed
+        (docs/deploy.md, "Webhooks"). ``budget`` caps what the job may spend on LLM calls."""
         spec = submit_request(
             task,
             input,

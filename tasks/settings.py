@@ -1,4 +1,4 @@
-"""Configuration, read from the environment (documented in the README)."""
+"""Configuration, read from the environment (every setting in docs/configuration.md)."""
 
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ class Settings(BaseSettings):
 
     idempotency_ttl_seconds: int = 24 * 3600
 
-    # Access (see README, "Owners, keys and tokens")
+    # Access (docs/security.md)
     # production unless bound to loopback, for auto
     mode: Literal["auto", "development", "production"] = "auto"
     secret: str | None = None  # signs stream tokens; required in production
@@ -154,7 +154,7 @@ class Settings(BaseSettings):
     webhook_concurrency: int = Field(default=10, ge=1, le=1_000)  # deliveries in flight/worker
     webhook_outbox_maxlen: int = Field(default=10_000, ge=1)  # undelivered events kept
     # Deprecated, read for old deployments: the failure alert is now the deployment webhook
-    # filtered to `failed` (README, "Webhooks").
+    # filtered to `failed` (docs/deploy.md, "Webhooks").
     alert_webhook_url: str = ""
     alert_webhook_secret: str = ""
     alert_webhook_attempts: int | None = None

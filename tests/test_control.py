@@ -47,7 +47,7 @@ def test_cancel_interrupts_a_running_step(stack: Stack) -> None:
     response = http.post(f"{stack.url}/api/jobs/{job['id']}/cancel")
     assert response.status_code == 202 and response.json()["cancel_requested"] is True
     # Step two waits 60 s on a gate nobody opens: cancelled at all, it was interrupted
-    # mid-step. (The README's "within a second" is a latency; 10 s allows a loaded machine.)
+    # mid-step. (docs/http-api.md's "within a second" is a latency; 10 s allows a loaded machine.)
     done = wait_state(stack.url, job["id"], {"cancelled", "completed", "failed"}, timeout=10)
     assert done["state"] == "cancelled"
     _, log = read_stream(f"{stack.url}/api/jobs/{job['id']}/events?after=0")

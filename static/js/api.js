@@ -1,4 +1,4 @@
-// JSON over fetch; errors are {"error": {code, message, details}} (README, "HTTP API").
+// JSON over fetch; errors are {"error": {code, message, details}} (docs/http-api.md).
 // In production every /api call carries `Authorization: Bearer <API key>`; streams (opened by
 // stepstream.js) take a short-lived `?token=` instead.
 //
