@@ -16,7 +16,8 @@ mapping from the two tables setuptools uses and hands it over:
 - to mypy, every file with its module name: it checks ``server/app.py`` as
   ``stepstream.server.app`` and reports errors at ``server/app.py``;
 - to import-linter, a copy of the package as the wheel lays it out, in a temporary folder: it
-  reads the imports there and reports violations by module name and line.
+  reads the imports there and reports violations by module name and line (the docs build
+  hands mkdocstrings the same copy, ``write_tree``).
 """
 
 from __future__ import annotations
@@ -52,6 +53,17 @@ def package_modules(root: Path = ROOT) -> dict[str, str]:
     return modules
 
 
+def write_tree(tree: Path, root: Path = ROOT) -> None:
+    """Copy the package's Python files into ``tree`` as the wheel lays them out, for tools that
+    read packages from folders (import-linter here; mkdocstrings in docs/site_hooks.py)."""
+    for path, module in package_modules(root).items():
+        parts = module.split(".")
+        dest = Path(tree, *parts, "__init__.py") if path.endswith("/__init__.py") else None
+        dest = dest or Path(tree, *parts[:-1], parts[-1] + ".py")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(root / path, dest)
+
+
 def mypy(argv: list[str]) -> int:
     from mypy import util
     from mypy.fscache import FileSystemCache
@@ -83,12 +95,7 @@ def imports(argv: list[str]) -> int:
         return 2
 
     with tempfile.TemporaryDirectory(prefix="stepstream-imports-") as tree:
-        for path, module in package_modules().items():
-            parts = module.split(".")
-            dest = Path(tree, *parts, "__init__.py") if path.endswith("/__init__.py") else None
-            dest = dest or Path(tree, *parts[:-1], parts[-1] + ".py")
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(ROOT / path, dest)
+        write_tree(Path(tree))
         # lint-imports looks packages up from its working directory first: the copy of
         # stepstream there, then bench/ and tests/ from this checkout.
         sys.path.append(str(ROOT))

@@ -7,12 +7,19 @@
 - ``http-reference.md`` gets the server's own OpenAPI document rendered in place of its marker:
   ``stepstream.server.openapi.document()`` for the demo tasks, built without Redis, so the
   reference cannot drift from what ``/openapi.json`` serves.
+
+Before a build the package is copied, as the wheel lays it out, into ``.site-src/`` for
+mkdocstrings (``.ci/lint_package.py``'s ``write_tree``): it reads packages from folders, and
+``server/`` and ``tasks/`` become ``stepstream.server`` and ``stepstream.tasks`` only through
+pyproject.toml's ``package-dir``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +33,24 @@ FENCED = re.compile(r"(?ms)(^```.*?^```)")
 
 # Files at the top of the repository that are pages of the site.
 TOP_LEVEL_PAGES = {"README.md": "index.md", "CHANGELOG.md": "changelog.md"}
+
+
+def on_startup(**_: Any) -> None:
+    write_package_tree()
+
+
+def on_pre_build(**_: Any) -> None:
+    write_package_tree()  # again for each rebuild of `mkdocs serve`
+
+
+def write_package_tree() -> None:
+    spec = importlib.util.spec_from_file_location("lint_package", ROOT / ".ci" / "lint_package.py")
+    assert spec is not None and spec.loader is not None
+    lint_package = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lint_package)
+    tree = ROOT / ".site-src"
+    shutil.rmtree(tree, ignore_errors=True)
+    lint_package.write_tree(tree)
 
 
 def on_page_markdown(markdown: str, page: Any, **_: Any) -> str:
