@@ -519,6 +519,26 @@ async def list_jobs(request: Request) -> Response:
         )
     subject = subject_param(params)
     cursor = _decode_cursor(params["cursor"]) if params.get("cursor") else None
+    parent = params.get("parent")
+    if parent is not None:
+        # A job's (or a batch's) children, in the order they were started; the cursor holds
+        # the place in that list.
+        if not JOB_ID.fullmatch(parent):
+            raise ApiError(400, "bad_parent", "`parent` is not a job id")
+        children, offset = await state.store.list_children(
+            parent,
+            states=states,
+            task=params.get("task") or None,
+            owner=principal.owner,
+            limit=int(raw_limit),
+            offset=int(cursor[0]) if cursor else 0,
+        )
+        return JSONResponse(
+            {
+                "jobs": [job_json(r, root_path(request)) for r in children],
+                "next_cursor": None if offset is None else _encode_cursor((offset, parent)),
+            }
+        )
     records, next_cursor = await state.store.list_jobs(
         states=states,
         task=params.get("task") or None,

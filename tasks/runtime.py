@@ -20,7 +20,8 @@ from arq.constants import in_progress_key_prefix
 from arq.worker import Retry
 from pydantic import BaseModel, ValidationError
 
-from stepstream.tasks import batches, cache, heartbeat, inputs, logs
+from stepstream.tasks import batches, cache, cancellation, children, heartbeat, inputs, logs, rollup
+from stepstream.tasks.children import ChildrenSuspended
 from stepstream.tasks.context import TaskContext
 from stepstream.tasks.errors import (
     InputTimeout,
@@ -32,7 +33,7 @@ from stepstream.tasks.errors import (
 )
 from stepstream.tasks.inputs import InputSuspended
 from stepstream.tasks.llm import Providers
-from stepstream.tasks.models import JobRecord, JobState, utcnow
+from stepstream.tasks.models import ChildrenWait, InputRequest, JobRecord, JobState, utcnow
 from stepstream.tasks.registry import TaskRegistry, TaskSpec
 from stepstream.tasks.store import JobStore, new_event
 
@@ -73,24 +74,23 @@ class JobMonitor:
         # job id → when the monitor interrupted its task (monotonic seconds)
         self.cancelled: dict[str, float] = {}
         self._reported: set[str] = set()  # jobs already reported as not stopping
-        self.slots: dict[str, str] = {}  # job id → the slots key it holds a slot in
+        self.slots: dict[str, list[str]] = {}  # job id → the slots keys it holds a slot in
         # job id → the arq job running it, when not the job's own id (tasks/inputs.py)
         self.arq_ids: dict[str, str] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self._acquire = store.redis.register_script(_ACQUIRE_SLOT_LUA)
 
-    async def acquire_slot(self, job_id: str, task: str, limit: int) -> bool:
-        """Take one of ``limit`` slots shared by every worker running ``task``."""
-        key = self.store.keys.task_slots(task)
+    async def acquire_slot(self, job_id: str, key: str, limit: int) -> bool:
+        """Take one of ``limit`` slots in ``key``, shared by every worker: the running jobs of
+        a task (``Keys.task_slots``) or of one ``ctx.map`` (``Keys.fanout_slots``)."""
         now = int(time.time() * 1000)
         if await self._acquire(keys=[key], args=[job_id, now, now + self.lease_ms, limit]):
-            self.slots[job_id] = key
+            self.slots.setdefault(job_id, []).append(key)
             return True
         return False
 
     async def release_slot(self, job_id: str) -> None:
-        key = self.slots.pop(job_id, None)
-        if key is not None:
+        for key in self.slots.pop(job_id, []):
             await self.store.redis.zrem(key, job_id)
 
     def start(self) -> None:
@@ -134,8 +134,8 @@ class JobMonitor:
                         expiry = int(time.time() * 1000) + self.lease_ms
                         for job_id in job_ids:
                             pipe.pexpire(self._lease_key(job_id), self.lease_ms)
-                            if job_id in self.slots:
-                                pipe.zadd(self.slots[job_id], {job_id: expiry}, xx=True)
+                            for key in self.slots.get(job_id, []):
+                                pipe.zadd(key, {job_id: expiry}, xx=True)
                     flags = (await pipe.execute())[0]
             except Exception:  # a Redis blip: the next round tries again
                 logger.warning("job monitor could not reach Redis", exc_info=True)
@@ -228,24 +228,43 @@ async def _run_job(ctx: dict[str, Any], job_id: str) -> None:
     if record.state.terminal:
         # Cancelled while queued, or ended by a worker killed before it showed the end in the
         # job's batch (arq offers the job again): show it now. Its end was counted as written.
-        await batches.child_finished(store, record)
+        await _show_end(store, record)
         return
+    resumable = _waits_for_children(record)
+    if resumable and not await children.ready(store, job_id):
+        return  # an earlier wait's entry: the entry of the wait it is in comes when it is ready
     registry: TaskRegistry = ctx["registry"]
     spec = registry.get_task(record.task)
     if spec is None:
         await _fail(store, record, None, "UnknownTask", f"no task named {record.task!r}")
         return
 
-    if spec.concurrency is not None and not await monitor.acquire_slot(
-        job_id, spec.name, spec.concurrency
-    ):
-        # Every slot is taken: the job stays queued and arq offers it again shortly.
-        raise Retry(defer=timedelta(seconds=SLOT_WAIT_SECONDS * (0.5 + random.random())))
+    slots = []
+    if spec.concurrency is not None:
+        slots.append((store.keys.task_slots(spec.name), spec.concurrency))
+    if record.parent is not None and record.parent_group and record.parent_slots:
+        # ctx.map(concurrency=n): a slot among its siblings too.
+        slots.append(
+            (store.keys.fanout_slots(record.parent, record.parent_group), record.parent_slots)
+        )
+    for key, limit in slots:
+        if not await monitor.acquire_slot(job_id, key, limit):
+            # Every slot is taken: the job stays queued and arq offers it again shortly.
+            await monitor.release_slot(job_id)
+            raise Retry(defer=timedelta(seconds=SLOT_WAIT_SECONDS * (0.5 + random.random())))
     arq_id = ctx.get("job_id", job_id)
     if arq_id != job_id:  # an answer's entry (tasks/inputs.py): its lease is its own
         monitor.arq_ids[job_id] = arq_id
     try:
-        await _run_attempt(store, monitor, spec, record, ctx["llm_providers"], arq=ctx.get("redis"))
+        await _run_attempt(
+            store,
+            monitor,
+            spec,
+            record,
+            ctx["llm_providers"],
+            arq=ctx.get("redis"),
+            registry=registry,
+        )
     finally:
         monitor.arq_ids.pop(job_id, None)
         await monitor.release_slot(job_id)
@@ -259,6 +278,7 @@ async def _run_attempt(
     llm_providers: Providers,
     *,
     arq: ArqRedis | None = None,
+    registry: TaskRegistry | None = None,
 ) -> None:
     job_id = record.id
     attempt = record.attempt + 1
@@ -275,7 +295,8 @@ async def _run_attempt(
         },
         owner=record.owner,
         mode="update+cancel",
-        expect=ACTIVE_STATES,
+        # A parent whose children have all ended is started from its wait by their last end.
+        expect=(*ACTIVE_STATES, JobState.waiting) if _waits_for_children(record) else ACTIVE_STATES,
     )
     if started.refused == "cancel":
         await _cancelled(store, record, attempt - 1, "cancelled before it started")
@@ -284,7 +305,8 @@ async def _run_attempt(
         return
     record.attempt = attempt
     record.started_at = started_at  # job durations in metrics run from the first start
-    context = TaskContext(store, spec, record, llm_providers)
+    context = TaskContext(store, spec, record, llm_providers, registry=registry, arq=arq)
+    await rollup.child_started(store, record)
     # Every log line of this job (this asyncio task) now says which job, attempt and step.
     logs.bind_job(job_id, spec.name, attempt, context)
     logger.info("job started: attempt %d of %d", attempt, record.max_attempts)
@@ -307,6 +329,8 @@ async def _run_attempt(
         await _cancelled(store, record, attempt, exc.reason, context)
     except InputSuspended as suspended:
         await _suspended(store, arq, record, context, suspended)
+    except ChildrenSuspended as suspended:
+        await _wait_for_children(store, arq, record, context, suspended)
     except asyncio.CancelledError:
         if job_id in monitor.cancelled:
             # Our monitor interrupted the task: the job is cancelled, the worker goes on.
@@ -337,7 +361,7 @@ async def _run_attempt(
         )
         if done.ok:
             await heartbeat.job_finished(store, record, "completed")
-            await batches.child_finished(store, record)
+            await _show_end(store, record)
     finally:
         monitor.forget(job_id)
 
@@ -463,7 +487,9 @@ async def _fail(
     )
     if failed.ok:
         await heartbeat.job_finished(store, record, "failed", public_error)
-        await batches.child_finished(store, record)
+        await _show_end(store, record)
+        # No child outlives its parent's end: those still unfinished are cancelled.
+        await cancellation.cancel_children(store, record, "its parent failed")
 
 
 async def _suspended(
@@ -483,6 +509,56 @@ async def _suspended(
         await _cancelled(store, record, record.attempt, "cancelled by request", context)
     elif waiting.ok:
         logger.info("job waits for input %r", suspended.request.name)
+
+
+def _waits_for_children(record: JobRecord) -> bool:
+    return record.state == JobState.waiting and isinstance(record.waiting_for, ChildrenWait)
+
+
+async def _show_end(store: JobStore, record: JobRecord) -> None:
+    """Show a job's end to its batch or its parent (tasks/batches.py, tasks/rollup.py)."""
+    await batches.child_finished(store, record)
+    await rollup.child_finished(store, record)
+
+
+async def _wait_for_children(
+    store: JobStore,
+    arq: ArqRedis | None,
+    record: JobRecord,
+    context: TaskContext,
+    suspended: ChildrenSuspended,
+) -> None:
+    """The task waits for its children (tasks/children.py): record ``waiting``, with the queue
+    entry their last end writes, and end the run, freeing the worker."""
+    if arq is None:
+        raise RuntimeError("child jobs need the arq worker")
+    counts = suspended.counts
+    running = counts["size"] - counts["done"]
+    waiting = await store.append(
+        record.id,
+        new_event(record.id, "waiting", record.attempt, children=counts),
+        {
+            "state": JobState.waiting.value,
+            "waiting_for": {"children": counts},
+            "children": counts,
+            # A wait is not a failure: the run that follows it is the same attempt.
+            "attempt": record.attempt - 1,
+            "message": f"Waiting for {running} child job{'s' if running != 1 else ''}",
+            **context.mark_interrupted_step("waiting"),
+        },
+        owner=record.owner,
+        mode="update+cancel",
+        expect=(JobState.running,),
+        then=children.resume_commands(store, arq, record.id, counts["size"], suspended.tolerated),
+    )
+    if waiting.refused == "cancel":
+        await _cancelled(store, record, record.attempt, "cancelled by request", context)
+    elif waiting.ok:
+        logger.info("job waits for %d child job(s)", running)
+        # The last child may have ended before the wait was written: then nothing wrote the
+        # entry, and this does. (A worker killed before it is covered by arq, which offers
+        # this run's own entry again: the run finds its parent ready and goes on.)
+        await children.resume_if_ready(store, record.id)
 
 
 async def _handed_back(store: JobStore, record: JobRecord, context: TaskContext) -> None:
@@ -536,7 +612,8 @@ async def _cancelled(
     )
     if cancelled.ok:
         await heartbeat.job_finished(store, record, "cancelled")
-        await batches.child_finished(store, record)
+        await _show_end(store, record)
+        await cancellation.cancel_children(store, record, "its parent was cancelled")
 
 
 async def input_timeout(ctx: dict[str, Any], job_id: str, name: str) -> None:
@@ -554,7 +631,7 @@ async def _end_wait(ctx: dict[str, Any], job_id: str, name: str) -> None:
     store: JobStore = ctx["store"]
     record = await store.get(job_id)
     request = record.waiting_for if record is not None else None
-    if record is None or record.state != JobState.waiting or request is None:
+    if record is None or record.state != JobState.waiting or not isinstance(request, InputRequest):
         return
     if request.name != name:
         return

@@ -61,6 +61,23 @@ from stepstream.tasks.settings import Settings
 # The transitions are counted by the record's task once every precondition has passed, so a
 # refused append counts nothing; and a batch's child that ends is counted into its batch
 # (tasks/batches.py) in the same call that writes its end, so no end can be lost to its batch.
+# A parent waiting for its children (tasks/children.py) leaves its arq queue entry in its counts
+# hash (``#resume`` and where it goes); the end that makes it ready writes it: every child has
+# ended, or more have failed (or been cancelled) than the parent tolerates. Taken with HDEL, so
+# it is written once. ``counts`` is the counts key.
+RESUME_LUA = """
+local r = redis.call('HMGET', counts, '#resume', '#entry', '#job_key', '#queue', '#wakeups',
+  '#expire_ms', '#size', '#done', '#failed', '#cancelled', '#max_failures')
+if r[1] and (tonumber(r[8] or 0) >= tonumber(r[7] or 0)
+    or (r[11] and tonumber(r[9] or 0) + tonumber(r[10] or 0) > tonumber(r[11]))) then
+  redis.call('HDEL', counts, '#resume')
+  local now = redis.call('TIME')
+  redis.call('PSETEX', r[3], r[6], r[1])
+  redis.call('ZADD', r[4], now[1] * 1000 + math.floor(now[2] / 1000), r[2])
+  redis.call('PUBLISH', r[5], r[2])
+end
+"""
+
 _APPEND_LUA = """
 local first_field = 24 + tonumber(ARGV[1])
 local last_field = first_field + tonumber(ARGV[11]) - 1
@@ -198,6 +215,11 @@ if task then
 end
 if terminal then
   local batch = redis.call('HGET', KEYS[1], 'batch_id')
+  if not batch or batch == 'null' then
+    -- A child of a job's map or spawn (tasks/children.py) is counted into its parent the same
+    -- way, in the same keys.
+    batch = redis.call('HGET', KEYS[1], 'parent')
+  end
   if batch and batch ~= 'null' then
     -- Each child counted once, by its outcome: ended again (retried by hand, then ended), it
     -- moves from the one to the other. The ended list keeps the order the parent shows them in.
@@ -218,6 +240,7 @@ if terminal then
     end
     redis.call('EXPIRE', counts, ttl)
     redis.call('EXPIRE', ended, ttl)
+    __RESUME__
   end
 end
 local i = last_field + 1
@@ -227,7 +250,7 @@ while i <= #ARGV do
   i = i + argc + 1
 end
 return {jid, fid}
-"""
+""".replace("__RESUME__", RESUME_LUA.strip().replace("\n", "\n    "))
 
 
 @dataclass(frozen=True)
@@ -659,6 +682,40 @@ class JobStore:
                 break
             max_score = skip_until[0]
         return found, skip_until
+
+    async def list_children(
+        self,
+        parent_id: str,
+        *,
+        states: frozenset[JobState] | None,
+        task: str | None,
+        limit: int,
+        owner: str | None = None,
+        offset: int = 0,
+    ) -> tuple[list[JobRecord], int | None]:
+        """A job's (or a batch's) children in the order they were started, from ``offset``;
+        the offset of the next page, or None after the last."""
+        key = self.keys.batch_children(parent_id)
+        found: list[JobRecord] = []
+        while len(found) < limit:
+            ids: list[str] = await self.redis.lrange(  # type: ignore[misc]
+                key, offset, offset + max(limit, 50) - 1
+            )
+            if not ids:
+                return found, None
+            for record in await self.get_many(ids):
+                offset += 1
+                if record is None or (owner is not None and record.owner != owner):
+                    continue
+                if (states is not None and record.state not in states) or (
+                    task is not None and record.task != task
+                ):
+                    continue
+                found.append(record)
+                if len(found) == limit:
+                    break
+        more = await self.redis.llen(key) > offset  # type: ignore[misc]
+        return found, offset if more else None
 
 
 def _state_list(states: Iterable[str]) -> str:

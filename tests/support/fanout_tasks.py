@@ -1,0 +1,103 @@
+"""Tasks that start child jobs, for tests/test_children.py."""
+
+from __future__ import annotations
+
+import asyncio
+
+from pydantic import BaseModel, Field
+
+from stepstream.tasks import PermanentError, TaskContext, TransientError, task
+from stepstream.tasks.children import ChildFailed
+from stepstream.tasks.registry import Backoff
+from tests.support.tasks import count_execution, gate_key
+
+
+class LeafInput(BaseModel):
+    n: int
+    pace: float = 0.0
+    fail: bool = False
+    transient: bool = Field(default=False, description="fail every attempt, retryably")
+    gate: str | None = Field(default=None, description="wait for a push to this gate first")
+
+
+class LeafOutput(BaseModel):
+    square: int
+
+
+@task(
+    "fan_leaf",
+    steps=["work"],
+    input=LeafInput,
+    output=LeafOutput,
+    max_attempts=2,
+    backoff=Backoff(min_seconds=0.05, max_seconds=0.1, jitter=0.0),
+)
+async def fan_leaf(ctx: TaskContext, data: LeafInput) -> LeafOutput:
+    async with ctx.step("work"):
+        await count_execution(ctx.store.redis, ctx.job_id, "work")
+        if data.gate is not None:
+            await ctx.store.redis.blpop([gate_key(data.gate)], timeout=60)
+        for i in range(2):
+            await asyncio.sleep(data.pace)
+            await ctx.progress(i + 1, 2)
+        if data.fail:
+            raise PermanentError(f"leaf {data.n} fails")
+        if data.transient:
+            raise TransientError(f"leaf {data.n} fails again")
+    return LeafOutput(square=data.n * data.n)
+
+
+class FanInput(BaseModel):
+    count: int = 10
+    pace: float = 0.0
+    fail: list[int] = Field(default_factory=list)
+    transient: list[int] = Field(default_factory=list)
+    on_failure: str = "fail"
+    max_failures: int | None = None
+    concurrency: int | None = None
+    gate: str | None = Field(default=None, description="every leaf waits for this gate")
+    depth: int = Field(default=1, description="1: children are leaves; 2: grandchildren too")
+
+
+class FanOutput(BaseModel):
+    squares: list[int | None]
+    failed: list[int]
+
+
+@task("fan_out", steps=["Fan out", "Merge"], input=FanInput, output=FanOutput, max_attempts=1)
+async def fan_out(ctx: TaskContext, data: FanInput) -> FanOutput:
+    await count_execution(ctx.store.redis, ctx.job_id, "run")
+    if data.depth > 1:
+        sub = {**data.model_dump(), "depth": data.depth - 1, "count": 2}
+        results = await ctx.map("fan_out", [sub, sub], step="Fan out")
+        squares = [s for r in results for s in r.squares]
+        return FanOutput(squares=squares, failed=[])
+    inputs = [
+        LeafInput(
+            n=i, pace=data.pace, fail=i in data.fail, transient=i in data.transient, gate=data.gate
+        )
+        for i in range(data.count)
+    ]
+    results = await ctx.map(
+        "fan_leaf",
+        inputs,
+        step="Fan out",
+        concurrency=data.concurrency,
+        on_failure="collect" if data.on_failure == "collect" else "fail",
+        max_failures=data.max_failures,
+    )
+    async with ctx.step("Merge"):
+        squares = [None if isinstance(r, ChildFailed) else r.square for r in results]
+        failed = [r.index for r in results if isinstance(r, ChildFailed)]
+    return FanOutput(squares=squares, failed=failed)
+
+
+class SpawnInput(BaseModel):
+    values: list[int]
+
+
+@task("spawn_join", steps=["Spawn"], input=SpawnInput, output=FanOutput, max_attempts=1)
+async def spawn_join(ctx: TaskContext, data: SpawnInput) -> FanOutput:
+    handles = [await ctx.spawn("fan_leaf", {"n": v}) for v in data.values]
+    results = await ctx.join(handles)
+    return FanOutput(squares=[r.square for r in results], failed=[])
