@@ -271,7 +271,7 @@ def resume_commands(
     )
     fields: list[str | bytes | int] = [
         "#resume",
-        payload,
+        bytes(payload).hex() if isinstance(payload, bytes) else str(payload).encode().hex(),
         "#entry",
         entry,
         "#job_key",

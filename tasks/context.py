@@ -311,7 +311,12 @@ class TaskContext:
         group = self._next_group(step)
         ref = None if step is None else self._ref(step)
         started = time.perf_counter()
-        if ref is not None and self.current_step != ref:
+        if ref is not None and self.steps[ref.index - 1].state == "waiting":
+            # Resumed from the wait for these children: the step goes on where it was (its
+            # progress rolled up meanwhile), without beginning again from 0.
+            self.current_step = ref
+            self.steps[ref.index - 1].state = "running"
+        elif ref is not None and self.current_step != ref:
             await self._begin_step(ref)
         handles, created = await children.start(
             self,

@@ -118,6 +118,8 @@ async def _show_some(store: JobStore, parent_id: str) -> bool:
         counts = {**counts_of({}), **json.loads(raw.get("#shown_counts") or "{}")}
         counts["size"] = int(raw.get("#size") or 0)
         events: list[dict[str, Any]] = []
+        progress: float | None = None
+        message = ""
         for entry, child in zip(entries, children, strict=True):
             child_id, outcome, prev = entry.split(" ")
             counts[outcome] += 1
@@ -138,10 +140,19 @@ async def _show_some(store: JobStore, parent_id: str) -> bool:
             if child is not None:
                 report["index"] = child.parent_index
                 report["task"] = child.task
+            progress, message = fanout_progress(raw, counts)
+            rolled: dict[str, Any] = {"progress": progress} if progress is not None else {}
             events.append(
-                new_event(parent_id, "child", parent.attempt, child=report, counts=dict(counts))
+                new_event(
+                    parent_id,
+                    "child",
+                    parent.attempt,
+                    child=report,
+                    counts=dict(counts),
+                    message=message,
+                    **rolled,
+                )
             )
-        progress, message = fanout_progress(raw, counts)
         fields: dict[str, Any] = {"children": counts}
         if progress is not None and parent.state != JobState.running:
             # A running parent writes its own progress: the roll-up only fills in while it

@@ -62,7 +62,7 @@ from stepstream.tasks.settings import Settings
 # refused append counts nothing; and a batch's child that ends is counted into its batch
 # (tasks/batches.py) in the same call that writes its end, so no end can be lost to its batch.
 # A parent waiting for its children (tasks/children.py) leaves its arq queue entry in its counts
-# hash (``#resume`` and where it goes); the end that makes it ready writes it: every child has
+# hash (``#resume``: arq's payload in hex, the hash is read as text; and where it goes); the end that makes it ready writes it: every child has
 # ended, or more have failed (or been cancelled) than the parent tolerates. Taken with HDEL, so
 # it is written once. ``counts`` is the counts key.
 RESUME_LUA = """
@@ -72,7 +72,8 @@ if r[1] and (tonumber(r[8] or 0) >= tonumber(r[7] or 0)
     or (r[11] and tonumber(r[9] or 0) + tonumber(r[10] or 0) > tonumber(r[11]))) then
   redis.call('HDEL', counts, '#resume')
   local now = redis.call('TIME')
-  redis.call('PSETEX', r[3], r[6], r[1])
+  local payload = string.gsub(r[1], '..', function(h) return string.char(tonumber(h, 16)) end)
+  redis.call('PSETEX', r[3], r[6], payload)
   redis.call('ZADD', r[4], now[1] * 1000 + math.floor(now[2] / 1000), r[2])
   redis.call('PUBLISH', r[5], r[2])
 end

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import pytest
 
+from stepstream.tasks.models import utcnow
 from tests.conftest import Stack, StackFactory
 from tests.support import http
 from tests.support.api import get_job, submit, wait_state
 from tests.support.processes import wait_until
 from tests.support.sse import Event, read_stream
+from tests.support.tasks import executions_key, gate_key
 
 TASKS = "tests.support.tasks,tests.support.fanout_tasks"
 ENDED = {"completed", "failed", "cancelled"}
@@ -52,8 +55,216 @@ def test_fifty_children_on_two_workers_roll_up_into_the_parent(fan_stack: Stack)
     assert done["children"]["size"] == 50 and done["children"]["completed"] == 50
     ends = [e.data for e in live if e.data.get("type") == "child" and "counts" in e.data]
     assert [e["counts"]["done"] for e in ends] == list(range(1, 51))
-    starts = [e.data for e in live if e.data.get("type") == "child" and "counts" not in e.data]
-    assert len(starts) == 50
+    # "Fan out" is step 1 of 2: its children take the parent from 0 to one half.
+    assert [e["progress"] for e in ends] == [round(i / 100, 4) for i in range(1, 51)]
+    assert ends[22]["message"] == "23 of 50 done"
+    kinds = [("end" if "counts" in e.data else "start") for e in live if e.type == "child"]
+    assert kinds.count("start") == 50
+    # Shown live, as they happen: ends come between the starts, not all at the finish.
+    assert kinds.index("end") < len(kinds) - 1 - kinds[::-1].index("start")
+    progress = [e.data["progress"] for e in live if "progress" in e.data]
+    assert progress == sorted(progress), "the parent's progress never goes back"
     kids = children_of(fan_stack, parent["id"])
     assert [k["parent_index"] for k in kids] == list(range(50))
     assert all(k["parent"] == parent["id"] for k in kids)
+
+
+def jobs_with_parent(stack: Stack, parent_id: str) -> list[str]:
+    """Every stored job whose record names ``parent_id`` as its parent (read from Redis, not
+    from the parent's list of children)."""
+    r = stack.redis()
+    ids = r.zrange(f"{stack.prefix}jobs", 0, -1)
+    return [i for i in ids if r.hget(f"{stack.prefix}job:{{{i}}}", "parent") == f'"{parent_id}"']
+
+
+def full_log(stack: Stack, job_id: str) -> list[Event]:
+    status, events = read_stream(f"{stack.url}/api/jobs/{job_id}/events?after=0", timeout=60)
+    assert status == 200
+    return events
+
+
+def test_spawn_and_join_return_results_in_order(fan_stack: Stack) -> None:
+    parent = submit(fan_stack.url, "spawn_join", {"values": [3, 1, 2]})
+    done = wait_state(fan_stack.url, parent["id"], ENDED, timeout=60)
+    assert done["state"] == "completed", done
+    assert done["result"]["squares"] == [9, 1, 4]
+    assert len(jobs_with_parent(fan_stack, parent["id"])) == 3
+
+
+def test_a_tree_two_deep_completes_with_every_leaf(fan_stack: Stack) -> None:
+    parent = submit(fan_stack.url, "fan_out", {"depth": 2})
+    done = wait_state(fan_stack.url, parent["id"], ENDED, timeout=60)
+    assert done["state"] == "completed", done
+    assert done["result"]["squares"] == [0, 1, 0, 1]
+    kids = children_of(fan_stack, parent["id"])
+    assert [k["depth"] for k in kids] == [1, 1]
+    assert all(len(children_of(fan_stack, k["id"])) == 2 for k in kids)
+
+
+def test_collect_puts_markers_where_children_failed(fan_stack: Stack) -> None:
+    # Child 2 fails retryably on both its attempts: it exhausts its retries, then counts.
+    body = {"count": 6, "fail": [1, 4], "transient": [2], "on_failure": "collect"}
+    parent = submit(fan_stack.url, "fan_out", body)
+    done = wait_state(fan_stack.url, parent["id"], ENDED, timeout=60)
+    assert done["state"] == "completed", done
+    assert done["result"] == {"squares": [0, None, None, 9, None, 25], "failed": [1, 2, 4]}
+    assert done["children"]["failed"] == 3 and done["children"]["completed"] == 3
+    retried = next(k for k in children_of(fan_stack, parent["id"]) if k["parent_index"] == 2)
+    assert retried["state"] == "failed" and retried["attempt"] == 2
+
+
+@pytest.mark.parametrize(("failures", "state"), [([4], "completed"), ([1, 4], "failed")])
+def test_max_failures_tolerates_that_many(
+    fan_stack: Stack, failures: list[int], state: str
+) -> None:
+    body = {"count": 6, "fail": failures, "max_failures": 1}
+    parent = submit(fan_stack.url, "fan_out", body)
+    done = wait_state(fan_stack.url, parent["id"], ENDED, timeout=60)
+    assert done["state"] == state, done
+    if state == "failed":
+        assert done["error"]["type"] == "ChildrenFailed"
+
+
+def test_the_first_failure_fails_the_parent_and_cancels_the_others(
+    make_stack: StackFactory,
+) -> None:
+    # Child 0 fails; every other child waits on a gate nobody opens: only the cancel can end
+    # them. Room for all of them at once, so none waits for a slot the gated ones hold.
+    s = make_stack(workers=1, STEPSTREAM_TASK_MODULES=TASKS, STEPSTREAM_MAX_JOBS="8")
+    gate = f"never-{time.monotonic_ns()}"
+    parent = submit(s.url, "fan_out", {"count": 6, "fail": [0], "gate": gate})
+    done = wait_state(s.url, parent["id"], ENDED, timeout=60)
+    assert done["state"] == "failed", done
+    assert done["error"]["type"] == "ChildrenFailed"
+    assert "index 0" in done["error"]["message"]
+
+    def all_ended() -> bool:
+        return all(k["state"] in ENDED for k in children_of(s, parent["id"]))
+
+    wait_until(all_ended, timeout=30, what="every child ended")
+    kids = children_of(s, parent["id"])
+    assert [k["state"] for k in kids] == ["failed"] + ["cancelled"] * 5
+
+
+def test_concurrency_caps_the_children_running_at_once(fan_stack: Stack) -> None:
+    parent = submit(fan_stack.url, "fan_out", {"count": 8, "pace": 0.05, "concurrency": 2})
+    done = wait_state(fan_stack.url, parent["id"], ENDED, timeout=60)
+    assert done["state"] == "completed", done
+    assert done["result"]["squares"] == [i * i for i in range(8)]
+    spans = [(k["started_at"], k["finished_at"]) for k in children_of(fan_stack, parent["id"])]
+    most = max(sum(a <= at < b for a, b in spans) for at, _ in spans)
+    assert most == 2  # four slots on the two workers: the cap is the map's
+
+
+def test_cancelling_the_parent_half_way_cancels_every_unfinished_child(
+    make_stack: StackFactory,
+) -> None:
+    s = make_stack(workers=1, STEPSTREAM_TASK_MODULES=TASKS, STEPSTREAM_MAX_JOBS="2")
+    parent = submit(s.url, "fan_out", {"count": 20, "pace": 0.1})
+
+    def half_way() -> bool:
+        return (get_job(s.url, parent["id"]).get("children") or {}).get("done", 0) >= 5
+
+    wait_until(half_way, timeout=60, what="five children ended")
+    cancel_at = utcnow()
+    response = http.post(f"{s.url}/api/jobs/{parent['id']}/cancel", timeout=10)
+    assert response.status_code in (200, 202), response.text
+    assert wait_state(s.url, parent["id"], ENDED)["state"] == "cancelled"
+
+    def all_ended() -> bool:
+        return all(k["state"] in ENDED for k in children_of(s, parent["id"]))
+
+    wait_until(all_ended, timeout=30, what="every child ended")
+    kids = children_of(s, parent["id"])
+    assert len(kids) == 20
+    completed = [k for k in kids if k["state"] == "completed"]
+    assert 5 <= len(completed) < 20
+    assert all(k["state"] == "cancelled" for k in kids if k["state"] != "completed")
+    # No child started after the cancel (a running one is stopped, an unstarted one never runs).
+    started = [k["started_at"] for k in kids if k["started_at"] is not None]
+    assert all(at < cancel_at for at in started), (cancel_at, sorted(started))
+
+
+def test_a_map_past_the_owner_s_room_is_refused_and_stores_nothing(
+    make_stack: StackFactory,
+) -> None:
+    s = make_stack(
+        workers=1, STEPSTREAM_TASK_MODULES=TASKS, STEPSTREAM_MAX_UNFINISHED_PER_OWNER="10"
+    )
+    r = s.redis()
+    before = set(r.keys(f"{s.prefix}*"))
+    parent = submit(s.url, "fan_out", {"count": 10})  # 10 more than the parent's own place
+    done = wait_state(s.url, parent["id"], ENDED)
+    assert done["state"] == "failed"
+    assert done["error"]["type"] == "ChildrenRefused"
+    assert "unfinished-jobs limit" in done["error"]["message"]
+    assert "nothing was started" in done["error"]["message"]
+    # The parent's own keys, and counters every job moves: nothing of any child.
+    new = set(r.keys(f"{s.prefix}*")) - before
+    own = {f"{s.prefix}job:{{{parent['id']}}}", f"{s.prefix}job:{{{parent['id']}}}:events"}
+    assert not {k for k in new - own if "{" in k}, new - own
+    assert r.zrange(f"{s.prefix}jobs", 0, -1) == [parent["id"]]
+    assert jobs_with_parent(s, parent["id"]) == []
+    assert r.zcard(f"{s.prefix}unfinished:-") == 0
+    # With room for them, the same map runs.
+    smaller = submit(s.url, "fan_out", {"count": 9})
+    assert wait_state(s.url, smaller["id"], ENDED)["state"] == "completed"
+
+
+def test_a_parent_killed_after_creating_its_children_creates_none_again(
+    make_stack: StackFactory,
+) -> None:
+    s = make_stack(
+        workers=2,
+        STEPSTREAM_TASK_MODULES=TASKS,
+        STEPSTREAM_MAX_JOBS="2",
+        STEPSTREAM_LEASE_SECONDS="2",
+    )
+    parent = submit(s.url, "fan_out", {"count": 50, "kill_after_create": True})
+
+    def a_worker_died() -> bool:
+        return any(w.proc is not None and w.proc.poll() is not None for w in s.workers)
+
+    wait_until(a_worker_died, timeout=30, what="the parent's worker killed itself")
+    s.add_worker()
+    done = wait_state(s.url, parent["id"], ENDED, timeout=90)
+    assert done["state"] == "completed", done
+    assert done["result"]["squares"] == [i * i for i in range(50)]
+    assert len(jobs_with_parent(s, parent["id"])) == 50
+    assert s.redis().hget(executions_key(parent["id"]), "run") != "1", "never taken over"
+    log = full_log(s, parent["id"])
+    assert [e.type for e in log].count("completed") == 1
+
+
+def test_a_parent_whose_workers_die_while_it_waits_completes_once(
+    make_stack: StackFactory,
+) -> None:
+    s = make_stack(
+        workers=2,
+        STEPSTREAM_TASK_MODULES=TASKS,
+        STEPSTREAM_MAX_JOBS="2",
+        STEPSTREAM_LEASE_SECONDS="2",
+    )
+    gate = f"wait-{time.monotonic_ns()}"
+    parent = submit(s.url, "fan_out", {"count": 50, "gate": gate})
+    r = s.redis()
+
+    def leaves_blocked() -> bool:
+        job = get_job(s.url, parent["id"])
+        running = [k for k in children_of(s, parent["id"]) if k["state"] == "running"]
+        return job["state"] == "waiting" and len(running) == 4
+
+    wait_until(leaves_blocked, timeout=30, what="the parent waiting, 4 children running")
+    for worker in s.workers:
+        worker.kill()  # the running children's workers, and the one that ran the parent
+    s.add(webs=0, workers=2)
+    r.rpush(gate_key(gate), *["go"] * 54)  # every leaf, and those that run twice
+    done = wait_state(s.url, parent["id"], ENDED, timeout=120)
+    assert done["state"] == "completed", done
+    assert done["result"]["squares"] == [i * i for i in range(50)]
+    assert len(jobs_with_parent(s, parent["id"])) == 50
+    log = full_log(s, parent["id"])
+    assert [e.type for e in log].count("completed") == 1
+    # The killed children were taken over: run twice, each completed once.
+    kids = children_of(s, parent["id"])
+    assert sum(k["attempt"] == 2 for k in kids) == 4

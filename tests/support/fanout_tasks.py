@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+from typing import Any
 
 from pydantic import BaseModel, Field
 
 from stepstream.tasks import PermanentError, TaskContext, TransientError, task
 from stepstream.tasks.children import ChildFailed
 from stepstream.tasks.registry import Backoff
-from tests.support.tasks import count_execution, gate_key
+from tests.support.tasks import count_execution, executions_key, gate_key
 
 
 class LeafInput(BaseModel):
@@ -35,13 +38,13 @@ class LeafOutput(BaseModel):
 async def fan_leaf(ctx: TaskContext, data: LeafInput) -> LeafOutput:
     async with ctx.step("work"):
         await count_execution(ctx.store.redis, ctx.job_id, "work")
+        if data.fail:
+            raise PermanentError(f"leaf {data.n} fails")
         if data.gate is not None:
             await ctx.store.redis.blpop([gate_key(data.gate)], timeout=60)
         for i in range(2):
             await asyncio.sleep(data.pace)
             await ctx.progress(i + 1, 2)
-        if data.fail:
-            raise PermanentError(f"leaf {data.n} fails")
         if data.transient:
             raise TransientError(f"leaf {data.n} fails again")
     return LeafOutput(square=data.n * data.n)
@@ -57,6 +60,11 @@ class FanInput(BaseModel):
     concurrency: int | None = None
     gate: str | None = Field(default=None, description="every leaf waits for this gate")
     depth: int = Field(default=1, description="1: children are leaves; 2: grandchildren too")
+    kill_after_create: bool = Field(
+        default=False,
+        description="the first run's worker dies by SIGKILL once it has sent the "
+        "children's creates, before it learns they were stored",
+    )
 
 
 class FanOutput(BaseModel):
@@ -67,6 +75,15 @@ class FanOutput(BaseModel):
 @task("fan_out", steps=["Fan out", "Merge"], input=FanInput, output=FanOutput, max_attempts=1)
 async def fan_out(ctx: TaskContext, data: FanInput) -> FanOutput:
     await count_execution(ctx.store.redis, ctx.job_id, "run")
+    runs = await ctx.store.redis.hget(executions_key(ctx.job_id), "run")
+    if data.kill_after_create and runs == "1":
+        create_together = ctx.store.create_together
+
+        async def create_then_die(calls: Any) -> Any:
+            await create_together(calls)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        ctx.store.create_together = create_then_die  # type: ignore[method-assign]
     if data.depth > 1:
         sub = {**data.model_dump(), "depth": data.depth - 1, "count": 2}
         results = await ctx.map("fan_out", [sub, sub], step="Fan out")
