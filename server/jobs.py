@@ -27,7 +27,7 @@ from stepstream.server.options import (
 from stepstream.server.state import AppState
 from stepstream.server.subjects import subject_field, subject_param
 from stepstream.server.urls import job_links, root_path
-from stepstream.tasks import cancellation, creation
+from stepstream.tasks import cancellation, creation, rollup
 from stepstream.tasks.models import JobRecord, JobState, new_job_id
 from stepstream.tasks.registry import TaskSpec
 from stepstream.tasks.settings import Settings
@@ -434,7 +434,8 @@ async def get_job(request: Request) -> Response:
     state: AppState = request.app.state.stepstream
     # A stream token reads the records of the jobs in its scope (server/auth.py).
     principal = await state.auth.authenticate(request, allow_token=True)
-    return JSONResponse(job_json(await load_job(request, principal), root_path(request)))
+    record = await rollup.with_running(state.store, await load_job(request, principal))
+    return JSONResponse(job_json(record, root_path(request)))
 
 
 JOB_TOKEN_FIELDS = frozenset({"may_answer"})

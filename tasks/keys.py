@@ -150,6 +150,12 @@ class Keys:
         ended = self.batch_ended("\0").partition("\0")[2]
         return head, counts, ended
 
+    def children_running(self, parent_id: str) -> str:
+        """Set: a job's children that have started and whose end is not shown yet (added by a
+        child's ``child`` start event, removed as its end is shown): what a read of the parent
+        adds the running children's own progress from (tasks/rollup.py)."""
+        return f"{self.prefix}job:{{{parent_id}}}:running"
+
     def fanout_slots(self, parent_id: str, group: str) -> str:
         """Sorted set: the children of one ``ctx.map(concurrency=n)`` running at once, by lease
         expiry, like ``task_slots``."""

@@ -167,8 +167,9 @@ class JobRecord(BaseModel):
     # concurrency), when limited.
     parent_group: str | None = None
     parent_slots: int | None = None
-    # A parent: {size, done, completed, failed, cancelled} over every child it started.
-    children: dict[str, int] | None = None
+    # A parent: {size, done, completed, failed, cancelled} over every child it started (a read
+    # of a waiting parent adds running and running_progress, tasks/rollup.py).
+    children: dict[str, Any] | None = None
     # Human input (tasks/inputs.py): the request of a waiting job, and the inputs given.
     waiting_for: InputRequest | ChildrenWait | None = None
     answers: dict[str, InputAnswer] = Field(default_factory=dict)

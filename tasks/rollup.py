@@ -15,7 +15,9 @@ Cost per child: its end's one script call (which counts it), one ``child`` event
 the parent when it starts and one when it ends (shown in pages when ends come together), and the
 reads of the show (the counts hash, a page of the ended list, the parent and the children's
 records). A child's own ``progress`` events cost the parent nothing: a running child's fraction
-is not in the parent's record; ``GET /api/jobs/{id}`` adds it when read (``children.running``).
+is not written to the parent's record. A read of the parent adds it (``with_running``): the
+set of its running children (kept by the start and end appends above, no extra write) and each
+one's ``progress``, one round trip per read, its size the children running at once.
 """
 
 from __future__ import annotations
@@ -47,15 +49,18 @@ def counts_of(raw: dict[str, str]) -> dict[str, int]:
     return {name: int(raw.get(f"#{name}") or 0) for name in COUNTED}
 
 
-def fanout_progress(raw: dict[str, str], counts: dict[str, int]) -> tuple[float | None, str]:
+def fanout_progress(
+    raw: dict[str, str], counts: dict[str, int], running: float = 0.0
+) -> tuple[float | None, str]:
     """The parent's progress and message for ``counts``: the fraction of the current fan-out's
-    children that ended, inside the step it runs in (``#step``: "index/count"), and "k of n
-    done". None when the fan-out runs in no step."""
+    children that ended (plus ``running``: the sum of the running ones' fractions), inside the
+    step it runs in (``#step``: "index/count"), and "k of n done". None when the fan-out runs
+    in no step."""
     base = int(raw.get("#base") or 0)
     size = counts["size"] - base
     done = max(0, counts["done"] - base)
     message = summary_message({**counts, "done": done}, size)
-    fraction = 1.0 if size <= 0 else min(1.0, done / size)
+    fraction = 1.0 if size <= 0 else min(1.0, (done + running) / size)
     step = raw.get("#step")
     if not step:
         return None, message
@@ -69,6 +74,7 @@ async def child_started(store: JobStore, child: JobRecord) -> None:
     if child.parent is None or child.attempt != 1:
         return
     report = {"id": child.id, "index": child.parent_index, "task": child.task, "state": "running"}
+    running = store.keys.children_running(child.parent)
     try:
         await store.append(
             child.parent,
@@ -76,6 +82,10 @@ async def child_started(store: JobStore, child: JobRecord) -> None:
             {},
             owner=child.owner,
             expect=SHOWN_IN,
+            then=[
+                ["SADD", running, child.id],
+                ["EXPIRE", running, store.settings.retention_seconds],
+            ],
         )
     except RedisError:  # the start is the child's; the parent's view of it can do without
         logger.warning("could not show the start of job %s on its parent", child.id)
@@ -110,9 +120,8 @@ async def _show_some(store: JobStore, parent_id: str) -> bool:
         )
         if not entries:
             return True
-        parent, *children = await store.get_many(
-            [parent_id, *(entry.split(" ")[0] for entry in entries)]
-        )
+        ids = [entry.split(" ")[0] for entry in entries]
+        parent, *children = await store.get_many([parent_id, *ids])
         if parent is None or parent.state not in SHOWN_IN:
             return True
         counts = {**counts_of({}), **json.loads(raw.get("#shown_counts") or "{}")}
@@ -175,7 +184,8 @@ async def _show_some(store: JobStore, parent_id: str) -> bool:
                     shown + len(entries),
                     "#shown_counts",
                     json.dumps(counts),
-                ]
+                ],
+                ["SREM", store.keys.children_running(parent_id), *ids],
             ],
         )
         try:
@@ -192,3 +202,32 @@ async def show_quietly(store: JobStore, child: JobRecord) -> None:
         await child_finished(store, child)
     except (RedisError, OSError, TimeoutError):
         logger.warning("could not show job %s on its parent %s", child.id, child.parent)
+
+
+async def with_running(store: JobStore, record: JobRecord) -> JobRecord:
+    """``record`` as a read shows it: a parent waiting for its children gets their running
+    fractions added to its progress ("23 done plus 4 half way": 25 of 50), and ``children``
+    gets ``running`` (how many run) and ``running_progress`` (the sum of their fractions)."""
+    if record.children is None or record.state != JobState.waiting:
+        return record
+    async with store.redis.pipeline(transaction=False) as pipe:
+        pipe.smembers(store.keys.children_running(record.id))
+        pipe.hgetall(store.keys.batch_counts(record.id))
+        running, raw = await pipe.execute()
+    if not running:
+        return record
+    async with store.redis.pipeline(transaction=False) as pipe:
+        for child_id in running:
+            pipe.hget(store.keys.job(child_id), "progress")
+        fractions = [float(json.loads(v)) for v in await pipe.execute() if v is not None]
+    partial = round(sum(fractions), 4)
+    counts: dict[str, Any] = {
+        **counts_of(raw),
+        "running": len(fractions),
+        "running_progress": partial,
+    }
+    progress, _ = fanout_progress(raw, counts, partial)
+    update: dict[str, Any] = {"children": counts}
+    if progress is not None:
+        update["progress"] = progress
+    return record.model_copy(update=update)

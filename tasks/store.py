@@ -33,6 +33,25 @@ from stepstream.tasks.models import JobRecord, JobState, parse_stream_id, utcnow
 from stepstream.tasks.output import with_live_text
 from stepstream.tasks.settings import Settings
 
+# A parent waiting for its children (tasks/children.py) leaves its arq queue entry in its counts
+# hash (``#resume``: arq's payload in hex, as the hash is read as text; and where it goes). The
+# end that makes it ready writes it: every child has ended, or more have failed (or been
+# cancelled) than the parent tolerates. Taken with HDEL, so it is written once. ``counts`` is
+# the counts key.
+RESUME_LUA = """
+local r = redis.call('HMGET', counts, '#resume', '#entry', '#job_key', '#queue', '#wakeups',
+  '#expire_ms', '#size', '#done', '#failed', '#cancelled', '#max_failures')
+if r[1] and (tonumber(r[8] or 0) >= tonumber(r[7] or 0)
+    or (r[11] and tonumber(r[9] or 0) + tonumber(r[10] or 0) > tonumber(r[11]))) then
+  redis.call('HDEL', counts, '#resume')
+  local now = redis.call('TIME')
+  local payload = string.gsub(r[1], '..', function(h) return string.char(tonumber(h, 16)) end)
+  redis.call('PSETEX', r[3], r[6], payload)
+  redis.call('ZADD', r[4], now[1] * 1000 + math.floor(now[2] / 1000), r[2])
+  redis.call('PUBLISH', r[5], r[2])
+end
+"""
+
 # KEYS: record, job stream, firehose, cancel flag, job index, the owner's unfinished jobs,
 #       webhook outbox, webhook events dropped, then for each transition this append makes
 #       (tasks/transitions.py) its counter and its window's counter, and optionally a record
@@ -61,24 +80,6 @@ from stepstream.tasks.settings import Settings
 # The transitions are counted by the record's task once every precondition has passed, so a
 # refused append counts nothing; and a batch's child that ends is counted into its batch
 # (tasks/batches.py) in the same call that writes its end, so no end can be lost to its batch.
-# A parent waiting for its children (tasks/children.py) leaves its arq queue entry in its counts
-# hash (``#resume``: arq's payload in hex, the hash is read as text; and where it goes); the end that makes it ready writes it: every child has
-# ended, or more have failed (or been cancelled) than the parent tolerates. Taken with HDEL, so
-# it is written once. ``counts`` is the counts key.
-RESUME_LUA = """
-local r = redis.call('HMGET', counts, '#resume', '#entry', '#job_key', '#queue', '#wakeups',
-  '#expire_ms', '#size', '#done', '#failed', '#cancelled', '#max_failures')
-if r[1] and (tonumber(r[8] or 0) >= tonumber(r[7] or 0)
-    or (r[11] and tonumber(r[9] or 0) + tonumber(r[10] or 0) > tonumber(r[11]))) then
-  redis.call('HDEL', counts, '#resume')
-  local now = redis.call('TIME')
-  local payload = string.gsub(r[1], '..', function(h) return string.char(tonumber(h, 16)) end)
-  redis.call('PSETEX', r[3], r[6], payload)
-  redis.call('ZADD', r[4], now[1] * 1000 + math.floor(now[2] / 1000), r[2])
-  redis.call('PUBLISH', r[5], r[2])
-end
-"""
-
 _APPEND_LUA = """
 local first_field = 24 + tonumber(ARGV[1])
 local last_field = first_field + tonumber(ARGV[11]) - 1

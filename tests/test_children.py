@@ -83,6 +83,27 @@ def full_log(stack: Stack, job_id: str) -> list[Event]:
     return events
 
 
+def test_a_read_of_the_waiting_parent_adds_its_running_children_s_progress(
+    fan_stack: Stack,
+) -> None:
+    gate = f"half-{time.monotonic_ns()}"
+    parent = submit(fan_stack.url, "fan_out", {"count": 4, "gate": gate})
+
+    def four_half_way() -> bool:
+        job = get_job(fan_stack.url, parent["id"])
+        return job["state"] == "waiting" and (job["children"] or {}).get("running") == 4
+
+    wait_until(four_half_way, timeout=30, what="four children half way")
+    job = get_job(fan_stack.url, parent["id"])
+    assert job["children"]["running_progress"] == 2.0
+    # 0 of 4 ended, plus 4 halves: half of "Fan out", step 1 of 2.
+    assert job["progress"] == 0.25
+    fan_stack.redis().rpush(gate_key(gate), *["go"] * 4)
+    done = wait_state(fan_stack.url, parent["id"], ENDED, timeout=60)
+    assert done["state"] == "completed"
+    assert "running" not in done["children"]
+
+
 def test_spawn_and_join_return_results_in_order(fan_stack: Stack) -> None:
     parent = submit(fan_stack.url, "spawn_join", {"values": [3, 1, 2]})
     done = wait_state(fan_stack.url, parent["id"], ENDED, timeout=60)

@@ -40,11 +40,12 @@ async def fan_leaf(ctx: TaskContext, data: LeafInput) -> LeafOutput:
         await count_execution(ctx.store.redis, ctx.job_id, "work")
         if data.fail:
             raise PermanentError(f"leaf {data.n} fails")
+        await asyncio.sleep(data.pace)
+        await ctx.progress(1, 2)
         if data.gate is not None:
             await ctx.store.redis.blpop([gate_key(data.gate)], timeout=60)
-        for i in range(2):
-            await asyncio.sleep(data.pace)
-            await ctx.progress(i + 1, 2)
+        await asyncio.sleep(data.pace)
+        await ctx.progress(2, 2)
         if data.transient:
             raise TransientError(f"leaf {data.n} fails again")
     return LeafOutput(square=data.n * data.n)
