@@ -520,7 +520,7 @@ async def list_jobs(request: Request) -> Response:
         )
     subject = subject_param(params)
     cursor = _decode_cursor(params["cursor"]) if params.get("cursor") else None
-    parent = params.get("parent")
+    parent = params.get("parent") or None
     if parent is not None:
         # A job's (or a batch's) children, in the order they were started; the cursor holds
         # the place in that list.

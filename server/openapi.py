@@ -531,6 +531,13 @@ def document(
                     },
                     {"name": "task", "in": "query", "schema": {"type": "string"}},
                     {
+                        "name": "parent",
+                        "in": "query",
+                        "schema": {"type": "string", "pattern": "^([A-Za-z0-9_-]{1,64})?$"},
+                        "description": "a job's (or a batch's) children, in the order it "
+                        "started them (not newest first)",
+                    },
+                    {
                         "name": "subject",
                         "in": "query",
                         # Empty: every subject, as for the other filters.
