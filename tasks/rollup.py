@@ -49,6 +49,17 @@ def counts_of(raw: dict[str, str]) -> dict[str, int]:
     return {name: int(raw.get(f"#{name}") or 0) for name in COUNTED}
 
 
+def spent(raw: dict[str, str]) -> dict[str, Any]:
+    """What the ended children spent on LLM calls, as the append script sums it into the counts
+    hash at each child's first end: ``cost`` and ``usage`` (none when nothing was spent)."""
+    usage = {
+        name: int(raw.get(f"#{name}") or 0) for name in ("calls", "input_tokens", "output_tokens")
+    }
+    if not any(usage.values()) and not raw.get("#cost"):
+        return {}
+    return {"cost": round(float(raw.get("#cost") or 0), 9), "usage": usage}
+
+
 def fanout_progress(
     raw: dict[str, str], counts: dict[str, int], running: float = 0.0
 ) -> tuple[float | None, str]:
@@ -162,7 +173,7 @@ async def _show_some(store: JobStore, parent_id: str) -> bool:
                     **rolled,
                 )
             )
-        fields: dict[str, Any] = {"children": counts}
+        fields: dict[str, Any] = {"children": {**counts, **spent(raw)}}
         if progress is not None and parent.state != JobState.running:
             # A running parent writes its own progress: the roll-up only fills in while it
             # waits (or is queued to resume).
@@ -223,6 +234,7 @@ async def with_running(store: JobStore, record: JobRecord) -> JobRecord:
     partial = round(sum(fractions), 4)
     counts: dict[str, Any] = {
         **counts_of(raw),
+        **spent(raw),
         "running": len(fractions),
         "running_progress": partial,
     }

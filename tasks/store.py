@@ -235,6 +235,17 @@ if terminal then
         redis.call('HINCRBY', counts, '#' .. prev, -1)
       else
         redis.call('HINCRBY', counts, '#done', 1)
+        -- What the child spent, summed for its parent (a child of a job: tasks/rollup.py).
+        local cost = tonumber(redis.call('HGET', KEYS[1], 'cost') or '0') or 0
+        if cost > 0 then redis.call('HINCRBYFLOAT', counts, '#cost', cost) end
+        local usage = redis.call('HGET', KEYS[1], 'usage')
+        if usage then
+          usage = cjson.decode(usage)
+          for _, name in ipairs({'calls', 'input_tokens', 'output_tokens'}) do
+            local n = tonumber(usage[name]) or 0
+            if n > 0 then redis.call('HINCRBY', counts, '#' .. name, n) end
+          end
+        end
       end
       redis.call('HSET', counts, ARGV[9], outcome)
       redis.call('HINCRBY', counts, '#' .. outcome, 1)

@@ -16,7 +16,7 @@ from tests.support.processes import wait_until
 from tests.support.sse import Event, read_stream
 from tests.support.tasks import executions_key, gate_key
 
-TASKS = "tests.support.tasks,tests.support.fanout_tasks"
+TASKS = "tests.support.tasks,tests.support.ai_tasks,tests.support.fanout_tasks"
 ENDED = {"completed", "failed", "cancelled"}
 
 
@@ -289,3 +289,38 @@ def test_a_parent_whose_workers_die_while_it_waits_completes_once(
     # The killed children were taken over: run twice, each completed once.
     kids = children_of(s, parent["id"])
     assert sum(k["attempt"] == 2 for k in kids) == 4
+
+
+def test_the_children_s_spending_is_summed_on_the_parent(fan_stack: Stack) -> None:
+    texts = ["One sentence here.", "Two words.", "Three short words here, then more."]
+    parent = submit(fan_stack.url, "fan_spending", {"texts": texts})
+    done = wait_state(fan_stack.url, parent["id"], ENDED, timeout=60)
+    assert done["state"] == "completed", done
+    kids = children_of(fan_stack, parent["id"])
+    assert len(kids) == 3 and all(k["cost"] > 0 for k in kids)
+    assert done["children"]["cost"] == pytest.approx(sum(k["cost"] for k in kids))
+    assert done["children"]["usage"] == {
+        "calls": 6,
+        "input_tokens": sum(k["usage"]["input_tokens"] for k in kids),
+        "output_tokens": sum(k["usage"]["output_tokens"] for k in kids),
+    }
+
+
+def test_the_demo_corpus_analysis_maps_documents_and_merges_them(fan_stack: Stack) -> None:
+    documents = [
+        "Revenue grew in the third quarter. Churn fell.",
+        "The migration finished early. Costs dropped.",
+        "Hiring slowed as planned. Retention improved.",
+    ]
+    parent = submit(fan_stack.url, "analyze_corpus", {"documents": documents})
+    done = wait_state(fan_stack.url, parent["id"], ENDED, timeout=60)
+    assert done["state"] == "completed", done
+    report = done["result"]
+    assert report["documents"] == 3
+    # Two sentences each, fewer than a summary's three: each summary is its whole document.
+    assert report["per_document"] == documents
+    assert report["summary"].startswith("Merge these document summaries")
+    kids = children_of(fan_stack, parent["id"])
+    assert [k["task"] for k in kids] == ["analyze_document"] * 3
+    assert [k["input"]["text"] for k in kids] == documents
+    assert done["usage"]["calls"] == 1  # the merge: one LLM call of the parent's own

@@ -119,3 +119,18 @@ async def spawn_join(ctx: TaskContext, data: SpawnInput) -> FanOutput:
     handles = [await ctx.spawn("fan_leaf", {"n": v}) for v in data.values]
     results = await ctx.join(handles)
     return FanOutput(squares=[r.square for r in results], failed=[])
+
+
+class SpendingInput(BaseModel):
+    texts: list[str]
+
+
+class SpendingOutput(BaseModel):
+    notes: list[str]
+
+
+@task("fan_spending", steps=["Summarise"], input=SpendingInput, output=SpendingOutput)
+async def fan_spending(ctx: TaskContext, data: SpendingInput) -> SpendingOutput:
+    """Children that spend on LLM calls (tests/support/ai_tasks.py's priced task)."""
+    results = await ctx.map("llm_summarise", [{"text": t} for t in data.texts], step="Summarise")
+    return SpendingOutput(notes=[r.note for r in results])
