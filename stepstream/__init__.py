@@ -45,6 +45,7 @@ _CLIENT_API = {
     "Unauthorized": "stepstream._exceptions",
     "WaitTimeout": "stepstream._exceptions",
     "CancelledEvent": "stepstream._models",
+    "ChildEvent": "stepstream._models",
     "CompletedEvent": "stepstream._models",
     "ErrorInfo": "stepstream._models",
     "Event": "stepstream._models",
@@ -117,6 +118,7 @@ if TYPE_CHECKING:
     )
     from stepstream._models import (
         CancelledEvent,
+        ChildEvent,
         CompletedEvent,
         ErrorInfo,
         Event,
@@ -186,6 +188,7 @@ __all__ = [
     "BadRequest",
     "BudgetExceeded",
     "CancelledEvent",
+    "ChildEvent",
     "Client",
     "CompletedEvent",
     "Conflict",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import threading
 import time
 from typing import Any
@@ -12,6 +14,7 @@ from stepstream.tasks.models import utcnow
 from tests.conftest import Stack, StackFactory
 from tests.support import http
 from tests.support.api import get_job, submit, wait_state
+from tests.support.cli import run_cli, run_cli_in_terminal
 from tests.support.processes import wait_until
 from tests.support.sse import Event, read_stream
 from tests.support.tasks import executions_key, gate_key
@@ -324,3 +327,21 @@ def test_the_demo_corpus_analysis_maps_documents_and_merges_them(fan_stack: Stac
     assert [k["task"] for k in kids] == ["analyze_document"] * 3
     assert [k["input"]["text"] for k in kids] == documents
     assert done["usage"]["calls"] == 1  # the merge: one LLM call of the parent's own
+
+
+def test_the_cli_lists_a_parent_s_children_and_draws_its_rolled_up_bar(fan_stack: Stack) -> None:
+    body = json.dumps({"count": 10, "pace": 0.02, "concurrency": 2})
+    code, screen = run_cli_in_terminal(fan_stack.url, "submit", "fan_out", "-i", body, "--watch")
+    assert code == 0, screen
+    redraws = screen.split("\r\x1b[K")
+    # The parent's bar rises with its children's ends: "Fan out" is step 1 of 2.
+    assert any("Step 1 of 2 · Fan out — 5 of 10 done" in line and "25%" in line for line in redraws)
+    assert any(
+        "Step 1 of 2 · Fan out — 10 of 10 done" in line and "50%" in line for line in redraws
+    )
+    parent_id = re.findall(r"job ([A-Za-z0-9_-]{20})", screen)[0]
+    listed = run_cli(fan_stack.url, "jobs", "--parent", parent_id, "--json")
+    assert listed.returncode == 0, listed.stderr
+    kids = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [k["parent_index"] for k in kids] == list(range(10))
+    assert {k["parent"] for k in kids} == {parent_id}
