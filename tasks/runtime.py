@@ -292,6 +292,7 @@ async def _run_attempt(
             "started_at": started_at,
             "error": None,
             "retry_at": None,
+            "waiting_for": None,  # a parent resumed by its children's last end
         },
         owner=record.owner,
         mode="update+cancel",
