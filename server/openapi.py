@@ -275,15 +275,15 @@ def _job_schemas() -> dict[str, Schema]:
             },
         ]
     }
+    # A batch's `children` are its items (a list), where a job's record has its child jobs'
+    # counts under that name: the record's schema with that one property replaced.
     batch = {
-        "allOf": [
-            _ref("Job"),
-            {
-                "type": "object",
-                "required": ["children"],
-                "properties": {"children": {"type": "array", "items": BATCH_CHILD}},
-            },
-        ]
+        **job,
+        "properties": {
+            **job["properties"],
+            "children": {"type": "array", "items": BATCH_CHILD},
+        },
+        "required": [*job["required"], "children"],
     }
     job_list = {
         "type": "object",
