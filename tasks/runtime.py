@@ -296,8 +296,9 @@ async def _run_attempt(
         },
         owner=record.owner,
         mode="update+cancel",
-        # A parent whose children have all ended is started from its wait by their last end.
-        expect=(*ACTIVE_STATES, JobState.waiting) if _waits_for_children(record) else ACTIVE_STATES,
+        # A parent whose children have all ended is started from its wait by their last end;
+        # only from it: of two entries that found it ready, one starts it.
+        expect=(JobState.waiting,) if _waits_for_children(record) else ACTIVE_STATES,
     )
     if started.refused == "cancel":
         await _cancelled(store, record, attempt - 1, "cancelled before it started")

@@ -209,6 +209,30 @@ def test_cancelling_the_parent_half_way_cancels_every_unfinished_child(
     assert all(at < cancel_at for at in started), (cancel_at, sorted(started))
 
 
+def test_cancel_goes_down_a_tree_two_deep(make_stack: StackFactory) -> None:
+    s = make_stack(workers=1, STEPSTREAM_TASK_MODULES=TASKS, STEPSTREAM_MAX_JOBS="8")
+    gate = f"tree-{time.monotonic_ns()}"
+    root = submit(s.url, "fan_out", {"depth": 2, "gate": gate})
+
+    def leaves_running() -> bool:
+        middle = children_of(s, root["id"])
+        leaves = [leaf for m in middle for leaf in children_of(s, m["id"])]
+        return len(leaves) == 4 and all(leaf["state"] == "running" for leaf in leaves)
+
+    wait_until(leaves_running, timeout=30, what="the four grandchildren running")
+    response = http.post(f"{s.url}/api/jobs/{root['id']}/cancel", timeout=10)
+    assert response.status_code == 200, response.text  # waiting: cancelled at once
+    middle = children_of(s, root["id"])
+    tree = [root["id"], *(m["id"] for m in middle)]
+
+    def all_cancelled() -> bool:
+        jobs = [get_job(s.url, i) for i in tree]
+        jobs += [leaf for m in middle for leaf in children_of(s, m["id"])]
+        return all(job["state"] == "cancelled" for job in jobs)
+
+    wait_until(all_cancelled, timeout=30, what="every job of the tree cancelled")
+
+
 def test_a_map_past_the_owner_s_room_is_refused_and_stores_nothing(
     make_stack: StackFactory,
 ) -> None:
@@ -235,8 +259,9 @@ def test_a_map_past_the_owner_s_room_is_refused_and_stores_nothing(
     assert wait_state(s.url, smaller["id"], ENDED)["state"] == "completed"
 
 
-def test_a_parent_killed_after_creating_its_children_creates_none_again(
-    make_stack: StackFactory,
+@pytest.mark.parametrize("kill", ["before_create", "after_create"])
+def test_a_parent_killed_while_creating_its_children_has_each_of_them_once(
+    make_stack: StackFactory, kill: str
 ) -> None:
     s = make_stack(
         workers=2,
@@ -244,7 +269,7 @@ def test_a_parent_killed_after_creating_its_children_creates_none_again(
         STEPSTREAM_MAX_JOBS="2",
         STEPSTREAM_LEASE_SECONDS="2",
     )
-    parent = submit(s.url, "fan_out", {"count": 50, "kill_after_create": True})
+    parent = submit(s.url, "fan_out", {"count": 50, "kill": kill})
 
     def a_worker_died() -> bool:
         return any(w.proc is not None and w.proc.poll() is not None for w in s.workers)
@@ -256,6 +281,9 @@ def test_a_parent_killed_after_creating_its_children_creates_none_again(
     assert done["result"]["squares"] == [i * i for i in range(50)]
     assert len(jobs_with_parent(s, parent["id"])) == 50
     assert s.redis().hget(executions_key(parent["id"]), "run") != "1", "never taken over"
+    # Each child ran once: none was created (and run) twice.
+    kids = children_of(s, parent["id"])
+    assert [s.redis().hget(executions_key(k["id"]), "work") for k in kids] == ["1"] * 50
     log = full_log(s, parent["id"])
     assert [e.type for e in log].count("completed") == 1
 

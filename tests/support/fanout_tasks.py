@@ -61,10 +61,11 @@ class FanInput(BaseModel):
     concurrency: int | None = None
     gate: str | None = Field(default=None, description="every leaf waits for this gate")
     depth: int = Field(default=1, description="1: children are leaves; 2: grandchildren too")
-    kill_after_create: bool = Field(
-        default=False,
-        description="the first run's worker dies by SIGKILL once it has sent the "
-        "children's creates, before it learns they were stored",
+    kill: str | None = Field(
+        default=None,
+        description="the first run's worker dies by SIGKILL just before it sends the children's "
+        "creates (`before_create`), or once it has sent them, before it learns they were stored "
+        "(`after_create`)",
     )
 
 
@@ -77,14 +78,15 @@ class FanOutput(BaseModel):
 async def fan_out(ctx: TaskContext, data: FanInput) -> FanOutput:
     await count_execution(ctx.store.redis, ctx.job_id, "run")
     runs = await ctx.store.redis.hget(executions_key(ctx.job_id), "run")
-    if data.kill_after_create and runs == "1":
+    if data.kill is not None and runs == "1":
         create_together = ctx.store.create_together
 
-        async def create_then_die(calls: Any) -> Any:
-            await create_together(calls)
+        async def create_and_die(calls: Any) -> Any:
+            if data.kill == "after_create":
+                await create_together(calls)
             os.kill(os.getpid(), signal.SIGKILL)
 
-        ctx.store.create_together = create_then_die  # type: ignore[method-assign]
+        ctx.store.create_together = create_and_die  # type: ignore[method-assign]
     if data.depth > 1:
         sub = {**data.model_dump(), "depth": data.depth - 1, "count": 2}
         results = await ctx.map("fan_out", [sub, sub], step="Fan out")
