@@ -324,11 +324,16 @@ def test_a_parent_whose_workers_die_while_it_waits_completes_once(
 
 def test_the_children_s_spending_is_summed_on_the_parent(fan_stack: Stack) -> None:
     texts = ["One sentence here.", "Two words.", "Three short words here, then more."]
-    parent = submit(fan_stack.url, "fan_spending", {"texts": texts})
+    body = {"task": "fan_spending", "input": {"texts": texts}, "budget": 3.0}
+    response = http.post(f"{fan_stack.url}/api/jobs", json=body, timeout=10)
+    assert response.status_code == 202, response.text
+    parent = response.json()
     done = wait_state(fan_stack.url, parent["id"], ENDED, timeout=60)
     assert done["state"] == "completed", done
     kids = children_of(fan_stack, parent["id"])
     assert len(kids) == 3 and all(k["cost"] > 0 for k in kids)
+    # The parent's budget caps the tree: each child gets an equal share of it.
+    assert [k["budget"] for k in kids] == [1.0, 1.0, 1.0]
     assert done["children"]["cost"] == pytest.approx(sum(k["cost"] for k in kids))
     assert done["children"]["usage"] == {
         "calls": 6,
