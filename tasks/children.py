@@ -67,12 +67,15 @@ class ChildFailed:
 class ChildrenFailed(PermanentError):
     """More children failed than the parent tolerates (``on_failure="fail"``: any)."""
 
-    def __init__(self, failed: Sequence[ChildFailed], tolerated: int) -> None:
-        first = failed[0]
-        why = (first.error or {}).get("message") or first.state
+    def __init__(self, failed: Sequence[ChildFailed], failures: int, tolerated: int) -> None:
+        if failed:
+            first = failed[0]
+            why = (first.error or {}).get("message") or first.state
+            which = f"the first, {first.id} (index {first.index}): {why}"
+        else:  # the failures are among the children of the job's earlier fan-outs
+            which = "none of them in this call"
         super().__init__(
-            f"{len(failed)} child job(s) did not complete (tolerated: {tolerated}); "
-            f"the first, {first.id} (index {first.index}): {why}"
+            f"{failures} child job(s) did not complete (tolerated: {tolerated}); {which}"
         )
         self.failed = list(failed)
 
@@ -255,7 +258,7 @@ async def join(
         parent = await store.get(ctx.job_id)
         if parent is not None:
             await cancellation.cancel_children(store, parent, "a sibling failed")
-        raise ChildrenFailed(failed or [ChildFailed("?", -1, "failed", None)], tolerated or 0)
+        raise ChildrenFailed(failed, failures, tolerated or 0)
     return results
 
 
