@@ -233,6 +233,33 @@ def test_cancel_goes_down_a_tree_two_deep(make_stack: StackFactory) -> None:
     wait_until(all_cancelled, timeout=30, what="every job of the tree cancelled")
 
 
+def test_width_and_depth_limits_refuse_a_fan_out_before_any_child(
+    make_stack: StackFactory,
+) -> None:
+    s = make_stack(
+        workers=1,
+        STEPSTREAM_TASK_MODULES=TASKS,
+        STEPSTREAM_MAX_CHILDREN_PER_CALL="5",
+        STEPSTREAM_MAX_JOB_DEPTH="1",
+    )
+    wide = submit(s.url, "fan_out", {"count": 6})
+    done = wait_state(s.url, wide["id"], ENDED)
+    assert done["state"] == "failed" and done["error"]["type"] == "ChildrenRefused"
+    assert "6 children in one call; the most is 5" in done["error"]["message"]
+    assert children_of(s, wide["id"]) == []
+    # Depth 1 may not start children: the middle of a two-deep tree is refused, which fails
+    # the root (on_failure="fail").
+    deep = submit(s.url, "fan_out", {"depth": 2})
+    done = wait_state(s.url, deep["id"], ENDED)
+    assert done["state"] == "failed" and done["error"]["type"] == "ChildrenFailed"
+    middle = children_of(s, deep["id"])
+    assert middle[0]["error"]["type"] == "ChildrenRefused"
+    assert "depth 1 cannot start children" in middle[0]["error"]["message"]
+    assert all(children_of(s, m["id"]) == [] for m in middle)
+    bad = http.get(f"{s.url}/api/jobs?parent=not%20an%20id", timeout=10)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_parent"
+
+
 def test_a_map_past_the_owner_s_room_is_refused_and_stores_nothing(
     make_stack: StackFactory,
 ) -> None:

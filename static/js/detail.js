@@ -39,6 +39,8 @@ const STEP_STATE_LABELS = {
   waiting: "Waiting",
 };
 
+const CHILD_ROWS = 200; // a parent's children listed in its detail
+
 export class DetailView {
   constructor({ panel, body, backdrop, taskOf, onAction, onClose, onStatus }) {
     this.panel = panel;
@@ -455,9 +457,11 @@ export class DetailView {
     if (key === job.childrenKey) return;
     job.childrenKey = key;
     this.els.childrenSection.hidden = rows.length === 0;
+    // The first CHILD_ROWS: a list a person reads, rebuilt as children change.
+    const more = rows.length - CHILD_ROWS;
     fill(
       this.els.children,
-      rows.map((child) =>
+      rows.slice(0, CHILD_ROWS).map((child) =>
         h(
           "li",
           { class: "child-row", dataset: { id: child.id, state: child.state } },
@@ -465,6 +469,7 @@ export class DetailView {
           h("span", { class: "badge", dataset: { state: child.state } }, STATE_LABELS[child.state] || child.state),
         ),
       ),
+      more > 0 ? h("li", { class: "muted child-more" }, `…and ${more} more`) : null,
     );
   }
 
