@@ -170,6 +170,29 @@ def test_the_first_failure_fails_the_parent_and_cancels_the_others(
     assert [k["state"] for k in kids] == ["failed"] + ["cancelled"] * 5
 
 
+def test_a_failed_tree_runs_again_once_its_failed_children_are_retried(fan_stack: Stack) -> None:
+    parent = submit(fan_stack.url, "fan_out", {"count": 4, "fail_first": [1]})
+    assert wait_state(fan_stack.url, parent["id"], ENDED)["state"] == "failed"
+
+    def all_ended() -> bool:
+        return all(k["state"] in ENDED for k in children_of(fan_stack, parent["id"]))
+
+    wait_until(all_ended, timeout=30, what="every child ended")
+    again = [k for k in children_of(fan_stack, parent["id"]) if k["state"] != "completed"]
+    assert 1 in [k["parent_index"] for k in again]
+    for kid in again:
+        response = http.post(f"{fan_stack.url}/api/jobs/{kid['id']}/retry", timeout=10)
+        assert response.status_code == 202, response.text
+        assert wait_state(fan_stack.url, kid["id"], ENDED)["state"] == "completed"
+    response = http.post(f"{fan_stack.url}/api/jobs/{parent['id']}/retry", timeout=10)
+    assert response.status_code == 202, response.text
+    done = wait_state(fan_stack.url, parent["id"], ENDED)
+    assert done["state"] == "completed", done
+    assert done["result"]["squares"] == [0, 1, 4, 9]
+    assert done["children"]["completed"] == 4 and done["children"]["failed"] == 0
+    assert len(children_of(fan_stack, parent["id"])) == 4
+
+
 def test_concurrency_caps_the_children_running_at_once(fan_stack: Stack) -> None:
     parent = submit(fan_stack.url, "fan_out", {"count": 8, "pace": 0.05, "concurrency": 2})
     done = wait_state(fan_stack.url, parent["id"], ENDED, timeout=60)
@@ -190,9 +213,10 @@ def test_cancelling_the_parent_half_way_cancels_every_unfinished_child(
         return (get_job(s.url, parent["id"]).get("children") or {}).get("done", 0) >= 5
 
     wait_until(half_way, timeout=60, what="five children ended")
-    cancel_at = utcnow()
     response = http.post(f"{s.url}/api/jobs/{parent['id']}/cancel", timeout=10)
     assert response.status_code in (200, 202), response.text
+    # Every child not started was cancelled before the answer (a running one is stopped).
+    cancel_at = utcnow()
     assert wait_state(s.url, parent["id"], ENDED)["state"] == "cancelled"
 
     def all_ended() -> bool:
@@ -204,7 +228,7 @@ def test_cancelling_the_parent_half_way_cancels_every_unfinished_child(
     completed = [k for k in kids if k["state"] == "completed"]
     assert 5 <= len(completed) < 20
     assert all(k["state"] == "cancelled" for k in kids if k["state"] != "completed")
-    # No child started after the cancel (a running one is stopped, an unstarted one never runs).
+    # No child started after the cancel.
     started = [k["started_at"] for k in kids if k["started_at"] is not None]
     assert all(at < cancel_at for at in started), (cancel_at, sorted(started))
 

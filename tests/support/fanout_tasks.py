@@ -20,6 +20,7 @@ class LeafInput(BaseModel):
     pace: float = 0.0
     fail: bool = False
     transient: bool = Field(default=False, description="fail every attempt, retryably")
+    fail_first: bool = Field(default=False, description="fail attempt 1 only, permanently")
     gate: str | None = Field(default=None, description="wait for a push to this gate first")
 
 
@@ -38,7 +39,7 @@ class LeafOutput(BaseModel):
 async def fan_leaf(ctx: TaskContext, data: LeafInput) -> LeafOutput:
     async with ctx.step("work"):
         await count_execution(ctx.store.redis, ctx.job_id, "work")
-        if data.fail:
+        if data.fail or (data.fail_first and ctx.attempt == 1):
             raise PermanentError(f"leaf {data.n} fails")
         await asyncio.sleep(data.pace)
         await ctx.progress(1, 2)
@@ -55,6 +56,7 @@ class FanInput(BaseModel):
     count: int = 10
     pace: float = 0.0
     fail: list[int] = Field(default_factory=list)
+    fail_first: list[int] = Field(default_factory=list)
     transient: list[int] = Field(default_factory=list)
     on_failure: str = "fail"
     max_failures: int | None = None
@@ -94,7 +96,12 @@ async def fan_out(ctx: TaskContext, data: FanInput) -> FanOutput:
         return FanOutput(squares=squares, failed=[])
     inputs = [
         LeafInput(
-            n=i, pace=data.pace, fail=i in data.fail, transient=i in data.transient, gate=data.gate
+            n=i,
+            pace=data.pace,
+            fail=i in data.fail,
+            fail_first=i in data.fail_first,
+            transient=i in data.transient,
+            gate=data.gate,
         )
         for i in range(data.count)
     ]
