@@ -46,6 +46,7 @@ _CLIENT_API = {
     "WaitTimeout": "stepstream._exceptions",
     "CancelledEvent": "stepstream._models",
     "ChildEvent": "stepstream._models",
+    "ChildrenWait": "stepstream._models",
     "CompletedEvent": "stepstream._models",
     "ErrorInfo": "stepstream._models",
     "Event": "stepstream._models",
@@ -119,6 +120,7 @@ if TYPE_CHECKING:
     from stepstream._models import (
         CancelledEvent,
         ChildEvent,
+        ChildrenWait,
         CompletedEvent,
         ErrorInfo,
         Event,
@@ -189,6 +191,7 @@ __all__ = [
     "BudgetExceeded",
     "CancelledEvent",
     "ChildEvent",
+    "ChildrenWait",
     "Client",
     "CompletedEvent",
     "Conflict",

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from stepstream import ChildEvent, ChildrenWait, Client, JobState
 from stepstream.tasks.models import utcnow
 from tests.conftest import Stack, StackFactory
 from tests.support import http
@@ -105,6 +106,34 @@ def test_a_read_of_the_waiting_parent_adds_its_running_children_s_progress(
     done = wait_state(fan_stack.url, parent["id"], ENDED, timeout=60)
     assert done["state"] == "completed"
     assert "running" not in done["children"]
+
+
+def test_the_python_client_reads_a_waiting_parent_and_lists_its_children(
+    fan_stack: Stack,
+) -> None:
+    gate = f"client-{time.monotonic_ns()}"
+    with Client(fan_stack.url) as client:
+        parent = client.submit("fan_out", {"count": 3, "gate": gate})
+        wait_until(
+            lambda: client.get(parent.id).state == JobState.waiting, timeout=30, what="waiting"
+        )
+        waiting = client.get(parent.id)
+        assert isinstance(waiting.waiting_for, ChildrenWait)
+        assert waiting.waiting_for.children["size"] == 3
+        kids = list(client.iter_jobs(parent=parent.id, page_size=2))
+        assert [k.parent_index for k in kids] == [0, 1, 2]
+        assert {k.parent for k in kids} == {parent.id} and {k.depth for k in kids} == {1}
+        fan_stack.redis().rpush(gate_key(gate), *["go"] * 3)
+        events = [e for e in client.events(parent.id, after="0") if isinstance(e, ChildEvent)]
+        ends = [e for e in events if e.counts is not None]
+        assert [e.counts["done"] for e in ends if e.counts] == [1, 2, 3]
+        assert client.get(parent.id).children == {
+            "size": 3,
+            "done": 3,
+            "completed": 3,
+            "failed": 0,
+            "cancelled": 0,
+        }
 
 
 def test_spawn_and_join_return_results_in_order(fan_stack: Stack) -> None:
