@@ -562,7 +562,9 @@ def document(
                 ],
                 "responses": {
                     "200": _json("A page of jobs", _ref("JobList")),
-                    "400": _error("`bad_status`, `bad_limit`, `bad_subject` or `bad_cursor`"),
+                    "400": _error(
+                        "`bad_status`, `bad_limit`, `bad_subject`, `bad_parent` or `bad_cursor`"
+                    ),
                     **UNAUTHORIZED,
                     **UNAVAILABLE,
                 },
