@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import threading
@@ -85,6 +86,19 @@ def full_log(stack: Stack, job_id: str) -> list[Event]:
     status, events = read_stream(f"{stack.url}/api/jobs/{job_id}/events?after=0", timeout=60)
     assert status == 200
     return events
+
+
+def test_one_worker_with_one_slot_runs_a_parent_and_all_its_children(
+    make_stack: StackFactory,
+) -> None:
+    # The parent's wait holds no slot: its 20 children run one by one on the only slot.
+    s = make_stack(workers=1, STEPSTREAM_TASK_MODULES=TASKS, STEPSTREAM_MAX_JOBS="1")
+    parent = submit(s.url, "fan_out", {"count": 20})
+    done = wait_state(s.url, parent["id"], ENDED, timeout=60)
+    assert done["state"] == "completed", done
+    assert done["result"]["squares"] == [i * i for i in range(20)]
+    spans = [(k["started_at"], k["finished_at"]) for k in children_of(s, parent["id"])]
+    assert all(b1 <= a2 for (_, b1), (a2, _) in itertools.pairwise(sorted(spans)))
 
 
 def test_a_read_of_the_waiting_parent_adds_its_running_children_s_progress(
