@@ -92,6 +92,10 @@ _TASK_API = {
     "TaskTimeout": "stepstream.tasks.errors",
     "JobCancelled": "stepstream.tasks.errors",
     "InputTimeout": "stepstream.tasks.errors",
+    "ChildFailed": "stepstream.tasks.children",
+    "ChildHandle": "stepstream.tasks.children",
+    "ChildrenFailed": "stepstream.tasks.children",
+    "ChildrenRefused": "stepstream.tasks.children",
     "Pricing": "stepstream.tasks.cost",
     "BudgetExceeded": "stepstream.tasks.cost",
     "recurring": "stepstream.tasks.recurring",
@@ -148,6 +152,12 @@ if TYPE_CHECKING:
         UnknownEvent,
         WaitingEvent,
     )
+    from stepstream.tasks.children import (
+        ChildFailed,
+        ChildHandle,
+        ChildrenFailed,
+        ChildrenRefused,
+    )
     from stepstream.tasks.context import StepHandle, TaskContext
     from stepstream.tasks.cost import BudgetExceeded, Pricing
     from stepstream.tasks.errors import (
@@ -191,6 +201,10 @@ __all__ = [
     "BudgetExceeded",
     "CancelledEvent",
     "ChildEvent",
+    "ChildFailed",
+    "ChildHandle",
+    "ChildrenFailed",
+    "ChildrenRefused",
     "ChildrenWait",
     "Client",
     "CompletedEvent",
