@@ -50,7 +50,19 @@ from tests.support.tasks import COUNTED_STEPS, executions_key, gate_key
 
 PREFIX = "chaos:"
 TERMINAL = ("completed", "failed", "cancelled")
-KINDS = ("paced", "counted", "flaky", "failing", "cancelled", "batch", "delayed", "waiting")
+KINDS = (
+    "paced",
+    "counted",
+    "flaky",
+    "failing",
+    "cancelled",
+    "batch",
+    "delayed",
+    "waiting",
+    "fanout",
+)
+# The test tasks, and the fan-out ones (a parent mapping ``fan_leaf`` over its inputs).
+TASK_MODULES = "tests.support.tasks,tests.support.fanout_tasks"
 # The human input the ``asks`` test task waits for (tests/support/tasks.py).
 ANSWER = {"name": "decision", "value": {"approved": True, "note": "chaos"}}
 # The steps each checkpointed task runs with ``ctx.run_step``: never again once completed.
@@ -109,7 +121,7 @@ class Stack:
     def __init__(self, log_dir: Path, webs: int, workers: int) -> None:
         self.log_dir = log_dir
         self.valkey = Valkey(log_dir / "valkey")
-        self.env = stack_env("", PREFIX, **LIFTED)
+        self.env = stack_env("", PREFIX, **LIFTED, STEPSTREAM_TASK_MODULES=TASK_MODULES)
         self.web_count, self.worker_count = webs, workers
         self.webs: list[Web] = []
         self.workers: list[Worker] = []
@@ -241,6 +253,14 @@ def new_submission(kind: str) -> Submission:
         body = {"task": "counted", "input": {"gate_at": "three"}}
     elif kind == "delayed":
         body = {"task": "counted", "input": {}, "delay": round(random.uniform(0.5, 4), 2)}
+    elif kind == "fanout":
+        # A parent that maps fan_leaf over 3 to 8 inputs, some failing transiently (their
+        # retries succeed), collecting: it waits holding no worker, through the faults.
+        count = random.randint(3, 8)
+        body = {
+            "task": "fan_out",
+            "input": {"count": count, "pace": 0.05, "on_failure": "collect", "concurrency": 4},
+        }
     elif kind == "waiting":
         # Answered by the soak after a moment, or left to a timeout that applies a default (and
         # then, half the time, answered too, racing the timeout).
@@ -575,7 +595,7 @@ def check(stack: Stack, run: Run) -> dict[str, int]:
         records[job_id] = decode_record(raw) if raw else None
         logs[job_id] = [(i, json.loads(f["e"])) for i, f in r.xrange(keys.job_events(job_id))]
         record = records[job_id]
-        if record is not None and record.batch is not None:
+        if record is not None and (record.batch is not None or record.children is not None):
             children_of[job_id] = r.lrange(keys.batch_children(job_id), 0, -1)
     events_total = sum(len(log) for log in logs.values())
 
@@ -647,11 +667,41 @@ def check(stack: Stack, run: Run) -> dict[str, int]:
                 f"first difference at {_first_difference(watch.seen, expected)}",
             )
 
+    # A job's children (ctx.map): none orphaned, none twice, and the parent's result is theirs
+    # in input order.
+    for job_id, record in records.items():
+        if record is None or record.parent is None:
+            continue
+        parent = records.get(record.parent)
+        if parent is None:
+            say(job_id, f"orphaned: its parent {record.parent} has no record")
+        elif parent.state.value in TERMINAL and record.state.value not in TERMINAL:
+            say(job_id, f"orphaned: {record.state.value}, its parent {parent.state.value}")
+    for parent_id, children in children_of.items():
+        parent = records[parent_id]
+        if parent_id not in known or parent is None or parent.children is None:
+            continue
+        if len(children) != len(set(children)) or len(children) != parent.input.get("count"):
+            say(parent_id, f"{len(children)} children for {parent.input.get('count')} inputs")
+        if parent.state.value != "completed":
+            continue
+        kids = sorted(
+            (c for c in (records.get(i) for i in children) if c is not None),
+            key=lambda c: c.parent_index or 0,
+        )
+        truth = [
+            c.result["square"] if c.state.value == "completed" and c.result else None for c in kids
+        ]
+        if parent.result.get("squares") != truth:
+            say(parent_id, f"result {parent.result.get('squares')}, children's {truth}")
+
     # Batch counts equal their children's states.
     for parent_id, children in children_of.items():
         if parent_id not in known:
             continue
         parent = records[parent_id]
+        if parent is None or parent.batch is None:
+            continue
         states = Counter(
             record.state.value if (record := records.get(c)) is not None else "missing"
             for c in children
@@ -691,7 +741,8 @@ def check(stack: Stack, run: Run) -> dict[str, int]:
     open_records = {
         i for i, rec in records.items() if rec is not None and rec.state.value not in TERMINAL
     }
-    open_records -= set(children_of)  # a parent holds no place
+    # A batch's parent holds no place (a job waiting for its children does).
+    open_records -= {i for i in children_of if (rec := records[i]) is not None and rec.batch}
     if unfinished != open_records:
         extra, missing = unfinished - open_records, open_records - unfinished
         v.append(

@@ -24,7 +24,7 @@ from stepstream.server.jobs import check_input_shape, job_json, load_job, read_o
 from stepstream.server.state import AppState
 from stepstream.server.urls import root_path
 from stepstream.tasks import inputs
-from stepstream.tasks.models import JobRecord, JobState
+from stepstream.tasks.models import InputRequest, JobRecord, JobState
 from stepstream.tasks.store import appended_from, decode_record
 
 ANSWER_FIELDS = frozenset({"name", "value"})
@@ -124,7 +124,7 @@ def check_answerable(record: JobRecord, name: str, value: Any) -> None:
             {"name": name, "by": given.by, "at": given.at},
         )
     request = record.waiting_for
-    if record.state != JobState.waiting or request is None:
+    if record.state != JobState.waiting or not isinstance(request, InputRequest):
         raise ApiError(
             409,
             "not_waiting",

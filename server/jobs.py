@@ -27,7 +27,7 @@ from stepstream.server.options import (
 from stepstream.server.state import AppState
 from stepstream.server.subjects import subject_field, subject_param
 from stepstream.server.urls import job_links, root_path
-from stepstream.tasks import cancellation, creation, tracing
+from stepstream.tasks import cancellation, creation, rollup, tracing
 from stepstream.tasks.models import JobRecord, JobState, new_job_id
 from stepstream.tasks.registry import TaskSpec
 from stepstream.tasks.settings import Settings
@@ -436,7 +436,8 @@ async def get_job(request: Request) -> Response:
     state: AppState = request.app.state.stepstream
     # A stream token reads the records of the jobs in its scope (server/auth.py).
     principal = await state.auth.authenticate(request, allow_token=True)
-    return JSONResponse(job_json(await load_job(request, principal), root_path(request)))
+    record = await rollup.with_running(state.store, await load_job(request, principal))
+    return JSONResponse(job_json(record, root_path(request)))
 
 
 JOB_TOKEN_FIELDS = frozenset({"may_answer"})
@@ -521,6 +522,26 @@ async def list_jobs(request: Request) -> Response:
         )
     subject = subject_param(params)
     cursor = _decode_cursor(params["cursor"]) if params.get("cursor") else None
+    parent = params.get("parent") or None
+    if parent is not None:
+        # A job's (or a batch's) children, in the order they were started; the cursor holds
+        # the place in that list.
+        if not JOB_ID.fullmatch(parent):
+            raise ApiError(400, "bad_parent", "`parent` is not a job id")
+        children, offset = await state.store.list_children(
+            parent,
+            states=states,
+            task=params.get("task") or None,
+            owner=principal.owner,
+            limit=int(raw_limit),
+            offset=int(cursor[0]) if cursor else 0,
+        )
+        return JSONResponse(
+            {
+                "jobs": [job_json(r, root_path(request)) for r in children],
+                "next_cursor": None if offset is None else _encode_cursor((offset, parent)),
+            }
+        )
     records, next_cursor = await state.store.list_jobs(
         states=states,
         task=params.get("task") or None,

@@ -275,15 +275,15 @@ def _job_schemas() -> dict[str, Schema]:
             },
         ]
     }
+    # A batch's `children` are its items (a list), where a job's record has its child jobs'
+    # counts under that name: the record's schema with that one property replaced.
     batch = {
-        "allOf": [
-            _ref("Job"),
-            {
-                "type": "object",
-                "required": ["children"],
-                "properties": {"children": {"type": "array", "items": BATCH_CHILD}},
-            },
-        ]
+        **job,
+        "properties": {
+            **job["properties"],
+            "children": {"type": "array", "items": BATCH_CHILD},
+        },
+        "required": [*job["required"], "children"],
     }
     job_list = {
         "type": "object",
@@ -533,6 +533,13 @@ def document(
                     },
                     {"name": "task", "in": "query", "schema": {"type": "string"}},
                     {
+                        "name": "parent",
+                        "in": "query",
+                        "schema": {"type": "string", "pattern": "^([A-Za-z0-9_-]{1,64})?$"},
+                        "description": "a job's (or a batch's) children, in the order it "
+                        "started them (not newest first)",
+                    },
+                    {
                         "name": "subject",
                         "in": "query",
                         # Empty: every subject, as for the other filters.
@@ -557,7 +564,9 @@ def document(
                 ],
                 "responses": {
                     "200": _json("A page of jobs", _ref("JobList")),
-                    "400": _error("`bad_status`, `bad_limit`, `bad_subject` or `bad_cursor`"),
+                    "400": _error(
+                        "`bad_status`, `bad_limit`, `bad_subject`, `bad_parent` or `bad_cursor`"
+                    ),
                     **UNAUTHORIZED,
                     **UNAVAILABLE,
                 },

@@ -77,17 +77,35 @@ export interface JobRecord {
   started_at: string | null;
   finished_at: string | null;
   last_event_id: string | null;
-  /** Set while the job is `waiting`. */
-  waiting_for?: InputRequest | null;
+  /** Set while the job is `waiting`: the input it asks for, or `{children}` (their counts). */
+  waiting_for?: InputRequest | { children: ChildCounts } | null;
+  /** A child job (ctx.map / ctx.spawn): its parent's id, its index and its depth. */
+  parent?: string | null;
+  parent_index?: number | null;
+  depth?: number;
+  /** A parent: its children's counts (read while it waits: also running, running_progress). */
+  children?: ChildCounts | null;
   /** The inputs given so far, by name. */
   answers?: Record<string, InputAnswer>;
   [field: string]: unknown;
 }
 
+/** A parent's children: every child it started, by outcome. */
+export interface ChildCounts {
+  size: number;
+  done: number;
+  completed: number;
+  failed: number;
+  cancelled: number;
+  [field: string]: unknown;
+}
+
 /**
  * One event. `type` is a stored event type ("queued", "started", "step", "progress",
- * "step_completed", "log", "output", "retrying", "waiting" (data: InputRequest), "input"
- * (data: name, value, by), "completed", "failed", "cancelled") or one the server
+ * "step_completed", "log", "output", "retrying", "waiting" (data: InputRequest, or
+ * `{children}` for a parent waiting for its child jobs), "input" (data: name, value, by),
+ * "child" (on a parent: `child: {id, index, task, state}`, and at a child's end `counts`,
+ * `message`, `progress`), "completed", "failed", "cancelled") or one the server
  * makes: "snapshot" (`data` is the whole JobRecord) and "reset" (`id` is null).
  * On the firehose `id` is the firehose id and `data.event_id` the event's id in its job's log.
  */

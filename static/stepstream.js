@@ -392,6 +392,7 @@ export function applyEvent(record, event, eventId) {
       record.started_at = record.started_at || at;
       record.error = null;
       record.retry_at = null;
+      record.waiting_for = null; // a parent resumed by its children's last end
       break;
     case "step": {
       const ref = event.step;
@@ -451,13 +452,29 @@ export function applyEvent(record, event, eventId) {
       interruptRunningStep(record, "failed", at);
       break;
     case "waiting": {
-      // The run ended in wait_for_input: no worker holds the job until the input is given.
+      // The run ended in wait_for_input, or waits for its child jobs (`children`: their
+      // counts): no worker holds the job until the input is given or the children end.
       const { type, job_id, at: _, attempt, ...request } = event;
       record.state = "waiting";
       record.waiting_for = request;
       record.attempt = Math.max(0, attempt - 1); // a wait costs no attempt
-      record.message = request.prompt || `Waiting for input ${request.name}`;
+      if (request.children) {
+        record.children = { ...(record.children || {}), ...request.children };
+        const left = request.children.size - request.children.done;
+        record.message = `Waiting for ${left} child job${left === 1 ? "" : "s"}`;
+      } else record.message = request.prompt || `Waiting for input ${request.name}`;
       interruptRunningStep(record, "waiting", at);
+      break;
+    }
+    case "child": {
+      // On a parent: a child job started (no counts) or ended (the parent's counts so far,
+      // and its rolled-up progress while it waits). Counts only go up.
+      if (!event.counts || event.counts.done < (record.children?.done ?? 0)) break;
+      record.children = { ...(record.children || {}), ...event.counts };
+      if (record.state !== "running") {
+        if (typeof event.progress === "number") record.progress = event.progress;
+        if (event.message) record.message = event.message;
+      }
       break;
     }
     case "input":
@@ -527,6 +544,10 @@ export function emptyProjection(record) {
     budget: record.budget ?? null,
     batch_id: record.batch_id ?? null,
     batch_index: record.batch_index ?? null,
+    parent: record.parent ?? null,
+    parent_index: record.parent_index ?? null,
+    depth: record.depth ?? 0,
+    children: null,
     batch: record.batch ? { ...record.batch, done: 0, completed: 0, failed: 0, cancelled: 0 } : null,
     usage: null,
     cost: 0,

@@ -46,6 +46,8 @@ _CLIENT_API = {
     "Unauthorized": "stepstream._exceptions",
     "WaitTimeout": "stepstream._exceptions",
     "CancelledEvent": "stepstream._models",
+    "ChildEvent": "stepstream._models",
+    "ChildrenWait": "stepstream._models",
     "CompletedEvent": "stepstream._models",
     "ErrorInfo": "stepstream._models",
     "Event": "stepstream._models",
@@ -91,6 +93,10 @@ _TASK_API = {
     "TaskTimeout": "stepstream.tasks.errors",
     "JobCancelled": "stepstream.tasks.errors",
     "InputTimeout": "stepstream.tasks.errors",
+    "ChildFailed": "stepstream.tasks.children",
+    "ChildHandle": "stepstream.tasks.children",
+    "ChildrenFailed": "stepstream.tasks.children",
+    "ChildrenRefused": "stepstream.tasks.children",
     "Pricing": "stepstream.tasks.cost",
     "BudgetExceeded": "stepstream.tasks.cost",
     "recurring": "stepstream.tasks.recurring",
@@ -118,6 +124,8 @@ if TYPE_CHECKING:
     )
     from stepstream._models import (
         CancelledEvent,
+        ChildEvent,
+        ChildrenWait,
         CompletedEvent,
         ErrorInfo,
         Event,
@@ -144,6 +152,12 @@ if TYPE_CHECKING:
         TaskInfo,
         UnknownEvent,
         WaitingEvent,
+    )
+    from stepstream.tasks.children import (
+        ChildFailed,
+        ChildHandle,
+        ChildrenFailed,
+        ChildrenRefused,
     )
     from stepstream.tasks.context import StepHandle, TaskContext
     from stepstream.tasks.cost import BudgetExceeded, Pricing
@@ -193,6 +207,12 @@ __all__ = [
     "BadRequest",
     "BudgetExceeded",
     "CancelledEvent",
+    "ChildEvent",
+    "ChildFailed",
+    "ChildHandle",
+    "ChildrenFailed",
+    "ChildrenRefused",
+    "ChildrenWait",
     "Client",
     "CompletedEvent",
     "Conflict",

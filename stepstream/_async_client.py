@@ -145,9 +145,13 @@ class AsyncClient:
         limit: int | None = None,
         cursor: str | None = None,
         subject: str | None = None,
+        parent: str | None = None,
     ) -> JobPage:
-        """One page of jobs, newest first; ``status`` may list several states."""
-        return parse_page(await self._send(list_request(status, task, limit, cursor, subject)))
+        """One page of jobs, newest first; ``status`` may list several states. ``parent``: a
+        job's children instead, in the order it started them."""
+        return parse_page(
+            await self._send(list_request(status, task, limit, cursor, subject, parent))
+        )
 
     async def iter_jobs(
         self,
@@ -156,13 +160,20 @@ class AsyncClient:
         task: str | None = None,
         page_size: int | None = None,
         subject: str | None = None,
+        parent: str | None = None,
     ) -> AsyncIterator[Job]:
-        """Every job that matches, newest first, fetching pages as it goes."""
+        """Every job that matches, newest first (a ``parent``'s children: in the order it
+        started them), fetching pages as it goes."""
         statuses = status if isinstance(status, str) or status is None else builtins.list(status)
         cursor: str | None = None
         while True:
             page = await self.list(
-                status=statuses, task=task, limit=page_size, cursor=cursor, subject=subject
+                status=statuses,
+                task=task,
+                limit=page_size,
+                cursor=cursor,
+                subject=subject,
+                parent=parent,
             )
             for job in page.jobs:
                 yield job

@@ -164,10 +164,13 @@ def list_request(
     limit: int | None,
     cursor: str | None,
     subject: str | None = None,
+    parent: str | None = None,
 ) -> RequestSpec:
     params: dict[str, str] = {}
     if subject:
         params["subject"] = subject
+    if parent:
+        params["parent"] = parent
     if status is not None:
         if isinstance(status, str):  # JobState is a str too
             params["status"] = str(status)

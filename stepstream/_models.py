@@ -86,6 +86,12 @@ class InputRequest(_Model):
     default: Any = None
 
 
+class ChildrenWait(_Model):
+    """What a parent waiting for its child jobs waits for: their counts when it began."""
+
+    children: dict[str, int] = Field(default_factory=dict)
+
+
 class InputAnswer(_Model):
     """An input given to a job: the value, who gave it (``owner:<o>``, ``subject:<s>``,
     ``token``, ``anonymous`` or ``default``) and when."""
@@ -121,8 +127,14 @@ class Job(_Model):
     last_event_id: str | None = None
     links: dict[str, str] = Field(default_factory=dict)
     # Human input: what a waiting job asks for, and the inputs given so far, by name.
-    waiting_for: InputRequest | None = None
+    waiting_for: InputRequest | ChildrenWait | None = None
     answers: dict[str, InputAnswer] = Field(default_factory=dict)
+    # Child jobs (ctx.map / ctx.spawn): a child's parent, its index and its depth; a parent's
+    # children counts {size, done, completed, failed, cancelled, ...}.
+    parent: str | None = None
+    parent_index: int | None = None
+    depth: int = 0
+    children: dict[str, Any] | None = None
     # Set by ``cancel`` when the job was running: the worker stops it at its next event.
     cancel_requested: bool = False
     # On submit: a short-lived token that opens this job's stream with ``?token=`` (for a
@@ -243,10 +255,12 @@ class RetryingEvent(_Event):
 
 
 class WaitingEvent(_Event):
-    """The job waits for the input ``name`` (answer it with ``Client.answer``)."""
+    """The job waits for the input ``name`` (answer it with ``Client.answer``), or, with
+    ``children`` (their counts) and no name, for its child jobs."""
 
     type: Literal["waiting"] = "waiting"
-    name: str
+    name: str = ""
+    children: dict[str, int] | None = None
     prompt: str | None = None
     schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
     timeout_at: str | None = None
@@ -260,6 +274,18 @@ class InputEvent(_Event):
     name: str
     value: Any = None
     by: str | None = None
+
+
+class ChildEvent(_Event):
+    """On a parent's stream: one of its child jobs started (``child["state"] == "running"``)
+    or ended (its outcome, ``result`` or ``error``); an end carries the parent's ``counts``,
+    ``message`` ("23 of 50 done") and, in a step, its rolled-up ``progress``."""
+
+    type: Literal["child"] = "child"
+    child: dict[str, Any] = Field(default_factory=dict)
+    counts: dict[str, int] | None = None
+    message: str | None = None
+    progress: float | None = None
 
 
 class CompletedEvent(_Event):
@@ -312,6 +338,7 @@ Event = (
     | RetryingEvent
     | WaitingEvent
     | InputEvent
+    | ChildEvent
     | CompletedEvent
     | FailedEvent
     | CancelledEvent
@@ -331,6 +358,7 @@ _EVENT_CLASSES: dict[str, type[_Event]] = {
     "retrying": RetryingEvent,
     "waiting": WaitingEvent,
     "input": InputEvent,
+    "child": ChildEvent,
     "completed": CompletedEvent,
     "failed": FailedEvent,
     "cancelled": CancelledEvent,

@@ -12,6 +12,7 @@ from typing import Any, Protocol, TextIO
 
 from stepstream._models import (
     CancelledEvent,
+    ChildEvent,
     CompletedEvent,
     Event,
     FailedEvent,
@@ -71,6 +72,11 @@ def describe(event: Event) -> str:
         error = f": {event.error}" if event.error else ""
         when = f"; next attempt at {event.retry_at}" if event.retry_at else ""
         return f"Attempt {event.attempt} failed{error}{when}"
+    if isinstance(event, WaitingEvent) and event.children is not None:
+        left = event.children.get("size", 0) - event.children.get("done", 0)
+        return f"Waiting for {left} child job{'s' if left != 1 else ''}"
+    if isinstance(event, ChildEvent):
+        return child_text(event)
     if isinstance(event, WaitingEvent):
         prompt = f": {event.prompt}" if event.prompt else ""
         until = f" (until {event.timeout_at})" if event.timeout_at else ""
@@ -97,6 +103,15 @@ def describe_job(job: Job) -> str:
     if job.message:
         parts.append(job.message)
     return " · ".join(parts)
+
+
+def child_text(event: ChildEvent) -> str:
+    """A child job's start or end, as its parent's stream tells it."""
+    child = event.child
+    name = f"Child {child.get('index')} ({child.get('task') or child.get('id')})"
+    if child.get("state") == "running":
+        return f"{name} started"
+    return f"{name} {child.get('state')}" + (f" · {event.message}" if event.message else "")
 
 
 def progress_text(event: ProgressEvent) -> str:
@@ -268,6 +283,7 @@ class TerminalBar(PlainLines):
         if isinstance(event, SnapshotEvent):
             job = event.job
             self.step, self.message = job.step, job.message or ""
+            self._roll_up(job.progress)
             if job.finished:
                 super().show(event)
                 return
@@ -295,12 +311,25 @@ class TerminalBar(PlainLines):
                 took = f" · {format_ms(event.duration_ms)}" if event.duration_ms else ""
             self._print(f"✓ {event.step}{took}")
             self._draw(force=True)
+        elif isinstance(event, ChildEvent):
+            # A parent's bar: its children's ends roll up into it (their starts draw nothing).
+            if event.counts is not None:
+                self._roll_up(event.progress)
+                self.message = event.message or self.message
+                self._draw()
         elif isinstance(event, LogEvent | RetryingEvent | ResetEvent | WaitingEvent | InputEvent):
             self._print(f"  {describe(event)}")
             self._draw(force=True)
         else:  # the end: completed, failed, cancelled
             self._clear()
             super().show(event)
+
+    def _roll_up(self, progress: float | None) -> None:
+        """Take the job's overall ``progress`` as the fraction of its current step."""
+        if progress is None or self.step is None or not self.step.count:
+            return
+        inside = progress * self.step.count - (self.step.index - 1)
+        self.step_fraction = max(0.0, min(1.0, inside))
 
     def _overall(self) -> float:
         if self.step is None or not self.step.count:

@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = commands.add_parser("jobs", parents=[connection], help="list jobs, newest first")
     jobs.add_argument("--status", help="only these states, comma separated (e.g. failed,cancelled)")
     jobs.add_argument("--task", help="only jobs of this task")
+    jobs.add_argument(
+        "--parent", metavar="ID", help="the children of this job, in the order it started them"
+    )
     jobs.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
     jobs.add_argument("--json", action="store_true", help="one JSON record per line")
 
@@ -267,7 +270,10 @@ def cmd_jobs(client: Client, args: argparse.Namespace) -> int:
     page_size = min(max(args.limit, 1), 200)
     if not args.json:
         print(f"{'ID':<22}  {'TASK':<20}  {'STATE':<9}  {'DONE':>4}  {'CREATED':<19}  STEP")
-    for job in client.iter_jobs(status=statuses, task=args.task, page_size=page_size):
+    listed = client.iter_jobs(
+        status=statuses, task=args.task, page_size=page_size, parent=args.parent
+    )
+    for job in listed:
         if shown >= args.limit:
             break
         shown += 1

@@ -1,4 +1,5 @@
-"""Cancelling jobs from outside a worker: one that has not started, and a batch's children.
+"""Cancelling jobs from outside a worker: one that has not started, and a batch's children,
+or a job's (tasks/children.py), down the tree.
 
 A running job's events are its worker's alone to write, so it is only asked to stop (its cancel
 flag, which the worker watches). A job no worker has started is cancelled here, by a
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from stepstream.tasks import batches
+from stepstream.tasks import batches, rollup
 from stepstream.tasks.models import JobRecord, JobState, utcnow
 from stepstream.tasks.store import Appended, JobStore, new_event
 
@@ -25,6 +26,7 @@ async def _show_end(store: JobStore, child: JobRecord) -> None:
     """Show a cancelled child's end in its batch. The cancel has been written whatever happens
     here, so a failure is logged, not raised. The end is shown later by the next child's end, a
     cancel of the batch, or a worker taking the child's arq entry if it still has one."""
+    await rollup.show_quietly(store, child)
     try:
         await batches.child_finished(store, child)
     except Exception:
@@ -35,7 +37,8 @@ async def _show_end(store: JobStore, child: JobRecord) -> None:
 
 async def cancel_unstarted(store: JobStore, record: JobRecord, reason: str) -> Appended:
     """Cancel ``record`` if no worker holds it (refused as its state otherwise: ``'"running"'``
-    when a worker does), and report the end to its batch if it is a batch's child."""
+    when a worker does), report the end to its batch or parent, and cancel its own children
+    (a parent waiting for them holds no worker either)."""
     appended = await store.append(
         record.id,
         new_event(record.id, "cancelled", record.attempt, reason=reason),
@@ -50,12 +53,16 @@ async def cancel_unstarted(store: JobStore, record: JobRecord, reason: str) -> A
     )
     if appended.ok:
         await _show_end(store, record)
+        await cancel_children(store, record, "its parent was cancelled")
     return appended
 
 
-async def cancel_children(store: JobStore, parent: JobRecord) -> None:
-    """Cancel every child of the batch ``parent`` that has not ended (running ones are asked
-    to stop); the parent ends when its last child does."""
+async def cancel_children(
+    store: JobStore, parent: JobRecord, reason: str = "the batch was cancelled"
+) -> None:
+    """Cancel every child of ``parent`` (a batch, or a job that started children) that has not
+    ended (running ones are asked to stop, and cancel their own children as they stop); a
+    batch ends when its last child does."""
     child_ids = await store.redis.lrange(  # type: ignore[misc]
         store.keys.batch_children(parent.id), 0, -1
     )
@@ -67,6 +74,6 @@ async def cancel_children(store: JobStore, parent: JobRecord) -> None:
             # writer was killed before showing it, so the parent can end.
             await _show_end(store, child)
             continue
-        if (await cancel_unstarted(store, child, "the batch was cancelled")).ok:
+        if (await cancel_unstarted(store, child, reason)).ok:
             continue
         await store.request_cancel(child.id)  # running: the worker stops it

@@ -1,5 +1,5 @@
 """What a running task sees: ``step()``, ``run_step()``, ``progress()``, ``log()``, ``output()``,
-``attempt``.
+``map()``/``spawn()``/``join()`` (child jobs, tasks/children.py), ``attempt``.
 
 Every call appends one event through the store's atomic append, in order, through the job's
 ``EventWriter`` (tasks/writer.py): ``progress()`` and ``log()`` do not wait for Redis to answer,
@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import time
 import typing
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, TypeVar, overload
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic_core import to_jsonable_python
 
-from stepstream.tasks import inputs, tracing
+from stepstream.tasks import children, inputs, tracing
 from stepstream.tasks.cost import BudgetExceeded
 from stepstream.tasks.errors import StepTimeout
 from stepstream.tasks.models import EventType, JobRecord, StepRecord, StepRef, Usage, utcnow
@@ -31,7 +31,10 @@ from stepstream.tasks.store import JobStore, new_event
 from stepstream.tasks.writer import EventWriter
 
 if TYPE_CHECKING:
+    from arq.connections import ArqRedis
+
     from stepstream.tasks.llm import Message, Providers
+    from stepstream.tasks.registry import TaskRegistry
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
@@ -60,10 +63,22 @@ class StepHandle:
 
 class TaskContext:
     def __init__(
-        self, store: JobStore, spec: TaskSpec, record: JobRecord, llm_providers: Providers
+        self,
+        store: JobStore,
+        spec: TaskSpec,
+        record: JobRecord,
+        llm_providers: Providers,
+        *,
+        registry: TaskRegistry | None = None,
+        arq: ArqRedis | None = None,
     ) -> None:
         self.store = store
         self.spec = spec
+        self.registry = registry  # the worker's tasks, and its arq client: for child jobs
+        self.arq = arq
+        self.subject = record.subject
+        self.depth = record.depth
+        self._fanouts = 0  # map/spawn calls so far in this run: each names its children
         self.llm_providers = llm_providers  # the worker's, which ``llm()`` calls through
         self.job_id = record.id
         self.attempt = record.attempt
@@ -282,6 +297,103 @@ class TaskContext:
         return await inputs.wait_for_input(
             self, name, schema, prompt=prompt, timeout=timeout, default=default
         )
+
+    async def map(
+        self,
+        task: str | TaskSpec,
+        inputs: Sequence[Mapping[str, Any] | BaseModel],
+        *,
+        step: str | None = None,
+        concurrency: int | None = None,
+        on_failure: children.OnFailure = "fail",
+        max_failures: int | None = None,
+    ) -> list[Any]:
+        """Run ``task`` as one child job per input and return their results in input order,
+        each validated into the child task's output model (tasks/children.py).
+
+        The children run on any worker while this job waits holding none (``waiting``); the
+        last child's end queues it again, and it runs from the top: ``run_step`` steps are
+        restored, and this call finds its children (never starting them twice) and returns
+        their results. With ``step`` the call runs as that declared step, whose progress rolls
+        up from the children ("23 of 50 done"). ``concurrency``: at most that many of these
+        children run at once. ``on_failure="fail"`` (the default) fails this job at the first
+        child that fails, cancelling the others; ``"collect"`` puts a ``ChildFailed`` in place
+        of each failed child's result; ``max_failures=n`` tolerates n failures, then fails.
+        """
+        tolerated = children.tolerance(on_failure, max_failures)
+        spec = self.registry_spec(task)
+        group = self._next_group(step)
+        ref = None if step is None else self._ref(step)
+        started = time.perf_counter()
+        if ref is not None and self.steps[ref.index - 1].state == "waiting":
+            # Resumed from the wait for these children: the step goes on where it was (its
+            # progress rolled up meanwhile), without beginning again from 0.
+            self.current_step = ref
+            self.steps[ref.index - 1].state = "running"
+        elif ref is not None and self.current_step != ref:
+            await self._begin_step(ref)
+        handles, created = await children.start(
+            self,
+            group,
+            [(spec, children.as_input(item)) for item in inputs],
+            step=None if ref is None else (ref.index, ref.count),
+            concurrency=concurrency,
+        )
+        if ref is not None and created:
+            await self._emit(
+                EventType.progress,
+                {"current": 0, "total": len(handles), "message": f"0 of {len(handles)} done"},
+                {},
+            )
+        results = await children.join(self, handles, tolerated)
+        if ref is not None:
+            done = sum(not isinstance(r, children.ChildFailed) for r in results)
+            await self._complete_step(ref, started, {"children": len(results), "completed": done})
+        return results
+
+    async def spawn(
+        self, task: str | TaskSpec, input: Mapping[str, Any] | BaseModel
+    ) -> children.ChildHandle:
+        """Start one child job of ``task`` now and return its handle, for ``join``."""
+        spec = self.registry_spec(task)
+        group = self._next_group(None)
+        (handle,), _ = await children.start(
+            self, group, [(spec, children.as_input(input))], step=None, concurrency=None
+        )
+        return handle
+
+    async def join(
+        self,
+        handles: Sequence[children.ChildHandle],
+        *,
+        on_failure: children.OnFailure = "fail",
+        max_failures: int | None = None,
+    ) -> list[Any]:
+        """The results of ``handles``' children, in order, once every child this job started
+        has ended (this job waits for them holding no worker, as in ``map``)."""
+        return await children.join(self, handles, children.tolerance(on_failure, max_failures))
+
+    def registry_spec(self, task: str | TaskSpec) -> TaskSpec:
+        if isinstance(task, TaskSpec):
+            return task
+        spec = self.registry_task(task)
+        if spec is None:
+            raise ValueError(f"no task named {task!r} to start as a child job")
+        return spec
+
+    def registry_task(self, name: str) -> TaskSpec | None:
+        return None if self.registry is None else self.registry.get_task(name)
+
+    def child_budget(self, count: int) -> float | None:
+        """Each of ``count`` new children's budget: an equal share of what this job's budget
+        has left, so the tree together never spends past it."""
+        if self.budget is None:
+            return None
+        return max(0.0, self.budget - self.cost - self._reserved) / max(1, count)
+
+    def _next_group(self, step: str | None) -> str:
+        self._fanouts += 1
+        return f"{step or ''}#{self._fanouts}"
 
     @asynccontextmanager
     async def reserve_budget(self, estimate: float) -> AsyncIterator[None]:

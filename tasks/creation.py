@@ -1,6 +1,7 @@
 """Creating a job: the one way every path makes one (docs/ai-workloads.md, "Job creation").
 
-A submission, a scheduled submission, a batch's children, a recurring tick and a cached result
+A submission, a scheduled submission, a batch's children, a job's children (tasks/children.py),
+a recurring tick and a cached result
 all describe the job they want as a :class:`NewJob` and hand it here. :func:`plan` turns it into
 one call of the store's append script: the record, the log's first events, the arq queue entry
 (deferred to ``run_at`` for a scheduled job; none for a cached result, which is complete at
@@ -40,6 +41,13 @@ class NewJob:
     subject: str | None = None
     batch_id: str | None = None  # a batch's child: its parent, and its place among the inputs
     batch_index: int | None = None
+    # a job's child (tasks/children.py): its parent, its index, its depth and its fan-out's
+    # concurrency limit
+    parent: str | None = None
+    parent_index: int | None = None
+    parent_group: str | None = None
+    parent_slots: int | None = None
+    depth: int = 0
     note: Mapping[str, Any] = field(default_factory=dict)  # added to the `queued` event
     id: str = field(default_factory=new_job_id)
     # The submitter's trace (W3C headers of its request): the job's trace continues it.
@@ -91,6 +99,11 @@ async def plan(
         batch_id=job.batch_id,
         batch_index=job.batch_index,
         trace=trace,
+        parent=job.parent,
+        parent_index=job.parent_index,
+        parent_group=job.parent_group,
+        parent_slots=job.parent_slots,
+        depth=job.depth,
     )
     queued = new_event(job.id, "queued", 0, input=job.input, **job.note)
     hit = None
@@ -154,10 +167,12 @@ async def create(
     return Created(new.record, appended)
 
 
-def create_call(store: JobStore, new: Plan, *, requires: str | None = None) -> ScriptCall:
+def create_call(
+    store: JobStore, new: Plan, *, requires: str | None = None, take: int = 0
+) -> ScriptCall:
     """``new``'s create, prepared for ``JobStore.create_together`` (several jobs' creates in
-    one ``MULTI``, such as a batch's children after their parent)."""
-    return store.create_call(new.record, *new.events, then=new.then, requires=requires)
+    one ``MULTI``, such as a batch's children after their parent). ``take``: see ``create``."""
+    return store.create_call(new.record, *new.events, then=new.then, requires=requires, take=take)
 
 
 async def requeue(store: JobStore, arq: ArqRedis, record: JobRecord, spec: TaskSpec) -> Appended:

@@ -138,7 +138,8 @@ class Keys:
         return f"{self.prefix}cache:{task}:{digest}"
 
     def batch_children(self, batch_id: str) -> str:
-        """List: a batch's child job ids, in the order of its inputs."""
+        """List: a batch's child job ids, in the order of its inputs; a job's children
+        (tasks/children.py), in the order it started them."""
         return f"{self.prefix}job:{{{batch_id}}}:children"
 
     def batch_ended(self, batch_id: str) -> str:
@@ -149,7 +150,10 @@ class Keys:
     def batch_counts(self, batch_id: str) -> str:
         """Hash: a batch's ended children, each with its outcome, the counters ``#done``,
         ``#completed``, ``#failed``, ``#cancelled`` (the append script counts a child as its end
-        is written), and ``#shown``: the entries of ``batch_ended`` the parent's log shows."""
+        is written), and ``#shown``: the entries of ``batch_ended`` the parent's log shows.
+        A job's children (tasks/children.py) are counted the same way into their parent's, which
+        adds ``#size``, ``#shown_counts``, one ``g:<group>`` per fan-out, and, while the parent
+        waits, its queue entry for the last end to write (``#resume`` and what goes with it)."""
         return f"{self.prefix}job:{{{batch_id}}}:counts"
 
     @property
@@ -159,6 +163,17 @@ class Keys:
         head, _, counts = self.batch_counts("\0").partition("\0")
         ended = self.batch_ended("\0").partition("\0")[2]
         return head, counts, ended
+
+    def children_running(self, parent_id: str) -> str:
+        """Set: a job's children that have started and whose end is not shown yet (added by a
+        child's ``child`` start event, removed as its end is shown): what a read of the parent
+        adds the running children's own progress from (tasks/rollup.py)."""
+        return f"{self.prefix}job:{{{parent_id}}}:running"
+
+    def fanout_slots(self, parent_id: str, group: str) -> str:
+        """Sorted set: the children of one ``ctx.map(concurrency=n)`` running at once, by lease
+        expiry, like ``task_slots``."""
+        return f"{self.prefix}job:{{{parent_id}}}:slots:{group}"
 
     def task_slots(self, task: str) -> str:
         """Sorted set: jobs holding one of a task's global concurrency slots, by lease expiry."""

@@ -46,6 +46,7 @@ class EventType(StrEnum):
     cancelled = "cancelled"
     waiting = "waiting"  # the job asks for input (tasks/inputs.py)
     input = "input"  # the input was given
+    child = "child"  # a child job started or ended (tasks/children.py), on its parent's log
     # Made by the server, never stored.
     snapshot = "snapshot"
     reset = "reset"
@@ -110,6 +111,15 @@ class InputRequest(BaseModel):
     model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
 
 
+class ChildrenWait(BaseModel):
+    """What a parent waiting for its child jobs waits for (``ctx.map``, ``ctx.join``): the
+    record's ``waiting_for``, with its children's counts as they were when it began waiting."""
+
+    children: dict[str, int] = Field(
+        description="size, done, completed, failed, cancelled: every child the job started"
+    )
+
+
 class InputAnswer(BaseModel):
     """A given input, in the record's ``answers`` by name: the value, who gave it and when."""
 
@@ -148,8 +158,20 @@ class JobRecord(BaseModel):
     batch_id: str | None = None  # a batch child: its parent job
     batch_index: int | None = None  # a batch child: its place in the batch's inputs
     batch: dict[str, Any] | None = None  # a batch parent: {size, completed, failed, cancelled}
+    # Jobs that start jobs (tasks/children.py). A child: its parent, its place among the
+    # inputs of the parent's map, and how deep in the tree it is (a top-level job is 0).
+    parent: str | None = None
+    parent_index: int | None = None
+    depth: int = 0
+    # The fan-out it belongs to, and how many of its siblings may run at once (ctx.map's
+    # concurrency), when limited.
+    parent_group: str | None = None
+    parent_slots: int | None = None
+    # A parent: {size, done, completed, failed, cancelled} over every child it started (a read
+    # of a waiting parent adds running and running_progress, tasks/rollup.py).
+    children: dict[str, Any] | None = None
     # Human input (tasks/inputs.py): the request of a waiting job, and the inputs given.
-    waiting_for: InputRequest | None = None
+    waiting_for: InputRequest | ChildrenWait | None = None
     answers: dict[str, InputAnswer] = Field(default_factory=dict)
     # Where the terminal event is POSTed (tasks/outbox.py). Stored, never shown: it may carry a
     # secret, and the record goes to browsers holding a stream token.

@@ -20,7 +20,18 @@ from arq.constants import in_progress_key_prefix
 from arq.worker import Retry
 from pydantic import BaseModel, ValidationError
 
-from stepstream.tasks import batches, cache, heartbeat, inputs, logs, tracing
+from stepstream.tasks import (
+    batches,
+    cache,
+    cancellation,
+    children,
+    heartbeat,
+    inputs,
+    logs,
+    rollup,
+    tracing,
+)
+from stepstream.tasks.children import ChildrenSuspended
 from stepstream.tasks.context import TaskContext
 from stepstream.tasks.errors import (
     InputTimeout,
@@ -32,7 +43,7 @@ from stepstream.tasks.errors import (
 )
 from stepstream.tasks.inputs import InputSuspended
 from stepstream.tasks.llm import Providers
-from stepstream.tasks.models import JobRecord, JobState, utcnow
+from stepstream.tasks.models import ChildrenWait, InputRequest, JobRecord, JobState, utcnow
 from stepstream.tasks.registry import TaskRegistry, TaskSpec
 from stepstream.tasks.store import Appended, JobStore, new_event
 
@@ -73,24 +84,23 @@ class JobMonitor:
         # job id → when the monitor interrupted its task (monotonic seconds)
         self.cancelled: dict[str, float] = {}
         self._reported: set[str] = set()  # jobs already reported as not stopping
-        self.slots: dict[str, str] = {}  # job id → the slots key it holds a slot in
+        self.slots: dict[str, list[str]] = {}  # job id → the slots keys it holds a slot in
         # job id → the arq job running it, when not the job's own id (tasks/inputs.py)
         self.arq_ids: dict[str, str] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self._acquire = store.redis.register_script(_ACQUIRE_SLOT_LUA)
 
-    async def acquire_slot(self, job_id: str, task: str, limit: int) -> bool:
-        """Take one of ``limit`` slots shared by every worker running ``task``."""
-        key = self.store.keys.task_slots(task)
+    async def acquire_slot(self, job_id: str, key: str, limit: int) -> bool:
+        """Take one of ``limit`` slots in ``key``, shared by every worker: the running jobs of
+        a task (``Keys.task_slots``) or of one ``ctx.map`` (``Keys.fanout_slots``)."""
         now = int(time.time() * 1000)
         if await self._acquire(keys=[key], args=[job_id, now, now + self.lease_ms, limit]):
-            self.slots[job_id] = key
+            self.slots.setdefault(job_id, []).append(key)
             return True
         return False
 
     async def release_slot(self, job_id: str) -> None:
-        key = self.slots.pop(job_id, None)
-        if key is not None:
+        for key in self.slots.pop(job_id, []):
             await self.store.redis.zrem(key, job_id)
 
     def start(self) -> None:
@@ -134,8 +144,8 @@ class JobMonitor:
                         expiry = int(time.time() * 1000) + self.lease_ms
                         for job_id in job_ids:
                             pipe.pexpire(self._lease_key(job_id), self.lease_ms)
-                            if job_id in self.slots:
-                                pipe.zadd(self.slots[job_id], {job_id: expiry}, xx=True)
+                            for key in self.slots.get(job_id, []):
+                                pipe.zadd(key, {job_id: expiry}, xx=True)
                     flags = (await pipe.execute())[0]
             except Exception:  # a Redis blip: the next round tries again
                 logger.warning("job monitor could not reach Redis", exc_info=True)
@@ -228,19 +238,30 @@ async def _run_job(ctx: dict[str, Any], job_id: str) -> None:
     if record.state.terminal:
         # Cancelled while queued, or ended by a worker killed before it showed the end in the
         # job's batch (arq offers the job again): show it now. Its end was counted as written.
-        await batches.child_finished(store, record)
+        await _show_end(store, record)
         return
+    resumable = _waits_for_children(record)
+    if resumable and not await children.ready(store, job_id):
+        return  # an earlier wait's entry: the entry of the wait it is in comes when it is ready
     registry: TaskRegistry = ctx["registry"]
     spec = registry.get_task(record.task)
     if spec is None:
         await _fail(store, record, None, "UnknownTask", f"no task named {record.task!r}")
         return
 
-    if spec.concurrency is not None and not await monitor.acquire_slot(
-        job_id, spec.name, spec.concurrency
-    ):
-        # Every slot is taken: the job stays queued and arq offers it again shortly.
-        raise Retry(defer=timedelta(seconds=SLOT_WAIT_SECONDS * (0.5 + random.random())))
+    slots = []
+    if spec.concurrency is not None:
+        slots.append((store.keys.task_slots(spec.name), spec.concurrency))
+    if record.parent is not None and record.parent_group and record.parent_slots:
+        # ctx.map(concurrency=n): a slot among its siblings too.
+        slots.append(
+            (store.keys.fanout_slots(record.parent, record.parent_group), record.parent_slots)
+        )
+    for key, limit in slots:
+        if not await monitor.acquire_slot(job_id, key, limit):
+            # Every slot is taken: the job stays queued and arq offers it again shortly.
+            await monitor.release_slot(job_id)
+            raise Retry(defer=timedelta(seconds=SLOT_WAIT_SECONDS * (0.5 + random.random())))
     arq_id = ctx.get("job_id", job_id)
     if arq_id != job_id:  # an answer's entry (tasks/inputs.py): its lease is its own
         monitor.arq_ids[job_id] = arq_id
@@ -254,6 +275,7 @@ async def _run_job(ctx: dict[str, Any], job_id: str) -> None:
             ctx["llm_providers"],
             arq=ctx.get("redis"),
             worker_id=beat.worker_id if beat is not None else None,
+            registry=registry,
         )
     finally:
         monitor.arq_ids.pop(job_id, None)
@@ -269,6 +291,7 @@ async def _run_attempt(
     *,
     arq: ArqRedis | None = None,
     worker_id: str | None = None,
+    registry: TaskRegistry | None = None,
 ) -> None:
     job_id = record.id
     attempt = record.attempt + 1
@@ -286,7 +309,9 @@ async def _run_attempt(
     )
     try:
         with span.current():
-            await _attempt(store, monitor, spec, record, llm_providers, span, arq=arq)
+            await _attempt(
+                store, monitor, spec, record, llm_providers, span, arq=arq, registry=registry
+            )
     except BaseException as exc:
         if not span.ended and isinstance(exc, Exception) and not isinstance(exc, Retry):
             span.fail(exc)  # the runtime's own failure to record the outcome
@@ -318,6 +343,7 @@ async def _attempt(
     span: tracing.Span,
     *,
     arq: ArqRedis | None = None,
+    registry: TaskRegistry | None = None,
 ) -> None:
     job_id = record.id
     attempt = record.attempt + 1
@@ -331,10 +357,13 @@ async def _attempt(
             "started_at": started_at,
             "error": None,
             "retry_at": None,
+            "waiting_for": None,  # a parent resumed by its children's last end
         },
         owner=record.owner,
         mode="update+cancel",
-        expect=ACTIVE_STATES,
+        # A parent whose children have all ended is started from its wait by their last end;
+        # only from it: of two entries that found it ready, one starts it.
+        expect=(JobState.waiting,) if _waits_for_children(record) else ACTIVE_STATES,
     )
     if started.refused == "cancel":
         cancelled = await _cancelled(store, record, attempt - 1, "cancelled before it started")
@@ -345,8 +374,9 @@ async def _attempt(
         return
     record.attempt = attempt
     record.started_at = started_at  # job durations in metrics run from the first start
-    context = TaskContext(store, spec, record, llm_providers)
+    context = TaskContext(store, spec, record, llm_providers, registry=registry, arq=arq)
     context.span = span
+    await rollup.child_started(store, record)
     # Every log line of this job (this asyncio task) now says which job, attempt and step.
     logs.bind_job(job_id, spec.name, attempt, context)
     logger.info("job started: attempt %d of %d", attempt, record.max_attempts)
@@ -378,6 +408,11 @@ async def _attempt(
             },
         )
         _ended(span, "waiting", await _suspended(store, arq, record, context, suspended), context)
+    except ChildrenSuspended as waiting_for_children:
+        counts = waiting_for_children.counts
+        span.event("waiting", {"stepstream.children.size": counts["size"]})
+        waited = await _wait_for_children(store, arq, record, context, waiting_for_children)
+        _ended(span, "waiting", waited, context)
     except asyncio.CancelledError:
         if job_id in monitor.cancelled:
             # Our monitor interrupted the task: the job is cancelled, the worker goes on.
@@ -411,7 +446,7 @@ async def _attempt(
         _ended(span, "completed", done, context)
         if done.ok:
             await heartbeat.job_finished(store, record, "completed")
-            await batches.child_finished(store, record)
+            await _show_end(store, record)
     finally:
         monitor.forget(job_id)
 
@@ -543,7 +578,9 @@ async def _fail(
     )
     if failed.ok:
         await heartbeat.job_finished(store, record, "failed", public_error)
-        await batches.child_finished(store, record)
+        await _show_end(store, record)
+        # No child outlives its parent's end: those still unfinished are cancelled.
+        await cancellation.cancel_children(store, record, "its parent failed")
     return failed
 
 
@@ -564,6 +601,57 @@ async def _suspended(
         return await _cancelled(store, record, record.attempt, "cancelled by request", context)
     if waiting.ok:
         logger.info("job waits for input %r", suspended.request.name)
+    return waiting
+
+
+def _waits_for_children(record: JobRecord) -> bool:
+    return record.state == JobState.waiting and isinstance(record.waiting_for, ChildrenWait)
+
+
+async def _show_end(store: JobStore, record: JobRecord) -> None:
+    """Show a job's end to its batch or its parent (tasks/batches.py, tasks/rollup.py)."""
+    await batches.child_finished(store, record)
+    await rollup.child_finished(store, record)
+
+
+async def _wait_for_children(
+    store: JobStore,
+    arq: ArqRedis | None,
+    record: JobRecord,
+    context: TaskContext,
+    suspended: ChildrenSuspended,
+) -> Appended:
+    """The task waits for its children (tasks/children.py): record ``waiting``, with the queue
+    entry their last end writes, and end the run, freeing the worker."""
+    if arq is None:
+        raise RuntimeError("child jobs need the arq worker")
+    counts = suspended.counts
+    running = counts["size"] - counts["done"]
+    waiting = await store.append(
+        record.id,
+        new_event(record.id, "waiting", record.attempt, children=counts),
+        {
+            "state": JobState.waiting.value,
+            "waiting_for": {"children": counts},
+            "children": counts,
+            # A wait is not a failure: the run that follows it is the same attempt.
+            "attempt": record.attempt - 1,
+            "message": f"Waiting for {running} child job{'s' if running != 1 else ''}",
+            **context.mark_interrupted_step("waiting"),
+        },
+        owner=record.owner,
+        mode="update+cancel",
+        expect=(JobState.running,),
+        then=children.resume_commands(store, arq, record.id, counts["size"], suspended.tolerated),
+    )
+    if waiting.refused == "cancel":
+        return await _cancelled(store, record, record.attempt, "cancelled by request", context)
+    if waiting.ok:
+        logger.info("job waits for %d child job(s)", running)
+        # The last child may have ended before the wait was written: then nothing wrote the
+        # entry, and this does. (A worker killed before it is covered by arq, which offers
+        # this run's own entry again: the run finds its parent ready and goes on.)
+        await children.resume_if_ready(store, record.id)
     return waiting
 
 
@@ -619,7 +707,8 @@ async def _cancelled(
     )
     if cancelled.ok:
         await heartbeat.job_finished(store, record, "cancelled")
-        await batches.child_finished(store, record)
+        await _show_end(store, record)
+        await cancellation.cancel_children(store, record, "its parent was cancelled")
     return cancelled
 
 
@@ -638,7 +727,7 @@ async def _end_wait(ctx: dict[str, Any], job_id: str, name: str) -> None:
     store: JobStore = ctx["store"]
     record = await store.get(job_id)
     request = record.waiting_for if record is not None else None
-    if record is None or record.state != JobState.waiting or request is None:
+    if record is None or record.state != JobState.waiting or not isinstance(request, InputRequest):
         return
     if request.name != name:
         return

@@ -180,6 +180,11 @@ class Settings(BaseSettings):
     # The offline provider's streamed reply: the pause before each word.
     llm_offline_word_seconds: float = Field(default=0.02, ge=0.0, le=10.0)
     max_batch_size: int = 1_000
+    # Jobs that start jobs (tasks/children.py): the most children one ctx.map (or ctx.spawn)
+    # starts, and how deep a tree may go (a submitted job is depth 0, its children 1, ...).
+    # Past either, the call fails the parent with ChildrenRefused before any child is created.
+    max_children_per_call: int = Field(default=1_000, ge=1)
+    max_job_depth: int = Field(default=3, ge=0)
     max_delay_seconds: int = 30 * 24 * 3600  # the furthest ahead a job may be scheduled
 
     @field_validator("sentinels", mode="before")

@@ -33,6 +33,25 @@ from stepstream.tasks.models import JobRecord, JobState, parse_stream_id, utcnow
 from stepstream.tasks.output import with_live_text
 from stepstream.tasks.settings import Settings
 
+# A parent waiting for its children (tasks/children.py) leaves its arq queue entry in its counts
+# hash (``#resume``: arq's payload in hex, as the hash is read as text; and where it goes). The
+# end that makes it ready writes it: every child has ended, or more have failed (or been
+# cancelled) than the parent tolerates. Taken with HDEL, so it is written once. ``counts`` is
+# the counts key.
+RESUME_LUA = """
+local r = redis.call('HMGET', counts, '#resume', '#entry', '#job_key', '#queue', '#wakeups',
+  '#expire_ms', '#size', '#done', '#failed', '#cancelled', '#max_failures')
+if r[1] and (tonumber(r[8] or 0) >= tonumber(r[7] or 0)
+    or (r[11] and tonumber(r[9] or 0) + tonumber(r[10] or 0) > tonumber(r[11]))) then
+  redis.call('HDEL', counts, '#resume')
+  local now = redis.call('TIME')
+  local payload = string.gsub(r[1], '..', function(h) return string.char(tonumber(h, 16)) end)
+  redis.call('PSETEX', r[3], r[6], payload)
+  redis.call('ZADD', r[4], now[1] * 1000 + math.floor(now[2] / 1000), r[2])
+  redis.call('PUBLISH', r[5], r[2])
+end
+"""
+
 # KEYS: record, job stream, firehose, cancel flag, job index, the owner's unfinished jobs,
 #       webhook outbox, webhook events dropped, then for each transition this append makes
 #       (tasks/transitions.py) its counter and its window's counter, and optionally a record
@@ -203,6 +222,11 @@ if task then
 end
 if terminal then
   local batch = redis.call('HGET', KEYS[1], 'batch_id')
+  if not batch or batch == 'null' then
+    -- A child of a job's map or spawn (tasks/children.py) is counted into its parent the same
+    -- way, in the same keys.
+    batch = redis.call('HGET', KEYS[1], 'parent')
+  end
   if batch and batch ~= 'null' then
     -- Each child counted once, by its outcome: ended again (retried by hand, then ended), it
     -- moves from the one to the other. The ended list keeps the order the parent shows them in.
@@ -216,6 +240,17 @@ if terminal then
         redis.call('HINCRBY', counts, '#' .. prev, -1)
       else
         redis.call('HINCRBY', counts, '#done', 1)
+        -- What the child spent, summed for its parent (a child of a job: tasks/rollup.py).
+        local cost = tonumber(redis.call('HGET', KEYS[1], 'cost') or '0') or 0
+        if cost > 0 then redis.call('HINCRBYFLOAT', counts, '#cost', cost) end
+        local usage = redis.call('HGET', KEYS[1], 'usage')
+        if usage then
+          usage = cjson.decode(usage)
+          for _, name in ipairs({'calls', 'input_tokens', 'output_tokens'}) do
+            local n = tonumber(usage[name]) or 0
+            if n > 0 then redis.call('HINCRBY', counts, '#' .. name, n) end
+          end
+        end
       end
       redis.call('HSET', counts, ARGV[9], outcome)
       redis.call('HINCRBY', counts, '#' .. outcome, 1)
@@ -223,6 +258,7 @@ if terminal then
     end
     redis.call('EXPIRE', counts, ttl)
     redis.call('EXPIRE', ended, ttl)
+    __RESUME__
   end
 end
 local i = last_field + 1
@@ -232,7 +268,7 @@ while i <= #ARGV do
   i = i + argc + 1
 end
 return {jid, fid}
-"""
+""".replace("__RESUME__", RESUME_LUA.strip().replace("\n", "\n    "))
 
 
 @dataclass(frozen=True)
@@ -665,6 +701,40 @@ class JobStore:
                 break
             max_score = skip_until[0]
         return found, skip_until
+
+    async def list_children(
+        self,
+        parent_id: str,
+        *,
+        states: frozenset[JobState] | None,
+        task: str | None,
+        limit: int,
+        owner: str | None = None,
+        offset: int = 0,
+    ) -> tuple[list[JobRecord], int | None]:
+        """A job's (or a batch's) children in the order they were started, from ``offset``;
+        the offset of the next page, or None after the last."""
+        key = self.keys.batch_children(parent_id)
+        found: list[JobRecord] = []
+        while len(found) < limit:
+            ids: list[str] = await self.redis.lrange(  # type: ignore[misc]
+                key, offset, offset + max(limit, 50) - 1
+            )
+            if not ids:
+                return found, None
+            for record in await self.get_many(ids):
+                offset += 1
+                if record is None or (owner is not None and record.owner != owner):
+                    continue
+                if (states is not None and record.state not in states) or (
+                    task is not None and record.task != task
+                ):
+                    continue
+                found.append(record)
+                if len(found) == limit:
+                    break
+        more = await self.redis.llen(key) > offset  # type: ignore[misc]
+        return found, offset if more else None
 
 
 def _state_list(states: Iterable[str]) -> str:

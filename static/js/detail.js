@@ -39,6 +39,8 @@ const STEP_STATE_LABELS = {
   waiting: "Waiting",
 };
 
+const CHILD_ROWS = 200; // a parent's children listed in its detail
+
 export class DetailView {
   constructor({ panel, body, backdrop, taskOf, onAction, onClose, onStatus }) {
     this.panel = panel;
@@ -82,6 +84,8 @@ export class DetailView {
       renderedResult: undefined,
       renderedError: undefined,
       logCount: 0,
+      children: new Map(), // a parent's children, by id, from its `child` events
+      childrenKey: null,
     };
     this.job = job;
     this._skeleton();
@@ -90,6 +94,7 @@ export class DetailView {
     document.body.classList.add("detail-open");
     if (job.base) this.render();
     this.els.title.focus({ preventScroll: true });
+    this._loadChildren(job);
     // A server that cannot be reached (a restart) or answers 5xx is asked again, with the
     // list's copy of the record shown meanwhile; only an answer about the job itself (404,
     // 401, 403) is final.
@@ -110,6 +115,22 @@ export class DetailView {
         await new Promise((resolve) => setTimeout(resolve, wait));
         if (this.job !== job) return;
       }
+    }
+  }
+
+  /** A parent's children as the API lists them: the rows its stream then keeps live (its
+   * log has them all too, unless its oldest events were trimmed away). */
+  async _loadChildren(job) {
+    try {
+      const { data } = await api(`api/jobs?parent=${encodeURIComponent(job.id)}&limit=200`);
+      if (this.job !== job) return;
+      for (const child of data.jobs) {
+        const known = job.children.get(child.id) || {};
+        job.children.set(child.id, { id: child.id, index: child.parent_index, task: child.task, state: child.state, ...known });
+      }
+      if (data.jobs.length) this.scheduleRender();
+    } catch {
+      // the stream's `child` events still fill the list
     }
   }
 
@@ -162,6 +183,12 @@ export class DetailView {
   _onEvent(job, type, data, id) {
     if (this.job !== job) return;
     if (type === "reset") return; // a snapshot follows
+    if (type === "child" && data.child?.id) {
+      // A parent's children, live: its log has each one's start and end.
+      const known = job.children.get(data.child.id) || {};
+      const ended = known.state && known.state !== "running" && data.child.state === "running";
+      if (!ended) job.children.set(data.child.id, { ...known, ...data.child });
+    }
     if (type === "snapshot") {
       job.proj = data;
       job.caughtUp = true;
@@ -245,6 +272,7 @@ export class DetailView {
       logEmpty: h("p", { class: "muted log-empty" }, "Nothing logged yet."),
       input: h("pre", { class: "raw" }),
       asked: h("section", { class: "detail-section input-box", hidden: true, "aria-labelledby": "input-title" }),
+      children: h("ol", { class: "children" }),
     };
     this.els = els;
     const jobId = this.job.id;
@@ -275,6 +303,12 @@ export class DetailView {
         { class: "detail-section", "aria-labelledby": "steps-title" },
         h("h3", { id: "steps-title" }, "Steps"),
         els.steps,
+      )),
+      (els.childrenSection = h(
+        "section",
+        { class: "detail-section", hidden: true, "aria-labelledby": "children-title" },
+        h("h3", { id: "children-title" }, "Child jobs"),
+        els.children,
       )),
       els.result,
       h(
@@ -337,7 +371,14 @@ export class DetailView {
         break;
       case "waiting":
         level = "warning";
-        text = `Waiting for input “${data.name}”${data.prompt ? `: ${data.prompt}` : ""}`;
+        text = data.children
+          ? `Waiting for ${data.children.size - data.children.done} child jobs`
+          : `Waiting for input “${data.name}”${data.prompt ? `: ${data.prompt}` : ""}`;
+        break;
+      case "child":
+        if (!data.counts || data.child.state === "completed") return; // the list shows them
+        level = "warning";
+        text = `Child ${(data.child.index ?? 0) + 1} ${data.child.state}${data.child.error ? `: ${data.child.error.message}` : ""}`;
         break;
       case "input":
         text = `Input “${data.name}” given by ${data.by}`;
@@ -404,8 +445,32 @@ export class DetailView {
     this._renderError(record, task);
     this.asked.render(record);
     this._renderSteps(record, task);
+    this._renderChildren();
     this._renderResult(record);
     this._renderFacts(record);
+  }
+
+  _renderChildren() {
+    const job = this.job;
+    const rows = [...job.children.values()].sort((a, b) => (a.index ?? 0) - (b.index ?? 0) || (a.id < b.id ? -1 : 1));
+    const key = JSON.stringify(rows.map((c) => [c.id, c.state]));
+    if (key === job.childrenKey) return;
+    job.childrenKey = key;
+    this.els.childrenSection.hidden = rows.length === 0;
+    // The first CHILD_ROWS: a list a person reads, rebuilt as children change.
+    const more = rows.length - CHILD_ROWS;
+    fill(
+      this.els.children,
+      rows.slice(0, CHILD_ROWS).map((child) =>
+        h(
+          "li",
+          { class: "child-row", dataset: { id: child.id, state: child.state } },
+          h("a", { href: `#/jobs/${child.id}`, class: "child-link" }, `${(child.index ?? 0) + 1}. ${taskTitle(child.task, this.taskOf)}`),
+          h("span", { class: "badge", dataset: { state: child.state } }, STATE_LABELS[child.state] || child.state),
+        ),
+      ),
+      more > 0 ? h("li", { class: "muted child-more" }, `…and ${more} more`) : null,
+    );
   }
 
   tick() {
@@ -514,6 +579,13 @@ export class DetailView {
       ["Job id", record.id],
       record.batch_id ? ["Batch", `item ${(record.batch_index ?? 0) + 1} of batch ${shortId(record.batch_id)}`] : null,
       record.batch ? ["Items", `${record.batch.size}: ${record.batch.completed} completed, ${record.batch.failed} failed, ${record.batch.cancelled} cancelled`] : null,
+      record.parent
+        ? ["Parent", h("a", { href: `#/jobs/${record.parent}`, class: "parent-link" }, `child ${(record.parent_index ?? 0) + 1} of job ${shortId(record.parent)}`)]
+        : null,
+      record.children
+        ? ["Children", `${record.children.size}: ${record.children.completed} completed, ${record.children.failed} failed, ${record.children.cancelled} cancelled`]
+        : null,
+      record.children?.cost ? ["Children's cost", number(record.children.cost)] : null,
       record.run_at ? ["Scheduled for", dateTime(record.run_at)] : null,
       ["Created", dateTime(record.created_at)],
       ["Started", record.started_at ? dateTime(record.started_at) : "not yet"],
@@ -525,7 +597,7 @@ export class DetailView {
         ? ["Cost", `${number(record.cost || 0)}${record.budget != null ? ` of a ${number(record.budget)} budget` : ""}`]
         : null,
     ].filter(Boolean);
-    const key = JSON.stringify(facts);
+    const key = JSON.stringify(facts.map(([k, v]) => [k, v instanceof Node ? `${v.textContent}@${v.getAttribute("href")}` : v]));
     if (key !== this._factsKey) {
       this._factsKey = key;
       fill(els.facts, facts.map(([k, v]) => [h("dt", null, k), h("dd", null, v)]));
