@@ -10,12 +10,12 @@ The sync and the async client both drive the same two objects:
 
 from __future__ import annotations
 
-import random
 import re
 import time
 
 from httpx_sse import ServerSentEvent
 
+from stepstream._backoff import Backoff
 from stepstream._exceptions import RateLimited, ServerUnavailable, StepstreamError
 from stepstream._models import Event, ResetEvent, SnapshotEvent, parse_event
 
@@ -136,7 +136,7 @@ class Reconnector:
             if self.failures > self.retries or isinstance(give_up_with, RateLimited):
                 # Refused before we ever held a stream: the caller's own limit, say so now.
                 raise give_up_with or ServerUnavailable(reason)
-            return min(self.max_delay, 0.25 * 2.0 ** (self.failures - 1))
+            return Backoff(0.25, self.max_delay, jitter=0.0).delay(self.failures)
         if self.down_since is None:
             self.down_since = now
         if now - self.down_since > self.reconnect_timeout:
@@ -145,7 +145,7 @@ class Reconnector:
             raise ServerUnavailable(
                 f"{reason}; gave up reconnecting after {self.reconnect_timeout:g}s"
             )
-        delay = min(self.max_delay, follower.retry_seconds * 2.0 ** (self.failures - 1))
         # A little jitter, so clients of a restarted server do not all come back at once.
-        delay *= random.uniform(0.8, 1.0)
+        backoff = Backoff(follower.retry_seconds, self.max_delay, jitter=0.2)
+        delay = backoff.delay(self.failures)
         return max(delay, retry_after or 0.0)

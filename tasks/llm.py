@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import httpx
 from pydantic import BaseModel, ValidationError
 
+from stepstream._backoff import Backoff
 from stepstream.tasks import tracing
 from stepstream.tasks.cost import Pricing, estimate_tokens
 from stepstream.tasks.errors import PermanentError, RetryAfter, TransientError
@@ -226,7 +227,7 @@ class OpenAIProvider:
         started = time.perf_counter()
         tries = self.max_retries + 1
         for number in range(1, tries + 1):
-            backoff = min(self.max_inline_wait, self.backoff * 2 ** (number - 1))
+            backoff = Backoff(self.backoff, self.max_inline_wait, jitter=0.0).delay(number)
             failure: TransientError
             wait: float
             try:

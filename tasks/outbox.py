@@ -53,6 +53,7 @@ import httpx
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from stepstream._backoff import Backoff
 from stepstream.tasks import webhooks
 from stepstream.tasks.destinations import Policy, Refused, Unresolvable
 from stepstream.tasks.keys import Keys
@@ -85,10 +86,8 @@ return 0
 def backoff_seconds(settings: Settings, entry_id: str, attempts: int) -> float:
     """The wait after the timeout of attempt ``attempts`` before the next one; the jitter is
     fixed per entry and attempt, so every worker computes the same time."""
-    delay = settings.webhook_backoff_seconds * 2.0 ** max(0, attempts - 1)
-    delay = min(settings.webhook_max_backoff_seconds, delay)
-    jitter: float = random.Random(f"{entry_id}/{attempts}").uniform(0.5, 1.0)
-    return delay * jitter
+    backoff = Backoff(settings.webhook_backoff_seconds, settings.webhook_max_backoff_seconds)
+    return backoff.delay(attempts, random.Random(f"{entry_id}/{attempts}"))
 
 
 def retry_after_ms(settings: Settings, entry_id: str, attempts: int) -> int:

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 from httpx_sse import ServerSentEvent
 
-from stepstream import _sse
+from stepstream import _backoff, _sse
 from stepstream._exceptions import RateLimited, ServerUnavailable
 from stepstream._models import ProgressEvent, ResetEvent, SnapshotEvent
 from stepstream._sse import Reconnector, StreamFollower
@@ -116,8 +116,8 @@ class Clock:
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     fake = Clock()
     monkeypatch.setattr(_sse, "time", fake)
-    # No jitter: the highest value of random.uniform(0.8, 1.0).
-    monkeypatch.setattr(_sse, "random", SimpleNamespace(uniform=lambda low, high: high))
+    # No jitter: the highest value of random.uniform(0.8, 1.0) (stepstream/_backoff.py).
+    monkeypatch.setattr(_backoff, "random", SimpleNamespace(uniform=lambda low, high: high))
     return fake
 
 
