@@ -1,4 +1,8 @@
-"""Following an SSE stream across dropped connections, free of I/O.
+"""Reading SSE, and following a Stepstream stream across dropped connections, free of I/O.
+
+Every Python reader of server-sent events (this client, the LLM provider, the benchmarks)
+decodes with httpx-sse, through ``EventSource`` or the two helpers here, so one parser knows
+the format (several ``data:`` lines, CR line ends, comments).
 
 The sync and the async client both drive the same two objects:
 
@@ -12,14 +16,36 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterable
 
-from httpx_sse import ServerSentEvent
+from httpx_sse import EventSource, ServerSentEvent
+from httpx_sse._decoders import SSEDecoder  # EventSource's own, for text already read
 
 from stepstream._backoff import Backoff
 from stepstream._exceptions import RateLimited, ServerUnavailable, StepstreamError
 from stepstream._models import Event, ResetEvent, SnapshotEvent, parse_event
 
 DEFAULT_RETRY_SECONDS = 1.0
+
+
+class AnyTypeEventSource(EventSource):
+    """httpx-sse's reader without its ``Content-Type: text/event-stream`` check, for servers
+    that stream events under another type (some OpenAI-compatible ones answer
+    ``application/json``)."""
+
+    def _check_content_type(self) -> None:
+        return None
+
+
+def decode_frame(lines: Iterable[str]) -> ServerSentEvent | None:
+    """The event in one frame's lines (the text between two blank lines, already read), or
+    None for a frame with no field (only comments)."""
+    decoder = SSEDecoder()
+    for line in lines:
+        decoder.decode(line)
+    return decoder.decode("")
+
+
 _STREAM_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
 
 

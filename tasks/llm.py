@@ -48,6 +48,7 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from stepstream._backoff import Backoff
+from stepstream._sse import AnyTypeEventSource
 from stepstream.tasks import tracing
 from stepstream.tasks.cost import Pricing, estimate_tokens
 from stepstream.tasks.errors import PermanentError, RetryAfter, TransientError
@@ -310,10 +311,10 @@ async def _read_stream(
     finish_reason: str | None = None
     answered_model = model
     try:
-        async for line in response.aiter_lines():
-            if not line.startswith("data:"):
-                continue  # comments, event names, blank lines between events
-            payload = line[5:].strip()
+        async for sse in AnyTypeEventSource(response).aiter_sse():
+            payload = sse.data.strip()
+            if not payload:
+                continue  # a frame with only a comment, an event name or a retry
             if payload == "[DONE]":
                 break
             try:
