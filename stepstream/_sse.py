@@ -14,7 +14,6 @@ The sync and the async client both drive the same two objects:
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterable
 
@@ -24,6 +23,7 @@ from httpx_sse._decoders import SSEDecoder  # EventSource's own, for text alread
 from stepstream._backoff import Backoff
 from stepstream._exceptions import RateLimited, ServerUnavailable, StepstreamError
 from stepstream._models import Event, ResetEvent, SnapshotEvent, parse_event
+from stepstream._stream_id import StreamId
 
 DEFAULT_RETRY_SECONDS = 1.0
 
@@ -44,16 +44,6 @@ def decode_frame(lines: Iterable[str]) -> ServerSentEvent | None:
     for line in lines:
         decoder.decode(line)
     return decoder.decode("")
-
-
-_STREAM_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
-
-
-def _comparable(event_id: str) -> tuple[int, int] | None:
-    if event_id == "0":
-        return 0, 0
-    match = _STREAM_ID.fullmatch(event_id)
-    return (int(match[1]), int(match[2])) if match else None
 
 
 class StreamFollower:
@@ -111,7 +101,7 @@ class StreamFollower:
         # The server never repeats an id on one stream; this guards a resume that overlaps.
         if self.cursor is None:
             return False
-        new, last = _comparable(event_id), _comparable(self.cursor)
+        new, last = StreamId.parse_or_none(event_id), StreamId.parse_or_none(self.cursor)
         return new is not None and last is not None and new <= last
 
 

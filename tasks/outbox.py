@@ -54,6 +54,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from stepstream._backoff import Backoff
+from stepstream._stream_id import StreamId
 from stepstream.tasks import webhooks
 from stepstream.tasks.destinations import Policy, Refused, Unresolvable
 from stepstream.tasks.keys import Keys
@@ -509,4 +510,4 @@ class Outbox:
 
 def _age_seconds(entry_id: str) -> float:
     """How long ago the append script added the entry (its id is its time in unix ms)."""
-    return time.time() - int(entry_id.partition("-")[0]) / 1000
+    return time.time() - StreamId.parse(entry_id).ms / 1000
