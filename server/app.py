@@ -159,7 +159,7 @@ def create_app(
     served = (
         registry
         if registry is not None
-        else load_tasks(settings.task_module_list, demo=settings.loads_demo_tasks)
+        else load_tasks(settings.task_modules, demo=settings.loads_demo_tasks)
     )
     web_metrics = WebMetrics()
 
