@@ -22,10 +22,11 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic_core import to_jsonable_python
 
 from stepstream.tasks import inputs, tracing
+from stepstream.tasks.commands import Command
 from stepstream.tasks.cost import BudgetExceeded
 from stepstream.tasks.errors import StepTimeout
 from stepstream.tasks.models import EventType, JobRecord, StepRecord, StepRef, Usage, utcnow
-from stepstream.tasks.output import Command, StepText, text_commands
+from stepstream.tasks.output import StepText, text_commands
 from stepstream.tasks.registry import TaskSpec
 from stepstream.tasks.store import JobStore, new_event
 from stepstream.tasks.writer import EventWriter
