@@ -72,7 +72,7 @@ class TaskContext:
         self.owner = record.owner
         self.current_step: StepRef | None = None
         self.steps: list[StepRecord] = self._initial_steps(record)
-        # LLM spending (tasks/llm.py): the totals so far, earlier attempts included.
+        # LLM spending (tasks/llm/): the totals so far, earlier attempts included.
         self.usage: Usage = record.usage
         self.cost: float = record.cost
         self.budget: float | None = record.budget if record.budget is not None else spec.budget
@@ -253,7 +253,7 @@ class TaskContext:
         step: str | None = None,
         **options: Any,
     ) -> M | str:
-        """One LLM call (tasks/llm.py), as the checkpointed step ``step`` when given: a call
+        """One LLM call (tasks/llm/), as the checkpointed step ``step`` when given: a call
         that succeeded is restored, never made again, when the job runs again. Options:
         ``model``, ``max_tokens``, ``temperature``, ``pricing``, ``timeout``, and ``stream=True``:
         the reply is streamed into the step as it is written (tasks/output.py)."""
