@@ -39,6 +39,7 @@ from typing import Any
 import httpx
 import redis
 from arq.constants import in_progress_key_prefix, job_key_prefix
+from httpx_sse import EventSource
 
 from bench.common import LIFTED, rss_kib
 from stepstream.tasks import transitions
@@ -472,21 +473,11 @@ class Load:
 
 
 async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str | None, str, str]]:
-    """(id, event type, data) of each SSE frame with data; ids may be None (server-made)."""
-    event_id: str | None = None
-    event_type = "message"
-    data: str | None = None
-    async for line in response.aiter_lines():
-        if line == "":
-            if data is not None:
-                yield event_id, event_type, data
-            event_id, event_type, data = None, "message", None
-        elif line.startswith("id:"):
-            event_id = line[3:].strip() or None
-        elif line.startswith("event:"):
-            event_type = line[6:].strip()
-        elif line.startswith("data:"):
-            data = line[5:].strip()
+    """(id, event type, data) of each SSE frame with data. A frame without an id (a ``reset``)
+    carries the last one, as in a browser; the caller only reads ids of job events."""
+    async for sse in EventSource(response).aiter_sse():
+        if sse.data:
+            yield sse.id or None, sse.event, sse.data
 
 
 async def inject_faults(

@@ -94,6 +94,9 @@ def parse_frames(
     chunks: list[tuple[float, bytes]],
 ) -> tuple[int, list[tuple[float, str | None, str, bytes]]]:
     """HTTP status and every SSE frame as (time its last byte arrived, id, event, data)."""
+    # Imported here, after the run: the client's modules (pydantic) cost the run nothing.
+    from stepstream._sse import decode_frame
+
     raw = b"".join(data for _, data in chunks)
     head_end = raw.find(b"\r\n\r\n")
     if head_end < 0:
@@ -147,19 +150,9 @@ def parse_frames(
         while ei < len(ends) and ends[ei][0] < raw_end:
             ei += 1
         t = ends[min(ei, len(ends) - 1)][1]
-        block = src[pos:end].replace(b"\r\n", b"\n")
-        event_id: str | None = None
-        event = "message"
-        data = b""
-        for line in block.split(b"\n"):
-            if line.startswith(b"id: "):
-                event_id = line[4:].decode()
-            elif line.startswith(b"event: "):
-                event = line[7:].decode()
-            elif line.startswith(b"data: "):
-                data = line[6:]
-        if data or event != "message":
-            frames.append((t, event_id, event, data))
+        sse = decode_frame(src[pos:end].decode().replace("\r\n", "\n").split("\n"))
+        if sse is not None and (sse.data or sse.event != "message"):
+            frames.append((t, sse.id or None, sse.event, sse.data.encode()))
         pos = frame_end
     return status, frames
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.resources
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -136,6 +137,7 @@ def create_app(
     registry: TaskRegistry | None = None,
     configure_logging: bool = False,
     owns_process: bool = False,
+    clock: Callable[[], float] = time.time,
 ) -> StepstreamApp:
     """Stepstream's web app, to run alone or to mount in a host app (see the module doc).
 
@@ -150,6 +152,9 @@ def create_app(
     ``owns_process``: the app is the process's only app (``stepstream web``). It raises the
     process's open-file limit to hold ``STEPSTREAM_MAX_STREAMS`` streams, and in production
     says so, once, when even the hard limit is too low. A host app's process is the host's.
+
+    ``clock``: the time in seconds that picks the window of the per-second submission limit
+    (``STEPSTREAM_SUBMISSIONS_PER_SECOND``); a test passes one it sets.
     """
     settings = settings or get_settings()
     if configure_logging:
@@ -159,7 +164,7 @@ def create_app(
     served = (
         registry
         if registry is not None
-        else load_tasks(settings.task_module_list, demo=settings.loads_demo_tasks)
+        else load_tasks(settings.task_modules, demo=settings.loads_demo_tasks)
     )
     web_metrics = WebMetrics()
 
@@ -221,7 +226,7 @@ def create_app(
         if production and not await auth.keys.any_key():
             logger.warning(NO_KEYS)
         app.state.stepstream = AppState(
-            settings, redis, store, hub, arq, auth, served, webhook_settings=announcer
+            settings, redis, store, hub, arq, auth, served, webhook_settings=announcer, clock=clock
         )
         try:
             yield

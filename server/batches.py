@@ -35,8 +35,8 @@ from stepstream.server.options import SubmitOptions, check_callback_url, parse_s
 from stepstream.server.state import AppState
 from stepstream.server.urls import root_path
 from stepstream.tasks import batches, creation, tracing
+from stepstream.tasks.commands import Command
 from stepstream.tasks.models import JobRecord, JobState, new_job_id, utcnow
-from stepstream.tasks.queue import Command
 from stepstream.tasks.registry import TaskSpec
 from stepstream.tasks.store import new_event
 

@@ -11,13 +11,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
+from stepstream._stream_id import LAST, StreamId
 from stepstream.server.errors import ApiError
 from stepstream.server.guards import guarded, open_stream
 from stepstream.server.hub import Hub
 from stepstream.server.jobs import load_job
 from stepstream.server.state import AppState
 from stepstream.server.streams import FirehoseStream, JobStream
-from stepstream.tasks.models import STREAM_ID_PART_MAX, parse_stream_id
 
 logger = logging.getLogger("stepstream.sse")
 
@@ -197,17 +197,14 @@ def read_cursor(request: Request) -> str | None:
     if raw is None or raw == "":
         return None
     try:
-        cursor = parse_stream_id(raw)
+        cursor = StreamId.parse(raw)
     except ValueError:
         raise ApiError(
             400, "bad_cursor", f"{raw!r} is not an event id (`0` or `<ms>-<seq>`)"
         ) from None
-    if cursor == LAST_STREAM_ID:  # no event can follow it: Redis refuses to read after it
+    if cursor == LAST:  # no event can follow it: Redis refuses to read after it
         raise ApiError(400, "bad_cursor", f"{raw!r} is the last possible event id")
     return raw
-
-
-LAST_STREAM_ID = (STREAM_ID_PART_MAX, STREAM_ID_PART_MAX)
 
 
 def sse_response(

@@ -9,7 +9,6 @@ import hashlib
 import json
 import logging
 import re
-import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -271,7 +270,7 @@ async def enforce_submission_limits(state: AppState, owner: str | None) -> None:
     """The owner's submissions per second. (Their unfinished jobs are counted by the create
     itself, which takes its places in the same script: ``unfinished_refusal``.)"""
     keys = state.store.keys
-    second = int(time.time())
+    second = int(state.clock())
     async with state.redis.pipeline(transaction=False) as pipe:
         pipe.incr(keys.submissions(owner, second))
         pipe.expire(keys.submissions(owner, second), 2)

@@ -50,7 +50,7 @@ class SecurityHeaders:
 
 
 def middleware(settings: Settings) -> list[Middleware]:
-    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    origins = settings.cors_origins
     # A page on an origin not listed here gets "network error" and nothing more: say why in
     # the log, where whoever runs the server can read it.
     stack = [Middleware(SecurityHeaders), Middleware(RefusedOriginLog, allowed=origins)]

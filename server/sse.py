@@ -39,10 +39,6 @@ def _escape(match: re.Match[str]) -> str:
     return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
 
 
-def retry_frame(milliseconds: int) -> bytes:
-    return f"retry: {milliseconds}\n\n".encode()
-
-
 def firehose_data(event_json: str, job_event_id: str) -> str:
     """The firehose carries each event with its id in its job's log as ``event_id``."""
     return f'{event_json[:-1]},"event_id":"{job_event_id}"}}'

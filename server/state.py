@@ -3,7 +3,9 @@ the registry of the tasks it serves."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from arq.connections import ArqRedis
@@ -28,6 +30,8 @@ class AppState:
     registry: TaskRegistry
     # This process's webhook settings, announced; the other processes' in view (/readyz).
     webhook_settings: Announcer | None = None
+    # Seconds since the epoch: picks the window of the per-second submission limit.
+    clock: Callable[[], float] = time.time
     # Open streams of this process, in all and by what they count against (server/guards.py).
     open_streams: int = 0
     streams_by_holder: Counter[str] = field(default_factory=Counter)

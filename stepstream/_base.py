@@ -15,6 +15,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel
 
+from stepstream._backoff import Backoff
 from stepstream._exceptions import (
     RateLimited,
     ServerUnavailable,
@@ -232,7 +233,7 @@ def answer_retry_delay(spec: RequestSpec, response: httpx.Response, attempt: int
 
 def retry_delay(attempt: int) -> float:
     """The pause before retry number ``attempt`` (1, 2, ...) of a plain request."""
-    return min(2.0, 0.25 * 2.0 ** (attempt - 1))
+    return Backoff(0.25, 2.0, jitter=0.0).delay(attempt)
 
 
 def unreachable(config: ClientConfig, error: Exception) -> ServerUnavailable:

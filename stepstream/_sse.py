@@ -1,4 +1,8 @@
-"""Following an SSE stream across dropped connections, free of I/O.
+"""Reading SSE, and following a Stepstream stream across dropped connections, free of I/O.
+
+Every Python reader of server-sent events (this client, the LLM provider, the benchmarks)
+decodes with httpx-sse, through ``EventSource`` or the two helpers here, so one parser knows
+the format (several ``data:`` lines, CR line ends, comments).
 
 The sync and the async client both drive the same two objects:
 
@@ -10,24 +14,36 @@ The sync and the async client both drive the same two objects:
 
 from __future__ import annotations
 
-import random
-import re
 import time
+from collections.abc import Iterable
 
-from httpx_sse import ServerSentEvent
+from httpx_sse import EventSource, ServerSentEvent
+from httpx_sse._decoders import SSEDecoder  # EventSource's own, for text already read
 
+from stepstream._backoff import Backoff
 from stepstream._exceptions import RateLimited, ServerUnavailable, StepstreamError
 from stepstream._models import Event, ResetEvent, SnapshotEvent, parse_event
+from stepstream._stream_id import StreamId
 
 DEFAULT_RETRY_SECONDS = 1.0
-_STREAM_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
 
 
-def _comparable(event_id: str) -> tuple[int, int] | None:
-    if event_id == "0":
-        return 0, 0
-    match = _STREAM_ID.fullmatch(event_id)
-    return (int(match[1]), int(match[2])) if match else None
+class AnyTypeEventSource(EventSource):
+    """httpx-sse's reader without its ``Content-Type: text/event-stream`` check, for servers
+    that stream events under another type (some OpenAI-compatible ones answer
+    ``application/json``)."""
+
+    def _check_content_type(self) -> None:
+        return None
+
+
+def decode_frame(lines: Iterable[str]) -> ServerSentEvent | None:
+    """The event in one frame's lines (the text between two blank lines, already read), or
+    None for a frame with no field (only comments)."""
+    decoder = SSEDecoder()
+    for line in lines:
+        decoder.decode(line)
+    return decoder.decode("")
 
 
 class StreamFollower:
@@ -85,7 +101,7 @@ class StreamFollower:
         # The server never repeats an id on one stream; this guards a resume that overlaps.
         if self.cursor is None:
             return False
-        new, last = _comparable(event_id), _comparable(self.cursor)
+        new, last = StreamId.parse_or_none(event_id), StreamId.parse_or_none(self.cursor)
         return new is not None and last is not None and new <= last
 
 
@@ -136,7 +152,7 @@ class Reconnector:
             if self.failures > self.retries or isinstance(give_up_with, RateLimited):
                 # Refused before we ever held a stream: the caller's own limit, say so now.
                 raise give_up_with or ServerUnavailable(reason)
-            return min(self.max_delay, 0.25 * 2.0 ** (self.failures - 1))
+            return Backoff(0.25, self.max_delay, jitter=0.0).delay(self.failures)
         if self.down_since is None:
             self.down_since = now
         if now - self.down_since > self.reconnect_timeout:
@@ -145,7 +161,7 @@ class Reconnector:
             raise ServerUnavailable(
                 f"{reason}; gave up reconnecting after {self.reconnect_timeout:g}s"
             )
-        delay = min(self.max_delay, follower.retry_seconds * 2.0 ** (self.failures - 1))
         # A little jitter, so clients of a restarted server do not all come back at once.
-        delay *= random.uniform(0.8, 1.0)
+        backoff = Backoff(follower.retry_seconds, self.max_delay, jitter=0.2)
+        delay = backoff.delay(self.failures)
         return max(delay, retry_after or 0.0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -418,6 +419,10 @@ COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in ("up", "web", "worker"):
+        # They check the project's task modules before starting its processes: imported from
+        # the working directory, as `python -m` imports them in those processes.
+        sys.path.insert(0, os.getcwd())
     if args.command == "up":
         return run_up(args.host, args.port, args.workers, args.data_dir, args.tasks, args.demo)
     if args.command == "valkey":

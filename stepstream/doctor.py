@@ -117,7 +117,7 @@ def check_settings(report: Report) -> Any:
     webhook_problem = settings.webhook_problem(mode == "production")
     if webhook_problem:
         report.add(FAIL, webhook_problem)
-    for module in settings.task_module_list:
+    for module in settings.task_modules:
         try:
             importlib.import_module(module)
         except Exception as exc:

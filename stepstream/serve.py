@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 WEB_APP = "stepstream.server.app:app"
 WORKER_MODULE = "stepstream.tasks.worker"
@@ -86,17 +86,17 @@ def task_env(tasks: str | None, demo: bool | None) -> dict[str, str]:
     return env
 
 
-def configuration_problem(env: dict[str, str], web_host: str | None) -> str | None:
+def configuration_problem(
+    web_host: str | None, tasks: str | None = None, demo: bool | None = None
+) -> str | None:
     """The first thing in the configuration that cannot work, as one plain line.
 
     Checked before a process starts, so an operator reads one sentence instead of the end of a
-    traceback inside a JSON log line. ``web_host`` is None for a worker.
+    traceback inside a JSON log line. ``web_host`` is None for a worker. The settings are read
+    as the process will read them: this environment, with ``--tasks`` and ``--demo`` over it
+    (:func:`task_env`). The task modules are imported from ``sys.path``: the caller puts the
+    working directory there first, as ``python -m`` does for the processes.
     """
-    saved = dict(os.environ)
-    os.environ.clear()
-    os.environ.update(env)
-    saved_path = list(sys.path)
-    sys.path.insert(0, os.getcwd())
     try:
         from pydantic import ValidationError
 
@@ -104,8 +104,13 @@ def configuration_problem(env: dict[str, str], web_host: str | None) -> str | No
         from stepstream.tasks.registry import load_tasks
         from stepstream.tasks.settings import Settings, describe_errors
 
+        overrides: dict[str, Any] = {}
+        if tasks is not None:
+            overrides["task_modules"] = tasks
+        if demo is not None:
+            overrides["demo_tasks"] = demo
         try:
-            settings = Settings()
+            settings = Settings(**overrides)
         except ValidationError as exc:
             return "; ".join(describe_errors(exc))
         problem = (
@@ -116,7 +121,7 @@ def configuration_problem(env: dict[str, str], web_host: str | None) -> str | No
         if problem:
             return problem
         try:
-            registry = load_tasks(settings.task_module_list, demo=settings.loads_demo_tasks)
+            registry = load_tasks(settings.task_modules, demo=settings.loads_demo_tasks)
             if web_host is None:  # a worker fires the recurring jobs: each must fit its task
                 from stepstream.tasks.recurring import check_declarations
 
@@ -130,22 +135,18 @@ def configuration_problem(env: dict[str, str], web_host: str | None) -> str | No
             f'pip install "/path/to/stepstream[server]", from a checkout or a wheel built from one '
             f"({exc})"
         )
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-        sys.path[:] = saved_path
 
 
 def run_web(host: str, port: int, tasks: str | None, demo: bool | None) -> NoReturn:
     env = task_env(tasks, demo)
-    _exit_on_problem(configuration_problem(env, host))
+    _exit_on_problem(configuration_problem(host, tasks, demo))
     argv = web_argv(host, port)
     os.execve(argv[0], argv, env)
 
 
 def run_worker(tasks: str | None, demo: bool | None) -> NoReturn:
     env = task_env(tasks, demo)
-    _exit_on_problem(configuration_problem(env, None))
+    _exit_on_problem(configuration_problem(None, tasks, demo))
     argv = worker_argv()
     os.execve(argv[0], argv, env)
 

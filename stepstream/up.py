@@ -60,7 +60,7 @@ def run_up(
         print(f"stepstream: port {port} is in use; choose another with --port", file=sys.stderr)
         return 1
     env = task_env(tasks, demo)
-    problem = configuration_problem(env, host)
+    problem = configuration_problem(host, tasks, demo)
     if problem:
         print(f"stepstream: {problem}", file=sys.stderr)
         return EXIT_CONFIG

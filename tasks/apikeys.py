@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Iterable
 
 from redis.asyncio import Redis
 
@@ -18,13 +19,11 @@ def digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def parse_configured(spec: str) -> dict[str, str]:
-    """``"owner:key,owner2:key2"`` → {digest(key): owner}."""
+def parse_configured(pairs: Iterable[str]) -> dict[str, str]:
+    """``["owner:key", "owner2:key2"]`` (STEPSTREAM_API_KEYS) → {digest(key): owner}."""
     configured: dict[str, str] = {}
-    for item in spec.split(","):
-        if not item.strip():
-            continue
-        owner, sep, key = item.strip().partition(":")
+    for item in pairs:
+        owner, sep, key = item.partition(":")
         if not sep or not owner or not key:
             raise ValueError("STEPSTREAM_API_KEYS takes owner:key pairs separated by commas")
         configured[digest(key)] = owner

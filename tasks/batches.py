@@ -28,6 +28,7 @@ from typing import Any
 
 from redis.exceptions import RedisError, WatchError
 
+from stepstream.tasks.commands import Command
 from stepstream.tasks.models import JobRecord, JobState, utcnow
 from stepstream.tasks.store import JobStore, appended_from, decode_record, new_event
 
@@ -201,7 +202,7 @@ class Opening:
 
     events: list[dict[str, Any]]
     fields: dict[str, Any]  # to apply to the parent's record before its create
-    then: list[list[str | bytes | int]]
+    then: list[Command]
 
 
 def opening(store: JobStore, parent: JobRecord, cached: Sequence[JobRecord]) -> Opening:
@@ -226,7 +227,7 @@ def opening(store: JobStore, parent: JobRecord, cached: Sequence[JobRecord]) -> 
         events.append(event)
         fields.update(done)
     key = store.keys.batch_counts(parent.id)
-    then: list[list[str | bytes | int]] = [
+    then: list[Command] = [
         ["HSET", key, "#shown", len(cached)],
         ["EXPIRE", key, store.settings.retention_seconds],
     ]

@@ -14,8 +14,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from stepstream.tasks.commands import Command
 from stepstream.tasks.keys import Keys
-from stepstream.tasks.queue import Command
 from stepstream.tasks.registry import TaskSpec
 
 

@@ -22,10 +22,11 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic_core import to_jsonable_python
 
 from stepstream.tasks import children, inputs, tracing
+from stepstream.tasks.commands import Command
 from stepstream.tasks.cost import BudgetExceeded
 from stepstream.tasks.errors import StepTimeout
 from stepstream.tasks.models import EventType, JobRecord, StepRecord, StepRef, Usage, utcnow
-from stepstream.tasks.output import Command, StepText, text_commands
+from stepstream.tasks.output import StepText, text_commands
 from stepstream.tasks.registry import TaskSpec
 from stepstream.tasks.store import JobStore, new_event
 from stepstream.tasks.writer import EventWriter
@@ -86,7 +87,7 @@ class TaskContext:
         self.owner = record.owner
         self.current_step: StepRef | None = None
         self.steps: list[StepRecord] = self._initial_steps(record)
-        # LLM spending (tasks/llm.py): the totals so far, earlier attempts included.
+        # LLM spending (tasks/llm/): the totals so far, earlier attempts included.
         self.usage: Usage = record.usage
         self.cost: float = record.cost
         self.budget: float | None = record.budget if record.budget is not None else spec.budget
@@ -267,7 +268,7 @@ class TaskContext:
         step: str | None = None,
         **options: Any,
     ) -> M | str:
-        """One LLM call (tasks/llm.py), as the checkpointed step ``step`` when given: a call
+        """One LLM call (tasks/llm/), as the checkpointed step ``step`` when given: a call
         that succeeded is restored, never made again, when the job runs again. Options:
         ``model``, ``max_tokens``, ``temperature``, ``pricing``, ``timeout``, and ``stream=True``:
         the reply is streamed into the step as it is written (tasks/output.py)."""

@@ -155,16 +155,14 @@ class Policy:
 
     def __init__(
         self,
-        allowed_hosts: str = "",
+        allowed_hosts: Iterable[str] = (),
         *,
         allow_public: bool = True,
         redis_urls: Iterable[str] = (),
     ) -> None:
         names: dict[str, set[int] | None] = {}
         networks: list[tuple[IPNetwork, int | None]] = []
-        for entry in (e.strip() for e in allowed_hosts.split(",")):
-            if not entry:
-                continue
+        for entry in allowed_hosts:
             host, port = parse_entry(entry)
             try:
                 networks.append((ipaddress.ip_network(host, strict=False), port))

@@ -26,6 +26,7 @@ from arq.connections import ArqRedis
 from pydantic import BaseModel, ValidationError
 
 from stepstream.tasks import tracing
+from stepstream.tasks.commands import Command
 from stepstream.tasks.errors import PermanentError
 from stepstream.tasks.keys import Keys
 from stepstream.tasks.models import InputRequest, JobRecord, JobState, utcnow
@@ -45,7 +46,6 @@ M = TypeVar("M", bound=BaseModel)
 
 INPUT_TIMEOUT = "stepstream.input_timeout"  # the arq function that ends an unanswered wait
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-Command = list[str | bytes | int]
 
 
 class InputSuspended(BaseException):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import secrets
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -10,6 +9,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import SkipJsonSchema
+
+from stepstream._stream_id import StreamId
 
 
 class JobState(StrEnum):
@@ -195,21 +196,8 @@ def utcnow() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def parse_stream_id(value: str) -> tuple[int, int]:
-    """``<ms>-<seq>`` (or ``0``) as a comparable pair; ValueError for anything else."""
-    if value == "0":
-        return 0, 0
-    match = _STREAM_ID.fullmatch(value)
-    if match is None:
-        raise ValueError(f"not a stream id: {value!r}")
-    pair = int(match[1]), int(match[2])
-    if max(pair) > STREAM_ID_PART_MAX:  # Redis refuses such an id in every command
-        raise ValueError(f"not a stream id: {value!r}")
-    return pair
-
-
-STREAM_ID_PART_MAX = 2**64 - 1
-_STREAM_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+# ``<ms>-<seq>`` (or ``0``) as a comparable StreamId; ValueError for anything else.
+parse_stream_id = StreamId.parse
 
 
 def job_links(base: str, job_id: str) -> dict[str, str]:

@@ -53,6 +53,8 @@ import httpx
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from stepstream._backoff import Backoff
+from stepstream._stream_id import StreamId
 from stepstream.tasks import webhooks
 from stepstream.tasks.destinations import Policy, Refused, Unresolvable
 from stepstream.tasks.keys import Keys
@@ -85,10 +87,8 @@ return 0
 def backoff_seconds(settings: Settings, entry_id: str, attempts: int) -> float:
     """The wait after the timeout of attempt ``attempts`` before the next one; the jitter is
     fixed per entry and attempt, so every worker computes the same time."""
-    delay = settings.webhook_backoff_seconds * 2.0 ** max(0, attempts - 1)
-    delay = min(settings.webhook_max_backoff_seconds, delay)
-    jitter: float = random.Random(f"{entry_id}/{attempts}").uniform(0.5, 1.0)
-    return delay * jitter
+    backoff = Backoff(settings.webhook_backoff_seconds, settings.webhook_max_backoff_seconds)
+    return backoff.delay(attempts, random.Random(f"{entry_id}/{attempts}"))
 
 
 def retry_after_ms(settings: Settings, entry_id: str, attempts: int) -> int:
@@ -510,4 +510,4 @@ class Outbox:
 
 def _age_seconds(entry_id: str) -> float:
     """How long ago the append script added the entry (its id is its time in unix ms)."""
-    return time.time() - int(entry_id.partition("-")[0]) / 1000
+    return time.time() - StreamId.parse(entry_id).ms / 1000

@@ -25,15 +25,14 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 
+from stepstream.tasks.commands import Command
 from stepstream.tasks.models import JobRecord
 
 # Text waiting for its event is sent at once when it reaches this, whatever the interval; an
 # event never carries more (a larger write is split): the buffer is bounded, and so is an event.
 MAX_DELTA_CHARS = 16_384
-
-Command = Sequence[str | bytes | int]
 
 
 def text_commands(key: str, index: int, delta: str, offset: int, ttl: int) -> list[Command]:

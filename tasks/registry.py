@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, RootModel
 
+from stepstream._backoff import Backoff as Backoff  # public here: stepstream.Backoff
 from stepstream.tasks.cost import FREE, Pricing
 from stepstream.tasks.errors import ConfigurationError
 
@@ -27,18 +28,6 @@ if TYPE_CHECKING:
 TaskFunction = Callable[["TaskContext", Any], Awaitable[Any]]
 
 BUILTIN_TASK_MODULES = ("stepstream.tasks.demo",)
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Exponential backoff between attempts: ``min * 2**(attempt-1)``, capped, with jitter."""
-
-    min_seconds: float = 1.0
-    max_seconds: float = 60.0
-    jitter: float = 0.5  # the delay is scaled by a random factor in [1 - jitter, 1]
-
-    def base_delay(self, attempt: int) -> float:
-        return float(min(self.max_seconds, self.min_seconds * 2 ** max(attempt - 1, 0)))
 
 
 @dataclass(frozen=True)

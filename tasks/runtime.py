@@ -509,8 +509,7 @@ async def _handle_failure(
         if isinstance(exc, RetryAfter):
             delay = max(0.0, exc.seconds)
         else:
-            jitter = 1 - random.random() * spec.backoff.jitter
-            delay = spec.backoff.base_delay(attempt) * jitter
+            delay = spec.backoff.delay(attempt)
         retry_at = (datetime.now(UTC) + timedelta(seconds=delay)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         public_error = {k: v for k, v in error.items() if k != "traceback"}
         appended = await store.append(

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Annotated, Literal
+from typing import Annotated, Literal, cast
 
 from pydantic import (
     AliasChoices,
+    BeforeValidator,
     Field,
     ValidationError,
     ValidationInfo,
@@ -19,8 +20,16 @@ LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 WEBHOOK_EVENTS = frozenset({"completed", "failed", "cancelled"})
 
 
-def _split(value: str) -> list[str]:
-    return [part.strip() for part in value.split(",") if part.strip()]
+def _comma_separated(value: object) -> object:
+    """``"a, b,,c"`` as ``["a", "b", "c"]``; a list (a Settings built in code) as it is."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+# A list setting, written in the environment as ``a,b,c``. NoDecode: pydantic-settings would
+# read the value as JSON (``["a","b"]``), which is not the documented format.
+CommaList = Annotated[list[str], NoDecode, BeforeValidator(_comma_separated)]
 
 
 def _address(value: str) -> tuple[str, int]:
@@ -32,8 +41,12 @@ def _address(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
-class Settings(BaseSettings):
+class _Environment(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STEPSTREAM_", extra="ignore")
+
+
+class StoreSettings(_Environment):
+    """Redis, the job logs and the task modules: what every process reads."""
 
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0",
@@ -48,7 +61,7 @@ class Settings(BaseSettings):
     prefix: str = "stepstream:"
     # Modules whose @task definitions the web process and the workers load (comma separated),
     # e.g. "tasks" for a tasks.py in the working directory, or "myapp.jobs".
-    task_modules: str = ""
+    task_modules: CommaList = []
     # The two demo tasks (analyze_document, generate_quote). Unset, they load only when no task
     # module is named: a user's own modules come alone unless the demos are asked for too.
     demo_tasks: bool | None = None
@@ -56,6 +69,47 @@ class Settings(BaseSettings):
     retention_seconds: int = 7 * 24 * 3600
     job_log_maxlen: int = 10_000
     firehose_maxlen: int = 100_000
+    idempotency_ttl_seconds: int = 24 * 3600
+
+    # Operations (docs/deploy.md)
+    # JSON unless stderr is a terminal, for auto
+    log_format: Literal["auto", "json", "text"] = "auto"
+    log_level: str = "INFO"
+    # OpenTelemetry (docs/observability.md): auto = on when OTEL_EXPORTER_OTLP_ENDPOINT or
+    # OTEL_TRACES_EXPORTER is set, or the application set a tracer provider of its own.
+    tracing: Literal["auto", "on", "off"] = "auto"
+
+    @field_validator("sentinels", mode="before")
+    @classmethod
+    def _sentinel_addresses(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value  # already pairs (a Settings built in code)
+        return [_address(part) for part in cast(list[str], _comma_separated(value))]
+
+    @field_validator("sentinel_master")
+    @classmethod
+    def _sentinels_name_a_primary(cls, value: str, info: ValidationInfo) -> str:
+        sentinels = info.data.get("sentinels")
+        if sentinels is not None and bool(sentinels) != bool(value):
+            raise ValueError(
+                "STEPSTREAM_SENTINELS and STEPSTREAM_SENTINEL_MASTER go together: set both "
+                "(the Sentinels, and the name they monitor the primary under) or neither"
+            )
+        return value
+
+    @property
+    def redis_urls(self) -> tuple[str, ...]:
+        """Every Redis server Stepstream connects to: never a webhook target."""
+        return (self.redis_url,)
+
+    @property
+    def loads_demo_tasks(self) -> bool:
+        """Whether the demo tasks load: as set, else only beside no task module of the user's."""
+        return self.demo_tasks if self.demo_tasks is not None else not self.task_modules
+
+
+class HttpSettings(_Environment):
+    """The web process: requests, streams, access and the limits on what clients send."""
 
     max_body_bytes: int = 1_048_576
     body_timeout_seconds: float = 10.0  # a request body must arrive whole within this
@@ -83,15 +137,13 @@ class Settings(BaseSettings):
     # order).
     subscribe_delay_seconds: float = 0.0
 
-    idempotency_ttl_seconds: int = 24 * 3600
-
     # Access (docs/security.md)
     # production unless bound to loopback, for auto
     mode: Literal["auto", "development", "production"] = "auto"
     secret: str | None = None  # signs stream tokens; required in production
-    api_keys: str = ""  # "owner:key,owner2:key2"; more with `stepstream keys create OWNER`
+    api_keys: CommaList = []  # "owner:key,owner2:key2"; more with `stepstream keys create OWNER`
     token_ttl_seconds: float = 900.0
-    cors_origins: str = ""  # comma separated; empty = CORS off
+    cors_origins: CommaList = []  # comma separated; empty = CORS off
     # /openapi.json lists every task's schema: in production it needs a key unless this is set.
     public_openapi: bool = False
 
@@ -115,8 +167,19 @@ class Settings(BaseSettings):
         ),
     )
     max_streams_per_token: int = 20  # opened with one stream token
+    max_batch_size: int = 1_000
+    max_delay_seconds: int = 30 * 24 * 3600  # the furthest ahead a job may be scheduled
 
-    # Worker
+    def is_production(self, bound_host: str | None) -> bool:
+        if self.mode != "auto":
+            return self.mode == "production"
+        # auto: open only when nobody but this machine can reach us.
+        return bound_host not in LOOPBACK
+
+
+class WorkerSettings(_Environment):
+    """The arq workers: how many jobs, how often they poll, and how a job's lease works."""
+
     max_jobs: int = 10
     # A worker polls the queue as soon as a job is queued, and this often otherwise.
     poll_delay_seconds: float = 0.5
@@ -127,25 +190,26 @@ class Settings(BaseSettings):
     # On SIGTERM a worker takes no new jobs and lets running ones finish for this long; the
     # rest are handed back to the queue for another worker.
     shutdown_grace_seconds: int = 20
-
-    # Operations (docs/deploy.md)
-    # JSON unless stderr is a terminal, for auto
-    log_format: Literal["auto", "json", "text"] = "auto"
-    log_level: str = "INFO"
-    # OpenTelemetry (docs/observability.md): auto = on when OTEL_EXPORTER_OTLP_ENDPOINT or
-    # OTEL_TRACES_EXPORTER is set, or the application set a tracer provider of its own.
-    tracing: Literal["auto", "on", "off"] = "auto"
     # Each worker writes a heartbeat this often; it expires after three missed beats.
     worker_heartbeat_seconds: float = 2.0
-    # Webhooks (docs/deploy.md, "Webhooks"): a job's `callback_url` and the deployment's webhook
-    # get each terminal event, delivered from a durable outbox by the workers.
+    # Jobs that start jobs (tasks/children.py): the most children one ctx.map (or ctx.spawn)
+    # starts, and how deep a tree may go (a submitted job is depth 0, its children 1, ...).
+    # Past either, the call fails the parent with ChildrenRefused before any child is created.
+    max_children_per_call: int = Field(default=1_000, ge=1)
+    max_job_depth: int = Field(default=3, ge=0)
+
+
+class WebhookSettings(_Environment):
+    """Webhooks (docs/deploy.md, "Webhooks"): a job's `callback_url` and the deployment's
+    webhook get each terminal event, delivered from a durable outbox by the workers."""
+
     webhook_url: str = ""  # the deployment webhook: terminal events of every job
-    webhook_events: str = "completed,failed,cancelled"  # the ones the deployment webhook gets
+    webhook_events: CommaList = ["completed", "failed", "cancelled"]  # what that webhook gets
     webhook_secret: str = ""  # signs each delivery: X-Stepstream-Signature
     # Hosts (names, addresses or networks, each with an optional :port, comma separated) a
     # callback_url may reach although they are internal (loopback, private, link-local...),
     # which are refused by default (tasks/destinations.py).
-    webhook_allowed_hosts: str = ""
+    webhook_allowed_hosts: CommaList = []
     webhook_allow_public: bool = True  # false: a callback_url may reach the allowed hosts only
     webhook_attempts: int = Field(default=10, ge=1, le=100)
     webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=300)  # one attempt, in all
@@ -163,52 +227,10 @@ class Settings(BaseSettings):
     # The address people reach the server at, for links in webhooks (https://jobs.example.com)
     public_url: str = ""
 
-    # AI workloads (docs/ai-workloads.md)
-    # offline: deterministic, no network; openai: any OpenAI-compatible server
-    llm_provider: Literal["offline", "openai"] = "offline"
-    llm_base_url: str = "https://api.openai.com/v1"  # any OpenAI-compatible server
-    llm_api_key: str = ""
-    llm_model: str = "gpt-4o-mini"
-    llm_timeout_seconds: float = 60.0  # one HTTP request
-    # 429/5xx/timeouts are retried inside the call this many times, waiting Retry-After when it
-    # is at most llm_max_inline_wait_seconds; past either limit the job retries (RetryAfter).
-    llm_max_retries: int = 2
-    llm_max_inline_wait_seconds: float = 10.0
-    # A step's streamed text (ctx.output(), ctx.llm(stream=True)): at most one `output` event
-    # per this many seconds per step; the deltas written in between go together.
-    output_interval_seconds: float = Field(default=0.05, ge=0.0, le=10.0)
-    # The offline provider's streamed reply: the pause before each word.
-    llm_offline_word_seconds: float = Field(default=0.02, ge=0.0, le=10.0)
-    max_batch_size: int = 1_000
-    # Jobs that start jobs (tasks/children.py): the most children one ctx.map (or ctx.spawn)
-    # starts, and how deep a tree may go (a submitted job is depth 0, its children 1, ...).
-    # Past either, the call fails the parent with ChildrenRefused before any child is created.
-    max_children_per_call: int = Field(default=1_000, ge=1)
-    max_job_depth: int = Field(default=3, ge=0)
-    max_delay_seconds: int = 30 * 24 * 3600  # the furthest ahead a job may be scheduled
-
-    @field_validator("sentinels", mode="before")
-    @classmethod
-    def _sentinel_addresses(cls, value: object) -> object:
-        if not isinstance(value, str):
-            return value  # already pairs (a Settings built in code)
-        return [_address(part) for part in _split(value)]
-
-    @field_validator("sentinel_master")
-    @classmethod
-    def _sentinels_name_a_primary(cls, value: str, info: ValidationInfo) -> str:
-        sentinels = info.data.get("sentinels")
-        if sentinels is not None and bool(sentinels) != bool(value):
-            raise ValueError(
-                "STEPSTREAM_SENTINELS and STEPSTREAM_SENTINEL_MASTER go together: set both "
-                "(the Sentinels, and the name they monitor the primary under) or neither"
-            )
-        return value
-
     @field_validator("webhook_events")
     @classmethod
-    def _known_events(cls, value: str) -> str:
-        unknown = [e for e in _split(value) if e not in WEBHOOK_EVENTS]
+    def _known_events(cls, value: list[str]) -> list[str]:
+        unknown = [e for e in value if e not in WEBHOOK_EVENTS]
         if unknown:
             raise ValueError(
                 f"unknown event(s) {', '.join(unknown)}: use {', '.join(sorted(WEBHOOK_EVENTS))}"
@@ -217,22 +239,22 @@ class Settings(BaseSettings):
 
     @field_validator("webhook_allowed_hosts")
     @classmethod
-    def _allow_entries(cls, value: str) -> str:
+    def _allow_entries(cls, value: list[str]) -> list[str]:
         from stepstream.tasks.destinations import parse_entry
 
-        for entry in _split(value):
+        for entry in value:
             parse_entry(entry)  # ValueError names the entry
         return value
 
     @model_validator(mode="after")
-    def _alert_is_a_deployment_webhook(self) -> Settings:
+    def _alert_is_a_deployment_webhook(self) -> WebhookSettings:
         """The old failure alert settings configure the deployment webhook, for `failed` only,
         unless the webhook settings themselves are given."""
         given = self.model_fields_set
         if self.alert_webhook_url and not self.webhook_url:
             self.webhook_url = self.alert_webhook_url
             if "webhook_events" not in given:
-                self.webhook_events = "failed"
+                self.webhook_events = ["failed"]
         if self.alert_webhook_secret and not self.webhook_secret:
             self.webhook_secret = self.alert_webhook_secret
         for old, new in (
@@ -247,12 +269,7 @@ class Settings(BaseSettings):
     @property
     def webhook_states(self) -> frozenset[str]:
         """The terminal states the deployment webhook is told about (none without its URL)."""
-        return frozenset(_split(self.webhook_events)) if self.webhook_url else frozenset()
-
-    @property
-    def redis_urls(self) -> tuple[str, ...]:
-        """Every Redis server Stepstream connects to: never a webhook target."""
-        return (self.redis_url,)
+        return frozenset(self.webhook_events) if self.webhook_url else frozenset()
 
     @property
     def webhooks_configured(self) -> bool:
@@ -261,7 +278,7 @@ class Settings(BaseSettings):
         ``callbacks_refused``)."""
         return bool(
             self.webhook_url
-            or self.webhook_allowed_hosts.strip()
+            or self.webhook_allowed_hosts
             or ("webhook_allow_public" in self.model_fields_set and self.webhook_allow_public)
         )
 
@@ -286,16 +303,35 @@ class Settings(BaseSettings):
             )
         return None
 
+
+class LLMSettings(_Environment):
+    """AI workloads (docs/ai-workloads.md): the LLM provider and a step's streamed text."""
+
+    # offline: deterministic, no network; openai: any OpenAI-compatible server
+    llm_provider: Literal["offline", "openai"] = "offline"
+    llm_base_url: str = "https://api.openai.com/v1"  # any OpenAI-compatible server
+    llm_api_key: str = ""
+    llm_model: str = "gpt-4o-mini"
+    llm_timeout_seconds: float = 60.0  # one HTTP request
+    # 429/5xx/timeouts are retried inside the call this many times, waiting Retry-After when it
+    # is at most llm_max_inline_wait_seconds; past either limit the job retries (RetryAfter).
+    llm_max_retries: int = 2
+    llm_max_inline_wait_seconds: float = 10.0
+    # A step's streamed text (ctx.output(), ctx.llm(stream=True)): at most one `output` event
+    # per this many seconds per step; the deltas written in between go together.
+    output_interval_seconds: float = Field(default=0.05, ge=0.0, le=10.0)
+    # The offline provider's streamed reply: the pause before each word.
+    llm_offline_word_seconds: float = Field(default=0.02, ge=0.0, le=10.0)
+
+
+class Settings(LLMSettings, WebhookSettings, WorkerSettings, HttpSettings, StoreSettings):
+    """Every setting, grouped by concern in its bases; one flat object, as every process
+    reads them (``STEPSTREAM_<NAME>``, documented in docs/configuration.md)."""
+
     def worker_problem(self) -> str | None:
         """Why a worker cannot start, in one plain line. A worker binds no address to judge
         by: it is in production when STEPSTREAM_MODE says so."""
         return self.webhook_problem(self.mode == "production")
-
-    def is_production(self, bound_host: str | None) -> bool:
-        if self.mode != "auto":
-            return self.mode == "production"
-        # auto: open only when nobody but this machine can reach us.
-        return bound_host not in LOOPBACK
 
     def production_problem(self, bound_host: str | None) -> str | None:
         """Why a web process bound to ``bound_host`` cannot start, in one plain line."""
@@ -308,15 +344,6 @@ class Settings(BaseSettings):
                 "trusted machine."
             )
         return self.webhook_problem(self.is_production(bound_host))
-
-    @property
-    def task_module_list(self) -> list[str]:
-        return [m.strip() for m in self.task_modules.split(",") if m.strip()]
-
-    @property
-    def loads_demo_tasks(self) -> bool:
-        """Whether the demo tasks load: as set, else only beside no task module of the user's."""
-        return self.demo_tasks if self.demo_tasks is not None else not self.task_module_list
 
 
 def describe_errors(exc: ValidationError) -> list[str]:

@@ -27,9 +27,10 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError, ResponseError
 
+from stepstream._stream_id import StreamId
 from stepstream.tasks import transitions
 from stepstream.tasks.keys import Keys
-from stepstream.tasks.models import JobRecord, JobState, parse_stream_id, utcnow
+from stepstream.tasks.models import JobRecord, JobState, utcnow
 from stepstream.tasks.output import with_live_text
 from stepstream.tasks.settings import Settings
 
@@ -294,18 +295,18 @@ class StreamInfo:
     length: int
     entries_added: int
 
-    def trimmed_after(self, cursor: tuple[int, int]) -> bool:
+    def trimmed_after(self, cursor: tuple[int, int]) -> bool:  # a StreamId, or a plain pair
         """Whether events that followed ``cursor`` were trimmed away.
 
         ``max-deleted-entry-id`` alone is not enough: Valkey does not move it on XTRIM or on
         XADD's MAXLEN, so a cursor older than the first entry kept, in a stream that has lost
         entries, counts as trimmed too.
         """
-        if cursor < parse_stream_id(self.max_deleted_id):
+        if cursor < StreamId.parse(self.max_deleted_id):
             return True
         if self.entries_added <= self.length:
             return False
-        return self.first_id is None or cursor < parse_stream_id(self.first_id)
+        return self.first_id is None or cursor < StreamId.parse(self.first_id)
 
 
 # Valkey restarts one transaction outlives before its error surfaces (create_together).
@@ -768,7 +769,3 @@ def decode_record(raw: Mapping[str, str]) -> JobRecord | None:
 
 def new_event(job_id: str, type_: str, attempt: int, **data: Any) -> dict[str, Any]:
     return {"job_id": job_id, "type": type_, "at": utcnow(), "attempt": attempt, **data}
-
-
-def stream_id_after(a: str, b: str) -> bool:
-    return parse_stream_id(a) > parse_stream_id(b)

@@ -63,7 +63,7 @@ def describe(settings: Settings) -> dict[str, Any]:
         shown_url = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/… ({_digest(url)})"
     return {
         "allowed_hosts": ",".join(
-            sorted({e.strip().lower() for e in settings.webhook_allowed_hosts.split(",")} - {""})
+            sorted({entry.lower() for entry in settings.webhook_allowed_hosts})
         ),
         "allow_public": settings.webhook_allow_public,
         "secret": f"set ({_digest(settings.webhook_secret)})" if settings.webhook_secret else "",

@@ -117,7 +117,7 @@ def worker_settings(settings: Settings | None = None, registry: TaskRegistry | N
     served = (
         registry
         if registry is not None
-        else load_tasks(config.task_module_list, demo=config.loads_demo_tasks)
+        else load_tasks(config.task_modules, demo=config.loads_demo_tasks)
     )
 
     class WorkerSettings:

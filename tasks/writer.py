@@ -23,9 +23,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from stepstream.tasks.commands import Command
 from stepstream.tasks.errors import JobCancelled
 from stepstream.tasks.models import JobState
-from stepstream.tasks.output import Command
 from stepstream.tasks.store import JobStore
 
 MAX_PENDING = 256  # events gathered while one append is answered; more waits for room

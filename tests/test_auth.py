@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,6 +19,7 @@ from stepstream.tasks.keys import Keys
 from tests.conftest import Stack, StackFactory
 from tests.support import http
 from tests.support.api import DOC
+from tests.support.clock import SetClock, add_clocked_web
 from tests.support.processes import ROOT, free_port, stack_env, wait_until
 from tests.support.sse import StreamReader, read_stream
 from tests.test_jobs import store_snapshot
@@ -301,10 +303,10 @@ def test_keys_created_on_the_command_line_work(prod: Stack) -> None:
 
 
 def test_over_limit_requests_get_429_413_422_and_change_nothing(
-    make_stack: StackFactory,
+    make_stack: StackFactory, tmp_path: Path
 ) -> None:
     s = make_stack(
-        webs=1,
+        webs=0,
         workers=0,
         STEPSTREAM_SUBMISSIONS_PER_SECOND="3",
         STEPSTREAM_MAX_UNFINISHED_PER_OWNER="5",
@@ -313,6 +315,9 @@ def test_over_limit_requests_get_429_413_422_and_change_nothing(
         STEPSTREAM_MAX_STRING_LENGTH="1000",
         **PRODUCTION,
     )
+    # The rate limit's window is the second on this clock, which the test sets.
+    clock = SetClock(tmp_path / "clock")
+    add_clocked_web(s, clock)
 
     def snapshot() -> dict[str, str]:
         return store_snapshot(s)
@@ -346,25 +351,11 @@ def test_over_limit_requests_get_429_413_422_and_change_nothing(
             timeout=30,
         )
 
-    for _ in range(10):
-        # From the top of a second, four local requests sent at once nearly always share one
-        # window (sent one after another, they straddled two on a loaded machine).
-        time.sleep(1.02 - time.time() % 1)
-        first_second = int(time.time())
-        with ThreadPoolExecutor(4) as pool:
-            codes = list(pool.map(submit_as_bob, range(4)))
-        seconds = range(first_second, int(time.time()) + 1)
-        counted = [int(n) for n in r.mget([keys.submissions("bob", t) for t in seconds]) if n]
-        if counted == [4]:  # the server counted all four in one window: the limit applied
-            break
-        # They straddled two windows (a loaded machine): nothing was tested. Cancel what got in,
-        # so Bob's unfinished jobs stay under their own limit, and try again.
-        for code in codes:
-            if code.status_code == 202:
-                cancel = f"{s.url}/api/jobs/{code.json()['id']}/cancel"
-                assert http.post(cancel, headers=BOB).status_code == 200
-    else:
-        pytest.fail("four submissions never landed in one window of the rate counter")
+    second = int(time.time()) + 3600  # a window no earlier request counted in
+    clock.set(second + 0.5)  # one window for all four, however long they take
+    with ThreadPoolExecutor(4) as pool:
+        codes = list(pool.map(submit_as_bob, range(4)))
+    assert r.get(keys.submissions("bob", second)) == "4"  # the server counted all four there
     # Sent at once, any one of the four may be the one past the limit.
     assert sorted(c.status_code for c in codes) == [202, 202, 202, 429]
     (refused,) = [c for c in codes if c.status_code == 429]
@@ -372,13 +363,13 @@ def test_over_limit_requests_get_429_413_422_and_change_nothing(
     assert refused.json()["error"]["code"] == "rate_limited"
 
     # Unfinished jobs per owner (no worker runs them): the sixth is refused.
-    for _ in range(2):
-        time.sleep(1.05)
+    # Two a window, under the rate limit: only the unfinished limit can refuse.
+    for window in range(1, 4):
+        clock.set(second + window)
         submit_as(s, ALICE)
-        submit_as(s, ALICE)
-    time.sleep(1.05)
-    submit_as(s, ALICE)
-    time.sleep(1.05)
+        if window < 3:
+            submit_as(s, ALICE)
+    clock.set(second + 4)
     before = snapshot()
     refused = http.post(
         f"{s.url}/api/jobs",

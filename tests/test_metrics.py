@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -116,7 +115,10 @@ def test_counters_and_stats_move_as_jobs_run_on_two_webs_and_two_workers(
 def test_queue_depth_and_oldest_wait_while_no_worker_runs(make_stack: StackFactory) -> None:
     s = make_stack(webs=1, workers=0, STEPSTREAM_WORKER_HEARTBEAT_SECONDS="0.5")
     jobs = [submit(s.url, "counted") for _ in range(3)]
-    time.sleep(0.5)
+    # The oldest job's wait grows while no worker runs.
+    wait_until(
+        lambda: (stats(s.url)["oldest_queued_age"] or 0) >= 0.4, timeout=10, what="a queued age"
+    )
 
     st = stats(s.url)
     assert st["queue_depth"] == 3

@@ -7,7 +7,6 @@ import json
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -61,7 +60,11 @@ def test_the_old_failure_alert_settings_are_a_deployment_webhook_for_failed_jobs
     assert wait_state(s.url, retried["id"], TERMINAL)["state"] == "completed"
 
     wait_until(lambda: len(receiver.accepted()) == 2, timeout=20, what="two alerts")
-    time.sleep(1.0)  # nothing else arrives: no duplicate, nothing for the completed job
+    # Every job has ended, so every alert is in the outbox; once it is empty nothing else
+    # can arrive: no duplicate, nothing for the completed job.
+    with s.redis() as r:
+        outbox = Keys(s.prefix).webhook_outbox
+        wait_until(lambda: r.xlen(outbox) == 0, timeout=10, what="the outbox to empty")
     accepted = receiver.accepted()
     assert sorted(a.job_id for a in accepted) == sorted(j["id"] for j in failing)
     assert retried["id"] not in {d.job_id for d in receiver.all()}

@@ -178,8 +178,8 @@ def test_deliveries_retry_with_backoff_and_give_up_after_the_last_attempt(
     assert "webhook attempt 1 of 3 failed (HTTP 500)" in worker.log()
     # The receiver saw the 200 before the worker read it: the worker's line may come later.
     wait_until(lambda: "webhook delivered (HTTP 200)" in worker.log(), timeout=10, what="log")
-    assert outbox_size(s) == 0
-    time.sleep(timeout + backoff * 8)  # longer than another retry would wait: none comes
+    # Given up means gone from the outbox: nothing is left there to retry.
+    wait_until(lambda: outbox_size(s) == 0, timeout=10, what="the outbox to empty")
     assert [d.status for d in receiver.for_job(down)] == [500, 500, 500]
     assert receiver.for_job(down)[0].body["type"] == "job.failed"
 
@@ -258,7 +258,9 @@ def test_the_deployment_webhook_gets_every_terminal_event(
         parent: "job.completed",
     }
     wait_until(lambda: len(deployment.accepted()) == 9, timeout=20, what="nine events")
-    time.sleep(0.5)
+    # Every job has ended, so every event is in the outbox; once it is empty, none is left to
+    # arrive (a second copy included).
+    wait_until(lambda: outbox_size(s) == 0, timeout=10, what="the outbox to empty")
     delivered = deployment.accepted()
     assert len(delivered) == 9  # each once: no event for `retrying`, none twice
     by_job = {d.job_id: d for d in delivered if d.job_id in expected}
@@ -289,7 +291,7 @@ def test_the_deployment_webhook_gets_every_terminal_event(
     # The job's own callback gets its event too, with the same event id; the batch's
     # callback is the parent's alone.
     wait_until(lambda: len(callbacks.accepted()) == 2, timeout=10, what="two callbacks")
-    time.sleep(0.5)
+    wait_until(lambda: outbox_size(s) == 0, timeout=10, what="the outbox to empty")
     mine = {d.path: d for d in callbacks.accepted()}
     assert set(mine) == {"/mine", "/batch"} and len(callbacks.all()) == 2
     assert mine["/mine"].event_id == by_job[hooked].event_id
@@ -388,9 +390,8 @@ def test_a_full_outbox_takes_no_more_events_and_a_worker_says_how_many_it_droppe
     wait_until(lambda: reported() == 2, timeout=10, what="the drops reported")
     receiver.release.set()
     wait_until(lambda: len(receiver.accepted()) == 2, timeout=10, what="the two kept")
-    time.sleep(1.0)
+    wait_until(lambda: outbox_size(s) == 0, timeout=10, what="the outbox to empty")
     assert [d.job_id for d in receiver.accepted()] == [first, rest[0]]
-    assert outbox_size(s) == 0
 
 
 def test_the_receiver_in_the_docs_verifies_deduplicates_and_stores_results(

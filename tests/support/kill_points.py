@@ -68,7 +68,7 @@ async def _tick() -> str:
     from stepstream.tasks.store import JobStore
 
     settings = get_settings()
-    registry = load_tasks(settings.task_module_list, demo=settings.loads_demo_tasks)
+    registry = load_tasks(settings.task_modules, demo=settings.loads_demo_tasks)
     redis = connect(settings)
     arq = arq_pool(settings)
     try:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import httpx
 import pytest
 from httpx_sse import ServerSentEvent
 
-from stepstream import _sse
+from stepstream import _backoff, _sse
 from stepstream._exceptions import RateLimited, ServerUnavailable
 from stepstream._models import ProgressEvent, ResetEvent, SnapshotEvent
 from stepstream._sse import Reconnector, StreamFollower
@@ -116,8 +117,8 @@ class Clock:
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     fake = Clock()
     monkeypatch.setattr(_sse, "time", fake)
-    # No jitter: the highest value of random.uniform(0.8, 1.0).
-    monkeypatch.setattr(_sse, "random", SimpleNamespace(uniform=lambda low, high: high))
+    # No jitter: the highest value of random.uniform(0.8, 1.0) (stepstream/_backoff.py).
+    monkeypatch.setattr(_backoff, "random", SimpleNamespace(uniform=lambda low, high: high))
     return fake
 
 
@@ -197,3 +198,25 @@ def test_success_resets_the_backoff(clock: Clock) -> None:
     follower.accept(progress("1-0", 1))
     assert reconnect.dropped(follower) == 0.0
     assert reconnect.failed(follower, "refused") == 1.0
+
+
+# -- the one SSE decoder the LLM provider and the benchmarks read with ----------------------
+
+
+def test_a_frame_with_several_data_lines_is_one_event_with_the_lines_joined() -> None:
+    from bench.loadgen import parse_frames
+
+    body = b'id: 1-0\nevent: progress\ndata: {"a":\ndata: 1}\n\n: keep-alive\n\n'
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n"
+    status, frames = parse_frames([(1.0, head + body)])
+    assert status == 200
+    assert frames == [(1.0, "1-0", "progress", b'{"a":\n1}')]
+
+
+def test_the_llm_reader_reads_events_whatever_the_content_type() -> None:
+    body = b'data: {"x": 1}\r\n\r\ndata: [DONE]\n\n'
+    response = httpx.Response(200, headers={"content-type": "application/json"}, content=body)
+    assert [sse.data for sse in _sse.AnyTypeEventSource(response).iter_sse()] == [
+        '{"x": 1}',
+        "[DONE]",
+    ]

@@ -47,7 +47,7 @@ def check(policy: Policy, url: str) -> str:
 
 
 def test_an_entry_with_a_port_allows_that_port_only() -> None:
-    policy = Policy("127.0.0.1:9000,[::1]:9001,localhost:9002", allow_public=False)
+    policy = Policy(["127.0.0.1:9000", "[::1]:9001", "localhost:9002"], allow_public=False)
     assert check(policy, "http://127.0.0.1:9000/hook") == "ok"
     assert "127.0.0.1:9001" in check(policy, "http://127.0.0.1:9001/hook")
     assert check(policy, "http://[::1]:9001/hook") == "ok"
@@ -55,12 +55,13 @@ def test_an_entry_with_a_port_allows_that_port_only() -> None:
     assert check(policy, "http://localhost:9002/") == "ok"
     assert "STEPSTREAM_WEBHOOK_ALLOWED_HOSTS" in check(policy, "http://localhost:9003/")
     # Without a port, an entry allows every port, as before.
-    assert check(Policy("127.0.0.1"), "http://127.0.0.1:1234/") == "ok"
+    assert check(Policy(["127.0.0.1"]), "http://127.0.0.1:1234/") == "ok"
 
 
 def test_the_redis_stepstream_uses_is_never_a_target_whatever_the_allow_list_says() -> None:
     policy = Policy(
-        "127.0.0.0/8,localhost,::1", redis_urls=["redis://localhost:6390/0", "unix:///tmp/r.sock"]
+        ["127.0.0.0/8", "localhost", "::1"],
+        redis_urls=["redis://localhost:6390/0", "unix:///tmp/r.sock"],
     )
     for url in (
         "http://127.0.0.1:6390/",
