@@ -461,8 +461,16 @@ def test_the_cli_lists_a_parent_s_children_and_draws_its_rolled_up_bar(fan_stack
     code, screen = run_cli_in_terminal(fan_stack.url, "submit", "fan_out", "-i", body, "--watch")
     assert code == 0, screen
     redraws = screen.split("\r\x1b[K")
-    # The parent's bar rises with its children's ends: "Fan out" is step 1 of 2.
-    assert any("Step 1 of 2 · Fan out — 5 of 10 done" in line and "25%" in line for line in redraws)
+    # The parent's bar rises with its children's ends: "Fan out" is step 1 of 2, so k children
+    # done is k * 5 % of the job. The renderer coalesces redraws (20 a second at most), so which
+    # values show depends on timing: at least one between none and all, each at its fraction.
+    shown = [
+        (int(m[2]), int(m[1]))
+        for line in redraws
+        if (m := re.search(r"(\d+)%  Step 1 of 2 · Fan out — (\d+) of 10 done", line))
+    ]
+    assert any(0 < done < 10 for done, _ in shown), screen
+    assert all(percent == done * 5 for done, percent in shown), shown
     assert any(
         "Step 1 of 2 · Fan out — 10 of 10 done" in line and "50%" in line for line in redraws
     )
