@@ -126,8 +126,9 @@ def parse_frames(
             origin.append((len(payload), body_start + start + len(piece)))
             pos = start + size + 2
     else:
+        # Not chunked (a body closed by the connection's end): payload offset = body offset.
         payload = bytearray(body)
-        origin = [(len(payload), body_start + len(body))]
+        origin = []
 
     frames: list[tuple[float, str | None, str, bytes]] = []
     src = bytes(payload)
@@ -141,9 +142,12 @@ def parse_frames(
         if end < 0:
             break
         frame_end = end + len(sep)
-        while oi < len(origin) and origin[oi][0] < frame_end:
-            oi += 1
-        raw_end = origin[min(oi, len(origin) - 1)][1]
+        if origin:
+            while oi < len(origin) and origin[oi][0] < frame_end:
+                oi += 1
+            raw_end = origin[min(oi, len(origin) - 1)][1]
+        else:
+            raw_end = body_start + frame_end
         while ei < len(ends) and ends[ei][0] < raw_end:
             ei += 1
         t = ends[min(ei, len(ends) - 1)][1]
@@ -267,6 +271,7 @@ async def run_sse(args: argparse.Namespace) -> None:
             client.transport.abort()
 
     latencies: list[float] = []
+    by_type: dict[str, list[float]] = {}
     per_stream: list[int] = []
     samples: list[list[str]] = []
     statuses: dict[int, int] = {}
@@ -275,6 +280,10 @@ async def run_sse(args: argparse.Namespace) -> None:
         statuses[status] = statuses.get(status, 0) + 1
         n = 0
         for t, _id, event, data in frames:
+            if args.by_type and event != "snapshot":
+                at = event_at(data)
+                if at is not None:
+                    by_type.setdefault(event, []).append(round((t - at) * 1000, 3))
             if event == args.expect_type and args.token_times:
                 # Each word of the event's text is the time its token was written (bench.output).
                 for word in json.loads(data).get("text", "").split():
@@ -291,6 +300,7 @@ async def run_sse(args: argparse.Namespace) -> None:
     emit(
         {
             "latencies_ms": latencies,
+            "latencies_by_type": by_type,
             "per_stream": per_stream,
             "statuses": statuses,
             "still_open": still_open,
@@ -433,6 +443,9 @@ def main() -> None:
         "--tokens-file", help="one stream token a line; stream i sends `?token=<line i>`"
     )
     parser.add_argument("--expect-type", default="progress")
+    parser.add_argument(
+        "--by-type", action="store_true", help="also the latency of every event, by its type"
+    )
     parser.add_argument(
         "--token-times",
         action="store_true",
