@@ -478,8 +478,11 @@ class Hub:
         subscribers = self.by_job.get(frames[0].job_id)
         if not subscribers:
             return
+        direct_item: Frame | None
         if len(frames) == 1:
             direct_item = frames[0]
+        elif any(f.terminal for f in frames[:-1]):
+            direct_item = None  # events after a terminal one: each stream's task sorts them
         else:
             # The batch as one frame for direct writes: one write per subscriber for all of it.
             last = frames[-1]
@@ -492,14 +495,19 @@ class Hub:
                 firehose_id=last.firehose_id,
                 job_bytes=b"".join(f.job_bytes for f in frames),
                 firehose_bytes=b"",
-                terminal=any(f.terminal for f in frames),
+                terminal=last.terminal,
             )
         first_id = frames[0].job_event_id
         full: list[Subscriber] = []
         # Subscriber.offer inlined: this loop runs once per subscriber per event.
         for subscriber in subscribers:
             direct = subscriber.direct
-            if direct is not None and not subscriber.items and direct(direct_item, first_id):
+            if (
+                direct is not None
+                and direct_item is not None
+                and not subscriber.items
+                and direct(direct_item, first_id)
+            ):
                 continue  # written straight to the client
             items = subscriber.items
             if len(items) + len(frames) > subscriber.maxsize:

@@ -69,21 +69,26 @@ class JobStream:
         """Called by the hub while this stream waits with nothing queued: write ``item`` now.
 
         This skips waking the stream's task, the generators and the queue for every frame of
-        every subscriber: the fan-out is one loop of writes. False leaves ``item`` to the queue
-        (a terminal frame: the task sends it and ends the response). ``item`` may be several
-        frames joined, from ``first`` to ``item.job_event_id``, or a heartbeat's bytes.
+        every subscriber: the fan-out is one loop of writes. The terminal frame goes the same
+        way, so the end of a job reaches every viewer as fast as its progress; the stream's
+        task is then woken to end the response. False leaves ``item`` to the queue (frames
+        the backlog had: the task sorts them). ``item`` may be several frames joined, from
+        ``first`` to ``item.job_event_id``, or a heartbeat's bytes.
         """
         if isinstance(item, bytes):
             chunk = item  # a heartbeat
-        elif item.terminal or first <= self.last:
-            return False  # the end of the stream, or frames the backlog had: the task sorts it
+        elif first <= self.last:
+            return False
         else:
             self.last = item.job_event_id
             chunk = item.job_bytes
+            if item.terminal:
+                self.ended = True
         assert self.writer is not None
-        if not self.writer.try_write(chunk):
+        if not self.writer.try_write(chunk) or self.ended:
             # The client's buffer is full: the task completes that write (bounded by the send
-            # timeout) and takes every later frame from the queue (bounded by its length).
+            # timeout) and takes every later frame from the queue (bounded by its length). At
+            # the end, the task ends the response once the write is done.
             self.subscriber.direct = None
             self.subscriber.wake()
         return True
@@ -105,8 +110,8 @@ class JobStream:
                     self.subscriber.direct = None
                 if self.writer is not None:
                     await self.writer.flush()
-                if self.subscriber.overflowed:
-                    return
+                if self.subscriber.overflowed or self.ended:
+                    return  # cut off, or the terminal frame went out directly
                 # Everything pending goes out in one write: under load, fewer sends.
                 out: list[bytes] = []
                 for item in items:
