@@ -169,6 +169,9 @@ class Hub:
         self.connected = asyncio.Event()
         self.closing = False
         self.dropped_slow = 0
+        # SSE events written to job streams past the ``send`` chain (server/events.py), added
+        # to stepstream_sse_events_delivered at each scrape.
+        self.frames_written_directly = 0
         self.send_timeouts = 0
         self.reconnects = 0
         self._was_connected = False
