@@ -170,19 +170,24 @@ class EventStream:
         loop = asyncio.get_running_loop()
         self._task = asyncio.current_task()
         self._send = send
-        # Live frames skip the ``send`` chain when uvicorn is ours (``stepstream web``); not
-        # with tracing on, whose span counts the frames sent through ``send``.
-        self._raw = None if tracing.enabled() else body_writer(scope)
-        watcher = asyncio.ensure_future(self._wait_disconnect(receive))
-        watcher.add_done_callback(self._client_gone)
+        raw = body_writer(scope)  # None unless served by ``stepstream web``'s protocol
+        # Live frames skip the ``send`` chain when uvicorn is ours; not with tracing on, whose
+        # span counts the frames sent through ``send``.
+        self._raw = None if tracing.enabled() else raw
+        watcher: asyncio.Future[None] | None = None
+        if raw is not None:
+            raw.on_connection_lost(self.send_timed_out)
+        else:
+            watcher = asyncio.ensure_future(self._wait_disconnect(receive))
+            watcher.add_done_callback(self._client_gone)
         self.hub.senders.add(self)
         send_timeout = self.send_timeout
         try:
             async for chunk in self.body:
-                message: Message = {"type": "http.response.body", "body": chunk, "more_body": True}
                 self.send_deadline = loop.time() + send_timeout
-                await send(message)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 self.send_deadline = 0.0
+                del chunk  # not kept while the stream idles (a snapshot is a record's size)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             if not self._cancelled_by_us:
@@ -198,8 +203,11 @@ class EventStream:
             if self._pending is not None:
                 self._pending[0].close()
                 self._pending = None
-            watcher.remove_done_callback(self._client_gone)
-            watcher.cancel()
+            if raw is not None:
+                raw.on_connection_lost(None)
+            if watcher is not None:
+                watcher.remove_done_callback(self._client_gone)
+                watcher.cancel()
             try:
                 await self.body.aclose()  # type: ignore[attr-defined]
             except Exception:

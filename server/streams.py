@@ -101,6 +101,7 @@ class JobStream:
             await self.hub.joined(self.subscriber)
             async for chunk in self._start():
                 yield chunk
+            chunk = b""  # the snapshot (a record's size) is not kept while the stream idles
             while not self.ended:
                 if self.writer is not None:
                     self.subscriber.direct = self._direct
