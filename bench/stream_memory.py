@@ -132,7 +132,11 @@ def measure(run: Bench, kind: str, n: int, warm: int, top: int) -> list[list[str
         "STEPSTREAM_API_KEYS": f"app:{key}",
     }
     backend = run.web(**production)
-    probe = ProbeWeb(run.env(**production, PROBE_DUMPS=""), run.log_dir)
+    # tracemalloc slows the process down: a connect may wait past the default 5 s deadline.
+    probe = ProbeWeb(
+        run.env(**production, PROBE_DUMPS="", STEPSTREAM_REQUEST_DEADLINE_SECONDS="120"),
+        run.log_dir,
+    )
     probe.env["PROBE_DUMPS"] = str(probe.dumps)
     run.processes.append(probe)
     probe.start()
