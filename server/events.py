@@ -243,7 +243,7 @@ async def job_events(request: Request) -> Response | EventStream:
     state: AppState = request.app.state.stepstream
     principal = await state.auth.authenticate(request, allow_token=True)
     cursor = read_cursor(request)
-    record = await load_job(request, principal)
+    record = await load_job(request, principal, shared=True)
     if cursor is not None and record.state.terminal and cursor == record.last_event_id:
         return Response(status_code=204)  # the standard's "stop reconnecting"
     release = open_stream(state, principal)

@@ -8,6 +8,7 @@ after the cursor; (3) send it; (4) drain the buffered live frames, skipping ids 
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator
 from typing import Protocol
 
@@ -32,6 +33,61 @@ class DirectWriter(Protocol):
     async def flush(self) -> None: ...
 
 
+class RecordRead:
+    """One read of a job's record, shared by the streams that may use it.
+
+    A thousand viewers connecting to one job at once (a deploy's reconnect storm) need one
+    record read and one snapshot frame, not a thousand. A stream may use a read only if it
+    started after the stream registered with the hub: then every event the record lacks
+    reaches the stream live. ``order`` numbers registrations and reads in one sequence.
+    """
+
+    __slots__ = ("_frame", "done", "order")
+
+    def __init__(self) -> None:
+        self.order = next(_ORDER)
+        # (the record,) once read; None if the read failed (each sharer then reads itself).
+        self.done: asyncio.Future[tuple[JobRecord | None] | None] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._frame: bytes | None = None
+
+    def frame(self, record: JobRecord) -> bytes:
+        """The snapshot frame, encoded once for every stream sharing the read."""
+        if self._frame is None:
+            self._frame = frame("snapshot", record.model_dump_json(), record.last_event_id)
+        return self._frame
+
+    @classmethod
+    async def after(
+        cls, store: JobStore, job_id: str, order: int
+    ) -> tuple[RecordRead, JobRecord | None]:
+        """A read of ``job_id`` started after ``order``: one in flight, or a new one."""
+        key = (id(store), job_id)
+        read = _READS.get(key)
+        if read is not None and read.order > order:
+            # Shielded: this stream's cancellation must not cancel the others' read.
+            result = await asyncio.shield(read.done)
+            if result is not None:
+                return read, result[0]
+        read = cls()
+        _READS[key] = read
+        try:
+            record = await store.get(job_id)
+        except BaseException:
+            read.done.set_result(None)
+            raise
+        finally:
+            if _READS.get(key) is read:
+                del _READS[key]
+        read.done.set_result((record,))
+        return read, record
+
+
+_ORDER = itertools.count()
+_READS: dict[tuple[int, str], RecordRead] = {}  # in flight, by (store, job id)
+
+
 class JobStream:
     """One job's events, from a cursor (or a snapshot) to the terminal event."""
 
@@ -41,6 +97,7 @@ class JobStream:
         "hub",
         "job_id",
         "last",
+        "registered",
         "settings",
         "store",
         "subscriber",
@@ -63,6 +120,7 @@ class JobStream:
         self.last: StreamId = (-1, -1)
         self.ended = False
         self.subscriber: Subscriber
+        self.registered = -1  # RecordRead's order at registration
         self.writer: DirectWriter | None = None
 
     def _direct(self, item: Frame | bytes, first: StreamId) -> bool:
@@ -95,6 +153,7 @@ class JobStream:
 
     async def frames(self) -> AsyncIterator[bytes]:
         self.subscriber = self.hub.subscribe(self.job_id)
+        self.registered = next(_ORDER)
         try:
             yield f"retry: {self.settings.sse_retry_ms}\n\n".encode()
             # Subscribed (confirmed by Redis) before the log is read: nothing falls between.
@@ -158,7 +217,7 @@ class JobStream:
             yield chunk
 
     async def _snapshot(self) -> AsyncIterator[bytes]:
-        record = await self.store.get(self.job_id)
+        read, record = await RecordRead.after(self.store, self.job_id, self.registered)
         if record is None:
             self.ended = True
             return
@@ -166,7 +225,7 @@ class JobStream:
         if snapshot_id is not None:
             self.last = parse_stream_id(snapshot_id)
         self.ended = record.state.terminal
-        yield frame("snapshot", record.model_dump_json(), snapshot_id)
+        yield read.frame(record)
 
     async def _replay(self) -> AsyncIterator[bytes]:
         batch = self.settings.replay_batch

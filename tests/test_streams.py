@@ -408,3 +408,44 @@ def test_the_end_of_a_job_reaches_a_client_that_fell_behind_once_then_its_stream
     assert body.rstrip("\r\n0").rstrip().endswith("}"), "something came after the last frame"
     assert body.rindex("event: completed") > body.rindex("event: progress")
     wait_until(lambda: streams_open(s.url) == 0, timeout=10, what="the slot back")
+
+
+def test_viewers_connecting_together_while_a_job_writes_each_get_a_snapshot_then_every_event(
+    stack: Stack,
+) -> None:
+    """Streams connecting at once share their record reads (one read, one snapshot frame),
+    but only a read started after a stream registered may serve it: whatever its snapshot
+    lacks then arrives live. Each viewer gets the log after its snapshot, once, in order."""
+    job = submit(stack.url, "gated", {"events": 60})
+    wait_state(stack.url, job["id"], {"running"})
+    r = stack.redis()
+    readers = []
+    for wave in range(4):
+        # Viewers arrive in waves while the job writes: some share a read, some cannot.
+        readers += [StreamReader(events_url(stack.url, job["id"])).start() for _ in range(6)]
+        for _ in range(5):
+            r.rpush(gate_key(job["id"]), "go")
+        wait_until(
+            lambda wave=wave: progress_reached(stack.url, job["id"], 5 * wave + 5),
+            timeout=20,
+            what="the wave's events written",
+        )
+    for _ in range(40):
+        r.rpush(gate_key(job["id"]), "go")
+    _, log = read_stream(events_url(stack.url, job["id"]) + "?after=0", timeout=60)
+    ids = [e.id for e in log]
+    snapshots = set()
+    for reader in readers:
+        events = reader.wait_closed(timeout=60)
+        assert events[0].type == "snapshot"
+        snapshot_id = events[0].id
+        snapshots.add(snapshot_id)
+        after = ids[ids.index(snapshot_id) + 1 :] if snapshot_id in ids else ids
+        assert [e.id for e in events[1:]] == after, "a gap, a repeat or a frame out of order"
+        assert events[-1].type == "completed"
+    assert len(snapshots) > 1, "every viewer connected at the same point: nothing was tested"
+
+
+def progress_reached(base: str, job_id: str, current: int) -> bool:
+    message = get_job(base, job_id)["message"] or ""
+    return message.startswith("event ") and int(message.split()[1]) >= current
