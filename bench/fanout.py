@@ -68,6 +68,8 @@ class SideResult:
     kib_per_stream: float
     cpu_s: float
     connect_s: float
+    connect_cpu_s: float
+    worker_cpu_s: float
 
 
 def profile(pid: int, path: str) -> subprocess.Popen[bytes]:
@@ -93,6 +95,7 @@ def profile(pid: int, path: str) -> subprocess.Popen[bytes]:
 def run_side(
     run: Bench,
     control: Web,
+    worker_pid: int,
     side: str,
     n: int,
     events: int,
@@ -113,13 +116,14 @@ def run_side(
         job = submit(control.url, "staged", {"progress_per_step": per_step})
         job_id = job["id"]
         wait_state(control.url, job_id, {"running"})
-        pushes = STEPS * (per_step + 2) + 1
+        gates = pushes(events)
         path = f"/api/jobs/{job_id}/events" if side == "ours" else f"/events/{job_id}"
         # Ours is live once its snapshot is out (events before it are in the snapshot); the
         # others once their pub/sub subscription is made (they send `retry:` right after).
         marker = "event: snapshot" if side == "ours" else "retry:"
         rss_before = rss_kib(pid)
-        deadline = pushes / rate + 30 + n / 1000
+        connect_cpu_before = cpu_seconds(pid)
+        deadline = gates / rate + 30 + n / 1000
         gens = [
             run.loadgen(
                 "sse",
@@ -144,11 +148,14 @@ def run_side(
         time.sleep(1.0)
         rss_after = rss_kib(pid)
         cpu_before = cpu_seconds(pid)
+        connect_cpu = cpu_before - connect_cpu_before
+        worker_before = cpu_seconds(worker_pid)
         spy = profile(pid, f"{profile_to}-{side}-{n}.txt") if profile_to else None
         redis = run.redis()
-        pace(pushes, rate, lambda i: redis.rpush(gate_key(job_id), "go"))
+        pace(gates, rate, lambda i: redis.rpush(gate_key(job_id), "go"))
         results = [g.read() for g in gens]
         cpu = cpu_seconds(pid) - cpu_before
+        worker_cpu = cpu_seconds(worker_pid) - worker_before
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(timeout=30)
@@ -188,6 +195,8 @@ def run_side(
             kib_per_stream=(rss_after - rss_before) / n,
             cpu_s=cpu,
             connect_s=max(r["ready_s"] for r in readies),
+            connect_cpu_s=connect_cpu,
+            worker_cpu_s=worker_cpu,
         )
     finally:
         run.stop(server)
@@ -213,7 +222,8 @@ def main() -> None:
     summary_rows: list[list[str]] = []
     with bench(keep_logs=args.keep_logs) as run:
         control = run.web()
-        run.worker()
+        worker = run.worker()
+        assert worker.proc is not None
         for n in counts:
             for _ in range(args.repeat):
                 results: dict[str, SideResult] = {}
@@ -222,7 +232,7 @@ def main() -> None:
                         continue
                     load = os.getloadavg()[0]
                     results[side] = run_side(
-                        run, control, side, n, args.events, args.rate, args.profile
+                        run, control, worker.proc.pid, side, n, args.events, args.rate, args.profile
                     )
                     result = results[side]
                     floor = results.get("floor")
@@ -252,7 +262,13 @@ def main() -> None:
                             ),
                             fmt(result.kib_per_stream),
                             fmt(result.cpu_s, 2),
+                            # CPU per frame delivered (events x streams), per connect, and the
+                            # worker's per event written.
+                            fmt(result.cpu_s / (n * pushes(args.events)) * 1e6),
                             fmt(result.connect_s, 2),
+                            fmt(n / result.connect_s, 0) if result.connect_s else "n/a",
+                            fmt(result.connect_cpu_s / n * 1e6),
+                            fmt(result.worker_cpu_s / pushes(args.events) * 1e3, 2),
                         ]
                     )
                 print_table(
@@ -271,10 +287,20 @@ def main() -> None:
                         "completed/progress p99",
                         "KiB/stream",
                         "CPU s",
+                        "CPU us/frame",
                         "connect s",
+                        "connects/s",
+                        "CPU us/connect",
+                        "worker CPU ms/event",
                     ],
                     summary_rows,
                 )
+
+
+def pushes(events: int) -> int:
+    """Events the `staged` task writes for ``events`` progress events (gate pushes)."""
+    per_step = max(1, events // STEPS)
+    return STEPS * (per_step + 2) + 1
 
 
 def _times(value: float, reference: float) -> str:
