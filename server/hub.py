@@ -520,6 +520,11 @@ class Hub:
             waiter = subscriber.waiter
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
+        if direct_item is not None and direct_item.terminal:
+            # The end of the job: its streams' tasks end their responses, woken only now so
+            # that every viewer has the terminal frame before any of that work runs.
+            for subscriber in subscribers:
+                subscriber.wake()
         for subscriber in full:
             self._drop(subscriber)
 

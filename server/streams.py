@@ -143,12 +143,15 @@ class JobStream:
             if item.terminal:
                 self.ended = True
         assert self.writer is not None
-        if not self.writer.try_write(chunk) or self.ended:
+        if not self.writer.try_write(chunk):
             # The client's buffer is full: the task completes that write (bounded by the send
-            # timeout) and takes every later frame from the queue (bounded by its length). At
-            # the end, the task ends the response once the write is done.
+            # timeout) and takes every later frame from the queue (bounded by its length); at
+            # the end, it ends the response once the write is done.
             self.subscriber.direct = None
             self.subscriber.wake()
+        elif self.ended:
+            # The hub wakes the task to end the response once every viewer has the frame.
+            self.subscriber.direct = None
         return True
 
     async def frames(self) -> AsyncIterator[bytes]:
