@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import threading
 import time
 
 from bench.common import bench, fmt, machine, print_table, split, submit, summary, wait_state
+from bench.fanout import profile
 from tests.support.tasks import gate_key
 
 
@@ -30,6 +32,7 @@ def main() -> None:
     parser.add_argument("--kill-after", type=float, default=1.0, help="seconds of live events")
     parser.add_argument("--watch", type=float, default=10.0, help="seconds after the kill")
     parser.add_argument("--keep-logs", action="store_true")
+    parser.add_argument("--profile", metavar="PATH", help="py-spy the second process to PATH")
     args = parser.parse_args()
     events = int((args.kill_after + args.watch + 5) * args.rate) + 10
 
@@ -77,9 +80,16 @@ def main() -> None:
         pacer = threading.Thread(target=pace, daemon=True)
         pacer.start()
         time.sleep(args.kill_after)
+        spy = None
+        if args.profile:
+            assert survivor.proc is not None
+            spy = profile(survivor.proc.pid, args.profile)
         killed_at = time.time()
         doomed.kill()
         time.sleep(args.watch)
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(timeout=30)
         stop.set()
         pacer.join(timeout=10)
         for _ in range(events - pushed):

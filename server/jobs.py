@@ -25,7 +25,7 @@ from stepstream.server.options import (
     parse_submit_options,
 )
 from stepstream.server.state import AppState
-from stepstream.server.streams import RecordRead
+from stepstream.server.streams import shared_record
 from stepstream.server.subjects import subject_field, subject_param
 from stepstream.server.urls import job_links, root_path
 from stepstream.tasks import cancellation, creation, tracing
@@ -421,13 +421,13 @@ async def _wait_for_record(state: AppState, job_id: str) -> JobRecord | None:
 async def load_job(request: Request, principal: Principal, *, shared: bool = False) -> JobRecord:
     """The job in the path, if the caller may see it: another owner's job is 404, like a
     missing one, so ids cannot be probed. ``shared``: a read of the record already in flight
-    may serve (streams connecting together: see ``RecordRead``)."""
+    may serve (streams connecting together: see ``SharedRead``)."""
     state: AppState = request.app.state.stepstream
     job_id = request.path_params["job_id"]
     record = None
     if JOB_ID.fullmatch(job_id):
         if shared:
-            _, record = await RecordRead.after(state.store, job_id, -1)
+            _, record = await shared_record(state.store, job_id, -1)
         else:
             record = await state.store.get(job_id)
     if record is None or not principal.may_read(record.owner, record.id, record.subject):

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
-from typing import Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from functools import partial
+from typing import Any, Protocol, TypeVar, cast
 
 from stepstream.server.hub import CLOSE, RESYNC, Frame, Hub, Subscriber
 from stepstream.server.sse import HEARTBEAT, firehose_data, frame, json_data
@@ -19,6 +20,7 @@ from stepstream.tasks.settings import Settings
 from stepstream.tasks.store import JobStore
 
 StreamId = tuple[int, int]
+T = TypeVar("T")
 
 
 class DirectWriter(Protocol):
@@ -33,59 +35,60 @@ class DirectWriter(Protocol):
     async def flush(self) -> None: ...
 
 
-class RecordRead:
-    """One read of a job's record, shared by the streams that may use it.
+class SharedRead:
+    """One read of Redis, shared by the streams that may use it.
 
     A thousand viewers connecting to one job at once (a deploy's reconnect storm) need one
-    record read and one snapshot frame, not a thousand. A stream may use a read only if it
-    started after the stream registered with the hub: then every event the record lacks
-    reaches the stream live. ``order`` numbers registrations and reads in one sequence.
+    record read and one snapshot frame, or one read of the log after their common cursor, not
+    a thousand. A stream may use a read only if it started after the stream registered with
+    the hub: then every event the read lacks reaches the stream live. ``order`` numbers
+    registrations and reads in one sequence. ``encoded`` keeps what the sharers would each
+    encode from the result (the frames), computed once.
     """
 
-    __slots__ = ("_frame", "done", "order")
+    __slots__ = ("done", "encoded", "order")
 
     def __init__(self) -> None:
         self.order = next(_ORDER)
-        # (the record,) once read; None if the read failed (each sharer then reads itself).
-        self.done: asyncio.Future[tuple[JobRecord | None] | None] = (
-            asyncio.get_running_loop().create_future()
-        )
-        self._frame: bytes | None = None
-
-    def frame(self, record: JobRecord) -> bytes:
-        """The snapshot frame, encoded once for every stream sharing the read."""
-        if self._frame is None:
-            self._frame = frame("snapshot", record.model_dump_json(), record.last_event_id)
-        return self._frame
+        # (the result,) once read; None if the read failed (each sharer then reads itself).
+        self.done: asyncio.Future[tuple[Any] | None] = asyncio.get_running_loop().create_future()
+        self.encoded: Any = None
 
     @classmethod
     async def after(
-        cls, store: JobStore, job_id: str, order: int
-    ) -> tuple[RecordRead, JobRecord | None]:
-        """A read of ``job_id`` started after ``order``: one in flight, or a new one."""
-        key = (id(store), job_id)
-        read = _READS.get(key)
-        if read is not None and read.order > order:
+        cls, key: tuple[Hashable, ...], order: int, read: Callable[[], Awaitable[T]]
+    ) -> tuple[SharedRead, T]:
+        """``read()``'s result from a read started after ``order``: one in flight under
+        ``key``, or a new one."""
+        current = _READS.get(key)
+        if current is not None and current.order > order:
             # Shielded: this stream's cancellation must not cancel the others' read.
-            result = await asyncio.shield(read.done)
+            result = await asyncio.shield(current.done)
             if result is not None:
-                return read, result[0]
-        read = cls()
-        _READS[key] = read
+                return current, cast(T, result[0])
+        shared = cls()
+        _READS[key] = shared
         try:
-            record = await store.get(job_id)
+            value = await read()
         except BaseException:
-            read.done.set_result(None)
+            shared.done.set_result(None)
             raise
         finally:
-            if _READS.get(key) is read:
+            if _READS.get(key) is shared:
                 del _READS[key]
-        read.done.set_result((record,))
-        return read, record
+        shared.done.set_result((value,))
+        return shared, value
 
 
 _ORDER = itertools.count()
-_READS: dict[tuple[int, str], RecordRead] = {}  # in flight, by (store, job id)
+_READS: dict[tuple[Hashable, ...], SharedRead] = {}  # in flight, by what they read
+
+
+async def shared_record(
+    store: JobStore, job_id: str, order: int
+) -> tuple[SharedRead, JobRecord | None]:
+    """The job's record from a read started after ``order`` (-1: any read in flight)."""
+    return await SharedRead.after(("record", id(store), job_id), order, lambda: store.get(job_id))
 
 
 class JobStream:
@@ -120,7 +123,7 @@ class JobStream:
         self.last: StreamId = (-1, -1)
         self.ended = False
         self.subscriber: Subscriber
-        self.registered = -1  # RecordRead's order at registration
+        self.registered = -1  # SharedRead's order at registration
         self.writer: DirectWriter | None = None
 
     def _direct(self, item: Frame | bytes, first: StreamId) -> bool:
@@ -186,6 +189,9 @@ class JobStream:
                                 self.ended = True
                                 break
                     elif item is RESYNC:
+                        # The subscription holds again from now: only a read started later
+                        # may serve the catch-up (one from before could miss the outage's).
+                        self.registered = next(_ORDER)
                         async for chunk in self._replay():
                             out.append(chunk)
                         if self.ended:
@@ -210,7 +216,10 @@ class JobStream:
             return
         self.last = parse_stream_id(self.cursor)
         if self.cursor != "0":
-            info = await self.store.stream_info(self.store.keys.job_events(job_id))
+            key = self.store.keys.job_events(job_id)
+            _, info = await SharedRead.after(
+                ("info", id(self.store), key), self.registered, lambda: self.store.stream_info(key)
+            )
             if info is not None and info.trimmed_after(self.last):
                 yield frame("reset", json_data({"reason": "events after the cursor expired"}))
                 async for chunk in self._snapshot():
@@ -220,7 +229,7 @@ class JobStream:
             yield chunk
 
     async def _snapshot(self) -> AsyncIterator[bytes]:
-        read, record = await RecordRead.after(self.store, self.job_id, self.registered)
+        read, record = await shared_record(self.store, self.job_id, self.registered)
         if record is None:
             self.ended = True
             return
@@ -228,17 +237,27 @@ class JobStream:
         if snapshot_id is not None:
             self.last = parse_stream_id(snapshot_id)
         self.ended = record.state.terminal
-        yield read.frame(record)
+        if read.encoded is None:  # the snapshot frame, encoded once for every sharer
+            read.encoded = frame("snapshot", record.model_dump_json(), snapshot_id)
+        snapshot: bytes = read.encoded
+        yield snapshot
 
     async def _replay(self) -> AsyncIterator[bytes]:
         batch = self.settings.replay_batch
         after = f"{self.last[0]}-{self.last[1]}" if self.last >= (0, 0) else "0"
         while not self.ended:
-            rows = await self.store.read_events(self.job_id, after, batch)
+            read, rows = await SharedRead.after(
+                ("events", id(self.store), self.job_id, after, batch),
+                self.registered,
+                partial(self.store.read_events, self.job_id, after, batch),
+            )
+            if read.encoded is None:  # each row's frame, encoded once for every sharer
+                read.encoded = [
+                    _replay_frame(event_id, event_json) for event_id, event_json in rows
+                ]
             chunks: list[bytes] = []
-            for event_id, event_json in rows:
-                type_ = _event_type(event_json)
-                chunks.append(frame(type_, event_json, event_id))
+            for event_id, type_, encoded in read.encoded:
+                chunks.append(encoded)
                 after = event_id
                 if type_ in TERMINAL_EVENTS:
                     self.ended = True
@@ -348,6 +367,11 @@ class FirehoseStream:
                 yield b"".join(chunks)
             if not more:
                 return
+
+
+def _replay_frame(event_id: str, event_json: str) -> tuple[str, str, bytes]:
+    type_ = _event_type(event_json)
+    return event_id, type_, frame(type_, event_json, event_id)
 
 
 def _event_type(event_json: str) -> str:
