@@ -215,17 +215,23 @@ class JobStream:
                 yield chunk
             return
         self.last = parse_stream_id(self.cursor)
+        first = None
         if self.cursor != "0":
-            key = self.store.keys.job_events(job_id)
-            _, info = await SharedRead.after(
-                ("info", id(self.store), key), self.registered, lambda: self.store.stream_info(key)
+            # The trim check and the first batch in one round trip, shared by the streams
+            # resuming from this cursor together (a reconnect storm's viewers).
+            batch = self.settings.replay_batch
+            read, (info, rows) = await SharedRead.after(
+                ("resume", id(self.store), job_id, self.cursor, batch),
+                self.registered,
+                partial(self.store.resume, job_id, self.cursor, batch),
             )
             if info is not None and info.trimmed_after(self.last):
                 yield frame("reset", json_data({"reason": "events after the cursor expired"}))
                 async for chunk in self._snapshot():
                     yield chunk
                 return
-        async for chunk in self._replay():
+            first = (read, rows)
+        async for chunk in self._replay(first):
             yield chunk
 
     async def _snapshot(self) -> AsyncIterator[bytes]:
@@ -242,15 +248,21 @@ class JobStream:
         snapshot: bytes = read.encoded
         yield snapshot
 
-    async def _replay(self) -> AsyncIterator[bytes]:
+    async def _replay(
+        self, first: tuple[SharedRead, list[tuple[str, str]]] | None = None
+    ) -> AsyncIterator[bytes]:
+        """The log after ``self.last``, in batches; ``first``: the first batch, read already."""
         batch = self.settings.replay_batch
         after = f"{self.last[0]}-{self.last[1]}" if self.last >= (0, 0) else "0"
         while not self.ended:
-            read, rows = await SharedRead.after(
-                ("events", id(self.store), self.job_id, after, batch),
-                self.registered,
-                partial(self.store.read_events, self.job_id, after, batch),
-            )
+            if first is not None:
+                (read, rows), first = first, None
+            else:
+                read, rows = await SharedRead.after(
+                    ("events", id(self.store), self.job_id, after, batch),
+                    self.registered,
+                    partial(self.store.read_events, self.job_id, after, batch),
+                )
             if read.encoded is None:  # each row's frame, encoded once for every sharer
                 read.encoded = [
                     _replay_frame(event_id, event_json) for event_id, event_json in rows
