@@ -338,11 +338,13 @@ def test_no_frame_carries_a_raw_unicode_line_break_and_the_client_reads_them_all
 
 
 def test_the_end_of_a_live_job_reaches_every_viewer_once_and_ends_their_streams(
-    stack: Stack,
+    make_stack: StackFactory,
 ) -> None:
     """The terminal frame goes from the hub's fan-out straight to each client, like progress;
     each stream's task then ends the response. Every viewer gets it once, last, and its
-    stream closes; a viewer resuming from a cursor gets its catch-up first, then the live rest."""
+    stream closes with the job (not at some later wake-up: heartbeats are an hour apart here);
+    a viewer resuming from a cursor gets its catch-up first, then the live rest."""
+    stack = make_stack(webs=1, workers=1, STEPSTREAM_HEARTBEAT_SECONDS="3600")
     job = submit(stack.url, "gated", {"events": 3})
     r = stack.redis()
     r.rpush(gate_key(job["id"]), "go")
