@@ -160,6 +160,14 @@ class BaselineWeb(Uvicorn):
         super().__init__("bench.baseline_app:app", env, log_dir, name="baseline")
 
 
+class FloorWeb(Uvicorn):
+    """The floor (``bench/floor.py``): a bare uvloop writer, no framework, no Redis client."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+        super().__init__("bench.floor", env, log_dir, name="floor")
+        self.args = [sys.executable, "-m", "bench.floor", "--port", str(self.port)]
+
+
 class LoadGen:
     """``python -m bench.loadgen`` in its own process; reads its JSON lines."""
 
@@ -232,6 +240,12 @@ class Bench:
 
     def baseline(self, **extra: str) -> BaselineWeb:
         web = BaselineWeb(self.env(**extra), self.log_dir)
+        self.processes.append(web)
+        web.start()
+        return web
+
+    def floor(self, **extra: str) -> FloorWeb:
+        web = FloorWeb(self.env(**extra), self.log_dir)
         self.processes.append(web)
         web.start()
         return web

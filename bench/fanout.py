@@ -1,16 +1,21 @@
-"""Fan-out latency: N clients stream one job; the worker appends 20 progress events at 10/s.
+"""Fan-out latency per event type: N clients stream one job, next to the floor and the recipe.
 
-Latency is measured from the event's ``at`` (stamped by the worker just before its append) to the
-moment the client process receives the frame. Ours (``/api/jobs/{id}/events``) and the baseline
-(``bench/baseline_app.py``: sse-starlette + one Redis pub/sub connection per client) run one
-after the other in the same run, each in a fresh web process, against the same Valkey and worker.
+The worker runs the ``staged`` task: 4 steps of 5 progress events each, every event released by
+the benchmark at 10/s, so ``step``, ``progress``, ``step_completed`` and ``completed`` are each
+timed. Latency runs from the event's ``at`` (stamped by the worker just before its append) to the
+moment the client process receives the frame. Three servers, one after the other in the same
+run, each in a fresh process, against the same Valkey, worker and client (``bench.loadgen``):
 
-    .venv/bin/python -m bench.fanout                 # N = 100, 1,000, 5,000
-    .venv/bin/python -m bench.fanout --n 10000       # the largest (ours only: see below)
+- ``floor``: ``bench/floor.py``, a bare uvloop writer (no framework, no Redis client);
+- ``ours``: Stepstream's ``/api/jobs/{id}/events``;
+- ``recipe``: ``bench/baseline_app.py``, sse-starlette + one Redis pub/sub connection per client.
+
+    .venv/bin/python -m bench.fanout                          # N = 1,000 and 5,000
+    .venv/bin/python -m bench.fanout --n 10000 --sides floor,ours
     .venv/bin/python -m bench.fanout --n 1000 --repeat 3
 
-The baseline needs two descriptors per stream (the client's socket and its Redis connection), so
-with ``ulimit -n`` 20,000 it cannot hold 10,000 streams in one process; that row is ours only.
+The recipe needs two descriptors per stream (the client's socket and its Redis connection), so
+with ``ulimit -n`` 20,000 it cannot hold 10,000 streams in one process; it is left out past 9,000.
 """
 
 from __future__ import annotations
@@ -35,7 +40,6 @@ from bench.common import (
     machine,
     pace,
     print_table,
-    ratio,
     rss_kib,
     split,
     submit,
@@ -47,9 +51,15 @@ from tests.support.processes import Web
 FD_LIMIT_BASELINE = 9_000  # streams; two descriptors each, plus Valkey's maxclients
 
 
+EVENT_TYPES = ("progress", "step", "step_completed", "completed")
+SIDES = ("floor", "ours", "recipe")
+STEPS = 4  # the `staged` task's steps (tests/support/tasks.py)
+
+
 @dataclass
 class SideResult:
     n: int
+    by_type: dict[str, dict[str, float]]
     p50: float
     p99: float
     max: float
@@ -58,6 +68,8 @@ class SideResult:
     kib_per_stream: float
     cpu_s: float
     connect_s: float
+    connect_cpu_s: float
+    worker_cpu_s: float
 
 
 def profile(pid: int, path: str) -> subprocess.Popen[bytes]:
@@ -83,26 +95,35 @@ def profile(pid: int, path: str) -> subprocess.Popen[bytes]:
 def run_side(
     run: Bench,
     control: Web,
+    worker_pid: int,
     side: str,
     n: int,
     events: int,
     rate: float,
     profile_to: str | None = None,
 ) -> SideResult:
-    server = run.web() if side == "ours" else run.baseline()
+    if side == "ours":
+        server = run.web()
+    elif side == "floor":
+        server = run.floor()
+    else:
+        server = run.baseline()
     assert server.proc is not None
     pid = server.proc.pid
     try:
-        job = submit(control.url, "gated", {"events": events})
+        # Every event of `staged` waits for a push to its gate: steps, progress, the end.
+        per_step = max(1, events // STEPS)
+        job = submit(control.url, "staged", {"progress_per_step": per_step})
         job_id = job["id"]
         wait_state(control.url, job_id, {"running"})
-        time.sleep(0.3)  # let the `step` event pass
+        gates = pushes(events)
         path = f"/api/jobs/{job_id}/events" if side == "ours" else f"/events/{job_id}"
         # Ours is live once its snapshot is out (events before it are in the snapshot); the
-        # baseline once its pub/sub subscription is made (it sends `retry:` right after).
+        # others once their pub/sub subscription is made (they send `retry:` right after).
         marker = "event: snapshot" if side == "ours" else "retry:"
         rss_before = rss_kib(pid)
-        deadline = events / rate + 30 + n / 1000
+        connect_cpu_before = cpu_seconds(pid)
+        deadline = gates / rate + 30 + n / 1000
         gens = [
             run.loadgen(
                 "sse",
@@ -116,6 +137,7 @@ def run_side(
                 str(k),
                 "--deadline",
                 str(deadline),
+                "--by-type",
             )
             for k in split(n, max(1, math.ceil(n / 2500)))
         ]
@@ -126,11 +148,14 @@ def run_side(
         time.sleep(1.0)
         rss_after = rss_kib(pid)
         cpu_before = cpu_seconds(pid)
+        connect_cpu = cpu_before - connect_cpu_before
+        worker_before = cpu_seconds(worker_pid)
         spy = profile(pid, f"{profile_to}-{side}-{n}.txt") if profile_to else None
         redis = run.redis()
-        pace(events, rate, lambda i: redis.rpush(gate_key(job_id), "go"))
+        pace(gates, rate, lambda i: redis.rpush(gate_key(job_id), "go"))
         results = [g.read() for g in gens]
         cpu = cpu_seconds(pid) - cpu_before
+        worker_cpu = cpu_seconds(worker_pid) - worker_before
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(timeout=30)
@@ -138,6 +163,11 @@ def run_side(
         latencies = [x for r in results for x in r["latencies_ms"]]
         delivered = sum(sum(r["per_stream"]) for r in results)
         stats = summary(latencies)
+        by_type = {
+            type_: summary([x for r in results for x in r["latencies_by_type"].get(type_, [])])
+            for type_ in EVENT_TYPES
+        }
+        events = per_step * STEPS
         if delivered < n * events:
             counts = Counter(c for r in results for c in r["per_stream"])
             statuses = Counter()
@@ -156,6 +186,7 @@ def run_side(
             gen.stop()
         return SideResult(
             n=n,
+            by_type=by_type,
             p50=stats["p50"],
             p99=stats["p99"],
             max=stats["max"],
@@ -164,6 +195,8 @@ def run_side(
             kib_per_stream=(rss_after - rss_before) / n,
             cpu_s=cpu,
             connect_s=max(r["ready_s"] for r in readies),
+            connect_cpu_s=connect_cpu,
+            worker_cpu_s=worker_cpu,
         )
     finally:
         run.stop(server)
@@ -171,70 +204,109 @@ def run_side(
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.fanout", description=__doc__)
-    parser.add_argument("--n", default="100,1000,5000", help="client counts, comma separated")
-    parser.add_argument("--events", type=int, default=20)
+    parser.add_argument("--n", default="1000,5000", help="client counts, comma separated")
+    parser.add_argument("--events", type=int, default=20, help="progress events (4 steps)")
     parser.add_argument("--rate", type=float, default=10.0, help="events per second")
     parser.add_argument("--repeat", type=int, default=1)
-    parser.add_argument("--ours-only", action="store_true")
+    parser.add_argument(
+        "--sides", default=",".join(SIDES), help=f"servers to measure, of {', '.join(SIDES)}"
+    )
     parser.add_argument("--keep-logs", action="store_true")
     parser.add_argument("--profile", metavar="PREFIX", help="py-spy the servers to PREFIX-*.txt")
     args = parser.parse_args()
     counts = [int(x) for x in args.n.split(",")]
+    sides = [s for s in args.sides.split(",") if s]
 
     print(f"machine: {machine()}")
     rows: list[list[str]] = []
+    summary_rows: list[list[str]] = []
     with bench(keep_logs=args.keep_logs) as run:
         control = run.web()
-        run.worker()
+        worker = run.worker()
+        assert worker.proc is not None
         for n in counts:
             for _ in range(args.repeat):
-                ours = run_side(run, control, "ours", n, args.events, args.rate, args.profile)
-                base = None
-                if not args.ours_only and n <= FD_LIMIT_BASELINE:
-                    base = run_side(
-                        run, control, "baseline", n, args.events, args.rate, args.profile
+                results: dict[str, SideResult] = {}
+                for side in sides:
+                    if side == "recipe" and n > FD_LIMIT_BASELINE:
+                        continue
+                    load = os.getloadavg()[0]
+                    results[side] = run_side(
+                        run, control, worker.proc.pid, side, n, args.events, args.rate, args.profile
                     )
-                rows.append(
-                    [
-                        fmt(n),
-                        fmt(ours.p50),
-                        fmt(ours.p99),
-                        fmt(ours.max),
-                        fmt(base.p50) if base else "n/a",
-                        fmt(base.p99) if base else "n/a",
-                        fmt(base.max) if base else "n/a",
-                        ratio(base.p99, ours.p99) if base else "n/a",
-                        f"{ours.delivered}/{ours.expected}",
-                        f"{base.delivered}/{base.expected}" if base else "n/a",
-                        fmt(ours.kib_per_stream),
-                        fmt(base.kib_per_stream) if base else "n/a",
-                        ratio(base.kib_per_stream, ours.kib_per_stream) if base else "n/a",
-                        fmt(ours.cpu_s, 2),
-                        fmt(base.cpu_s, 2) if base else "n/a",
-                    ]
-                )
+                    result = results[side]
+                    floor = results.get("floor")
+                    for type_ in EVENT_TYPES:
+                        stats = result.by_type[type_]
+                        base = floor.by_type[type_]["p99"] if floor else float("nan")
+                        rows.append(
+                            [
+                                fmt(n),
+                                side,
+                                type_,
+                                fmt(stats["p50"]),
+                                fmt(stats["p99"]),
+                                fmt(stats["max"]),
+                                _times(stats["p99"], base),
+                                f"{load:.2f}",
+                            ]
+                        )
+                    summary_rows.append(
+                        [
+                            fmt(n),
+                            side,
+                            f"{result.delivered}/{result.expected}",
+                            _times(
+                                result.by_type["completed"]["p99"],
+                                result.by_type["progress"]["p99"],
+                            ),
+                            fmt(result.kib_per_stream),
+                            fmt(result.cpu_s, 2),
+                            # CPU per frame delivered (events x streams), per connect, and the
+                            # worker's per event written.
+                            fmt(result.cpu_s / (n * pushes(args.events)) * 1e6),
+                            fmt(result.connect_s, 2),
+                            fmt(n / result.connect_s, 0) if result.connect_s else "n/a",
+                            fmt(result.connect_cpu_s / n * 1e6),
+                            fmt(result.worker_cpu_s / pushes(args.events) * 1e3, 2),
+                        ]
+                    )
                 print_table(
-                    f"Fan-out: {args.events} events at {args.rate:g}/s to N clients "
-                    "(latency in ms, worker append -> client receipt)",
-                    [
-                        "N",
-                        "ours p50",
-                        "ours p99",
-                        "ours max",
-                        "base p50",
-                        "base p99",
-                        "base max",
-                        "p99 ratio",
-                        "ours delivered",
-                        "base delivered",
-                        "ours KiB/stream",
-                        "base KiB/stream",
-                        "mem ratio",
-                        "ours CPU s",
-                        "base CPU s",
-                    ],
+                    f"Fan-out per event type: {STEPS} steps, {args.events} progress events, "
+                    f"{args.rate:g} events/s, N clients (latency in ms, worker append -> client "
+                    "receipt; x floor: p99 / the floor's p99 of that type in the same run)",
+                    ["N", "server", "event", "p50", "p99", "max", "p99 x floor", "load"],
                     rows,
                 )
+                print_table(
+                    "Per server (completed/progress: the terminal event's p99 over progress's)",
+                    [
+                        "N",
+                        "server",
+                        "progress delivered",
+                        "completed/progress p99",
+                        "KiB/stream",
+                        "CPU s",
+                        "CPU us/frame",
+                        "connect s",
+                        "connects/s",
+                        "CPU us/connect",
+                        "worker CPU ms/event",
+                    ],
+                    summary_rows,
+                )
+
+
+def pushes(events: int) -> int:
+    """Events the `staged` task writes for ``events`` progress events (gate pushes)."""
+    per_step = max(1, events // STEPS)
+    return STEPS * (per_step + 2) + 1
+
+
+def _times(value: float, reference: float) -> str:
+    if reference != reference or value != value or reference <= 0:
+        return "n/a"
+    return f"{value / reference:.2f}x"
 
 
 if __name__ == "__main__":

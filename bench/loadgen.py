@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import random
+import re
 import resource
 import sys
 import time
@@ -129,8 +130,9 @@ def parse_frames(
             origin.append((len(payload), body_start + start + len(piece)))
             pos = start + size + 2
     else:
+        # Not chunked (a body closed by the connection's end): payload offset = body offset.
         payload = bytearray(body)
-        origin = [(len(payload), body_start + len(body))]
+        origin = []
 
     frames: list[tuple[float, str | None, str, bytes]] = []
     src = bytes(payload)
@@ -144,9 +146,12 @@ def parse_frames(
         if end < 0:
             break
         frame_end = end + len(sep)
-        while oi < len(origin) and origin[oi][0] < frame_end:
-            oi += 1
-        raw_end = origin[min(oi, len(origin) - 1)][1]
+        if origin:
+            while oi < len(origin) and origin[oi][0] < frame_end:
+                oi += 1
+            raw_end = origin[min(oi, len(origin) - 1)][1]
+        else:
+            raw_end = body_start + frame_end
         while ei < len(ends) and ends[ei][0] < raw_end:
             ei += 1
         t = ends[min(ei, len(ends) - 1)][1]
@@ -260,6 +265,7 @@ async def run_sse(args: argparse.Namespace) -> None:
             client.transport.abort()
 
     latencies: list[float] = []
+    by_type: dict[str, list[float]] = {}
     per_stream: list[int] = []
     samples: list[list[str]] = []
     statuses: dict[int, int] = {}
@@ -268,6 +274,10 @@ async def run_sse(args: argparse.Namespace) -> None:
         statuses[status] = statuses.get(status, 0) + 1
         n = 0
         for t, _id, event, data in frames:
+            if args.by_type and event != "snapshot":
+                at = event_at(data)
+                if at is not None:
+                    by_type.setdefault(event, []).append(round((t - at) * 1000, 3))
             if event == args.expect_type and args.token_times:
                 # Each word of the event's text is the time its token was written (bench.output).
                 for word in json.loads(data).get("text", "").split():
@@ -284,10 +294,136 @@ async def run_sse(args: argparse.Namespace) -> None:
     emit(
         {
             "latencies_ms": latencies,
+            "latencies_by_type": by_type,
             "per_stream": per_stream,
             "statuses": statuses,
             "still_open": still_open,
             "samples": samples,
+        }
+    )
+
+
+# -- a reconnect storm -------------------------------------------------------------------------
+
+_ID = re.compile(rb"(?:^|\n)id: ([0-9]+-[0-9]+)\n")
+_RETRY = re.compile(rb"(?:^|\n)retry: ([0-9]+)\n")
+
+
+class StormClient(asyncio.Protocol):
+    """One viewer's connection; the bytes it got, and when its first event id arrived."""
+
+    __slots__ = ("chunks", "first_id_at", "index", "marker", "on_lost", "on_ready", "transport")
+
+    def __init__(self, index: int, on_lost: Any, on_ready: Any, marker: bytes) -> None:
+        self.index = index
+        self.on_lost = on_lost
+        self.on_ready = on_ready  # None once called, or for a second connection
+        self.marker = marker
+        self.chunks: list[bytes] = []
+        self.first_id_at: float | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.chunks.append(data)
+        if self.first_id_at is None and b"id: " in data:
+            self.first_id_at = time.time()
+        if self.on_ready is not None and self.marker in data:
+            self.on_ready()
+            self.on_ready = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.on_lost(self)
+
+
+async def run_storm(args: argparse.Namespace) -> None:
+    """``--count`` viewers of ``--path`` on ``--port``; when a connection drops, the viewer
+    waits the stream's ``retry:`` times a random 0.8-1.0 (as Stepstream's clients do) and
+    reconnects to ``--port2`` with ``Last-Event-ID``. Prints ``{"ready"}`` once every first
+    connection has its ``--ready-marker``, then, once every viewer's second connection closed or
+    ``--deadline`` passed, each viewer's event ids in order and when its second connection got
+    its first event id."""
+    loop = asyncio.get_running_loop()
+    ids: list[list[str]] = [[] for _ in range(args.count)]
+    relive_at: list[float | None] = [None] * args.count
+    lost_at: list[float | None] = [None] * args.count
+    statuses: dict[str, int] = {}
+    ready = 0
+    all_ready = asyncio.Event()
+    done = 0
+    all_done = asyncio.Event()
+    marker = args.ready_marker.encode()
+    gate = asyncio.Semaphore(args.connect_concurrency)
+    headers = "".join(f"{h}\r\n" for h in args.header)
+
+    def request(last_id: str | None) -> bytes:
+        resume = f"Last-Event-ID: {last_id}\r\n" if last_id else ""
+        return (
+            f"GET {args.path} HTTP/1.1\r\nHost: {HOST}\r\nAccept: text/event-stream\r\n"
+            f"Connection: close\r\n{resume}{headers}\r\n"
+        ).encode()
+
+    def on_lost(client: StormClient) -> None:
+        nonlocal done
+        raw = b"".join(client.chunks)
+        status = raw[9:12].decode() if raw.startswith(b"HTTP/") else "none"
+        statuses[status] = statuses.get(status, 0) + 1
+        ids[client.index] += [m.group(1).decode() for m in _ID.finditer(raw)]
+        if lost_at[client.index] is None:  # the first connection: the server went away
+            lost_at[client.index] = time.time()
+            retry = _RETRY.search(raw)
+            delay = (int(retry.group(1)) if retry else 2000) / 1000 * random.uniform(0.8, 1.0)
+            last = ids[client.index][-1] if ids[client.index] else None
+            loop.call_later(delay, lambda: loop.create_task(connect(client.index, last)))
+            return
+        relive_at[client.index] = client.first_id_at
+        done += 1
+        if done >= args.count:
+            all_done.set()
+
+    def on_ready() -> None:
+        nonlocal ready
+        ready += 1
+        if ready >= args.count:
+            all_ready.set()
+
+    async def connect(index: int, last_id: str | None) -> None:
+        first = lost_at[index] is None
+        port = args.port if first else args.port2
+        signal_ready = on_ready if first else None
+        async with gate:
+            for attempt in range(20):
+                try:
+                    transport, _ = await asyncio.wait_for(
+                        loop.create_connection(
+                            lambda: StormClient(index, on_lost, signal_ready, marker),
+                            HOST,
+                            port,
+                        ),
+                        timeout=10,
+                    )
+                    break
+                except (OSError, TimeoutError):
+                    if attempt == 19:
+                        return
+                    await asyncio.sleep(0.2)
+            transport.write(request(last_id))
+
+    await asyncio.gather(*(connect(i, None) for i in range(args.count)))
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(all_ready.wait(), timeout=args.ready_timeout)
+    emit({"ready": ready})
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(all_done.wait(), timeout=args.deadline)
+    emit(
+        {
+            "ids": ids,
+            "lost_at": lost_at,
+            "relive_at": relive_at,
+            "statuses": statuses,
+            "done": done,
         }
     )
 
@@ -417,8 +553,9 @@ async def run_post(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.loadgen")
-    parser.add_argument("mode", choices=["sse", "poll", "post"])
+    parser.add_argument("mode", choices=["sse", "poll", "post", "storm"])
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--port2", type=int, help="storm: where the viewers reconnect")
     parser.add_argument("--path", required=True)
     parser.add_argument("--count", type=int, default=1)
     parser.add_argument("--header", action="append", default=[])
@@ -426,6 +563,9 @@ def main() -> None:
         "--tokens-file", help="one stream token a line; stream i sends `?token=<line i>`"
     )
     parser.add_argument("--expect-type", default="progress")
+    parser.add_argument(
+        "--by-type", action="store_true", help="also the latency of every event, by its type"
+    )
     parser.add_argument(
         "--token-times",
         action="store_true",
@@ -445,7 +585,7 @@ def main() -> None:
     parser.add_argument("--body", default="{}")
     args = parser.parse_args()
     raise_fd_limit()
-    runner = {"sse": run_sse, "poll": run_poll, "post": run_post}[args.mode]
+    runner = {"sse": run_sse, "poll": run_poll, "post": run_post, "storm": run_storm}[args.mode]
     uvloop.run(runner(args))
 
 

@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import time
 from datetime import datetime
@@ -45,6 +46,7 @@ from bench.common import (
     submit,
     wait_state,
 )
+from bench.fanout import profile
 from stepstream.tasks.models import JobRecord, JobState, utcnow
 from stepstream.tasks.settings import Settings
 from stepstream.tasks.store import JobStore, new_event
@@ -286,6 +288,10 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=5_000)
     parser.add_argument("--idle-seconds", type=float, default=5.0)
     parser.add_argument("--keep-logs", action="store_true")
+    parser.add_argument(
+        "--submissions-only", action="store_true", help="ours and the bare enqueue, then stop"
+    )
+    parser.add_argument("--profile", metavar="PATH", help="py-spy our web process's submissions")
     args = parser.parse_args()
 
     print(f"machine: {machine()}")
@@ -293,9 +299,24 @@ def main() -> None:
         web = run.web()
         baseline = run.baseline()
         body = json.dumps({"task": "burst", "input": {"events": 1}})
+        spy = None
+        if args.profile:
+            assert web.proc is not None
+            spy = profile(web.proc.pid, args.profile)
         ours_submit, ours_raw = submissions(run, web.port, "/api/jobs", body, args.seconds)
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(timeout=30)
         base_submit, base_raw = submissions(run, baseline.port, "/jobs", body, args.seconds)
         run.stop(baseline)
+        if args.submissions_only:
+            print(
+                f"submissions/s, one web process: ours {ours_submit:,.0f}, bare arq enqueue "
+                f"{base_submit:,.0f} ({ours_submit / base_submit:.2f}x); p50 ms ours "
+                f"{percentile(ours_raw['latencies_ms'], 50):.1f}, enqueue "
+                f"{percentile(base_raw['latencies_ms'], 50):.1f}"
+            )
+            return
 
         figures = asyncio.run(store_figures(run.valkey.url, args.seconds))
 

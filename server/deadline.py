@@ -52,8 +52,10 @@ class ResponseDeadline:
                 deadline.reschedule(None)
             await send(message)
 
-        headers = dict(scope.get("headers") or [])
-        has_body = scope.get("method") not in _BODILESS and headers.get(b"content-length") != b"0"
+        # No dict of the headers: this frame lives as long as the response (a stream's hours).
+        has_body = scope.get("method") not in _BODILESS and not any(
+            name == b"content-length" and value == b"0" for name, value in scope["headers"]
+        )
         try:
             async with asyncio.timeout(None if has_body else self.seconds) as deadline:
                 await self.app(scope, receive_body, send_response)

@@ -16,8 +16,11 @@ from stepstream.server.errors import ApiError
 from stepstream.server.guards import guarded, open_stream
 from stepstream.server.hub import Hub
 from stepstream.server.jobs import load_job
+from stepstream.server.protocol import BodyWriter, body_writer
 from stepstream.server.state import AppState
 from stepstream.server.streams import FirehoseStream, JobStream
+from stepstream.server.traces import frames_in
+from stepstream.tasks import tracing
 
 logger = logging.getLogger("stepstream.sse")
 
@@ -42,6 +45,7 @@ class EventStream:
         "_cancelled_by_us",
         "_error",
         "_pending",
+        "_raw",
         "_send",
         "_task",
         "body",
@@ -66,6 +70,7 @@ class EventStream:
         self._task: asyncio.Task[object] | None = None
         self._cancelled_by_us = False
         self._send: Send | None = None
+        self._raw: BodyWriter | None = None
         self._pending: tuple[Generator[Any, None, None], Any] | None = None
         self._error: BaseException | None = None
 
@@ -74,12 +79,18 @@ class EventStream:
     def try_write(self, chunk: bytes) -> bool:
         """Send ``chunk`` now, from the hub's loop over subscribers, without awaiting.
 
-        uvicorn's ``send`` returns without suspending unless the connection's write buffer is
-        over its high-water mark; the coroutine is stepped once by hand. If it suspends, it is
-        kept for ``flush`` (run by this stream's task, under the send timeout).
+        Straight to the connection when it can (``BodyWriter``); otherwise through ``send``:
+        uvicorn's returns without suspending unless the connection's write buffer is over its
+        high-water mark; the coroutine is stepped once by hand. If it suspends, it is kept for
+        ``flush`` (run by this stream's task, under the send timeout).
         """
         if self._send is None or self._pending is not None or self._error is not None:
             return False
+        raw = self._raw
+        if raw is not None and raw.write(chunk):
+            # Past the middlewares that count frames: the hub counts these (server/metrics.py).
+            self.hub.frames_written_directly += frames_in(chunk)
+            return True
         message: Message = {"type": "http.response.body", "body": chunk, "more_body": True}
         coro = self._send(message).__await__()  # works for any awaitable, not only coroutines
         try:
@@ -159,16 +170,24 @@ class EventStream:
         loop = asyncio.get_running_loop()
         self._task = asyncio.current_task()
         self._send = send
-        watcher = asyncio.ensure_future(self._wait_disconnect(receive))
-        watcher.add_done_callback(self._client_gone)
+        raw = body_writer(scope)  # None unless served by ``stepstream web``'s protocol
+        # Live frames skip the ``send`` chain when uvicorn is ours; not with tracing on, whose
+        # span counts the frames sent through ``send``.
+        self._raw = None if tracing.enabled() else raw
+        watcher: asyncio.Future[None] | None = None
+        if raw is not None:
+            raw.on_connection_lost(self.send_timed_out)
+        else:
+            watcher = asyncio.ensure_future(self._wait_disconnect(receive))
+            watcher.add_done_callback(self._client_gone)
         self.hub.senders.add(self)
         send_timeout = self.send_timeout
         try:
             async for chunk in self.body:
-                message: Message = {"type": "http.response.body", "body": chunk, "more_body": True}
                 self.send_deadline = loop.time() + send_timeout
-                await send(message)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 self.send_deadline = 0.0
+                del chunk  # not kept while the stream idles (a snapshot is a record's size)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             if not self._cancelled_by_us:
@@ -180,11 +199,15 @@ class EventStream:
             self._cancelled_by_us = True  # a late disconnect callback must not cancel cleanup
             self.hub.senders.discard(self)
             self._send = None
+            self._raw = None
             if self._pending is not None:
                 self._pending[0].close()
                 self._pending = None
-            watcher.remove_done_callback(self._client_gone)
-            watcher.cancel()
+            if raw is not None:
+                raw.on_connection_lost(None)
+            if watcher is not None:
+                watcher.remove_done_callback(self._client_gone)
+                watcher.cancel()
             try:
                 await self.body.aclose()  # type: ignore[attr-defined]
             except Exception:
@@ -217,7 +240,7 @@ async def job_events(request: Request) -> Response | EventStream:
     state: AppState = request.app.state.stepstream
     principal = await state.auth.authenticate(request, allow_token=True)
     cursor = read_cursor(request)
-    record = await load_job(request, principal)
+    record = await load_job(request, principal, shared=True)
     if cursor is not None and record.state.terminal and cursor == record.last_event_id:
         return Response(status_code=204)  # the standard's "stop reconnecting"
     release = open_stream(state, principal)

@@ -129,6 +129,7 @@ async def guarded(
         if principal.expires_at is None and revoked is None:
             async for chunk in frames:
                 yield chunk
+                del chunk  # not kept while the stream waits for its next frame
             return
         ending = _Ending(principal.expires_at, revoked)
         while not ending.due():
@@ -146,6 +147,7 @@ async def guarded(
             finally:
                 ending.active = None
             yield chunk
+            del chunk
         if principal.token_scope is not None:
             yield frame("token_expired", json_data({"reason": ending.reason}))
     finally:

@@ -169,6 +169,9 @@ class Hub:
         self.connected = asyncio.Event()
         self.closing = False
         self.dropped_slow = 0
+        # SSE events written to job streams past the ``send`` chain (server/events.py), added
+        # to stepstream_sse_events_delivered at each scrape.
+        self.frames_written_directly = 0
         self.send_timeouts = 0
         self.reconnects = 0
         self._was_connected = False
@@ -478,8 +481,11 @@ class Hub:
         subscribers = self.by_job.get(frames[0].job_id)
         if not subscribers:
             return
+        direct_item: Frame | None
         if len(frames) == 1:
             direct_item = frames[0]
+        elif any(f.terminal for f in frames[:-1]):
+            direct_item = None  # events after a terminal one: each stream's task sorts them
         else:
             # The batch as one frame for direct writes: one write per subscriber for all of it.
             last = frames[-1]
@@ -492,14 +498,19 @@ class Hub:
                 firehose_id=last.firehose_id,
                 job_bytes=b"".join(f.job_bytes for f in frames),
                 firehose_bytes=b"",
-                terminal=any(f.terminal for f in frames),
+                terminal=last.terminal,
             )
         first_id = frames[0].job_event_id
         full: list[Subscriber] = []
         # Subscriber.offer inlined: this loop runs once per subscriber per event.
         for subscriber in subscribers:
             direct = subscriber.direct
-            if direct is not None and not subscriber.items and direct(direct_item, first_id):
+            if (
+                direct is not None
+                and direct_item is not None
+                and not subscriber.items
+                and direct(direct_item, first_id)
+            ):
                 continue  # written straight to the client
             items = subscriber.items
             if len(items) + len(frames) > subscriber.maxsize:
@@ -509,6 +520,11 @@ class Hub:
             waiter = subscriber.waiter
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
+        if direct_item is not None and direct_item.terminal:
+            # The end of the job: its streams' tasks end their responses, woken only now so
+            # that every viewer has the terminal frame before any of that work runs.
+            for subscriber in subscribers:
+                subscriber.wake()
         for subscriber in full:
             self._drop(subscriber)
 

@@ -24,6 +24,7 @@ from stepstream.server.options import (
     parse_submit_options,
 )
 from stepstream.server.state import AppState
+from stepstream.server.streams import shared_record
 from stepstream.server.subjects import subject_field, subject_param
 from stepstream.server.urls import job_links, root_path
 from stepstream.tasks import cancellation, creation, rollup, tracing
@@ -416,12 +417,18 @@ async def _wait_for_record(state: AppState, job_id: str) -> JobRecord | None:
     return None
 
 
-async def load_job(request: Request, principal: Principal) -> JobRecord:
+async def load_job(request: Request, principal: Principal, *, shared: bool = False) -> JobRecord:
     """The job in the path, if the caller may see it: another owner's job is 404, like a
-    missing one, so ids cannot be probed."""
+    missing one, so ids cannot be probed. ``shared``: a read of the record already in flight
+    may serve (streams connecting together: see ``SharedRead``)."""
     state: AppState = request.app.state.stepstream
     job_id = request.path_params["job_id"]
-    record = await state.store.get(job_id) if JOB_ID.fullmatch(job_id) else None
+    record = None
+    if JOB_ID.fullmatch(job_id):
+        if shared:
+            _, record = await shared_record(state.store, job_id, -1)
+        else:
+            record = await state.store.get(job_id)
     if record is None or not principal.may_read(record.owner, record.id, record.subject):
         raise ApiError(404, "job_not_found", f"no job with id {job_id!r}")
     return record

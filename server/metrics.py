@@ -80,6 +80,9 @@ class WebMetrics:
 
     async def endpoint(self, request: Request) -> Response:
         state: AppState = request.app.state.stepstream
+        written, state.hub.frames_written_directly = state.hub.frames_written_directly, 0
+        if written:
+            self.events_delivered.labels("job").inc(written)
         families = await self._cluster(state) + self._process(state)
         # No await between these two lines: a concurrent scrape cannot swap the families.
         self._scrape.families = families

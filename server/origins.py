@@ -42,13 +42,16 @@ class RefusedOriginLog:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and "*" not in self.allowed:
-            headers = Headers(scope=scope)
-            origin = headers.get("origin")
-            if origin is not None and origin not in self.allowed and not _own(origin, headers):
-                path: str = scope.get("path", "")
-                if not path.endswith(PUBLIC_SUFFIXES):
-                    self._log(origin, path)
+            self._check(scope)  # in a call of its own: its locals do not live with a stream
         await self.app(scope, receive, send)
+
+    def _check(self, scope: Scope) -> None:
+        headers = Headers(scope=scope)
+        origin = headers.get("origin")
+        if origin is not None and origin not in self.allowed and not _own(origin, headers):
+            path: str = scope.get("path", "")
+            if not path.endswith(PUBLIC_SUFFIXES):
+                self._log(origin, path)
 
     def _log(self, origin: str, path: str) -> None:
         now = self.clock()

@@ -8,8 +8,10 @@ after the cursor; (3) send it; (4) drain the buffered live frames, skipping ids 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import Protocol
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from functools import partial
+from typing import Any, Protocol, TypeVar, cast
 
 from stepstream.server.hub import CLOSE, RESYNC, Frame, Hub, Subscriber
 from stepstream.server.sse import HEARTBEAT, firehose_data, frame, json_data
@@ -18,6 +20,7 @@ from stepstream.tasks.settings import Settings
 from stepstream.tasks.store import JobStore
 
 StreamId = tuple[int, int]
+T = TypeVar("T")
 
 
 class DirectWriter(Protocol):
@@ -32,6 +35,62 @@ class DirectWriter(Protocol):
     async def flush(self) -> None: ...
 
 
+class SharedRead:
+    """One read of Redis, shared by the streams that may use it.
+
+    A thousand viewers connecting to one job at once (a deploy's reconnect storm) need one
+    record read and one snapshot frame, or one read of the log after their common cursor, not
+    a thousand. A stream may use a read only if it started after the stream registered with
+    the hub: then every event the read lacks reaches the stream live. ``order`` numbers
+    registrations and reads in one sequence. ``encoded`` keeps what the sharers would each
+    encode from the result (the frames), computed once.
+    """
+
+    __slots__ = ("done", "encoded", "order")
+
+    def __init__(self) -> None:
+        self.order = next(_ORDER)
+        # (the result,) once read; None if the read failed (each sharer then reads itself).
+        self.done: asyncio.Future[tuple[Any] | None] = asyncio.get_running_loop().create_future()
+        self.encoded: Any = None
+
+    @classmethod
+    async def after(
+        cls, key: tuple[Hashable, ...], order: int, read: Callable[[], Awaitable[T]]
+    ) -> tuple[SharedRead, T]:
+        """``read()``'s result from a read started after ``order``: one in flight under
+        ``key``, or a new one."""
+        current = _READS.get(key)
+        if current is not None and current.order > order:
+            # Shielded: this stream's cancellation must not cancel the others' read.
+            result = await asyncio.shield(current.done)
+            if result is not None:
+                return current, cast(T, result[0])
+        shared = cls()
+        _READS[key] = shared
+        try:
+            value = await read()
+        except BaseException:
+            shared.done.set_result(None)
+            raise
+        finally:
+            if _READS.get(key) is shared:
+                del _READS[key]
+        shared.done.set_result((value,))
+        return shared, value
+
+
+_ORDER = itertools.count()
+_READS: dict[tuple[Hashable, ...], SharedRead] = {}  # in flight, by what they read
+
+
+async def shared_record(
+    store: JobStore, job_id: str, order: int
+) -> tuple[SharedRead, JobRecord | None]:
+    """The job's record from a read started after ``order`` (-1: any read in flight)."""
+    return await SharedRead.after(("record", id(store), job_id), order, lambda: store.get(job_id))
+
+
 class JobStream:
     """One job's events, from a cursor (or a snapshot) to the terminal event."""
 
@@ -41,6 +100,7 @@ class JobStream:
         "hub",
         "job_id",
         "last",
+        "registered",
         "settings",
         "store",
         "subscriber",
@@ -63,39 +123,50 @@ class JobStream:
         self.last: StreamId = (-1, -1)
         self.ended = False
         self.subscriber: Subscriber
+        self.registered = -1  # SharedRead's order at registration
         self.writer: DirectWriter | None = None
 
     def _direct(self, item: Frame | bytes, first: StreamId) -> bool:
         """Called by the hub while this stream waits with nothing queued: write ``item`` now.
 
         This skips waking the stream's task, the generators and the queue for every frame of
-        every subscriber: the fan-out is one loop of writes. False leaves ``item`` to the queue
-        (a terminal frame: the task sends it and ends the response). ``item`` may be several
-        frames joined, from ``first`` to ``item.job_event_id``, or a heartbeat's bytes.
+        every subscriber: the fan-out is one loop of writes. The terminal frame goes the same
+        way, so the end of a job reaches every viewer as fast as its progress; the stream's
+        task is then woken to end the response. False leaves ``item`` to the queue (frames
+        the backlog had: the task sorts them). ``item`` may be several frames joined, from
+        ``first`` to ``item.job_event_id``, or a heartbeat's bytes.
         """
         if isinstance(item, bytes):
             chunk = item  # a heartbeat
-        elif item.terminal or first <= self.last:
-            return False  # the end of the stream, or frames the backlog had: the task sorts it
+        elif first <= self.last:
+            return False
         else:
             self.last = item.job_event_id
             chunk = item.job_bytes
+            if item.terminal:
+                self.ended = True
         assert self.writer is not None
         if not self.writer.try_write(chunk):
             # The client's buffer is full: the task completes that write (bounded by the send
-            # timeout) and takes every later frame from the queue (bounded by its length).
+            # timeout) and takes every later frame from the queue (bounded by its length); at
+            # the end, it ends the response once the write is done.
             self.subscriber.direct = None
             self.subscriber.wake()
+        elif self.ended:
+            # The hub wakes the task to end the response once every viewer has the frame.
+            self.subscriber.direct = None
         return True
 
     async def frames(self) -> AsyncIterator[bytes]:
         self.subscriber = self.hub.subscribe(self.job_id)
+        self.registered = next(_ORDER)
         try:
             yield f"retry: {self.settings.sse_retry_ms}\n\n".encode()
             # Subscribed (confirmed by Redis) before the log is read: nothing falls between.
             await self.hub.joined(self.subscriber)
             async for chunk in self._start():
                 yield chunk
+            chunk = b""  # the snapshot (a record's size) is not kept while the stream idles
             while not self.ended:
                 if self.writer is not None:
                     self.subscriber.direct = self._direct
@@ -105,8 +176,8 @@ class JobStream:
                     self.subscriber.direct = None
                 if self.writer is not None:
                     await self.writer.flush()
-                if self.subscriber.overflowed:
-                    return
+                if self.subscriber.overflowed or self.ended:
+                    return  # cut off, or the terminal frame went out directly
                 # Everything pending goes out in one write: under load, fewer sends.
                 out: list[bytes] = []
                 for item in items:
@@ -118,6 +189,9 @@ class JobStream:
                                 self.ended = True
                                 break
                     elif item is RESYNC:
+                        # The subscription holds again from now: only a read started later
+                        # may serve the catch-up (one from before could miss the outage's).
+                        self.registered = next(_ORDER)
                         async for chunk in self._replay():
                             out.append(chunk)
                         if self.ended:
@@ -141,18 +215,27 @@ class JobStream:
                 yield chunk
             return
         self.last = parse_stream_id(self.cursor)
+        first = None
         if self.cursor != "0":
-            info = await self.store.stream_info(self.store.keys.job_events(job_id))
+            # The trim check and the first batch in one round trip, shared by the streams
+            # resuming from this cursor together (a reconnect storm's viewers).
+            batch = self.settings.replay_batch
+            read, (info, rows) = await SharedRead.after(
+                ("resume", id(self.store), job_id, self.cursor, batch),
+                self.registered,
+                partial(self.store.resume, job_id, self.cursor, batch),
+            )
             if info is not None and info.trimmed_after(self.last):
                 yield frame("reset", json_data({"reason": "events after the cursor expired"}))
                 async for chunk in self._snapshot():
                     yield chunk
                 return
-        async for chunk in self._replay():
+            first = (read, rows)
+        async for chunk in self._replay(first):
             yield chunk
 
     async def _snapshot(self) -> AsyncIterator[bytes]:
-        record = await self.store.get(self.job_id)
+        read, record = await shared_record(self.store, self.job_id, self.registered)
         if record is None:
             self.ended = True
             return
@@ -160,17 +243,33 @@ class JobStream:
         if snapshot_id is not None:
             self.last = parse_stream_id(snapshot_id)
         self.ended = record.state.terminal
-        yield frame("snapshot", record.model_dump_json(), snapshot_id)
+        if read.encoded is None:  # the snapshot frame, encoded once for every sharer
+            read.encoded = frame("snapshot", record.model_dump_json(), snapshot_id)
+        snapshot: bytes = read.encoded
+        yield snapshot
 
-    async def _replay(self) -> AsyncIterator[bytes]:
+    async def _replay(
+        self, first: tuple[SharedRead, list[tuple[str, str]]] | None = None
+    ) -> AsyncIterator[bytes]:
+        """The log after ``self.last``, in batches; ``first``: the first batch, read already."""
         batch = self.settings.replay_batch
         after = f"{self.last[0]}-{self.last[1]}" if self.last >= (0, 0) else "0"
         while not self.ended:
-            rows = await self.store.read_events(self.job_id, after, batch)
+            if first is not None:
+                (read, rows), first = first, None
+            else:
+                read, rows = await SharedRead.after(
+                    ("events", id(self.store), self.job_id, after, batch),
+                    self.registered,
+                    partial(self.store.read_events, self.job_id, after, batch),
+                )
+            if read.encoded is None:  # each row's frame, encoded once for every sharer
+                read.encoded = [
+                    _replay_frame(event_id, event_json) for event_id, event_json in rows
+                ]
             chunks: list[bytes] = []
-            for event_id, event_json in rows:
-                type_ = _event_type(event_json)
-                chunks.append(frame(type_, event_json, event_id))
+            for event_id, type_, encoded in read.encoded:
+                chunks.append(encoded)
                 after = event_id
                 if type_ in TERMINAL_EVENTS:
                     self.ended = True
@@ -280,6 +379,11 @@ class FirehoseStream:
                 yield b"".join(chunks)
             if not more:
                 return
+
+
+def _replay_frame(event_id: str, event_json: str) -> tuple[str, str, bytes]:
+    type_ = _event_type(event_json)
+    return event_id, type_, frame(type_, event_json, event_id)
 
 
 def _event_type(event_json: str) -> str:

@@ -309,6 +309,17 @@ class StreamInfo:
         return self.first_id is None or cursor < StreamId.parse(self.first_id)
 
 
+def _stream_info(info: dict[str, Any]) -> StreamInfo:
+    first = info.get("first-entry")
+    return StreamInfo(
+        last_id=info["last-generated-id"],
+        first_id=first[0] if first else None,
+        max_deleted_id=info.get("max-deleted-entry-id", "0-0"),
+        length=info["length"],
+        entries_added=info.get("entries-added", info["length"]),
+    )
+
+
 # Valkey restarts one transaction outlives before its error surfaces (create_together).
 SCRIPT_RELOADS = 5
 # One call of the append script: its keys and its arguments.
@@ -640,14 +651,25 @@ class JobStore:
             info = await self.redis.xinfo_stream(key)
         except ResponseError:
             return None  # no such stream
-        first = info.get("first-entry")
-        return StreamInfo(
-            last_id=info["last-generated-id"],
-            first_id=first[0] if first else None,
-            max_deleted_id=info.get("max-deleted-entry-id", "0-0"),
-            length=info["length"],
-            entries_added=info.get("entries-added", info["length"]),
-        )
+        return _stream_info(info)
+
+    async def resume(
+        self, job_id: str, after: str, count: int
+    ) -> tuple[StreamInfo | None, list[tuple[str, str]]]:
+        """The job's log's trim state and up to ``count`` events after ``after``, in one round
+        trip (a stream resuming from a cursor needs both)."""
+        key = self.keys.job_events(job_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xinfo_stream(key)
+            pipe.xrange(key, min=f"({after}", max="+", count=count)
+            info, rows = await pipe.execute(raise_on_error=False)
+        if isinstance(rows, Exception):
+            raise rows
+        if isinstance(info, ResponseError):
+            return None, []  # no such stream
+        if isinstance(info, Exception):
+            raise info
+        return _stream_info(info), [(entry_id, fields["e"]) for entry_id, fields in rows]
 
     async def list_jobs(
         self,

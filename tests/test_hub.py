@@ -190,7 +190,14 @@ def test_a_web_process_listens_only_to_the_channels_its_viewers_watch(
     firehose_channel = f"{s.prefix}live"
     # With no viewers a web process hears no event: each holds only its hub's own channel
     # (and the worker its wake-ups').
-    assert set(r.pubsub_channels(f"{s.prefix}*")) == {f"{s.prefix}hub", f"{s.prefix}queue:wakeups"}
+    # (The worker subscribes to its wake-ups once it has started: wait for that, not the webs.)
+    expected = {f"{s.prefix}hub", f"{s.prefix}queue:wakeups"}
+    wait_until(
+        lambda: set(r.pubsub_channels(f"{s.prefix}*")) >= expected,
+        timeout=10,
+        what="the worker's wake-ups subscription",
+    )
+    assert set(r.pubsub_channels(f"{s.prefix}*")) == expected
     assert listeners(r, f"{s.prefix}hub") == 2
 
     watchers = [StreamReader(events_url(a.url, job["id"])).start() for _ in range(2)]

@@ -197,6 +197,25 @@ def read_to_end(d: Deployment, credential: str, job: bool) -> None:
     assert status == 200 and events[-1].type == "completed"
 
 
+def live_to_end(d: Deployment, credential: str, job: bool) -> None:
+    """A job's stream open while the job ends: the terminal frame, written by the hub's fan-out
+    straight to the client, then the end of the response (the firehose just carries it on)."""
+    ending = submit_as(d.stack, ALICE, {"events": 1}, task="gated")
+    path, headers = d.path(ending["id"] if job else None, credential)
+    stream = RawStream(d.port, path, {**headers, "Connection": "close"})
+    try:
+        assert stream.status() == 200
+        stream.read_until(b"event: snapshot" if job else b"id: ")
+        d.stack.redis().rpush(gate_key(ending["id"]), "go")
+        if job:
+            stream.drain(timeout=20)  # to the server's close
+            assert stream.received.count(b"event: completed") == 1
+        else:
+            stream.read_until(f'"job_id":"{ending["id"]}","type":"completed"'.encode())
+    finally:
+        stream.close()
+
+
 def token_expiry(d: Deployment, credential: str, job: bool) -> None:
     path, headers = d.path(d.live_job if job else None, "token")
     started = time.monotonic()
@@ -232,6 +251,7 @@ WAYS: dict[str, Way] = {
         drop_mid_backlog,
         drop_mid_live,
         read_to_end,
+        live_to_end,
         token_expiry,
         slow_consumer,
     )
@@ -318,6 +338,7 @@ actions = st.lists(
         (way, "token", False) for way in ("drop_after_headers", "drop_mid_backlog", "token_expiry")
     ]
 )
+@example(actions=[("live_to_end", "key", True), ("live_to_end", "token", True)])
 @example(
     actions=[
         ("slow_consumer", "key", False),

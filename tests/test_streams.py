@@ -335,3 +335,119 @@ def test_no_frame_carries_a_raw_unicode_line_break_and_the_client_reads_them_all
         assert first.job.input == {"text": text, "title": SEPARATORS}
         log_events = list(client.events(job["id"], after="0"))
     assert log_events[0].type == "queued" and log_events[-1].type == "completed"
+
+
+def test_the_end_of_a_live_job_reaches_every_viewer_once_and_ends_their_streams(
+    make_stack: StackFactory,
+) -> None:
+    """The terminal frame goes from the hub's fan-out straight to each client, like progress;
+    each stream's task then ends the response. Every viewer gets it once, last, and its
+    stream closes with the job (not at some later wake-up: heartbeats are an hour apart here);
+    a viewer resuming from a cursor gets its catch-up first, then the live rest."""
+    stack = make_stack(webs=1, workers=1, STEPSTREAM_HEARTBEAT_SECONDS="3600")
+    job = submit(stack.url, "gated", {"events": 3})
+    r = stack.redis()
+    r.rpush(gate_key(job["id"]), "go")
+    wait_until_progress(stack.url, job["id"], 1)
+    cursor = get_job(stack.url, job["id"])["last_event_id"]
+    before = streams_open(stack.url)
+    fresh = [StreamReader(events_url(stack.url, job["id"])).start() for _ in range(8)]
+    resumed = StreamReader(events_url(stack.url, job["id"]), {"Last-Event-ID": cursor}).start()
+    for reader in fresh:
+        reader.wait_for(lambda evs: len(evs) >= 1)  # the snapshot: live from here on
+    # The resumed one has nothing to catch up yet: registered is enough (what follows is
+    # buffered live while it reads the log).
+    wait_until(lambda: streams_open(stack.url) == before + 9, timeout=10, what="9 streams")
+    r.rpush(gate_key(job["id"]), "go")
+    r.rpush(gate_key(job["id"]), "go")
+    _, log = read_stream(events_url(stack.url, job["id"]) + "?after=0")
+    after_cursor = [e.id for e in log[[e.id for e in log].index(cursor) + 1 :]]
+    for reader in [*fresh, resumed]:
+        events = reader.wait_closed(timeout=30)  # the server ended it: no close() of ours
+        assert reader.error is None
+        live = events[1:] if events[0].type == "snapshot" else events
+        assert [e.id for e in live] == after_cursor, "a frame was lost, repeated or misplaced"
+        assert [e.type for e in live][-2:] == ["step_completed", "completed"]
+    assert [e.data["current"] for e in resumed.events if e.type == "progress"] == [2, 3]
+    wait_until(lambda: streams_open(stack.url) == before, timeout=10, what="the slots back")
+
+
+def test_the_end_of_a_job_reaches_a_client_that_fell_behind_once_then_its_stream_ends(
+    make_stack: StackFactory,
+) -> None:
+    """A client that stops reading while a burst arrives: its writes back up, the stream's task
+    completes them under the send timeout, then the terminal frame, once, then the end."""
+    from tests.test_stream_slots import RawStream
+
+    s = make_stack(
+        webs=1,
+        workers=0,
+        STEPSTREAM_SUBSCRIBER_QUEUE="1000",
+        STEPSTREAM_SEND_TIMEOUT_SECONDS="60",  # the client reads again well before
+    )
+    events, padding = 200, 16_000  # 3.2 MB: more than the socket buffers between the two hold
+    job = submit(s.url, "burst", {"events": events, "padding": padding, "interval": 0.002})
+    stream = RawStream(
+        s.webs[0].port,
+        f"/api/jobs/{job['id']}/events",
+        {"Connection": "close"},  # the end of the response closes the socket
+        receive_buffer=4096,
+    )
+    try:
+        assert stream.status() == 200
+        stream.read_until(b"event: snapshot")
+        s.add_worker()
+        wait_state(s.url, job["id"], {"completed"}, timeout=60)
+        # Written in full while this client read nothing: its stream is held, not cut off.
+        assert streams_open(s.url) == 1, "the stream ended before the client read its end"
+        assert len(stream.received) < events * padding
+        stream.drain(timeout=30)  # to the server's close
+    finally:
+        stream.close()
+    body = stream.received.decode()
+    assert body.count("event: progress") == events
+    assert body.count("event: completed") == 1
+    assert body.rstrip("\r\n0").rstrip().endswith("}"), "something came after the last frame"
+    assert body.rindex("event: completed") > body.rindex("event: progress")
+    wait_until(lambda: streams_open(s.url) == 0, timeout=10, what="the slot back")
+
+
+def test_viewers_connecting_together_while_a_job_writes_each_get_a_snapshot_then_every_event(
+    stack: Stack,
+) -> None:
+    """Streams connecting at once share their record reads (one read, one snapshot frame),
+    but only a read started after a stream registered may serve it: whatever its snapshot
+    lacks then arrives live. Each viewer gets the log after its snapshot, once, in order."""
+    job = submit(stack.url, "gated", {"events": 60})
+    wait_state(stack.url, job["id"], {"running"})
+    r = stack.redis()
+    readers = []
+    for wave in range(4):
+        # Viewers arrive in waves while the job writes: some share a read, some cannot.
+        readers += [StreamReader(events_url(stack.url, job["id"])).start() for _ in range(6)]
+        for _ in range(5):
+            r.rpush(gate_key(job["id"]), "go")
+        wait_until(
+            lambda wave=wave: progress_reached(stack.url, job["id"], 5 * wave + 5),
+            timeout=20,
+            what="the wave's events written",
+        )
+    for _ in range(40):
+        r.rpush(gate_key(job["id"]), "go")
+    _, log = read_stream(events_url(stack.url, job["id"]) + "?after=0", timeout=60)
+    ids = [e.id for e in log]
+    snapshots = set()
+    for reader in readers:
+        events = reader.wait_closed(timeout=60)
+        assert events[0].type == "snapshot"
+        snapshot_id = events[0].id
+        snapshots.add(snapshot_id)
+        after = ids[ids.index(snapshot_id) + 1 :] if snapshot_id in ids else ids
+        assert [e.id for e in events[1:]] == after, "a gap, a repeat or a frame out of order"
+        assert events[-1].type == "completed"
+    assert len(snapshots) > 1, "every viewer connected at the same point: nothing was tested"
+
+
+def progress_reached(base: str, job_id: str, current: int) -> bool:
+    message = get_job(base, job_id)["message"] or ""
+    return message.startswith("event ") and int(message.split()[1]) >= current

@@ -98,6 +98,32 @@ async def gated(ctx: TaskContext, data: GatedInput) -> GatedOutput:
     return GatedOutput(events=data.events)
 
 
+STAGED_STEPS = ["one", "two", "three", "four"]
+
+
+class StagedInput(BaseModel):
+    progress_per_step: int = Field(default=5, ge=1, le=1_000)
+
+
+@task("staged", steps=STAGED_STEPS, input=StagedInput, output=GatedOutput, max_attempts=1)
+async def staged(ctx: TaskContext, data: StagedInput) -> GatedOutput:
+    """Every event waits for a push to the job's gate: each step's ``step``, its progress, its
+    ``step_completed``, and the ``completed`` at the end (bench.fanout times each type)."""
+    redis = ctx.store.redis
+    gate = [gate_key(ctx.job_id)]
+    events = 0
+    for name in STAGED_STEPS:
+        await redis.blpop(gate, timeout=60)  # type: ignore[misc]
+        async with ctx.step(name):
+            for i in range(1, data.progress_per_step + 1):
+                await redis.blpop(gate, timeout=60)  # type: ignore[misc]
+                await ctx.progress(i, data.progress_per_step, f"{name} {i}")
+            await redis.blpop(gate, timeout=60)  # type: ignore[misc]
+        events += data.progress_per_step + 2
+    await redis.blpop(gate, timeout=60)  # type: ignore[misc]
+    return GatedOutput(events=events + 1)
+
+
 class BlockingInput(BaseModel):
     burst: int = Field(default=20, ge=1, le=1_000)
     block: float = Field(default=1.5, ge=0, le=10)
