@@ -191,7 +191,8 @@ window.__stop = watchJob(jobId, {
     document.querySelector("#state").textContent = state;
   },
   onEnd: (record) => seen.ends.push(record),
-  onError: (error) => seen.errors.push({ status: error.status, message: error.message }),
+  onError: (error) =>
+    seen.errors.push({ status: error.status, message: error.message, fatal: error.fatal }),
 });
 """
 
@@ -284,7 +285,10 @@ def test_a_page_on_another_origin_sees_every_event_once_across_renewals_and_a_we
         finally:
             context.close()
 
-    assert seen["errors"] == [] and problems == [], (seen["errors"], problems)
+    # While the web process is down the client may say, without giving up, that it cannot
+    # connect (a loaded machine restarts it slower than three tries): only a fatal error fails.
+    fatal = [error for error in seen["errors"] if error["fatal"] is not False]
+    assert fatal == [] and problems == [], (seen["errors"], problems)
     with Client(api, api_key=KEY) as client:
         log = [(e.id, e.type) for e in client.events(job_id, after="0")]
         final = client.get(job_id)
