@@ -180,7 +180,15 @@ def test_processes_that_disagree_on_webhook_settings_say_so_in_the_log_readyz_an
     assert webhooks_ready(s)["settings"] == "agree"  # alone, it agrees with itself
     worker = worker_with(s, STEPSTREAM_WEBHOOK_ALLOWED_HOSTS="", STEPSTREAM_WEBHOOK_SECRET="")
     # The worker, at its start.
-    wait_until(lambda: "webhook settings differ" in worker.log(), timeout=10, what="its line")
+    # One line per setting that differs, written one after the other: wait for both.
+    wait_until(
+        lambda: all(
+            f"{name} differs" in worker.log()
+            for name in ("STEPSTREAM_WEBHOOK_ALLOWED_HOSTS", "STEPSTREAM_WEBHOOK_SECRET")
+        ),
+        timeout=10,
+        what="its lines",
+    )
     lines = [x for x in worker.log().splitlines() if "webhook settings differ" in x]
     hosts = next(x for x in lines if "STEPSTREAM_WEBHOOK_ALLOWED_HOSTS differs" in x)
     assert "'127.0.0.1' in web" in hosts and "not set in worker" in hosts
