@@ -14,7 +14,7 @@ from tests.support import http
 from tests.support.api import DOC, get_job, submit, wait_state
 from tests.support.monitor import Monitor
 from tests.support.processes import wait_until
-from tests.support.sse import StreamReader, read_stream
+from tests.support.sse import Event, StreamReader, read_stream
 from tests.support.tasks import gate_key
 
 ANALYZE_STEPS = 7
@@ -251,10 +251,15 @@ def test_the_firehose_resumes_from_any_cursor_and_names_each_job_event_id(
     jobs = [submit(s.url, "analyze_document", {"text": DOC}) for _ in range(3)]
     for job in jobs:
         wait_state(s.url, job["id"], {"completed"})
-    status, everything = read_stream(
-        f"{s.url}/api/events?after=0",
-        stop=lambda e: e.type == "completed" and e.data["job_id"] == jobs[-1]["id"],
-    )
+    # The worker runs the three at once, so they may end in any order: read until all have.
+    ended: set[str] = set()
+
+    def all_ended(event: Event) -> bool:
+        if event.type == "completed":
+            ended.add(event.data["job_id"])
+        return ended == {j["id"] for j in jobs}
+
+    status, everything = read_stream(f"{s.url}/api/events?after=0", stop=all_ended)
     assert status == 200
     assert {e.data["job_id"] for e in everything} == {j["id"] for j in jobs}
     # Each firehose event names its id in its job's log.
