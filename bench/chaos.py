@@ -43,7 +43,7 @@ from httpx_sse import EventSource
 
 from bench.common import LIFTED, rss_kib
 from stepstream.tasks import transitions
-from stepstream.tasks.keys import Keys
+from stepstream.tasks.keyspace import Keys
 from stepstream.tasks.store import decode_record
 from tests.support import http
 from tests.support.processes import Process, Valkey, Web, Worker, stack_env, wait_until

@@ -43,7 +43,7 @@ from redis.asyncio import Redis
 from bench.common import PREFIX, Bench, bench, fmt, machine, print_table
 from bench.throughput import make_jobs, progress_event
 from stepstream.server.sse import firehose_data, frame
-from stepstream.tasks.keys import Keys
+from stepstream.tasks.keyspace import Keys
 from stepstream.tasks.models import JobState, parse_stream_id
 from stepstream.tasks.settings import Settings
 from stepstream.tasks.store import JobStore

@@ -33,10 +33,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
-from stepstream.server import batches, events, health, inputs, jobs, openapi, traces
-from stepstream.server.auth import Authenticator
-from stepstream.server.deadline import ResponseDeadline
-from stepstream.server.errors import (
+from stepstream.server import answers, batch_api, events, health, jobs, openapi, traces
+from stepstream.server.api_errors import (
     ApiError,
     api_error_handler,
     error_response,
@@ -44,14 +42,16 @@ from stepstream.server.errors import (
     redis_error_handler,
     server_error_handler,
 )
+from stepstream.server.auth import Authenticator
+from stepstream.server.deadline import ResponseDeadline
 from stepstream.server.guards import raise_file_limit
 from stepstream.server.hub import Hub
 from stepstream.server.metrics import WebMetrics
 from stepstream.server.security import bound_host, is_production, middleware
 from stepstream.server.state import AppState
-from stepstream.tasks import apikeys, tracing
-from stepstream.tasks.apikeys import ApiKeys
+from stepstream.tasks import credentials, tracing
 from stepstream.tasks.connection import arq_pool, connect
+from stepstream.tasks.credentials import ApiKeys
 from stepstream.tasks.errors import ConfigurationError
 from stepstream.tasks.heartbeat import new_worker_id
 from stepstream.tasks.logs import setup_logging
@@ -206,7 +206,7 @@ def create_app(
         auth = Authenticator(
             production=production,
             secret=settings.secret,
-            keys=ApiKeys(redis, store.keys, apikeys.parse_configured(settings.api_keys)),
+            keys=ApiKeys(redis, store.keys, credentials.parse_configured(settings.api_keys)),
             token_ttl=settings.token_ttl_seconds,
         )
         auth.watch.start()  # ends the streams of revoked keys
@@ -246,9 +246,9 @@ def create_app(
         Route("/api/jobs/{job_id}/cancel", jobs.cancel_job, methods=["POST"]),
         Route("/api/jobs/{job_id}/retry", jobs.retry_job, methods=["POST"]),
         Route("/api/jobs/{job_id}/token", jobs.job_token, methods=["POST"]),
-        Route("/api/jobs/{job_id}/input", inputs.answer_input, methods=["POST"]),
-        Route("/api/batches", batches.submit_batch, methods=["POST"]),
-        Route("/api/batches/{job_id}", batches.get_batch, methods=["GET"]),
+        Route("/api/jobs/{job_id}/input", answers.answer_input, methods=["POST"]),
+        Route("/api/batches", batch_api.submit_batch, methods=["POST"]),
+        Route("/api/batches/{job_id}", batch_api.get_batch, methods=["GET"]),
         Route("/api/batches/{job_id}/cancel", jobs.cancel_job, methods=["POST"]),
         Route("/api/events", events.firehose, methods=["GET"]),
         Route("/api/events/token", jobs.firehose_token, methods=["POST"]),

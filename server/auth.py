@@ -5,7 +5,7 @@
 - Production (``STEPSTREAM_MODE=production``, or ``auto`` on a non-loopback address): every
   ``/api`` call needs ``Authorization: Bearer KEY``; where a stream token serves, it goes in
   that header too, and streams and record reads also take ``?token=`` because EventSource
-  cannot send headers. An answer (server/inputs.py) takes its token in the header only: with
+  cannot send headers. An answer (server/answers.py) takes its token in the header only: with
   ``?token=`` it would be a CORS simple request, sent cross-origin without a preflight.
 
 A stream token is ``base64url(payload) "." base64url(HMAC-SHA256(secret, payload))``, unpadded
@@ -15,13 +15,13 @@ audience (the mode of the server that minted it) and the key that minted it, sea
 A server accepts only tokens of its own mode, so a development server that shares the secret
 cannot mint tokens for production; production also refuses a token without an owner or a key.
 Each use of a token looks its key up again: a revoked key's tokens stop working at once, and
-the streams they hold end within ``keywatch.RECHECK_SECONDS``.
+the streams they hold end within ``revocation.RECHECK_SECONDS``.
 
 A scope is a set of the owner's jobs: ``job:<id>`` (one job), ``subject:<subject>`` (the jobs
 submitted for one end user) or ``events`` (all of them). A token reads the record and opens
 the stream of any job in its scope, and opens the firehose (filtered to its scope) unless it
 is scoped to one job. It never writes, lists or mints tokens, with one exception: a job token
-minted with ``may_answer`` may also answer that job's requests for input (server/inputs.py).
+minted with ``may_answer`` may also answer that job's requests for input (server/answers.py).
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ from dataclasses import dataclass
 
 from starlette.requests import Request
 
-from stepstream.server.errors import ApiError
-from stepstream.server.keywatch import KeyWatch
-from stepstream.tasks.apikeys import ApiKeys, digest
+from stepstream.server.api_errors import ApiError
+from stepstream.server.revocation import KeyWatch
+from stepstream.tasks.credentials import ApiKeys, digest
 
 FIREHOSE_SCOPE = "events"
 JOB_SCOPE = "job:"
@@ -67,7 +67,7 @@ class Principal:
     # SHA-256 of the API key this caller authenticated with, or of the key that minted its
     # token; None without credentials (development). Tokens carry it only sealed.
     key_digest: str | None = None
-    # A job token minted with ``may_answer``: it may give that job's input (server/inputs.py).
+    # A job token minted with ``may_answer``: it may give that job's input (server/answers.py).
     may_answer: bool = False
 
     @property

@@ -18,7 +18,7 @@ import asyncio
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from stepstream.server.errors import error_response
+from stepstream.server.api_errors import error_response
 
 RETRY_AFTER_SECONDS = 2
 _BODILESS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})

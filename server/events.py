@@ -12,7 +12,7 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from stepstream._stream_id import LAST, StreamId
-from stepstream.server.errors import ApiError
+from stepstream.server.api_errors import ApiError
 from stepstream.server.guards import guarded, open_stream
 from stepstream.server.hub import Hub
 from stepstream.server.jobs import load_job

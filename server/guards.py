@@ -14,9 +14,9 @@ import resource
 import time
 from collections.abc import AsyncIterator, Callable
 
+from stepstream.server.api_errors import ApiError
 from stepstream.server.auth import Principal
-from stepstream.server.errors import ApiError
-from stepstream.server.keywatch import KeyWatch
+from stepstream.server.revocation import KeyWatch
 from stepstream.server.sse import frame, json_data
 from stepstream.server.state import AppState
 

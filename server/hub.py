@@ -31,7 +31,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
 from stepstream.server.sse import HEARTBEAT, firehose_data, frame
-from stepstream.tasks.keys import Keys
+from stepstream.tasks.keyspace import Keys
 from stepstream.tasks.models import TERMINAL_EVENTS, parse_stream_id
 
 logger = logging.getLogger("stepstream.hub")

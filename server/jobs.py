@@ -16,8 +16,8 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from stepstream.server.api_errors import ApiError
 from stepstream.server.auth import FIREHOSE_SCOPE, Principal, job_scope, subject_scope
-from stepstream.server.errors import ApiError
 from stepstream.server.options import (
     SUBMIT_FIELDS,
     check_callback_url,
@@ -451,7 +451,7 @@ JOB_TOKEN_FIELDS = frozenset({"may_answer"})
 
 async def job_token(request: Request) -> Response:
     """A short-lived token for one job's stream (``?token=``): read-only, or with
-    ``{"may_answer": true}`` also allowed to give the job's input (server/inputs.py)."""
+    ``{"may_answer": true}`` also allowed to give the job's input (server/answers.py)."""
     state: AppState = request.app.state.stepstream
     principal = await state.auth.authenticate(request)
     record = await load_job(request, principal)

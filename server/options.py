@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from stepstream.server.errors import ApiError
+from stepstream.server.api_errors import ApiError
 from stepstream.server.subjects import subject_field
 from stepstream.tasks import destinations
 from stepstream.tasks.creation import NewJob

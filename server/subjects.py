@@ -7,7 +7,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, TypeGuard
 
-from stepstream.server.errors import ApiError
+from stepstream.server.api_errors import ApiError
 
 MAX_LENGTH = 128
 # What an app's user ids look like (database ids, UUIDs, emails, "auth0|…"), and nothing that

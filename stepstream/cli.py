@@ -438,9 +438,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return doctor_main(["--url", args.url] if args.url else [])
     if args.command == "keys":
-        from stepstream import keys
+        from stepstream import apikey_command
 
-        return keys.run(args)
+        return apikey_command.run(args)
     # A terminal that cannot show "·" or "█" gets a replacement character, not a traceback.
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="replace")

@@ -157,7 +157,7 @@ def primary_url(report: Report, settings: Any) -> str | None:
 
 
 def check_redis(report: Report, settings: Any) -> None:
-    from stepstream.tasks.keys import Keys
+    from stepstream.tasks.keyspace import Keys
 
     url = primary_url(report, settings)
     if url is None:

@@ -15,7 +15,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from stepstream.tasks.commands import Command
-from stepstream.tasks.keys import Keys
+from stepstream.tasks.keyspace import Keys
 from stepstream.tasks.registry import TaskSpec
 
 

@@ -36,7 +36,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from stepstream.tasks.keys import Keys
+from stepstream.tasks.keyspace import Keys
 from stepstream.tasks.models import JobRecord, utcnow
 from stepstream.tasks.store import JobStore
 from stepstream.tasks.transitions import COUNTERS, DAY_SECONDS, WINDOW_SECONDS, day_windows

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ValidationError
 from stepstream.tasks import tracing
 from stepstream.tasks.commands import Command
 from stepstream.tasks.errors import PermanentError
-from stepstream.tasks.keys import Keys
+from stepstream.tasks.keyspace import Keys
 from stepstream.tasks.models import InputRequest, JobRecord, JobState, utcnow
 from stepstream.tasks.queue import (
     dequeue_commands,

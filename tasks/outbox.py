@@ -57,7 +57,7 @@ from stepstream._backoff import Backoff
 from stepstream._stream_id import StreamId
 from stepstream.tasks import webhooks
 from stepstream.tasks.destinations import Policy, Refused, Unresolvable
-from stepstream.tasks.keys import Keys
+from stepstream.tasks.keyspace import Keys
 from stepstream.tasks.models import JobRecord
 from stepstream.tasks.settings import Settings
 

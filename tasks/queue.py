@@ -17,7 +17,7 @@ from arq.constants import job_key_prefix
 from arq.jobs import serialize_job
 
 from stepstream.tasks.commands import Command as Command  # its callers import it here
-from stepstream.tasks.keys import Keys
+from stepstream.tasks.keyspace import Keys
 
 RUN_JOB = "stepstream.run_job"  # the one arq function every Stepstream job runs as
 

@@ -29,7 +29,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from stepstream._stream_id import StreamId
 from stepstream.tasks import transitions
-from stepstream.tasks.keys import Keys
+from stepstream.tasks.keyspace import Keys
 from stepstream.tasks.models import JobRecord, JobState, utcnow
 from stepstream.tasks.output import with_live_text
 from stepstream.tasks.settings import Settings

@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
 
-from stepstream.tasks.keys import Keys
+from stepstream.tasks.keyspace import Keys
 from stepstream.tasks.settings import Settings
 
 logger = logging.getLogger("stepstream.webhooks")

@@ -27,7 +27,7 @@ from stepstream.tasks.connection import arq_pool, arq_settings, connect
 from stepstream.tasks.errors import ConfigurationError
 from stepstream.tasks.heartbeat import Heartbeat
 from stepstream.tasks.inputs import INPUT_TIMEOUT
-from stepstream.tasks.keys import Keys
+from stepstream.tasks.keyspace import Keys
 from stepstream.tasks.logs import setup_logging
 from stepstream.tasks.outbox import Outbox
 from stepstream.tasks.queue import RUN_JOB

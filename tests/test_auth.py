@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from stepstream.tasks.keys import Keys
+from stepstream.tasks.keyspace import Keys
 from tests.conftest import Stack, StackFactory
 from tests.support import http
 from tests.support.api import DOC
@@ -286,7 +286,7 @@ def test_a_production_start_without_keys_says_how_to_add_one(
 
 def test_keys_created_on_the_command_line_work(prod: Stack) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "stepstream.keys", "create", "carol"],
+        [sys.executable, "-m", "stepstream.apikey_command", "create", "carol"],
         cwd=ROOT,
         env=prod.env,
         capture_output=True,

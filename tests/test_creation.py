@@ -13,7 +13,7 @@ import redis
 from arq.constants import job_key_prefix
 
 from stepstream.server.jobs import CLAIM_IN_FLIGHT_SECONDS
-from stepstream.tasks.keys import Keys
+from stepstream.tasks.keyspace import Keys
 from tests.conftest import Stack, StackFactory
 from tests.support import http
 from tests.support.cli import run_cli

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from stepstream.tasks.keys import Keys
+from stepstream.tasks.keyspace import Keys
 from tests.conftest import StackFactory
 from tests.support import http
 from tests.support.api import submit, wait_state

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from arq.constants import in_progress_key_prefix
 
-from stepstream.tasks.keys import Keys
+from stepstream.tasks.keyspace import Keys
 from tests.conftest import Stack, StackFactory
 from tests.support import http
 from tests.support.api import DOC, get_job, submit, wait_state

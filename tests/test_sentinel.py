@@ -20,7 +20,7 @@ import pytest
 from stepstream import Client
 from stepstream._models import ProgressEvent
 from stepstream.tasks.connection import connect
-from stepstream.tasks.keys import Keys
+from stepstream.tasks.keyspace import Keys
 from stepstream.tasks.settings import Settings
 from tests.support.processes import Web, Worker, stack_env, wait_until
 from tests.support.sentinel import MASTER, SentinelGroup

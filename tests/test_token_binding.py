@@ -14,7 +14,7 @@ import time
 
 import httpx
 
-from stepstream.server.keywatch import RECHECK_SECONDS
+from stepstream.server.revocation import RECHECK_SECONDS
 from tests.conftest import Stack, StackFactory
 from tests.support import http
 from tests.support.processes import ROOT, Web, wait_until
@@ -57,7 +57,7 @@ def forge(claims: dict[str, object]) -> str:
 
 def keys_cli(s: Stack, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "stepstream.keys", *args],
+        [sys.executable, "-m", "stepstream.apikey_command", *args],
         cwd=ROOT,
         env=s.env,
         capture_output=True,

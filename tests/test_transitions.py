@@ -12,7 +12,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from stepstream.tasks import transitions
-from stepstream.tasks.keys import Keys
+from stepstream.tasks.keyspace import Keys
 from stepstream.tasks.models import JobRecord, JobState, utcnow
 from stepstream.tasks.settings import Settings
 from stepstream.tasks.store import JobStore, new_event

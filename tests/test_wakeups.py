@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from stepstream.tasks.keys import Keys
+from stepstream.tasks.keyspace import Keys
 from tests.conftest import Stack, StackFactory
 from tests.support.api import submit, wait_state
 from tests.support.processes import Valkey, wait_until

@@ -10,10 +10,10 @@ import time
 import pytest
 from redis.asyncio import Redis
 
+from stepstream.server.api_errors import ApiError
 from stepstream.server.auth import Authenticator
-from stepstream.server.errors import ApiError
-from stepstream.tasks.apikeys import ApiKeys
-from stepstream.tasks.keys import Keys
+from stepstream.tasks.credentials import ApiKeys
+from stepstream.tasks.keyspace import Keys
 
 KEY_DIGEST = hashlib.sha256(b"key-alice-0123456789").hexdigest()
 

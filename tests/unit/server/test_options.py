@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from stepstream.server.errors import ApiError
+from stepstream.server.api_errors import ApiError
 from stepstream.server.options import SubmitOptions, parse_submit_options
 from stepstream.tasks.settings import Settings
 

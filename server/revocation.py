@@ -17,9 +17,9 @@ import logging
 
 from redis.exceptions import RedisError
 
-from stepstream.tasks.apikeys import ApiKeys
+from stepstream.tasks.credentials import ApiKeys
 
-logger = logging.getLogger("stepstream.keywatch")
+logger = logging.getLogger("stepstream.revocation")
 
 RECHECK_SECONDS = 2.0  # how late an open stream may learn that its key was revoked
 

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 from redis.asyncio import Redis
 
-from stepstream.tasks.keys import Keys
+from stepstream.tasks.keyspace import Keys
 
 KEY_PREFIX = "sk_"
 

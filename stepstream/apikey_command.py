@@ -9,9 +9,9 @@ import argparse
 import asyncio
 import sys
 
-from stepstream.tasks.apikeys import ApiKeys
 from stepstream.tasks.connection import connect
-from stepstream.tasks.keys import Keys
+from stepstream.tasks.credentials import ApiKeys
+from stepstream.tasks.keyspace import Keys
 from stepstream.tasks.settings import get_settings
 
 

@@ -18,8 +18,8 @@ from redis.exceptions import WatchError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from stepstream.server.api_errors import ApiError
 from stepstream.server.auth import Principal, job_scope
-from stepstream.server.errors import ApiError
 from stepstream.server.jobs import check_input_shape, job_json, load_job, read_object
 from stepstream.server.state import AppState
 from stepstream.server.urls import root_path

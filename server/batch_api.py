@@ -14,8 +14,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from stepstream.server.api_errors import ApiError
 from stepstream.server.auth import Principal
-from stepstream.server.errors import ApiError
 from stepstream.server.jobs import (
     accepted,
     check_created,
