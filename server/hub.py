@@ -30,6 +30,8 @@ from typing import Any, Final, Protocol
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
+from stepstream._backoff import Backoff
+from stepstream._stream_id import StreamId
 from stepstream.server.sse import HEARTBEAT, firehose_data, frame
 from stepstream.tasks.keyspace import Keys
 from stepstream.tasks.models import TERMINAL_EVENTS, parse_stream_id
@@ -38,6 +40,9 @@ logger = logging.getLogger("stepstream.hub")
 
 TICK_SECONDS = 0.5  # how often the timer looks for stuck sends and for a shutdown
 MAX_BATCH = 100  # messages already received, fanned out together
+# Between attempts to reconnect the pub/sub connection; jittered so that the web processes of a
+# deployment do not all come back to a restarted Redis in the same instant.
+RECONNECT_BACKOFF = Backoff(min_seconds=0.1, max_seconds=5.0, jitter=0.5)
 
 
 class _Marker:
@@ -63,8 +68,8 @@ class Frame:
     owner: str | None
     subject: str | None
     type: str
-    job_event_id: tuple[int, int]
-    firehose_id: tuple[int, int]
+    job_event_id: StreamId
+    firehose_id: StreamId
     job_bytes: bytes
     firehose_bytes: bytes
     terminal: bool
@@ -105,7 +110,7 @@ class Subscriber:
         # Set while the stream waits with nothing queued: writes a frame (maybe several as one,
         # starting at the given id) or a heartbeat straight to the client (True), or declines
         # it (False: queue it). See JobStream._direct.
-        self.direct: Callable[[Frame | bytes, tuple[int, int]], bool] | None = None
+        self.direct: Callable[[Frame | bytes, StreamId], bool] | None = None
 
     def offer(self, item: QueueItem) -> bool:
         """Queue ``item``; False (and nothing queued) when the buffer is full."""
@@ -309,7 +314,7 @@ class Hub:
                 isinstance(item, bytes)  # a heartbeat: written straight to idle streams
                 and direct is not None
                 and not subscriber.items
-                and direct(item, (0, 0))
+                and direct(item, StreamId(0, 0))
             ):
                 continue
             self._offer(subscriber, item)
@@ -529,7 +534,7 @@ class Hub:
             self._drop(subscriber)
 
     async def _listen(self) -> None:
-        delay = 0.1
+        failures = 0
         while True:
             pubsub = self.redis.pubsub()
             try:
@@ -544,7 +549,7 @@ class Hub:
                     if message["type"] != "message":
                         if message["type"] == "subscribe":
                             self._confirmed(message["channel"])
-                            delay = 0.1  # connected again: the next loss starts over
+                            failures = 0  # connected again: the next loss starts over
                         continue
                     # Take what else has arrived already: under load the fan-out writes
                     # several events to each client at once instead of one by one.
@@ -566,9 +571,10 @@ class Hub:
                 raise
             except Exception as exc:
                 self._disconnected()
+                failures += 1
+                delay = RECONNECT_BACKOFF.delay(failures)
                 logger.warning("hub: pub/sub connection lost (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
             finally:
                 if self._pubsub is pubsub:
                     self._disconnected()

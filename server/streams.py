@@ -13,13 +13,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from functools import partial
 from typing import Any, Protocol, TypeVar, cast
 
+from stepstream._stream_id import StreamId
 from stepstream.server.hub import CLOSE, RESYNC, Frame, Hub, Subscriber
 from stepstream.server.sse import HEARTBEAT, firehose_data, frame, json_data
 from stepstream.tasks.models import TERMINAL_EVENTS, JobRecord, parse_stream_id
 from stepstream.tasks.settings import Settings
 from stepstream.tasks.store import JobStore
 
-StreamId = tuple[int, int]
+# Before every entry, 0-0 included: a stream that has sent nothing yet.
+NOTHING_SENT = StreamId(-1, -1)
 T = TypeVar("T")
 
 
@@ -120,7 +122,7 @@ class JobStream:
         self.settings = settings
         self.job_id = record.id  # the record itself is not kept: a stream may live for hours
         self.cursor = cursor
-        self.last: StreamId = (-1, -1)
+        self.last: StreamId = NOTHING_SENT
         self.ended = False
         self.subscriber: Subscriber
         self.registered = -1  # SharedRead's order at registration
@@ -253,7 +255,7 @@ class JobStream:
     ) -> AsyncIterator[bytes]:
         """The log after ``self.last``, in batches; ``first``: the first batch, read already."""
         batch = self.settings.replay_batch
-        after = f"{self.last[0]}-{self.last[1]}" if self.last >= (0, 0) else "0"
+        after = str(self.last) if self.last >= StreamId(0, 0) else "0"
         while not self.ended:
             if first is not None:
                 (read, rows), first = first, None
@@ -301,7 +303,7 @@ class FirehoseStream:
         self.settings = settings
         self.owner = owner  # None: every owner's jobs (development without a key)
         self.subject = subject  # None: every subject's jobs
-        self.last: StreamId = (-1, -1)
+        self.last: StreamId = NOTHING_SENT
         self.cursor = cursor
         self.subscriber: Subscriber
 
@@ -363,9 +365,9 @@ class FirehoseStream:
             if info is not None and info.trimmed_after(self.last):
                 yield frame("reset", json_data({"reason": "events after the cursor expired"}))
                 # Continue from the oldest entry kept; the client refetches GET /api/jobs.
-                self.last = (0, 0)
+                self.last = StreamId(0, 0)
         batch = self.settings.replay_batch
-        after = f"{self.last[0]}-{self.last[1]}"
+        after = str(self.last)
         while True:
             rows, after, more = await self.store.read_firehose(
                 after, batch, self.owner, self.subject
