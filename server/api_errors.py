@@ -9,7 +9,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from stepstream.server.bodies import Error, ErrorDetail, json_response
+from stepstream.server.bodies import Error, json_response
 
 logger = logging.getLogger("stepstream.web")
 
@@ -38,8 +38,7 @@ def error_response(
     details: Any = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    body = Error(error=ErrorDetail(code=code, message=message, details=details))
-    return json_response(body, status, headers)
+    return json_response(Error.of(code, message, details), status, headers)
 
 
 async def api_error_handler(request: Request, exc: Exception) -> Response:

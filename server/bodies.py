@@ -42,6 +42,10 @@ class Error(BaseModel):
 
     error: ErrorDetail
 
+    @classmethod
+    def of(cls, code: str, message: str, details: Any = None) -> Error:
+        return cls(error=ErrorDetail(code=code, message=message, details=details))
+
 
 # -- Jobs ------------------------------------------------------------------------------------
 
