@@ -16,11 +16,12 @@ from typing import Any
 import jsonschema_rs
 from redis.exceptions import WatchError
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from stepstream.server.api_errors import ApiError
 from stepstream.server.auth import Principal, job_scope
-from stepstream.server.jobs import check_input_shape, job_json, load_job, read_object
+from stepstream.server.bodies import Job, json_response
+from stepstream.server.jobs import check_input_shape, load_job, read_object
 from stepstream.server.state import AppState
 from stepstream.server.urls import root_path
 from stepstream.tasks import inputs
@@ -66,7 +67,7 @@ async def answer_input(request: Request) -> Response:
             {"limit": limit, "setting": "STEPSTREAM_MAX_ANSWER_BYTES"},
         )
     answered = await _store_answer(state, record.id, name, value, answered_by(principal, record))
-    return JSONResponse(job_json(answered, root_path(request)), status_code=202)
+    return json_response(Job.of(answered, root_path(request)), 202)
 
 
 def answered_by(principal: Principal, record: JobRecord) -> str:

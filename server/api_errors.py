@@ -9,6 +9,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from stepstream.server.bodies import Error, json_response
+
 logger = logging.getLogger("stepstream.web")
 
 
@@ -36,8 +38,7 @@ def error_response(
     details: Any = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    body = {"error": {"code": code, "message": message, "details": details}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return json_response(Error.of(code, message, details), status, headers)
 
 
 async def api_error_handler(request: Request, exc: Exception) -> Response:

@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, Response
 
 from stepstream.server.api_errors import ApiError
 from stepstream.server.auth import Principal
+from stepstream.server.bodies import Batch, BatchChild, ExpiredChild, json_response
 from stepstream.server.jobs import (
     accepted,
     check_created,
@@ -24,7 +25,6 @@ from stepstream.server.jobs import (
     enforce_submission_limits,
     input_problems,
     input_refusal,
-    job_json,
     load_job,
     read_object,
     release_claim,
@@ -249,22 +249,22 @@ async def get_batch(request: Request) -> Response:
         state.store.keys.batch_children(parent.id), 0, -1
     )
     children = await state.store.get_many(child_ids)
-    items = []
+    items: list[BatchChild | ExpiredChild] = []
     for index, (child_id, child) in enumerate(zip(child_ids, children, strict=True)):
         if child is None:
-            items.append({"id": child_id, "index": index, "state": None})
+            items.append(ExpiredChild(id=child_id, index=index, state=None))
             continue
         items.append(
-            {
-                "id": child.id,
-                "index": index,
-                "state": child.state.value,
-                "result": child.result,
-                "error": child.error.model_dump(exclude={"traceback"}) if child.error else None,
-                "cached": child.cached,
-            }
+            BatchChild(
+                id=child.id,
+                index=index,
+                state=child.state,
+                result=child.result,
+                error=child.error.model_dump(exclude={"traceback"}) if child.error else None,
+                cached=child.cached,
+            )
         )
-    return JSONResponse({**job_json(parent, root_path(request)), "children": items})
+    return json_response(Batch.of(parent, root_path(request), children=items))
 
 
 async def _load_parent(request: Request, principal: Any) -> JobRecord:

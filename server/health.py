@@ -18,8 +18,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
+from stepstream.server.bodies import (
+    Alive,
+    Counts,
+    Ready,
+    Stats,
+    Unready,
+    WebhookAgreement,
+    WebhooksUnknown,
+    json_response,
+)
 from stepstream.server.state import AppState
 from stepstream.tasks import heartbeat, transitions, webhook_settings
 from stepstream.tasks.models import JobState
@@ -39,7 +49,7 @@ WAITING = (JobState.queued.value, JobState.retrying.value)
 
 
 async def healthz(request: Request) -> Response:
-    return JSONResponse({"status": "ok"})
+    return json_response(Alive(status="ok"))
 
 
 async def readyz(request: Request) -> Response:
@@ -47,21 +57,19 @@ async def readyz(request: Request) -> Response:
     try:
         await state.redis.ping()
     except Exception as exc:
-        return JSONResponse(
-            {"status": "unavailable", "redis": f"unreachable: {type(exc).__name__}"},
-            status_code=503,
+        unready = Unready(status="unavailable", redis=f"unreachable: {type(exc).__name__}")
+        return json_response(unready, 503)
+    return json_response(
+        Ready(
+            status="ready",
+            redis="ok",
+            hub="connected" if state.hub.connected.is_set() else "reconnecting",
+            webhooks=await webhooks_view(state),
         )
-    return JSONResponse(
-        {
-            "status": "ready",
-            "redis": "ok",
-            "hub": "connected" if state.hub.connected.is_set() else "reconnecting",
-            "webhooks": await webhooks_view(state),
-        }
     )
 
 
-async def webhooks_view(state: AppState) -> dict[str, Any]:
+async def webhooks_view(state: AppState) -> WebhookAgreement | WebhooksUnknown:
     """Whether the live processes agree on their webhook settings, and how many deliveries a
     worker's settings hold. Names and a count only: ``/readyz`` answers anyone, so the values
     and the reasons are for ``stepstream doctor``. Not a readiness failure: this process
@@ -71,14 +79,14 @@ async def webhooks_view(state: AppState) -> dict[str, Any]:
         announced = await webhook_settings.read(state.redis, keys)
         held = int(await state.redis.hlen(keys.webhooks_held))  # type: ignore[misc]
     except Exception as exc:
-        return {"settings": f"unknown: {type(exc).__name__}"}
+        return WebhooksUnknown(settings=f"unknown: {type(exc).__name__}")
     differing = [d.setting for d in webhook_settings.disagreements(announced)]
-    return {
-        "settings": "differ" if differing else "agree",
-        "differing": differing,
-        "processes": len(announced),
-        "held": held,
-    }
+    return WebhookAgreement(
+        settings="differ" if differing else "agree",
+        differing=differing,
+        processes=len(announced),
+        held=held,
+    )
 
 
 def _percentile(values: list[float], q: int) -> float | None:
@@ -194,51 +202,55 @@ async def stats(request: Request) -> Response:
     names = list(dict.fromkeys([*registered, *queue.active, *outcomes]))
 
     def summary(
-        active: Counter[str], done: dict[str, int], ds: list[float], waiting_extra: int = 0
-    ) -> dict[str, Any]:
+        active: Counter[str],
+        done: dict[str, int],
+        ds: list[float],
+        oldest: float | None,
+        waiting_extra: int = 0,
+    ) -> Counts:
         counts = {s.value: active.get(s.value, 0) for s in JobState}
         for outcome in ("completed", "failed", "cancelled"):
             counts[outcome] = done.get(outcome, 0)
         finished = counts["completed"] + counts["failed"]
-        return {
-            "counts": counts,
-            "duration_p50": _percentile(ds, 50),
-            "duration_p95": _percentile(ds, 95),
-            "failure_rate": round(counts["failed"] / finished, 4) if finished else None,
-            "retried": done.get("retried", 0),
-            "queue_depth": sum(active.get(s, 0) for s in WAITING) + waiting_extra,
-        }
+        return Counts(
+            counts=counts,
+            duration_p50=_percentile(ds, 50),
+            duration_p95=_percentile(ds, 95),
+            failure_rate=round(counts["failed"] / finished, 4) if finished else None,
+            retried=done.get("retried", 0),
+            queue_depth=sum(active.get(s, 0) for s in WAITING) + waiting_extra,
+            oldest_queued_age=_round(oldest),
+        )
 
-    tasks: dict[str, dict[str, Any]] = {}
+    tasks: dict[str, Counts] = {}
     all_active: Counter[str] = Counter()
     all_done: Counter[str] = Counter()
     for name in names:
         active = queue.active.get(name, Counter())
         done = outcomes.get(name, {})
-        tasks[name] = summary(active, done, durations.get(name, []))
-        tasks[name]["oldest_queued_age"] = _round(queue.oldest_age.get(name))
+        tasks[name] = summary(active, done, durations.get(name, []), queue.oldest_age.get(name))
         all_active.update(active)
         all_done.update(done)
     total = summary(
         all_active,
         dict(all_done),
         [d for ds in durations.values() for d in ds],
+        queue.oldest,
         queue.size - queue.scanned,
     )
-    total["oldest_queued_age"] = _round(queue.oldest)
-    return JSONResponse(
-        {
-            "tasks": tasks,
-            "total": total,
-            "queue_depth": queue.depth,
-            "oldest_queued_age": _round(queue.oldest),
-            "workers_alive": len(workers),
-            "workers": workers,
-            "streams_open": state.hub.subscriber_count,
-            "window_seconds": transitions.DAY_SECONDS,
-            "scanned_jobs": queue.scanned,
-            "scan_truncated": queue.truncated,
-        }
+    return json_response(
+        Stats(
+            tasks=tasks,
+            total=total,
+            queue_depth=queue.depth,
+            oldest_queued_age=_round(queue.oldest),
+            workers_alive=len(workers),
+            workers=workers,
+            streams_open=state.hub.subscriber_count,
+            window_seconds=transitions.DAY_SECONDS,
+            scanned_jobs=queue.scanned,
+            scan_truncated=queue.truncated,
+        )
     )
 
 

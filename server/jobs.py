@@ -16,8 +16,10 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from stepstream.server import bodies
 from stepstream.server.api_errors import ApiError
 from stepstream.server.auth import FIREHOSE_SCOPE, Principal, job_scope, subject_scope
+from stepstream.server.bodies import json_response
 from stepstream.server.options import (
     SUBMIT_FIELDS,
     check_callback_url,
@@ -26,7 +28,7 @@ from stepstream.server.options import (
 from stepstream.server.state import AppState
 from stepstream.server.streams import shared_record
 from stepstream.server.subjects import subject_field, subject_param
-from stepstream.server.urls import job_links, root_path
+from stepstream.server.urls import root_path
 from stepstream.tasks import cancellation, creation, rollup, tracing
 from stepstream.tasks.models import JobRecord, JobState, new_job_id
 from stepstream.tasks.registry import TaskSpec
@@ -148,13 +150,6 @@ def _too_large(max_bytes: int) -> ApiError:
     )
 
 
-def job_json(record: JobRecord, root: str) -> dict[str, Any]:
-    """The record as the API shows it; ``root`` is ``urls.root_path(request)``."""
-    data = record.model_dump(mode="json")
-    data["links"] = job_links(root, record.id)
-    return data
-
-
 async def submit_job(request: Request) -> Response:
     state: AppState = request.app.state.stepstream
     principal = await state.auth.authenticate(request)
@@ -230,14 +225,14 @@ def input_refusal(spec: TaskSpec, problems: list[dict[str, Any]], what: str) -> 
 def accepted(
     request: Request, state: AppState, principal: Principal, record: JobRecord, status: int
 ) -> JSONResponse:
-    body = job_json(record, root_path(request))
     # EventSource cannot send headers: the answer carries a token for this job's stream.
     token, expires_at = state.auth.issue_token(
         record.owner, job_scope(record.id), key_digest=principal.key_digest
     )
-    body["stream_token"] = token
-    body["stream_token_expires_at"] = expires_at
-    return JSONResponse(body, status_code=status, headers={"Location": body["links"]["self"]})
+    body = bodies.AcceptedJob.of(
+        record, root_path(request), stream_token=token, stream_token_expires_at=expires_at
+    )
+    return json_response(body, status, headers={"Location": body.links.self})
 
 
 def check_input_shape(value: Any, settings: Settings) -> None:
@@ -443,7 +438,7 @@ async def get_job(request: Request) -> Response:
     # A stream token reads the records of the jobs in its scope (server/auth.py).
     principal = await state.auth.authenticate(request, allow_token=True)
     record = await rollup.with_running(state.store, await load_job(request, principal))
-    return JSONResponse(job_json(record, root_path(request)))
+    return json_response(bodies.Job.of(record, root_path(request)))
 
 
 JOB_TOKEN_FIELDS = frozenset({"may_answer"})
@@ -463,8 +458,8 @@ async def job_token(request: Request) -> Response:
     token, expires_at = state.auth.issue_token(
         record.owner, scope, key_digest=principal.key_digest, may_answer=may_answer
     )
-    return JSONResponse(
-        {"token": token, "expires_at": expires_at, "scope": scope, "may_answer": may_answer}
+    return json_response(
+        bodies.JobToken(token=token, expires_at=expires_at, scope=scope, may_answer=may_answer)
     )
 
 
@@ -482,7 +477,7 @@ async def firehose_token(request: Request) -> Response:
     token, expires_at = state.auth.issue_token(
         principal.owner, scope, key_digest=principal.key_digest
     )
-    return JSONResponse({"token": token, "expires_at": expires_at, "scope": scope})
+    return json_response(bodies.Token(token=token, expires_at=expires_at, scope=scope))
 
 
 def _decode_cursor(raw: str) -> tuple[float, str]:
@@ -542,11 +537,11 @@ async def list_jobs(request: Request) -> Response:
             limit=int(raw_limit),
             offset=int(cursor[0]) if cursor else 0,
         )
-        return JSONResponse(
-            {
-                "jobs": [job_json(r, root_path(request)) for r in children],
-                "next_cursor": None if offset is None else _encode_cursor((offset, parent)),
-            }
+        return json_response(
+            bodies.JobList(
+                jobs=[bodies.Job.of(r, root_path(request)) for r in children],
+                next_cursor=None if offset is None else _encode_cursor((offset, parent)),
+            )
         )
     records, next_cursor = await state.store.list_jobs(
         states=states,
@@ -556,11 +551,11 @@ async def list_jobs(request: Request) -> Response:
         limit=int(raw_limit),
         cursor=cursor,
     )
-    return JSONResponse(
-        {
-            "jobs": [job_json(r, root_path(request)) for r in records],
-            "next_cursor": _encode_cursor(next_cursor) if next_cursor else None,
-        }
+    return json_response(
+        bodies.JobList(
+            jobs=[bodies.Job.of(r, root_path(request)) for r in records],
+            next_cursor=_encode_cursor(next_cursor) if next_cursor else None,
+        )
     )
 
 
@@ -571,8 +566,8 @@ async def cancel_job(request: Request) -> Response:
         raise _conflict(record, "cancel")
     if record.batch is not None:  # a batch's parent: cancel its children
         await cancellation.cancel_children(state.store, record)
-        body = job_json(await reload(state, record), root_path(request))
-        return JSONResponse({**body, "cancel_requested": True}, status_code=202)
+        cancelling = await reload(state, record)
+        return json_response(_cancel_requested(cancelling, root_path(request)), 202)
     # A waiting job's timeout entry finds it cancelled and leaves it so.
     waiting = record.state == JobState.waiting
     appended = await cancellation.cancel_unstarted(
@@ -582,12 +577,11 @@ async def cancel_job(request: Request) -> Response:
     )
     if appended.ok:
         logger.info("job cancelled before it started", extra=_log_fields(record))
-        return JSONResponse(job_json(await reload(state, record), root_path(request)))
+        return json_response(bodies.Job.of(await reload(state, record), root_path(request)))
     if appended.refused == '"running"':
         # Only the worker writes a running job's events: raise the flag it watches.
         await state.store.request_cancel(record.id)
-        body = {**job_json(record, root_path(request)), "cancel_requested": True}
-        return JSONResponse(body, status_code=202)
+        return json_response(_cancel_requested(record, root_path(request)), 202)
     raise _conflict(await reload(state, record), "cancel")
 
 
@@ -604,7 +598,11 @@ async def retry_job(request: Request) -> Response:
         raise unfinished_refusal(state.settings, appended, 1)
     if not appended.ok:
         raise _conflict(await reload(state, record), "retry")
-    return JSONResponse(job_json(await reload(state, record), root_path(request)), status_code=202)
+    return json_response(bodies.Job.of(await reload(state, record), root_path(request)), 202)
+
+
+def _cancel_requested(record: JobRecord, root: str) -> bodies.CancelRequested:
+    return bodies.CancelRequested.of(record, root, cancel_requested=True)
 
 
 def _log_fields(record: JobRecord) -> dict[str, Any]:
@@ -623,4 +621,5 @@ def _conflict(record: JobRecord, action: str) -> ApiError:
 async def list_tasks(request: Request) -> Response:
     state: AppState = request.app.state.stepstream
     await state.auth.authenticate(request)
-    return JSONResponse({"tasks": [spec.describe() for spec in state.registry.tasks()]})
+    tasks = [bodies.Task.of(spec) for spec in state.registry.tasks()]
+    return json_response(bodies.TaskList(tasks=tasks))

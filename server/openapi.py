@@ -1,44 +1,35 @@
 """``GET /openapi.json``: the HTTP API as an OpenAPI 3.1 document, with each task's input schema.
 
 The document is a contract: every answer the server gives is listed here, with its body's
-schema and its headers. ``tests/test_contract.py`` runs schemathesis against a live server in
-both modes and fails on anything the document does not describe.
+schema and its headers. The bodies' schemas are generated from the models the handlers answer
+with (``server/bodies.py``); this module holds what only the document says: ``ROUTES``, each
+operation's statuses, error codes and headers, and the request bodies built from the tasks.
+``tests/test_contract.py`` runs schemathesis against a live server in both modes and fails on
+anything the document does not describe.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from stepstream.server import subjects
+from stepstream.server import bodies, subjects
 from stepstream.server.state import AppState
 from stepstream.server.urls import root_path
 from stepstream.tasks import destinations
-from stepstream.tasks.models import JobRecord, JobState
+from stepstream.tasks.models import JobState
 from stepstream.tasks.registry import TaskSpec, submitted_input_model
 from stepstream.tasks.settings import Settings
 
 Schema = dict[str, Any]
+REF = "#/components/schemas/{model}"
 
-ERROR: Schema = {
-    "type": "object",
-    "required": ["error"],
-    "properties": {
-        "error": {
-            "type": "object",
-            "required": ["code", "message"],
-            "properties": {
-                "code": {"type": "string"},
-                "message": {"type": "string"},
-                "details": {},
-            },
-        }
-    },
-}
 # An event id as Redis gives them out (each part below 2^64; 19 digits stay below it), or
 # empty for none.
 CURSOR: Schema = {"type": "string", "pattern": "^(0|[0-9]{1,19}-[0-9]{1,19})?$"}
@@ -49,79 +40,6 @@ SUBJECT: Schema = {
     "maxLength": subjects.MAX_LENGTH,
     "description": "the end user the job belongs to, as the owner's app names them",
 }
-TOKEN: Schema = {
-    "type": "object",
-    "required": ["token", "expires_at", "scope"],
-    "properties": {
-        "token": {"type": "string"},
-        "expires_at": {"type": "number", "description": "Unix time"},
-        "scope": {"type": "string", "description": "`job:<id>`, `subject:<s>` or `events`"},
-        "may_answer": {"type": "boolean", "description": "it may also answer the job's input"},
-    },
-}
-TASK: Schema = {
-    "type": "object",
-    "required": ["name", "title", "description", "steps", "input_schema"],
-    "properties": {
-        "name": {"type": "string"},
-        "title": {"type": "string"},
-        "description": {"type": "string"},
-        "steps": {"type": "array", "items": {"type": "string"}},
-        "max_attempts": {"type": "integer"},
-        "timeout": {"type": "number"},
-        "concurrency": {"type": ["integer", "null"]},
-        "input_schema": {"type": "object"},
-        "sample_input": {"type": ["object", "null"]},
-        "budget": {"type": ["number", "null"]},
-        "cache_ttl": {"type": ["number", "null"]},
-    },
-}
-COUNTS: Schema = {
-    "type": "object",
-    "required": ["counts", "queue_depth", "oldest_queued_age"],
-    "properties": {
-        "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
-        "duration_p50": {"type": ["number", "null"]},
-        "duration_p95": {"type": ["number", "null"]},
-        "failure_rate": {"type": ["number", "null"]},
-        "retried": {"type": "integer"},
-        "queue_depth": {"type": "integer"},
-        "oldest_queued_age": {"type": ["number", "null"]},
-    },
-}
-STATS: Schema = {
-    "type": "object",
-    "required": ["tasks", "total", "queue_depth", "workers_alive", "workers", "streams_open"],
-    "properties": {
-        "tasks": {
-            "type": "object",
-            "additionalProperties": {"$ref": "#/components/schemas/Counts"},
-        },
-        "total": {"$ref": "#/components/schemas/Counts"},
-        "queue_depth": {"type": "integer"},
-        "oldest_queued_age": {"type": ["number", "null"]},
-        "workers_alive": {"type": "integer"},
-        "workers": {"type": "array", "items": {"type": "object"}},
-        "streams_open": {"type": "integer"},
-        "window_seconds": {"type": "integer"},
-        "scanned_jobs": {"type": "integer"},
-        "scan_truncated": {"type": "boolean"},
-    },
-}
-BATCH_CHILD: Schema = {
-    "type": "object",
-    "required": ["id", "index", "state"],
-    "properties": {
-        "id": {"type": "string"},
-        "index": {"type": "integer"},
-        "state": {"anyOf": [{"$ref": "#/components/schemas/JobState"}, {"type": "null"}]},
-        "result": {},
-        "error": {"type": ["object", "null"]},
-        "cached": {"type": "boolean"},
-    },
-}
-STATUS: Schema = {"type": "object", "required": ["status"], "properties": {"status": {}}}
-
 RETRY_AFTER = {
     "description": "seconds to wait before trying again",
     "required": True,
@@ -132,30 +50,44 @@ LOCATION = {
     "required": True,
     "schema": {"type": "string"},
 }
+WITH_RETRY_AFTER = {"Retry-After": RETRY_AFTER}
 
 
-def _error(description: str, headers: dict[str, Any] | None = None) -> Schema:
-    response: Schema = {
-        "description": description,
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-    }
-    if headers:
-        response["headers"] = headers
-    return response
+@dataclass(frozen=True)
+class Reply:
+    """An answer that is not a refusal: its body's model (or raw content), headers and links
+    (name → the operation that takes the body's ``id`` as ``job_id``)."""
+
+    description: str
+    body: type[BaseModel] | None = None
+    content: dict[str, Schema] | None = None  # not JSON: SSE, the Prometheus text
+    headers: dict[str, Schema] = field(default_factory=dict)
+    links: dict[str, str] = field(default_factory=dict)
 
 
-def _json(description: str, schema: Schema, headers: dict[str, Any] | None = None) -> Schema:
-    response: Schema = {
-        "description": description,
-        "content": {"application/json": {"schema": schema}},
-    }
-    if headers:
-        response["headers"] = headers
-    return response
+@dataclass(frozen=True)
+class Refused:
+    """A refusal, an ``Error`` body: the codes it carries, and its headers."""
+
+    description: str
+    headers: dict[str, Schema] = field(default_factory=dict)
 
 
-def _ref(name: str) -> Schema:
-    return {"$ref": f"#/components/schemas/{name}"}
+Access = Literal["key", "key_or_token", "key_or_answer_token", "none"]
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    operation_id: str
+    summary: str
+    replies: dict[int, Reply]
+    refusals: dict[int, Refused]
+    access: Access = "key"
+    parameters: list[Schema] = field(default_factory=list)
+    request: Schema | None = None  # the JSON body's schema
+    request_required: bool = True
 
 
 IDEMPOTENCY_KEY = {
@@ -166,14 +98,13 @@ IDEMPOTENCY_KEY = {
     "the first request made",
 }
 IDEMPOTENCY_REFUSED = {
-    "409": _error(
+    409: Refused(
         "`idempotency_conflict`: the Idempotency-Key was used with another body, or its first "
         "request is still in flight"
     )
 }
-
 UNAUTHORIZED = {
-    "401": _error(
+    401: Refused(
         "`unauthorized`: no credentials (production), a key that is not valid, a stream token "
         "where a key is needed, in `?token=` where it must be in the header (an answer), or "
         "one this server does not accept; `token_expired`; "
@@ -183,45 +114,51 @@ UNAUTHORIZED = {
     )
 }
 UNAVAILABLE = {
-    "503": _error("`unavailable`: the job store is unreachable", {"Retry-After": RETRY_AFTER})
+    503: Refused("`unavailable`: the job store is unreachable", WITH_RETRY_AFTER),
 }
 BODY_REFUSED = {
-    "400": _error("`malformed_json`, or `bad_request`: a Content-Length that is not a number"),
-    "408": _error("`body_timeout`: the body did not arrive within STEPSTREAM_BODY_TIMEOUT_SECONDS"),
-    "413": _error("`body_too_large`: over STEPSTREAM_MAX_BODY_BYTES"),
-    "415": _error(
+    400: Refused("`malformed_json`, or `bad_request`: a Content-Length that is not a number"),
+    408: Refused("`body_timeout`: the body did not arrive within STEPSTREAM_BODY_TIMEOUT_SECONDS"),
+    413: Refused("`body_too_large`: over STEPSTREAM_MAX_BODY_BYTES"),
+    415: Refused(
         "`unsupported_media_type`: a body not sent as `Content-Type: application/json` (or a "
         "`+json` type; `details.expected`)"
     ),
 }
 # Answered by `stepstream web` itself, before the app sees the request: on every operation.
 HEAD_REFUSED = {
-    "431": _error(
+    431: Refused(
         "`header_too_large`: the request line and headers over STEPSTREAM_MAX_HEADER_BYTES; "
         "the connection is closed"
     )
 }
-NOT_FOUND = {"404": _error("`job_not_found`: no such job, or not the caller's, or out of scope")}
+NOT_FOUND = {404: Refused("`job_not_found`: no such job, or not the caller's, or out of scope")}
 TOO_MANY_STREAMS = {
-    "429": _error(
+    429: Refused(
         "`too_many_streams`: over a stream limit of this web process: the API key's, the "
         "stream token's or the process's (`details.per`: key, token, process; "
         "`details.setting` names it)",
-        {"Retry-After": RETRY_AFTER},
+        WITH_RETRY_AFTER,
     )
 }
 SUBMIT_LIMITS = {
-    "429": _error(
+    429: Refused(
         "`rate_limited` (STEPSTREAM_SUBMISSIONS_PER_SECOND) or `too_many_unfinished_jobs` "
         "(STEPSTREAM_MAX_UNFINISHED_PER_OWNER)",
-        {"Retry-After": RETRY_AFTER},
+        WITH_RETRY_AFTER,
     )
 }
-SSE = {
-    "description": "Server-Sent Events: `retry:` first, then each event with its `id:`, "
-    "`event:` (its type) and one `data:` line of JSON (docs/protocol.md, Streams)",
-    "content": {"text/event-stream": {}},
+SUBMIT_BAD_REQUEST = {
+    400: Refused(
+        "`malformed_json`; `bad_request`: a Content-Length that is not a "
+        "number; `bad_idempotency_key`: not 1 to 200 printable ASCII characters"
+    )
 }
+SSE: dict[str, Schema] = {"text/event-stream": {}}
+SSE_DESCRIPTION = (
+    "Server-Sent Events: `retry:` first, then each event with its `id:`, "
+    "`event:` (its type) and one `data:` line of JSON (docs/protocol.md, Streams)"
+)
 JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
 STREAM_PARAMS = [
     {
@@ -237,70 +174,15 @@ STREAM_PARAMS = [
         "description": "as `after`, and wins over it (EventSource sends it on reconnect)",
     },
 ]
-# A stream token opens streams and reads records (scope `job:<id>`, `subject:<s>` or `events`).
-TOKEN_SECURITY: dict[str, list[str]] = {"streamToken": []}
-KEY_SECURITY: dict[str, list[str]] = {"bearer": []}
-ANSWER_TOKEN_SECURITY: dict[str, list[str]] = {"answerToken": []}
-
-
-def _job_schemas() -> dict[str, Schema]:
-    job = JobRecord.model_json_schema(ref_template="#/components/schemas/{model}")
-    defs = job.pop("$defs", {})
-    job["properties"]["links"] = {
-        "type": "object",
-        "required": ["self", "events"],
-        "properties": {"self": {"type": "string"}, "events": {"type": "string"}},
-    }
-    job["required"] = [*job["required"], "links"]
-    accepted = {
-        "allOf": [
-            _ref("Job"),
-            {
-                "type": "object",
-                "required": ["stream_token", "stream_token_expires_at"],
-                "properties": {
-                    "stream_token": {"type": "string", "description": "scope `job:<id>`"},
-                    "stream_token_expires_at": {"type": "number", "description": "Unix time"},
-                },
-            },
-        ]
-    }
-    cancel_requested = {
-        "allOf": [
-            _ref("Job"),
-            {
-                "type": "object",
-                "required": ["cancel_requested"],
-                "properties": {"cancel_requested": {"const": True}},
-            },
-        ]
-    }
-    # A batch's `children` are its items (a list), where a job's record has its child jobs'
-    # counts under that name: the record's schema with that one property replaced.
-    batch = {
-        **job,
-        "properties": {
-            **job["properties"],
-            "children": {"type": "array", "items": BATCH_CHILD},
-        },
-        "required": [*job["required"], "children"],
-    }
-    job_list = {
-        "type": "object",
-        "required": ["jobs", "next_cursor"],
-        "properties": {
-            "jobs": {"type": "array", "items": _ref("Job")},
-            "next_cursor": {"type": ["string", "null"]},
-        },
-    }
-    return {
-        **defs,
-        "Job": job,
-        "AcceptedJob": accepted,
-        "CancelRequested": cancel_requested,
-        "Batch": batch,
-        "JobList": job_list,
-    }
+# What a client does next with a job it got: the operations that take its id.
+JOB_LINKS = {
+    "GetJob": "getJob",
+    "GetJobEvents": "getJobEvents",
+    "CancelJob": "cancelJob",
+    "RetryJob": "retryJob",
+    "CreateJobToken": "createJobToken",
+    "AnswerInput": "answerInput",
+}
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -438,20 +320,455 @@ def _batches(tasks: list[TaskSpec], inputs: dict[str, str], settings: Settings) 
     }
 
 
-def _job_links() -> dict[str, Schema]:
-    """What a client does next with a job it got: the operations that take its id."""
-    job_id = {"job_id": "$response.body#/id"}
-    return {
-        name: {"operationId": operation, "parameters": job_id}
-        for name, operation in [
-            ("GetJob", "getJob"),
-            ("GetJobEvents", "getJobEvents"),
-            ("CancelJob", "cancelJob"),
-            ("RetryJob", "retryJob"),
-            ("CreateJobToken", "createJobToken"),
-            ("AnswerInput", "answerInput"),
-        ]
+def routes(settings: Settings, tasks: list[TaskSpec], inputs: dict[str, str]) -> list[Route]:
+    """Every operation: its request, its answers by status with their models, and its refusals
+    with their codes. (``HEAD_REFUSED`` applies to all of them.)"""
+    return [
+        Route(
+            "POST",
+            "/api/jobs",
+            "submitJob",
+            "Submit a job",
+            parameters=[IDEMPOTENCY_KEY],
+            request=_submissions(tasks, inputs, settings),
+            replies={
+                202: Reply(
+                    "Accepted; the job is queued (or scheduled)",
+                    bodies.AcceptedJob,
+                    headers={"Location": LOCATION},
+                    links=JOB_LINKS,
+                ),
+                200: Reply(
+                    "The job an earlier request with this Idempotency-Key made",
+                    bodies.AcceptedJob,
+                    headers={"Location": LOCATION},
+                    links=JOB_LINKS,
+                ),
+            },
+            refusals={
+                **BODY_REFUSED,
+                **SUBMIT_BAD_REQUEST,
+                **UNAUTHORIZED,
+                **IDEMPOTENCY_REFUSED,
+                422: Refused(
+                    "`invalid_body`, `unknown_task` (details list the known tasks), "
+                    "`invalid_input` (details name the fields), `input_too_deep`, "
+                    "`string_too_long`, `invalid_callback_url`"
+                ),
+                **SUBMIT_LIMITS,
+                **UNAVAILABLE,
+            },
+        ),
+        Route(
+            "GET",
+            "/api/jobs",
+            "listJobs",
+            "List jobs, newest first",
+            parameters=[
+                {
+                    "name": "status",
+                    "in": "query",
+                    "schema": {
+                        "type": "string",
+                        "pattern": rf"^\s*(({_STATES})\s*)?(,\s*(({_STATES})\s*)?)*$",
+                    },
+                    "description": "comma separated, any of: "
+                    + ", ".join(s.value for s in JobState),
+                },
+                {"name": "task", "in": "query", "schema": {"type": "string"}},
+                {
+                    "name": "parent",
+                    "in": "query",
+                    "schema": {"type": "string", "pattern": "^([A-Za-z0-9_-]{1,64})?$"},
+                    "description": "a job's (or a batch's) children, in the order it "
+                    "started them (not newest first)",
+                },
+                {
+                    "name": "subject",
+                    "in": "query",
+                    # Empty: every subject, as for the other filters.
+                    "schema": {**SUBJECT, "pattern": f"^({subjects.SUBJECT.pattern})?$"},
+                },
+                {
+                    "name": "limit",
+                    "in": "query",
+                    "schema": {
+                        "type": "integer",
+                        "minimum": 1,
+                        "maximum": settings.list_limit_max,
+                        "default": 50,
+                    },
+                },
+                {
+                    "name": "cursor",
+                    "in": "query",
+                    "schema": {"type": "string"},
+                    "description": "the `next_cursor` of the page before",
+                },
+            ],
+            replies={200: Reply("A page of jobs", bodies.JobList)},
+            refusals={
+                400: Refused(
+                    "`bad_status`, `bad_limit`, `bad_subject`, `bad_parent` or `bad_cursor`"
+                ),
+                **UNAUTHORIZED,
+                **UNAVAILABLE,
+            },
+        ),
+        Route(
+            "GET",
+            "/api/jobs/{job_id}",
+            "getJob",
+            "One job's record",
+            access="key_or_token",
+            parameters=[JOB_ID],
+            replies={200: Reply("The record", bodies.Job)},
+            refusals={**UNAUTHORIZED, **NOT_FOUND, **UNAVAILABLE},
+        ),
+        Route(
+            "GET",
+            "/api/jobs/{job_id}/events",
+            "getJobEvents",
+            "One job's events; the response ends after the terminal event",
+            access="key_or_token",
+            parameters=[JOB_ID, *STREAM_PARAMS],
+            replies={
+                200: Reply(SSE_DESCRIPTION, content=SSE),
+                204: Reply("The cursor is at the terminal event: nothing follows"),
+            },
+            refusals={
+                400: Refused("`bad_cursor`"),
+                **UNAUTHORIZED,
+                **NOT_FOUND,
+                **TOO_MANY_STREAMS,
+                **UNAVAILABLE,
+            },
+        ),
+        Route(
+            "POST",
+            "/api/jobs/{job_id}/cancel",
+            "cancelJob",
+            "Cancel a queued or running job (or a batch, as its own cancel)",
+            parameters=[JOB_ID],
+            replies={
+                200: Reply("Cancelled before it started", bodies.Job),
+                202: Reply("Running: the worker stops it within a second", bodies.CancelRequested),
+            },
+            refusals={
+                **UNAUTHORIZED,
+                **NOT_FOUND,
+                409: Refused("`conflict`: the job has finished (`details.state`)"),
+                **UNAVAILABLE,
+            },
+        ),
+        Route(
+            "POST",
+            "/api/jobs/{job_id}/retry",
+            "retryJob",
+            "Run a failed or cancelled job again",
+            parameters=[JOB_ID],
+            replies={202: Reply("Queued again", bodies.Job)},
+            refusals={
+                **UNAUTHORIZED,
+                **NOT_FOUND,
+                409: Refused("`conflict`: the job is not failed or cancelled"),
+                422: Refused("`unknown_task`: the job's task is no longer declared"),
+                429: Refused(
+                    "`too_many_unfinished_jobs`: the job would take a place under "
+                    "STEPSTREAM_MAX_UNFINISHED_PER_OWNER and none is left",
+                    WITH_RETRY_AFTER,
+                ),
+                **UNAVAILABLE,
+            },
+        ),
+        Route(
+            "POST",
+            "/api/jobs/{job_id}/token",
+            "createJobToken",
+            "A short-lived token for this job's record and stream (scope job:<id>); "
+            "with `may_answer` it may also answer the job's input",
+            parameters=[JOB_ID],
+            request={
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {"may_answer": {"type": "boolean"}},
+            },
+            request_required=False,
+            replies={200: Reply("The token", bodies.JobToken)},
+            refusals={
+                **BODY_REFUSED,
+                **UNAUTHORIZED,
+                **NOT_FOUND,
+                422: Refused("`invalid_body`: not an object, an unknown field, not a boolean"),
+                **UNAVAILABLE,
+            },
+        ),
+        Route(
+            "POST",
+            "/api/jobs/{job_id}/input",
+            "answerInput",
+            "Give the input a waiting job asks for (its `waiting_for`): the job "
+            "is queued again and resumes from its checkpoints",
+            # An answer's token goes in the Authorization header, as a key does (never ?token=).
+            access="key_or_answer_token",
+            parameters=[JOB_ID],
+            request={
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["name", "value"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "value": {"description": "fits `waiting_for.schema` (JSON Schema)"},
+                },
+            },
+            replies={202: Reply("Answered: the job is queued again", bodies.Job)},
+            refusals={
+                **BODY_REFUSED,
+                **UNAUTHORIZED,
+                403: Refused(
+                    "`forbidden`: a stream token not minted with `may_answer` for this job"
+                ),
+                **NOT_FOUND,
+                409: Refused(
+                    "`not_waiting` (`details.state`), `wrong_input`: the job waits for "
+                    "another name (`details.waiting_for`), `already_answered`: the first "
+                    "answer is kept (`details.by`, `details.at`)"
+                ),
+                413: Refused(
+                    "`answer_too_large`: the value over STEPSTREAM_MAX_ANSWER_BYTES as "
+                    "compact JSON; `body_too_large`: the body over STEPSTREAM_MAX_BODY_BYTES"
+                ),
+                422: Refused(
+                    "`invalid_value`: the value does not fit the schema (`details`: "
+                    "`loc`, `msg` per problem; the schema is closed: an undeclared field "
+                    "is one); `invalid_body`; `input_too_deep` "
+                    "(STEPSTREAM_MAX_INPUT_DEPTH); `string_too_long` "
+                    "(STEPSTREAM_MAX_STRING_LENGTH)"
+                ),
+                **UNAVAILABLE,
+            },
+        ),
+        Route(
+            "GET",
+            "/api/events",
+            "streamEvents",
+            "Every job's events the caller may see (the firehose); never ends on its own",
+            access="key_or_token",
+            parameters=STREAM_PARAMS,
+            replies={200: Reply(SSE_DESCRIPTION, content=SSE)},
+            refusals={
+                400: Refused("`bad_cursor`"),
+                **UNAUTHORIZED,
+                **TOO_MANY_STREAMS,
+                **UNAVAILABLE,
+            },
+        ),
+        Route(
+            "POST",
+            "/api/events/token",
+            "createEventsToken",
+            "A short-lived token for the caller's firehose (scope events), or "
+            "with a subject for that subject's jobs and firehose (scope subject:<s>)",
+            request={
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {"subject": {**SUBJECT, "type": ["string", "null"]}},
+            },
+            request_required=False,
+            replies={200: Reply("The token", bodies.Token)},
+            refusals={
+                **BODY_REFUSED,
+                **UNAUTHORIZED,
+                422: Refused("`invalid_body`: not an object, an unknown field, not a subject"),
+                **UNAVAILABLE,
+            },
+        ),
+        Route(
+            "POST",
+            "/api/batches",
+            "submitBatch",
+            "One job per input, under a parent job that counts them",
+            parameters=[IDEMPOTENCY_KEY],
+            request=_batches(tasks, inputs, settings),
+            replies={
+                202: Reply(
+                    "The parent job",
+                    bodies.AcceptedJob,
+                    headers={"Location": {**LOCATION, "description": "the path of the batch"}},
+                    links={"GetBatch": "getBatch", "CancelBatch": "cancelBatch"},
+                ),
+                200: Reply(
+                    "The batch an earlier request with this Idempotency-Key made",
+                    bodies.AcceptedJob,
+                    headers={"Location": {**LOCATION, "description": "the path of the batch"}},
+                ),
+            },
+            refusals={
+                **BODY_REFUSED,
+                **SUBMIT_BAD_REQUEST,
+                **UNAUTHORIZED,
+                **IDEMPOTENCY_REFUSED,
+                422: Refused(
+                    "`invalid_body` (wrong shape, or not 1 to STEPSTREAM_MAX_BATCH_SIZE "
+                    "inputs), `unknown_task`, `invalid_input` (details name each input's "
+                    "problems), `input_too_deep`, `string_too_long`, `invalid_callback_url`"
+                ),
+                **SUBMIT_LIMITS,
+                **UNAVAILABLE,
+            },
+        ),
+        Route(
+            "GET",
+            "/api/batches/{job_id}",
+            "getBatch",
+            "A batch: the parent and its children so far",
+            parameters=[JOB_ID],
+            replies={200: Reply("The parent record and its children", bodies.Batch)},
+            refusals={
+                **UNAUTHORIZED,
+                404: Refused("`job_not_found`, or `batch_not_found`: the job is no batch"),
+                **UNAVAILABLE,
+            },
+        ),
+        Route(
+            "POST",
+            "/api/batches/{job_id}/cancel",
+            "cancelBatch",
+            "Cancel a batch and its children (any other job: as its own cancel)",
+            parameters=[JOB_ID],
+            replies={
+                200: Reply("A job that is no batch, cancelled before it started", bodies.Job),
+                202: Reply(
+                    "The children that had not started are cancelled; running ones stop "
+                    "in their workers",
+                    bodies.CancelRequested,
+                ),
+            },
+            refusals={
+                **UNAUTHORIZED,
+                **NOT_FOUND,
+                409: Refused("`conflict`: finished (`details.state`)"),
+                **UNAVAILABLE,
+            },
+        ),
+        Route(
+            "GET",
+            "/api/tasks",
+            "listTasks",
+            "The tasks this deployment runs, with their input schemas",
+            replies={200: Reply("The tasks", bodies.TaskList)},
+            refusals={**UNAUTHORIZED, **UNAVAILABLE},
+        ),
+        Route(
+            "GET",
+            "/api/stats",
+            "getStats",
+            "Queue health: per task counts, durations, failure rate; workers",
+            replies={200: Reply("The numbers", bodies.Stats)},
+            refusals={**UNAUTHORIZED, **UNAVAILABLE},
+        ),
+        Route(
+            "GET",
+            "/metrics",
+            "getMetrics",
+            "Prometheus metrics (the operator keeps it off the public network)",
+            access="none",
+            replies={
+                200: Reply(
+                    "The Prometheus text format",
+                    content={"text/plain": {"schema": {"type": "string"}}},
+                )
+            },
+            refusals=UNAVAILABLE,
+        ),
+        Route(
+            "GET",
+            "/healthz",
+            "healthz",
+            "Liveness",
+            access="none",
+            replies={200: Reply("Alive", bodies.Alive)},
+            refusals={},
+        ),
+        Route(
+            "GET",
+            "/readyz",
+            "readyz",
+            "Readiness: Redis reachable",
+            access="none",
+            replies={
+                200: Reply(
+                    "Ready; `hub`: connected or reconnecting; `webhooks`: whether the live "
+                    "processes agree on their webhook settings (`settings`, `differing`) "
+                    "and how many deliveries a worker's settings hold (`held`)",
+                    bodies.Ready,
+                ),
+                # Not a refusal (an `Error`): the same kind of answer as the 200's.
+                503: Reply("Redis unreachable", bodies.Unready),
+            },
+            refusals={},
+        ),
+    ]
+
+
+def _ref(name: str) -> Schema:
+    return {"$ref": REF.format(model=name)}
+
+
+def _response(description: str, schema: Schema | None, headers: dict[str, Schema]) -> Schema:
+    response: Schema = {"description": description}
+    if schema is not None:
+        response["content"] = {"application/json": {"schema": schema}}
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+def _reply(reply: Reply) -> Schema:
+    body = _ref(reply.body.__name__) if reply.body is not None else None
+    response = _response(reply.description, body, reply.headers)
+    if reply.content is not None:
+        response["content"] = reply.content
+    if reply.links:
+        job_id = {"job_id": "$response.body#/id"}
+        response["links"] = {
+            name: {"operationId": operation, "parameters": job_id}
+            for name, operation in reply.links.items()
+        }
+    return response
+
+
+def _operation(route: Route, security: dict[Access, list[dict[str, list[str]]]]) -> Schema:
+    operation: Schema = {
+        "operationId": route.operation_id,
+        "summary": route.summary,
+        "security": security[route.access],
     }
+    if route.parameters:
+        operation["parameters"] = route.parameters
+    if route.request is not None:
+        operation["requestBody"] = {
+            "required": route.request_required,
+            "content": {"application/json": {"schema": route.request}},
+        }
+    refusals = {**route.refusals, **HEAD_REFUSED}
+    operation["responses"] = {
+        **{str(status): _reply(reply) for status, reply in route.replies.items()},
+        **{
+            str(status): _response(refused.description, _ref("Error"), refused.headers)
+            for status, refused in refusals.items()
+        },
+    }
+    return operation
+
+
+def body_schemas() -> dict[str, Schema]:
+    """The schema of every body in ``bodies.MODELS``, and of the models they hold, by name."""
+    _, schemas = models_json_schema(
+        [(model, "serialization") for model in bodies.MODELS], ref_template=REF
+    )
+    defs: dict[str, Schema] = schemas["$defs"]
+    return defs
 
 
 def document(
@@ -465,472 +782,18 @@ def document(
     """
     inputs, input_components = _task_inputs(tasks)
     anonymous: list[dict[str, list[str]]] = [] if production else [{}]
-    with_key = [KEY_SECURITY, *anonymous]
-    with_key_or_token = [KEY_SECURITY, TOKEN_SECURITY, *anonymous]
-    # An answer's token goes in the Authorization header, as a key does (never ?token=).
-    with_key_or_answer_token = [KEY_SECURITY, ANSWER_TOKEN_SECURITY, *anonymous]
-    job_links = _job_links()
-    paths: dict[str, Any] = {
-        "/api/jobs": {
-            "post": {
-                "operationId": "submitJob",
-                "summary": "Submit a job",
-                "security": with_key,
-                "parameters": [IDEMPOTENCY_KEY],
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {"schema": _submissions(tasks, inputs, settings)}
-                    },
-                },
-                "responses": {
-                    "202": {
-                        **_json(
-                            "Accepted; the job is queued (or scheduled)",
-                            _ref("AcceptedJob"),
-                            {"Location": LOCATION},
-                        ),
-                        "links": job_links,
-                    },
-                    "200": {
-                        **_json(
-                            "The job an earlier request with this Idempotency-Key made",
-                            _ref("AcceptedJob"),
-                            {"Location": LOCATION},
-                        ),
-                        "links": job_links,
-                    },
-                    **BODY_REFUSED,
-                    "400": _error(
-                        "`malformed_json`; `bad_request`: a Content-Length that is not a "
-                        "number; `bad_idempotency_key`: not 1 to 200 printable ASCII characters"
-                    ),
-                    **UNAUTHORIZED,
-                    **IDEMPOTENCY_REFUSED,
-                    "422": _error(
-                        "`invalid_body`, `unknown_task` (details list the known tasks), "
-                        "`invalid_input` (details name the fields), `input_too_deep`, "
-                        "`string_too_long`, `invalid_callback_url`"
-                    ),
-                    **SUBMIT_LIMITS,
-                    **UNAVAILABLE,
-                },
-            },
-            "get": {
-                "operationId": "listJobs",
-                "summary": "List jobs, newest first",
-                "security": with_key,
-                "parameters": [
-                    {
-                        "name": "status",
-                        "in": "query",
-                        "schema": {
-                            "type": "string",
-                            "pattern": rf"^\s*(({_STATES})\s*)?(,\s*(({_STATES})\s*)?)*$",
-                        },
-                        "description": "comma separated, any of: "
-                        + ", ".join(s.value for s in JobState),
-                    },
-                    {"name": "task", "in": "query", "schema": {"type": "string"}},
-                    {
-                        "name": "parent",
-                        "in": "query",
-                        "schema": {"type": "string", "pattern": "^([A-Za-z0-9_-]{1,64})?$"},
-                        "description": "a job's (or a batch's) children, in the order it "
-                        "started them (not newest first)",
-                    },
-                    {
-                        "name": "subject",
-                        "in": "query",
-                        # Empty: every subject, as for the other filters.
-                        "schema": {**SUBJECT, "pattern": f"^({subjects.SUBJECT.pattern})?$"},
-                    },
-                    {
-                        "name": "limit",
-                        "in": "query",
-                        "schema": {
-                            "type": "integer",
-                            "minimum": 1,
-                            "maximum": settings.list_limit_max,
-                            "default": 50,
-                        },
-                    },
-                    {
-                        "name": "cursor",
-                        "in": "query",
-                        "schema": {"type": "string"},
-                        "description": "the `next_cursor` of the page before",
-                    },
-                ],
-                "responses": {
-                    "200": _json("A page of jobs", _ref("JobList")),
-                    "400": _error(
-                        "`bad_status`, `bad_limit`, `bad_subject`, `bad_parent` or `bad_cursor`"
-                    ),
-                    **UNAUTHORIZED,
-                    **UNAVAILABLE,
-                },
-            },
-        },
-        "/api/jobs/{job_id}": {
-            "get": {
-                "operationId": "getJob",
-                "summary": "One job's record",
-                "security": with_key_or_token,
-                "parameters": [JOB_ID],
-                "responses": {
-                    "200": _json("The record", _ref("Job")),
-                    **UNAUTHORIZED,
-                    **NOT_FOUND,
-                    **UNAVAILABLE,
-                },
-            }
-        },
-        "/api/jobs/{job_id}/events": {
-            "get": {
-                "operationId": "getJobEvents",
-                "summary": "One job's events; the response ends after the terminal event",
-                "security": with_key_or_token,
-                "parameters": [JOB_ID, *STREAM_PARAMS],
-                "responses": {
-                    "200": SSE,
-                    "204": {"description": "The cursor is at the terminal event: nothing follows"},
-                    "400": _error("`bad_cursor`"),
-                    **UNAUTHORIZED,
-                    **NOT_FOUND,
-                    **TOO_MANY_STREAMS,
-                    **UNAVAILABLE,
-                },
-            }
-        },
-        "/api/jobs/{job_id}/cancel": {
-            "post": {
-                "operationId": "cancelJob",
-                "summary": "Cancel a queued or running job (or a batch, as its own cancel)",
-                "security": with_key,
-                "parameters": [JOB_ID],
-                "responses": {
-                    "200": _json("Cancelled before it started", _ref("Job")),
-                    "202": _json(
-                        "Running: the worker stops it within a second", _ref("CancelRequested")
-                    ),
-                    **UNAUTHORIZED,
-                    **NOT_FOUND,
-                    "409": _error("`conflict`: the job has finished (`details.state`)"),
-                    **UNAVAILABLE,
-                },
-            }
-        },
-        "/api/jobs/{job_id}/retry": {
-            "post": {
-                "operationId": "retryJob",
-                "summary": "Run a failed or cancelled job again",
-                "security": with_key,
-                "parameters": [JOB_ID],
-                "responses": {
-                    "202": _json("Queued again", _ref("Job")),
-                    **UNAUTHORIZED,
-                    **NOT_FOUND,
-                    "409": _error("`conflict`: the job is not failed or cancelled"),
-                    "422": _error("`unknown_task`: the job's task is no longer declared"),
-                    "429": _error(
-                        "`too_many_unfinished_jobs`: the job would take a place under "
-                        "STEPSTREAM_MAX_UNFINISHED_PER_OWNER and none is left",
-                        {"Retry-After": RETRY_AFTER},
-                    ),
-                    **UNAVAILABLE,
-                },
-            }
-        },
-        "/api/jobs/{job_id}/token": {
-            "post": {
-                "operationId": "createJobToken",
-                "summary": "A short-lived token for this job's record and stream (scope job:<id>); "
-                "with `may_answer` it may also answer the job's input",
-                "security": with_key,
-                "parameters": [JOB_ID],
-                "requestBody": {
-                    "required": False,
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "additionalProperties": False,
-                                "properties": {"may_answer": {"type": "boolean"}},
-                            }
-                        }
-                    },
-                },
-                "responses": {
-                    "200": _json("The token", _ref("Token")),
-                    **BODY_REFUSED,
-                    **UNAUTHORIZED,
-                    **NOT_FOUND,
-                    "422": _error("`invalid_body`: not an object, an unknown field, not a boolean"),
-                    **UNAVAILABLE,
-                },
-            }
-        },
-        "/api/jobs/{job_id}/input": {
-            "post": {
-                "operationId": "answerInput",
-                "summary": "Give the input a waiting job asks for (its `waiting_for`): the job "
-                "is queued again and resumes from its checkpoints",
-                "security": with_key_or_answer_token,
-                "parameters": [JOB_ID],
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "additionalProperties": False,
-                                "required": ["name", "value"],
-                                "properties": {
-                                    "name": {"type": "string"},
-                                    "value": {
-                                        "description": "fits `waiting_for.schema` (JSON Schema)"
-                                    },
-                                },
-                            }
-                        }
-                    },
-                },
-                "responses": {
-                    "202": _json("Answered: the job is queued again", _ref("Job")),
-                    **BODY_REFUSED,
-                    **UNAUTHORIZED,
-                    "403": _error(
-                        "`forbidden`: a stream token not minted with `may_answer` for this job"
-                    ),
-                    **NOT_FOUND,
-                    "409": _error(
-                        "`not_waiting` (`details.state`), `wrong_input`: the job waits for "
-                        "another name (`details.waiting_for`), `already_answered`: the first "
-                        "answer is kept (`details.by`, `details.at`)"
-                    ),
-                    "413": _error(
-                        "`answer_too_large`: the value over STEPSTREAM_MAX_ANSWER_BYTES as "
-                        "compact JSON; `body_too_large`: the body over STEPSTREAM_MAX_BODY_BYTES"
-                    ),
-                    "422": _error(
-                        "`invalid_value`: the value does not fit the schema (`details`: "
-                        "`loc`, `msg` per problem; the schema is closed: an undeclared field "
-                        "is one); `invalid_body`; `input_too_deep` "
-                        "(STEPSTREAM_MAX_INPUT_DEPTH); `string_too_long` "
-                        "(STEPSTREAM_MAX_STRING_LENGTH)"
-                    ),
-                    **UNAVAILABLE,
-                },
-            }
-        },
-        "/api/events": {
-            "get": {
-                "operationId": "streamEvents",
-                "summary": "Every job's events the caller may see (the firehose); never ends "
-                "on its own",
-                "security": with_key_or_token,
-                "parameters": STREAM_PARAMS,
-                "responses": {
-                    "200": SSE,
-                    "400": _error("`bad_cursor`"),
-                    **UNAUTHORIZED,
-                    **TOO_MANY_STREAMS,
-                    **UNAVAILABLE,
-                },
-            }
-        },
-        "/api/events/token": {
-            "post": {
-                "operationId": "createEventsToken",
-                "summary": "A short-lived token for the caller's firehose (scope events), or "
-                "with a subject for that subject's jobs and firehose (scope subject:<s>)",
-                "security": with_key,
-                "requestBody": {
-                    "required": False,
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "additionalProperties": False,
-                                "properties": {"subject": {**SUBJECT, "type": ["string", "null"]}},
-                            }
-                        }
-                    },
-                },
-                "responses": {
-                    "200": _json("The token", _ref("Token")),
-                    **BODY_REFUSED,
-                    **UNAUTHORIZED,
-                    "422": _error("`invalid_body`: not an object, an unknown field, not a subject"),
-                    **UNAVAILABLE,
-                },
-            }
-        },
-        "/api/batches": {
-            "post": {
-                "operationId": "submitBatch",
-                "summary": "One job per input, under a parent job that counts them",
-                "security": with_key,
-                "parameters": [IDEMPOTENCY_KEY],
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": _batches(tasks, inputs, settings)}},
-                },
-                "responses": {
-                    "202": {
-                        **_json(
-                            "The parent job",
-                            _ref("AcceptedJob"),
-                            {
-                                "Location": {
-                                    **LOCATION,
-                                    "description": "the path of the batch",
-                                }
-                            },
-                        ),
-                        "links": {
-                            "GetBatch": {
-                                "operationId": "getBatch",
-                                "parameters": {"job_id": "$response.body#/id"},
-                            },
-                            "CancelBatch": {
-                                "operationId": "cancelBatch",
-                                "parameters": {"job_id": "$response.body#/id"},
-                            },
-                        },
-                    },
-                    "200": _json(
-                        "The batch an earlier request with this Idempotency-Key made",
-                        _ref("AcceptedJob"),
-                        {"Location": {**LOCATION, "description": "the path of the batch"}},
-                    ),
-                    **BODY_REFUSED,
-                    "400": _error(
-                        "`malformed_json`; `bad_request`: a Content-Length that is not a "
-                        "number; `bad_idempotency_key`: not 1 to 200 printable ASCII characters"
-                    ),
-                    **UNAUTHORIZED,
-                    **IDEMPOTENCY_REFUSED,
-                    "422": _error(
-                        "`invalid_body` (wrong shape, or not 1 to STEPSTREAM_MAX_BATCH_SIZE "
-                        "inputs), `unknown_task`, `invalid_input` (details name each input's "
-                        "problems), `input_too_deep`, `string_too_long`, `invalid_callback_url`"
-                    ),
-                    **SUBMIT_LIMITS,
-                    **UNAVAILABLE,
-                },
-            }
-        },
-        "/api/batches/{job_id}": {
-            "get": {
-                "operationId": "getBatch",
-                "summary": "A batch: the parent and its children so far",
-                "security": with_key,
-                "parameters": [JOB_ID],
-                "responses": {
-                    "200": _json("The parent record and its children", _ref("Batch")),
-                    **UNAUTHORIZED,
-                    "404": _error("`job_not_found`, or `batch_not_found`: the job is no batch"),
-                    **UNAVAILABLE,
-                },
-            }
-        },
-        "/api/batches/{job_id}/cancel": {
-            "post": {
-                "operationId": "cancelBatch",
-                "summary": "Cancel a batch and its children (any other job: as its own cancel)",
-                "security": with_key,
-                "parameters": [JOB_ID],
-                "responses": {
-                    "200": _json(
-                        "A job that is no batch, cancelled before it started", _ref("Job")
-                    ),
-                    "202": _json(
-                        "The children that had not started are cancelled; running ones stop "
-                        "in their workers",
-                        _ref("CancelRequested"),
-                    ),
-                    **UNAUTHORIZED,
-                    **NOT_FOUND,
-                    "409": _error("`conflict`: finished (`details.state`)"),
-                    **UNAVAILABLE,
-                },
-            }
-        },
-        "/api/tasks": {
-            "get": {
-                "operationId": "listTasks",
-                "summary": "The tasks this deployment runs, with their input schemas",
-                "security": with_key,
-                "responses": {
-                    "200": _json(
-                        "The tasks",
-                        {
-                            "type": "object",
-                            "required": ["tasks"],
-                            "properties": {"tasks": {"type": "array", "items": _ref("Task")}},
-                        },
-                    ),
-                    **UNAUTHORIZED,
-                    **UNAVAILABLE,
-                },
-            }
-        },
-        "/api/stats": {
-            "get": {
-                "operationId": "getStats",
-                "summary": "Queue health: per task counts, durations, failure rate; workers",
-                "security": with_key,
-                "responses": {
-                    "200": _json("The numbers", _ref("Stats")),
-                    **UNAUTHORIZED,
-                    **UNAVAILABLE,
-                },
-            }
-        },
-        "/metrics": {
-            "get": {
-                "operationId": "getMetrics",
-                "summary": "Prometheus metrics (the operator keeps it off the public network)",
-                "security": [{}],
-                "responses": {
-                    "200": {
-                        "description": "The Prometheus text format",
-                        "content": {"text/plain": {"schema": {"type": "string"}}},
-                    },
-                    **UNAVAILABLE,
-                },
-            }
-        },
-        "/healthz": {
-            "get": {
-                "operationId": "healthz",
-                "summary": "Liveness",
-                "security": [{}],
-                "responses": {"200": _json("Alive", STATUS)},
-            }
-        },
-        "/readyz": {
-            "get": {
-                "operationId": "readyz",
-                "summary": "Readiness: Redis reachable",
-                "security": [{}],
-                "responses": {
-                    "200": _json(
-                        "Ready; `hub`: connected or reconnecting; `webhooks`: whether the live "
-                        "processes agree on their webhook settings (`settings`, `differing`) "
-                        "and how many deliveries a worker's settings hold (`held`)",
-                        STATUS,
-                    ),
-                    "503": _json("Redis unreachable", STATUS),
-                },
-            }
-        },
+    key: dict[str, list[str]] = {"bearer": []}
+    # A stream token opens streams and reads records (scope `job:<id>`, `subject:<s>` or
+    # `events`); an answer's token is sent as a key is.
+    security: dict[Access, list[dict[str, list[str]]]] = {
+        "key": [key, *anonymous],
+        "key_or_token": [key, {"streamToken": []}, *anonymous],
+        "key_or_answer_token": [key, {"answerToken": []}, *anonymous],
+        "none": [{}],
     }
-    for operations in paths.values():
-        for operation in operations.values():
-            operation["responses"].update(HEAD_REFUSED)
+    paths: dict[str, Schema] = {}
+    for route in routes(settings, tasks, inputs):
+        paths.setdefault(route.path, {})[route.method.lower()] = _operation(route, security)
     return {
         "openapi": "3.1.0",
         "info": {"title": "Stepstream", "version": "0.1.0"},
@@ -938,15 +801,7 @@ def document(
         "servers": [{"url": root or "/"}],
         "paths": paths,
         "components": {
-            "schemas": {
-                "Error": ERROR,
-                "Token": TOKEN,
-                "Task": TASK,
-                "Counts": COUNTS,
-                "Stats": STATS,
-                **_job_schemas(),
-                **input_components,
-            },
+            "schemas": {**body_schemas(), **input_components},
             "securitySchemes": {
                 "bearer": {
                     "type": "http",
@@ -972,7 +827,7 @@ def document(
                 },
             },
         },
-        "security": with_key,
+        "security": security["key"],
     }
 
 

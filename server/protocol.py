@@ -20,6 +20,8 @@ import json
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
+from stepstream.server.bodies import Error
+
 HEAD_TOO_LARGE = 431
 # The scope extension under which a request's uvicorn cycle is kept (httptools only): see
 # ``body_writer``.
@@ -29,16 +31,12 @@ BODY_WRITER = "stepstream.body_writer"
 def head_too_large(max_bytes: int) -> bytes:
     """The whole 431 response, written straight to the socket: no app runs for a head that
     was never read whole."""
-    body = json.dumps(
-        {
-            "error": {
-                "code": "header_too_large",
-                "message": f"the request line and headers are larger than {max_bytes} bytes",
-                "details": {"limit": max_bytes, "setting": "STEPSTREAM_MAX_HEADER_BYTES"},
-            }
-        },
-        separators=(",", ":"),
-    ).encode()
+    error = Error.of(
+        "header_too_large",
+        f"the request line and headers are larger than {max_bytes} bytes",
+        {"limit": max_bytes, "setting": "STEPSTREAM_MAX_HEADER_BYTES"},
+    )
+    body = json.dumps(error.model_dump(mode="json"), separators=(",", ":")).encode()
     head = (
         f"HTTP/1.1 {HEAD_TOO_LARGE} Request Header Fields Too Large\r\n"
         "content-type: application/json\r\n"

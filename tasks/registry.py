@@ -64,21 +64,6 @@ class TaskSpec:
         accepts them (``submitted_input_model``)."""
         submitted_input_model(self.input_model).model_validate(raw_input)
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "title": self.title,
-            "description": self.description,
-            "steps": list(self.steps),
-            "max_attempts": self.max_attempts,
-            "timeout": self.timeout,
-            "concurrency": self.concurrency,
-            "input_schema": submitted_input_model(self.input_model).model_json_schema(),
-            "sample_input": self.sample_input,
-            "budget": self.budget,
-            "cache_ttl": self.cache_ttl,
-        }
-
 
 @functools.cache
 def submitted_input_model(model: type[BaseModel]) -> type[BaseModel]:
