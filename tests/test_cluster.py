@@ -16,9 +16,12 @@ from redis.asyncio.cluster import RedisCluster
 from redis.cluster import key_slot
 from redis.exceptions import RedisClusterException, ResponseError
 
+from stepstream.tasks.connection import connect_cluster
 from stepstream.tasks.keyspace import Keys
 from stepstream.tasks.models import new_job_id
+from stepstream.tasks.settings import Settings
 from tests.support.cluster import SLOTS, ValkeyCluster
+from tests.support.processes import wait_until
 
 KEYS = Keys("cl:")
 
@@ -147,26 +150,30 @@ def test_sharded_pub_sub_delivers_a_jobs_events(valkey_cluster: ValkeyCluster) -
 
 
 def test_a_killed_primarys_replica_takes_its_slots(own_cluster: ValkeyCluster) -> None:
+    """The log plane's client (``connect_cluster``) waits out the failover: a write sent just
+    after the kill, to a slot of the dead primary, completes on the promoted replica."""
     job_id = new_job_id()
-    record = KEYS.job(job_id)
-    shard = own_cluster.shard_of(key_slot(record.encode()))
+    shard = own_cluster.shard_of(key_slot(KEYS.job(job_id).encode()))
     dead = shard.primary
     [replica] = shard.replicas
 
     async def run() -> None:
-        async with cluster_client(own_cluster) as client:
+        client = connect_cluster(Settings(cluster_url=own_cluster.url))
+        try:
             await client.eval(APPEND, 3, *job_keys(job_id), "event 1")
             with dead.client() as primary:
                 assert primary.wait(1, 5_000) == 1  # the replica has it before the kill
-            promoted = await asyncio.to_thread(own_cluster.kill_primary, shard)
-            assert promoted is replica
-            assert not dead.alive()  # the kill landed
+            failover = asyncio.create_task(asyncio.to_thread(own_cluster.kill_primary, shard))
+            await asyncio.to_thread(wait_until, lambda: not dead.alive(), 10, what="the kill")
+            # Sent while the slot map still names the dead primary.
+            await client.eval(APPEND, 3, *job_keys(job_id), "event 2")
+            assert await failover is replica
             assert replica.role() == "master"
             assert own_cluster.owner(shard.slots[0]) == ("127.0.0.1", replica.port)
-            # The same client, whose connection to the dead primary broke, carries on.
-            await client.eval(APPEND, 3, *job_keys(job_id), "event 2")
             events = await client.xrange(KEYS.job_events(job_id))
             assert [fields["event"] for _, fields in events] == ["event 1", "event 2"]
+        finally:
+            await client.aclose()
 
     asyncio.run(run())
     with replica.client() as new_primary:
