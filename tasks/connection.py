@@ -8,6 +8,7 @@ its ``READONLY`` error into a connection error and ask the Sentinels again), wit
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, cast
 
 from arq.connections import ArqRedis, RedisSettings
@@ -73,6 +74,28 @@ def connect(settings: Settings, *, attempts: int | None = 25) -> Redis:
 NODE_ATTEMPTS = 3
 
 
+class LogPlaneCluster(RedisCluster):
+    """redis-py's asyncio cluster client, whose re-reading of the slot map is retried too.
+
+    redis-py 5 re-reads it (``initialize``) outside its retry loop, and asks the first primary
+    of the new map for ``COMMAND``: during a failover that is still the dead primary, and the
+    command failed at once, without a retry, whenever the dead primary came first in the map
+    (redis/redis-py#2427). Here the re-reading is tried again with backoff, about 20 s in all.
+    """
+
+    async def initialize(self) -> LogPlaneCluster:
+        attempts = max(1, self.cluster_error_retry_attempts)
+        for attempt in range(1, attempts + 1):
+            try:
+                await super().initialize()
+                break
+            except (ConnectionError, TimeoutError, OSError):
+                if attempt == attempts:
+                    raise
+                await asyncio.sleep(min(1.0, 0.05 * 2**attempt))
+        return self
+
+
 def connect_cluster(settings: Settings, *, attempts: int = 25) -> RedisCluster:
     """A client of the log plane's cluster at ``STEPSTREAM_CLUSTER_URL`` (one seed node; the
     rest it learns from the cluster's slot map), decoding as :func:`connect`'s does. The
@@ -84,7 +107,7 @@ def connect_cluster(settings: Settings, *, attempts: int = 25) -> RedisCluster:
     """
     if not settings.cluster_url:
         raise ValueError("STEPSTREAM_CLUSTER_URL is not set")
-    client = RedisCluster.from_url(
+    client = LogPlaneCluster.from_url(
         settings.cluster_url,
         decode_responses=True,
         # Patience in two layers: a node's connection is retried briefly (about 0.7 s), then
