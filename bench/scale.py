@@ -21,7 +21,7 @@ event loop) is taken out. Two cores run everything here (writers, servers, web p
 clients): the events/s are what this machine reaches, not what the servers could; the CPU per
 event is the figure to scale from.
 
-    .venv/bin/python -m bench.scale                                   # about 2 minutes
+    .venv/bin/python -m bench.scale                                   # about a minute here
     .venv/bin/python -m bench.scale --events 20000 --writers 1,2,4,8 --webs 4 --viewers 200
 """
 
