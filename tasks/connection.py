@@ -8,10 +8,12 @@ its ``READONLY`` error into a connection error and ask the Sentinels again), wit
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, cast
 
 from arq.connections import ArqRedis, RedisSettings
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import SSLConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection
@@ -66,6 +68,59 @@ def connect(settings: Settings, *, attempts: int | None = 25) -> Redis:
     for a caller that reconnects by itself (the hub's subscription catches up from the log).
     """
     return cast(Redis, _primary(settings, Redis, attempts, decode_responses=True))
+
+
+# A cluster node's connection is tried this often before the client re-reads the slot map.
+NODE_ATTEMPTS = 3
+
+
+class LogPlaneCluster(RedisCluster):
+    """redis-py's asyncio cluster client, whose re-reading of the slot map is retried too.
+
+    redis-py 5 re-reads it (``initialize``) outside its retry loop, and asks the first primary
+    of the new map for ``COMMAND``: during a failover that is still the dead primary, and the
+    command failed at once, without a retry, whenever the dead primary came first in the map
+    (redis/redis-py#2427). Here the re-reading is tried again with backoff, about 20 s in all.
+    """
+
+    async def initialize(self) -> LogPlaneCluster:
+        attempts = max(1, self.cluster_error_retry_attempts)
+        for attempt in range(1, attempts + 1):
+            try:
+                await super().initialize()
+                break
+            except (ConnectionError, TimeoutError, OSError):
+                if attempt == attempts:
+                    raise
+                await asyncio.sleep(min(1.0, 0.05 * 2**attempt))
+        return self
+
+
+def connect_cluster(settings: Settings, *, attempts: int = 25) -> RedisCluster:
+    """A client of the log plane's cluster at ``STEPSTREAM_CLUSTER_URL`` (one seed node; the
+    rest it learns from the cluster's slot map), decoding as :func:`connect`'s does. The
+    store does not use it yet: every command still goes to :func:`connect`'s primary.
+
+    redis-py 5 (arq caps it below 6): scripts run on it when every key of a call shares one
+    slot; ``pipeline(transaction=True)`` is refused, and its asyncio client has no pub/sub
+    (``SPUBLISH`` goes as a command; ``SSUBSCRIBE`` needs a connection to the slot's node).
+    """
+    if not settings.cluster_url:
+        raise ValueError("STEPSTREAM_CLUSTER_URL is not set")
+    client = LogPlaneCluster.from_url(
+        settings.cluster_url,
+        decode_responses=True,
+        # Patience in two layers: a node's connection is retried briefly (about 0.7 s), then
+        # the client re-reads the slot map and tries again, ``attempts`` times (about 20 s in
+        # all). One patient layer at the node would keep dialling a dead primary's address
+        # (~22 s measured) while its replica had long taken its slots.
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), NODE_ATTEMPTS),
+        retry_on_error=list(RETRYABLE),
+        cluster_error_retry_attempts=attempts,
+        health_check_interval=30,
+        socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
+    )
+    return cast(RedisCluster, client)
 
 
 def arq_pool(settings: Settings) -> ArqRedis:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from typing import Annotated, Literal, cast
+from urllib.parse import urlsplit
 
 from pydantic import (
     AliasChoices,
@@ -58,6 +59,10 @@ class StoreSettings(_Environment):
     # username, password and TLS (rediss://).
     sentinels: Annotated[list[tuple[str, int]], NoDecode] = []
     sentinel_master: str = Field(default="", validate_default=True)
+    # The log plane's cluster (docs/scaling.md): a seed node of a Valkey or Redis Cluster, as
+    # redis://host:port (rediss:// for TLS). Not yet used by the store: everything stays on
+    # REDIS_URL; tasks/connection.py's ``connect_cluster`` makes its client.
+    cluster_url: str = ""
     prefix: str = "stepstream:"
     # Modules whose @task definitions the web process and the workers load (comma separated),
     # e.g. "tasks" for a tasks.py in the working directory, or "myapp.jobs".
@@ -86,6 +91,21 @@ class StoreSettings(_Environment):
             return value  # already pairs (a Settings built in code)
         return [_address(part) for part in cast(list[str], _comma_separated(value))]
 
+    @field_validator("cluster_url")
+    @classmethod
+    def _cluster_seed(cls, value: str) -> str:
+        if not value:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+            raise ValueError(f"{value!r} is not redis://host:port (or rediss:// for TLS)")
+        if parts.path.strip("/") not in ("", "0"):
+            # A cluster has one database; a URL naming another would be silently ignored.
+            raise ValueError(
+                f"{value!r} names database {parts.path.strip('/')}: a cluster has only 0"
+            )
+        return value
+
     @field_validator("sentinel_master")
     @classmethod
     def _sentinels_name_a_primary(cls, value: str, info: ValidationInfo) -> str:
@@ -100,7 +120,7 @@ class StoreSettings(_Environment):
     @property
     def redis_urls(self) -> tuple[str, ...]:
         """Every Redis server Stepstream connects to: never a webhook target."""
-        return (self.redis_url,)
+        return (self.redis_url, self.cluster_url) if self.cluster_url else (self.redis_url,)
 
     @property
     def loads_demo_tasks(self) -> bool:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.support.cluster import ValkeyCluster
 from tests.support.processes import Valkey, Web, Worker, stack_env
 
 _prefixes = itertools.count(1)
@@ -71,6 +72,23 @@ def own_valkey(tmp_path: Path) -> Iterator[Valkey]:
     server = Valkey(tmp_path / "valkey").start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def valkey_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyCluster]:
+    """A Valkey Cluster of 3 primaries, each with a replica, shared by the tests of a module
+    that leave its nodes alone (``own_cluster`` for one that kills a node)."""
+    cluster = ValkeyCluster(tmp_path_factory.mktemp("valkey-cluster")).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def own_cluster(tmp_path: Path) -> Iterator[ValkeyCluster]:
+    """A Valkey Cluster (3 primaries, 3 replicas) of the test's own, for tests that kill a node."""
+    cluster = ValkeyCluster(tmp_path / "valkey-cluster").start()
+    yield cluster
+    cluster.stop()
 
 
 @dataclass

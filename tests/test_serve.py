@@ -44,6 +44,14 @@ def run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[s
             ["STEPSTREAM_SENTINELS", "'sentinel-b' is not host:port"],
         ),
         ({"STEPSTREAM_SENTINELS": "10.0.0.5:26379"}, ["STEPSTREAM_SENTINEL_MASTER", "set both"]),
+        (
+            {"STEPSTREAM_CLUSTER_URL": "10.0.0.5:7000"},
+            ["STEPSTREAM_CLUSTER_URL", "is not redis://host:port"],
+        ),
+        (
+            {"STEPSTREAM_CLUSTER_URL": "redis://10.0.0.5:7000/3"},
+            ["STEPSTREAM_CLUSTER_URL", "a cluster has only 0"],
+        ),
     ],
 )
 def test_a_bad_setting_stops_the_worker_with_one_plain_line(

@@ -41,6 +41,15 @@ def test_an_unknown_webhook_event_is_named() -> None:
         Settings(webhook_events="failed,finished")
 
 
+def test_the_clusters_seed_is_a_redis_server_no_webhook_may_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("STEPSTREAM_CLUSTER_URL", "redis://10.0.0.9:7000")
+    settings = Settings()
+    assert settings.cluster_url == "redis://10.0.0.9:7000"
+    assert "redis://10.0.0.9:7000" in settings.redis_urls  # the webhook policy refuses it
+
+
 def test_the_start_check_leaves_the_environment_and_the_import_path_alone() -> None:
     environ, path = dict(os.environ), list(sys.path)
     problem = configuration_problem("127.0.0.1", tasks="no_such_module_here", demo=False)

@@ -1,0 +1,438 @@
+"""Per-unit costs on this machine, for the capacity model in docs/scaling.md.
+
+1. **The store's appends** (today's product, one Valkey): ``--writers`` writer processes (each
+   ``--concurrency`` coroutines calling the real append, ``JobStore.append_many``, ``--batch``
+   events per call, as fast as they can) append ``--events`` events each. Printed: events/s, and
+   the Valkey server's CPU per event.
+2. **The web tier**: 1 to ``--webs`` web processes, ``--viewers`` clients spread over them, each
+   watching one of ``--jobs`` fresh jobs, while ``--storm`` events are appended at ``--rate``
+   over those jobs; plus one web process with no client at all. Printed: each web process's CPU
+   per event it delivered, the idle one's CPU per event of the deployment, and Valkey's.
+3. **The store's command mix on a cluster** (not Stepstream's store, which does not run on a
+   cluster yet): one Lua call per event doing what the append does on a job's keys (``XADD``
+   with ``MAXLEN ~``, ``HSET`` on the record, ``SPUBLISH`` on the job's channel; ``--publish
+   publish`` for plain ``PUBLISH``), every key under the job's hash tag, against a Valkey
+   Cluster of 1, 2 and 3 primaries (``--primaries``; no replicas). Printed: events/s, and per
+   primary its share of the events and its CPU per event.
+
+CPU is each process's on-CPU time (``/proc/PID/task/*/schedstat``), read before and after. A web
+process's figure is "less rest": what it spends over the same time with no event (timers, the
+event loop) is taken out. Two cores run everything here (writers, servers, web processes,
+clients): the events/s are what this machine reaches, not what the servers could; the CPU per
+event is the figure to scale from.
+
+    .venv/bin/python -m bench.scale                                   # about a minute here
+    .venv/bin/python -m bench.scale --events 20000 --writers 1,2,4,8 --webs 4 --viewers 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+from redis.asyncio.cluster import RedisCluster
+
+from bench.common import Bench, bench, fmt, machine, print_table
+from bench.idle import Viewer, cpu_ns, jobs, storm
+from bench.throughput import progress_event
+from stepstream.tasks.keyspace import Keys
+from stepstream.tasks.models import new_job_id
+from tests.support.cluster import ValkeyCluster
+from tests.support.processes import ROOT, wait_until
+
+# One event on a job's keys, as the append does it (the log, the record, the live channel).
+CLUSTER_APPEND = """
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'event', ARGV[1])
+redis.call('HSET', KEYS[2], 'last_event_id', id, 'progress', '0.5', 'message', ARGV[3])
+redis.call('{publish}', KEYS[3], ARGV[1])
+return id
+"""
+KEYS = Keys("scale:")
+JOB_LOG_MAXLEN = 10_000  # the default STEPSTREAM_JOB_LOG_MAXLEN
+
+
+T = TypeVar("T")
+
+# Writers wait this long for each other (imported, connected) before they write.
+START_DELAY = 3.0
+
+# -- writer processes --------------------------------------------------------------------------
+
+
+class WriterProcess:
+    """``python -m bench.scale --write ...``: appends, then prints one JSON line."""
+
+    def __init__(self, args: list[str], log_dir: Path) -> None:
+        self._err: IO[bytes] = open(log_dir / f"writer-{id(self)}.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.scale", "--write", *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=self._err,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+
+    def result(self, timeout: float) -> dict[str, Any]:
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+            self._err.close()
+        if self.proc.returncode != 0:
+            err = Path(self._err.name).read_text(errors="replace")[-2_000:]
+            raise RuntimeError(f"writer exited {self.proc.returncode}:\n{err}")
+        result: dict[str, Any] = json.loads(out)
+        return result
+
+
+def run_writers(
+    arguments: list[str], count: int, log_dir: Path, read: Callable[[], T]
+) -> tuple[int, float, T]:
+    """``count`` writers started together and writing from one moment on: their total events,
+    the span from the first one's start to the last one's end, and what ``read`` (CPU times)
+    gave at that moment."""
+    moment = time.time() + START_DELAY
+    argv = [*arguments, "--start-at", f"{moment:.3f}"]
+    writers = [WriterProcess(argv, log_dir) for _ in range(count)]
+    try:
+        time.sleep(max(0.0, moment - time.time()))
+        at_start = read()
+        results = [writer.result(timeout=300) for writer in writers]
+    finally:
+        for writer in writers:
+            if writer.proc.poll() is None:
+                writer.proc.kill()
+                writer.proc.wait(timeout=10)
+    events = sum(int(r["events"]) for r in results)
+    span = max(r["end"] for r in results) - min(r["start"] for r in results)
+    return events, span, at_start
+
+
+async def _wait_for(moment: float) -> None:
+    await asyncio.sleep(max(0.0, moment - time.time()))
+
+
+async def write_store(
+    url: str, ids: list[str], events: int, batch: int, concurrency: int, moment: float
+) -> None:
+    """The real append (``bench.idle.storm``, unpaced), from ``moment``."""
+    await _wait_for(moment)
+    start = time.time()
+    await storm(url, ids, events, batch, rate=1e12, writers=concurrency)
+    print(json.dumps({"events": events - events % batch, "start": start, "end": time.time()}))
+
+
+async def write_cluster(
+    url: str, events: int, jobs_count: int, concurrency: int, cmd: str, moment: float
+) -> None:
+    client = RedisCluster.from_url(url, decode_responses=True)
+    script = client.register_script(CLUSTER_APPEND.format(publish=cmd))
+    job_ids = [new_job_id() for _ in range(jobs_count)]
+    calls = iter(range(events))
+    try:
+        # Load the script on every primary before the clock starts (a first call is NOSCRIPT).
+        for job_id in job_ids:
+            await _append(script, job_id, 0)
+        await _wait_for(moment)
+        start = time.time()
+
+        async def writer() -> None:
+            for i in calls:
+                await _append(script, job_ids[i % len(job_ids)], i)
+
+        await asyncio.gather(*(writer() for _ in range(concurrency)))
+        print(json.dumps({"events": events, "start": start, "end": time.time()}))
+    finally:
+        await client.aclose()
+
+
+async def _append(script: Any, job_id: str, i: int) -> None:
+    event, fields = progress_event(job_id, i)
+    await script(
+        keys=[KEYS.job_events(job_id), KEYS.job(job_id), KEYS.job_channel(job_id)],
+        args=[json.dumps(event), JOB_LOG_MAXLEN, fields["message"]],
+    )
+
+
+# -- 1. the store's appends ------------------------------------------------------------------
+
+
+def valkey_pid(run: Bench) -> int:
+    return int(run.valkey.server._process.pid)
+
+
+def store_appends(
+    run: Bench, writers: list[int], events: int, batch: int, concurrency: int
+) -> None:
+    rows = []
+    for count in writers:
+        ids = asyncio.run(jobs(run.valkey.url, 20 * count))
+        ids_file = run.log_dir / f"ids-{count}.json"
+        ids_file.write_text(json.dumps(ids))
+        pid = valkey_pid(run)
+        args = [
+            "store",
+            "--url",
+            run.valkey.url,
+            "--ids-file",
+            str(ids_file),
+            "--events",
+            str(events),
+            "--batch",
+            str(batch),
+            "--concurrency",
+            str(concurrency),
+        ]
+        appended, span, before = run_writers(args, count, run.log_dir, partial(cpu_ns, pid))
+        spent = (cpu_ns(pid) - before) / 1e9
+        rows.append(
+            [
+                str(count),
+                fmt(appended),
+                fmt(appended / span, 0),
+                fmt(spent / appended * 1e6, 1),
+                fmt(spent / span * 100, 0),
+            ]
+        )
+    print_table(
+        f"The store's appends, one Valkey ({batch} event(s) per append call, "
+        f"{concurrency} coroutines per writer process)",
+        ["writer processes", "events", "events/s", "Valkey µs CPU per event", "Valkey CPU %"],
+        rows,
+    )
+
+
+# -- 2. the web tier -------------------------------------------------------------------------
+
+
+def web_tier(
+    run: Bench, max_webs: int, viewers: int, job_count: int, events: int, rate: float, batch: int
+) -> None:
+    events -= events % (batch * job_count)
+    per_job = events // job_count
+    idle = run.web()
+    webs = []
+    rows = []
+    for m in range(1, max_webs + 1):
+        webs.append(run.web())
+        ids = asyncio.run(jobs(run.valkey.url, job_count))  # fresh: no backlog to replay
+        with opened([Viewer(webs[i % m].port, ids[i % job_count]) for i in range(viewers)]) as vs:
+            pids = {f"web {i + 1}": w.proc.pid for i, w in enumerate(webs)}  # type: ignore[union-attr]
+            pids["idle web"] = idle.proc.pid  # type: ignore[union-attr]
+            pids["valkey"] = valkey_pid(run)
+            rest_span = min(2.0, events / rate)
+            rest = {name: cpu_ns(pid) for name, pid in pids.items()}
+            time.sleep(rest_span)
+            rest = {name: (cpu_ns(pid) - rest[name]) / rest_span for name, pid in pids.items()}
+            before = {name: cpu_ns(pid) for name, pid in pids.items()}
+            started = time.perf_counter()
+            asyncio.run(storm(run.valkey.url, ids, events, batch, rate, writers=4))
+            wait_until(
+                lambda: all(v.frames >= per_job for v in vs),
+                timeout=120,
+                what="every viewer to receive its job's events",
+            )
+            span = time.perf_counter() - started
+            spent = {
+                name: (cpu_ns(pid) - before[name] - rest[name] * span) / 1e9
+                for name, pid in pids.items()
+            }
+            for i in range(m):
+                mine = [v for k, v in enumerate(vs) if k % m == i]
+                delivered = sum(v.frames for v in mine)
+                cpu = spent[f"web {i + 1}"]
+                rows.append(
+                    [
+                        str(m),
+                        f"web {i + 1}",
+                        str(len(mine)),
+                        fmt(delivered),
+                        fmt(cpu * 1000, 0),
+                        fmt(cpu / delivered * 1e6, 1),
+                        "",
+                    ]
+                )
+            cpu = spent["idle web"]
+            rows.append(
+                [str(m), "idle web", "0", "0", fmt(cpu * 1000, 0), "", fmt(cpu / events * 1e6, 2)]
+            )
+            cpu = spent["valkey"]
+            rows.append(
+                [
+                    str(m),
+                    "valkey",
+                    "",
+                    fmt(events),
+                    fmt(cpu * 1000, 0),
+                    fmt(cpu / events * 1e6, 1),
+                    "",
+                ]
+            )
+    print_table(
+        f"The web tier: {viewers} viewers of {job_count} jobs spread over 1 to {max_webs} web "
+        f"processes; {events:,} events at {rate:,.0f}/s ({batch} per append call)",
+        [
+            "web processes",
+            "process",
+            "viewers",
+            "events delivered",
+            "CPU ms (less rest)",
+            "µs CPU per delivered event",
+            "µs per deployment event",
+        ],
+        rows,
+    )
+
+
+@contextmanager
+def opened(viewers: list[Viewer]) -> Iterator[list[Viewer]]:
+    try:
+        for viewer in viewers:
+            if not viewer.opened.wait(20):
+                raise RuntimeError("a viewer's stream did not open")
+        yield viewers
+    finally:
+        for viewer in viewers:
+            viewer.close()
+
+
+# -- 3. the store's command mix on a cluster ---------------------------------------------------
+
+
+@dataclass
+class PrimaryUse:
+    cpu_ns: int
+    xadds: int
+
+
+def primary_use(cluster: ValkeyCluster) -> list[PrimaryUse]:
+    use = []
+    for shard in cluster.shards:
+        with shard.primary.client() as client:
+            stats: Any = client.info("commandstats").get("cmdstat_xadd", {})
+        assert shard.primary.proc is not None
+        use.append(PrimaryUse(cpu_ns(shard.primary.proc.pid), int(stats.get("calls", 0))))
+    return use
+
+
+def cluster_mix(
+    log_dir: Path, primaries: list[int], writers: int, events: int, concurrency: int, cmd: str
+) -> None:
+    rows = []
+    for count in primaries:
+        cluster = ValkeyCluster(log_dir / f"cluster-{count}", primaries=count, replicas=0)
+        cluster.start()
+        try:
+            args = [
+                "cluster",
+                "--url",
+                cluster.url,
+                "--events",
+                str(events),
+                "--concurrency",
+                str(concurrency),
+                "--publish",
+                cmd,
+            ]
+            appended, span, before = run_writers(
+                args, writers, log_dir, partial(primary_use, cluster)
+            )
+            after = primary_use(cluster)
+        finally:
+            cluster.stop()
+        total = max(1, sum(u.xadds for u in after) - sum(u.xadds for u in before))
+        for i, (b, a) in enumerate(zip(before, after, strict=True)):
+            xadds = a.xadds - b.xadds
+            spent = (a.cpu_ns - b.cpu_ns) / 1e9
+            rows.append(
+                [
+                    str(count),
+                    fmt(appended / span, 0) if i == 0 else "",
+                    f"primary {i + 1}",
+                    f"{xadds / total:.0%}",
+                    fmt(spent / max(1, xadds) * 1e6, 1),
+                    fmt(spent / span * 100, 0),
+                ]
+            )
+    print_table(
+        f"The store's command mix on a cluster (XADD + HSET + {cmd.upper()} in one Lua call per "
+        f"event, per-job hash tags; not Stepstream's store): {writers} writer processes x "
+        f"{concurrency} coroutines",
+        ["primaries", "events/s", "primary", "share of events", "µs CPU per event", "CPU %"],
+        rows,
+    )
+
+
+# -- the command line --------------------------------------------------------------------------
+
+
+def integers(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__)
+    parser.add_argument("--events", type=int, default=4_000, help="events per writer process")
+    parser.add_argument("--writers", type=integers, default=[1, 2, 4], help="e.g. 1,2,4")
+    parser.add_argument("--concurrency", type=int, default=8, help="coroutines per writer")
+    parser.add_argument("--batch", type=int, default=1, help="events per append call")
+    parser.add_argument("--webs", type=int, default=4, help="web processes, 1 to this")
+    parser.add_argument("--viewers", type=int, default=20, help="clients, spread over the webs")
+    parser.add_argument("--jobs", type=int, default=10, help="jobs the viewers watch")
+    parser.add_argument("--storm", type=int, default=6_000, help="events of each web-tier run")
+    parser.add_argument("--rate", type=float, default=2_000, help="the storm's events/s")
+    parser.add_argument("--primaries", type=integers, default=[1, 2, 3], help="e.g. 1,2,3")
+    parser.add_argument("--cluster-writers", type=int, default=2, help="writer processes")
+    parser.add_argument("--publish", choices=("spublish", "publish"), default="spublish")
+    parser.add_argument(
+        "--only", choices=("store", "web", "cluster"), help="run one of the three parts"
+    )
+    parser.add_argument("--keep-logs", action="store_true")
+    parser.add_argument("--write", choices=("store", "cluster"), help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--ids-file", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--start-at", type=float, default=0.0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.write == "store":
+        ids = json.loads(args.ids_file.read_text())
+        asyncio.run(
+            write_store(args.url, ids, args.events, args.batch, args.concurrency, args.start_at)
+        )
+        return
+    if args.write == "cluster":
+        asyncio.run(
+            write_cluster(args.url, args.events, 50, args.concurrency, args.publish, args.start_at)
+        )
+        return
+    print(f"# bench.scale — {machine()}")
+    with bench(args.keep_logs) as run:
+        if args.only in (None, "store"):
+            store_appends(run, args.writers, args.events, args.batch, args.concurrency)
+        if args.only in (None, "web"):
+            web_tier(run, args.webs, args.viewers, args.jobs, args.storm, args.rate, args.batch)
+        if args.only in (None, "cluster"):
+            cluster_mix(
+                run.log_dir,
+                args.primaries,
+                args.cluster_writers,
+                args.events,
+                args.concurrency,
+                args.publish,
+            )
+
+
+if __name__ == "__main__":
+    main()
