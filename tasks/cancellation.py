@@ -50,6 +50,7 @@ async def cancel_unstarted(store: JobStore, record: JobRecord, reason: str) -> A
         },
         owner=record.owner,
         expect=UNSTARTED,
+        batch=record.counted_into,
     )
     if appended.ok:
         await _show_end(store, record)

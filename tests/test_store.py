@@ -8,6 +8,7 @@ import json
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
+from stepstream.tasks.commands import Command
 from stepstream.tasks.models import JobRecord, JobState, utcnow
 from stepstream.tasks.settings import Settings
 from stepstream.tasks.store import JobStore, appended_from, new_event
@@ -32,7 +33,10 @@ async def _append_many_is_all_or_none(url: str) -> None:
     store = JobStore(redis, Settings(redis_url=url, prefix="store-test:"))
     try:
         record = running_record("j1", "burst")
-        enqueue = [["ZADD", "store-test:queue", 1, "j1"], ["HINCRBY", "store-test:n", "made", 1]]
+        enqueue = [
+            Command("ZADD", ["store-test:queue"], (1, "j1")),
+            Command("HINCRBY", ["store-test:n"], ("made", 1)),
+        ]
         assert (await store.create(record, new_event("j1", "queued", 0), then=enqueue)).ok
         # A second create of the same id is refused, and its commands do not run.
         again_created = await store.create(record, new_event("j1", "queued", 0), then=enqueue)
@@ -82,18 +86,22 @@ async def _a_resent_call_applies_once(url: str) -> None:
     store = JobStore(redis, Settings(redis_url=url, prefix="resent-test:"))
     try:
         record = running_record("j2", "resent")
-        enqueue = [["HINCRBY", "resent-test:n", "made", 1]]
+        enqueue = [Command("HINCRBY", ["resent-test:n"], ("made", 1))]
         # Exactly what redis-py sends again when a reply is lost with its connection (a Valkey
         # restart after it ran the script): the same script with the same arguments.
-        keys, args = store._create_call(record, [new_event("j2", "queued", 0)], enqueue, 0, None)
+        keys, args = store.lay_out(
+            store.create_call(record, new_event("j2", "queued", 0), then=enqueue)
+        )
         first = await store._append(keys=keys, args=args)
         again = await store._append(keys=keys, args=args)
         assert again[0] == first[0], "the resent create answers as the first did"
         assert await redis.hget("resent-test:n", "made") == "1"
 
         done = new_event("j2", "step_completed", 1, step={"index": 1, "count": 1, "name": "s"})
-        keys, args = store._script_call(
-            "j2", [done], {"message": "done"}, None, "update", (JobState.running,), []
+        keys, args = store.lay_out(
+            store.script_call(
+                "j2", [done], {"message": "done"}, None, "update", (JobState.running,), []
+            )
         )
         first = await store._append(keys=keys, args=args)
         again = await store._append(keys=keys, args=args)
@@ -106,7 +114,7 @@ async def _a_resent_call_applies_once(url: str) -> None:
         # The create sent again after other appends (a batch's MULTI re-sent late): still the
         # same create, not a refusal that a new id "exists".
         fresh = running_record("j3", "resent")
-        keys, args = store._create_call(fresh, [new_event("j3", "queued", 0)], [], 0, None)
+        keys, args = store.lay_out(store.create_call(fresh, new_event("j3", "queued", 0)))
         assert appended_from(await store._append(keys=keys, args=args)).ok
         later = new_event("j3", "log", 1, message="a worker's append")
         assert (await store.append("j3", later, {"message": "later"})).ok
