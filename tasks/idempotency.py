@@ -1,5 +1,5 @@
 """Idempotency-Key claims: of two identical submissions with the same key, one creates the job
-and the other gets it (docs/api.md, "Idempotency").
+and the other gets it (docs/http-api.md).
 
 A claim is a ``SET NX`` of the key's record, held briefly (``CLAIM_IN_FLIGHT_SECONDS``) until
 the create script, with the job, keeps it for ``STEPSTREAM_IDEMPOTENCY_TTL_SECONDS``
