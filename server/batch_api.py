@@ -187,9 +187,7 @@ async def get_batch(request: Request) -> Response:
     state: AppState = request.app.state.stepstream
     principal = await state.auth.authenticate(request)
     parent = await _load_parent(request, principal)
-    child_ids = await state.redis.lrange(  # type: ignore[misc]
-        state.store.keys.batch_children(parent.id), 0, -1
-    )
+    child_ids = await state.store.child_ids(parent.id)
     children = await state.store.get_many(child_ids)
     items = []
     for index, (child_id, child) in enumerate(zip(child_ids, children, strict=True)):
