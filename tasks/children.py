@@ -32,9 +32,10 @@ from arq.constants import job_key_prefix
 from pydantic import BaseModel
 
 from stepstream.tasks import cancellation, creation, lua, rollup
+from stepstream.tasks.commands import Arg, Command
 from stepstream.tasks.errors import PermanentError
 from stepstream.tasks.models import JobState
-from stepstream.tasks.queue import Command, enqueue_commands
+from stepstream.tasks.queue import enqueue_commands
 from stepstream.tasks.registry import TaskSpec
 from stepstream.tasks.rollup import counts_of
 from stepstream.tasks.store import JobStore
@@ -277,7 +278,11 @@ def resume_commands(
     payload_hex = (
         bytes(payload).hex() if isinstance(payload, bytes) else str(payload).encode().hex()
     )
-    fields = ("#resume", payload_hex, "#entry", entry, "#expire_ms", expires_ms)
+    fields: tuple[Arg, ...] = ("#resume", payload_hex, "#entry", entry, "#expire_ms", expires_ms)
+    # The entry's key names, read only by the append script of earlier versions (which read
+    # them from here): workers of both versions may run during an upgrade. Never read now.
+    fields += ("#job_key", job_key_prefix + entry, "#queue", store.keys.queue)
+    fields += ("#wakeups", store.keys.queue_wakeups)
     commands = [Command("HSET", counts_key, fields)]
     if tolerated is None:
         commands.append(Command("HDEL", counts_key, ("#max_failures",)))
