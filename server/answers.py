@@ -14,7 +14,6 @@ from functools import lru_cache
 from typing import Any
 
 import jsonschema_rs
-from redis.exceptions import WatchError
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -26,10 +25,8 @@ from stepstream.server.state import AppState
 from stepstream.server.urls import root_path
 from stepstream.tasks import inputs
 from stepstream.tasks.models import InputRequest, JobRecord, JobState
-from stepstream.tasks.store import appended_from, decode_record
 
 ANSWER_FIELDS = frozenset({"name", "value"})
-WATCH_ATTEMPTS = 5  # a record that changes under this many tries is not waiting any more
 
 
 async def answer_input(request: Request) -> Response:
@@ -80,38 +77,15 @@ def answered_by(principal: Principal, record: JobRecord) -> str:
 
 
 async def _store_answer(state: AppState, job_id: str, name: str, value: Any, by: str) -> JobRecord:
-    key = state.store.keys.job(job_id)
-    for _ in range(WATCH_ATTEMPTS):
-        async with state.redis.pipeline(transaction=True) as pipe:
-            await pipe.watch(key)
-            record = decode_record(await pipe.hgetall(key))  # type: ignore[misc]
-            if record is None:
-                raise ApiError(404, "job_not_found", f"no job with id {job_id!r}")
-            check_answerable(record, name, value)
-            event, fields, then = inputs.answered(
-                record, name, value, by, arq=state.arq, keys=state.store.keys
-            )
-            pipe.multi()  # type: ignore[no-untyped-call]
-            await state.store.queue_append(
-                pipe,
-                job_id,
-                [event],
-                fields,
-                owner=record.owner,
-                expect=(JobState.waiting,),
-                then=then,
-            )
-            try:
-                (reply,) = await pipe.execute()
-            except WatchError:
-                continue  # the record changed since it was read: read it again
-        appended = appended_from(reply)
-        if appended.ok:
-            # The job as this answer left it, queued: a worker woken by its queue entry may
-            # have started it already, which a read now would show instead.
-            written = {**record.model_dump(mode="json"), **fields}
-            return JobRecord.model_validate({**written, "last_event_id": appended.job_event_id})
-    raise ApiError(409, "conflict", "the job kept changing; read it and try again")
+    def check(record: JobRecord | None) -> None:
+        if record is None:
+            raise ApiError(404, "job_not_found", f"no job with id {job_id!r}")
+        check_answerable(record, name, value)
+
+    answered = await inputs.answer(state.store, state.arq, job_id, name, value, by, check=check)
+    if answered is None:
+        raise ApiError(409, "conflict", "the job kept changing; read it and try again")
+    return answered
 
 
 def check_answerable(record: JobRecord, name: str, value: Any) -> None:

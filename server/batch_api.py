@@ -27,21 +27,17 @@ from stepstream.server.jobs import (
     input_refusal,
     load_job,
     read_object,
-    release_claim,
     reload,
     task_named,
 )
 from stepstream.server.options import SubmitOptions, check_callback_url, parse_submit_options
 from stepstream.server.state import AppState
 from stepstream.server.urls import root_path
-from stepstream.tasks import batches, creation, tracing
-from stepstream.tasks.commands import Command
-from stepstream.tasks.models import JobRecord, JobState, new_job_id, utcnow
+from stepstream.tasks import batches, idempotency, tracing
+from stepstream.tasks.models import JobRecord, new_job_id
 from stepstream.tasks.registry import TaskSpec
-from stepstream.tasks.store import new_event
 
 BATCH_FIELDS = frozenset({"task", "inputs", "budget", "subject", "callback_url"})
-PARENT_PREFIX = "batch:"
 
 
 async def submit_batch(request: Request) -> Response:
@@ -86,7 +82,7 @@ async def submit_batch(request: Request) -> Response:
             state,
             owner,
             idempotency_key,
-            PARENT_PREFIX + task_name,
+            batches.PARENT_PREFIX + task_name,
             {"inputs": inputs},
             given.fingerprint() | {"callback_url": given.callback_url},
         )
@@ -102,12 +98,12 @@ async def submit_batch(request: Request) -> Response:
             given,
             owner,
             parent_id,
-            [claim.confirm] if claim else [],
+            claim,
             tracing.incoming(request.headers),
         )
     except ApiError:
         if claim is not None:
-            await release_claim(state, claim)  # refused: nothing was made
+            await idempotency.release(state.store, claim)  # refused: nothing was made
         raise
     return _batch_accepted(request, state, principal, record, 202)
 
@@ -127,7 +123,7 @@ async def _create_batch(
     given: SubmitOptions,
     owner: str | None,
     parent_id: str,
-    confirm: list[Command],
+    claim: idempotency.Claim | None,
     trace_parent: tracing.Carrier | None = None,
 ) -> JobRecord:
     """The parent and its children, created together (or refused: nothing is written)."""
@@ -144,9 +140,7 @@ async def _create_batch(
         parent=trace_parent,
     )
     try:
-        return await _create_batch_traced(
-            state, spec, inputs, given, owner, parent_id, confirm, span
-        )
+        return await _create_batch_traced(state, spec, inputs, given, owner, parent_id, claim, span)
     except BaseException as exc:
         span.fail(exc)
         raise
@@ -161,83 +155,31 @@ async def _create_batch_traced(
     given: SubmitOptions,
     owner: str | None,
     parent_id: str,
-    confirm: list[Command],
+    claim: idempotency.Claim | None,
     span: tracing.Span,
 ) -> JobRecord:
-    task_name = spec.name
     trace = span.carrier()
     # The children's options: the callback is the parent's alone.
     options = SubmitOptions(budget=given.budget, subject=given.subject)
-    size = len(inputs)
-    now = utcnow()
-    # Created running (its log says queued, then started): it runs from now until its last child
-    # ends, and no worker ever holds it. Never queued, it holds no place among the owner's
-    # unfinished jobs; its children do.
-    parent = JobRecord(
-        id=parent_id,
-        task=PARENT_PREFIX + task_name,
-        owner=owner,
-        state=JobState.running,
-        input={"task": task_name, "size": size},
-        attempt=1,
-        max_attempts=1,
-        created_at=now,
-        started_at=now,
-        batch=batches.empty_counts(size),
-        message=batches.summary_message(batches.empty_counts(size), size),
-        callback_url=given.callback_url,
-        subject=options.subject,
-        trace=trace,
-    )
-    # Each child's create: cached results are created completed (tasks/creation.py).
     children = [
-        await creation.plan(
-            state.store,
-            state.arq,
-            replace(options.new_job(spec, item, owner), batch_id=parent_id, batch_index=index),
-            trace,
-        )
+        replace(options.new_job(spec, item, owner), batch_id=parent_id, batch_index=index)
         for index, item in enumerate(inputs)
     ]
-    child_ids = [child.record.id for child in children]
-    # Children answered from the cache are counted by the parent's own create.
-    opening = batches.opening(state.store, parent, [c.record for c in children if c.record.cached])
-    parent = parent.model_copy(update=opening.fields)
-    store = state.store
-    children_key = store.keys.batch_children(parent_id)
-    # The whole batch in one MULTI: the parent (with its cached children counted), the list of
-    # its children and every child with its queue entry appear together or not at all, so a
-    # web process dying here leaves no parent waiting for children that were never made. The
-    # parent's create takes a place under the owner's unfinished-jobs limit for every input (a
-    # cached child's is free again at once), and each child needs the parent: refused, the
-    # batch writes nothing.
-    calls = [
-        store.create_call(
-            parent,
-            new_event(parent_id, "queued", 0, input=parent.input),
-            new_event(parent_id, "started", 1, max_attempts=1),
-            *opening.events,
-            then=[
-                # In pieces: the script unpacks each command onto Lua's stack (8,000 slots).
-                *(
-                    ["RPUSH", children_key, *child_ids[i : i + 1_000]]
-                    for i in range(0, size, 1_000)
-                ),
-                ["EXPIRE", children_key, state.settings.retention_seconds],
-                *opening.then,
-                *confirm,
-            ],
-            take=size,
-        ),
-        *(creation.create_call(store, child, requires=parent_id) for child in children),
-    ]
-    replies = await store.create_together(calls)
-    check_created(state, creation.Created(parent, replies[0]), size)
-    span.end(replies[0].job_event_id)
-    if not all(reply.ok for reply in replies[1:]):
-        # 120-bit ids collided: not a client mistake, and never expected.
-        raise RuntimeError(f"batch {parent_id}: a job id exists already")
-    return await reload(state, parent)
+    created = await batches.create(
+        state.store,
+        state.arq,
+        parent_id,
+        spec.name,
+        children,
+        owner=owner,
+        subject=given.subject,
+        callback_url=given.callback_url,
+        trace=trace,
+        claim=claim,
+    )
+    record = check_created(state, created, len(inputs))
+    span.end(created.appended.job_event_id)
+    return await reload(state, record)
 
 
 async def get_batch(request: Request) -> Response:
@@ -245,9 +187,7 @@ async def get_batch(request: Request) -> Response:
     state: AppState = request.app.state.stepstream
     principal = await state.auth.authenticate(request)
     parent = await _load_parent(request, principal)
-    child_ids = await state.redis.lrange(  # type: ignore[misc]
-        state.store.keys.batch_children(parent.id), 0, -1
-    )
+    child_ids = await state.store.child_ids(parent.id)
     children = await state.store.get_many(child_ids)
     items: list[BatchChild | ExpiredChild] = []
     for index, (child_id, child) in enumerate(zip(child_ids, children, strict=True)):

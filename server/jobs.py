@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import hashlib
 import json
 import logging
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 from pydantic import ValidationError
@@ -29,8 +28,8 @@ from stepstream.server.state import AppState
 from stepstream.server.streams import shared_record
 from stepstream.server.subjects import subject_field, subject_param
 from stepstream.server.urls import root_path
-from stepstream.tasks import cancellation, creation, rollup, tracing
-from stepstream.tasks.models import JobRecord, JobState, new_job_id
+from stepstream.tasks import cancellation, creation, idempotency, rollup, tracing
+from stepstream.tasks.models import JobRecord, JobState
 from stepstream.tasks.registry import TaskSpec
 from stepstream.tasks.settings import Settings
 from stepstream.tasks.store import Appended
@@ -186,13 +185,13 @@ async def submit_job(request: Request) -> Response:
             state.store,
             state.arq,
             job,
-            then=[claim.confirm] if claim is not None else [],
+            claim=claim,
         )
         record = check_created(state, created, 1)
     except ApiError:
         # Refused (a limit): no job was made, so the client's retry may make it at once.
         if claim is not None:
-            await release_claim(state, claim)
+            await idempotency.release(state.store, claim)
         raise
     logger.info("job submitted", extra=_log_fields(record))
     return accepted(request, state, principal, record, 202)
@@ -265,12 +264,7 @@ def check_input_shape(value: Any, settings: Settings) -> None:
 async def enforce_submission_limits(state: AppState, owner: str | None) -> None:
     """The owner's submissions per second. (Their unfinished jobs are counted by the create
     itself, which takes its places in the same script: ``unfinished_refusal``.)"""
-    keys = state.store.keys
-    second = int(state.clock())
-    async with state.redis.pipeline(transaction=False) as pipe:
-        pipe.incr(keys.submissions(owner, second))
-        pipe.expire(keys.submissions(owner, second), 2)
-        submitted, _ = await pipe.execute()
+    submitted = await creation.count_submission(state.store, owner, int(state.clock()))
     if submitted > state.settings.submissions_per_second:
         raise ApiError(
             429,
@@ -316,18 +310,7 @@ def unfinished_refusal(settings: Settings, appended: Appended, take: int) -> Api
     )
 
 
-@dataclass(frozen=True)
-class Claim:
-    job_id: str
-    redis_key: str
-    existing: JobRecord | None = None
-    # The claim kept for STEPSTREAM_IDEMPOTENCY_TTL_SECONDS, set by the create script itself.
-    confirm: list[str | bytes | int] = field(default_factory=list)
-
-
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,200}")
-# How long a claim without its job lasts: the longest a request holds it before creating.
-CLAIM_IN_FLIGHT_SECONDS = 10
 
 
 async def claim_idempotency_key(
@@ -337,79 +320,30 @@ async def claim_idempotency_key(
     task_name: str,
     raw_input: dict[str, Any],
     extra: dict[str, Any] | None = None,
-) -> Claim:
-    """Claim ``key`` for a new job, or find the job an earlier identical request created.
-
-    ``SET NX`` makes the claim atomic: of two concurrent identical requests one creates the
-    job and the other waits for its record.
-    """
+) -> idempotency.Claim:
+    """Claim ``key`` for a new job, or find the job an earlier identical request created
+    (tasks/idempotency.py); 400 for a key of the wrong form, 409 for a refused one."""
     if not _IDEMPOTENCY_KEY.fullmatch(key):
         raise ApiError(
             400,
             "bad_idempotency_key",
             "Idempotency-Key must be 1 to 200 printable ASCII characters without spaces",
         )
-    body = json.dumps(
-        {"task": task_name, "input": raw_input, **(extra or {})},
-        sort_keys=True,
-        separators=(",", ":"),
-    )
-    fingerprint = hashlib.sha256(body.encode()).hexdigest()
-    # Keys are per owner: two owners may use the same key without seeing each other's job.
-    scope = hashlib.sha256(f"{owner}\n{key}".encode()).hexdigest()
-    redis_key = state.store.keys.idempotency(scope)
-    job_id = new_job_id()
-    value = f"{job_id} {fingerprint}"
-    # Held briefly until the create script, with the job, keeps it for the full TTL: a web
-    # process that dies (or times out) between the two leaves a claim that lapses in seconds,
-    # never one that blocks the key for a day.
-    confirm: list[str | bytes | int] = [
-        "SET",
-        redis_key,
-        value,
-        "EX",
-        state.settings.idempotency_ttl_seconds,
-    ]
-    for _ in range(3):
-        if await state.redis.set(redis_key, value, nx=True, ex=CLAIM_IN_FLIGHT_SECONDS):
-            return Claim(job_id, redis_key, confirm=confirm)
-        held = await state.redis.get(redis_key)
-        if held is None:
-            continue  # expired between the two calls: claim it again
-        if held == value:
-            # Our own SET, re-sent by the client after its reply was lost: the claim is ours.
-            return Claim(job_id, redis_key, confirm=confirm)
-        other_id, other_fingerprint = held.split(" ", 1)
-        if other_fingerprint != fingerprint:
+    try:
+        return await idempotency.claim(state.store, owner, key, task_name, raw_input, extra)
+    except idempotency.ClaimRefused as refused:
+        if refused.job_id is None:
             raise ApiError(
                 409,
                 "idempotency_conflict",
-                "this Idempotency-Key was used with a different body",
-                {"job_id": other_id},
-            )
-        record = await _wait_for_record(state, other_id)
-        if record is not None:
-            return Claim(other_id, redis_key, existing=record)
-    raise ApiError(
-        409, "idempotency_conflict", "a request with this Idempotency-Key is still in flight"
-    )
-
-
-async def release_claim(state: AppState, claim: Claim) -> None:
-    """Give up ``claim`` after a refusal. Only then: a request cut off while its create was on
-    the way (a deadline's 503, a lost connection) may still have made the job, and a retry
-    that found the key free would make a second. Such a claim is confirmed by the create, or
-    lapses after ``CLAIM_IN_FLIGHT_SECONDS``."""
-    await state.redis.delete(claim.redis_key)
-
-
-async def _wait_for_record(state: AppState, job_id: str) -> JobRecord | None:
-    for _ in range(100):  # the first request is between its claim and its create: 5 s at most
-        record = await state.store.get(job_id)
-        if record is not None:
-            return record
-        await asyncio.sleep(0.05)
-    return None
+                "a request with this Idempotency-Key is still in flight",
+            ) from None
+        raise ApiError(
+            409,
+            "idempotency_conflict",
+            "this Idempotency-Key was used with a different body",
+            {"job_id": refused.job_id},
+        ) from None
 
 
 async def load_job(request: Request, principal: Principal, *, shared: bool = False) -> JobRecord:

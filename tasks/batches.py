@@ -26,13 +26,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from arq.connections import ArqRedis
 from redis.exceptions import RedisError, WatchError
 
+from stepstream.tasks import creation, idempotency, tracing
 from stepstream.tasks.commands import Command
 from stepstream.tasks.models import JobRecord, JobState, utcnow
 from stepstream.tasks.store import JobStore, appended_from, decode_record, new_event
 
 logger = logging.getLogger("stepstream.batches")
+
+PARENT_PREFIX = "batch:"  # a batch's parent's task: batch:<its children's task>
+# Children ids per RPUSH into the batch's list: the script unpacks each command onto Lua's
+# stack (8,000 slots).
+LIST_PIECE = 1_000
 
 SHOW_PAGE = 200  # children shown per append
 # A writer that keeps losing the race, or meeting Redis errors, gives up after this long.
@@ -125,7 +132,7 @@ async def _show_some(store: JobStore, batch_id: str) -> bool:
             fields,
             owner=parent.owner,
             expect=(JobState.running,),
-            then=[["HSET", counts_key, "#shown", shown + len(entries)]],
+            then=[Command("HSET", [counts_key], ("#shown", shown + len(entries)))],
         )
         try:
             (reply,) = await pipe.execute()
@@ -227,8 +234,86 @@ def opening(store: JobStore, parent: JobRecord, cached: Sequence[JobRecord]) -> 
         events.append(event)
         fields.update(done)
     key = store.keys.batch_counts(parent.id)
-    then: list[Command] = [
-        ["HSET", key, "#shown", len(cached)],
-        ["EXPIRE", key, store.settings.retention_seconds],
+    then = [
+        Command("HSET", [key], ("#shown", len(cached))),
+        Command("EXPIRE", [key], (store.settings.retention_seconds,)),
     ]
     return Opening(events, fields, then)
+
+
+async def create(
+    store: JobStore,
+    arq: ArqRedis,
+    parent_id: str,
+    task_name: str,
+    children: Sequence[creation.NewJob],
+    *,
+    owner: str | None,
+    subject: str | None,
+    callback_url: str | None,
+    trace: tracing.Carrier | None,
+    claim: idempotency.Claim | None,
+) -> creation.Created:
+    """Create a batch: its parent ``parent_id`` over ``children`` (each with ``batch_id`` and
+    ``batch_index`` set), confirming ``claim`` with it. The parent as stored, or as it would
+    have been, refused (``"limit"``: nothing was written)."""
+    size = len(children)
+    now = utcnow()
+    # Created running (its log says queued, then started): it runs from now until its last child
+    # ends, and no worker ever holds it. Never queued, it holds no place among the owner's
+    # unfinished jobs; its children do.
+    parent = JobRecord(
+        id=parent_id,
+        task=PARENT_PREFIX + task_name,
+        owner=owner,
+        state=JobState.running,
+        input={"task": task_name, "size": size},
+        attempt=1,
+        max_attempts=1,
+        created_at=now,
+        started_at=now,
+        batch=empty_counts(size),
+        message=summary_message(empty_counts(size), size),
+        callback_url=callback_url,
+        subject=subject,
+        trace=trace,
+    )
+    # Each child's create: cached results are created completed (tasks/creation.py).
+    plans = [await creation.plan(store, arq, child, trace) for child in children]
+    child_ids = [plan.record.id for plan in plans]
+    # Children answered from the cache are counted by the parent's own create.
+    start = opening(store, parent, [p.record for p in plans if p.record.cached])
+    parent = parent.model_copy(update=start.fields)
+    children_key = [store.keys.batch_children(parent_id)]
+    # The whole batch in one MULTI: the parent (with its cached children counted), the list of
+    # its children and every child with its queue entry appear together or not at all, so a
+    # web process dying here leaves no parent waiting for children that were never made. The
+    # parent's create takes a place under the owner's unfinished-jobs limit for every input (a
+    # cached child's is free again at once), and each child needs the parent: refused, the
+    # batch writes nothing.
+    calls = [
+        store.create_call(
+            parent,
+            new_event(parent_id, "queued", 0, input=parent.input),
+            new_event(parent_id, "started", 1, max_attempts=1),
+            *start.events,
+            then=[
+                *(
+                    Command("RPUSH", children_key, child_ids[i : i + LIST_PIECE])
+                    for i in range(0, size, LIST_PIECE)
+                ),
+                Command("EXPIRE", children_key, (store.settings.retention_seconds,)),
+                *start.then,
+                *idempotency.confirmations(claim),
+            ],
+            take=size,
+        ),
+        *(creation.create_call(store, plan, requires=parent_id) for plan in plans),
+    ]
+    replies = await store.create_together(calls)
+    if replies[0].ok:
+        parent.last_event_id = replies[0].job_event_id
+        if not all(reply.ok for reply in replies[1:]):
+            # 120-bit ids collided: never expected.
+            raise RuntimeError(f"batch {parent_id}: a job id exists already")
+    return creation.Created(parent, replies[0])

@@ -45,7 +45,7 @@ def result_commands(
         return []
     key = keys.result_cache(spec.name, input_digest(spec.name, owner, raw_input))
     value = json.dumps({"job_id": job_id, "result": result}, separators=(",", ":"))
-    return [["SET", key, value, "PX", max(1, int(spec.cache_ttl * 1000))]]
+    return [Command("SET", [key], (value, "PX", max(1, int(spec.cache_ttl * 1000))))]
 
 
 async def lookup(

@@ -50,6 +50,7 @@ async def cancel_unstarted(store: JobStore, record: JobRecord, reason: str) -> A
         },
         owner=record.owner,
         expect=UNSTARTED,
+        batch=record.counted_into,
     )
     if appended.ok:
         await _show_end(store, record)
@@ -63,10 +64,7 @@ async def cancel_children(
     """Cancel every child of ``parent`` (a batch, or a job that started children) that has not
     ended (running ones are asked to stop, and cancel their own children as they stop); a
     batch ends when its last child does."""
-    child_ids = await store.redis.lrange(  # type: ignore[misc]
-        store.keys.batch_children(parent.id), 0, -1
-    )
-    for child in await store.get_many(child_ids):
+    for child in await store.get_many(await store.child_ids(parent.id)):
         if child is None:
             continue
         if child.state.terminal:

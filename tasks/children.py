@@ -14,9 +14,9 @@ under the owner's unfinished-jobs limit, and the others require it: refused, not
 the policy tolerates). Otherwise it suspends the run (``ChildrenSuspended``): the runtime records
 ``waiting`` with ``waiting_for: {"children": counts}`` and leaves the parent's arq queue entry in
 the counts hash, and the run ends, holding no worker. The append that writes the end that makes
-the parent ready also writes that entry (store.RESUME_LUA), and the parent runs again from the
-top: ``run_step`` steps are restored, the fan-outs are found created, and ``join`` reads the
-results from the children's records, in input order, typed by the child task's output model.
+the parent ready also writes that entry (scripts/resume_parent.lua), and the parent runs again
+from the top: ``run_step`` steps are restored, the fan-outs are found created, and ``join`` reads
+the results from the children's records, in input order, typed by the child task's output model.
 """
 
 from __future__ import annotations
@@ -28,15 +28,17 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from arq.connections import ArqRedis
+from arq.constants import job_key_prefix
 from pydantic import BaseModel
 
-from stepstream.tasks import cancellation, creation, rollup
+from stepstream.tasks import cancellation, creation, lua, rollup
+from stepstream.tasks.commands import Arg, Command
 from stepstream.tasks.errors import PermanentError
 from stepstream.tasks.models import JobState
-from stepstream.tasks.queue import Command, enqueue_commands
+from stepstream.tasks.queue import enqueue_commands
 from stepstream.tasks.registry import TaskSpec
 from stepstream.tasks.rollup import counts_of
-from stepstream.tasks.store import RESUME_LUA, JobStore
+from stepstream.tasks.store import JobStore
 
 if TYPE_CHECKING:
     from stepstream.tasks.context import TaskContext
@@ -182,9 +184,9 @@ async def start(
                 id=handle.id,
             ),
         )
-        then: list[Command] = [
-            ["RPUSH", store.keys.batch_children(ctx.job_id), handle.id],
-            ["EXPIRE", store.keys.batch_children(ctx.job_id), ttl],
+        then = [
+            Command("RPUSH", [store.keys.batch_children(ctx.job_id)], (handle.id,)),
+            Command("EXPIRE", [store.keys.batch_children(ctx.job_id)], (ttl,)),
         ]
         if handle.id == first_id:
             # With the first create (every other one requires it): the fan-out is created.
@@ -192,9 +194,9 @@ async def start(
             if step is not None:
                 marks += ["#step", f"{step[0]}/{step[1]}"]
             then = [
-                ["HINCRBY", counts_key, "#size", len(items)],
-                ["HSET", counts_key, *marks],
-                ["EXPIRE", counts_key, ttl],
+                Command("HINCRBY", [counts_key], ("#size", len(items))),
+                Command("HSET", [counts_key], marks),
+                Command("EXPIRE", [counts_key], (ttl,)),
                 *then,
             ]
         plan = replace(plan, then=(*then, *plan.then))
@@ -266,43 +268,47 @@ def resume_commands(
     store: JobStore, arq: ArqRedis, parent_id: str, size: int, tolerated: int | None
 ) -> list[Command]:
     """What a parent's ``waiting`` writes into its counts hash: its queue entry, for the end
-    that makes it ready to write (store.RESUME_LUA)."""
-    counts_key = store.keys.batch_counts(parent_id)
+    that makes it ready to write (scripts/resume_parent.lua)."""
+    counts_key = [store.keys.batch_counts(parent_id)]
     entry = children_entry(parent_id, size)
-    (_, job_key, expires_ms, payload), (_, queue, _, _), *_ = enqueue_commands(
-        arq, store.keys, parent_id, entry_id=entry
+    # arq's own entry (tasks/queue.py), kept for later: its key, queue and channel are declared
+    # by the script that writes it (scripts/resume_parent.lua), from the entry's id.
+    write, *_ = enqueue_commands(arq, store.keys, parent_id, entry_id=entry)
+    expires_ms, payload = write.args
+    payload_hex = (
+        bytes(payload).hex() if isinstance(payload, bytes) else str(payload).encode().hex()
     )
-    fields: list[str | bytes | int] = [
-        "#resume",
-        bytes(payload).hex() if isinstance(payload, bytes) else str(payload).encode().hex(),
-        "#entry",
-        entry,
-        "#job_key",
-        job_key,
-        "#queue",
-        queue,
-        "#wakeups",
-        store.keys.queue_wakeups,
-        "#expire_ms",
-        expires_ms,
-    ]
-    commands: list[Command] = [["HSET", counts_key, *fields]]
+    fields: tuple[Arg, ...] = ("#resume", payload_hex, "#entry", entry, "#expire_ms", expires_ms)
+    # The entry's key names, read only by the append script of earlier versions (which read
+    # them from here): workers of both versions may run during an upgrade. Never read now.
+    fields += ("#job_key", job_key_prefix + entry, "#queue", store.keys.queue)
+    fields += ("#wakeups", store.keys.queue_wakeups)
+    commands = [Command("HSET", counts_key, fields)]
     if tolerated is None:
-        commands.append(["HDEL", counts_key, "#max_failures"])
+        commands.append(Command("HDEL", counts_key, ("#max_failures",)))
     else:
-        commands.append(["HSET", counts_key, "#max_failures", tolerated])
-    commands.append(["EXPIRE", counts_key, store.settings.retention_seconds])
+        commands.append(Command("HSET", counts_key, ("#max_failures", tolerated)))
+    commands.append(Command("EXPIRE", counts_key, (store.settings.retention_seconds,)))
     return commands
-
-
-_RESUME_NOW_LUA = "local counts = KEYS[1]\n" + RESUME_LUA
 
 
 async def resume_if_ready(store: JobStore, parent_id: str) -> None:
     """Write a waiting parent's entry if it is ready already: its last child ended between
-    the parent's ``join`` and its ``waiting``, and so found no entry to write."""
-    script = store.redis.register_script(_RESUME_NOW_LUA)
-    await script(keys=[store.keys.batch_counts(parent_id)])
+    the parent's ``join`` and its ``waiting``, and so found no entry to write. The entry's id
+    is read first, for the script to declare its key; an entry changed in between is named by
+    the script, and it is called again with that one."""
+    counts = store.keys.batch_counts(parent_id)
+    script = store.redis.register_script(lua.resume())
+    entry: str | None = await store.redis.hget(counts, "#entry")  # type: ignore[misc]
+    for _ in range(3):
+        if entry is None:
+            return
+        keys = [counts, job_key_prefix + entry, store.keys.queue, store.keys.queue_wakeups]
+        outcome, other = await script(keys=keys, args=[entry])
+        if outcome != "other":
+            return
+        entry = other or None
+    raise RuntimeError(f"job {parent_id}: its queue entry kept changing")
 
 
 async def ready(store: JobStore, parent_id: str) -> bool:

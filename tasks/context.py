@@ -474,7 +474,7 @@ class TaskContext:
                 "message": None,
             },
             # The text key holds the latest begun step's text: a step starts without any.
-            then=[["DEL", self.store.keys.job_text(self.job_id)]],
+            then=[Command("DEL", [self.store.keys.job_text(self.job_id)])],
         )
 
     async def _complete_step(
@@ -501,7 +501,9 @@ class TaskContext:
             data,
             {"steps": self._steps_json(), "progress": round(ref.index / ref.count, 4)},
             # Its text is in `steps` now.
-            then=[["DEL", self.store.keys.job_text(self.job_id)]] if text is not None else (),
+            then=[Command("DEL", [self.store.keys.job_text(self.job_id)])]
+            if text is not None
+            else (),
         )
         self._step_span.set({"stepstream.step.state": "completed"})
         self._step_span.end(event_id)

@@ -14,16 +14,17 @@ one call.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from arq.connections import ArqRedis
 
-from stepstream.tasks import cache, tracing
+from stepstream.tasks import cache, idempotency, tracing
+from stepstream.tasks.commands import Command
 from stepstream.tasks.models import JobRecord, JobState, new_job_id, utcnow
-from stepstream.tasks.queue import Command, enqueue_commands, retry_entry
+from stepstream.tasks.queue import enqueue_commands, retry_entry
 from stepstream.tasks.registry import TaskSpec
 from stepstream.tasks.store import Appended, JobStore, ScriptCall, new_event
 
@@ -137,11 +138,11 @@ async def create(
     job: NewJob,
     *,
     take: int = 1,
-    then: Sequence[Command] = (),
+    claim: idempotency.Claim | None = None,
 ) -> Created:
     """Create ``job`` in one store script call (see :func:`plan`). ``take``: places it needs
-    free under its owner's unfinished-jobs limit (``JobStore.append``). ``then``: more commands
-    that must happen if and only if the job is created (an idempotency claim's confirmation)."""
+    free under its owner's unfinished-jobs limit (``JobStore.append``). ``claim``: the
+    Idempotency-Key claimed for it, confirmed if and only if the job is created."""
     span = tracing.start_span(
         f"submit {job.task.name}",
         {
@@ -154,7 +155,8 @@ async def create(
     )
     try:
         new = await plan(store, arq, job, span.carrier())
-        appended = await store.create(new.record, *new.events, then=[*new.then, *then], take=take)
+        then = [*new.then, *idempotency.confirmations(claim)]
+        appended = await store.create(new.record, *new.events, then=then, take=take)
     except BaseException as exc:
         span.fail(exc)
         span.end()
@@ -196,9 +198,21 @@ async def requeue(store: JobStore, arq: ArqRedis, record: JobRecord, spec: TaskS
         expect=(JobState.failed, JobState.cancelled),
         take=1,  # unfinished again: it needs a place under the owner's limit
         then=[
-            ["DEL", store.keys.job_cancel(record.id)],
+            Command("DEL", [store.keys.job_cancel(record.id)]),
             *enqueue_commands(
                 arq, store.keys, record.id, entry_id=retry_entry(record.id, record.attempt)
             ),
         ],
     )
+
+
+async def count_submission(store: JobStore, owner: str | None, second: int) -> int:
+    """Count a submission of ``owner`` in ``second`` (unix s): its submissions in that second
+    so far, this one included, for the per-second limit (``STEPSTREAM_SUBMISSIONS_PER_SECOND``,
+    answered by the HTTP layer). Their unfinished jobs are counted by the create itself."""
+    key = store.keys.submissions(owner, second)
+    async with store.redis.pipeline(transaction=False) as pipe:
+        pipe.incr(key)
+        pipe.expire(key, 2)
+        submitted, _ = await pipe.execute()
+    return int(submitted)

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from arq.connections import ArqRedis
 from pydantic import BaseModel, ValidationError
+from redis.exceptions import WatchError
 
 from stepstream.tasks import tracing
 from stepstream.tasks.commands import Command
@@ -37,7 +39,7 @@ from stepstream.tasks.queue import (
     timeout_entry,
 )
 from stepstream.tasks.registry import submitted_input_model
-from stepstream.tasks.store import Appended, JobStore, new_event
+from stepstream.tasks.store import Appended, JobStore, appended_from, decode_record, new_event
 
 if TYPE_CHECKING:
     from stepstream.tasks.context import TaskContext
@@ -149,6 +151,57 @@ async def suspend(
         then=then,
         ttl=ttl,
     )
+
+
+# A record that changes under this many tries of an answer is not waiting any more.
+WATCH_ATTEMPTS = 5
+
+
+async def answer(
+    store: JobStore,
+    arq: ArqRedis,
+    job_id: str,
+    name: str,
+    value: Any,
+    by: str,
+    *,
+    check: Callable[[JobRecord | None], None],
+) -> JobRecord | None:
+    """Store ``value`` as the answer to the job's wait for ``name`` (``answered``), in a
+    ``MULTI`` after a ``WATCH`` of the record: it happens only if the record is still as read,
+    so of two answers the first is kept and the second finds the wait answered. ``check``
+    refuses (raises) for a record that may not be answered so (None: no such job). The job as
+    the answer left it, queued; None if the record kept changing."""
+    key = store.keys.job(job_id)
+    for _ in range(WATCH_ATTEMPTS):
+        async with store.redis.pipeline(transaction=True) as pipe:
+            await pipe.watch(key)
+            record = decode_record(await pipe.hgetall(key))  # type: ignore[misc]
+            check(record)
+            if record is None:
+                raise LookupError(f"no job with id {job_id!r}")
+            event, fields, then = answered(record, name, value, by, arq=arq, keys=store.keys)
+            pipe.multi()  # type: ignore[no-untyped-call]
+            await store.queue_append(
+                pipe,
+                job_id,
+                [event],
+                fields,
+                owner=record.owner,
+                expect=(JobState.waiting,),
+                then=then,
+            )
+            try:
+                (reply,) = await pipe.execute()
+            except WatchError:
+                continue  # the record changed since it was read: read it again
+        appended = appended_from(reply)
+        if appended.ok:
+            # The job as this answer left it, queued: a worker woken by its queue entry may
+            # have started it already, which a read now would show instead.
+            written = {**record.model_dump(mode="json"), **fields}
+            return JobRecord.model_validate({**written, "last_event_id": appended.job_event_id})
+    return None
 
 
 def answered(

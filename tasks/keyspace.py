@@ -18,8 +18,8 @@ class Keys:
 
     @property
     def job_parts(self) -> tuple[str, str]:
-        """What comes before and after the id in ``job(id)``: for a script that checks the
-        records of ids it reads (the unfinished-jobs limit)."""
+        """What comes before and after the id in ``job(id)``: for finding job ids among key
+        names (a scan). No script builds a key from these: each is given its keys."""
         head, _, tail = self.job("\0").partition("\0")
         return head, tail
 
@@ -90,7 +90,7 @@ class Keys:
     def owner_unfinished(self, owner: str | None) -> str:
         """Sorted set: an owner's jobs that have not finished (for the per-owner limit). The
         append script adds a job as it becomes scheduled or queued and removes it as it ends;
-        an id whose record has gone is dropped when the limit is checked."""
+        an id whose record has gone is dropped when the limit refuses (``JobStore``)."""
         return f"{self.prefix}unfinished:{owner or '-'}"
 
     def subject_jobs(self, subject: str) -> str:
@@ -155,14 +155,6 @@ class Keys:
         adds ``#size``, ``#shown_counts``, one ``g:<group>`` per fan-out, and, while the parent
         waits, its queue entry for the last end to write (``#resume`` and what goes with it)."""
         return f"{self.prefix}job:{{{batch_id}}}:counts"
-
-    @property
-    def batch_parts(self) -> tuple[str, str, str]:
-        """What comes before a batch's id in ``batch_counts`` and ``batch_ended``, and after it
-        in each: for the append script, which finds a child's batch in its record."""
-        head, _, counts = self.batch_counts("\0").partition("\0")
-        ended = self.batch_ended("\0").partition("\0")[2]
-        return head, counts, ended
 
     def children_running(self, parent_id: str) -> str:
         """Set: a job's children that have started and whose end is not shown yet (added by a

@@ -181,6 +181,11 @@ class JobRecord(BaseModel):
     # never shown: it is the operator's tracing, not the job's data.
     trace: SkipJsonSchema[dict[str, str] | None] = Field(default=None, exclude=True)
 
+    @property
+    def counted_into(self) -> str | None:
+        """The job whose counts its end goes into: its batch, or the job that started it."""
+        return self.batch_id or self.parent
+
 
 def new_job_id() -> str:
     """20 characters of base64url (120 random bits: ids cannot be guessed) that never start with

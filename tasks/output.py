@@ -39,8 +39,12 @@ def text_commands(key: str, index: int, delta: str, offset: int, ttl: int) -> li
     """What an ``output`` event's append runs with it: the first delta of a step's text
     replaces what the key held (an earlier step's, or an earlier attempt's), later ones extend
     it."""
-    write: Command = ["SET", key, f"{index}\n{delta}"] if offset == 0 else ["APPEND", key, delta]
-    return [write, ["EXPIRE", key, ttl]]
+    write = (
+        Command("SET", [key], (f"{index}\n{delta}",))
+        if offset == 0
+        else Command("APPEND", [key], (delta,))
+    )
+    return [write, Command("EXPIRE", [key], (ttl,))]
 
 
 def with_live_text(record: JobRecord | None, raw: str | None) -> JobRecord | None:

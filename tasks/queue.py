@@ -50,18 +50,18 @@ def enqueue_commands(
         function, (job_id, *args), {}, None, now_ms, serializer=arq.job_serializer
     )
     expires_ms = due_ms - now_ms + arq.expires_extra_ms
-    commands: list[Command] = [
-        ["PSETEX", job_key_prefix + arq_id, expires_ms, payload],
-        ["ZADD", keys.queue, due_ms, arq_id],
+    commands = [
+        Command("PSETEX", [job_key_prefix + arq_id], (expires_ms, payload)),
+        Command("ZADD", [keys.queue], (due_ms, arq_id)),
     ]
     if due_ms == now_ms:
-        commands.append(["PUBLISH", keys.queue_wakeups, arq_id])
+        commands.append(Command("PUBLISH", [keys.queue_wakeups], (arq_id,)))
     return commands
 
 
 def dequeue_commands(queue: str, entry_id: str) -> list[Command]:
     """Commands that take a not yet started arq entry out of the queue (no-ops without one)."""
-    return [["ZREM", queue, entry_id], ["DEL", job_key_prefix + entry_id]]
+    return [Command("ZREM", [queue], (entry_id,)), Command("DEL", [job_key_prefix + entry_id])]
 
 
 # Entry ids other than the job's own. arq ends a job by deleting its id's queue entry, and the

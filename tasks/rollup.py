@@ -31,6 +31,7 @@ from typing import Any
 from redis.exceptions import RedisError, WatchError
 
 from stepstream.tasks.batches import child_report, summary_message
+from stepstream.tasks.commands import Command
 from stepstream.tasks.models import JobRecord, JobState
 from stepstream.tasks.store import JobStore, appended_from, new_event
 
@@ -94,8 +95,8 @@ async def child_started(store: JobStore, child: JobRecord) -> None:
             owner=child.owner,
             expect=SHOWN_IN,
             then=[
-                ["SADD", running, child.id],
-                ["EXPIRE", running, store.settings.retention_seconds],
+                Command("SADD", [running], (child.id,)),
+                Command("EXPIRE", [running], (store.settings.retention_seconds,)),
             ],
         )
     except RedisError:  # the start is the child's; the parent's view of it can do without
@@ -188,15 +189,12 @@ async def _show_some(store: JobStore, parent_id: str) -> bool:
             owner=parent.owner,
             expect=SHOWN_IN,
             then=[
-                [
+                Command(
                     "HSET",
-                    counts_key,
-                    "#shown",
-                    shown + len(entries),
-                    "#shown_counts",
-                    json.dumps(counts),
-                ],
-                ["SREM", store.keys.children_running(parent_id), *ids],
+                    [counts_key],
+                    ("#shown", shown + len(entries), "#shown_counts", json.dumps(counts)),
+                ),
+                Command("SREM", [store.keys.children_running(parent_id)], ids),
             ],
         )
         try:

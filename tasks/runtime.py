@@ -439,6 +439,7 @@ async def _attempt(
             },
             owner=record.owner,
             expect=(JobState.running,),
+            batch=record.counted_into,
             then=cache.result_commands(
                 store.keys, spec, record.owner, record.input, job_id, result
             ),
@@ -573,6 +574,7 @@ async def _fail(
             **(extra or {}),
         },
         owner=record.owner,
+        batch=record.counted_into,
         expect=expect,
     )
     if failed.ok:
@@ -702,6 +704,7 @@ async def _cancelled(
         new_event(record.id, "cancelled", attempt, reason=reason),
         {"state": JobState.cancelled.value, "finished_at": utcnow(), **extra},
         owner=record.owner,
+        batch=record.counted_into,
         expect=ACTIVE_STATES,
     )
     if cancelled.ok:

@@ -1,6 +1,7 @@
 """The job store and event log in Redis.
 
-Every event goes through ONE atomic append (a Lua script): it adds the event to the job's stream
+Every event goes through ONE atomic append (tasks/scripts/append.lua, whose header documents its
+keys and arguments): it adds the event to the job's stream
 and to the firehose, updates the record, refreshes the expiry and publishes the stored event, so
 the record and the log can never disagree. A precondition on the record's state makes the append
 a compare-and-set, which is how the web process and a worker race safely over a queued job.
@@ -9,7 +10,9 @@ costs one round trip and one precondition check instead of one per event. It als
 takes an owner's unfinished-jobs places (``STEPSTREAM_MAX_UNFINISHED_PER_OWNER``) with the write
 they admit, so concurrent submissions can never share the last place, and it counts the state
 transition it writes (tasks/transitions.py) and a batch child's end into its batch, so no path
-can write a transition without counting it.
+can write a transition without counting it. Every key the script touches is declared in its
+KEYS (the ride-along commands name theirs: tasks/commands.py), computed here, never in the
+script: on a cluster every key of one call must share a hash slot, and this makes it checkable.
 """
 
 from __future__ import annotations
@@ -19,257 +22,22 @@ import math
 import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
+from arq.constants import job_key_prefix
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError, ResponseError
 
 from stepstream._stream_id import StreamId
-from stepstream.tasks import transitions
+from stepstream.tasks import lua, transitions
+from stepstream.tasks.commands import Command
 from stepstream.tasks.keyspace import Keys
 from stepstream.tasks.models import JobRecord, JobState, utcnow
 from stepstream.tasks.output import with_live_text
 from stepstream.tasks.settings import Settings
-
-# A parent waiting for its children (tasks/children.py) leaves its arq queue entry in its counts
-# hash (``#resume``: arq's payload in hex, as the hash is read as text; and where it goes). The
-# end that makes it ready writes it: every child has ended, or more have failed (or been
-# cancelled) than the parent tolerates. Taken with HDEL, so it is written once. ``counts`` is
-# the counts key.
-RESUME_LUA = """
-local r = redis.call('HMGET', counts, '#resume', '#entry', '#job_key', '#queue', '#wakeups',
-  '#expire_ms', '#size', '#done', '#failed', '#cancelled', '#max_failures')
-if r[1] and (tonumber(r[8] or 0) >= tonumber(r[7] or 0)
-    or (r[11] and tonumber(r[9] or 0) + tonumber(r[10] or 0) > tonumber(r[11]))) then
-  redis.call('HDEL', counts, '#resume')
-  local now = redis.call('TIME')
-  local payload = string.gsub(r[1], '..', function(h) return string.char(tonumber(h, 16)) end)
-  redis.call('PSETEX', r[3], r[6], payload)
-  redis.call('ZADD', r[4], now[1] * 1000 + math.floor(now[2] / 1000), r[2])
-  redis.call('PUBLISH', r[5], r[2])
-end
-"""
-
-# KEYS: record, job stream, firehose, cancel flag, job index, the owner's unfinished jobs,
-#       webhook outbox, webhook events dropped, then for each transition this append makes
-#       (tasks/transitions.py) its counter and its window's counter, and optionally a record
-#       that must exist (a batch's parent, for its children: created in the same MULTI only if
-#       it was admitted)
-# ARGV: number of events (k), job maxlen, firehose maxlen, job channel, ttl, mode, expected states,
-#       owner json, job id, score (in the job index on a create, in the unfinished set; now
-#       unless a scheduled job's run_at), number of field arguments (2f), the
-#       deployment webhook's states, outbox maxlen, the owner's unfinished-jobs limit, the
-#       places this append takes under it (0: no check), the retention horizon (a score: now
-#       minus the retention, in microseconds), what comes before and after an id in a record's
-#       key, the number of transitions (c), a window counter's ttl, what comes before a
-#       batch's id in its counts and ended keys and after it in each, the firehose channel,
-#       then k event jsons, then f field/value pairs for the record, then commands to run with
-#       the append, each as its argument count followed by its arguments.
-# mode: "create" (the record must not exist), "update" (it must), "update+cancel" (and no
-# cancel was requested). Expected states and the webhook's states are ",<json state>,...," or
-# "" (any state / none). Refusals write nothing and answer {"", why}: the record's state,
-# "exists", "missing", "cancel", "orphan" (the required record is missing), or
-# {"", "limit", unfinished} when the places asked for do not fit under the limit.
-# A terminal state adds one outbox entry per webhook that wants it (the record's callback_url,
-# the deployment webhook): {job, event (this append's last event id), target, record (the
-# record as JSON, as it is now)}. In the same script, so a process dying after the append
-# cannot lose the delivery (tasks/outbox.py delivers it). A full outbox (outbox maxlen
-# entries, all undelivered) takes no more: the drop is counted, and a worker logs it.
-# The transitions are counted by the record's task once every precondition has passed, so a
-# refused append counts nothing; and a batch's child that ends is counted into its batch
-# (tasks/batches.py) in the same call that writes its end, so no end can be lost to its batch.
-_APPEND_LUA = """
-local first_field = 25 + tonumber(ARGV[1])
-local last_field = first_field + tonumber(ARGV[11]) - 1
--- The call's mark (a random token among the fields, stored on the record): a call whose reply
--- was lost with its connection is sent again by the client, and finds its own mark. It answers
--- as the first did instead of appending its events twice. A create keeps its mark apart too
--- (create_op): a worker's appends replace append_op, and a create sent again after them (a
--- batch's MULTI, re-sent after a Valkey restart) must still find its own.
-local create_op
-for i = first_field, last_field - 1, 2 do
-  if ARGV[i] == 'append_op' then
-    local mark = ARGV[6] == 'create' and 'create_op' or 'append_op'
-    if redis.call('HGET', KEYS[1], mark) == ARGV[i + 1] then
-      local last = redis.call('HGET', KEYS[1], 'last_event_id')
-      return {string.sub(last, 2, -2), ''}
-    end
-    if ARGV[6] == 'create' then create_op = ARGV[i + 1] end
-    break
-  end
-end
-local state = redis.call('HGET', KEYS[1], 'state')
-local mode = ARGV[6]
-if mode == 'create' then
-  if state then return {'', 'exists'} end
-else
-  if not state then return {'', 'missing'} end
-  if ARGV[7] ~= '' and not string.find(ARGV[7], ',' .. state .. ',', 1, true) then
-    return {'', state}
-  end
-  if mode == 'update+cancel' and redis.call('EXISTS', KEYS[4]) == 1 then
-    return {'', 'cancel'}
-  end
-end
-local required = KEYS[9 + 2 * tonumber(ARGV[19])]
-if required and redis.call('EXISTS', required) == 0 then return {'', 'orphan'} end
--- Counted and taken in the script that writes what they admit: nothing comes between. Ids
--- whose record has expired hold no place; they are dropped when they would refuse, so a lost
--- record can never lock its owner out. A record lives at least the retention past its id's
--- score (the time it was added, or a scheduled job's run_at), so only ids older than that are
--- looked at: a refusal costs nothing like a scan of every unfinished job.
-local take = tonumber(ARGV[15])
-if take > 0 then
-  local limit = tonumber(ARGV[14])
-  local held = redis.call('ZCARD', KEYS[6])
-  if held + take > limit then
-    for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', ARGV[16])) do
-      if redis.call('EXISTS', ARGV[17] .. id .. ARGV[18]) == 0 then
-        redis.call('ZREM', KEYS[6], id)
-        held = held - 1
-      end
-    end
-    if held + take > limit then return {'', 'limit', held} end
-  end
-end
-local ttl = tonumber(ARGV[5])
--- The job's subject (JSON), from the fields being written (create) or the record, so that
--- firehose entries and wake-ups carry it like the owner: the firehose filters on both.
-local subject = false
-if mode == 'create' then
-  for i = first_field, last_field - 1, 2 do
-    if ARGV[i] == 'subject' then subject = ARGV[i + 1] end
-  end
-else
-  subject = redis.call('HGET', KEYS[1], 'subject')
-end
-if subject == 'null' then subject = false end
-local jid, fid
-local terminal
-for e = 25, first_field - 1 do
-  jid = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[e])
-  if subject then
-    fid = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*',
-      'i', jid, 'o', ARGV[8], 's', subject, 'e', ARGV[e])
-  else
-    fid = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*',
-      'i', jid, 'o', ARGV[8], 'e', ARGV[e])
-  end
-  -- On the job's channel for its viewers, and on the firehose's for the firehose's: a web
-  -- process subscribes to each only while it has such viewers (server/hub.py), and a PUBLISH
-  -- that no one hears costs Valkey little.
-  local message = '{"job_event_id":"' .. jid .. '","firehose_id":"' .. fid ..
-    '","owner":' .. ARGV[8] .. (subject and (',"subject":' .. subject) or '') ..
-    ',"event":' .. ARGV[e] .. '}'
-  redis.call('PUBLISH', ARGV[4], message)
-  redis.call('PUBLISH', ARGV[24], message)
-end
-for i = first_field, last_field - 1, 2 do
-  if ARGV[i] == 'state' then
-    local new_state = ARGV[i + 1]
-    if new_state == '"queued"' or new_state == '"scheduled"' then
-      redis.call('ZADD', KEYS[6], ARGV[10], ARGV[9])
-    elseif new_state == '"completed"' or new_state == '"failed"' or new_state == '"cancelled"' then
-      redis.call('ZREM', KEYS[6], ARGV[9])
-      terminal = new_state
-    end
-  end
-end
-if last_field >= first_field then
-  redis.call('HSET', KEYS[1], unpack(ARGV, first_field, last_field))
-end
-if mode == 'create' then
-  redis.call('ZADD', KEYS[5], ARGV[10], ARGV[9])
-  if create_op then redis.call('HSET', KEYS[1], 'create_op', create_op) end
-end
-redis.call('HSET', KEYS[1], 'last_event_id', '"' .. jid .. '"')
-redis.call('EXPIRE', KEYS[1], ttl)
-redis.call('EXPIRE', KEYS[2], ttl)
-if terminal then
-  local targets = {}
-  local callback = redis.call('HGET', KEYS[1], 'callback_url')
-  if callback and callback ~= 'null' then targets[#targets + 1] = 'callback' end
-  if string.find(ARGV[12], ',' .. terminal .. ',', 1, true) then
-    targets[#targets + 1] = 'deployment'
-  end
-  if #targets > 0 then
-    -- Every value in the hash is JSON already, every name a field name.
-    local flat = redis.call('HGETALL', KEYS[1])
-    local parts = {}
-    for f = 1, #flat, 2 do parts[#parts + 1] = '"' .. flat[f] .. '":' .. flat[f + 1] end
-    local record = '{' .. table.concat(parts, ',') .. '}'
-    for _, target in ipairs(targets) do
-      if redis.call('XLEN', KEYS[7]) < tonumber(ARGV[13]) then
-        redis.call('XADD', KEYS[7], '*',
-          'job', ARGV[9], 'event', jid, 'target', target, 'record', record)
-      else
-        redis.call('INCR', KEYS[8])
-      end
-    end
-  end
-end
-local counted = tonumber(ARGV[19])
-local task = counted > 0 and redis.call('HGET', KEYS[1], 'task')
-if task then
-  task = cjson.decode(task)
-  for c = 9, 8 + 2 * counted, 2 do
-    redis.call('HINCRBY', KEYS[c], task, 1)
-    redis.call('HINCRBY', KEYS[c + 1], task, 1)
-    redis.call('EXPIRE', KEYS[c + 1], ARGV[20])
-  end
-end
-if terminal then
-  local batch = redis.call('HGET', KEYS[1], 'batch_id')
-  if not batch or batch == 'null' then
-    -- A child of a job's map or spawn (tasks/children.py) is counted into its parent the same
-    -- way, in the same keys.
-    batch = redis.call('HGET', KEYS[1], 'parent')
-  end
-  if batch and batch ~= 'null' then
-    -- Each child counted once, by its outcome: ended again (retried by hand, then ended), it
-    -- moves from the one to the other. The ended list keeps the order the parent shows them in.
-    batch = cjson.decode(batch)
-    local counts = ARGV[21] .. batch .. ARGV[22]
-    local ended = ARGV[21] .. batch .. ARGV[23]
-    local outcome = string.sub(terminal, 2, -2)
-    local prev = redis.call('HGET', counts, ARGV[9])
-    if prev ~= outcome then
-      if prev then
-        redis.call('HINCRBY', counts, '#' .. prev, -1)
-      else
-        redis.call('HINCRBY', counts, '#done', 1)
-        -- What the child spent, summed for its parent (a child of a job: tasks/rollup.py).
-        local cost = tonumber(redis.call('HGET', KEYS[1], 'cost') or '0') or 0
-        if cost > 0 then redis.call('HINCRBYFLOAT', counts, '#cost', cost) end
-        local usage = redis.call('HGET', KEYS[1], 'usage')
-        if usage then
-          usage = cjson.decode(usage)
-          for _, name in ipairs({'calls', 'input_tokens', 'output_tokens'}) do
-            local n = tonumber(usage[name]) or 0
-            if n > 0 then redis.call('HINCRBY', counts, '#' .. name, n) end
-          end
-        end
-      end
-      redis.call('HSET', counts, ARGV[9], outcome)
-      redis.call('HINCRBY', counts, '#' .. outcome, 1)
-      redis.call('RPUSH', ended, ARGV[9] .. ' ' .. outcome .. ' ' .. (prev or ''))
-    end
-    redis.call('EXPIRE', counts, ttl)
-    redis.call('EXPIRE', ended, ttl)
-    __RESUME__
-  end
-end
-local i = last_field + 1
-while i <= #ARGV do
-  local argc = tonumber(ARGV[i])
-  redis.call(unpack(ARGV, i + 1, i + argc))
-  i = i + argc + 1
-end
-return {jid, fid}
-""".replace("__RESUME__", RESUME_LUA.strip().replace("\n", "\n    "))
 
 
 @dataclass(frozen=True)
@@ -278,7 +46,7 @@ class Appended:
 
     job_event_id: str | None
     firehose_id: str | None
-    # the record's state (JSON), "exists", "missing", "cancel", "orphan" or "limit"
+    # the record's state (JSON), "exists", "missing", "cancel", "orphan", "limit" or "keys"
     refused: str | None = None
     unfinished: int | None = None  # "limit": the owner's unfinished jobs, which left no room
 
@@ -322,8 +90,40 @@ def _stream_info(info: dict[str, Any]) -> StreamInfo:
 
 # Valkey restarts one transaction outlives before its error surfaces (create_together).
 SCRIPT_RELOADS = 5
-# One call of the append script: its keys and its arguments.
-ScriptCall = tuple[list[str], list[Any]]
+# Calls of one append that may be refused for the keys of a batch they did not declare: the
+# record's batch, then its parent's queue entry, then (a parent that began to wait meanwhile)
+# that entry again.
+KEY_ROUNDS = 4
+TERMINAL = frozenset({'"completed"', '"failed"', '"cancelled"'})
+
+
+@dataclass(frozen=True)
+class ScriptCall:
+    """One call of the append script (tasks/scripts/append.lua), before its keys and arguments
+    are laid out (``JobStore.lay_out``). ``fields`` hold the call's mark, so the same call sent
+    again is recognised. ``batch`` and ``entry``: the batch (or parent) the job's end is counted
+    into and its waiting parent's queue entry, whose keys the call declares; the script refuses
+    a call that needs others (``"keys"``), and the store calls again with them."""
+
+    job_id: str
+    events: tuple[str, ...]  # JSON
+    fields: Mapping[str, str]  # name -> JSON
+    owner: str | None
+    mode: str
+    expect: str  # as _state_list makes it
+    then: tuple[Command, ...]
+    take: int
+    ttl: int
+    score: str
+    counted: tuple[str, ...]  # the transitions it makes (tasks/transitions.py)
+    window: int  # their window's start
+    requires: str | None = None
+    batch: str | None = None
+    entry: str | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.fields.get("state") in TERMINAL
 
 
 class JobStore:
@@ -331,7 +131,7 @@ class JobStore:
         self.redis = redis
         self.settings = settings
         self.keys = Keys(settings.prefix)
-        self._append = redis.register_script(_APPEND_LUA)
+        self._append = redis.register_script(lua.append())
         self._index_trimmed_at = 0.0
         self._webhook_states = _state_list(sorted(settings.webhook_states))
 
@@ -346,9 +146,10 @@ class JobStore:
         owner: str | None = None,
         mode: str = "update",
         expect: Sequence[JobState] = (),
-        then: Sequence[Sequence[str | bytes | int]] = (),
+        then: Sequence[Command] = (),
         take: int = 0,
         ttl: int | None = None,
+        batch: str | None = None,
     ) -> Appended:
         """Append one event and apply ``fields`` to the record, atomically.
 
@@ -356,7 +157,10 @@ class JobStore:
         then), such as the arq enqueue of a job just created. ``take``: places of the owner's
         unfinished-jobs limit this append needs free (refused as ``"limit"`` otherwise; the
         append itself fills one if it makes the job scheduled or queued). ``ttl``: how long the
-        record and its log live after this append (the retention by default).
+        record and its log live after this append (the retention by default). ``batch``: the
+        record's ``batch_id`` or ``parent``, if the caller knows it, for an append that ends the
+        job: its end is counted there, and the script asks for the keys otherwise (one more
+        round trip).
         """
         return await self.append_many(
             job_id,
@@ -368,6 +172,7 @@ class JobStore:
             then=then,
             take=take,
             ttl=ttl,
+            batch=batch,
         )
 
     async def append_many(
@@ -379,19 +184,39 @@ class JobStore:
         owner: str | None = None,
         mode: str = "update",
         expect: Sequence[JobState] = (),
-        then: Sequence[Sequence[str | bytes | int]] = (),
+        then: Sequence[Command] = (),
         take: int = 0,
         ttl: int | None = None,
+        batch: str | None = None,
     ) -> Appended:
         """Append ``events`` of one job in order and apply ``fields``, all or none.
 
         The precondition is checked once, before the first event; the ids returned are the
         last event's.
         """
-        keys, args = self._script_call(
-            job_id, events, fields, owner, mode, expect, then, take=take, ttl=ttl
+        call = self.script_call(
+            job_id, events, fields, owner, mode, expect, then, take=take, ttl=ttl, batch=batch
         )
-        return appended_from(await self._append(keys=keys, args=args))
+        return await self.call(call)
+
+    async def call(self, call: ScriptCall) -> Appended:
+        """Run ``call`` alone: called again with the keys the script asks for, and once more
+        after dropping the owner's expired unfinished ids if they refused it."""
+        pruned = False
+        for _ in range(KEY_ROUNDS):
+            keys, args = self.lay_out(call)
+            reply = await self._append(keys=keys, args=args)
+            needs = keys_needed(reply)
+            if needs is not None:
+                call = replace(call, batch=needs[0], entry=needs[1])
+                continue
+            appended = appended_from(reply)
+            if appended.refused == "limit" and not pruned:
+                pruned = True
+                if await self.drop_expired_unfinished(call.owner):
+                    continue
+            return appended
+        raise RuntimeError(f"job {call.job_id}: its batch's keys kept changing")
 
     async def queue_append(
         self,
@@ -402,15 +227,19 @@ class JobStore:
         *,
         owner: str | None = None,
         expect: Sequence[JobState] = (),
-        then: Sequence[Sequence[str | bytes | int]] = (),
+        then: Sequence[Command] = (),
+        batch: str | None = None,
     ) -> None:
         """``append_many`` queued on ``pipe``: in a ``MULTI`` after a ``WATCH``, an append that
         happens only if what the caller read is still so (read the outcome with
-        ``appended_from``)."""
-        keys, args = self._script_call(job_id, events, fields, owner, "update", expect, then)
+        ``appended_from``). An append that ends a job counted into a batch must name it
+        (``batch``): it cannot be called again in the same ``MULTI``, and is refused as
+        ``"keys"`` otherwise (a batch's parent, which this ends, is in none)."""
+        call = self.script_call(job_id, events, fields, owner, "update", expect, then, batch=batch)
+        keys, args = self.lay_out(call)
         await self._append(keys=keys, args=args, client=pipe)
 
-    def _script_call(
+    def script_call(
         self,
         job_id: str,
         events: Sequence[Mapping[str, Any]],
@@ -418,82 +247,133 @@ class JobStore:
         owner: str | None,
         mode: str,
         expect: Sequence[JobState],
-        then: Sequence[Sequence[str | bytes | int]],
+        then: Sequence[Command],
         *,
         take: int = 0,
         ttl: int | None = None,
         score: float | None = None,
         requires: str | None = None,
+        batch: str | None = None,
     ) -> ScriptCall:
+        """An append, prepared: see ``append_many`` (``mode``: see tasks/scripts/append.lua)."""
         if not events:
             raise ValueError("an append needs at least one event")
         state = fields.get("state")
-        counted = transitions.made(mode, None if state is None else str(state))
-        # The script's guard against a retried call applying twice (see _APPEND_LUA).
-        fields = {**fields, "append_op": secrets.token_hex(8)}
-        head, tail = self.keys.job_parts
         now = time.time()
-        window = transitions.window_start(now)
-        args: list[Any] = [
-            len(events),
-            self.settings.job_log_maxlen,
-            self.settings.firehose_maxlen,
-            self.keys.job_channel(job_id),
-            self.settings.retention_seconds if ttl is None else ttl,
-            mode,
-            _state_list(s.value for s in expect),
-            json.dumps(owner),
-            job_id,
-            f"{now * 1_000_000 if score is None else score:.0f}",
-            2 * len(fields),
-            self._webhook_states,
-            self.settings.webhook_outbox_maxlen,
-            self.settings.max_unfinished_per_owner,
-            take,
-            f"{(now - self.settings.retention_seconds) * 1_000_000:.0f}",
-            head,
-            tail,
-            len(counted),
-            transitions.WINDOW_TTL,
-            *self.keys.batch_parts,
-            self.keys.firehose_channel,
-        ]
-        args.extend(json.dumps(event, separators=(",", ":")) for event in events)
-        for name, value in fields.items():
-            args.append(name)
-            args.append(json.dumps(value, separators=(",", ":")))
-        for command in then:
-            args.append(len(command))
-            args.extend(command)
+        # The script's guard against a retried call applying twice (see append.lua).
+        marked = {**fields, "append_op": secrets.token_hex(8)}
+        return ScriptCall(
+            job_id=job_id,
+            events=tuple(json.dumps(event, separators=(",", ":")) for event in events),
+            fields={
+                name: json.dumps(value, separators=(",", ":")) for name, value in marked.items()
+            },
+            owner=owner,
+            mode=mode,
+            expect=_state_list(s.value for s in expect),
+            then=tuple(then),
+            take=take,
+            ttl=self.settings.retention_seconds if ttl is None else ttl,
+            score=f"{now * 1_000_000 if score is None else score:.0f}",
+            counted=tuple(transitions.made(mode, None if state is None else str(state))),
+            window=transitions.window_start(now),
+            requires=requires,
+            batch=batch,
+        )
+
+    def lay_out(self, call: ScriptCall) -> tuple[list[str], list[Any]]:
+        """``call`` as the script takes it: every key it touches in KEYS, its named arguments
+        in ARGV[1], then the events, the fields and the commands' arguments (append.lua's
+        header says which is which)."""
         keys = [
-            self.keys.job(job_id),
-            self.keys.job_events(job_id),
+            self.keys.job(call.job_id),
+            self.keys.job_events(call.job_id),
             self.keys.firehose,
-            self.keys.job_cancel(job_id),
+            self.keys.job_cancel(call.job_id),
             self.keys.jobs,
-            self.keys.owner_unfinished(owner),
+            self.keys.owner_unfinished(call.owner),
             self.keys.webhook_outbox,
             self.keys.webhooks_dropped,
+            self.keys.job_channel(call.job_id),
+            self.keys.firehose_channel,
         ]
-        for name in counted:
+        for name in call.counted:
             keys.append(self.keys.transitions(name))
-            keys.append(self.keys.transitions_window(name, window))
-        if requires is not None:
-            keys.append(self.keys.job(requires))
+            keys.append(self.keys.transitions_window(name, call.window))
+        if call.requires is not None:
+            keys.append(self.keys.job(call.requires))
+        # An end's batch keys only: the script looks at them for nothing else.
+        batch = call.batch if call.terminal else None
+        entry = call.entry if batch is not None else None
+        if batch is not None:
+            keys.append(self.keys.batch_counts(batch))
+            keys.append(self.keys.batch_ended(batch))
+        if entry is not None:
+            keys.extend((job_key_prefix + entry, self.keys.queue, self.keys.queue_wakeups))
+        named = {
+            "events": len(call.events),
+            "fields": len(call.fields),
+            "commands": [[c.name, len(c.keys), len(c.args)] for c in call.then],
+            "job_maxlen": self.settings.job_log_maxlen,
+            "firehose_maxlen": self.settings.firehose_maxlen,
+            "outbox_maxlen": self.settings.webhook_outbox_maxlen,
+            "ttl": call.ttl,
+            "window_ttl": transitions.WINDOW_TTL,
+            "mode": call.mode,
+            "expect": call.expect,
+            "owner": json.dumps(call.owner),
+            "id": call.job_id,
+            "score": call.score,
+            "webhook_states": self._webhook_states,
+            "limit": self.settings.max_unfinished_per_owner,
+            "take": call.take,
+            "counted": len(call.counted),
+            "requires": call.requires is not None,
+            "batch": batch if batch is not None else False,
+            "entry": entry if entry is not None else False,
+        }
+        args: list[Any] = [json.dumps(named, separators=(",", ":")), *call.events]
+        for name, value in call.fields.items():
+            args.append(name)
+            args.append(value)
+        for command in call.then:
+            keys.extend(command.keys)
+            args.extend(command.args)
         return keys, args
+
+    async def drop_expired_unfinished(self, owner: str | None) -> int:
+        """Drop the ids among ``owner``'s unfinished jobs whose record has expired: they hold
+        no place. Called when the limit refuses, so a lost record can never lock its owner out.
+        A record lives at least the retention past its id's score (the time it was added, or a
+        scheduled job's run_at), so only ids older than that are looked at: a refusal costs
+        nothing like a scan of every unfinished job. Not in the append script: the records'
+        keys are known only from the set's members, and an expired record never comes back,
+        so dropping its id needs no atomicity with the check."""
+        key = self.keys.owner_unfinished(owner)
+        horizon = (time.time() - self.settings.retention_seconds) * 1_000_000
+        ids: list[str] = await self.redis.zrangebyscore(key, "-inf", f"{horizon:.0f}")
+        if not ids:
+            return 0
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.exists(self.keys.job(job_id))
+            found = await pipe.execute()
+        gone = [job_id for job_id, exists in zip(ids, found, strict=True) if not exists]
+        if gone:
+            await self.redis.zrem(key, *gone)
+        return len(gone)
 
     async def create(
         self,
         record: JobRecord,
         *events: Mapping[str, Any],
-        then: Sequence[Sequence[str | bytes | int]] = (),
+        then: Sequence[Command] = (),
         take: int = 0,
     ) -> Appended:
         """Create ``record`` with its first events, in order. ``take``: see ``append``; a
         submission takes one place, a batch's parent one per child (it is never queued itself).
         """
-        keys, args = self._create_call(record, events, then, take, None)
-        appended = appended_from(await self._append(keys=keys, args=args))
+        appended = await self.call(self._create_call(record, events, then, take, None))
         now = time.time()
         if appended.ok and now - self._index_trimmed_at >= 1.0:
             # Index entries scored before the retention point at expired jobs. Trimming once a
@@ -507,7 +387,7 @@ class JobStore:
         self,
         record: JobRecord,
         *events: Mapping[str, Any],
-        then: Sequence[Sequence[str | bytes | int]] = (),
+        then: Sequence[Command] = (),
         take: int = 0,
         requires: str | None = None,
     ) -> ScriptCall:
@@ -523,29 +403,77 @@ class JobStore:
         it send the transaction again it does not load them again: a Valkey restarted in between
         has forgotten them, and every ``EVALSHA`` in the ``EXEC`` answers ``NOSCRIPT``, applying
         nothing. The same calls are sent again, scripts loaded first; their marks (see
-        ``_APPEND_LUA``) make a transaction that had in fact been applied answer as it did.
+        append.lua) make a transaction that had in fact been applied answer as it did. So
+        does one refused by the owner's unfinished-jobs limit (refused, the first create
+        refuses every other: they require it), sent again after dropping expired ids, and one
+        with a create refused for its batch's keys, sent again with them.
         """
-        for attempt in range(1, SCRIPT_RELOADS + 1):
+        calls = await self._with_entries(calls)
+        pruned = False
+        reloads = rounds = 0
+        while True:
             async with self.redis.pipeline(transaction=True) as pipe:
-                for keys, args in calls:
+                for call in calls:
+                    keys, args = self.lay_out(call)
                     await self._append(keys=keys, args=args, client=pipe)
                 try:
-                    return [appended_from(reply) for reply in await pipe.execute()]
+                    replies = await pipe.execute()
                 except NoScriptError:
-                    if attempt == SCRIPT_RELOADS:
+                    reloads += 1
+                    if reloads == SCRIPT_RELOADS:
                         raise
-        raise AssertionError("unreachable")
+                    continue
+            needs = [keys_needed(reply) for reply in replies]
+            if any(need is not None for need in needs):
+                # Not expected (see _with_entries); the creates applied answer by their marks.
+                rounds += 1
+                if rounds == KEY_ROUNDS:
+                    raise RuntimeError("a batch's keys kept changing")
+                calls = [
+                    call if need is None else replace(call, batch=need[0], entry=need[1])
+                    for call, need in zip(calls, needs, strict=True)
+                ]
+                continue
+            appended = [appended_from(reply) for reply in replies]
+            limited = {
+                c.owner for c, a in zip(calls, appended, strict=True) if a.refused == "limit"
+            }
+            if limited and not pruned:
+                pruned = True
+                if sum([await self.drop_expired_unfinished(owner) for owner in limited]):
+                    continue
+            return appended
+
+    async def _with_entries(self, calls: Sequence[ScriptCall]) -> list[ScriptCall]:
+        """The creates that end their job at once (cached results) with the queue entry their
+        parent waits with, if any, read in one round trip: in a ``MULTI`` a create cannot be
+        called again alone with it. The parent is the job creating its children (or a batch
+        created in the same ``MULTI``, which never waits), so the entry does not change before
+        the ``MULTI`` runs."""
+        batches = sorted({c.batch for c in calls if c.terminal and c.batch is not None})
+        if not batches:
+            return list(calls)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for batch in batches:
+                pipe.hget(self.keys.batch_counts(batch), "#entry")
+            entries = dict(zip(batches, await pipe.execute(), strict=True))
+        return [
+            replace(call, entry=entries[call.batch])
+            if call.terminal and call.batch is not None
+            else call
+            for call in calls
+        ]
 
     def _create_call(
         self,
         record: JobRecord,
         events: Sequence[Mapping[str, Any]],
-        then: Sequence[Sequence[str | bytes | int]],
+        then: Sequence[Command],
         take: int,
         requires: str | None,
     ) -> ScriptCall:
         score, ttl = self._placement(record)
-        return self._script_call(
+        return self.script_call(
             record.id,
             events,
             _create_fields(record),
@@ -557,6 +485,8 @@ class JobStore:
             ttl=ttl,
             score=score,
             requires=requires,
+            # A cached result ends its job at its create, counted into its batch at once.
+            batch=record.counted_into,
         )
 
     def _placement(self, record: JobRecord) -> tuple[float, int]:
@@ -573,21 +503,19 @@ class JobStore:
         due = datetime.fromisoformat(record.run_at).timestamp()
         return due * 1_000_000, retention + max(0, math.ceil(due - now))
 
-    def _subject_index(
-        self, record: JobRecord, score: float, ttl: int
-    ) -> list[list[str | bytes | int]]:
+    def _subject_index(self, record: JobRecord, score: float, ttl: int) -> list[Command]:
         """The create's additions to its subject's index (``GET /api/jobs?subject=``): the
         entry, the end of entries past the retention, and the index's own expiry (never
         shortened: an entry of a scheduled job may need it longer than the newest)."""
         if record.subject is None:
             return []
-        key = self.keys.subject_jobs(record.subject)
+        key = [self.keys.subject_jobs(record.subject)]
         horizon = (time.time() - self.settings.retention_seconds) * 1_000_000
         return [
-            ["ZADD", key, f"{score:.0f}", record.id],
-            ["ZREMRANGEBYSCORE", key, 0, f"{horizon:.0f}"],
-            ["EXPIRE", key, ttl, "NX"],
-            ["EXPIRE", key, ttl, "GT"],
+            Command("ZADD", key, (f"{score:.0f}", record.id)),
+            Command("ZREMRANGEBYSCORE", key, (0, f"{horizon:.0f}")),
+            Command("EXPIRE", key, (ttl, "NX")),
+            Command("EXPIRE", key, (ttl, "GT")),
         ]
 
     async def request_cancel(self, job_id: str) -> None:
@@ -725,6 +653,13 @@ class JobStore:
             max_score = skip_until[0]
         return found, skip_until
 
+    async def child_ids(self, parent_id: str) -> list[str]:
+        """Every child id of a job (or a batch), in the order they were started."""
+        ids: list[str] = await self.redis.lrange(  # type: ignore[misc]
+            self.keys.batch_children(parent_id), 0, -1
+        )
+        return ids
+
     async def list_children(
         self,
         parent_id: str,
@@ -775,11 +710,20 @@ def _create_fields(record: JobRecord) -> dict[str, Any]:
     return fields
 
 
+def keys_needed(reply: Sequence[str]) -> tuple[str | None, str | None] | None:
+    """The batch and queue entry a ``"keys"`` refusal asks to be declared (None: none), or
+    None for any other reply."""
+    if reply[0] != "" or reply[1] != "keys":
+        return None
+    return reply[2] or None, reply[3] or None
+
+
 def appended_from(reply: Sequence[str]) -> Appended:
     """The append script's reply as an ``Appended``."""
     jid, second, *rest = reply
     if jid == "":
-        return Appended(None, None, refused=second, unfinished=int(rest[0]) if rest else None)
+        held = int(rest[0]) if second == "limit" else None
+        return Appended(None, None, refused=second, unfinished=held)
     return Appended(jid, second)
 
 

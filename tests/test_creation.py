@@ -12,7 +12,7 @@ import pytest
 import redis
 from arq.constants import job_key_prefix
 
-from stepstream.server.jobs import CLAIM_IN_FLIGHT_SECONDS
+from stepstream.tasks.idempotency import CLAIM_IN_FLIGHT_SECONDS
 from stepstream.tasks.keyspace import Keys
 from tests.conftest import Stack, StackFactory
 from tests.support import http

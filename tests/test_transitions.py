@@ -178,12 +178,21 @@ async def _resent_appends_count_once(url: str) -> None:
             batch_index=0,
         )
         # Exactly what redis-py sends again after a reply lost with its connection.
-        keys, args = store._create_call(child, [new_event("c1", "queued", 0)], [], 0, None)
+        keys, args = store.lay_out(store.create_call(child, new_event("c1", "queued", 0)))
         await store._append(keys=keys, args=args)
         await store._append(keys=keys, args=args)
         end = new_event("c1", "completed", 1, result={})
-        keys, args = store._script_call(
-            "c1", [end], {"state": "completed", "result": {}}, None, "update", (), []
+        keys, args = store.lay_out(
+            store.script_call(
+                "c1",
+                [end],
+                {"state": "completed", "result": {}},
+                None,
+                "update",
+                (),
+                [],
+                batch="p1",
+            )
         )
         await store._append(keys=keys, args=args)
         await store._append(keys=keys, args=args)
