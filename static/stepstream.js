@@ -11,8 +11,9 @@
 // delivered, sent as `?after=` (a header would cost a CORS preflight on every reconnect).
 //
 // The parts below `watchJob`/`watchAll` need no browser (SseParser, Follower, Backoff,
-// parseRetryAfter, compareIds, StepTexts, applyOutput, applyEvent, RecordFold): Node's test
-// runner drives them directly (tests/js/).
+// parseRetryAfter, compareIds, StepTexts, applyOutput, applyEvent, RecordFold, and WatchLoop,
+// the connection loop as a state machine that `watch()` drives): Node's test runner drives
+// them directly (tests/js/).
 
 const TERMINAL = new Set(["completed", "failed", "cancelled"]);
 const DEFAULT_RETRY_MS = 1000;
@@ -599,6 +600,242 @@ export class RecordFold {
   }
 }
 
+// -- The connection loop, as a state machine -------------------------------------------------
+
+// A token renewal this soon after its stream opened, with nothing delivered, backs off like a
+// drop: fresh tokens that end their streams at once would otherwise spin.
+const RENEW_SPIN_MS = 1000;
+
+/** 429 and 5xx: the server is busy or away, not refusing; the watch tries again. */
+function retriable(status) {
+  return status === 429 || status >= 500;
+}
+
+/**
+ * The watch's connection loop, with no I/O and no timers: `watch()` feeds it what happened and
+ * carries out the actions it returns, in order. It owns the cursor (a Follower), the back-off
+ * (a Backoff), the token rules and the connection state the page sees.
+ *
+ * States: "idle" (not started), "connecting" (a token or an answer awaited), "open" (a stream
+ * being read), "renewing" / "finishing" (the stream is over, its connection closing: for a new
+ * token / for the final record), "backing-off" (a `wait` under way), "done" (`end` returned)
+ * and "closed" (`close()`, or `fail` returned). `target` is "stream" until the job's stream is
+ * over, then "record" (the final record, fetched with the same token and back-off rules).
+ *
+ * Events, each returning the actions to take: `start()`; `tokenArrived(value)` / `tokenFailed()`;
+ * `opened(now)`, `frame(frame)`, `ended(now)` (the open connection closed, or was dropped);
+ * `unanswered(cause)` (no HTTP answer), `refused({status, error, retryAfterMs})` (a non-2xx);
+ * `terminal()` (a 204); `record(record)`; `retry()` (a `wait` elapsed); `offline()` (the offline
+ * timer fired); `fatal(error)`; `close()`.
+ *
+ * Actions, `{type, ...}`: "token" `{reason}`, "connect" `{params}`, "fetch-record" `{params}`
+ * and "wait" `{ms}` are the next step (at most one, always last); "state" `{state}`, "deliver"
+ * `{event}`, "unreachable" `{cause}` (the non-fatal report), "fail" `{error}`, "end" `{record}`,
+ * "arm-offline", "disarm-offline", "abort" (the open connection) and "cancel-wait" are done at
+ * once. Once "done" or "closed" every event returns no action.
+ *
+ * Exported for the tests (tests/js/loop.test.mjs); not part of the typed API (stepstream.d.ts).
+ */
+export class WatchLoop {
+  constructor({ ends, after = null, tokens = false, backoff = new Backoff() }) {
+    this.follower = new Follower({ ends, after });
+    this.backoff = backoff;
+    this.state = "idle";
+    this.target = "stream";
+    this.shown = null; // the ConnectionState the page was last told
+    this.offlineArmed = false;
+    this.token = null;
+    this.tokenNeeded = tokens;
+    this.tokens = tokens; // getToken was given
+    this.tokenReason = "connect";
+    this.tokenFresh = false; // fetched for this attempt, never yet accepted by the server
+    this.freshRanOut = 0; // fresh tokens refused as expired since a stream last opened
+    this.noAnswers = 0; // attempts in a row that got no HTTP answer (network error, CORS)
+  }
+
+  /** "done" or "closed": the watch is over. */
+  get over() {
+    return this.state === "done" || this.state === "closed";
+  }
+
+  start() {
+    if (this.state !== "idle") return [];
+    return [...this._show("connecting"), ...this._attempt()];
+  }
+
+  tokenArrived(value) {
+    if (this.over) return [];
+    this.token = value === null || value === undefined || value === "" ? null : String(value);
+    this.tokenNeeded = false;
+    this.tokenFresh = true;
+    return this._attempt();
+  }
+
+  /** getToken threw: the page's token endpoint may be down for a moment, like the server. */
+  tokenFailed() {
+    if (this.over) return [];
+    return [...this._down(), this._wait(this._failed())];
+  }
+
+  opened(now) {
+    if (this.over) return [];
+    this.state = "open";
+    this.noAnswers = 0;
+    this.tokenFresh = false;
+    this.freshRanOut = 0;
+    this.backoff.opened(now);
+    this.follower.connectionOpened();
+    return this._show("live");
+  }
+
+  frame(frame) {
+    if (this.state !== "open") return [];
+    const { event, renew } = this.follower.accept(frame);
+    if (renew) this.state = "renewing";
+    else if (this.follower.finished) this.state = "finishing";
+    return event ? [{ type: "deliver", event }] : [];
+  }
+
+  ended(now) {
+    if (this.state === "finishing") return this._finish();
+    if (this.state === "renewing") {
+      this.tokenNeeded = this.tokens;
+      this.tokenReason = "expired";
+      // A planned reconnect, at once; the same back-off as a drop if it comes too often.
+      if (this.follower.delivered === 0 && now - this.backoff.openedAt < RENEW_SPIN_MS) {
+        return [...this._down(), this._wait(this._failed())];
+      }
+      return this._attempt();
+    }
+    if (this.state !== "open") return [];
+    const delay = this.backoff.dropped({
+      delivered: this.follower.delivered,
+      retryMs: this.follower.retryMs,
+      now,
+    });
+    const down = this._down();
+    return delay ? [...down, this._wait(delay)] : [...down, ...this._attempt()];
+  }
+
+  /** No HTTP answer at all; said once per run of them, while the watch goes on trying. */
+  unanswered(cause) {
+    if (this.over) return [];
+    this.noAnswers += 1;
+    const report = this.noAnswers === UNREACHABLE_AFTER ? [{ type: "unreachable", cause }] : [];
+    return [...this._down(), ...report, this._wait(this._failed())];
+  }
+
+  /** A non-2xx answer: `error` is its StepstreamError (null for a 429 or a 5xx). */
+  refused({ status, error = null, retryAfterMs = null }) {
+    if (this.over) return [];
+    this.noAnswers = 0;
+    if (status === 401 && this.tokens) {
+      // A kept token is renewed on any 401. A fresh one is renewed only if it ran out: it can
+      // wait out its life while the server is away (a restart), but any other refusal would
+      // come back for the next token too.
+      const ranOut = this.tokenFresh && error?.code === "token_expired";
+      if (this.tokenFresh && !ranOut) return this.fatal(error);
+      this.tokenNeeded = true;
+      this.tokenReason = ranOut ? "expired" : "unauthorized";
+      // Fresh tokens that keep arriving expired (a clock or TTL problem): back off, no spin.
+      if (ranOut && this.freshRanOut++ > 0) return [...this._down(), this._wait(this._failed())];
+      return this._attempt();
+    }
+    if (retriable(status)) return [...this._down(), this._wait(this._failed(retryAfterMs))];
+    return this.fatal(error);
+  }
+
+  /** 204: the cursor is the job's terminal event; there is nothing more, ever. */
+  terminal() {
+    if (this.over) return [];
+    this.noAnswers = 0;
+    this.follower.noContent();
+    return this._finish();
+  }
+
+  record(record) {
+    if (this.over) return [];
+    this.noAnswers = 0;
+    this.state = "done";
+    if (record === null) return [];
+    return [...this._show("closed"), { type: "end", record }];
+  }
+
+  retry() {
+    return this.state === "backing-off" ? this._attempt() : [];
+  }
+
+  offline() {
+    if (this.over || this.shown === "live" || this.shown === "closed") return [];
+    return this._show("offline");
+  }
+
+  fatal(error) {
+    if (this.over) return [];
+    this.state = "closed";
+    return [...this._show("closed"), { type: "fail", error }];
+  }
+
+  /** The page's stop(): no callback follows, whatever was under way is dropped. */
+  close() {
+    if (this.over) return [];
+    const actions = this.offlineArmed ? [{ type: "disarm-offline" }] : [];
+    this.offlineArmed = false;
+    actions.push({ type: this.state === "backing-off" ? "cancel-wait" : "abort" });
+    this.state = "closed";
+    return actions;
+  }
+
+  // The next attempt: a token first when one is needed, then the stream or the final record.
+  _attempt() {
+    this.state = "connecting";
+    if (this.tokenNeeded) return [{ type: "token", reason: this.tokenReason }];
+    if (this.target === "record") return [{ type: "fetch-record", params: { token: this.token } }];
+    return [{ type: "connect", params: { after: this.follower.cursor, token: this.token } }];
+  }
+
+  // The job's stream is over (its terminal event, a terminal snapshot, or a 204).
+  _finish() {
+    const final = this.follower.finalRecord;
+    if (final) return this.record(final);
+    this.target = "record";
+    return this._attempt();
+  }
+
+  _failed(retryAfterMs = null) {
+    return this.backoff.failed({ retryMs: this.follower.retryMs, retryAfterMs });
+  }
+
+  _wait(ms) {
+    this.state = "backing-off";
+    return { type: "wait", ms };
+  }
+
+  _show(next) {
+    const actions = [];
+    if ((next === "live" || next === "closed") && this.offlineArmed) {
+      this.offlineArmed = false;
+      actions.push({ type: "disarm-offline" });
+    }
+    if (next !== this.shown) {
+      this.shown = next;
+      actions.push({ type: "state", state: next });
+    }
+    return actions;
+  }
+
+  // Something went wrong; the watch goes on trying. After `offlineAfter` ms without a working
+  // stream the state reads "offline" (the stream says so, not navigator.onLine).
+  _down() {
+    const actions = this._show(this.shown === "live" ? "reconnecting" : this.shown);
+    if (!this.offlineArmed) {
+      this.offlineArmed = true;
+      actions.push({ type: "arm-offline" });
+    }
+    return actions;
+  }
+}
+
 // -- The watch ------------------------------------------------------------------------------
 
 /**
@@ -681,6 +918,8 @@ export function resolveBaseUrl(baseUrl) {
   return url.href;
 }
 
+// One watch's I/O: the fetches, the stream reads and the timers its WatchLoop asks for, each
+// outcome handed back to the loop; and the page's callbacks, never called after stop().
 function watch(options) {
   const {
     jobId,
@@ -697,20 +936,12 @@ function watch(options) {
   } = options;
   const fetchImpl = options.fetch ?? globalThis.fetch.bind(globalThis);
   const base = resolveBaseUrl(options.baseUrl);
-  const follower = new Follower({ ends: jobId !== null, after });
-  const backoff = new Backoff();
+  const loop = new WatchLoop({ ends: jobId !== null, after, tokens: Boolean(getToken) });
 
-  let stopped = false;
-  let state = null;
+  let stopped = false; // no callback runs once set: stop(), onEnd or a fatal onError
   let offlineTimer = null;
-  let wake = null; // ends the current pause early (stop)
-  let controller = null;
-  let token = null;
-  let tokenNeeded = Boolean(getToken);
-  let tokenReason = "connect";
-  let tokenFresh = false; // fetched for this attempt, never yet accepted by the server
-  let freshRanOut = 0; // fresh tokens refused as expired since a stream last opened
-  let noAnswers = 0; // attempts in a row that got no HTTP answer (network error, CORS)
+  let wake = null; // ends the current wait early (stop)
+  let controller = null; // the current stream's
 
   const call = (callback, value) => {
     if (!callback || stopped) return;
@@ -721,24 +952,59 @@ function watch(options) {
     }
   };
 
-  const setState = (next) => {
-    if (next === "live" || next === "closed") {
-      clearTimeout(offlineTimer);
-      offlineTimer = null;
-    }
-    if (next === state) return;
-    state = next;
-    call(onState, next);
+  // An attempt got no answer, several times in a row: said while the watch goes on trying. A
+  // page on an origin the server does not allow sees nothing else (the browser hides why).
+  const unreachable = (cause) => {
+    const error = unreachableError(base, cause);
+    if (onError) call(onError, error);
+    else console.warn("stepstream:", error.message);
   };
 
-  // Something went wrong; the watch goes on trying. After `offlineAfter` ms without a working
-  // stream the state reads "offline" (the stream says so, not navigator.onLine).
-  const down = () => {
-    setState(state === "live" ? "reconnecting" : state === "offline" ? "offline" : state);
-    offlineTimer ??= setTimeout(() => {
-      if (!stopped && state !== "live" && state !== "closed") setState("offline");
-    }, offlineAfter);
+  // Carry out the loop's actions in order; returns the next step ("token", "connect",
+  // "fetch-record" or "wait"), or null when there is none.
+  const act = (actions) => {
+    let step = null;
+    for (const action of actions) {
+      switch (action.type) {
+        case "state":
+          call(onState, action.state);
+          break;
+        case "deliver":
+          call(onEvent, action.event);
+          break;
+        case "unreachable":
+          unreachable(action.cause);
+          break;
+        case "fail":
+          if (onError) call(onError, action.error);
+          else report(action.error);
+          stopped = true;
+          break;
+        case "end":
+          call(onEnd, action.record);
+          stopped = true;
+          break;
+        case "arm-offline":
+          offlineTimer = setTimeout(() => act(loop.offline()), offlineAfter);
+          break;
+        case "disarm-offline":
+          clearTimeout(offlineTimer);
+          offlineTimer = null;
+          break;
+        case "abort":
+          controller?.abort();
+          break;
+        case "cancel-wait":
+          wake?.();
+          break;
+        default:
+          step = action;
+      }
+    }
+    return stopped ? null : step;
   };
+
+  const url = (relative, params) => apiUrl(base, relative, params);
 
   const pause = (ms) =>
     new Promise((resolve) => {
@@ -751,82 +1017,8 @@ function watch(options) {
       wake = null;
     });
 
-  const fail = (error) => {
-    if (stopped) return;
-    setState("closed");
-    if (onError) call(onError, error);
-    else report(error);
-    stopped = true;
-  };
-
-  // An attempt got no answer. Once per run of them, said while the watch goes on trying: a
-  // page on an origin the server does not allow sees nothing else (the browser hides why).
-  const noAnswer = (cause) => {
-    noAnswers += 1;
-    if (noAnswers !== UNREACHABLE_AFTER) return;
-    const page = globalThis.location?.origin;
-    const where = `${UNREACHABLE_AFTER} tries${page ? ` from ${page}` : ""} to ${base}; still trying`;
-    const error = new StepstreamError(`${UNREACHABLE_HINT} (${where})`, {
-      code: "unreachable",
-      fatal: false,
-      cause,
-    });
-    if (onError) call(onError, error);
-    else console.warn("stepstream:", error.message);
-  };
-
-  const url = (relative, params) => {
-    const target = new URL(relative, base);
-    for (const [key, value] of Object.entries(params)) {
-      if (value !== null && value !== undefined) target.searchParams.set(key, value);
-    }
-    return target.href;
-  };
-
-  // A token when one is needed: first connect, `token_expired`, a 401. False: stopped, or
-  // the token could not be had (backed off already).
-  const ensureToken = async () => {
-    if (!tokenNeeded) return true;
-    try {
-      const value = await getToken({ jobId, reason: tokenReason });
-      if (stopped) return false;
-      token = value === null || value === undefined || value === "" ? null : String(value);
-      tokenNeeded = false;
-      tokenFresh = true;
-      return true;
-    } catch (error) {
-      if (stopped) return false;
-      // The page's token endpoint may be down for a moment, like the server itself.
-      console.warn("stepstream: getToken failed; trying again", error);
-      down();
-      await pause(backoff.failed({ retryMs: follower.retryMs }));
-      return false;
-    }
-  };
-
-  // What to do with a non-2xx answer: "renew", a delay in ms, or a StepstreamError.
-  const judge = async (response) => {
-    if (response.status === 401 && getToken) {
-      const refusal = await errorFrom(response);
-      // A kept token is renewed on any 401. A fresh one is renewed only if it ran out: it can
-      // wait out its life while the server is away (a restart), but any other refusal would
-      // come back for the next token too.
-      const ranOut = tokenFresh && refusal.code === "token_expired";
-      if (tokenFresh && !ranOut) return refusal;
-      tokenNeeded = true;
-      tokenReason = ranOut ? "expired" : "unauthorized";
-      // Fresh tokens that keep arriving expired (a clock or TTL problem): back off, no spin.
-      if (ranOut && freshRanOut++ > 0) return backoff.failed({ retryMs: follower.retryMs });
-      return "renew";
-    }
-    if (response.status === 429 || response.status >= 500) {
-      const retryAfterMs = parseRetryAfter(response.headers.get("retry-after"));
-      await discard(response);
-      return backoff.failed({ retryMs: follower.retryMs, retryAfterMs });
-    }
-    return errorFrom(response);
-  };
-
+  // Reads frames into the loop until the stream ends, breaks, goes silent for `idleTimeout`
+  // (the server sends a heartbeat at least every 15 s), or the loop is done with it.
   const read = async (response, signal) => {
     const reader = response.body.getReader();
     const decoder = new TextDecoder();
@@ -840,165 +1032,116 @@ function watch(options) {
     try {
       for (;;) {
         const { value, done } = await reader.read();
-        if (stopped || signal.aborted) return "dropped";
-        if (done) return "dropped";
+        if (loop.state !== "open" || signal.aborted || done) return;
         arm();
         for (const frame of parser.push(decoder.decode(value, { stream: true }))) {
-          const { event, renew } = follower.accept(frame);
-          if (event) call(onEvent, event);
-          if (stopped) return "dropped";
-          if (renew) return "renew";
-          if (follower.finished) return "finished";
+          act(loop.frame(frame));
+          if (loop.state !== "open") return;
         }
       }
     } catch {
-      return "dropped"; // the connection broke, or the idle timer gave up on it
+      // the connection broke, or the idle timer gave up on it: a drop
     } finally {
       clearTimeout(idle);
       reader.cancel().catch(() => {});
     }
   };
 
-  // The final record: from a terminal snapshot, or GET /api/jobs/{id} (with the job's token).
-  const finalRecord = async () => {
-    if (follower.finalRecord) return follower.finalRecord;
-    for (;;) {
-      if (!(await ensureToken())) {
-        if (stopped) return null;
-        continue;
-      }
-      let response;
-      try {
-        response = await fetchImpl(url(recordPath, { token }), {
-          headers: { Accept: "application/json" },
-          cache: "no-store",
-        });
-      } catch (cause) {
-        if (stopped) return null;
-        down();
-        noAnswer(cause);
-        await pause(backoff.failed({ retryMs: follower.retryMs }));
-        continue;
-      }
-      if (stopped) return null;
-      noAnswers = 0;
-      if (response.ok) {
-        try {
-          return await response.json();
-        } catch (cause) {
-          fail(new StepstreamError(`${recordPath}: the answer is not JSON`, { cause }));
-          return null;
-        }
-      }
-      const verdict = await judge(response);
-      if (verdict instanceof StepstreamError) {
-        fail(verdict);
-        return null;
-      }
-      if (verdict !== "renew") {
-        down();
-        await pause(verdict);
-      }
+  const connect = async (params) => {
+    controller = new AbortController();
+    const { signal } = controller;
+    let response;
+    try {
+      response = await fetchImpl(url(path, params), {
+        headers: { Accept: "text/event-stream" },
+        cache: "no-store",
+        signal,
+      });
+    } catch (cause) {
+      return act(loop.unanswered(cause));
     }
-  };
-
-  const run = async () => {
-    setState("connecting");
-    while (!stopped) {
-      if (!(await ensureToken())) continue;
-      const params = { after: follower.cursor, token };
-      controller = new AbortController();
-      const { signal } = controller;
-      let response;
-      try {
-        response = await fetchImpl(url(path, params), {
-          headers: { Accept: "text/event-stream" },
-          cache: "no-store",
-          signal,
-        });
-      } catch (cause) {
-        if (stopped) return;
-        down();
-        noAnswer(cause);
-        await pause(backoff.failed({ retryMs: follower.retryMs }));
-        continue;
-      }
-      if (stopped) {
-        controller.abort();
-        return;
-      }
-      noAnswers = 0;
-      if (response.status === 204) {
-        follower.noContent(); // the cursor is the terminal event: the job is over
-      } else if (!response.ok) {
-        const verdict = await judge(response);
-        if (verdict instanceof StepstreamError) return fail(verdict);
-        if (verdict !== "renew") {
-          down();
-          await pause(verdict);
-        }
-        continue;
-      } else if (!isEventStream(response)) {
-        await discard(response);
-        return fail(
+    if (stopped) {
+      controller.abort();
+      return null;
+    }
+    if (response.status === 204) return act(loop.terminal());
+    if (!response.ok) return act(loop.refused(await refusal(response)));
+    if (!isEventStream(response)) {
+      await discard(response);
+      return act(
+        loop.fatal(
           new StepstreamError(
             `${url(path, {})} is not a Stepstream event stream ` +
               `(content-type ${response.headers.get("content-type")}); check baseUrl`,
             { status: response.status, code: "not_an_event_stream" },
           ),
-        );
-      } else {
-        tokenFresh = false;
-        freshRanOut = 0;
-        backoff.opened(Date.now());
-        follower.connectionOpened();
-        setState("live");
-        const outcome = await read(response, signal);
-        controller.abort();
-        if (stopped) return;
-        if (outcome === "renew") {
-          tokenNeeded = Boolean(getToken);
-          tokenReason = "expired";
-          // A planned reconnect, at once; the same back-off as a drop if it comes too often.
-          const lasted = Date.now() - backoff.openedAt;
-          if (follower.delivered === 0 && lasted < 1000) {
-            down();
-            await pause(backoff.failed({ retryMs: follower.retryMs }));
-          }
-          continue;
-        }
-        if (outcome === "dropped") {
-          const delay = backoff.dropped({
-            delivered: follower.delivered,
-            retryMs: follower.retryMs,
-            now: Date.now(),
-          });
-          down();
-          if (delay) await pause(delay);
-          continue;
-        }
-      }
-      // The job's stream is over (its terminal event, a terminal snapshot, or a 204).
-      const record = await finalRecord();
-      if (stopped || record === null) return;
-      setState("closed");
-      call(onEnd, record);
-      stopped = true;
-      return;
+        ),
+      );
     }
+    act(loop.opened(Date.now()));
+    await read(response, signal);
+    controller.abort();
+    return act(loop.ended(Date.now()));
+  };
+
+  // The final record: GET /api/jobs/{id}, with the job's token.
+  const fetchRecord = async (params) => {
+    let response;
+    try {
+      response = await fetchImpl(url(recordPath, params), {
+        headers: { Accept: "application/json" },
+        cache: "no-store",
+      });
+    } catch (cause) {
+      return act(loop.unanswered(cause));
+    }
+    if (stopped) return null;
+    if (!response.ok) return act(loop.refused(await refusal(response)));
+    let record;
+    try {
+      record = await response.json();
+    } catch (cause) {
+      return act(loop.fatal(new StepstreamError(`${recordPath}: the answer is not JSON`, { cause })));
+    }
+    return act(loop.record(record));
+  };
+
+  const token = async (reason) => {
+    let value;
+    try {
+      value = await getToken({ jobId, reason });
+    } catch (error) {
+      if (stopped) return null;
+      console.warn("stepstream: getToken failed; trying again", error);
+      return act(loop.tokenFailed());
+    }
+    return act(loop.tokenArrived(value));
+  };
+
+  const steps = {
+    token: (step) => token(step.reason),
+    connect: (step) => connect(step.params),
+    "fetch-record": (step) => fetchRecord(step.params),
+    wait: async (step) => {
+      await pause(step.ms);
+      return act(loop.retry());
+    },
+  };
+
+  const run = async () => {
+    let step = act(loop.start());
+    while (step) step = await steps[step.type](step);
   };
 
   // Started after this call returns, so a callback may already use the `stop` it returned.
   Promise.resolve()
     .then(run)
-    .catch((error) => fail(error instanceof StepstreamError ? error : wrap(error)));
+    .catch((error) => act(loop.fatal(error instanceof StepstreamError ? error : wrap(error))));
 
   return function stop() {
     if (stopped) return;
-    stopped = true;
-    clearTimeout(offlineTimer);
-    controller?.abort();
-    wake?.();
+    stopped = true; // first: no callback runs from here on
+    act(loop.close());
   };
 }
 
@@ -1033,6 +1176,35 @@ export async function answer(jobId, name, value, options = {}) {
   }
   if (!response.ok) throw await errorFrom(response);
   return response.json();
+}
+
+function apiUrl(base, relative, params) {
+  const target = new URL(relative, base);
+  for (const [key, value] of Object.entries(params)) {
+    if (value !== null && value !== undefined) target.searchParams.set(key, value);
+  }
+  return target.href;
+}
+
+function unreachableError(base, cause) {
+  const page = globalThis.location?.origin;
+  const where = `${UNREACHABLE_AFTER} tries${page ? ` from ${page}` : ""} to ${base}; still trying`;
+  return new StepstreamError(`${UNREACHABLE_HINT} (${where})`, {
+    code: "unreachable",
+    fatal: false,
+    cause,
+  });
+}
+
+// A non-2xx answer, as WatchLoop.refused takes it: a 429 or 5xx by its Retry-After, anything
+// else by its error body.
+async function refusal(response) {
+  if (!retriable(response.status)) {
+    return { status: response.status, error: await errorFrom(response) };
+  }
+  const retryAfterMs = parseRetryAfter(response.headers.get("retry-after"));
+  await discard(response);
+  return { status: response.status, retryAfterMs };
 }
 
 function isEventStream(response) {

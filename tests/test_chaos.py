@@ -1,4 +1,4 @@
-"""The 40-second chaos soak (bench/chaos.py, docs/reliability.md) passes: under worker kills,
+"""The 40-second chaos soak (bench/chaos/, docs/reliability.md) passes: under worker kills,
 web kills, Valkey restarts and pauses, no job is lost, duplicated, left unfinished or shown to
 a watcher with a gap, and no process exits by itself.
 

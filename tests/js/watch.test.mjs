@@ -4,7 +4,7 @@ import assert from "node:assert/strict";
 import http from "node:http";
 import { test } from "node:test";
 
-import { watchAll, watchJob } from "../../static/stepstream.js";
+import { UNREACHABLE_HINT, watchAll, watchJob } from "../../static/stepstream.js";
 
 const JOB = "J1";
 const RECORD = { id: JOB, state: "completed", last_event_id: "5-0", result: { ok: true } };
@@ -399,4 +399,34 @@ test("the firehose: its cursor from an id-only frame, a reset, and reconnects", 
     stop();
     await server.close();
   }
+});
+
+test("no answer three times: onError with fatal false, and the watch goes on to its next answer", async () => {
+  let attempts = 0;
+  const reports = [];
+  const refusedThrice = async () => {
+    attempts += 1;
+    if (attempts <= 3) throw new TypeError("Failed to fetch");
+    const body = JSON.stringify({ error: { code: "job_not_found", message: "gone", details: null } });
+    return new Response(body, { status: 404, headers: { "content-type": "application/json" } });
+  };
+  const seen = await run(({ getToken, onError, ...callbacks }) =>
+    watchJob(JOB, {
+      ...callbacks,
+      baseUrl: "http://127.0.0.1:9/",
+      fetch: refusedThrice,
+      // Only the fatal error ends the run; the report before it is kept.
+      onError: (err) => (err.fatal ? onError(err) : reports.push(err)),
+    }),
+  );
+  assert.equal(attempts, 4);
+  assert.equal(reports.length, 1);
+  const [report] = reports;
+  assert.equal(report.fatal, false);
+  assert.equal(report.code, "unreachable");
+  assert.equal(report.status, 0);
+  assert.ok(report.message.startsWith(UNREACHABLE_HINT), report.message);
+  assert.equal(report.cause.message, "Failed to fetch");
+  assert.deepEqual(seen.errors.map((e) => [e.fatal, e.status]), [[true, 404]]);
+  assert.deepEqual(seen.states, ["connecting", "closed"]);
 });
