@@ -14,7 +14,7 @@ under the owner's unfinished-jobs limit, and the others require it: refused, not
 the policy tolerates). Otherwise it suspends the run (``ChildrenSuspended``): the runtime records
 ``waiting`` with ``waiting_for: {"children": counts}`` and leaves the parent's arq queue entry in
 the counts hash, and the run ends, holding no worker. The append that writes the end that makes
-the parent ready also writes that entry (scripts/resume_parent.lua), and the parent runs again
+the parent ready also writes that entry (tasks/scripts/resume_parent.lua), and the parent runs again
 from the top: ``run_step`` steps are restored, the fan-outs are found created, and ``join`` reads
 the results from the children's records, in input order, typed by the child task's output model.
 """
@@ -268,11 +268,11 @@ def resume_commands(
     store: JobStore, arq: ArqRedis, parent_id: str, size: int, tolerated: int | None
 ) -> list[Command]:
     """What a parent's ``waiting`` writes into its counts hash: its queue entry, for the end
-    that makes it ready to write (scripts/resume_parent.lua)."""
+    that makes it ready to write (tasks/scripts/resume_parent.lua)."""
     counts_key = [store.keys.batch_counts(parent_id)]
     entry = children_entry(parent_id, size)
     # arq's own entry (tasks/queue.py), kept for later: its key, queue and channel are declared
-    # by the script that writes it (scripts/resume_parent.lua), from the entry's id.
+    # by the script that writes it (tasks/scripts/resume_parent.lua), from the entry's id.
     write, *_ = enqueue_commands(arq, store.keys, parent_id, entry_id=entry)
     expires_ms, payload = write.args
     payload_hex = (

@@ -19,11 +19,11 @@ def source(name: str, *prelude: str) -> str:
 
 
 def append() -> str:
-    """The one atomic append of a job's events (scripts/append.lua; tasks/store.py)."""
+    """The one atomic append of a job's events (tasks/scripts/append.lua; tasks/store.py)."""
     return source("append.lua", "resume_parent.lua")
 
 
 def resume() -> str:
-    """A waiting parent's queue entry, written if it is ready (scripts/resume.lua;
+    """A waiting parent's queue entry, written if it is ready (tasks/scripts/resume.lua;
     tasks/children.py)."""
     return source("resume.lua", "resume_parent.lua")

@@ -178,7 +178,8 @@ class Worker(arq.worker.Worker):
 
     Redis errors: arq raises any error from its own Redis calls out of its poll loop, and the
     worker ends. Here none of them ends it (a Valkey restart can close a new connection during
-    its handshake, which no client retries: docs/reliability.md, defect 9):
+    its handshake, which no client retries: docs/reliability.md, "A Redis error in arq's own
+    bookkeeping"):
 
     - ``start_jobs`` takes a job slot, then WATCHes the job's in-progress key; an error there (a
       connection dropped while watching surfaces as ``WatchError``, see python-arq/arq#498) is

@@ -253,9 +253,10 @@ def _post_ignoring_errors(base: str, body: dict[str, object]) -> None:
 def test_a_child_that_ended_without_telling_its_batch_is_counted_when_offered_again(
     make_stack: StackFactory,
 ) -> None:
-    """A worker killed between a child's terminal append and its report to the batch (the
-    chaos soak's defect 3) leaves a finished child the parent never counted; arq still holds
-    the child's job and offers it again. That offer must report the child, once."""
+    """A worker killed between a child's terminal append and its report to the batch leaves a
+    finished child the parent never showed (docs/reliability.md, "A worker dies between a batch
+    child's end and its report to the batch"); arq still holds the child's job and offers it
+    again. That offer must report the child, once."""
     s = make_stack(workers=0)
     response = post_batch(s, {"task": "counted", "inputs": [{}, {}]})
     assert response.status_code == 202, response.text
@@ -294,9 +295,9 @@ def test_a_child_that_ended_without_telling_its_batch_is_counted_when_offered_ag
 def test_a_child_s_end_reaches_its_batch_after_valkey_refused_the_report(
     own_valkey: Valkey, tmp_path: Path
 ) -> None:
-    """The chaos soak's defect 8: both children of a batch ended as Valkey restarted, their
-    reports to the batch failed once, were only logged, and nothing reported them again, so the
-    parent stayed ``running``. Here Valkey refuses the report's reads (ACL ``-lrange``: a
+    """Both children of a batch end as Valkey restarts and their reports to the batch fail once:
+    unless something reports them again, the parent stays ``running`` (docs/reliability.md, "A
+    batch child's report fails"). Here Valkey refuses the report's reads (ACL ``-lrange``: a
     NOPERM that no client retries) as the batch's only child ends."""
     s = Stack(own_valkey, "bshow:", tmp_path)
     r = s.redis()

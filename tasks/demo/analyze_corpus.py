@@ -1,5 +1,5 @@
 """A corpus analysed in parallel: one ``analyze_document`` child job per document, then one
-LLM call that merges their summaries (offline by default: see tasks/llm.py)."""
+LLM call that merges their summaries (offline by default: see tasks/llm/)."""
 
 from __future__ import annotations
 

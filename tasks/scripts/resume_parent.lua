@@ -1,4 +1,4 @@
--- Shared by append.lua and resume.lua (tasks/scripts.py puts it before each): a parent waiting
+-- Shared by append.lua and resume.lua (tasks/lua.py puts it before each): a parent waiting
 -- for its children (tasks/children.py) leaves its arq queue entry in its counts hash: '#resume'
 -- (arq's payload in hex, as the hash is read as text), '#entry' (the entry's id) and
 -- '#expire_ms'. The end that makes it ready writes it: every child has ended, or more have failed
