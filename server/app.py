@@ -33,7 +33,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
-from stepstream.server import answers, batch_api, events, health, jobs, openapi, traces
+from stepstream.server import answers, batch_api, events, handoff, health, jobs, openapi, traces
 from stepstream.server.api_errors import (
     ApiError,
     api_error_handler,
@@ -127,6 +127,10 @@ class StepstreamApp(Starlette):
                 "`progress.lifespan` (e.g. FastAPI(lifespan=progress.lifespan))",
             )
             await response(scope, receive, send)
+            return
+        if scope["type"] == "http" and scope.get("method") == "GET" and not tracing.enabled():
+            # A stream's body is sent from here, past the middleware stack (server/handoff.py).
+            await handoff.through(super().__call__, scope, receive, send)
             return
         await super().__call__(scope, receive, send)
 
