@@ -273,7 +273,8 @@ async def job_events(request: Request) -> Response | EventStream:
         return Response(status_code=204)  # the standard's "stop reconnecting"
     release = open_stream(state, principal)
     stream = JobStream(state.store, state.hub, state.settings, record, cursor)
-    response = sse_response(state, guarded(principal, stream.frames(), state.auth.watch), release)
+    frames = guarded(principal, stream.frames(), state.auth.watch, state.hub)
+    response = sse_response(state, frames, release)
     stream.writer = response  # live frames may go straight from the hub to the client
     return response
 
@@ -293,4 +294,5 @@ async def firehose(request: Request) -> EventStream:
     stream = FirehoseStream(
         state.store, state.hub, state.settings, cursor, principal.owner, principal.subject
     )
-    return sse_response(state, guarded(principal, stream.frames(), state.auth.watch), release)
+    frames = guarded(principal, stream.frames(), state.auth.watch, state.hub)
+    return sse_response(state, frames, release)

@@ -104,9 +104,14 @@ def with_head_limits(
             self._heads_read += 1
             super().on_headers_complete()
             cycle = getattr(self, "cycle", None)
-            if cycle is not None:
-                _lighten_cycle(cycle)
-            if cycle is not None and cycle.scope is self.scope and hasattr(cycle, "flow"):
+            if cycle is None or cycle.scope is not self.scope:
+                return  # no request under way: an upgrade, or a head refused
+            _lighten_cycle(cycle)
+            # Parsed into the scope: kept, the raw target (a stream token's query) would be
+            # held for a stream's life. A WebSocket upgrade, which reads it later, returned
+            # before making a cycle.
+            self.url = b""  # type: ignore[misc]  # uvicorn's attribute, in its dict
+            if hasattr(cycle, "flow"):
                 # Read by an SSE response for its live frames (the app runs later, in a task).
                 self.scope.setdefault("extensions", {})[BODY_WRITER] = BodyWriter(self, cycle)
 
