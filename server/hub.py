@@ -593,7 +593,8 @@ class Hub:
                     logger.debug("hub: closing the pub/sub failed", exc_info=True)
 
     async def _timer(self) -> None:
-        # One timer for every stream, instead of a ping task and a send timeout per connection.
+        # One timer for every stream, instead of a ping task, a send timeout and a token expiry
+        # per connection.
         loop = asyncio.get_running_loop()
         next_heartbeat = loop.time() + self.heartbeat_seconds
         while True:
