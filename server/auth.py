@@ -32,6 +32,7 @@ import hmac
 import json
 import re
 import secrets
+import sys
 import time
 from dataclasses import dataclass
 
@@ -181,12 +182,15 @@ class Authenticator:
                 "an API key"
             )
         token_id = claims["i"]
+        key_digest = None if sealed_key is None else self._unseal(sealed_key, token_id)
+        # Interned: a principal lives as long as its stream, and the viewers of one job share
+        # these strings (one copy each, not one per stream).
         return Principal(
-            owner=claims["o"],
-            token_scope=claims["s"],
+            owner=_interned(claims["o"]),
+            token_scope=_interned(claims["s"]),
             expires_at=claims["e"],
             holder=f"token:{token_id}",
-            key_digest=None if sealed_key is None else self._unseal(sealed_key, token_id),
+            key_digest=_interned(key_digest),
             may_answer=claims.get("w") == "input",
         )
 
@@ -270,6 +274,10 @@ NEEDS_KEY_OR_ANSWER_TOKEN = (
     "credentials required: `Authorization: Bearer <token>` with a token minted by "
     'POST /api/jobs/{id}/token with {"may_answer": true}, or `Authorization: Bearer <API key>`'
 )
+
+
+def _interned(value: str | None) -> str | None:
+    return value if value is None else sys.intern(value)
 
 
 def _unauthorized(message: str, code: str = "unauthorized") -> ApiError:

@@ -14,6 +14,7 @@ from starlette.types import Message, Receive, Scope, Send
 from stepstream._stream_id import LAST, StreamId
 from stepstream.server.api_errors import ApiError
 from stepstream.server.guards import guarded, open_stream
+from stepstream.server.handoff import handoff
 from stepstream.server.hub import Hub
 from stepstream.server.jobs import load_job
 from stepstream.server.protocol import BodyWriter, body_writer
@@ -49,6 +50,7 @@ class EventStream:
         "_send",
         "_task",
         "body",
+        "counter",
         "hub",
         "on_close",
         "send_deadline",
@@ -67,6 +69,7 @@ class EventStream:
         self.send_timeout = send_timeout
         self.on_close = on_close  # called once when the response ends, however it ends
         self.send_deadline = 0.0
+        self.counter: Any = None  # see send_body
         self._task: asyncio.Task[object] | None = None
         self._cancelled_by_us = False
         self._send: Send | None = None
@@ -91,6 +94,8 @@ class EventStream:
             # Past the middlewares that count frames: the hub counts these (server/metrics.py).
             self.hub.frames_written_directly += frames_in(chunk)
             return True
+        if self.counter is not None:
+            self._count(chunk)  # sent now or by flush(): the stream ends if it is not
         message: Message = {"type": "http.response.body", "body": chunk, "more_body": True}
         coro = self._send(message).__await__()  # works for any awaitable, not only coroutines
         try:
@@ -140,6 +145,11 @@ class EventStream:
             self.send_deadline = 0.0
             coro.close()
 
+    def _count(self, chunk: bytes) -> None:
+        frames = frames_in(chunk)
+        if frames:
+            self.counter.inc(frames)
+
     def send_timed_out(self) -> None:
         """Called by the hub's timer: the client stopped reading; give up on it."""
         if self._task is not None and not self._cancelled_by_us:
@@ -156,17 +166,33 @@ class EventStream:
                 return
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        taker = handoff(scope)
         try:
-            await self._respond(scope, receive, send)
+            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            if scope.get("method") == "HEAD":
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            if taker is not None:
+                # The stack has added its headers: the body is sent from outside it.
+                taker.stream = self
+                return
+            await self.send_body(scope, receive, send)
         finally:
-            if self.on_close is not None:
-                self.on_close()
+            if taker is None or taker.stream is not self:
+                self.close()
 
-    async def _respond(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-        if scope.get("method") == "HEAD":
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            return
+    def close(self) -> None:
+        """Release the stream's slot, once (``on_close``)."""
+        on_close, self.on_close = self.on_close, None
+        if on_close is not None:
+            on_close()
+
+    async def send_body(
+        self, scope: Scope, receive: Receive, send: Send, counter: Any = None
+    ) -> None:
+        """Everything after the response start. ``counter``: a metric to count the frames
+        sent through ``send`` (server/handoff.py), when no layer around ``send`` does."""
+        self.counter = counter
         loop = asyncio.get_running_loop()
         self._task = asyncio.current_task()
         self._send = send
@@ -187,6 +213,8 @@ class EventStream:
                 self.send_deadline = loop.time() + send_timeout
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 self.send_deadline = 0.0
+                if counter is not None:
+                    self._count(chunk)
                 del chunk  # not kept while the stream idles (a snapshot is a record's size)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
@@ -245,7 +273,8 @@ async def job_events(request: Request) -> Response | EventStream:
         return Response(status_code=204)  # the standard's "stop reconnecting"
     release = open_stream(state, principal)
     stream = JobStream(state.store, state.hub, state.settings, record, cursor)
-    response = sse_response(state, guarded(principal, stream.frames(), state.auth.watch), release)
+    frames = guarded(principal, stream.frames(), state.auth.watch, state.hub)
+    response = sse_response(state, frames, release)
     stream.writer = response  # live frames may go straight from the hub to the client
     return response
 
@@ -265,4 +294,5 @@ async def firehose(request: Request) -> EventStream:
     stream = FirehoseStream(
         state.store, state.hub, state.settings, cursor, principal.owner, principal.subject
     )
-    return sse_response(state, guarded(principal, stream.frames(), state.auth.watch), release)
+    frames = guarded(principal, stream.frames(), state.auth.watch, state.hub)
+    return sse_response(state, frames, release)

@@ -10,12 +10,15 @@ minted it: an app hands each viewer a token, and its viewers are bounded only by
 from __future__ import annotations
 
 import asyncio
+import math
 import resource
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from stepstream.server.api_errors import ApiError
 from stepstream.server.auth import Principal
+from stepstream.server.hub import Hub
 from stepstream.server.revocation import KeyWatch
 from stepstream.server.sse import frame, json_data
 from stepstream.server.state import AppState
@@ -116,13 +119,14 @@ REVOKED = "the API key that minted the stream token was revoked"
 
 
 async def guarded(
-    principal: Principal, frames: AsyncIterator[bytes], watch: KeyWatch
+    principal: Principal, frames: AsyncIterator[bytes], watch: KeyWatch, hub: Hub
 ) -> AsyncIterator[bytes]:
     """Yield ``frames`` until they end, the caller's token expires or its key is revoked.
 
     Then a token's stream gets a ``token_expired`` event (no id: it moves no cursor; its
     ``reason`` says which) and ends; the client fetches a new token and reconnects with its
     last event id. A stream opened with a key itself just ends: reconnecting is ``401``.
+    The expiry is the hub's timer's to notice (within ``TICK_SECONDS``), not a timer per stream.
     """
     revoked = watch.watch(principal.key_digest)
     try:
@@ -131,23 +135,26 @@ async def guarded(
                 yield chunk
                 del chunk  # not kept while the stream waits for its next frame
             return
-        ending = _Ending(principal.expires_at, revoked)
-        while not ending.due():
-            # Only the wait for the next frame is bounded, never a send to the client.
-            timeout = ending.bound()
-            try:
-                async with timeout:
+        ending = _Ending(hub, principal.expires_at, revoked)
+        try:
+            while not ending.due():
+                # Only the wait for the next frame is cut short, never a send to the client.
+                ending.waiting = asyncio.current_task()
+                try:
                     chunk = await anext(frames)
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                if not timeout.expired():
-                    raise
-                break
-            finally:
-                ending.active = None
-            yield chunk
-            del chunk
+                except StopAsyncIteration:
+                    return
+                except asyncio.CancelledError:
+                    task = ending.waiting
+                    if not ending.cut or task is None or task.uncancel() > 0:
+                        raise  # not (only) ours: the server's, or the send timeout's
+                    break
+                finally:
+                    ending.waiting = None
+                yield chunk
+                del chunk
+        finally:
+            hub.endings.discard(ending)
         if principal.token_scope is not None:
             yield frame("token_expired", json_data({"reason": ending.reason}))
     finally:
@@ -161,30 +168,38 @@ async def guarded(
 class _Ending:
     """What ends a stream before its frames do: its token's expiry, its key's revocation.
 
-    One ``asyncio.Timeout`` per wait for a frame (a timer, no task); a revocation moves the
-    deadline of the wait in progress to now, or ends the stream before the next one.
+    Held in ``hub.endings``, whose timer calls ``expire`` once ``deadline`` has passed: the wait
+    for a frame in progress is cancelled (and the stream ends), or the stream ends before the
+    next one. A revocation does the same at once.
     """
 
-    __slots__ = ("active", "deadline", "loop", "reason")
+    __slots__ = ("cut", "deadline", "loop", "reason", "waiting")
 
-    def __init__(self, expires_at: float | None, revoked: asyncio.Future[None] | None) -> None:
+    def __init__(
+        self, hub: Hub, expires_at: float | None, revoked: asyncio.Future[None] | None
+    ) -> None:
         self.loop = asyncio.get_running_loop()
-        # In loop time, which the timeouts use; the token's expiry is wall-clock.
-        self.deadline = None if expires_at is None else self.loop.time() + expires_at - time.time()
+        # In loop time, which the hub's timer uses; the token's expiry is wall-clock.
+        self.deadline = (
+            math.inf if expires_at is None else self.loop.time() + expires_at - time.time()
+        )
         self.reason = EXPIRED
-        self.active: asyncio.Timeout | None = None
+        self.waiting: asyncio.Task[Any] | None = None  # the task, while it waits for a frame
+        self.cut = False
+        if expires_at is not None:
+            hub.endings.add(self)
         if revoked is not None:
             revoked.add_done_callback(self._revoked)
 
     def due(self) -> bool:
-        return self.deadline is not None and self.deadline <= self.loop.time()
+        return self.deadline <= self.loop.time()
 
-    def bound(self) -> asyncio.Timeout:
-        self.active = asyncio.timeout_at(self.deadline)
-        return self.active
+    def expire(self) -> None:
+        if self.waiting is not None and not self.cut:
+            self.cut = True
+            self.waiting.cancel()
 
     def _revoked(self, _: asyncio.Future[None]) -> None:
         self.reason = REVOKED
         self.deadline = self.loop.time()
-        if self.active is not None and not self.active.expired():
-            self.active.reschedule(self.deadline)
+        self.expire()

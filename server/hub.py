@@ -149,6 +149,14 @@ class Sender(Protocol):
     def send_timed_out(self) -> None: ...
 
 
+class Ending(Protocol):
+    """A stream's end at a time (a token's expiry, server/guards.py), as the timer sees it."""
+
+    deadline: float  # loop time
+
+    def expire(self) -> None: ...
+
+
 class Hub:
     def __init__(
         self,
@@ -171,6 +179,7 @@ class Hub:
         # groups that may see it, not filtered against every firehose subscriber.
         self.firehose: dict[tuple[str | None, str | None], set[Subscriber]] = {}
         self.senders: set[Sender] = set()
+        self.endings: set[Ending] = set()
         self.connected = asyncio.Event()
         self.closing = False
         self.dropped_slow = 0
@@ -584,7 +593,8 @@ class Hub:
                     logger.debug("hub: closing the pub/sub failed", exc_info=True)
 
     async def _timer(self) -> None:
-        # One timer for every stream, instead of a ping task and a send timeout per connection.
+        # One timer for every stream, instead of a ping task, a send timeout and a token expiry
+        # per connection.
         loop = asyncio.get_running_loop()
         next_heartbeat = loop.time() + self.heartbeat_seconds
         while True:
@@ -596,6 +606,8 @@ class Hub:
             for sender in [s for s in self.senders if 0 < s.send_deadline < now]:
                 self.send_timeouts += 1
                 sender.send_timed_out()
+            for ending in [e for e in self.endings if e.deadline <= now]:
+                ending.expire()
             if now >= next_heartbeat:
                 next_heartbeat = now + self.heartbeat_seconds
                 self._broadcast(HEARTBEAT)

@@ -36,6 +36,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from stepstream.server.handoff import handoff
 from stepstream.server.health import read_queue
 from stepstream.server.state import AppState
 from stepstream.server.traces import frames_in
@@ -220,6 +221,12 @@ class _CountFrames:
         self.counter = counter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        taker = handoff(scope)
+        if taker is not None:  # the body is sent past this layer: the handoff counts it
+            taker.counter = self.counter
+            await self.app(scope, receive, send)
+            return
+
         async def counting(message: Message) -> None:
             await send(message)
             if message["type"] == "http.response.body":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import deque
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
@@ -67,6 +68,7 @@ def with_head_limits(
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
+            _lighten(self)
             self._on_lost: Callable[[], None] | None = None  # see BodyWriter.on_connection_lost
             self._head_timer: asyncio.TimerHandle | None = None
             # Bytes of the head being read; None while a body is (no head is due).
@@ -102,7 +104,14 @@ def with_head_limits(
             self._heads_read += 1
             super().on_headers_complete()
             cycle = getattr(self, "cycle", None)
-            if cycle is not None and cycle.scope is self.scope and hasattr(cycle, "flow"):
+            if cycle is None or cycle.scope is not self.scope:
+                return  # no request under way: an upgrade, or a head refused
+            _lighten_cycle(cycle)
+            # Parsed into the scope: kept, the raw target (a stream token's query) would be
+            # held for a stream's life. A WebSocket upgrade, which reads it later, returned
+            # before making a cycle.
+            self.url = b""  # type: ignore[misc]  # uvicorn's attribute, in its dict
+            if hasattr(cycle, "flow"):
                 # Read by an SSE response for its live frames (the app runs later, in a task).
                 self.scope.setdefault("extensions", {})[BODY_WRITER] = BodyWriter(self, cycle)
 
@@ -145,6 +154,46 @@ def with_head_limits(
                 self.transport.close()
 
     return HeadLimitsProtocol
+
+
+class ListEvent(asyncio.Event):
+    """An ``asyncio.Event`` whose waiters are a list, not a deque.
+
+    uvicorn keeps two events per connection (its flow control's, and the request cycle's for
+    the next body message), which a stream holds for its whole life with no waiter, or one:
+    an empty deque is 760 bytes, an empty list 56. ``Event`` only appends, removes and
+    iterates its waiters.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._waiters = []  # type: ignore[assignment]
+
+
+class _Pipeline(list[Any]):
+    """uvicorn's queue of pipelined requests (a deque: 760 bytes, nearly always empty)."""
+
+    def appendleft(self, item: Any) -> None:
+        self.insert(0, item)
+
+
+def _lighten(protocol: Any) -> None:
+    """Swap uvicorn's per-connection deques for lists, while nothing waits on them yet."""
+    if type(getattr(protocol, "pipeline", None)) is deque and not protocol.pipeline:
+        protocol.pipeline = _Pipeline()
+    flow = getattr(protocol, "flow", None)
+    writable = getattr(flow, "_is_writable_event", None)
+    if type(writable) is asyncio.Event:
+        lighter = ListEvent()
+        if writable.is_set():
+            lighter.set()
+        flow._is_writable_event = lighter  # type: ignore[union-attr]
+
+
+def _lighten_cycle(cycle: Any) -> None:
+    event = getattr(cycle, "message_event", None)
+    if type(event) is asyncio.Event and not event.is_set():
+        cycle.message_event = ListEvent()  # created just now: no one waits on it yet
 
 
 class BodyWriter:

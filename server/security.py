@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 from typing import Any
 
-from starlette.datastructures import MutableHeaders
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -41,9 +40,13 @@ class SecurityHeaders:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                for name, value in SECURITY_HEADERS:
-                    headers.setdefault(name.decode(), value.decode())
+                # Each one the response does not set itself; on a new list, as a response's
+                # headers may be shared (an SSE response's are).
+                headers = list(message.get("headers") or ())
+                present = {name.lower() for name, _ in headers}
+                missing = [pair for pair in SECURITY_HEADERS if pair[0] not in present]
+                if missing:
+                    message["headers"] = [*headers, *missing]
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

@@ -163,11 +163,23 @@ class JobStream:
         self.subscriber = self.hub.subscribe(self.job_id)
         self.registered = next(_ORDER)
         try:
-            yield f"retry: {self.settings.sse_retry_ms}\n\n".encode()
-            # Subscribed (confirmed by Redis) before the log is read: nothing falls between.
-            await self.hub.joined(self.subscriber)
-            async for chunk in self._start():
-                yield chunk
+            # The stream's first bytes, sent with its first frames: one write per connect
+            # less (a reconnect storm's cost is mostly its writes), and still sent alone if
+            # the start fails.
+            retry = f"retry: {self.settings.sse_retry_ms}\n\n".encode()
+            try:
+                # Subscribed (confirmed by Redis) before the log is read: nothing falls between.
+                await self.hub.joined(self.subscriber)
+                async for chunk in self._start():
+                    if retry:
+                        chunk, retry = retry + chunk, b""
+                    yield chunk
+            except Exception:
+                if retry:
+                    yield retry
+                raise
+            if retry:
+                yield retry
             chunk = b""  # the snapshot (a record's size) is not kept while the stream idles
             while not self.ended:
                 if self.writer is not None:

@@ -19,7 +19,7 @@ import sys
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -73,12 +73,23 @@ def bind_job(
 @contextmanager
 def bound_job(job_id: str, task: str | None = None) -> Iterator[JobLogContext]:
     """Tag the lines written inside the block (a web request about one job)."""
-    ctx = JobLogContext(job_id, task)
-    token = _job.set(ctx)
+    token = tag_job(job_id, task)
+    ctx = _job.get()
+    assert ctx is not None
     try:
         yield ctx
     finally:
-        _job.reset(token)
+        untag_job(token)
+
+
+def tag_job(job_id: str, task: str | None = None) -> Token[JobLogContext | None]:
+    """``bound_job`` without a block, for a coroutine that must not keep a generator
+    suspended (an SSE stream's): ``untag_job`` ends it."""
+    return _job.set(JobLogContext(job_id, task))
+
+
+def untag_job(token: Token[JobLogContext | None]) -> None:
+    _job.reset(token)
 
 
 def current_job() -> JobLogContext | None:
