@@ -46,9 +46,11 @@ class Appended:
 
     job_event_id: str | None
     firehose_id: str | None
-    # the record's state (JSON), "exists", "missing", "cancel", "orphan", "limit" or "keys"
+    # the record's state (JSON), "exists", "missing", "cancel", "orphan", "limit", "rate" or
+    # "keys"
     refused: str | None = None
     unfinished: int | None = None  # "limit": the owner's unfinished jobs, which left no room
+    submitted: int | None = None  # "rate": the owner's submissions in the second, this one too
 
     @property
     def ok(self) -> bool:
@@ -120,6 +122,8 @@ class ScriptCall:
     requires: str | None = None
     batch: str | None = None
     entry: str | None = None
+    # A submission counted under its owner's per-second limit: (limit, unix second).
+    rate: tuple[int, int] | None = None
 
     @property
     def terminal(self) -> bool:
@@ -206,6 +210,8 @@ class JobStore:
         for _ in range(KEY_ROUNDS):
             keys, args = self.lay_out(call)
             reply = await self._append(keys=keys, args=args)
+            if call.rate is not None:  # counted once: a call sent again is the same submission
+                call = replace(call, rate=None)
             needs = keys_needed(reply)
             if needs is not None:
                 call = replace(call, batch=needs[0], entry=needs[1])
@@ -310,6 +316,8 @@ class JobStore:
             keys.append(self.keys.batch_ended(batch))
         if entry is not None:
             keys.extend((job_key_prefix + entry, self.keys.queue, self.keys.queue_wakeups))
+        if call.rate is not None:
+            keys.append(self.keys.submissions(call.owner, call.rate[1]))
         named = {
             "events": len(call.events),
             "fields": len(call.fields),
@@ -331,6 +339,7 @@ class JobStore:
             "requires": call.requires is not None,
             "batch": batch if batch is not None else False,
             "entry": entry if entry is not None else False,
+            "rate": call.rate[0] if call.rate is not None else False,
         }
         args: list[Any] = [json.dumps(named, separators=(",", ":")), *call.events]
         for name, value in call.fields.items():
@@ -369,11 +378,15 @@ class JobStore:
         *events: Mapping[str, Any],
         then: Sequence[Command] = (),
         take: int = 0,
+        rate: tuple[int, int] | None = None,
     ) -> Appended:
         """Create ``record`` with its first events, in order. ``take``: see ``append``; a
         submission takes one place, a batch's parent one per child (it is never queued itself).
+        ``rate``: (limit, unix second): count the submission in its owner's second, in the
+        same script, and refuse it (``"rate"``, writing nothing else) past ``limit``.
         """
-        appended = await self.call(self._create_call(record, events, then, take, None))
+        call = self._create_call(record, events, then, take, None)
+        appended = await self.call(call if rate is None else replace(call, rate=rate))
         now = time.time()
         if appended.ok and now - self._index_trimmed_at >= 1.0:
             # Index entries scored before the retention point at expired jobs. Trimming once a
@@ -723,7 +736,8 @@ def appended_from(reply: Sequence[str]) -> Appended:
     jid, second, *rest = reply
     if jid == "":
         held = int(rest[0]) if second == "limit" else None
-        return Appended(None, None, refused=second, unfinished=held)
+        submitted = int(rest[0]) if second == "rate" else None
+        return Appended(None, None, refused=second, unfinished=held, submitted=submitted)
     return Appended(jid, second)
 
 
