@@ -97,6 +97,9 @@ SCRIPT_RELOADS = 5
 # that entry again.
 KEY_ROUNDS = 4
 TERMINAL = frozenset({'"completed"', '"failed"', '"cancelled"'})
+# json.dumps(value, separators=(",", ":")), without building an encoder on every call: a create
+# encodes some forty values.
+compact_json = json.JSONEncoder(separators=(",", ":")).encode
 
 
 @dataclass(frozen=True)
@@ -270,10 +273,8 @@ class JobStore:
         marked = {**fields, "append_op": secrets.token_hex(8)}
         return ScriptCall(
             job_id=job_id,
-            events=tuple(json.dumps(event, separators=(",", ":")) for event in events),
-            fields={
-                name: json.dumps(value, separators=(",", ":")) for name, value in marked.items()
-            },
+            events=tuple(compact_json(event) for event in events),
+            fields={name: compact_json(value) for name, value in marked.items()},
             owner=owner,
             mode=mode,
             expect=_state_list(s.value for s in expect),
@@ -341,7 +342,7 @@ class JobStore:
             "entry": entry if entry is not None else False,
             "rate": call.rate[0] if call.rate is not None else False,
         }
-        args: list[Any] = [json.dumps(named, separators=(",", ":")), *call.events]
+        args: list[Any] = [compact_json(named), *call.events]
         for name, value in call.fields.items():
             args.append(name)
             args.append(value)
