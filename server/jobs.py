@@ -8,7 +8,6 @@ import binascii
 import json
 import logging
 import re
-from dataclasses import replace
 from typing import Any
 
 from pydantic import ValidationError
@@ -169,16 +168,20 @@ async def submit_job(request: Request) -> Response:
     owner = principal.owner
     idempotency_key = request.headers.get("idempotency-key")
     claim = None
-    job = options.new_job(spec, raw_input, owner)
-    # The submitter's trace, if its request carried one: the job's trace continues it.
-    job = replace(job, trace_parent=tracing.incoming(request.headers))
     if idempotency_key is not None:
         claim = await claim_idempotency_key(
             state, owner, idempotency_key, spec.name, raw_input, options.fingerprint()
         )
         if claim.existing is not None:
             return accepted(request, state, principal, claim.existing, 200)
-        job = replace(job, id=claim.job_id)
+    job = options.new_job(
+        spec,
+        raw_input,
+        owner,
+        job_id=None if claim is None else claim.job_id,
+        # The submitter's trace, if its request carried one: the job's trace continues it.
+        trace_parent=tracing.incoming(request.headers),
+    )
     try:
         # The owner's submissions per second are counted by the create itself: no round trip
         # of their own (batches count theirs apart: enforce_submission_limits).

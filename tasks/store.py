@@ -125,8 +125,6 @@ class ScriptCall:
     requires: str | None = None
     batch: str | None = None
     entry: str | None = None
-    # A submission counted under its owner's per-second limit: (limit, unix second).
-    rate: tuple[int, int] | None = None
 
     @property
     def terminal(self) -> bool:
@@ -206,15 +204,15 @@ class JobStore:
         )
         return await self.call(call)
 
-    async def call(self, call: ScriptCall) -> Appended:
+    async def call(self, call: ScriptCall, rate: tuple[int, int] | None = None) -> Appended:
         """Run ``call`` alone: called again with the keys the script asks for, and once more
-        after dropping the owner's expired unfinished ids if they refused it."""
+        after dropping the owner's expired unfinished ids if they refused it. ``rate``: see
+        ``create``."""
         pruned = False
         for _ in range(KEY_ROUNDS):
-            keys, args = self.lay_out(call)
+            keys, args = self.lay_out(call, rate)
             reply = await self._append(keys=keys, args=args)
-            if call.rate is not None:  # counted once: a call sent again is the same submission
-                call = replace(call, rate=None)
+            rate = None  # counted once: a call sent again is the same submission
             needs = keys_needed(reply)
             if needs is not None:
                 call = replace(call, batch=needs[0], entry=needs[1])
@@ -288,10 +286,13 @@ class JobStore:
             batch=batch,
         )
 
-    def lay_out(self, call: ScriptCall) -> tuple[list[str], list[Any]]:
+    def lay_out(
+        self, call: ScriptCall, rate: tuple[int, int] | None = None
+    ) -> tuple[list[str], list[Any]]:
         """``call`` as the script takes it: every key it touches in KEYS, its named arguments
         in ARGV[1], then the events, the fields and the commands' arguments (append.lua's
-        header says which is which)."""
+        header says which is which). ``rate``: (limit, unix second) of a submission counted
+        under its owner's submissions per second (``create``)."""
         keys = [
             self.keys.job(call.job_id),
             self.keys.job_events(call.job_id),
@@ -317,8 +318,8 @@ class JobStore:
             keys.append(self.keys.batch_ended(batch))
         if entry is not None:
             keys.extend((job_key_prefix + entry, self.keys.queue, self.keys.queue_wakeups))
-        if call.rate is not None:
-            keys.append(self.keys.submissions(call.owner, call.rate[1]))
+        if rate is not None:
+            keys.append(self.keys.submissions(call.owner, rate[1]))
         named = {
             "events": len(call.events),
             "fields": len(call.fields),
@@ -340,7 +341,7 @@ class JobStore:
             "requires": call.requires is not None,
             "batch": batch if batch is not None else False,
             "entry": entry if entry is not None else False,
-            "rate": call.rate[0] if call.rate is not None else False,
+            "rate": rate[0] if rate is not None else False,
         }
         args: list[Any] = [compact_json(named), *call.events]
         for name, value in call.fields.items():
@@ -386,8 +387,7 @@ class JobStore:
         ``rate``: (limit, unix second): count the submission in its owner's second, in the
         same script, and refuse it (``"rate"``, writing nothing else) past ``limit``.
         """
-        call = self._create_call(record, events, then, take, None)
-        appended = await self.call(call if rate is None else replace(call, rate=rate))
+        appended = await self.call(self._create_call(record, events, then, take, None), rate)
         now = time.time()
         if appended.ok and now - self._index_trimmed_at >= 1.0:
             # Index entries scored before the retention point at expired jobs. Trimming once a
