@@ -88,6 +88,19 @@ class AcceptedJob(Job):
     stream_token_expires_at: UnixTime
 
 
+def accepted_json(
+    record: JobRecord, root: str, *, stream_token: str, stream_token_expires_at: float
+) -> dict[str, Any]:
+    """``AcceptedJob.of(record, root, ...)`` as ``json_response`` dumps it, without building
+    the model: the record's own dump (the fields ``Job`` inherits, in its order), then what
+    ``Job`` and ``AcceptedJob`` add. Every submission answers with it."""
+    body = record.model_dump(mode="json")
+    body["links"] = job_links(root, record.id)
+    body["stream_token"] = stream_token
+    body["stream_token_expires_at"] = stream_token_expires_at
+    return body
+
+
 class CancelRequested(Job):
     cancel_requested: Literal[True]
 

@@ -233,10 +233,10 @@ def accepted(
     token, expires_at = state.auth.issue_token(
         record.owner, job_scope(record.id), key_digest=principal.key_digest
     )
-    body = bodies.AcceptedJob.of(
+    body = bodies.accepted_json(
         record, root_path(request), stream_token=token, stream_token_expires_at=expires_at
     )
-    return json_response(body, status, headers={"Location": body.links.self})
+    return bodies.ApiJSONResponse(body, status, headers={"Location": body["links"]["self"]})
 
 
 def check_input_shape(value: Any, settings: Settings) -> None:
