@@ -100,6 +100,21 @@ TERMINAL = frozenset({'"completed"', '"failed"', '"cancelled"'})
 # json.dumps(value, separators=(",", ":")), without building an encoder on every call: a create
 # encodes some forty values.
 compact_json = json.JSONEncoder(separators=(",", ":")).encode
+_json_string = json.encoder.encode_basestring_ascii  # what compact_json does with a str
+_JSON_CONSTANTS = {None: "null", True: "true", False: "false"}
+
+
+def field_json(value: Any) -> str:
+    """``compact_json(value)``, the same text, with the common cases of a record's field (null,
+    a bool, a string, an int) answered without the encoder's call."""
+    kind = type(value)
+    if kind is str:
+        return _json_string(value)
+    if value is None or kind is bool:
+        return _JSON_CONSTANTS[value]
+    if kind is int:
+        return int.__repr__(value)
+    return compact_json(value)
 
 
 @dataclass(frozen=True)
@@ -272,7 +287,7 @@ class JobStore:
         return ScriptCall(
             job_id=job_id,
             events=tuple(compact_json(event) for event in events),
-            fields={name: compact_json(value) for name, value in marked.items()},
+            fields={name: field_json(value) for name, value in marked.items()},
             owner=owner,
             mode=mode,
             expect=_state_list(s.value for s in expect),
