@@ -8,6 +8,7 @@ model (``tasks.models.JobRecord``) with what the API adds to it.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, Field, WithJsonSchema
@@ -21,11 +22,21 @@ Number = Annotated[int | float, WithJsonSchema({"type": "number"})]
 UnixTime = Annotated[Number, Field(description="Unix time")]
 
 
+class ApiJSONResponse(JSONResponse):
+    """Starlette's JSONResponse, the same bytes, with one encoder for the process: its
+    ``render`` builds a new one on every response (``json.dumps`` with options)."""
+
+    _encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+
+    def render(self, content: Any) -> bytes:
+        return self._encode(content).encode("utf-8")
+
+
 def json_response(
     body: BaseModel, status_code: int = 200, headers: dict[str, str] | None = None
 ) -> JSONResponse:
     """``body`` as the API sends it: its fields in the model's order, as JSON."""
-    return JSONResponse(body.model_dump(mode="json"), status_code=status_code, headers=headers)
+    return ApiJSONResponse(body.model_dump(mode="json"), status_code=status_code, headers=headers)
 
 
 # -- Errors ----------------------------------------------------------------------------------
@@ -75,6 +86,19 @@ class AcceptedJob(Job):
 
     stream_token: str = Field(description="scope `job:<id>`")
     stream_token_expires_at: UnixTime
+
+
+def accepted_json(
+    record: JobRecord, root: str, *, stream_token: str, stream_token_expires_at: float
+) -> dict[str, Any]:
+    """``AcceptedJob.of(record, root, ...)`` as ``json_response`` dumps it, without building
+    the model: the record's own dump (the fields ``Job`` inherits, in its order), then what
+    ``Job`` and ``AcceptedJob`` add. Every submission answers with it."""
+    body = record.model_dump(mode="json")
+    body["links"] = job_links(root, record.id)
+    body["stream_token"] = stream_token
+    body["stream_token_expires_at"] = stream_token_expires_at
+    return body
 
 
 class CancelRequested(Job):

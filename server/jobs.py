@@ -8,7 +8,6 @@ import binascii
 import json
 import logging
 import re
-from dataclasses import replace
 from typing import Any
 
 from pydantic import ValidationError
@@ -169,23 +168,29 @@ async def submit_job(request: Request) -> Response:
     owner = principal.owner
     idempotency_key = request.headers.get("idempotency-key")
     claim = None
-    job = options.new_job(spec, raw_input, owner)
-    # The submitter's trace, if its request carried one: the job's trace continues it.
-    job = replace(job, trace_parent=tracing.incoming(request.headers))
     if idempotency_key is not None:
         claim = await claim_idempotency_key(
             state, owner, idempotency_key, spec.name, raw_input, options.fingerprint()
         )
         if claim.existing is not None:
             return accepted(request, state, principal, claim.existing, 200)
-        job = replace(job, id=claim.job_id)
+    job = options.new_job(
+        spec,
+        raw_input,
+        owner,
+        job_id=None if claim is None else claim.job_id,
+        # The submitter's trace, if its request carried one: the job's trace continues it.
+        trace_parent=tracing.incoming(request.headers),
+    )
     try:
-        await enforce_submission_limits(state, owner)
+        # The owner's submissions per second are counted by the create itself: no round trip
+        # of their own (batches count theirs apart: enforce_submission_limits).
         created = await creation.create(
             state.store,
             state.arq,
             job,
             claim=claim,
+            rate=(state.settings.submissions_per_second, int(state.clock())),
         )
         record = check_created(state, created, 1)
     except ApiError:
@@ -228,10 +233,10 @@ def accepted(
     token, expires_at = state.auth.issue_token(
         record.owner, job_scope(record.id), key_digest=principal.key_digest
     )
-    body = bodies.AcceptedJob.of(
+    body = bodies.accepted_json(
         record, root_path(request), stream_token=token, stream_token_expires_at=expires_at
     )
-    return json_response(body, status, headers={"Location": body.links.self})
+    return bodies.ApiJSONResponse(body, status, headers={"Location": body["links"]["self"]})
 
 
 def check_input_shape(value: Any, settings: Settings) -> None:
@@ -266,22 +271,29 @@ async def enforce_submission_limits(state: AppState, owner: str | None) -> None:
     itself, which takes its places in the same script: ``unfinished_refusal``.)"""
     submitted = await creation.count_submission(state.store, owner, int(state.clock()))
     if submitted > state.settings.submissions_per_second:
-        raise ApiError(
-            429,
-            "rate_limited",
-            f"more than {state.settings.submissions_per_second} submissions in one second",
-            {
-                "limit": state.settings.submissions_per_second,
-                "setting": "STEPSTREAM_SUBMISSIONS_PER_SECOND",
-            },
-            headers={"Retry-After": "1"},
-        )
+        raise rate_refusal(state.settings)
+
+
+def rate_refusal(settings: Settings) -> ApiError:
+    """429 for a submission past its owner's submissions per second."""
+    return ApiError(
+        429,
+        "rate_limited",
+        f"more than {settings.submissions_per_second} submissions in one second",
+        {
+            "limit": settings.submissions_per_second,
+            "setting": "STEPSTREAM_SUBMISSIONS_PER_SECOND",
+        },
+        headers={"Retry-After": "1"},
+    )
 
 
 def check_created(state: AppState, created: creation.Created, take: int) -> JobRecord:
-    """The record ``created`` stored, or what its refusal means: the owner's limit (429), or
+    """The record ``created`` stored, or what its refusal means: the owner's limits (429), or
     a collision."""
     appended = created.appended
+    if appended.refused == "rate":
+        raise rate_refusal(state.settings)
     if appended.refused == "limit":
         raise unfinished_refusal(state.settings, appended, take)
     if not appended.ok:  # a 120-bit id collided: not a client mistake, and never expected

@@ -13,8 +13,9 @@ from typing import Any
 
 from stepstream.server.api_errors import ApiError
 from stepstream.server.subjects import subject_field
-from stepstream.tasks import destinations
+from stepstream.tasks import destinations, tracing
 from stepstream.tasks.creation import NewJob
+from stepstream.tasks.models import new_job_id
 from stepstream.tasks.registry import TaskSpec
 from stepstream.tasks.settings import Settings
 
@@ -36,8 +37,18 @@ class SubmitOptions:
             return None
         return self.run_at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
-    def new_job(self, spec: TaskSpec, raw_input: dict[str, Any], owner: str | None) -> NewJob:
-        """The job a submission with these options asks for (tasks/creation.py)."""
+    def new_job(
+        self,
+        spec: TaskSpec,
+        raw_input: dict[str, Any],
+        owner: str | None,
+        *,
+        job_id: str | None = None,
+        trace_parent: tracing.Carrier | None = None,
+    ) -> NewJob:
+        """The job a submission with these options asks for (tasks/creation.py); ``job_id``:
+        its id, if already chosen (an Idempotency-Key's claim); ``trace_parent``: the
+        submitter's trace."""
         return NewJob(
             spec,
             raw_input,
@@ -46,6 +57,8 @@ class SubmitOptions:
             budget=self.budget,
             callback_url=self.callback_url,
             subject=self.subject,
+            id=new_job_id() if job_id is None else job_id,
+            trace_parent=trace_parent,
         )
 
     def fingerprint(self) -> dict[str, Any]:

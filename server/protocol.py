@@ -114,6 +114,7 @@ def with_head_limits(
             if hasattr(cycle, "flow"):
                 # Read by an SSE response for its live frames (the app runs later, in a task).
                 self.scope.setdefault("extensions", {})[BODY_WRITER] = BodyWriter(self, cycle)
+                cycle.transport = HeadHolding(cycle.transport)
 
         def on_message_complete(self) -> None:
             super().on_message_complete()
@@ -194,6 +195,53 @@ def _lighten_cycle(cycle: Any) -> None:
     event = getattr(cycle, "message_event", None)
     if type(event) is asyncio.Event and not event.is_set():
         cycle.message_event = ListEvent()  # created just now: no one waits on it yet
+
+
+class HeadHolding:
+    """A request's side of the connection (uvicorn's cycle writes through it) that holds back
+    the head of a response with a Content-Length until its body is written: one write, one
+    system call, instead of two. (A Starlette ``Response`` sends its body right after its
+    head; a stream, which has no Content-Length, is never held.) Whatever the next write, a
+    close or the next turn of the loop comes first sends the head on its own."""
+
+    __slots__ = ("_first", "_held", "transport")
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        self._held: bytes | None = None
+        self._first = True  # the response's head is the first write ("100 Continue" aside)
+
+    def write(self, data: bytes) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            self.transport.write(held + data)
+            return
+        if self._first and data.startswith(b"HTTP/1.1 "):
+            self._first = False
+            if b"\r\ncontent-length: " in data:
+                self._held = data
+                asyncio.get_running_loop().call_soon(self.flush)
+                return
+        self.transport.write(data)
+
+    def flush(self) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            if not self.transport.is_closing():
+                self.transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def is_closing(self) -> bool:
+        closing: bool = self.transport.is_closing()
+        return closing
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.transport.get_extra_info(name, default)
 
 
 class BodyWriter:

@@ -139,10 +139,13 @@ async def create(
     *,
     take: int = 1,
     claim: idempotency.Claim | None = None,
+    rate: tuple[int, int] | None = None,
 ) -> Created:
     """Create ``job`` in one store script call (see :func:`plan`). ``take``: places it needs
     free under its owner's unfinished-jobs limit (``JobStore.append``). ``claim``: the
-    Idempotency-Key claimed for it, confirmed if and only if the job is created."""
+    Idempotency-Key claimed for it, confirmed if and only if the job is created. ``rate``: the
+    owner's submissions per second and the current unix second: the submission is counted
+    there by the same script, and refused (``"rate"``) past the limit (``JobStore.create``)."""
     span = tracing.start_span(
         f"submit {job.task.name}",
         {
@@ -156,7 +159,7 @@ async def create(
     try:
         new = await plan(store, arq, job, span.carrier())
         then = [*new.then, *idempotency.confirmations(claim)]
-        appended = await store.create(new.record, *new.events, then=then, take=take)
+        appended = await store.create(new.record, *new.events, then=then, take=take, rate=rate)
     except BaseException as exc:
         span.fail(exc)
         span.end()

@@ -119,6 +119,10 @@ def _record_fields(record: logging.LogRecord) -> dict[str, Any]:
     return fields
 
 
+# json.dumps(out, default=str, ensure_ascii=False), with one encoder for the process.
+_encode_line = json.JSONEncoder(default=str, ensure_ascii=False).encode
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object a line: ts, level, logger, process, pid, msg, job fields, extras."""
 
@@ -140,7 +144,7 @@ class JsonFormatter(logging.Formatter):
             out["exc"] = "".join(traceback.format_exception(*record.exc_info)).rstrip()
         elif record.exc_text:
             out["exc"] = record.exc_text
-        return json.dumps(out, default=str, ensure_ascii=False)
+        return _encode_line(out)
 
 
 # Control characters (C0, DEL, C1) and the Unicode line and paragraph separators: a newline in

@@ -46,9 +46,11 @@ class Appended:
 
     job_event_id: str | None
     firehose_id: str | None
-    # the record's state (JSON), "exists", "missing", "cancel", "orphan", "limit" or "keys"
+    # the record's state (JSON), "exists", "missing", "cancel", "orphan", "limit", "rate" or
+    # "keys"
     refused: str | None = None
     unfinished: int | None = None  # "limit": the owner's unfinished jobs, which left no room
+    submitted: int | None = None  # "rate": the owner's submissions in the second, this one too
 
     @property
     def ok(self) -> bool:
@@ -95,6 +97,24 @@ SCRIPT_RELOADS = 5
 # that entry again.
 KEY_ROUNDS = 4
 TERMINAL = frozenset({'"completed"', '"failed"', '"cancelled"'})
+# json.dumps(value, separators=(",", ":")), without building an encoder on every call: a create
+# encodes some forty values.
+compact_json = json.JSONEncoder(separators=(",", ":")).encode
+_json_string = json.encoder.encode_basestring_ascii  # what compact_json does with a str
+_JSON_CONSTANTS = {None: "null", True: "true", False: "false"}
+
+
+def field_json(value: Any) -> str:
+    """``compact_json(value)``, the same text, with the common cases of a record's field (null,
+    a bool, a string, an int) answered without the encoder's call."""
+    kind = type(value)
+    if kind is str:
+        return _json_string(value)
+    if value is None or kind is bool:
+        return _JSON_CONSTANTS[value]
+    if kind is int:
+        return int.__repr__(value)
+    return compact_json(value)
 
 
 @dataclass(frozen=True)
@@ -199,13 +219,15 @@ class JobStore:
         )
         return await self.call(call)
 
-    async def call(self, call: ScriptCall) -> Appended:
+    async def call(self, call: ScriptCall, rate: tuple[int, int] | None = None) -> Appended:
         """Run ``call`` alone: called again with the keys the script asks for, and once more
-        after dropping the owner's expired unfinished ids if they refused it."""
+        after dropping the owner's expired unfinished ids if they refused it. ``rate``: see
+        ``create``."""
         pruned = False
         for _ in range(KEY_ROUNDS):
-            keys, args = self.lay_out(call)
+            keys, args = self.lay_out(call, rate)
             reply = await self._append(keys=keys, args=args)
+            rate = None  # counted once: a call sent again is the same submission
             needs = keys_needed(reply)
             if needs is not None:
                 call = replace(call, batch=needs[0], entry=needs[1])
@@ -264,10 +286,8 @@ class JobStore:
         marked = {**fields, "append_op": secrets.token_hex(8)}
         return ScriptCall(
             job_id=job_id,
-            events=tuple(json.dumps(event, separators=(",", ":")) for event in events),
-            fields={
-                name: json.dumps(value, separators=(",", ":")) for name, value in marked.items()
-            },
+            events=tuple(compact_json(event) for event in events),
+            fields={name: field_json(value) for name, value in marked.items()},
             owner=owner,
             mode=mode,
             expect=_state_list(s.value for s in expect),
@@ -281,10 +301,13 @@ class JobStore:
             batch=batch,
         )
 
-    def lay_out(self, call: ScriptCall) -> tuple[list[str], list[Any]]:
+    def lay_out(
+        self, call: ScriptCall, rate: tuple[int, int] | None = None
+    ) -> tuple[list[str], list[Any]]:
         """``call`` as the script takes it: every key it touches in KEYS, its named arguments
         in ARGV[1], then the events, the fields and the commands' arguments (append.lua's
-        header says which is which)."""
+        header says which is which). ``rate``: (limit, unix second) of a submission counted
+        under its owner's submissions per second (``create``)."""
         keys = [
             self.keys.job(call.job_id),
             self.keys.job_events(call.job_id),
@@ -310,6 +333,8 @@ class JobStore:
             keys.append(self.keys.batch_ended(batch))
         if entry is not None:
             keys.extend((job_key_prefix + entry, self.keys.queue, self.keys.queue_wakeups))
+        if rate is not None:
+            keys.append(self.keys.submissions(call.owner, rate[1]))
         named = {
             "events": len(call.events),
             "fields": len(call.fields),
@@ -331,8 +356,9 @@ class JobStore:
             "requires": call.requires is not None,
             "batch": batch if batch is not None else False,
             "entry": entry if entry is not None else False,
+            "rate": rate[0] if rate is not None else False,
         }
-        args: list[Any] = [json.dumps(named, separators=(",", ":")), *call.events]
+        args: list[Any] = [compact_json(named), *call.events]
         for name, value in call.fields.items():
             args.append(name)
             args.append(value)
@@ -369,11 +395,14 @@ class JobStore:
         *events: Mapping[str, Any],
         then: Sequence[Command] = (),
         take: int = 0,
+        rate: tuple[int, int] | None = None,
     ) -> Appended:
         """Create ``record`` with its first events, in order. ``take``: see ``append``; a
         submission takes one place, a batch's parent one per child (it is never queued itself).
+        ``rate``: (limit, unix second): count the submission in its owner's second, in the
+        same script, and refuse it (``"rate"``, writing nothing else) past ``limit``.
         """
-        appended = await self.call(self._create_call(record, events, then, take, None))
+        appended = await self.call(self._create_call(record, events, then, take, None), rate)
         now = time.time()
         if appended.ok and now - self._index_trimmed_at >= 1.0:
             # Index entries scored before the retention point at expired jobs. Trimming once a
@@ -723,7 +752,8 @@ def appended_from(reply: Sequence[str]) -> Appended:
     jid, second, *rest = reply
     if jid == "":
         held = int(rest[0]) if second == "limit" else None
-        return Appended(None, None, refused=second, unfinished=held)
+        submitted = int(rest[0]) if second == "rate" else None
+        return Appended(None, None, refused=second, unfinished=held, submitted=submitted)
     return Appended(jid, second)
 
 

@@ -361,6 +361,19 @@ def test_over_limit_requests_get_429_413_422_and_change_nothing(
     (refused,) = [c for c in codes if c.status_code == 429]
     assert refused.headers["retry-after"] == "1"
     assert refused.json()["error"]["code"] == "rate_limited"
+    # Refused past the rate with an Idempotency-Key (the create script counts and refuses):
+    # nothing changes but the count, and the key is free for the client's retry.
+    before = snapshot()  # (the counters are housekeeping: left out)
+    keyed = {**BOB, "Idempotency-Key": "over-the-rate"}
+    body = {"task": "analyze_document", "input": {"text": DOC}}
+    again = http.post(f"{s.url}/api/jobs", json=body, headers=keyed)
+    assert again.status_code == 429 and again.json()["error"]["code"] == "rate_limited"
+    assert snapshot() == before
+    assert r.get(keys.submissions("bob", second)) == "5"
+    clock.set(second - 10 + 0.5)  # another window, never counted in
+    retried = http.post(f"{s.url}/api/jobs", json=body, headers=keyed)
+    assert retried.status_code == 202, retried.text
+    assert r.exists(keys.job(retried.json()["id"]))
 
     # Unfinished jobs per owner (no worker runs them): the sixth is refused.
     # Two a window, under the rate limit: only the unfinished limit can refuse.

@@ -371,3 +371,55 @@ def test_a_slow_stream_is_not_cut_off_by_the_head_timeout(make_stack: StackFacto
             if "event: completed" in text:
                 break
     assert "event: completed" in text
+
+
+def test_the_answer_to_a_submission_is_the_accepted_job_model_dumped() -> None:
+    """The 202 (and an Idempotency-Key's 200) body is built from the record's own dump, not
+    through ``AcceptedJob`` (the submit path's speed): the same bytes, field for field, for a
+    record with every field set, as an idempotent repeat may find it."""
+    from stepstream.server import bodies
+    from stepstream.tasks.models import JobRecord
+
+    record = JobRecord.model_validate(
+        {
+            "id": "abc",
+            "task": "t",
+            "owner": "o",
+            "subject": "s",
+            "state": "waiting",
+            "input": {"text": "é\u2028", "n": [1, 2.5, None]},
+            "step": {"index": 1, "count": 2, "name": "read"},
+            "progress": 0.5,
+            "message": "m",
+            "steps": [{"index": 1, "name": "read", "state": "completed", "duration_ms": 3.5}],
+            "attempt": 2,
+            "max_attempts": 3,
+            "error": {"type": "E", "message": "x", "retryable": True},
+            "result": {"r": 1},
+            "retry_at": "2026-01-01T00:00:00Z",
+            "created_at": "2026-01-01T00:00:00Z",
+            "started_at": "2026-01-01T00:00:01Z",
+            "last_event_id": "1-0",
+            "usage": {"calls": 1, "input_tokens": 2, "output_tokens": 3, "duration_ms": 4.5},
+            "cost": 0.25,
+            "budget": 1.0,
+            "run_at": "2026-01-01T00:00:00Z",
+            "batch_id": "b",
+            "batch_index": 3,
+            "parent": "p",
+            "parent_index": 1,
+            "depth": 1,
+            "parent_group": "g",
+            "parent_slots": 2,
+            "children": {"size": 1},
+            "waiting_for": {"name": "ok", "prompt": "?", "schema": {"type": "boolean"}},
+            "answers": {"ok": {"value": True, "by": "token", "at": "2026-01-01T00:00:02Z"}},
+            "callback_url": "https://example.com/hook",
+            "trace": {"traceparent": "00-x-y-01"},
+        }
+    )
+    token = {"stream_token": "t.s", "stream_token_expires_at": 1_796_637_659.0175507}
+    model = bodies.AcceptedJob.of(record, "/root", **token)
+    built = bodies.accepted_json(record, "/root", **token)
+    assert bodies.ApiJSONResponse(built).body == bodies.json_response(model).body
+    assert b"example.com" not in bodies.ApiJSONResponse(built).body  # never shown

@@ -88,3 +88,35 @@ def test_a_100_mb_head_is_cut_off_early_and_leaves_memory_bounded(
     assert http.get(f"{s.url}/healthz", timeout=10).status_code == 200
     grown = _rss_peak_kib(pid) - before
     assert grown < 20 * 1024, f"the web process's peak RSS grew by {grown} KiB"
+
+
+def test_responses_on_one_connection_arrive_whole_and_in_order(make_stack: StackFactory) -> None:
+    """A response with a Content-Length goes out as one write, its head held until its body
+    (server/protocol.py, HeadHolding); a HEAD answer has no body, and its head still goes out.
+    Pipelined on one kept-alive connection: a GET, a HEAD, a 404 and a GET that closes."""
+    s = make_stack(workers=0)
+    requests = (
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /no-such-page HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    answer = b""
+    with socket.create_connection(("127.0.0.1", _port(s.url)), timeout=10) as conn:
+        conn.sendall(requests)
+        while data := conn.recv(65536):
+            answer += data
+    statuses = []
+    rest = answer
+    for method in ("GET", "HEAD", "GET", "GET"):
+        head, _, rest = rest.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        statuses.append(int(lines[0].split()[1]))
+        fields = dict(line.lower().split(": ", 1) for line in lines[1:])
+        length = int(fields["content-length"])
+        assert length > 0
+        if method == "GET":
+            body, rest = rest[:length], rest[length:]
+            assert json.loads(body), body  # whole: the JSON parses
+    assert statuses == [200, 200, 404, 200]
+    assert rest == b""

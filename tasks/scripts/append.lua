@@ -18,6 +18,7 @@
 --     same MULTI only if it was admitted);
 --   if a.batch: the batch's counts hash and ended list (a child that ends is counted there);
 --   if a.entry: arq's key of the waiting parent's entry, arq's queue, the wake-ups channel;
+--   if a.rate: the owner's submissions counter of this second;
 --   then the keys of each ride-along command, in order.
 -- ARGV[1] is the named arguments, a JSON object `a`:
 --   events, fields: how many events follow, and how many field/value pairs after them;
@@ -33,15 +34,19 @@
 --   limit, take: the owner's unfinished-jobs limit, and the places this append needs under it
 --     (0: no check);
 --   counted, requires, batch, entry: which of the optional keys above are declared (batch: the
---     batch's (or parent's) id; entry: the id of the parent's queue entry; false: none).
+--     batch's (or parent's) id; entry: the id of the parent's queue entry; false: none);
+--   rate: the owner's submissions-per-second limit, for a submission counted in this call
+--     (false: none).
 -- After it, as they are: the events (JSON), then the field/value pairs (each value JSON), then
 -- the ride-along commands' arguments. They stay out of the table: the events and values are
 -- spliced into the stream entries and messages as they are (decoded and encoded again by cjson,
 -- they would cost more and could change), and a command's arguments may be binary (arq's
 -- pickled payload), which JSON cannot carry.
 --
--- Refusals write nothing and answer {"", why}: the record's state, "exists", "missing",
--- "cancel", "orphan" (the required record is missing), {"", "limit", unfinished} when the places
+-- Refusals write nothing (but the submissions counter, which counts every attempt) and answer
+-- {"", why}: {"", "rate", submitted} past the owner's submissions per second, the record's
+-- state, "exists", "missing", "cancel", "orphan" (the required record is missing),
+-- {"", "limit", unfinished} when the places
 -- asked for do not fit under the limit, or {"", "keys", batch, entry} when an end must be counted
 -- into a batch (or write a parent's entry) whose keys the caller did not declare: the caller
 -- calls again with them. The caller knows them in all but rare cases (a parent that began to wait
@@ -79,6 +84,11 @@ if a.entry then
   entry_key, queue, wakeups = KEYS[next_key], KEYS[next_key + 1], KEYS[next_key + 2]
   next_key = next_key + 3
 end
+local rate_counter
+if a.rate then
+  rate_counter = KEYS[next_key]
+  next_key = next_key + 1
+end
 local mode = a.mode
 
 local function field(name)
@@ -102,6 +112,13 @@ if op then
     return {string.sub(last, 2, -2), ''}
   end
   if mode == 'create' then create_op = op end
+end
+-- Every attempt counts in its second, the refused ones too: a client that keeps sending past
+-- the limit keeps being refused until the second is over.
+if rate_counter then
+  local submitted = redis.call('INCR', rate_counter)
+  redis.call('EXPIRE', rate_counter, 2)
+  if submitted > a.rate then return {'', 'rate', submitted} end
 end
 local state = redis.call('HGET', record, 'state')
 if mode == 'create' then
