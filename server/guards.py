@@ -88,6 +88,7 @@ def open_stream(state: AppState, principal: Principal) -> Callable[[], None]:
         raise refusal
     state.streams_by_holder[principal.holder] = held + 1
     state.open_streams += 1
+    state.streams_accepted += 1  # stepstream_sse_streams_accepted
     released = False
 
     def release() -> None:

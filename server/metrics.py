@@ -164,6 +164,11 @@ class WebMetrics:
                 "SSE streams open on this web process.",
                 value=hub.subscriber_count,
             ),
+            CounterMetricFamily(
+                "stepstream_sse_streams_accepted",
+                "Streams this web process accepted, each given a slot (its rate: connects/s).",
+                value=state.streams_accepted,
+            ),
             refused,
             CounterMetricFamily(
                 "stepstream_sse_slow_consumers_dropped",

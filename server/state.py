@@ -34,5 +34,6 @@ class AppState:
     clock: Callable[[], float] = time.time
     # Open streams of this process, in all and by what they count against (server/guards.py).
     open_streams: int = 0
+    streams_accepted: int = 0  # ever, each given a slot: its rate is the connect rate
     streams_by_holder: Counter[str] = field(default_factory=Counter)
     streams_refused: Counter[str] = field(default_factory=Counter)  # by limit: key, token, process

@@ -94,6 +94,14 @@ class Deployment:
         )
         return int(stats["streams_open"]), gauge
 
+    def streams_accepted(self) -> float:
+        metrics = http.get(f"{self.url}/metrics", timeout=10).text
+        return next(
+            float(line.split()[-1])
+            for line in metrics.splitlines()
+            if line.startswith("stepstream_sse_streams_accepted_total ")
+        )
+
     def slow_consumers_dropped(self) -> float:
         metrics = http.get(f"{self.url}/metrics", timeout=10).text
         return next(
@@ -157,9 +165,14 @@ def head(d: Deployment, credential: str, job: bool) -> None:
 
 
 def drop_before_headers(d: Deployment, credential: str, job: bool) -> None:
+    accepted = d.streams_accepted()
     stream = RawStream(d.port, *d.path(d.live_job if job else None, credential))
     stream.close()
-    time.sleep(0.2)  # the server takes the request from its buffer after the client is gone
+    # The server takes the request from its buffer after the client is gone: the way is tried
+    # only once it has given the stream a slot.
+    wait_until(
+        lambda: d.streams_accepted() > accepted, timeout=10, what="the dropped stream's slot"
+    )
 
 
 def drop_after_headers(d: Deployment, credential: str, job: bool) -> None:
