@@ -46,9 +46,14 @@ def with_map(run: Bench, base: str, n: int, pace: float) -> dict[str, float]:
     job = submit(base, "fan_out", {"count": n, "pace": pace})
     done = wait_state(base, job["id"], {"completed", "failed"}, timeout=600)
     took = time.perf_counter() - started
-    after = commands(r)
     assert done["result"]["squares"] == [i * i for i in range(n)], done["state"]
-    parent_events = r.xlen(f"bench:job:{{{job['id']}}}:events")
+    return _figures(r, before, took, job["id"])
+
+
+def _figures(r: Any, before: tuple[int, int], took: float, parent_id: str) -> dict[str, float]:
+    """One run's figures; closes ``r``."""
+    after = commands(r)
+    parent_events = r.xlen(f"bench:job:{{{parent_id}}}:events")
     r.close()
     return {
         "seconds": took,
@@ -72,16 +77,8 @@ def as_batch(run: Bench, base: str, n: int, pace: float) -> dict[str, float]:
     children = http.get(f"{base}/api/batches/{batch_id}", timeout=30).json()["children"]
     squares = [c["result"]["square"] for c in sorted(children, key=lambda c: c["index"])]
     took = time.perf_counter() - started
-    after = commands(r)
     assert squares == [i * i for i in range(n)]
-    parent_events = r.xlen(f"bench:job:{{{batch_id}}}:events")
-    r.close()
-    return {
-        "seconds": took,
-        "parent_events": parent_events,
-        "calls": after[0] - before[0],
-        "scripts": after[1] - before[1],
-    }
+    return _figures(r, before, took, batch_id)
 
 
 def row(name: str, runs: list[dict[str, float]], n: int) -> list[str]:

@@ -280,7 +280,9 @@ class BodyWriter:
             or not chunk
         ):
             return False
-        cycle.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        # Past the cycle's HeadHolding: a chunked response's head is never held, so the
+        # wrapper would only add a call to every frame of the fan-out.
+        self.protocol.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
         return True
 
 
