@@ -100,15 +100,23 @@ class SentinelGroup:
                 return False
         return True
 
+    @staticmethod
+    def role(port: int) -> str | None:
+        """The replication role of the server on ``port``, or None while it cannot say: the
+        Sentinels close every client connection of a server they promote or demote."""
+        try:
+            with redis.Redis(port=port, socket_timeout=5) as client:
+                return str(client.info("replication")["role"])
+        except redis.ConnectionError:
+            return None
+
     def wait_for_failover(self, old: tuple[str, int], timeout: float = 20) -> tuple[str, int]:
         """The new primary's address, once every Sentinel names it and it answers as one."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             address = self.agreed_master()
-            if address is not None and address != old:
-                with redis.Redis(port=address[1], socket_timeout=5) as client:
-                    if client.info("replication")["role"] == "master":
-                        return address
+            if address is not None and address != old and self.role(address[1]) == "master":
+                return address
             time.sleep(0.1)
         raise TimeoutError(f"no failover from {old} within {timeout}s:\n{self.sentinels[0].log()}")
 
