@@ -108,15 +108,22 @@ def test_a_read_of_the_waiting_parent_adds_its_running_children_s_progress(
     parent = submit(fan_stack.url, "fan_out", {"count": 4, "gate": gate})
 
     def four_half_way() -> bool:
-        job = get_job(fan_stack.url, parent["id"])
-        return job["state"] == "waiting" and (job["children"] or {}).get("running") == 4
+        # Each child's own record says it is half way: its progress event is written, not
+        # just its start (which a parent's "running" counts first).
+        kids = children_of(fan_stack, parent["id"])
+        return len(kids) == 4 and all(k["progress"] == 0.5 for k in kids)
 
-    wait_until(four_half_way, timeout=30, what="four children half way")
-    job = get_job(fan_stack.url, parent["id"])
-    assert job["children"]["running_progress"] == 2.0
-    # 0 of 4 ended, plus 4 halves: half of "Fan out", step 1 of 2.
-    assert job["progress"] == 0.25
-    fan_stack.redis().rpush(gate_key(gate), *["go"] * 4)
+    try:
+        wait_until(four_half_way, timeout=30, what="four children half way")
+        job = get_job(fan_stack.url, parent["id"])
+        assert job["state"] == "waiting" and job["children"]["running"] == 4
+        assert job["children"]["running_progress"] == 2.0
+        # 0 of 4 ended, plus 4 halves: half of "Fan out", step 1 of 2.
+        assert job["progress"] == 0.25
+    finally:
+        # Open the gate even on a failure: four children held there would keep the workers'
+        # slots from the next tests on this stack.
+        fan_stack.redis().rpush(gate_key(gate), *["go"] * 4)
     done = wait_state(fan_stack.url, parent["id"], ENDED, timeout=60)
     assert done["state"] == "completed"
     assert "running" not in done["children"]
@@ -128,16 +135,20 @@ def test_the_python_client_reads_a_waiting_parent_and_lists_its_children(
     gate = f"client-{time.monotonic_ns()}"
     with Client(fan_stack.url) as client:
         parent = client.submit("fan_out", {"count": 3, "gate": gate})
-        wait_until(
-            lambda: client.get(parent.id).state == JobState.waiting, timeout=30, what="waiting"
-        )
-        waiting = client.get(parent.id)
-        assert isinstance(waiting.waiting_for, ChildrenWait)
-        assert waiting.waiting_for.children["size"] == 3
-        kids = list(client.iter_jobs(parent=parent.id, page_size=2))
-        assert [k.parent_index for k in kids] == [0, 1, 2]
-        assert {k.parent for k in kids} == {parent.id} and {k.depth for k in kids} == {1}
-        fan_stack.redis().rpush(gate_key(gate), *["go"] * 3)
+        try:
+            wait_until(
+                lambda: client.get(parent.id).state == JobState.waiting,
+                timeout=30,
+                what="waiting",
+            )
+            waiting = client.get(parent.id)
+            assert isinstance(waiting.waiting_for, ChildrenWait)
+            assert waiting.waiting_for.children["size"] == 3
+            kids = list(client.iter_jobs(parent=parent.id, page_size=2))
+            assert [k.parent_index for k in kids] == [0, 1, 2]
+            assert {k.parent for k in kids} == {parent.id} and {k.depth for k in kids} == {1}
+        finally:
+            fan_stack.redis().rpush(gate_key(gate), *["go"] * 3)
         events = [e for e in client.events(parent.id, after="0") if isinstance(e, ChildEvent)]
         ends = [e for e in events if e.counts is not None]
         assert [e.counts["done"] for e in ends if e.counts] == [1, 2, 3]
