@@ -27,6 +27,9 @@ HEAD_TOO_LARGE = 431
 # The scope extension under which a request's uvicorn cycle is kept (httptools only): see
 # ``body_writer``.
 BODY_WRITER = "stepstream.body_writer"
+# How long an event stream's head may wait for its first frames, to go out in one write.
+STREAM_HEAD_WAIT = 0.1
+EVENT_STREAM_HEAD = b"\r\ncontent-type: text/event-stream"
 
 
 def head_too_large(max_bytes: int) -> bytes:
@@ -199,22 +202,33 @@ def _lighten_cycle(cycle: Any) -> None:
 
 class HeadHolding:
     """A request's side of the connection (uvicorn's cycle writes through it) that holds back
-    the head of a response with a Content-Length until its body is written: one write, one
-    system call, instead of two. (A Starlette ``Response`` sends its body right after its
-    head; a stream, which has no Content-Length, is never held.) Whatever the next write, a
-    close or the next turn of the loop comes first sends the head on its own."""
+    a response's head until its first bytes of body: one write, one system call, instead of
+    two. A head with a Content-Length (a Starlette ``Response`` sends its body right after its
+    head) is held until the next turn of the loop at most; an event stream's, until its first
+    frames (a Redis read later: the stream registers and reads its catch-up after its response
+    has started) or ``STREAM_HEAD_WAIT`` seconds at most, so that a stream whose first bytes
+    are slow (a subscription Redis has not confirmed yet) is seen as open all the same. Any
+    other head, and whatever write, close or timer comes first, sends the head on its own.
 
-    __slots__ = ("_first", "_held", "transport")
+    Live frames go past this (``BodyWriter``), which is safe because a stream's first bytes go
+    through it before the hub may write a frame straight to the connection
+    (server/streams.py)."""
+
+    __slots__ = ("_first", "_held", "_timer", "transport")
 
     def __init__(self, transport: Any) -> None:
         self.transport = transport
         self._held: bytes | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._first = True  # the response's head is the first write ("100 Continue" aside)
 
     def write(self, data: bytes) -> None:
         held = self._held
         if held is not None:
             self._held = None
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             self.transport.write(held + data)
             return
         if self._first and data.startswith(b"HTTP/1.1 "):
@@ -223,12 +237,19 @@ class HeadHolding:
                 self._held = data
                 asyncio.get_running_loop().call_soon(self.flush)
                 return
+            if EVENT_STREAM_HEAD in data:
+                self._held = data
+                self._timer = asyncio.get_running_loop().call_later(STREAM_HEAD_WAIT, self.flush)
+                return
         self.transport.write(data)
 
     def flush(self) -> None:
         held = self._held
         if held is not None:
             self._held = None
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             if not self.transport.is_closing():
                 self.transport.write(held)
 
