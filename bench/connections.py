@@ -59,6 +59,7 @@ class Held:
     n: int
     ready: int
     connect_per_s: float
+    connect_cpu_ms: float  # the server's CPU per stream connected, while they connected
     kib_per_stream: float
     rss_mib: float
     fds: int
@@ -83,8 +84,9 @@ def hold(run: Bench, control: Web, side: str, n: int, idle_seconds: float) -> He
         # baseline once its pub/sub subscription is made (it sends `retry:` right after).
         marker = "event: snapshot" if side == "ours" else "retry:"
         rss_before = rss_kib(pid)
+        cpu_before = cpu_seconds(pid)
         gens = open_streams(run, server.port, path, marker, n)
-        held, _ = measure(run, gens, pid, rss_before, n, idle_seconds, job_id)
+        held, _ = measure(run, gens, pid, (rss_before, cpu_before), n, idle_seconds, job_id)
         return held
     finally:
         run.stop(server)
@@ -122,15 +124,18 @@ def measure(
     run: Bench,
     gens: list[LoadGen],
     pid: int,
-    rss_before: int,
+    before: tuple[int, float],
     n: int,
     idle_seconds: float,
     job_id: str,
     before_event: Callable[[], None] | None = None,
 ) -> tuple[Held, Counter[str]]:
     """Wait until every stream is live (or refused), measure the held process, then send the
-    job its one event and see who got it. Returns the figures and the streams' HTTP statuses."""
+    job its one event and see who got it. ``before``: the process's RSS (KiB) and CPU seconds
+    before the streams connected. Returns the figures and the streams' HTTP statuses."""
+    rss_before, cpu_before = before
     readies = [g.read() for g in gens]
+    connect_cpu = cpu_seconds(pid) - cpu_before
     ready = sum(r["ready"] for r in readies)
     connect_s = max(r["ready_s"] for r in readies)
     time.sleep(1.0)
@@ -157,6 +162,7 @@ def measure(
         n=n,
         ready=ready,
         connect_per_s=ready / connect_s if connect_s else 0.0,
+        connect_cpu_ms=connect_cpu / max(ready, 1) * 1000,
         kib_per_stream=(rss_after - rss_before) / max(ready, 1),
         rss_mib=rss_after / 1024,
         fds=fds,
@@ -232,6 +238,7 @@ def hold_tokens(run: Bench, n: int, key_n: int, idle_seconds: float, concurrency
             raise RuntimeError(f"only {len(tokens)} of {n} tokens minted: {dict(mint_statuses)}")
         path = f"/api/jobs/{job_id}/events"
         rss_before = rss_kib(pid)
+        cpu_before = cpu_seconds(pid)
         gens = open_streams(run, server.port, path, "event: snapshot", n, tokens=tokens)
 
         def start_job() -> None:
@@ -240,7 +247,14 @@ def hold_tokens(run: Bench, n: int, key_n: int, idle_seconds: float, concurrency
             time.sleep(0.3)
 
         held, statuses = measure(
-            run, gens, pid, rss_before, n, idle_seconds, job_id, before_event=start_job
+            run,
+            gens,
+            pid,
+            (rss_before, cpu_before),
+            n,
+            idle_seconds,
+            job_id,
+            before_event=start_job,
         )
 
         # Before: the same viewers on the key itself, on the same process, while a job runs.
@@ -303,6 +317,7 @@ def report_tokens(result: TokenRun) -> None:
             "refused",
             "statuses",
             "connects/s",
+            "web CPU ms per connect",
             "KiB/stream",
             "RSS MiB",
             "fds",
@@ -321,6 +336,7 @@ def report_tokens(result: TokenRun) -> None:
                 fmt(refused),
                 codes(result.statuses),
                 fmt(h.connect_per_s, 0),
+                fmt(h.connect_cpu_ms, 3),
                 fmt(h.kib_per_stream),
                 fmt(h.rss_mib),
                 fmt(h.fds),
@@ -390,6 +406,7 @@ def main() -> None:
             fmt(h.n),
             fmt(h.ready),
             fmt(h.connect_per_s, 0),
+            fmt(h.connect_cpu_ms, 3),
             fmt(h.kib_per_stream),
             fmt(h.rss_mib),
             fmt(h.fds),
@@ -412,6 +429,7 @@ def main() -> None:
             "streams",
             "ready",
             "connects/s",
+            "web CPU ms per connect",
             "KiB/stream",
             "RSS MiB",
             "fds",
