@@ -148,3 +148,28 @@ def test_a_stream_whose_first_frames_wait_is_seen_open_before_them(
             assert data, f"closed before the snapshot: {body!r}"
             body += data
     assert b"retry: " in body
+
+
+def test_a_stream_s_head_answer_comes_before_the_next_answer_on_its_connection(
+    make_stack: StackFactory,
+) -> None:
+    """A HEAD of an event stream has no frames for its head to wait for: the head goes out when
+    the answer ends, before the next pipelined request's answer on the same connection."""
+    s = make_stack(workers=0)
+    job = submit(s.url, "analyze_document", {"text": DOC})
+    requests = (
+        f"HEAD /api/jobs/{job['id']}/events HTTP/1.1\r\nHost: x\r\n\r\n"
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    ).encode()
+    answer = b""
+    with socket.create_connection(("127.0.0.1", _port(s.url)), timeout=10) as conn:
+        conn.sendall(requests)
+        while data := conn.recv(65536):
+            answer += data
+    first, _, rest = answer.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 200"), answer[:300]
+    assert b"content-type: text/event-stream" in first, "the answers came out of order"
+    second, _, body = rest.partition(b"\r\n\r\n")
+    assert second.startswith(b"HTTP/1.1 200"), rest[:300]
+    assert b"content-type: application/json" in second
+    assert json.loads(body)
