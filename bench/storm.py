@@ -38,7 +38,6 @@ from bench.common import (
 from bench.fanout import profile
 from tests.support.tasks import gate_key
 
-
 # Seconds after the watch over which the cost of the live frames alone is measured.
 RATE_WINDOW = 2.0
 

@@ -48,12 +48,10 @@ class RefusedOriginLog:
     def _check(self, scope: Scope) -> None:
         # Most requests carry no Origin: found in the raw headers, without building Headers
         # (and raising its KeyError) on every request, a reconnect storm's thousands included.
-        for name, value in scope["headers"]:
-            if name == b"origin":
-                break
-        else:
+        raw = next((value for name, value in scope["headers"] if name == b"origin"), None)
+        if raw is None:
             return
-        origin = value.decode("latin-1")
+        origin = raw.decode("latin-1")
         if origin not in self.allowed and not _own(origin, Headers(scope=scope)):
             path: str = scope.get("path", "")
             if not path.endswith(PUBLIC_SUFFIXES):
