@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import httpx
 
 from bench.common import (
+    PREFIX,
     Bench,
     LoadGen,
     bench,
@@ -50,6 +51,7 @@ from bench.common import (
     summary,
     wait_state,
 )
+from stepstream.tasks.keyspace import Keys
 from stepstream.tasks.settings import Settings
 from tests.support.processes import Web
 
@@ -70,7 +72,9 @@ class Held:
     max: float
 
 
-def hold(run: Bench, control: Web, side: str, n: int, idle_seconds: float) -> Held:
+def hold(
+    run: Bench, control: Web, side: str, n: int, idle_seconds: float, resume: bool = False
+) -> Held:
     server = run.web() if side == "ours" else run.baseline()
     assert server.proc is not None
     pid = server.proc.pid
@@ -83,9 +87,16 @@ def hold(run: Bench, control: Web, side: str, n: int, idle_seconds: float) -> He
         # Ours is live once its snapshot is out (events before it are in the snapshot); the
         # baseline once its pub/sub subscription is made (it sends `retry:` right after).
         marker = "event: snapshot" if side == "ours" else "retry:"
+        header = None
+        if resume and side == "ours":
+            # A reconnect's path: the trim check and the catch-up after the job's first event.
+            redis = run.redis()
+            first = redis.xrange(Keys(PREFIX).job_events(job_id), count=1)[0][0]
+            redis.close()
+            header, marker = f"Last-Event-ID: {first}", "event: started"
         rss_before = rss_kib(pid)
         cpu_before = cpu_seconds(pid)
-        gens = open_streams(run, server.port, path, marker, n)
+        gens = open_streams(run, server.port, path, marker, n, header=header)
         held, _ = measure(run, gens, pid, (rss_before, cpu_before), n, idle_seconds, job_id)
         return held
     finally:
@@ -375,6 +386,11 @@ def main() -> None:
     parser.add_argument(
         "--mint-concurrency", type=int, default=50, help="--tokens: token requests at a time"
     )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="our streams connect with Last-Event-ID (a reconnect), not for a snapshot",
+    )
     parser.add_argument("--keep-logs", action="store_true")
     args = parser.parse_args()
 
@@ -395,11 +411,13 @@ def main() -> None:
     with bench(keep_logs=args.keep_logs) as run:
         control = run.web()
         run.worker()
-        results = [("ours", hold(run, control, "ours", args.n, args.idle))]
+        results = [("ours", hold(run, control, "ours", args.n, args.idle, args.resume))]
         if args.baseline_n:
             results.append(("baseline", hold(run, control, "baseline", args.baseline_n, args.idle)))
             if args.baseline_n != args.n:
-                results.append(("ours", hold(run, control, "ours", args.baseline_n, args.idle)))
+                results.append(
+                    ("ours", hold(run, control, "ours", args.baseline_n, args.idle, args.resume))
+                )
     rows = [
         [
             side,
