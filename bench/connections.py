@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import httpx
 
 from bench.common import (
+    PREFIX,
     Bench,
     LoadGen,
     bench,
@@ -50,6 +51,7 @@ from bench.common import (
     summary,
     wait_state,
 )
+from stepstream.tasks.keyspace import Keys
 from stepstream.tasks.settings import Settings
 from tests.support.processes import Web
 
@@ -59,6 +61,7 @@ class Held:
     n: int
     ready: int
     connect_per_s: float
+    connect_cpu_ms: float  # the server's CPU per stream connected, while they connected
     kib_per_stream: float
     rss_mib: float
     fds: int
@@ -69,7 +72,9 @@ class Held:
     max: float
 
 
-def hold(run: Bench, control: Web, side: str, n: int, idle_seconds: float) -> Held:
+def hold(
+    run: Bench, control: Web, side: str, n: int, idle_seconds: float, resume: bool = False
+) -> Held:
     server = run.web() if side == "ours" else run.baseline()
     assert server.proc is not None
     pid = server.proc.pid
@@ -82,9 +87,17 @@ def hold(run: Bench, control: Web, side: str, n: int, idle_seconds: float) -> He
         # Ours is live once its snapshot is out (events before it are in the snapshot); the
         # baseline once its pub/sub subscription is made (it sends `retry:` right after).
         marker = "event: snapshot" if side == "ours" else "retry:"
+        header = None
+        if resume and side == "ours":
+            # A reconnect's path: the trim check and the catch-up after the job's first event.
+            redis = run.redis()
+            first = redis.xrange(Keys(PREFIX).job_events(job_id), count=1)[0][0]
+            redis.close()
+            header, marker = f"Last-Event-ID: {first}", "event: started"
         rss_before = rss_kib(pid)
-        gens = open_streams(run, server.port, path, marker, n)
-        held, _ = measure(run, gens, pid, rss_before, n, idle_seconds, job_id)
+        cpu_before = cpu_seconds(pid)
+        gens = open_streams(run, server.port, path, marker, n, header=header)
+        held, _ = measure(run, gens, pid, (rss_before, cpu_before), n, idle_seconds, job_id)
         return held
     finally:
         run.stop(server)
@@ -122,15 +135,18 @@ def measure(
     run: Bench,
     gens: list[LoadGen],
     pid: int,
-    rss_before: int,
+    before: tuple[int, float],
     n: int,
     idle_seconds: float,
     job_id: str,
     before_event: Callable[[], None] | None = None,
 ) -> tuple[Held, Counter[str]]:
     """Wait until every stream is live (or refused), measure the held process, then send the
-    job its one event and see who got it. Returns the figures and the streams' HTTP statuses."""
+    job its one event and see who got it. ``before``: the process's RSS (KiB) and CPU seconds
+    before the streams connected. Returns the figures and the streams' HTTP statuses."""
+    rss_before, cpu_before = before
     readies = [g.read() for g in gens]
+    connect_cpu = cpu_seconds(pid) - cpu_before
     ready = sum(r["ready"] for r in readies)
     connect_s = max(r["ready_s"] for r in readies)
     time.sleep(1.0)
@@ -157,6 +173,7 @@ def measure(
         n=n,
         ready=ready,
         connect_per_s=ready / connect_s if connect_s else 0.0,
+        connect_cpu_ms=connect_cpu / max(ready, 1) * 1000,
         kib_per_stream=(rss_after - rss_before) / max(ready, 1),
         rss_mib=rss_after / 1024,
         fds=fds,
@@ -232,6 +249,7 @@ def hold_tokens(run: Bench, n: int, key_n: int, idle_seconds: float, concurrency
             raise RuntimeError(f"only {len(tokens)} of {n} tokens minted: {dict(mint_statuses)}")
         path = f"/api/jobs/{job_id}/events"
         rss_before = rss_kib(pid)
+        cpu_before = cpu_seconds(pid)
         gens = open_streams(run, server.port, path, "event: snapshot", n, tokens=tokens)
 
         def start_job() -> None:
@@ -240,7 +258,14 @@ def hold_tokens(run: Bench, n: int, key_n: int, idle_seconds: float, concurrency
             time.sleep(0.3)
 
         held, statuses = measure(
-            run, gens, pid, rss_before, n, idle_seconds, job_id, before_event=start_job
+            run,
+            gens,
+            pid,
+            (rss_before, cpu_before),
+            n,
+            idle_seconds,
+            job_id,
+            before_event=start_job,
         )
 
         # Before: the same viewers on the key itself, on the same process, while a job runs.
@@ -303,6 +328,7 @@ def report_tokens(result: TokenRun) -> None:
             "refused",
             "statuses",
             "connects/s",
+            "web CPU ms per connect",
             "KiB/stream",
             "RSS MiB",
             "fds",
@@ -321,6 +347,7 @@ def report_tokens(result: TokenRun) -> None:
                 fmt(refused),
                 codes(result.statuses),
                 fmt(h.connect_per_s, 0),
+                fmt(h.connect_cpu_ms, 3),
                 fmt(h.kib_per_stream),
                 fmt(h.rss_mib),
                 fmt(h.fds),
@@ -359,6 +386,11 @@ def main() -> None:
     parser.add_argument(
         "--mint-concurrency", type=int, default=50, help="--tokens: token requests at a time"
     )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="our streams connect with Last-Event-ID (a reconnect), not for a snapshot",
+    )
     parser.add_argument("--keep-logs", action="store_true")
     args = parser.parse_args()
 
@@ -379,17 +411,20 @@ def main() -> None:
     with bench(keep_logs=args.keep_logs) as run:
         control = run.web()
         run.worker()
-        results = [("ours", hold(run, control, "ours", args.n, args.idle))]
+        results = [("ours", hold(run, control, "ours", args.n, args.idle, args.resume))]
         if args.baseline_n:
             results.append(("baseline", hold(run, control, "baseline", args.baseline_n, args.idle)))
             if args.baseline_n != args.n:
-                results.append(("ours", hold(run, control, "ours", args.baseline_n, args.idle)))
+                results.append(
+                    ("ours", hold(run, control, "ours", args.baseline_n, args.idle, args.resume))
+                )
     rows = [
         [
             side,
             fmt(h.n),
             fmt(h.ready),
             fmt(h.connect_per_s, 0),
+            fmt(h.connect_cpu_ms, 3),
             fmt(h.kib_per_stream),
             fmt(h.rss_mib),
             fmt(h.fds),
@@ -412,6 +447,7 @@ def main() -> None:
             "streams",
             "ready",
             "connects/s",
+            "web CPU ms per connect",
             "KiB/stream",
             "RSS MiB",
             "fds",

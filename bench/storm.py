@@ -5,7 +5,11 @@ Each viewer (``bench.loadgen storm``) waits the stream's ``retry:`` times a rand
 its connection drops, as Stepstream's clients do, then reconnects to the second process. The
 job writes one event every 1/rate s throughout. Reported: how long after the kill each viewer got
 its first event id on the new connection (live again: the catch-up is sent once its
-subscription holds), and, against the job's log, each viewer's gaps and duplicates.
+subscription holds), and, against the job's log, each viewer's gaps and duplicates. Web CPU per
+connect: the second process's CPU time (user + system) from the kill to the end of ``--watch``,
+less what the live frames cost in that time (the process's CPU per second with every viewer
+connected, measured over the next 2 s, times each viewer's time connected), over the viewers
+back.
 
     .venv/bin/python -m bench.storm --n 2000
     .venv/bin/python -m bench.storm --n 10000     # if the machine allows (two loadgen processes
@@ -20,9 +24,22 @@ import signal
 import threading
 import time
 
-from bench.common import bench, fmt, machine, print_table, split, submit, summary, wait_state
+from bench.common import (
+    bench,
+    cpu_seconds,
+    fmt,
+    machine,
+    print_table,
+    split,
+    submit,
+    summary,
+    wait_state,
+)
 from bench.fanout import profile
 from tests.support.tasks import gate_key
+
+# Seconds after the watch over which the cost of the live frames alone is measured.
+RATE_WINDOW = 2.0
 
 
 def main() -> None:
@@ -84,9 +101,15 @@ def main() -> None:
         if args.profile:
             assert survivor.proc is not None
             spy = profile(survivor.proc.pid, args.profile)
+        assert survivor.proc is not None
+        cpu_before = cpu_seconds(survivor.proc.pid)
         killed_at = time.time()
         doomed.kill()
         time.sleep(args.watch)
+        web_cpu = cpu_seconds(survivor.proc.pid) - cpu_before
+        # Then every viewer is on the survivor: its CPU per second for their live frames.
+        time.sleep(RATE_WINDOW)
+        live_cpu_per_s = (cpu_seconds(survivor.proc.pid) - cpu_before - web_cpu) / RATE_WINDOW
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(timeout=30)
@@ -112,6 +135,10 @@ def main() -> None:
             if ids != log[position[ids[0]] : position[ids[0]] + len(ids)] or ids[-1] != log[-1]:
                 gaps += 1
     stats = summary(relive)
+    # What the viewers' live frames cost in the watch, at the rate measured with all of them
+    # connected, for the time each one was: the rest is their connects.
+    connected_s = sum(max(0.0, args.watch - t) for t in relive)
+    connect_cpu = web_cpu - live_cpu_per_s * connected_s / args.n
     statuses: dict[str, int] = {}
     for r in results:
         for status, count in r["statuses"].items():
@@ -130,6 +157,7 @@ def main() -> None:
             "max s",
             "viewers with a gap",
             "with a duplicate",
+            "web CPU ms per connect",
             "statuses",
         ],
         [
@@ -143,6 +171,7 @@ def main() -> None:
                 fmt(stats["max"], 2),
                 fmt(gaps),
                 fmt(duplicates),
+                fmt(connect_cpu / max(len(relive), 1) * 1000, 3),
                 str(statuses) + (f", {never} never back" if never else ""),
             ]
         ],

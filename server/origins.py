@@ -46,9 +46,13 @@ class RefusedOriginLog:
         await self.app(scope, receive, send)
 
     def _check(self, scope: Scope) -> None:
-        headers = Headers(scope=scope)
-        origin = headers.get("origin")
-        if origin is not None and origin not in self.allowed and not _own(origin, headers):
+        # Most requests carry no Origin: found in the raw headers, without building Headers
+        # (and raising its KeyError) on every request, a reconnect storm's thousands included.
+        raw = next((value for name, value in scope["headers"] if name == b"origin"), None)
+        if raw is None:
+            return
+        origin = raw.decode("latin-1")
+        if origin not in self.allowed and not _own(origin, Headers(scope=scope)):
             path: str = scope.get("path", "")
             if not path.endswith(PUBLIC_SUFFIXES):
                 self._log(origin, path)

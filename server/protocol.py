@@ -27,6 +27,12 @@ HEAD_TOO_LARGE = 431
 # The scope extension under which a request's uvicorn cycle is kept (httptools only): see
 # ``body_writer``.
 BODY_WRITER = "stepstream.body_writer"
+# How long an event stream's head may wait for its first frames, to go out in one write.
+STREAM_HEAD_WAIT = 0.1
+EVENT_STREAM_HEAD = b"\r\ncontent-type: text/event-stream"
+# What a HeadHolding holds: a head with a Content-Length; that or an event stream's.
+CONTENT_HEAD = 1
+STREAM_HEAD = 2
 
 
 def head_too_large(max_bytes: int) -> bytes:
@@ -114,7 +120,9 @@ def with_head_limits(
             if hasattr(cycle, "flow"):
                 # Read by an SSE response for its live frames (the app runs later, in a task).
                 self.scope.setdefault("extensions", {})[BODY_WRITER] = BodyWriter(self, cycle)
-                cycle.transport = HeadHolding(cycle.transport)
+                # A HEAD's answer has no frames for its head to wait for.
+                waits = STREAM_HEAD if self.scope["method"] != "HEAD" else CONTENT_HEAD
+                cycle.transport = HeadHolding(cycle.transport, waits)
 
         def on_message_complete(self) -> None:
             super().on_message_complete()
@@ -199,29 +207,47 @@ def _lighten_cycle(cycle: Any) -> None:
 
 class HeadHolding:
     """A request's side of the connection (uvicorn's cycle writes through it) that holds back
-    the head of a response with a Content-Length until its body is written: one write, one
-    system call, instead of two. (A Starlette ``Response`` sends its body right after its
-    head; a stream, which has no Content-Length, is never held.) Whatever the next write, a
-    close or the next turn of the loop comes first sends the head on its own."""
+    a response's head until its first bytes of body: one write, one system call, instead of
+    two. A head with a Content-Length (a Starlette ``Response`` sends its body right after its
+    head) is held until the next turn of the loop at most; an event stream's (to a GET: a HEAD
+    has no frames), until its first frames (a Redis read later: the stream registers and reads
+    its catch-up after its response has started) or ``STREAM_HEAD_WAIT`` seconds at most, so
+    that a stream whose first bytes are slow (a subscription Redis has not confirmed yet) is
+    seen as open all the same. Any other head, and whatever write, close or timer comes first,
+    sends the head on its own.
 
-    __slots__ = ("_first", "_held", "transport")
+    Live frames go past this (``BodyWriter``), which is safe because a stream's first bytes go
+    through it before the hub may write a frame straight to the connection
+    (server/streams.py)."""
 
-    def __init__(self, transport: Any) -> None:
+    __slots__ = ("_first", "_held", "_timer", "transport")
+
+    def __init__(self, transport: Any, holds: int = STREAM_HEAD) -> None:
         self.transport = transport
         self._held: bytes | None = None
-        self._first = True  # the response's head is the first write ("100 Continue" aside)
+        self._timer: asyncio.TimerHandle | None = None
+        # The heads its first write may hold (the response's head: "100 Continue" aside), 0
+        # once written.
+        self._first = holds
 
     def write(self, data: bytes) -> None:
         held = self._held
         if held is not None:
             self._held = None
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             self.transport.write(held + data)
             return
         if self._first and data.startswith(b"HTTP/1.1 "):
-            self._first = False
+            holds, self._first = self._first, 0
             if b"\r\ncontent-length: " in data:
                 self._held = data
                 asyncio.get_running_loop().call_soon(self.flush)
+                return
+            if holds == STREAM_HEAD and EVENT_STREAM_HEAD in data:
+                self._held = data
+                self._timer = asyncio.get_running_loop().call_later(STREAM_HEAD_WAIT, self.flush)
                 return
         self.transport.write(data)
 
@@ -229,6 +255,9 @@ class HeadHolding:
         held = self._held
         if held is not None:
             self._held = None
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             if not self.transport.is_closing():
                 self.transport.write(held)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from functools import partial
 from typing import Any, Protocol, TypeVar, cast
@@ -44,14 +45,15 @@ class SharedRead:
     record read and one snapshot frame, or one read of the log after their common cursor, not
     a thousand. A stream may use a read only if it started after the stream registered with
     the hub: then every event the read lacks reaches the stream live. ``order`` numbers
-    registrations and reads in one sequence. ``encoded`` keeps what the sharers would each
-    encode from the result (the frames), computed once.
+    registrations and reads in one sequence; a read not sent yet is after every registration
+    so far (``PENDING``), and any stream may join it. ``encoded`` keeps what the sharers would
+    each encode from the result (the frames), computed once.
     """
 
     __slots__ = ("done", "encoded", "order")
 
     def __init__(self) -> None:
-        self.order = next(_ORDER)
+        self.order = PENDING
         # (the result,) once read; None if the read failed (each sharer then reads itself).
         self.done: asyncio.Future[tuple[Any] | None] = asyncio.get_running_loop().create_future()
         self.encoded: Any = None
@@ -71,6 +73,12 @@ class SharedRead:
         shared = cls()
         _READS[key] = shared
         try:
+            # Sent one turn of the loop later: the streams that get here in the same turn (a
+            # storm's connects, woken together by the record read they shared) join it. Sent at
+            # once, each read would have started before the next stream registered, and a
+            # storm of N resumes would cost N round trips.
+            await asyncio.sleep(0)
+            shared.order = next(_ORDER)
             value = await read()
         except BaseException:
             shared.done.set_result(None)
@@ -83,6 +91,7 @@ class SharedRead:
 
 
 _ORDER = itertools.count()
+PENDING = sys.maxsize  # the order of a read not sent yet: after every registration so far
 _READS: dict[tuple[Hashable, ...], SharedRead] = {}  # in flight, by what they read
 
 

@@ -62,9 +62,22 @@ def run_uvicorn(argv: list[str] | None = None) -> None:
         http=http_protocol(settings.header_timeout_seconds, settings.max_header_bytes),
         h11_max_incomplete_event_size=settings.max_header_bytes,  # uvicorn without httptools
         timeout_keep_alive=5,
+        backlog=listen_backlog(settings.max_streams),
         timeout_graceful_shutdown=int(args.timeout_graceful_shutdown),
         log_level=args.log_level,
     )
+
+
+# uvicorn's own listen backlog; the kernel caps any backlog at net.core.somaxconn.
+UVICORN_BACKLOG = 2048
+
+
+def listen_backlog(max_streams: int) -> int:
+    """Connections the kernel may queue before the process accepts them: as many as the streams
+    it may hold (up to the kernel's cap, ``net.core.somaxconn``). A reconnect storm's herd
+    arrives faster than a process accepts; past a full queue the kernel drops a connection's
+    SYN, and the client tries again only 1, 3, 7 or 15 s later: a storm's tail."""
+    return max(UVICORN_BACKLOG, max_streams)
 
 
 def worker_argv() -> list[str]:

@@ -34,7 +34,7 @@ class _HasStep(Protocol):
     def current_step(self) -> Any: ...
 
 
-@dataclass
+@dataclass(slots=True)  # one per stream, held for its life
 class JobLogContext:
     job_id: str
     task: str | None = None

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tests.conftest import StackFactory
 from tests.support import http
+from tests.support.api import DOC, submit
 
 MIB = 1 << 20
 
@@ -120,3 +121,55 @@ def test_responses_on_one_connection_arrive_whole_and_in_order(make_stack: Stack
             assert json.loads(body), body  # whole: the JSON parses
     assert statuses == [200, 200, 404, 200]
     assert rest == b""
+
+
+def test_a_stream_whose_first_frames_wait_is_seen_open_before_them(
+    make_stack: StackFactory,
+) -> None:
+    """An event stream's head waits a moment for its first frames, to go out with them in one
+    write (server/protocol.py, HeadHolding); a stream whose first frames are slow (here Redis
+    confirms each subscription 3 s late) sends its head alone first: the client sees it open."""
+    s = make_stack(workers=0, STEPSTREAM_SUBSCRIBE_DELAY_SECONDS="3")
+    job = submit(s.url, "analyze_document", {"text": DOC})
+    request = f"GET /api/jobs/{job['id']}/events HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    with socket.create_connection(("127.0.0.1", _port(s.url)), timeout=20) as conn:
+        conn.sendall(request)
+        first = b""
+        while b"\r\n\r\n" not in first:
+            data = conn.recv(65536)
+            assert data, f"closed before the head: {first!r}"
+            first += data
+        assert first.startswith(b"HTTP/1.1 200"), first[:200]
+        assert b"text/event-stream" in first
+        assert b"retry:" not in first, "the head waited for the stream's first frames"
+        body = first.partition(b"\r\n\r\n")[2]
+        while b"event: snapshot" not in body:
+            data = conn.recv(65536)
+            assert data, f"closed before the snapshot: {body!r}"
+            body += data
+    assert b"retry: " in body
+
+
+def test_a_stream_s_head_answer_comes_before_the_next_answer_on_its_connection(
+    make_stack: StackFactory,
+) -> None:
+    """A HEAD of an event stream has no frames for its head to wait for: the head goes out when
+    the answer ends, before the next pipelined request's answer on the same connection."""
+    s = make_stack(workers=0)
+    job = submit(s.url, "analyze_document", {"text": DOC})
+    requests = (
+        f"HEAD /api/jobs/{job['id']}/events HTTP/1.1\r\nHost: x\r\n\r\n"
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    ).encode()
+    answer = b""
+    with socket.create_connection(("127.0.0.1", _port(s.url)), timeout=10) as conn:
+        conn.sendall(requests)
+        while data := conn.recv(65536):
+            answer += data
+    first, _, rest = answer.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 200"), answer[:300]
+    assert b"content-type: text/event-stream" in first, "the answers came out of order"
+    second, _, body = rest.partition(b"\r\n\r\n")
+    assert second.startswith(b"HTTP/1.1 200"), rest[:300]
+    assert b"content-type: application/json" in second
+    assert json.loads(body)

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Valkey
+from tests.conftest import StackFactory, Valkey
 from tests.support import http
 from tests.support.processes import ROOT, Process, free_port, wait_until
 
@@ -127,3 +127,20 @@ def test_the_demo_tasks_come_beside_a_users_module_only_when_asked_for(
     assert names is not None
     assert DEMOS & names == (DEMOS if demos else set()), names
     assert ("open_echo" in names) is bool(options or env), names
+
+
+def test_the_web_process_queues_as_many_connections_as_the_streams_it_may_hold(
+    make_stack: StackFactory,
+) -> None:
+    """A reconnect storm's herd arrives faster than a web process accepts: the kernel queues up
+    to STEPSTREAM_MAX_STREAMS connections (capped by net.core.somaxconn) instead of uvicorn's
+    2,048, past which it drops their SYNs and the clients try again only 1, 3 or 7 s later."""
+    cap = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    assert cap > 2048, "this kernel caps every backlog at 2,048: nothing to see"
+    s = make_stack(workers=0, STEPSTREAM_MAX_STREAMS="3000")
+    port = s.url.rsplit(":", 1)[1]
+    listening = subprocess.run(
+        ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, timeout=10
+    ).stdout.split()
+    assert listening[0] == "LISTEN", listening
+    assert int(listening[2]) == min(3000, cap)  # ss shows a listening socket's backlog in Send-Q

@@ -456,3 +456,40 @@ def test_viewers_connecting_together_while_a_job_writes_each_get_a_snapshot_then
 def progress_reached(base: str, job_id: str, current: int) -> bool:
     message = get_job(base, job_id)["message"] or ""
     return message.startswith("event ") and int(message.split()[1]) >= current
+
+
+def test_viewers_resuming_together_while_a_job_writes_each_get_every_event_after_their_cursor(
+    stack: Stack,
+) -> None:
+    """A reconnect storm's viewers resume from one cursor together: a read of the log serves
+    every stream registered before it was sent (server/streams.py, SharedRead), no later one.
+    Each viewer gets the log after its cursor, once, in order, then the end."""
+    job = submit(stack.url, "gated", {"events": 60})
+    wait_state(stack.url, job["id"], {"running"})
+    r = stack.redis()
+    r.rpush(gate_key(job["id"]), "go")
+    wait_until_progress(stack.url, job["id"], 1)
+    cursor = get_job(stack.url, job["id"])["last_event_id"]
+    readers = []
+    for wave in range(4):
+        # Viewers arrive in waves while the job writes: some share a read, some cannot.
+        readers += [
+            StreamReader(events_url(stack.url, job["id"]), {"Last-Event-ID": cursor}).start()
+            for _ in range(6)
+        ]
+        for _ in range(5):
+            r.rpush(gate_key(job["id"]), "go")
+        wait_until(
+            lambda wave=wave: progress_reached(stack.url, job["id"], 5 * wave + 6),
+            timeout=20,
+            what="the wave's events written",
+        )
+    for _ in range(40):
+        r.rpush(gate_key(job["id"]), "go")
+    _, log = read_stream(events_url(stack.url, job["id"]) + "?after=0", timeout=60)
+    ids = [e.id for e in log]
+    after = ids[ids.index(cursor) + 1 :]
+    for reader in readers:
+        events = reader.wait_closed(timeout=60)
+        assert [e.id for e in events] == after, "a gap, a repeat or a frame out of order"
+        assert events[-1].type == "completed"
