@@ -163,7 +163,7 @@ class Ending(Protocol):
 class Hub:
     def __init__(
         self,
-        redis: Redis,
+        redis: Redis | None,
         keys: Keys,
         *,
         queue_size: int,
@@ -171,9 +171,12 @@ class Hub:
         subscribe_delay_seconds: float = 0.0,
         router: Router | None = None,
     ) -> None:
-        self.redis = redis
         # Where channels live: the one server of ``redis``, or a cluster's primaries.
-        self.router: Router = router if router is not None else OneServer(redis)
+        if router is None:
+            if redis is None:
+                raise ValueError("a hub needs a Redis client or a router")
+            router = OneServer(redis)
+        self.router: Router = router
         self.keys = keys
         self.firehose_channels = keys.firehose_channels
         self._firehose_set = frozenset(self.firehose_channels)
@@ -408,7 +411,8 @@ class Hub:
     def _update_connected(self) -> None:
         """Connected: every channel has its place and no connection that was up is down."""
         if not self._unrouted and all(
-            link.up or not (link.was_up or link.standing) for link in self.links.values()
+            link.up or not (link.was_up or link.standing or link.recovering)
+            for link in self.links.values()
         ):
             self.connected.set()
         else:
@@ -433,7 +437,8 @@ class Hub:
                     self._offer(subscriber, RESYNC)
 
     def link_up(self, link: Link) -> None:
-        if link.was_up:
+        if link.was_up or link.recovering:
+            link.recovering = False
             self.reconnects += 1
             logger.info("hub: reconnected; subscribers catch up from the log")
         self._update_connected()
@@ -474,6 +479,10 @@ class Hub:
                     self._reroute_soon()
                 else:
                     self._route(channel)
+                    taker = self.links[address]
+                    # Its coming up is this connection's coming back.
+                    taker.recovering = link.was_up and not taker.up
+        self._update_connected()
 
     def link_ended(self, link: Link) -> None:
         if self.links.get(link.address) is link:

@@ -72,6 +72,9 @@ class Link:
         self.channels: set[str] = set()  # routed here, subscribed or not yet
         self.up = False  # every subscription of the current connection confirmed
         self.was_up = False
+        # Took over the channels of a connection lost elsewhere (a dead primary's, now on its
+        # replica): its coming up is a reconnection.
+        self.recovering = False
         self._failures = 0  # connections lost in a row
         # The SSUBSCRIBEs sent on the current connection and not yet confirmed, by channel, in
         # the order sent: the server confirms them in that order, so an unsubscribe still in
@@ -132,16 +135,14 @@ class Link:
         if self._sender is None and self._connection is not None:
             self._sender = asyncio.create_task(self._send(self._connection), name="hub-send")
 
-    async def _send(self, connection: AbstractConnection, first: bool = False) -> None:
-        """Send the queued commands in order: the order their confirmations are matched in.
-        ``first``: the connection's own subscriptions (never delayed by the test hook)."""
+    async def _send(self, connection: AbstractConnection) -> None:
+        """Send the queued commands in order: the order their confirmations are matched in."""
         try:
             while self._outbox and self._connection is connection:
                 batch, self._outbox, self._last_of_slot = self._outbox, [], {}
                 delay = self.owner.subscribe_delay_seconds
-                if delay and not first and any(c == SUBSCRIBE for c, _, _ in batch):
-                    await asyncio.sleep(delay)
-                first = False
+                if delay and any(c == SUBSCRIBE for c, _, _ in batch):
+                    await asyncio.sleep(delay)  # the test hook: a slow network
                 commands = [(command, *channels) for command, _, channels in batch]
                 # No health check: it would read a PING's answer under the listener's reads.
                 await connection.send_packed_command(
@@ -169,7 +170,7 @@ class Link:
         self._outbox = [(SUBSCRIBE, slot, channels) for slot, channels in by_slot.items()]
         self._outbox.append(("SUBSCRIBE", -1, [self.owner.hub_channel]))
         self._last_of_slot = {}
-        self._sender = asyncio.create_task(self._send(connection, first=True), name="hub-send")
+        self._sender = asyncio.create_task(self._send(connection), name="hub-send")
 
     def _disconnected(self) -> None:
         """The connection is gone: no subscription holds until the next one confirms it."""

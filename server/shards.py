@@ -13,8 +13,8 @@ import asyncio
 from typing import Any, Protocol
 
 from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.connection import AbstractConnection, Connection
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import AbstractConnection
 from redis.crc import key_slot
 
 # The one server's address: a standalone server needs no other.
@@ -95,10 +95,12 @@ class ClusterSlots:
 
     def connection(self, address: str) -> AbstractConnection:
         host, _, port = address.rpartition(":")
+        # The cluster client's options for a node (TLS, credentials, timeouts), as its own
+        # connections to that node get them; the node object opens nothing by itself.
         options: dict[str, Any] = dict(self.cluster.get_connection_kwargs())
-        options.pop("response_callbacks", None)
-        connection_class: type[AbstractConnection] = options.pop("connection_class", Connection)
-        return connection_class(**{**options, "host": host, "port": int(port)})
+        node = ClusterNode(host, int(port), **options)
+        connection: AbstractConnection = node.connection_class(**node.connection_kwargs)
+        return connection
 
     async def refresh(self) -> None:
         """One reading of the slot map at a time, shared by whoever asks meanwhile."""

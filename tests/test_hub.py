@@ -86,8 +86,10 @@ def test_the_hub_survives_a_valkey_restart(own_valkey: Valkey, tmp_path: Path) -
         own_valkey.restart()
         # Subscribed again to the watched job's channel and the firehose's, not just reconnected.
         wait_until(
-            lambda: set(r.pubsub_shardchannels("restart:*")) == hub_channels
-            and "restart:hub" in r.pubsub_channels("restart:*"),
+            lambda: (
+                set(r.pubsub_shardchannels("restart:*")) == hub_channels
+                and "restart:hub" in r.pubsub_channels("restart:*")
+            ),
             timeout=20,
             what="the hub's channels subscribed again",
         )
@@ -300,5 +302,5 @@ async def _arrive_while_leaving(url: str) -> None:
         assert await listening() == 0, "the hub kept a channel no viewer needs"
     finally:
         await hub.stop()
-        await hub.redis.aclose()
+        await hub.router.aclose()
         await store.redis.aclose()
