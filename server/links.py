@@ -259,7 +259,9 @@ class Link:
 
     async def _listen(self, connection: AbstractConnection) -> None:
         while True:
-            reply = await connection.read_response(timeout=None, disconnect_on_error=False)
+            reply = await connection.read_response(
+                timeout=None, disconnect_on_error=False, push_request=True
+            )
             if not isinstance(reply, list):
                 continue
             batch: list[tuple[str, str]] = []
@@ -269,7 +271,9 @@ class Link:
             # Take what else has arrived already: under load the fan-out writes several events
             # to each client at once instead of one by one.
             while len(batch) < MAX_BATCH:
-                more = await connection.read_response(timeout=0, disconnect_on_error=False)
+                more = await connection.read_response(
+                    timeout=0, disconnect_on_error=False, push_request=True
+                )
                 if more is None:
                     break
                 if isinstance(more, list):

@@ -109,13 +109,14 @@ class ClusterSlots:
         await asyncio.shield(self._refreshing)
 
     async def _refresh(self) -> None:
-        if not self._loaded:
-            await self.cluster.initialize()
-        else:
-            await self.cluster.nodes_manager.initialize()
+        # The slot map alone (CLUSTER SLOTS from the first node that answers): the hub sends
+        # no command through the client, so it needs none of the rest of its setup.
+        await self.cluster.nodes_manager.initialize()
         self._loaded = True
 
     async def aclose(self) -> None:
         if self._refreshing is not None:
             self._refreshing.cancel()
-        await self.cluster.aclose()
+        manager = self.cluster.nodes_manager
+        await manager.aclose()
+        await manager.aclose("startup_nodes")
