@@ -138,6 +138,19 @@ async def _hears_what_it_watches(cluster: ValkeyCluster) -> None:
             assert heard == 0, "a job nobody here watches reached the hub"
         assert all(not viewer.items for viewer in viewers.values())
 
+        # Twenty viewers of twenty jobs of one primary, arriving together: their SSUBSCRIBEs go
+        # out together, one per slot (one naming channels of two slots would be refused and
+        # cost the connection).
+        burst = [job_on(shards[0]) for _ in range(20)]
+        crowd = [hub.subscribe(job_id) for job_id in burst]
+        await asyncio.wait_for(asyncio.gather(*(hub.joined(v) for v in crowd)), TIMEOUT)
+        for job_id, viewer in zip(burst, crowd, strict=True):
+            _, heard = await append(client, job_id, "progress", current=1)
+            assert heard == 1
+            assert [frame.job_id for frame in await frames(viewer)] == [job_id]
+            hub.unsubscribe(viewer)
+        assert hub.reconnects == 0, "a connection was lost on the way"
+
         # The firehose's channel is subscribed only while a firehose viewer is connected.
         firehose = await watch(hub, None)
         [channel] = KEYS.firehose_channels
