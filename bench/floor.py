@@ -54,7 +54,7 @@ class Floor:
         if pending is None:
             self.waiting[channel] = [transport]
             assert self.redis is not None
-            self.redis.write(b"*2\r\n$9\r\nSUBSCRIBE\r\n$%d\r\n%s\r\n" % (len(channel), channel))
+            self.redis.write(b"*2\r\n$10\r\nSSUBSCRIBE\r\n$%d\r\n%s\r\n" % (len(channel), channel))
         else:
             pending.append(transport)
 
@@ -82,7 +82,8 @@ class Floor:
 
 
 class RespSubscriber(asyncio.Protocol):
-    """Reads pub/sub pushes: ``*3 $message $<channel> $<payload>`` and ``subscribe`` replies."""
+    """Reads sharded pub/sub pushes: ``*3 $smessage $<channel> $<payload>`` and ``ssubscribe``
+    replies."""
 
     def __init__(self, floor: Floor) -> None:
         self.floor = floor
@@ -95,9 +96,9 @@ class RespSubscriber(asyncio.Protocol):
             if parsed is None:
                 return
             kind, channel, payload = parsed
-            if kind == b"message":
+            if kind == b"smessage":
                 self.floor.message(channel, payload)
-            elif kind == b"subscribe":
+            elif kind == b"ssubscribe":
                 self.floor.confirmed(channel)
 
     def _one(self) -> tuple[bytes, bytes, bytes] | None:

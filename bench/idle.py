@@ -85,13 +85,14 @@ async def one_channel_listener(url: str, prefix: str, expected: int) -> None:
     when subscribed and when ``expected`` messages have been heard."""
     redis = Redis.from_url(url, decode_responses=True)
     pubsub = redis.pubsub()
-    await pubsub.subscribe(Keys(prefix).firehose_channel)
+    # Sharded, as the append script publishes (redis-py 5's asyncio PubSub has no ssubscribe).
+    await pubsub.execute_command("SSUBSCRIBE", Keys(prefix).firehose_channel)
     heard = 0
     while True:
         message = await pubsub.get_message(timeout=None)
         if message is None:
             continue
-        if message["type"] == "subscribe":
+        if message["type"] == "ssubscribe":
             print("subscribed", flush=True)
             continue
         batch = [message["data"]]
@@ -99,7 +100,7 @@ async def one_channel_listener(url: str, prefix: str, expected: int) -> None:
             more = await pubsub.get_message(timeout=0)
             if more is None:
                 break
-            if more["type"] == "message":
+            if more["type"] == "smessage":
                 batch.append(more["data"])
         for payload in batch:
             old_parse(payload)

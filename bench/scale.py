@@ -10,10 +10,15 @@
    per event it delivered, the idle one's CPU per event of the deployment, and Valkey's.
 3. **The store's command mix on a cluster** (not Stepstream's store, which does not run on a
    cluster yet): one Lua call per event doing what the append does on a job's keys (``XADD``
-   with ``MAXLEN ~``, ``HSET`` on the record, ``SPUBLISH`` on the job's channel; ``--publish
-   publish`` for plain ``PUBLISH``), every key under the job's hash tag, against a Valkey
-   Cluster of 1, 2 and 3 primaries (``--primaries``; no replicas). Printed: events/s, and per
-   primary its share of the events and its CPU per event.
+   with ``MAXLEN ~``, ``HSET`` on the record, ``SPUBLISH`` of the stored event on the job's
+   channel; ``--publish publish`` for plain ``PUBLISH``), every key under the job's hash tag,
+   against a Valkey Cluster of 1, 2 and 3 primaries (``--primaries``; no replicas). Printed:
+   events/s, and per primary its share of the events and its CPU per event.
+4. **Web processes on a cluster** (``--only cluster-web``): the same writers on a 3-primary
+   cluster, and two web processes whose hub is on it (``STEPSTREAM_CLUSTER_URL``): one with no
+   client, one with a client watching one of the jobs (its record in the standalone Valkey,
+   where the store still is; its live events from the cluster). Printed: each one's CPU per
+   event of the deployment, and per event it delivered.
 
 CPU is each process's on-CPU time (``/proc/PID/task/*/schedstat``), read before and after. A web
 process's figure is "less rest": what it spends over the same time with no event (timers, the
@@ -43,7 +48,7 @@ from typing import IO, Any, TypeVar
 
 from redis.asyncio.cluster import RedisCluster
 
-from bench.common import Bench, bench, fmt, machine, print_table
+from bench.common import PREFIX, Bench, bench, fmt, machine, print_table
 from bench.idle import Viewer, cpu_ns, jobs, storm
 from bench.throughput import progress_event
 from stepstream.tasks.keyspace import Keys
@@ -51,14 +56,16 @@ from stepstream.tasks.models import new_job_id
 from tests.support.cluster import ValkeyCluster
 from tests.support.processes import ROOT, wait_until
 
-# One event on a job's keys, as the append does it (the log, the record, the live channel).
+# One event on a job's keys, as the append does it (the log, the record, the live channel,
+# with the message a hub reads).
 CLUSTER_APPEND = """
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'event', ARGV[1])
 redis.call('HSET', KEYS[2], 'last_event_id', id, 'progress', '0.5', 'message', ARGV[3])
-redis.call('{publish}', KEYS[3], ARGV[1])
+redis.call('{publish}', KEYS[3], '{{"job_event_id":"' .. id .. '","firehose_id":"' .. id ..
+  '","owner":null,"event":' .. ARGV[1] .. '}}')
 return id
 """
-KEYS = Keys("scale:")
+KEYS = Keys(PREFIX)  # the web processes' prefix: part 4's hear these channels
 JOB_LOG_MAXLEN = 10_000  # the default STEPSTREAM_JOB_LOG_MAXLEN
 
 
@@ -136,11 +143,15 @@ async def write_store(
 
 
 async def write_cluster(
-    url: str, events: int, jobs_count: int, concurrency: int, cmd: str, moment: float
+    url: str,
+    events: int,
+    job_ids: list[str],
+    concurrency: int,
+    cmd: str,
+    moment: float,
 ) -> None:
     client = RedisCluster.from_url(url, decode_responses=True)
     script = client.register_script(CLUSTER_APPEND.format(publish=cmd))
-    job_ids = [new_job_id() for _ in range(jobs_count)]
     calls = iter(range(events))
     try:
         # Load the script on every primary before the clock starts (a first call is NOSCRIPT).
@@ -376,6 +387,74 @@ def cluster_mix(
     )
 
 
+# -- 4. web processes on a cluster -----------------------------------------------------------
+
+CLUSTER_JOBS = 50  # jobs the cluster writers spread their events over
+
+
+def cluster_web(run: Bench, writers: int, events: int, concurrency: int) -> None:
+    cluster = ValkeyCluster(run.log_dir / "cluster-web", primaries=3, replicas=0).start()
+    try:
+        # Records in the standalone store (a stream reads its job's there), events on the cluster.
+        ids = asyncio.run(jobs(run.valkey.url, CLUSTER_JOBS))
+        ids_file = run.log_dir / "cluster-web-ids.json"
+        ids_file.write_text(json.dumps(ids))
+        idle = run.web(STEPSTREAM_CLUSTER_URL=cluster.url)
+        watching = run.web(STEPSTREAM_CLUSTER_URL=cluster.url)
+        pids = {"idle web": idle.proc.pid, "web, 1 viewer": watching.proc.pid}  # type: ignore[union-attr]
+        per_writer = len(range(0, events, CLUSTER_JOBS))  # the writers' events of ids[0]
+        with opened([Viewer(watching.port, ids[0])]) as viewers:
+            rest_span = 2.0
+            rest = {name: cpu_ns(pid) for name, pid in pids.items()}
+            time.sleep(rest_span)
+            rest = {name: (cpu_ns(pid) - rest[name]) / rest_span for name, pid in pids.items()}
+            args = ["cluster", "--url", cluster.url, "--events", str(events)]
+            args += ["--concurrency", str(concurrency), "--ids-file", str(ids_file)]
+            appended, span, (started, before) = run_writers(
+                args,
+                writers,
+                run.log_dir,
+                lambda: (time.perf_counter(), {name: cpu_ns(pid) for name, pid in pids.items()}),
+            )
+            wait_until(
+                lambda: viewers[0].frames >= per_writer * writers,
+                timeout=60,
+                what="the viewer to receive its job's events",
+            )
+            elapsed = time.perf_counter() - started
+            spent = {
+                name: (cpu_ns(pid) - before[name] - rest[name] * elapsed) / 1e9
+                for name, pid in pids.items()
+            }
+            delivered = viewers[0].frames
+    finally:
+        cluster.stop()
+    rows = []
+    for name, cpu in spent.items():
+        mine = delivered if name != "idle web" else 0
+        rows.append(
+            [
+                name,
+                fmt(mine),
+                fmt(cpu * 1000, 1),
+                fmt(cpu / appended * 1e6, 3),
+                fmt(cpu / mine * 1e6, 1) if mine else "",
+            ]
+        )
+    print_table(
+        f"Web processes on a 3-primary cluster: {appended:,} events at {appended / span:,.0f}/s "
+        f"over {CLUSTER_JOBS} jobs ({writers} writer processes x {concurrency} coroutines)",
+        [
+            "process",
+            "events delivered",
+            "CPU ms (less rest)",
+            "µs per deployment event",
+            "µs per delivered event",
+        ],
+        rows,
+    )
+
+
 # -- the command line --------------------------------------------------------------------------
 
 
@@ -398,7 +477,9 @@ def main() -> None:
     parser.add_argument("--cluster-writers", type=int, default=2, help="writer processes")
     parser.add_argument("--publish", choices=("spublish", "publish"), default="spublish")
     parser.add_argument(
-        "--only", choices=("store", "web", "cluster"), help="run one of the three parts"
+        "--only",
+        choices=("store", "web", "cluster", "cluster-web"),
+        help="run one of the parts (cluster-web: only with --only)",
     )
     parser.add_argument("--keep-logs", action="store_true")
     parser.add_argument("--write", choices=("store", "cluster"), help=argparse.SUPPRESS)
@@ -413,8 +494,12 @@ def main() -> None:
         )
         return
     if args.write == "cluster":
+        ids = json.loads(args.ids_file.read_text()) if args.ids_file else None
+        job_ids = ids or [new_job_id() for _ in range(CLUSTER_JOBS)]
         asyncio.run(
-            write_cluster(args.url, args.events, 50, args.concurrency, args.publish, args.start_at)
+            write_cluster(
+                args.url, args.events, job_ids, args.concurrency, args.publish, args.start_at
+            )
         )
         return
     print(f"# bench.scale — {machine()}")
@@ -432,6 +517,8 @@ def main() -> None:
                 args.concurrency,
                 args.publish,
             )
+        if args.only == "cluster-web":
+            cluster_web(run, args.cluster_writers, args.events, args.concurrency)
 
 
 if __name__ == "__main__":

@@ -49,9 +49,10 @@ from stepstream.server.guards import raise_file_limit
 from stepstream.server.hub import Hub
 from stepstream.server.metrics import WebMetrics
 from stepstream.server.security import bound_host, is_production, middleware
+from stepstream.server.shards import ClusterSlots
 from stepstream.server.state import AppState
 from stepstream.tasks import credentials, tracing
-from stepstream.tasks.connection import arq_pool, connect
+from stepstream.tasks.connection import arq_pool, connect, connect_cluster
 from stepstream.tasks.credentials import ApiKeys
 from stepstream.tasks.errors import ConfigurationError
 from stepstream.tasks.heartbeat import new_worker_id
@@ -218,6 +219,9 @@ def create_app(
         # Patient: a request waits out a short Redis outage instead of failing.
         redis = connect(settings, attempts=10)
         pubsub_redis = connect(settings, attempts=None)  # the hub reconnects by itself
+        # Live events are published where the logs live: on a cluster, each on the primary of
+        # its channel's slot, which the hub finds through its own client's slot map.
+        router = ClusterSlots(connect_cluster(settings)) if settings.cluster_url else None
         arq = arq_pool(settings)  # enqueues ride along with store scripts (tasks/queue.py)
         store = JobStore(redis, settings)
         hub = Hub(
@@ -226,6 +230,7 @@ def create_app(
             queue_size=settings.subscriber_queue,
             heartbeat_seconds=settings.heartbeat_seconds,
             subscribe_delay_seconds=settings.subscribe_delay_seconds,
+            router=router,
         )
         await hub.start()
         auth = Authenticator(
@@ -263,6 +268,8 @@ def create_app(
             await hub.stop()
             await arq.aclose()
             await pubsub_redis.aclose()
+            if router is not None:
+                await router.aclose()
             await redis.aclose()
 
     routes = [

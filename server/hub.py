@@ -1,16 +1,24 @@
-"""The hub: ONE pub/sub connection per web process, fanned out to bounded subscriber buffers.
+"""The hub: a web process's sharded pub/sub subscriptions, fanned out to bounded subscriber
+buffers.
 
-The hub subscribes to a job's channel only while one of its streams watches that job, and to
-the firehose's channel only while one of its streams is a firehose: a web process with no
-viewers receives nothing, however busy the deployment. A stream registers first (its buffer
-takes live frames from then on), then waits until Redis has confirmed the subscription, and
-only then reads the log for what came before (``server/streams.py``): no event falls between.
+The hub subscribes (``SSUBSCRIBE``) to a job's channel only while one of its streams watches
+that job, and to the firehose's channels only while one of its streams is a firehose: a web
+process with no viewers receives nothing, however busy the deployment. A stream registers first
+(its buffer takes live frames from then on), then waits until Redis has confirmed the
+subscription, and only then reads the log for what came before (``server/streams.py``): no
+event falls between.
+
+On a standalone server the hub holds ONE connection (``server/links.py``). On a cluster it
+holds one per primary that serves a channel it needs, found through the slot map
+(``server/shards.py``), and opened the first time such a channel is needed.
 
 Each published event becomes a byte frame, encoded once and shared by every subscriber. A
 subscriber whose buffer is full is dropped at once, never buffered without bound; it comes back
-with ``Last-Event-ID`` and replays the log. If the pub/sub connection drops, the hub reconnects
-with backoff, subscribes again to every channel its streams need, and tells every subscriber to
-catch up from the log (``RESYNC``): a Redis blip loses nothing.
+with ``Last-Event-ID`` and replays the log. If a pub/sub connection drops, the hub reconnects
+with backoff (on a cluster, to whichever node serves the slots then), subscribes again to every
+channel its streams need, and tells each of their subscribers to catch up from the log
+(``RESYNC``) once its channel holds again: a Redis blip or a failover loses nothing. A channel
+whose slot a server gives up (it unsubscribes it by itself) is subscribed again where it lives.
 
 One timer serves every stream: heartbeats, the send timeout of stuck clients, and ending the
 streams when the server shuts down (uvicorn waits for open responses before it stops).
@@ -22,16 +30,15 @@ import asyncio
 import json
 import logging
 import signal
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
 
-from stepstream._backoff import Backoff
 from stepstream._stream_id import StreamId
+from stepstream.server.links import RECONNECT_BACKOFF, Link
+from stepstream.server.shards import OneServer, Router
 from stepstream.server.sse import HEARTBEAT, firehose_data, frame
 from stepstream.tasks.keyspace import Keys
 from stepstream.tasks.models import TERMINAL_EVENTS, parse_stream_id
@@ -39,10 +46,6 @@ from stepstream.tasks.models import TERMINAL_EVENTS, parse_stream_id
 logger = logging.getLogger("stepstream.hub")
 
 TICK_SECONDS = 0.5  # how often the timer looks for stuck sends and for a shutdown
-MAX_BATCH = 100  # messages already received, fanned out together
-# Between attempts to reconnect the pub/sub connection; jittered so that the web processes of a
-# deployment do not all come back to a restarted Redis in the same instant.
-RECONNECT_BACKOFF = Backoff(min_seconds=0.1, max_seconds=5.0, jitter=0.5)
 
 
 class _Marker:
@@ -160,16 +163,24 @@ class Ending(Protocol):
 class Hub:
     def __init__(
         self,
-        redis: Redis,
+        redis: Redis | None,
         keys: Keys,
         *,
         queue_size: int,
         heartbeat_seconds: float,
         subscribe_delay_seconds: float = 0.0,
+        router: Router | None = None,
     ) -> None:
-        self.redis = redis
+        # Where channels live: the one server of ``redis``, or a cluster's primaries.
+        if router is None:
+            if redis is None:
+                raise ValueError("a hub needs a Redis client or a router")
+            router = OneServer(redis)
+        self.router: Router = router
         self.keys = keys
-        self.firehose_channel = keys.firehose_channel
+        self.firehose_channels = keys.firehose_channels
+        self._firehose_set = frozenset(self.firehose_channels)
+        self._channel_head, _, self._channel_tail = keys.job_channel("\0").partition("\0")
         self.hub_channel = keys.hub_channel
         self.queue_size = queue_size
         self.heartbeat_seconds = heartbeat_seconds
@@ -188,18 +199,16 @@ class Hub:
         self.frames_written_directly = 0
         self.send_timeouts = 0
         self.reconnects = 0
-        self._was_connected = False
         # Every channel some stream needs, with the confirmation of its subscription: done once
-        # Redis has confirmed the SUBSCRIBE in force on the current connection.
+        # Redis has confirmed the SSUBSCRIBE in force on the current connection.
         self._ready: dict[str, asyncio.Future[None]] = {}
-        # The SUBSCRIBEs sent on the current connection and not yet confirmed, by channel, in
-        # the order sent: Redis confirms them in that order, so an unsubscribe still in flight
-        # (then a new viewer's SUBSCRIBE) can never be taken for the new viewer's confirmation.
-        self._acks: dict[str, deque[asyncio.Future[None]]] = {}
-        # (UN)SUBSCRIBE commands to send, in order; one task sends them (_send).
-        self._outbox: list[tuple[str, list[str]]] = []
-        self._pubsub: PubSub | None = None  # the current connection, once it is up
-        self._sender: asyncio.Task[None] | None = None
+        # Channels whose streams were told they held, then lost (a connection dropped, a slot
+        # moved): their streams catch up from the log once they hold again.
+        self._lost: set[str] = set()
+        self.links: dict[str, Link] = {}  # by server address
+        self._routes: dict[str, Link] = {}  # each channel's link
+        self._unrouted: set[str] = set()  # channels waiting for the slot map
+        self._rerouter: asyncio.Task[None] | None = None
         self._closed: asyncio.Future[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -207,23 +216,27 @@ class Hub:
 
     async def start(self) -> None:
         self._closed = asyncio.get_running_loop().create_future()
-        self._tasks = [
-            asyncio.create_task(self._listen(), name="hub-listen"),
-            asyncio.create_task(self._timer(), name="hub-timer"),
-        ]
+        self._tasks = [asyncio.create_task(self._timer(), name="hub-timer")]
+        standing = self.router.standing_address
         # Not needed for correctness (streams wait for their own subscriptions), but a process
         # that cannot reach Redis yet says so in its log.
         try:
+            if standing is not None:
+                self._link(standing)  # a standalone server's one connection, held from now on
+            else:
+                await asyncio.wait_for(self.router.refresh(), timeout=10)
+                self._update_connected()
             await asyncio.wait_for(self.connected.wait(), timeout=10)
-        except TimeoutError:
-            logger.warning("hub: Redis pub/sub not connected yet; retrying in the background")
+        except Exception as exc:
+            logger.warning("hub: Redis pub/sub not connected yet (%r); retrying later", exc)
 
     async def stop(self) -> None:
         self.close_streams()
-        tasks = [*self._tasks, *([self._sender] if self._sender is not None else [])]
+        tasks = [*self._tasks, *([self._rerouter] if self._rerouter is not None else [])]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(link.stop() for link in list(self.links.values())))
 
     def close_streams(self) -> None:
         """End every stream (shutdown); clients reconnect elsewhere with their cursor."""
@@ -245,7 +258,8 @@ class Hub:
             subscriber.items.append(CLOSE)
         if job_id is None:
             if not self.firehose:
-                self._join(self.firehose_channel)
+                for channel in self.firehose_channels:
+                    self._join(channel)
             self.firehose.setdefault((owner, subject), set()).add(subscriber)
         else:
             group = self.by_job.get(job_id)
@@ -256,19 +270,24 @@ class Hub:
         return subscriber
 
     async def joined(self, subscriber: Subscriber) -> None:
-        """Return once Redis has confirmed the subscription to ``subscriber``'s channel: every
+        """Return once Redis has confirmed the subscriptions to ``subscriber``'s channels: every
         event published from then on reaches its buffer, so the log may be read for the events
         before (the resume order). Returns at once when the server shuts down: the stream's
         buffer holds CLOSE."""
         if subscriber.job_id is None:
-            channel = self.firehose_channel
+            channels = self.firehose_channels
         else:
-            channel = self.keys.job_channel(subscriber.job_id)
-        ready = self._ready.get(channel)
-        if ready is None or ready.done() or self._closed is None:
-            return  # confirmed, or dropped already (its buffer says so)
-        # asyncio.wait cancels neither future when this stream is cancelled: others share them.
-        await asyncio.wait((ready, self._closed), return_when=asyncio.FIRST_COMPLETED)
+            channels = (self.keys.job_channel(subscriber.job_id),)
+        while self._closed is not None and not self._closed.done():
+            pending = [
+                ready
+                for channel in channels
+                if (ready := self._ready.get(channel)) is not None and not ready.done()
+            ]
+            if not pending:
+                return  # confirmed, or dropped already (its buffer says so)
+            # asyncio.wait cancels no future when this stream is cancelled: others share them.
+            await asyncio.wait((*pending, self._closed), return_when=asyncio.FIRST_COMPLETED)
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         if subscriber.job_id is None:
@@ -279,7 +298,8 @@ class Hub:
                 if not group:
                     del self.firehose[scope]
                     if not self.firehose:
-                        self._leave(self.firehose_channel)
+                        for channel in self.firehose_channels:
+                            self._leave(channel)
             return
         subscribers = self.by_job.get(subscriber.job_id)
         if subscribers is not None:
@@ -332,103 +352,142 @@ class Hub:
 
     def _join(self, channel: str) -> None:
         """The first stream here needs ``channel``: subscribe (or wait for the reconnection)."""
-        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._ready[channel] = ready
-        if self._pubsub is not None:
-            self._acks.setdefault(channel, deque()).append(ready)
-            self._command("SUBSCRIBE", channel)
+        self._ready[channel] = asyncio.get_running_loop().create_future()
+        self._route(channel)
+
+    def _route(self, channel: str) -> None:
+        try:
+            address = self.router.address(channel)
+        except LookupError:  # no slot map yet: the rerouter reads it and comes back
+            self._unrouted.add(channel)
+            self._reroute_soon()
+            return
+        link = self._link(address)
+        self._routes[channel] = link
+        link.join(channel, self._ready[channel])
 
     def _leave(self, channel: str) -> None:
         """The last stream here needing ``channel`` is gone."""
         del self._ready[channel]
-        if self._pubsub is not None:
-            self._command("UNSUBSCRIBE", channel)
+        self._lost.discard(channel)
+        self._unrouted.discard(channel)
+        link = self._routes.pop(channel, None)
+        if link is not None:
+            link.leave(channel)
 
-    def _command(self, command: str, channel: str) -> None:
-        # Runs of one command go as one (a thousand streams opening: one SUBSCRIBE).
-        outbox = self._outbox
-        if outbox and outbox[-1][0] == command:
-            outbox[-1][1].append(channel)
-        else:
-            outbox.append((command, [channel]))
-        if self._sender is None and self._pubsub is not None:
-            self._sender = asyncio.create_task(self._send(self._pubsub), name="hub-send")
+    def _link(self, address: str) -> Link:
+        link = self.links.get(address)
+        if link is None:
+            standing = address == self.router.standing_address
+            link = self.links[address] = Link(self, self.router, address, standing=standing)
+            link.start()
+        return link
 
-    async def _send(self, pubsub: PubSub, sent: asyncio.Event | None = None) -> None:
-        """Send the queued commands in order: the order their confirmations are matched in.
-        ``sent`` is set once the first has gone (a connection's own SUBSCRIBE)."""
+    def _reroute_soon(self) -> None:
+        if self._rerouter is None and not self.closing:
+            self._rerouter = asyncio.create_task(self._reroute_unrouted(), name="hub-reroute")
+
+    async def _reroute_unrouted(self) -> None:
+        """Read the slot map again and subscribe to the channels that had no place."""
+        failures = 0
         try:
-            while self._outbox and self._pubsub is pubsub:
-                command, channels = self._outbox.pop(0)
-                if (
-                    self.subscribe_delay_seconds
-                    and command == "SUBSCRIBE"
-                    and self.hub_channel not in channels  # streams' subscriptions, not a connect
-                ):
-                    await asyncio.sleep(self.subscribe_delay_seconds)
-                # Through redis-py's own methods, so that it counts the connection as
-                # subscribed: otherwise each command would run a health check (a PING and a
-                # read, with a health_check_interval in REDIS_URL) under the listener's reads.
-                if command == "SUBSCRIBE":
-                    await pubsub.subscribe(*channels)
+            while self._unrouted:
+                try:
+                    await self.router.refresh()
+                except Exception as exc:
+                    logger.warning("hub: could not read the cluster's slot map (%s)", exc)
                 else:
-                    await pubsub.unsubscribe(*channels)
-                if sent is not None:
-                    sent.set()
-        except Exception as exc:
-            # The listener notices the closed connection, reconnects and subscribes afresh.
-            logger.warning("hub: could not send a subscription (%s); reconnecting", exc)
-            connection = pubsub.connection
-            if connection is not None:
-                await connection.disconnect()
+                    for channel in list(self._unrouted):
+                        self._unrouted.discard(channel)
+                        if channel in self._ready:
+                            self._route(channel)  # back in _unrouted if still unknown
+                    self._update_connected()
+                if self._unrouted:
+                    failures += 1
+                    await asyncio.sleep(RECONNECT_BACKOFF.delay(failures))
         finally:
-            if sent is not None:
-                sent.set()  # sent or failed: the listener reads on (and notices a failure)
-            if self._pubsub is pubsub:
-                self._sender = None
+            self._rerouter = None
 
-    def _connected(self, pubsub: PubSub) -> asyncio.Event:
-        """A new connection: subscribe to every channel needed now, the hub's own last. The
-        event is set once that SUBSCRIBE has gone."""
-        self._pubsub = pubsub
-        self._outbox = [("SUBSCRIBE", [*self._ready, self.hub_channel])]
-        self._acks = {channel: deque([ready]) for channel, ready in self._ready.items()}
-        sent = asyncio.Event()
-        self._sender = asyncio.create_task(self._send(pubsub, sent), name="hub-send")
-        return sent
-
-    def _disconnected(self) -> None:
-        """The connection is gone: no subscription holds until the next one confirms it."""
-        self.connected.clear()
-        self._pubsub = None
-        if self._sender is not None:
-            self._sender.cancel()
-            self._sender = None
-        self._outbox = []
-        self._acks = {}
-        loop = asyncio.get_running_loop()
-        for channel, ready in self._ready.items():
-            if ready.done():
-                self._ready[channel] = loop.create_future()
-
-    def _confirmed(self, channel: str) -> None:
-        acks = self._acks.get(channel)
-        if acks:
-            ready = acks.popleft()
-            if not acks:
-                del self._acks[channel]
-            if not ready.done():
-                ready.set_result(None)
-        if channel == self.hub_channel:
-            # Sent last with every channel of this connection: they all hold now.
-            if self.connected.is_set():
-                return
-            if self._was_connected:
-                self.reconnects += 1
-                logger.info("hub: reconnected; subscribers catch up from the log")
-                self._broadcast(RESYNC)
-            self._was_connected = True
+    def _update_connected(self) -> None:
+        """Connected: every channel has its place and no connection that was up is down."""
+        if not self._unrouted and all(
+            link.up or not (link.was_up or link.standing or link.recovering)
+            for link in self.links.values()
+        ):
             self.connected.set()
+        else:
+            self.connected.clear()
+
+    # -- what the links say (LinkOwner) ---------------------------------------------------
+
+    def ready(self, channel: str) -> asyncio.Future[None]:
+        return self._ready[channel]
+
+    def confirmed(self, channel: str) -> None:
+        if channel in self._lost:
+            # Its streams were told it held, then it was lost: they catch up from the log.
+            self._lost.discard(channel)
+            if channel in self._firehose_set:
+                for group in self.firehose.values():
+                    for subscriber in list(group):
+                        self._offer(subscriber, RESYNC)
+            else:
+                job_id = channel[len(self._channel_head) : len(channel) - len(self._channel_tail)]
+                for subscriber in list(self.by_job.get(job_id, ())):
+                    self._offer(subscriber, RESYNC)
+
+    def link_up(self, link: Link) -> None:
+        if link.was_up or link.recovering:
+            link.recovering = False
+            self.reconnects += 1
+            logger.info("hub: reconnected; subscribers catch up from the log")
+        self._update_connected()
+
+    def link_down(self, link: Link) -> None:
+        """A connection is gone: none of its subscriptions holds until the next one confirms it."""
+        loop = asyncio.get_running_loop()
+        for channel in link.channels:
+            if self._ready[channel].done():
+                self._ready[channel] = loop.create_future()
+                self._lost.add(channel)
+        self._update_connected()
+
+    def moved(self, link: Link, channel: str) -> None:
+        """``link``'s server no longer serves ``channel``: subscribe where it lives now."""
+        self._routes.pop(channel, None)
+        if self._ready[channel].done():
+            self._ready[channel] = asyncio.get_running_loop().create_future()
+            self._lost.add(channel)
+        self._unrouted.add(channel)
+        self._update_connected()
+        self._reroute_soon()
+
+    async def reroute(self, link: Link) -> None:
+        """Before ``link`` connects again: move its channels to the servers that hold them now
+        (on a cluster, a replica may have taken over the slots of a dead primary)."""
+        await self.router.refresh()
+        for channel in list(link.channels):
+            try:
+                address = self.router.address(channel)
+            except LookupError:
+                address = None
+            if address != link.address:
+                link.release(channel)
+                self._routes.pop(channel, None)
+                if address is None:
+                    self._unrouted.add(channel)
+                    self._reroute_soon()
+                else:
+                    self._route(channel)
+                    taker = self.links[address]
+                    # Its coming up is this connection's coming back.
+                    taker.recovering = link.was_up and not taker.up
+        self._update_connected()
+
+    def link_ended(self, link: Link) -> None:
+        if self.links.get(link.address) is link:
+            del self.links[link.address]
+        self._update_connected()
 
     # -- the listener ---------------------------------------------------------------------
 
@@ -467,7 +526,7 @@ class Hub:
         firehose: list[Frame] = []
         for channel, payload in messages:
             try:
-                if channel == self.firehose_channel:
+                if channel in self._firehose_set:
                     if self.firehose:
                         firehose.append(self.parse(payload, firehose=True))
                 elif channel in self._ready:  # not a job whose last viewer just left
@@ -541,56 +600,6 @@ class Hub:
                 subscriber.wake()
         for subscriber in full:
             self._drop(subscriber)
-
-    async def _listen(self) -> None:
-        failures = 0
-        while True:
-            pubsub = self.redis.pubsub()
-            try:
-                await pubsub.connect()  # type: ignore[no-untyped-call]
-                # Read only once the first SUBSCRIBE is out: redis-py may check the
-                # connection's health (a PING and its read) before a connection's first one.
-                await self._connected(pubsub).wait()
-                while True:
-                    message = await pubsub.get_message(timeout=None)
-                    if message is None:
-                        continue
-                    if message["type"] != "message":
-                        if message["type"] == "subscribe":
-                            self._confirmed(message["channel"])
-                            failures = 0  # connected again: the next loss starts over
-                        continue
-                    # Take what else has arrived already: under load the fan-out writes
-                    # several events to each client at once instead of one by one.
-                    batch = [(message["channel"], message["data"])]
-                    while len(batch) < MAX_BATCH:
-                        more = await pubsub.get_message(timeout=0)
-                        if more is None:
-                            break
-                        if more["type"] == "message":
-                            batch.append((more["channel"], more["data"]))
-                        elif more["type"] == "subscribe":
-                            # Its stream is registered already: the batch reaches it anyway.
-                            self._confirmed(more["channel"])
-                    try:
-                        self.dispatch_many(batch)
-                    except Exception:
-                        logger.exception("hub: could not dispatch a message")
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self._disconnected()
-                failures += 1
-                delay = RECONNECT_BACKOFF.delay(failures)
-                logger.warning("hub: pub/sub connection lost (%s); retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-            finally:
-                if self._pubsub is pubsub:
-                    self._disconnected()
-                try:
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-                except Exception:
-                    logger.debug("hub: closing the pub/sub failed", exc_info=True)
 
     async def _timer(self) -> None:
         # One timer for every stream, instead of a ping task, a send timeout and a token expiry

@@ -177,12 +177,13 @@ class WebMetrics:
             ),
             CounterMetricFamily(
                 "stepstream_redis_reconnects",
-                "Times this web process's pub/sub connection to Redis came back after a loss.",
+                "Times a pub/sub connection of this web process to Redis came back after a loss "
+                "(on a cluster: on whichever node serves its channels then).",
                 value=hub.reconnects,
             ),
             GaugeMetricFamily(
                 "stepstream_hub_connected",
-                "1 while this web process's pub/sub connection to Redis is up.",
+                "1 while this web process's pub/sub connections to Redis are up.",
                 value=1 if hub.connected.is_set() else 0,
             ),
         ]

@@ -49,16 +49,25 @@ class Keys:
         return f"{self.prefix}jobs"
 
     def job_channel(self, job_id: str) -> str:
-        """Pub/sub channel: the job's appended events, published by the append script. A web
-        process subscribes to it only while one of its clients watches the job (server/hub.py);
-        the job's hash tag keeps it in the job's slot, for sharded pub/sub on a cluster."""
+        """Sharded pub/sub channel: the job's appended events, published by the append script
+        (``SPUBLISH``). A web process subscribes to it (``SSUBSCRIBE``) only while one of its
+        clients watches the job (server/hub.py); the job's hash tag keeps it in the job's slot,
+        so on a cluster only the primary of that slot carries it."""
         return f"{self.prefix}job:{{{job_id}}}:live"
 
     @property
     def firehose_channel(self) -> str:
-        """Pub/sub channel: every appended event again, for the firehose's live feed. A web
-        process subscribes to it only while one of its clients watches the firehose."""
+        """Sharded pub/sub channel: every appended event again, for the firehose's live feed. A
+        web process subscribes to it only while one of its clients watches the firehose."""
         return f"{self.prefix}live"
+
+    @property
+    def firehose_channels(self) -> tuple[str, ...]:
+        """Every channel the firehose's live events are published on: the firehose's only one
+        on a standalone server; on a cluster, one per partition (each in its partition's slot,
+        published by the append script of that partition's jobs). A web process with a
+        firehose viewer subscribes to all of them (server/hub.py)."""
+        return (self.firehose_channel,)
 
     @property
     def hub_channel(self) -> str:

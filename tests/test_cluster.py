@@ -29,7 +29,7 @@ KEYS = Keys("cl:")
 APPEND = """
 local id = redis.call('XADD', KEYS[1], '*', 'event', ARGV[1])
 redis.call('HSET', KEYS[2], 'last_event_id', id)
-redis.call('PUBLISH', KEYS[3], ARGV[1])
+redis.call('SPUBLISH', KEYS[3], ARGV[1])
 return id
 """
 # A script that builds a key name from ARGV: the cluster cannot route it, nor may it run it.

@@ -82,11 +82,14 @@ def test_the_hub_survives_a_valkey_restart(own_valkey: Valkey, tmp_path: Path) -
         wait_until(lambda: stats(s.url)["streams_open"] == 2, timeout=10, what="both attached")
 
         r = s.redis()
-        hub_channels = {f"restart:job:{{{queued['id']}}}:live", "restart:live", "restart:hub"}
+        hub_channels = {f"restart:job:{{{queued['id']}}}:live", "restart:live"}
         own_valkey.restart()
         # Subscribed again to the watched job's channel and the firehose's, not just reconnected.
         wait_until(
-            lambda: set(r.pubsub_channels("restart:*")) - {"restart:queue:wakeups"} == hub_channels,
+            lambda: (
+                set(r.pubsub_shardchannels("restart:*")) == hub_channels
+                and "restart:hub" in r.pubsub_channels("restart:*")
+            ),
             timeout=20,
             what="the hub's channels subscribed again",
         )
@@ -175,7 +178,8 @@ def stats(base: str) -> dict[str, Any]:
 
 
 def listeners(r: redis.Redis, channel: str) -> int:
-    ((_, count),) = r.pubsub_numsub(channel)
+    """The subscribers of a sharded channel (a job's, the firehose's)."""
+    ((_, count),) = r.pubsub_shardnumsub(channel)
     return int(count)
 
 
@@ -189,7 +193,7 @@ def test_a_web_process_listens_only_to_the_channels_its_viewers_watch(
     job_channel = f"{s.prefix}job:{{{job['id']}}}:live"
     firehose_channel = f"{s.prefix}live"
     # With no viewers a web process hears no event: each holds only its hub's own channel
-    # (and the worker its wake-ups').
+    # (and the worker its wake-ups'), and no sharded channel.
     # (The worker subscribes to its wake-ups once it has started: wait for that, not the webs.)
     expected = {f"{s.prefix}hub", f"{s.prefix}queue:wakeups"}
     wait_until(
@@ -198,7 +202,9 @@ def test_a_web_process_listens_only_to_the_channels_its_viewers_watch(
         what="the worker's wake-ups subscription",
     )
     assert set(r.pubsub_channels(f"{s.prefix}*")) == expected
-    assert listeners(r, f"{s.prefix}hub") == 2
+    assert r.pubsub_shardchannels(f"{s.prefix}*") == []
+    ((_, webs),) = r.pubsub_numsub(f"{s.prefix}hub")
+    assert webs == 2
 
     watchers = [StreamReader(events_url(a.url, job["id"])).start() for _ in range(2)]
     for watcher in watchers:
@@ -263,7 +269,7 @@ async def _arrive_while_leaving(url: str) -> None:
     channel = store.keys.job_channel(job_id)
 
     async def listening() -> int:
-        ((_, count),) = await store.redis.pubsub_numsub(channel)
+        ((_, count),) = await store.redis.pubsub_shardnumsub(channel)
         return int(count)
 
     async def arrives(job_id: str, current: int) -> None:
@@ -296,5 +302,5 @@ async def _arrive_while_leaving(url: str) -> None:
         assert await listening() == 0, "the hub kept a channel no viewer needs"
     finally:
         await hub.stop()
-        await hub.redis.aclose()
+        await hub.router.aclose()
         await store.redis.aclose()

@@ -187,8 +187,8 @@ def test_a_stream_reads_the_log_only_once_its_subscription_holds(
     assert events[-1].type == "completed"
     ids = [e.id for e in events]
     assert len(ids) == len(set(ids))
-    # What Valkey ran, in its order: the SUBSCRIBE came before the stream's first read.
-    subscribed = monitor.commands("SUBSCRIBE", mentioning=channel)
+    # What Valkey ran, in its order: the SSUBSCRIBE came before the stream's first read.
+    subscribed = monitor.commands("SSUBSCRIBE", mentioning=channel)
     read = monitor.commands("XINFO", "XRANGE", mentioning=log_key)
     assert subscribed and subscribed[0] < read[0], "the log was read before the subscription"
 

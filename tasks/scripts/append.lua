@@ -182,13 +182,14 @@ for e = 2, first_field - 1 do
       'i', jid, 'o', a.owner, 'e', ARGV[e])
   end
   -- On the job's channel for its viewers, and on the firehose's for the firehose's: a web
-  -- process subscribes to each only while it has such viewers (server/hub.py), and a PUBLISH
-  -- that no one hears costs Valkey little.
+  -- process subscribes to each only while it has such viewers (server/hub.py), and a publish
+  -- that no one hears costs Valkey little. Sharded (SPUBLISH): on a cluster it reaches the
+  -- subscribers of this slot's primary only, where PUBLISH would go to every node.
   local message = '{"job_event_id":"' .. jid .. '","firehose_id":"' .. fid ..
     '","owner":' .. a.owner .. (subject and (',"subject":' .. subject) or '') ..
     ',"event":' .. ARGV[e] .. '}'
-  redis.call('PUBLISH', job_channel, message)
-  redis.call('PUBLISH', firehose_channel, message)
+  redis.call('SPUBLISH', job_channel, message)
+  redis.call('SPUBLISH', firehose_channel, message)
 end
 if new_state == '"queued"' or new_state == '"scheduled"' then
   redis.call('ZADD', unfinished, a.score, a.id)

@@ -1,0 +1,122 @@
+"""Where the hub subscribes to a channel: on the one server, or on the cluster primary that
+serves the channel's hash slot.
+
+A sharded channel (``SSUBSCRIBE``) lives in a slot like a key. On a standalone server every
+channel is on that server: one address, one connection. On a cluster each primary carries the
+channels of its slots only, so the hub holds one connection per primary it needs, found
+through the cluster client's slot map; one ``SSUBSCRIBE`` may name channels of one slot only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Protocol
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import AbstractConnection
+from redis.crc import key_slot
+
+# The one server's address: a standalone server needs no other.
+ONE_SERVER = ""
+
+
+class Router(Protocol):
+    """The hub's view of where channels live."""
+
+    # The server the hub stays connected to with no viewer (its own channel keeps the one
+    # connection of a standalone server open); None on a cluster, whose connections open as
+    # channels need them.
+    standing_address: str | None
+
+    def address(self, channel: str) -> str:
+        """The server holding ``channel``'s subscribers; ``LookupError`` while unknown."""
+        ...
+
+    def slot(self, channel: str) -> int:
+        """Channels of one slot may share an ``SSUBSCRIBE``."""
+        ...
+
+    def connection(self, address: str) -> AbstractConnection:
+        """A new connection (not connected yet) to ``address``, for pub/sub only."""
+        ...
+
+    async def refresh(self) -> None:
+        """Read where channels live again (a connection dropped, a slot moved)."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class OneServer:
+    """A standalone server (or the primary the Sentinels name): every channel there."""
+
+    standing_address: str | None = ONE_SERVER
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+
+    def address(self, channel: str) -> str:
+        return ONE_SERVER
+
+    def slot(self, channel: str) -> int:
+        return 0  # no slots: every channel may go in one SSUBSCRIBE
+
+    def connection(self, address: str) -> AbstractConnection:
+        # The client's own kind of connection: through Sentinel, it asks for the primary.
+        connection: AbstractConnection = self.redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        return connection
+
+    async def refresh(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+
+
+class ClusterSlots:
+    """A cluster: a channel is on the primary its slot map names for the channel's slot."""
+
+    standing_address: str | None = None
+
+    def __init__(self, cluster: RedisCluster) -> None:
+        self.cluster = cluster
+        self._loaded = False
+        self._refreshing: asyncio.Task[None] | None = None
+
+    def address(self, channel: str) -> str:
+        nodes = self.cluster.nodes_manager.slots_cache.get(self.slot(channel))
+        if not self._loaded or not nodes:
+            raise LookupError(f"no primary known for {channel!r}")
+        return str(nodes[0].name)  # "host:port"; the primary comes first
+
+    def slot(self, channel: str) -> int:
+        return int(key_slot(channel.encode()))
+
+    def connection(self, address: str) -> AbstractConnection:
+        host, _, port = address.rpartition(":")
+        # The cluster client's options for a node (TLS, credentials, timeouts), as its own
+        # connections to that node get them; the node object opens nothing by itself.
+        options: dict[str, Any] = dict(self.cluster.get_connection_kwargs())
+        node = ClusterNode(host, int(port), **options)
+        connection: AbstractConnection = node.connection_class(**node.connection_kwargs)
+        return connection
+
+    async def refresh(self) -> None:
+        """One reading of the slot map at a time, shared by whoever asks meanwhile."""
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.create_task(self._refresh(), name="hub-slot-map")
+        await asyncio.shield(self._refreshing)
+
+    async def _refresh(self) -> None:
+        # The slot map alone (CLUSTER SLOTS from the first node that answers): the hub sends
+        # no command through the client, so it needs none of the rest of its setup.
+        await self.cluster.nodes_manager.initialize()
+        self._loaded = True
+
+    async def aclose(self) -> None:
+        if self._refreshing is not None:
+            self._refreshing.cancel()
+        manager = self.cluster.nodes_manager
+        await manager.aclose()
+        await manager.aclose("startup_nodes")
