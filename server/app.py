@@ -51,11 +51,12 @@ from stepstream.server.metrics import WebMetrics
 from stepstream.server.security import bound_host, is_production, middleware
 from stepstream.server.state import AppState
 from stepstream.tasks import credentials, tracing
-from stepstream.tasks.connection import arq_pool, connect
+from stepstream.tasks.connection import arq_pool
 from stepstream.tasks.credentials import ApiKeys
 from stepstream.tasks.errors import ConfigurationError
 from stepstream.tasks.heartbeat import new_worker_id
 from stepstream.tasks.logs import setup_logging
+from stepstream.tasks.planes import connect_live
 from stepstream.tasks.registry import TaskRegistry, load_tasks
 from stepstream.tasks.settings import Settings, get_settings
 from stepstream.tasks.store import JobStore
@@ -216,10 +217,10 @@ def create_app(
                 "STEPSTREAM_MAX_STREAMS_PER_KEY (streams opened with an API key itself)"
             )
         # Patient: a request waits out a short Redis outage instead of failing.
-        redis = connect(settings, attempts=10)
-        pubsub_redis = connect(settings, attempts=None)  # the hub reconnects by itself
+        store = JobStore.open(settings, attempts=10)
+        redis = store.redis
+        pubsub_redis = connect_live(settings)  # the hub reconnects by itself
         arq = arq_pool(settings)  # enqueues ride along with store scripts (tasks/queue.py)
-        store = JobStore(redis, settings)
         hub = Hub(
             pubsub_redis,
             store.keys,
@@ -263,7 +264,7 @@ def create_app(
             await hub.stop()
             await arq.aclose()
             await pubsub_redis.aclose()
-            await redis.aclose()
+            await store.aclose()
 
     routes = [
         Route("/api/jobs", jobs.submit_job, methods=["POST"]),

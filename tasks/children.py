@@ -34,6 +34,7 @@ from pydantic import BaseModel
 from stepstream.tasks import cancellation, creation, lua, rollup
 from stepstream.tasks.commands import Arg, Command
 from stepstream.tasks.errors import PermanentError
+from stepstream.tasks.keyspace import Keys
 from stepstream.tasks.models import JobState
 from stepstream.tasks.queue import enqueue_commands
 from stepstream.tasks.registry import TaskSpec
@@ -98,12 +99,18 @@ class ChildrenSuspended(BaseException):
         self.tolerated = tolerated
 
 
-def child_id(parent_id: str, group: str, index: int) -> str:
+def child_id(keys: Keys, parent_id: str, group: str, index: int) -> str:
     """The id of a fan-out's child: derived, so creating it again is refused as ``exists``.
-    20 characters of base64url (the length of a random id), never starting with ``-``/``_``."""
-    digest = hashlib.sha256(f"{parent_id}\0{group}\0{index}".encode()).digest()
-    text = base64.urlsafe_b64encode(digest).decode()[:20]
-    return text if text[0].isalnum() else "c" + text[1:]
+    20 characters of base64url (the length of a random id), never starting with ``-``/``_``.
+    On a cluster, derived again until it lands in its parent's partition (``Keys.draw_id``)."""
+
+    def derive(draw: int) -> str:
+        salt = f"\0{draw}" if draw else ""  # draw 0: the id on one server, as it always was
+        digest = hashlib.sha256(f"{parent_id}\0{group}\0{index}{salt}".encode()).digest()
+        text = base64.urlsafe_b64encode(digest).decode()[:20]
+        return text if text[0].isalnum() else "c" + text[1:]
+
+    return keys.draw_id(derive, keys.partition_of(parent_id))
 
 
 def group_token(group: str) -> str:
@@ -143,7 +150,7 @@ async def start(
     store, arq = ctx.store, _arq(ctx)
     token = group_token(group)
     handles = [
-        ChildHandle(child_id(ctx.job_id, group, i), i, spec.name)
+        ChildHandle(child_id(store.keys, ctx.job_id, group, i), i, spec.name)
         for i, (spec, _) in enumerate(items)
     ]
     counts_key = store.keys.batch_counts(ctx.job_id)

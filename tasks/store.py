@@ -17,7 +17,9 @@ script: on a cluster every key of one call must share a hash slot, and this make
 
 from __future__ import annotations
 
+import heapq
 import json
+import logging
 import math
 import secrets
 import time
@@ -29,15 +31,18 @@ from typing import Any
 from arq.constants import job_key_prefix
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from stepstream._stream_id import StreamId
-from stepstream.tasks import lua, transitions
+from stepstream.tasks import lua, planes, transitions
 from stepstream.tasks.commands import Command
+from stepstream.tasks.connection import connect
 from stepstream.tasks.keyspace import Keys
 from stepstream.tasks.models import JobRecord, JobState, utcnow
 from stepstream.tasks.output import with_live_text
 from stepstream.tasks.settings import Settings
+
+logger = logging.getLogger("stepstream.store")
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,11 @@ SCRIPT_RELOADS = 5
 # that entry again.
 KEY_ROUNDS = 4
 TERMINAL = frozenset({'"completed"', '"failed"', '"cancelled"'})
+# The states that hold a place among the owner's unfinished jobs (append.lua adds them).
+PLACED = frozenset({'"queued"', '"scheduled"'})
+# On a cluster, a place taken (reserve.lua) this long ago whose job has no record, or has ended,
+# is dropped when the limit refuses: its create never came, or its end's release is late.
+RESERVATION_GRACE_SECONDS = 60
 # json.dumps(value, separators=(",", ":")), without building an encoder on every call: a create
 # encodes some forty values.
 compact_json = json.JSONEncoder(separators=(",", ":")).encode
@@ -147,13 +157,43 @@ class ScriptCall:
 
 
 class JobStore:
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    """The log plane's records and logs. ``redis``: the log plane's client (a cluster's when
+    ``STEPSTREAM_CLUSTER_URL`` is set: tasks/planes.py, ``connect_log_plane``); ``queue``: the
+    queue plane's, for what a cluster's script leaves to run after it (the same client on one
+    server, where the scripts write arq's queue themselves)."""
+
+    def __init__(self, redis: Redis, settings: Settings, queue: Redis | None = None) -> None:
         self.redis = redis
         self.settings = settings
-        self.keys = Keys(settings.prefix)
+        self.keys = Keys.of_deployment(settings)
+        self.queue = redis if queue is None else queue
+        self.cluster = self.keys.partitioned
         self._append = redis.register_script(lua.append())
-        self._index_trimmed_at = 0.0
+        self._reserve = redis.register_script(lua.reserve())
+        self._index_trimmed_at: dict[int, float] = {}
         self._webhook_states = _state_list(sorted(settings.webhook_states))
+
+    @classmethod
+    def open(cls, settings: Settings, *, attempts: int | None = 25) -> JobStore:
+        """The store of a deployment: on the cluster at ``STEPSTREAM_CLUSTER_URL`` with the
+        queue plane at ``REDIS_URL``, or both on ``REDIS_URL`` (tasks/planes.py). ``attempts``:
+        as ``connect``'s. Closed with ``aclose``."""
+        log = planes.connect_log_plane(settings, attempts=attempts)
+        queue = connect(settings, attempts=attempts) if settings.cluster_url else None
+        return cls(log, settings, queue)
+
+    async def aclose(self) -> None:
+        if self.queue is not self.redis:
+            await self.queue.aclose()
+        await self.redis.aclose()
+
+    def new_job_id(self, *, parent: str | None = None, scope: str | None = None) -> str:
+        """A new job's id, in the partition it must be created in on a cluster: its parent's
+        (a child's end is counted into its parent's keys by its own script), or an
+        Idempotency-Key scope's (the create confirms the claim in its script); else any
+        (random ids: jobs spread evenly)."""
+        home = parent if parent is not None else scope
+        return self.keys.new_job_id(None if home is None else self.keys.partition_of(home))
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -222,7 +262,97 @@ class JobStore:
     async def call(self, call: ScriptCall, rate: tuple[int, int] | None = None) -> Appended:
         """Run ``call`` alone: called again with the keys the script asks for, and once more
         after dropping the owner's expired unfinished ids if they refused it. ``rate``: see
-        ``create``."""
+        ``create``.
+
+        On a cluster the owner's places are taken first, in its home partition (``reserve``),
+        and what the script cannot write (arq's entry, keys of other slots) goes through the
+        partition's queue outbox, run right after it (tasks/planes.py)."""
+        if not self.cluster:
+            return await self._call(call, rate)
+        refused, reserved = await self.reserve([call], rate)
+        if refused is not None:
+            return refused
+        call, entry = self._outboxed(call)
+        appended = await self._call(call, None)
+        if appended.ok:
+            await self._run_entry(call.job_id, entry)
+        elif reserved:
+            await self.release(call.owner, reserved)
+        return appended
+
+    async def reserve(
+        self, calls: Sequence[ScriptCall], rate: tuple[int, int] | None
+    ) -> tuple[Appended | None, list[str]]:
+        """On a cluster, the places ``calls`` take under their owner's limits, taken in one
+        call in the owner's home partition (tasks/scripts/reserve.lua): (the refusal, or None;
+        the ids that took places, for ``release`` if the creates are refused). Concurrent
+        submissions of one owner all go through the one set, so they can never share its
+        last place, wherever their jobs are created."""
+        ids = [
+            c.job_id
+            for c in calls
+            if c.fields.get("state") in PLACED and (c.mode == "create" or c.take > 0)
+        ]
+        take = sum(c.take for c in calls)
+        if not ids and take == 0 and rate is None:
+            return None, []
+        owner = calls[0].owner
+        home = self.keys.owner_home(owner)
+        keys = [home.owner_unfinished(owner)]
+        if rate is not None:
+            keys.append(home.submissions(owner, rate[1]))
+        named: dict[str, Any] = {
+            "limit": self.settings.max_unfinished_per_owner,
+            "take": take,
+            "rate": rate[0] if rate is not None else False,
+            "score": calls[0].score,
+        }
+        for attempt in range(2):
+            reply = await self._reserve(keys=keys, args=[compact_json(named), *ids])
+            named["rate"] = False  # counted once: the same submission
+            if reply[0] == "":
+                return None, ids
+            if reply[0] == "limit" and attempt == 0 and await self.drop_expired_unfinished(owner):
+                continue
+            break
+        count = int(reply[1])
+        if reply[0] == "rate":
+            return Appended(None, None, refused="rate", submitted=count), []
+        return Appended(None, None, refused="limit", unfinished=count), []
+
+    async def release(self, owner: str | None, ids: Sequence[str]) -> None:
+        """Give back places ``reserve`` took for creates that were refused."""
+        await self.redis.zrem(self.keys.owner_home(owner).owner_unfinished(owner), *ids)
+
+    def _outboxed(self, call: ScriptCall) -> tuple[ScriptCall, tuple[str, list[Command]] | None]:
+        """On a cluster: ``call`` with what its script cannot run (the queue plane's commands,
+        those of other slots, and an end's release of its owner's place) replaced by one write
+        of its partition's queue outbox; and that entry (its name and commands)."""
+        then = list(call.then)
+        if call.terminal:
+            owner_set = self.keys.owner_home(call.owner).owner_unfinished(call.owner)
+            then.append(Command("ZREM", [owner_set], (call.job_id,)))
+        inside, after = planes.split(self.keys.job(call.job_id), then)
+        # A cluster's script takes no places (``reserve`` did) and writes no other slot's key.
+        if not after:
+            return replace(call, then=tuple(inside), take=0), None
+        entry = f"{call.job_id} {json.loads(call.fields['append_op'])}"
+        outbox = self.keys.of(call.job_id).queue_outbox
+        inside.append(Command("HSET", [outbox], (entry, planes.encode(after))))
+        return replace(call, then=tuple(inside), take=0), (entry, after)
+
+    async def _run_entry(self, job_id: str, entry: tuple[str, list[Command]] | None) -> None:
+        """Run a call's queue outbox entry right after its script: the fast path. A failure is
+        the drain's (a worker's, tasks/planes.py): the call itself is stored."""
+        if entry is None:
+            return
+        try:
+            outbox = self.keys.of(job_id).queue_outbox
+            await planes.run_entry(self.redis, self.queue, outbox, entry[0], entry[1])
+        except (RedisError, OSError) as exc:
+            logger.warning("job %s: its queue outbox entry is left to the workers: %r", job_id, exc)
+
+    async def _call(self, call: ScriptCall, rate: tuple[int, int] | None) -> Appended:
         pruned = False
         for _ in range(KEY_ROUNDS):
             keys, args = self.lay_out(call, rate)
@@ -308,21 +438,23 @@ class JobStore:
         in ARGV[1], then the events, the fields and the commands' arguments (append.lua's
         header says which is which). ``rate``: (limit, unix second) of a submission counted
         under its owner's submissions per second (``create``)."""
+        # The partition's keys: on one server, the plain global names.
+        part = self.keys.of(call.job_id)
         keys = [
             self.keys.job(call.job_id),
             self.keys.job_events(call.job_id),
-            self.keys.firehose,
+            part.firehose,
             self.keys.job_cancel(call.job_id),
-            self.keys.jobs,
-            self.keys.owner_unfinished(call.owner),
-            self.keys.webhook_outbox,
-            self.keys.webhooks_dropped,
+            part.jobs,
+            part.owner_unfinished(call.owner),
+            part.webhook_outbox,
+            part.webhooks_dropped,
             self.keys.job_channel(call.job_id),
-            self.keys.firehose_channel,
+            part.firehose_channel,
         ]
         for name in call.counted:
-            keys.append(self.keys.transitions(name))
-            keys.append(self.keys.transitions_window(name, call.window))
+            keys.append(part.transitions(name))
+            keys.append(part.transitions_window(name, call.window))
         if call.requires is not None:
             keys.append(self.keys.job(call.requires))
         # An end's batch keys only: the script looks at them for nothing else.
@@ -334,7 +466,7 @@ class JobStore:
         if entry is not None:
             keys.extend((job_key_prefix + entry, self.keys.queue, self.keys.queue_wakeups))
         if rate is not None:
-            keys.append(self.keys.submissions(call.owner, rate[1]))
+            keys.append(part.submissions(call.owner, rate[1]))
         named = {
             "events": len(call.events),
             "fields": len(call.fields),
@@ -375,6 +507,8 @@ class JobStore:
         nothing like a scan of every unfinished job. Not in the append script: the records'
         keys are known only from the set's members, and an expired record never comes back,
         so dropping its id needs no atomicity with the check."""
+        if self.cluster:
+            return await self._drop_stale_reservations(owner)
         key = self.keys.owner_unfinished(owner)
         horizon = (time.time() - self.settings.retention_seconds) * 1_000_000
         ids: list[str] = await self.redis.zrangebyscore(key, "-inf", f"{horizon:.0f}")
@@ -385,6 +519,29 @@ class JobStore:
                 pipe.exists(self.keys.job(job_id))
             found = await pipe.execute()
         gone = [job_id for job_id, exists in zip(ids, found, strict=True) if not exists]
+        if gone:
+            await self.redis.zrem(key, *gone)
+        return len(gone)
+
+    async def _drop_stale_reservations(self, owner: str | None) -> int:
+        """On a cluster: drop the places in ``owner``'s home set (``reserve``) taken over
+        ``RESERVATION_GRACE_SECONDS`` ago whose job has no record (its create never came: the
+        process died, or its record expired) or has ended (its release, run after the end's
+        script, is late: the queue outbox runs it within seconds)."""
+        key = self.keys.owner_home(owner).owner_unfinished(owner)
+        horizon = (time.time() - RESERVATION_GRACE_SECONDS) * 1_000_000
+        ids: list[str] = await self.redis.zrangebyscore(key, "-inf", f"{horizon:.0f}")
+        if not ids:
+            return 0
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hget(self.keys.job(job_id), "state")
+            states = await pipe.execute()
+        gone = [
+            job_id
+            for job_id, state in zip(ids, states, strict=True)
+            if state is None or state in TERMINAL
+        ]
         if gone:
             await self.redis.zrem(key, *gone)
         return len(gone)
@@ -404,12 +561,14 @@ class JobStore:
         """
         appended = await self.call(self._create_call(record, events, then, take, None), rate)
         now = time.time()
-        if appended.ok and now - self._index_trimmed_at >= 1.0:
+        partition = self.keys.partition_of(record.id)
+        if appended.ok and now - self._index_trimmed_at.get(partition, 0.0) >= 1.0:
             # Index entries scored before the retention point at expired jobs. Trimming once a
-            # second per process, not on every submit, saves a round trip per submission.
-            self._index_trimmed_at = now
+            # second per process (and partition), not on every submit, saves a round trip per
+            # submission.
+            self._index_trimmed_at[partition] = now
             horizon = (now - self.settings.retention_seconds) * 1_000_000
-            await self.redis.zremrangebyscore(self.keys.jobs, 0, horizon)
+            await self.redis.zremrangebyscore(self.keys.at(partition).jobs, 0, horizon)
         return appended
 
     def create_call(
@@ -564,7 +723,8 @@ class JobStore:
     async def get_many(self, job_ids: Sequence[str]) -> list[JobRecord | None]:
         """The records, each with its running step's text so far (tasks/output.py): read in
         one MULTI, so the text is the one the record's ``last_event_id`` has."""
-        async with self.redis.pipeline(transaction=True) as pipe:
+        # A cluster has no MULTI: there the text may be a step newer than the record.
+        async with self.redis.pipeline(transaction=not self.cluster) as pipe:
             for job_id in job_ids:
                 pipe.hgetall(self.keys.job(job_id))
                 pipe.get(self.keys.job_text(job_id))
@@ -590,9 +750,14 @@ class JobStore:
         (subject's) entries are returned, so a page may be short, or empty, and still not be
         the last.
         """
-        rows = await self.redis.xrange(self.keys.firehose, min=f"({after}", max="+", count=count)
-        last = rows[-1][0] if rows else after
-        more = len(rows) == count
+        if self.cluster:
+            rows, last, more = await self._read_partitions(after, count)
+        else:
+            rows = await self.redis.xrange(
+                self.keys.firehose, min=f"({after}", max="+", count=count
+            )
+            last = rows[-1][0] if rows else after
+            more = len(rows) == count
         owner_json = json.dumps(owner) if owner is not None else None
         subject_json = json.dumps(subject) if subject is not None else None
         page = [
@@ -602,6 +767,45 @@ class JobStore:
             and (subject_json is None or fields.get("s") == subject_json)
         ]
         return page, last, more
+
+    async def firehose_head(self) -> str:
+        """The firehose's cursor at its newest entry: where a fresh viewer starts."""
+        if not self.cluster:
+            info = await self.stream_info(self.keys.firehose)
+            return info.last_id if info else "0"
+        parts = self.keys.every_partition()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for part in parts:
+                pipe.xrevrange(part.firehose, count=1)
+            newest: list[list[tuple[str, Any]]] = await pipe.execute()
+        return FIREHOSE_CURSOR_SEPARATOR.join(rows[0][0] if rows else "0" for rows in newest)
+
+    async def _read_partitions(
+        self, after: str, count: int
+    ) -> tuple[list[tuple[str, dict[str, str]]], str, bool]:
+        """A cluster's firehose page: the first ``count`` entries after the cursor ``after``
+        over every partition's stream, in the order of their ids. The cursor is one id per
+        partition (``FIREHOSE_CURSOR_SEPARATOR``-joined, ``"0"`` for all from the start), and
+        each entry's id is the cursor just past it, so a client resumes every partition
+        from any event it saw. Exact: a partition that filled its page of ``count`` ends
+        after the last entry taken."""
+        parts = self.keys.every_partition()
+        cursor = firehose_cursor(after, len(parts))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for part, last in zip(parts, cursor, strict=True):
+                pipe.xrange(part.firehose, min=f"({last}", max="+", count=count)
+            pages: list[list[tuple[str, dict[str, str]]]] = await pipe.execute()
+        tagged = (
+            [(StreamId.parse(entry_id), p, entry_id, fields) for entry_id, fields in page]
+            for p, page in enumerate(pages)
+        )
+        merged = list(heapq.merge(*tagged, key=lambda row: (row[0], row[1])))
+        more = any(len(page) == count for page in pages) or len(merged) > count
+        rows: list[tuple[str, dict[str, str]]] = []
+        for _, p, entry_id, fields in merged[:count]:
+            cursor[p] = entry_id
+            rows.append((FIREHOSE_CURSOR_SEPARATOR.join(cursor), fields))
+        return rows, FIREHOSE_CURSOR_SEPARATOR.join(cursor), more
 
     async def stream_info(self, key: str) -> StreamInfo | None:
         try:
@@ -642,7 +846,6 @@ class JobStore:
 
         With ``subject`` the subject's own index is read instead of every job's.
         """
-        index = self.keys.jobs if subject is None else self.keys.subject_jobs(subject)
         found: list[JobRecord] = []
         max_score: float | str = "+inf" if cursor is None else cursor[0]
         skip_until = cursor
@@ -651,9 +854,7 @@ class JobStore:
         # Filters are applied while scanning; a bounded scan keeps one request cheap even when
         # few jobs match, and the cursor lets the caller go on from where it stopped.
         while scanned < 5_000:
-            rows = await self.redis.zrevrangebyscore(
-                index, max_score, "-inf", start=0, num=batch, withscores=True
-            )
+            rows = await self._index_rows(subject, max_score, batch)
             if skip_until is not None:
                 score, last_id = skip_until
                 # Equal scores come in descending member order: drop what the last page had.
@@ -681,6 +882,23 @@ class JobStore:
                 break
             max_score = skip_until[0]
         return found, skip_until
+
+    async def _index_rows(
+        self, subject: str | None, max_score: float | str, count: int
+    ) -> list[tuple[str, float]]:
+        """The newest ``count`` entries of the job index (or a subject's) scored at most
+        ``max_score``: on a cluster, each partition's newest ``count`` merged (one pipeline,
+        one command per partition), which are the index's newest ``count`` too."""
+        parts = self.keys.every_partition()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for part in parts:
+                index = part.jobs if subject is None else part.subject_jobs(subject)
+                pipe.zrevrangebyscore(index, max_score, "-inf", start=0, num=count, withscores=True)
+            pages: list[list[tuple[str, float]]] = await pipe.execute()
+        if len(pages) == 1:
+            return pages[0]
+        merged = heapq.merge(*pages, key=lambda row: (row[1], row[0]), reverse=True)
+        return list(merged)[:count]
 
     async def child_ids(self, parent_id: str) -> list[str]:
         """Every child id of a job (or a batch), in the order they were started."""
@@ -722,6 +940,24 @@ class JobStore:
                     break
         more = await self.redis.llen(key) > offset  # type: ignore[misc]
         return found, offset if more else None
+
+
+# Between a cluster's firehose cursor's ids, one per partition (never in a stream id).
+FIREHOSE_CURSOR_SEPARATOR = "."
+
+
+def firehose_cursor(text: str, partitions: int) -> list[str]:
+    """A cluster's firehose cursor as one id per partition: ``"0"`` (or any one id, as a
+    one-server cursor carries over) for every partition alike; a ``ValueError`` for a text of
+    another number of ids or with one that is not a stream id."""
+    ids = text.split(FIREHOSE_CURSOR_SEPARATOR)
+    if len(ids) == 1:
+        ids = ids * partitions
+    if len(ids) != partitions:
+        raise ValueError(f"a firehose cursor of {len(ids)} ids; this log plane has {partitions}")
+    for entry_id in ids:
+        StreamId.parse(entry_id)
+    return ids
 
 
 def _state_list(states: Iterable[str]) -> str:
