@@ -1,0 +1,243 @@
+"""The store on a real Valkey Cluster (3 primaries, 3 replicas) with arq's queue on a Valkey of
+its own, as ``STEPSTREAM_CLUSTER_URL`` and ``REDIS_URL`` put them (docs/scaling.md): jobs spread
+over every primary, their appends stay one script in one slot, the global views (listing,
+firehose, counters) are merged over the partitions, the queue outbox gives every job its arq
+entry, and the owner's limits hold under concurrent submissions."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import redis
+from arq.connections import ArqRedis
+from arq.constants import job_key_prefix
+
+from stepstream.tasks import creation, heartbeat, planes
+from stepstream.tasks.connection import arq_pool
+from stepstream.tasks.models import JobState
+from stepstream.tasks.registry import TaskSpec, load_tasks
+from stepstream.tasks.settings import Settings
+from stepstream.tasks.store import JobStore, new_event
+from tests.support.cluster import ValkeyCluster
+from tests.support.processes import Valkey, free_port
+
+_prefixes = itertools.count(1)
+
+
+@pytest.fixture(scope="module")
+def spec() -> TaskSpec:
+    found = load_tasks([], demo=True).get_task("analyze_document")
+    assert found is not None
+    return found
+
+
+def two_planes(valkey: Valkey, cluster: ValkeyCluster, **options: Any) -> Settings:
+    return Settings(
+        redis_url=valkey.url,
+        cluster_url=cluster.url,
+        prefix=f"cs{next(_prefixes)}:",
+        **options,
+    )
+
+
+@asynccontextmanager
+async def opened(settings: Settings) -> AsyncIterator[tuple[JobStore, ArqRedis]]:
+    store = JobStore.open(settings)
+    arq = arq_pool(settings)
+    try:
+        yield store, arq
+    finally:
+        await arq.aclose()
+        await store.aclose()
+
+
+def primaries_keys(cluster: ValkeyCluster, prefix: str) -> dict[str, dict[str, str]]:
+    """Every key under ``prefix`` on each primary, with its type."""
+    out: dict[str, dict[str, str]] = {}
+    for shard in cluster.shards:
+        with shard.primary.client() as client:
+            out[shard.primary.name] = {
+                key: client.type(key) for key in client.scan_iter(f"{prefix}*", count=1_000)
+            }
+    return out
+
+
+def queue_plane(valkey: Valkey) -> Iterator[redis.Redis]:
+    with redis.Redis.from_url(valkey.url, decode_responses=True) as client:
+        yield client
+
+
+def queue_entries(valkey: Valkey, settings: Settings, job_ids: list[str]) -> list[bool]:
+    queue = f"{settings.prefix}queue"
+    with redis.Redis.from_url(valkey.url) as client:
+        return [
+            client.zscore(queue, job_id) is not None and bool(client.exists(job_key_prefix + job_id))
+            for job_id in job_ids
+        ]
+
+
+def test_jobs_are_created_appended_listed_and_merged_over_the_partitions(
+    valkey: Valkey, valkey_cluster: ValkeyCluster, spec: TaskSpec
+) -> None:
+    settings = two_planes(valkey, valkey_cluster)
+    made: list[str] = []
+
+    async def run() -> None:
+        async with opened(settings) as (store, arq):
+            for i in range(48):
+                job = creation.NewJob(spec, {"text": f"document {i}"}, owner="alice")
+                created = await creation.create(store, arq, job)
+                assert created.appended.ok, created.appended
+                made.append(created.record.id)
+            # Every job has its arq entry on the queue plane, and no outbox entry is left.
+            assert all(queue_entries(valkey, settings, made))
+            async with store.redis.pipeline(transaction=False) as pipe:
+                for part in store.keys.every_partition():
+                    pipe.hlen(part.queue_outbox)
+                assert sum(await pipe.execute()) == 0
+            # A worker's appends: a compare-and-set on one job's keys, one slot.
+            first = made[0]
+            progress = new_event(first, "progress", 1, current=1, total=2)
+            started = await store.append(
+                first, progress, {"state": "running"}, owner="alice", expect=(JobState.queued,)
+            )
+            assert started.ok
+            again = await store.append(
+                first, progress, {"state": "running"}, owner="alice", expect=(JobState.queued,)
+            )
+            assert again.refused == '"running"'
+            events = await store.read_events(first, "0", 10)
+            assert [json.loads(e)["type"] for _, e in events] == ["queued", "progress"]
+            info, rows = await store.resume(first, events[0][0], 10)
+            assert info is not None and [r[0] for r in rows] == [events[1][0]]
+            # The listing: every partition's index merged, newest first, page after page.
+            listed: list[str] = []
+            cursor = None
+            while True:
+                page, cursor = await store.list_jobs(
+                    states=None, task=None, limit=10, cursor=cursor
+                )
+                listed += [record.id for record in page]
+                if cursor is None or not page:
+                    break
+            assert listed == made[::-1]
+            running, _ = await store.list_jobs(
+                states=frozenset({JobState.running}), task=None, limit=10, cursor=None
+            )
+            assert [record.id for record in running] == [first]
+            # The firehose: every partition's stream merged in id order, read in pages whose
+            # cursor (one id per partition) resumes each partition where it stopped.
+            seen: list[tuple[str, str]] = []
+            after = "0"
+            while True:
+                page_rows, after, more = await store.read_firehose(after, 7)
+                seen += [(json.loads(e)["job_id"], json.loads(e)["type"]) for _, _, e in page_rows]
+                if not more:
+                    break
+            assert seen == [(job_id, "queued") for job_id in made] + [(first, "progress")]
+            # Resumed from the 20th event's id, as a client's Last-Event-ID: the rest, once.
+            twentieth = (await store.read_firehose("0", 20))[0][-1][0]
+            rest, _, _ = await store.read_firehose(twentieth, 100)
+            assert [json.loads(e)["job_id"] for _, _, e in rest] == [*made[20:], first]
+            head = await store.firehose_head()
+            assert (await store.read_firehose(head, 10))[0] == []
+            # The transition counters, summed over the partitions.
+            counters = await heartbeat.read_counters(store.redis, store.keys)
+            assert counters.get(spec.name, "submitted") == 48
+            assert counters.get(spec.name, "started") == 1
+
+    asyncio.run(run())
+    # The records spread over every primary (48 over 24 partitions, 8 partitions a primary).
+    held = primaries_keys(valkey_cluster, settings.prefix)
+    records = {
+        name: sum(1 for k in keys if ":job:{" in k and k.endswith("}"))
+        for name, keys in held.items()
+    }
+    assert sum(records.values()) == 48 and all(n >= 5 for n in records.values()), records
+
+
+def test_a_queue_entry_left_in_the_outbox_is_written_by_the_drain_once(
+    valkey: Valkey, valkey_cluster: ValkeyCluster, spec: TaskSpec
+) -> None:
+    """The queue plane unreachable right after the create's script (as for a web process that
+    died between the two): the job is stored with its entry in the partition's queue outbox,
+    and a worker's drain writes the arq entry; draining it again changes nothing."""
+    settings = two_planes(valkey, valkey_cluster)
+
+    async def run() -> None:
+        async with opened(settings) as (store, arq):
+            nowhere = redis.asyncio.Redis(port=free_port(), socket_connect_timeout=0.2)
+            cut_off = JobStore(store.redis, settings, queue=nowhere)
+            job = creation.NewJob(spec, {"text": "left behind"})
+            created = await creation.create(cut_off, arq, job)
+            await nowhere.aclose()
+            job_id = created.record.id
+            assert created.appended.ok and await store.get(job_id) is not None
+            outbox = store.keys.of(job_id).queue_outbox
+            assert await store.redis.hlen(outbox) == 1  # type: ignore[misc]
+            assert queue_entries(valkey, settings, [job_id]) == [False]
+            # A fresh entry is its writer's for a while: the drain leaves it.
+            assert await planes.drain(store.redis, store.queue, store.keys, older_than_ms=60_000) == 0
+            assert await planes.drain(store.redis, store.queue, store.keys, older_than_ms=0) == 1
+            assert queue_entries(valkey, settings, [job_id]) == [True]
+            assert await store.redis.hlen(outbox) == 0  # type: ignore[misc]
+            assert await planes.drain(store.redis, store.queue, store.keys, older_than_ms=0) == 0
+            with redis.Redis.from_url(valkey.url) as client:
+                assert client.zrange(f"{settings.prefix}queue", 0, -1) == [job_id.encode()]
+
+    asyncio.run(run())
+
+
+def test_an_owners_limits_hold_under_concurrent_submissions_over_partitions(
+    valkey: Valkey, valkey_cluster: ValkeyCluster, spec: TaskSpec
+) -> None:
+    settings = two_planes(valkey, valkey_cluster, max_unfinished_per_owner=5)
+
+    async def run() -> None:
+        async with opened(settings) as (store, arq):
+
+            async def submit(i: int, rate: tuple[int, int] | None = None) -> creation.Created:
+                job = creation.NewJob(spec, {"text": f"doc {i}"}, owner="bob")
+                return await creation.create(store, arq, job, rate=rate)
+
+            results = await asyncio.gather(*(submit(i) for i in range(16)))
+            made = [r.record.id for r in results if r.appended.ok]
+            refused = [r for r in results if not r.appended.ok]
+            assert len(made) == 5
+            assert {r.appended.refused for r in refused} == {"limit"}
+            assert {r.appended.unfinished for r in refused} == {5}
+            assert len({store.keys.partition_of(job_id) for job_id in made}) > 1  # spread
+            # A refused submission left nothing: no record, no place, no queue entry.
+            for r in refused:
+                assert await store.get(r.record.id) is None
+            home = store.keys.owner_home("bob").owner_unfinished("bob")
+            assert sorted(await store.redis.zrange(home, 0, -1)) == sorted(made)
+            assert not any(queue_entries(valkey, settings, [r.record.id for r in refused]))
+            # One ends: its place is given back (after its script, through the outbox).
+            ended = await store.append(
+                made[0],
+                new_event(made[0], "cancelled", 0),
+                {"state": "cancelled"},
+                owner="bob",
+                expect=(JobState.queued,),
+            )
+            assert ended.ok
+            assert (await submit(99)).appended.ok
+            assert not (await submit(100)).appended.ok
+            # Submissions per second: counted in the owner's home partition, once each.
+            results = await asyncio.gather(*(submit(200 + i, rate=(2, 1_000)) for i in range(5)))
+            assert sorted(r.appended.refused or "ok" for r in results) == [
+                "limit",
+                "limit",
+                "rate",
+                "rate",
+                "rate",
+            ]
+
+    asyncio.run(run())
