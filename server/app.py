@@ -223,7 +223,7 @@ def create_app(
         arq = arq_pool(settings)  # enqueues ride along with store scripts (tasks/queue.py)
         hub = Hub(
             pubsub_redis,
-            store.keys,
+            store.keys.at(0),  # a job's channel is its partition's whatever the view's
             queue_size=settings.subscriber_queue,
             heartbeat_seconds=settings.heartbeat_seconds,
             subscribe_delay_seconds=settings.subscribe_delay_seconds,

@@ -24,8 +24,12 @@ from stepstream.tasks.models import JobState
 from stepstream.tasks.registry import TaskSpec, load_tasks
 from stepstream.tasks.settings import Settings
 from stepstream.tasks.store import JobStore, new_event
+from tests.conftest import Stack
+from tests.support import api, http
 from tests.support.cluster import ValkeyCluster
 from tests.support.processes import Valkey, free_port
+from tests.support.sse import StreamReader, read_stream
+from tests.support.tasks import gate_key
 
 _prefixes = itertools.count(1)
 
@@ -77,7 +81,8 @@ def queue_entries(valkey: Valkey, settings: Settings, job_ids: list[str]) -> lis
     queue = f"{settings.prefix}queue"
     with redis.Redis.from_url(valkey.url) as client:
         return [
-            client.zscore(queue, job_id) is not None and bool(client.exists(job_key_prefix + job_id))
+            client.zscore(queue, job_id) is not None
+            and bool(client.exists(job_key_prefix + job_id))
             for job_id in job_ids
         ]
 
@@ -183,7 +188,9 @@ def test_a_queue_entry_left_in_the_outbox_is_written_by_the_drain_once(
             assert await store.redis.hlen(outbox) == 1  # type: ignore[misc]
             assert queue_entries(valkey, settings, [job_id]) == [False]
             # A fresh entry is its writer's for a while: the drain leaves it.
-            assert await planes.drain(store.redis, store.queue, store.keys, older_than_ms=60_000) == 0
+            assert (
+                await planes.drain(store.redis, store.queue, store.keys, older_than_ms=60_000) == 0
+            )
             assert await planes.drain(store.redis, store.queue, store.keys, older_than_ms=0) == 1
             assert queue_entries(valkey, settings, [job_id]) == [True]
             assert await store.redis.hlen(outbox) == 0  # type: ignore[misc]
@@ -241,3 +248,80 @@ def test_an_owners_limits_hold_under_concurrent_submissions_over_partitions(
             ]
 
     asyncio.run(run())
+
+
+# -- real web processes and workers on the two planes ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster_stack(
+    valkey: Valkey, valkey_cluster: ValkeyCluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """Two web processes and two workers: the logs on the cluster, arq's queue on ``valkey``."""
+    own = Stack(
+        valkey,
+        f"cstack{next(_prefixes)}:",
+        tmp_path_factory.mktemp("cluster-stack"),
+        {"STEPSTREAM_CLUSTER_URL": valkey_cluster.url},
+    )
+    try:
+        own.add(webs=2, workers=2)
+        yield own
+    finally:
+        own.stop()
+
+
+def test_a_job_submitted_to_one_web_streams_to_its_end_from_the_other(
+    cluster_stack: Stack, valkey_cluster: ValkeyCluster
+) -> None:
+    first, second = cluster_stack.webs
+    job = api.submit(first.url, "analyze_document", {"text": api.DOC, "pace": 0.0})
+    status, events = read_stream(f"{second.url}/api/jobs/{job['id']}/events", timeout=30)
+    assert status == 200
+    types = [event.type for event in events]
+    assert types[0] == "snapshot" and types[-1] == "completed", types
+    # The whole log, replayed on the other web process from its start: every event once.
+    _, log = read_stream(
+        f"{first.url}/api/jobs/{job['id']}/events", headers={"Last-Event-ID": "0"}, timeout=30
+    )
+    ids = [event.id for event in log]
+    assert [event.type for event in log][:2] == ["queued", "started"]
+    assert log[-1].type == "completed" and len(set(ids)) == len(ids)
+    # Resumed from every offset, on either web process: the rest, with no gap.
+    for cut in range(1, len(log)):
+        web = cluster_stack.webs[cut % 2]
+        _, rest = read_stream(
+            f"{web.url}/api/jobs/{job['id']}/events",
+            headers={"Last-Event-ID": str(ids[cut - 1])},
+            timeout=30,
+        )
+        assert [event.id for event in rest] == ids[cut:]
+    # Stored on the cluster, not on REDIS_URL: the queue plane holds no record.
+    with cluster_stack.redis() as queue_plane:
+        assert not list(queue_plane.scan_iter(f"{cluster_stack.prefix}*job:*"))
+    held = primaries_keys(valkey_cluster, cluster_stack.prefix)
+    assert any(key.endswith(f"job:{{{job['id']}}}") for keys in held.values() for key in keys)
+    listed = http.get(f"{second.url}/api/jobs", timeout=10).json()
+    assert job["id"] in [item["id"] for item in listed["jobs"]]
+
+
+def test_a_watched_jobs_events_arrive_live_from_the_cluster(
+    cluster_stack: Stack, valkey_cluster: ValkeyCluster
+) -> None:
+    """Each event is let out by the test (the task waits on its gate, a key on the cluster)
+    while the stream is open: it can only arrive through the live delivery."""
+    first, second = cluster_stack.webs
+    job = api.submit(first.url, "gated", {"events": 3})
+    reader = StreamReader(f"{second.url}/api/jobs/{job['id']}/events").start()
+    gate = redis.RedisCluster(host="127.0.0.1", port=valkey_cluster.seed.port)
+    try:
+        reader.wait_for(lambda evs: any(e.type == "started" for e in evs))
+        for n in range(1, 4):
+            gate.rpush(gate_key(job["id"]), "go")
+            reader.wait_for(lambda evs, n=n: sum(e.type == "progress" for e in evs) == n)
+        events = reader.wait_closed()
+    finally:
+        reader.close()
+        gate.close()
+    assert [e.data["current"] for e in events if e.type == "progress"] == [1, 2, 3]
+    assert events[-1].type == "completed"
