@@ -177,6 +177,7 @@ def test_a_queue_entry_left_in_the_outbox_is_written_by_the_drain_once(
 
     async def run() -> None:
         async with opened(settings) as (store, arq):
+            planes_of = (store.redis, store.queue, store.keys)
             nowhere = redis.asyncio.Redis(port=free_port(), socket_connect_timeout=0.2)
             cut_off = JobStore(store.redis, settings, queue=nowhere)
             job = creation.NewJob(spec, {"text": "left behind"})
@@ -194,7 +195,7 @@ def test_a_queue_entry_left_in_the_outbox_is_written_by_the_drain_once(
             assert await planes.drain(store.redis, store.queue, store.keys, older_than_ms=0) == 1
             assert queue_entries(valkey, settings, [job_id]) == [True]
             assert await store.redis.hlen(outbox) == 0  # type: ignore[misc]
-            assert await planes.drain(store.redis, store.queue, store.keys, older_than_ms=0) == 0
+            assert await planes.drain(*planes_of, older_than_ms=0) == 0
             with redis.Redis.from_url(valkey.url) as client:
                 assert client.zrange(f"{settings.prefix}queue", 0, -1) == [job_id.encode()]
 
