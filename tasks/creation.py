@@ -217,7 +217,7 @@ async def count_submission(store: JobStore, owner: str | None, second: int) -> i
     """Count a submission of ``owner`` in ``second`` (unix s): its submissions in that second
     so far, this one included, for the per-second limit (``STEPSTREAM_SUBMISSIONS_PER_SECOND``,
     answered by the HTTP layer). Their unfinished jobs are counted by the create itself."""
-    key = store.keys.submissions(owner, second)
+    key = store.keys.owner_home(owner).submissions(owner, second)  # as the creates count them
     async with store.redis.pipeline(transaction=False) as pipe:
         pipe.incr(key)
         pipe.expire(key, 2)

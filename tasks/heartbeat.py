@@ -290,7 +290,11 @@ async def read_workers(redis: Redis, keys: Keys, limit: int = 1_000) -> list[dic
     ids: list[str] = await redis.zrevrange(keys.workers, 0, limit - 1)
     if not ids:
         return []
-    values = await redis.mget([keys.worker(worker_id) for worker_id in ids])
+    # One GET each, not MGET: on a cluster the keys are in many slots.
+    async with redis.pipeline(transaction=False) as pipe:
+        for worker_id in ids:
+            pipe.get(keys.worker(worker_id))
+        values: list[str | None] = await pipe.execute()
     workers = [json.loads(value) for value in values if value]
     workers.sort(key=lambda w: (w.get("started_at") or "", w.get("id") or ""))
     return workers

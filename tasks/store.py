@@ -23,15 +23,17 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from arq.constants import job_key_prefix
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ConnectionError, NoScriptError, RedisError, ResponseError
 
 from stepstream._stream_id import StreamId
 from stepstream.tasks import lua, planes, transitions
@@ -94,6 +96,10 @@ def _stream_info(info: dict[str, Any]) -> StreamInfo:
         entries_added=info.get("entries-added", info["length"]),
     )
 
+
+# What a cluster's script leaves to run after it: its queue outbox entry's name and commands
+# (``JobStore.after``); None when it leaves nothing (always, on one server).
+Pending = tuple[str, list[Command]] | None
 
 # Valkey restarts one transaction outlives before its error surfaces (create_together).
 SCRIPT_RELOADS = 5
@@ -171,6 +177,7 @@ class JobStore:
         self._append = redis.register_script(lua.append())
         self._reserve = redis.register_script(lua.reserve())
         self._index_trimmed_at: dict[int, float] = {}
+        self._nodes: dict[str, Redis] = {}  # a cluster's node clients, for transactions
         self._webhook_states = _state_list(sorted(settings.webhook_states))
 
     @classmethod
@@ -183,9 +190,35 @@ class JobStore:
         return cls(log, settings, queue)
 
     async def aclose(self) -> None:
+        for node in self._nodes.values():
+            await node.aclose()
         if self.queue is not self.redis:
             await self.queue.aclose()
         await self.redis.aclose()
+
+    @asynccontextmanager
+    async def transaction(self, key: str) -> AsyncIterator[Pipeline]:
+        """A ``MULTI`` pipeline that may ``WATCH`` ``key`` and keys of its slot (a job's own
+        and its partition's). redis-py 5's cluster client refuses transactions; a cluster
+        node runs them on the keys it holds, so on a cluster this is a client of the node
+        that holds ``key``'s slot (the slot map's, as the cluster client last read it: a
+        failover in between makes the ``EXEC`` fail, and the caller's error surfaces)."""
+        async with (await self._node_of(key)).pipeline(transaction=True) as pipe:
+            yield pipe
+
+    async def _node_of(self, key: str) -> Redis:
+        if not self.cluster:
+            return self.redis
+        cluster = cast(RedisCluster, self.redis)
+        await cluster.initialize()  # once: the slot map
+        node = cluster.get_node_from_key(key)
+        if node is None:
+            raise ConnectionError(f"no node holds the slot of {key!r}")
+        client = self._nodes.get(node.name)
+        if client is None:
+            client = Redis(host=node.host, port=int(node.port), decode_responses=True)
+            self._nodes[node.name] = client
+        return client
 
     def new_job_id(self, *, parent: str | None = None, scope: str | None = None) -> str:
         """A new job's id, in the partition it must be created in on a cluster: its parent's
@@ -341,7 +374,12 @@ class JobStore:
         inside.append(Command("HSET", [outbox], (entry, planes.encode(after))))
         return replace(call, then=tuple(inside), take=0), (entry, after)
 
-    async def _run_entry(self, job_id: str, entry: tuple[str, list[Command]] | None) -> None:
+    async def after(self, job_id: str, entry: Pending) -> None:
+        """Run what ``queue_append`` left for after its ``MULTI`` (nothing on one server),
+        once it has applied."""
+        await self._run_entry(job_id, entry)
+
+    async def _run_entry(self, job_id: str, entry: Pending) -> None:
         """Run a call's queue outbox entry right after its script: the fast path. A failure is
         the drain's (a worker's, tasks/planes.py): the call itself is stored."""
         if entry is None:
@@ -381,15 +419,20 @@ class JobStore:
         expect: Sequence[JobState] = (),
         then: Sequence[Command] = (),
         batch: str | None = None,
-    ) -> None:
-        """``append_many`` queued on ``pipe``: in a ``MULTI`` after a ``WATCH``, an append that
-        happens only if what the caller read is still so (read the outcome with
-        ``appended_from``). An append that ends a job counted into a batch must name it
-        (``batch``): it cannot be called again in the same ``MULTI``, and is refused as
-        ``"keys"`` otherwise (a batch's parent, which this ends, is in none)."""
+    ) -> Pending:
+        """``append_many`` queued on ``pipe`` (``transaction``): in a ``MULTI`` after a
+        ``WATCH``, an append that happens only if what the caller read is still so (read the
+        outcome with ``appended_from``; once applied, give what it returns to ``after``). An
+        append that ends a job counted into a batch must name it (``batch``): it cannot be
+        called again in the same ``MULTI``, and is refused as ``"keys"`` otherwise (a batch's
+        parent, which this ends, is in none)."""
         call = self.script_call(job_id, events, fields, owner, "update", expect, then, batch=batch)
+        entry: Pending = None
+        if self.cluster:
+            call, entry = self._outboxed(call)
         keys, args = self.lay_out(call)
         await self._append(keys=keys, args=args, client=pipe)
+        return entry
 
     def script_call(
         self,
@@ -595,12 +638,31 @@ class JobStore:
         does one refused by the owner's unfinished-jobs limit (refused, the first create
         refuses every other: they require it), sent again after dropping expired ids, and one
         with a create refused for its batch's keys, sent again with them.
+
+        On a cluster the creates are of one partition (a batch's children are in their
+        parent's): their ``MULTI`` runs on the node of its slot, the owner's places taken
+        first (``reserve``) and their queue outbox entries run after it.
         """
+        if not self.cluster:
+            return await self._together(calls)
+        refused, reserved = await self.reserve(calls, None)
+        if refused is not None:
+            return [refused for _ in calls]
+        split = [self._outboxed(call) for call in calls]
+        appended = await self._together([call for call, _ in split])
+        if all(a.ok for a in appended):
+            for call, (_, entry) in zip(calls, split, strict=True):
+                await self._run_entry(call.job_id, entry)
+        elif reserved:
+            await self.release(calls[0].owner, reserved)
+        return appended
+
+    async def _together(self, calls: Sequence[ScriptCall]) -> list[Appended]:
         calls = await self._with_entries(calls)
         pruned = False
         reloads = rounds = 0
         while True:
-            async with self.redis.pipeline(transaction=True) as pipe:
+            async with self.transaction(self.keys.job(calls[0].job_id)) as pipe:
                 for call in calls:
                     keys, args = self.lay_out(call)
                     await self._append(keys=keys, args=args, client=pipe)

@@ -27,7 +27,8 @@ from stepstream.tasks.store import JobStore, new_event
 from tests.conftest import Stack
 from tests.support import api, http
 from tests.support.cluster import ValkeyCluster
-from tests.support.processes import Valkey, free_port
+from tests.support.processes import Valkey, free_port, wait_until
+from tests.support.receiver import Receiver
 from tests.support.sse import StreamReader, read_stream
 from tests.support.tasks import gate_key
 
@@ -263,7 +264,13 @@ def cluster_stack(
         valkey,
         f"cstack{next(_prefixes)}:",
         tmp_path_factory.mktemp("cluster-stack"),
-        {"STEPSTREAM_CLUSTER_URL": valkey_cluster.url},
+        {
+            "STEPSTREAM_CLUSTER_URL": valkey_cluster.url,
+            "STEPSTREAM_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
+            "STEPSTREAM_WEBHOOK_SECRET": "cluster-webhook-secret",
+            "STEPSTREAM_WEBHOOK_BACKOFF_SECONDS": "0.2",
+            "STEPSTREAM_MAX_UNFINISHED_PER_OWNER": "20",
+        },
     )
     try:
         own.add(webs=2, workers=2)
@@ -316,7 +323,7 @@ def test_a_watched_jobs_events_arrive_live_from_the_cluster(
     reader = StreamReader(f"{second.url}/api/jobs/{job['id']}/events").start()
     gate = redis.RedisCluster(host="127.0.0.1", port=valkey_cluster.seed.port)
     try:
-        reader.wait_for(lambda evs: any(e.type == "started" for e in evs))
+        reader.wait_for(lambda evs: len(evs) >= 1)  # subscribed: what follows arrives live
         for n in range(1, 4):
             gate.rpush(gate_key(job["id"]), "go")
             reader.wait_for(lambda evs, n=n: sum(e.type == "progress" for e in evs) == n)
@@ -326,3 +333,128 @@ def test_a_watched_jobs_events_arrive_live_from_the_cluster(
         gate.close()
     assert [e.data["current"] for e in events if e.type == "progress"] == [1, 2, 3]
     assert events[-1].type == "completed"
+
+
+def test_cancel_retry_idempotency_batches_input_and_webhooks_on_the_cluster(
+    cluster_stack: Stack, valkey_cluster: ValkeyCluster
+) -> None:
+    web = cluster_stack.webs[0]
+    receiver = Receiver().start()
+    try:
+        # Cancel: a running job is asked to stop through its flag (a key on the cluster).
+        gated = api.submit(web.url, "gated", {"events": 3})
+        api.wait_state(web.url, gated["id"], {"running"})
+        assert http.post(f"{web.url}/api/jobs/{gated['id']}/cancel").status_code == 202
+        api.wait_state(web.url, gated["id"], {"cancelled"})
+        # Retry by hand: the failed job is queued again (its arq entry through the outbox).
+        failing = api.submit(web.url, "refuses", {"message": "no"})
+        api.wait_state(web.url, failing["id"], {"failed"})
+        assert http.post(f"{web.url}/api/jobs/{failing['id']}/retry").status_code == 202
+        assert api.wait_state(web.url, failing["id"], {"failed"})["attempt"] == 2
+        # An Idempotency-Key: the same request again gets the job it made.
+        body = {"task": "analyze_document", "input": {"text": api.DOC, "pace": 0.0}}
+        key = {"Idempotency-Key": "cluster-key-1"}
+        first = http.post(f"{web.url}/api/jobs", json=body, headers=key, timeout=10)
+        again = http.post(f"{web.url}/api/jobs", json=body, headers=key, timeout=10)
+        assert (first.status_code, again.status_code) == (202, 200)
+        assert first.json()["id"] == again.json()["id"]
+        # A batch: its parent and children in one partition, counted to the end.
+        batch = http.post(
+            f"{web.url}/api/batches",
+            json={"task": "analyze_document", "inputs": [{"text": api.DOC, "pace": 0.0}] * 3},
+            timeout=30,
+        )
+        assert batch.status_code == 202, batch.text
+        done = api.wait_state(web.url, batch.json()["id"], {"completed", "failed"})
+        assert done["state"] == "completed" and done["batch"]["completed"] == 3
+        # Human input: the answer queues the job again (its entry through the outbox).
+        asking = api.submit(web.url, "asks", {})
+        api.wait_state(web.url, asking["id"], {"waiting"})
+        answer = {"name": "decision", "value": {"approved": True}}
+        assert http.post(f"{web.url}/api/jobs/{asking['id']}/input", json=answer).status_code in (
+            200,
+            202,
+        )
+        finished = api.wait_state(web.url, asking["id"], {"completed"})
+        assert finished["result"]["decision"]["approved"] is True
+        # A webhook: the terminal event's delivery, from its partition's outbox.
+        hooked = http.post(
+            f"{web.url}/api/jobs",
+            json={**body, "callback_url": receiver.url()},
+            timeout=10,
+        ).json()
+        api.wait_state(web.url, hooked["id"], {"completed"})
+        wait_until(lambda: receiver.for_job(hooked["id"]), timeout=20, what="the callback")
+        (delivery,) = receiver.for_job(hooked["id"])
+        assert delivery.body["type"] == "job.completed"
+        assert delivery.signed_with("cluster-webhook-secret")
+    finally:
+        receiver.stop()
+
+
+def snapshot(stack: Stack, cluster: ValkeyCluster) -> dict[str, str]:
+    """Every key of job data under the stack's prefix, on both planes, with a digest of its
+    value (as tests/test_jobs.py's ``store_snapshot``, over every primary too)."""
+    housekeeping = ("worker", "webhook-settings", "count:", "duration:", "durations:", "rate:")
+    clients = [shard.primary.client() for shard in cluster.shards]
+    out: dict[str, str] = {}
+    with redis.Redis.from_url(stack.valkey.url, decode_responses=True) as queue_plane:
+        for client in [queue_plane, *clients]:
+            for key in client.scan_iter(f"{stack.prefix}*", count=1_000):
+                name = key.removeprefix(stack.prefix)
+                if name.startswith("{"):
+                    name = name.split("}:", 1)[1]  # a partition's tag
+                if name.startswith(housekeeping):
+                    continue
+                kind = client.type(key)
+                if kind == "hash":
+                    out[key] = json.dumps(client.hgetall(key), sort_keys=True)
+                elif kind == "stream":
+                    out[key] = str(client.xinfo_stream(key)["last-generated-id"])
+                elif kind == "zset":
+                    out[key] = json.dumps(client.zrange(key, 0, -1, withscores=True))
+                else:
+                    out[key] = str(client.get(key)) if kind == "string" else kind
+            client.close()
+    return out
+
+
+def test_a_refused_request_changes_nothing_on_the_cluster(
+    cluster_stack: Stack, valkey_cluster: ValkeyCluster
+) -> None:
+    web = cluster_stack.webs[0]
+    done = api.submit(web.url, "analyze_document", {"text": api.DOC, "pace": 0.0})
+    api.wait_state(web.url, done["id"], {"completed"})
+    body = {"task": "analyze_document", "input": {"text": api.DOC, "pace": 0.0}}
+    key = {"Idempotency-Key": "cluster-refusals"}
+    keyed = http.post(f"{web.url}/api/jobs", json=body, headers=key)
+    assert keyed.status_code == 202
+    api.wait_state(web.url, keyed.json()["id"], {"completed"})
+    # At rest: what the ends left for after their scripts (their owner's places) has run.
+    wait_until(
+        lambda: (
+            not any(k.endswith("queue-outbox") for k in snapshot(cluster_stack, valkey_cluster))
+        ),
+        timeout=20,
+        what="the queue outboxes empty",
+    )
+    before = snapshot(cluster_stack, valkey_cluster)
+    assert any(done["id"] in k for k in before)  # the snapshot does see the cluster's keys
+    refusals = [
+        # Over the owner's unfinished-jobs limit (20): refused by the owner's home partition.
+        (
+            "/api/batches",
+            {"task": "analyze_document", "inputs": [{"text": "x", "pace": 0.0}] * 21},
+            {},
+            429,
+        ),
+        ("/api/jobs", {"task": "analyze_document", "input": {"txet": "x"}}, {}, 422),
+        ("/api/jobs", {**body, "input": {"text": "other"}}, key, 409),
+        (f"/api/jobs/{done['id']}/retry", None, {}, 409),
+        (f"/api/jobs/{done['id']}/cancel", None, {}, 409),
+        (f"/api/jobs/{done['id']}/input", {"name": "decision", "value": {}}, {}, 409),
+    ]
+    for path, payload, headers, status in refusals:
+        response = http.post(f"{web.url}{path}", json=payload, headers=headers, timeout=30)
+        assert response.status_code == status, (path, response.text)
+    assert snapshot(cluster_stack, valkey_cluster) == before
