@@ -286,8 +286,8 @@ def resume_commands(
         bytes(payload).hex() if isinstance(payload, bytes) else str(payload).encode().hex()
     )
     fields: tuple[Arg, ...] = ("#resume", payload_hex, "#entry", entry, "#expire_ms", expires_ms)
-    # The entry's key names, read only by the append script of earlier versions (which read
-    # them from here): workers of both versions may run during an upgrade. Never read now.
+    # The entry's key names: what a cluster's script writes into its queue outbox for them
+    # (tasks/scripts/resume_parent.lua), and what the append script of earlier versions read.
     fields += ("#job_key", job_key_prefix + entry, "#queue", store.keys.queue)
     fields += ("#wakeups", store.keys.queue_wakeups)
     commands = [Command("HSET", counts_key, fields)]
@@ -311,8 +311,11 @@ async def resume_if_ready(store: JobStore, parent_id: str) -> None:
         if entry is None:
             return
         keys = [counts, job_key_prefix + entry, store.keys.queue, store.keys.queue_wakeups]
+        if store.cluster:  # arq's queue is another server's: the partition's outbox instead
+            keys = [counts, store.keys.of(parent_id).queue_outbox]
         outcome, other = await script(keys=keys, args=[entry])
         if outcome != "other":
+            await store.run_resume(parent_id, entry)
             return
         entry = other or None
     raise RuntimeError(f"job {parent_id}: its queue entry kept changing")

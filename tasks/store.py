@@ -301,14 +301,15 @@ class JobStore:
         and what the script cannot write (arq's entry, keys of other slots) goes through the
         partition's queue outbox, run right after it (tasks/planes.py)."""
         if not self.cluster:
-            return await self._call(call, rate)
+            return (await self._call(call, rate))[0]
         refused, reserved = await self.reserve([call], rate)
         if refused is not None:
             return refused
         call, entry = self._outboxed(call)
-        appended = await self._call(call, None)
+        appended, call = await self._call(call, None)
         if appended.ok:
             await self._run_entry(call.job_id, entry)
+            await self.run_resume(call.job_id, call.entry)
         elif reserved:
             await self.release(call.owner, reserved)
         return appended
@@ -390,7 +391,20 @@ class JobStore:
         except (RedisError, OSError) as exc:
             logger.warning("job %s: its queue outbox entry is left to the workers: %r", job_id, exc)
 
-    async def _call(self, call: ScriptCall, rate: tuple[int, int] | None) -> Appended:
+    async def run_resume(self, job_id: str, entry: str | None) -> None:
+        """On a cluster, a waiting parent's queue entry that a child's end (or ``resume.lua``)
+        wrote into the partition's queue outbox: run now, or by the drain."""
+        if entry is None or not self.cluster:
+            return
+        outbox = self.keys.of(job_id).queue_outbox
+        text: str | None = await self.redis.hget(outbox, f"resume {entry}")  # type: ignore[misc]
+        if text is not None:
+            await self._run_entry(job_id, (f"resume {entry}", planes.decode(text)[1]))
+
+    async def _call(
+        self, call: ScriptCall, rate: tuple[int, int] | None
+    ) -> tuple[Appended, ScriptCall]:
+        """``call`` run, and as it was last sent (with the keys the script asked for)."""
         pruned = False
         for _ in range(KEY_ROUNDS):
             keys, args = self.lay_out(call, rate)
@@ -405,7 +419,7 @@ class JobStore:
                 pruned = True
                 if await self.drop_expired_unfinished(call.owner):
                     continue
-            return appended
+            return appended, call
         raise RuntimeError(f"job {call.job_id}: its batch's keys kept changing")
 
     async def queue_append(
@@ -506,7 +520,9 @@ class JobStore:
         if batch is not None:
             keys.append(self.keys.batch_counts(batch))
             keys.append(self.keys.batch_ended(batch))
-        if entry is not None:
+        if entry is not None and self.cluster:
+            keys.append(part.queue_outbox)  # arq's queue is another server's (append.lua)
+        elif entry is not None:
             keys.extend((job_key_prefix + entry, self.keys.queue, self.keys.queue_wakeups))
         if rate is not None:
             keys.append(part.submissions(call.owner, rate[1]))
@@ -531,6 +547,7 @@ class JobStore:
             "requires": call.requires is not None,
             "batch": batch if batch is not None else False,
             "entry": entry if entry is not None else False,
+            "outboxed": self.cluster,
             "rate": rate[0] if rate is not None else False,
         }
         args: list[Any] = [compact_json(named), *call.events]
@@ -653,6 +670,11 @@ class JobStore:
         if all(a.ok for a in appended):
             for call, (_, entry) in zip(calls, split, strict=True):
                 await self._run_entry(call.job_id, entry)
+                if call.terminal and call.batch is not None:  # a cached child's end
+                    entry_id = await self.redis.hget(  # type: ignore[misc]
+                        self.keys.batch_counts(call.batch), "#entry"
+                    )
+                    await self.run_resume(call.job_id, entry_id)
         elif reserved:
             await self.release(calls[0].owner, reserved)
         return appended

@@ -270,6 +270,8 @@ def cluster_stack(
             "STEPSTREAM_WEBHOOK_SECRET": "cluster-webhook-secret",
             "STEPSTREAM_WEBHOOK_BACKOFF_SECONDS": "0.2",
             "STEPSTREAM_MAX_UNFINISHED_PER_OWNER": "20",
+            "STEPSTREAM_TASK_MODULES": "tests.support.tasks,tests.support.ai_tasks,"
+            "tests.support.fanout_tasks",
         },
     )
     try:
@@ -311,6 +313,11 @@ def test_a_job_submitted_to_one_web_streams_to_its_end_from_the_other(
     assert any(key.endswith(f"job:{{{job['id']}}}") for keys in held.values() for key in keys)
     listed = http.get(f"{second.url}/api/jobs", timeout=10).json()
     assert job["id"] in [item["id"] for item in listed["jobs"]]
+    # The deployment's figures, summed over every partition's counters.
+    stats = http.get(f"{second.url}/api/stats", timeout=10).json()
+    assert stats["tasks"]["analyze_document"]["counts"]["completed"] >= 1
+    metrics = http.get(f"{first.url}/metrics", timeout=10).text
+    assert 'stepstream_jobs_submitted_total{task="analyze_document"}' in metrics
 
 
 def test_a_watched_jobs_events_arrive_live_from_the_cluster(
@@ -390,6 +397,21 @@ def test_cancel_retry_idempotency_batches_input_and_webhooks_on_the_cluster(
         assert delivery.signed_with("cluster-webhook-secret")
     finally:
         receiver.stop()
+
+
+def test_a_job_waits_for_its_children_and_grandchildren_on_the_cluster(
+    cluster_stack: Stack,
+) -> None:
+    """Each fan-out's children are created in their parent's partition (one ``MULTI`` on its
+    node), and the last child's end writes the waiting parent's queue entry through the
+    partition's queue outbox (tasks/scripts/resume_parent.lua)."""
+    web = cluster_stack.webs[1]
+    parent = api.submit(web.url, "fan_out", {"depth": 2})
+    done = api.wait_state(web.url, parent["id"], {"completed", "failed"}, timeout=60)
+    assert done["state"] == "completed", done.get("error")
+    assert done["result"]["squares"] == [0, 1, 0, 1]
+    children = http.get(f"{web.url}/api/jobs?parent={parent['id']}", timeout=10).json()
+    assert [child["state"] for child in children["jobs"]] == ["completed", "completed"]
 
 
 def snapshot(stack: Stack, cluster: ValkeyCluster) -> dict[str, str]:
