@@ -218,7 +218,7 @@ def create_app(
             )
         # Patient: a request waits out a short Redis outage instead of failing.
         store = JobStore.open(settings, attempts=10)
-        redis = store.redis
+        redis = store.queue  # API keys and announcements: REDIS_URL's, as the CLI reads them
         pubsub_redis = connect_live(settings)  # the hub reconnects by itself
         arq = arq_pool(settings)  # enqueues ride along with store scripts (tasks/queue.py)
         hub = Hub(

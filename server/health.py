@@ -55,7 +55,7 @@ async def healthz(request: Request) -> Response:
 async def readyz(request: Request) -> Response:
     state: AppState = request.app.state.stepstream
     try:
-        await state.redis.ping()
+        await state.store.ping()
     except Exception as exc:
         unready = Unready(status="unavailable", redis=f"unreachable: {type(exc).__name__}")
         return json_response(unready, 503)
@@ -77,7 +77,7 @@ async def webhooks_view(state: AppState) -> WebhookAgreement | WebhooksUnknown:
     keys = state.store.keys
     try:
         announced = await webhook_settings.read(state.redis, keys)
-        held = await outbox.held_count(state.redis, keys)
+        held = await outbox.held_count(state.store.redis, keys)
     except Exception as exc:
         return WebhooksUnknown(settings=f"unknown: {type(exc).__name__}")
     differing = [d.setting for d in webhook_settings.disagreements(announced)]
@@ -154,7 +154,7 @@ async def read_workers(
 
     A job ``may_read`` refuses (another owner's) shows only its task and state, no id.
     """
-    workers = await heartbeat.read_workers(store.redis, store.keys)
+    workers = await heartbeat.read_workers(store.queue, store.keys)
     job_ids = [job_id for w in workers for job_id in w.get("running", [])]
     details: dict[str, dict[str, Any]] = {}
     if job_ids:

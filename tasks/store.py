@@ -189,6 +189,12 @@ class JobStore:
         queue = connect(settings, attempts=attempts) if settings.cluster_url else None
         return cls(log, settings, queue)
 
+    async def ping(self) -> None:
+        """Both planes answer (one server: the one)."""
+        await self.redis.ping()
+        if self.queue is not self.redis:
+            await self.queue.ping()
+
     async def aclose(self) -> None:
         for node in self._nodes.values():
             await node.aclose()

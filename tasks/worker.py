@@ -47,7 +47,9 @@ async def startup(ctx: dict[str, Any], *, settings: Settings, registry: TaskRegi
     if problem:  # `stepstream worker` said so before starting; arq's own CLI gets here
         raise ConfigurationError(problem)
     store = JobStore.open(settings)
-    redis = store.redis
+    # Heartbeats and announced settings on REDIS_URL (the queue plane's server, which the CLI
+    # and `stepstream doctor` read); the webhook outboxes on the log plane, with the logs.
+    redis = store.queue
     monitor = JobMonitor(store, settings.lease_seconds)
     monitor.start()
     # What the jobs read from the worker: its tasks (runtime, recurring ticks) and LLM clients.
@@ -82,7 +84,7 @@ async def startup(ctx: dict[str, Any], *, settings: Settings, registry: TaskRegi
     # per partition's outbox (one on one server).
     outboxes = [
         Outbox(
-            redis,
+            store.redis,
             part,
             settings,
             consumer=beat.worker_id,
