@@ -11,15 +11,18 @@ import itertools
 import json
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 from arq.connections import ArqRedis
 from arq.constants import job_key_prefix
+from redis.cluster import key_slot
 
 from stepstream.tasks import creation, heartbeat, planes
 from stepstream.tasks.connection import arq_pool
+from stepstream.tasks.keyspace import Keys
 from stepstream.tasks.models import JobState
 from stepstream.tasks.registry import TaskSpec, load_tasks
 from stepstream.tasks.settings import Settings
@@ -27,10 +30,12 @@ from stepstream.tasks.store import JobStore, new_event
 from tests.conftest import Stack
 from tests.support import api, http
 from tests.support.cluster import ValkeyCluster
+from tests.support.output_tasks import streamed_text
 from tests.support.processes import Valkey, free_port, wait_until
 from tests.support.receiver import Receiver
 from tests.support.sse import StreamReader, read_stream
 from tests.support.tasks import gate_key
+from tests.test_output import assemble
 
 _prefixes = itertools.count(1)
 
@@ -271,7 +276,7 @@ def cluster_stack(
             "STEPSTREAM_WEBHOOK_BACKOFF_SECONDS": "0.2",
             "STEPSTREAM_MAX_UNFINISHED_PER_OWNER": "20",
             "STEPSTREAM_TASK_MODULES": "tests.support.tasks,tests.support.ai_tasks,"
-            "tests.support.fanout_tasks",
+            "tests.support.fanout_tasks,tests.support.output_tasks",
         },
     )
     try:
@@ -480,3 +485,56 @@ def test_a_refused_request_changes_nothing_on_the_cluster(
         response = http.post(f"{web.url}{path}", json=payload, headers=headers, timeout=30)
         assert response.status_code == status, (path, response.text)
     assert snapshot(cluster_stack, valkey_cluster) == before
+
+
+def test_a_steps_streamed_text_on_the_cluster(cluster_stack: Stack) -> None:
+    """Output events and the step's text so far (a key of the job's own, in its partition)."""
+    web = cluster_stack.webs[0]
+    job = api.submit(web.url, "streamer", {"words": 60, "word_seconds": 0.002})
+    done = api.wait_state(web.url, job["id"], {"completed", "failed"})
+    assert done["state"] == "completed", done["error"]
+    _, log = read_stream(f"{cluster_stack.webs[1].url}/api/jobs/{job['id']}/events?after=0")
+    assert assemble(log) == streamed_text(60) == done["steps"][1]["text"]
+
+
+@pytest.mark.slow  # a cluster of its own, whose primary it kills
+def test_jobs_finish_whole_when_a_cluster_primary_is_killed(
+    valkey: Valkey, own_cluster: ValkeyCluster, tmp_path: Path
+) -> None:
+    """SIGKILL a primary (not the seed, where the hub listens) while jobs run, some of them in
+    its partitions: its replica takes its slots, and every job ends completed with its log
+    whole, each event once."""
+    stack = Stack(
+        valkey,
+        f"cfail{next(_prefixes)}:",
+        tmp_path,
+        {"STEPSTREAM_CLUSTER_URL": own_cluster.url},
+    )
+    try:
+        stack.add(webs=1, workers=1)
+        web = stack.webs[0]
+        keys = Keys(stack.prefix, Settings().cluster_partitions)
+        victim = own_cluster.shards[1]
+        jobs: list[str] = []
+        on_victim: list[str] = []
+        # Jobs spread at random: submitted until two live on the killed primary's slots.
+        while len(on_victim) < 2 and len(jobs) < 40:
+            job_id = api.submit(web.url, "analyze_document", {"text": api.DOC, "pace": 0.6})["id"]
+            jobs.append(job_id)
+            if own_cluster.shard_of(int(key_slot(keys.job(job_id).encode()))) is victim:
+                on_victim.append(job_id)
+        assert len(on_victim) == 2, "no job on the primary to kill: the test would prove nothing"
+        api.wait_state(web.url, on_victim[-1], {"running"})
+        own_cluster.kill_primary(victim)
+        # Killed while they ran: their ends came after the failover.
+        for job_id in jobs:
+            done = api.wait_state(web.url, job_id, {"completed", "failed"}, timeout=60)
+            assert done["state"] == "completed", (job_id, done["error"])
+            _, log = read_stream(f"{web.url}/api/jobs/{job_id}/events?after=0", timeout=30)
+            ids = [event.id for event in log]
+            assert len(set(ids)) == len(ids), job_id  # no event twice
+            types = [event.type for event in log]
+            assert types[:2] == ["queued", "started"] and types[-1] == "completed", types
+            assert types.count("started") == 1, types  # not run again
+    finally:
+        stack.stop()
