@@ -36,12 +36,13 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError, NoScriptError, RedisError, ResponseError
 
 from stepstream._stream_id import StreamId
-from stepstream.tasks import lua, planes, transitions
+from stepstream.tasks import lua, partitioned_firehose, planes, transitions
 from stepstream.tasks.commands import Command
 from stepstream.tasks.connection import connect
 from stepstream.tasks.keyspace import Keys
 from stepstream.tasks.models import JobRecord, JobState, utcnow
 from stepstream.tasks.output import with_live_text
+from stepstream.tasks.places import Places
 from stepstream.tasks.settings import Settings
 
 logger = logging.getLogger("stepstream.store")
@@ -110,9 +111,6 @@ KEY_ROUNDS = 4
 TERMINAL = frozenset({'"completed"', '"failed"', '"cancelled"'})
 # The states that hold a place among the owner's unfinished jobs (append.lua adds them).
 PLACED = frozenset({'"queued"', '"scheduled"'})
-# On a cluster, a place taken (reserve.lua) this long ago whose job has no record, or has ended,
-# is dropped when the limit refuses: its create never came, or its end's release is late.
-RESERVATION_GRACE_SECONDS = 60
 # json.dumps(value, separators=(",", ":")), without building an encoder on every call: a create
 # encodes some forty values.
 compact_json = json.JSONEncoder(separators=(",", ":")).encode
@@ -175,7 +173,7 @@ class JobStore:
         self.queue = redis if queue is None else queue
         self.cluster = self.keys.partitioned
         self._append = redis.register_script(lua.append())
-        self._reserve = redis.register_script(lua.reserve())
+        self.places = Places(redis, self.keys, settings)  # an owner's, on a cluster
         self._index_trimmed_at: dict[int, float] = {}
         self._nodes: dict[str, Redis] = {}  # a cluster's node clients, for transactions
         self._webhook_states = _state_list(sorted(settings.webhook_states))
@@ -317,7 +315,7 @@ class JobStore:
             await self._run_entry(call.job_id, entry)
             await self.run_resume(call.job_id, call.entry)
         elif reserved:
-            await self.release(call.owner, reserved)
+            await self.places.release(call.owner, reserved)
         return appended
 
     async def reserve(
@@ -337,32 +335,13 @@ class JobStore:
         if not ids and take == 0 and rate is None:
             return None, []
         owner = calls[0].owner
-        home = self.keys.owner_home(owner)
-        keys = [home.owner_unfinished(owner)]
-        if rate is not None:
-            keys.append(home.submissions(owner, rate[1]))
-        named: dict[str, Any] = {
-            "limit": self.settings.max_unfinished_per_owner,
-            "take": take,
-            "rate": rate[0] if rate is not None else False,
-            "score": calls[0].score,
-        }
-        for attempt in range(2):
-            reply = await self._reserve(keys=keys, args=[compact_json(named), *ids])
-            named["rate"] = False  # counted once: the same submission
-            if reply[0] == "":
-                return None, ids
-            if reply[0] == "limit" and attempt == 0 and await self.drop_expired_unfinished(owner):
-                continue
-            break
-        count = int(reply[1])
-        if reply[0] == "rate":
+        refused = await self.places.take(owner, ids, take, rate, calls[0].score)
+        if refused is None:
+            return None, ids
+        why, count = refused
+        if why == "rate":
             return Appended(None, None, refused="rate", submitted=count), []
         return Appended(None, None, refused="limit", unfinished=count), []
-
-    async def release(self, owner: str | None, ids: Sequence[str]) -> None:
-        """Give back places ``reserve`` took for creates that were refused."""
-        await self.redis.zrem(self.keys.owner_home(owner).owner_unfinished(owner), *ids)
 
     def _outboxed(self, call: ScriptCall) -> tuple[ScriptCall, tuple[str, list[Command]] | None]:
         """On a cluster: ``call`` with what its script cannot run (the queue plane's commands,
@@ -574,7 +553,7 @@ class JobStore:
         keys are known only from the set's members, and an expired record never comes back,
         so dropping its id needs no atomicity with the check."""
         if self.cluster:
-            return await self._drop_stale_reservations(owner)
+            return await self.places.drop_stale(owner)
         key = self.keys.owner_unfinished(owner)
         horizon = (time.time() - self.settings.retention_seconds) * 1_000_000
         ids: list[str] = await self.redis.zrangebyscore(key, "-inf", f"{horizon:.0f}")
@@ -585,29 +564,6 @@ class JobStore:
                 pipe.exists(self.keys.job(job_id))
             found = await pipe.execute()
         gone = [job_id for job_id, exists in zip(ids, found, strict=True) if not exists]
-        if gone:
-            await self.redis.zrem(key, *gone)
-        return len(gone)
-
-    async def _drop_stale_reservations(self, owner: str | None) -> int:
-        """On a cluster: drop the places in ``owner``'s home set (``reserve``) taken over
-        ``RESERVATION_GRACE_SECONDS`` ago whose job has no record (its create never came: the
-        process died, or its record expired) or has ended (its release, run after the end's
-        script, is late: the queue outbox runs it within seconds)."""
-        key = self.keys.owner_home(owner).owner_unfinished(owner)
-        horizon = (time.time() - RESERVATION_GRACE_SECONDS) * 1_000_000
-        ids: list[str] = await self.redis.zrangebyscore(key, "-inf", f"{horizon:.0f}")
-        if not ids:
-            return 0
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in ids:
-                pipe.hget(self.keys.job(job_id), "state")
-            states = await pipe.execute()
-        gone = [
-            job_id
-            for job_id, state in zip(ids, states, strict=True)
-            if state is None or state in TERMINAL
-        ]
         if gone:
             await self.redis.zrem(key, *gone)
         return len(gone)
@@ -682,7 +638,7 @@ class JobStore:
                     )
                     await self.run_resume(call.job_id, entry_id)
         elif reserved:
-            await self.release(calls[0].owner, reserved)
+            await self.places.release(calls[0].owner, reserved)
         return appended
 
     async def _together(self, calls: Sequence[ScriptCall]) -> list[Appended]:
@@ -841,7 +797,7 @@ class JobStore:
         the last.
         """
         if self.cluster:
-            rows, last, more = await self._read_partitions(after, count)
+            rows, last, more = await partitioned_firehose.read(self.redis, self.keys, after, count)
         else:
             rows = await self.redis.xrange(
                 self.keys.firehose, min=f"({after}", max="+", count=count
@@ -863,39 +819,7 @@ class JobStore:
         if not self.cluster:
             info = await self.stream_info(self.keys.firehose)
             return info.last_id if info else "0"
-        parts = self.keys.every_partition()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for part in parts:
-                pipe.xrevrange(part.firehose, count=1)
-            newest: list[list[tuple[str, Any]]] = await pipe.execute()
-        return FIREHOSE_CURSOR_SEPARATOR.join(rows[0][0] if rows else "0" for rows in newest)
-
-    async def _read_partitions(
-        self, after: str, count: int
-    ) -> tuple[list[tuple[str, dict[str, str]]], str, bool]:
-        """A cluster's firehose page: the first ``count`` entries after the cursor ``after``
-        over every partition's stream, in the order of their ids. The cursor is one id per
-        partition (``FIREHOSE_CURSOR_SEPARATOR``-joined, ``"0"`` for all from the start), and
-        each entry's id is the cursor just past it, so a client resumes every partition
-        from any event it saw. Exact: a partition that filled its page of ``count`` ends
-        after the last entry taken."""
-        parts = self.keys.every_partition()
-        cursor = firehose_cursor(after, len(parts))
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for part, last in zip(parts, cursor, strict=True):
-                pipe.xrange(part.firehose, min=f"({last}", max="+", count=count)
-            pages: list[list[tuple[str, dict[str, str]]]] = await pipe.execute()
-        tagged = (
-            [(StreamId.parse(entry_id), p, entry_id, fields) for entry_id, fields in page]
-            for p, page in enumerate(pages)
-        )
-        merged = list(heapq.merge(*tagged, key=lambda row: (row[0], row[1])))
-        more = any(len(page) == count for page in pages) or len(merged) > count
-        rows: list[tuple[str, dict[str, str]]] = []
-        for _, p, entry_id, fields in merged[:count]:
-            cursor[p] = entry_id
-            rows.append((FIREHOSE_CURSOR_SEPARATOR.join(cursor), fields))
-        return rows, FIREHOSE_CURSOR_SEPARATOR.join(cursor), more
+        return await partitioned_firehose.head(self.redis, self.keys)
 
     async def stream_info(self, key: str) -> StreamInfo | None:
         try:
@@ -1030,24 +954,6 @@ class JobStore:
                     break
         more = await self.redis.llen(key) > offset  # type: ignore[misc]
         return found, offset if more else None
-
-
-# Between a cluster's firehose cursor's ids, one per partition (never in a stream id).
-FIREHOSE_CURSOR_SEPARATOR = "."
-
-
-def firehose_cursor(text: str, partitions: int) -> list[str]:
-    """A cluster's firehose cursor as one id per partition: ``"0"`` (or any one id, as a
-    one-server cursor carries over) for every partition alike; a ``ValueError`` for a text of
-    another number of ids or with one that is not a stream id."""
-    ids = text.split(FIREHOSE_CURSOR_SEPARATOR)
-    if len(ids) == 1:
-        ids = ids * partitions
-    if len(ids) != partitions:
-        raise ValueError(f"a firehose cursor of {len(ids)} ids; this log plane has {partitions}")
-    for entry_id in ids:
-        StreamId.parse(entry_id)
-    return ids
 
 
 def _state_list(states: Iterable[str]) -> str:
