@@ -139,17 +139,23 @@ class JobMonitor:
             job_ids = list(self.running)
             try:
                 store = self.store
+                renew = tick % renew_every == 0
+                # arq's in-progress keys are the queue plane's: in the same round trip on one
+                # server, in one of their own beside a cluster.
+                apart = renew and store.queue is not store.redis
                 async with store.redis.pipeline(transaction=False) as pipe:
                     # One EXISTS each: on a cluster the flags are in many slots.
                     for job_id in job_ids:
                         pipe.exists(store.keys.job_cancel(job_id))
-                    if tick % renew_every == 0:
+                    if renew:
                         expiry = int(time.time() * 1000) + self.lease_ms
                         for job_id in job_ids:
+                            if not apart:
+                                pipe.pexpire(self._lease_key(job_id), self.lease_ms)
                             for key in self.slots.get(job_id, []):
                                 pipe.zadd(key, {job_id: expiry}, xx=True)
                     flags = (await pipe.execute())[: len(job_ids)]
-                if tick % renew_every == 0:  # arq's in-progress keys: the queue plane's
+                if apart:
                     async with store.queue.pipeline(transaction=False) as pipe:
                         for job_id in job_ids:
                             pipe.pexpire(self._lease_key(job_id), self.lease_ms)
