@@ -42,6 +42,12 @@ def partition_tags(partitions: int) -> tuple[str, ...]:
     return tuple(tags)
 
 
+@cache
+def _view(prefix: str, partitions: int, partition: int) -> Keys:
+    """One partition's view, made once: every append names its partition's keys."""
+    return Keys(prefix, partitions, partition)
+
+
 @dataclass(frozen=True)
 class Keys:
     prefix: str = "stepstream:"
@@ -68,7 +74,7 @@ class Keys:
         """The view of one partition (itself on one server)."""
         if not self.partitioned:
             return self
-        return Keys(self.prefix, self.partitions, partition % self.partitions)
+        return _view(self.prefix, self.partitions, partition % self.partitions)
 
     def of(self, job_id: str) -> Keys:
         """The view of ``job_id``'s partition."""
