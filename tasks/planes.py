@@ -139,9 +139,15 @@ async def drain(log: Redis, queue: Redis, keys: Keys, *, older_than_ms: int) -> 
     for part, entries in zip(partitions, found, strict=True):
         for entry, text in entries.items():
             at, commands = decode(text)
-            if now_ms - at >= older_than_ms:
+            if now_ms - at < older_than_ms:
+                continue
+            try:
                 await run_entry(log, queue, part.queue_outbox, entry, commands)
-                ran += 1
+            except (RedisError, OSError) as exc:
+                # One entry that fails keeps no other waiting: it is tried again next time.
+                logger.warning("queue outbox entry %r could not run: %r", entry, exc)
+                continue
+            ran += 1
     return ran
 
 
