@@ -333,6 +333,10 @@ def test_a_job_submitted_to_one_web_streams_to_its_end_from_the_other(
     assert stats["tasks"]["analyze_document"]["counts"]["completed"] >= 1
     metrics = http.get(f"{first.url}/metrics", timeout=10).text
     assert 'stepstream_jobs_submitted_total{task="analyze_document"}' in metrics
+    # The firehose is not served on a cluster yet: said before a stream opens.
+    firehose = http.get(f"{first.url}/api/events", timeout=10)
+    assert firehose.status_code == 501
+    assert firehose.json()["error"]["code"] == "firehose_unavailable"
 
 
 def test_a_watched_jobs_events_arrive_live_from_the_cluster(
