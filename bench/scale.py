@@ -8,11 +8,11 @@
    watching one of ``--jobs`` fresh jobs, while ``--storm`` events are appended at ``--rate``
    over those jobs; plus one web process with no client at all. Printed: each web process's CPU
    per event it delivered, the idle one's CPU per event of the deployment, and Valkey's.
-3. **The store's command mix on a cluster** (not Stepstream's store, which does not run on a
-   cluster yet): one Lua call per event doing what the append does on a job's keys (``XADD``
-   with ``MAXLEN ~``, ``HSET`` on the record, ``SPUBLISH`` on the job's channel; ``--publish
-   publish`` for plain ``PUBLISH``), every key under the job's hash tag, against a Valkey
-   Cluster of 1, 2 and 3 primaries (``--primaries``; no replicas). Printed: events/s, and per
+3. **The store's command mix on a cluster** (not Stepstream's store itself): one Lua call per
+   event doing what the append does on a job's keys (``XADD`` with ``MAXLEN ~``, ``HSET`` on
+   the record, ``SPUBLISH`` on the job's channel; ``--publish publish`` for plain
+   ``PUBLISH``), every key under the job's hash tag, against a Valkey Cluster of 1, 2 and 3
+   primaries (``--primaries``; no replicas). Printed: events/s, and per
    primary its share of the events and its CPU per event.
 
 CPU is each process's on-CPU time (``/proc/PID/task/*/schedstat``), read before and after. A web
