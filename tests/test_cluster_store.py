@@ -577,3 +577,42 @@ def test_doctor_checks_the_cluster_and_its_queue_outboxes(
             client.hdel(outbox, "stale")
     assert bad.returncode == 1
     assert "1 queue outbox entry(ies) older than a minute" in bad.stdout
+
+
+def test_recurring_and_delayed_jobs_on_the_cluster(
+    valkey: Valkey, valkey_cluster: ValkeyCluster, tmp_path: Path
+) -> None:
+    """A recurring tick creates its job on the cluster (arq's cron on the queue plane); a
+    delayed job's deferred entry goes through the queue outbox and runs at its time."""
+    stack = Stack(
+        valkey,
+        f"crec{next(_prefixes)}:",
+        tmp_path,
+        {
+            "STEPSTREAM_CLUSTER_URL": valkey_cluster.url,
+            "STEPSTREAM_TASK_MODULES": "tests.support.ai_tasks,tests.support.ai_recurring",
+        },
+    )
+    try:
+        stack.add(webs=1, workers=1)
+        web = stack.webs[0]
+        delayed = http.post(
+            f"{web.url}/api/jobs",
+            json={"task": "ai_echo", "input": {"counter": "later"}, "delay": 1},
+            timeout=10,
+        ).json()
+        assert delayed["state"] == "scheduled"
+        done = api.wait_state(web.url, delayed["id"], {"completed"}, timeout=30)
+        assert done["started_at"] >= done["run_at"]
+
+        def ticks() -> list[dict[str, Any]]:
+            listed = http.get(f"{web.url}/api/jobs?task=ai_echo&limit=50", timeout=10).json()
+            return [
+                j for j in listed["jobs"] if j["state"] == "completed" and j["id"] != done["id"]
+            ]
+
+        wait_until(lambda: len(ticks()) >= 2, timeout=30, what="two recurring ticks' jobs")
+        _, log = read_stream(f"{web.url}/api/jobs/{ticks()[0]['id']}/events?after=0")
+        assert log[0].data["recurring"] == "tick" and log[-1].type == "completed"
+    finally:
+        stack.stop()
