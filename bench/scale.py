@@ -8,17 +8,16 @@
    watching one of ``--jobs`` fresh jobs, while ``--storm`` events are appended at ``--rate``
    over those jobs; plus one web process with no client at all. Printed: each web process's CPU
    per event it delivered, the idle one's CPU per event of the deployment, and Valkey's.
-3. **The store's command mix on a cluster** (not Stepstream's store, which does not run on a
-   cluster yet): one Lua call per event doing what the append does on a job's keys (``XADD``
-   with ``MAXLEN ~``, ``HSET`` on the record, ``SPUBLISH`` of the stored event on the job's
-   channel; ``--publish publish`` for plain ``PUBLISH``), every key under the job's hash tag,
-   against a Valkey Cluster of 1, 2 and 3 primaries (``--primaries``; no replicas). Printed:
-   events/s, and per primary its share of the events and its CPU per event.
+3. **The store's command mix on a cluster** (not Stepstream's store itself): one Lua call per
+   event doing what the append does on a job's keys (``XADD`` with ``MAXLEN ~``, ``HSET`` on
+   the record, ``SPUBLISH`` on the job's channel; ``--publish publish`` for plain
+   ``PUBLISH``), every key under the job's hash tag, against a Valkey Cluster of 1, 2 and 3
+   primaries (``--primaries``; no replicas). Printed: events/s, and per
+   primary its share of the events and its CPU per event.
 4. **Web processes on a cluster** (``--only cluster-web``): the same writers on a 3-primary
    cluster, and two web processes whose hub is on it (``STEPSTREAM_CLUSTER_URL``): one with no
-   client, one with a client watching one of the jobs (its record in the standalone Valkey,
-   where the store still is; its live events from the cluster). Printed: each one's CPU per
-   event of the deployment, and per event it delivered.
+   client, one with a client watching one of the jobs. Printed: each one's CPU per event of the
+   deployment, and per event it delivered.
 
 CPU is each process's on-CPU time (``/proc/PID/task/*/schedstat``), read before and after. A web
 process's figure is "less rest": what it spends over the same time with no event (timers, the

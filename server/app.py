@@ -217,16 +217,16 @@ def create_app(
                 "STEPSTREAM_MAX_STREAMS_PER_KEY (streams opened with an API key itself)"
             )
         # Patient: a request waits out a short Redis outage instead of failing.
-        redis = connect(settings, attempts=10)
+        store = JobStore.open(settings, attempts=10)
+        redis = store.queue  # API keys and announcements: REDIS_URL's, as the CLI reads them
         pubsub_redis = connect(settings, attempts=None)  # the hub reconnects by itself
         # Live events are published where the logs live: on a cluster, each on the primary of
         # its channel's slot, which the hub finds through its own client's slot map.
         router = ClusterSlots(connect_cluster(settings)) if settings.cluster_url else None
         arq = arq_pool(settings)  # enqueues ride along with store scripts (tasks/queue.py)
-        store = JobStore(redis, settings)
         hub = Hub(
             pubsub_redis,
-            store.keys,
+            store.keys.at(0),  # a job's channel is its partition's whatever the view's
             queue_size=settings.subscriber_queue,
             heartbeat_seconds=settings.heartbeat_seconds,
             subscribe_delay_seconds=settings.subscribe_delay_seconds,
@@ -270,7 +270,7 @@ def create_app(
             await pubsub_redis.aclose()
             if router is not None:
                 await router.aclose()
-            await redis.aclose()
+            await store.aclose()
 
     routes = [
         Route("/api/jobs", jobs.submit_job, methods=["POST"]),

@@ -289,6 +289,14 @@ async def firehose(request: Request) -> EventStream:
             "this token opens one job's stream, not the firehose",
             headers={"WWW-Authenticate": "Bearer"},  # every 401 names the scheme (RFC 9110)
         )
+    if state.store.cluster:
+        # Answered before the stream opens: an EventSource stops on it instead of retrying.
+        raise ApiError(
+            501,
+            "firehose_unavailable",
+            "the firehose is not served yet when the logs are on a cluster",
+            {"setting": "STEPSTREAM_CLUSTER_URL"},
+        )
     cursor = read_cursor(request)
     release = open_stream(state, principal)
     stream = FirehoseStream(

@@ -31,7 +31,7 @@ from stepstream.server.bodies import (
     json_response,
 )
 from stepstream.server.state import AppState
-from stepstream.tasks import heartbeat, transitions, webhook_settings
+from stepstream.tasks import heartbeat, outbox, transitions, webhook_settings
 from stepstream.tasks.models import JobState
 from stepstream.tasks.queue import job_of_entry
 from stepstream.tasks.store import JobStore
@@ -55,7 +55,7 @@ async def healthz(request: Request) -> Response:
 async def readyz(request: Request) -> Response:
     state: AppState = request.app.state.stepstream
     try:
-        await state.redis.ping()
+        await state.store.ping()
     except Exception as exc:
         unready = Unready(status="unavailable", redis=f"unreachable: {type(exc).__name__}")
         return json_response(unready, 503)
@@ -77,7 +77,7 @@ async def webhooks_view(state: AppState) -> WebhookAgreement | WebhooksUnknown:
     keys = state.store.keys
     try:
         announced = await webhook_settings.read(state.redis, keys)
-        held = int(await state.redis.hlen(keys.webhooks_held))  # type: ignore[misc]
+        held = await outbox.held_count(state.store.redis, keys)
     except Exception as exc:
         return WebhooksUnknown(settings=f"unknown: {type(exc).__name__}")
     differing = [d.setting for d in webhook_settings.disagreements(announced)]
@@ -123,7 +123,7 @@ class QueueSnapshot:
 
 async def read_queue(store: JobStore, now: float | None = None) -> QueueSnapshot:
     now_ms = (time.time() if now is None else now) * 1000
-    async with store.redis.pipeline(transaction=False) as pipe:
+    async with store.queue.pipeline(transaction=False) as pipe:  # arq's queue: the queue plane
         pipe.zcard(store.keys.queue)
         pipe.zrange(store.keys.queue, 0, STATS_SCAN - 1, withscores=True)
         size, rows = await pipe.execute()
@@ -154,7 +154,7 @@ async def read_workers(
 
     A job ``may_read`` refuses (another owner's) shows only its task and state, no id.
     """
-    workers = await heartbeat.read_workers(store.redis, store.keys)
+    workers = await heartbeat.read_workers(store.queue, store.keys)
     job_ids = [job_id for w in workers for job_id in w.get("running", [])]
     details: dict[str, dict[str, Any]] = {}
     if job_ids:

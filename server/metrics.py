@@ -93,7 +93,7 @@ class WebMetrics:
         store = state.store
         counters = await heartbeat.read_counters(store.redis, store.keys)
         queue = await read_queue(store)
-        workers = await heartbeat.read_workers(store.redis, store.keys)
+        workers = await heartbeat.read_workers(store.queue, store.keys)
         out: list[Metric] = []
         for kind in transitions.COUNTERS:
             family = CounterMetricFamily(f"stepstream_jobs_{kind}", _HELP[kind], labels=["task"])

@@ -201,6 +201,9 @@ def check_redis(report: Report, settings: Any) -> None:
             )
         queued = client.zcard(keys.queue)
         report.add(OK, f"{queued} job(s) in the queue (waiting or running)")
+        if settings.cluster_url:
+            check_webhook_agreement(report, client, keys, held=False)
+            return  # the outboxes are the cluster's: check_cluster
         waiting = client.xlen(keys.webhook_outbox)
         if waiting >= settings.webhook_outbox_maxlen:
             report.add(
@@ -213,9 +216,63 @@ def check_redis(report: Report, settings: Any) -> None:
         check_webhook_agreement(report, client, keys)
 
 
-def check_webhook_agreement(report: Report, client: Any, keys: Any) -> None:
-    """The live processes' webhook settings (tasks/webhook_settings.py), and the deliveries a
-    worker's settings hold."""
+def check_cluster(report: Report, settings: Any) -> None:
+    """The log plane's cluster (``STEPSTREAM_CLUSTER_URL``): its state, and every partition's
+    webhook outbox and queue outbox (entries a worker should have drained)."""
+    from redis.cluster import RedisCluster
+
+    from stepstream.tasks import planes
+    from stepstream.tasks.keyspace import Keys
+
+    try:
+        client: Any = RedisCluster.from_url(
+            settings.cluster_url, decode_responses=True, socket_connect_timeout=3, socket_timeout=3
+        )
+        state = client.cluster_info().get("cluster_state")
+    except Exception as exc:
+        report.add(
+            FAIL,
+            f"cannot reach the cluster at {redact(settings.cluster_url)} "
+            f"(STEPSTREAM_CLUSTER_URL): {type(exc).__name__}: {exc}",
+        )
+        return
+    with client:
+        primaries = len(client.get_primaries())
+        if state != "ok":
+            report.add(FAIL, f"the cluster's state is {state!r}, not 'ok': slots are unserved")
+            return
+        report.add(OK, f"cluster reachable, state ok, {primaries} primaries")
+        keys = Keys.of_deployment(settings)
+        parts = keys.every_partition()
+        pipe = client.pipeline()
+        for part in parts:
+            pipe.xlen(part.webhook_outbox)
+            pipe.hlen(part.webhooks_held)
+            pipe.hvals(part.queue_outbox)
+        found = pipe.execute()
+        waiting, held = sum(found[0::3]), sum(found[1::3])
+        now_ms = int(time.time() * 1000)
+        left = sum(
+            1
+            for entries in found[2::3]
+            for text in entries
+            if now_ms - planes.decode(text)[0] > 60_000
+        )
+        if left:
+            report.add(
+                FAIL,
+                f"{left} queue outbox entry(ies) older than a minute: their jobs have no arq "
+                "entry yet; is a worker running, and does it reach REDIS_URL?",
+            )
+        if waiting:
+            report.add(OK, f"{waiting} webhook event(s) not delivered yet")
+        if held:
+            report.add(FAIL, f"{held} webhook delivery(ies) held by a worker's settings")
+
+
+def check_webhook_agreement(report: Report, client: Any, keys: Any, *, held: bool = True) -> None:
+    """The live processes' webhook settings (tasks/webhook_settings.py), and (``held``) the
+    deliveries a worker's settings hold."""
     from stepstream.tasks import webhook_settings
 
     ids = client.zrevrange(keys.webhook_settings, 0, webhook_settings.READ_LIMIT - 1)
@@ -225,14 +282,16 @@ def check_webhook_agreement(report: Report, client: Any, keys: Any) -> None:
         report.add(FAIL, f"webhook settings: {disagreement.line()}")
     if announced and not found:
         report.add(OK, f"the {len(announced)} live process(es) agree on their webhook settings")
-    held = int(client.hlen(keys.webhooks_held))
-    if held:
+    if not held:
+        return
+    held_count = int(client.hlen(keys.webhooks_held))
+    if held_count:
         _, sample = client.hscan(keys.webhooks_held, 0, count=100)
         reasons = webhook_settings.held_reasons(sample.values())
         report.add(
             FAIL,
-            f"{held} webhook delivery(ies) held by a worker's settings, waiting in the outbox "
-            f"for a worker whose settings allow them: {'; '.join(reasons[:5])}",
+            f"{held_count} webhook delivery(ies) held by a worker's settings, waiting in the "
+            f"outbox for a worker whose settings allow them: {'; '.join(reasons[:5])}",
         )
 
 
@@ -300,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = check_settings(report)
     if settings is not None:
         check_redis(report, settings)
+        if settings.cluster_url:
+            check_cluster(report, settings)
     if args.url:
         check_web(report, args.url)
     if report.failed:

@@ -93,7 +93,7 @@ async def _show_some(store: JobStore, batch_id: str) -> bool:
     """One round of ``show``: True when nothing is left to show."""
     parent_key = store.keys.job(batch_id)
     counts_key = store.keys.batch_counts(batch_id)
-    async with store.redis.pipeline(transaction=True) as pipe:
+    async with store.transaction(parent_key) as pipe:
         # Every count changes the counts hash, every report the parent: either one changing
         # after this read makes the MULTI apply nothing, and the round starts again.
         await pipe.watch(parent_key, counts_key)
@@ -125,7 +125,7 @@ async def _show_some(store: JobStore, batch_id: str) -> bool:
             events.append(event)
             fields.update(done)
         pipe.multi()  # type: ignore[no-untyped-call]
-        await store.queue_append(
+        pending = await store.queue_append(
             pipe,
             batch_id,
             events,
@@ -139,7 +139,10 @@ async def _show_some(store: JobStore, batch_id: str) -> bool:
         except WatchError:
             return False
     # Shown: look again for children counted meanwhile. Refused: the parent has ended.
-    return not appended_from(reply).ok
+    if not appended_from(reply).ok:
+        return True
+    await store.after(batch_id, pending)  # the batch's end releases nothing on one server
+    return False
 
 
 def _report(child_id: str, child: JobRecord | None, outcome: str) -> dict[str, Any]:

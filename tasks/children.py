@@ -34,6 +34,7 @@ from pydantic import BaseModel
 from stepstream.tasks import cancellation, creation, lua, rollup
 from stepstream.tasks.commands import Arg, Command
 from stepstream.tasks.errors import PermanentError
+from stepstream.tasks.keyspace import Keys
 from stepstream.tasks.models import JobState
 from stepstream.tasks.queue import enqueue_commands
 from stepstream.tasks.registry import TaskSpec
@@ -98,12 +99,18 @@ class ChildrenSuspended(BaseException):
         self.tolerated = tolerated
 
 
-def child_id(parent_id: str, group: str, index: int) -> str:
+def child_id(keys: Keys, parent_id: str, group: str, index: int) -> str:
     """The id of a fan-out's child: derived, so creating it again is refused as ``exists``.
-    20 characters of base64url (the length of a random id), never starting with ``-``/``_``."""
-    digest = hashlib.sha256(f"{parent_id}\0{group}\0{index}".encode()).digest()
-    text = base64.urlsafe_b64encode(digest).decode()[:20]
-    return text if text[0].isalnum() else "c" + text[1:]
+    20 characters of base64url (the length of a random id), never starting with ``-``/``_``.
+    On a cluster, derived again until it lands in its parent's partition (``Keys.draw_id``)."""
+
+    def derive(draw: int) -> str:
+        salt = f"\0{draw}" if draw else ""  # draw 0: the id on one server, as it always was
+        digest = hashlib.sha256(f"{parent_id}\0{group}\0{index}{salt}".encode()).digest()
+        text = base64.urlsafe_b64encode(digest).decode()[:20]
+        return text if text[0].isalnum() else "c" + text[1:]
+
+    return keys.draw_id(derive, keys.partition_of(parent_id))
 
 
 def group_token(group: str) -> str:
@@ -143,7 +150,7 @@ async def start(
     store, arq = ctx.store, _arq(ctx)
     token = group_token(group)
     handles = [
-        ChildHandle(child_id(ctx.job_id, group, i), i, spec.name)
+        ChildHandle(child_id(store.keys, ctx.job_id, group, i), i, spec.name)
         for i, (spec, _) in enumerate(items)
     ]
     counts_key = store.keys.batch_counts(ctx.job_id)
@@ -279,8 +286,8 @@ def resume_commands(
         bytes(payload).hex() if isinstance(payload, bytes) else str(payload).encode().hex()
     )
     fields: tuple[Arg, ...] = ("#resume", payload_hex, "#entry", entry, "#expire_ms", expires_ms)
-    # The entry's key names, read only by the append script of earlier versions (which read
-    # them from here): workers of both versions may run during an upgrade. Never read now.
+    # The entry's key names: what a cluster's script writes into its queue outbox for them
+    # (tasks/scripts/resume_parent.lua), and what the append script of earlier versions read.
     fields += ("#job_key", job_key_prefix + entry, "#queue", store.keys.queue)
     fields += ("#wakeups", store.keys.queue_wakeups)
     commands = [Command("HSET", counts_key, fields)]
@@ -304,8 +311,11 @@ async def resume_if_ready(store: JobStore, parent_id: str) -> None:
         if entry is None:
             return
         keys = [counts, job_key_prefix + entry, store.keys.queue, store.keys.queue_wakeups]
+        if store.cluster:  # arq's queue is another server's: the partition's outbox instead
+            keys = [counts, store.keys.of(parent_id).queue_outbox]
         outcome, other = await script(keys=keys, args=[entry])
         if outcome != "other":
+            await store.run_resume(parent_id, entry)
             return
         entry = other or None
     raise RuntimeError(f"job {parent_id}: its queue entry kept changing")

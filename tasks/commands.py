@@ -22,3 +22,6 @@ class Command:
     name: str
     keys: Sequence[str]
     args: Sequence[Arg] = ()
+    # A command of the queue plane (arq's queue, on REDIS_URL): in the script on one server; on
+    # a cluster, run after it through the queue outbox (tasks/planes.py).
+    queue: bool = False

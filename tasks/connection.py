@@ -140,8 +140,8 @@ class LogPlaneCluster(RedisCluster):
 
 def connect_cluster(settings: Settings, *, attempts: int = 25) -> RedisCluster:
     """A client of the log plane's cluster at ``STEPSTREAM_CLUSTER_URL`` (one seed node; the
-    rest it learns from the cluster's slot map), decoding as :func:`connect`'s does. The
-    store does not use it yet: every command still goes to :func:`connect`'s primary.
+    rest it learns from the cluster's slot map), decoding as :func:`connect`'s does: the
+    store's when the logs are on a cluster (tasks/planes.py, ``connect_log_plane``).
 
     redis-py 5 (arq caps it below 6): scripts run on it when every key of a call shares one
     slot; ``pipeline(transaction=True)`` is refused, and its asyncio client has no pub/sub

@@ -15,7 +15,7 @@ one call.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -84,6 +84,10 @@ async def plan(
     """The create of ``job``. A task with ``cache_ttl`` whose result for this input is cached
     (and a job that is not scheduled) is created completed with it, and never queued.
     ``trace``: the submit span's context, stored for the attempts to continue."""
+    home = job.parent or job.batch_id
+    if home is not None and store.keys.partition_of(job.id) != store.keys.partition_of(home):
+        # A child lives in its parent's partition (a cluster's): its end is counted there.
+        job = replace(job, id=store.new_job_id(parent=home))
     spec = job.task
     record = JobRecord(
         id=job.id,
@@ -213,7 +217,7 @@ async def count_submission(store: JobStore, owner: str | None, second: int) -> i
     """Count a submission of ``owner`` in ``second`` (unix s): its submissions in that second
     so far, this one included, for the per-second limit (``STEPSTREAM_SUBMISSIONS_PER_SECOND``,
     answered by the HTTP layer). Their unfinished jobs are counted by the create itself."""
-    key = store.keys.submissions(owner, second)
+    key = store.keys.owner_home(owner).submissions(owner, second)  # as the creates count them
     async with store.redis.pipeline(transaction=False) as pipe:
         pipe.incr(key)
         pipe.expire(key, 2)

@@ -153,11 +153,15 @@ def _by_task(
 
 
 async def read_counters(redis: Redis, keys: Keys) -> Counters:
+    """The transition counters, summed over the log plane's partitions (one on one server),
+    and the run-time histograms."""
+    names = [name for _ in keys.every_partition() for name in COUNTERS]
     async with redis.pipeline(transaction=False) as pipe:
-        for name in COUNTERS:
-            pipe.hgetall(keys.transitions(name))
+        for part in keys.every_partition():
+            for name in COUNTERS:
+                pipe.hgetall(part.transitions(name))
         totals = await pipe.execute()
-    out = Counters(by_task=_by_task(COUNTERS, totals))
+    out = Counters(by_task=_by_task(names, totals))
     timed = [(task, outcome) for task in sorted(out.by_task) for outcome in TIMED]
     async with redis.pipeline(transaction=False) as pipe:
         for task, outcome in timed:
@@ -179,15 +183,21 @@ async def read_day(
     time."""
     now = time.time() if now is None else now
     names = list(tasks)
-    windows = [(counter, bucket) for bucket in day_windows(now) for counter in COUNTERS]
+    parts = keys.every_partition()  # summed over the partitions (one on one server)
+    windows = [
+        (part, counter, bucket)
+        for part in parts
+        for bucket in day_windows(now)
+        for counter in COUNTERS
+    ]
     async with redis.pipeline(transaction=False) as pipe:
-        for counter, bucket in windows:
-            pipe.hgetall(keys.transitions_window(counter, bucket))
+        for part, counter, bucket in windows:
+            pipe.hgetall(part.transitions_window(counter, bucket))
         for task in names:
             pipe.lrange(keys.durations(task), 0, DURATION_SAMPLES - 1)
         results = await pipe.execute()
     counts, samples = results[: len(windows)], results[len(windows) :]
-    outcomes = _by_task((counter for counter, _ in windows), counts)
+    outcomes = _by_task((counter for _, counter, _ in windows), counts)
     since_ms = (now - DAY_SECONDS) * 1000
     durations: dict[str, list[float]] = {}
     for task, rows in zip(names, samples, strict=True):
@@ -280,7 +290,11 @@ async def read_workers(redis: Redis, keys: Keys, limit: int = 1_000) -> list[dic
     ids: list[str] = await redis.zrevrange(keys.workers, 0, limit - 1)
     if not ids:
         return []
-    values = await redis.mget([keys.worker(worker_id) for worker_id in ids])
+    # One GET each, not MGET: on a cluster the keys are in many slots.
+    async with redis.pipeline(transaction=False) as pipe:
+        for worker_id in ids:
+            pipe.get(keys.worker(worker_id))
+        values: list[str | None] = await pipe.execute()
     workers = [json.loads(value) for value in values if value]
     workers.sort(key=lambda w: (w.get("started_at") or "", w.get("id") or ""))
     return workers

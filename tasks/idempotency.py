@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stepstream.tasks.commands import Command
-from stepstream.tasks.models import JobRecord, new_job_id
+from stepstream.tasks.models import JobRecord
 from stepstream.tasks.store import JobStore
 
 # How long a claim without its job lasts: the longest a request holds it before creating.
@@ -67,8 +67,9 @@ async def claim(
     fingerprint = hashlib.sha256(body.encode()).hexdigest()
     # Keys are per owner: two owners may use the same key without seeing each other's job.
     scope = hashlib.sha256(f"{owner}\n{key}".encode()).hexdigest()
-    redis_key = store.keys.idempotency(scope)
-    job_id = new_job_id()
+    # On a cluster the claim and its job live in the scope's partition: the create confirms it.
+    redis_key = store.keys.at(store.keys.partition_of(scope)).idempotency(scope)
+    job_id = store.new_job_id(scope=scope)
     value = f"{job_id} {fingerprint}"
     confirm = Command("SET", [redis_key], (value, "EX", store.settings.idempotency_ttl_seconds))
     for _ in range(3):

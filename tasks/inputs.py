@@ -174,7 +174,7 @@ async def answer(
     the answer left it, queued; None if the record kept changing."""
     key = store.keys.job(job_id)
     for _ in range(WATCH_ATTEMPTS):
-        async with store.redis.pipeline(transaction=True) as pipe:
+        async with store.transaction(key) as pipe:
             await pipe.watch(key)
             record = decode_record(await pipe.hgetall(key))  # type: ignore[misc]
             check(record)
@@ -182,7 +182,7 @@ async def answer(
                 raise LookupError(f"no job with id {job_id!r}")
             event, fields, then = answered(record, name, value, by, arq=arq, keys=store.keys)
             pipe.multi()  # type: ignore[no-untyped-call]
-            await store.queue_append(
+            pending = await store.queue_append(
                 pipe,
                 job_id,
                 [event],
@@ -197,6 +197,7 @@ async def answer(
                 continue  # the record changed since it was read: read it again
         appended = appended_from(reply)
         if appended.ok:
+            await store.after(job_id, pending)  # its queue entry, on a cluster
             # The job as this answer left it, queued: a worker woken by its queue entry may
             # have started it already, which a read now would show instead.
             written = {**record.model_dump(mode="json"), **fields}

@@ -27,3 +27,8 @@ def resume() -> str:
     """A waiting parent's queue entry, written if it is ready (tasks/scripts/resume.lua;
     tasks/children.py)."""
     return source("resume.lua", "resume_parent.lua")
+
+
+def reserve() -> str:
+    """An owner's places under its limits on a cluster (tasks/scripts/reserve.lua)."""
+    return source("reserve.lua")

@@ -98,6 +98,15 @@ def retry_after_ms(settings: Settings, entry_id: str, attempts: int) -> int:
     return int(seconds * 1000)
 
 
+async def held_count(redis: Redis, keys: Keys) -> int:
+    """Deliveries held by a worker's settings, over every partition's outbox."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for part in keys.every_partition():
+            pipe.hlen(part.webhooks_held)
+        counts: list[int] = await pipe.execute()
+    return sum(counts)
+
+
 class Outbox:
     """One worker's share of the deliveries: a reader of new entries and a sweeper of due
     retries, with at most ``webhook_concurrency`` deliveries in flight."""
@@ -373,7 +382,8 @@ class Outbox:
 
     async def _close(self, entry_id: str) -> None:
         """Acknowledge and delete: the entry is done with (delivered, refused or given up)."""
-        async with self.redis.pipeline(transaction=True) as pipe:
+        # In one MULTI on one server; a cluster has none (one partition's keys, one node).
+        async with self.redis.pipeline(transaction=not self.keys.partitioned) as pipe:
             pipe.xack(self.keys.webhook_outbox, self.keys.webhook_group, entry_id)
             pipe.xdel(self.keys.webhook_outbox, entry_id)
             pipe.hdel(self.keys.webhooks_held, entry_id)
@@ -388,7 +398,7 @@ class Outbox:
             self._log_gave_up(fields, attempt - 1, f"{HELD_TOO_LONG}: {reason}")
             return
         record = json.dumps({"reason": reason, "worker": self.consumer, "at": time.time()})
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with self.redis.pipeline(transaction=not self.keys.partitioned) as pipe:
             pipe.xclaim(
                 self.keys.webhook_outbox,
                 self.keys.webhook_group,

@@ -51,17 +51,20 @@ def enqueue_commands(
     )
     expires_ms = due_ms - now_ms + arq.expires_extra_ms
     commands = [
-        Command("PSETEX", [job_key_prefix + arq_id], (expires_ms, payload)),
-        Command("ZADD", [keys.queue], (due_ms, arq_id)),
+        Command("PSETEX", [job_key_prefix + arq_id], (expires_ms, payload), queue=True),
+        Command("ZADD", [keys.queue], (due_ms, arq_id), queue=True),
     ]
     if due_ms == now_ms:
-        commands.append(Command("PUBLISH", [keys.queue_wakeups], (arq_id,)))
+        commands.append(Command("PUBLISH", [keys.queue_wakeups], (arq_id,), queue=True))
     return commands
 
 
 def dequeue_commands(queue: str, entry_id: str) -> list[Command]:
     """Commands that take a not yet started arq entry out of the queue (no-ops without one)."""
-    return [Command("ZREM", [queue], (entry_id,)), Command("DEL", [job_key_prefix + entry_id])]
+    return [
+        Command("ZREM", [queue], (entry_id,), queue=True),
+        Command("DEL", [job_key_prefix + entry_id], queue=True),
+    ]
 
 
 # Entry ids other than the job's own. arq ends a job by deleting its id's queue entry, and the

@@ -123,7 +123,7 @@ async def show(store: JobStore, parent_id: str) -> None:
 async def _show_some(store: JobStore, parent_id: str) -> bool:
     """One round of showing: True when nothing is left to show."""
     counts_key = store.keys.batch_counts(parent_id)
-    async with store.redis.pipeline(transaction=True) as pipe:
+    async with store.transaction(counts_key) as pipe:
         await pipe.watch(counts_key)
         raw: dict[str, str] = await pipe.hgetall(counts_key)  # type: ignore[misc]
         shown = int(raw.get("#shown") or 0)
@@ -181,7 +181,7 @@ async def _show_some(store: JobStore, parent_id: str) -> bool:
             fields["progress"] = progress
             fields["message"] = message
         pipe.multi()  # type: ignore[no-untyped-call]
-        await store.queue_append(
+        pending = await store.queue_append(
             pipe,
             parent_id,
             events,
@@ -201,7 +201,10 @@ async def _show_some(store: JobStore, parent_id: str) -> bool:
             (reply,) = await pipe.execute()
         except WatchError:
             return False
-    return not appended_from(reply).ok
+    if not appended_from(reply).ok:
+        return True
+    await store.after(parent_id, pending)
+    return False
 
 
 async def show_quietly(store: JobStore, child: JobRecord) -> None:

@@ -123,7 +123,7 @@ class JobMonitor:
         self._reported.discard(job_id)
 
     async def take_lease(self, job_id: str) -> None:
-        await self.store.redis.pexpire(self._lease_key(job_id), self.lease_ms)
+        await self.store.queue.pexpire(self._lease_key(job_id), self.lease_ms)  # arq's key
 
     def _lease_key(self, job_id: str) -> str:
         return in_progress_key_prefix + self.arq_ids.get(job_id, job_id)
@@ -138,15 +138,28 @@ class JobMonitor:
                 continue
             job_ids = list(self.running)
             try:
-                async with self.store.redis.pipeline(transaction=False) as pipe:
-                    pipe.mget([self.store.keys.job_cancel(job_id) for job_id in job_ids])
-                    if tick % renew_every == 0:
+                store = self.store
+                renew = tick % renew_every == 0
+                # arq's in-progress keys are the queue plane's: in the same round trip on one
+                # server, in one of their own beside a cluster.
+                apart = renew and store.queue is not store.redis
+                async with store.redis.pipeline(transaction=False) as pipe:
+                    # One EXISTS each: on a cluster the flags are in many slots.
+                    for job_id in job_ids:
+                        pipe.exists(store.keys.job_cancel(job_id))
+                    if renew:
                         expiry = int(time.time() * 1000) + self.lease_ms
                         for job_id in job_ids:
-                            pipe.pexpire(self._lease_key(job_id), self.lease_ms)
+                            if not apart:
+                                pipe.pexpire(self._lease_key(job_id), self.lease_ms)
                             for key in self.slots.get(job_id, []):
                                 pipe.zadd(key, {job_id: expiry}, xx=True)
-                    flags = (await pipe.execute())[0]
+                    flags = (await pipe.execute())[: len(job_ids)]
+                if apart:
+                    async with store.queue.pipeline(transaction=False) as pipe:
+                        for job_id in job_ids:
+                            pipe.pexpire(self._lease_key(job_id), self.lease_ms)
+                        await pipe.execute()
             except Exception:  # a Redis blip: the next round tries again
                 logger.warning("job monitor could not reach Redis", exc_info=True)
                 continue

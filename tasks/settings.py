@@ -60,9 +60,13 @@ class StoreSettings(_Environment):
     sentinels: Annotated[list[tuple[str, int]], NoDecode] = []
     sentinel_master: str = Field(default="", validate_default=True)
     # The log plane's cluster (docs/scaling.md): a seed node of a Valkey or Redis Cluster, as
-    # redis://host:port (rediss:// for TLS). Not yet used by the store: everything stays on
-    # REDIS_URL; tasks/connection.py's ``connect_cluster`` makes its client.
+    # redis://host:port (rediss:// for TLS). Set, job records, event logs and the firehose live
+    # there; arq's queue stays on REDIS_URL (the queue plane).
     cluster_url: str = ""
+    # The log plane's partitions on a cluster (docs/scaling.md): each a hash tag whose keys
+    # live on one primary. 24 spreads evenly over 1, 2, 3, 4, 6, 8, 12 or 24 primaries. Fixed
+    # for the life of a deployment's data: a job's partition is computed from its id.
+    cluster_partitions: int = Field(default=24, ge=1, le=1024)
     prefix: str = "stepstream:"
     # Modules whose @task definitions the web process and the workers load (comma separated),
     # e.g. "tasks" for a tasks.py in the working directory, or "myapp.jobs".

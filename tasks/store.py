@@ -17,27 +17,35 @@ script: on a cluster every key of one call must share a hash slot, and this make
 
 from __future__ import annotations
 
+import heapq
 import json
+import logging
 import math
 import secrets
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from arq.constants import job_key_prefix
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
-from redis.exceptions import NoScriptError, ResponseError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ConnectionError, NoScriptError, RedisError, ResponseError
 
 from stepstream._stream_id import StreamId
-from stepstream.tasks import lua, transitions
+from stepstream.tasks import lua, partitioned_firehose, planes, transitions
 from stepstream.tasks.commands import Command
+from stepstream.tasks.connection import connect
 from stepstream.tasks.keyspace import Keys
 from stepstream.tasks.models import JobRecord, JobState, utcnow
 from stepstream.tasks.output import with_live_text
+from stepstream.tasks.places import Places
 from stepstream.tasks.settings import Settings
+
+logger = logging.getLogger("stepstream.store")
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,10 @@ def _stream_info(info: dict[str, Any]) -> StreamInfo:
     )
 
 
+# What a cluster's script leaves to run after it: its queue outbox entry's name and commands
+# (``JobStore.after``); None when it leaves nothing (always, on one server).
+Pending = tuple[str, list[Command]] | None
+
 # Valkey restarts one transaction outlives before its error surfaces (create_together).
 SCRIPT_RELOADS = 5
 # Calls of one append that may be refused for the keys of a batch they did not declare: the
@@ -97,6 +109,8 @@ SCRIPT_RELOADS = 5
 # that entry again.
 KEY_ROUNDS = 4
 TERMINAL = frozenset({'"completed"', '"failed"', '"cancelled"'})
+# The states that hold a place among the owner's unfinished jobs (append.lua adds them).
+PLACED = frozenset({'"queued"', '"scheduled"'})
 # json.dumps(value, separators=(",", ":")), without building an encoder on every call: a create
 # encodes some forty values.
 compact_json = json.JSONEncoder(separators=(",", ":")).encode
@@ -147,13 +161,76 @@ class ScriptCall:
 
 
 class JobStore:
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    """The log plane's records and logs. ``redis``: the log plane's client (a cluster's when
+    ``STEPSTREAM_CLUSTER_URL`` is set: tasks/planes.py, ``connect_log_plane``); ``queue``: the
+    queue plane's, for what a cluster's script leaves to run after it (the same client on one
+    server, where the scripts write arq's queue themselves)."""
+
+    def __init__(self, redis: Redis, settings: Settings, queue: Redis | None = None) -> None:
         self.redis = redis
         self.settings = settings
-        self.keys = Keys(settings.prefix)
+        self.keys = Keys.of_deployment(settings)
+        self.queue = redis if queue is None else queue
+        self.cluster = self.keys.partitioned
         self._append = redis.register_script(lua.append())
-        self._index_trimmed_at = 0.0
+        self.places = Places(redis, self.keys, settings)  # an owner's, on a cluster
+        self._index_trimmed_at: dict[int, float] = {}
+        self._nodes: dict[str, Redis] = {}  # a cluster's node clients, for transactions
         self._webhook_states = _state_list(sorted(settings.webhook_states))
+
+    @classmethod
+    def open(cls, settings: Settings, *, attempts: int | None = 25) -> JobStore:
+        """The store of a deployment: on the cluster at ``STEPSTREAM_CLUSTER_URL`` with the
+        queue plane at ``REDIS_URL``, or both on ``REDIS_URL`` (tasks/planes.py). ``attempts``:
+        as ``connect``'s. Closed with ``aclose``."""
+        log = planes.connect_log_plane(settings, attempts=attempts)
+        queue = connect(settings, attempts=attempts) if settings.cluster_url else None
+        return cls(log, settings, queue)
+
+    async def ping(self) -> None:
+        """Both planes answer (one server: the one)."""
+        await self.redis.ping()
+        if self.queue is not self.redis:
+            await self.queue.ping()
+
+    async def aclose(self) -> None:
+        for node in self._nodes.values():
+            await node.aclose()
+        if self.queue is not self.redis:
+            await self.queue.aclose()
+        await self.redis.aclose()
+
+    @asynccontextmanager
+    async def transaction(self, key: str) -> AsyncIterator[Pipeline]:
+        """A ``MULTI`` pipeline that may ``WATCH`` ``key`` and keys of its slot (a job's own
+        and its partition's). redis-py 5's cluster client refuses transactions; a cluster
+        node runs them on the keys it holds, so on a cluster this is a client of the node
+        that holds ``key``'s slot (the slot map's, as the cluster client last read it: a
+        failover in between makes the ``EXEC`` fail, and the caller's error surfaces)."""
+        async with (await self._node_of(key)).pipeline(transaction=True) as pipe:
+            yield pipe
+
+    async def _node_of(self, key: str) -> Redis:
+        if not self.cluster:
+            return self.redis
+        cluster = cast(RedisCluster, self.redis)
+        await cluster.initialize()  # once: the slot map
+        node = cluster.get_node_from_key(key)
+        if node is None:
+            raise ConnectionError(f"no node holds the slot of {key!r}")
+        client = self._nodes.get(node.name)
+        if client is None:
+            client = Redis(host=node.host, port=int(node.port), decode_responses=True)
+            self._nodes[node.name] = client
+        return client
+
+    def new_job_id(self, *, parent: str | None = None, scope: str | None = None) -> str:
+        """A new job's id, in the partition it must be created in on a cluster: its parent's
+        (a child's end is counted into its parent's keys by its own script), or an
+        Idempotency-Key scope's (the create confirms the claim in its script); else any
+        (random ids: jobs spread evenly)."""
+        home = parent if parent is not None else scope
+        return self.keys.new_job_id(None if home is None else self.keys.partition_of(home))
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -222,7 +299,97 @@ class JobStore:
     async def call(self, call: ScriptCall, rate: tuple[int, int] | None = None) -> Appended:
         """Run ``call`` alone: called again with the keys the script asks for, and once more
         after dropping the owner's expired unfinished ids if they refused it. ``rate``: see
-        ``create``."""
+        ``create``.
+
+        On a cluster the owner's places are taken first, in its home partition (``reserve``),
+        and what the script cannot write (arq's entry, keys of other slots) goes through the
+        partition's queue outbox, run right after it (tasks/planes.py)."""
+        if not self.cluster:
+            return (await self._call(call, rate))[0]
+        refused, reserved = await self.reserve([call], rate)
+        if refused is not None:
+            return refused
+        call, entry = self._outboxed(call)
+        appended, call = await self._call(call, None)
+        if appended.ok:
+            await self._run_entry(call.job_id, entry)
+            await self.run_resume(call.job_id, call.entry)
+        elif reserved:
+            await self.places.release(call.owner, reserved)
+        return appended
+
+    async def reserve(
+        self, calls: Sequence[ScriptCall], rate: tuple[int, int] | None
+    ) -> tuple[Appended | None, list[str]]:
+        """On a cluster, the places ``calls`` take under their owner's limits, taken in one
+        call in the owner's home partition (tasks/scripts/reserve.lua): (the refusal, or None;
+        the ids that took places, for ``release`` if the creates are refused). Concurrent
+        submissions of one owner all go through the one set, so they can never share its
+        last place, wherever their jobs are created."""
+        ids = [
+            c.job_id
+            for c in calls
+            if c.fields.get("state") in PLACED and (c.mode == "create" or c.take > 0)
+        ]
+        take = sum(c.take for c in calls)
+        if not ids and take == 0 and rate is None:
+            return None, []
+        owner = calls[0].owner
+        refused = await self.places.take(owner, ids, take, rate, calls[0].score)
+        if refused is None:
+            return None, ids
+        why, count = refused
+        if why == "rate":
+            return Appended(None, None, refused="rate", submitted=count), []
+        return Appended(None, None, refused="limit", unfinished=count), []
+
+    def _outboxed(self, call: ScriptCall) -> tuple[ScriptCall, tuple[str, list[Command]] | None]:
+        """On a cluster: ``call`` with what its script cannot run (the queue plane's commands,
+        those of other slots, and an end's release of its owner's place) replaced by one write
+        of its partition's queue outbox; and that entry (its name and commands)."""
+        then = list(call.then)
+        if call.terminal:
+            owner_set = self.keys.owner_home(call.owner).owner_unfinished(call.owner)
+            then.append(Command("ZREM", [owner_set], (call.job_id,)))
+        inside, after = planes.split(self.keys.job(call.job_id), then)
+        # A cluster's script takes no places (``reserve`` did) and writes no other slot's key.
+        if not after:
+            return replace(call, then=tuple(inside), take=0), None
+        entry = f"{call.job_id} {json.loads(call.fields['append_op'])}"
+        outbox = self.keys.of(call.job_id).queue_outbox
+        inside.append(Command("HSET", [outbox], (entry, planes.encode(after))))
+        return replace(call, then=tuple(inside), take=0), (entry, after)
+
+    async def after(self, job_id: str, entry: Pending) -> None:
+        """Run what ``queue_append`` left for after its ``MULTI`` (nothing on one server),
+        once it has applied."""
+        await self._run_entry(job_id, entry)
+
+    async def _run_entry(self, job_id: str, entry: Pending) -> None:
+        """Run a call's queue outbox entry right after its script: the fast path. A failure is
+        the drain's (a worker's, tasks/planes.py): the call itself is stored."""
+        if entry is None:
+            return
+        try:
+            outbox = self.keys.of(job_id).queue_outbox
+            await planes.run_entry(self.redis, self.queue, outbox, entry[0], entry[1])
+        except (RedisError, OSError) as exc:
+            logger.warning("job %s: its queue outbox entry is left to the workers: %r", job_id, exc)
+
+    async def run_resume(self, job_id: str, entry: str | None) -> None:
+        """On a cluster, a waiting parent's queue entry that a child's end (or ``resume.lua``)
+        wrote into the partition's queue outbox: run now, or by the drain."""
+        if entry is None or not self.cluster:
+            return
+        outbox = self.keys.of(job_id).queue_outbox
+        text: str | None = await self.redis.hget(outbox, f"resume {entry}")  # type: ignore[misc]
+        if text is not None:
+            await self._run_entry(job_id, (f"resume {entry}", planes.decode(text)[1]))
+
+    async def _call(
+        self, call: ScriptCall, rate: tuple[int, int] | None
+    ) -> tuple[Appended, ScriptCall]:
+        """``call`` run, and as it was last sent (with the keys the script asked for)."""
         pruned = False
         for _ in range(KEY_ROUNDS):
             keys, args = self.lay_out(call, rate)
@@ -237,7 +404,7 @@ class JobStore:
                 pruned = True
                 if await self.drop_expired_unfinished(call.owner):
                     continue
-            return appended
+            return appended, call
         raise RuntimeError(f"job {call.job_id}: its batch's keys kept changing")
 
     async def queue_append(
@@ -251,15 +418,20 @@ class JobStore:
         expect: Sequence[JobState] = (),
         then: Sequence[Command] = (),
         batch: str | None = None,
-    ) -> None:
-        """``append_many`` queued on ``pipe``: in a ``MULTI`` after a ``WATCH``, an append that
-        happens only if what the caller read is still so (read the outcome with
-        ``appended_from``). An append that ends a job counted into a batch must name it
-        (``batch``): it cannot be called again in the same ``MULTI``, and is refused as
-        ``"keys"`` otherwise (a batch's parent, which this ends, is in none)."""
+    ) -> Pending:
+        """``append_many`` queued on ``pipe`` (``transaction``): in a ``MULTI`` after a
+        ``WATCH``, an append that happens only if what the caller read is still so (read the
+        outcome with ``appended_from``; once applied, give what it returns to ``after``). An
+        append that ends a job counted into a batch must name it (``batch``): it cannot be
+        called again in the same ``MULTI``, and is refused as ``"keys"`` otherwise (a batch's
+        parent, which this ends, is in none)."""
         call = self.script_call(job_id, events, fields, owner, "update", expect, then, batch=batch)
+        entry: Pending = None
+        if self.cluster:
+            call, entry = self._outboxed(call)
         keys, args = self.lay_out(call)
         await self._append(keys=keys, args=args, client=pipe)
+        return entry
 
     def script_call(
         self,
@@ -308,21 +480,23 @@ class JobStore:
         in ARGV[1], then the events, the fields and the commands' arguments (append.lua's
         header says which is which). ``rate``: (limit, unix second) of a submission counted
         under its owner's submissions per second (``create``)."""
+        # The partition's keys: on one server, the plain global names.
+        part = self.keys.of(call.job_id)
         keys = [
             self.keys.job(call.job_id),
             self.keys.job_events(call.job_id),
-            self.keys.firehose,
+            part.firehose,
             self.keys.job_cancel(call.job_id),
-            self.keys.jobs,
-            self.keys.owner_unfinished(call.owner),
-            self.keys.webhook_outbox,
-            self.keys.webhooks_dropped,
+            part.jobs,
+            part.owner_unfinished(call.owner),
+            part.webhook_outbox,
+            part.webhooks_dropped,
             self.keys.job_channel(call.job_id),
-            self.keys.firehose_channel,
+            part.firehose_channel,
         ]
         for name in call.counted:
-            keys.append(self.keys.transitions(name))
-            keys.append(self.keys.transitions_window(name, call.window))
+            keys.append(part.transitions(name))
+            keys.append(part.transitions_window(name, call.window))
         if call.requires is not None:
             keys.append(self.keys.job(call.requires))
         # An end's batch keys only: the script looks at them for nothing else.
@@ -331,10 +505,12 @@ class JobStore:
         if batch is not None:
             keys.append(self.keys.batch_counts(batch))
             keys.append(self.keys.batch_ended(batch))
-        if entry is not None:
+        if entry is not None and self.cluster:
+            keys.append(part.queue_outbox)  # arq's queue is another server's (append.lua)
+        elif entry is not None:
             keys.extend((job_key_prefix + entry, self.keys.queue, self.keys.queue_wakeups))
         if rate is not None:
-            keys.append(self.keys.submissions(call.owner, rate[1]))
+            keys.append(part.submissions(call.owner, rate[1]))
         named = {
             "events": len(call.events),
             "fields": len(call.fields),
@@ -356,6 +532,7 @@ class JobStore:
             "requires": call.requires is not None,
             "batch": batch if batch is not None else False,
             "entry": entry if entry is not None else False,
+            "outboxed": self.cluster,
             "rate": rate[0] if rate is not None else False,
         }
         args: list[Any] = [compact_json(named), *call.events]
@@ -375,6 +552,8 @@ class JobStore:
         nothing like a scan of every unfinished job. Not in the append script: the records'
         keys are known only from the set's members, and an expired record never comes back,
         so dropping its id needs no atomicity with the check."""
+        if self.cluster:
+            return await self.places.drop_stale(owner)
         key = self.keys.owner_unfinished(owner)
         horizon = (time.time() - self.settings.retention_seconds) * 1_000_000
         ids: list[str] = await self.redis.zrangebyscore(key, "-inf", f"{horizon:.0f}")
@@ -404,12 +583,14 @@ class JobStore:
         """
         appended = await self.call(self._create_call(record, events, then, take, None), rate)
         now = time.time()
-        if appended.ok and now - self._index_trimmed_at >= 1.0:
+        partition = self.keys.partition_of(record.id)
+        if appended.ok and now - self._index_trimmed_at.get(partition, 0.0) >= 1.0:
             # Index entries scored before the retention point at expired jobs. Trimming once a
-            # second per process, not on every submit, saves a round trip per submission.
-            self._index_trimmed_at = now
+            # second per process (and partition), not on every submit, saves a round trip per
+            # submission.
+            self._index_trimmed_at[partition] = now
             horizon = (now - self.settings.retention_seconds) * 1_000_000
-            await self.redis.zremrangebyscore(self.keys.jobs, 0, horizon)
+            await self.redis.zremrangebyscore(self.keys.at(partition).jobs, 0, horizon)
         return appended
 
     def create_call(
@@ -436,12 +617,36 @@ class JobStore:
         does one refused by the owner's unfinished-jobs limit (refused, the first create
         refuses every other: they require it), sent again after dropping expired ids, and one
         with a create refused for its batch's keys, sent again with them.
+
+        On a cluster the creates are of one partition (a batch's children are in their
+        parent's): their ``MULTI`` runs on the node of its slot, the owner's places taken
+        first (``reserve``) and their queue outbox entries run after it.
         """
+        if not self.cluster:
+            return await self._together(calls)
+        refused, reserved = await self.reserve(calls, None)
+        if refused is not None:
+            return [refused for _ in calls]
+        split = [self._outboxed(call) for call in calls]
+        appended = await self._together([call for call, _ in split])
+        if all(a.ok for a in appended):
+            for call, (_, entry) in zip(calls, split, strict=True):
+                await self._run_entry(call.job_id, entry)
+                if call.terminal and call.batch is not None:  # a cached child's end
+                    entry_id = await self.redis.hget(  # type: ignore[misc]
+                        self.keys.batch_counts(call.batch), "#entry"
+                    )
+                    await self.run_resume(call.job_id, entry_id)
+        elif reserved:
+            await self.places.release(calls[0].owner, reserved)
+        return appended
+
+    async def _together(self, calls: Sequence[ScriptCall]) -> list[Appended]:
         calls = await self._with_entries(calls)
         pruned = False
         reloads = rounds = 0
         while True:
-            async with self.redis.pipeline(transaction=True) as pipe:
+            async with self.transaction(self.keys.job(calls[0].job_id)) as pipe:
                 for call in calls:
                     keys, args = self.lay_out(call)
                     await self._append(keys=keys, args=args, client=pipe)
@@ -564,7 +769,8 @@ class JobStore:
     async def get_many(self, job_ids: Sequence[str]) -> list[JobRecord | None]:
         """The records, each with its running step's text so far (tasks/output.py): read in
         one MULTI, so the text is the one the record's ``last_event_id`` has."""
-        async with self.redis.pipeline(transaction=True) as pipe:
+        # A cluster has no MULTI: there the text may be a step newer than the record.
+        async with self.redis.pipeline(transaction=not self.cluster) as pipe:
             for job_id in job_ids:
                 pipe.hgetall(self.keys.job(job_id))
                 pipe.get(self.keys.job_text(job_id))
@@ -590,9 +796,14 @@ class JobStore:
         (subject's) entries are returned, so a page may be short, or empty, and still not be
         the last.
         """
-        rows = await self.redis.xrange(self.keys.firehose, min=f"({after}", max="+", count=count)
-        last = rows[-1][0] if rows else after
-        more = len(rows) == count
+        if self.cluster:
+            rows, last, more = await partitioned_firehose.read(self.redis, self.keys, after, count)
+        else:
+            rows = await self.redis.xrange(
+                self.keys.firehose, min=f"({after}", max="+", count=count
+            )
+            last = rows[-1][0] if rows else after
+            more = len(rows) == count
         owner_json = json.dumps(owner) if owner is not None else None
         subject_json = json.dumps(subject) if subject is not None else None
         page = [
@@ -602,6 +813,13 @@ class JobStore:
             and (subject_json is None or fields.get("s") == subject_json)
         ]
         return page, last, more
+
+    async def firehose_head(self) -> str:
+        """The firehose's cursor at its newest entry: where a fresh viewer starts."""
+        if not self.cluster:
+            info = await self.stream_info(self.keys.firehose)
+            return info.last_id if info else "0"
+        return await partitioned_firehose.head(self.redis, self.keys)
 
     async def stream_info(self, key: str) -> StreamInfo | None:
         try:
@@ -642,7 +860,6 @@ class JobStore:
 
         With ``subject`` the subject's own index is read instead of every job's.
         """
-        index = self.keys.jobs if subject is None else self.keys.subject_jobs(subject)
         found: list[JobRecord] = []
         max_score: float | str = "+inf" if cursor is None else cursor[0]
         skip_until = cursor
@@ -651,9 +868,7 @@ class JobStore:
         # Filters are applied while scanning; a bounded scan keeps one request cheap even when
         # few jobs match, and the cursor lets the caller go on from where it stopped.
         while scanned < 5_000:
-            rows = await self.redis.zrevrangebyscore(
-                index, max_score, "-inf", start=0, num=batch, withscores=True
-            )
+            rows = await self._index_rows(subject, max_score, batch)
             if skip_until is not None:
                 score, last_id = skip_until
                 # Equal scores come in descending member order: drop what the last page had.
@@ -681,6 +896,23 @@ class JobStore:
                 break
             max_score = skip_until[0]
         return found, skip_until
+
+    async def _index_rows(
+        self, subject: str | None, max_score: float | str, count: int
+    ) -> list[tuple[str, float]]:
+        """The newest ``count`` entries of the job index (or a subject's) scored at most
+        ``max_score``: on a cluster, each partition's newest ``count`` merged (one pipeline,
+        one command per partition), which are the index's newest ``count`` too."""
+        parts = self.keys.every_partition()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for part in parts:
+                index = part.jobs if subject is None else part.subject_jobs(subject)
+                pipe.zrevrangebyscore(index, max_score, "-inf", start=0, num=count, withscores=True)
+            pages: list[list[tuple[str, float]]] = await pipe.execute()
+        if len(pages) == 1:
+            return pages[0]
+        merged = heapq.merge(*pages, key=lambda row: (row[1], row[0]), reverse=True)
+        return list(merged)[:count]
 
     async def child_ids(self, parent_id: str) -> list[str]:
         """Every child id of a job (or a batch), in the order they were started."""

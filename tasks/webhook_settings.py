@@ -158,7 +158,12 @@ async def read(redis: Redis, keys: Keys) -> list[Announcement]:
     ids: list[str] = await redis.zrevrange(keys.webhook_settings, 0, READ_LIMIT - 1)
     if not ids:
         return []
-    return parse(await redis.mget([keys.webhook_settings_of(i) for i in ids]))
+    # One GET each, not MGET: on a cluster the keys are in many slots.
+    async with redis.pipeline(transaction=False) as pipe:
+        for process_id in ids:
+            pipe.get(keys.webhook_settings_of(process_id))
+        values: list[str | None] = await pipe.execute()
+    return parse(values)
 
 
 def held_reasons(values: Iterable[str]) -> list[str]:

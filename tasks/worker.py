@@ -23,13 +23,14 @@ from arq.worker import func, get_kwargs
 from redis.exceptions import RedisError
 
 from stepstream.tasks import llm, recurring, tracing
-from stepstream.tasks.connection import arq_pool, arq_settings, connect
+from stepstream.tasks.connection import arq_pool, arq_settings
 from stepstream.tasks.errors import ConfigurationError
 from stepstream.tasks.heartbeat import Heartbeat
 from stepstream.tasks.inputs import INPUT_TIMEOUT
 from stepstream.tasks.keyspace import Keys
 from stepstream.tasks.logs import setup_logging
 from stepstream.tasks.outbox import Outbox
+from stepstream.tasks.planes import OutboxDrain
 from stepstream.tasks.queue import RUN_JOB
 from stepstream.tasks.registry import TaskRegistry, load_tasks
 from stepstream.tasks.runtime import JobMonitor, input_timeout, run_job
@@ -45,13 +46,19 @@ async def startup(ctx: dict[str, Any], *, settings: Settings, registry: TaskRegi
     problem = settings.worker_problem()
     if problem:  # `stepstream worker` said so before starting; arq's own CLI gets here
         raise ConfigurationError(problem)
-    redis = connect(settings)
-    store = JobStore(redis, settings)
+    store = JobStore.open(settings)
+    # Heartbeats and announced settings on REDIS_URL (the queue plane's server, which the CLI
+    # and `stepstream doctor` read); the webhook outboxes on the log plane, with the logs.
+    redis = store.queue
     monitor = JobMonitor(store, settings.lease_seconds)
     monitor.start()
     # What the jobs read from the worker: its tasks (runtime, recurring ticks) and LLM clients.
     ctx.update(registry=registry, llm_providers=llm.Providers())
-    ctx.update(store=store, job_monitor=monitor, store_redis=redis)
+    ctx.update(store=store, job_monitor=monitor)
+    if store.cluster:  # what a process that died after its script left behind (tasks/planes.py)
+        drain = OutboxDrain(store.redis, store.queue, store.keys)
+        drain.start()
+        ctx.update(queue_outbox=drain)
     beat = Heartbeat(
         redis,
         store.keys,
@@ -73,32 +80,39 @@ async def startup(ctx: dict[str, Any], *, settings: Settings, registry: TaskRegi
     except Exception:
         logger.warning("could not announce the webhook settings", exc_info=True)
     announcer.start()
-    # Webhook deliveries run beside the jobs, never in a job slot (tasks/outbox.py).
-    outbox = Outbox(
-        redis,
-        store.keys,
-        settings,
-        consumer=beat.worker_id,
-        peers_sign=lambda: announcer.peers_sign,
-    )
-    outbox.start()
-    ctx.update(heartbeat=beat, outbox=outbox, webhook_settings=announcer)
+    # Webhook deliveries run beside the jobs, never in a job slot (tasks/outbox.py): one reader
+    # per partition's outbox (one on one server).
+    outboxes = [
+        Outbox(
+            store.redis,
+            part,
+            settings,
+            consumer=beat.worker_id,
+            peers_sign=lambda: announcer.peers_sign,
+        )
+        for part in store.keys.every_partition()
+    ]
+    for outbox in outboxes:
+        outbox.start()
+    ctx.update(heartbeat=beat, outboxes=outboxes, webhook_settings=announcer)
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
     if "heartbeat" in ctx:
         await ctx["heartbeat"].stop()  # gone from /api/stats at once, not after its TTL
-    if "outbox" in ctx:
+    if "outboxes" in ctx:
         # Deliveries not done by then stay pending; another worker takes them over.
-        await ctx["outbox"].stop(grace=5.0)
+        await asyncio.gather(*(outbox.stop(grace=5.0) for outbox in ctx["outboxes"]))
+    if "queue_outbox" in ctx:
+        await ctx["queue_outbox"].stop()
     if "webhook_settings" in ctx:
         await ctx["webhook_settings"].stop()
     if "job_monitor" in ctx:
         await ctx["job_monitor"].stop()
     if "llm_providers" in ctx:
         await ctx["llm_providers"].aclose()  # their HTTP connection pools
-    if "store_redis" in ctx:
-        await ctx["store_redis"].aclose()
+    if "store" in ctx:
+        await ctx["store"].aclose()
 
 
 def worker_settings(settings: Settings | None = None, registry: TaskRegistry | None = None) -> type:

@@ -38,6 +38,7 @@ LONGEST_FIRST = (
     "test_inputs.py",
     "test_browser_client.py",
     "test_owner_limits.py",
+    "test_cluster_store.py",
     "test_webhooks.py",
     "test_install.py",
     "test_hub.py",

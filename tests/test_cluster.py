@@ -1,8 +1,9 @@
 """A real Valkey Cluster (3 primaries, 3 replicas, formed from redis-py) and the rules the
 store must follow on it (docs/scaling.md): jobs' keys spread over every primary, one Lua call's
 keys share a hash slot, live events go over sharded pub/sub, and a killed primary's slots come
-back on its promoted replica. The store does not run on a cluster yet: these drive the cluster
-with the store's key names and command mix, through redis-py's asyncio cluster client."""
+back on its promoted replica. These drive the cluster with a plain key layout and the store's
+command mix, through redis-py's asyncio cluster client; the store itself on a cluster:
+tests/test_cluster_store.py."""
 
 from __future__ import annotations
 

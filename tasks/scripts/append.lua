@@ -17,7 +17,8 @@
 --   if a.requires: a record that must exist (a batch's parent, for its children: created in the
 --     same MULTI only if it was admitted);
 --   if a.batch: the batch's counts hash and ended list (a child that ends is counted there);
---   if a.entry: arq's key of the waiting parent's entry, arq's queue, the wake-ups channel;
+--   if a.entry: arq's key of the waiting parent's entry, arq's queue, the wake-ups channel (on a
+--     cluster, a.outboxed: the partition's queue outbox instead, resume_parent.lua);
 --   if a.rate: the owner's submissions counter of this second;
 --   then the keys of each ride-along command, in order.
 -- ARGV[1] is the named arguments, a JSON object `a`:
@@ -80,7 +81,10 @@ if a.batch then
   next_key = next_key + 2
 end
 local entry_key, queue, wakeups
-if a.entry then
+if a.entry and a.outboxed then
+  entry_key = KEYS[next_key]  -- a cluster's: the partition's queue outbox (resume_parent.lua)
+  next_key = next_key + 1
+elseif a.entry then
   entry_key, queue, wakeups = KEYS[next_key], KEYS[next_key + 1], KEYS[next_key + 2]
   next_key = next_key + 3
 end

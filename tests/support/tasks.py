@@ -28,7 +28,8 @@ class CountedOutput(BaseModel):
 
 
 def executions_key(job_id: str) -> str:
-    return f"test:executions:{job_id}"
+    # A hash tag: the key and its tokens set share a slot, for the script below on a cluster.
+    return f"test:executions:{{{job_id}}}"
 
 
 # Counts once per execution even when the client sends it again after a lost reply (a Valkey

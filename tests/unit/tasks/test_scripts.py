@@ -11,6 +11,8 @@ from redis.crc import key_slot
 
 from stepstream.tasks import lua
 from stepstream.tasks.commands import Command
+from stepstream.tasks.connection import arq_pool
+from stepstream.tasks.queue import enqueue_commands
 from stepstream.tasks.settings import Settings
 from stepstream.tasks.store import JobStore
 
@@ -119,3 +121,31 @@ def test_one_jobs_own_keys_share_its_hash_slot() -> None:
     batch = [store.keys.batch_counts("p1"), store.keys.batch_ended("p1")]
     assert set(batch) <= set(keys)
     assert {key_slot(k.encode()) for k in batch} == {key_slot(b"{p1}")}
+
+
+def test_on_a_cluster_every_key_of_a_call_shares_its_partitions_slot() -> None:
+    # The end of a batch's child, with an arq enqueue riding along: on a cluster, the queue
+    # plane's commands (and any key of another slot) leave the script for its queue outbox.
+    store = JobStore(Redis(), Settings(cluster_url="redis://127.0.0.1:7000"))
+    parent = store.new_job_id()
+    child = store.new_job_id(parent=parent)
+    call = store.script_call(
+        child,
+        [{"type": "completed"}],
+        {"state": "completed"},
+        "owner",
+        "update",
+        (),
+        [
+            Command("DEL", [store.keys.job_text(child)]),
+            *enqueue_commands(arq_pool(Settings()), store.keys, child),
+        ],
+        batch=parent,
+    )
+    inside, entry = store._outboxed(call)
+    keys, _ = store.lay_out(inside)
+    assert len({key_slot(k.encode()) for k in keys}) == 1
+    assert store.keys.of(child).queue_outbox in keys
+    assert entry is not None
+    assert {"PSETEX", "ZADD", "PUBLISH"} <= {c.name for c in entry[1]}
+    assert not any(k.startswith("arq:") or k == store.keys.queue for k in keys)
