@@ -242,18 +242,24 @@ class EventStream:
                 logger.exception("closing a stream failed")
 
 
-def read_cursor(request: Request) -> str | None:
-    """``Last-Event-ID`` wins over ``?after=``: EventSource keeps its first URL on reconnect."""
+def read_cursor(
+    request: Request, position: Callable[[str], list[StreamId]] = lambda raw: [StreamId.parse(raw)]
+) -> str | None:
+    """``Last-Event-ID`` wins over ``?after=``: EventSource keeps its first URL on reconnect.
+    ``position``: the cursor as stream ids (the firehose's on a cluster has one per partition)."""
     raw = request.headers.get("last-event-id") or request.query_params.get("after")
     if raw is None or raw == "":
         return None
     try:
-        cursor = StreamId.parse(raw)
-    except ValueError:
+        ids = position(raw)
+    except ValueError as error:
         raise ApiError(
-            400, "bad_cursor", f"{raw!r} is not an event id (`0` or `<ms>-<seq>`)"
+            400,
+            "bad_cursor",
+            f"{raw!r} is not an event id (`0` or `<ms>-<seq>`)",
+            {"reason": str(error)},
         ) from None
-    if cursor == LAST:  # no event can follow it: Redis refuses to read after it
+    if LAST in ids:  # no event can follow it: Redis refuses to read after it
         raise ApiError(400, "bad_cursor", f"{raw!r} is the last possible event id")
     return raw
 
@@ -289,15 +295,7 @@ async def firehose(request: Request) -> EventStream:
             "this token opens one job's stream, not the firehose",
             headers={"WWW-Authenticate": "Bearer"},  # every 401 names the scheme (RFC 9110)
         )
-    if state.store.cluster:
-        # Answered before the stream opens: an EventSource stops on it instead of retrying.
-        raise ApiError(
-            501,
-            "firehose_unavailable",
-            "the firehose is not served yet when the logs are on a cluster",
-            {"setting": "STEPSTREAM_CLUSTER_URL"},
-        )
-    cursor = read_cursor(request)
+    cursor = read_cursor(request, state.store.firehose_position)
     release = open_stream(state, principal)
     stream = FirehoseStream(
         state.store, state.hub, state.settings, cursor, principal.owner, principal.subject

@@ -76,6 +76,8 @@ class Frame:
     job_bytes: bytes
     firehose_bytes: bytes
     terminal: bool
+    # The firehose partition it came from (its channel's index in ``Keys.firehose_channels``).
+    partition: int = 0
 
 
 QueueItem = Frame | bytes | _Marker
@@ -180,6 +182,7 @@ class Hub:
         self.keys = keys
         self.firehose_channels = keys.firehose_channels
         self._firehose_set = frozenset(self.firehose_channels)
+        self._firehose_partition = {c: p for p, c in enumerate(self.firehose_channels)}
         self._channel_head, _, self._channel_tail = keys.job_channel("\0").partition("\0")
         self.hub_channel = keys.hub_channel
         self.queue_size = queue_size
@@ -491,9 +494,10 @@ class Hub:
 
     # -- the listener ---------------------------------------------------------------------
 
-    def parse(self, payload: str, *, firehose: bool = False) -> Frame:
+    def parse(self, payload: str, *, firehose: bool = False, partition: int = 0) -> Frame:
         """One published message as the frame its streams share (encoded once): a job
-        stream's, or with ``firehose`` the firehose's."""
+        stream's, or with ``firehose`` the firehose's, from ``partition``. A partitioned
+        firehose's frame has no id: each stream writes its own cursor in front of it."""
         message: dict[str, Any] = json.loads(payload)
         event: dict[str, Any] = message["event"]
         type_: str = event["type"]
@@ -503,7 +507,9 @@ class Hub:
         event_json = payload[payload.index(',"event":') + 9 : -1]
         if firehose:
             job_bytes = b""
-            firehose_bytes = frame(type_, firehose_data(event_json, job_event_id), firehose_id)
+            data = firehose_data(event_json, job_event_id)
+            one = len(self.firehose_channels) == 1
+            firehose_bytes = frame(type_, data, firehose_id if one else None)
         else:
             job_bytes = frame(type_, event_json, job_event_id)
             firehose_bytes = b""
@@ -517,6 +523,7 @@ class Hub:
             job_bytes=job_bytes,
             firehose_bytes=firehose_bytes,
             terminal=type_ in TERMINAL_EVENTS,
+            partition=partition,
         )
 
     def dispatch_many(self, messages: list[tuple[str, str]]) -> None:
@@ -528,7 +535,8 @@ class Hub:
             try:
                 if channel in self._firehose_set:
                     if self.firehose:
-                        firehose.append(self.parse(payload, firehose=True))
+                        part = self._firehose_partition[channel]
+                        firehose.append(self.parse(payload, firehose=True, partition=part))
                 elif channel in self._ready:  # not a job whose last viewer just left
                     item = self.parse(payload)
                     by_job.setdefault(item.job_id, []).append(item)

@@ -561,10 +561,6 @@ def routes(settings: Settings, tasks: list[TaskSpec], inputs: dict[str, str]) ->
                 **UNAUTHORIZED,
                 **TOO_MANY_STREAMS,
                 **UNAVAILABLE,
-                501: Refused(
-                    "`firehose_unavailable`: the logs are on a cluster (STEPSTREAM_CLUSTER_URL), "
-                    "where the firehose is not served yet"
-                ),
             },
         ),
         Route(

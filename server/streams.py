@@ -306,9 +306,14 @@ class JobStream:
 
 
 class FirehoseStream:
-    """Every job's events (those the caller may see), live or from a firehose cursor."""
+    """Every job's events (those the caller may see), live or from a firehose cursor.
 
-    __slots__ = ("cursor", "hub", "last", "owner", "settings", "store", "subject", "subscriber")
+    The cursor is a position in each partition's firehose (one on one server, its stream id;
+    on a cluster one id per partition, joined by ``.``: tasks/partitioned_firehose.py). Every
+    frame's id is the cursor just past it: with one partition the hub's shared bytes carry it;
+    with several, each stream writes its own position in front of the hub's frame."""
+
+    __slots__ = ("cursor", "hub", "owner", "position", "settings", "store", "subject", "subscriber")
 
     def __init__(
         self,
@@ -324,36 +329,41 @@ class FirehoseStream:
         self.settings = settings
         self.owner = owner  # None: every owner's jobs (development without a key)
         self.subject = subject  # None: every subject's jobs
-        self.last: StreamId = NOTHING_SENT
+        self.position: list[StreamId] = [NOTHING_SENT] * store.partitions
         self.cursor = cursor
         self.subscriber: Subscriber
+
+    @property
+    def _cursor(self) -> str:
+        return ".".join(map(str, self.position))
 
     async def frames(self) -> AsyncIterator[bytes]:
         start = "0"
         if self.cursor is None:
-            # A fresh connect starts after the newest entry at this moment. Read before the
+            # A fresh connect starts after the newest entries at this moment. Read before the
             # hub subscription; what lands in between is read back from the log below.
-            info = await self.store.stream_info(self.store.keys.firehose)
-            start = info.last_id if info else "0"
+            start = await self.store.firehose_head()
             if self.settings.resume_delay_seconds:
                 await asyncio.sleep(self.settings.resume_delay_seconds)  # tests widen the window
         self.subscriber = self.hub.subscribe(None, self.owner, self.subject)
+        single = len(self.position) == 1
         try:
             yield f"retry: {self.settings.sse_retry_ms}\n\n".encode()
             await self.hub.joined(self.subscriber)  # before the log is read, as for a job
             if self.cursor is None:
                 # An id with no data moves the client's cursor without an event, so a client
                 # that drops before the first event resumes from here and misses nothing.
+                self.position = self.store.firehose_position(start)
                 yield f"id: {start}\n\n".encode()
-                self.last = parse_stream_id(start)
                 async for chunk in self._replay(check_trim=False):
                     yield chunk
             else:
                 if self.settings.resume_delay_seconds:
                     await asyncio.sleep(self.settings.resume_delay_seconds)
-                self.last = parse_stream_id(self.cursor)
+                self.position = self.store.firehose_position(self.cursor)
                 async for chunk in self._replay(check_trim=self.cursor != "0"):
                     yield chunk
+            position = self.position
             while True:
                 items = await self.subscriber.take()
                 if self.subscriber.overflowed:
@@ -362,9 +372,14 @@ class FirehoseStream:
                 closing = False
                 for item in items:
                     if isinstance(item, Frame):
-                        if item.firehose_id > self.last:
-                            self.last = item.firehose_id
-                            out.append(item.firehose_bytes)
+                        part = item.partition
+                        if item.firehose_id > position[part]:
+                            position[part] = item.firehose_id
+                            if single:
+                                out.append(item.firehose_bytes)
+                            else:
+                                cursor = self._cursor.encode()
+                                out.append(b"id: %s\n%s" % (cursor, item.firehose_bytes))
                     elif item is RESYNC:
                         async for chunk in self._replay(check_trim=True):
                             out.append(chunk)
@@ -382,13 +397,14 @@ class FirehoseStream:
 
     async def _replay(self, *, check_trim: bool) -> AsyncIterator[bytes]:
         if check_trim:
-            info = await self.store.stream_info(self.store.keys.firehose)
-            if info is not None and info.trimmed_after(self.last):
+            trimmed = await self.store.firehose_trimmed(self.position)
+            if trimmed:
                 yield frame("reset", json_data({"reason": "events after the cursor expired"}))
-                # Continue from the oldest entry kept; the client refetches GET /api/jobs.
-                self.last = StreamId(0, 0)
+                # Continue from the oldest entries kept; the client refetches GET /api/jobs.
+                for part in trimmed:
+                    self.position[part] = StreamId(0, 0)
         batch = self.settings.replay_batch
-        after = str(self.last)
+        after = self._cursor
         while True:
             rows, after, more = await self.store.read_firehose(
                 after, batch, self.owner, self.subject
@@ -397,7 +413,8 @@ class FirehoseStream:
             for entry_id, job_event_id, event_json in rows:
                 type_ = _event_type(event_json)
                 chunks.append(frame(type_, firehose_data(event_json, job_event_id), entry_id))
-            self.last = max(self.last, parse_stream_id(after))
+            read = self.store.firehose_position(after)
+            self.position[:] = [max(a, b) for a, b in zip(self.position, read, strict=True)]
             if chunks:
                 yield b"".join(chunks)
             if not more:

@@ -17,6 +17,7 @@ script: on a cluster every key of one call must share a hash slot, and this make
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import json
 import logging
@@ -820,6 +821,27 @@ class JobStore:
             info = await self.stream_info(self.keys.firehose)
             return info.last_id if info else "0"
         return await partitioned_firehose.head(self.redis, self.keys)
+
+    def firehose_position(self, cursor: str) -> list[StreamId]:
+        """A firehose cursor as one position per partition of the log plane (one on one
+        server); a ``ValueError`` naming what is wrong with it."""
+        if not self.cluster:
+            return [StreamId.parse(cursor)]
+        return [StreamId.parse(i) for i in partitioned_firehose.cursor(cursor, self.partitions)]
+
+    @property
+    def partitions(self) -> int:
+        return max(1, self.keys.partitions)
+
+    async def firehose_trimmed(self, position: Sequence[StreamId]) -> list[int]:
+        """The partitions whose firehose no longer holds every entry after ``position``."""
+        views = self.keys.every_partition()
+        infos = await asyncio.gather(*(self.stream_info(v.firehose) for v in views))
+        return [
+            p
+            for p, (info, at) in enumerate(zip(infos, position, strict=True))
+            if info is not None and info.trimmed_after(at)
+        ]
 
     async def stream_info(self, key: str) -> StreamInfo | None:
         try:

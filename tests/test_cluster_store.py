@@ -333,10 +333,67 @@ def test_a_job_submitted_to_one_web_streams_to_its_end_from_the_other(
     assert stats["tasks"]["analyze_document"]["counts"]["completed"] >= 1
     metrics = http.get(f"{first.url}/metrics", timeout=10).text
     assert 'stepstream_jobs_submitted_total{task="analyze_document"}' in metrics
-    # The firehose is not served on a cluster yet: said before a stream opens.
-    firehose = http.get(f"{first.url}/api/events", timeout=10)
-    assert firehose.status_code == 501
-    assert firehose.json()["error"]["code"] == "firehose_unavailable"
+
+
+def test_the_firehose_merges_every_partition_live_and_resumes_from_any_event(
+    cluster_stack: Stack,
+) -> None:
+    """Jobs in several partitions (on several primaries): a firehose viewer on one web process
+    gets each of their events once, live; resumed on the other web process from any event it
+    saw, it gets exactly the events it had not seen then, from every partition."""
+    first, second = cluster_stack.webs
+    keys = Keys(cluster_stack.prefix, Settings().cluster_partitions)
+    doc = {"text": api.DOC, "pace": 0.0}
+    # From the start of the log: the first job's events come from the replay or live; the
+    # others are submitted once the viewer has the first's, so they come live.
+    live = StreamReader(f"{first.url}/api/events?after=0", timeout=60).start()
+    try:
+        jobs = [api.submit(second.url, "analyze_document", doc)]
+        live.wait_for(
+            lambda events: any(
+                e.type == "completed" and e.data.get("job_id") == jobs[0]["id"] for e in events
+            ),
+            timeout=30,
+        )
+        jobs += [api.submit(second.url, "analyze_document", doc) for _ in range(5)]
+        partitions = {keys.partition_of(job["id"]) for job in jobs}
+        assert len(partitions) >= 2, "the jobs all landed in one partition: nothing to merge"
+        logs: dict[str, list[str]] = {}
+        for job in jobs:
+            _, log = read_stream(f"{first.url}/api/jobs/{job['id']}/events?after=0", timeout=30)
+            assert log[-1].type == "completed", [e.type for e in log]
+            logs[job["id"]] = [str(e.id) for e in log]
+        wanted = sum(len(log) for log in logs.values())
+
+        def mine(events: list[Any]) -> list[tuple[str, str]]:
+            return [
+                (e.data["job_id"], e.data["event_id"])
+                for e in events
+                if isinstance(e.data, dict) and e.data.get("job_id") in logs
+            ]
+
+        live.wait_for(lambda events: len(mine(events)) >= wanted, timeout=30)
+    finally:
+        live.close()
+    seen = mine(live.events)
+    assert len(seen) == wanted and len(set(seen)) == wanted, "each event once"
+    for job_id, log in logs.items():
+        assert [i for j, i in seen if j == job_id] == log, "a job's events in its log's order"
+    # Every frame's id is a cursor over every partition.
+    framed = [e for e in live.events if isinstance(e.data, dict) and e.data.get("job_id") in logs]
+    assert all(len(str(e.id).split(".")) == keys.partitions for e in framed)
+    for cut in (1, len(framed) // 2, len(framed) - 1):
+        unseen = len(framed) - cut
+        rest = StreamReader(
+            f"{second.url}/api/events", headers={"Last-Event-ID": str(framed[cut - 1].id)}
+        ).start()
+        try:
+            rest.wait_for(lambda events: len(mine(events)) >= unseen, timeout=20)  # noqa: B023
+        finally:
+            rest.close()
+        assert sorted(mine(rest.events)) == sorted(mine(framed[cut:])), f"resumed after {cut}"
+    bad = http.get(f"{first.url}/api/events", headers={"Last-Event-ID": "1-0.2-0"}, timeout=10)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_cursor"
 
 
 def test_a_watched_jobs_events_arrive_live_from_the_cluster(
