@@ -12,6 +12,7 @@ import asyncio
 from typing import Any, cast
 
 import hiredis
+import redis
 from arq.connections import ArqRedis, RedisSettings
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -31,6 +32,7 @@ from stepstream.tasks.keyspace import Keys
 from stepstream.tasks.settings import Settings
 
 RETRYABLE = [ConnectionError, TimeoutError, ConnectionResetError, OSError]
+REDIS_PY = tuple(int(part) for part in redis.__version__.split(".")[:2])
 
 # A connect that has not completed by then is given up and tried again (arq's own pool used 1 s).
 CONNECT_TIMEOUT_SECONDS = 5.0
@@ -125,8 +127,12 @@ class LogPlaneCluster(RedisCluster):
     (redis/redis-py#2427). Here the re-reading is tried again with backoff, about 20 s in all.
     """
 
+    # How many times a re-reading of the slot map is tried (``connect_cluster`` sets it): kept
+    # here, as redis-py 6 renamed the attribute its ``cluster_error_retry_attempts`` set.
+    slot_map_attempts = 25
+
     async def initialize(self) -> LogPlaneCluster:
-        attempts = max(1, self.cluster_error_retry_attempts)
+        attempts = max(1, self.slot_map_attempts)
         for attempt in range(1, attempts + 1):
             try:
                 await super().initialize()
@@ -149,19 +155,28 @@ def connect_cluster(settings: Settings, *, attempts: int = 25) -> RedisCluster:
     """
     if not settings.cluster_url:
         raise ValueError("STEPSTREAM_CLUSTER_URL is not set")
-    client = LogPlaneCluster.from_url(
-        settings.cluster_url,
-        decode_responses=True,
+    if REDIS_PY < (6,):
         # Patience in two layers: a node's connection is retried briefly (about 0.7 s), then
         # the client re-reads the slot map and tries again, ``attempts`` times (about 20 s in
         # all). One patient layer at the node would keep dialling a dead primary's address
         # (~22 s measured) while its replica had long taken its slots.
-        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), NODE_ATTEMPTS),
+        patience: dict[str, Any] = {
+            "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), NODE_ATTEMPTS),
+            "cluster_error_retry_attempts": attempts,
+        }
+    else:
+        # redis-py 6 made ``retry`` the cluster's own (each try re-reads the slot map after a
+        # connection error) and dropped ``cluster_error_retry_attempts``.
+        patience = {"retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), attempts)}
+    client = LogPlaneCluster.from_url(
+        settings.cluster_url,
+        decode_responses=True,
         retry_on_error=list(RETRYABLE),
-        cluster_error_retry_attempts=attempts,
         health_check_interval=30,
         socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
+        **patience,
     )
+    client.slot_map_attempts = attempts
     return cast(RedisCluster, client)
 
 
