@@ -193,12 +193,18 @@ class Viewer:
 
 
 async def storm(
-    url: str, ids: list[str], events: int, batch: int, rate: float, writers: int
+    url: str,
+    ids: list[str],
+    events: int,
+    batch: int,
+    rate: float,
+    writers: int,
+    cluster_url: str = "",
 ) -> float:
     """Append ``events`` events (``batch`` per call, job after job) at ``rate`` from ``writers``
-    coroutines; the seconds it took."""
-    redis = Redis.from_url(url, decode_responses=True)
-    store = JobStore(redis, Settings(redis_url=url, prefix=PREFIX))
+    coroutines, to the store at ``url`` (its logs on ``cluster_url`` if given); the seconds it
+    took."""
+    store = JobStore.open(Settings(redis_url=url, cluster_url=cluster_url, prefix=PREFIX))
     calls = iter(range(events // batch))
     start = time.perf_counter()
 
@@ -218,15 +224,15 @@ async def storm(
         await asyncio.gather(*(writer() for _ in range(writers)))
         return time.perf_counter() - start
     finally:
-        await redis.aclose()
+        await store.aclose()
 
 
-async def jobs(url: str, count: int) -> list[str]:
-    redis = Redis.from_url(url, decode_responses=True)
+async def jobs(url: str, count: int, cluster_url: str = "") -> list[str]:
+    store = JobStore.open(Settings(redis_url=url, cluster_url=cluster_url, prefix=PREFIX))
     try:
-        return await make_jobs(JobStore(redis, Settings(redis_url=url, prefix=PREFIX)), count)
+        return await make_jobs(store, count)
     finally:
-        await redis.aclose()
+        await store.aclose()
 
 
 def run_once(

@@ -8,16 +8,15 @@
    watching one of ``--jobs`` fresh jobs, while ``--storm`` events are appended at ``--rate``
    over those jobs; plus one web process with no client at all. Printed: each web process's CPU
    per event it delivered, the idle one's CPU per event of the deployment, and Valkey's.
-3. **The store's command mix on a cluster** (not Stepstream's store itself): one Lua call per
-   event doing what the append does on a job's keys (``XADD`` with ``MAXLEN ~``, ``HSET`` on
-   the record, ``SPUBLISH`` on the job's channel; ``--publish publish`` for plain
-   ``PUBLISH``), every key under the job's hash tag, against a Valkey Cluster of 1, 2 and 3
-   primaries (``--primaries``; no replicas). Printed: events/s, and per
-   primary its share of the events and its CPU per event.
+3. **The store on a cluster** (``STEPSTREAM_CLUSTER_URL``): the same writers calling the real
+   append on jobs of a cluster's log plane (arq's queue on the standalone Valkey), against a
+   Valkey Cluster of 1, 2 and 3 primaries (``--primaries``; no replicas), with one web process
+   on the cluster and one viewer on each job. Printed: events/s, the events the viewers got,
+   and per primary its share of the events and its CPU per event.
 4. **Web processes on a cluster** (``--only cluster-web``): the same writers on a 3-primary
-   cluster, and two web processes whose hub is on it (``STEPSTREAM_CLUSTER_URL``): one with no
-   client, one with a client watching one of the jobs. Printed: each one's CPU per event of the
-   deployment, and per event it delivered.
+   cluster, and two web processes on it: one with no client, one with a client watching one
+   of the jobs. Printed: each one's CPU per event of the deployment, and per event it
+   delivered.
 
 CPU is each process's on-CPU time (``/proc/PID/task/*/schedstat``), read before and after. A web
 process's figure is "less rest": what it spends over the same time with no event (timers, the
@@ -33,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -45,28 +45,10 @@ from functools import partial
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from redis.asyncio.cluster import RedisCluster
-
-from bench.common import PREFIX, Bench, bench, fmt, machine, print_table
+from bench.common import Bench, bench, fmt, machine, print_table
 from bench.idle import Viewer, cpu_ns, jobs, storm
-from bench.throughput import progress_event
-from stepstream.tasks.keyspace import Keys
-from stepstream.tasks.models import new_job_id
 from tests.support.cluster import ValkeyCluster
 from tests.support.processes import ROOT, wait_until
-
-# One event on a job's keys, as the append does it (the log, the record, the live channel,
-# with the message a hub reads).
-CLUSTER_APPEND = """
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'event', ARGV[1])
-redis.call('HSET', KEYS[2], 'last_event_id', id, 'progress', '0.5', 'message', ARGV[3])
-redis.call('{publish}', KEYS[3], '{{"job_event_id":"' .. id .. '","firehose_id":"' .. id ..
-  '","owner":null,"event":' .. ARGV[1] .. '}}')
-return id
-"""
-KEYS = Keys(PREFIX)  # the web processes' prefix: part 4's hear these channels
-JOB_LOG_MAXLEN = 10_000  # the default STEPSTREAM_JOB_LOG_MAXLEN
-
 
 T = TypeVar("T")
 
@@ -132,49 +114,20 @@ async def _wait_for(moment: float) -> None:
 
 
 async def write_store(
-    url: str, ids: list[str], events: int, batch: int, concurrency: int, moment: float
+    url: str,
+    ids: list[str],
+    events: int,
+    batch: int,
+    concurrency: int,
+    moment: float,
+    cluster_url: str = "",
 ) -> None:
-    """The real append (``bench.idle.storm``, unpaced), from ``moment``."""
+    """The real append (``bench.idle.storm``, unpaced), from ``moment``; the logs on
+    ``cluster_url`` if given."""
     await _wait_for(moment)
     start = time.time()
-    await storm(url, ids, events, batch, rate=1e12, writers=concurrency)
+    await storm(url, ids, events, batch, rate=1e12, writers=concurrency, cluster_url=cluster_url)
     print(json.dumps({"events": events - events % batch, "start": start, "end": time.time()}))
-
-
-async def write_cluster(
-    url: str,
-    events: int,
-    job_ids: list[str],
-    concurrency: int,
-    cmd: str,
-    moment: float,
-) -> None:
-    client = RedisCluster.from_url(url, decode_responses=True)
-    script = client.register_script(CLUSTER_APPEND.format(publish=cmd))
-    calls = iter(range(events))
-    try:
-        # Load the script on every primary before the clock starts (a first call is NOSCRIPT).
-        for job_id in job_ids:
-            await _append(script, job_id, 0)
-        await _wait_for(moment)
-        start = time.time()
-
-        async def writer() -> None:
-            for i in calls:
-                await _append(script, job_ids[i % len(job_ids)], i)
-
-        await asyncio.gather(*(writer() for _ in range(concurrency)))
-        print(json.dumps({"events": events, "start": start, "end": time.time()}))
-    finally:
-        await client.aclose()
-
-
-async def _append(script: Any, job_id: str, i: int) -> None:
-    event, fields = progress_event(job_id, i)
-    await script(
-        keys=[KEYS.job_events(job_id), KEYS.job(job_id), KEYS.job_channel(job_id)],
-        args=[json.dumps(event), JOB_LOG_MAXLEN, fields["message"]],
-    )
 
 
 # -- 1. the store's appends ------------------------------------------------------------------
@@ -338,50 +291,69 @@ def primary_use(cluster: ValkeyCluster) -> list[PrimaryUse]:
     return use
 
 
-def cluster_mix(
-    log_dir: Path, primaries: list[int], writers: int, events: int, concurrency: int, cmd: str
+def store_args(url: str, ids_file: Path, events: int, concurrency: int, cluster: str) -> list[str]:
+    args = ["store", "--url", url, "--ids-file", str(ids_file), "--events", str(events)]
+    return [*args, "--concurrency", str(concurrency), "--cluster-url", cluster]
+
+
+def cluster_store(
+    run: Bench, primaries: list[int], writers: int, events: int, concurrency: int, jobs_n: int
 ) -> None:
     rows = []
     for count in primaries:
-        cluster = ValkeyCluster(log_dir / f"cluster-{count}", primaries=count, replicas=0)
+        cluster = ValkeyCluster(run.log_dir / f"cluster-{count}", primaries=count, replicas=0)
         cluster.start()
+        web = None
         try:
-            args = [
-                "cluster",
-                "--url",
-                cluster.url,
-                "--events",
-                str(events),
-                "--concurrency",
-                str(concurrency),
-                "--publish",
-                cmd,
-            ]
-            appended, span, before = run_writers(
-                args, writers, log_dir, partial(primary_use, cluster)
-            )
-            after = primary_use(cluster)
+            ids = asyncio.run(jobs(run.valkey.url, jobs_n, cluster.url))
+            ids_file = run.log_dir / f"cluster-{count}-ids.json"
+            ids_file.write_text(json.dumps(ids))
+            web = run.web(STEPSTREAM_CLUSTER_URL=cluster.url)
+            args = store_args(run.valkey.url, ids_file, events, concurrency, cluster.url)
+            with opened([Viewer(web.port, job_id) for job_id in ids]) as viewers:
+                appended, span, before = run_writers(
+                    args, writers, run.log_dir, partial(primary_use, cluster)
+                )
+                after = primary_use(cluster)
+                with contextlib.suppress(TimeoutError):
+                    wait_until(
+                        lambda: sum(v.frames for v in viewers) >= appended,  # noqa: B023
+                        timeout=60,
+                        what="the viewers to receive every event",
+                    )
+                delivered = sum(v.frames for v in viewers)
         finally:
+            if web is not None:
+                web.stop()
             cluster.stop()
         total = max(1, sum(u.xadds for u in after) - sum(u.xadds for u in before))
         for i, (b, a) in enumerate(zip(before, after, strict=True)):
-            xadds = a.xadds - b.xadds
+            share = (a.xadds - b.xadds) / total
             spent = (a.cpu_ns - b.cpu_ns) / 1e9
             rows.append(
                 [
                     str(count),
                     fmt(appended / span, 0) if i == 0 else "",
+                    f"{fmt(delivered)} of {fmt(appended)}" if i == 0 else "",
                     f"primary {i + 1}",
-                    f"{xadds / total:.0%}",
-                    fmt(spent / max(1, xadds) * 1e6, 1),
+                    f"{share:.0%}",
+                    fmt(spent / max(1.0, share * appended) * 1e6, 1),
                     fmt(spent / span * 100, 0),
                 ]
             )
     print_table(
-        f"The store's command mix on a cluster (XADD + HSET + {cmd.upper()} in one Lua call per "
-        f"event, per-job hash tags; not Stepstream's store): {writers} writer processes x "
-        f"{concurrency} coroutines",
-        ["primaries", "events/s", "primary", "share of events", "µs CPU per event", "CPU %"],
+        f"The store on a cluster (the real append, one event per call; the queue on one Valkey): "
+        f"{writers} writer processes x {concurrency} coroutines over {jobs_n} jobs, one viewer "
+        "on each through one web process",
+        [
+            "primaries",
+            "events/s",
+            "delivered",
+            "primary",
+            "share of events",
+            "µs CPU per event",
+            "CPU %",
+        ],
         rows,
     )
 
@@ -394,8 +366,7 @@ CLUSTER_JOBS = 50  # jobs the cluster writers spread their events over
 def cluster_web(run: Bench, writers: int, events: int, concurrency: int) -> None:
     cluster = ValkeyCluster(run.log_dir / "cluster-web", primaries=3, replicas=0).start()
     try:
-        # Records in the standalone store (a stream reads its job's there), events on the cluster.
-        ids = asyncio.run(jobs(run.valkey.url, CLUSTER_JOBS))
+        ids = asyncio.run(jobs(run.valkey.url, CLUSTER_JOBS, cluster.url))
         ids_file = run.log_dir / "cluster-web-ids.json"
         ids_file.write_text(json.dumps(ids))
         idle = run.web(STEPSTREAM_CLUSTER_URL=cluster.url)
@@ -407,8 +378,7 @@ def cluster_web(run: Bench, writers: int, events: int, concurrency: int) -> None
             rest = {name: cpu_ns(pid) for name, pid in pids.items()}
             time.sleep(rest_span)
             rest = {name: (cpu_ns(pid) - rest[name]) / rest_span for name, pid in pids.items()}
-            args = ["cluster", "--url", cluster.url, "--events", str(events)]
-            args += ["--concurrency", str(concurrency), "--ids-file", str(ids_file)]
+            args = store_args(run.valkey.url, ids_file, events, concurrency, cluster.url)
             appended, span, (started, before) = run_writers(
                 args,
                 writers,
@@ -474,30 +444,30 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=2_000, help="the storm's events/s")
     parser.add_argument("--primaries", type=integers, default=[1, 2, 3], help="e.g. 1,2,3")
     parser.add_argument("--cluster-writers", type=int, default=2, help="writer processes")
-    parser.add_argument("--publish", choices=("spublish", "publish"), default="spublish")
+    parser.add_argument("--cluster-jobs", type=int, default=20, help="jobs, each one viewer")
     parser.add_argument(
         "--only",
         choices=("store", "web", "cluster", "cluster-web"),
         help="run one of the parts (cluster-web: only with --only)",
     )
     parser.add_argument("--keep-logs", action="store_true")
-    parser.add_argument("--write", choices=("store", "cluster"), help=argparse.SUPPRESS)
+    parser.add_argument("--write", choices=("store",), help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--cluster-url", default="", help=argparse.SUPPRESS)
     parser.add_argument("--ids-file", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--start-at", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.write == "store":
         ids = json.loads(args.ids_file.read_text())
         asyncio.run(
-            write_store(args.url, ids, args.events, args.batch, args.concurrency, args.start_at)
-        )
-        return
-    if args.write == "cluster":
-        ids = json.loads(args.ids_file.read_text()) if args.ids_file else None
-        job_ids = ids or [new_job_id() for _ in range(CLUSTER_JOBS)]
-        asyncio.run(
-            write_cluster(
-                args.url, args.events, job_ids, args.concurrency, args.publish, args.start_at
+            write_store(
+                args.url,
+                ids,
+                args.events,
+                args.batch,
+                args.concurrency,
+                args.start_at,
+                args.cluster_url,
             )
         )
         return
@@ -508,13 +478,13 @@ def main() -> None:
         if args.only in (None, "web"):
             web_tier(run, args.webs, args.viewers, args.jobs, args.storm, args.rate, args.batch)
         if args.only in (None, "cluster"):
-            cluster_mix(
-                run.log_dir,
+            cluster_store(
+                run,
                 args.primaries,
                 args.cluster_writers,
                 args.events,
                 args.concurrency,
-                args.publish,
+                args.cluster_jobs,
             )
         if args.only == "cluster-web":
             cluster_web(run, args.cluster_writers, args.events, args.concurrency)
