@@ -16,14 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis
 
 from stepstream import Client
 from stepstream._models import ProgressEvent
 from stepstream.tasks.connection import connect
 from stepstream.tasks.keyspace import Keys
 from stepstream.tasks.settings import Settings
+from tests.support.cluster import ValkeyCluster
 from tests.support.processes import Web, Worker, stack_env, wait_until
 from tests.support.sentinel import MASTER, SentinelGroup
+from tests.support.tasks import gate_key
 
 pytestmark = pytest.mark.slow
 
@@ -73,6 +76,44 @@ def test_a_job_runs_and_streams_through_the_primary_the_sentinels_name(
         ]
     with sentinel_stack.group.primary.client() as primary:
         assert primary.hget(Keys(PREFIX).job(job.id), "state") == '"completed"'
+
+
+def test_the_queue_on_the_sentinels_primary_and_the_logs_on_a_cluster(
+    sentinel_group: SentinelGroup, valkey_cluster: ValkeyCluster, tmp_path: Path
+) -> None:
+    """docs/deploy.md's guide for a growing deployment: arq's queue on the primary the
+    Sentinels name, job records and logs on a Valkey Cluster."""
+    prefix = "ha-cluster:"
+    env = stack_env(
+        NO_SERVER, prefix, STEPSTREAM_CLUSTER_URL=valkey_cluster.url, **sentinel_group.env
+    )
+    cluster = redis.RedisCluster(
+        host="127.0.0.1", port=valkey_cluster.seed.port, decode_responses=True
+    )
+    web, worker = Web(env, tmp_path).launch(), Worker(env, tmp_path).launch()
+    try:
+        web.wait_ready()
+        worker.wait_ready()
+        with Client(web.url, reconnect_timeout=20) as client:
+            job = client.submit("gated", {"events": 1})
+            with sentinel_group.primary.client() as primary:
+                # While the job runs, arq holds it on the queue plane: the Sentinels' primary.
+                wait_until(
+                    lambda: primary.exists(f"arq:in-progress:{job.id}"),
+                    timeout=20,
+                    what="arq to run the job from the Sentinels' primary",
+                )
+                assert not list(primary.scan_iter(f"{prefix}*job:*")), "no record there"
+            record = Keys(prefix, Settings().cluster_partitions).job(job.id)
+            assert cluster.hget(record, "state") == '"running"', "the record is on the cluster"
+            cluster.rpush(gate_key(job.id), "go")
+            events = list(client.events(job.id, after="0"))
+        assert [e.type for e in events][-1] == "completed"
+        assert cluster.hget(record, "state") == '"completed"'
+    finally:
+        web.stop()
+        worker.stop()
+        cluster.close()
 
 
 def test_a_failover_loses_no_event_and_the_running_job_completes(
