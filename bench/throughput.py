@@ -47,10 +47,11 @@ from bench.common import (
     wait_state,
 )
 from bench.fanout import profile
-from stepstream.tasks.models import JobRecord, JobState, utcnow
+from stepstream.tasks.models import JobState
 from stepstream.tasks.settings import Settings
 from stepstream.tasks.store import JobStore, new_event
 from tests.support.processes import Worker
+from tests.support.records import running_record
 
 
 def at_epoch(value: str) -> float:
@@ -88,17 +89,9 @@ async def make_jobs(store: JobStore, count: int) -> list[str]:
     ids = []
     for i in range(count):
         job_id = f"append-bench-{i}-{time.time_ns()}"
-        record = JobRecord(
-            id=job_id,
-            task="burst",
-            owner=None,
-            state=JobState.running,
-            input={},
-            max_attempts=1,
-            created_at=utcnow(),
-            steps=[],
+        appended = await store.create(
+            running_record(job_id), new_event(job_id, "queued", 0, input={})
         )
-        appended = await store.create(record, new_event(job_id, "queued", 0, input={}))
         assert appended.ok
         ids.append(job_id)
     return ids

@@ -23,12 +23,13 @@ from stepstream.server.shards import ClusterSlots
 from stepstream.server.streams import JobStream
 from stepstream.tasks.connection import connect_cluster
 from stepstream.tasks.keyspace import Keys
-from stepstream.tasks.models import JobRecord, JobState, new_job_id, parse_stream_id, utcnow
+from stepstream.tasks.models import new_job_id, parse_stream_id
 from stepstream.tasks.settings import Settings
 from stepstream.tasks.store import JobStore, new_event
 from tests.support.cluster import ClusterNode, Shard, ValkeyCluster
 from tests.support.monitor import Monitor
 from tests.support.processes import wait_until
+from tests.support.records import running_record
 
 PREFIX = "live:"
 KEYS = Keys(PREFIX)
@@ -176,19 +177,6 @@ def live_message(job_id: str) -> str:
     return f'{{"job_event_id":"1-0","firehose_id":"1-0","owner":null,"event":{event}}}'
 
 
-def record(job_id: str) -> JobRecord:
-    return JobRecord(
-        id=job_id,
-        task="burst",
-        owner=None,
-        state=JobState.running,
-        input={},
-        max_attempts=1,
-        created_at=utcnow(),
-        steps=[],
-    )
-
-
 async def stream_ids(stream: JobStream) -> list[str]:
     """The ids of the frames a job stream sends, until its job's terminal event."""
     ids: list[str] = []
@@ -216,7 +204,7 @@ async def _subscribe_then_read(cluster: ValkeyCluster) -> None:
         await append(client, job_id, "progress", current=2)
         monitor = Monitor(shard.primary.port)
         try:
-            stream = JobStream(store, hub, store.settings, record(job_id), cursor)
+            stream = JobStream(store, hub, store.settings, running_record(job_id), cursor)
             reading = asyncio.create_task(stream_ids(stream))
 
             async def read_the_log() -> bool:
@@ -252,7 +240,7 @@ async def _failover(cluster: ValkeyCluster) -> None:
     async with cluster_hub(cluster) as (hub, client):
         store = JobStore(cast(Redis, client), Settings(prefix=PREFIX))
         cursor, _ = await append(client, job_id, "progress", current=1)
-        stream = JobStream(store, hub, store.settings, record(job_id), cursor)
+        stream = JobStream(store, hub, store.settings, running_record(job_id), cursor)
         reading = asyncio.create_task(stream_ids(stream))
         await eventually(lambda: _listening(cluster, job_id), "the stream's subscription")
         _, heard = await append(client, job_id, "progress", current=2)

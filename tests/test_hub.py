@@ -14,13 +14,13 @@ import redis
 from redis.asyncio import Redis
 
 from stepstream.server.hub import Frame, Hub
-from stepstream.tasks.models import JobRecord, JobState, utcnow
 from stepstream.tasks.settings import Settings
 from stepstream.tasks.store import JobStore, new_event
 from tests.conftest import Stack, StackFactory
 from tests.support import http
 from tests.support.api import DOC, submit, wait_state
 from tests.support.processes import Valkey, wait_until
+from tests.support.records import running_record
 from tests.support.sse import StreamReader, read_stream
 from tests.support.tasks import gate_key
 
@@ -231,19 +231,6 @@ def test_a_web_process_listens_only_to_the_channels_its_viewers_watch(
     finally:
         firehose.close()
     wait_until(lambda: listeners(r, firehose_channel) == 0, timeout=10, what="firehose left")
-
-
-def running_record(job_id: str) -> JobRecord:
-    return JobRecord(
-        id=job_id,
-        task="burst",
-        owner=None,
-        state=JobState.running,
-        input={},
-        max_attempts=1,
-        created_at=utcnow(),
-        steps=[],
-    )
 
 
 def test_a_viewer_arriving_while_the_last_one_leaves_gets_every_event(valkey: Valkey) -> None:

@@ -18,19 +18,7 @@ from stepstream.tasks.queue import enqueue_commands
 from stepstream.tasks.settings import Settings
 from stepstream.tasks.store import JobStore, appended_from, new_event
 from tests.support.processes import Valkey
-
-
-def running_record(job_id: str, task: str) -> JobRecord:
-    return JobRecord(
-        id=job_id,
-        task=task,
-        owner=None,
-        state=JobState.running,
-        input={},
-        max_attempts=1,
-        created_at=utcnow(),
-        steps=[],
-    )
+from tests.support.records import running_record
 
 
 async def _append_many_is_all_or_none(url: str) -> None:
