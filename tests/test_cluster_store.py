@@ -33,6 +33,7 @@ from tests.support.cluster import ValkeyCluster
 from tests.support.output_tasks import streamed_text
 from tests.support.processes import Valkey, free_port, wait_until
 from tests.support.receiver import Receiver
+from tests.support.snapshot import key_value
 from tests.support.sse import StreamReader, read_stream
 from tests.support.tasks import gate_key
 from tests.test_ops import doctor
@@ -504,15 +505,7 @@ def snapshot(stack: Stack, cluster: ValkeyCluster) -> dict[str, str]:
                     name = name.split("}:", 1)[1]  # a partition's tag
                 if name.startswith(housekeeping):
                     continue
-                kind = client.type(key)
-                if kind == "hash":
-                    out[key] = json.dumps(client.hgetall(key), sort_keys=True)
-                elif kind == "stream":
-                    out[key] = str(client.xinfo_stream(key)["last-generated-id"])
-                elif kind == "zset":
-                    out[key] = json.dumps(client.zrange(key, 0, -1, withscores=True))
-                else:
-                    out[key] = str(client.get(key)) if kind == "string" else kind
+                out[key] = key_value(client, key)
             client.close()
     return out
 

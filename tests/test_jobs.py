@@ -13,6 +13,7 @@ import pytest
 from tests.conftest import Stack, StackFactory
 from tests.support import http
 from tests.support.api import DOC, submit, wait_state
+from tests.support.snapshot import key_value
 from tests.support.tasks import gate_key
 
 # Keys that move by themselves (worker heartbeats, metrics, rate counters): not job data.
@@ -30,15 +31,7 @@ def store_snapshot(stack: Stack) -> dict[str, str]:
     for key in sorted(r.scan_iter(f"{stack.prefix}*")):
         if key.removeprefix(stack.prefix).startswith(HOUSEKEEPING):
             continue
-        kind = r.type(key)
-        if kind == "hash":
-            out[key] = json.dumps(r.hgetall(key), sort_keys=True)
-        elif kind == "stream":
-            out[key] = str(r.xinfo_stream(key)["last-generated-id"])
-        elif kind == "zset":
-            out[key] = json.dumps(r.zrange(key, 0, -1, withscores=True))
-        else:
-            out[key] = str(r.get(key)) if kind == "string" else kind
+        out[key] = key_value(r, key)
     return out
 
 
