@@ -1,5 +1,6 @@
 """Which fault, and when: one every ``--fault-min`` to ``--fault-max`` seconds, each kind once
-in a random order and then again, so a short run sees every kind."""
+in a random order and then again (on a cluster, a primary's SIGKILL twice), so a short run sees
+every kind."""
 
 from __future__ import annotations
 
@@ -13,6 +14,13 @@ from bench.chaos.stack import Stack
 
 # Each names the Stack method that injects it.
 FAULTS = ("worker_sigkill", "worker_sigterm", "web_sigkill", "valkey_restart", "valkey_pause")
+# With the log plane on a cluster (--cluster): the Valkey faults hit the queue plane, and a
+# cluster primary's SIGKILL comes twice in each round, the fault this mode is for.
+CLUSTER_FAULTS = (*FAULTS, "primary_sigkill", "primary_sigkill")
+
+
+def kinds(stack: Stack) -> tuple[str, ...]:
+    return FAULTS if stack.cluster is None else CLUSTER_FAULTS
 
 
 async def inject_faults(
@@ -32,7 +40,7 @@ async def inject_faults(
         await asyncio.to_thread(stack.reap, run)
         if time.monotonic() >= next_at:
             if not deck:
-                deck = random.sample(FAULTS, len(FAULTS))
+                deck = random.sample(kinds(stack), len(kinds(stack)))
             kind = deck.pop()
             victim = await asyncio.to_thread(getattr(stack, kind))
             run.faults[kind] += 1
