@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import redis
 from httpx_sse import EventSource
+from redis.exceptions import RedisClusterException
 
 from bench.chaos.record import TERMINAL, Run, Submission, Watch
 from bench.chaos.stack import Stack
@@ -212,7 +213,7 @@ class Load:
 
         try:
             states = await asyncio.to_thread(read_states)
-        except redis.RedisError:
+        except (redis.RedisError, RedisClusterException):  # a primary killed meanwhile
             return
         for job_id, state in zip(ids, states, strict=True):
             if state is not None and json.loads(state) in TERMINAL:

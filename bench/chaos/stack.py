@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from redis.cluster import ClusterNode
 
 from bench.chaos.record import Run
 from bench.common import LIFTED, rss_kib
@@ -79,10 +80,9 @@ class Stack:
     def redis(self) -> Any:  # redis.Redis, whose sync methods are typed as maybe awaitable
         """A client of the log plane: the Valkey, or the cluster (found from a live node)."""
         if self.cluster is not None:
-            seed = self.cluster.seed
-            return redis.RedisCluster(
-                host="127.0.0.1", port=seed.port, decode_responses=True, socket_timeout=10
-            )
+            # Every live node a seed: one may be killed while the client starts.
+            seeds = [ClusterNode("127.0.0.1", node.port) for node in self.cluster.live_nodes]
+            return redis.RedisCluster(startup_nodes=seeds, decode_responses=True, socket_timeout=10)
         return self.queue_redis()
 
     def queue_redis(self) -> Any:
