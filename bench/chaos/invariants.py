@@ -239,7 +239,8 @@ def watchers_saw_the_log(e: Evidence) -> None:
             e.run.tally["duplicates" if dup else "gaps"] += 1
             e.say(
                 watch.job_id,
-                f"watcher from {watch.start_after} saw {len(watch.seen)} events that are not "
+                f"watcher from {watch.start_after} (webs {sorted(watch.webs)}, "
+                f"{watch.reconnects} connects) saw {len(watch.seen)} events that are not "
                 f"the log's {'(duplicates)' if dup else '(a gap or reorder)'}: "
                 f"first difference at {_first_difference(watch.seen, expected)}",
             )
