@@ -61,7 +61,7 @@ def test_forty_seconds_of_chaos_break_no_promise() -> None:
     assert result.returncode == 0, f"the soak found violations:\n{summary}"
 
 
-# Not yet green: about one short run in six still shows one gap after a primary's kill
+# Not yet green: one run in fifteen still showed one gap after a primary's kill
 # (docs/reliability.md, "On a cluster"). Unskip once that is found and fixed.
 @pytest.mark.skip(reason="a rare gap after a cluster primary's kill remains: docs/reliability.md")
 @pytest.mark.timeout(600)
