@@ -233,6 +233,7 @@ class Link:
                     return
                 connection = self.router.connection(self.address)
                 await connection.connect()  # type: ignore[no-untyped-call]
+                await self.router.check(connection)  # on a cluster, a primary only
                 self._connected(connection)
                 await self._listen(connection)
             except asyncio.CancelledError:

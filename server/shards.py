@@ -45,6 +45,11 @@ class Router(Protocol):
         """Read where channels live again (a connection dropped, a slot moved)."""
         ...
 
+    async def check(self, connection: AbstractConnection) -> None:
+        """Before a new connection subscribes: raise ``ConnectionError`` if its server is not
+        one to subscribe on (the link drops it, routes its channels again and retries)."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -69,6 +74,9 @@ class OneServer:
 
     async def refresh(self) -> None:
         return None
+
+    async def check(self, connection: AbstractConnection) -> None:
+        return None  # the one server; through Sentinel, the connection asked for the primary
 
     async def aclose(self) -> None:
         await self.redis.aclose()
@@ -101,6 +109,21 @@ class ClusterSlots:
         node = ClusterNode(host, int(port), **options)
         connection: AbstractConnection = node.connection_class(**node.connection_kwargs)
         return connection
+
+    async def check(self, connection: AbstractConnection) -> None:
+        """A primary only. A replica takes ``SSUBSCRIBE`` for its primary's slots and hears
+        their messages through replication, but only once its sync has begun: a killed
+        primary restarted at its old address (where a slot map read before the failover
+        sends the hub) is a replica that hears nothing of what its new primary publishes
+        until then, while the streams, their subscription confirmed, have caught up from the
+        log already. Those events would never reach them."""
+        await connection.send_command("ROLE", check_health=False)
+        role = await connection.read_response()
+        kind = role[0] if isinstance(role, list) and role else role
+        if isinstance(kind, bytes):
+            kind = kind.decode()
+        if kind != "master":
+            raise ConnectionError(f"the node is a {kind}, not a primary")
 
     async def refresh(self) -> None:
         """One reading of the slot map at a time, shared by whoever asks meanwhile."""

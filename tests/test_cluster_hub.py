@@ -279,6 +279,67 @@ async def _listening(cluster: ValkeyCluster, job_id: str) -> bool:
     return await asyncio.to_thread(count) == 1
 
 
+class StaleSlots(ClusterSlots):
+    """The slot map as a hub read it before a failover, until it reads it again: the dead
+    primary's address still named for its slots, where the killed node, restarted, now
+    runs as the replica of the promoted one."""
+
+    def __init__(self, cluster: RedisCluster, primary: str, replica: str) -> None:
+        super().__init__(cluster)
+        self.stale = {primary: replica}
+        self.refreshes = 0
+
+    def address(self, channel: str) -> str:
+        found = super().address(channel)
+        return self.stale.get(found, found) if self.refreshes < 2 else found
+
+    async def _refresh(self) -> None:
+        await super()._refresh()
+        self.refreshes += 1
+
+
+def test_a_hub_subscribes_on_a_primary_never_on_a_replica_a_stale_map_names(
+    valkey_cluster: ValkeyCluster,
+) -> None:
+    """A replica takes ``SSUBSCRIBE`` for its primary's slots and confirms it, but hears
+    their events only through replication: a killed primary restarted at its old address is
+    one, and hears nothing its new primary publishes until its sync has begun, while the
+    streams have caught up from the log (seen as a gap by the chaos soak, bench.chaos
+    --cluster). With a slot map that names a replica, the hub must refuse it, read the map
+    again and subscribe on the primary."""
+    asyncio.run(_not_on_a_replica(valkey_cluster))
+
+
+async def _not_on_a_replica(cluster: ValkeyCluster) -> None:
+    shard = cluster.shards[1]
+    [replica] = shard.replicas
+    job_id = job_on(shard)
+    channel = KEYS.job_channel(job_id)
+    settings = Settings(cluster_url=cluster.url, prefix=PREFIX)
+    client = connect_cluster(settings)
+    router = StaleSlots(connect_cluster(settings), address(shard), f"127.0.0.1:{replica.port}")
+    hub = Hub(None, KEYS, queue_size=100, heartbeat_seconds=15, router=router)
+    await hub.start()
+    try:
+        viewer = await watch(hub, job_id)
+
+        def subscribers(node: ClusterNode) -> int:
+            with node.client() as node_client:
+                ((_, count),) = node_client.pubsub_shardnumsub(channel)
+            return int(count)
+
+        assert await asyncio.to_thread(subscribers, replica) == 0, "subscribed on a replica"
+        assert await asyncio.to_thread(subscribers, shard.primary) == 1
+        event_id, heard = await append(client, job_id, "progress", current=1)
+        assert heard == 1
+        [frame] = await frames(viewer)
+        assert frame.job_event_id == parse_stream_id(event_id)
+    finally:
+        await hub.stop()
+        await router.aclose()
+        await client.aclose()
+
+
 def event_json(job_id: str, type_: str, **data: Any) -> str:
     return json.dumps(new_event(job_id, type_, 0, **data), default=str, separators=(",", ":"))
 

@@ -92,25 +92,34 @@ def main(argv: list[str] | None = None) -> int:
         help="go on past --seconds until this many faults are in (3 x --seconds at most)",
     )
     parser.add_argument("--drain", type=float, default=120, help="longest wait for jobs to end")
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="the log plane on a 3-primary, 3-replica Valkey Cluster; primaries SIGKILLed too",
+    )
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--keep-logs", action="store_true")
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     random.seed(seed)
-    run = Run()
+    run = Run(cluster=args.cluster)
     figures = {"jobs": 0, "events": 0}
     started = time.monotonic()
     print(
         f"chaos soak: {args.seconds:.0f} s, {args.webs} webs, {args.workers} workers, "
-        f"{args.in_flight} jobs in flight, {args.watchers} watchers, seed {seed}",
+        f"{args.in_flight} jobs in flight, {args.watchers} watchers, seed {seed}"
+        + (", logs on a 3+3 Valkey Cluster" if args.cluster else ""),
         flush=True,
     )
     with log_dir(args.keep_logs, run) as logs:
-        stack = Stack(logs, args.webs, args.workers)
+        stack = Stack(logs, args.webs, args.workers, cluster=args.cluster)
         try:
             stack.start()
             baseline = asyncio.run(soak(stack, run, args))
             figures = check(stack, run)
+            if args.cluster and not run.faults["primary_sigkill"]:
+                # A run with no failover proved nothing about one.
+                run.violations.append("0 primary kills: no cluster failover was tested")
             rss_table(rss_did_not_grow(stack, run, baseline))
             for name, log_tail in run.unexpected_exits:
                 run.violations.append(f"{name} exited by itself; its log ends:\n{log_tail}")

@@ -9,16 +9,18 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
 from arq.constants import in_progress_key_prefix, job_key_prefix
 
 from bench.chaos.record import TERMINAL, Run
-from bench.chaos.stack import PREFIX, Stack, measure_rss
+from bench.chaos.stack import Stack, measure_rss
 from stepstream.tasks import transitions
 from stepstream.tasks.keyspace import Keys
 from stepstream.tasks.store import decode_record
+from tests.support.processes import wait_until
 from tests.support.tasks import COUNTED_STEPS, executions_key
 
 # The steps each checkpointed task runs with ``ctx.run_step``: never again once completed.
@@ -52,11 +54,12 @@ class Evidence:
 
 
 def gather(stack: Stack, run: Run, r: Any) -> Evidence:
-    keys = Keys(PREFIX)
+    keys = stack.keys
     accepted = run.accepted_ids()
     logs: dict[str, Log] = {}
     records: dict[str, Any] = {}
-    all_ids = r.zrange(keys.jobs, 0, -1)
+    # The job index: one on one Valkey, one per partition of the cluster's log plane.
+    all_ids = [i for part in keys.every_partition() for i in r.zrange(part.jobs, 0, -1)]
     children_of: dict[str, list[str]] = {}
     for job_id in set(all_ids) | set(accepted):
         raw = r.hgetall(keys.job(job_id))
@@ -73,6 +76,8 @@ def check(stack: Stack, run: Run) -> dict[str, int]:
     """Every invariant, in the order their violations are listed; returns the run's figures."""
     r = stack.redis()
     try:
+        if stack.cluster is not None:
+            queue_outboxes_drained(stack, run, r)
         evidence = gather(stack, run, r)
         one_job_per_key(evidence)
         no_stray_jobs(evidence)
@@ -110,6 +115,7 @@ def one_job_per_key(e: Evidence) -> None:
             e.flag(f"key {sub.key} ({sub.kind}) answered with {len(sub.ids)} jobs: {sub.ids}")
         for job_id in sub.ids:
             if e.records.get(job_id) is None:
+                e.run.tally["lost"] += 1
                 e.say(job_id, f"accepted ({sub.kind}, key {sub.key}) but no record")
 
 
@@ -142,6 +148,7 @@ def ended_as_logged(e: Evidence, job_id: str, record: Any, log: Log) -> None:
     """No job is stuck, and its record's state is its log's terminal event."""
     terminals = [event["type"] for _, event in log if event["type"] in TERMINAL]
     if record.state.value not in TERMINAL:
+        e.run.tally["stuck"] += 1
         e.say(
             job_id,
             f"never ended: state {record.state.value}\n{whereabouts(e.stack, job_id)}",
@@ -229,12 +236,32 @@ def watchers_saw_the_log(e: Evidence) -> None:
         expected = [i for i in log_ids if watch.start_after == "0" or _after(i, watch.start_after)]
         if watch.seen != expected[: len(watch.seen)]:
             dup = len(watch.seen) != len(set(watch.seen))
+            e.run.tally["duplicates" if dup else "gaps"] += 1
             e.say(
                 watch.job_id,
-                f"watcher from {watch.start_after} saw {len(watch.seen)} events that are not "
+                f"watcher from {watch.start_after} (webs {sorted(watch.webs)}, "
+                f"{watch.reconnects} connects) saw {len(watch.seen)} events that are not "
                 f"the log's {'(duplicates)' if dup else '(a gap or reorder)'}: "
                 f"first difference at {_first_difference(watch.seen, expected)}",
             )
+
+
+# -- the two planes --------------------------------------------------------------------------
+
+
+def queue_outboxes_drained(stack: Stack, run: Run, r: Any, timeout: float = 30) -> None:
+    """On a cluster, every partition's queue outbox empties (docs/scaling.md, "Two planes"):
+    what a script left for the queue plane (an enqueue, an owner's place given back) is run by
+    the process that wrote it or, within seconds, by a worker's drain."""
+    outboxes = [part.queue_outbox for part in stack.keys.every_partition()]
+
+    def left() -> dict[str, list[str]]:
+        return {key: fields for key in outboxes if (fields := r.hkeys(key))}
+
+    with suppress(TimeoutError):
+        wait_until(lambda: not left(), timeout=timeout, interval=0.5, what="queue outboxes")
+    for key, fields in left().items():
+        run.violations.append(f"{key}: {len(fields)} entries never drained: {fields[:3]}")
 
 
 # -- parents and their children --------------------------------------------------------------
@@ -311,8 +338,9 @@ def transition_counters_match(e: Evidence) -> None:
                 from_logs[name, record.task] += types.count(event_type)
     counted: Counter[tuple[str, str]] = Counter()
     for name in transitions.COUNTERS:
-        for task, n in e.r.hgetall(e.keys.transitions(name)).items():
-            counted[name, task] = int(n)
+        for part in e.keys.every_partition():  # summed over a cluster's partitions
+            for task, n in e.r.hgetall(part.transitions(name)).items():
+                counted[name, task] += int(n)
     for name, task in sorted(set(from_logs) | set(counted)):
         if from_logs[name, task] != counted[name, task]:
             e.flag(
@@ -323,8 +351,19 @@ def transition_counters_match(e: Evidence) -> None:
 
 def unfinished_set_is_exact(e: Evidence) -> None:
     """The owner's unfinished set is exactly the non-terminal records; a batch's parent holds no
-    place (a job waiting for its children does)."""
-    unfinished = set(e.r.zrange(e.keys.owner_unfinished(None), 0, -1))
+    place (a job waiting for its children does). On a cluster that is the set in the owner's
+    home partition (tasks/places.py), where a place taken by a web process killed before its
+    create stays until a refusal drops it (a note: no record, so no job is in it)."""
+    unfinished = set(e.r.zrange(e.keys.owner_home(None).owner_unfinished(None), 0, -1))
+    if e.stack.cluster is not None:
+        never_made = {i for i in unfinished if i not in e.records}
+        never_made = {i for i in never_made if not e.r.exists(e.keys.job(i))}
+        if never_made:
+            e.run.notes.append(
+                f"{len(never_made)} places among the owner's unfinished jobs whose create never "
+                "came (a web process killed between its reserve and its create)"
+            )
+        unfinished -= never_made
     open_records = {
         i for i, rec in e.records.items() if rec is not None and rec.state.value not in TERMINAL
     }
@@ -393,16 +432,18 @@ def excerpt(events: Log, limit: int = 14) -> str:
 
 def whereabouts(stack: Stack, job_id: str, lines: int = 12) -> str:
     """What arq holds for a job that never ended, and what the processes logged about it."""
-    r = stack.redis()
-    keys = Keys(PREFIX)
-    score = r.zscore(keys.queue, job_id)
+    queue, log_plane = stack.queue_redis(), stack.redis()
+    keys = stack.keys
+    score = queue.zscore(keys.queue, job_id)
     entry = "none" if score is None else f"due in {(score - time.time() * 1000) / 1000:.1f}s"
     found = [
         f"      arq: queue entry {entry}, "
-        f"in-progress key ttl {r.pttl(in_progress_key_prefix + job_id)} ms, "
-        f"job key {'present' if r.exists(job_key_prefix + job_id) else 'none'}, "
-        f"cancel flag {'set' if r.exists(keys.job_cancel(job_id)) else 'none'}"
+        f"in-progress key ttl {queue.pttl(in_progress_key_prefix + job_id)} ms, "
+        f"job key {'present' if queue.exists(job_key_prefix + job_id) else 'none'}, "
+        f"cancel flag {'set' if log_plane.exists(keys.job_cancel(job_id)) else 'none'}"
     ]
+    queue.close()
+    log_plane.close()
     for path in sorted(stack.log_dir.glob("*.log")):
         text = path.read_text(errors="replace").splitlines()
         hits = [n for n, line in enumerate(text) if job_id in line]

@@ -16,10 +16,10 @@ from typing import Any
 import httpx
 import redis
 from httpx_sse import EventSource
+from redis.exceptions import RedisClusterException
 
 from bench.chaos.record import TERMINAL, Run, Submission, Watch
-from bench.chaos.stack import PREFIX, Stack
-from stepstream.tasks.keyspace import Keys
+from bench.chaos.stack import Stack
 from tests.support import http
 from tests.support.processes import wait_until
 from tests.support.tasks import COUNTED_STEPS, gate_key
@@ -198,15 +198,22 @@ class Load:
         """Forget the ids that have ended, so the submitter keeps ``in_flight`` going."""
         if not self.open:
             return
-        try:
+        keys = self.stack.keys
+        ids = list(self.open)
+
+        def read_states() -> list[str | None]:
             r = self.stack.redis()
-            keys = Keys(PREFIX)
-            ids = list(self.open)
-            states = await asyncio.to_thread(
-                lambda: [r.hget(keys.job(i), "state") for i in ids]  # one round trip each
-            )
-            r.close()
-        except redis.RedisError:
+            try:
+                pipe = r.pipeline(transaction=False)
+                for job_id in ids:
+                    pipe.hget(keys.job(job_id), "state")
+                return list(pipe.execute())
+            finally:
+                r.close()
+
+        try:
+            states = await asyncio.to_thread(read_states)
+        except (redis.RedisError, RedisClusterException):  # a primary killed meanwhile
             return
         for job_id, state in zip(ids, states, strict=True):
             if state is not None and json.loads(state) in TERMINAL:
@@ -291,7 +298,7 @@ async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str | None
 def drain(stack: Stack, run: Run, timeout: float) -> None:
     """Release every gate and wait (bounded) for every accepted job to end."""
     r = stack.redis()
-    keys = Keys(PREFIX)
+    keys = stack.keys
     ids = list(run.accepted_ids())
     for job_id in ids:
         r.rpush(gate_key(job_id), "go")  # a cancelled job whose cancel never came

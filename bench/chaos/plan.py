@@ -1,5 +1,6 @@
 """Which fault, and when: one every ``--fault-min`` to ``--fault-max`` seconds, each kind once
-in a random order and then again, so a short run sees every kind."""
+in a random order and then again (on a cluster, a primary's SIGKILL twice, first), so a short
+run sees every kind."""
 
 from __future__ import annotations
 
@@ -13,6 +14,20 @@ from bench.chaos.stack import Stack
 
 # Each names the Stack method that injects it.
 FAULTS = ("worker_sigkill", "worker_sigterm", "web_sigkill", "valkey_restart", "valkey_pause")
+# With the log plane on a cluster (--cluster) the Valkey faults hit the queue plane, and a
+# cluster primary's SIGKILL is added.
+CLUSTER_FAULTS = (*FAULTS, "primary_sigkill")
+
+
+def new_round() -> list[str]:
+    """Every kind once, in a random order (popped from the end)."""
+    return random.sample(FAULTS, len(FAULTS))
+
+
+def new_cluster_round() -> list[str]:
+    """On a cluster a primary's SIGKILL twice, the fault this mode is for: once in a random
+    place, and once first, so that even a short run tests a failover."""
+    return [*random.sample(CLUSTER_FAULTS, len(CLUSTER_FAULTS)), "primary_sigkill"]
 
 
 async def inject_faults(
@@ -32,7 +47,7 @@ async def inject_faults(
         await asyncio.to_thread(stack.reap, run)
         if time.monotonic() >= next_at:
             if not deck:
-                deck = random.sample(FAULTS, len(FAULTS))
+                deck = new_round() if stack.cluster is None else new_cluster_round()
             kind = deck.pop()
             victim = await asyncio.to_thread(getattr(stack, kind))
             run.faults[kind] += 1

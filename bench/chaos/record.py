@@ -42,6 +42,10 @@ class Run:
     cancels: set[str] = field(default_factory=set)
     violations: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # The violations the summary counts by name: "gaps", "duplicates" (what watchers saw),
+    # "lost" (an accepted job with no record), "stuck" (a job that never ended).
+    tally: Counter[str] = field(default_factory=Counter)
+    cluster: bool = False  # the log plane on a cluster: primaries are killed too
 
     def accepted_ids(self) -> dict[str, Submission]:
         return {i: s for s in self.submissions for i in s.ids}

@@ -46,6 +46,8 @@ def report(run: Run, figures: dict[str, int], seed: int, elapsed: float) -> None
     print("\n== summary ==")
     print(f"seed {seed}, {elapsed:.0f} s in all")
     print(f"faults injected: {sum(run.faults.values())} ({by_kind(run.faults)})")
+    if run.cluster:
+        print(f"primary kills: {run.faults['primary_sigkill']} (cluster failovers)")
     print(f"unexpected process exits: {len(run.unexpected_exits)}")
     print(
         f"submissions: {len(subs)}, accepted {sum(kinds.values())} ({by_kind(kinds)}), "
@@ -59,5 +61,10 @@ def report(run: Run, figures: dict[str, int], seed: int, elapsed: float) -> None
         f"{figures.get('defaults', 0)} ended by a timeout's default"
     )
     print(f"watchers: {len(run.watches)} streams followed, {reconnects} connects")
+    tally = run.tally
+    print(
+        f"gaps {tally['gaps']}, duplicates {tally['duplicates']}, lost jobs {tally['lost']}, "
+        f"jobs stuck {tally['stuck']}"
+    )
     print(f"violations: {len(run.violations)}")
     sys.stdout.flush()

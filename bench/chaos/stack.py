@@ -1,5 +1,6 @@
-"""The soak's processes: a Valkey, the web processes and the workers, and the faults they take
-(each blocking until the stack is whole again)."""
+"""The soak's processes: a Valkey, the web processes and the workers (and with ``--cluster`` a
+Valkey Cluster for the log plane), and the faults they take (each blocking until the stack is
+whole again)."""
 
 from __future__ import annotations
 
@@ -12,23 +13,33 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from redis.cluster import ClusterNode
 
 from bench.chaos.record import Run
 from bench.common import LIFTED, rss_kib
+from stepstream.tasks.keyspace import Keys
+from tests.support.cluster import ValkeyCluster
 from tests.support.processes import Process, Valkey, Web, Worker, stack_env
 
 PREFIX = "chaos:"
+PARTITIONS = 24  # the log plane's partitions on the cluster (STEPSTREAM_CLUSTER_PARTITIONS)
 # The test tasks, and the fan-out ones (a parent mapping ``fan_leaf`` over its inputs).
 TASK_MODULES = "tests.support.tasks,tests.support.fanout_tasks"
 
 
 class Stack:
-    """Valkey, the web processes and the workers; every process stopped by ``close``."""
+    """Valkey, the web processes and the workers; every process stopped by ``close``. With
+    ``cluster``, the log plane (records, logs, firehose, live delivery) is on a Valkey Cluster of
+    3 primaries and 3 replicas, and the Valkey holds arq's queue only (the queue plane)."""
 
-    def __init__(self, log_dir: Path, webs: int, workers: int) -> None:
+    def __init__(self, log_dir: Path, webs: int, workers: int, cluster: bool = False) -> None:
         self.log_dir = log_dir
         self.valkey = Valkey(log_dir / "valkey")
+        self.cluster = ValkeyCluster(log_dir / "cluster") if cluster else None
+        self.keys = Keys(PREFIX, PARTITIONS if cluster else 0)
         self.env = stack_env("", PREFIX, **LIFTED, STEPSTREAM_TASK_MODULES=TASK_MODULES)
+        if cluster:
+            self.env["STEPSTREAM_CLUSTER_PARTITIONS"] = str(PARTITIONS)
         self.web_count, self.worker_count = webs, workers
         self.webs: list[Web] = []
         self.workers: list[Worker] = []
@@ -38,10 +49,20 @@ class Stack:
     def start(self) -> None:
         self.valkey.start()
         self.env["REDIS_URL"] = self.valkey.url
+        if self.cluster is not None:
+            self.cluster.start()
         for _ in range(self.web_count):
-            self.webs.append(Web(self.env, self.log_dir).start())
+            self.webs.append(Web(self.process_env(), self.log_dir).start())
         for _ in range(self.worker_count):
-            self.workers.append(Worker(self.env, self.log_dir).start())
+            self.workers.append(Worker(self.process_env(), self.log_dir).start())
+
+    def process_env(self) -> dict[str, str]:
+        """A new process's environment: on a cluster, a live node as its seed (a process
+        started after a kill must not be given the dead node's address)."""
+        env = dict(self.env)
+        if self.cluster is not None:
+            env["STEPSTREAM_CLUSTER_URL"] = self.cluster.url
+        return env
 
     def close(self) -> None:
         for process in [*self.workers, *self.webs]:
@@ -52,8 +73,20 @@ class Stack:
                 os.kill(self.valkey.server._process.pid, signal.SIGCONT)
         with suppress(Exception):
             self.valkey.stop()
+        if self.cluster is not None:
+            with suppress(Exception):
+                self.cluster.stop()
 
     def redis(self) -> Any:  # redis.Redis, whose sync methods are typed as maybe awaitable
+        """A client of the log plane: the Valkey, or the cluster (found from a live node)."""
+        if self.cluster is not None:
+            # Every live node a seed: one may be killed while the client starts.
+            seeds = [ClusterNode("127.0.0.1", node.port) for node in self.cluster.live_nodes]
+            return redis.RedisCluster(startup_nodes=seeds, decode_responses=True, socket_timeout=10)
+        return self.queue_redis()
+
+    def queue_redis(self) -> Any:
+        """A client of the queue plane (arq's queue): the Valkey."""
         return redis.Redis.from_url(self.valkey.url, decode_responses=True, socket_timeout=10)
 
     def pids(self) -> dict[str, int]:
@@ -82,7 +115,7 @@ class Stack:
         victim.stop()
         self.workers.remove(victim)
         self.retired.append(victim)
-        worker = Worker(self.env, self.log_dir).start()
+        worker = Worker(self.process_env(), self.log_dir).start()
         self.workers.append(worker)
         with suppress(OSError, RuntimeError):
             assert worker.proc is not None
@@ -102,7 +135,7 @@ class Stack:
         deadline = time.monotonic() + 30
         while True:  # the port may linger for a moment after a SIGKILL
             try:
-                return Web(self.env, self.log_dir, port=port).start()
+                return Web(self.process_env(), self.log_dir, port=port).start()
             except RuntimeError:
                 if time.monotonic() > deadline:
                     raise
@@ -116,6 +149,16 @@ class Stack:
         with self.valkey.paused():
             time.sleep(random.uniform(1.0, 4.0))
         return "valkey"
+
+    def primary_sigkill(self) -> str:
+        """SIGKILL a cluster primary; once its replica has taken its slots, start the killed
+        node again, as a replica of the promoted one, so that the next kill has one to promote."""
+        assert self.cluster is not None
+        shard = random.choice(self.cluster.shards)
+        dead = shard.primary
+        promoted = self.cluster.kill_primary(shard)
+        self.cluster.rejoin(dead)
+        return f"{dead.name}, {promoted.name} promoted"
 
     def reap(self, run: Run) -> None:
         """A process that exited by itself is a defect: record it, then put it back."""

@@ -162,15 +162,20 @@ class ValkeyCluster:
         return True
 
     def _replicas_attached(self) -> bool:
-        for shard in self.shards:
-            for replica in shard.replicas:
-                with replica.client() as client:
-                    info = client.info("replication")
-                if info.get("role") != "slave" or info.get("master_link_status") != "up":
-                    return False
-                if int(info.get("master_port", 0)) != shard.primary.port:
-                    return False
-        return True
+        return all(
+            self._in_sync(replica, shard.primary)
+            for shard in self.shards
+            for replica in shard.replicas
+        )
+
+    @staticmethod
+    def _in_sync(replica: ClusterNode, primary: ClusterNode) -> bool:
+        """``replica`` follows ``primary`` and its link is up (the first sync done)."""
+        with replica.client() as client:
+            info = client.info("replication")
+        if info.get("role") != "slave" or info.get("master_link_status") != "up":
+            return False
+        return int(info.get("master_port", 0)) == primary.port
 
     def _wait_everywhere(self, predicate: Any, what: str, timeout: float = FORM_TIMEOUT) -> None:
         def everywhere() -> bool:
@@ -224,6 +229,32 @@ class ValkeyCluster:
                 return promoted
             time.sleep(0.1)
         raise TimeoutError(f"no replica of {dead.name} promoted in {timeout}s\n{self.report()}")
+
+    def rejoin(self, node: ClusterNode, timeout: float = FAILOVER_TIMEOUT) -> None:
+        """Start a killed node again and wait until it serves as a replica of its shard's
+        primary, in sync, so that a later kill of that primary has a replica to promote. With
+        its ``nodes.conf`` it comes back under its old id; finding its slots taken over, it
+        turns itself into a replica of their new owner and syncs from it (it kept no data)."""
+        shard = next(s for s in self.shards if node in s.replicas)
+        if node.alive():
+            raise ValueError(f"{node.name} is running")
+        node.stop()  # closes the output of the run that was killed
+        node.start()
+        wait_until(node.answers, timeout=10, what=f"{node.name} to answer again")
+
+        def following() -> bool:
+            try:
+                return self._in_sync(node, shard.primary)
+            except redis.RedisError:
+                return False
+
+        try:
+            wait_until(
+                following, timeout=timeout, what=f"{node.name} to follow {shard.primary.name}"
+            )
+        except TimeoutError as error:
+            raise TimeoutError(f"{error}\n{self.report()}") from None
+        self.wait_ok(timeout)
 
     def _promoted(self, shard: Shard) -> ClusterNode | None:
         for replica in shard.replicas:
