@@ -38,15 +38,22 @@ class ClusterNode(Node):
 
     def __init__(self, name: str, directory: Path) -> None:
         self.bus_port = free_port()
-        super().__init__(
-            name,
-            directory,
+        super().__init__(name, directory, self._cluster_config())
+
+    def _cluster_config(self) -> str:
+        return (
             "cluster-enabled yes\ncluster-config-file nodes.conf\n"
             f"cluster-port {self.bus_port}\ncluster-node-timeout {NODE_TIMEOUT_MS}\n"
             # A replica promotes however long it was cut off: it was in sync in every test.
             "cluster-replica-validity-factor 0\n"
-            'save ""\nappendonly no\nrepl-diskless-sync-delay 0\n',
+            'save ""\nappendonly no\nrepl-diskless-sync-delay 0\n'
         )
+
+    def new_ports(self) -> None:
+        self.bus_port = free_port()
+        self.config = self._cluster_config()
+        (self.directory / "nodes.conf").unlink(missing_ok=True)
+        super().new_ports()
 
     def node_id(self) -> str:
         with self.client() as client:
@@ -120,9 +127,7 @@ class ValkeyCluster:
 
     def _form(self) -> None:
         for node in self.nodes:
-            node.start()
-        for node in self.nodes:
-            wait_until(node.answers, timeout=10, what=f"{node.name} to answer")
+            node.launch()
         first = self.nodes[0]
         for node in self.nodes[1:]:
             with node.client() as client:

