@@ -426,17 +426,7 @@ def test_viewers_connecting_together_while_a_job_writes_each_get_a_snapshot_then
     job = submit(stack.url, "gated", {"events": 60})
     wait_state(stack.url, job["id"], {"running"})
     r = stack.redis()
-    readers = []
-    for wave in range(4):
-        # Viewers arrive in waves while the job writes: some share a read, some cannot.
-        readers += [StreamReader(events_url(stack.url, job["id"])).start() for _ in range(6)]
-        for _ in range(5):
-            r.rpush(gate_key(job["id"]), "go")
-        wait_until(
-            lambda wave=wave: progress_reached(stack.url, job["id"], 5 * wave + 5),
-            timeout=20,
-            what="the wave's events written",
-        )
+    readers = arrive_in_waves(stack, job["id"], {}, written_before=0)
     for _ in range(40):
         r.rpush(gate_key(job["id"]), "go")
     _, log = read_stream(events_url(stack.url, job["id"]) + "?after=0", timeout=60)
@@ -451,6 +441,25 @@ def test_viewers_connecting_together_while_a_job_writes_each_get_a_snapshot_then
         assert [e.id for e in events[1:]] == after, "a gap, a repeat or a frame out of order"
         assert events[-1].type == "completed"
     assert len(snapshots) > 1, "every viewer connected at the same point: nothing was tested"
+
+
+def arrive_in_waves(
+    stack: Stack, job_id: str, headers: dict[str, str], written_before: int
+) -> list[StreamReader]:
+    """Four waves of six viewers, each wave followed by five events of the gated job (which
+    had written ``written_before``): some share a read, some cannot."""
+    r = stack.redis()
+    readers: list[StreamReader] = []
+    for wave in range(4):
+        readers += [StreamReader(events_url(stack.url, job_id), headers).start() for _ in range(6)]
+        for _ in range(5):
+            r.rpush(gate_key(job_id), "go")
+        wait_until(
+            lambda wave=wave: progress_reached(stack.url, job_id, 5 * wave + 5 + written_before),
+            timeout=20,
+            what="the wave's events written",
+        )
+    return readers
 
 
 def progress_reached(base: str, job_id: str, current: int) -> bool:
@@ -470,20 +479,7 @@ def test_viewers_resuming_together_while_a_job_writes_each_get_every_event_after
     r.rpush(gate_key(job["id"]), "go")
     wait_until_progress(stack.url, job["id"], 1)
     cursor = get_job(stack.url, job["id"])["last_event_id"]
-    readers = []
-    for wave in range(4):
-        # Viewers arrive in waves while the job writes: some share a read, some cannot.
-        readers += [
-            StreamReader(events_url(stack.url, job["id"]), {"Last-Event-ID": cursor}).start()
-            for _ in range(6)
-        ]
-        for _ in range(5):
-            r.rpush(gate_key(job["id"]), "go")
-        wait_until(
-            lambda wave=wave: progress_reached(stack.url, job["id"], 5 * wave + 6),
-            timeout=20,
-            what="the wave's events written",
-        )
+    readers = arrive_in_waves(stack, job["id"], {"Last-Event-ID": cursor}, written_before=1)
     for _ in range(40):
         r.rpush(gate_key(job["id"]), "go")
     _, log = read_stream(events_url(stack.url, job["id"]) + "?after=0", timeout=60)
