@@ -89,12 +89,16 @@ class Link:
         self._connection: AbstractConnection | None = None  # the current one, once it is up
         self._sender: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        # Confirmations received and held until the router has verified the server after them
+        # (on a cluster: still a primary), in the order received; one task verifies them.
+        self._unverified: list[list[Any]] = []
+        self._verifier: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"hub-link {self.address}")
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._task, self._sender) if t is not None]
+        tasks = [t for t in (self._task, self._sender, self._verifier) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -183,6 +187,10 @@ class Link:
         self._last_of_slot = {}
         self._acks = {}
         self._leaving = {}
+        if self._verifier is not None:
+            self._verifier.cancel()
+            self._verifier = None
+        self._unverified = []  # the dead connection's: its channels are subscribed afresh
         self.owner.link_down(self)
 
     def _confirmed(self, channel: str) -> None:
@@ -193,7 +201,8 @@ class Link:
                 del self._acks[channel]
             if not ready.done():
                 ready.set_result(None)
-        self.owner.confirmed(channel)
+        if channel in self.channels:  # not moved elsewhere while its confirmation was verified
+            self.owner.confirmed(channel)
 
     def _unsubscribed(self, channel: str) -> None:
         leaving = self._leaving.get(channel, 0)
@@ -211,16 +220,49 @@ class Link:
         kind = reply[0]
         if kind == "smessage":
             batch.append((reply[1], reply[2]))
-        elif kind == "ssubscribe":
-            self._confirmed(reply[1])
         elif kind == "sunsubscribe":
             self._unsubscribed(reply[1])
-        elif kind == "subscribe" and reply[1] == self.owner.hub_channel and not self.up:
+        elif kind == "ssubscribe" or kind == "subscribe":
+            if self.router.verifies_subscriptions:
+                self._unverified.append(reply)
+                if self._verifier is None and self._connection is not None:
+                    self._verifier = asyncio.create_task(
+                        self._verify(self._connection), name="hub-verify"
+                    )
+            else:
+                self._accept(reply)
+
+    def _accept(self, reply: list[Any]) -> None:
+        """A confirmation that counts: the subscription holds."""
+        if reply[0] == "ssubscribe":
+            self._confirmed(reply[1])
+        elif reply[1] == self.owner.hub_channel and not self.up:
             # Sent last with every channel of this connection: they all hold now.
             self.up = True
             self._failures = 0  # connected again: the next loss starts over
             self.owner.link_up(self)
             self.was_up = True
+
+    async def _verify(self, connection: AbstractConnection) -> None:
+        """Accept the held confirmations once the server has passed the router's ``verify``
+        after them; if it fails, drop the connection (the listener reconnects after routing
+        the channels again, and the streams whose subscription held catch up then)."""
+        try:
+            while self._unverified and self._connection is connection:
+                replies, self._unverified = self._unverified, []
+                await self.router.verify(self.address)
+                if self._connection is not connection:
+                    return
+                for reply in replies:
+                    self._accept(reply)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.warning("hub: %s failed its check (%s); reconnecting", self.address, exc)
+            await connection.disconnect()
+        finally:
+            if self._verifier is asyncio.current_task():
+                self._verifier = None
 
     async def _run(self) -> None:
         while True:

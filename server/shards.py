@@ -45,9 +45,17 @@ class Router(Protocol):
         """Read where channels live again (a connection dropped, a slot moved)."""
         ...
 
+    # Whether a subscription holds only once ``verify`` has passed after its confirmation.
+    verifies_subscriptions: bool
+
     async def check(self, connection: AbstractConnection) -> None:
         """Before a new connection subscribes: raise ``ConnectionError`` if its server is not
         one to subscribe on (the link drops it, routes its channels again and retries)."""
+        ...
+
+    async def verify(self, address: str) -> None:
+        """After subscriptions were confirmed at ``address``: raise ``ConnectionError`` if its
+        server is not (or is no longer) one to subscribe on."""
         ...
 
     async def aclose(self) -> None: ...
@@ -57,6 +65,7 @@ class OneServer:
     """A standalone server (or the primary the Sentinels name): every channel there."""
 
     standing_address: str | None = ONE_SERVER
+    verifies_subscriptions = False
 
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
@@ -78,6 +87,9 @@ class OneServer:
     async def check(self, connection: AbstractConnection) -> None:
         return None  # the one server; through Sentinel, the connection asked for the primary
 
+    async def verify(self, address: str) -> None:
+        return None
+
     async def aclose(self) -> None:
         await self.redis.aclose()
 
@@ -86,11 +98,14 @@ class ClusterSlots:
     """A cluster: a channel is on the primary its slot map names for the channel's slot."""
 
     standing_address: str | None = None
+    verifies_subscriptions = True
 
     def __init__(self, cluster: RedisCluster) -> None:
         self.cluster = cluster
         self._loaded = False
         self._refreshing: asyncio.Task[None] | None = None
+        # One plain connection per server the links verify (``verify``), kept between uses.
+        self._verifiers: dict[str, AbstractConnection] = {}
 
     def address(self, channel: str) -> str:
         nodes = self.cluster.nodes_manager.slots_cache.get(self.slot(channel))
@@ -117,13 +132,24 @@ class ClusterSlots:
         sends the hub) is a replica that hears nothing of what its new primary publishes
         until then, while the streams, their subscription confirmed, have caught up from the
         log already. Those events would never reach them."""
-        await connection.send_command("ROLE", check_health=False)
-        role = await connection.read_response()
-        kind = role[0] if isinstance(role, list) and role else role
-        if isinstance(kind, bytes):
-            kind = kind.decode()
-        if kind != "master":
-            raise ConnectionError(f"the node is a {kind}, not a primary")
+        await _primary_only(connection)
+
+    async def verify(self, address: str) -> None:
+        """``check`` again, once the subscriptions are confirmed. A killed primary restarted
+        at its old address claims its slots for a moment, until the cluster tells it they
+        were taken over: the ``check`` before subscribing can pass, and the ``SSUBSCRIBE``
+        land once it is a replica that hears nothing yet. A server that is a primary after
+        the confirmation was one at it (or a replica promoted since, which hears its slots
+        from then on); one that stops being a primary later unsubscribes its channels."""
+        connection = self._verifiers.pop(address, None)
+        if connection is None:
+            connection = self.connection(address)
+        try:
+            await _primary_only(connection)  # connects on first use
+        except BaseException:
+            await connection.disconnect()
+            raise
+        self._verifiers[address] = connection
 
     async def refresh(self) -> None:
         """One reading of the slot map at a time, shared by whoever asks meanwhile."""
@@ -140,6 +166,19 @@ class ClusterSlots:
     async def aclose(self) -> None:
         if self._refreshing is not None:
             self._refreshing.cancel()
+        for connection in self._verifiers.values():
+            await connection.disconnect()
+        self._verifiers.clear()
         manager = self.cluster.nodes_manager
         await manager.aclose()
         await manager.aclose("startup_nodes")
+
+
+async def _primary_only(connection: AbstractConnection) -> None:
+    await connection.send_command("ROLE", check_health=False)
+    role = await connection.read_response()
+    kind = role[0] if isinstance(role, list) and role else role
+    if isinstance(kind, bytes):
+        kind = kind.decode()
+    if kind != "master":
+        raise ConnectionError(f"the node is a {kind}, not a primary")

@@ -16,6 +16,7 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection
 from redis.crc import key_slot
 
 from stepstream.server.hub import RESYNC, Frame, Hub, Subscriber
@@ -413,3 +414,64 @@ async def _slot_moves(cluster: ValkeyCluster) -> None:
             with target.primary.client() as node:
                 node.delete(KEYS.job_events(job_id))
             await asyncio.to_thread(move_slot, cluster, slot, target, source)
+
+
+class TurnsAfterCheck(ClusterSlots):
+    """A primary that passes the hub's check before subscribing, then turns replica before
+    the ``SSUBSCRIBE`` lands: what a killed primary restarted at its old address does in the
+    moment it still claims its slots (here a manual failover, run right after the check)."""
+
+    def __init__(self, cluster: RedisCluster, valkey_cluster: ValkeyCluster, shard: Shard) -> None:
+        super().__init__(cluster)
+        self.valkey_cluster = valkey_cluster
+        self.shard = shard
+        self.turned: ClusterNode | None = None
+
+    async def check(self, connection: AbstractConnection) -> None:
+        await super().check(connection)
+        if self.turned is None:
+            self.turned = self.shard.primary
+            await asyncio.to_thread(self.valkey_cluster.fail_over, self.shard)
+
+
+def test_a_primary_that_turns_replica_before_the_subscription_lands_is_left_for_the_new_one(
+    own_cluster: ValkeyCluster,
+) -> None:
+    """A replica confirms an ``SSUBSCRIBE`` but, not yet in sync, hears nothing of what its
+    primary publishes: checked only before subscribing, a killed primary restarted at its old
+    address passed the check while it still claimed its slots, took the subscription as a
+    replica, and its streams missed the events between their catch-up and its sync (a gap in
+    one ``bench.chaos --cluster`` run in fifteen). The hub checks the server again once a
+    subscription is confirmed, and a stream reads the log only once it is held by a primary."""
+    asyncio.run(_turned_replica(own_cluster))
+
+
+async def _turned_replica(valkey_cluster: ValkeyCluster) -> None:
+    shard = valkey_cluster.shards[0]
+    job_id = job_on(shard)
+    channel = KEYS.job_channel(job_id)
+    settings = Settings(cluster_url=valkey_cluster.url, prefix=PREFIX)
+    client = connect_cluster(settings)
+    router = TurnsAfterCheck(connect_cluster(settings), valkey_cluster, shard)
+    hub = Hub(None, KEYS, queue_size=100, heartbeat_seconds=15, router=router)
+    await hub.start()
+    try:
+        viewer = await watch(hub, job_id)
+        assert router.turned is not None, "the primary never turned: nothing was tested"
+        assert router.turned.role() == "slave"
+
+        def subscribers(node: ClusterNode) -> int:
+            with node.client() as node_client:
+                ((_, count),) = node_client.pubsub_shardnumsub(channel)
+            return int(count)
+
+        assert await asyncio.to_thread(subscribers, router.turned) == 0, "held by a replica"
+        assert await asyncio.to_thread(subscribers, shard.primary) == 1
+        event_id, heard = await append(client, job_id, "progress", current=1)
+        assert heard == 1
+        [frame] = await frames(viewer)
+        assert frame.job_event_id == parse_stream_id(event_id)
+    finally:
+        await hub.stop()
+        await router.aclose()
+        await client.aclose()

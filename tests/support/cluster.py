@@ -235,6 +235,30 @@ class ValkeyCluster:
             time.sleep(0.1)
         raise TimeoutError(f"no replica of {dead.name} promoted in {timeout}s\n{self.report()}")
 
+    def fail_over(self, shard: Shard, timeout: float = FAILOVER_TIMEOUT) -> ClusterNode:
+        """A manual failover (``CLUSTER FAILOVER`` on ``shard``'s replica): the replica takes
+        the slots with nothing lost, the primary, alive, turns into its replica. Waits until
+        both say so and every live node's slot map names the new primary."""
+        old, [new, *_] = shard.primary, shard.replicas
+        with new.client() as client:
+            client.execute_command("CLUSTER", "FAILOVER")
+
+        def swapped() -> bool:
+            try:
+                return self._promoted(shard) is new and self._in_sync(old, new)
+            except redis.RedisError:
+                return False
+
+        try:
+            wait_until(swapped, timeout=timeout, what=f"{new.name} to take over from {old.name}")
+        except TimeoutError as error:
+            raise TimeoutError(f"{error}\n{self.report()}") from None
+        shard.replicas.remove(new)
+        shard.replicas.append(old)
+        shard.primary = new
+        self.wait_ok(timeout)
+        return new
+
     def rejoin(self, node: ClusterNode, timeout: float = FAILOVER_TIMEOUT) -> None:
         """Start a killed node again and wait until it serves as a replica of its shard's
         primary, in sync, so that a later kill of that primary has a replica to promote. With
