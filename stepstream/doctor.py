@@ -219,20 +219,26 @@ def check_redis(report: Report, settings: Any) -> None:
 def check_cluster(report: Report, settings: Any) -> None:
     """The log plane's cluster (``STEPSTREAM_CLUSTER_URL``): its state, and every partition's
     webhook outbox and queue outbox (entries a worker should have drained)."""
-    from redis.cluster import RedisCluster
+    from redis.cluster import ClusterNode, RedisCluster
 
     from stepstream.tasks import planes
+    from stepstream.tasks.connection import seed_address
     from stepstream.tasks.keyspace import Keys
 
+    first, *others = settings.cluster_seeds
     try:
         client: Any = RedisCluster.from_url(
-            settings.cluster_url, decode_responses=True, socket_connect_timeout=3, socket_timeout=3
+            first,
+            startup_nodes=[ClusterNode(*seed_address(seed)) for seed in others],  # type: ignore[no-untyped-call]
+            decode_responses=True,
+            socket_connect_timeout=3,
+            socket_timeout=3,
         )
         state = client.cluster_info().get("cluster_state")
     except Exception as exc:
         report.add(
             FAIL,
-            f"cannot reach the cluster at {redact(settings.cluster_url)} "
+            f"cannot reach the cluster at {', '.join(map(redact, settings.cluster_seeds))} "
             f"(STEPSTREAM_CLUSTER_URL): {type(exc).__name__}: {exc}",
         )
         return

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import hiredis
 import redis
 from arq.connections import ArqRedis, RedisSettings
 from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import (
     AbstractConnection,
@@ -145,9 +147,10 @@ class LogPlaneCluster(RedisCluster):
 
 
 def connect_cluster(settings: Settings, *, attempts: int = 25) -> RedisCluster:
-    """A client of the log plane's cluster at ``STEPSTREAM_CLUSTER_URL`` (one seed node; the
-    rest it learns from the cluster's slot map), decoding as :func:`connect`'s does: the
-    store's when the logs are on a cluster (tasks/planes.py, ``connect_log_plane``).
+    """A client of the log plane's cluster at ``STEPSTREAM_CLUSTER_URL`` (seed nodes; the
+    rest it learns from the cluster's slot map, from the first seed that answers), decoding
+    as :func:`connect`'s does: the store's when the logs are on a cluster (tasks/planes.py,
+    ``connect_log_plane``).
 
     redis-py 5 (arq caps it below 6): scripts run on it when every key of a call shares one
     slot; ``pipeline(transaction=True)`` is refused, and its asyncio client has no pub/sub
@@ -168,8 +171,11 @@ def connect_cluster(settings: Settings, *, attempts: int = 25) -> RedisCluster:
         # redis-py 6 made ``retry`` the cluster's own (each try re-reads the slot map after a
         # connection error) and dropped ``cluster_error_retry_attempts``.
         patience = {"retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), attempts)}
+    first, *others = settings.cluster_seeds
     client = LogPlaneCluster.from_url(
-        settings.cluster_url,
+        first,
+        # Reached with the first seed's credentials and TLS, as every node it finds is.
+        startup_nodes=[AsyncClusterNode(*seed_address(seed)) for seed in others],
         decode_responses=True,
         retry_on_error=list(RETRYABLE),
         health_check_interval=30,
@@ -178,6 +184,12 @@ def connect_cluster(settings: Settings, *, attempts: int = 25) -> RedisCluster:
     )
     client.slot_map_attempts = attempts
     return cast(RedisCluster, client)
+
+
+def seed_address(url: str) -> tuple[str, int]:
+    """A seed node's host and port, as its URL gives them."""
+    parts = urlsplit(url)
+    return parts.hostname or "localhost", parts.port or 6379
 
 
 def arq_pool(settings: Settings) -> ArqRedis:

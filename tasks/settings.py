@@ -97,18 +97,22 @@ class StoreSettings(_Environment):
 
     @field_validator("cluster_url")
     @classmethod
-    def _cluster_seed(cls, value: str) -> str:
-        if not value:
-            return value
-        parts = urlsplit(value)
-        if parts.scheme not in ("redis", "rediss") or not parts.hostname:
-            raise ValueError(f"{value!r} is not redis://host:port (or rediss:// for TLS)")
-        if parts.path.strip("/") not in ("", "0"):
-            # A cluster has one database; a URL naming another would be silently ignored.
-            raise ValueError(
-                f"{value!r} names database {parts.path.strip('/')}: a cluster has only 0"
-            )
-        return value
+    def _cluster_seeds(cls, value: str) -> str:
+        """One seed node or several, comma-separated: the client needs one that answers."""
+        seeds = [part.strip() for part in value.split(",") if part.strip()]
+        for seed in seeds:
+            parts = urlsplit(seed)
+            if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+                raise ValueError(f"{seed!r} is not redis://host:port (or rediss:// for TLS)")
+            if parts.path.strip("/") not in ("", "0"):
+                # A cluster has one database; a URL naming another would be silently ignored.
+                raise ValueError(
+                    f"{seed!r} names database {parts.path.strip('/')}: a cluster has only 0"
+                )
+        if len({urlsplit(seed).scheme for seed in seeds}) > 1:
+            # The nodes the client finds are reached as the first seed says: one scheme.
+            raise ValueError(f"{value!r} mixes redis:// and rediss://: a cluster has one")
+        return ",".join(seeds)
 
     @field_validator("sentinel_master")
     @classmethod
@@ -122,9 +126,14 @@ class StoreSettings(_Environment):
         return value
 
     @property
+    def cluster_seeds(self) -> tuple[str, ...]:
+        """``STEPSTREAM_CLUSTER_URL``'s seed nodes, in the order given."""
+        return tuple(self.cluster_url.split(",")) if self.cluster_url else ()
+
+    @property
     def redis_urls(self) -> tuple[str, ...]:
         """Every Redis server Stepstream connects to: never a webhook target."""
-        return (self.redis_url, self.cluster_url) if self.cluster_url else (self.redis_url,)
+        return (self.redis_url, *self.cluster_seeds)
 
     @property
     def loads_demo_tasks(self) -> bool:

@@ -666,3 +666,26 @@ def test_recurring_and_delayed_jobs_on_the_cluster(
         assert log[0].data["recurring"] == "tick" and log[-1].type == "completed"
     finally:
         stack.stop()
+
+
+def test_processes_find_the_cluster_from_any_seed_that_answers(
+    valkey: Valkey, valkey_cluster: ValkeyCluster, tmp_path: Path
+) -> None:
+    """``STEPSTREAM_CLUSTER_URL`` may name several seeds: a web process and a worker started
+    while the first is down (a node being replaced) learn the cluster from the next, and the
+    doctor reaches it the same way."""
+    down = f"redis://127.0.0.1:{free_port()}"
+    stack = Stack(
+        valkey,
+        f"seeds{next(_prefixes)}:",
+        tmp_path,
+        {"STEPSTREAM_CLUSTER_URL": f"{down}, {valkey_cluster.url}"},
+    )
+    try:
+        stack.add(webs=1, workers=1)
+        job = api.submit(stack.url, "analyze_document", {"text": api.DOC, "pace": 0.0})
+        api.wait_state(stack.url, job["id"], {"completed"})
+        found = doctor(stack.env)
+        assert "cluster reachable, state ok, 3 primaries" in found.stdout, found.stdout
+    finally:
+        stack.stop()

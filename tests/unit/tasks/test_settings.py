@@ -50,6 +50,19 @@ def test_the_clusters_seed_is_a_redis_server_no_webhook_may_call(
     assert "redis://10.0.0.9:7000" in settings.redis_urls  # the webhook policy refuses it
 
 
+def test_the_cluster_may_have_several_seeds_of_one_scheme(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("STEPSTREAM_CLUSTER_URL", "redis://10.0.0.9:7000, redis://10.0.0.8:7000")
+    settings = Settings()
+    assert settings.cluster_seeds == ("redis://10.0.0.9:7000", "redis://10.0.0.8:7000")
+    assert set(settings.cluster_seeds) <= set(settings.redis_urls)
+    with pytest.raises(ValueError, match="mixes redis:// and rediss://"):
+        Settings(cluster_url="redis://10.0.0.9:7000,rediss://10.0.0.8:7000")
+    with pytest.raises(ValueError, match="names database 2"):
+        Settings(cluster_url="redis://10.0.0.9:7000,redis://10.0.0.8:7000/2")
+
+
 def test_the_start_check_leaves_the_environment_and_the_import_path_alone() -> None:
     environ, path = dict(os.environ), list(sys.path)
     problem = configuration_problem("127.0.0.1", tasks="no_such_module_here", demo=False)
