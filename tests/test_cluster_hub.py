@@ -67,14 +67,20 @@ async def append(client: RedisCluster, job_id: str, type_: str, **data: Any) -> 
     return str(event_id), int(heard)
 
 
+def cluster_client(cluster: ValkeyCluster) -> RedisCluster:
+    return connect_cluster(Settings(cluster_url=cluster.url, prefix=PREFIX))
+
+
 @contextlib.asynccontextmanager
 async def cluster_hub(
-    cluster: ValkeyCluster, subscribe_delay_seconds: float = 0.0
+    cluster: ValkeyCluster,
+    subscribe_delay_seconds: float = 0.0,
+    router: ClusterSlots | None = None,
 ) -> AsyncIterator[tuple[Hub, RedisCluster]]:
-    """A hub on the cluster (its own cluster client for the slot map), and a client to append."""
-    settings = Settings(cluster_url=cluster.url, prefix=PREFIX)
-    client = connect_cluster(settings)
-    router = ClusterSlots(connect_cluster(settings))
+    """A hub on the cluster (its own cluster client for the slot map, or ``router``), and a
+    client to append."""
+    client = cluster_client(cluster)
+    router = router or ClusterSlots(cluster_client(cluster))
     hub = Hub(
         None,
         KEYS,
@@ -315,30 +321,31 @@ async def _not_on_a_replica(cluster: ValkeyCluster) -> None:
     shard = cluster.shards[1]
     [replica] = shard.replicas
     job_id = job_on(shard)
-    channel = KEYS.job_channel(job_id)
-    settings = Settings(cluster_url=cluster.url, prefix=PREFIX)
-    client = connect_cluster(settings)
-    router = StaleSlots(connect_cluster(settings), address(shard), f"127.0.0.1:{replica.port}")
-    hub = Hub(None, KEYS, queue_size=100, heartbeat_seconds=15, router=router)
-    await hub.start()
-    try:
+    router = StaleSlots(cluster_client(cluster), address(shard), f"127.0.0.1:{replica.port}")
+    async with cluster_hub(cluster, router=router) as (hub, client):
         viewer = await watch(hub, job_id)
+        await held_by_the_primary(viewer, client, shard, replica, "subscribed on a replica")
 
-        def subscribers(node: ClusterNode) -> int:
-            with node.client() as node_client:
-                ((_, count),) = node_client.pubsub_shardnumsub(channel)
-            return int(count)
 
-        assert await asyncio.to_thread(subscribers, replica) == 0, "subscribed on a replica"
-        assert await asyncio.to_thread(subscribers, shard.primary) == 1
-        event_id, heard = await append(client, job_id, "progress", current=1)
-        assert heard == 1
-        [frame] = await frames(viewer)
-        assert frame.job_event_id == parse_stream_id(event_id)
-    finally:
-        await hub.stop()
-        await router.aclose()
-        await client.aclose()
+async def held_by_the_primary(
+    viewer: Subscriber, client: RedisCluster, shard: Shard, other: ClusterNode, what: str
+) -> None:
+    """``viewer``'s subscription is held by ``shard``'s primary (not by ``other``, or it is
+    ``what``), and the job's next event reaches it live."""
+    assert viewer.job_id is not None
+    channel = KEYS.job_channel(viewer.job_id)
+
+    def subscribers(node: ClusterNode) -> int:
+        with node.client() as node_client:
+            ((_, count),) = node_client.pubsub_shardnumsub(channel)
+        return int(count)
+
+    assert await asyncio.to_thread(subscribers, other) == 0, what
+    assert await asyncio.to_thread(subscribers, shard.primary) == 1
+    event_id, heard = await append(client, viewer.job_id, "progress", current=1)
+    assert heard == 1
+    [frame] = await frames(viewer)
+    assert frame.job_event_id == parse_stream_id(event_id)
 
 
 def event_json(job_id: str, type_: str, **data: Any) -> str:
@@ -446,32 +453,12 @@ def test_a_primary_that_turns_replica_before_the_subscription_lands_is_left_for_
     asyncio.run(_turned_replica(own_cluster))
 
 
-async def _turned_replica(valkey_cluster: ValkeyCluster) -> None:
-    shard = valkey_cluster.shards[0]
+async def _turned_replica(cluster: ValkeyCluster) -> None:
+    shard = cluster.shards[0]
     job_id = job_on(shard)
-    channel = KEYS.job_channel(job_id)
-    settings = Settings(cluster_url=valkey_cluster.url, prefix=PREFIX)
-    client = connect_cluster(settings)
-    router = TurnsAfterCheck(connect_cluster(settings), valkey_cluster, shard)
-    hub = Hub(None, KEYS, queue_size=100, heartbeat_seconds=15, router=router)
-    await hub.start()
-    try:
+    router = TurnsAfterCheck(cluster_client(cluster), cluster, shard)
+    async with cluster_hub(cluster, router=router) as (hub, client):
         viewer = await watch(hub, job_id)
         assert router.turned is not None, "the primary never turned: nothing was tested"
         assert router.turned.role() == "slave"
-
-        def subscribers(node: ClusterNode) -> int:
-            with node.client() as node_client:
-                ((_, count),) = node_client.pubsub_shardnumsub(channel)
-            return int(count)
-
-        assert await asyncio.to_thread(subscribers, router.turned) == 0, "held by a replica"
-        assert await asyncio.to_thread(subscribers, shard.primary) == 1
-        event_id, heard = await append(client, job_id, "progress", current=1)
-        assert heard == 1
-        [frame] = await frames(viewer)
-        assert frame.job_event_id == parse_stream_id(event_id)
-    finally:
-        await hub.stop()
-        await router.aclose()
-        await client.aclose()
+        await held_by_the_primary(viewer, client, shard, router.turned, "held by a replica")
