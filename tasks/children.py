@@ -305,7 +305,7 @@ async def resume_if_ready(store: JobStore, parent_id: str) -> None:
     is read first, for the script to declare its key; an entry changed in between is named by
     the script, and it is called again with that one."""
     counts = store.keys.batch_counts(parent_id)
-    script = store.redis.register_script(lua.resume())
+    script = lua.Script(store.redis, lua.resume())
     entry: str | None = await store.redis.hget(counts, "#entry")  # type: ignore[misc]
     for _ in range(3):
         if entry is None:

@@ -55,7 +55,7 @@ from redis.exceptions import ResponseError
 
 from stepstream._backoff import Backoff
 from stepstream._stream_id import StreamId
-from stepstream.tasks import webhooks
+from stepstream.tasks import lua, webhooks
 from stepstream.tasks.destinations import Policy, Refused, Unresolvable
 from stepstream.tasks.keyspace import Keys
 from stepstream.tasks.models import JobRecord
@@ -133,7 +133,7 @@ class Outbox:
         self._sweep_every = min(1.0, max(0.05, settings.webhook_backoff_seconds / 2))
         self._cleaned_at = 0.0
         self._held_cursor = "-"
-        self._rewrite_reason = redis.register_script(REWRITE_REASON)
+        self._rewrite_reason = lua.Script(redis, REWRITE_REASON)
         self._refused_here: dict[str, float] = {}  # held entry id → when to look again
 
     def start(self) -> None:

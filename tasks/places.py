@@ -35,7 +35,7 @@ class Places:
         self.redis = redis
         self.keys = keys
         self.settings = settings
-        self._reserve = redis.register_script(lua.reserve())
+        self._reserve = lua.Script(redis, lua.reserve())
 
     def unfinished(self, owner: str | None) -> str:
         """The owner's set of unfinished jobs, in its home partition."""

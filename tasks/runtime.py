@@ -28,6 +28,7 @@ from stepstream.tasks import (
     heartbeat,
     inputs,
     logs,
+    lua,
     rollup,
     tracing,
 )
@@ -88,7 +89,7 @@ class JobMonitor:
         # job id → the arq job running it, when not the job's own id (tasks/inputs.py)
         self.arq_ids: dict[str, str] = {}
         self._loop_task: asyncio.Task[None] | None = None
-        self._acquire = store.redis.register_script(_ACQUIRE_SLOT_LUA)
+        self._acquire = lua.Script(store.redis, _ACQUIRE_SLOT_LUA)
 
     async def acquire_slot(self, job_id: str, key: str, limit: int) -> bool:
         """Take one of ``limit`` slots in ``key``, shared by every worker: the running jobs of

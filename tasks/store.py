@@ -173,7 +173,7 @@ class JobStore:
         self.keys = Keys.of_deployment(settings)
         self.queue = redis if queue is None else queue
         self.cluster = self.keys.partitioned
-        self._append = redis.register_script(lua.append())
+        self._append = lua.Script(redis, lua.append())
         self.places = Places(redis, self.keys, settings)  # an owner's, on a cluster
         self._index_trimmed_at: dict[int, float] = {}
         self._nodes: dict[str, Redis] = {}  # a cluster's node clients, for transactions

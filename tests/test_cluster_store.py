@@ -18,9 +18,10 @@ import pytest
 import redis
 from arq.connections import ArqRedis
 from arq.constants import job_key_prefix
-from redis.cluster import key_slot
+from redis.cluster import REPLICA, key_slot
+from redis.exceptions import NoScriptError
 
-from stepstream.tasks import creation, heartbeat, planes
+from stepstream.tasks import creation, heartbeat, lua, planes
 from stepstream.tasks.connection import arq_pool
 from stepstream.tasks.keyspace import Keys
 from stepstream.tasks.models import JobState
@@ -689,3 +690,35 @@ def test_processes_find_the_cluster_from_any_seed_that_answers(
         assert "cluster reachable, state ok, 3 primaries" in found.stdout, found.stdout
     finally:
         stack.stop()
+
+
+def test_a_script_runs_on_a_primary_that_has_not_cached_it_whatever_the_map_says(
+    valkey: Valkey, valkey_cluster: ValkeyCluster
+) -> None:
+    """A promoted replica has none of its old primary's cached scripts, and a cluster client
+    may still hold it for a replica. redis-py's own fallback then loads the script on the
+    primaries it knows, runs it by SHA1 again on the promoted node, and fails every time: a
+    task's concurrency slot could not be taken after a failover, and its jobs never started
+    (bench.chaos --cluster). The job side's scripts run by their body there instead."""
+    settings = two_planes(valkey, valkey_cluster)
+
+    async def run() -> None:
+        async with opened(settings) as (store, _):
+            client: Any = store.redis
+            await client.initialize()
+            source = "return redis.call('INCR', KEYS[1])"
+            key = f"{settings.prefix}counted"
+            owner = client.nodes_manager.get_node_from_slot(key_slot(key.encode()))
+            node = next(n for n in valkey_cluster.nodes if n.port == owner.port)
+            # The map as it lags a failover: the slot's owner is not among the primaries.
+            owner.server_type = REPLICA
+            with node.client() as direct:
+                direct.script_flush()
+            with pytest.raises(NoScriptError):
+                await client.register_script(source)(keys=[key])  # redis-py's own
+            with node.client() as direct:
+                direct.script_flush()
+            assert await lua.Script(client, source)(keys=[key]) == 1
+            assert await lua.Script(client, source)(keys=[key]) == 2  # cached there now
+
+    asyncio.run(run())
