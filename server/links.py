@@ -28,6 +28,9 @@ from stepstream.server.shards import Router
 logger = logging.getLogger("stepstream.hub")
 
 MAX_BATCH = 100  # messages already received, handed to the hub together
+# Replies held while a confirmation awaits its verification (one round trip): past this, the
+# connection is dropped and subscribed afresh rather than held without bound.
+MAX_HELD = 10_000
 # Between attempts to reconnect; jittered so that the web processes of a deployment do not all
 # come back to a restarted server in the same instant.
 RECONNECT_BACKOFF = Backoff(min_seconds=0.1, max_seconds=5.0, jitter=0.5)
@@ -90,7 +93,8 @@ class Link:
         self._sender: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
         # Confirmations received and held until the router has verified the server after them
-        # (on a cluster: still a primary), in the order received; one task verifies them.
+        # (on a cluster: still a primary), with the messages received after them, in the order
+        # received; one task verifies them.
         self._unverified: list[list[Any]] = []
         self._verifier: asyncio.Task[None] | None = None
 
@@ -218,7 +222,14 @@ class Link:
 
     def _handle(self, reply: Any, batch: list[tuple[str, str]]) -> None:
         kind = reply[0]
-        if kind == "smessage":
+        if self._unverified and kind != "sunsubscribe":
+            # After a confirmation still held: a message must not reach a stream before the
+            # confirmation's catch-up does (it would move the stream's cursor past the events
+            # that catch-up is for).
+            if len(self._unverified) >= MAX_HELD:
+                raise ConnectionError("too many replies held for a verification")
+            self._unverified.append(reply)
+        elif kind == "smessage":
             batch.append((reply[1], reply[2]))
         elif kind == "sunsubscribe":
             self._unsubscribed(reply[1])
@@ -249,12 +260,26 @@ class Link:
         the channels again, and the streams whose subscription held catch up then)."""
         try:
             while self._unverified and self._connection is connection:
-                replies, self._unverified = self._unverified, []
+                held = len(self._unverified)
                 await self.router.verify(self.address)
                 if self._connection is not connection:
                     return
+                # What arrived meanwhile stays held: it waits for the next verification if a
+                # confirmation is among it, else it goes out with these.
+                replies, self._unverified = self._unverified[:held], self._unverified[held:]
+                while self._unverified and self._unverified[0][0] == "smessage":
+                    replies.append(self._unverified.pop(0))
+                messages: list[tuple[str, str]] = []
                 for reply in replies:
+                    if reply[0] == "smessage":
+                        messages.append((reply[1], reply[2]))
+                        continue
+                    if messages:
+                        self.owner.dispatch_many(messages)
+                        messages = []
                     self._accept(reply)
+                if messages:
+                    self.owner.dispatch_many(messages)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

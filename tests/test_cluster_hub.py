@@ -462,3 +462,64 @@ async def _turned_replica(cluster: ValkeyCluster) -> None:
         assert router.turned is not None, "the primary never turned: nothing was tested"
         assert router.turned.role() == "slave"
         await held_by_the_primary(viewer, client, shard, router.turned, "held by a replica")
+
+
+class GatedSlots(ClusterSlots):
+    """Holds a reconnection's check, then its verification, until the test lets each go."""
+
+    def __init__(self, cluster: RedisCluster) -> None:
+        super().__init__(cluster)
+        self.checks = 0
+        self.reconnecting = asyncio.Event()
+        self.check_gate = asyncio.Event()
+        self.verifying = asyncio.Event()
+        self.verify_gate = asyncio.Event()
+
+    async def check(self, connection: AbstractConnection) -> None:
+        self.checks += 1
+        if self.checks > 1:
+            self.reconnecting.set()
+            await self.check_gate.wait()
+        await super().check(connection)
+
+    async def verify(self, address: str) -> None:
+        if self.checks > 1:
+            self.verifying.set()
+            await self.verify_gate.wait()
+        await super().verify(address)
+
+
+def test_an_event_heard_while_a_resubscription_is_verified_waits_for_the_catch_up(
+    valkey_cluster: ValkeyCluster,
+) -> None:
+    """A confirmation counts only once its node is verified a primary, and a stream catches up
+    from the log then. An event heard in between must reach the stream after that catch-up:
+    before it, it would move the stream's cursor past the events the catch-up is for."""
+    asyncio.run(_held_for_the_catch_up(valkey_cluster))
+
+
+async def _held_for_the_catch_up(cluster: ValkeyCluster) -> None:
+    shard = cluster.shards[0]
+    job_id = job_on(shard)
+    router = GatedSlots(cluster_client(cluster))
+    async with cluster_hub(cluster, router=router) as (hub, client):
+        store = JobStore(cast(Redis, client), Settings(prefix=PREFIX))
+        cursor, _ = await append(client, job_id, "progress", current=1)
+        stream = JobStream(store, hub, store.settings, running_record(job_id), cursor)
+        reading = asyncio.create_task(stream_ids(stream))
+        await eventually(lambda: _listening(cluster, job_id), "the stream's subscription")
+        with shard.primary.client() as node:
+            assert node.client_kill_filter(_type="pubsub") >= 1
+        await asyncio.wait_for(router.reconnecting.wait(), timeout=TIMEOUT)
+        _, heard = await append(client, job_id, "progress", current=2)
+        assert heard == 0, "appended while the hub's connection was down"
+        router.check_gate.set()
+        await asyncio.wait_for(router.verifying.wait(), timeout=TIMEOUT)
+        _, heard = await append(client, job_id, "progress", current=3)
+        assert heard == 1, "appended while the resubscription awaited its verification"
+        await asyncio.sleep(0.3)  # the live message reaches the hub
+        router.verify_gate.set()
+        await append(client, job_id, "completed")
+        ids = await asyncio.wait_for(reading, timeout=TIMEOUT)
+        rows = await client.xrange(KEYS.job_events(job_id))
+        assert ids == [event_id for event_id, _ in rows][1:], "a gap, a repeat or a reordering"
