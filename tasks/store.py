@@ -88,6 +88,13 @@ class StreamInfo:
         return self.first_id is None or cursor < StreamId.parse(self.first_id)
 
 
+def _no_such_key(error: ResponseError) -> bool:
+    """``XINFO STREAM``'s answer for a stream that does not exist. Any other error (a cluster
+    node down, loading, or no longer serving the slot) is not an empty log: read as one, a
+    resuming stream would skip the events after its cursor."""
+    return "no such key" in str(error).lower()
+
+
 def _stream_info(info: dict[str, Any]) -> StreamInfo:
     first = info.get("first-entry")
     return StreamInfo(
@@ -846,8 +853,10 @@ class JobStore:
     async def stream_info(self, key: str) -> StreamInfo | None:
         try:
             info = await self.redis.xinfo_stream(key)
-        except ResponseError:
-            return None  # no such stream
+        except ResponseError as error:
+            if not _no_such_key(error):
+                raise
+            return None
         return _stream_info(info)
 
     async def resume(
@@ -862,8 +871,8 @@ class JobStore:
             info, rows = await pipe.execute(raise_on_error=False)
         if isinstance(rows, Exception):
             raise rows
-        if isinstance(info, ResponseError):
-            return None, []  # no such stream
+        if isinstance(info, ResponseError) and _no_such_key(info):
+            return None, []
         if isinstance(info, Exception):
             raise info
         return _stream_info(info), [(entry_id, fields["e"]) for entry_id, fields in rows]

@@ -6,10 +6,12 @@ import asyncio
 import json
 from typing import Any
 
+import pytest
 from arq.connections import ArqRedis
 from arq.constants import job_key_prefix
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.client import Pipeline
+from redis.exceptions import ResponseError
 
 from stepstream.tasks import children, lua
 from stepstream.tasks.commands import Command
@@ -259,3 +261,23 @@ async def _every_key_is_declared(url: str) -> None:
 
 def test_every_key_an_append_touches_is_one_it_declares(valkey: Valkey) -> None:
     asyncio.run(asyncio.wait_for(_every_key_is_declared(valkey.url), 30))
+
+
+def test_only_a_missing_log_reads_as_none_an_error_is_raised(valkey: Valkey) -> None:
+    """A resume or a firehose cursor check reads a log's trim state: a log that does not
+    exist is none, but an error (a cluster node down or loading, a wrong key) is not an empty
+    log, which would let a resuming stream skip the events after its cursor."""
+
+    async def run() -> None:
+        redis = Redis.from_url(valkey.url, decode_responses=True)
+        store = JobStore(redis, Settings(redis_url=valkey.url, prefix="store-info:"))
+        try:
+            assert await store.stream_info("store-info:none") is None
+            assert await store.resume("nothing-here", "1-0", 10) == (None, [])
+            await redis.set("store-info:string", "not a stream")
+            with pytest.raises(ResponseError, match="WRONGTYPE"):
+                await store.stream_info("store-info:string")
+        finally:
+            await redis.aclose()
+
+    asyncio.run(run())
