@@ -266,9 +266,9 @@ class Link:
                     return
                 # What arrived meanwhile stays held: it waits for the next verification if a
                 # confirmation is among it, else it goes out with these.
-                replies, self._unverified = self._unverified[:held], self._unverified[held:]
-                while self._unverified and self._unverified[0][0] == "smessage":
-                    replies.append(self._unverified.pop(0))
+                later = self._unverified[held:]
+                cut = next((i for i, r in enumerate(later) if r[0] != "smessage"), len(later))
+                replies, self._unverified = self._unverified[: held + cut], later[cut:]
                 messages: list[tuple[str, str]] = []
                 for reply in replies:
                     if reply[0] == "smessage":
