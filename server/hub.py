@@ -183,7 +183,9 @@ class Hub:
         self.firehose_channels = keys.firehose_channels
         self._firehose_set = frozenset(self.firehose_channels)
         self._firehose_partition = {c: p for p, c in enumerate(self.firehose_channels)}
-        self._channel_head, _, self._channel_tail = keys.job_channel("\0").partition("\0")
+        # The job each job channel here is for: on a cluster a channel's name starts with its
+        # partition's tag, so the job cannot be cut out of it at fixed offsets.
+        self._channel_jobs: dict[str, str] = {}
         self.hub_channel = keys.hub_channel
         self.queue_size = queue_size
         self.heartbeat_seconds = heartbeat_seconds
@@ -268,7 +270,9 @@ class Hub:
             group = self.by_job.get(job_id)
             if group is None:
                 group = self.by_job[job_id] = set()
-                self._join(self.keys.job_channel(job_id))
+                channel = self.keys.job_channel(job_id)
+                self._channel_jobs[channel] = job_id
+                self._join(channel)
             group.add(subscriber)
         return subscriber
 
@@ -309,7 +313,9 @@ class Hub:
             subscribers.discard(subscriber)
             if not subscribers:
                 del self.by_job[subscriber.job_id]
-                self._leave(self.keys.job_channel(subscriber.job_id))
+                channel = self.keys.job_channel(subscriber.job_id)
+                del self._channel_jobs[channel]
+                self._leave(channel)
 
     @property
     def subscriber_count(self) -> int:
@@ -435,8 +441,8 @@ class Hub:
                     for subscriber in list(group):
                         self._offer(subscriber, RESYNC)
             else:
-                job_id = channel[len(self._channel_head) : len(channel) - len(self._channel_tail)]
-                for subscriber in list(self.by_job.get(job_id, ())):
+                job_id = self._channel_jobs.get(channel)
+                for subscriber in list(self.by_job.get(job_id, ())) if job_id else []:
                     self._offer(subscriber, RESYNC)
 
     def link_up(self, link: Link) -> None:
