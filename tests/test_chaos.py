@@ -61,9 +61,6 @@ def test_forty_seconds_of_chaos_break_no_promise() -> None:
     assert result.returncode == 0, f"the soak found violations:\n{summary}"
 
 
-# Not yet green: one run in fifteen still showed one gap after a primary's kill
-# (docs/reliability.md, "On a cluster"). Unskip once that is found and fixed.
-@pytest.mark.skip(reason="a rare gap after a cluster primary's kill remains: docs/reliability.md")
 @pytest.mark.timeout(600)
 def test_chaos_with_cluster_primaries_killed_breaks_no_promise() -> None:
     """Every event of every job seen once by its watchers, every job ended, while cluster
