@@ -16,28 +16,31 @@ MASTER = "stepstream-test"
 # A primary silent this long is down for a Sentinel; two of the three must agree (the quorum).
 DOWN_AFTER_MS = 1_000
 FAILOVER_TIMEOUT_MS = 5_000
+# No persistence; a replica's first sync at once (diskless sync waits 5 s by default).
+PLAIN = 'save ""\nappendonly no\nrepl-diskless-sync-delay 0\n'
 
 
 class SentinelGroup:
     """A primary, its replica and three Sentinels that monitor it as ``MASTER`` (quorum 2)."""
 
     def __init__(self, directory: Path) -> None:
-        # No persistence; a replica's first sync at once (diskless sync waits 5 s by default).
-        plain = 'save ""\nappendonly no\nrepl-diskless-sync-delay 0\n'
-        self.primary = Node("primary", directory / "primary", plain)
-        self.replica = Node(
-            "replica", directory / "replica", f"{plain}replicaof 127.0.0.1 {self.primary.port}\n"
-        )
-        monitor = (
+        self.primary = Node("primary", directory / "primary", PLAIN)
+        self.replica = Node("replica", directory / "replica", self._replica_config())
+        self.sentinels = [
+            Node(f"sentinel-{i}", directory / f"sentinel-{i}", self._monitor(), sentinel=True)
+            for i in range(1, 4)
+        ]
+
+    def _replica_config(self) -> str:
+        return f"{PLAIN}replicaof 127.0.0.1 {self.primary.port}\n"
+
+    def _monitor(self) -> str:
+        return (
             f"sentinel monitor {MASTER} 127.0.0.1 {self.primary.port} 2\n"
             f"sentinel down-after-milliseconds {MASTER} {DOWN_AFTER_MS}\n"
             f"sentinel failover-timeout {MASTER} {FAILOVER_TIMEOUT_MS}\n"
             f"sentinel parallel-syncs {MASTER} 1\n"
         )
-        self.sentinels = [
-            Node(f"sentinel-{i}", directory / f"sentinel-{i}", monitor, sentinel=True)
-            for i in range(1, 4)
-        ]
 
     @property
     def nodes(self) -> list[Node]:
@@ -55,17 +58,19 @@ class SentinelGroup:
         # The replica in sync before the Sentinels start: they learn of it from the primary's
         # INFO, which they read at once and then every 10 s. Ready for a failover once every
         # Sentinel knows the replica and both others (they meet through the primary, every 2 s).
-        self._launch([self.primary, self.replica])
+        # Each node starts again on new ports if its were taken before it bound (Node.launch),
+        # so the others' configs are written from the primary's port once it is up.
+        self.primary.launch()
+        self.replica.config = self._replica_config()
+        self.replica.write_config()
+        self.replica.launch()
         wait_until(self._replica_in_sync, timeout=15, what="the replica to be in sync")
-        self._launch(self.sentinels)
+        for sentinel in self.sentinels:
+            sentinel.config = self._monitor()
+            sentinel.write_config()
+            sentinel.launch()
         wait_until(self._sentinels_ready, timeout=30, what="the Sentinels to know each other")
         return self
-
-    def _launch(self, nodes: list[Node]) -> None:
-        for node in nodes:
-            node.start()
-        for node in nodes:
-            wait_until(node.answers, timeout=10, what=f"{node.name} to answer")
 
     def master_address(self, sentinel: Node) -> tuple[str, int] | None:
         with sentinel.client() as client:
