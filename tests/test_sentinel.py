@@ -105,7 +105,12 @@ def test_the_queue_on_the_sentinels_primary_and_the_logs_on_a_cluster(
                 )
                 assert not list(primary.scan_iter(f"{prefix}*job:*")), "no record there"
             record = Keys(prefix, Settings().cluster_partitions).job(job.id)
-            assert cluster.hget(record, "state") == '"running"', "the record is on the cluster"
+            # arq marks the job in progress a moment before the worker appends "started".
+            wait_until(
+                lambda: cluster.hget(record, "state") == '"running"',
+                timeout=20,
+                what="the job's record on the cluster to say it runs",
+            )
             cluster.rpush(gate_key(job.id), "go")
             events = list(client.events(job.id, after="0"))
         assert [e.type for e in events][-1] == "completed"
