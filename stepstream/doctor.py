@@ -222,14 +222,14 @@ def check_cluster(report: Report, settings: Any) -> None:
     from redis.cluster import ClusterNode, RedisCluster
 
     from stepstream.tasks import planes
-    from stepstream.tasks.connection import seed_address
+    from stepstream.tasks.destinations import redis_endpoints
     from stepstream.tasks.keyspace import Keys
 
     first, *others = settings.cluster_seeds
     try:
         client: Any = RedisCluster.from_url(
             first,
-            startup_nodes=[ClusterNode(*seed_address(seed)) for seed in others],  # type: ignore[no-untyped-call]
+            startup_nodes=[ClusterNode(*node) for node in redis_endpoints(others)],  # type: ignore[no-untyped-call]
             decode_responses=True,
             socket_connect_timeout=3,
             socket_timeout=3,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any, cast
-from urllib.parse import urlsplit
 
 import hiredis
 import redis
@@ -30,6 +29,7 @@ from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError, TimeoutError
 
+from stepstream.tasks.destinations import redis_endpoints
 from stepstream.tasks.keyspace import Keys
 from stepstream.tasks.settings import Settings
 
@@ -175,7 +175,7 @@ def connect_cluster(settings: Settings, *, attempts: int = 25) -> RedisCluster:
     client = LogPlaneCluster.from_url(
         first,
         # Reached with the first seed's credentials and TLS, as every node it finds is.
-        startup_nodes=[AsyncClusterNode(*seed_address(seed)) for seed in others],
+        startup_nodes=[AsyncClusterNode(*node) for node in redis_endpoints(others)],
         decode_responses=True,
         retry_on_error=list(RETRYABLE),
         health_check_interval=30,
@@ -184,12 +184,6 @@ def connect_cluster(settings: Settings, *, attempts: int = 25) -> RedisCluster:
     )
     client.slot_map_attempts = attempts
     return cast(RedisCluster, client)
-
-
-def seed_address(url: str) -> tuple[str, int]:
-    """A seed node's host and port, as its URL gives them."""
-    parts = urlsplit(url)
-    return parts.hostname or "localhost", parts.port or 6379
 
 
 def arq_pool(settings: Settings) -> ArqRedis:
