@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Generator
-from typing import Any
+from typing import Any, ClassVar
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -57,6 +57,9 @@ class EventStream:
         "send_timeout",
     )
 
+    # The last chunk written directly and how many frames it holds (see try_write).
+    _counted: ClassVar[tuple[bytes, int]] = (b"", 0)
+
     def __init__(
         self,
         hub: Hub,
@@ -91,8 +94,13 @@ class EventStream:
             return False
         raw = self._raw
         if raw is not None and raw.write(chunk):
-            # Past the middlewares that count frames: the hub counts these (server/metrics.py).
-            self.hub.frames_written_directly += frames_in(chunk)
+            # Past the middlewares that count frames: the hub counts these (server/metrics.py),
+            # counted once for a chunk the fan-out writes to every viewer in turn.
+            last, count = EventStream._counted
+            if chunk is not last:
+                count = frames_in(chunk)
+                EventStream._counted = (chunk, count)
+            self.hub.frames_written_directly += count
             return True
         if self.counter is not None:
             self._count(chunk)  # sent now or by flush(): the stream ends if it is not

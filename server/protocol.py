@@ -19,7 +19,7 @@ import asyncio
 import json
 from collections import deque
 from collections.abc import Callable, MutableMapping
-from typing import Any
+from typing import Any, ClassVar
 
 from stepstream.server.bodies import Error
 
@@ -286,6 +286,10 @@ class BodyWriter:
 
     __slots__ = ("cycle", "protocol")
 
+    # The last chunk written and its chunked encoding. The hub's fan-out writes one frame to
+    # every viewer of a job in turn: the encoding is made once, not once per viewer.
+    _last: ClassVar[tuple[bytes, bytes]] = (b"", b"")
+
     def __init__(self, protocol: Any, cycle: Any) -> None:
         self.protocol = protocol
         self.cycle = cycle
@@ -311,7 +315,11 @@ class BodyWriter:
             return False
         # Past the cycle's HeadHolding: a chunked response's head is never held, so the
         # wrapper would only add a call to every frame of the fan-out.
-        self.protocol.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        last, encoded = BodyWriter._last
+        if chunk is not last:
+            encoded = b"%x\r\n%b\r\n" % (len(chunk), chunk)
+            BodyWriter._last = (chunk, encoded)
+        self.protocol.transport.write(encoded)
         return True
 
 
