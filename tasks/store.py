@@ -92,7 +92,8 @@ def _no_such_key(error: ResponseError) -> bool:
     """``XINFO STREAM``'s answer for a stream that does not exist. Any other error (a cluster
     node down, loading, or no longer serving the slot) is not an empty log: read as one, a
     resuming stream would skip the events after its cursor."""
-    return "no such key" in str(error).lower()
+    # After the last colon: a pipeline's error begins with its command, and so the key's name.
+    return "no such key" in str(error).rsplit(":", 1)[-1].lower()
 
 
 def _stream_info(info: dict[str, Any]) -> StreamInfo:
@@ -865,16 +866,17 @@ class JobStore:
         """The job's log's trim state and up to ``count`` events after ``after``, in one round
         trip (a stream resuming from a cursor needs both)."""
         key = self.keys.job_events(job_id)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xinfo_stream(key)
-            pipe.xrange(key, min=f"({after}", max="+", count=count)
-            info, rows = await pipe.execute(raise_on_error=False)
-        if isinstance(rows, Exception):
-            raise rows
-        if isinstance(info, ResponseError) and _no_such_key(info):
-            return None, []
-        if isinstance(info, Exception):
-            raise info
+        try:
+            # Errors raised, not returned: a cluster pipeline retries a connection error (a
+            # primary's death, until its replica takes over) only when it raises it.
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.xinfo_stream(key)
+                pipe.xrange(key, min=f"({after}", max="+", count=count)
+                info, rows = await pipe.execute()
+        except ResponseError as error:
+            if _no_such_key(error):
+                return None, []  # no log: XRANGE of a missing key has nothing either
+            raise
         return _stream_info(info), [(entry_id, fields["e"]) for entry_id, fields in rows]
 
     async def list_jobs(

@@ -24,7 +24,7 @@ from redis.exceptions import NoScriptError
 from stepstream.tasks import creation, heartbeat, lua, planes
 from stepstream.tasks.connection import arq_pool
 from stepstream.tasks.keyspace import Keys
-from stepstream.tasks.models import JobState
+from stepstream.tasks.models import JobState, new_job_id
 from stepstream.tasks.registry import TaskSpec, load_tasks
 from stepstream.tasks.settings import Settings
 from stepstream.tasks.store import JobStore, new_event
@@ -720,5 +720,39 @@ def test_a_script_runs_on_a_primary_that_has_not_cached_it_whatever_the_map_says
                 direct.script_flush()
             assert await lua.Script(client, source)(keys=[key]) == 1
             assert await lua.Script(client, source)(keys=[key]) == 2  # cached there now
+
+    asyncio.run(run())
+
+
+def test_a_resume_cut_by_its_primarys_death_is_answered_by_the_promoted_replica(
+    valkey: Valkey, own_cluster: ValkeyCluster
+) -> None:
+    """A stream's read of the log (``resume``: its trim state and the events after a cursor)
+    sent to a primary that has just died is tried again until its replica takes over: the
+    client's patience with a failover, not an error that ends every stream reading then."""
+    settings = two_planes(valkey, own_cluster)
+    shard = own_cluster.shards[0]
+    [replica] = shard.replicas
+    first, last = shard.slots
+
+    async def run() -> None:
+        async with opened(settings) as (store, _):
+            job_id = next(
+                job_id
+                for job_id in iter(new_job_id, None)
+                if first <= key_slot(store.keys.job_events(job_id).encode()) <= last
+            )
+            key = store.keys.job_events(job_id)
+            # Through the store's client: it holds a connection to the primary from here.
+            ids = [await store.redis.xadd(key, {"e": "{}"}) for _ in range(3)]
+            with shard.primary.client() as node:
+                assert node.wait(1, 5_000) == 1  # the replica has them before the kill
+            shard.primary.kill()
+            resuming = asyncio.create_task(store.resume(job_id, "0-0", 100))
+            await asyncio.sleep(0.05)
+            assert not resuming.done() and replica.role() != "master", "read after the failover"
+            await asyncio.to_thread(own_cluster.kill_primary, shard)  # waits for the promotion
+            info, rows = await asyncio.wait_for(resuming, timeout=60)
+            assert info is not None and [entry_id for entry_id, _ in rows] == ids
 
     asyncio.run(run())
