@@ -341,14 +341,18 @@ class StormClient(asyncio.Protocol):
 async def run_storm(args: argparse.Namespace) -> None:
     """``--count`` viewers of ``--path`` on ``--port``; when a connection drops, the viewer
     waits the stream's ``retry:`` times a random 0.8-1.0 (as Stepstream's clients do) and
-    reconnects to ``--port2`` with ``Last-Event-ID``. Prints ``{"ready"}`` once every first
-    connection has its ``--ready-marker``, then, once every viewer's second connection closed or
-    ``--deadline`` passed, each viewer's event ids in order and when its second connection got
-    its first event id."""
+    reconnects to ``--port2`` with ``Last-Event-ID``; a reconnect refused or closed before its
+    first event is tried again with the clients' backoff. Prints ``{"ready"}`` once every first
+    connection has its ``--ready-marker``, then, once every viewer's last connection closed or
+    ``--deadline`` passed, each viewer's event ids in order and when its first connection to
+    ``--port2`` that delivered got its first event id."""
     loop = asyncio.get_running_loop()
     ids: list[list[str]] = [[] for _ in range(args.count)]
     relive_at: list[float | None] = [None] * args.count
     lost_at: list[float | None] = [None] * args.count
+    failures = [0] * args.count  # reconnects that ended before their first event
+    retry_ms = [2000] * args.count  # the stream's retry: field, as last seen
+    give_up_at = time.time() + args.deadline - 5
     statuses: dict[str, int] = {}
     ready = 0
     all_ready = asyncio.Event()
@@ -367,18 +371,34 @@ async def run_storm(args: argparse.Namespace) -> None:
 
     def on_lost(client: StormClient) -> None:
         nonlocal done
+        index = client.index
         raw = b"".join(client.chunks)
         status = raw[9:12].decode() if raw.startswith(b"HTTP/") else "none"
         statuses[status] = statuses.get(status, 0) + 1
-        ids[client.index] += [m.group(1).decode() for m in _ID.finditer(raw)]
-        if lost_at[client.index] is None:  # the first connection: the server went away
-            lost_at[client.index] = time.time()
-            retry = _RETRY.search(raw)
-            delay = (int(retry.group(1)) if retry else 2000) / 1000 * random.uniform(0.8, 1.0)
-            last = ids[client.index][-1] if ids[client.index] else None
-            loop.call_later(delay, lambda: loop.create_task(connect(client.index, last)))
+        ids[index] += [m.group(1).decode() for m in _ID.finditer(raw)]
+        retry = _RETRY.search(raw)
+        if retry:
+            retry_ms[index] = int(retry.group(1))
+        first = lost_at[index] is None
+        if first:  # the first connection: the server went away
+            lost_at[index] = time.time()
+        elif client.first_id_at is None and time.time() < give_up_at:
+            # Refused or closed before its first event: tried again, as Stepstream's clients do
+            # (the stream's retry, doubled per failure up to 30 s, at least any Retry-After).
+            failures[index] += 1
+            head = raw.split(b"\r\n\r\n", 1)[0].lower()
+            after = re.search(rb"\nretry-after: ([0-9]+)", head)
+            backoff = min(30.0, retry_ms[index] / 1000 * 2 ** (failures[index] - 1))
+            wait = max(backoff * random.uniform(0.8, 1.0), int(after.group(1)) if after else 0)
+            last = ids[index][-1] if ids[index] else None
+            loop.call_later(wait, lambda: loop.create_task(connect(index, last)))
             return
-        relive_at[client.index] = client.first_id_at
+        if first:
+            delay = retry_ms[index] / 1000 * random.uniform(0.8, 1.0)
+            last = ids[index][-1] if ids[index] else None
+            loop.call_later(delay, lambda: loop.create_task(connect(index, last)))
+            return
+        relive_at[index] = client.first_id_at
         done += 1
         if done >= args.count:
             all_done.set()

@@ -2,7 +2,8 @@
 back on a second web process with ``Last-Event-ID``.
 
 Each viewer (``bench.loadgen storm``) waits the stream's ``retry:`` times a random 0.8-1.0 after
-its connection drops, as Stepstream's clients do, then reconnects to the second process. The
+its connection drops, as Stepstream's clients do, then reconnects to the second process (again,
+with their backoff, when refused or closed before its first event). The
 job writes one event every 1/rate s throughout. Reported: how long after the kill each viewer got
 its first event id on the new connection (live again: the catch-up is sent once its
 subscription holds), and, against the job's log, each viewer's gaps and duplicates. Web CPU per
