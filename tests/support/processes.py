@@ -23,10 +23,22 @@ ROOT = Path(__file__).resolve().parents[2]
 TEST_TASKS = "tests.support.tasks"
 
 
+# Ports this process has handed out. The kernel may give a port it gave a moment ago to the next
+# bind of port 0 once the first socket is closed: two nodes of one Sentinel group were handed
+# the same port, and the second's check "it answers" was answered by the first.
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free now, not handed out before by this process (if one comes in 100 tries)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            break
+    _HANDED_OUT.add(port)
+    return port
 
 
 def wait_until(predicate: Any, timeout: float, interval: float = 0.05, what: str = "") -> None:
