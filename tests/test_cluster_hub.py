@@ -531,6 +531,9 @@ async def _held_for_the_catch_up(cluster: ValkeyCluster) -> None:
         assert heard == 0, "appended while the hub's connection was down"
         router.check_gate.set()
         await asyncio.wait_for(router.verifying.wait(), timeout=TIMEOUT)
+        # The first confirmation may be the hub's own channel's, the job's routed again after
+        # it: once the server has the job's, it is held by the verification (gated) too.
+        await eventually(lambda: _listening(cluster, job_id), "the resubscription")
         _, heard = await append(client, job_id, "progress", current=3)
         assert heard == 1, "appended while the resubscription awaited its verification"
         await asyncio.sleep(0.3)  # the live message reaches the hub

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -271,6 +272,11 @@ def test_a_keyed_submit_cut_off_by_a_frozen_valkey_ends_in_exactly_one_job(
         stack.add_worker()
         keyed = {"Idempotency-Key": "order-42"}
         body = {"task": "counted", "input": {}}
+        # Connections in the web process's pool first: a new one's handshake would wait on the
+        # frozen Valkey, and the claim would never be sent (seen on a loaded machine).
+        with ThreadPoolExecutor(8) as pool:
+            listed = list(pool.map(lambda _: http.get(f"{stack.url}/api/jobs"), range(8)))
+        assert all(answer.status_code == 200 for answer in listed)
         with own_valkey.paused():
             cut_off = http.post(f"{stack.url}/api/jobs", json=body, headers=keyed, timeout=15)
         assert cut_off.status_code == 503, cut_off.text
