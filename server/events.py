@@ -121,6 +121,21 @@ class EventStream:
         self.send_deadline = asyncio.get_running_loop().time() + self.send_timeout
         return False
 
+    def direct_transport(self) -> Any:
+        """The connection's transport, while a live frame may be written to it straight
+        (framed by server/protocol.py ``chunked``, counted in ``Hub.frames_written_directly``)
+        without even ``try_write``: nothing of this stream's is pending and the response takes
+        raw chunks. None otherwise (then ``try_write``)."""
+        raw = self._raw
+        if (
+            raw is None
+            or self._send is None
+            or self._pending is not None
+            or self._error is not None
+        ):
+            return None
+        return raw.open_transport()
+
     async def flush(self) -> None:
         """Complete a direct write that could not finish at once."""
         if self._error is not None:

@@ -78,6 +78,8 @@ class Frame:
     terminal: bool
     # The firehose partition it came from (its channel's index in ``Keys.firehose_channels``).
     partition: int = 0
+    # The events in ``job_bytes``: several, once the fan-out joins a burst into one write.
+    events: int = 1
 
 
 QueueItem = Frame | bytes | _Marker
@@ -586,6 +588,7 @@ class Hub:
                 job_bytes=b"".join(f.job_bytes for f in frames),
                 firehose_bytes=b"",
                 terminal=last.terminal,
+                events=len(frames),
             )
         first_id = frames[0].job_event_id
         full: list[Subscriber] = []

@@ -19,7 +19,7 @@ import asyncio
 import json
 from collections import deque
 from collections.abc import Callable, MutableMapping
-from typing import Any, ClassVar
+from typing import Any
 
 from stepstream.server.bodies import Error
 
@@ -286,10 +286,6 @@ class BodyWriter:
 
     __slots__ = ("cycle", "protocol")
 
-    # The last chunk written and its chunked encoding. The hub's fan-out writes one frame to
-    # every viewer of a job in turn: the encoding is made once, not once per viewer.
-    _last: ClassVar[tuple[bytes, bytes]] = (b"", b"")
-
     def __init__(self, protocol: Any, cycle: Any) -> None:
         self.protocol = protocol
         self.cycle = cycle
@@ -304,23 +300,45 @@ class BodyWriter:
 
     def write(self, chunk: bytes) -> bool:
         cycle = self.cycle
+        if cycle.flow.write_paused or not chunk:
+            return False
+        transport = self.open_transport()
+        if transport is None:
+            return False
+        transport.write(chunked(chunk))
+        return True
+
+    def open_transport(self) -> Any:
+        """The connection's transport while the response takes body pieces written straight to
+        it (``chunked``): started, chunked and not finished, the client still there; None
+        otherwise. Past the cycle's HeadHolding: a chunked response's head is never held, so
+        the wrapper would only add a call to every frame of the fan-out. A writer checks the
+        transport's buffer before each write: ``send`` waits while it is over its high-water
+        mark."""
+        cycle = self.cycle
         if (
-            cycle.flow.write_paused
-            or cycle.disconnected
+            cycle.disconnected
             or not cycle.response_started
             or cycle.response_complete
             or not cycle.chunked_encoding
-            or not chunk
         ):
-            return False
-        # Past the cycle's HeadHolding: a chunked response's head is never held, so the
-        # wrapper would only add a call to every frame of the fan-out.
-        last, encoded = BodyWriter._last
-        if chunk is not last:
-            encoded = b"%x\r\n%b\r\n" % (len(chunk), chunk)
-            BodyWriter._last = (chunk, encoded)
-        self.protocol.transport.write(encoded)
-        return True
+            return None
+        return self.protocol.transport
+
+
+# The last piece framed and its framing: the hub's fan-out writes one frame to every viewer of a
+# job in turn, so it is framed once, not once per viewer.
+_last_chunked: tuple[bytes, bytes] = (b"", b"")
+
+
+def chunked(piece: bytes) -> bytes:
+    """``piece`` framed as one chunk of a chunked HTTP/1.1 body."""
+    global _last_chunked
+    last, framed = _last_chunked
+    if piece is not last:
+        framed = b"%x\r\n%b\r\n" % (len(piece), piece)
+        _last_chunked = (piece, framed)
+    return framed
 
 
 def body_writer(scope: MutableMapping[str, Any]) -> BodyWriter | None:
