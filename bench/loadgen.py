@@ -340,12 +340,13 @@ class StormClient(asyncio.Protocol):
 
 async def run_storm(args: argparse.Namespace) -> None:
     """``--count`` viewers of ``--path`` on ``--port``; when a connection drops, the viewer
-    waits the stream's ``retry:`` times a random 0.8-1.0 (as Stepstream's clients do) and
-    reconnects to ``--port2`` with ``Last-Event-ID``; a reconnect refused or closed before its
-    first event is tried again with the clients' backoff. Prints ``{"ready"}`` once every first
-    connection has its ``--ready-marker``, then, once every viewer's last connection closed or
-    ``--deadline`` passed, each viewer's event ids in order and when its first connection to
-    ``--port2`` that delivered got its first event id."""
+    reconnects to ``--port2`` with ``Last-Event-ID`` at once, as Stepstream's clients do after a
+    stream that worked (``--wait-retry``: after the stream's ``retry:`` times a random 0.8-1.0,
+    as they do when that first try finds nothing listening); a reconnect refused or closed
+    before its first event is tried again with the clients' backoff. Prints ``{"ready"}`` once
+    every first connection has its ``--ready-marker``, then, once every viewer's last
+    connection closed or ``--deadline`` passed, each viewer's event ids in order and when its
+    first connection to ``--port2`` that delivered got its first event id."""
     loop = asyncio.get_running_loop()
     ids: list[list[str]] = [[] for _ in range(args.count)]
     relive_at: list[float | None] = [None] * args.count
@@ -394,7 +395,10 @@ async def run_storm(args: argparse.Namespace) -> None:
             loop.call_later(wait, lambda: loop.create_task(connect(index, last)))
             return
         if first:
-            delay = retry_ms[index] / 1000 * random.uniform(0.8, 1.0)
+            # A stream that worked: Stepstream's clients come back at once (Reconnector.dropped,
+            # static/stepstream.js Backoff.dropped). --wait-retry: that first try found nothing
+            # listening (a lone process restarting in place), so they wait retry: x 0.8-1.0.
+            delay = retry_ms[index] / 1000 * random.uniform(0.8, 1.0) if args.wait_retry else 0.0
             last = ids[index][-1] if ids[index] else None
             loop.call_later(delay, lambda: loop.create_task(connect(index, last)))
             return
@@ -599,6 +603,11 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=60.0)
     parser.add_argument("--ready-timeout", type=float, default=120.0)
     parser.add_argument("--connect-concurrency", type=int, default=256)
+    parser.add_argument(
+        "--wait-retry",
+        action="store_true",
+        help="storm: a dropped viewer waits retry: x 0.8-1.0 (its first try found nothing)",
+    )
     parser.add_argument("--interval", type=float, default=2.0)
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=16)

@@ -1,16 +1,17 @@
 """A reconnect storm: kill a web process holding N streams of a running job; its viewers come
 back on a second web process with ``Last-Event-ID``.
 
-Each viewer (``bench.loadgen storm``) waits the stream's ``retry:`` times a random 0.8-1.0 after
-its connection drops, as Stepstream's clients do, then reconnects to the second process (again,
-with their backoff, when refused or closed before its first event). The
-job writes one event every 1/rate s throughout. Reported: how long after the kill each viewer got
-its first event id on the new connection (live again: the catch-up is sent once its
-subscription holds), and, against the job's log, each viewer's gaps and duplicates. Web CPU per
-connect: the second process's CPU time (user + system) from the kill to the end of ``--watch``,
-less what the live frames cost in that time (the process's CPU per second with every viewer
-connected, measured over the next 2 s, times each viewer's time connected), over the viewers
-back.
+Each viewer (``bench.loadgen storm``) reconnects to the second process as soon as its connection
+drops, as Stepstream's clients do after a stream that worked (``--wait-retry``: after the
+stream's ``retry:`` times a random 0.8-1.0, as they do when that first try finds nothing
+listening: a lone web process restarting in place), and again with the clients' backoff when
+refused or closed before its first event. The job writes one event every 1/rate s throughout.
+Reported: how long after the kill each viewer got its first event id on the new connection (live
+again: the catch-up is sent once its subscription holds), and, against the job's log, each
+viewer's gaps and duplicates. Web CPU per connect: the second process's CPU time (user + system)
+from the kill to the end of ``--watch``, less what the live frames cost in that time (the
+process's CPU per second with every viewer connected, measured over the next 2 s, times each
+viewer's time connected), over the viewers back.
 
     .venv/bin/python -m bench.storm --n 2000
     .venv/bin/python -m bench.storm --n 10000     # if the machine allows (two loadgen processes
@@ -51,6 +52,9 @@ def main() -> None:
     parser.add_argument("--watch", type=float, default=10.0, help="seconds after the kill")
     parser.add_argument("--keep-logs", action="store_true")
     parser.add_argument("--profile", metavar="PATH", help="py-spy the second process to PATH")
+    parser.add_argument(
+        "--wait-retry", action="store_true", help="viewers wait retry: x 0.8-1.0 first"
+    )
     args = parser.parse_args()
     events = int((args.kill_after + args.watch + 5) * args.rate) + 10
 
@@ -77,6 +81,7 @@ def main() -> None:
                 "event: snapshot",
                 "--deadline",
                 str(args.kill_after + args.watch + 60),
+                *(["--wait-retry"] if args.wait_retry else []),
             )
             for k in split(args.n, max(1, math.ceil(args.n / 2500)))
         ]
