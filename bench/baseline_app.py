@@ -1,9 +1,9 @@
 """The baseline: the common recipe for progress over SSE, written the way tutorials write it.
 
 One sse-starlette ``EventSourceResponse`` per client, and in its generator one Redis pub/sub
-connection per client, listening to the channel our store publishes to; every client decodes
-every message and encodes its own frame. It reads the same Redis as Stepstream, so both serve
-the same events from the same worker.
+connection per client, listening to the job's channel our store publishes to (sharded:
+``SSUBSCRIBE``); every client decodes every message and encodes its own frame. It reads the
+same Redis as Stepstream, so both serve the same events from the same worker.
 
 ``uvicorn bench.baseline_app:app`` (the benchmarks start it themselves).
 
@@ -32,7 +32,6 @@ from starlette.routing import Route
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 PREFIX = os.environ.get("STEPSTREAM_PREFIX", "stepstream:")
-CHANNEL = f"{PREFIX}live"
 TERMINAL = {"completed", "failed", "cancelled"}
 
 redis: Redis
@@ -63,16 +62,17 @@ async def job_events(request: Request) -> Response:
 
     async def events() -> AsyncIterator[Any]:
         pubsub = redis.pubsub()
-        await pubsub.subscribe(CHANNEL)
+        # redis-py's asyncio PubSub (5.x) has no ssubscribe(): the command and its pushes raw.
+        await pubsub.execute_command("SSUBSCRIBE", f"{PREFIX}job:{{{job_id}}}:live")
         try:
+            await pubsub.parse_response(block=True)  # the subscription's confirmation
             yield ServerSentEvent(retry=2000)
-            async for message in pubsub.listen():
-                if message["type"] != "message":
+            while True:
+                kind, _, data = await pubsub.parse_response(block=True)
+                if kind != "smessage":
                     continue
-                payload = json.loads(message["data"])
+                payload = json.loads(data)
                 event = payload["event"]
-                if event["job_id"] != job_id:
-                    continue
                 yield ServerSentEvent(
                     data=json.dumps(event), event=event["type"], id=payload["job_event_id"]
                 )
