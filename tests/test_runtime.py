@@ -11,7 +11,7 @@ from tests.support import http
 from tests.support.api import submit, wait_state
 from tests.support.processes import wait_until
 from tests.support.sse import Event, read_stream
-from tests.support.tasks import executions_key, gate_key
+from tests.support.tasks import executions_key, gate_key, holding_key
 
 
 def full_log(base: str, job_id: str) -> list[Event]:
@@ -147,6 +147,12 @@ def test_a_job_that_does_not_stop_when_cancelled_is_reported_with_where_it_is(
     r = stack.redis()
     try:
         wait_state(stack.url, job["id"], {"running"}, timeout=20)
+        # Running is not enough: a cancel that lands while the task enters its step ends it.
+        wait_until(
+            lambda: r.exists(holding_key(job["id"])),
+            20,
+            what="the task waiting where it swallows its interruption",
+        )
         assert http.post(f"{stack.url}/api/jobs/{job['id']}/cancel").status_code == 202
         log = stack.workers[0].log
 

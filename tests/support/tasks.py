@@ -285,11 +285,19 @@ async def stubborn(ctx: TaskContext, data: GatedInput) -> StubbornOutput:
     async with ctx.step("hold"):
         while True:
             try:
+                # Said from inside what swallows the interruption: a cancel sent once this is
+                # set cannot end the task (one sent earlier, entering the step, would).
+                await redis.set(holding_key(ctx.job_id), 1, ex=120)
                 await redis.blpop([gate_key(ctx.job_id)], timeout=60)  # type: ignore[misc]
                 break
             except asyncio.CancelledError:
                 interruptions += 1
     return StubbornOutput(interruptions=interruptions)
+
+
+def holding_key(job_id: str) -> str:
+    """Set by ``stubborn`` once it waits where it swallows an interruption."""
+    return f"test:holding:{job_id}"
 
 
 class RefusesInput(BaseModel):
