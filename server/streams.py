@@ -155,37 +155,35 @@ class JobStream:
         ``first`` to ``item.job_event_id``, or a heartbeat's bytes.
         """
         if isinstance(item, bytes):
-            chunk = item  # a heartbeat
+            chunk, events = item, 0  # a heartbeat
         elif first <= self.last:
             return False
-        elif (
-            (transport := self.transport) is not None
+        else:
+            self.last = item.job_event_id
+            chunk, events = item.job_bytes, item.events
+            if item.terminal:
+                self.ended = True
+        transport = self.transport
+        if (
+            transport is not None
             and not transport.get_write_buffer_size()
             and not transport.is_closing()
         ):
             # The common case in as few steps as it takes: this runs once per viewer per event,
             # and the chain of calls of try_write cost a fifth of the fan-out's CPU. A buffer
             # not empty goes the long way, which knows its high-water mark.
-            self.last = item.job_event_id
-            transport.write(chunked(item.job_bytes))
-            self.hub.frames_written_directly += item.events
-            if item.terminal:
-                self.ended = True
-                self.subscriber.direct = None  # the hub wakes the task to end the response
-            return True
+            transport.write(chunked(chunk))
+            self.hub.frames_written_directly += events
         else:
-            self.last = item.job_event_id
-            chunk = item.job_bytes
-            if item.terminal:
-                self.ended = True
-        assert self.writer is not None
-        if not self.writer.try_write(chunk):
-            # The client's buffer is full: the task completes that write (bounded by the send
-            # timeout) and takes every later frame from the queue (bounded by its length); at
-            # the end, it ends the response once the write is done.
-            self.subscriber.direct = None
-            self.subscriber.wake()
-        elif self.ended:
+            assert self.writer is not None
+            if not self.writer.try_write(chunk):
+                # The client's buffer is full: the task completes that write (bounded by the
+                # send timeout) and takes every later frame from the queue (bounded by its
+                # length); at the end, it ends the response once the write is done.
+                self.subscriber.direct = None
+                self.subscriber.wake()
+                return True
+        if self.ended:
             # The hub wakes the task to end the response once every viewer has the frame.
             self.subscriber.direct = None
         return True
