@@ -38,6 +38,7 @@ from redis.asyncio import Redis
 
 from stepstream._stream_id import StreamId
 from stepstream.server.links import RECONNECT_BACKOFF, Link
+from stepstream.server.protocol import chunked
 from stepstream.server.shards import OneServer, Router
 from stepstream.server.sse import HEARTBEAT, firehose_data, frame
 from stepstream.tasks.keyspace import Keys
@@ -83,6 +84,8 @@ class Frame:
 
 
 QueueItem = Frame | bytes | _Marker
+# Before every entry, 0-0 included: a stream that has sent nothing yet.
+NOTHING_SENT: Final = StreamId(-1, -1)
 
 
 class Subscriber:
@@ -94,12 +97,15 @@ class Subscriber:
 
     __slots__ = (
         "direct",
+        "ended",
         "items",
         "job_id",
+        "last",
         "maxsize",
         "overflowed",
         "owner",
         "subject",
+        "transport",
         "waiter",
     )
 
@@ -118,6 +124,13 @@ class Subscriber:
         # starting at the given id) or a heartbeat straight to the client (True), or declines
         # it (False: queue it). See JobStream._direct.
         self.direct: Callable[[Frame | bytes, StreamId], bool] | None = None
+        # A job stream's place, which the fan-out reads and moves when it writes for the
+        # stream: the id of the last frame sent, and whether it was the job's last.
+        self.last = NOTHING_SENT
+        self.ended = False
+        # Set while a job stream waits with nothing queued and its connection takes raw chunks
+        # (EventStream.direct_transport): the fan-out writes a frame there itself.
+        self.transport: Any = None
 
     def offer(self, item: QueueItem) -> bool:
         """Queue ``item``; False (and nothing queued) when the buffer is full."""
@@ -592,16 +605,35 @@ class Hub:
             )
         first_id = frames[0].job_event_id
         full: list[Subscriber] = []
+        written = 0
+        if direct_item is not None:
+            straight = chunked(direct_item.job_bytes)  # framed once for every viewer
+            last_id = direct_item.job_event_id
+            terminal = direct_item.terminal
         # Subscriber.offer inlined: this loop runs once per subscriber per event.
         for subscriber in subscribers:
-            direct = subscriber.direct
-            if (
-                direct is not None
-                and direct_item is not None
-                and not subscriber.items
-                and direct(direct_item, first_id)
-            ):
-                continue  # written straight to the client
+            if direct_item is not None and not subscriber.items:
+                transport = subscriber.transport
+                if (
+                    transport is not None
+                    and subscriber.last < first_id
+                    and not transport.get_write_buffer_size()
+                    and not transport.is_closing()
+                ):
+                    # The common case, in as few steps as it takes: a caught-up stream with an
+                    # empty send buffer. A fuller buffer goes through the stream (its writer
+                    # knows the high-water mark), as does a frame its catch-up may have had.
+                    transport.write(straight)
+                    subscriber.last = last_id
+                    written += 1
+                    if terminal:
+                        # Its task, woken below, ends the response.
+                        subscriber.ended = True
+                        subscriber.transport = subscriber.direct = None
+                    continue
+                direct = subscriber.direct
+                if direct is not None and direct(direct_item, first_id):
+                    continue  # written (or being written) to the client by the stream
             items = subscriber.items
             if len(items) + len(frames) > subscriber.maxsize:
                 full.append(subscriber)
@@ -610,6 +642,8 @@ class Hub:
             waiter = subscriber.waiter
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
+        if direct_item is not None:
+            self.frames_written_directly += written * direct_item.events
         if direct_item is not None and direct_item.terminal:
             # The end of the job: its streams' tasks end their responses, woken only now so
             # that every viewer has the terminal frame before any of that work runs.

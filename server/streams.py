@@ -15,15 +15,12 @@ from functools import partial
 from typing import Any, Protocol, TypeVar, cast
 
 from stepstream._stream_id import StreamId
-from stepstream.server.hub import CLOSE, RESYNC, Frame, Hub, Subscriber
-from stepstream.server.protocol import chunked
+from stepstream.server.hub import CLOSE, NOTHING_SENT, RESYNC, Frame, Hub, Subscriber
 from stepstream.server.sse import HEARTBEAT, firehose_data, frame, json_data
 from stepstream.tasks.models import TERMINAL_EVENTS, JobRecord, parse_stream_id
 from stepstream.tasks.settings import Settings
 from stepstream.tasks.store import JobStore
 
-# Before every entry, 0-0 included: a stream that has sent nothing yet.
-NOTHING_SENT = StreamId(-1, -1)
 T = TypeVar("T")
 
 
@@ -110,15 +107,12 @@ class JobStream:
 
     __slots__ = (
         "cursor",
-        "ended",
         "hub",
         "job_id",
-        "last",
         "registered",
         "settings",
         "store",
         "subscriber",
-        "transport",
         "writer",
     )
 
@@ -135,54 +129,57 @@ class JobStream:
         self.settings = settings
         self.job_id = record.id  # the record itself is not kept: a stream may live for hours
         self.cursor = cursor
-        self.last: StreamId = NOTHING_SENT
-        self.ended = False
-        self.subscriber: Subscriber
+        self.subscriber: Subscriber  # registered when the stream starts (frames)
         self.registered = -1  # SharedRead's order at registration
         self.writer: DirectWriter | None = None
-        # While the stream waits with nothing queued: its connection, when the writer lets
-        # live frames go to it straight (DirectWriter.direct_transport).
-        self.transport: Any = None
+
+    # The stream's place is its subscriber's, which the hub's fan-out moves when it writes a
+    # frame to the client itself (Hub._fan_out).
+
+    @property
+    def last(self) -> StreamId:
+        """The id of the last frame sent."""
+        return self.subscriber.last
+
+    @last.setter
+    def last(self, value: StreamId) -> None:
+        self.subscriber.last = value
+
+    @property
+    def ended(self) -> bool:
+        """The job's last frame is sent, or there is none to send."""
+        return self.subscriber.ended
+
+    @ended.setter
+    def ended(self, value: bool) -> None:
+        self.subscriber.ended = value
 
     def _direct(self, item: Frame | bytes, first: StreamId) -> bool:
-        """Called by the hub while this stream waits with nothing queued: write ``item`` now.
-
-        This skips waking the stream's task, the generators and the queue for every frame of
-        every subscriber: the fan-out is one loop of writes. The terminal frame goes the same
-        way, so the end of a job reaches every viewer as fast as its progress; the stream's
-        task is then woken to end the response. False leaves ``item`` to the queue (frames
-        the backlog had: the task sorts them). ``item`` may be several frames joined, from
-        ``first`` to ``item.job_event_id``, or a heartbeat's bytes.
+        """Called by the hub while this stream waits with nothing queued, for what its fan-out
+        does not write to the connection itself: a heartbeat, or a frame while the connection's
+        send buffer is not empty or the response does not take raw chunks (EventStream
+        .try_write). This skips waking the stream's task, the generators and the queue. False
+        leaves ``item`` to the queue (frames the backlog had: the task sorts them). ``item``
+        may be several frames joined, from ``first`` to ``item.job_event_id``, or a
+        heartbeat's bytes.
         """
         if isinstance(item, bytes):
-            chunk, events = item, 0  # a heartbeat
+            chunk = item  # a heartbeat
         elif first <= self.last:
             return False
         else:
             self.last = item.job_event_id
-            chunk, events = item.job_bytes, item.events
+            chunk = item.job_bytes
             if item.terminal:
                 self.ended = True
-        transport = self.transport
-        if (
-            transport is not None
-            and not transport.get_write_buffer_size()
-            and not transport.is_closing()
-        ):
-            # The common case in as few steps as it takes: this runs once per viewer per event,
-            # and the chain of calls of try_write cost a fifth of the fan-out's CPU. A buffer
-            # not empty goes the long way, which knows its high-water mark.
-            transport.write(chunked(chunk))
-            self.hub.frames_written_directly += events
-        else:
-            assert self.writer is not None
-            if not self.writer.try_write(chunk):
-                # The client's buffer is full: the task completes that write (bounded by the
-                # send timeout) and takes every later frame from the queue (bounded by its
-                # length); at the end, it ends the response once the write is done.
-                self.subscriber.direct = None
-                self.subscriber.wake()
-                return True
+        assert self.writer is not None
+        if not self.writer.try_write(chunk):
+            # The client's buffer is full: the task completes that write (bounded by the
+            # send timeout) and takes every later frame from the queue (bounded by its
+            # length); at the end, it ends the response once the write is done.
+            self.subscriber.direct = None
+            self.subscriber.wake()
+            return True
         if self.ended:
             # The hub wakes the task to end the response once every viewer has the frame.
             self.subscriber.direct = None
@@ -212,13 +209,13 @@ class JobStream:
             chunk = b""  # the snapshot (a record's size) is not kept while the stream idles
             while not self.ended:
                 if self.writer is not None:
-                    self.transport = self.writer.direct_transport()
+                    self.subscriber.transport = self.writer.direct_transport()
                     self.subscriber.direct = self._direct
                 try:
                     items = await self.subscriber.take()
                 finally:
                     self.subscriber.direct = None
-                    self.transport = None
+                    self.subscriber.transport = None
                 if self.writer is not None:
                     await self.writer.flush()
                 if self.subscriber.overflowed or self.ended:
