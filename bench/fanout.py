@@ -10,6 +10,10 @@ run, each in a fresh process, against the same Valkey, worker and client (``benc
 - ``ours``: Stepstream's ``/api/jobs/{id}/events``;
 - ``recipe``: ``bench/baseline_app.py``, sse-starlette + one Redis pub/sub connection per client.
 
+Each server streams ``--jobs`` jobs (5) one after the other, N fresh clients each; each type's
+p50/p99/max pools their events. A job has one terminal event, so over one job the
+``completed`` p99 is a single fan-out's, one moment of a noisy machine.
+
     .venv/bin/python -m bench.fanout                          # N = 1,000 and 5,000
     .venv/bin/python -m bench.fanout --n 10000 --sides floor,ours
     .venv/bin/python -m bench.fanout --n 1000 --repeat 3
@@ -54,6 +58,7 @@ FD_LIMIT_BASELINE = 9_000  # streams; two descriptors each, plus Valkey's maxcli
 EVENT_TYPES = ("progress", "step", "step_completed", "completed")
 SIDES = ("floor", "ours", "recipe")
 STEPS = 4  # the `staged` task's steps (tests/support/tasks.py)
+JOBS = 5  # per server and N: five fan-outs of the terminal event (see the module doc)
 
 
 @dataclass
@@ -100,8 +105,12 @@ def run_side(
     n: int,
     events: int,
     rate: float,
+    jobs: int,
     profile_to: str | None = None,
 ) -> SideResult:
+    """``jobs`` jobs one after the other, each streamed by ``n`` fresh clients of one server
+    process; latencies are pooled per event type, the memory and connect figures are the first
+    job's (later ones reuse what the first freed)."""
     if side == "ours":
         server = run.web()
     elif side == "floor":
@@ -111,95 +120,141 @@ def run_side(
     assert server.proc is not None
     pid = server.proc.pid
     try:
-        # Every event of `staged` waits for a push to its gate: steps, progress, the end.
-        per_step = max(1, events // STEPS)
-        job = submit(control.url, "staged", {"progress_per_step": per_step})
-        job_id = job["id"]
-        wait_state(control.url, job_id, {"running"})
-        gates = pushes(events)
-        path = f"/api/jobs/{job_id}/events" if side == "ours" else f"/events/{job_id}"
-        # Ours is live once its snapshot is out (events before it are in the snapshot); the
-        # others once their pub/sub subscription is made (they send `retry:` right after).
-        marker = "event: snapshot" if side == "ours" else "retry:"
-        rss_before = rss_kib(pid)
-        connect_cpu_before = cpu_seconds(pid)
-        deadline = gates / rate + 30 + n / 1000
-        gens = [
-            run.loadgen(
-                "sse",
-                "--port",
-                str(server.port),
-                "--path",
-                path,
-                "--ready-marker",
-                marker,
-                "--count",
-                str(k),
-                "--deadline",
-                str(deadline),
-                "--by-type",
-            )
-            for k in split(n, max(1, math.ceil(n / 2500)))
-        ]
-        readies = [g.read() for g in gens]
-        ready = sum(r["ready"] for r in readies)
-        if ready < n:
-            print(f"  {side} N={n}: only {ready} streams ready")
-        time.sleep(1.0)
-        rss_after = rss_kib(pid)
-        cpu_before = cpu_seconds(pid)
-        connect_cpu = cpu_before - connect_cpu_before
-        worker_before = cpu_seconds(worker_pid)
         spy = profile(pid, f"{profile_to}-{side}-{n}.txt") if profile_to else None
-        redis = run.redis()
-        pace(gates, rate, lambda i: redis.rpush(gate_key(job_id), "go"))
-        results = [g.read() for g in gens]
-        cpu = cpu_seconds(pid) - cpu_before
-        worker_cpu = cpu_seconds(worker_pid) - worker_before
+        rounds = [
+            one_job(run, control, server.port, pid, worker_pid, side, n, events, rate)
+            for _ in range(jobs)
+        ]
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(timeout=30)
-        redis.close()
-        latencies = [x for r in results for x in r["latencies_ms"]]
-        delivered = sum(sum(r["per_stream"]) for r in results)
-        stats = summary(latencies)
-        by_type = {
-            type_: summary([x for r in results for x in r["latencies_by_type"].get(type_, [])])
-            for type_ in EVENT_TYPES
-        }
-        events = per_step * STEPS
-        if delivered < n * events:
-            counts = Counter(c for r in results for c in r["per_stream"])
-            statuses = Counter()
-            for r in results:
-                statuses.update(r["statuses"])
-            still_open = sum(r["still_open"] for r in results)
-            print(
-                f"  {side} N={n}: events per stream {dict(counts)}, HTTP statuses "
-                f"{dict(statuses)}, {still_open} streams still open at the deadline"
-            )
-            if os.environ.get("BENCH_DEBUG"):
-                for r in results:
-                    for sample, count in zip(r["samples"], r["per_stream"], strict=False):
-                        print(f"    {count}: {sample}")
-        for gen in gens:
-            gen.stop()
-        return SideResult(
-            n=n,
-            by_type=by_type,
-            p50=stats["p50"],
-            p99=stats["p99"],
-            max=stats["max"],
-            delivered=delivered,
-            expected=n * events,
-            kib_per_stream=(rss_after - rss_before) / n,
-            cpu_s=cpu,
-            connect_s=max(r["ready_s"] for r in readies),
-            connect_cpu_s=connect_cpu,
-            worker_cpu_s=worker_cpu,
-        )
     finally:
         run.stop(server)
+    first = rounds[0]
+    by_type = {
+        type_: summary([x for r in rounds for x in r.latencies_by_type.get(type_, [])])
+        for type_ in EVENT_TYPES
+    }
+    stats = summary([x for r in rounds for x in r.latencies])
+    return SideResult(
+        n=n,
+        by_type=by_type,
+        p50=stats["p50"],
+        p99=stats["p99"],
+        max=stats["max"],
+        delivered=sum(r.delivered for r in rounds),
+        expected=sum(r.expected for r in rounds),
+        kib_per_stream=first.kib_per_stream,
+        cpu_s=sum(r.cpu_s for r in rounds),
+        connect_s=first.connect_s,
+        connect_cpu_s=first.connect_cpu_s,
+        worker_cpu_s=sum(r.worker_cpu_s for r in rounds),
+    )
+
+
+@dataclass
+class JobRound:
+    """One job streamed by ``n`` clients: the raw figures ``run_side`` pools."""
+
+    latencies: list[float]
+    latencies_by_type: dict[str, list[float]]
+    delivered: int
+    expected: int
+    kib_per_stream: float
+    cpu_s: float
+    connect_s: float
+    connect_cpu_s: float
+    worker_cpu_s: float
+
+
+def one_job(
+    run: Bench,
+    control: Web,
+    port: int,
+    pid: int,
+    worker_pid: int,
+    side: str,
+    n: int,
+    events: int,
+    rate: float,
+) -> JobRound:
+    # Every event of `staged` waits for a push to its gate: steps, progress, the end.
+    per_step = max(1, events // STEPS)
+    job = submit(control.url, "staged", {"progress_per_step": per_step})
+    job_id = job["id"]
+    wait_state(control.url, job_id, {"running"})
+    gates = pushes(events)
+    path = f"/api/jobs/{job_id}/events" if side == "ours" else f"/events/{job_id}"
+    # Ours is live once its snapshot is out (events before it are in the snapshot); the
+    # others once their pub/sub subscription is made (they send `retry:` right after).
+    marker = "event: snapshot" if side == "ours" else "retry:"
+    rss_before = rss_kib(pid)
+    connect_cpu_before = cpu_seconds(pid)
+    deadline = gates / rate + 30 + n / 1000
+    gens = [
+        run.loadgen(
+            "sse",
+            "--port",
+            str(port),
+            "--path",
+            path,
+            "--ready-marker",
+            marker,
+            "--count",
+            str(k),
+            "--deadline",
+            str(deadline),
+            "--by-type",
+        )
+        for k in split(n, max(1, math.ceil(n / 2500)))
+    ]
+    readies = [g.read() for g in gens]
+    ready = sum(r["ready"] for r in readies)
+    if ready < n:
+        print(f"  {side} N={n}: only {ready} streams ready")
+    time.sleep(1.0)
+    rss_after = rss_kib(pid)
+    cpu_before = cpu_seconds(pid)
+    connect_cpu = cpu_before - connect_cpu_before
+    worker_before = cpu_seconds(worker_pid)
+    redis = run.redis()
+    pace(gates, rate, lambda i: redis.rpush(gate_key(job_id), "go"))
+    results = [g.read() for g in gens]
+    cpu = cpu_seconds(pid) - cpu_before
+    worker_cpu = cpu_seconds(worker_pid) - worker_before
+    redis.close()
+    delivered = sum(sum(r["per_stream"]) for r in results)
+    events = per_step * STEPS
+    if delivered < n * events:
+        counts = Counter(c for r in results for c in r["per_stream"])
+        statuses: Counter[str] = Counter()
+        for r in results:
+            statuses.update(r["statuses"])
+        still_open = sum(r["still_open"] for r in results)
+        print(
+            f"  {side} N={n}: events per stream {dict(counts)}, HTTP statuses "
+            f"{dict(statuses)}, {still_open} streams still open at the deadline"
+        )
+        if os.environ.get("BENCH_DEBUG"):
+            for r in results:
+                for sample, count in zip(r["samples"], r["per_stream"], strict=False):
+                    print(f"    {count}: {sample}")
+    for gen in gens:
+        gen.stop()
+    return JobRound(
+        latencies=[x for r in results for x in r["latencies_ms"]],
+        latencies_by_type={
+            type_: [x for r in results for x in r["latencies_by_type"].get(type_, [])]
+            for type_ in EVENT_TYPES
+        },
+        delivered=delivered,
+        expected=n * events,
+        kib_per_stream=(rss_after - rss_before) / n,
+        cpu_s=cpu,
+        connect_s=max(r["ready_s"] for r in readies),
+        connect_cpu_s=connect_cpu,
+        worker_cpu_s=worker_cpu,
+    )
 
 
 def main() -> None:
@@ -208,6 +263,12 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=20, help="progress events (4 steps)")
     parser.add_argument("--rate", type=float, default=10.0, help="events per second")
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=JOBS,
+        help="jobs per server and N, one after the other (each type's p99 pools their events)",
+    )
     parser.add_argument(
         "--sides", default=",".join(SIDES), help=f"servers to measure, of {', '.join(SIDES)}"
     )
@@ -232,7 +293,15 @@ def main() -> None:
                         continue
                     load = os.getloadavg()[0]
                     results[side] = run_side(
-                        run, control, worker.proc.pid, side, n, args.events, args.rate, args.profile
+                        run,
+                        control,
+                        worker.proc.pid,
+                        side,
+                        n,
+                        args.events,
+                        args.rate,
+                        args.jobs,
+                        args.profile,
                     )
                     result = results[side]
                     floor = results.get("floor")
@@ -264,11 +333,11 @@ def main() -> None:
                             fmt(result.cpu_s, 2),
                             # CPU per frame delivered (events x streams), per connect, and the
                             # worker's per event written.
-                            fmt(result.cpu_s / (n * pushes(args.events)) * 1e6),
+                            fmt(result.cpu_s / (n * args.jobs * pushes(args.events)) * 1e6),
                             fmt(result.connect_s, 2),
                             fmt(n / result.connect_s, 0) if result.connect_s else "n/a",
                             fmt(result.connect_cpu_s / n * 1e6),
-                            fmt(result.worker_cpu_s / pushes(args.events) * 1e3, 2),
+                            fmt(result.worker_cpu_s / (args.jobs * pushes(args.events)) * 1e3, 2),
                         ]
                     )
                 print_table(
