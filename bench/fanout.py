@@ -61,22 +61,6 @@ STEPS = 4  # the `staged` task's steps (tests/support/tasks.py)
 JOBS = 5  # per server and N: five fan-outs of the terminal event (see the module doc)
 
 
-@dataclass
-class SideResult:
-    n: int
-    by_type: dict[str, dict[str, float]]
-    p50: float
-    p99: float
-    max: float
-    delivered: int
-    expected: int
-    kib_per_stream: float
-    cpu_s: float
-    connect_s: float
-    connect_cpu_s: float
-    worker_cpu_s: float
-
-
 def profile(pid: int, path: str) -> subprocess.Popen[bytes]:
     """py-spy (pip install py-spy) sampling the server while the events go out."""
     return subprocess.Popen(
@@ -107,7 +91,7 @@ def run_side(
     rate: float,
     jobs: int,
     profile_to: str | None = None,
-) -> SideResult:
+) -> Figures:
     """``jobs`` jobs one after the other, each streamed by ``n`` fresh clients of one server
     process; latencies are pooled per event type, the memory and connect figures are the first
     job's (later ones reuse what the first freed)."""
@@ -131,17 +115,10 @@ def run_side(
     finally:
         run.stop(server)
     first = rounds[0]
-    by_type = {
-        type_: summary([x for r in rounds for x in r.latencies_by_type.get(type_, [])])
-        for type_ in EVENT_TYPES
-    }
-    stats = summary([x for r in rounds for x in r.latencies])
-    return SideResult(
-        n=n,
-        by_type=by_type,
-        p50=stats["p50"],
-        p99=stats["p99"],
-        max=stats["max"],
+    return Figures(
+        latencies_by_type={
+            type_: [x for r in rounds for x in r.latencies_by_type[type_]] for type_ in EVENT_TYPES
+        },
         delivered=sum(r.delivered for r in rounds),
         expected=sum(r.expected for r in rounds),
         kib_per_stream=first.kib_per_stream,
@@ -153,10 +130,9 @@ def run_side(
 
 
 @dataclass
-class JobRound:
-    """One job streamed by ``n`` clients: the raw figures ``run_side`` pools."""
+class Figures:
+    """What ``n`` clients of one job saw and cost, or a server's jobs pooled (``run_side``)."""
 
-    latencies: list[float]
     latencies_by_type: dict[str, list[float]]
     delivered: int
     expected: int
@@ -177,7 +153,7 @@ def one_job(
     n: int,
     events: int,
     rate: float,
-) -> JobRound:
+) -> Figures:
     # Every event of `staged` waits for a push to its gate: steps, progress, the end.
     per_step = max(1, events // STEPS)
     job = submit(control.url, "staged", {"progress_per_step": per_step})
@@ -241,8 +217,7 @@ def one_job(
                     print(f"    {count}: {sample}")
     for gen in gens:
         gen.stop()
-    return JobRound(
-        latencies=[x for r in results for x in r["latencies_ms"]],
+    return Figures(
         latencies_by_type={
             type_: [x for r in results for x in r["latencies_by_type"].get(type_, [])]
             for type_ in EVENT_TYPES
@@ -287,12 +262,13 @@ def main() -> None:
         assert worker.proc is not None
         for n in counts:
             for _ in range(args.repeat):
-                results: dict[str, SideResult] = {}
+                # server -> event type -> p50, p99, max
+                stats_by_side: dict[str, dict[str, dict[str, float]]] = {}
                 for side in sides:
                     if side == "recipe" and n > FD_LIMIT_BASELINE:
                         continue
                     load = os.getloadavg()[0]
-                    results[side] = run_side(
+                    result = run_side(
                         run,
                         control,
                         worker.proc.pid,
@@ -303,11 +279,12 @@ def main() -> None:
                         args.jobs,
                         args.profile,
                     )
-                    result = results[side]
-                    floor = results.get("floor")
+                    by_type = {t: summary(result.latencies_by_type[t]) for t in EVENT_TYPES}
+                    stats_by_side[side] = by_type
+                    floor = stats_by_side.get("floor")
                     for type_ in EVENT_TYPES:
-                        stats = result.by_type[type_]
-                        base = floor.by_type[type_]["p99"] if floor else float("nan")
+                        stats = by_type[type_]
+                        base = floor[type_]["p99"] if floor else float("nan")
                         rows.append(
                             [
                                 fmt(n),
@@ -325,10 +302,7 @@ def main() -> None:
                             fmt(n),
                             side,
                             f"{result.delivered}/{result.expected}",
-                            _times(
-                                result.by_type["completed"]["p99"],
-                                result.by_type["progress"]["p99"],
-                            ),
+                            _times(by_type["completed"]["p99"], by_type["progress"]["p99"]),
                             fmt(result.kib_per_stream),
                             fmt(result.cpu_s, 2),
                             # CPU per frame delivered (events x streams), per connect, and the
