@@ -362,14 +362,15 @@ class Hub:
                 subscriber.items.append(item)
                 subscriber.wake()
                 continue
-            direct = subscriber.direct
-            if (
-                isinstance(item, bytes)  # a heartbeat: written straight to idle streams
-                and direct is not None
-                and not subscriber.items
-                and direct(item, StreamId(0, 0))
-            ):
-                continue
+            if isinstance(item, bytes) and not subscriber.items:
+                # A heartbeat: written straight to idle streams, as the fan-out writes frames.
+                transport = subscriber.transport
+                if _takes_a_write(transport):
+                    transport.write(chunked(item))
+                    continue
+                direct = subscriber.direct
+                if direct is not None and direct(item, StreamId(0, 0)):
+                    continue
             self._offer(subscriber, item)
 
     # -- subscriptions --------------------------------------------------------------------
@@ -614,15 +615,10 @@ class Hub:
         for subscriber in subscribers:
             if direct_item is not None and not subscriber.items:
                 transport = subscriber.transport
-                if (
-                    transport is not None
-                    and subscriber.last < first_id
-                    and not transport.get_write_buffer_size()
-                    and not transport.is_closing()
-                ):
+                if subscriber.last < first_id and _takes_a_write(transport):
                     # The common case, in as few steps as it takes: a caught-up stream with an
-                    # empty send buffer. A fuller buffer goes through the stream (its writer
-                    # knows the high-water mark), as does a frame its catch-up may have had.
+                    # empty send buffer. A frame its catch-up may have had goes through the
+                    # stream, which sorts it.
                     transport.write(straight)
                     subscriber.last = last_id
                     written += 1
@@ -671,6 +667,17 @@ class Hub:
             if now >= next_heartbeat:
                 next_heartbeat = now + self.heartbeat_seconds
                 self._broadcast(HEARTBEAT)
+
+
+def _takes_a_write(transport: Any) -> bool:
+    """A waiting stream's connection (``Subscriber.transport``) takes a write from the hub
+    now: there is one, its send buffer is empty and it is open. A buffer not empty goes through
+    the stream, whose writer knows the high-water mark."""
+    return (
+        transport is not None
+        and not transport.get_write_buffer_size()
+        and not transport.is_closing()
+    )
 
 
 def _server_exiting() -> bool:

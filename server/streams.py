@@ -155,13 +155,12 @@ class JobStream:
         self.subscriber.ended = value
 
     def _direct(self, item: Frame | bytes, first: StreamId) -> bool:
-        """Called by the hub while this stream waits with nothing queued, for what its fan-out
-        does not write to the connection itself: a heartbeat, or a frame while the connection's
-        send buffer is not empty or the response does not take raw chunks (EventStream
-        .try_write). This skips waking the stream's task, the generators and the queue. False
-        leaves ``item`` to the queue (frames the backlog had: the task sorts them). ``item``
-        may be several frames joined, from ``first`` to ``item.job_event_id``, or a
-        heartbeat's bytes.
+        """Called by the hub while this stream waits with nothing queued, for what the hub does
+        not write to the connection itself: a frame or a heartbeat while the connection's send
+        buffer is not empty or the response does not take raw chunks (EventStream.try_write).
+        This skips waking the stream's task, the generators and the queue. False leaves
+        ``item`` to the queue (frames the backlog had: the task sorts them). ``item`` may be
+        several frames joined, from ``first`` to ``item.job_event_id``, or a heartbeat's bytes.
         """
         if isinstance(item, bytes):
             chunk = item  # a heartbeat

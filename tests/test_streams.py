@@ -9,6 +9,7 @@ import httpx
 import redis
 
 from stepstream import Client, SnapshotEvent
+from stepstream.server.sse import HEARTBEAT
 from tests.conftest import Stack, StackFactory
 from tests.support import http
 from tests.support.api import DOC, get_job, submit, wait_state
@@ -375,6 +376,64 @@ def test_the_end_of_a_live_job_reaches_every_viewer_once_and_ends_their_streams(
         assert [e.type for e in live][-2:] == ["step_completed", "completed"]
     assert [e.data["current"] for e in resumed.events if e.type == "progress"] == [2, 3]
     wait_until(lambda: streams_open(stack.url) == before, timeout=10, what="the slots back")
+
+
+def chunks_of(body: bytes) -> list[bytes]:
+    """A chunked HTTP/1.1 body's pieces, failing on a frame that is not a whole chunk."""
+    pieces: list[bytes] = []
+    while True:
+        size_line, _, rest = body.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            assert rest == b"\r\n", f"bytes after the last chunk: {rest[:100]!r}"
+            return pieces
+        assert rest[size : size + 2] == b"\r\n", f"a chunk's framing is broken: {rest[:100]!r}"
+        pieces.append(rest[:size])
+        body = rest[size + 2 :]
+
+
+def test_an_idle_stream_hears_a_heartbeat_each_interval_then_the_job_to_its_end(
+    make_stack: StackFactory,
+) -> None:
+    """While the job writes nothing, the stream gets a comment every
+    STEPSTREAM_HEARTBEAT_SECONDS (so that proxies keep it open), each a whole chunk of the
+    response, written to the waiting stream's connection by the hub; the job's next event and
+    its end follow on the same stream."""
+    from tests.test_stream_slots import RawStream
+
+    s = make_stack(webs=1, workers=1, STEPSTREAM_HEARTBEAT_SECONDS="0.5")
+    job = submit(s.url, "gated", {"events": 1})
+    wait_state(s.url, job["id"], {"running"})
+    stream = RawStream(s.webs[0].port, f"/api/jobs/{job['id']}/events", {"Connection": "close"})
+    try:
+        assert stream.status() == 200
+        stream.read_until(b"event: snapshot")
+        snapshot_end = len(stream.received)
+        deadline = time.monotonic() + 10
+        while stream.received[snapshot_end:].count(HEARTBEAT) < 3:
+            stream.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                chunk = stream.sock.recv(65536)
+            except TimeoutError:
+                raise AssertionError("no heartbeat every 0.5 s on an idle stream") from None
+            assert chunk, "the idle stream ended"
+            stream.received += chunk
+        s.redis().rpush(gate_key(job["id"]), "go")
+        stream.drain(timeout=20)  # to the server's close, after the job's end
+    finally:
+        stream.close()
+    head, _, body = stream.received.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower()
+    pieces = chunks_of(body)
+    kinds = [
+        "heartbeat" if piece == HEARTBEAT else "events" if b"event: " in piece else repr(piece)
+        for piece in pieces
+    ]
+    first_heartbeat = kinds.index("heartbeat")
+    assert kinds[first_heartbeat : first_heartbeat + 3] == ["heartbeat"] * 3
+    rest = b"".join(pieces[first_heartbeat:])
+    assert rest.index(b"event: progress") < rest.index(b"event: completed")
+    assert b"".join(pieces).count(b"event: completed") == 1
 
 
 def test_the_end_of_a_job_reaches_a_client_that_fell_behind_once_then_its_stream_ends(
