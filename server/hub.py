@@ -129,7 +129,7 @@ class Subscriber:
         self.last = NOTHING_SENT
         self.ended = False
         # Set while a job stream waits with nothing queued and its connection takes raw chunks
-        # (EventStream.direct_transport): the fan-out writes a frame there itself.
+        # (EventStream.direct_transport): the hub writes a frame or a heartbeat there itself.
         self.transport: Any = None
 
     def offer(self, item: QueueItem) -> bool:
