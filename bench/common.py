@@ -8,6 +8,7 @@ error or Ctrl-C.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import shutil
@@ -45,6 +46,9 @@ LIFTED = {
 # Limits no benchmark lifts, kept out of a default-limits run's environment all the same.
 DEFAULT_ONLY = ("STEPSTREAM_MAX_STREAMS_PER_TOKEN", "STEPSTREAM_MAX_STREAMS_PER_OWNER")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# Streams per load generator: one client process keeps up with about this many.
+CLIENTS_PER_LOADGEN = 2_500
 
 
 # -- /proc ---------------------------------------------------------------------------------
@@ -264,6 +268,12 @@ class Bench:
         gen = LoadGen(list(args), self.log_dir)
         self.loadgens.append(gen)
         return gen
+
+    def stream_clients(self, mode: str, n: int, *args: str) -> list[LoadGen]:
+        """``n`` streams (``bench.loadgen`` ``mode``: sse or storm, with ``args``) over as many
+        load generators as they need, each with its share as ``--count``."""
+        parts = max(1, math.ceil(n / CLIENTS_PER_LOADGEN))
+        return [self.loadgen(mode, *args, "--count", str(k)) for k in split(n, parts)]
 
     def redis(self) -> Any:
         import redis

@@ -25,7 +25,6 @@ with ``ulimit -n`` 20,000 it cannot hold 10,000 streams in one process; it is le
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import signal
 import subprocess
@@ -45,7 +44,6 @@ from bench.common import (
     pace,
     print_table,
     rss_kib,
-    split,
     submit,
     summary,
     wait_state,
@@ -167,23 +165,12 @@ def one_job(
     rss_before = rss_kib(pid)
     connect_cpu_before = cpu_seconds(pid)
     deadline = gates / rate + 30 + n / 1000
-    gens = [
-        run.loadgen(
-            "sse",
-            "--port",
-            str(port),
-            "--path",
-            path,
-            "--ready-marker",
-            marker,
-            "--count",
-            str(k),
-            "--deadline",
-            str(deadline),
-            "--by-type",
-        )
-        for k in split(n, max(1, math.ceil(n / 2500)))
-    ]
+    gens = run.stream_clients(
+        "sse",
+        n,
+        *("--port", str(port), "--path", path, "--ready-marker", marker),
+        *("--deadline", str(deadline), "--by-type"),
+    )
     readies = [g.read() for g in gens]
     ready = sum(r["ready"] for r in readies)
     if ready < n:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from typing import Any
 
@@ -34,7 +33,6 @@ from bench.common import (
     gate_key,
     machine,
     print_table,
-    split,
     submit,
     summary,
     wait_state,
@@ -161,25 +159,12 @@ def latency(
             job_id = "plain-recipe"
             path, marker = f"/events/{job_id}", "retry:"
         deadline = tokens / rate + 20 + viewers / 500
-        gens = [
-            run.loadgen(
-                "sse",
-                "--port",
-                str(server.port),
-                "--path",
-                path,
-                "--ready-marker",
-                marker,
-                "--count",
-                str(k),
-                "--deadline",
-                str(deadline),
-                "--expect-type",
-                "output",
-                "--token-times",
-            )
-            for k in split(viewers, max(1, math.ceil(viewers / 2500)))
-        ]
+        gens = run.stream_clients(
+            "sse",
+            viewers,
+            *("--port", str(server.port), "--path", path, "--ready-marker", marker),
+            *("--deadline", str(deadline), "--expect-type", "output", "--token-times"),
+        )
         ready = sum(g.read()["ready"] for g in gens)
         time.sleep(1.0)
         if side == "ours":
@@ -188,7 +173,6 @@ def latency(
             events = len(output_events(r, job_id))
             row = events_row(tokens, rate, f"{viewers:,} viewers", done, events)
         else:
-
             def publish(i: int) -> None:
                 event = {"job_id": job_id, "type": "output", "text": f"{time.time():.6f} "}
                 event["at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

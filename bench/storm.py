@@ -21,7 +21,6 @@ viewer's time connected), over the viewers back.
 from __future__ import annotations
 
 import argparse
-import math
 import signal
 import threading
 import time
@@ -32,7 +31,6 @@ from bench.common import (
     fmt,
     machine,
     print_table,
-    split,
     submit,
     summary,
     wait_state,
@@ -66,25 +64,14 @@ def main() -> None:
         job_id = submit(survivor.url, "gated", {"events": events})["id"]
         wait_state(survivor.url, job_id, {"running"})
         path = f"/api/jobs/{job_id}/events"
-        gens = [
-            run.loadgen(
-                "storm",
-                "--port",
-                str(doomed.port),
-                "--port2",
-                str(survivor.port),
-                "--path",
-                path,
-                "--count",
-                str(k),
-                "--ready-marker",
-                "event: snapshot",
-                "--deadline",
-                str(args.kill_after + args.watch + 60),
-                *(["--wait-retry"] if args.wait_retry else []),
-            )
-            for k in split(args.n, max(1, math.ceil(args.n / 2500)))
-        ]
+        gens = run.stream_clients(
+            "storm",
+            args.n,
+            *("--port", str(doomed.port), "--port2", str(survivor.port), "--path", path),
+            *("--ready-marker", "event: snapshot"),
+            *("--deadline", str(args.kill_after + args.watch + 60)),
+            *(["--wait-retry"] if args.wait_retry else []),
+        )
         ready = sum(g.read()["ready"] for g in gens)
         redis = run.redis()
         pushed = 0
