@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 from bench.common import (
+    PREFIX,
     Bench,
     bench,
     fmt,
@@ -173,12 +174,16 @@ def latency(
             events = len(output_events(r, job_id))
             row = events_row(tokens, rate, f"{viewers:,} viewers", done, events)
         else:
+            # The recipe's viewers listen on the job's sharded channel (bench/baseline_app.py).
+            channel = f"{PREFIX}job:{{{job_id}}}:live"
+
             def publish(i: int) -> None:
                 event = {"job_id": job_id, "type": "output", "text": f"{time.time():.6f} "}
                 event["at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-                r.publish("bench:live", json.dumps({"job_event_id": f"{i + 1}-0", "event": event}))
+                message = json.dumps({"job_event_id": f"{i + 1}-0", "event": event})
+                r.execute_command("SPUBLISH", channel, message)
 
-            # Paced as the model writes; a publisher that falls behind (each PUBLISH goes to
+            # Paced as the model writes; a publisher that falls behind (each SPUBLISH goes to
             # every viewer's connection) stops at the deadline and says how far it got.
             start = time.monotonic()
             events = 0
@@ -191,7 +196,8 @@ def latency(
                 publish(i)
                 events += 1
             end = {"job_id": job_id, "type": "completed", "at": "", "result": None}
-            r.publish("bench:live", json.dumps({"job_event_id": f"{tokens + 1}-0", "event": end}))
+            message = json.dumps({"job_event_id": f"{tokens + 1}-0", "event": end})
+            r.execute_command("SPUBLISH", channel, message)
             publish_s = time.monotonic() - start
             row = [f"published {events:,} in {publish_s:.1f} s"]
         results = [g.read() for g in gens]
